@@ -1,0 +1,127 @@
+"""Command line: python -m mixprec {demo,plan,generate,bench,serve,inspect,make-fixture,...}."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _plan(a) -> int:
+    import json
+
+    from .config import load_config
+    from .errors import MixprecError
+    from .loader.plan import make_plan
+    try:
+        p = make_plan(load_config(a.config))
+    except MixprecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(p.to_json(), indent=1) if a.json else p.table(all=a.all))
+    return 0
+
+
+def _generate(a) -> int:
+    from .api import load
+    from .runtime.generate import Generator
+    from .runtime.sampling import SamplingParams
+    model = load(a.config, device=a.device, dtype=a.dtype, progress=not a.quiet)
+    tok = model.tokenizer
+    if tok is None:
+        print("error: the base checkpoint has no tokenizer.json", file=sys.stderr)
+        return 2
+    ids = tok.encode_prompt(a.prompt, chat=a.chat)
+    params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                            max_new_tokens=a.max_new_tokens, stop_token_ids=tuple(tok.eos_token_ids))
+    gen = Generator(model, use_cuda_graphs=None if not a.no_cuda_graphs else False)
+    out: list[int] = []
+    shown = ""
+    for step in gen.stream([ids], params):
+        if step[0] is None:
+            break
+        out.append(step[0])
+        text = tok.decode(out)
+        sys.stdout.write(text[len(shown):])   # stream the new characters only
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def _inspect(a) -> int:
+    from .inspect import inspect_checkpoint
+    return inspect_checkpoint(a.dir, as_json=a.json)
+
+
+def _make_fixture(a) -> int:
+    from .testing import fixtures
+    return fixtures.run(a) or 0
+
+
+def _demo(a) -> int:
+    from .demo import run_demo
+    return run_demo(a)
+
+
+def _lazy(modname: str, fn: str = "main"):
+    def call(a) -> int:
+        import importlib
+        return importlib.import_module(modname).__dict__[fn](a.rest) or 0
+    return call
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixprec", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("plan", help="resolve every weight of a mix to (source, format); no tensors read")
+    s.add_argument("config", help="mix YAML, or one checkpoint directory")
+    s.add_argument("--all", action="store_true", help="one line per module instead of ranges")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_plan)
+
+    s = sub.add_parser("generate", help="load a mix and generate text (streams to stdout)")
+    s.add_argument("config")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", default=None)
+    s.add_argument("--no-cuda-graphs", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_generate)
+
+    s = sub.add_parser("inspect", help="per-module format table of one checkpoint")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_inspect)
+
+    s = sub.add_parser("make-fixture", help="write a tiny random Qwen3-MoE in every format")
+    from .testing.fixtures import add_arguments
+    add_arguments(s)
+    s.set_defaults(fn=_make_fixture)
+
+    s = sub.add_parser("demo", help="build fixtures, plan a per-expert mix, generate, compare with bf16")
+    s.add_argument("--dir", default=None, help="where to write the fixtures (default: a temp dir)")
+    s.add_argument("--device", default=None)
+    s.set_defaults(fn=_demo)
+
+    for name, mod, help_ in (("bench-kernels", "mixprec.kernels.bench", "dense kernel benchmark (GPU)"),
+                             ("bench-moe", "mixprec.kernels.moe_bench", "MoE kernel benchmark (GPU)"),
+                             ("bench", "mixprec.runtime.bench", "tok/s of a mix or a synthetic model (GPU)")):
+        s = sub.add_parser(name, help=help_, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(fn=_lazy(mod))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

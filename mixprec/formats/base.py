@@ -1,0 +1,155 @@
+"""The format interface, the packed-weight container, and the registries.
+
+Two kinds of objects live in `formats/`:
+
+* A **layout** is how a weight sits in memory for its kernel. There are four, and every
+  checkpoint format lands in one of them at load time:
+
+  ==========  ==========================================================================
+  ``dense``   ``weight [N, K]`` in the compute dtype (bf16 / fp16 / fp32)
+  ``fp8``     ``weight [N, K]`` float8_e4m3fn, ``scale [ceil(N/bn), ceil(K/bk)]`` fp32;
+              params ``block=(bn, bk)`` (per-channel = (1, K), per-tensor = (N, K)),
+              ``act`` = "w8a8" | "w8a16"
+  ``intq``    ``qweight [K/pf, N]`` int32 (pf = 32/bits; unsigned codes, row r holds inputs
+              r*pf .. r*pf+pf-1, input r*pf+i in bits bits*i..bits*i+bits-1),
+              ``scales [K/G, N]`` fp16/bf16, optional ``zeros [K/G, N]`` uint8 (true zero
+              points; absent = symmetric, zero 2^(bits-1)), optional ``perm [K]`` int32 (act-order:
+              rows are stored sorted by group, the kernel reads ``x[:, perm]``);
+              params ``bits`` (4|8), ``group_size`` (G; K when the checkpoint says -1)
+  ``int8``    ``weight [N, K]`` int8, ``scale [N, 1]`` fp32, optional ``zero [N, 1]`` fp32;
+              params ``act`` = "w8a8" | "w8a16"
+  ==========  ==========================================================================
+
+  dequant (the readable spec every kernel is tested against):
+  dense: W; fp8: W * scale[n//bn, k//bk]; intq: scales[g, n] * (q[k, n] - z[g, n]) with g the
+  group of stored row k, then un-permuted; int8: scale[n] * (q - zero[n]).
+
+* A **checkpoint format** (GPTQ, AWQ, FP8 block, compressed-tensors, ...) knows the tensor names
+  and quirks of one producer: `detect`, `load` (raw tensors -> Packed in its layout), `pack`
+  (float weight -> exactly the tensors the producer writes, plus its config.json block).
+
+`Packed` is an nn.Module holding the layout's tensors as buffers, so `.to(device)`,
+`named_buffers()` and byte accounting work without special cases.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class Packed(nn.Module):
+    """One linear weight (or a stack of E expert weights) in a kernel layout.
+
+    `layout` picks the Layout object (see LAYOUTS); `params` are static, hashable settings
+    (bits, group_size, block, act). `source` names the checkpoint format it came from
+    (e.g. "gptq", "awq", "fp8_block") for stats and `inspect`. For an expert stack every
+    buffer has a leading [E] dimension and `n`, `k` describe one expert.
+    """
+
+    def __init__(self, layout: str, n: int, k: int, tensors: dict[str, Tensor],
+                 params: dict[str, Any] | None = None, source: str = ""):
+        super().__init__()
+        self.layout, self.n, self.k = layout, int(n), int(k)
+        self.params = dict(params or {})
+        self.source = source or layout
+        for name, t in tensors.items():
+            if t is not None:
+                self.register_buffer(name, t, persistent=False)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return dict(self.named_buffers(recurse=False))
+
+    def key(self) -> tuple:
+        """Bucket key: weights with equal keys can be stacked and run by one kernel launch."""
+        return (self.layout, self.n, self.k, tuple(sorted((k, _hashable(v)) for k, v in self.params.items())),
+                tuple(sorted(self.tensors())))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def select(self, i: int) -> "Packed":
+        """Expert i of a stack, as a view (no copy)."""
+        return Packed(self.layout, self.n, self.k, {k: t[i] for k, t in self.tensors().items()},
+                      self.params, self.source)
+
+    def extra_repr(self) -> str:
+        return f"{self.layout}[{self.n}x{self.k}] {self.params} from {self.source}"
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+class Layout(ABC):
+    """Stateless operations on one layout. Subclasses live in the format files."""
+    name: ClassVar[str]
+
+    @abstractmethod
+    def dequant(self, w: Packed) -> Tensor:
+        """Pure-torch reference: float32 [N, K] (or [E, N, K] for a stack)."""
+
+    def apply(self, x: Tensor, w: Packed) -> Tensor:
+        """y = x @ W.T for x [..., K] -> [..., N]. Fast kernel on CUDA, dequant+matmul elsewhere."""
+        W = self.dequant(w).to(x.dtype)
+        return torch.nn.functional.linear(x, W)
+
+
+class CheckpointFormat(ABC):
+    """One producer's on-disk format. Subclasses live in the format files."""
+    name: ClassVar[str]           # e.g. "gptq", "awq", "fp8_block"
+    layout: ClassVar[str]         # layout it loads into
+    suffixes: ClassVar[tuple[str, ...]]  # tensor names under the module prefix, e.g. ("qweight", ...)
+
+    @abstractmethod
+    def detect(self, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], qcfg: dict | None) -> bool:
+        """True when the module's tensors (suffix -> (dtype, shape); metadata only) are this format."""
+
+    @abstractmethod
+    def load(self, raw: dict[str, Tensor], n: int, k: int, qcfg: dict | None, where: str = "") -> Packed:
+        """Checkpoint tensors of one module (suffix -> tensor) -> Packed in `self.layout`.
+        `where` names file/module for error messages."""
+
+    @abstractmethod
+    def pack(self, W: Tensor, **params) -> dict[str, Tensor]:
+        """Float weight [N, K] -> exactly the tensors the producer writes (suffix -> tensor)."""
+
+    @abstractmethod
+    def config_block(self, **params) -> dict:
+        """The `quantization_config` the producer writes into config.json."""
+
+
+LAYOUTS: dict[str, Layout] = {}
+FORMATS: dict[str, CheckpointFormat] = {}
+
+
+def register_layout(cls):
+    LAYOUTS[cls.name] = cls()
+    return cls
+
+
+def register_format(cls):
+    FORMATS[cls.name] = cls()
+    return cls
+
+
+def stack(ws: list[Packed]) -> Packed:
+    """E packed weights with equal key() -> one stack with a leading [E] dim on every buffer."""
+    k0 = ws[0].key()
+    for w in ws[1:]:
+        if w.key() != k0:
+            raise ValueError(f"cannot stack {w.extra_repr()} with {ws[0].extra_repr()}")
+    names = list(ws[0].tensors())
+    return Packed(ws[0].layout, ws[0].n, ws[0].k,
+                  {nm: torch.stack([w.tensors()[nm] for w in ws]) for nm in names},
+                  ws[0].params, ws[0].source)
+
+
+def dequant(w: Packed) -> Tensor:
+    return LAYOUTS[w.layout].dequant(w)
+
+
+def apply(x: Tensor, w: Packed) -> Tensor:
+    return LAYOUTS[w.layout].apply(x, w)

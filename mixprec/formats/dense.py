@@ -1,0 +1,48 @@
+"""Plain floating-point weights (bf16 / fp16 / fp32): `weight [N, K]`."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import FormatError, ShapeMismatch
+from .base import CheckpointFormat, Layout, Packed, register_format, register_layout
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@register_layout
+class DenseLayout(Layout):
+    name = "dense"
+
+    def dequant(self, w: Packed) -> Tensor:
+        return w.weight.float()
+
+    def apply(self, x: Tensor, w: Packed) -> Tensor:
+        return torch.nn.functional.linear(x, w.weight.to(x.dtype))
+
+
+@register_format
+class Dense(CheckpointFormat):
+    """Unquantized weight. Loaded in the dtype the model computes in (`dtype` in qcfg, else as stored)."""
+    name = "dense"
+    layout = "dense"
+    suffixes = ("weight",)
+
+    def detect(self, tensors, qcfg) -> bool:
+        return set(tensors) <= {"weight", "bias"} and "weight" in tensors and tensors["weight"][0] in FLOAT_DTYPES
+
+    def load(self, raw, n, k, qcfg=None, where="") -> Packed:
+        w = raw["weight"]
+        if w.dtype not in FLOAT_DTYPES:
+            raise FormatError(f"{where}.weight: dtype {w.dtype}, expected one of bf16/fp16/fp32")
+        if tuple(w.shape) != (n, k):
+            raise ShapeMismatch(f"{where}.weight: shape {tuple(w.shape)}, expected {(n, k)}")
+        dtype = (qcfg or {}).get("dtype")
+        src = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[w.dtype]
+        return Packed("dense", n, k, {"weight": w.to(dtype) if dtype else w}, {}, src)
+
+    def pack(self, W: Tensor, dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
+        return {"weight": W.to(dtype).contiguous()}
+
+    def config_block(self, **params) -> dict:
+        return {}

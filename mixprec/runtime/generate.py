@@ -1,0 +1,240 @@
+"""Batched generation: static KV cache, right-padded prefill, decode steps as CUDA graphs.
+
+Slot j of the KV cache holds position j of its sequence, so a right-padded prefill needs no
+special mask: a padded tail writes slots that the sequence's own decode steps overwrite before
+anything reads them (attention only sees slots <= the query's position).
+
+The decode step (embed -> layers -> logits -> sample) has no host syncs; on CUDA it is captured
+once per batch bucket and replayed. The host reads step t's tokens while step t+1 runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..layers.attention import KVCache
+from .sampling import SamplingParams, sample
+
+
+
+def _u64(c: int) -> int:
+    """A 64-bit constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 bits."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def counter_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """Exp(1) noise [B, V] from a counter hash (splitmix64) of (seed[b], step[b], token id).
+
+    The draw of a request depends only on its own seed and step, never on what else is in the
+    batch, and needs no generator state inside a CUDA graph."""
+    idx = torch.arange(vocab, device=seed.device, dtype=torch.int64)[None, :]
+    z = seed[:, None] * _u64(0xD1B54A32D192ED03) + step[:, None] * _u64(0x8CB92BA72F3D8DD7) + idx
+    z = z + _u64(0x9E3779B97F4A7C15)
+    z = (z ^ _shr(z, 30)) * _u64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _u64(0x94D049BB133111EB)
+    z = z ^ _shr(z, 31)
+    u = (_shr(z, 11).to(torch.float64) + 0.5) * (1.0 / (1 << 53))
+    return (-torch.log(u)).to(torch.float32)
+
+
+@dataclass
+class _Batch:
+    """Per-row state of a running batch; every field is a device tensor."""
+    tokens: Tensor        # [B, 1] last sampled token (decode input)
+    pos: Tensor           # [B, 1] position of that token
+    temperature: Tensor   # [B]
+    top_k: Tensor         # [B]
+    top_p: Tensor         # [B]
+    seed: Tensor          # [B]
+    step: Tensor          # [B]
+
+
+def _bucket(n: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return b
+
+
+class Generator:
+    """Runs `model` (a finalized Qwen3ForCausalLM) for batches of token-id prompts.
+
+    >>> gen = Generator(model)
+    >>> for step_tokens in gen.stream([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=8)): ...
+    """
+
+    def __init__(self, model, use_cuda_graphs: bool | None = None):
+        self.model = model
+        self.args = model.args
+        p = next(model.buffers())
+        self.device, self.dtype = p.device, model.dtype
+        self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
+        self._graphs: dict[tuple, tuple] = {}
+        self._cache: KVCache | None = None
+
+    # -- cache -------------------------------------------------------------------------
+    def _get_cache(self, batch: int, max_len: int) -> KVCache:
+        a = self.args
+        c = self._cache
+        if c is None or c.batch < batch or c.max_len < max_len:
+            self._graphs.clear()    # graphs captured on the old cache point at freed memory
+            self._cache = None
+            c = self._cache = KVCache(a.num_hidden_layers, batch, a.num_key_value_heads, max_len,
+                                      a.head_dim, self.dtype, self.device)
+        return c
+
+    # -- one decode step: forward + sample, no host sync ---------------------------------------
+    def _step(self, st: _Batch, cache: KVCache, filtered: bool, sampled: bool) -> Tensor:
+        logits = self.model(st.tokens, positions=st.pos, cache=cache)[:, -1]     # [B, V] fp32
+        if sampled:
+            noise = counter_noise(st.seed, st.step, logits.shape[-1])
+            nxt = sample(logits, st.temperature, st.top_k, st.top_p, noise, filtered)
+        else:
+            nxt = logits.argmax(-1)
+        st.tokens.copy_(nxt[:, None])
+        st.pos.add_(1)
+        st.step.add_(1)
+        return nxt
+
+    def _decode_fn(self, st: _Batch, cache: KVCache, filtered: bool, sampled: bool) -> Callable[[], Tensor]:
+        if not self.use_graphs:
+            return lambda: self._step(st, cache, filtered, sampled)
+        key = (st.tokens.shape[0], filtered, sampled, id(cache))
+        if key not in self._graphs:
+            # static copies the graph reads and writes; the caller copies state in/out
+            static = _Batch(**{k: v.clone() for k, v in vars(st).items()})
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):          # warm up (Triton compiles) outside the capture
+                for _ in range(2):
+                    snapshot = {k: v.clone() for k, v in vars(static).items()}
+                    self._step(static, cache, filtered, sampled)
+                    for k, v in snapshot.items():
+                        getattr(static, k).copy_(v)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = self._step(static, cache, filtered, sampled)
+            self._graphs[key] = (g, static, out)
+        g, static, out = self._graphs[key]
+        for k, v in vars(st).items():
+            getattr(static, k).copy_(v)
+
+        def run() -> Tensor:
+            g.replay()
+            return out
+        # the graph advances `static`; the caller keeps using `st`, so alias them
+        for k in vars(st):
+            setattr(st, k, getattr(static, k))
+        return run
+
+    # -- public ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+               ) -> Iterator[list[int | None]]:
+        """Yields, per step, one token per prompt (None once that prompt has finished)."""
+        B = len(prompts)
+        if B == 0:
+            return
+        plist = [params] * B if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != B:
+            raise ValueError(f"{len(plist)} sampling parameter sets for {B} prompts")
+        for p in plist:
+            p.validate()
+        lens = [len(p) for p in prompts]
+        if min(lens) == 0:
+            raise ValueError("empty prompt")
+        max_new = max(p.max_new_tokens for p in plist)
+        if max_new == 0:
+            return
+        need = max(lens) + max_new          # every row runs until the longest request is done
+        if need > self.args.max_position_embeddings:
+            raise ValueError(f"prompt + max_new_tokens = {need} exceeds the model's context "
+                             f"{self.args.max_position_embeddings}")
+        Bp = _bucket(B) if self.use_graphs else B
+        cache = self._get_cache(Bp, _bucket(max(need, 64)))
+        dev = self.device
+
+        # prefill, right-padded; padding rows (Bp > B) repeat the last prompt
+        T = max(lens)
+        rows = list(prompts) + [prompts[-1]] * (Bp - B)
+        ids = torch.zeros(Bp, T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        ids = ids.to(dev)
+        positions = torch.arange(T, device=dev)[None, :].expand(Bp, T)
+        last = torch.tensor([len(r) - 1 for r in rows], device=dev)
+        hidden_logits = self.model(ids, positions=positions, cache=cache, logits_index=last)  # [Bp, 1, V]
+        prow = plist + [plist[-1]] * (Bp - B)
+        st = _Batch(
+            tokens=torch.zeros(Bp, 1, dtype=torch.long, device=dev),
+            pos=(last + 1)[:, None].clone(),
+            temperature=torch.tensor([p.temperature for p in prow], dtype=torch.float32, device=dev),
+            top_k=torch.tensor([p.top_k for p in prow], dtype=torch.long, device=dev),
+            top_p=torch.tensor([p.top_p for p in prow], dtype=torch.float32, device=dev),
+            seed=torch.tensor([(p.seed if p.seed is not None else 0) for p in prow], dtype=torch.long, device=dev),
+            step=torch.zeros(Bp, dtype=torch.long, device=dev),
+        )
+        sampled = any(p.temperature > 0 for p in plist)
+        filtered = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in plist)
+        logits = hidden_logits[:, -1]
+        if sampled:
+            first = sample(logits, st.temperature, st.top_k, st.top_p,
+                           counter_noise(st.seed, st.step, logits.shape[-1]), filtered)
+        else:
+            first = logits.argmax(-1)
+        st.tokens.copy_(first[:, None])
+        st.step.add_(1)
+
+        stops = [set(p.stop_token_ids) for p in plist]
+        done = [False] * B
+        produced = [0] * B
+        step_fn = self._decode_fn(st, cache, filtered, sampled) if max_new > 1 else None
+        inflight = [self._to_host(first)]
+        for t in range(max_new):
+            if t + 1 < max_new:          # queue step t+1 before reading step t's tokens
+                inflight.append(self._to_host(step_fn()))
+            buf, ev = inflight.pop(0)
+            if ev is not None:
+                ev.synchronize()
+            toks = buf.tolist()
+            out: list[int | None] = []
+            for i in range(B):
+                if done[i]:
+                    out.append(None)
+                    continue
+                tok = toks[i]
+                out.append(tok)
+                produced[i] += 1
+                if tok in stops[i] or produced[i] >= plist[i].max_new_tokens:
+                    done[i] = True
+            yield out
+            if all(done):
+                break
+
+    def _to_host(self, t: Tensor) -> tuple[Tensor, "torch.cuda.Event | None"]:
+        """Start copying `t` to the host; (buffer, event to wait on before reading it)."""
+        if self.device.type != "cuda":
+            return t.clone(), None
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return buf, ev
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[list[int]]:
+        outs: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream(prompts, params):
+            for i, tok in enumerate(step):
+                if tok is not None:
+                    outs[i].append(tok)
+        return outs

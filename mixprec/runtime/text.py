@@ -1,0 +1,70 @@
+"""Text in and out: the checkpoint's tokenizer.json, its chat template and stop tokens."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what generation needs from tokenizer_config.json /
+    generation_config.json: the chat template and the eos token ids."""
+
+    def __init__(self, tok, chat_template: str | None, eos_token_ids: list[int]):
+        self.tok = tok
+        self.chat_template = chat_template
+        self.eos_token_ids = eos_token_ids
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer | None":
+        from tokenizers import Tokenizer as HFTokenizer
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            return None
+        tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        tcfg = _read_json(path / "tokenizer_config.json")
+        gcfg = _read_json(path / "generation_config.json")
+        mcfg = _read_json(path / "config.json")
+        eos: list[int] = []
+        for src in (gcfg.get("eos_token_id"), mcfg.get("eos_token_id")):
+            for i in (src if isinstance(src, list) else [src]):
+                if isinstance(i, int) and i not in eos:
+                    eos.append(i)
+        eos_tok = tcfg.get("eos_token")
+        eos_tok = eos_tok.get("content") if isinstance(eos_tok, dict) else eos_tok
+        if isinstance(eos_tok, str) and tok.token_to_id(eos_tok) is not None and tok.token_to_id(eos_tok) not in eos:
+            eos.append(tok.token_to_id(eos_tok))
+        return cls(tok, tcfg.get("chat_template"), eos)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat_template in tokenizer_config.json")
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ImportError("chat templates need jinja2: pip install 'mixprec[serve]' or pip install jinja2") from None
+        # the template is data from the checkpoint: render it sandboxed, as transformers does
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda v, **kw: json.dumps(v, ensure_ascii=False, **kw)
+
+        def raise_exception(msg):
+            raise ValueError(msg)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+            enable_thinking=False, bos_token="", eos_token="")
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            prompt = self.apply_chat_template([{"role": "user", "content": prompt}])
+        return self.encode(prompt)
+
+
+def _read_json(p: Path) -> dict:
+    return json.loads(p.read_text()) if p.exists() else {}

@@ -1,0 +1,1 @@
+"""Test fixtures: tiny random Qwen3-MoE models written as real checkpoints (no downloads)."""
