@@ -1,9 +1,15 @@
 """Model arguments from config.json, and the mix configuration (both YAML forms)."""
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+
+import torch
+import yaml
 
 from .errors import ConfigError
 
@@ -116,7 +122,8 @@ class ModelArgs:
                 out[f"{p}.mlp.gate_proj"] = (I, H)
                 out[f"{p}.mlp.up_proj"] = (I, H)
                 out[f"{p}.mlp.down_proj"] = (H, I)
-        out["lm_head"] = (self.vocab_size, H)
+        if not self.tie_word_embeddings:
+            out["lm_head"] = (self.vocab_size, H)
         return out
 
     def plain_tensors(self) -> dict[str, tuple[int, ...]]:
@@ -133,3 +140,552 @@ class ModelArgs:
             if self.is_moe_layer(l):
                 out[f"{p}.mlp.gate.weight"] = (self.num_experts, H)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The mix configuration: which checkpoint each linear weight comes from.
+
+SEED_FORMATS = {"fp16": "fp16_path", "bf16": "bf16_path", "fp8": "fp8_path",
+                "gptq_int4": "gptq_int4_path", "awq_int4": "awq_int4_path", "int8": "int8_path"}
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                  "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_NATIVE_KEYS = ("model", "sources", "weights", "parallel", "dtype")
+_SEED_KEYS = ("mixed_precision", "parallel", "dtype")
+_RULE_KEYS = ("match", "use", "experts")
+_EXPERT_RX = re.compile(r"\.experts\.(\d+)\.")
+_LAYER_RX = re.compile(r"^model\.layers\.(\d+)\.")
+# SGLang / vLLM fused names -> the HF projections they stand for
+_FUSED = {"w13": ("gate_proj", "up_proj"), "w1": ("gate_proj",), "w3": ("up_proj",), "w2": ("down_proj",),
+          "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def normalize_name(name: str) -> list[str]:
+    """An exact weight name (HF or SGLang spelling) -> the HF linear module names it covers.
+    'model.layers.0.mlp.experts.7.w13_weight' -> [...experts.7.gate_proj, ...experts.7.up_proj].
+    A fused expert name without an index ('...mlp.experts.w2_weight', SGLang's stacked
+    parameter) covers every expert and comes back as '...mlp.experts.*.down_proj'."""
+    n = name.strip()
+    for suffix in (".weight", "_weight"):
+        if n.endswith(suffix):
+            n = n[: -len(suffix)]
+            break
+    head, _, last = n.rpartition(".")
+    if last in _FUSED and head:
+        if head.endswith(".experts"):
+            head += ".*"
+        return [f"{head}.{p}" for p in _FUSED[last]]
+    return [n]
+
+
+def hf_pattern(pattern: str) -> str:
+    """A rule regex with SGLang tokens rewritten to HF names: `.weight`/`_weight` dropped (module
+    names carry none), `w13`/`gate_up_proj` -> (gate_proj|up_proj), `w1`/`w3`/`w2` ->
+    gate/up/down_proj, `qkv_proj` -> (q_proj|k_proj|v_proj). Tokens must stand alone
+    (`\\w1` or `w13x` are left as written)."""
+    p = re.sub(r"(?:\\\.|\.|_)weight(?![A-Za-z0-9_])", "", pattern)
+    for tok, projs in _FUSED.items():
+        rep = projs[0] if len(projs) == 1 else "(?:" + "|".join(projs) + ")"
+        p = re.sub(rf"(?<![A-Za-z0-9_\\]){tok}(?![A-Za-z0-9])", rep, p)
+    return p
+
+
+@lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(hf_pattern(pattern))
+
+
+def parse_experts(spec, where: str) -> frozenset[int] | None:
+    """'0-63,100' / 7 / [0, 1, '4-7'] -> frozenset of expert indices; None stays None."""
+    if spec is None:
+        return None
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    out: set[int] = set()
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            out.add(item)
+            continue
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: experts {spec!r}: expected indices like '0-63,100'")
+        for part in item.split(","):
+            a, dash, b = part.strip().partition("-")
+            try:
+                lo, hi = int(a), int(b) if dash else int(a)
+            except ValueError:
+                raise ConfigError(f"{where}: experts {spec!r}: cannot read {part.strip()!r}; "
+                                  "expected indices and ranges like '0-63,100'") from None
+            if lo < 0 or hi < lo:
+                raise ConfigError(f"{where}: experts {spec!r}: bad range {part.strip()!r}")
+            out.update(range(lo, hi + 1))
+    if not out:
+        raise ConfigError(f"{where}: experts {spec!r} names no expert")
+    return frozenset(out)
+
+
+def format_experts(idx) -> str:
+    """Indices -> compact ranges: {0,1,2,3,7} -> '0-3,7'."""
+    s = sorted(set(idx))
+    runs, i = [], 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[j] + 1:
+            j += 1
+        runs.append(str(s[i]) if i == j else f"{s[i]}-{s[j]}")
+        i = j + 1
+    return ",".join(runs)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One assignment. `match` is a regex searched in HF module names (SGLang tokens allowed, see
+    hf_pattern), or with `exact` an HF module name. `experts` restricts a regex rule to those
+    expert indices (and so to expert weights). `origin` names the config entry for messages."""
+    match: str
+    experts: frozenset[int] | None
+    use: str
+    origin: str
+    exact: bool = False
+
+    def matches(self, module: str) -> bool:
+        if self.exact:
+            return module == self.match
+        if self.experts is not None:
+            m = _EXPERT_RX.search(module)
+            if m is None or int(m.group(1)) not in self.experts:
+                return False
+        return _compiled(self.match).search(module) is not None
+
+    def describe(self) -> str:
+        ex = f", experts: '{format_experts(self.experts)}'" if self.experts is not None else ""
+        return f"{self.origin} {{match: {self.match!r}{ex}, use: {self.use}}}"
+
+
+@dataclass(frozen=True)
+class Parallel:
+    tp: int = 1
+    ep: int = 1
+
+    def __getitem__(self, key: str) -> int:   # also readable as cfg.parallel["tp"]
+        return getattr(self, key)
+
+
+def _fail(origin: str, errors: list[str]) -> ConfigError:
+    """One ConfigError listing every problem; the list is kept as `.errors`."""
+    head = f"{origin}: {len(errors)} error{'s' * (len(errors) > 1)} in the mix config"
+    err = ConfigError(head + ":\n  - " + "\n  - ".join(errors))
+    err.errors = list(errors)
+    return err
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """Which checkpoint each linear comes from. `model` is the base checkpoint (config.json,
+    tokenizer, every non-linear tensor, and every linear no rule assigns); `sources` always
+    includes it as "model". `form` = "native" (first matching rule wins), "seed" (weight_mapping
+    entries: order-free, two entries giving one weight different sources are an error) or
+    "checkpoint" (one directory, no rules)."""
+    model: Path
+    sources: dict[str, Path] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    parallel: Parallel = Parallel()
+    dtype: torch.dtype = torch.bfloat16
+    origin: str = "<dict>"
+    form: str = "native"
+
+    def __post_init__(self):
+        def set_(k, v):   # frozen dataclass: normalise fields once, here
+            object.__setattr__(self, k, v)
+        set_("model", Path(self.model))
+        srcs = {str(k): Path(v) for k, v in self.sources.items()}
+        if srcs.setdefault("model", self.model) != self.model:
+            raise ConfigError(f"{self.origin}: source 'model' is {srcs['model']} but model is {self.model}")
+        set_("sources", srcs)
+        set_("rules", tuple(self.rules))
+        if not isinstance(self.parallel, Parallel):
+            errs: list[str] = []
+            set_("parallel", MixConfig._parallel(self.parallel, errs))
+            if errs:
+                raise _fail(self.origin, errs)
+        if not isinstance(self.dtype, torch.dtype):
+            if str(self.dtype) not in COMPUTE_DTYPES:
+                raise ConfigError(f"{self.origin}: dtype {self.dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+            set_("dtype", COMPUTE_DTYPES[str(self.dtype)])
+        if self.form not in ("native", "seed", "checkpoint"):
+            raise ConfigError(f"{self.origin}: form {self.form!r}: expected native, seed or checkpoint")
+        bad = [f"{r.origin}: use {r.use!r} is not a source (sources: {', '.join(srcs)})"
+               for r in self.rules if r.use not in srcs]
+        if bad:
+            raise _fail(self.origin, bad)
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def for_checkpoint(cls, path: str | Path) -> "MixConfig":
+        p = Path(path).expanduser().resolve()
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{p}: not a checkpoint directory (no config.json)")
+        return cls(model=p, origin=str(p), form="checkpoint")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "MixConfig":
+        p = Path(path).expanduser().resolve()
+        try:
+            d = yaml.safe_load(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read mix config ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        return cls.from_dict(d, origin=str(p), base_dir=p.parent)
+
+    @classmethod
+    def from_dict(cls, d: dict, origin: str = "<dict>", base_dir: str | Path | None = None) -> "MixConfig":
+        """Either form (see DESIGN.md). Relative paths resolve against `base_dir` (the YAML file's
+        directory; the working directory for a dict). Every problem is collected into one error."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{origin}: a mix config is a mapping, got {type(d).__name__}")
+        base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+        errors: list[str] = []
+
+        def path(value, key: str) -> Path | None:
+            if not isinstance(value, (str, Path)) or not str(value).strip():
+                errors.append(f"{key}: expected a checkpoint directory path, got {value!r}")
+                return None
+            raw = Path(str(value).strip()).expanduser()
+            p = (raw if raw.is_absolute() else base_dir / raw).resolve()
+            shown = str(raw) if raw.is_absolute() else f"{str(raw)!r} (resolved to {p})"
+            if not p.exists():
+                errors.append(f"{key}: {shown} does not exist")
+            elif not p.is_dir():
+                errors.append(f"{key}: {shown} is not a directory")
+            else:
+                return p
+            return None
+
+        seed = "mixed_precision" in d
+        allowed = _SEED_KEYS if seed else _NATIVE_KEYS
+        for k in d:
+            if k not in allowed:
+                errors.append(f"unknown key {k!r} (the {'seed' if seed else 'native'} form takes "
+                              f"{', '.join(allowed)})")
+        if seed:
+            model, sources, rules = cls._seed(d["mixed_precision"], path, errors)
+        else:
+            model, sources, rules = cls._native(d, path, errors)
+        parallel = cls._parallel(d.get("parallel"), errors)
+        dtype = d.get("dtype", "bfloat16")
+        if str(dtype) not in COMPUTE_DTYPES:
+            errors.append(f"dtype: {dtype!r}, expected one of {', '.join(COMPUTE_DTYPES)}")
+        if errors or model is None:
+            raise _fail(origin, errors or ["no base model"])
+        return cls(model=model, sources=sources, rules=tuple(rules), parallel=parallel,
+                   dtype=COMPUTE_DTYPES[str(dtype)], origin=origin, form="seed" if seed else "native")
+
+    @staticmethod
+    def _seed(mp, path, errors):
+        if not isinstance(mp, dict):
+            errors.append(f"mixed_precision: expected a mapping, got {type(mp).__name__}")
+            return None, {}, []
+        allowed = ("base_model_path", "weight_mapping", *SEED_FORMATS.values())
+        for k in mp:
+            if k not in allowed:
+                errors.append(f"mixed_precision: unknown key {k!r} (takes {', '.join(allowed)})")
+        if mp.get("base_model_path") is None:
+            errors.append("mixed_precision.base_model_path: missing (the base checkpoint)")
+            model = None
+        else:
+            model = path(mp["base_model_path"], "mixed_precision.base_model_path")
+        sources = {"model": model} if model else {}
+        for fmt, key in SEED_FORMATS.items():
+            if mp.get(key) is not None and (p := path(mp[key], f"mixed_precision.{key}")):
+                sources[fmt] = p
+        mapping = mp.get("weight_mapping") or {}
+        if not isinstance(mapping, dict):
+            errors.append("mixed_precision.weight_mapping: expected a mapping name -> format, "
+                          f"got {type(mapping).__name__}")
+            mapping = {}
+        rules = []
+        for key, fmt in mapping.items():
+            where = f"weight_mapping[{key!r}]"
+            if not isinstance(key, str) or not isinstance(fmt, str):
+                errors.append(f"{where}: expected 'weight name: format', got {key!r}: {fmt!r}")
+                continue
+            fmt = fmt.strip().lower()
+            if fmt not in SEED_FORMATS:
+                errors.append(f"{where}: unknown format {fmt!r} (known: {', '.join(SEED_FORMATS)}; "
+                              "weights not in weight_mapping come from base_model_path)")
+                continue
+            if fmt not in sources:
+                if mp.get(SEED_FORMATS[fmt]) is None:
+                    errors.append(f"{where}: format {fmt!r} but mixed_precision.{SEED_FORMATS[fmt]} is not set")
+                continue
+            for name in normalize_name(key):
+                if ".experts.*." in name:   # SGLang's stacked expert parameter: every expert
+                    rx = "^" + re.escape(name).replace(r"\*", r"\d+") + "$"
+                    rules.append(Rule(rx, None, fmt, where, exact=False))
+                else:
+                    rules.append(Rule(name, None, fmt, where, exact=True))
+        return model, sources, rules
+
+    @staticmethod
+    def _native(d, path, errors):
+        model = path(d["model"], "model") if d.get("model") is not None else None
+        if d.get("model") is None:
+            errors.append("model: missing (the base checkpoint: config.json, tokenizer, default weights)")
+        sources = {"model": model} if model else {}
+        declared = {"model"}
+        srcs = d.get("sources") or {}
+        if not isinstance(srcs, dict):
+            errors.append(f"sources: expected a mapping name -> checkpoint path, got {type(srcs).__name__}")
+            srcs = {}
+        for name, value in srcs.items():
+            declared.add(str(name))
+            p = path(value, f"sources.{name}")
+            if p is None:
+                continue
+            if name == "model" and model and p != model:
+                errors.append(f"sources.model: {p} differs from model {model} (the name 'model' is the base)")
+            sources[str(name)] = p
+        weights = d.get("weights") or []
+        if not isinstance(weights, list):
+            errors.append(f"weights: expected a list of {{match, use, experts}} rules, got {type(weights).__name__}")
+            weights = []
+        rules = []
+        for i, w in enumerate(weights):
+            where = f"weights[{i}]"
+            if not isinstance(w, dict):
+                errors.append(f"{where}: expected {{match: regex, use: source}}, got {w!r}")
+                continue
+            bad = [k for k in w if k not in _RULE_KEYS]
+            if bad:
+                errors.append(f"{where}: unknown key(s) {', '.join(map(repr, bad))} "
+                              f"(a rule takes {', '.join(_RULE_KEYS)})")
+            match, use = w.get("match"), w.get("use")
+            ok = not bad
+            if not isinstance(match, str) or not match:
+                errors.append(f"{where}: 'match' must be a regex string, got {match!r}")
+                ok = False
+            else:
+                try:
+                    _compiled(match)
+                except re.error as e:
+                    errors.append(f"{where}: match {match!r} is not a valid regex ({e})")
+                    ok = False
+            if not isinstance(use, str) or use not in declared:
+                errors.append(f"{where}: use {use!r} is not a source (sources: {', '.join(sorted(declared))})")
+                ok = False
+            try:
+                experts = parse_experts(w.get("experts"), where)
+            except ConfigError as e:
+                errors.append(str(e))
+                ok = False
+            if ok:
+                rules.append(Rule(match, experts, use, where))
+        return model, sources, rules
+
+    @staticmethod
+    def _parallel(p, errors) -> Parallel:
+        if p is None:
+            return Parallel()
+        if not isinstance(p, dict):
+            errors.append(f"parallel: expected {{tp: int, ep: int}}, got {p!r}")
+            return Parallel()
+        vals = {}
+        for k, v in p.items():
+            if k not in ("tp", "ep"):
+                errors.append(f"parallel: unknown key {k!r} (takes tp, ep)")
+            elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                errors.append(f"parallel.{k}: expected a positive integer, got {v!r}")
+            else:
+                vals[k] = v
+        return Parallel(**vals)
+
+    # -- resolution -----------------------------------------------------------------------
+    def resolve(self, linear_names, errors: list[str] | None = None) -> dict[str, tuple[str, Rule | None]]:
+        """Every linear module -> (source name, the rule that chose it or None for the default).
+        Errors (all collected, one ConfigError): a rule / mapping entry matching no weight, a
+        native rule whose every weight an earlier rule already took, expert indices the model
+        lacks, seed entries giving one weight two formats. With an `errors` list, problems are
+        appended to it instead and the best-effort assignment is returned (conflicts: the first
+        entry), so a caller can go on checking the rest."""
+        names = list(linear_names)
+        rules = self.rules
+        collect = errors is not None
+        errors = errors if collect else []
+        experts = sorted({int(m.group(1)) for n in names if (m := _EXPERT_RX.search(n))})
+        for r in rules:
+            if r.experts is not None and not r.exact and (bad := r.experts.difference(experts)):
+                have = f"experts {format_experts(experts)}" if experts else "no experts"
+                errors.append(f"{r.describe()}: experts {format_experts(bad)} do not exist (the model has {have})")
+        exact: dict[str, list[int]] = {}
+        for i, r in enumerate(rules):
+            if r.exact:
+                exact.setdefault(r.match, []).append(i)
+        regex = [i for i, r in enumerate(rules) if not r.exact]
+        matched, chosen = [0] * len(rules), [0] * len(rules)
+        order_free = self.form == "seed"
+        none = len(rules)
+        out: dict[str, tuple[str, Rule | None]] = {}
+        for n in names:
+            hits = exact.get(n, [])
+            if order_free:
+                hits = hits + [i for i in regex if rules[i].matches(n)]
+            for i in hits:
+                matched[i] += 1
+            first = hits[0] if hits else none
+            if order_free:
+                if len({rules[i].use for i in hits}) > 1:
+                    says = ", ".join(f"{rules[i].origin} says {rules[i].use}" for i in hits)
+                    errors.append(f"{n}: conflicting entries: {says}")
+            else:
+                for i in regex:   # ascending; after the winner only test rules not yet seen matching
+                    if (i > first and matched[i]) or not rules[i].matches(n):
+                        continue
+                    matched[i] += 1
+                    first = min(first, i)
+            if first < none:
+                chosen[first] += 1
+                out[n] = (rules[first].use, rules[first])
+            else:
+                out[n] = ("model", None)
+        missing: dict[str, list[str]] = {}
+        for i, r in enumerate(rules):
+            if not matched[i]:
+                missing.setdefault(r.origin, []).append(r.match)
+            elif not chosen[i] and not order_free:
+                errors.append(f"{r.describe()}: every weight it matches is taken by an earlier rule "
+                              "(first match wins); move it up or remove it")
+        if missing:
+            hint = _Hints(names)
+            for origin, ms in missing.items():
+                r = next(r for r in rules if r.origin == origin)
+                if r.exact:
+                    errors.append(f"{origin}: the model has no weight {', '.join(ms)}{hint(ms[0])}")
+                else:
+                    hf = hf_pattern(r.match)
+                    shown = f" (as HF names: {hf!r})" if hf != r.match else ""
+                    errors.append(f"{r.describe()}: matches no weight of the model{shown}")
+        if errors and not collect:
+            raise _fail(self.origin, errors)
+        return out
+
+    # -- writing --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The native form (absolute paths; runs of exact rules compacted to expert ranges)."""
+        d: dict = {"model": str(self.model)}
+        srcs = {k: str(v) for k, v in self.sources.items() if k != "model"}
+        if srcs:
+            d["sources"] = srcs
+        weights = _rules_to_native(self.rules, order_free=self.form == "seed")
+        if weights:
+            d["weights"] = weights
+        d["parallel"] = {"tp": self.parallel.tp, "ep": self.parallel.ep}
+        d["dtype"] = _DTYPE_NAMES[self.dtype]
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=1 << 16)
+
+
+class _Hints:
+    """Why an exact name is not a weight of the model: wrong layer, expert, kind or a typo."""
+    _PLAIN = ("embed_tokens", "norm", "layernorm", "mlp.gate")
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.layers = sorted({int(m.group(1)) for n in names if (m := _LAYER_RX.match(n))})
+        self.experts = sorted({int(m.group(1)) for n in names if (m := _EXPERT_RX.search(n))})
+
+    def __call__(self, name: str) -> str:
+        lm, em = _LAYER_RX.match(name), _EXPERT_RX.search(name)
+        if lm and int(lm.group(1)) not in self.layers:
+            return f" (the model has layers {format_experts(self.layers)})"
+        if em and int(em.group(1)) not in self.experts:
+            have = f"experts {format_experts(self.experts)}" if self.experts else "no experts"
+            return f" (the model has {have})"
+        if name == "lm_head":
+            return " (its lm_head is tied to model.embed_tokens, which always comes from the model checkpoint)"
+        if any(name.endswith(p) for p in self._PLAIN):
+            return " (not a linear: embeddings, norms and routers always come from the model checkpoint)"
+        pool = [n for n in self.names if lm and n.startswith(lm.group(0))] or self.names[:2000]
+        near = difflib.get_close_matches(name, pool, n=2, cutoff=0.5)
+        return f" (did you mean {' or '.join(near)}?)" if near else ""
+
+
+def _rules_to_native(rules: tuple[Rule, ...], order_free: bool) -> list[dict]:
+    """Rules -> native `weights:` entries. Consecutive exact rules (a seed mapping, a planner's
+    output) are grouped: experts with one source become an `experts:` range, then projections,
+    then layers, into one anchored regex each. Order between groups is irrelevant because each
+    exact name keeps only its first rule, so the groups are disjoint."""
+    rules = list(dict.fromkeys((r.match, r.experts, r.use, r.exact) for r in rules))
+    if order_free:   # an exact entry already covered by a stacked-expert entry of the same source
+        wide = [Rule(m, e, u, "", x) for m, e, u, x in rules if not x]
+        rules = [t for t in rules if not t[3] or not any(w.use == t[2] and w.matches(t[0]) for w in wide)]
+    out: list[dict] = []
+    run: list[tuple[str, str]] = []
+
+    def flush():
+        out.extend(_compact_exact(run))
+        run.clear()
+
+    seen: set[str] = set()
+    for match, experts, use, exact in rules:
+        if exact:
+            if match not in seen:
+                seen.add(match)
+                run.append((match, use))
+            continue
+        flush()
+        d = {"match": match, "experts": format_experts(experts)} if experts is not None else {"match": match}
+        d["use"] = use
+        out.append(d)
+    flush()
+    return out
+
+
+_PROJ_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PARSE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp\.experts\.(\d+)|mlp)\.(\w+)$")
+
+
+def _compact_exact(run: list[tuple[str, str]]) -> list[dict]:
+    by_proj: dict[tuple, set[int]] = {}      # (kind, layer, proj, use) -> experts
+    loose: list[dict] = []
+    for name, use in run:
+        m = _PARSE.match(name)
+        if m is None:
+            loose.append({"match": "^" + re.escape(name) + "$", "use": use})
+            continue
+        layer, kind, expert, proj = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        kind = "mlp.experts" if expert is not None else kind
+        by_proj.setdefault((kind, layer, proj, use), set()).update([int(expert)] if expert is not None else [])
+    by_layer: dict[tuple, list[str]] = {}    # (kind, experts, use, layer) -> projections
+    for (kind, layer, proj, use), ex in by_proj.items():
+        by_layer.setdefault((kind, frozenset(ex), use, layer), []).append(proj)
+    groups: dict[tuple, list[int]] = {}      # (kind, experts, use, projections) -> layers
+    for (kind, ex, use, layer), projs in by_layer.items():
+        projs = tuple(sorted(projs, key=lambda p: (_PROJ_ORDER.index(p) if p in _PROJ_ORDER else 99, p)))
+        groups.setdefault((kind, ex, use, projs), []).append(layer)
+    out = []
+    for (kind, ex, use, projs), layers in groups.items():
+        alt = lambda xs: xs[0] if len(xs) == 1 else "(?:" + "|".join(xs) + ")"  # noqa: E731
+        mid = r"mlp\.experts\.\d+" if kind == "mlp.experts" else re.escape(kind)
+        rx = rf"^model\.layers\.{alt([str(l) for l in sorted(layers)])}\.{mid}\.{alt(list(projs))}$"
+        d = {"match": rx, "experts": format_experts(ex)} if kind == "mlp.experts" else {"match": rx}
+        d["use"] = use
+        out.append(d)
+    return out + loose
+
+
+def load_config(obj) -> MixConfig:
+    """A MixConfig, a dict (either form), a YAML file path, or one checkpoint directory."""
+    if isinstance(obj, MixConfig):
+        return obj
+    if isinstance(obj, dict):
+        return MixConfig.from_dict(obj)
+    if isinstance(obj, (str, Path)):
+        p = Path(obj).expanduser()
+        if p.is_dir():
+            return MixConfig.for_checkpoint(p)
+        if p.is_file():
+            return MixConfig.from_yaml(p)
+        raise ConfigError(f"{p}: no such mix config file or checkpoint directory")
+    raise ConfigError(f"expected a mix config (YAML path, checkpoint directory, dict or MixConfig), "
+                      f"got {type(obj).__name__}")

@@ -10,15 +10,23 @@ Two kinds of objects live in `formats/`:
   ``fp8``     ``weight [N, K]`` float8_e4m3fn, ``scale [ceil(N/bn), ceil(K/bk)]`` fp32;
               params ``block=(bn, bk)`` (per-channel = (1, K), per-tensor = (N, K)),
               ``act`` = "w8a8" | "w8a16"
-  ``intq``    ``qweight [K/pf, N]`` int32 (pf = 32/bits; unsigned codes, row r holds inputs
-              r*pf .. r*pf+pf-1, input r*pf+i in bits bits*i..bits*i+bits-1),
-              ``scales [K/G, N]`` fp16/bf16, optional ``zeros [K/G, N]`` uint8 (true zero
-              points; absent = symmetric, zero 2^(bits-1)), optional ``perm [K]`` int32 (act-order:
-              rows are stored sorted by group, the kernel reads ``x[:, perm]``);
-              params ``bits`` (4|8), ``group_size`` (G; K when the checkpoint says -1)
+  ``intq``    ``qweight [R/pf, N]`` int32 (pf = 32/bits; unsigned codes, row r holds stored
+              rows r*pf .. r*pf+pf-1, row r*pf+i in bits bits*i..bits*i+bits-1),
+              ``scales [ceil(R/G), N]`` fp16/bf16, optional ``zeros [ceil(R/G), N]`` uint8 (true
+              zero points; absent = symmetric, zero 2^(bits-1)), optional ``perm [R]`` int32
+              (act-order: rows are stored sorted by group, stored row j multiplies ``x[:, perm[j]]``);
+              params ``bits`` (4|8), ``group_size`` (G; K when the checkpoint says -1).
+              R = K, except in a tensor-parallel K shard of an act-order weight: there every
+              group is padded to the shard's G (a multiple of pf) with rows whose codes equal
+              their zero point (they dequantize to exactly 0) and whose ``perm`` entry is 0, so
+              R >= K; always R = perm.numel() when perm is present, else K
   ``int8``    ``weight [N, K]`` int8, ``scale [N, 1]`` fp32, optional ``zero [N, 1]`` fp32;
               params ``act`` = "w8a8" | "w8a16"
   ==========  ==========================================================================
+
+  Tensor-parallel shards (``Layout.shard``) may refine ``block`` / ``group_size`` to a divisor
+  of the original (e.g. 128 -> 64 for 192 rows per rank, 32 for 96) with scale rows replicated,
+  and act-order intq K shards use any multiple of pf; kernels must take such sizes, not only 128.
 
   dequant (the readable spec every kernel is tested against):
   dense: W; fp8: W * scale[n//bn, k//bk]; intq: scales[g, n] * (q[k, n] - z[g, n]) with g the
@@ -33,11 +41,14 @@ Two kinds of objects live in `formats/`:
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import ParallelError
 
 
 class Packed(nn.Module):
@@ -65,7 +76,7 @@ class Packed(nn.Module):
     def key(self) -> tuple:
         """Bucket key: weights with equal keys can be stacked and run by one kernel launch."""
         return (self.layout, self.n, self.k, tuple(sorted((k, _hashable(v)) for k, v in self.params.items())),
-                tuple(sorted(self.tensors())))
+                tuple(sorted((name, t.dtype) for name, t in self.tensors().items())))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -95,6 +106,18 @@ class Layout(ABC):
         """y = x @ W.T for x [..., K] -> [..., N]. Fast kernel on CUDA, dequant+matmul elsewhere."""
         W = self.dequant(w).to(x.dtype)
         return torch.nn.functional.linear(x, W)
+
+    @abstractmethod
+    def cat_n(self, ws: list[Packed]) -> Packed | None:
+        """Weights with equal K concatenated along N (qkv, gate+up fusion): one Packed whose
+        dequant is torch.cat([dequant(w) for w in ws]), or None when the layout cannot express
+        it (different params, act-order perms, blocks straddling the seam)."""
+
+    @abstractmethod
+    def shard(self, w: Packed, dim: str, rank: int, world: int) -> Packed:
+        """Tensor-parallel slice: dim "n" -> rows n0:n1 of W (column parallel), "k" -> columns
+        k0:k1 (row parallel), equal ranges of size/world. dequant(shard) == dequant(w)[range]
+        exactly, so sum_r x[:, k_r] @ W_r.T == x @ W.T (k) and cat_r == x @ W.T (n)."""
 
 
 class CheckpointFormat(ABC):
@@ -153,3 +176,43 @@ def dequant(w: Packed) -> Tensor:
 
 def apply(x: Tensor, w: Packed) -> Tensor:
     return LAYOUTS[w.layout].apply(x, w)
+
+
+def cat_n(ws: list[Packed]) -> Packed | None:
+    """Concatenate along N (see Layout.cat_n); None when the weights differ in layout."""
+    if not ws or any(w.layout != ws[0].layout for w in ws):
+        return None
+    return LAYOUTS[ws[0].layout].cat_n(ws)
+
+
+def shard(w: Packed, dim: str, rank: int, world: int) -> Packed:
+    """Tensor-parallel slice of one weight (see Layout.shard)."""
+    return LAYOUTS[w.layout].shard(w, dim, rank, world)
+
+
+def shard_range(w: Packed, dim: str, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's equal share of N (dim "n") or K (dim "k"); ParallelError when the
+    size does not divide."""
+    if dim not in ("n", "k"):
+        raise ParallelError(f"shard dim {dim!r}: expected 'n' or 'k'")
+    if not (isinstance(world, int) and world >= 1 and 0 <= rank < world):
+        raise ParallelError(f"shard rank {rank} of world {world}: expected 0 <= rank < world")
+    size = w.n if dim == "n" else w.k
+    if size % world:
+        raise ParallelError(f"{w.extra_repr()}: {dim.upper()}={size} does not split over {world} ranks")
+    per = size // world
+    return rank * per, (rank + 1) * per
+
+
+def sub_blocks(block: int, size: int, start: int, length: int) -> tuple[int, Tensor]:
+    """Scale blocks of width `block` along an axis of `size`, restricted to [start, start+length).
+
+    Returns the block width to use inside the slice and, per new block, the index of the
+    original block holding it. The width divides `block` and `start` (gcd), so no new block
+    straddles an original border: a block shared by two ranks has its scale row replicated.
+    A slice inside one original block keeps one block of width `length`.
+    """
+    if start // block == (start + length - 1) // block:
+        return length, torch.tensor([start // block])
+    nb = math.gcd(block, start, length)
+    return nb, (start + torch.arange(-(-length // nb)) * nb) // block

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
-from .base import CheckpointFormat, Layout, Packed, register_format, register_layout
+from .base import CheckpointFormat, Layout, Packed, register_format, register_layout, shard_range
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -19,6 +19,18 @@ class DenseLayout(Layout):
 
     def apply(self, x: Tensor, w: Packed) -> Tensor:
         return torch.nn.functional.linear(x, w.weight.to(x.dtype))
+
+    def cat_n(self, ws: list[Packed]) -> Packed | None:
+        if any(w.k != ws[0].k or w.weight.dtype != ws[0].weight.dtype for w in ws):
+            return None
+        return Packed("dense", sum(w.n for w in ws), ws[0].k,
+                      {"weight": torch.cat([w.weight for w in ws], dim=-2)}, ws[0].params, ws[0].source)
+
+    def shard(self, w: Packed, dim: str, rank: int, world: int) -> Packed:
+        a, b = shard_range(w, dim, rank, world)
+        t = w.weight[..., a:b, :] if dim == "n" else w.weight[..., :, a:b]
+        n, k = (b - a, w.k) if dim == "n" else (w.n, b - a)
+        return Packed("dense", n, k, {"weight": t.contiguous()}, w.params, w.source)
 
 
 @register_format

@@ -1,34 +1,22 @@
 """Linear layers over a Packed weight of any layout; fusion along N (qkv, gate+up) where layouts allow.
 
 A layer never looks at a format name: `formats.base.apply` / `dequant` dispatch on the weight's
-layout, and `cat_n` asks that layout whether parts can be concatenated.
+layout, and `formats.base.cat_n` asks that layout whether parts can be concatenated along N
+(None for different layouts, params, dtypes, act-order perms, blocks straddling the seam).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from ..formats.base import LAYOUTS, Packed, apply
+from .. import formats as _formats  # noqa: F401  (its __init__ imports every format file: registers the layouts)
+from ..formats.base import Packed, apply, cat_n  # cat_n: the layout decides; None when it can't
 
 
 def bucket_key(w: Packed) -> tuple:
     """Packed.key() plus buffer dtypes: a bf16 and an fp16 dense weight have equal key() but
     must not be stacked or concatenated (torch.stack/cat would silently promote)."""
     return w.key() + (tuple((nm, str(t.dtype)) for nm, t in sorted(w.tensors().items())),)
-
-
-def _key_but_n(w: Packed) -> tuple:
-    key = bucket_key(w)
-    return key[:1] + key[2:]      # drop n: parts of a fusion differ only in N
-
-
-def cat_n(ws: list[Packed]) -> Packed | None:
-    """Concatenate weights along N (outputs), or None when their layouts/params/dtypes differ or
-    the layout cannot concatenate (it has no `cat_n`, or its `cat_n` returns None)."""
-    if len({_key_but_n(w) for w in ws}) != 1:
-        return None
-    fn = getattr(LAYOUTS[ws[0].layout], "cat_n", None)
-    return fn(ws) if fn is not None else None
 
 
 def same_scale(scales: list[Tensor | None]) -> bool:

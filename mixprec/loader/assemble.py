@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..formats import load_module
+from ..layers.moe import MoE
 from ..models.qwen3 import Qwen3ForCausalLM
 from .plan import Plan
 
@@ -153,7 +154,16 @@ def assemble(plan: Plan, device: str | torch.device = "cpu", dtype: torch.dtype 
     if not plan.args.tie_word_embeddings and "lm_head" not in plan.entries:
         model.set_tensor("lm_head.weight", base.get("lm_head.weight").to(device))
 
+    layers = model.model.layers
+    last_layer = None
     for module, e in plan.entries.items():
+        layer, _ = _layer_prefix(module)
+        if layer != last_layer and last_layer:
+            # stack the finished layer's experts now: only one layer is ever held twice
+            mlp = layers[int(last_layer.rsplit(".", 1)[1])].mlp
+            if isinstance(mlp, MoE):
+                mlp.finalize()
+        last_layer = layer
         ckpt = plan.sources[e.source]
         raw = ckpt.module(module)
         packed = load_module(raw, e.n, e.k, e.scheme, where=f"{ckpt.path}: {module}", dtype=dtype)

@@ -121,20 +121,21 @@ class Checkpoint:
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from None
             if not isinstance(wmap, dict):
                 raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
-            headers = {}
+            headers, files = {}, {}
             for shard in dict.fromkeys(wmap.values()):
-                f = self.path / shard
+                f = files[shard] = self.path / shard
                 if not f.is_file():
                     users = [t for t, s in wmap.items() if s == shard]
                     raise CheckpointError(f"{index} names shard {shard!r} (for {len(users)} tensors, e.g. "
                                           f"{users[0]!r}) but {f} does not exist")
                 headers[shard] = read_header(f)
             for name, shard in wmap.items():
-                if name not in headers[shard]:
-                    raise MissingWeight(f"{index} lists tensor {name!r} in {shard}, but {self.path / shard} "
+                info = headers[shard].get(name)
+                if info is None:
+                    raise MissingWeight(f"{index} lists tensor {name!r} in {shard}, but {files[shard]} "
                                         "does not contain it")
-                self._where[name] = self.path / shard
-                self._info[name] = headers[shard][name]
+                self._where[name] = files[shard]
+                self._info[name] = info
             return
         if single.is_file():
             files = [single]
@@ -194,7 +195,7 @@ class Checkpoint:
             raise MissingWeight(self._missing_msg(name))
         return info
 
-    def _near(self, name: str) -> list[str]:
+    def near(self, name: str) -> list[str]:
         """A few existing names close to `name` (same module first, then its parent), for hints."""
         parts = name.split(".")
         for cut in range(len(parts) - 1, max(len(parts) - 4, 0), -1):
@@ -205,7 +206,7 @@ class Checkpoint:
         return []
 
     def _missing_msg(self, name: str) -> str:
-        near = self._near(name)
+        near = self.near(name)
         hint = f" (nearby: {', '.join(near)})" if near else ""
         return f"{self.path}: no tensor {name!r}{hint}"
 
@@ -252,7 +253,7 @@ class Checkpoint:
         """All tensors directly under `prefix.` (suffix -> tensor); MissingWeight when none."""
         kids = self._children.get(prefix)
         if not kids:
-            near = self._near(prefix + ".weight")
+            near = self.near(prefix + ".weight")
             hint = f" (nearby: {', '.join(near)})" if near else ""
             raise MissingWeight(f"{self.path}: no tensors for module {prefix!r}{hint}")
         return {s: self.get(n) for s, n in kids.items()}

@@ -161,6 +161,7 @@ class Generator:
                              f"{self.args.max_position_embeddings}")
         Bp = _bucket(B) if self.use_graphs else B
         cache = self._get_cache(Bp, _bucket(max(need, 64)))
+        cache.reset()                       # rows start at slot 0 (right padding)
         dev = self.device
 
         # prefill, right-padded; padding rows (Bp > B) repeat the last prompt

@@ -14,16 +14,20 @@ The AWQ fixture has AutoAWQ's activation scales folded into norms / previous lin
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import re
 import shutil
 import tempfile
+import time
+import zlib
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..formats import FORMATS
 from .tokenizer import build_tokenizer, special_token_ids
 
 # Modules a quantizer converts: attention projections, dense MLP and expert projections.
@@ -32,10 +36,14 @@ QUANT_TARGETS = r"\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)
 
 # name -> (format, pack/config params, write_checkpoint extras). The sibling checkpoints of
 # make_fixture. fp8 block 64x64 over moe_intermediate 96 leaves a partial edge block in every
-# expert (rows of gate/up, columns of down); attention/dense dims are whole blocks.
+# expert (rows of gate/up, columns of down); attention/dense dims are whole blocks. Scale
+# dtypes as the producers write them: bf16 weight_scale_inv (Qwen3 FP8 releases), fp16 GPTQ /
+# AWQ scales, bf16 compressed-tensors scales (the model dtype). AWQ's plain tensors are fp16
+# (AutoAWQ saves the whole model in fp16); llm-compressor / GPTQModel re-save with
+# transformers >= 5 (v5 config spelling).
 FIXTURES: dict[str, tuple[str, dict, dict]] = {
     "bf16": ("dense", {}, {"shards": 2}),
-    "fp8": ("fp8_block", {"block": [64, 64]}, {"shards": 2}),
+    "fp8": ("fp8_block", {"block": [64, 64], "scale_dtype": torch.bfloat16}, {"shards": 2}),
     "gptq": ("gptq", {"bits": 4, "group_size": 32, "sym": True, "desc_act": False,
                       "checkpoint_format": "gptq"}, {}),
     "gptq_v2_asym_actorder": ("gptq", {"bits": 4, "group_size": 32, "sym": False, "desc_act": True,
@@ -205,10 +213,12 @@ def awq_fold_scales(cfg: dict, seed: int = 0, sigma: float = 0.3) -> dict[str, T
 
 
 def awq_fold(cfg: dict, weights: dict[str, Tensor], scales: dict[str, Tensor],
-             fold_router: bool = False) -> dict[str, Tensor]:
+             fold_router: bool = False, fold_vo: bool = True) -> dict[str, Tensor]:
     """Weights of the AWQ model before quantization: same function as `weights` (up to fp32
     rounding), except that with fold_router=False (AutoAWQ) the router `mlp.gate` keeps its
-    weights and so sees the s3-divided norm output; llm-compressor folds it (fold_router=True)."""
+    weights and so sees the s3-divided norm output; llm-compressor folds it (fold_router=True).
+    fold_vo=False skips s2, as AutoAWQ / GPTQModel do for GQA (they fold v->o only when
+    v_proj and o_proj have equal shapes); the fixture folds it per kv group, the harder case."""
     w = dict(weights)
     D, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     for l in range(cfg["num_hidden_layers"]):
@@ -217,10 +227,11 @@ def awq_fold(cfg: dict, weights: dict[str, Tensor], scales: dict[str, Tensor],
         w[f"{p}.input_layernorm.weight"] = w[f"{p}.input_layernorm.weight"] / s1
         for proj in ("q_proj", "k_proj", "v_proj"):
             w[f"{p}.self_attn.{proj}.weight"] = w[f"{p}.self_attn.{proj}.weight"] * s1[None, :]
-        s2 = scales[f"{p}.self_attn.v_proj"]                              # [nkv*D]
-        s2_o = s2.view(nkv, D).repeat_interleave(nq // nkv, dim=0).reshape(-1)  # [nq*D], GQA groups
-        w[f"{p}.self_attn.v_proj.weight"] = w[f"{p}.self_attn.v_proj.weight"] / s2[:, None]
-        w[f"{p}.self_attn.o_proj.weight"] = w[f"{p}.self_attn.o_proj.weight"] * s2_o[None, :]
+        if fold_vo:  # q head h reads kv head h // (nq // nkv): o_proj columns get that head's s2
+            s2 = scales[f"{p}.self_attn.v_proj"]                              # [nkv*D]
+            s2_o = s2.view(nkv, D).repeat_interleave(nq // nkv, dim=0).reshape(-1)  # [nq*D]
+            w[f"{p}.self_attn.v_proj.weight"] = w[f"{p}.self_attn.v_proj.weight"] / s2[:, None]
+            w[f"{p}.self_attn.o_proj.weight"] = w[f"{p}.self_attn.o_proj.weight"] * s2_o[None, :]
         s3 = scales[f"{p}.post_attention_layernorm"]
         w[f"{p}.post_attention_layernorm.weight"] = w[f"{p}.post_attention_layernorm.weight"] / s3
         if is_moe_layer(cfg, l):
@@ -303,34 +314,26 @@ def write_checkpoint(out_dir: str | Path, cfg: dict, weights: dict[str, Tensor],
     they are written into the config the way the producer records them (see `_quant_config`).
     fmt None / "dense" writes a plain float checkpoint. spelling "v5" writes the config as
     transformers >= 5 re-saves it."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fmt = None if fmt == "dense" else fmt
     fmt_params = dict(fmt_params or {})
+    if fmt and fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} unknown; known: {sorted(FORMATS)}")
+    if spelling not in ("v4", "v5"):
+        raise ValueError(f"spelling {spelling!r}: expected 'v4' (published releases) or 'v5' (transformers>=5)")
     expected = weight_shapes(cfg)
     if set(weights) != set(expected):
         missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
         raise ValueError(f"weights do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
-    tensors: dict[str, Tensor] = {}
-    module_params: dict[str, dict | None] = {}
-    for name in expected:  # module order, so shards hold whole layers in sequence
-        W = weights[name]
-        if tuple(W.shape) != expected[name]:
-            raise ValueError(f"{name}: shape {tuple(W.shape)}, expected {expected[name]}")
-        module = name.removesuffix(".weight")
-        params = _module_params(module, fmt_params, overrides) if fmt and re.search(targets, module) else None
-        if fmt and re.search(targets, module):
-            module_params[module] = params
-        if params is None:
-            tensors[name] = W.to(dtype)
-        else:
-            for suffix, t in FORMATS[fmt].pack(W.float(), **params).items():
-                tensors[f"{module}.{suffix}"] = t
-    if fmt and overrides:
-        unused = [p for p in overrides if not any(re.match(p, m) for m in module_params)]
-        if unused:
-            raise ValueError(f"overrides {unused} match no targeted module")
-    save_safetensors(out, tensors, shards)
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"{name}: shape {tuple(weights[name].shape)}, expected {shape}")
+    targeted = [n.removesuffix(".weight") for n in expected if fmt and re.search(targets, n.removesuffix(".weight"))]
+    if overrides and not fmt:
+        raise ValueError("overrides given for a plain checkpoint (fmt None / 'dense'): nothing to override")
+    unused = [p for p in overrides or () if not any(re.match(p, m) for m in targeted)]
+    if unused:
+        raise ValueError(f"overrides {unused} match no targeted module")
+    module_params = {m: _module_params(m, fmt_params, overrides) for m in targeted}
 
     config = dict(cfg)
     config["torch_dtype"] = DTYPE_NAMES[dtype]
@@ -338,8 +341,22 @@ def write_checkpoint(out_dir: str | Path, cfg: dict, weights: dict[str, Tensor],
         config["quantization_config"] = _quant_config(fmt, fmt_params, overrides, module_params)
     if spelling == "v5":
         config = respell_v5(config)
-    elif spelling != "v4":
-        raise ValueError(f"spelling {spelling!r}: expected 'v4' (published releases) or 'v5' (transformers>=5)")
+
+    tensors: dict[str, Tensor] = {}
+    for name in expected:  # module order: shards hold layers in sequence
+        W, module = weights[name], name.removesuffix(".weight")
+        params = module_params.get(module)
+        if params is None:
+            tensors[name] = W.to(dtype)
+            continue
+        if "seed" in params:  # act-order permutations differ per module, as GPTQ's do
+            params = {**params, "seed": params["seed"] * 1_000_003 + zlib.crc32(module.encode())}
+        for suffix, t in FORMATS[fmt].pack(W.float(), **params).items():
+            tensors[f"{module}.{suffix}"] = t
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors(out, tensors, shards)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     if tokenizer is True:
@@ -348,3 +365,152 @@ def write_checkpoint(out_dir: str | Path, cfg: dict, weights: dict[str, Tensor],
         for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             shutil.copyfile(Path(tokenizer) / f, out / f)
     return out
+
+
+# Config keys per format that an override may change and the producer records per module.
+GPTQ_DYNAMIC_KEYS = ("bits", "group_size", "sym", "desc_act")
+
+
+def _quant_config(fmt: str, fmt_params: dict, overrides: dict[str, dict | None] | None,
+                  module_params: dict[str, dict | None]) -> dict:
+    """The producer's `quantization_config`, with per-module overrides recorded its way:
+    gptq: GPTQModel `dynamic` ("-:regex": {} skips, "+:regex": {bits, ...}); compressed-tensors:
+    `ignore` gets "re:regex", a params override becomes its own config group targeting
+    "re:regex"; fp8_block: `ignored_layers` (exact names); awq: `modules_to_not_convert` (exact
+    names). awq / fp8_block have no per-module params: such an override is a ValueError."""
+    fmt_obj = FORMATS[fmt]
+    overrides = overrides or {}
+    skipped = sorted(m for m, p in module_params.items() if p is None)
+    changed = {pat: over for pat, over in overrides.items() if over is not None}
+    if fmt == "gptq":
+        dynamic = {}
+        for pat, over in overrides.items():
+            if over is None:
+                dynamic[f"-:{pat}"] = {}
+            else:
+                dynamic[f"+:{pat}"] = {k: v for k, v in over.items() if k in GPTQ_DYNAMIC_KEYS}
+        return fmt_obj.config_block(**fmt_params, **({"dynamic": dynamic} if dynamic else {}))
+    if fmt.startswith("ct_"):
+        ignore = list(fmt_params.get("ignore", ("lm_head", "re:.*mlp.gate$")))
+        ignore += [f"re:{pat}" for pat, over in overrides.items() if over is None]
+        cfg = fmt_obj.config_block(**{**fmt_params, "ignore": ignore})
+        for i, (pat, over) in enumerate(changed.items(), start=1):
+            group = fmt_obj.config_block(**{**fmt_params, **over, "ignore": ignore})["config_groups"]["group_0"]
+            cfg["config_groups"][f"group_{i}"] = {**group, "targets": [f"re:{pat}"]}
+        if len({g.get("format") for g in cfg["config_groups"].values()}) > 1:
+            cfg["format"] = "mixed-precision"
+        return cfg
+    if changed:
+        raise ValueError(f"{fmt}: overrides {list(changed)} change params per module, which a {fmt} "
+                         f"config cannot record (only leaving modules unquantized: map them to None)")
+    if fmt == "fp8_block":
+        return fmt_obj.config_block(**fmt_params, **({"ignored_layers": skipped} if skipped else {}))
+    if fmt == "awq":
+        return fmt_obj.config_block(**fmt_params, **({"modules_to_not_convert": skipped} if skipped else {}))
+    raise ValueError(f"format {fmt!r}: no quantization_config writer (known: gptq, awq, fp8_block, ct_*)")
+
+
+# --------------------------------------------------------------------------------------------
+# the sibling checkpoints
+
+def make_fixture(out_dir: str | Path, seed: int = 0, formats: list[str] | tuple[str, ...] | None = None,
+                 **cfg_kwargs) -> dict[str, Path]:
+    """One random model (tiny_config(**cfg_kwargs), random_weights(cfg, seed), rounded to bf16 as
+    the published checkpoint holds it) written as the sibling checkpoints of FIXTURES (or the
+    names in `formats`) under out_dir. Quantized ones are packed from the bf16 values; `awq`
+    from those folded with awq_fold_scales(cfg, seed). Returns name -> directory."""
+    names = list(FIXTURES) if formats is None else list(formats)
+    unknown = [n for n in names if n not in FIXTURES]
+    if unknown:
+        raise ValueError(f"unknown fixture names {unknown}; known: {list(FIXTURES)}")
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(**cfg_kwargs)
+    weights = round_to(random_weights(cfg, seed), torch.bfloat16)
+    tok_dir = root / names[0]
+    build_tokenizer(tok_dir, cfg["vocab_size"])   # once; the others copy its files
+    out = {}
+    for name in names:
+        fmt, params, extra = FIXTURES[name]
+        extra = dict(extra)
+        W = weights
+        if extra.pop("awq_fold", False):
+            W = awq_fold(cfg, weights, awq_fold_scales(cfg, seed))
+        if params.get("desc_act") or params.get("actorder"):
+            params = {**params, "seed": seed}
+        out[name] = write_checkpoint(root / name, cfg, W, fmt, params,
+                                     tokenizer=True if name == names[0] else tok_dir, **extra)
+    return out
+
+
+_SHARED: dict[tuple, dict[str, Path]] = {}
+
+
+def shared_fixture(seed: int = 0, **cfg_kwargs) -> dict[str, Path]:
+    """make_fixture(seed, **cfg_kwargs) written once per process into a temporary directory
+    (removed at exit) and reused by every caller: tests across files share one copy instead of
+    rebuilding (~5-10 s each). Callers must not modify the files."""
+    key = (seed, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg_kwargs.items())))
+    if key not in _SHARED:
+        root = Path(tempfile.mkdtemp(prefix="mixprec-fixture-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _SHARED[key] = make_fixture(root, seed=seed, **cfg_kwargs)
+    return dict(_SHARED[key])
+
+
+def fixture_weights(seed: int = 0, **cfg_kwargs) -> tuple[dict, dict[str, Tensor]]:
+    """(cfg, weights) exactly as make_fixture(seed=seed, **cfg_kwargs) stores them in `bf16`
+    (float32 tensors holding bf16 values): the reference every fixture was packed from."""
+    cfg = tiny_config(**cfg_kwargs)
+    return cfg, round_to(random_weights(cfg, seed), torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: python -m mixprec make-fixture DIR [...]
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = tiny_config.__defaults__
+    defaults = dict(zip(tiny_config.__code__.co_varnames[:len(d)], d))
+    parser.add_argument("dir", type=Path, help="output directory (one sub-directory per checkpoint)")
+    parser.add_argument("--layers", type=int, default=defaults["layers"])
+    parser.add_argument("--hidden", type=int, default=defaults["hidden"])
+    parser.add_argument("--experts", type=int, default=defaults["experts"])
+    parser.add_argument("--top-k", type=int, default=defaults["top_k"])
+    parser.add_argument("--heads", type=int, default=defaults["heads"])
+    parser.add_argument("--kv-heads", type=int, default=defaults["kv_heads"])
+    parser.add_argument("--head-dim", type=int, default=defaults["head_dim"])
+    parser.add_argument("--moe-intermediate", type=int, default=defaults["moe_intermediate"])
+    parser.add_argument("--intermediate", type=int, default=defaults["intermediate"])
+    parser.add_argument("--vocab", type=int, default=defaults["vocab"])
+    parser.add_argument("--mlp-only-layers", default=",".join(map(str, defaults["mlp_only_layers"])),
+                        help="comma-separated dense (non-MoE) layers, e.g. 0 or '' for none")
+    parser.add_argument("--tie", action="store_true", help="tie_word_embeddings (no lm_head tensor)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--formats", default=",".join(FIXTURES),
+                        help=f"comma-separated subset of {','.join(FIXTURES)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    mlp_only = tuple(int(x) for x in args.mlp_only_layers.split(",") if x.strip())
+    paths = make_fixture(args.dir, seed=args.seed, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
+                         layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.top_k,
+                         heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                         moe_intermediate=args.moe_intermediate, intermediate=args.intermediate,
+                         vocab=args.vocab, mlp_only_layers=mlp_only, tie=args.tie)
+    for name, path in paths.items():
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        print(f"{name:24s} {FIXTURES[name][0]:10s} {size / 2**20:7.2f} MiB  {path}")
+    print(f"wrote {len(paths)} checkpoints in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mixprec make-fixture",
+                                     description="Write a tiny random Qwen3-MoE as real checkpoints in every format.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

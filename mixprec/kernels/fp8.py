@@ -1,0 +1,170 @@
+"""FP8 (e4m3) linear: block-scaled (128x128), per-channel (1, K) or per-tensor (N, K) weights.
+
+weight [N, K] float8_e4m3fn, scale [ceil(N/bn), ceil(K/bk)] fp32, W[n, k] = w * scale[n//bn, k//bk].
+
+act "w8a8": activations are quantized per token and per 128-wide K slice inside the kernel
+(a = max(amax, EPS)/448, xq = x/a as e4m3, quant.fp8_act_quant_reference); every K tile is exactly
+one slice, so the quantization is fused into the matmul loop and costs no extra launch:
+y[m, n] = sum_j a[m, j] * scale[n//bn, (128 j)//bk] * (xq[m, slice j] . w[n, slice j]).
+act "w8a16": weights are widened in registers (exact in bf16/fp16) and multiplied with x; the
+weight scale multiplies each K tile's result (a tile never straddles a scale block).
+
+gemv (M = 1): programs over (row, N block, K split); [BN, BK] fp8 tiles with 16-byte loads along K.
+gemm: tl.dot on fp8 operands (w8a8, Hopper fp8 MMA) or bf16/fp16 (w8a16). One launch per call.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..errors import FormatError, ShapeMismatch
+from . import configs
+from .quant import (EPS, FP8_MAX, check_tensor, check_x, fp8_act_quant_reference, round_e4m3,
+                    split_plan, split_workspace, splitk_store)
+
+ACT_BLOCK = 128
+EPS_C = tl.constexpr(EPS)
+FP8_MAX_C = tl.constexpr(FP8_MAX)
+
+
+@triton.jit(do_not_specialize=["M", "split"])
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
+                     M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
+                     A8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     USE_SPLIT: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+    s_rows = s_ptr + (offs_n // bn) * stride_s
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        xv = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
+        s = tl.load(s_rows + k0 // bk, mask=n_mask, other=0.0)
+        if A8:
+            a = tl.maximum(tl.max(tl.abs(xv), axis=0), EPS_C) / FP8_MAX_C
+            xv = round_e4m3(xv / a)       # exactly the e4m3 value, kept in fp32
+            s = s * a
+        acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1) * s
+    offs_m = pid_m + tl.arange(0, 1)
+    tile_id = pid_m * tl.num_programs(1) + pid_n
+    splitk_store(acc[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+                 pid_k, split, USE_SPLIT)
+
+
+@triton.jit(do_not_specialize=["M", "split"])
+def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
+                     M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
+                     A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    pid_n = pid // m_blocks
+    pid_m = pid % m_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+    s_rows = s_ptr + (offs_n // bn) * stride_s
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        s = tl.load(s_rows + k0 // bk, mask=n_mask, other=0.0)
+        if A8:
+            xf = x.to(tl.float32)
+            a = tl.maximum(tl.max(tl.abs(xf), axis=1), EPS_C) / FP8_MAX_C          # [BM]
+            xq = round_e4m3(xf / a[:, None]).to(tl.float8e4nv)
+            acc += tl.dot(xq, tl.trans(w)) * (a[:, None] * s[None, :])
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty))) * s[None, :]
+    splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
+                 USE_SPLIT)
+
+
+def fp8_linear_reference(x: Tensor, weight: Tensor, scale: Tensor, block, act: str) -> Tensor:
+    """Readable spec, fp32. x: [M, K] -> [M, N] float32."""
+    N, K = weight.shape
+    bn, bk = int(block[0]), int(block[1])
+    s = scale.float().repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
+    w = weight.float() * s                                                     # [N, K]
+    if act == "w8a16":
+        return x.float() @ w.T
+    xq, a = fp8_act_quant_reference(x, ACT_BLOCK)
+    xd = xq.float() * a.repeat_interleave(ACT_BLOCK, 1)[:, :K]                 # dequantized x
+    return xd @ w.T
+
+
+def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, block, act: str) -> Tensor:
+    """y = x @ W.T. x: [..., K] bf16/fp16 -> [..., N] in x.dtype."""
+    return fp8_linear_cfg(x, weight, scale, block, act, None)
+
+
+def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
+    """fp8_linear with an explicit launch config (None: configs.get); the benchmark tunes with it."""
+    if act not in ("w8a8", "w8a16"):
+        raise FormatError(f"fp8_linear: act={act!r}, expected 'w8a8' or 'w8a16'")
+    if weight.dim() != 2:
+        raise ShapeMismatch(f"fp8_linear: weight has shape {tuple(weight.shape)}, expected [N, K]")
+    N, K = weight.shape
+    bn, bk = int(block[0]), int(block[1])
+    if bn <= 0 or bk <= 0:
+        raise FormatError(f"fp8_linear: block={tuple(block)} must be positive")
+    dev = weight.device
+    check_tensor(weight, "fp8_linear weight", (N, K), (torch.float8_e4m3fn,), dev)
+    check_tensor(scale, "fp8_linear scale", (triton.cdiv(N, bn), triton.cdiv(K, bk)), (torch.float32,), dev)
+    if weight.stride(1) != 1 or scale.stride(1) != 1:
+        raise FormatError(f"fp8_linear: weight/scale rows must be contiguous along K, strides "
+                          f"{weight.stride()} / {scale.stride()}")
+    if act == "w8a8" and bk < K and bk % ACT_BLOCK:
+        raise FormatError(f"fp8_linear: w8a8 quantizes activations per {ACT_BLOCK} inputs; weight block "
+                          f"bk={bk} must be a multiple of {ACT_BLOCK} (or cover all K={K})")
+    if act == "w8a16" and bk < K and bk % 16:
+        raise FormatError(f"fp8_linear: weight block bk={bk} must be a multiple of 16 (or cover all K={K})")
+    lead = x.shape[:-1]
+    x2 = check_x(x, K, "fp8_linear x")
+    M = x2.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out.reshape(*lead, N)
+    c = cfg if cfg is not None else configs.get(f"fp8_{act}", M, N, K)
+    if act == "w8a8":
+        tile = ACT_BLOCK
+    else:   # largest power of two <= BK that keeps tiles inside one scale block
+        tile = max(16, 1 << (max(1, c["BK"]).bit_length() - 1))
+        while bk < K and bk % tile:
+            tile //= 2
+    split, per = split_plan(K, tile, c["split"])
+    args = (M, N, K, bn, bk, x2.stride(0), out.stride(0), weight.stride(0), scale.stride(0), per, split)
+    if c["path"] == "gemv":
+        nb = triton.cdiv(N, c["BN"])
+        ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
+        _fp8_gemv_kernel[(M, nb, split)](
+            x2, weight, scale, out, ws, cnt, *args, A8=act == "w8a8", BLOCK_N=c["BN"], BLOCK_K=tile,
+            USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"])
+    else:
+        nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
+        ws, cnt = split_workspace(split, M, N, nt, x2.device)
+        _fp8_gemm_kernel[(nt, split)](
+            x2, weight, scale, out, ws, cnt, *args, A8=act == "w8a8", BLOCK_M=c["BM"], BLOCK_N=c["BN"],
+            BLOCK_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"])
+    return out.reshape(*lead, N)

@@ -1,0 +1,191 @@
+"""INT8 linear (compressed-tensors int-quantized / naive-quantized, SmoothQuant-style).
+
+weight [N, K] int8, scale [N, 1] fp32, zero [N, 1] fp32 or None: W[n, k] = scale[n] * (q - zero[n]).
+
+act "w8a8": activations are quantized per token inside the kernel: sx = max(amax, EPS)/127 over
+the whole row (each program first reads its rows' amax; x is small and L2-resident), xq =
+floor(x/sx + 0.5) in [-127, 127] (quant.int8_act_quant_reference); then int8 x int8 -> int32:
+y = sx * scale * (sum_k xq q - zero * sum_k xq). The zero point is exact: sum_k xq is summed
+alongside the dot. act "w8a16": q is widened (exact in bf16/fp16) and y = scale * (x.q - zero * sum x).
+
+gemv (M = 1): programs over (row, N block, K split), 16-byte loads along K, int32 (w8a8) or fp32
+FMA dot products; gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16). One launch per call.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..errors import FormatError, ShapeMismatch
+from . import configs
+from .quant import (EPS, INT8_MAX, check_tensor, check_x, int8_act_quant_reference, split_plan,
+                    split_workspace, splitk_store)
+
+EPS_C = tl.constexpr(EPS)
+INT8_MAX_C = tl.constexpr(INT8_MAX)
+
+
+@triton.jit(do_not_specialize=["M", "split"])
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, stride_xm, stride_om, stride_w, k_per_split, split,
+                      A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+    if A8:   # token scale over the whole row, identical in every split
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)))
+        sx = tl.maximum(tl.max(amax, axis=0), EPS_C) / INT8_MAX_C
+        acc = tl.zeros([BLOCK_N], dtype=tl.int32)
+        xsum = tl.zeros([BLOCK_K], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        xv = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
+        if A8:
+            xq = tl.minimum(tl.maximum(tl.floor(xv / sx + 0.5), -INT8_MAX_C), INT8_MAX_C).to(tl.int32)
+            acc += tl.sum(w.to(tl.int32) * xq[None, :], axis=1)
+            xsum += xq
+        else:
+            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+            xsum += xv
+    s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+    y = acc.to(tl.float32)
+    if HAS_ZERO:
+        y -= tl.load(z_ptr + offs_n, mask=n_mask, other=0.0) * tl.sum(xsum, axis=0).to(tl.float32)
+    y = y * s
+    if A8:
+        y = y * sx
+    offs_m = pid_m + tl.arange(0, 1)
+    tile_id = pid_m * tl.num_programs(1) + pid_n
+    splitk_store(y[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+                 pid_k, split, USE_SPLIT)
+
+
+@triton.jit(do_not_specialize=["M", "split"])
+def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, stride_xm, stride_om, stride_w, k_per_split, split,
+                      A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    pid_n = pid // m_blocks
+    pid_m = pid % m_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+    if A8:
+        amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            xa = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.abs(xa.to(tl.float32)))
+        sx = tl.maximum(tl.max(amax, axis=1), EPS_C) / INT8_MAX_C              # [BM]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        xsum = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        if A8:
+            xq = tl.minimum(tl.maximum(tl.floor(x.to(tl.float32) / sx[:, None] + 0.5), -INT8_MAX_C),
+                            INT8_MAX_C)
+            xsum += xq.to(tl.int32)
+            acc = tl.dot(xq.to(tl.int8), tl.trans(w), acc, out_dtype=tl.int32)
+        else:
+            xsum += x.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+    s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+    y = acc.to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0)
+        y -= z[None, :] * tl.sum(xsum, axis=1).to(tl.float32)[:, None]
+    y = y * s[None, :]
+    if A8:
+        y = y * sx[:, None]
+    splitk_store(y, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
+                 USE_SPLIT)
+
+
+def int8_linear_reference(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor | None, act: str) -> Tensor:
+    """Readable spec, fp32. x: [M, K] -> [M, N] float32."""
+    w = weight.float()
+    if zero is not None:
+        w = w - zero.float()
+    w = w * scale.float()                                                      # [N, K]
+    if act == "w8a16":
+        return x.float() @ w.T
+    xq, sx = int8_act_quant_reference(x)
+    return (xq.float() * sx) @ w.T
+
+
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor | None, act: str) -> Tensor:
+    """y = x @ W.T. x: [..., K] bf16/fp16 -> [..., N] in x.dtype."""
+    return int8_linear_cfg(x, weight, scale, zero, act, None)
+
+
+def int8_linear_cfg(x, weight, scale, zero, act, cfg: dict | None) -> Tensor:
+    """int8_linear with an explicit launch config (None: configs.get); the benchmark tunes with it."""
+    if act not in ("w8a8", "w8a16"):
+        raise FormatError(f"int8_linear: act={act!r}, expected 'w8a8' or 'w8a16'")
+    if weight.dim() != 2:
+        raise ShapeMismatch(f"int8_linear: weight has shape {tuple(weight.shape)}, expected [N, K]")
+    N, K = weight.shape
+    dev = weight.device
+    check_tensor(weight, "int8_linear weight", (N, K), (torch.int8,), dev)
+    check_tensor(scale, "int8_linear scale", (N, 1), (torch.float32,), dev)
+    if zero is not None:
+        check_tensor(zero, "int8_linear zero", (N, 1), (torch.float32,), dev)
+    if weight.stride(1) != 1:
+        raise FormatError(f"int8_linear: weight rows must be contiguous along K, strides {weight.stride()}")
+    has_zero = zero is not None
+    scale = scale.reshape(N).contiguous()             # [N, 1] -> [N] (a view when already packed)
+    zero = zero.reshape(N).contiguous() if has_zero else scale   # dummy pointer when absent
+    lead = x.shape[:-1]
+    x2 = check_x(x, K, "int8_linear x")
+    M = x2.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out.reshape(*lead, N)
+    c = cfg if cfg is not None else configs.get(f"int8_{act}", M, N, K)
+    tile = max(16, 1 << (max(1, c["BK"]).bit_length() - 1))
+    split, per = split_plan(K, tile, c["split"])
+    args = (M, N, K, x2.stride(0), out.stride(0), weight.stride(0), per, split)
+    flags = dict(A8=act == "w8a8", HAS_ZERO=has_zero, BLOCK_N=c["BN"], BLOCK_K=tile,
+                 USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"])
+    if c["path"] == "gemv":
+        nb = triton.cdiv(N, c["BN"])
+        ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
+        _int8_gemv_kernel[(M, nb, split)](x2, weight, scale, zero, out, ws, cnt, *args, **flags)
+    else:
+        nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
+        ws, cnt = split_workspace(split, M, N, nt, x2.device)
+        _int8_gemm_kernel[(nt, split)](x2, weight, scale, zero, out, ws, cnt, *args, BLOCK_M=c["BM"], **flags)
+    return out.reshape(*lead, N)

@@ -1,0 +1,259 @@
+"""Canonical int4 / int8 weight-only linear (GPTQ, AWQ, compressed-tensors W4A16/W8A16).
+
+Layout (formats/base.py): qweight [K/pf, N] int32, pf = 32/bits, input row r*pf+i in bits
+bits*i.. of word r (unsigned codes); scales [ceil(K/G), N] fp16/bf16; zeros [ceil(K/G), N] uint8
+or None (symmetric: zero 2^(bits-1)); perm [K] int32 or None (act-order: rows are stored sorted
+by group and the kernel computes with x[:, perm]).
+
+Two kernels, both one launch per call (split-K reduced in-kernel, quant.splitk_store):
+
+* gemv (M = 1 decode): programs over (row m, N block, K split); every thread owns whole
+  columns of a [BK/pf, BN] word tile (16-byte loads along N), so the K reduction is in registers.
+  Codes become floats without int->float converts: (word & (mask << p)) | 0x4B000000 is the
+  fp32 2^23 + q*2^p, one LOP3 + one FADD; 2^-p is folded into x. The zero point and scale are
+  applied once per group: y += s * (sum_k x_k q_k - z * sum_k x_k).
+* gemm (tl.dot): the word tile is split into its pf bit planes; plane i holds rows r*pf+i and is
+  multiplied by the matching strided x columns, so no interleave is needed. When a K tile sits in
+  one group the codes enter the dot as exact integers (q - z) and the scale multiplies the tile's
+  dot result; otherwise each row is dequantized before the dot.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..errors import FormatError, ShapeMismatch
+from . import configs
+from .quant import check_tensor, check_x, split_plan, split_workspace, splitk_store
+
+MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
+MAGIC_C = tl.constexpr(MAGIC)
+
+
+@triton.jit(do_not_specialize=["M", "split"])
+def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, G, stride_xm, stride_om, stride_q, stride_s, stride_z,
+                      k_per_split, split,
+                      BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_SPLIT: tl.constexpr):
+    PF: tl.constexpr = 32 // BITS
+    TILE_K: tl.constexpr = BLOCK_KW * PF
+    MASK: tl.constexpr = (1 << BITS) - 1
+    HI: tl.constexpr = 8 + BITS           # fields ending above bit 23 are read from word >> HI
+    ZSYM: tl.constexpr = 1 << (BITS - 1)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.arange(0, BLOCK_KW)
+    KW = K // PF
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, TILE_K):   # a tile never spans two groups (host picks TILE_K)
+        kw = k0 // PF + rows
+        r_mask = kw < KW
+        w = tl.load(qw_ptr + kw[:, None] * stride_q + offs_n[None, :],
+                    mask=r_mask[:, None] & n_mask[None, :], other=0)          # [BKW, BN] int32
+        g = k0 // G
+        s = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g * stride_z + offs_n, mask=n_mask, other=0).to(tl.float32)
+        else:
+            z = ZSYM
+        w_hi = w >> HI
+        t = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_KW], dtype=tl.float32)
+        for i in tl.static_range(PF):
+            k = k0 + rows * PF + i
+            if HAS_PERM:
+                k = tl.load(perm_ptr + k, mask=r_mask, other=0)
+            xv = tl.load(x_row + k, mask=r_mask, other=0.0).to(tl.float32)
+            xs += xv
+            if BITS * (i + 1) > 23:
+                q = (w_hi & (MASK << (BITS * i - HI))) | 0x4B000000
+                xv = xv * (1.0 / (1 << (BITS * i - HI)))
+            else:
+                q = (w & (MASK << (BITS * i))) | 0x4B000000
+                xv = xv * (1.0 / (1 << (BITS * i)))
+            t += (q.to(tl.float32, bitcast=True) - 8388608.0) * xv[:, None]
+        acc += s * (tl.sum(t, axis=0) - z * tl.sum(xs, axis=0))
+    offs_m = pid_m + tl.arange(0, 1)
+    tile_id = pid_m * tl.num_programs(1) + pid_n
+    splitk_store(acc[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+                 pid_k, split, USE_SPLIT)
+
+
+@triton.jit(do_not_specialize=["M", "split"])
+def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, G, stride_xm, stride_om, stride_q, stride_s, stride_z,
+                      k_per_split, split,
+                      BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
+                      SCALE_AFTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_KW: tl.constexpr, USE_SPLIT: tl.constexpr):
+    PF: tl.constexpr = 32 // BITS
+    TILE_K: tl.constexpr = BLOCK_KW * PF
+    MASK: tl.constexpr = (1 << BITS) - 1
+    ZSYM: tl.constexpr = MAGIC_C + (1 << (BITS - 1))
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    pid_n = pid // m_blocks          # m blocks of one N block run together: weight tile hits L2
+    pid_m = pid % m_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.arange(0, BLOCK_KW)
+    KW = K // PF
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, TILE_K):
+        kw = k0 // PF + rows
+        r_mask = kw < KW
+        w = tl.load(qw_ptr + kw[:, None] * stride_q + offs_n[None, :],
+                    mask=r_mask[:, None] & n_mask[None, :], other=0)          # [BKW, BN] int32
+        if SCALE_AFTER:     # the whole tile is in group k0 // G
+            g = k0 // G
+            s_row = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zc = MAGIC_C + tl.load(z_ptr + g * stride_z + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+            else:
+                zc = ZSYM
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:               # per-row groups (G < tile)
+            g2 = (k0 + rows * PF) // G
+            m2 = r_mask[:, None] & n_mask[None, :]
+            s2 = tl.load(s_ptr + g2[:, None] * stride_s + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zc = MAGIC_C + tl.load(z_ptr + g2[:, None] * stride_z + offs_n[None, :], mask=m2, other=0).to(tl.float32)
+            else:
+                zc = ZSYM
+        for i in tl.static_range(PF):
+            if i == 0:
+                q = w & MASK
+            else:
+                q = (w >> (BITS * i)) & MASK
+            f = (q | 0x4B000000).to(tl.float32, bitcast=True) - zc      # exact q - z
+            if not SCALE_AFTER:
+                f = f * s2
+            b = f.to(x_ptr.dtype.element_ty)                              # [BKW, BN]
+            k = k0 + rows * PF + i
+            if HAS_PERM:
+                k = tl.load(perm_ptr + k, mask=r_mask, other=0)
+            a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            if SCALE_AFTER:
+                part = tl.dot(a, b, part)
+            else:
+                acc = tl.dot(a, b, acc)
+        if SCALE_AFTER:
+            acc += part * s_row[None, :]
+    splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
+                 USE_SPLIT)
+
+
+
+def intq_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
+                          perm: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """Readable spec, fp32: dequantize the stored rows, then y = x[:, perm] @ W_stored.
+    x: [M, K] -> [M, N] float32."""
+    pf = 32 // bits
+    KP, N = qweight.shape
+    K = KP * pf
+    G = K if group_size in (-1, None) else group_size
+    shifts = torch.arange(pf, device=qweight.device, dtype=torch.int32) * bits
+    q = ((qweight[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)).reshape(K, N).float()
+    g = torch.arange(K, device=qweight.device) // G
+    z = zeros[g].float() if zeros is not None else float(1 << (bits - 1))
+    w_stored = (q - z) * scales[g].float()                      # [K, N], row k = input perm[k]
+    xf = x.float()
+    if perm is not None:
+        xf = xf[:, perm.long()]
+    return xf @ w_stored
+
+
+def intq_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
+                perm: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """y = x @ dequant(W).T. x: [..., K] bf16/fp16 (fp32 accepted) -> [..., N] in x.dtype."""
+    return intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, None)
+
+
+def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict | None) -> Tensor:
+    """intq_linear with an explicit launch config (None: configs.get); the benchmark tunes with it."""
+    if bits not in (4, 8):
+        raise FormatError(f"intq_linear: unsupported bits={bits}, expected 4 or 8")
+    pf = 32 // bits
+    K = x.shape[-1]
+    if K % pf:
+        raise ShapeMismatch(f"intq_linear: K={K} is not a multiple of {pf} ({bits}-bit codes per int32)")
+    if qweight.dim() != 2:
+        raise ShapeMismatch(f"intq_linear: qweight has shape {tuple(qweight.shape)}, expected [K/{pf}, N]")
+    N = qweight.shape[1]
+    G = K if group_size in (-1, None) else int(group_size)
+    if G <= 0 or (G < K and G % pf):
+        raise FormatError(f"intq_linear: group_size={group_size} must be -1 or a positive multiple of {pf}")
+    ng = triton.cdiv(K, G)
+    dev = qweight.device
+    check_tensor(qweight, "intq_linear qweight", (K // pf, N), (torch.int32,), dev)
+    check_tensor(scales, "intq_linear scales", (ng, N), (torch.float16, torch.bfloat16, torch.float32), dev)
+    if zeros is not None:
+        check_tensor(zeros, "intq_linear zeros", (ng, N), (torch.uint8,), dev)
+    if perm is not None:
+        check_tensor(perm, "intq_linear perm", (K,), (torch.int32,), dev)
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t is not None and t.stride(1) != 1:
+            raise FormatError(f"intq_linear {name}: columns (N) must be contiguous, strides {t.stride()}")
+    if perm is not None and perm.stride(0) != 1:
+        perm = perm.contiguous()
+    lead = x.shape[:-1]
+    x2 = check_x(x, K, "intq_linear x")
+    M = x2.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out.reshape(*lead, N)
+    c = cfg if cfg is not None else configs.get(f"intq{bits}", M, N, K)
+    zp = zeros if zeros is not None else scales      # dummy pointers, never read
+    pp = perm if perm is not None else qweight
+    stride_z = zeros.stride(0) if zeros is not None else 0
+    common = (M, N, K, G, x2.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), stride_z)
+    if c["path"] == "gemv":
+        tile = _gemv_tile(c["BK"], G, K, pf)
+        split, per = split_plan(K, tile, c["split"])
+        nb = triton.cdiv(N, c["BN"])
+        ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
+        _intq_gemv_kernel[(M, nb, split)](
+            x2, qweight, scales, zp, pp, out, ws, cnt, *common, per, split,
+            BITS=bits, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None,
+            BLOCK_N=c["BN"], BLOCK_KW=tile // pf, USE_SPLIT=split > 1,
+            num_warps=c["warps"], num_stages=c["stages"])
+    else:
+        tile = max(_pow2_floor(c["BK"]), 16 * pf)   # >= 16 rows per bit plane for tl.dot
+        scale_after = G >= K or G % tile == 0
+        split, per = split_plan(K, tile, c["split"])
+        nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
+        ws, cnt = split_workspace(split, M, N, nt, x2.device)
+        _intq_gemm_kernel[(nt, split)](
+            x2, qweight, scales, zp, pp, out, ws, cnt, *common, per, split,
+            BITS=bits, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, SCALE_AFTER=scale_after,
+            BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_KW=tile // pf, USE_SPLIT=split > 1,
+            num_warps=c["warps"], num_stages=c["stages"])
+    return out.reshape(*lead, N)
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(1, int(v)).bit_length() - 1)
+
+
+def _gemv_tile(bk: int, G: int, K: int, pf: int) -> int:
+    """K elements per gemv step: a power of two times pf that never straddles a group."""
+    t = max(_pow2_floor(bk // pf), 1) * pf
+    if G < K:
+        while t > pf and G % t:
+            t //= 2
+    return t

@@ -1,0 +1,478 @@
+"""Mixed-format fused MoE: routing, token->expert alignment, grouped expert GEMMs.
+
+A layer's experts live in *buckets*, one per (projection, layout, params) key, passed as plain dicts:
+
+    {"proj": "gate_up" | "gate" | "up" | "down",
+     "layout": "dense" | "fp8" | "intq" | "int8",
+     "params": {...},                     # fp8: block=(bn, bk), act; intq: bits, group_size; int8: act
+     "tensors": {name: Tensor},           # the layout's tensors (formats/base.py) with a leading [E_b]
+     "expert_map": int32 [E]}             # global expert id -> index in this bucket, -1 if absent
+
+gate_up stacks gate rows 0..I-1 then up rows I..2I-1 along N. Every expert must have its gate and
+up rows (in one gate_up bucket or in a gate and an up bucket) and its down rows in exactly one
+bucket each (`validate_buckets` checks this once at load time; the kernels never sync).
+
+fused_moe runs, for any mix of formats, three launches on CUDA: the gate/up kernel (every gate_up,
+gate and up bucket in one launch; silu(gate)*up fused), the down kernel (every down bucket in one
+launch, routing weight applied, the sum over the k experts of a token fused via per-tile arrival
+counters), plus the alignment kernel on the prefill path. Without CUDA the same Triton kernels run
+in the interpreter when TRITON_INTERPRET=1, otherwise a torch fallback (moe_reference) is used.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from ..errors import FormatError, ShapeMismatch
+from . import moe_configs
+from .moe_triton import _align_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel
+
+PROJ_CODE = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
+LAYOUT_CODE = {"dense": 0, "fp8": 1, "intq": 2, "int8": 3}
+LAYOUT_TENSORS = {  # required, optional
+    "dense": (("weight",), ()),
+    "fp8": (("weight", "scale"), ()),
+    "intq": (("qweight", "scales"), ("zeros", "perm")),
+    "int8": (("weight", "scale"), ("zero",)),
+}
+MAX_SLOTS = 4  # buckets one launch can serve
+FP8_ACT_GROUP = 128  # W8A8 fp8: dynamic activation scale per token per 128 inputs
+
+
+def _triton_ok(t: Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# routing
+
+def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tensor]:
+    """router_logits [M, E] -> (topk_w [M, k] fp32, topk_ids [M, k] int32).
+
+    softmax over E in fp32, top-k (descending; ties go to the lower expert id), then
+    renormalised to sum 1 when `renorm` (Qwen3 `norm_topk_prob`). One Triton launch."""
+    if router_logits.dim() != 2:
+        raise ShapeMismatch(f"route: router_logits must be [M, E], got {tuple(router_logits.shape)}")
+    M, E = router_logits.shape
+    if not 1 <= top_k <= E:
+        raise ShapeMismatch(f"route: top_k={top_k} must be in 1..E={E}")
+    if not _triton_ok(router_logits):
+        p = torch.softmax(router_logits.float(), dim=-1)
+        w, i = torch.topk(p, top_k, dim=-1)
+        if renorm:
+            w = w / w.sum(-1, keepdim=True)
+        return w, i.to(torch.int32)
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    w = torch.empty(M, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(M, top_k, dtype=torch.int32, device=logits.device)
+    EB = triton.next_power_of_2(E)
+    BT = max(1, min(16, 4096 // EB))
+    if M > 0:
+        _route_kernel[(triton.cdiv(M, BT),)](logits, w, ids, M, E, logits.stride(0), TOPK=top_k,
+                                             RENORM=bool(renorm), BT=BT, EB=EB,
+                                             KB=triton.next_power_of_2(top_k), num_warps=4)
+    return w, ids
+
+
+def align_bounds(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """Upper bounds (from shapes only) of the aligned layout: (blocks, sorted slots).
+    Each non-empty expert wastes at most block_m-1 slots, and at most min(E, P) are non-empty."""
+    nb = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
+    return nb, nb * block_m
+
+
+def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """Sort the M*k (token, expert) pairs by expert into blocks of block_m (stable: pair order kept
+    inside an expert), on the device, with no host sync.
+
+    -> (sorted_ids int32 [NB*block_m]: pair index t*k+j, or M*k for padding;
+        block_expert int32 [NB]: expert of each block, -1 for unused blocks),
+    NB = align_bounds(M*k, E, block_m)[0]."""
+    P = topk_ids.numel()
+    nb, smax = align_bounds(P, num_experts, block_m)
+    dev = topk_ids.device
+    sorted_ids = torch.empty(smax, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    EB = triton.next_power_of_2(max(num_experts, 2))
+    CH = max(16, min(128, 16384 // EB))
+    _align_kernel[(1,)](ids, sorted_ids, block_expert, P, num_experts, smax, nb,
+                        BM=block_m, EB=EB, CH=CH, num_warps=8)
+    return sorted_ids, block_expert
+
+
+# ----------------------------------------------------------------------------------------------
+# bucket description -> kernel slot
+
+def _bucket_dims(b: dict, hidden: int, inter: int) -> tuple[int, int]:
+    proj = b["proj"]
+    return {"gate_up": (2 * inter, hidden), "gate": (inter, hidden), "up": (inter, hidden),
+            "down": (hidden, inter)}[proj]
+
+
+def _check_bucket(b: dict, i: int, hidden: int, inter: int) -> str:
+    """Shape/dtype checks that need no device sync. Returns a name for messages."""
+    where = f"bucket {i}"
+    proj, layout = b.get("proj"), b.get("layout")
+    if proj not in PROJ_CODE:
+        raise FormatError(f"{where}: proj {proj!r}, expected one of {sorted(PROJ_CODE)}")
+    if layout not in LAYOUT_CODE:
+        raise FormatError(f"{where} ({proj}): layout {layout!r}, expected one of {sorted(LAYOUT_CODE)}")
+    where = f"bucket {i} ({proj}, {layout} {b.get('params', {})})"
+    t = b.get("tensors", {})
+    req, opt = LAYOUT_TENSORS[layout]
+    for name in req:
+        if name not in t:
+            raise FormatError(f"{where}: tensor {name!r} missing (has {sorted(t)})")
+    for name in t:
+        if name not in req and name not in opt:
+            raise FormatError(f"{where}: unexpected tensor {name!r} for layout {layout}")
+    emap = b.get("expert_map")
+    if not isinstance(emap, Tensor) or emap.dim() != 1 or emap.dtype != torch.int32:
+        raise FormatError(f"{where}: expert_map must be an int32 [E] tensor")
+    N, K = _bucket_dims(b, hidden, inter)
+    p = b.get("params", {})
+    main = t[req[0]]
+    Eb = main.shape[0]
+
+    def shape(name, want, dtypes):
+        x = t[name]
+        if tuple(x.shape) != tuple(want):
+            raise ShapeMismatch(f"{where}: {name} has shape {tuple(x.shape)}, expected {tuple(want)}")
+        if x.dtype not in dtypes:
+            raise ShapeMismatch(f"{where}: {name} has dtype {x.dtype}, expected one of {dtypes}")
+        if not x.is_contiguous():
+            raise ShapeMismatch(f"{where}: {name} must be contiguous (experts stacked along dim 0)")
+
+    if layout == "dense":
+        shape("weight", (Eb, N, K), (torch.bfloat16, torch.float16, torch.float32))
+    elif layout == "fp8":
+        bn, bk = _fp8_block(p, where)
+        shape("weight", (Eb, N, K), (torch.float8_e4m3fn,))
+        shape("scale", (Eb, triton.cdiv(N, bn), triton.cdiv(K, bk)), (torch.float32,))
+        if _act(p, where) == 1 and bk % FP8_ACT_GROUP != 0:
+            raise FormatError(f"{where}: fp8 w8a8 needs the weight block along K ({bk}) to be a multiple "
+                              f"of the activation group {FP8_ACT_GROUP}; use act='w8a16'")
+    elif layout == "intq":
+        bits, G = _intq_params(p, K, where)
+        pf = 32 // bits
+        if K % pf:
+            raise ShapeMismatch(f"{where}: K={K} is not a multiple of {pf} ({bits}-bit packing)")
+        shape("qweight", (Eb, K // pf, N), (torch.int32,))
+        shape("scales", (Eb, triton.cdiv(K, G), N), (torch.float16, torch.bfloat16, torch.float32))
+        if "zeros" in t:
+            shape("zeros", (Eb, triton.cdiv(K, G), N), (torch.uint8,))
+        if "perm" in t:
+            shape("perm", (Eb, K), (torch.int32,))
+    else:
+        shape("weight", (Eb, N, K), (torch.int8,))
+        shape("scale", (Eb, N, 1), (torch.float32,))
+        if "zero" in t:
+            shape("zero", (Eb, N, 1), (torch.float32,))
+        _act(p, where)
+    return where
+
+
+def _fp8_block(p: dict, where: str) -> tuple[int, int]:
+    blk = p.get("block")
+    if blk is None or len(blk) != 2 or int(blk[0]) < 1 or int(blk[1]) < 1:
+        raise FormatError(f"{where}: fp8 params need block=(bn, bk), got {blk!r}")
+    return int(blk[0]), int(blk[1])
+
+
+def _act(p: dict, where: str) -> int:
+    act = p.get("act", "w8a16")
+    if act not in ("w8a8", "w8a16"):
+        raise FormatError(f"{where}: act {act!r}, expected 'w8a8' or 'w8a16'")
+    return 1 if act == "w8a8" else 0
+
+
+def _intq_params(p: dict, K: int, where: str) -> tuple[int, int]:
+    bits = int(p.get("bits", 0))
+    if bits not in (4, 8):
+        raise FormatError(f"{where}: intq bits={bits} unsupported by the MoE kernels (4 or 8)")
+    G = int(p.get("group_size", -1))
+    G = K if G in (-1, 0) else G
+    if G % (32 // bits):
+        raise FormatError(f"{where}: group_size {G} must be a multiple of {32 // bits}")
+    return bits, G
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _slot(b: dict, hidden: int, inter: int) -> tuple[tuple, tuple[int, int, int]]:
+    """-> ((w, s, z, perm, expert_map) tensors, (C, G, B) compile-time slot description)."""
+    t, p, layout = b["tensors"], b.get("params", {}), b["layout"]
+    _, K = _bucket_dims(b, hidden, inter)
+    emap = b["expert_map"]
+    code = LAYOUT_CODE[layout] | PROJ_CODE[b["proj"]] << 5
+    G = B = 1
+    if layout == "dense":
+        ptrs = (t["weight"], emap, emap, emap)
+    elif layout == "fp8":
+        B, G = _fp8_block(p, "")
+        code |= _act(p, "") << 2
+        ptrs = (t["weight"], t["scale"], emap, emap)
+    elif layout == "intq":
+        bits, G = _intq_params(p, K, "")
+        code |= ("zeros" in t) << 3 | ("perm" in t) << 4 | (bits == 8) << 7
+        ptrs = (t["qweight"], t["scales"], t.get("zeros", emap), t.get("perm", emap))
+    else:
+        code |= _act(p, "") << 2 | ("zero" in t) << 3
+        ptrs = (t["weight"], t["scale"], t.get("zero", emap), emap)
+    return (*ptrs, emap), (code, G, B)
+
+
+def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool) -> dict:
+    """Per-layout K tiles for this launch, lowered where a slot's blocks need it."""
+    bkf = cfg["BKF"]
+    for code, G, B in slots:
+        if code % 4 == 1:  # fp8: the tile must sit inside one weight block along K
+            if (code >> 2) & 1:
+                bkf = FP8_ACT_GROUP
+            else:
+                bkf = min(bkf, _pow2_divisor(G, bkf))
+    ks = dict(BKD=cfg["BKD"], BKF=max(bkf, 16 if not gemv else 1), BKQ=cfg["BKQ"], BKI=cfg["BKI"])
+    if any(code % 4 == 2 and (code >> 7) & 1 for code, _, _ in slots):
+        ks["BKQ"] = max(ks["BKQ"], 64)  # 8-bit: at least 16 words per tile
+    return ks
+
+
+def _slot_args(side: list[dict], hidden: int, inter: int):
+    ptrs, consts = [], {}
+    descs = []
+    for b in side:
+        pt, d = _slot(b, hidden, inter)
+        ptrs.append(pt)
+        descs.append(d)
+    n = len(ptrs)
+    for i in range(MAX_SLOTS):
+        j = i if i < n else 0
+        c, g, bb = descs[j] if i < n else (descs[0][0], descs[0][1], descs[0][2])
+        consts[f"C{i}"], consts[f"G{i}"], consts[f"B{i}"] = c, g, bb
+    flat = []
+    for i in range(MAX_SLOTS):
+        flat.extend(ptrs[i] if i < n else ptrs[0])
+    return flat, consts, descs
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused MoE
+
+def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int,
+              *, one_launch: bool = True, config: tuple[str, dict, dict] | None = None) -> Tensor:
+    """y[m] = sum_j topk_w[m, j] * down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_ids[m, j].
+
+    x [M, H] bf16/fp16; topk_ids [M, k] int32; topk_w [M, k] fp32 (as route() returns them);
+    buckets: see the module docstring; inter: I (moe_intermediate_size). Returns [M, H] in x.dtype.
+    `one_launch=False` launches each bucket separately (kept to measure that alternative);
+    `config` overrides moe_configs.pick(M) (benchmark sweeps)."""
+    if x.dim() != 2:
+        raise ShapeMismatch(f"fused_moe: x must be [M, H], got {tuple(x.shape)}")
+    M, H = x.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != M or tuple(topk_w.shape) != tuple(topk_ids.shape):
+        raise ShapeMismatch(f"fused_moe: topk_ids {tuple(topk_ids.shape)} / topk_w {tuple(topk_w.shape)} "
+                            f"must both be [M={M}, k]")
+    k = topk_ids.shape[1]
+    up_side = [b for b in buckets if b.get("proj") != "down"]
+    down_side = [b for b in buckets if b.get("proj") == "down"]
+    for i, b in enumerate(buckets):
+        _check_bucket(b, i, H, inter)
+    if not up_side or not down_side:
+        raise FormatError(f"fused_moe: need gate/up and down buckets, got projs {[b['proj'] for b in buckets]}")
+    E = up_side[0]["expert_map"].shape[0]
+    for b in buckets:
+        if b["expert_map"].shape[0] != E:
+            raise ShapeMismatch(f"fused_moe: expert_map sizes differ ({b['expert_map'].shape[0]} vs {E})")
+    if not _triton_ok(x):
+        return moe_reference(x, topk_ids, topk_w, buckets, inter).to(x.dtype)
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise FormatError(f"fused_moe: x dtype {x.dtype}; the kernels take bf16 or fp16 activations")
+    if len(up_side) > MAX_SLOTS:
+        raise FormatError(f"fused_moe: {len(up_side)} gate/up buckets; at most {MAX_SLOTS} distinct "
+                          f"(layout, params) keys for gate/up per MoE layer are supported")
+    if not one_launch and any(b["proj"] != "gate_up" for b in up_side):
+        raise FormatError("fused_moe(one_launch=False) needs gate and up fused in gate_up buckets")
+    x = x.contiguous()
+    ids = topk_ids if (topk_ids.dtype == torch.int32 and topk_ids.is_contiguous()) else \
+        topk_ids.to(torch.int32).contiguous()
+    rw = topk_w if (topk_w.dtype == torch.float32 and topk_w.is_contiguous()) else topk_w.float().contiguous()
+    P = M * k
+    out = torch.empty(M, H, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    path, cu, cd = config or moe_configs.pick(M)
+    act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
+    nt_down = triton.cdiv(H, cd["BN"])
+    cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)
+    up_groups = [up_side] if one_launch else [[b] for b in up_side]
+    down_groups = ([down_side[i:i + MAX_SLOTS] for i in range(0, len(down_side), MAX_SLOTS)]
+                   if one_launch else [[b] for b in down_side])
+    buf_dtype = torch.float32 if P <= 1024 else x.dtype
+    alloc = torch.empty if len(down_groups) == 1 else torch.zeros
+    buf = alloc(P, H, dtype=buf_dtype, device=x.device)
+
+    if path == "gemv":
+        kern = _moe_gemv_kernel
+        grid_up, grid_dn = (P, triton.cdiv(inter, cu["BN"])), (P, nt_down)
+        lead_up = (x, ids, rw, act, out, cnt, H, inter, H, cnt.numel())
+        lead_dn = (act, ids, rw, buf, out, cnt, inter, inter, H, cnt.numel())
+        shape_kw = {}
+    else:
+        kern = _moe_dot_kernel
+        BM = cu["BM"]
+        sorted_ids, blk = moe_align(ids, E, BM)
+        nb = blk.numel()
+        grid_up, grid_dn = (nb, triton.cdiv(inter, cu["BN"])), (nb, nt_down)
+        lead_up = (x, sorted_ids, blk, rw, act, out, cnt, P, H, inter, H, cnt.numel())
+        lead_dn = (act, sorted_ids, blk, rw, buf, out, cnt, P, inter, inter, H, cnt.numel())
+        shape_kw = {"BM": BM}
+    for grp in up_groups:
+        flat, consts, descs = _slot_args(grp, H, inter)
+        kern[grid_up](*lead_up, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
+                      **_tile_ks(cu, descs, path == "gemv"), SUM=False, ZMISS=False,
+                      num_warps=cu["num_warps"], num_stages=cu["num_stages"])
+    for gi, grp in enumerate(down_groups):
+        flat, consts, descs = _slot_args(grp, H, inter)
+        kern[grid_dn](*lead_dn, *flat, **consts, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"], **shape_kw,
+                      **_tile_ks(cd, descs, path == "gemv"), SUM=gi == len(down_groups) - 1,
+                      ZMISS=len(down_groups) == 1, num_warps=cd["num_warps"], num_stages=cd["num_stages"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the spec: pure-torch dequant and a per-token per-expert loop
+
+def dequant_expert(b: dict, loc: int, n: int, k: int) -> Tensor:
+    """Expert `loc` of bucket `b` -> float32 W [n, k] (original input order), from the layout spec
+    of formats/base.py, written out independently of the kernels."""
+    t, p, layout = b["tensors"], b.get("params", {}), b["layout"]
+    if layout == "dense":
+        return t["weight"][loc].float()
+    if layout == "fp8":
+        bn, bk = _fp8_block(p, "")
+        s = t["scale"][loc].float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+        return t["weight"][loc].float() * s
+    if layout == "int8":
+        W = t["weight"][loc].float()
+        if "zero" in t:
+            W = W - t["zero"][loc].float()
+        return W * t["scale"][loc].float()
+    bits, G = _intq_params(p, k, "")
+    pf = 32 // bits
+    qw = t["qweight"][loc]                                               # [k/pf, n]
+    shifts = (torch.arange(k, device=qw.device) % pf * bits).view(k, 1)
+    q = (qw.repeat_interleave(pf, 0) >> shifts) & ((1 << bits) - 1)      # [k, n] codes of stored rows
+    g = torch.arange(k, device=qw.device) // G
+    z = t["zeros"][loc].float()[g] if "zeros" in t else float(1 << (bits - 1))
+    Wt = t["scales"][loc].float()[g] * (q.float() - z)                   # [k, n] stored order
+    W = Wt.t().contiguous()
+    if "perm" in t:                                                      # stored row j is input perm[j]
+        Wo = torch.empty_like(W)
+        Wo[:, t["perm"][loc].long()] = W
+        W = Wo
+    return W
+
+
+def quant_act(v: Tensor, layout: str, params: dict) -> Tensor:
+    """The activation as the kernel sees it (fp32): W8A8 fp8 quantizes per token per 128 inputs
+    to e4m3, W8A8 int8 per token to int8 (round half to even); others pass through."""
+    act = params.get("act", "w8a16")
+    if act != "w8a8" or layout not in ("fp8", "int8"):
+        return v
+    if layout == "fp8":
+        K = v.shape[-1]
+        pad = (-K) % FP8_ACT_GROUP
+        vp = F.pad(v, (0, pad)).view(*v.shape[:-1], -1, FP8_ACT_GROUP)
+        a = vp.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448.0
+        q = (vp / a).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * a
+        return q.view(*v.shape[:-1], -1)[..., :K]
+    a = v.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 127.0
+    return torch.round(v / a).clamp(-127.0, 127.0) * a
+
+
+def moe_reference(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int) -> Tensor:
+    """Plain per-token per-expert loop in fp32 -> [M, H] float32. The intermediate silu(g)*u is
+    rounded to x.dtype, as the kernels store it."""
+    M, H = x.shape
+    halves = {"gate": ("gate_up", "gate"), "up": ("gate_up", "up"), "down": ("down",)}
+    maps = [b["expert_map"].tolist() for b in buckets]
+    cache: dict[tuple[str, int], tuple[Tensor, dict]] = {}
+
+    def weight(half: str, e: int) -> tuple[Tensor, dict]:
+        key = (half, e)
+        if key not in cache:
+            hits = [i for i, b in enumerate(buckets) if b["proj"] in halves[half] and maps[i][e] >= 0]
+            if len(hits) != 1:
+                raise FormatError(f"moe_reference: expert {e} {half} rows found in {len(hits)} buckets, expected 1")
+            b = buckets[hits[0]]
+            n, k = _bucket_dims(b, H, inter)
+            W = dequant_expert(b, maps[hits[0]][e], n, k)
+            if b["proj"] == "gate_up":
+                W = W[:inter] if half == "gate" else W[inter:]
+            cache[key] = (W, b)
+        return cache[key]
+
+    def lin(v: Tensor, half: str, e: int) -> Tensor:
+        W, b = weight(half, e)
+        return W @ quant_act(v, b["layout"], b.get("params", {}))
+
+    xf = x.float()
+    out = torch.zeros(M, H, dtype=torch.float32, device=x.device)
+    ids = topk_ids.tolist()
+    for m in range(M):
+        for j, e in enumerate(ids[m]):
+            g, u = lin(xf[m], "gate", e), lin(xf[m], "up", e)
+            a = (F.silu(g) * u).to(x.dtype).float()
+            out[m] += float(topk_w[m, j]) * lin(a, "down", e)
+    return out
+
+
+def validate_buckets(buckets: list[dict], num_experts: int, hidden: int, inter: int) -> None:
+    """Full check of a layer's buckets (reads expert maps: host sync, call once at load time):
+    shapes/dtypes, and every expert's gate, up and down rows in exactly one bucket each."""
+    for i, b in enumerate(buckets):
+        where = _check_bucket(b, i, hidden, inter)
+        emap = b["expert_map"]
+        if emap.shape[0] != num_experts:
+            raise ShapeMismatch(f"{where}: expert_map has {emap.shape[0]} entries, expected {num_experts}")
+        Eb = b["tensors"][LAYOUT_TENSORS[b["layout"]][0][0]].shape[0]
+        loc = emap[emap >= 0].tolist()
+        if sorted(loc) != list(range(Eb)):
+            raise FormatError(f"{where}: expert_map's local indices {sorted(loc)[:8]}... must be a "
+                              f"permutation of 0..{Eb - 1} (the stacked experts)")
+    for half, projs in (("gate", ("gate_up", "gate")), ("up", ("gate_up", "up")), ("down", ("down",))):
+        cover = torch.zeros(num_experts, dtype=torch.int64)
+        for b in buckets:
+            if b["proj"] in projs:
+                cover += (b["expert_map"].cpu() >= 0).long()
+        bad = [e for e, c in enumerate(cover.tolist()) if c != 1]
+        if bad:
+            raise FormatError(f"MoE buckets: {half} rows of experts {bad[:8]} are in "
+                              f"{[cover[e].item() for e in bad[:8]]} buckets, expected exactly 1")
+    if len([b for b in buckets if b["proj"] != "down"]) > MAX_SLOTS:
+        raise FormatError(f"MoE buckets: more than {MAX_SLOTS} gate/up buckets")
+
+
+def touched_bytes(topk_ids: Tensor, buckets: list[dict]) -> int:
+    """Bytes of the distinct experts' weights a call reads (benchmark accounting; host sync)."""
+    used = set(topk_ids.reshape(-1).tolist())
+    total = 0
+    for b in buckets:
+        t = b["tensors"]
+        loc = b["expert_map"].tolist()
+        n_used = sum(1 for e in used if loc[e] >= 0)
+        per = sum(v[0].numel() * v.element_size() for v in t.values())
+        total += n_used * per
+    return total

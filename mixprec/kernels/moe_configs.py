@@ -1,0 +1,35 @@
+"""Launch configurations of the fused MoE kernels (moe_triton.py), from measurements on H100
+(see benchmarks/moe.md for the sweep that chose them and `python -m mixprec.kernels.moe_bench
+--sweep` to redo it).
+
+GEMV path (one (token, expert) pair per program, fp32 FMA): decode, M <= GEMV_MAX_M tokens.
+Dot path (BM sorted pairs of one expert per program, tensor cores): everything larger.
+BK* are the K tiles per layout (D dense, F fp8, Q intq, I int8); BK is lowered automatically
+where a format's block or group needs it (fp8 block along K, W8A8 needs 128).
+"""
+from __future__ import annotations
+
+GEMV_MAX_M = 8
+
+# side -> config; "up" computes gate and up tiles of BN columns each (fused silu*mul), "down" BN rows of H
+GEMV = {
+    "up": dict(BN=16, BKD=256, BKF=128, BKQ=256, BKI=256, num_warps=4, num_stages=1),
+    "down": dict(BN=32, BKD=256, BKF=128, BKQ=256, BKI=256, num_warps=4, num_stages=1),
+}
+
+# (max tokens, config): the first row whose bound >= M is used
+DOT = [
+    (32, dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
+    (128, dict(BM=32, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
+    (1 << 30, dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=8, num_stages=3)),
+]
+
+
+def pick(m: int) -> tuple[str, dict, dict]:
+    """-> (path, up config, down config) for M tokens."""
+    if m <= GEMV_MAX_M:
+        return "gemv", GEMV["up"], GEMV["down"]
+    for bound, cfg in DOT:
+        if m <= bound:
+            return "dot", cfg, cfg
+    return "dot", DOT[-1][1], DOT[-1][1]

@@ -1,0 +1,640 @@
+"""Triton kernels of the mixed-format fused MoE (the Python entry points are in moe.py).
+
+One launch per projection side serves every format of the layer: a program handles one
+(token, expert) pair (GEMV path, decode) or one block of BM pairs of one expert (dot path,
+prefill), looks its expert up in the expert maps of up to 4 buckets ("slots") and runs the
+tile loop of that slot's layout. The slot layouts are compile-time constants, so a layer with
+formats {int4, fp8} compiles exactly those two tile loops into the kernel; the branch taken is
+uniform per program.
+
+Slot description (compile-time int `C`, see `slot_code` in moe.py):
+  bits 0-1 layout (0 dense, 1 fp8, 2 intq, 3 int8), bit 2 act (0 a16, 1 w8a8),
+  bit 3 has zero points, bit 4 has perm, bits 5-6 proj (0 gate_up, 1 gate, 2 up, 3 down),
+  bit 7 intq bits == 8.
+`G` is the intq group size or the fp8 block along K, `B` the fp8 block along N.
+
+Weights per expert are the canonical layouts of formats/base.py:
+  dense/fp8/int8 `weight [N, K]`; intq `qweight [K/pf, N]` (K packed, N contiguous).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_DENSE = tl.constexpr(0)
+_FP8 = tl.constexpr(1)
+_INTQ = tl.constexpr(2)
+_INT8 = tl.constexpr(3)
+_GATE_UP = tl.constexpr(0)
+_GATE = tl.constexpr(1)
+_UP = tl.constexpr(2)
+_DOWN = tl.constexpr(3)
+# kernel modes
+_MODE_UP = tl.constexpr(0)
+_MODE_DOWN = tl.constexpr(1)
+_FP8_MAX = tl.constexpr(448.0)
+_RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + c) - c rounds fp32 v to the nearest even integer
+
+
+# ----------------------------------------------------------------------------------------------
+# slot bookkeeping (all compile-time)
+
+@triton.jit
+def _covers(PROJ: tl.constexpr, HALF: tl.constexpr):
+    # HALF: 0 gate rows, 1 up rows, 2 down
+    if HALF == 2:
+        return PROJ == _DOWN
+    elif HALF == 0:
+        return (PROJ == _GATE_UP) or (PROJ == _GATE)
+    else:
+        return (PROJ == _GATE_UP) or (PROJ == _UP)
+
+
+@triton.jit
+def _intq_x(xrow, pp, kk, km, HP: tl.constexpr):
+    # activation values at (logical) k positions kk; act-order reads x[perm[k]]
+    if HP:
+        xi = tl.load(pp + kk, mask=km, other=0)
+        return tl.load(xrow + xi, mask=km, other=0.0).to(tl.float32)
+    else:
+        return tl.load(xrow + kk, mask=km, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _intq_consts(BITS: tl.constexpr, F: tl.constexpr):
+    # Field j of a 16-bit half sits at bits BITS*j. OR-ing exponent (150 - BITS*j) makes the
+    # float 2^(23-BITS*j) + q exactly, so one LOP3 + one FADD turns a code into a float.
+    j = tl.arange(0, F)[None, None, :, None]
+    fmask = ((1 << BITS) - 1) << (j * BITS)
+    magic = (150 - j * BITS) << 23
+    return fmask, magic, magic.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _intq_codes(q, fmask, magic, off):
+    # q: [R, BN] int32 words -> [R, 2, F, BN] float codes, k = r*PF + half*F + j
+    q2 = tl.permute(tl.join(q, q >> 16), (0, 2, 1))
+    b = (q2[:, :, None, :] & fmask) | magic
+    return b.to(tl.float32, bitcast=True) - off
+
+
+@triton.jit
+def _intq_scale(sp, zp, k0, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                PF: tl.constexpr, BK: tl.constexpr):
+    # -> (s, z*s) broadcastable to [R, 2, F, BN]
+    if GS % BK == 0:
+        g = k0 // GS
+        s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
+        if HZ:
+            z = tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.float32)
+        else:
+            z = tl.full([cols.shape[0]], 2 ** (BITS - 1), tl.float32)
+        s4 = s[None, None, None, :]
+        zs4 = (z * s)[None, None, None, :]
+    else:
+        g = (k0 + r * PF) // GS
+        off = g[:, None] * nw + cols[None, :]
+        s = tl.load(sp + off, mask=nm[None, :], other=0.0).to(tl.float32)
+        if HZ:
+            z = tl.load(zp + off, mask=nm[None, :], other=0).to(tl.float32)
+        else:
+            z = tl.full(s.shape, 2 ** (BITS - 1), tl.float32)
+        s4 = s[:, None, None, :]
+        zs4 = (z * s)[:, None, None, :]
+    return s4, zs4
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMV tiles (one pair per program): each returns y[n0:n0+BN] in fp32
+
+@triton.jit
+def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
+               BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr):
+    PF: tl.constexpr = 32 // BITS
+    F: tl.constexpr = PF // 2
+    R: tl.constexpr = BK // PF
+    rn = n0 + tl.arange(0, BN)
+    nm = rn < n_lim
+    cols = col0 + rn
+    r = tl.arange(0, R)
+    kloc = (r[:, None, None] * PF + tl.arange(0, 2)[None, :, None] * F
+            + tl.arange(0, F)[None, None, :])                                   # [R, 2, F]
+    fmask, magic, off = _intq_consts(BITS, F)
+    KP = K // PF
+    qcol = qp + cols[None, :]
+    # one tile of prefetch: the next words are in flight while this tile is dequantized
+    q_nxt = tl.load(qcol + r[:, None] * nw, mask=(r < KP)[:, None] & nm[None, :], other=0)
+    acc = tl.zeros([R, 2, F, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q = q_nxt
+        rr = k0 // PF + R + r
+        q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+        s4, zs4 = _intq_scale(sp, zp, k0, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
+        w = _intq_codes(q, fmask, magic, off) * s4 - zs4
+        kk = k0 + kloc
+        x = _intq_x(xrow, pp, kk, kk < K, HP)
+        acc += w * x[:, :, :, None]
+    return tl.sum(tl.sum(tl.sum(acc, axis=0), axis=0), axis=0)
+
+
+@triton.jit
+def _row_absmax(xrow, K, BK: tl.constexpr):
+    rk = tl.arange(0, BK)
+    amax = tl.zeros([BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        amax = tl.maximum(amax, tl.abs(tl.load(xrow + kk, mask=kk < K, other=0.0).to(tl.float32)))
+    return tl.max(amax, axis=0)
+
+
+@triton.jit
+def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
+             LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr,
+             BNW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # weight [nw, K] row-major (dense / fp8 / int8); this tile: rows row0+n0 .. +BN
+    rn = n0 + tl.arange(0, BN)
+    nm = rn < n_lim
+    rows = (row0 + rn).to(tl.int64)
+    rk = tl.arange(0, BK)
+    if LAY == _FP8:
+        wp = wp.to(tl.pointer_type(tl.uint8))  # fp8 loaded as bytes: masked lanes read 0, not NaN
+    wrow = wp + rows[:, None] * K
+    a_i8 = 1.0
+    if LAY == _INT8:
+        if ACT == 1:
+            a_i8 = tl.maximum(_row_absmax(xrow, K, BK), 1e-10) / 127.0
+    xsum = tl.zeros([BK], dtype=tl.float32)
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    w_nxt = tl.load(wrow + rk[None, :], mask=nm[:, None] & (rk < K)[None, :], other=0)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        km = kk < K
+        w = w_nxt
+        kn = kk + BK
+        w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < K)[None, :], other=0)
+        x = tl.load(xrow + kk, mask=km, other=0.0).to(tl.float32)
+        if LAY == _FP8:
+            if ACT == 1:
+                # W8A8: the activation is quantized per token per 128 (BK == 128) to e4m3
+                a = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / _FP8_MAX
+                xq = tl.minimum(tl.maximum(x / a, -_FP8_MAX), _FP8_MAX)
+                x = xq.to(tl.float8e4nv).to(tl.float32) * a
+            sc = tl.load(sp + (rows // BNW) * tl.cdiv(K, BKW) + k0 // BKW, mask=nm, other=0.0)
+            acc += (w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]) * x[None, :]
+        elif LAY == _INT8:
+            if ACT == 1:
+                x = tl.minimum(tl.maximum(((x / a_i8) + _RNE) - _RNE, -127.0), 127.0)
+            # int8 -> fp32 without I2F: 2^23 + 128 + q has q in the mantissa
+            wf = ((w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
+            acc += wf * x[None, :]
+            if HZ:
+                xsum += x
+        else:
+            acc += w.to(tl.float32) * x[None, :]
+    res = tl.sum(acc, axis=1)
+    if LAY == _INT8:
+        if HZ:
+            zero = tl.load(zp + rows, mask=nm, other=0.0)
+            res -= zero * tl.sum(xsum, axis=0)
+        res = res * tl.load(sp + rows, mask=nm, other=0.0) * a_i8
+    return res
+
+
+@triton.jit
+def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID,
+               w, s, z, pm, mp, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+               HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
+               BKQ: tl.constexpr, BKI: tl.constexpr):
+    LAY: tl.constexpr = C % 4
+    ACT: tl.constexpr = (C // 4) % 2
+    HZ: tl.constexpr = (C // 8) % 2
+    HP: tl.constexpr = (C // 16) % 2
+    PROJ: tl.constexpr = (C // 32) % 4
+    BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
+    if _covers(PROJ, HALF):
+        loc32 = tl.load(mp + e)
+        if loc32 >= 0:
+            loc = loc32.to(tl.int64)
+            if PROJ == _DOWN:
+                nw = HID
+                n_lim = HID
+            elif PROJ == _GATE_UP:
+                nw = 2 * INTER
+                n_lim = INTER
+            else:
+                nw = INTER
+                n_lim = INTER
+            row0 = 0
+            if PROJ == _GATE_UP:
+                if HALF == 1:
+                    row0 = INTER
+            if LAY == _INTQ:
+                PF: tl.constexpr = 32 // BITS
+                res = _gemv_intq(xrow, w + loc * ((K // PF) * nw), s + loc * (tl.cdiv(K, G) * nw),
+                                 z + loc * (tl.cdiv(K, G) * nw), pm + loc * K, row0, nw, K, n_lim, n0,
+                                 BITS, G, HZ, HP, BN, BKQ)
+            elif LAY == _FP8:
+                res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
+                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, G, B, BN, BKF)
+            elif LAY == _INT8:
+                res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * nw, z + loc * nw,
+                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, 1, 1, BN, BKI)
+            else:
+                res = _gemv_nk(xrow, w + loc * (nw * K), s, z,
+                               row0, nw, K, n_lim, n0, LAY, 0, 0, 1, 1, BN, BKD)
+        found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
+    return res, found
+
+
+@triton.jit
+def _gemv_half(xrow, e, n0, K, INTER, HID,
+               w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+               C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
+               C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
+               C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
+               C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
+               NS: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
+               BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr):
+    res = tl.zeros([BN], dtype=tl.float32)
+    found = e * 0  # int32 0/1: some slot holds this expert
+    res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, w0, s0, z0, p0, m0, C0, G0, B0,
+                            HALF, BN, BKD, BKF, BKQ, BKI)
+    if NS > 1:
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, w1, s1, z1, p1, m1, C1, G1, B1,
+                                HALF, BN, BKD, BKF, BKQ, BKI)
+    if NS > 2:
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, w2, s2, z2, p2, m2, C2, G2, B2,
+                                HALF, BN, BKD, BKF, BKQ, BKI)
+    if NS > 3:
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, w3, s3, z3, p3, m3, C3, G3, B3,
+                                HALF, BN, BKD, BKF, BKQ, BKI)
+    return res, found
+
+
+@triton.jit
+def _zero_counters(cnt_ptr, n_cnt, pid, npid, ZB: tl.constexpr):
+    # counters of the down kernel's fused sum, zeroed by the up kernel that runs before it
+    per = tl.cdiv(n_cnt, npid)
+    for c0 in range(0, per, ZB):
+        c = pid * per + c0 + tl.arange(0, ZB)
+        tl.store(cnt_ptr + c, tl.zeros([ZB], dtype=tl.int32), mask=(c < n_cnt) & (c0 + tl.arange(0, ZB) < per))
+
+
+@triton.jit
+def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
+                     K, INTER, HID, n_cnt,
+                     w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                     C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
+                     C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
+                     C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
+                     C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
+                     NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr,
+                     BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
+                     SUM: tl.constexpr, ZMISS: tl.constexpr):
+    """Grid (P pairs, N tiles). UP: act[p, n] = silu(x W_gate^T) * (x W_up^T) for the expert of
+    pair p (x = x[p // TOPK]); DOWN: buf[p, n] = w_p * act[p] W_down^T, and the last of a token's
+    TOPK pairs to finish a tile writes out[token, tile] = sum of its rows (deterministic order)."""
+    p = tl.program_id(0)
+    t = tl.program_id(1)
+    n0 = t * BN
+    e = tl.load(ids_ptr + p)
+    rn = n0 + tl.arange(0, BN)
+    if MODE == _MODE_UP:
+        if t == 0:
+            _zero_counters(cnt_ptr, n_cnt, p, tl.num_programs(0), 256)
+        xrow = x_ptr + (p // TOPK).to(tl.int64) * K
+        g, fg = _gemv_half(xrow, e, n0, K, INTER, HID,
+                           w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI)
+        u, fu = _gemv_half(xrow, e, n0, K, INTER, HID,
+                           w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI)
+        act = g / (1.0 + tl.exp(-g)) * u
+        tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty),
+                 mask=rn < INTER * fg * fu)  # fg, fu: 0/1
+    else:
+        xrow = x_ptr + p.to(tl.int64) * K
+        d, fd = _gemv_half(xrow, e, n0, K, INTER, HID,
+                           w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI)
+        nm = rn < HID
+        val = d * tl.load(rw_ptr + p)
+        if ZMISS:
+            # single down launch: a pair whose expert is in no bucket (expert parallel) adds zero
+            # (d stays 0 when no slot matched)
+            tl.store(out_ptr + p.to(tl.int64) * HID + rn, val.to(out_ptr.dtype.element_ty), mask=nm)
+        else:
+            tl.store(out_ptr + p.to(tl.int64) * HID + rn, val.to(out_ptr.dtype.element_ty), mask=rn < HID * fd)
+        if SUM:
+            # fused sum over the token's TOPK rows: the last program of the token to finish this
+            # tile adds them in a fixed order (deterministic); counters were zeroed by the up launch
+            tl.debug_barrier()
+            tok = p // TOPK
+            old = tl.atomic_add(cnt_ptr + tok * tl.num_programs(1) + t, 1, sem="acq_rel", scope="gpu")
+            tl.debug_barrier()
+            if old == TOPK - 1:
+                tot = tl.zeros([BN], dtype=tl.float32)
+                for jj in tl.static_range(TOPK):
+                    tot += tl.load(out_ptr + (tok * TOPK + jj).to(tl.int64) * HID + rn, mask=nm, other=0.0,
+                                   cache_modifier=".cg").to(tl.float32)
+                tl.store(fin_ptr + tok.to(tl.int64) * HID + rn, tot.to(fin_ptr.dtype.element_ty), mask=nm)
+
+
+# ----------------------------------------------------------------------------------------------
+# dot tiles (BM pairs of one expert per program): each returns acc [BM, BN] fp32
+
+@triton.jit
+def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
+              BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr):
+    PF: tl.constexpr = 32 // BITS
+    F: tl.constexpr = PF // 2
+    R: tl.constexpr = BK // PF
+    rn = n0 + tl.arange(0, BN)
+    nm = rn < n_lim
+    cols = col0 + rn
+    r = tl.arange(0, R)
+    rk = tl.arange(0, BK)
+    fmask, magic, off = _intq_consts(BITS, F)
+    KP = K // PF
+    for k0 in range(0, K, BK):
+        rr = k0 // PF + r
+        q = tl.load(qp + rr[:, None] * nw + cols[None, :], mask=(rr < KP)[:, None] & nm[None, :], other=0)
+        s4, zs4 = _intq_scale(sp, zp, k0, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
+        w = tl.reshape(_intq_codes(q, fmask, magic, off) * s4 - zs4, (BK, BN))
+        kk = k0 + rk
+        km = kk < K
+        if HP:
+            xi = tl.load(pp + kk, mask=km, other=0)
+            a = tl.load(arow[:, None] + xi[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        else:
+            a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        acc = tl.dot(a, w.to(a.dtype), acc)
+    return acc
+
+
+@triton.jit
+def _dot_nk(acc, arow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
+            LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr, BNW: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rn = n0 + tl.arange(0, BN)
+    nm = rn < n_lim
+    rows = (row0 + rn).to(tl.int64)
+    rk = tl.arange(0, BK)
+    if LAY == _FP8:
+        wp = wp.to(tl.pointer_type(tl.uint8))
+    if LAY == _INT8:
+        a_s = tl.full([BM], 1.0, tl.float32)
+        if ACT == 1:
+            # per-token dynamic int8 over the whole row: a first pass for the absmax
+            amax = tl.zeros([BM, BK], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                kk = k0 + rk
+                a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & (kk < K)[None, :], other=0.0)
+                amax = tl.maximum(amax, tl.abs(a.to(tl.float32)))
+            a_s = tl.maximum(tl.max(amax, axis=1), 1e-10) / 127.0
+            acc_i = tl.zeros([BM, BN], dtype=tl.int32)
+        asum = tl.zeros([BM], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        km = kk < K
+        a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        w = tl.load(wp + rows[None, :] * K + kk[:, None], mask=km[:, None] & nm[None, :], other=0)
+        if LAY == _FP8:
+            w = w.to(tl.float8e4nv, bitcast=True)
+            sc = tl.load(sp + (rows // BNW) * tl.cdiv(K, BKW) + k0 // BKW, mask=nm, other=0.0)
+            if ACT == 1:
+                af = a.to(tl.float32)
+                am = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-12) / _FP8_MAX
+                aq = tl.minimum(tl.maximum(af / am[:, None], -_FP8_MAX), _FP8_MAX).to(tl.float8e4nv)
+                acc += tl.dot(aq, w) * am[:, None] * sc[None, :]
+            else:
+                acc = tl.dot(a, (w.to(tl.float32) * sc[None, :]).to(a.dtype), acc)
+        elif LAY == _INT8:
+            if ACT == 1:
+                af = a.to(tl.float32) / a_s[:, None]
+                aq = tl.minimum(tl.maximum((af + _RNE) - _RNE, -127.0), 127.0)
+                acc_i = tl.dot(aq.to(tl.int8), w, acc_i)
+                if HZ:
+                    asum += tl.sum(aq, axis=1)
+            else:
+                wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+                acc = tl.dot(a, wf.to(a.dtype), acc)
+                if HZ:
+                    asum += tl.sum(a.to(tl.float32), axis=1)
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc)
+    if LAY == _INT8:
+        if ACT == 1:
+            acc += acc_i.to(tl.float32)
+        if HZ:
+            zero = tl.load(zp + rows, mask=nm, other=0.0)
+            acc -= asum[:, None] * zero[None, :]
+        acc = acc * tl.load(sp + rows, mask=nm, other=0.0)[None, :] * a_s[:, None]
+    return acc
+
+
+@triton.jit
+def _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID,
+              w, s, z, pm, mp, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+              HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
+              BKQ: tl.constexpr, BKI: tl.constexpr):
+    LAY: tl.constexpr = C % 4
+    ACT: tl.constexpr = (C // 4) % 2
+    HZ: tl.constexpr = (C // 8) % 2
+    HP: tl.constexpr = (C // 16) % 2
+    PROJ: tl.constexpr = (C // 32) % 4
+    BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
+    if _covers(PROJ, HALF):
+        loc32 = tl.load(mp + e)
+        if loc32 >= 0:
+            loc = loc32.to(tl.int64)
+            if PROJ == _DOWN:
+                nw = HID
+                n_lim = HID
+            elif PROJ == _GATE_UP:
+                nw = 2 * INTER
+                n_lim = INTER
+            else:
+                nw = INTER
+                n_lim = INTER
+            row0 = 0
+            if PROJ == _GATE_UP:
+                if HALF == 1:
+                    row0 = INTER
+            if LAY == _INTQ:
+                PF: tl.constexpr = 32 // BITS
+                acc = _dot_intq(acc, arow, rm, w + loc * ((K // PF) * nw), s + loc * (tl.cdiv(K, G) * nw),
+                                z + loc * (tl.cdiv(K, G) * nw), pm + loc * K, row0, nw, K, n_lim, n0,
+                                BITS, G, HZ, HP, BN, BKQ)
+            elif LAY == _FP8:
+                acc = _dot_nk(acc, arow, rm, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
+                              row0, nw, K, n_lim, n0, LAY, ACT, HZ, G, B, BM, BN, BKF)
+            elif LAY == _INT8:
+                acc = _dot_nk(acc, arow, rm, w + loc * (nw * K), s + loc * nw, z + loc * nw,
+                              row0, nw, K, n_lim, n0, LAY, ACT, HZ, 1, 1, BM, BN, BKI)
+            else:
+                acc = _dot_nk(acc, arow, rm, w + loc * (nw * K), s, z,
+                              row0, nw, K, n_lim, n0, LAY, 0, 0, 1, 1, BM, BN, BKD)
+        found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
+    return acc, found
+
+
+@triton.jit
+def _dot_half(arow, rm, e, n0, K, INTER, HID,
+              w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+              C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
+              C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
+              C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
+              C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
+              NS: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
+              BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr):
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    found = e * 0
+    acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w0, s0, z0, p0, m0, C0, G0, B0,
+                           HALF, BM, BN, BKD, BKF, BKQ, BKI)
+    if NS > 1:
+        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w1, s1, z1, p1, m1, C1, G1, B1,
+                               HALF, BM, BN, BKD, BKF, BKQ, BKI)
+    if NS > 2:
+        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w2, s2, z2, p2, m2, C2, G2, B2,
+                               HALF, BM, BN, BKD, BKF, BKQ, BKI)
+    if NS > 3:
+        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w3, s3, z3, p3, m3, C3, G3, B3,
+                               HALF, BM, BN, BKD, BKF, BKQ, BKI)
+    return acc, found
+
+
+@triton.jit
+def _moe_dot_kernel(x_ptr, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
+                    P, K, INTER, HID, n_cnt,
+                    w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                    C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
+                    C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
+                    C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
+                    C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
+                    NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
+                    SUM: tl.constexpr, ZMISS: tl.constexpr):
+    """Grid (blocks of BM sorted pairs, N tiles); block b holds pairs of expert blk[b] (-1: padding,
+    exits at once). Same outputs as _moe_gemv_kernel."""
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    n0 = t * BN
+    rn = n0 + tl.arange(0, BN)
+    if MODE == _MODE_UP:
+        if t == 0:
+            _zero_counters(cnt_ptr, n_cnt, b, tl.num_programs(0), 256)
+    e = tl.load(blk_ptr + b)
+    if e >= 0:
+        pr = tl.load(sorted_ptr + b * BM + tl.arange(0, BM))
+        rm = pr < P
+        pr = tl.where(rm, pr, 0).to(tl.int64)
+        if MODE == _MODE_UP:
+            arow = x_ptr + (pr // TOPK) * K
+            g, fg = _dot_half(arow, rm, e, n0, K, INTER, HID,
+                              w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                              C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BM, BN, BKD, BKF, BKQ, BKI)
+            u, fu = _dot_half(arow, rm, e, n0, K, INTER, HID,
+                              w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                              C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BM, BN, BKD, BKF, BKQ, BKI)
+            act = g / (1.0 + tl.exp(-g)) * u
+            tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], act.to(out_ptr.dtype.element_ty),
+                     mask=rm[:, None] & (rn < INTER * fg * fu)[None, :])
+        else:
+            arow = x_ptr + pr * K
+            d, fd = _dot_half(arow, rm, e, n0, K, INTER, HID,
+                              w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                              C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BM, BN, BKD, BKF, BKQ, BKI)
+            nm = rn < HID
+            rwv = tl.load(rw_ptr + pr, mask=rm, other=0.0)
+            val = d * rwv[:, None]
+            optr = out_ptr + pr[:, None] * HID + rn[None, :]
+            if ZMISS:
+                tl.store(optr, val.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
+            else:
+                tl.store(optr, val.to(out_ptr.dtype.element_ty), mask=rm[:, None] & (rn < HID * fd)[None, :])
+            if SUM:
+                tl.debug_barrier()
+                tok = pr // TOPK
+                old = tl.atomic_add(cnt_ptr + tok * tl.num_programs(1) + t, tl.full([BM], 1, tl.int32),
+                                    mask=rm, sem="acq_rel", scope="gpu")
+                tl.debug_barrier()
+                last = rm & (old == TOPK - 1)
+                tot = tl.zeros([BM, BN], dtype=tl.float32)
+                for jj in tl.static_range(TOPK):
+                    tot += tl.load(out_ptr + (tok * TOPK + jj)[:, None] * HID + rn[None, :],
+                                   mask=last[:, None] & nm[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+                tl.store(fin_ptr + tok[:, None] * HID + rn[None, :], tot.to(fin_ptr.dtype.element_ty),
+                         mask=last[:, None] & nm[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# routing and alignment
+
+@triton.jit
+def _route_kernel(logit_ptr, w_ptr, id_ptr, M, E, stride_m,
+                  TOPK: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr,
+                  KB: tl.constexpr):
+    """softmax(fp32) over E -> top-k (ties: lowest expert id) -> optional renormalisation."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = rows < M
+    ev = tl.arange(0, EB)
+    emask = ev < E
+    lg = tl.load(logit_ptr + rows[:, None].to(tl.int64) * stride_m + ev[None, :],
+                 mask=rmask[:, None] & emask[None, :], other=float("-inf")).to(tl.float32)
+    mx = tl.max(lg, axis=1)
+    pr = tl.where(emask[None, :], tl.exp(lg - mx[:, None]), 0.0)
+    pr = pr / tl.sum(pr, axis=1)[:, None]
+    pr = tl.where(emask[None, :], pr, -1.0)
+    kv = tl.arange(0, KB)
+    wv = tl.zeros([BT, KB], dtype=tl.float32)
+    iv = tl.zeros([BT, KB], dtype=tl.int32)
+    for j in tl.static_range(TOPK):
+        v = tl.max(pr, axis=1)
+        i = tl.min(tl.where(pr == v[:, None], ev[None, :], EB), axis=1)
+        wv = tl.where(kv[None, :] == j, v[:, None], wv)
+        iv = tl.where(kv[None, :] == j, i[:, None], iv)
+        pr = tl.where(ev[None, :] == i[:, None], -2.0, pr)
+    if RENORM:
+        wv = wv / tl.sum(wv, axis=1)[:, None]
+    om = rmask[:, None] & (kv < TOPK)[None, :]
+    off = rows[:, None] * TOPK + kv[None, :]
+    tl.store(w_ptr + off, wv, mask=om)
+    tl.store(id_ptr + off, iv, mask=om)
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
+                  BM: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr):
+    """Counting sort of the P (token, expert) pairs by expert, each expert's run padded to a
+    multiple of BM. sorted[s] = pair index (P = padding), blk[b] = expert of block b (-1 = unused).
+    One program; sizes are upper bounds from shapes, so no host sync."""
+    ev = tl.arange(0, EB)
+    ci = tl.arange(0, CH)
+    counts = tl.zeros([EB], dtype=tl.int32)
+    for c0 in range(0, P, CH):
+        e = tl.load(ids_ptr + c0 + ci, mask=c0 + ci < P, other=-1)
+        counts += tl.sum((e[:, None] == ev[None, :]).to(tl.int32), axis=0)
+    counts = tl.where(ev < E, counts, 0)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded, axis=0)
+    for s0 in range(0, S_MAX, CH):
+        tl.store(sorted_ptr + s0 + ci, tl.full([CH], 0, tl.int32) + P, mask=s0 + ci < S_MAX)
+    for b0 in range(0, NB_MAX, CH):
+        pos = (b0 + ci) * BM
+        eid = tl.sum((ends[None, :] <= pos[:, None]).to(tl.int32), axis=1)
+        tl.store(blk_ptr + b0 + ci, tl.where(pos < total, eid, -1), mask=b0 + ci < NB_MAX)
+    tl.debug_barrier()
+    running = tl.zeros([EB], dtype=tl.int32)
+    for c0 in range(0, P, CH):
+        idx = c0 + ci
+        e = tl.load(ids_ptr + idx, mask=idx < P, other=-1)
+        oh = (e[:, None] == ev[None, :]).to(tl.int32)                      # [CH, EB]
+        rank = tl.cumsum(oh, axis=0) - oh + running[None, :]
+        dst = tl.sum((starts[None, :] + rank) * oh, axis=1)
+        tl.store(sorted_ptr + dst, idx, mask=(idx < P) & (tl.sum(oh, axis=1) > 0))
+        running += tl.sum(oh, axis=0)

@@ -1,0 +1,149 @@
+"""Pieces shared by the linear kernels (intq.py, fp8.py, int8.py).
+
+* Dynamic activation quantization, as the kernels do it in registers (fused, per K tile),
+  written once in torch as the readable spec: `fp8_act_quant_reference`, `int8_act_quant_reference`.
+* The split-K finish: every K split stores its fp32 partial [M, N] into a workspace sized from
+  shapes only (`torch.empty`, no memset); the last split to arrive at an output tile (atomic
+  counter) sums the partials in fixed order (deterministic) and writes x.dtype. The counters are
+  reset by that last program, so one zeroed int32 buffer per (device, stream) serves every call
+  and CUDA-graph replay without a memset node.
+* `check` helpers that raise the typed errors of mixprec/errors.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..errors import FormatError, ShapeMismatch
+
+EPS = 1e-10          # amax clamp: an all-zero slice would otherwise give 0/0
+FP8_MAX = 448.0      # float8_e4m3fn
+INT8_MAX = 127.0     # symmetric int8 activations use [-127, 127]
+ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# activation quantization spec (pure torch)
+
+def fp8_act_quant_reference(x: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
+    """x: [M, K] -> xq [M, K] float8_e4m3fn, a [M, ceil(K/block)] fp32; per token, per K slice:
+    a = max(amax, EPS) / 448, xq = x / a (round to nearest even, as the kernels do)."""
+    M, K = x.shape
+    kb = triton.cdiv(K, block)
+    xf = torch.nn.functional.pad(x.float(), (0, kb * block - K)).view(M, kb, block)
+    a = xf.abs().amax(dim=2).clamp_min(EPS) / FP8_MAX
+    xq = (xf / a[:, :, None]).to(torch.float8_e4m3fn).view(M, kb * block)[:, :K]
+    return xq, a
+
+
+def int8_act_quant_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x: [M, K] -> xq [M, K] int8 in [-127, 127], sx [M, 1] fp32; per token:
+    sx = max(amax, EPS) / 127, xq = floor(x / sx + 0.5) (round half up, as the kernels do)."""
+    xf = x.float()
+    sx = xf.abs().amax(dim=1, keepdim=True).clamp_min(EPS) / INT8_MAX
+    xq = torch.floor(xf / sx + 0.5).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return xq, sx
+
+
+@triton.jit
+def round_e4m3(v):
+    """v: fp32 with |v| <= 448 -> v rounded to the e4m3 grid (nearest, ties to even), still fp32,
+    so the cast to float8e4nv that follows is exact. Adding 1.5 * 2^(e+20) makes the fp32 ulp
+    equal the e4m3 step 2^(e-3) at v's exponent e (>= -6: subnormal step 2^-9). Doing this
+    in fp32 also sidesteps the Triton CPU interpreter's cast, which drops mantissa carries."""
+    e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    c = (((e + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    return (v + c) - c
+
+
+# ----------------------------------------------------------------------------------------------
+# split-K workspace
+
+_COUNTERS: dict[tuple, Tensor] = {}
+_RETIRED: list[Tensor] = []
+_DUMMIES: dict[tuple, tuple[Tensor, Tensor]] = {}   # grown-out counter buffers stay alive: a captured graph may use them
+
+
+def split_counters(device: torch.device, n: int) -> Tensor:
+    """Zeroed int32 tile counters (>= n) for this device and current stream. Kernels leave them
+    zero again, so the buffer is allocated once (sized from shapes only, never from values)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def split_workspace(split: int, M: int, N: int, n_tiles: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(partials [split, M, N] fp32, counters for n_tiles output tiles) for a split-K launch;
+    one-element dummies when split == 1 (the kernels then never touch them)."""
+    if split == 1:
+        key = (device.type, device.index)
+        if key not in _DUMMIES:
+            _DUMMIES[key] = (torch.empty(1, dtype=torch.float32, device=device),
+                             torch.empty(1, dtype=torch.int32, device=device))
+        return _DUMMIES[key]
+    return (torch.empty(split, M, N, dtype=torch.float32, device=device),
+            split_counters(device, n_tiles))
+
+
+@triton.jit
+def splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id, pid_k,
+                 split, USE_SPLIT: tl.constexpr):
+    """acc: [BM, BN] fp32 partial of K split pid_k. Without split: cast and store. With split:
+    store the partial, count arrivals; the last one sums all partials in order 0..split-1."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if USE_SPLIT:
+        mn = M * N  # < 2**31 for any supported shape (workspace is [split, M, N] fp32)
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptrs + pid_k.to(tl.int64) * mn, acc, mask=mask)
+        tl.debug_barrier()  # all threads' partial stores precede the release below
+        prev = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if prev == split - 1:
+            tot = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, split):
+                ws_ptrs += mn
+                tot += tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0)  # ready for the next launch / graph replay
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def split_plan(K: int, tile_k: int, split: int) -> tuple[int, int]:
+    """-> (effective split, K elements per split, a multiple of tile_k), no empty split."""
+    k_tiles = triton.cdiv(K, tile_k)
+    split = max(1, min(int(split), k_tiles))
+    per = triton.cdiv(k_tiles, split) * tile_k
+    return triton.cdiv(K, per), per
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks (shapes/dtypes only: no host sync)
+
+def check_x(x: Tensor, K: int, name: str) -> Tensor:
+    """x: [..., K] bf16/fp16/fp32 -> [M, K] with unit stride along K."""
+    if x.dtype not in ACT_DTYPES:
+        raise FormatError(f"{name}: activation dtype {x.dtype}, expected bfloat16, float16 or float32")
+    if x.shape[-1] != K:
+        raise ShapeMismatch(f"{name}: activation has {x.shape[-1]} input features, weight expects K={K}")
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def check_tensor(t: Tensor, name: str, shape: tuple, dtypes: tuple, device: torch.device) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ShapeMismatch(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype not in dtypes:
+        raise FormatError(f"{name}: dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
+    if t.device != device:
+        raise FormatError(f"{name}: on {t.device}, activations on {device}")

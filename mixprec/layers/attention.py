@@ -1,0 +1,134 @@
+"""Qwen3 attention (GQA, per-head q/k RMSNorm before RoPE) and a static KV cache.
+
+Cache convention: slot j of a sequence's cache holds the token at position j, so `positions`
+are both the RoPE positions and the cache slots. A query at position p sees slots
+start[b] <= j <= p, where start[b] is the first valid slot of sequence b (left-padded batches;
+0 otherwise). With right padding nothing special is needed: a padded tail writes slots that the
+sequence's own decode steps overwrite before any query can see them.
+Every query also sees its own slot, so rows that are entirely padding stay finite (no NaN that
+could leak through 0 * NaN into other rows).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import MixprecError
+from .linear import FusedLinear, Linear
+from .norm import RMSNorm, Rotary, apply_rope
+
+
+class KVCache(nn.Module):
+    """k, v: [L, B, kv_heads, S, D]; start: [B] int64, first valid slot of each sequence.
+
+    A forward may use the first B' <= B rows (a smaller batch in a bigger cache). `start` persists
+    across forwards: a new batch either passes its padding mask at prefill or calls `reset()`."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        super().__init__()
+        self.num_layers, self.batch, self.kv_heads, self.max_len, self.head_dim = (
+            num_layers, batch, kv_heads, max_len, head_dim)
+        shape = (num_layers, batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("start", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
+
+    def set_start(self, positions: Tensor, valid: Tensor) -> None:
+        """start[b] = smallest position of a valid token in row b (valid [B, T], 1 = real token).
+        A prefill with a left-padding mask calls this; decode steps keep it. In place, no sync."""
+        big = torch.full_like(positions, self.max_len)
+        self.start[: positions.shape[0]].copy_(torch.where(valid.bool(), positions, big).amin(dim=1))
+
+    def reset(self) -> None:
+        """New batch: every slot valid from 0 again (old K/V need no clearing: masks hide them)."""
+        self.start.zero_()
+
+    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, kv_heads, T, D] at slots `positions` [B, T]; return the layer's full
+        cache k, v [B, kv_heads, S, D]. Positions must be < max_len (not checked: no host sync)."""
+        B, Hk, T, D = k.shape
+        idx = positions[:, None, :, None].expand(B, Hk, T, D)
+        ck, cv = self.k[layer, :B], self.v[layer, :B]
+        ck.scatter_(2, idx, k.to(ck.dtype))
+        cv.scatter_(2, idx, v.to(cv.dtype))
+        return ck, cv
+
+    def mask(self, positions: Tensor) -> Tensor:
+        """[B, 1, T, S] bool: query (b, t) may read slot j."""
+        B = positions.shape[0]
+        j = self.slots[None, None, :]                                  # [1, 1, S]
+        p = positions[:, :, None]                                      # [B, T, 1]
+        ok = ((j >= self.start[:B, None, None]) & (j <= p)) | (j == p)
+        return ok[:, None]
+
+
+def causal_mask(valid: Tensor | None, B: int, T: int, device) -> Tensor | None:
+    """Mask for a forward without cache: [B, 1, T, T] bool (key s visible from query t when
+    s <= t and s is a real token, plus the diagonal), or None for plain causal."""
+    if valid is None:
+        return None
+    i = torch.arange(T, device=device)
+    ok = (i[None, :] <= i[:, None])[None] & valid.bool()[:, None, :]   # [B, T, T]
+    ok = ok | torch.eye(T, dtype=torch.bool, device=device)[None]
+    return ok[:, None]
+
+
+class Attention(nn.Module):
+    """`self_attn` of a Qwen3 decoder layer; HF names q_proj/k_proj/v_proj/o_proj/q_norm/k_norm.
+
+    After `finalize()`, q/k/v run through `qkv` (FusedLinear: one launch when the three weights
+    have one layout and compatible params, else three)."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float,
+                 rotary: Rotary, dtype: torch.dtype, device):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.rotary = rotary            # shared by all layers (the model computes cos/sin once)
+        self.q_proj = Linear(heads * head_dim, hidden)
+        self.k_proj = Linear(kv_heads * head_dim, hidden)
+        self.v_proj = Linear(kv_heads * head_dim, hidden)
+        self.o_proj = Linear(hidden, heads * head_dim)
+        self.q_norm = RMSNorm(head_dim, eps, dtype, device)
+        self.k_norm = RMSNorm(head_dim, eps, dtype, device)
+        self.qkv: FusedLinear | None = None
+
+    def finalize(self) -> None:
+        if self.qkv is None:
+            self.qkv = FusedLinear([self.q_proj, self.k_proj, self.v_proj],
+                                   ["q_proj", "k_proj", "v_proj"], "qkv_proj")
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None = None, layer_idx: int = 0,
+                attn_mask: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B, T, H], positions [B, T] int64 (RoPE positions = cache slots).
+        attn_mask: None (no cache: plain causal; with cache: `cache.mask(positions)`), a padding
+        mask [B, T] (no cache; 1 = real token), or a ready [B, 1, T, S] bool mask.
+        rope: (cos, sin) [B, T, D] for `positions` when the caller computed them once for all
+        layers; else computed here."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        if attn_mask is not None and attn_mask.dim() == 2:
+            if cache is not None:
+                raise MixprecError("a [B, T] padding mask with a KV cache: call cache.set_start(positions, "
+                                   "mask) and pass attn_mask=None")
+            attn_mask = causal_mask(attn_mask, B, T, x.device)
+        q, k, v = self.qkv(x)
+        q = self.q_norm(q.view(B, T, self.heads, D))
+        k = self.k_norm(k.view(B, T, self.kv_heads, D))
+        cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
+        q = apply_rope(q, cos, sin).transpose(1, 2)                     # [B, h, T, D]
+        k = apply_rope(k, cos, sin).transpose(1, 2)                     # [B, kvh, T, D]
+        v = v.view(B, T, self.kv_heads, D).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer_idx, positions, k, v)             # [B, kvh, S, D]
+            if attn_mask is None:
+                attn_mask = cache.mask(positions)
+        gqa = self.heads != self.kv_heads
+        if attn_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * D))

@@ -1,0 +1,279 @@
+"""Qwen3-MoE sparse block with experts grouped into buckets of equal format.
+
+Each expert projection (gate / up / down) arrives as its own Packed, possibly in a different
+format from its neighbours. `finalize()` groups them: all experts whose projection has the same
+(proj, layout, params, dtypes) go into one `ExpertBucket` holding one stacked Packed [E_b, ...],
+so a single grouped kernel launch per bucket serves them. When an expert's gate and up agree
+and their layout can concatenate along N, they become one "gate_up" projection (gate rows first).
+
+Routing (softmax in fp32 over E, top-k, renormalise, cast to x dtype) is shared by every path.
+`moe_reference` is the plain per-expert loop every kernel is tested against.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import MissingWeight, MixprecError, ShapeMismatch
+from ..formats.base import Packed, apply, dequant
+from .linear import bucket_key, cat_n, same_scale
+
+PROJS = ("gate", "up", "down")
+_ORDER = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
+
+
+def route(x: Tensor, router_w: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tensor]:
+    """x [T, H], router_w [E, H] -> (topk_w [T, k] in x.dtype, topk_ids [T, k] int64).
+    Logits in the activation dtype (like transformers), softmax in fp32."""
+    probs = torch.softmax(F.linear(x, router_w.to(x.dtype)).float(), dim=-1)   # [T, E]
+    topk_w, topk_ids = torch.topk(probs, top_k, dim=-1)
+    if renorm:
+        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+    return topk_w.to(x.dtype), topk_ids
+
+
+def moe_reference(x: Tensor, router_w: Tensor, experts_fn: Callable[[int], Callable[[Tensor], Tensor]],
+                  top_k: int, renorm: bool) -> Tensor:
+    """The spec: x [T, H] -> [T, H]. `experts_fn(e)` returns expert e's MLP, a function
+    [n, H] -> [n, H] (e.g. `MoE.expert_fn`). Weighted sum accumulated in fp32."""
+    topk_w, topk_ids = route(x, router_w, top_k, renorm)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(router_w.shape[0]):
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        y = experts_fn(e)(x[tok])
+        out.index_add_(0, tok, y.float() * topk_w[tok, slot, None].float())
+    return out.to(x.dtype)
+
+
+_FUSED_MOE: list = []        # [fused_moe or None], looked up once
+
+
+def _fused_moe():
+    """mixprec.kernels.moe.fused_moe when that module exists (a broken module still raises)."""
+    if not _FUSED_MOE:
+        spec = importlib.util.find_spec("mixprec.kernels.moe")
+        _FUSED_MOE.append(importlib.import_module("mixprec.kernels.moe").fused_moe if spec else None)
+    return _FUSED_MOE[0]
+
+
+def _release(w: Packed) -> None:
+    """Drop a Packed's buffers (the caller handed ownership to the MoE layer)."""
+    for nm in list(w.tensors()):
+        delattr(w, nm)
+
+
+def _stack_consume(ws: list[Packed], where: str) -> Packed:
+    """Like formats.base.stack, but frees each expert's buffers once copied, so the layer never
+    holds per-expert copies next to the stack longer than needed."""
+    k0 = bucket_key(ws[0])
+    first = ws[0].tensors()
+    out = {nm: torch.empty((len(ws), *t.shape), dtype=t.dtype, device=t.device) for nm, t in first.items()}
+    meta = (ws[0].layout, ws[0].n, ws[0].k, dict(ws[0].params), ws[0].source)
+    for i, w in enumerate(ws):
+        if bucket_key(w) != k0:
+            raise ShapeMismatch(f"{where}: cannot stack {w.extra_repr()} with {ws[0].extra_repr()}")
+        for nm, t in w.tensors().items():
+            out[nm][i].copy_(t)
+        _release(w)
+    layout, n, k, params, source = meta
+    return Packed(layout, n, k, out, params, source)
+
+
+class ExpertBucket(nn.Module):
+    """Experts sharing one projection format.
+
+    proj: "gate_up" | "gate" | "up" | "down"
+    experts [E_b] int64: global expert ids, ascending; expert_map [E] int32: global id -> local
+    index, -1 when absent; w: Packed stack, every buffer [E_b, ...], n/k of one expert (gate_up:
+    n = 2*I, gate rows first); input_scale [E_b, K] or None (folded-norm correction, see Linear).
+    """
+
+    def __init__(self, proj: str, experts: list[int], num_experts: int, w: Packed,
+                 input_scale: Tensor | None = None):
+        super().__init__()
+        self.proj = proj
+        dev = next(iter(w.tensors().values())).device
+        self.register_buffer("experts", torch.tensor(experts, dtype=torch.long, device=dev), persistent=False)
+        emap = torch.full((num_experts,), -1, dtype=torch.int32)
+        emap[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts), dtype=torch.int32)
+        self.register_buffer("expert_map", emap.to(dev), persistent=False)
+        self.w = w
+        self.register_buffer("input_scale", input_scale, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.proj}: {len(self.experts)} experts"
+
+
+class Router(nn.Module):
+    """`mlp.gate`: weight [E, H], kept unquantized (plain tensor)."""
+
+    def __init__(self, num_experts: int, hidden: int, dtype: torch.dtype, device):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_experts, hidden, dtype=dtype, device=device))
+
+
+class MoE(nn.Module):
+    """Qwen3MoeSparseMoeBlock. `name` is the HF prefix (e.g. "model.layers.1.mlp") for messages."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renorm: bool,
+                 dtype: torch.dtype, device, name: str = "mlp"):
+        super().__init__()
+        self.H, self.I, self.E, self.top_k, self.renorm = hidden, intermediate, num_experts, top_k, renorm
+        self.name = name
+        self.gate = Router(num_experts, hidden, dtype, device)
+        self._pending: dict[tuple[int, str], tuple[Packed, Tensor | None]] = {}
+        self.buckets = nn.ModuleList()
+        self.finalized = False
+
+    # -- loading ---------------------------------------------------------------------------
+    def _shape(self, proj: str) -> tuple[int, int]:
+        return (self.H, self.I) if proj == "down" else (self.I, self.H)
+
+    def set_expert(self, e: int, proj: str, w: Packed, input_scale: Tensor | None = None) -> None:
+        """Expert e's `proj` ("gate" | "up" | "down") weight. The layer takes ownership: finalize()
+        frees the given Packed's buffers once they are stacked."""
+        where = f"{self.name}.experts.{e}.{proj}_proj"
+        if self.finalized:
+            raise MixprecError(f"{where}: layer already finalized")
+        if proj not in PROJS:
+            raise MixprecError(f"{self.name}: unknown expert projection {proj!r}, expected one of {PROJS}")
+        if not 0 <= e < self.E:
+            raise ShapeMismatch(f"{where}: expert index out of range, the layer has {self.E} experts")
+        if (w.n, w.k) != self._shape(proj):
+            raise ShapeMismatch(f"{where}: weight is [{w.n}x{w.k}], expected {list(self._shape(proj))}")
+        if input_scale is not None and tuple(input_scale.shape) != (w.k,):
+            raise ShapeMismatch(f"{where}: input_scale shape {tuple(input_scale.shape)}, expected ({w.k},)")
+        self._pending[(e, proj)] = (w, input_scale)
+
+    def missing(self) -> list[str]:
+        if self.finalized:
+            return []
+        return [f"{self.name}.experts.{e}.{p}_proj" for e in range(self.E) for p in PROJS
+                if (e, p) not in self._pending]
+
+    def finalize(self) -> None:
+        """Fuse gate+up where possible and stack experts into buckets. Raises MissingWeight."""
+        if self.finalized:
+            return
+        miss = self.missing()
+        if miss:
+            raise MissingWeight(f"{self.name}: {len(miss)} expert weights not set: " + ", ".join(miss))
+        items: list[tuple[str, int, Packed, Tensor | None]] = []
+        for e in range(self.E):
+            (g, sg), (u, su) = self._pending.pop((e, "gate")), self._pending.pop((e, "up"))
+            gu = cat_n([g, u]) if same_scale([sg, su]) else None
+            if gu is not None:
+                _release(g)
+                _release(u)
+                items.append(("gate_up", e, gu, sg))
+            else:
+                items += [("gate", e, g, sg), ("up", e, u, su)]
+            d, sd = self._pending.pop((e, "down"))
+            items.append(("down", e, d, sd))
+        groups: dict[tuple, list[tuple[int, Packed, Tensor | None]]] = {}
+        for proj, e, w, s in items:
+            groups.setdefault((proj, bucket_key(w), s is not None), []).append((e, w, s))
+        for (proj, _, has_scale), members in sorted(groups.items(), key=lambda kv: (_ORDER[kv[0][0]], kv[1][0][0])):
+            experts = [e for e, _, _ in members]
+            scale = torch.stack([s for _, _, s in members]) if has_scale else None
+            w = _stack_consume([w for _, w, _ in members], f"{self.name} {proj} experts {experts}")
+            self.buckets.append(ExpertBucket(proj, experts, self.E, w, scale))
+        self.finalized = True
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., H] -> [..., H]."""
+        shape = x.shape
+        x = x.reshape(-1, self.H)
+        topk_w, topk_ids = route(x, self.gate.weight, self.top_k, self.renorm)
+        if x.is_cuda and _fused_moe() is not None:
+            y = self._forward_fast(x, topk_ids, topk_w)
+        else:
+            y = self._forward_buckets(x, topk_ids, topk_w)
+        return y.reshape(shape)
+
+    def _forward_fast(self, x: Tensor, topk_ids: Tensor, topk_w: Tensor) -> Tensor:
+        """Grouped kernel over all buckets (CUDA, no host sync). x [T, H] -> [T, H] in x.dtype."""
+        return _fused_moe()(x, topk_ids, topk_w, list(self.buckets), self.I)
+
+    def _forward_buckets(self, x: Tensor, topk_ids: Tensor, topk_w: Tensor) -> Tensor:
+        """Readable path (any device; host syncs): per bucket, per expert, gather its routed
+        (token, slot) rows and run the layout's `apply`. Rows r = t * top_k + slot."""
+        T, K = topk_ids.shape
+        ids = topk_ids.reshape(-1)                                   # [T*K]
+        G = x.new_zeros(T * K, self.I)
+        U = x.new_zeros(T * K, self.I)
+        Y = x.new_zeros(T * K, self.H)
+
+        def rows_of(b: ExpertBucket):
+            local = b.expert_map[ids]                                # [T*K], -1 = other bucket
+            for i in range(len(b.experts)):
+                r = (local == i).nonzero().squeeze(1)
+                if r.numel():
+                    yield i, r
+
+        def run(b: ExpertBucket, i: int, inp: Tensor) -> Tensor:
+            if b.input_scale is not None:
+                inp = inp * b.input_scale[i].to(inp.dtype)
+            return apply(inp, b.w.select(i))
+
+        for b in self.buckets:
+            if b.proj == "down":
+                continue
+            for i, r in rows_of(b):
+                y = run(b, i, x[r // K])
+                if b.proj == "gate_up":
+                    G[r], U[r] = y[:, : self.I], y[:, self.I:]
+                else:
+                    (G if b.proj == "gate" else U)[r] = y
+        A = F.silu(G) * U                                            # [T*K, I]
+        for b in self.buckets:
+            if b.proj == "down":
+                for i, r in rows_of(b):
+                    Y[r] = run(b, i, A[r])
+        out = (Y.view(T, K, self.H).float() * topk_w[..., None].float()).sum(1)
+        return out.to(x.dtype)
+
+    # -- reference -------------------------------------------------------------------------
+    def expert_weights(self, e: int) -> dict[str, tuple[Packed, Tensor | None]]:
+        """Expert e's weights as views into the buckets: proj -> (Packed, input_scale [K] | None)."""
+        out = {}
+        for b in self.buckets:
+            i = int(b.expert_map[e])
+            if i >= 0:
+                out[b.proj] = (b.w.select(i), None if b.input_scale is None else b.input_scale[i])
+        return out
+
+    def expert_fn(self, e: int) -> Callable[[Tensor], Tensor]:
+        """Expert e's MLP computed from `dequant` (pure torch): the argument `moe_reference` takes."""
+        ws = self.expert_weights(e)
+
+        def lin(x: Tensor, proj: str) -> Tensor:
+            w, s = ws[proj]
+            if s is not None:
+                x = x * s.to(x.dtype)
+            return F.linear(x, dequant(w).to(x.dtype))
+
+        def mlp(x: Tensor) -> Tensor:
+            if "gate_up" in ws:
+                g, u = lin(x, "gate_up").split(self.I, dim=-1)
+            else:
+                g, u = lin(x, "gate"), lin(x, "up")
+            return lin(F.silu(g) * u, "down")
+        return mlp
+
+    def reference(self, x: Tensor) -> Tensor:
+        """moe_reference over this layer's own (bucketed) weights. x [..., H]."""
+        y = moe_reference(x.reshape(-1, self.H), self.gate.weight, self.expert_fn, self.top_k, self.renorm)
+        return y.reshape(x.shape)
+
+    def named_packed(self) -> dict[str, Packed]:
+        """{"<name>.buckets.<i>.<proj>": stacked Packed} after finalize."""
+        return {f"{self.name}.buckets.{i}.{b.proj}": b.w for i, b in enumerate(self.buckets)}

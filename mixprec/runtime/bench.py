@@ -1,0 +1,141 @@
+"""`python -m mixprec bench`: prefill and decode speed of a mix against the bandwidth roofline.
+
+    python -m mixprec bench mix.yaml --batch 1,8,32 --prompt-len 128 --gen-len 256
+    python -m mixprec bench --synthetic qwen3-30b-a3b --mix int4 --batch 1,8,32,64
+
+The roofline of a decode step is the weight bytes it must read (attention, dense MLP, lm_head,
+and the experts the batch actually routes to: E * (1 - (1 - k/E)^B) per layer on average for
+uniform routing) over the device copy bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from .generate import Generator
+from .sampling import SamplingParams
+
+
+def copy_bandwidth(device="cuda", nbytes=1 << 30) -> float:
+    """Bytes/s of a device-to-device copy, counting read + write."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    times = []
+    for _ in range(10):
+        ev[0].record()
+        b.copy_(a)
+        ev[1].record()
+        torch.cuda.synchronize()
+        times.append(ev[0].elapsed_time(ev[1]) / 1e3)
+    times.sort()
+    return 2 * a.numel() * a.element_size() / times[len(times) // 2]
+
+
+def step_bytes(model, batch: int) -> float:
+    """Expected weight bytes one decode step reads (uniform routing)."""
+    args = model.args
+    total = 0.0
+    for name, w in model.linear_modules().items():
+        if ".mlp.buckets." in name:      # expert stacks: counted below by routing
+            continue
+        total += w.nbytes()
+    if args.num_experts:
+        E, k = args.num_experts, args.num_experts_per_tok
+        touched = E * (1 - (1 - k / E) ** batch)
+        expert_bytes = sum(w.nbytes() for n, w in model.linear_modules().items() if ".mlp.buckets." in n)
+        total += expert_bytes * touched / E     # expert bytes are spread over E experts per layer
+    total += batch * model.args.hidden_size * 2 * 2   # embedding rows in, negligible
+    return total
+
+
+def bench_model(model, batches, prompt_len, gen_len, bw, warm_steps=8):
+    gen = Generator(model)
+    V = model.args.vocab_size
+    rows = []
+    for B in batches:
+        g = torch.Generator().manual_seed(B)
+        prompts = torch.randint(0, V, (B, prompt_len), generator=g).tolist()
+        params = SamplingParams(max_new_tokens=gen_len)   # greedy; no stop tokens: fixed length
+        # warm-up (captures graphs, compiles kernels)
+        for _ in gen.stream(prompts, SamplingParams(max_new_tokens=warm_steps)):
+            pass
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        it = gen.stream(prompts, params)
+        next(it)                               # prefill + first token
+        t1 = time.perf_counter()
+        n = 1
+        for _ in it:
+            n += 1
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        step = (t2 - t1) / max(n - 1, 1)
+        sb = step_bytes(model, B)
+        rows.append(dict(batch=B, prefill_tok_s=B * prompt_len / (t1 - t0), decode_tok_s=B / step,
+                         ms_per_step=step * 1e3, weight_GBps=sb / step / 1e9,
+                         roofline_pct=100 * (sb / bw) / step, roofline_tok_s=B / (sb / bw),
+                         peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30))
+    return rows
+
+
+def print_rows(title, rows):
+    print(f"\n{title}")
+    print("| batch | prefill tok/s | decode tok/s | ms/step | weight GB/s | % roofline | roofline tok/s | peak GiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['ms_per_step']:.2f} | "
+              f"{r['weight_GBps']:.0f} | {r['roofline_pct']:.0f}% | {r['roofline_tok_s']:.0f} | {r['peak_mem_GiB']:.1f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="mixprec bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="mix YAML or checkpoint dir (or use --synthetic)")
+    p.add_argument("--synthetic", choices=["qwen3-30b-a3b", "qwen3-235b-a22b"])
+    p.add_argument("--mix", default="bf16", help="synthetic: preset (bf16, fp8, int4, int8, mixed) or "
+                   "'regex=fmt;...' with fmt in bf16, fp8, int4, int4-asym, int8; may repeat: a,b")
+    p.add_argument("--layers", type=int, default=None, help="synthetic: fewer layers (extrapolate)")
+    p.add_argument("--batch", default="1,8,32,64")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=256)
+    p.add_argument("--json", default=None, help="write all rows here")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench needs a CUDA GPU")
+        return 2
+    batches = [int(b) for b in a.batch.split(",")]
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
+    results = {}
+    if a.synthetic:
+        from .synthetic import build_synthetic, synthetic_args
+        args = synthetic_args(a.synthetic, a.layers)
+        for mix in a.mix.split(","):
+            torch.cuda.empty_cache()
+            t0 = time.perf_counter()
+            model = build_synthetic(args, mix, progress=False)
+            print(f"built {a.synthetic} ({args.num_hidden_layers} layers) mix={mix} in "
+                  f"{time.perf_counter() - t0:.0f}s: {sum(w.nbytes() for w in model.linear_modules().values()) / 2**30:.2f} GiB of linears")
+            rows = bench_model(model, batches, a.prompt_len, a.gen_len, bw)
+            print_rows(f"{a.synthetic} layers={args.num_hidden_layers} mix={mix}", rows)
+            results[mix] = rows
+            del model
+    else:
+        from ..api import load
+        model = load(a.config, device="cuda")
+        print(model.stats)
+        rows = bench_model(model, batches, a.prompt_len, a.gen_len, bw)
+        print_rows(a.config, rows)
+        results[a.config] = rows
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "results": results}, f, indent=1)
+    return 0

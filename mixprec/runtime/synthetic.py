@@ -1,0 +1,106 @@
+"""Full-size models with random weights, built directly in each format's packed tensors.
+
+Used to benchmark the real Qwen3-30B-A3B / 235B-A22B shapes without checkpoints. Every weight
+goes through the same path as real loading: float weight -> the producer's on-disk tensors
+(`pack`) -> `load_module` -> `model.set_linear`; only the disk is skipped. The weights are
+generated on the target device, one module at a time.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..config import ModelArgs
+from ..formats import FORMATS, load_module, resolve_scheme
+from ..models.qwen3 import Qwen3ForCausalLM
+
+ARCHS = {
+    "qwen3-30b-a3b": dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, intermediate_size=6144, num_experts=128,
+                          num_experts_per_tok=8, moe_intermediate_size=768, rope_theta=1e6,
+                          max_position_embeddings=40960),
+    "qwen3-235b-a22b": dict(vocab_size=151936, hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
+                            num_key_value_heads=4, head_dim=128, intermediate_size=12288, num_experts=128,
+                            num_experts_per_tok=8, moe_intermediate_size=1536, rope_theta=1e6,
+                            max_position_embeddings=40960),
+}
+
+# format spec name -> (checkpoint format, pack params)
+SPECS = {
+    "bf16": ("dense", {}),
+    "fp8": ("fp8_block", {"block": (128, 128)}),
+    "int4": ("gptq", {"bits": 4, "group_size": 128, "sym": True}),
+    "int4-asym": ("awq", {"group_size": 128}),
+    "int8": ("ct_int8", {}),
+}
+
+PRESETS = {
+    "bf16": [],
+    "fp8": [(r".", "fp8")],
+    "int4": [(r"mlp\.experts", "int4"), (r".", "fp8")],         # int4 experts + fp8 attention
+    "int8": [(r".", "int8")],
+    # per-expert and per-projection mix: experts 0-63 int4, 64-95 fp8 (down bf16), rest int8/fp8
+    "mixed": [(r"mlp\.experts\.([0-9]|[1-5][0-9]|6[0-3])\.", "int4"),
+              (r"mlp\.experts\.(6[4-9]|[7-8][0-9]|9[0-5])\.down_proj", "bf16"),
+              (r"mlp\.experts\.(6[4-9]|[7-8][0-9]|9[0-5])\.", "fp8"),
+              (r"mlp\.experts\..*down_proj", "fp8"),
+              (r"mlp\.experts", "int8"),
+              (r".", "fp8")],
+}
+
+
+def synthetic_args(arch: str, layers: int | None = None) -> ModelArgs:
+    cfg = dict(ARCHS[arch])
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    return ModelArgs.from_hf(cfg)
+
+
+def parse_mix(mix: str) -> list[tuple[str, str]]:
+    """A preset name, or 'regex=spec;regex=spec' (first match wins, unmatched -> bf16)."""
+    if mix in PRESETS:
+        return PRESETS[mix]
+    rules = []
+    for part in filter(None, (p.strip() for p in mix.split(";"))):
+        rx, _, spec = part.rpartition("=")
+        if spec not in SPECS:
+            raise ValueError(f"--mix {part!r}: unknown format {spec!r}; known: {', '.join(SPECS)}")
+        rules.append((rx, spec))
+    return rules
+
+
+def spec_for(module: str, rules) -> str:
+    for rx, spec in rules:
+        if re.search(rx, module):
+            return spec
+    return "bf16"
+
+
+@torch.inference_mode()
+def build_synthetic(args: ModelArgs, mix: str, device="cuda", dtype=torch.bfloat16, seed: int = 0,
+                    progress: bool = True) -> Qwen3ForCausalLM:
+    from tqdm import tqdm
+    rules = parse_mix(mix)
+    g = torch.Generator(device=device).manual_seed(seed)
+    model = Qwen3ForCausalLM(args, dtype=dtype, device="meta")
+    for name, shape in args.plain_tensors().items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            t = torch.randn(shape, device=device, dtype=torch.float32, generator=g).mul_(0.02).to(dtype)
+        model.set_tensor(name, t)
+    shapes = args.linear_shapes()
+    if args.tie_word_embeddings:
+        shapes.pop("lm_head", None)
+    for module, (n, k) in tqdm(shapes.items(), desc="synthesizing", disable=not progress):
+        fmt_name, params = SPECS[spec_for(module, rules)]
+        fmt = FORMATS[fmt_name]
+        W = torch.randn(n, k, device=device, generator=g).mul_(k ** -0.5)
+        raw = fmt.pack(W, **params)
+        scheme = resolve_scheme(fmt.config_block(**params) or None, module)
+        packed = load_module(raw, n, k, scheme, where=f"synthetic:{module}", dtype=dtype)
+        model.set_linear(module, packed)
+        del W, raw
+    model.finalize()
+    return model.eval()

@@ -1,0 +1,260 @@
+"""Whole-model loading: every fixture format and a per-expert mix of five formats against
+transformers run on the dequantized weights; folded-scale (AWQ) correction; seed API; errors."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import mixprec
+from mixprec.demo import DEMO_RULES, write_demo_config
+from mixprec.errors import ConfigError, FormatError, MissingWeight, ModelMismatch
+from mixprec.testing.fixtures import FIXTURES, make_fixture
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fx")
+    return make_fixture(root)
+
+
+def _plain(ckpt_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint that is not part of a quantized linear."""
+    out = {}
+    for f in sorted(ckpt_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                if k.endswith(("norm.weight", "embed_tokens.weight", "mlp.gate.weight")) or k == "lm_head.weight":
+                    out[k] = h.get_tensor(k).float()
+    return out
+
+
+def _hf_reference(base_dir, linear_weight):
+    """transformers Qwen3MoeForCausalLM (fp32) with the base's plain tensors and the given
+    linear weights (module name -> float [N, K])."""
+    cfg = transformers.AutoConfig.from_pretrained(base_dir)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, attn_implementation="eager")
+    sd = dict(_plain(base_dir))
+    for module, W in linear_weight.items():
+        sd[f"{module}.weight"] = W
+    # transformers >= 5 may fuse experts into 3-D tensors: map per-expert weights onto them
+    own = model.state_dict()
+    fused = {}
+    for k in list(sd):
+        m = re.match(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", k)
+        if m and k not in own:
+            fused.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = sd.pop(k)
+    for prefix, parts in fused.items():
+        E = 1 + max(e for e, _ in parts)
+        if f"{prefix}.gate_up_proj" in own:
+            sd[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(E)])
+            sd[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down")] for e in range(E)])
+            if own[f"{prefix}.gate_up_proj"].shape != sd[f"{prefix}.gate_up_proj"].shape:   # [E, K, 2N] layout
+                sd[f"{prefix}.gate_up_proj"] = sd[f"{prefix}.gate_up_proj"].transpose(1, 2).contiguous()
+                sd[f"{prefix}.down_proj"] = sd[f"{prefix}.down_proj"].transpose(1, 2).contiguous()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    if cfg.tie_word_embeddings:
+        missing = [m for m in missing if m != "lm_head.weight"]
+    assert not missing and not unexpected, (missing, unexpected)
+    return model.eval()
+
+
+def _ids(vocab, B=2, T=12, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _compare(model, ref, vocab, tol=1e-4):
+    ids = _ids(vocab)
+    with torch.inference_mode():
+        got = model(ids)
+        want = ref(ids).logits.float()
+    err = (got - want).abs().max().item()
+    assert err <= tol, f"max |dlogit| {err}"
+    return got
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_single_format_checkpoint_equals_transformers_on_dequantized(fx, name):
+    model = mixprec.load(fx[name], device="cpu", dtype=torch.float32, progress=False)
+    shapes = model.args.linear_shapes()
+    ref = _hf_reference(fx[name], {m: mixprec.dequantize_weight(fx[name], m) for m in shapes})
+    _compare(model, ref, model.args.vocab_size)
+    assert model.stats.loaded == model.stats.total == len(shapes)
+
+
+def _mixed_reference(fx, plan):
+    """Reference for a mix: each linear dequantized from its own source; a linear whose source
+    folded scales into its norm gets its input columns scaled by norm_src / norm_base."""
+    base = fx["bf16"]
+    plain_base = _plain(base)
+    weights = {}
+    for module, e in plan.entries.items():
+        W = mixprec.dequantize_weight(e.path, module)
+        m = re.match(r"(model\.layers\.\d+)\.(self_attn\.[qkv]_proj|mlp\.(experts\.\d+\.)?(gate|up)_proj)$", module)
+        if m and e.source != "model":
+            norm = "input_layernorm" if "self_attn" in module else "post_attention_layernorm"
+            key = f"{m.group(1)}.{norm}.weight"
+            s = _plain(e.path)[key] / plain_base[key]
+            W = W * s[None, :]
+        weights[module] = W
+    return _hf_reference(base, weights)
+
+
+def test_mixed_five_formats_per_expert_and_projection(fx, tmp_path):
+    cfg = write_demo_config(fx, tmp_path / "mix.yaml")
+    p = mixprec.plan(cfg)
+    fmts = {e.fmt_name for e in p.entries.values()}
+    assert {"dense", "fp8_block", "gptq", "ct_int8", "awq", "ct_pack"} <= fmts
+    # one MoE layer holds experts of several formats, and expert 6 has gate int4 / up bf16
+    layer = [e for m, e in p.entries.items() if ".mlp.experts." in m]
+    assert len({e.fmt_name for e in layer}) >= 4
+    assert p.entries["model.layers.1.mlp.experts.6.gate_proj"].fmt_name == "gptq"
+    assert p.entries["model.layers.1.mlp.experts.6.up_proj"].fmt_name == "dense"
+    model = mixprec.load(cfg, device="cpu", dtype=torch.float32, progress=False)
+    assert any("self_attn.q_proj" in m for m in model.stats.rescaled), "AWQ q_proj should be rescaled"
+    _compare(model, _mixed_reference(fx, p), model.args.vocab_size)
+
+
+def test_awq_rescale_is_needed_and_recovers_the_original_function(fx, tmp_path):
+    """AWQ attention with the base's norm: with the recovered rescale the layer is close to the
+    original bf16 model; the same weights without the rescale are far off."""
+    cfg = {"model": str(fx["bf16"]), "sources": {"awq": str(fx["awq"])},
+           "weights": [{"match": r"self_attn", "use": "awq"}]}
+    mixed = mixprec.load(cfg, device="cpu", dtype=torch.float32, progress=False)
+    ref = mixprec.load(fx["bf16"], device="cpu", dtype=torch.float32, progress=False)
+    ids = _ids(mixed.args.vocab_size, B=2, T=16, seed=3)
+    with torch.inference_mode():
+        a, b = mixed(ids), ref(ids)
+        for name, lin in mixed.named_modules():
+            if getattr(lin, "input_scale", None) is not None and "self_attn" in name:
+                lin.input_scale = None                       # drop the correction
+        c = mixed(ids)
+    good = (a.softmax(-1) - b.softmax(-1)).abs().sum(-1).mean().item()
+    bad = (c.softmax(-1) - b.softmax(-1)).abs().sum(-1).mean().item()
+    assert good < 0.5 * bad, (good, bad)
+
+
+def test_awq_inner_fold_split_is_refused(fx):
+    cfg = {"model": str(fx["bf16"]), "sources": {"awq": str(fx["awq"])},
+           "weights": [{"match": r"experts\.0\.up_proj", "use": "awq"}]}
+    with pytest.raises(ConfigError, match="down_proj"):
+        mixprec.load(cfg, device="cpu", dtype=torch.float32, progress=False)
+
+
+def test_seed_and_native_forms_give_the_same_plan(fx, tmp_path):
+    seed = {"mixed_precision": {
+        "base_model_path": str(fx["bf16"]), "fp8_path": str(fx["fp8"]), "gptq_int4_path": str(fx["gptq"]),
+        "weight_mapping": {
+            "model.layers.1.mlp.experts.3.w13_weight": "gptq_int4",
+            "model.layers.1.mlp.experts.3.w2_weight": "fp8",
+            "model.layers.0.self_attn.qkv_proj.weight": "fp8",
+            "model.layers.1.mlp.experts.5.up_proj.weight": "fp8"}}}
+    native = {"model": str(fx["bf16"]), "sources": {"fp8_src": str(fx["fp8"]), "gptq_src": str(fx["gptq"])},
+              "weights": [{"match": r"layers\.1\.mlp\.experts\.3\.(gate|up)_proj$", "use": "gptq_src"},
+                          {"match": r"layers\.1\.mlp\.experts\.3\.down_proj$", "use": "fp8_src"},
+                          {"match": r"layers\.0\.self_attn\.[qkv]_proj$", "use": "fp8_src"},
+                          {"match": r"layers\.1\.mlp\.experts\.5\.up_proj$", "use": "fp8_src"}]}
+    (tmp_path / "seed.yaml").write_text(yaml.safe_dump(seed))
+    (tmp_path / "native.yaml").write_text(yaml.safe_dump(native))
+    a, b = mixprec.plan(tmp_path / "seed.yaml"), mixprec.plan(tmp_path / "native.yaml")
+    assert {m: (str(e.path), e.fmt_name) for m, e in a.entries.items()} == \
+           {m: (str(e.path), e.fmt_name) for m, e in b.entries.items()}
+    assert a.entries["model.layers.0.self_attn.k_proj"].fmt_name == "fp8_block"
+
+
+def test_seed_api(fx, tmp_path):
+    y = tmp_path / "seed.yaml"
+    y.write_text(yaml.safe_dump({"mixed_precision": {
+        "fp8_path": str(fx["fp8"]), "gptq_int4_path": str(fx["gptq"]),
+        "weight_mapping": {"model.layers.1.mlp.experts.0.w13_weight": "gptq_int4",
+                           "model.layers.1.mlp.experts.0.w2_weight": "fp8"}}}))
+    loader = mixprec.TrueMixedPrecisionLoader(fx["bf16"], y, device="cpu", dtype=torch.float32)
+    model = mixprec.replace_all_with_mixed_precision(None, loader)
+    stats = loader.load_model_weights(model)
+    assert stats["loaded"] == stats["total"] == len(model.args.linear_shapes())
+    assert stats["memory_saved_mb"] != 0
+    assert set(stats["by_format"]) >= {"gptq", "fp8_block"}
+    logits = model(_ids(model.args.vocab_size))
+    assert torch.isfinite(logits).all()
+
+
+def test_errors_name_the_problem(fx, tmp_path):
+    bad = {"mixed_precision": {"base_model_path": str(fx["bf16"]), "fp8_path": str(fx["fp8"]),
+                               "weight_mapping": {"model.layers.1.mlp.experts.99.w13_weight": "fp8"}}}
+    with pytest.raises(ConfigError, match="experts.99"):
+        mixprec.load(bad, device="cpu", progress=False)
+    # a source missing one expert's tensor
+    broken = tmp_path / "broken"
+    shutil.copytree(fx["gptq"], broken)
+    idx = broken / "model.safetensors.index.json"
+    victim = "model.layers.1.mlp.experts.2.down_proj.qweight"
+    files = [broken / "model.safetensors"] if not idx.exists() else \
+        sorted({broken / f for f in json.loads(idx.read_text())["weight_map"].values()})
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            tensors = {k: h.get_tensor(k) for k in h.keys()}
+            meta = h.metadata()
+        if victim in tensors:
+            del tensors[victim]
+            save_file(tensors, str(f), metadata=meta)
+            if idx.exists():
+                j = json.loads(idx.read_text())
+                del j["weight_map"][victim]
+                idx.write_text(json.dumps(j))
+    cfg = {"model": str(fx["bf16"]), "sources": {"q": str(broken)}, "weights": [{"match": "experts", "use": "q"}]}
+    with pytest.raises((MissingWeight, FormatError), match="experts.2.down_proj"):
+        mixprec.load(cfg, device="cpu", progress=False)
+    # sources of different models
+    other = make_fixture(tmp_path / "other", formats=["fp8"], hidden=128)
+    cfg = {"model": str(fx["bf16"]), "sources": {"o": str(other["fp8"])}, "weights": [{"match": "q_proj", "use": "o"}]}
+    with pytest.raises(ModelMismatch, match="hidden_size"):
+        mixprec.load(cfg, device="cpu", progress=False)
+
+
+def test_generate_greedy_equals_full_forward_loop(fx):
+    model = mixprec.load(fx["bf16"], device="cpu", dtype=torch.float32, progress=False)
+    prompts = [[5, 9, 13, 2, 7], [3, 4]]
+    out = mixprec.generate(model, prompts, max_new_tokens=6)
+    for p, o in zip(prompts, out):
+        seq = list(p)
+        for _ in range(len(o)):
+            with torch.inference_mode():
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert o == seq[len(p):]
+    text = mixprec.generate(model, "the fox", max_new_tokens=4)
+    assert isinstance(text, str)
+
+
+def test_cli_plan_inspect_demo(fx, tmp_path, capsys):
+    from mixprec.__main__ import main
+    cfg = write_demo_config(fx, tmp_path / "mix.yaml")
+    assert main(["plan", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "gptq" in out and "fp8_block" in out
+    assert main(["inspect", str(fx["gptq_v2_asym_actorder"])]) == 0
+    out = capsys.readouterr().out
+    assert "gptq" in out and "desc_act=True" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": str(fx["bf16"]), "weights": [
+        {"match": "nothing_matches", "use": "model"},
+        {"match": "down_proj", "experts": "99", "use": "model"}]}))
+    assert main(["plan", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "weights[0]" in err and "weights[1]" in err          # all errors at once
+    assert DEMO_RULES
+
+
+def test_demo_runs(tmp_path, capsys):
+    from mixprec.__main__ import main
+    assert main(["demo", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 agreement" in out
