@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -168,6 +169,26 @@ def stack(ws: list[Packed]) -> Packed:
     return Packed(ws[0].layout, ws[0].n, ws[0].k,
                   {nm: torch.stack([w.tensors()[nm] for w in ws]) for nm in names},
                   ws[0].params, ws[0].source)
+
+
+_KERNELS = {"on": True}
+
+
+def use_kernels(x: Tensor) -> bool:
+    """Whether `apply` takes the fast kernel for x: on CUDA, unless inside `reference_path()`."""
+    return x.is_cuda and _KERNELS["on"]
+
+
+@contextmanager
+def reference_path():
+    """Run every layout by its readable dequant+matmul path (on any device), e.g. to check the
+    kernels of a whole model against the spec."""
+    prev = _KERNELS["on"]
+    _KERNELS["on"] = False
+    try:
+        yield
+    finally:
+        _KERNELS["on"] = prev
 
 
 def dequant(w: Packed) -> Tensor:

@@ -64,6 +64,19 @@ class KVCache(nn.Module):
         ok = ((j >= self.start[:B, None, None]) & (j <= p)) | (j == p)
         return ok[:, None]
 
+    def rows(self, first: int, end: int) -> "KVCache":
+        """A cache over rows [first, end) of this one, sharing its storage (writes land here):
+        lets a forward of end - first sequences fill rows at an offset (continuous batching)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.num_layers, view.batch, view.kv_heads, view.max_len, view.head_dim = (
+            self.num_layers, end - first, self.kv_heads, self.max_len, self.head_dim)
+        view.register_buffer("k", self.k[:, first:end], persistent=False)
+        view.register_buffer("v", self.v[:, first:end], persistent=False)
+        view.register_buffer("start", self.start[first:end], persistent=False)
+        view.register_buffer("slots", self.slots, persistent=False)
+        return view
+
 
 def causal_mask(valid: Tensor | None, B: int, T: int, device) -> Tensor | None:
     """Mask for a forward without cache: [B, 1, T, T] bool (key s visible from query t when

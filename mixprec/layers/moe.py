@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MissingWeight, MixprecError, ShapeMismatch
-from ..formats.base import Packed, apply, dequant
+from ..formats.base import Packed, apply, dequant, use_kernels
 from .linear import bucket_key, cat_n, same_scale
 
 PROJS = ("gate", "up", "down")
@@ -193,7 +193,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.H)
         topk_w, topk_ids = route(x, self.gate.weight, self.top_k, self.renorm)
-        if x.is_cuda and _fused_moe() is not None:
+        if use_kernels(x) and _fused_moe() is not None:
             y = self._forward_fast(x, topk_ids, topk_w)
         else:
             y = self._forward_buckets(x, topk_ids, topk_w)

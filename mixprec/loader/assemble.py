@@ -90,7 +90,7 @@ def input_rescales(plan: Plan) -> dict[str, torch.Tensor]:
         key = (src, norm_name)
         if key not in folding:
             ref = base.get(norm_name).float()
-            own = plan.sources[src].get(norm_name).float() if norm_name in plan.sources[src].names() else ref
+            own = plan.sources[src].get(norm_name).float() if norm_name in plan.sources[src] else ref
             if torch.equal(own, ref):
                 folding[key] = None
             else:

@@ -367,7 +367,8 @@ def write_checkpoint(out_dir: str | Path, cfg: dict, weights: dict[str, Tensor],
     return out
 
 
-# Config keys per format that an override may change and the producer records per module.
+# Keys a GPTQModel `dynamic` entry records; other override keys (seed, scale_dtype) only
+# change how the fixture packs.
 GPTQ_DYNAMIC_KEYS = ("bits", "group_size", "sym", "desc_act")
 
 
@@ -389,10 +390,17 @@ def _quant_config(fmt: str, fmt_params: dict, overrides: dict[str, dict | None] 
                 dynamic[f"-:{pat}"] = {}
             else:
                 dynamic[f"+:{pat}"] = {k: v for k, v in over.items() if k in GPTQ_DYNAMIC_KEYS}
-        return fmt_obj.config_block(**fmt_params, **({"dynamic": dynamic} if dynamic else {}))
+        return fmt_obj.config_block(**{**fmt_params, **({"dynamic": dynamic} if dynamic else {})})
     if fmt.startswith("ct_"):
+        # compressed-tensors applies `ignore` before any group: a module that a later None entry
+        # would skip must not be quantized by an earlier params entry
+        skips = [pat for pat, over in overrides.items() if over is None]
+        clash = [m for m, p in module_params.items() if p is not None and any(re.match(s, m) for s in skips)]
+        if clash:
+            raise ValueError(f"{fmt}: {clash[:3]} match a params override before a None one, but "
+                             f"compressed-tensors' ignore list always wins; put the None entry first")
         ignore = list(fmt_params.get("ignore", ("lm_head", "re:.*mlp.gate$")))
-        ignore += [f"re:{pat}" for pat, over in overrides.items() if over is None]
+        ignore += [f"re:{pat}" for pat in skips]
         cfg = fmt_obj.config_block(**{**fmt_params, "ignore": ignore})
         for i, (pat, over) in enumerate(changed.items(), start=1):
             group = fmt_obj.config_block(**{**fmt_params, **over, "ignore": ignore})["config_groups"]["group_0"]
@@ -404,9 +412,9 @@ def _quant_config(fmt: str, fmt_params: dict, overrides: dict[str, dict | None] 
         raise ValueError(f"{fmt}: overrides {list(changed)} change params per module, which a {fmt} "
                          f"config cannot record (only leaving modules unquantized: map them to None)")
     if fmt == "fp8_block":
-        return fmt_obj.config_block(**fmt_params, **({"ignored_layers": skipped} if skipped else {}))
+        return fmt_obj.config_block(**{**fmt_params, **({"ignored_layers": skipped} if skipped else {})})
     if fmt == "awq":
-        return fmt_obj.config_block(**fmt_params, **({"modules_to_not_convert": skipped} if skipped else {}))
+        return fmt_obj.config_block(**{**fmt_params, **({"modules_to_not_convert": skipped} if skipped else {})})
     raise ValueError(f"format {fmt!r}: no quantization_config writer (known: gptq, awq, fp8_block, ct_*)")
 
 
@@ -427,8 +435,7 @@ def make_fixture(out_dir: str | Path, seed: int = 0, formats: list[str] | tuple[
     root.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(**cfg_kwargs)
     weights = round_to(random_weights(cfg, seed), torch.bfloat16)
-    tok_dir = root / names[0]
-    build_tokenizer(tok_dir, cfg["vocab_size"])   # once; the others copy its files
+    tok_dir = root / names[0]   # the first checkpoint builds the tokenizer, the others copy it
     out = {}
     for name in names:
         fmt, params, extra = FIXTURES[name]

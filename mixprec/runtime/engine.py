@@ -1,0 +1,619 @@
+"""Continuous batching: many requests share one KV cache and one decode step.
+
+Engine slot i is row i of one KVCache [L, max_batch, kv_heads, max_len, D]; slot j of a row holds
+position j of its request (right padding, as in generate.py). A request holds its slot from
+admission to finish. A background thread loops, one decode step per iteration:
+
+  1. finish cancelled requests and free their slots (only here, between steps),
+  2. admit queued requests into free slots: a right-padded prefill of several new requests
+     that sit in contiguous rows (a row view of the cache), first token sampled on the device,
+  3. one decode step over rows [:bucket], bucket = 1, 2, 4, .. max_batch just above the highest
+     slot in use, so each step has a fixed shape and is a CUDA graph on GPU. Idle rows in the
+     bucket are padding: they keep position 0 (`live` = 0) and touch only slot 0 of their own row,
+  4. read the previous step's tokens on the host while this one runs (lag by one): deliver,
+     detokenize, stop on eos / stop ids, stop strings, max_tokens or a full context.
+
+Sampling is per row (temperature, top-k, top-p on device tensors) with `counter_noise` keyed by
+the request's seed and its own step count, so a request's tokens do not depend on what else is
+batched with it (up to the batch-invariance of the kernels; exact on CPU).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .generate import counter_noise
+from .sampling import SamplingParams, sample
+
+RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue holds max_queue requests: retry later (HTTP 429)."""
+
+
+class EngineStopped(RuntimeError):
+    """submit() after shutdown(), or after the engine loop failed (the failure is in the message)."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step added to a request: new token ids, the text they completed (may be "" while
+    a multi-byte character or a possible stop string is pending), and the finish reason on the
+    last delta: "stop" (eos / stop id / stop string), "length" (max_tokens or context full),
+    "cancelled", "abort" (engine shut down) or "error"."""
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None
+
+
+class Request:
+    """One submitted generation. Read it from any thread (`for tok in req`, `req.deltas()`,
+    `req.result()`) or from asyncio (`async for d in req.stream()`, `await req.wait()`).
+
+    After it finished: `output_ids` (generated ids, the eos / stop id included when that ended
+    it), `text` (decoded output with special tokens skipped and a matched stop string cut off),
+    `finish_reason`, `error` (set with finish_reason "error")."""
+
+    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, seed: int):
+        self.id = rid
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seed = seed                      # params.seed, or drawn at submit when None
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._deltas: list[Delta] = []
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._cancelled = False
+        # engine-thread state
+        self._slot: int | None = None
+        self._launched = 0                    # tokens that launched device work will produce
+        self._read = (0, 0)                   # incremental detokenizer offsets (prefix, read)
+        self._full_text = ""                  # everything decoded so far (before stop trimming)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    # -- producer side (engine thread) ---------------------------------------------------------
+    def _push(self, delta: Delta) -> None:
+        with self._cond:
+            self._deltas.append(delta)
+            self.output_ids.extend(delta.token_ids)
+            self.text += delta.text
+            if delta.finish_reason is not None:
+                self.finish_reason = delta.finish_reason
+                self.finished_at = time.monotonic()
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, ev in waiters:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:              # that event loop is closed: nobody is waiting there
+                pass
+
+    # -- consumer side -----------------------------------------------------------------------
+    def deltas(self, timeout: float | None = None) -> Iterator[Delta]:
+        """Blocking iterator over deltas until the request finished. TimeoutError when no delta
+        came for `timeout` seconds."""
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self._deltas) and not self.done:
+                    if not self._cond.wait(timeout):
+                        raise TimeoutError(f"request {self.id}: nothing generated for {timeout} s")
+                new, done = self._deltas[i:], self.done
+            i += len(new)
+            yield from new
+            if done:
+                return
+
+    def __iter__(self) -> Iterator[int]:
+        """Generated token ids as they come (thread-safe, blocking)."""
+        for d in self.deltas():
+            yield from d.token_ids
+
+    def result(self, timeout: float | None = None) -> "Request":
+        """Block until finished; TimeoutError after `timeout` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.done, timeout):
+                raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        return self
+
+    async def stream(self) -> AsyncIterator[Delta]:
+        """Deltas as they come, for asyncio code (the engine thread wakes this event loop)."""
+        loop, ev = asyncio.get_running_loop(), asyncio.Event()
+        with self._cond:
+            self._waiters.append((loop, ev))
+        try:
+            i = 0
+            while True:
+                ev.clear()                    # before the snapshot: a later push sets it again
+                with self._cond:
+                    new, done = self._deltas[i:], self.done
+                i += len(new)
+                for d in new:
+                    yield d
+                if done:
+                    return
+                await ev.wait()
+        finally:
+            with self._cond:
+                self._waiters.remove((loop, ev))
+
+    async def wait(self) -> "Request":
+        async for _ in self.stream():
+            pass
+        return self
+
+
+@dataclass
+class _Rows:
+    """Per-slot device state of the decode step (every field [max_batch] or [max_batch, 1])."""
+    tokens: Tensor        # [N, 1] int64: last sampled token = next decode input
+    pos: Tensor           # [N, 1] int64: its position (= the cache slot it is written to)
+    live: Tensor          # [N] int64: 1 while a request holds the row, 0 for idle padding
+    temperature: Tensor   # [N] float32
+    top_k: Tensor         # [N] int64
+    top_p: Tensor         # [N] float32
+    seed: Tensor          # [N] int64
+    step: Tensor          # [N] int64: tokens the row's request has sampled so far
+
+
+def _buckets(max_batch: int) -> list[int]:
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+class Engine:
+    """Continuous-batching generation over a finalized Qwen3ForCausalLM.
+
+    >>> eng = Engine(model, max_batch=16)
+    >>> req = eng.submit(prompt_ids, SamplingParams(max_new_tokens=64, stop_token_ids=(eos,)))
+    >>> for tok in req: ...
+    >>> eng.shutdown()
+
+    tokenizer (default `model.tokenizer`) gives the text deltas and is needed for stop strings.
+    prefill_tokens caps the padded tokens (requests x longest prompt) of one prefill forward and
+    the prompt tokens admitted between two decode steps (one longer prompt still goes alone).
+    """
+
+    def __init__(self, model, max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
+                 tokenizer=None, use_cuda_graphs: bool | None = None, prefill_tokens: int = 4096):
+        args = model.args
+        if max_len is None:
+            max_len = min(args.max_position_embeddings, 4096)
+        if not 1 <= max_batch:
+            raise ValueError(f"max_batch={max_batch}: expected >= 1")
+        if not 2 <= max_len <= args.max_position_embeddings:
+            raise ValueError(f"max_len={max_len}: expected 2..{args.max_position_embeddings} "
+                             f"(the model's max_position_embeddings)")
+        if max_queue < 0 or prefill_tokens < 1:
+            raise ValueError(f"max_queue={max_queue}, prefill_tokens={prefill_tokens}: expected >= 0 and >= 1")
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
+        self.prefill_tokens = prefill_tokens
+        self.vocab = args.vocab_size
+        self.device = next(model.buffers()).device
+        self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
+        self.buckets = _buckets(max_batch)
+
+        dev, N = self.device, max_batch
+        self.cache = model.make_cache(N, max_len, dev)
+        self.cache.reset()
+        z = lambda *s, dt=torch.long: torch.zeros(s, dtype=dt, device=dev)   # noqa: E731
+        self._rows = _Rows(tokens=z(N, 1), pos=z(N, 1), live=z(N), temperature=z(N, dt=torch.float32),
+                           top_k=z(N), top_p=torch.ones(N, dtype=torch.float32, device=dev), seed=z(N), step=z(N))
+        self._graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._queue: collections.deque[Request] = collections.deque()
+        self._slots: list[Request | None] = [None] * N
+        self._pending: collections.deque = collections.deque()   # launched, not yet read on the host
+        self._stop = False
+        self._cancels = False                 # some request was cancelled since the last scan
+        self._failure: BaseException | None = None
+        self._ids = itertools.count()
+        self._rng = random.Random()
+        # metrics
+        self._started = time.monotonic()
+        self._n_requests = self._n_finished = self._n_cancelled = 0
+        self._n_prompt_tokens = self._n_generated = self._n_steps = 0
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._thread = threading.Thread(target=self._run, name="mixprec-engine", daemon=True)
+        self._thread.start()
+
+    # -- public ----------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+        """Queue a request. ValueError for bad input (empty prompt, token id outside the vocab,
+        prompt + max_new_tokens > max_len, stop strings without a tokenizer); QueueFull when
+        max_queue requests wait already; EngineStopped after shutdown() or a failure."""
+        params.validate()
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        bad = [t for t in ids if not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})")
+        if len(ids) + params.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) = "
+                             f"{len(ids) + params.max_new_tokens} exceeds this engine's context of "
+                             f"{self.max_len} tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (the checkpoint has no tokenizer.json)")
+        with self._lock:
+            if self._stop or self._failure is not None:
+                raise EngineStopped("the engine is shut down" if self._failure is None else
+                                    f"the engine loop failed: {self._failure!r}")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are queued (max_queue={self.max_queue})")
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            req = Request(f"req-{next(self._ids)}", ids, params, seed)
+            self._n_requests += 1
+            self._n_prompt_tokens += len(ids)
+            if params.max_new_tokens == 0:
+                req._push(Delta((), "", "length"))
+                self._n_finished += 1
+                return req
+            self._queue.append(req)
+            self._cv.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop `req`: it finishes with "cancelled" and frees its slot at the next step boundary."""
+        with self._lock:
+            req._cancelled = True
+            self._cancels = True
+            self._cv.notify()
+
+    def metrics(self) -> dict:
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+                self._recent.popleft()
+            recent = sum(n for _, n in self._recent)
+            span = min(RATE_WINDOW_S, now - self._started)
+            m = {
+                "requests_total": self._n_requests,
+                "requests_active": sum(r is not None for r in self._slots),
+                "requests_queued": len(self._queue),
+                "requests_finished": self._n_finished,
+                "requests_cancelled": self._n_cancelled,
+                "prompt_tokens_total": self._n_prompt_tokens,
+                "tokens_generated": self._n_generated,
+                "tokens_per_s": recent / span if span > 0 else 0.0,
+                "decode_steps": self._n_steps,
+                "max_batch": self.max_batch,
+                "max_len": self.max_len,
+                "kv_cache_bytes": 2 * self.cache.k.numel() * self.cache.k.element_size(),
+                "uptime_s": now - self._started,
+                "healthy": self._failure is None and not self._stop,
+            }
+        cuda = self.device.type == "cuda"
+        m["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device) if cuda else 0
+        m["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.device) if cuda else 0
+        return m
+
+    @property
+    def healthy(self) -> bool:
+        return self._failure is None and not self._stop and self._thread.is_alive()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the loop; unfinished requests end with finish_reason "abort"."""
+        with self._lock:
+            self._stop = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        failure: BaseException | None = None
+        try:
+            if self.device.type == "cuda":
+                with torch.cuda.device(self.device), torch.inference_mode():
+                    self._loop()
+            else:
+                with torch.inference_mode():
+                    self._loop()
+        except BaseException as e:            # recorded for submit() / requests, then re-raised
+            failure = e
+            raise
+        finally:
+            self._finish_all(failure)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stop or self._queue or self._pending or any(self._slots)):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                if self._cancels:
+                    self._cancels = False
+                    for r in [r for r in self._slots if r is not None and r._cancelled]:
+                        self._finish(r, "cancelled")
+                    for r in [r for r in self._queue if r._cancelled]:
+                        self._queue.remove(r)
+                        self._finish(r, "cancelled")
+                admit = self._take_admissions()
+            if admit:
+                self._admit(admit)
+            launched = self._launch_step()
+            # lag by one: read everything but the step just launched, which runs meanwhile
+            while len(self._pending) > (1 if launched else 0):
+                self._process(self._pending.popleft())
+
+    def _take_admissions(self) -> list[Request]:
+        """Pop queued requests for the free slots, within the prefill token budget (lock held)."""
+        free = sum(r is None for r in self._slots)
+        out: list[Request] = []
+        budget = self.prefill_tokens
+        while self._queue and len(out) < free:
+            r = self._queue[0]
+            if out and len(r.prompt_ids) > budget:
+                break
+            budget -= len(self._queue.popleft().prompt_ids)
+            out.append(r)
+        return out
+
+    def _admit(self, reqs: list[Request]) -> None:
+        """Give each request the lowest free slot (longest prompts first), then prefill runs of
+        contiguous slots together while padding wastes at most half of the forward."""
+        reqs = sorted(reqs, key=lambda r: -len(r.prompt_ids))
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        with self._lock:
+            for r, s in zip(reqs, free):
+                r._slot = s
+                self._slots[s] = r
+        group: list[Request] = []
+        for r in reqs:
+            if group:
+                n, T = len(group) + 1, len(group[0].prompt_ids)      # group[0] is the longest
+                contiguous = r._slot == group[-1]._slot + 1
+                pays = n * T <= self.prefill_tokens and n * T <= 2 * (sum(len(g.prompt_ids) for g in group)
+                                                                       + len(r.prompt_ids))
+                if not (contiguous and pays):
+                    self._prefill_or_fail(group)
+                    group = []
+            group.append(r)
+        self._prefill_or_fail(group)
+
+    def _prefill_or_fail(self, reqs: list[Request]) -> None:
+        try:
+            self._prefill(reqs)
+        except torch.OutOfMemoryError as e:   # these prompts are too big now; the others go on
+            with self._lock:
+                for r in reqs:
+                    self._finish(r, "error", error=e)
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Right-padded prefill of reqs into cache rows [s0, s0 + n) (their slots, contiguous),
+        then the first token of each, sampled on the device with step 0."""
+        dev, R = self.device, self._rows
+        n, s0 = len(reqs), reqs[0]._slot
+        lens = [len(r.prompt_ids) for r in reqs]
+        T = max(lens)
+        ids = torch.zeros(n, T, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, : lens[i]] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        p = [r.params for r in reqs]
+        host = {
+            "temperature": torch.tensor([q.temperature for q in p], dtype=torch.float32),
+            "top_k": torch.tensor([q.top_k for q in p], dtype=torch.long),
+            "top_p": torch.tensor([q.top_p for q in p], dtype=torch.float32),
+            "seed": torch.tensor([r.seed for r in reqs], dtype=torch.long),
+            "last": torch.tensor(lens, dtype=torch.long) - 1,
+        }
+        d = {k: self._to_device(v) for k, v in host.items()}
+        ids = self._to_device(ids)
+        rows = slice(s0, s0 + n)
+        for k in ("temperature", "top_k", "top_p", "seed"):
+            getattr(R, k)[rows].copy_(d[k])
+        positions = torch.arange(T, device=dev)[None, :].expand(n, T)
+        logits = self.model(ids, positions=positions, cache=self.cache.rows(s0, s0 + n),
+                            logits_index=d["last"])[:, -1]                                 # [n, V]
+        R.step[rows].zero_()
+        first = self._sample(logits, rows, sampled=any(q.temperature > 0 for q in p),
+                             filtered=any(q.temperature > 0 and (q.top_k > 0 or q.top_p < 1) for q in p))
+        R.tokens[rows].copy_(first[:, None])
+        R.pos[rows].copy_(d["last"][:, None] + 1)
+        R.step[rows].fill_(1)
+        R.live[rows].fill_(1)
+        for r in reqs:
+            r._launched = 1
+        self._pending.append((self._to_host(first), [(i, r) for i, r in enumerate(reqs)]))
+
+    def _sample(self, logits: Tensor, rows: slice, sampled: bool, filtered: bool) -> Tensor:
+        R = self._rows
+        if not sampled:
+            return logits.argmax(-1)
+        noise = counter_noise(R.seed[rows], R.step[rows], logits.shape[-1])
+        return sample(logits, R.temperature[rows], R.top_k[rows], R.top_p[rows], noise, filtered)
+
+    def _step(self, B: int, sampled: bool, filtered: bool) -> None:
+        """One decode step over rows [:B]; no host sync (captured as a CUDA graph on GPU)."""
+        R, rows = self._rows, slice(0, B)
+        logits = self.model(R.tokens[rows], positions=R.pos[rows], cache=self.cache)[:, -1]   # [B, V]
+        nxt = self._sample(logits, rows, sampled, filtered)
+        live = R.live[rows]
+        R.tokens[rows].copy_(nxt[:, None])
+        R.pos[rows].add_(live[:, None])      # idle rows stay at position 0
+        R.step[rows].add_(live)
+
+    def _launch_step(self) -> bool:
+        """Launch one decode step over the requests that still need tokens; False if none do."""
+        rows = [(s, r) for s, r in enumerate(self._slots)
+                if r is not None and not r.done and r._launched < r.params.max_new_tokens]
+        if not rows:
+            return False
+        B = next(b for b in self.buckets if b > rows[-1][0])
+        ps = [r.params for _, r in rows]
+        sampled = any(q.temperature > 0 for q in ps)
+        filtered = any(q.temperature > 0 and (q.top_k > 0 or q.top_p < 1) for q in ps)
+        if self.use_graphs:
+            self._graph(B, sampled, filtered).replay()
+        else:
+            self._step(B, sampled, filtered)
+        for _, r in rows:
+            r._launched += 1
+        self._pending.append((self._to_host(self._rows.tokens[:B, 0]), rows))
+        self._n_steps += 1
+        return True
+
+    def _graph(self, B: int, sampled: bool, filtered: bool) -> "torch.cuda.CUDAGraph":
+        """The captured step for (bucket, sampling mode). The graph reads and writes the
+        persistent row state directly; warm-up runs (Triton compiles) restore that state after,
+        and write only K/V the real step rewrites identically."""
+        key = (B, sampled, filtered)
+        if key not in self._graphs:
+            R = self._rows
+            snap = {k: v.clone() for k, v in vars(R).items()}
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self._step(B, sampled, filtered)
+                    for k, v in snap.items():
+                        getattr(R, k).copy_(v)
+            torch.cuda.current_stream().wait_stream(s)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool):
+                self._step(B, sampled, filtered)
+            self._graphs[key] = g
+        return self._graphs[key]
+
+    def _to_device(self, t: Tensor) -> Tensor:
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)    # no wait on the running step
+
+    def _to_host(self, t: Tensor) -> tuple[Tensor, "torch.cuda.Event | None"]:
+        """Start copying `t` to the host; (buffer, event to wait on before reading it)."""
+        if self.device.type != "cuda":
+            return t.clone(), None
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return buf, ev
+
+    # -- host side of a finished launch ----------------------------------------------------------
+    def _process(self, item) -> None:
+        (buf, ev), rows = item
+        if ev is not None:
+            ev.synchronize()
+        toks = buf.tolist()
+        now = time.monotonic()
+        rows = [(i, r) for i, r in rows if not r.done]   # not finished / cancelled since the launch
+        with self._lock:
+            self._n_generated += len(rows)
+            self._recent.append((now, len(rows)))
+        for i, r in rows:
+            self._deliver(r, toks[i], now)
+
+    def _deliver(self, r: Request, tok: int, now: float) -> None:
+        if r.first_token_at is None:
+            r.first_token_at = now
+        produced = len(r.output_ids) + 1
+        p = r.params
+        reason = None
+        if tok in p.stop_token_ids:
+            reason = "stop"
+        elif produced >= p.max_new_tokens or len(r.prompt_ids) + produced >= self.max_len:
+            reason = "length"
+        text = ""
+        if self.tokenizer is not None:
+            text, stop_hit = self._detokenize(r, tok, final=reason is not None)
+            if stop_hit:
+                reason = "stop"
+        with self._lock:
+            if reason is None:
+                r._push(Delta((tok,), text))
+            else:
+                self._finish(r, reason, Delta((tok,), text, reason))
+
+    def _detokenize(self, r: Request, tok: int, final: bool) -> tuple[str, bool]:
+        """New text for `tok` (incremental: decode a few trailing ids, hold back an incomplete
+        UTF-8 character), minus anything that could still become a stop string.
+        -> (text to emit, whether a stop string matched)."""
+        ids = r.output_ids + [tok]
+        prefix, read = r._read
+        before = self.tokenizer.decode(ids[prefix:read])
+        now = self.tokenizer.decode(ids[prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            r._full_text += now[len(before):]
+            r._read = (read, len(ids))
+        elif final:
+            r._full_text += now[len(before):]
+        emitted = len(r.text)
+        full = r._full_text
+        stops = r.params.stop
+        if stops:
+            start = max(0, emitted - max(len(s) for s in stops) + 1)
+            hits = [i for i in (full.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                return full[emitted:max(min(hits), emitted)], True
+            if not final:                     # hold back a tail that may grow into a stop string
+                hold = max((k for s in stops for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+                return full[emitted:max(len(full) - hold, emitted)], False
+        return full[emitted:], False
+
+    def _finish(self, r: Request, reason: str, delta: Delta | None = None,
+                error: BaseException | None = None, idle_row: bool = True) -> None:
+        """End `r` (lock held): last delta, free its slot. The freed row goes idle on the device
+        after any step already launched (stream order), so that step cannot disturb it."""
+        if r.done:
+            return
+        r.error = error
+        r._push(delta or Delta((), "", reason))
+        if r._slot is not None:
+            s, r._slot = r._slot, None
+            self._slots[s] = None
+            if idle_row:
+                self._rows.live[s] = 0
+                self._rows.pos[s] = 0
+        if reason == "cancelled":
+            self._n_cancelled += 1
+        else:
+            self._n_finished += 1
+
+    def _finish_all(self, failure: BaseException | None) -> None:
+        """Loop exit: every queued / running request ends with "abort" or, after a failure, "error"."""
+        with self._lock:
+            self._failure = failure
+            self._stop = True
+            reason = "abort" if failure is None else "error"
+            for r in list(self._queue) + [r for r in self._slots if r is not None]:
+                self._finish(r, reason, error=failure, idle_row=False)
+            self._queue.clear()
+            self._pending.clear()
