@@ -12,19 +12,25 @@ def _plan(a) -> int:
     from .errors import MixprecError
     from .loader.plan import make_plan
     try:
-        p = make_plan(load_config(a.config))
+        p = make_plan(load_config(a.config), strict=False)
     except MixprecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(p.to_json(), indent=1) if a.json else p.table(all=a.all))
-    return 0
+    if not p.errors:
+        print(json.dumps(p.to_json(), indent=1) if a.json else p.table(all=a.all))
+        return 0
+    print(f"{len(p.errors)} error(s) in the mix:", file=sys.stderr)
+    for err in p.errors:
+        print(f"  - {err}", file=sys.stderr)
+    return 2
 
 
 def _generate(a) -> int:
     from .api import load
     from .runtime.generate import Generator
     from .runtime.sampling import SamplingParams
-    model = load(a.config, device=a.device, dtype=a.dtype, progress=not a.quiet)
+    model = load(a.config, device=a.device, dtype=a.dtype, progress=not a.quiet, tp=a.tp, ep=a.ep)
+    main = getattr(model, "parallel", None) is None or model.parallel.is_main   # only rank 0 prints
     tok = model.tokenizer
     if tok is None:
         print("error: the base checkpoint has no tokenizer.json", file=sys.stderr)
@@ -39,11 +45,14 @@ def _generate(a) -> int:
         if step[0] is None:
             break
         out.append(step[0])
+        if not main:
+            continue
         text = tok.decode(out)
         sys.stdout.write(text[len(shown):])   # stream the new characters only
         sys.stdout.flush()
         shown = text
-    sys.stdout.write("\n")
+    if main:
+        sys.stdout.write("\n")
     return 0
 
 
@@ -92,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None)
     s.add_argument("--no-cuda-graphs", action="store_true")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--tp", type=int, default=None, help="tensor parallel size (under torchrun; default: config)")
+    s.add_argument("--ep", type=int, default=None, help="expert parallel size (under torchrun; default: config)")
     s.set_defaults(fn=_generate)
 
     s = sub.add_parser("inspect", help="per-module format table of one checkpoint")

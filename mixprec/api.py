@@ -28,20 +28,35 @@ def plan(config) -> Plan:
 
 
 def load(config: str | Path | dict | MixConfig, device: str | torch.device | None = None,
-         dtype: torch.dtype | str | None = None, progress: bool = True):
+         dtype: torch.dtype | str | None = None, progress: bool = True, tp: int | None = None,
+         ep: int | None = None):
     """Load a mix (YAML path, dict, MixConfig, or one checkpoint directory) onto `device`.
 
     Returns the model: `model(input_ids [B, T]) -> logits [B, T, V]`; `model.stats` tells what
-    was loaded; `model.tokenizer` is the base checkpoint's tokenizer (or None)."""
+    was loaded; `model.tokenizer` is the base checkpoint's tokenizer (or None).
+    tp / ep (default: the config's `parallel`): with tp * ep > 1, call this in each of tp * ep
+    processes (torchrun); each loads its shard (mixprec.parallel) and returns full logits."""
     cfg = load_config(config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = _dtype(dtype or cfg.dtype)
     p = make_plan(cfg)
-    model, stats = assemble(p, device=device, dtype=dt, progress=progress)
+    tp = cfg.parallel.tp if tp is None else tp
+    ep = cfg.parallel.ep if ep is None else ep
+    if (tp, ep) != (1, 1) or _launch_world() > 1:
+        from .parallel import load_shard
+        model, stats = load_shard(p, tp, ep, device=device, dtype=dt, progress=progress)
+    else:
+        model, stats = assemble(p, device=device, dtype=dt, progress=progress)
     model.stats = stats
     model.plan = p
     model.tokenizer = load_tokenizer(p.sources["model"].path)
     return model
+
+
+def _launch_world() -> int:
+    """Processes of this launch (torchrun's WORLD_SIZE); 1 without a launcher."""
+    from .parallel.context import env_world
+    return env_world()
 
 
 def load_tokenizer(ckpt_dir: str | Path):

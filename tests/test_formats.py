@@ -475,19 +475,25 @@ def test_shard_errors():
         shard(g, "k", 0, 24)                 # 4 input rows per rank: half an int32 word
 
 
-def test_shard_actorder_stack():
-    """An expert stack with different act-order perms: one G' for all experts, stackable."""
-    p = dict(bits=4, group_size=64, desc_act=True, sym=False)
-    f = FORMATS["gptq"]
-    scheme = resolve_scheme(f.config_block(**p), MODULE)
-    ws = [f.load(f.pack(weight(64, 384, e), seed=e, **p), 64, 384, scheme, MODULE) for e in range(3)]
+@pytest.mark.parametrize("cid", ["gptq_actorder", "gptq_g128", "fp8_block128", "int8", "dense"])
+def test_shard_stack(cid):
+    """Expert stacks shard like their members; act-order experts with different perms share one
+    padded group size, so the shard is still one stack."""
+    _, fmt, params, size = next(c for c in SHARD_CASES if c[0] == cid)
+    f = FORMATS[fmt]
+    scheme = resolve_scheme(f.config_block(**params), MODULE) if fmt != "dense" else None
+    per_expert = [{**params, "seed": e} if params.get("desc_act") else params for e in range(3)]
+    ws = [load_module(f.pack(weight(size, size, e), **per_expert[e]), size, size, scheme, MODULE) for e in range(3)]
     st = stack(ws)
-    for r in range(4):
-        s = shard(st, "k", r, 4)
-        D = dequant(s)
-        for e in range(3):
-            assert torch.equal(D[e], dequant(ws[e])[:, r * 96:(r + 1) * 96])
-            assert torch.equal(dequant(s.select(e)), D[e])
+    per = size // 4
+    for dim in ("n", "k"):
+        for r in range(4):
+            s = shard(st, dim, r, 4)
+            D = dequant(s)
+            for e in range(3):
+                full = dequant(ws[e])
+                assert torch.equal(D[e], full[r * per:(r + 1) * per] if dim == "n" else full[:, r * per:(r + 1) * per])
+                assert torch.equal(dequant(s.select(e)), D[e])
 
 
 CAT_CASES = [  # parts (fmt, params, N) with equal K; expect fusable?
@@ -505,9 +511,9 @@ CAT_CASES = [  # parts (fmt, params, N) with equal K; expect fusable?
                        ("ct_pack", {"group_size": 32, "scale_dtype": torch.float16}, 40)], True),
     ("intq_groups", [("gptq", {"group_size": 32}, 64), ("gptq", {"group_size": 64}, 32)], False),
     ("intq_scale_dtype", [("gptq", {"group_size": 32}, 64), ("ct_pack", {"group_size": 32}, 32)], False),
-    ("intq_perm_same", [("gptq", {"group_size": 32, "desc_act": True}, 64),
-                        ("gptq", {"group_size": 32, "desc_act": True}, 32)], True),
-    ("intq_perm_differs", [("gptq", {"group_size": 32, "desc_act": True}, 64),
+    ("intq_perm_same", [("gptq", {"group_size": 32, "desc_act": True, "seed": 0}, 64),
+                        ("gptq", {"group_size": 32, "desc_act": True, "seed": 0}, 32)], True),
+    ("intq_perm_differs", [("gptq", {"group_size": 32, "desc_act": True, "seed": 0}, 64),
                            ("gptq", {"group_size": 32, "desc_act": True, "seed": 1}, 32)], False),
     ("layouts_differ", [("gptq", {"group_size": 32}, 64), ("dense", {}, 32)], False),
 ]

@@ -227,10 +227,10 @@ class CTPack(CheckpointFormat):
         if "weight_g_idx" in raw:
             g_idx = check_tensor(raw["weight_g_idx"], f"{where}.weight_g_idx", (torch.int32, torch.int64), (k,))
         codes = unpack_int32(wp, bits, 1, k).t()                                  # [K, N]
-        return make_intq(codes, sc.t(), zeros, g_idx, bits, G, n, k, self.name, where)
+        return make_intq(codes, sc.t(), zeros, g_idx, bits, G, n, k, self.name, where, g_name="weight_g_idx")
 
     @staticmethod
-    def _params(bits=4, group_size=128, sym=True, actorder=None, perm=None, seed=0,
+    def _params(bits=4, group_size=128, sym=True, actorder=None, perm=None, seed=None,
                 scale_dtype=torch.bfloat16, ignore=DEFAULT_IGNORE) -> dict:
         if bits not in BITS:
             raise FormatError(f"ct_pack bits={bits}: unsupported bits (supported: 4, 8)")
@@ -245,7 +245,7 @@ class CTPack(CheckpointFormat):
         p = self._params(**params)
         k = W.shape[1]
         G = k if p["group_size"] in (-1, None) else p["group_size"]
-        g_idx = act_order_gidx(k, G, p["perm"], p["seed"])[0] if p["actorder"] == "group" else None
+        g_idx = act_order_gidx(W, G, p["perm"], p["seed"])[0] if p["actorder"] == "group" else None
         return rtn_int(W, p["bits"], G, p["sym"], g_idx, p["scale_dtype"], zero_in_range=True)
 
     def encode(self, q: dict[str, Tensor], **params) -> dict[str, Tensor]:

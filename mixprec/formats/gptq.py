@@ -115,12 +115,12 @@ class GPTQ(CheckpointFormat):
                               f"symmetric {bits}-bit layer; following the values", stacklevel=2)
                 fmt = by_value
         zeros = unpack_int32(word_add(qz, ones_word(bits)), bits, 1, n) if fmt == "gptq" else stored
-        codes = unpack_int32(qw, bits, 0, k)                                    # [K, N]
-        return make_intq(codes, sc, zeros, g_idx, bits, G, n, k, self.name, where)
+        # qweight already is the canonical row packing: passed through unless act-order re-sorts rows
+        return make_intq(None, sc, zeros, g_idx, bits, G, n, k, self.name, where, qweight=qw)
 
     @staticmethod
     def _params(bits=4, group_size=128, sym=True, desc_act=False, checkpoint_format="gptq", perm=None,
-                seed=0, scale_dtype=torch.float16, dynamic=None, lm_head=False) -> dict:
+                seed=None, scale_dtype=torch.float16, dynamic=None, lm_head=False) -> dict:
         check_bits(bits, "gptq pack")
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise FormatError(f"gptq checkpoint_format {checkpoint_format!r}, expected one of {CHECKPOINT_FORMATS}")
@@ -130,11 +130,12 @@ class GPTQ(CheckpointFormat):
 
     def quantize(self, W: Tensor, **params) -> dict[str, Tensor]:
         """RTN codes as GPTQ stores them: codes [K, N] uint8 (natural input order), scales /
-        true zeros [ceil(K/G), N], g_idx [K] int32 (act-order: g_idx[perm[i]] = i // G)."""
+        true zeros [ceil(K/G), N], g_idx [K] int32. desc_act: g_idx[perm[i]] = i // G with `perm`
+        given, random from `seed`, or (default) inputs by descending column norm of W."""
         p = self._params(**params)
         n, k = W.shape
         G = k if p["group_size"] == -1 else p["group_size"]
-        g_idx = act_order_gidx(k, G, p["perm"], p["seed"])[0] if p["desc_act"] else None
+        g_idx = act_order_gidx(W, G, p["perm"], p["seed"])[0] if p["desc_act"] else None
         return rtn_int(W, p["bits"], G, p["sym"], g_idx, p["scale_dtype"], zero_in_range=True)
 
     def encode(self, q: dict[str, Tensor], **params) -> dict[str, Tensor]:

@@ -29,13 +29,12 @@ def pack_int32(codes: Tensor, bits: int, dim: int, order: list[int] | None = Non
     word j holds element j*pf + order[i] (order = identity unless given, e.g. AWQ's interleave).
     The packed dim is zero-padded to a multiple of pf = 32 // bits."""
     pf = 32 // bits
-    c = codes.movedim(dim, -1).to(torch.int64)
-    c = torch.nn.functional.pad(c, (0, (-c.shape[-1]) % pf))
-    c = c.reshape(*c.shape[:-1], -1, pf)
-    if order is not None:
-        c = c[..., order]
-    words = (c << (torch.arange(pf, device=c.device) * bits)).sum(-1)   # in [0, 2^32)
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    c = codes.movedim(dim, -1)
+    c = torch.nn.functional.pad(c, (0, (-c.shape[-1]) % pf)).reshape(*c.shape[:-1], -1, pf)
+    order = list(range(pf)) if order is None else order
+    words = c[..., order[0]].to(torch.int32)
+    for i in range(1, pf):   # torch's int32 << wraps into the sign bit, as the format wants
+        words |= c[..., order[i]].to(torch.int32) << (bits * i)
     return words.movedim(-1, dim).contiguous()
 
 
@@ -44,68 +43,81 @@ def unpack_int32(words: Tensor, bits: int, dim: int, size: int, order: list[int]
     unsigned: arithmetic shift of the int32, then mask."""
     pf = 32 // bits
     w = words.movedim(dim, -1)
-    shifts = torch.arange(pf, dtype=torch.int32, device=w.device) * bits
-    f = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)                  # [..., W, pf] by field
-    if order is not None:
-        f = f[..., torch.argsort(torch.tensor(order))]                    # field -> element order
-    f = f.reshape(*f.shape[:-2], -1)[..., :size]
-    return f.to(torch.uint8).movedim(-1, dim)
+    src = range(pf) if order is None else [order.index(j) for j in range(pf)]   # element j <- field src[j]
+    f = torch.stack([((w >> (bits * i)) & ((1 << bits) - 1)).to(torch.uint8) for i in src], dim=-1)
+    return f.reshape(*w.shape[:-1], -1)[..., :size].movedim(-1, dim)
 
 
-def natural_gidx(k: int, group_size: int) -> Tensor:
-    return torch.arange(k) // group_size
+def natural_gidx(k: int, group_size: int, device=None) -> Tensor:
+    return torch.arange(k, device=device) // group_size
 
 
 def rtn_int(W: Tensor, bits: int, group_size: int, sym: bool, g_idx: Tensor | None = None,
             scale_dtype: torch.dtype = torch.float16, zero_in_range: bool = True) -> dict[str, Tensor]:
     """Round-to-nearest group quantization of W [N, K] (fixtures; not GPTQ's error feedback).
 
-    Group of input k is g_idx[k] (default k // G). sym: scale = 2*amax/(2^b-1), zero 2^(b-1)
-    (GPTQ's and compressed-tensors' symmetric rule). asym: scale = (max-min)/(2^b-1), zero =
-    round(-min/scale); zero_in_range widens [min, max] to include 0 as GPTQ / compressed-tensors
-    do (AWQ does not). Codes use the scale as stored (rounded to scale_dtype).
+    Group of input k is g_idx[k] (default k // G); every group holds G inputs (the last may be
+    short). sym: scale = 2*amax/(2^b-1), zero 2^(b-1) (GPTQ's and compressed-tensors' symmetric
+    rule). asym: scale = (max-min)/(2^b-1), zero = round(-min/scale); zero_in_range widens
+    [min, max] to include 0 as GPTQ / compressed-tensors do (AWQ does not). Codes use the scale as
+    stored (rounded to scale_dtype). Runs on W's device.
     Returns codes [K, N] uint8, scales [ngroups, N] scale_dtype, zeros [ngroups, N] uint8,
     g_idx [K] int32."""
     n, k = W.shape
-    maxq = 2 ** bits - 1
-    g = natural_gidx(k, group_size) if g_idx is None else g_idx.long()
-    ng = int(g.max()) + 1
+    dev, maxq, G = W.device, 2 ** bits - 1, group_size
+    ng = -(-k // G)
+    natural = natural_gidx(k, G, dev)
+    g = natural if g_idx is None else g_idx.to(dev).long()
+    order = None if g_idx is None else torch.argsort(g, stable=True)
+    if order is not None and not torch.equal(g[order], natural):
+        raise FormatError(f"rtn_int: g_idx does not sort into {ng} groups of {G} inputs")
     Wt = W.float().t()                                                    # [K, N]
-    idx = g[:, None].expand(k, n)
-    mx = torch.zeros(ng, n).scatter_reduce(0, idx, Wt, "amax", include_self=False)
-    mn = torch.zeros(ng, n).scatter_reduce(0, idx, Wt, "amin", include_self=False)
+    rows = Wt if order is None else Wt[order]                             # group-sorted
+    if k % G:   # short last group: repeat its last row (min / max unchanged), cut off below
+        rows = rows[torch.arange(ng * G, device=dev).clamp(max=k - 1)]
+    blk = rows.reshape(ng, G, n)                                          # [ng, G, N]
+    mx, mn = blk.amax(1), blk.amin(1)
     if sym:
         scale = (2 * torch.maximum(mx.abs(), mn.abs()).clamp(min=1e-5) / maxq).to(scale_dtype)
-        zero = torch.full((ng, n), 2 ** (bits - 1), dtype=torch.float32)
+        zero = torch.full((ng, n), 2 ** (bits - 1), dtype=torch.float32, device=dev)
     else:
         if zero_in_range:
             mn, mx = mn.clamp(max=0), mx.clamp(min=0)
         scale = ((mx - mn).clamp(min=1e-5) / maxq).to(scale_dtype)
         zero = (-torch.round(mn / scale.float())).clamp(0, maxq)
-    codes = (torch.round(Wt / scale.float()[g]) + zero[g]).clamp(0, maxq)
-    return {"codes": codes.to(torch.uint8), "scales": scale, "zeros": zero.to(torch.uint8),
-            "g_idx": g.to(torch.int32)}
+    q = (torch.round(blk / scale.float()[:, None]) + zero[:, None]).clamp(0, maxq).to(torch.uint8)
+    q = q.reshape(ng * G, n)[:k]
+    if order is not None:   # back to natural input order
+        q = torch.empty_like(q).index_copy_(0, order, q)
+    return {"codes": q, "scales": scale, "zeros": zero.to(torch.uint8), "g_idx": g.to(torch.int32)}
 
 
-def act_order_gidx(k: int, group_size: int, perm: Tensor | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """GPTQ desc_act: inputs are quantized in the order `perm` (a permutation of K, random from
-    `seed` when not given) and grouped in that order: g_idx[perm[i]] = i // G. -> (g_idx, perm)."""
+def act_order_gidx(W: Tensor, group_size: int, perm: Tensor | None = None,
+                   seed: int | None = None) -> tuple[Tensor, Tensor]:
+    """GPTQ desc_act: inputs are quantized in the order `perm` and grouped in that order:
+    g_idx[perm[i]] = i // G. -> (g_idx, perm). perm default: random from `seed` when given, else
+    GPTQ's "most important first" order with the column norms of W [N, K] standing in for the
+    Hessian diagonal (no calibration data in fixtures)."""
+    k = W.shape[1]
     if perm is None:
-        perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
-    perm = torch.as_tensor(perm).long()
+        perm = (torch.randperm(k, generator=torch.Generator().manual_seed(seed)) if seed is not None
+                else torch.argsort(W.float().square().sum(0), descending=True, stable=True))
+    perm = torch.as_tensor(perm).long().cpu()
     if not torch.equal(torch.sort(perm).values, torch.arange(k)):
         raise FormatError(f"act-order perm is not a permutation of range({k})")
     g_idx = torch.empty(k, dtype=torch.long)
     g_idx[perm] = torch.arange(k) // group_size
-    return g_idx.to(torch.int32), perm
+    return g_idx.to(torch.int32).to(W.device), perm.to(W.device)
 
 
-def make_intq(codes: Tensor, scales: Tensor, zeros: Tensor | None, g_idx: Tensor | None, bits: int,
-              group_size: int, n: int, k: int, source: str, where: str) -> Packed:
-    """Canonical Packed from codes [K, N] (natural input order), scales / true zeros
-    [ceil(K/G), N] and an optional g_idx [K]. Zeros that are all 2^(bits-1) are dropped
-    (symmetric). A non-trivial g_idx must sort into contiguous groups of G (the last may be
-    short): rows are then stored in that order with `perm`."""
+def make_intq(codes: Tensor | None, scales: Tensor, zeros: Tensor | None, g_idx: Tensor | None, bits: int,
+              group_size: int, n: int, k: int, source: str, where: str, qweight: Tensor | None = None,
+              g_name: str = "g_idx") -> Packed:
+    """Canonical Packed from codes [K, N] (natural input order) or, when the checkpoint already
+    stores them that way (GPTQ), `qweight` [K/pf, N]; scales / true zeros [ceil(K/G), N] and an
+    optional g_idx [K]. Zeros that are all 2^(bits-1) are dropped (symmetric). A non-trivial g_idx
+    must sort into contiguous groups of G (the last may be short): rows are then stored in that
+    order with `perm`."""
     ng = cdiv(k, group_size)
     if scales.dtype not in SCALE_DTYPES:
         raise FormatError(f"{where}: scales dtype {scales.dtype}, expected float16 or bfloat16")
@@ -113,18 +125,21 @@ def make_intq(codes: Tensor, scales: Tensor, zeros: Tensor | None, g_idx: Tensor
     if g_idx is not None:
         g = g_idx.long()
         if int(g.min()) < 0 or int(g.max()) >= ng:
-            raise FormatError(f"{where}.g_idx: values in [{int(g.min())}, {int(g.max())}], expected groups 0..{ng - 1}")
-        natural = natural_gidx(k, group_size)
+            raise FormatError(f"{where}.{g_name}: values in [{int(g.min())}, {int(g.max())}], expected groups 0..{ng - 1}")
+        natural = natural_gidx(k, group_size, g.device)
         if not torch.equal(g, natural):
             perm = torch.sort(g, stable=True).indices
             if not torch.equal(g[perm], natural):
                 counts = torch.bincount(g, minlength=ng)
-                raise FormatError(f"{where}.g_idx: groups hold {counts.tolist()} inputs; expected {ng} groups of "
+                raise FormatError(f"{where}.{g_name}: groups hold {counts.tolist()} inputs; expected {ng} groups of "
                                   f"{group_size} (last may be short) so rows can be stored sorted by group")
-            codes = codes[perm]
+            codes = (unpack_int32(qweight, bits, 0, k) if codes is None else codes)[perm]
+            qweight = None
     if zeros is not None and bool((zeros == 2 ** (bits - 1)).all()):
         zeros = None
-    tensors = {"qweight": pack_int32(codes, bits, 0), "scales": scales.contiguous(),
+    if qweight is None:
+        qweight = pack_int32(codes, bits, 0)
+    tensors = {"qweight": qweight.contiguous(), "scales": scales.contiguous(),
                "zeros": None if zeros is None else zeros.to(torch.uint8).contiguous(),
                "perm": None if perm is None else perm.to(torch.int32)}
     return Packed("intq", n, k, tensors, {"bits": bits, "group_size": group_size}, source)

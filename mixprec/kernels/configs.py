@@ -36,12 +36,12 @@ def auto_split(M: int, N: int, K: int, BM: int, BN: int, BK: int, target: int = 
 
 def default(kind: str, M: int, N: int, K: int) -> dict:
     b = m_bucket(M)
-    if b == 1:
+    if b == 1:   # gemv programs hold few loads in flight: many K splits
         if kind.startswith("intq"):
-            BN, BK, warps = 256, 128, 2
+            BN, BK, warps, target = 256, 128, 2, 4 * SMS
         else:
-            BN, BK, warps = 32, 128, 4
-        return cfg("gemv", 1, BN, BK, auto_split(1, N, K, 1, BN, BK), warps, 1)
+            BN, BK, warps, target = 32, 128, 4, 8 * SMS
+        return cfg("gemv", 1, BN, BK, auto_split(1, N, K, 1, BN, BK, target), warps, 1)
     if b <= 16:
         BM, BN, warps, stages = 16, 64, 4, 3
     elif b <= 64:

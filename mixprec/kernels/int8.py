@@ -53,10 +53,14 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
     else:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_K], dtype=tl.float32)
+    kn = k_lo + offs_k
+    w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_hi)[None, :], other=0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
-        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        w = w_next
+        kn = kk + BLOCK_K       # prefetch the next tile: its latency hides behind this one
+        w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_hi)[None, :], other=0)
         xv = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
         if A8:
             xq = tl.minimum(tl.maximum(tl.floor(xv / sx + 0.5), -INT8_MAX_C), INT8_MAX_C).to(tl.int32)

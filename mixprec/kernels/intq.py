@@ -12,10 +12,10 @@ Two kernels, both one launch per call (split-K reduced in-kernel, quant.splitk_s
   Codes become floats without int->float converts: (word & (mask << p)) | 0x4B000000 is the
   fp32 2^23 + q*2^p, one LOP3 + one FADD; 2^-p is folded into x. The zero point and scale are
   applied once per group: y += s * (sum_k x_k q_k - z * sum_k x_k).
-* gemm (tl.dot): the word tile is split into its pf bit planes; plane i holds rows r*pf+i and is
-  multiplied by the matching strided x columns, so no interleave is needed. When a K tile sits in
-  one group the codes enter the dot as exact integers (q - z) and the scale multiplies the tile's
-  dot result; otherwise each row is dequantized before the dot.
+* gemm (tl.dot, M > 1): a [BK, BN] tile of codes in natural K order (each word is loaded once per
+  input row it holds; the repeats hit L1), one dot per K tile against a contiguous x tile. When a
+  K tile sits in one group the codes enter the dot as exact integers (q - z) and the scale
+  multiplies the tile's dot result; otherwise each row is dequantized before the dot.
 """
 from __future__ import annotations
 
@@ -49,24 +49,27 @@ def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = tl.arange(0, BLOCK_KW)
-    KW = K // PF
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    kw_hi = k_hi // PF
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    kw = k_lo // PF + rows
+    w_next = tl.load(qw_ptr + kw[:, None] * stride_q + offs_n[None, :],
+                     mask=(kw < kw_hi)[:, None] & n_mask[None, :], other=0)
     for k0 in range(k_lo, k_hi, TILE_K):   # a tile never spans two groups (host picks TILE_K)
-        kw = k0 // PF + rows
-        r_mask = kw < KW
-        w = tl.load(qw_ptr + kw[:, None] * stride_q + offs_n[None, :],
-                    mask=r_mask[:, None] & n_mask[None, :], other=0)          # [BKW, BN] int32
+        r_mask = (k0 // PF + rows) < kw_hi
+        w = w_next                                                           # [BKW, BN] int32
+        kw = (k0 + TILE_K) // PF + rows     # prefetch the next tile: its latency hides behind this one
+        w_next = tl.load(qw_ptr + kw[:, None] * stride_q + offs_n[None, :],
+                         mask=(kw < kw_hi)[:, None] & n_mask[None, :], other=0)
         g = k0 // G
         s = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if HAS_ZERO:
             z = tl.load(z_ptr + g * stride_z + offs_n, mask=n_mask, other=0).to(tl.float32)
         else:
             z = ZSYM
-        w_hi = w >> HI
-        t = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+        part = tl.zeros([BLOCK_N], dtype=tl.float32)
         xs = tl.zeros([BLOCK_KW], dtype=tl.float32)
         for i in tl.static_range(PF):
             k = k0 + rows * PF + i
@@ -75,13 +78,14 @@ def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
             xv = tl.load(x_row + k, mask=r_mask, other=0.0).to(tl.float32)
             xs += xv
             if BITS * (i + 1) > 23:
-                q = (w_hi & (MASK << (BITS * i - HI))) | 0x4B000000
+                q = ((w >> HI) & (MASK << (BITS * i - HI))) | 0x4B000000
                 xv = xv * (1.0 / (1 << (BITS * i - HI)))
             else:
                 q = (w & (MASK << (BITS * i))) | 0x4B000000
                 xv = xv * (1.0 / (1 << (BITS * i)))
-            t += (q.to(tl.float32, bitcast=True) - 8388608.0) * xv[:, None]
-        acc += s * (tl.sum(t, axis=0) - z * tl.sum(xs, axis=0))
+            # rows live in one thread: the K sum is an in-register FMA chain
+            part += tl.sum((q.to(tl.float32, bitcast=True) - 8388608.0) * xv[:, None], axis=0)
+        acc += s * (part - z * tl.sum(xs, axis=0))
     offs_m = pid_m + tl.arange(0, 1)
     tile_id = pid_m * tl.num_programs(1) + pid_n
     splitk_store(acc[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
@@ -94,9 +98,8 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
                       k_per_split, split,
                       BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
                       SCALE_AFTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_KW: tl.constexpr, USE_SPLIT: tl.constexpr):
+                      BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
     PF: tl.constexpr = 32 // BITS
-    TILE_K: tl.constexpr = BLOCK_KW * PF
     MASK: tl.constexpr = (1 << BITS) - 1
     ZSYM: tl.constexpr = MAGIC_C + (1 << (BITS - 1))
     pid = tl.program_id(0)
@@ -108,55 +111,47 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     m_mask = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    rows = tl.arange(0, BLOCK_KW)
-    KW = K // PF
+    offs_k = tl.arange(0, BLOCK_K)
+    shift = ((offs_k % PF) * BITS)[:, None]            # tiles start at multiples of PF
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, TILE_K):
-        kw = k0 // PF + rows
-        r_mask = kw < KW
-        w = tl.load(qw_ptr + kw[:, None] * stride_q + offs_n[None, :],
-                    mask=r_mask[:, None] & n_mask[None, :], other=0)          # [BKW, BN] int32
-        if SCALE_AFTER:     # the whole tile is in group k0 // G
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        # each word is read once per input row it holds (pf times, from L1): one dot per tile
+        w = tl.load(qw_ptr + (kk // PF)[:, None] * stride_q + offs_n[None, :],
+                    mask=k_mask[:, None] & n_mask[None, :], other=0)          # [BK, BN] int32
+        q = ((w >> shift) & MASK) | 0x4B000000
+        if SCALE_AFTER:     # the whole tile is in group k0 // G: exact integers (q - z) in the dot
             g = k0 // G
             s_row = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if HAS_ZERO:
                 zc = MAGIC_C + tl.load(z_ptr + g * stride_z + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
             else:
                 zc = ZSYM
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        else:               # per-row groups (G < tile)
-            g2 = (k0 + rows * PF) // G
-            m2 = r_mask[:, None] & n_mask[None, :]
+            b = (q.to(tl.float32, bitcast=True) - zc).to(x_ptr.dtype.element_ty)
+        else:               # groups smaller than the tile: dequantize each row
+            g2 = kk // G
+            m2 = k_mask[:, None] & n_mask[None, :]
             s2 = tl.load(s_ptr + g2[:, None] * stride_s + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
             if HAS_ZERO:
                 zc = MAGIC_C + tl.load(z_ptr + g2[:, None] * stride_z + offs_n[None, :], mask=m2, other=0).to(tl.float32)
             else:
                 zc = ZSYM
-        for i in tl.static_range(PF):
-            if i == 0:
-                q = w & MASK
-            else:
-                q = (w >> (BITS * i)) & MASK
-            f = (q | 0x4B000000).to(tl.float32, bitcast=True) - zc      # exact q - z
-            if not SCALE_AFTER:
-                f = f * s2
-            b = f.to(x_ptr.dtype.element_ty)                              # [BKW, BN]
-            k = k0 + rows * PF + i
-            if HAS_PERM:
-                k = tl.load(perm_ptr + k, mask=r_mask, other=0)
-            a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            if SCALE_AFTER:
-                part = tl.dot(a, b, part)
-            else:
-                acc = tl.dot(a, b, acc)
+            b = ((q.to(tl.float32, bitcast=True) - zc) * s2).to(x_ptr.dtype.element_ty)
+        if HAS_PERM:
+            kx = tl.load(perm_ptr + kk, mask=k_mask, other=0)
+        else:
+            kx = kk
+        a = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if SCALE_AFTER:
-            acc += part * s_row[None, :]
+            acc += tl.dot(a, b) * s_row[None, :]
+        else:
+            acc = tl.dot(a, b, acc)
     splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
                  USE_SPLIT)
-
 
 
 def intq_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
@@ -195,6 +190,9 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     if qweight.dim() != 2:
         raise ShapeMismatch(f"intq_linear: qweight has shape {tuple(qweight.shape)}, expected [K/{pf}, N]")
     N = qweight.shape[1]
+    if qweight.shape[0] * pf != K:
+        raise ShapeMismatch(f"intq_linear: activation has K={K} input features, qweight "
+                            f"{tuple(qweight.shape)} holds K={qweight.shape[0] * pf}")
     G = K if group_size in (-1, None) else int(group_size)
     if G <= 0 or (G < K and G % pf):
         raise FormatError(f"intq_linear: group_size={group_size} must be -1 or a positive multiple of {pf}")
@@ -233,7 +231,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
             BLOCK_N=c["BN"], BLOCK_KW=tile // pf, USE_SPLIT=split > 1,
             num_warps=c["warps"], num_stages=c["stages"])
     else:
-        tile = max(_pow2_floor(c["BK"]), 16 * pf)   # >= 16 rows per bit plane for tl.dot
+        tile = max(_pow2_floor(c["BK"]), 16, pf)
         scale_after = G >= K or G % tile == 0
         split, per = split_plan(K, tile, c["split"])
         nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
@@ -241,7 +239,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
         _intq_gemm_kernel[(nt, split)](
             x2, qweight, scales, zp, pp, out, ws, cnt, *common, per, split,
             BITS=bits, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, SCALE_AFTER=scale_after,
-            BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_KW=tile // pf, USE_SPLIT=split > 1,
+            BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
             num_warps=c["warps"], num_stages=c["stages"])
     return out.reshape(*lead, N)
 

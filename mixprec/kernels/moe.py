@@ -326,8 +326,9 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     if path == "gemv":
         kern = _moe_gemv_kernel
         grid_up, grid_dn = (P, triton.cdiv(inter, cu["BN"])), (P, nt_down)
-        lead_up = (x, ids, rw, act, out, cnt, H, inter, H, cnt.numel())
-        lead_dn = (act, ids, rw, buf, out, cnt, inter, inter, H, cnt.numel())
+        # 15: the 4-bit code mask as a run-time value (see _gemv_intq)
+        lead_up = (x, ids, rw, act, out, cnt, H, inter, H, cnt.numel(), 15)
+        lead_dn = (act, ids, rw, buf, out, cnt, inter, inter, H, cnt.numel(), 15)
         shape_kw = {}
     else:
         kern = _moe_dot_kernel
@@ -340,14 +341,19 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         shape_kw = {"BM": BM}
     for grp in up_groups:
         flat, consts, descs = _slot_args(grp, H, inter)
+        ks = _tile_ks(cu, descs, path == "gemv")
+        if path == "gemv":
+            shape_kw = {"EVK": all(H % v == 0 for v in ks.values())}
         kern[grid_up](*lead_up, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
-                      **_tile_ks(cu, descs, path == "gemv"), SUM=False, ZMISS=False,
-                      num_warps=cu["num_warps"], num_stages=cu["num_stages"])
+                      **ks, SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
     for gi, grp in enumerate(down_groups):
         flat, consts, descs = _slot_args(grp, H, inter)
+        ks = _tile_ks(cd, descs, path == "gemv")
+        if path == "gemv":
+            shape_kw = {"EVK": all(inter % v == 0 for v in ks.values())}
         kern[grid_dn](*lead_dn, *flat, **consts, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"], **shape_kw,
-                      **_tile_ks(cd, descs, path == "gemv"), SUM=gi == len(down_groups) - 1,
-                      ZMISS=len(down_groups) == 1, num_warps=cd["num_warps"], num_stages=cd["num_stages"])
+                      **ks, SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
+                      num_warps=cd["num_warps"], num_stages=cd["num_stages"])
     return out
 
 

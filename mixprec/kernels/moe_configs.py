@@ -13,8 +13,8 @@ GEMV_MAX_M = 8
 
 # side -> config; "up" computes gate and up tiles of BN columns each (fused silu*mul), "down" BN rows of H
 GEMV = {
-    "up": dict(BN=16, BKD=256, BKF=128, BKQ=256, BKI=256, num_warps=4, num_stages=1),
-    "down": dict(BN=32, BKD=256, BKF=128, BKQ=256, BKI=256, num_warps=4, num_stages=1),
+    "up": dict(BN=32, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),
+    "down": dict(BN=32, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),
 }
 
 # (max tokens, config): the first row whose bound >= M is used

@@ -51,13 +51,16 @@ def _covers(PROJ: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _intq_x(xrow, pp, kk, km, HP: tl.constexpr):
-    # activation values at (logical) k positions kk; act-order reads x[perm[k]]
-    if HP:
-        xi = tl.load(pp + kk, mask=km, other=0)
-        return tl.load(xrow + xi, mask=km, other=0.0).to(tl.float32)
-    else:
+def _intq_x(xrow, pp, kk, km, HP: tl.constexpr, MASKED: tl.constexpr):
+    # activation values at (stored) k positions kk; act-order reads x[perm[k]]
+    if MASKED:
+        if HP:
+            xi = tl.load(pp + kk, mask=km, other=0)
+            return tl.load(xrow + xi, mask=km, other=0.0).to(tl.float32)
         return tl.load(xrow + kk, mask=km, other=0.0).to(tl.float32)
+    if HP:
+        return tl.load(xrow + tl.load(pp + kk)).to(tl.float32)
+    return tl.load(xrow + kk).to(tl.float32)
 
 
 @triton.jit
@@ -79,9 +82,9 @@ def _intq_codes(q, fmask, magic, off):
 
 
 @triton.jit
-def _intq_scale(sp, zp, k0, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+def _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                 PF: tl.constexpr, BK: tl.constexpr):
-    # -> (s, z*s) broadcastable to [R, 2, F, BN]
+    # -> (s, z*s) broadcastable to [R, BN] (R word rows of the tile starting at input k0)
     if GS % BK == 0:
         g = k0 // GS
         s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
@@ -89,28 +92,43 @@ def _intq_scale(sp, zp, k0, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.constexp
             z = tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.float32)
         else:
             z = tl.full([cols.shape[0]], 2 ** (BITS - 1), tl.float32)
-        s4 = s[None, None, None, :]
-        zs4 = (z * s)[None, None, None, :]
+        s2 = s[None, :]
+        zs2 = (z * s)[None, :]
     else:
-        g = (k0 + r * PF) // GS
+        kr = k0 + r * PF
+        g = kr // GS
         off = g[:, None] * nw + cols[None, :]
-        s = tl.load(sp + off, mask=nm[None, :], other=0.0).to(tl.float32)
+        m2 = (kr < K)[:, None] & nm[None, :]
+        s2 = tl.load(sp + off, mask=m2, other=0.0).to(tl.float32)
         if HZ:
-            z = tl.load(zp + off, mask=nm[None, :], other=0).to(tl.float32)
+            z = tl.load(zp + off, mask=m2, other=0).to(tl.float32)
         else:
-            z = tl.full(s.shape, 2 ** (BITS - 1), tl.float32)
-        s4 = s[:, None, None, :]
-        zs4 = (z * s)[:, None, None, :]
-    return s4, zs4
+            z = tl.full(s2.shape, 2 ** (BITS - 1), tl.float32)
+        zs2 = z * s2
+    return s2, zs2
+
+
+@triton.jit
+def _e4m3_rne(v):
+    # fp32 v with |v| <= 448 -> nearest e4m3 value (ties to even), in fp32. Written out rather
+    # than cast so the CPU interpreter (whose fp8 cast misrounds at binade edges) agrees with
+    # the GPU; on the GPU a following cast to fp8 is exact.
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    ue = tl.maximum(e, -6) - 3                       # ulp exponent: 3 mantissa bits, min normal 2^-6
+    ulp = ((ue + 127) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 - ue) << 23).to(tl.float32, bitcast=True)
+    return ((v * inv + _RNE) - _RNE) * ulp
 
 
 # ----------------------------------------------------------------------------------------------
 # GEMV tiles (one pair per program): each returns y[n0:n0+BN] in fp32
 
 @triton.jit
-def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
+def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm,
                BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr):
+               BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr):
+    # Everything stays 2-D in the layout of the [R, BN] word tile (no shared-memory shuffles):
+    # field f of every word is dequantized in turn; the word rows are reduced once at the end.
     PF: tl.constexpr = 32 // BITS
     F: tl.constexpr = PF // 2
     R: tl.constexpr = BK // PF
@@ -118,24 +136,38 @@ def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
     nm = rn < n_lim
     cols = col0 + rn
     r = tl.arange(0, R)
-    kloc = (r[:, None, None] * PF + tl.arange(0, 2)[None, :, None] * F
-            + tl.arange(0, F)[None, None, :])                                   # [R, 2, F]
-    fmask, magic, off = _intq_consts(BITS, F)
     KP = K // PF
     qcol = qp + cols[None, :]
     # one tile of prefetch: the next words are in flight while this tile is dequantized
     q_nxt = tl.load(qcol + r[:, None] * nw, mask=(r < KP)[:, None] & nm[None, :], other=0)
-    acc = tl.zeros([R, 2, F, BN], dtype=tl.float32)
+    acc = tl.zeros([R, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         q = q_nxt
         rr = k0 // PF + R + r
         q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
-        s4, zs4 = _intq_scale(sp, zp, k0, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
-        w = _intq_codes(q, fmask, magic, off) * s4 - zs4
-        kk = k0 + kloc
-        x = _intq_x(xrow, pp, kk, kk < K, HP)
-        acc += w * x[:, :, :, None]
-    return tl.sum(tl.sum(tl.sum(acc, axis=0), axis=0), axis=0)
+        qh = q >> 16
+        kr = k0 + r * PF
+        # sum_k s (q - z) x = s * (sum_k q x) - z s * (sum_k x): within a word row s and z are
+        # constant, so the scale is applied once per 32-bit word instead of once per code
+        part = tl.zeros([R, BN], dtype=tl.float32)
+        xs = tl.zeros([R], dtype=tl.float32)
+        for f in tl.static_range(PF):
+            # field j of a 16-bit half sits at bits BITS*j; OR-ing exponent 150-BITS*j makes the
+            # float 2^(23-BITS*j) + code exactly: one LOP3 + one FADD per code, no I2F.
+            # qm (run-time 2^BITS-1) keeps the masks in registers: LOP3 takes one immediate.
+            if f < F:
+                b = (q & (qm << (BITS * f))) | ((150 - BITS * f) << 23)
+                v = b.to(tl.float32, bitcast=True) - (1 << (23 - BITS * f))
+            else:
+                b = (qh & (qm << (BITS * (f - F)))) | ((150 - BITS * (f - F)) << 23)
+                v = b.to(tl.float32, bitcast=True) - (1 << (23 - BITS * (f - F)))
+            kf = kr + f
+            x = _intq_x(xrow, pp, kf, kf < K, HP, not EVK)
+            part += v * x[:, None]
+            xs += x
+        s, zs = _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
+        acc += part * s - zs * xs[:, None]
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -151,7 +183,7 @@ def _row_absmax(xrow, K, BK: tl.constexpr):
 @triton.jit
 def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
              LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr,
-             BNW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+             BNW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr):
     # weight [nw, K] row-major (dense / fp8 / int8); this tile: rows row0+n0 .. +BN
     rn = n0 + tl.arange(0, BN)
     nm = rn < n_lim
@@ -166,20 +198,25 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
             a_i8 = tl.maximum(_row_absmax(xrow, K, BK), 1e-10) / 127.0
     xsum = tl.zeros([BK], dtype=tl.float32)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
-    w_nxt = tl.load(wrow + rk[None, :], mask=nm[:, None] & (rk < K)[None, :], other=0)
+    if EVK:
+        w_nxt = tl.load(wrow + rk[None, :], mask=nm[:, None], other=0)
+    else:
+        w_nxt = tl.load(wrow + rk[None, :], mask=nm[:, None] & (rk < K)[None, :], other=0)
     for k0 in range(0, K, BK):
         kk = k0 + rk
-        km = kk < K
         w = w_nxt
         kn = kk + BK
-        w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < K)[None, :], other=0)
-        x = tl.load(xrow + kk, mask=km, other=0.0).to(tl.float32)
+        if EVK:
+            w_nxt = tl.load(wrow + kn[None, :], mask=(rn < tl.where(k0 + BK < K, n_lim, 0))[:, None], other=0)
+            x = tl.load(xrow + kk).to(tl.float32)
+        else:
+            w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < K)[None, :], other=0)
+            x = tl.load(xrow + kk, mask=kk < K, other=0.0).to(tl.float32)
         if LAY == _FP8:
             if ACT == 1:
                 # W8A8: the activation is quantized per token per 128 (BK == 128) to e4m3
                 a = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / _FP8_MAX
-                xq = tl.minimum(tl.maximum(x / a, -_FP8_MAX), _FP8_MAX)
-                x = xq.to(tl.float8e4nv).to(tl.float32) * a
+                x = _e4m3_rne(tl.minimum(tl.maximum(x / a, -_FP8_MAX), _FP8_MAX)) * a
             sc = tl.load(sp + (rows // BNW) * tl.cdiv(K, BKW) + k0 // BKW, mask=nm, other=0.0)
             acc += (w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]) * x[None, :]
         elif LAY == _INT8:
@@ -202,10 +239,10 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
 
 
 @triton.jit
-def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID,
+def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm,
                w, s, z, pm, mp, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
                HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
-               BKQ: tl.constexpr, BKI: tl.constexpr):
+               BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr):
     LAY: tl.constexpr = C % 4
     ACT: tl.constexpr = (C // 4) % 2
     HZ: tl.constexpr = (C // 8) % 2
@@ -233,42 +270,42 @@ def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID,
                 PF: tl.constexpr = 32 // BITS
                 res = _gemv_intq(xrow, w + loc * ((K // PF) * nw), s + loc * (tl.cdiv(K, G) * nw),
                                  z + loc * (tl.cdiv(K, G) * nw), pm + loc * K, row0, nw, K, n_lim, n0,
-                                 BITS, G, HZ, HP, BN, BKQ)
+                                 qm if BITS == 4 else (qm << 4) | qm, BITS, G, HZ, HP, BN, BKQ, EVK)
             elif LAY == _FP8:
                 res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
-                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, G, B, BN, BKF)
+                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, G, B, BN, BKF, EVK)
             elif LAY == _INT8:
                 res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * nw, z + loc * nw,
-                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, 1, 1, BN, BKI)
+                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, 1, 1, BN, BKI, EVK)
             else:
                 res = _gemv_nk(xrow, w + loc * (nw * K), s, z,
-                               row0, nw, K, n_lim, n0, LAY, 0, 0, 1, 1, BN, BKD)
+                               row0, nw, K, n_lim, n0, LAY, 0, 0, 1, 1, BN, BKD, EVK)
         found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
     return res, found
 
 
 @triton.jit
-def _gemv_half(xrow, e, n0, K, INTER, HID,
+def _gemv_half(xrow, e, n0, K, INTER, HID, qm,
                w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
                C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
                C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
                C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
                C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                NS: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
-               BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr):
+               BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr):
     res = tl.zeros([BN], dtype=tl.float32)
     found = e * 0  # int32 0/1: some slot holds this expert
-    res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, w0, s0, z0, p0, m0, C0, G0, B0,
-                            HALF, BN, BKD, BKF, BKQ, BKI)
+    res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w0, s0, z0, p0, m0, C0, G0, B0,
+                            HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 1:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, w1, s1, z1, p1, m1, C1, G1, B1,
-                                HALF, BN, BKD, BKF, BKQ, BKI)
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w1, s1, z1, p1, m1, C1, G1, B1,
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 2:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, w2, s2, z2, p2, m2, C2, G2, B2,
-                                HALF, BN, BKD, BKF, BKQ, BKI)
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w2, s2, z2, p2, m2, C2, G2, B2,
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 3:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, w3, s3, z3, p3, m3, C3, G3, B3,
-                                HALF, BN, BKD, BKF, BKQ, BKI)
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w3, s3, z3, p3, m3, C3, G3, B3,
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     return res, found
 
 
@@ -283,7 +320,7 @@ def _zero_counters(cnt_ptr, n_cnt, pid, npid, ZB: tl.constexpr):
 
 @triton.jit
 def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
-                     K, INTER, HID, n_cnt,
+                     K, INTER, HID, n_cnt, qm,
                      w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
                      C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
                      C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
@@ -291,7 +328,7 @@ def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
                      C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                      NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr,
                      BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
-                     SUM: tl.constexpr, ZMISS: tl.constexpr):
+                     SUM: tl.constexpr, ZMISS: tl.constexpr, EVK: tl.constexpr):
     """Grid (P pairs, N tiles). UP: act[p, n] = silu(x W_gate^T) * (x W_up^T) for the expert of
     pair p (x = x[p // TOPK]); DOWN: buf[p, n] = w_p * act[p] W_down^T, and the last of a token's
     TOPK pairs to finish a tile writes out[token, tile] = sum of its rows (deterministic order)."""
@@ -304,20 +341,20 @@ def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
         if t == 0:
             _zero_counters(cnt_ptr, n_cnt, p, tl.num_programs(0), 256)
         xrow = x_ptr + (p // TOPK).to(tl.int64) * K
-        g, fg = _gemv_half(xrow, e, n0, K, INTER, HID,
+        g, fg = _gemv_half(xrow, e, n0, K, INTER, HID, qm,
                            w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
-                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI)
-        u, fu = _gemv_half(xrow, e, n0, K, INTER, HID,
+                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK)
+        u, fu = _gemv_half(xrow, e, n0, K, INTER, HID, qm,
                            w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
-                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI)
+                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK)
         act = g / (1.0 + tl.exp(-g)) * u
         tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty),
                  mask=rn < INTER * fg * fu)  # fg, fu: 0/1
     else:
         xrow = x_ptr + p.to(tl.int64) * K
-        d, fd = _gemv_half(xrow, e, n0, K, INTER, HID,
+        d, fd = _gemv_half(xrow, e, n0, K, INTER, HID, qm,
                            w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
-                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI)
+                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK)
         nm = rn < HID
         val = d * tl.load(rw_ptr + p)
         if ZMISS:
@@ -361,8 +398,8 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
     for k0 in range(0, K, BK):
         rr = k0 // PF + r
         q = tl.load(qp + rr[:, None] * nw + cols[None, :], mask=(rr < KP)[:, None] & nm[None, :], other=0)
-        s4, zs4 = _intq_scale(sp, zp, k0, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
-        w = tl.reshape(_intq_codes(q, fmask, magic, off) * s4 - zs4, (BK, BN))
+        s2, zs2 = _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
+        w = tl.reshape(_intq_codes(q, fmask, magic, off) * s2[:, None, None, :] - zs2[:, None, None, :], (BK, BN))
         kk = k0 + rk
         km = kk < K
         if HP:
@@ -407,7 +444,7 @@ def _dot_nk(acc, arow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
             if ACT == 1:
                 af = a.to(tl.float32)
                 am = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-12) / _FP8_MAX
-                aq = tl.minimum(tl.maximum(af / am[:, None], -_FP8_MAX), _FP8_MAX).to(tl.float8e4nv)
+                aq = _e4m3_rne(tl.minimum(tl.maximum(af / am[:, None], -_FP8_MAX), _FP8_MAX)).to(tl.float8e4nv)
                 acc += tl.dot(aq, w) * am[:, None] * sc[None, :]
             else:
                 acc = tl.dot(a, (w.to(tl.float32) * sc[None, :]).to(a.dtype), acc)

@@ -64,17 +64,19 @@ class KVCache(nn.Module):
         ok = ((j >= self.start[:B, None, None]) & (j <= p)) | (j == p)
         return ok[:, None]
 
-    def rows(self, first: int, end: int) -> "KVCache":
-        """A cache over rows [first, end) of this one, sharing its storage (writes land here):
-        lets a forward of end - first sequences fill rows at an offset (continuous batching)."""
+    def rows(self, first: int, end: int, length: int | None = None) -> "KVCache":
+        """A cache over rows [first, end) and slots [:length] of this one, sharing its storage
+        (writes land here): lets a forward fill rows at an offset, and attend over only the
+        slots in use (continuous batching). Positions must stay < length (not checked)."""
+        L = self.max_len if length is None else length
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
         view.num_layers, view.batch, view.kv_heads, view.max_len, view.head_dim = (
-            self.num_layers, end - first, self.kv_heads, self.max_len, self.head_dim)
-        view.register_buffer("k", self.k[:, first:end], persistent=False)
-        view.register_buffer("v", self.v[:, first:end], persistent=False)
+            self.num_layers, end - first, self.kv_heads, L, self.head_dim)
+        view.register_buffer("k", self.k[:, first:end, :, :L], persistent=False)
+        view.register_buffer("v", self.v[:, first:end, :, :L], persistent=False)
         view.register_buffer("start", self.start[first:end], persistent=False)
-        view.register_buffer("slots", self.slots, persistent=False)
+        view.register_buffer("slots", self.slots[:L], persistent=False)
         return view
 
 

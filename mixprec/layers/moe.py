@@ -131,6 +131,8 @@ class MoE(nn.Module):
         self._pending: dict[tuple[int, str], tuple[Packed, Tensor | None]] = {}
         self.buckets = nn.ModuleList()
         self.finalized = False
+        # expert parallel: the experts this process holds (global ids; others route to no bucket)
+        self.local_experts: tuple[int, ...] = tuple(range(num_experts))
 
     # -- loading ---------------------------------------------------------------------------
     def _shape(self, proj: str) -> tuple[int, int]:
@@ -146,6 +148,8 @@ class MoE(nn.Module):
             raise MixprecError(f"{self.name}: unknown expert projection {proj!r}, expected one of {PROJS}")
         if not 0 <= e < self.E:
             raise ShapeMismatch(f"{where}: expert index out of range, the layer has {self.E} experts")
+        if len(self.local_experts) != self.E and e not in self.local_experts:
+            raise MixprecError(f"{where}: expert {e} is not held by this process (expert parallel)")
         if (w.n, w.k) != self._shape(proj):
             raise ShapeMismatch(f"{where}: weight is [{w.n}x{w.k}], expected {list(self._shape(proj))}")
         if input_scale is not None and tuple(input_scale.shape) != (w.k,):
@@ -155,7 +159,7 @@ class MoE(nn.Module):
     def missing(self) -> list[str]:
         if self.finalized:
             return []
-        return [f"{self.name}.experts.{e}.{p}_proj" for e in range(self.E) for p in PROJS
+        return [f"{self.name}.experts.{e}.{p}_proj" for e in self.local_experts for p in PROJS
                 if (e, p) not in self._pending]
 
     def finalize(self) -> None:
@@ -166,7 +170,7 @@ class MoE(nn.Module):
         if miss:
             raise MissingWeight(f"{self.name}: {len(miss)} expert weights not set: " + ", ".join(miss))
         items: list[tuple[str, int, Packed, Tensor | None]] = []
-        for e in range(self.E):
+        for e in self.local_experts:
             (g, sg), (u, su) = self._pending.pop((e, "gate")), self._pending.pop((e, "up"))
             gu = cat_n([g, u]) if same_scale([sg, su]) else None
             if gu is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import operator
 import random
 import threading
 import time
@@ -35,6 +36,7 @@ from .generate import counter_noise
 from .sampling import SamplingParams, sample
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
+MIN_LEN_BUCKET = 256      # smallest number of cache slots a step attends over
 
 
 class QueueFull(RuntimeError):
@@ -175,12 +177,13 @@ class _Rows:
     step: Tensor          # [N] int64: tokens the row's request has sampled so far
 
 
-def _buckets(max_batch: int) -> list[int]:
-    out, b = [], 1
-    while b < max_batch:
+def _buckets(top: int, first: int = 1) -> list[int]:
+    """first, 2 first, 4 first, ... below top, then top."""
+    out, b = [], first
+    while b < top:
         out.append(b)
         b *= 2
-    return out + [max_batch]
+    return out + [top]
 
 
 class Engine:
@@ -206,8 +209,8 @@ class Engine:
         if not 2 <= max_len <= args.max_position_embeddings:
             raise ValueError(f"max_len={max_len}: expected 2..{args.max_position_embeddings} "
                              f"(the model's max_position_embeddings)")
-        if max_queue < 0 or prefill_tokens < 1:
-            raise ValueError(f"max_queue={max_queue}, prefill_tokens={prefill_tokens}: expected >= 0 and >= 1")
+        if max_queue < 1 or prefill_tokens < 1:
+            raise ValueError(f"max_queue={max_queue}, prefill_tokens={prefill_tokens}: both must be >= 1")
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
@@ -216,6 +219,7 @@ class Engine:
         self.device = next(model.buffers()).device
         self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
         self.buckets = _buckets(max_batch)
+        self.len_buckets = _buckets(max_len, MIN_LEN_BUCKET)   # attention reads slots [:bucket] only
 
         dev, N = self.device, max_batch
         self.cache = model.make_cache(N, max_len, dev)
@@ -223,13 +227,17 @@ class Engine:
         z = lambda *s, dt=torch.long: torch.zeros(s, dtype=dt, device=dev)   # noqa: E731
         self._rows = _Rows(tokens=z(N, 1), pos=z(N, 1), live=z(N), temperature=z(N, dt=torch.float32),
                            top_k=z(N), top_p=torch.ones(N, dtype=torch.float32, device=dev), seed=z(N), step=z(N))
-        self._graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
 
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._queue: collections.deque[Request] = collections.deque()
         self._slots: list[Request | None] = [None] * N
+        # host mirrors of rows.pos / rows.live as of the last launched work (exact: every device
+        # update is issued by this thread), so the slots a step may touch are known without a sync
+        self._pos = [0] * N
+        self._live = [False] * N
         self._pending: collections.deque = collections.deque()   # launched, not yet read on the host
         self._stop = False
         self._cancels = False                 # some request was cancelled since the last scan
@@ -250,7 +258,9 @@ class Engine:
         prompt + max_new_tokens > max_len, stop strings without a tokenizer); QueueFull when
         max_queue requests wait already; EngineStopped after shutdown() or a failure."""
         params.validate()
-        ids = [int(t) for t in prompt_ids]
+        if params.seed is not None and not -2**63 <= params.seed < 2**63:
+            raise ValueError(f"seed {params.seed} does not fit in 64 bits")
+        ids = [operator.index(t) for t in prompt_ids]
         if not ids:
             raise ValueError("empty prompt: at least one token is needed")
         bad = [t for t in ids if not 0 <= t < self.vocab]
@@ -290,8 +300,7 @@ class Engine:
     def metrics(self) -> dict:
         now = time.monotonic()
         with self._lock:
-            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
-                self._recent.popleft()
+            self._prune_recent(now)
             recent = sum(n for _, n in self._recent)
             span = min(RATE_WINDOW_S, now - self._started)
             m = {
@@ -314,6 +323,10 @@ class Engine:
         m["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device) if cuda else 0
         m["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.device) if cuda else 0
         return m
+
+    def _prune_recent(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
 
     @property
     def healthy(self) -> bool:
@@ -357,19 +370,24 @@ class Engine:
                 if self._stop:
                     return
                 if self._cancels:
-                    self._cancels = False
-                    for r in [r for r in self._slots if r is not None and r._cancelled]:
-                        self._finish(r, "cancelled")
-                    for r in [r for r in self._queue if r._cancelled]:
-                        self._queue.remove(r)
-                        self._finish(r, "cancelled")
+                    self._reap_cancelled()
                 admit = self._take_admissions()
             if admit:
                 self._admit(admit)
+                del admit                     # the loop's frame must not keep requests alive while idle
             launched = self._launch_step()
             # lag by one: read everything but the step just launched, which runs meanwhile
             while len(self._pending) > (1 if launched else 0):
                 self._process(self._pending.popleft())
+
+    def _reap_cancelled(self) -> None:
+        """Finish cancelled requests, running or queued (lock held)."""
+        self._cancels = False
+        for r in [r for r in self._slots if r is not None and r._cancelled]:
+            self._finish(r, "cancelled")
+        for r in [r for r in self._queue if r._cancelled]:
+            self._queue.remove(r)
+            self._finish(r, "cancelled")
 
     def _take_admissions(self) -> list[Request]:
         """Pop queued requests for the free slots, within the prefill token budget (lock held)."""
@@ -438,8 +456,8 @@ class Engine:
         for k in ("temperature", "top_k", "top_p", "seed"):
             getattr(R, k)[rows].copy_(d[k])
         positions = torch.arange(T, device=dev)[None, :].expand(n, T)
-        logits = self.model(ids, positions=positions, cache=self.cache.rows(s0, s0 + n),
-                            logits_index=d["last"])[:, -1]                                 # [n, V]
+        view = self.cache.rows(s0, s0 + n, self._len_bucket(T))
+        logits = self.model(ids, positions=positions, cache=view, logits_index=d["last"])[:, -1]   # [n, V]
         R.step[rows].zero_()
         first = self._sample(logits, rows, sampled=any(q.temperature > 0 for q in p),
                              filtered=any(q.temperature > 0 and (q.top_k > 0 or q.top_p < 1) for q in p))
@@ -447,8 +465,9 @@ class Engine:
         R.pos[rows].copy_(d["last"][:, None] + 1)
         R.step[rows].fill_(1)
         R.live[rows].fill_(1)
-        for r in reqs:
+        for r, n_prompt in zip(reqs, lens):
             r._launched = 1
+            self._pos[r._slot], self._live[r._slot] = n_prompt, True
         self._pending.append((self._to_host(first), [(i, r) for i, r in enumerate(reqs)]))
 
     def _sample(self, logits: Tensor, rows: slice, sampled: bool, filtered: bool) -> Tensor:
@@ -458,10 +477,15 @@ class Engine:
         noise = counter_noise(R.seed[rows], R.step[rows], logits.shape[-1])
         return sample(logits, R.temperature[rows], R.top_k[rows], R.top_p[rows], noise, filtered)
 
-    def _step(self, B: int, sampled: bool, filtered: bool) -> None:
-        """One decode step over rows [:B]; no host sync (captured as a CUDA graph on GPU)."""
+    def _len_bucket(self, n: int) -> int:
+        return next(b for b in self.len_buckets if b >= n)
+
+    def _step(self, B: int, L: int, sampled: bool, filtered: bool) -> None:
+        """One decode step over rows [:B] attending over slots [:L]; no host sync (captured as a
+        CUDA graph on GPU)."""
         R, rows = self._rows, slice(0, B)
-        logits = self.model(R.tokens[rows], positions=R.pos[rows], cache=self.cache)[:, -1]   # [B, V]
+        logits = self.model(R.tokens[rows], positions=R.pos[rows],
+                            cache=self.cache.rows(0, B, L))[:, -1]                         # [B, V]
         nxt = self._sample(logits, rows, sampled, filtered)
         live = R.live[rows]
         R.tokens[rows].copy_(nxt[:, None])
@@ -475,24 +499,29 @@ class Engine:
         if not rows:
             return False
         B = next(b for b in self.buckets if b > rows[-1][0])
+        # every row in [:B] writes its K/V at its position (idle ones at 0): all must be < L
+        L = self._len_bucket(max(self._pos[:B]) + 1)
+        for s in range(B):
+            self._pos[s] += self._live[s]
         ps = [r.params for _, r in rows]
         sampled = any(q.temperature > 0 for q in ps)
         filtered = any(q.temperature > 0 and (q.top_k > 0 or q.top_p < 1) for q in ps)
         if self.use_graphs:
-            self._graph(B, sampled, filtered).replay()
+            self._graph(B, L, sampled, filtered).replay()
         else:
-            self._step(B, sampled, filtered)
+            self._step(B, L, sampled, filtered)
         for _, r in rows:
             r._launched += 1
         self._pending.append((self._to_host(self._rows.tokens[:B, 0]), rows))
         self._n_steps += 1
         return True
 
-    def _graph(self, B: int, sampled: bool, filtered: bool) -> "torch.cuda.CUDAGraph":
-        """The captured step for (bucket, sampling mode). The graph reads and writes the
-        persistent row state directly; warm-up runs (Triton compiles) restore that state after,
-        and write only K/V the real step rewrites identically."""
-        key = (B, sampled, filtered)
+    def _graph(self, B: int, L: int, sampled: bool, filtered: bool) -> "torch.cuda.CUDAGraph":
+        """The captured step for (batch bucket, length bucket, sampling mode). The graph reads
+        and writes the persistent row state directly; warm-up runs (Triton compiles) restore
+        that state after, and write only K/V the real step rewrites identically. The graphs
+        share one memory pool: nothing they allocate outlives a replay (outputs go to `_rows`)."""
+        key = (B, L, sampled, filtered)
         if key not in self._graphs:
             R = self._rows
             snap = {k: v.clone() for k, v in vars(R).items()}
@@ -500,7 +529,7 @@ class Engine:
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
-                    self._step(B, sampled, filtered)
+                    self._step(B, L, sampled, filtered)
                     for k, v in snap.items():
                         getattr(R, k).copy_(v)
             torch.cuda.current_stream().wait_stream(s)
@@ -508,7 +537,7 @@ class Engine:
                 self._pool = torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self._pool):
-                self._step(B, sampled, filtered)
+                self._step(B, L, sampled, filtered)
             self._graphs[key] = g
         return self._graphs[key]
 
@@ -538,6 +567,7 @@ class Engine:
         with self._lock:
             self._n_generated += len(rows)
             self._recent.append((now, len(rows)))
+            self._prune_recent(now)
         for i, r in rows:
             self._deliver(r, toks[i], now)
 
@@ -556,23 +586,23 @@ class Engine:
             text, stop_hit = self._detokenize(r, tok, final=reason is not None)
             if stop_hit:
                 reason = "stop"
-        with self._lock:
-            if reason is None:
-                r._push(Delta((tok,), text))
-            else:
+        if reason is None:
+            r._push(Delta((tok,), text))
+        else:
+            with self._lock:
                 self._finish(r, reason, Delta((tok,), text, reason))
 
     def _detokenize(self, r: Request, tok: int, final: bool) -> tuple[str, bool]:
         """New text for `tok` (incremental: decode a few trailing ids, hold back an incomplete
         UTF-8 character), minus anything that could still become a stop string.
         -> (text to emit, whether a stop string matched)."""
-        ids = r.output_ids + [tok]
         prefix, read = r._read
-        before = self.tokenizer.decode(ids[prefix:read])
-        now = self.tokenizer.decode(ids[prefix:])
+        tail = r.output_ids[prefix:] + [tok]              # ids from `prefix` on, this one included
+        before = self.tokenizer.decode(tail[:read - prefix])
+        now = self.tokenizer.decode(tail)
         if len(now) > len(before) and not now.endswith("\ufffd"):
             r._full_text += now[len(before):]
-            r._read = (read, len(ids))
+            r._read = (read, prefix + len(tail))
         elif final:
             r._full_text += now[len(before):]
         emitted = len(r.text)
@@ -602,6 +632,7 @@ class Engine:
             if idle_row:
                 self._rows.live[s] = 0
                 self._rows.pos[s] = 0
+                self._pos[s], self._live[s] = 0, False
         if reason == "cancelled":
             self._n_cancelled += 1
         else:

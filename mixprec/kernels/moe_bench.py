@@ -1,0 +1,429 @@
+"""Benchmark of the mixed-format fused MoE layer (`python -m mixprec bench-moe`, scripts/bench_moe.py).
+
+Per (shape, configuration, tokens M): time of route() + fused_moe() per MoE layer, effective GB/s
+over the bytes of the distinct experts the routing touches, % of the device copy bandwidth
+(1 GiB copy_, read + write, measured in the same run); the bf16 baseline torch._grouped_mm with
+its routing / permutation; for mixed layers the bytes-weighted time of their uniform parts.
+Weights are cold: every timed CUDA graph replays the layer over enough distinct copies
+(>= --min-mb of touched bytes) that the 50 MB L2 cannot hold them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import moe, moe_configs
+from . import moe_testing as mt
+
+DEVICE = "cuda"
+SHAPES = {"30b": dict(E=128, k=8, H=2048, I=768), "235b": dict(E=128, k=8, H=4096, I=1536)}
+CONFIGS = {  # name -> per-expert (gate, up, down) specs, given E
+    "bf16": lambda E: mt.uniform("bf16", E),
+    "fp8": lambda E: mt.uniform("fp8", E),
+    "int4": lambda E: mt.uniform("int4", E),
+    "int8": lambda E: mt.uniform("int8", E),
+    "int4+fp8": lambda E: mt.split(["int4", "fp8"], E, seed=1),
+    "int4+fp8+bf16": lambda E: mt.split(["int4", "fp8", "bf16"], E, seed=2),
+    "perproj": lambda E: [("int4", "int4", "fp8")] * E,
+}
+UNIFORM_OF = {"dense": "bf16", "fp8": "fp8", "intq": "int4", "int8": "int8"}
+
+# candidates for --sweep
+GEMV_CANDIDATES = [
+    dict(BN=32, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),
+    dict(BN=16, BKD=256, BKF=128, BKQ=512, BKI=256, num_warps=4, num_stages=1),
+    dict(BN=64, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1),
+    dict(BN=32, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1),
+]
+SWEEP_GEMV_M = [1, 4, 8, 16]
+SWEEP_DOT_M = [8, 16, 32, 64, 128, 512]
+DOT_CANDIDATES = [
+    dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3),
+    dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=3),
+    dict(BM=32, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3),
+    dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=8, num_stages=3),
+]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device copy, counting bytes read + written."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) * 1e-3)
+    del a, b
+    return 2 * n / statistics.median(ts) / 1e9
+
+
+def time_graph(fns: list, target_ms: float = 8.0) -> float:
+    """Median µs per call of fns (run in order) replayed as one CUDA graph."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    g.replay()
+    torch.cuda.synchronize()
+    one = max(time.perf_counter() - t0, 1e-6)
+    reps = max(3, min(200, int(target_ms * 1e-3 / one)))
+    meas = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        meas.append(s.elapsed_time(e) * 1e3 / reps)
+    del g
+    return statistics.median(meas) / len(fns)
+
+
+def clone_buckets(buckets: list[dict]) -> list[dict]:
+    return [{**b, "tensors": {k: v.clone() for k, v in b["tensors"].items()}} for b in buckets]
+
+
+def layer_bytes(buckets) -> int:
+    return sum(v.numel() * v.element_size() for b in buckets for v in b["tensors"].values())
+
+
+def touched_by_format(ids: torch.Tensor, buckets) -> dict[str, int]:
+    used = torch.unique(ids.reshape(-1)).cpu()
+    out: dict[str, int] = {}
+    for b in buckets:
+        n_used = int((b["expert_map"].cpu()[used] >= 0).sum())
+        per = sum(v[0].numel() * v.element_size() for v in b["tensors"].values())
+        key = UNIFORM_OF[b["layout"]]
+        out[key] = out.get(key, 0) + n_used * per
+    return out
+
+
+def routing(M: int, E: int, k: int, seed: int):
+    g = torch.Generator(device=DEVICE)
+    g.manual_seed(1000 + seed + M)
+    logits = torch.randn(M, E, device=DEVICE, generator=g)
+    return logits
+
+
+def grouped_mm_layer(x, logits, w13t, w2t, k, I):
+    """bf16 baseline: torch routing + sort + torch._grouped_mm x2 + unpermute (no host sync)."""
+    M, H = x.shape
+    E = w13t.shape[0]
+    p = torch.softmax(logits.float(), dim=-1)
+    w, ids = torch.topk(p, k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tok = order // k
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    h = torch._grouped_mm(x[tok], w13t, offs=offs)
+    a = F.silu(h[:, :I]) * h[:, I:]
+    d = torch._grouped_mm(a, w2t, offs=offs) * w.reshape(-1)[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, tok, d)
+
+
+def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: float, results: list,
+                 copy_bw: float, configs=None, one_launch=True, baseline=False, label=None):
+    sh = SHAPES[shape]
+    E, k, H, I = sh["E"], sh["k"], sh["H"], sh["I"]
+    base = mt.build_buckets(specs_fn(E), H, I, dtype=torch.bfloat16, device=DEVICE, seed=7)
+    lb = layer_bytes(base)
+    x = torch.randn(max(tokens), H, device=DEVICE, dtype=torch.bfloat16)
+    logits_all = {M: routing(M, E, k, 0) for M in tokens}
+    ids_all = {M: moe.route(logits_all[M], k, True)[1] for M in tokens}
+    touched = {M: touched_by_format(ids_all[M], base) for M in tokens}
+    free = torch.cuda.mem_get_info()[0]
+    need = max(math.ceil(min_bytes / max(1, sum(touched[M].values()))) for M in tokens)
+    n_copies = max(1, min(need, int(0.5 * free / lb)))
+    layers = [base] + [clone_buckets(base) for _ in range(n_copies - 1)]
+    for M in tokens:
+        tb = sum(touched[M].values())
+        c = max(1, min(n_copies, math.ceil(min_bytes / tb)))
+        xm, lg = x[:M].contiguous(), logits_all[M]
+        cfg = configs(M) if callable(configs) else None
+
+        def make(L):
+            def f():
+                w, ids = moe.route(lg, k, True)
+                return moe.fused_moe(xm, ids, w, L, I, one_launch=one_launch, config=cfg)
+            return f
+        us = time_graph([make(layers[i]) for i in range(c)])
+        row = dict(shape=shape, config=label or name, M=M, us=us, touched=tb,
+                   by_format=touched[M], gbs=tb / us / 1e3, pct=100 * tb / us / 1e3 / copy_bw,
+                   copies=c, path=(cfg or moe_configs.pick(M))[0])
+        if baseline:
+            mats = []
+            for L in layers[:c]:
+                d = {b_["proj"]: b_["tensors"]["weight"] for b_ in L}
+                mats.append((d["gate_up"].transpose(1, 2), d["down"].transpose(1, 2)))
+            fns = [(lambda a=a, b_=b_: grouped_mm_layer(xm, lg, a, b_, k, I)) for a, b_ in mats]
+            row["grouped_mm_us"] = time_graph(fns)
+        results.append(row)
+        log(f"  {shape:5s} {row['config']:22s} M={M:4d} {us:9.1f} us {row['gbs']:7.0f} GB/s "
+            f"{row['pct']:5.1f}% ({c} copies, {row['path']})"
+            + (f"  grouped_mm {row['grouped_mm_us']:9.1f} us" if baseline else ""))
+    del layers, base
+    torch.cuda.empty_cache()
+
+
+def check_correct(shape: str, name: str, specs_fn, Ms=(1, 5, 40)) -> list[str]:
+    """fused_moe vs moe_reference at realistic sizes (a few tokens)."""
+    sh = SHAPES[shape]
+    E, k, H, I = sh["E"], sh["k"], sh["H"], sh["I"]
+    b = mt.build_buckets(specs_fn(E), H, I, dtype=torch.bfloat16, device=DEVICE, seed=3)
+    out = []
+    for M in Ms:
+        x = torch.randn(M, H, device=DEVICE, dtype=torch.bfloat16)
+        w, ids = moe.route(routing(M, E, k, 5), k, True)
+        y = moe.fused_moe(x, ids, w, b, I)
+        r = moe.moe_reference(x, ids, w, b, I)
+        db = mt.sqnr_db(r, y.float())
+        out.append(f"{shape} {name} M={M}: SQNR {db:.1f} dB {'ok' if db >= 40 else 'FAIL'}")
+    return out
+
+
+def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results):
+    """Time the GEMV / dot candidates on uniform int4, fp8, bf16 layers; return the winners."""
+    scores = {}
+    for shape in [s_ for s_ in ("235b", "30b") if s_ in SHAPES]:
+        for name in ("int4", "fp8", "bf16"):
+            for ci, c in enumerate(GEMV_CANDIDATES):
+                rs = []
+                bench_config(shape, name, CONFIGS[name], tokens_gemv, min_bytes, rs, copy_bw,
+                             configs=lambda M, c=c: ("gemv", c, c), label=f"{name} gemv#{ci}")
+                for r in rs:
+                    scores.setdefault(("gemv", ci, r["M"]), []).append((shape, name, r["us"]))
+                results += rs
+            for ci, c in enumerate(DOT_CANDIDATES):
+                rs = []
+                bench_config(shape, name, CONFIGS[name], tokens_dot, min_bytes, rs, copy_bw,
+                             configs=lambda M, c=c: ("dot", c, c), label=f"{name} dot#{ci}")
+                for r in rs:
+                    scores.setdefault(("dot", ci, r["M"]), []).append((shape, name, r["us"]))
+                results += rs
+    best_t = {}
+    for (path, ci, M), lst in scores.items():
+        for shape, name, us in lst:
+            key = (shape, name, M)
+            best_t[key] = min(best_t.get(key, 1e30), us)
+
+    def score(path, ci, Ms):
+        tot = 0.0
+        for M in Ms:
+            for shape, name, us in scores.get((path, ci, M), []):
+                tot += us / best_t[(shape, name, M)]
+        return tot
+    g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv))
+    dot_by_m = {M: min(range(len(DOT_CANDIDATES)), key=lambda ci: score("dot", ci, [M])) for M in tokens_dot}
+    gemv_max = 0
+    for M in sorted(set(tokens_gemv) & set(tokens_dot)):
+        if score("gemv", g, [M]) <= score("dot", dot_by_m[M], [M]):
+            gemv_max = M
+    return dict(gemv=g, gemv_cfg=GEMV_CANDIDATES[g], gemv_max_m=max(gemv_max, 1),
+                dot={M: DOT_CANDIDATES[ci] for M, ci in dot_by_m.items()})
+
+
+def _warm_worker(job) -> str:
+    """Compile (into Triton's on-disk cache) the kernels one bench_config call will launch, on a
+    16-expert layer of the same shapes: kernels depend on shapes and configs, not on E."""
+    shape, name, cfg, tokens, one_launch = job
+    sh = SHAPES[shape]
+    E = 16
+    b = mt.build_buckets(CONFIGS[name](E), sh["H"], sh["I"], dtype=torch.bfloat16, device=DEVICE, seed=0)
+    x = torch.randn(max(tokens), sh["H"], device=DEVICE, dtype=torch.bfloat16)
+    for M in tokens:
+        w, ids = moe.route(routing(M, E, sh["k"], 0), sh["k"], True)
+        moe.fused_moe(x[:M].contiguous(), ids, w, b, sh["I"], one_launch=one_launch,
+                      config=cfg(M) if callable(cfg) else cfg)
+    torch.cuda.synchronize()
+    return f"{shape} {name}"
+
+
+def warm(jobs: list, workers: int) -> None:
+    """Compile in parallel processes (Triton compiles one kernel per process at a time)."""
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, len(jobs))) as pool:
+        for _ in pool.imap_unordered(_warm_worker, jobs):
+            pass
+    log(f"compiled {len(jobs)} job(s) in {time.perf_counter() - t0:.0f} s with {workers} processes")
+
+
+def summarize(results: list, copy_bw: float) -> list[str]:
+    """Goal checks on the main table."""
+    lines = []
+    by = {(r["shape"], r["config"], r["M"]): r for r in results}
+    for r in results:
+        if r["config"] in ("bf16", "fp8", "int4", "int8") or "#" in r["config"]:
+            continue
+        est = 0.0
+        ok = True
+        for fmt, b in r["by_format"].items():
+            u = by.get((r["shape"], fmt, r["M"]))
+            if u is None or not u["by_format"].get(fmt):
+                ok = False
+                break
+            est += u["us"] * b / u["by_format"][fmt]
+        if ok:
+            r["uniform_est_us"] = est
+            r["ratio"] = r["us"] / est
+    worst = [r for r in results if "ratio" in r]
+    if worst:
+        w = max(worst, key=lambda r: r["ratio"])
+        n_bad = sum(r["ratio"] > 1.1 for r in worst)
+        lines.append(f"mixed <= 1.1x bytes-weighted uniform: {len(worst) - n_bad}/{len(worst)} met; worst "
+                     f"{w['ratio']:.2f}x ({w['shape']} {w['config']} M={w['M']})")
+    r = by.get(("235b", "int4", 1))
+    if r:
+        lines.append(f"int4 M=1 235B: {r['pct']:.1f}% of copy bandwidth (goal 75%): "
+                     f"{'met' if r['pct'] >= 75 else 'missed'}")
+    order_bad = []
+    for shape in SHAPES:
+        for M in sorted({r["M"] for r in results}):
+            if M > 64:
+                continue
+            t = {f: by[(shape, f, M)]["us"] for f in ("int4", "fp8", "bf16") if (shape, f, M) in by}
+            if len(t) == 3 and not (t["int4"] < t["fp8"] < t["bf16"]):
+                order_bad.append(f"{shape} M={M} int4 {t['int4']:.1f} fp8 {t['fp8']:.1f} bf16 {t['bf16']:.1f}")
+    lines.append("int4 < fp8 < bf16 for M <= 64: " + ("met" if not order_bad else "missed at " + "; ".join(order_bad)))
+    gm = [r for r in results if "grouped_mm_us" in r]
+    if gm:
+        bad = [f"{r['shape']} M={r['M']} {r['us']:.1f} vs {r['grouped_mm_us']:.1f}" for r in gm
+               if r["us"] > r["grouped_mm_us"]]
+        lines.append("bf16 <= torch._grouped_mm: " + ("met" if not bad else "missed at " + "; ".join(bad)))
+    lines.append(f"copy bandwidth {copy_bw:.0f} GB/s")
+    return lines
+
+
+def table(results: list) -> str:
+    head = "| shape | config | M | path | µs | GB/s | % copy | uniform-weighted µs | ratio | grouped_mm µs |"
+    out = [head, "|" + "---|" * 10]
+    for r in results:
+        if "#" in r["config"]:
+            continue
+        out.append(f"| {r['shape']} | {r['config']} | {r['M']} | {r['path']} | {r['us']:.1f} | {r['gbs']:.0f} | "
+                   f"{r['pct']:.1f} | {r.get('uniform_est_us', float('nan')):.1f} | {r.get('ratio', float('nan')):.2f} | "
+                   f"{r.get('grouped_mm_us', float('nan')):.1f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mixprec bench-moe", description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="30b,235b")
+    ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,512")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--min-mb", type=float, default=256.0, help="touched MB per timed replay (cold weights)")
+    ap.add_argument("--sweep", action="store_true", help="time launch-config candidates, use the winners")
+    ap.add_argument("--check", action="store_true", help="SQNR vs moe_reference at realistic sizes first")
+    ap.add_argument("--per-bucket", action="store_true", help="also time one launch per bucket (mixed configs)")
+    ap.add_argument("--out", default=None, help="folder for results.json and table.md")
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
+                    help="processes that compile the kernels first (1: compile on first use)")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench-moe needs a CUDA device", file=sys.stderr)
+        return 2
+    shapes = a.shapes.split(",")
+    tokens = [int(t) for t in a.tokens.split(",")]
+    names = a.configs.split(",")
+    for n in names:
+        if n not in CONFIGS:
+            print(f"unknown config {n!r}; choose from {list(CONFIGS)}", file=sys.stderr)
+            return 2
+    log(f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
+        f"triton {__import__('triton').__version__} {time.strftime('%Y-%m-%d %H:%M')}")
+    bw = copy_bandwidth()
+    log(f"copy bandwidth (1 GiB copy_, r+w): {bw:.0f} GB/s")
+    if a.check:
+        for shape in shapes:
+            for n in names:
+                for line in check_correct(shape, n, CONFIGS[n]):
+                    log("check", line)
+    results: list = []
+    min_bytes = a.min_mb * 1e6
+    if a.workers > 1:
+        jobs = []
+        for shape in shapes:
+            for n in names:
+                jobs.append((shape, n, None, tokens, True))
+                if a.per_bucket and n in ("int4+fp8", "int4+fp8+bf16"):
+                    jobs.append((shape, n, None, tokens, False))
+            if a.sweep:
+                for n in ("int4", "fp8", "bf16"):
+                    for c in GEMV_CANDIDATES:
+                        jobs.append((shape, n, ("gemv", c, c), SWEEP_GEMV_M, True))
+                    for c in DOT_CANDIDATES:
+                        jobs.append((shape, n, ("dot", c, c), SWEEP_DOT_M, True))
+        warm(jobs, a.workers)
+    if a.sweep:
+        sw_results: list = []
+        win = sweep(SWEEP_GEMV_M, SWEEP_DOT_M, min_bytes, bw, sw_results)
+        log("sweep winners:", json.dumps(win, default=str))
+        moe_configs.GEMV["up"] = moe_configs.GEMV["down"] = win["gemv_cfg"]
+        moe_configs.GEMV_MAX_M = win["gemv_max_m"]
+        moe_configs.DOT[:] = [(M, c) for M, c in sorted(win["dot"].items())] + [(1 << 30, win["dot"][max(win["dot"])])]
+        results_sweep = sw_results
+    else:
+        results_sweep = []
+    for shape in shapes:
+        for n in names:
+            bench_config(shape, n, CONFIGS[n], tokens, min_bytes, results, bw, baseline=(n == "bf16"))
+            if a.per_bucket and n in ("int4+fp8", "int4+fp8+bf16"):
+                bench_config(shape, n, CONFIGS[n], tokens, min_bytes, results, bw, one_launch=False,
+                             label=n + " per-bucket")
+    lines = summarize(results, bw)
+    md = table(results)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "results.json"), "w") as f:
+            json.dump(dict(copy_bw=bw, results=results, sweep=results_sweep,
+                           configs=dict(gemv=moe_configs.GEMV, gemv_max_m=moe_configs.GEMV_MAX_M,
+                                        dot=moe_configs.DOT)), f, indent=1, default=str)
+        with open(os.path.join(a.out, "table.md"), "w") as f:
+            f.write(md + "\n\n" + "\n".join(lines) + "\n")
+    log(md)
+    for line in lines:
+        log(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

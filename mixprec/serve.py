@@ -1,0 +1,370 @@
+"""OpenAI-compatible HTTP server over the continuous-batching Engine.
+
+    python -m mixprec serve CONFIG --host 127.0.0.1 --port 8000 [--max-batch 16 --max-len 4096]
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true` as
+server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), GET /health,
+GET /metrics (the engine's metrics as JSON). Errors are OpenAI-style bodies
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad requests, 429 when
+the queue is full, 503 when the engine is down. A client that disconnects cancels its request.
+Needs the `serve` extra: pip install 'mixprec[serve]' (fastapi, uvicorn, jinja2).
+"""
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from .runtime.engine import Engine, EngineStopped, QueueFull
+from .runtime.sampling import SamplingParams
+
+MAX_STOP = 16                  # stop strings per request
+_UNSUPPORTED = {               # field -> value that means "off" (anything else is rejected)
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"),
+}
+
+
+def _require():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"the server needs fastapi and uvicorn ({e.name} is missing): "
+                          "pip install 'mixprec[serve]'") from None
+
+
+class APIError(Exception):
+    """A request the server refuses; becomes an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# -- request parsing ---------------------------------------------------------------------------
+_TYPES = {"integer": (int,), "number": (int, float), "boolean": (bool,), "string": (str,),
+          "array": (list,), "object": (dict,)}
+
+
+def _field(body: dict, name: str, kind: str, default=None, required: bool = False):
+    """body[name] checked against a JSON type (bool is not an integer / number here)."""
+    if name not in body or body[name] is None:
+        if required:
+            raise APIError(400, f"'{name}' is a required property", name, "missing_required_parameter")
+        return default
+    v = body[name]
+    if not isinstance(v, _TYPES[kind]) or (kind in ("integer", "number") and isinstance(v, bool)):
+        raise APIError(400, f"'{name}' must be of type {kind}, got {type(v).__name__}: {json.dumps(v)[:80]}",
+                       name, "invalid_type")
+    return v
+
+
+def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], chat: bool) -> SamplingParams:
+    for name, off in _UNSUPPORTED.items():
+        if name in body and not any(body[name] == o and type(body[name]) is type(o) for o in off):
+            raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    n = _field(body, "n", "integer", 1)
+    if n != 1:
+        raise APIError(400, f"n={n}: only n=1 is supported (send separate requests; they are batched)", "n")
+    if n_prompt >= max_len:
+        raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, your "
+                            f"prompt has {n_prompt} tokens.", "messages" if chat else "prompt",
+                       "context_length_exceeded")
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _field(body, name, "integer", max_len - n_prompt)
+    if max_tokens < 1:
+        raise APIError(400, f"'{name}' must be at least 1, got {max_tokens}", name, "invalid_value")
+    if n_prompt + max_tokens > max_len:
+        raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you "
+                            f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, "
+                            f"{max_tokens} in the completion). Please reduce the prompt or '{name}'.",
+                       name, "context_length_exceeded")
+    temperature = _field(body, "temperature", "number", 1.0)
+    if not 0 <= temperature <= 2:
+        raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature", "invalid_value")
+    top_p = _field(body, "top_p", "number", 1.0)
+    if not 0 < top_p <= 1:
+        raise APIError(400, f"'top_p' must be in (0, 1], got {top_p}", "top_p", "invalid_value")
+    top_k = _field(body, "top_k", "integer", 0)
+    if top_k < -1:
+        raise APIError(400, f"'top_k' must be >= 0 (0 or -1: off), got {top_k}", "top_k", "invalid_value")
+    seed = _field(body, "seed", "integer")
+    if seed is not None and not -2**63 <= seed < 2**63:
+        raise APIError(400, f"'seed' must fit in 64 bits, got {seed}", "seed", "invalid_value")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+        raise APIError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} non-empty "
+                            f"strings", "stop", "invalid_type")
+    _field(body, "stream", "boolean")
+    opts = _field(body, "stream_options", "object", {})
+    _field(opts, "include_usage", "boolean")
+    return SamplingParams(temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p), seed=seed,
+                          max_new_tokens=max_tokens, stop_token_ids=eos, stop=tuple(stop))
+
+
+def _completion_prompt(body: dict, tokenizer) -> list[int]:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]                                        # a batch of one
+    if isinstance(p, str):
+        if tokenizer is None:
+            raise APIError(400, "text prompts need the checkpoint's tokenizer.json; send token ids", "prompt")
+        ids = tokenizer.encode(p)
+    elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        ids = p
+    elif p is None:
+        raise APIError(400, "'prompt' is a required property", "prompt", "missing_required_parameter")
+    elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        raise APIError(400, f"{len(p)} prompts in one request: only one is supported (send one request "
+                            f"per prompt; concurrent requests are batched)", "prompt")
+    else:
+        raise APIError(400, "'prompt' must be a string, a list of token ids, or a list of one of those",
+                       "prompt", "invalid_type")
+    if not ids:
+        raise APIError(400, "'prompt' is empty", "prompt", "invalid_value")
+    return ids
+
+
+def _chat_prompt(body: dict, tokenizer) -> list[int]:
+    msgs = _field(body, "messages", "array", required=True)
+    if not msgs:
+        raise APIError(400, "'messages' must not be empty", "messages", "invalid_value")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"{where} must be an object", where, "invalid_type")
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant", "tool", "developer"):
+            raise APIError(400, f"{where}.role must be one of system, user, assistant, tool, developer; "
+                                f"got {json.dumps(role)[:40]}", f"{where}.role", "invalid_value")
+        if isinstance(content, list):              # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"{where}.content: only text parts are supported", f"{where}.content")
+            content = "".join(p["text"] for p in content)
+        elif content is None and role == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise APIError(400, f"{where}.content must be a string or a list of text parts",
+                           f"{where}.content", "invalid_type")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    if tokenizer is None or not tokenizer.chat_template:
+        raise APIError(400, "this model has no chat template (tokenizer_config.json): use /v1/completions")
+    try:
+        text = tokenizer.apply_chat_template(out, add_generation_prompt=True)
+    except ValueError as e:                             # the template's raise_exception()
+        raise APIError(400, f"chat template: {e}", "messages") from None
+    return tokenizer.encode(text)
+
+
+# -- the app ---------------------------------------------------------------------------------
+def create_app(engine: Engine, tokenizer, model_name: str):
+    """The FastAPI app serving `engine` as `model_name` (the engine's lifetime is the caller's).
+    (No `from __future__ import annotations` in this file: FastAPI must see the real `Request`
+    class in the handlers' annotations, and it is imported lazily here.)"""
+    _require()
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="mixprec", docs_url=None, redoc_url=None)
+    created = int(time.time())
+    eos = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, e: HTTPException):        # unknown routes / methods, OpenAI-style too
+        return JSONResponse(APIError(e.status_code, str(e.detail), code=None).body(), status_code=e.status_code)
+
+    async def parse(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"request body is not valid JSON: {e}", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object", None, "invalid_json")
+        model = _field(body, "model", "string", required=True)
+        if model != model_name:
+            raise APIError(404, f"The model `{model}` does not exist (this server has `{model_name}`)",
+                           "model", "model_not_found")
+        return body
+
+    def submit(ids: list[int], params: SamplingParams):
+        try:
+            return engine.submit(ids, params)
+        except QueueFull as e:
+            raise APIError(429, f"server busy: {e}", None, "queue_full", "rate_limit_error") from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), None, "engine_stopped", "server_error") from None
+        except ValueError as e:
+            raise APIError(400, str(e), "prompt") from None
+
+    def usage(req) -> dict:
+        n, m = len(req.prompt_ids), len(req.output_ids)
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+    def failed(req) -> APIError | None:
+        if req.finish_reason == "error":
+            return APIError(500, f"generation failed: {req.error!r}", None, "engine_error", "server_error")
+        if req.finish_reason in ("abort", "cancelled"):
+            return APIError(503, "the engine stopped before this request finished", None, "engine_stopped",
+                            "server_error")
+        return None
+
+    async def run(request: Request, chat: bool):
+        body = await parse(request)
+        ids = _chat_prompt(body, tokenizer) if chat else _completion_prompt(body, tokenizer)
+        params = _sampling(body, len(ids), engine.max_len, eos, chat)
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        req = submit(ids, params)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": model_name}
+        if stream:
+            return StreamingResponse(_events(req, head, chat, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if not await _wait_or_cancel(request, req):
+            return JSONResponse({}, status_code=499)          # nobody is listening any more
+        err = failed(req)
+        if err is not None:
+            raise err
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": req.text},
+                      "logprobs": None, "finish_reason": req.finish_reason}
+            head["object"] = "chat.completion"
+        else:
+            choice = {"index": 0, "text": req.text, "logprobs": None, "finish_reason": req.finish_reason}
+        return {**head, "choices": [choice], "usage": usage(req)}
+
+    async def _wait_or_cancel(request: Request, req) -> bool:
+        """Wait for req; if the client disconnects first, cancel it (False)."""
+        done = asyncio.ensure_future(req.wait())
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if done.done():
+            return True
+        engine.cancel(req)
+        done.cancel()
+        return False
+
+    async def _events(req, head: dict, chat: bool, include_usage: bool):
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+
+        try:
+            if chat:
+                yield chunk(None, None, role=True)
+            async for d in req.stream():
+                if d.finish_reason is not None:
+                    err = failed(req)
+                    if err is not None:
+                        yield _sse(err.body())
+                        break
+                if d.text:
+                    yield chunk(d.text, None)
+                if d.finish_reason is not None:
+                    yield chunk(None, d.finish_reason)
+            if include_usage and not failed(req):
+                yield _sse({**head, "choices": [], "usage": usage(req)})
+            yield "data: [DONE]\n\n"
+        finally:                                    # client gone (task cancelled) or done
+            if not req.done:
+                engine.cancel(req)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "mixprec", "max_model_len": engine.max_len}]}
+
+    @app.get("/health")
+    async def health():
+        if engine.healthy:
+            return {"status": "ok"}
+        return JSONResponse({"status": "error", "message": "the engine loop is not running"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return engine.metrics()
+
+    return app
+
+
+async def _disconnected(request) -> None:
+    """Returns when the client has gone (the body is already read, so only http.disconnect comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+# -- command line ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixprec serve", description="OpenAI-compatible server for a mix")
+    p.add_argument("config", help="mix YAML, or one checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV cache rows)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="context per request, prompt + completion (default: the model's, at most 4096)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: config name)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    _require()
+    import uvicorn
+
+    from .api import load
+    model = load(a.config, device=a.device, dtype=a.dtype)
+    name = a.served_model_name or Path(a.config).resolve().name.removesuffix(".yaml").removesuffix(".yml")
+    engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
+                    use_cuda_graphs=False if a.no_cuda_graphs else None)
+    print(f"serving {name!r} on http://{a.host}:{a.port}/v1 (max_batch={engine.max_batch}, "
+          f"max_len={engine.max_len}, device={engine.device})", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(engine, model.tokenizer, name), host=a.host, port=a.port, log_level=a.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Continuous-batching engine: every request must get exactly what the static-batch Generator
+gives it alone, whatever else runs beside it (admission mid-flight, bucket changes, slot reuse,
+cancellation), plus queue bounds, stop strings and the thread / asyncio interfaces.
+
+The fixture model runs in float32 on CPU (bf16 matmuls are very slow there; batching logic does
+not depend on the dtype). GPU tests (bf16, CUDA graphs) run when CUDA is present."""
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+import mixprec
+from mixprec.runtime.engine import Engine, EngineStopped, QueueFull
+from mixprec.runtime.generate import Generator
+from mixprec.runtime.sampling import SamplingParams
+from mixprec.testing.fixtures import make_fixture
+
+T_OUT = 60          # seconds any single wait may take before the test fails
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_fixture(tmp_path_factory.mktemp("engine"), formats=["bf16"])["bf16"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # tiny matmuls: thread hand-offs cost more than they save
+    yield mixprec.load(path, device="cpu", dtype="float32", progress=False)
+    torch.set_num_threads(threads)
+
+
+def prompts(n, lo=1, hi=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, 500, (k,), generator=g).tolist() for k in lens]
+
+
+def alone(model, prompt, params):
+    return Generator(model).generate([prompt], params)[0]
+
+
+def test_greedy_matches_generator_under_load(model):
+    ps = prompts(10, seed=1)
+    params = [SamplingParams(max_new_tokens=4 + 3 * (i % 5)) for i in range(10)]
+    ref = [alone(model, p, sp) for p, sp in zip(ps, params)]
+    # a stop id that greedy decoding of prompt 0 hits at its 3rd token: both must stop there
+    params[0] = SamplingParams(max_new_tokens=16, stop_token_ids=(ref[0][2], 10_000))
+    ref[0] = alone(model, ps[0], params[0])
+    assert len(ref[0]) == 3
+    with Engine(model, max_batch=4, max_len=96) as eng:      # 10 requests through 4 slots
+        reqs = [eng.submit(p, sp) for p, sp in zip(ps, params)]
+        got = [r.result(T_OUT) for r in reqs]
+        assert [r.output_ids for r in got] == ref
+        assert got[0].finish_reason == "stop" and all(r.finish_reason == "length" for r in got[1:])
+        m = eng.metrics()
+        assert m["tokens_generated"] == sum(map(len, ref)) and m["requests_finished"] == 10
+        assert m["requests_active"] == 0 and m["requests_queued"] == 0 and m["gpu_memory_allocated_bytes"] == 0
+        assert m["decode_steps"] < sum(map(len, ref))                  # steps were shared
+        # text: the decoded ids (special tokens skipped), streamed as deltas that add up to it
+        tok = model.tokenizer
+        for r in got:
+            assert r.text == tok.decode(r.output_ids)
+            assert "".join(d.text for d in r.deltas()) == r.text
+
+
+def test_attention_length_buckets(model):
+    """Steps attend over cache slots [:256], [:512] or all: requests crossing those lengths,
+    beside short ones that come and go, still match the Generator."""
+    ps = prompts(2, lo=230, hi=250, seed=11) + prompts(3, lo=3, hi=9, seed=12)
+    params = [SamplingParams(max_new_tokens=n) for n in (300, 40, 5, 9, 30)]
+    ref = [alone(model, p, sp) for p, sp in zip(ps, params)]
+    with Engine(model, max_batch=4, max_len=600) as eng:
+        assert eng.len_buckets == [256, 512, 600]
+        got = [r.result(T_OUT).output_ids for r in [eng.submit(p, sp) for p, sp in zip(ps, params)]]
+    assert got == ref
+
+
+def test_seeded_sampling_independent_of_batch(model):
+    p = prompts(1, lo=12, hi=12, seed=2)[0]
+    sp = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=1234, max_new_tokens=12)
+    ref = alone(model, p, sp)
+    other = prompts(7, seed=3)
+    with Engine(model, max_batch=8, max_len=64) as eng:
+        solo = eng.submit(p, sp).result(T_OUT).output_ids
+        # every row used once, so the requests below reuse rows whose old state must not leak
+        for r in [eng.submit(q, SamplingParams(temperature=1.0, max_new_tokens=6)) for q in other + [p]]:
+            r.result(T_OUT)
+        # the same request between others (sampled with other seeds / params, greedy ones too),
+        # one of them admitted while it runs
+        before = [eng.submit(q, SamplingParams(temperature=1.0, seed=i, max_new_tokens=5 + i))
+                  for i, q in enumerate(other[:3])]
+        mid = eng.submit(p, sp)
+        after = [eng.submit(q, SamplingParams(max_new_tokens=9)) for q in other[3:]]
+        next(iter(mid))
+        late = eng.submit(other[0], SamplingParams(temperature=0.7, top_p=0.5, seed=9, max_new_tokens=8))
+        batched = mid.result(T_OUT).output_ids
+        for r in before + after + [late]:
+            r.result(T_OUT)
+        reseeded = eng.submit(p, SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=99,
+                                                max_new_tokens=12)).result(T_OUT).output_ids
+    assert solo == ref and batched == ref
+    assert reseeded != ref                   # the seed matters: this is really sampling
+    assert len(set(ref)) > 3
+
+
+def test_many_concurrent_requests_from_threads(model):
+    ps = prompts(24, lo=1, hi=30, seed=4)
+    params = [SamplingParams(max_new_tokens=1 + (7 * i) % 13) for i in range(24)]
+    ref = [alone(model, p, sp) for p, sp in zip(ps, params)]
+    got: dict[int, list[int]] = {}
+    with Engine(model, max_batch=8, max_len=64, prefill_tokens=64) as eng:
+        def client(i):
+            got[i] = list(eng.submit(ps[i], params[i]))      # streamed, token by token
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(T_OUT)
+        assert not any(t.is_alive() for t in threads)
+        assert eng.metrics()["requests_active"] == 0
+    assert [got[i] for i in range(24)] == ref
+
+
+def test_cancel_frees_slot(model):
+    p, q = prompts(2, lo=8, hi=8, seed=5)
+    with Engine(model, max_batch=1, max_len=128) as eng:
+        long = eng.submit(p, SamplingParams(max_new_tokens=100))
+        waiting = eng.submit(q, SamplingParams(max_new_tokens=6))
+        queued_then_cancelled = eng.submit(q, SamplingParams(max_new_tokens=6))
+        it = iter(long)
+        first = [next(it) for _ in range(3)]
+        assert eng.metrics()["requests_active"] == 1 and eng.metrics()["requests_queued"] == 2
+        eng.cancel(queued_then_cancelled)
+        eng.cancel(long)
+        assert long.result(T_OUT).finish_reason == "cancelled"
+        assert queued_then_cancelled.result(T_OUT).finish_reason == "cancelled"
+        assert queued_then_cancelled.output_ids == []
+        assert long.output_ids[:3] == first and len(long.output_ids) < 100
+        # the freed slot serves the waiting request, which is unaffected by the cancelled one
+        assert waiting.result(T_OUT).output_ids == alone(model, q, SamplingParams(max_new_tokens=6))
+        m = eng.metrics()
+        assert m["requests_active"] == 0 and m["requests_cancelled"] == 2 and m["requests_finished"] == 1
+
+
+def test_queue_bound_and_request_limits(model):
+    p = prompts(1, lo=5, hi=5, seed=6)[0]
+    with Engine(model, max_batch=1, max_len=64, max_queue=2) as eng:
+        busy = eng.submit(p, SamplingParams(max_new_tokens=59))
+        next(iter(busy))                                         # admitted: the slot is taken
+        queued = [eng.submit(p, SamplingParams(max_new_tokens=2)) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            eng.submit(p, SamplingParams(max_new_tokens=2))
+        with pytest.raises(ValueError, match="exceeds this engine's context of 64"):
+            eng.submit(p, SamplingParams(max_new_tokens=60))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            eng.submit([1, model.args.vocab_size], SamplingParams(max_new_tokens=2))
+        with pytest.raises(ValueError, match="empty prompt"):
+            eng.submit([], SamplingParams(max_new_tokens=2))
+        eng.cancel(busy)
+        assert [r.result(T_OUT).finish_reason for r in queued] == ["length", "length"]
+        assert len(busy.result(T_OUT).output_ids) < 59
+        ok = eng.submit(p, SamplingParams(max_new_tokens=3)).result(T_OUT)   # room again
+        assert len(ok.output_ids) == 3
+    with pytest.raises(EngineStopped):
+        eng.submit(p, SamplingParams(max_new_tokens=2))
+
+
+def test_stop_strings_trim_text(model):
+    tok = model.tokenizer
+    p = tok.encode("The morning train left the station")
+    full = eng_text = None
+    with Engine(model, max_batch=2, max_len=96) as eng:
+        full = eng.submit(p, SamplingParams(max_new_tokens=24)).result(T_OUT)
+        eng_text = full.text
+        assert eng_text == tok.decode(full.output_ids) and len(eng_text) > 12
+        stop = eng_text[6:9]                       # spans whatever tokens make it up
+        cut = eng_text.find(stop)
+        r = eng.submit(p, SamplingParams(max_new_tokens=24, stop=("never-there", stop))).result(T_OUT)
+        assert r.finish_reason == "stop" and r.text == eng_text[:cut]
+        # it stopped on the token that completed the stop string, not later
+        n = len(r.output_ids)
+        assert r.output_ids == full.output_ids[:n]
+        assert stop in tok.decode(r.output_ids) and stop not in tok.decode(r.output_ids[:-1])
+        assert "".join(d.text for d in r.deltas()) == r.text
+
+
+def test_asyncio_stream_and_shutdown(model):
+    ps = prompts(3, seed=7)
+    ref = [alone(model, p, SamplingParams(max_new_tokens=5)) for p in ps]
+    eng = Engine(model, max_batch=2, max_len=64)
+
+    async def consume(p):
+        ids = []
+        async for d in eng.submit(p, SamplingParams(max_new_tokens=5)).stream():
+            ids += d.token_ids
+        return ids
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(consume(p) for p in ps)), T_OUT)
+    assert asyncio.run(main()) == ref
+    long = eng.submit(ps[0], SamplingParams(max_new_tokens=40))
+    eng.shutdown()
+    assert long.result(T_OUT).finish_reason == "abort"
+    assert not eng.healthy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("experts", [0, 8])
+def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
+    path = make_fixture(tmp_path, formats=["bf16"], experts=experts)["bf16"]
+    m = mixprec.load(path, device="cuda", progress=False)
+    ps = prompts(12, seed=8)
+    params = [SamplingParams(max_new_tokens=8 + i) for i in range(12)]
+    params[3] = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=10)
+    gen = Generator(m)
+    ref = [gen.generate([p], sp)[0] for p, sp in zip(ps, params)]
+    with Engine(m, max_batch=8, max_len=128) as eng:
+        assert eng.use_graphs
+        reqs = [eng.submit(p, sp) for p, sp in zip(ps, params)]
+        got = [r.result(T_OUT).output_ids for r in reqs]
+        t0 = time.perf_counter()
+        eng.submit(ps[0], SamplingParams(max_new_tokens=64)).result(T_OUT)
+        assert eng.metrics()["gpu_memory_allocated_bytes"] > 0
+        print(f"\n64 tokens alone: {64 / (time.perf_counter() - t0):.0f} tok/s")
+    assert got == ref

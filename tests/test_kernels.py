@@ -1,0 +1,301 @@
+"""Dense linear kernels (intq / fp8 / int8) against their pure-torch references on the same
+packed tensors (SQNR >= 40 dB), plus checks of the references themselves against integer codes.
+
+Without CUDA the Triton kernels run in the CPU interpreter (conftest sets TRITON_INTERPRET=1):
+small shapes, fp16/fp32 activations (the interpreter's bf16 arithmetic is wrong). With CUDA the
+GPU tests run bf16 and fp16 at real sizes, default configs, CUDA-graph capture and determinism."""
+import pytest
+import torch
+
+from mixprec.errors import FormatError, ShapeMismatch
+from mixprec.kernels import configs
+from mixprec.kernels.fp8 import fp8_linear, fp8_linear_cfg, fp8_linear_reference
+from mixprec.kernels.int8 import int8_linear, int8_linear_cfg, int8_linear_reference
+from mixprec.kernels.intq import intq_linear, intq_linear_cfg, intq_linear_reference
+from mixprec.kernels.quant import fp8_act_quant_reference, int8_act_quant_reference
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+cpu_only = pytest.mark.skipif(CUDA, reason="interpreter test (CPU only)")
+
+# small configs that exercise both kernels, with and without split-K, on tiny shapes
+GEMV = configs.cfg("gemv", 1, 128, 64, 1, 1, 1)
+GEMV_SPLIT = configs.cfg("gemv", 1, 64, 64, 3, 2, 1)
+GEMM = configs.cfg("gemm", 16, 32, 128, 1, 4, 2)
+GEMM_SPLIT = configs.cfg("gemm", 16, 64, 64, 2, 4, 2)
+
+
+def sqnr(y, ref):
+    y, ref = y.float().cpu(), ref.float().cpu()
+    assert torch.isfinite(y).all()
+    return (10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum().clamp_min(1e-30))).item()
+
+
+def gen(seed):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def make_intq(N, K, G, bits, asym, act_order, seed, sdtype=torch.float16):
+    g = gen(seed)
+    pf = 32 // bits
+    qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (K // pf, N), dtype=torch.int32, generator=g)
+    ng = -(-K // G)
+    sc = (torch.rand(ng, N, generator=g) * 0.02 + 0.002).to(sdtype)
+    z = torch.randint(0, 2 ** bits, (ng, N), dtype=torch.uint8, generator=g) if asym else None
+    perm = torch.randperm(K, generator=g).to(torch.int32) if act_order else None
+    return [t.to(DEV) if t is not None else None for t in (qw, sc, z, perm)]
+
+
+def make_fp8(N, K, block, seed):
+    g = gen(seed)
+    w = (torch.randn(N, K, generator=g) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.rand(-(-N // block[0]), -(-K // block[1]), generator=g) * 0.01 + 1e-3
+    return w.to(DEV), s.to(DEV)
+
+
+def make_int8(N, K, asym, seed):
+    g = gen(seed)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, 1, generator=g) * 0.01 + 1e-3
+    z = torch.randint(-20, 21, (N, 1), generator=g).float() if asym else None
+    return w.to(DEV), s.to(DEV), (z.to(DEV) if z is not None else None)
+
+
+def xin(M, K, dtype, seed):
+    return torch.randn(M, K, generator=gen(seed)).to(dtype).to(DEV)
+
+
+# ------------------------------------------------------------------------------------------
+# references against integer codes (independent of the kernels)
+
+def test_intq_reference_matches_integer_codes():
+    K, N, G = 64, 8, 32
+    for bits in (4, 8):
+        pf = 32 // bits
+        codes = torch.randint(0, 2 ** bits, (K, N), generator=gen(1))
+        words = torch.zeros(K // pf, N, dtype=torch.int64)
+        for i in range(pf):
+            words |= codes[i::pf].long() << (bits * i)          # row r*pf+i in bits bits*i..
+        qw = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+        sc = torch.rand(K // G, N, generator=gen(2)).half()
+        z = torch.randint(0, 2 ** bits, (K // G, N), generator=gen(3)).to(torch.uint8)
+        perm = torch.randperm(K, generator=gen(4)).int()
+        x = torch.randn(3, K, generator=gen(5))
+        W = torch.zeros(N, K)                                   # un-permuted dense weight
+        for k in range(K):
+            W[:, perm[k]] = sc[k // G].float() * (codes[k].float() - z[k // G].float())
+        ref = intq_linear_reference(x, qw, sc, z, perm, bits, G)
+        torch.testing.assert_close(ref, x @ W.T, rtol=1e-5, atol=1e-4)
+        Wsym = (codes.float() - 2 ** (bits - 1)) * sc.float().repeat_interleave(G, 0)
+        torch.testing.assert_close(intq_linear_reference(x, qw, sc, None, None, bits, -1 if G == K else G),
+                                   x @ Wsym, rtol=1e-5, atol=1e-4)
+
+
+def test_act_quant_references():
+    x = torch.randn(4, 300, generator=gen(6)) * torch.tensor([[1e-3], [1.0], [50.0], [0.0]])
+    xq, a = fp8_act_quant_reference(x, 128)
+    assert xq.dtype == torch.float8_e4m3fn and a.shape == (4, 3)
+    assert torch.isfinite(a).all() and (a > 0).all()                 # zero row: EPS clamp, no NaN
+    assert xq[:3, :128].float().abs().amax(1).eq(448).all()          # amax maps to e4m3 max
+    rel = (xq.float() * a.repeat_interleave(128, 1)[:, :300] - x).norm() / x.norm()
+    assert rel < 0.05
+    q8, sx = int8_act_quant_reference(x)
+    assert q8.dtype == torch.int8 and q8[:3].abs().amax(1).eq(127).all() and q8[3].eq(0).all()
+    assert ((q8.float() * sx - x).abs() <= sx / 2 + 1e-6).all()
+
+
+def test_fp8_and_int8_references_dequant():
+    w, s = make_fp8(96, 256, (32, 128), 7)
+    x = xin(2, 256, torch.float32, 8).cpu()
+    W = w.cpu().float() * s.cpu().repeat_interleave(32, 0).repeat_interleave(128, 1)
+    torch.testing.assert_close(fp8_linear_reference(x, w.cpu(), s.cpu(), (32, 128), "w8a16"), x @ W.T)
+    wi, si, zi = (t.cpu() for t in make_int8(40, 64, True, 9))
+    torch.testing.assert_close(int8_linear_reference(x[:, :64], wi, si, zi, "w8a16"),
+                               x[:, :64] @ ((wi.float() - zi) * si).T)
+
+
+# ------------------------------------------------------------------------------------------
+# interpreter: kernels vs references, small shapes
+
+INTQ_CASES = [  # M, N, K, G, asym, act_order
+    (1, 200, 256, 64, True, False),
+    (3, 96, 128, 128, False, True),
+    (17, 64, 256, 32, True, True),
+    (2, 72, 200, 200, True, False),     # G = K (group_size -1), K not a multiple of the tile
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("case", INTQ_CASES)
+def test_intq_interpreter(bits, case):
+    M, N, K, G, asym, act = case
+    qw, sc, z, perm = make_intq(N, K, G, bits, asym, act, seed=M + N + bits)
+    gs = -1 if G == K else G
+    cfgs = [GEMM, GEMM_SPLIT] + ([GEMV, GEMV_SPLIT] if M <= 3 else [])
+    for dtype, cs in ((torch.float16, cfgs), (torch.float32, cfgs[1::2])):
+        x = xin(M, K, dtype, seed=K + M)
+        ref = intq_linear_reference(x, qw, sc, z, perm, bits, gs)
+        for c in cs:
+            y = intq_linear_cfg(x, qw, sc, z, perm, bits, gs, c)
+            assert y.dtype == dtype and y.shape == (M, N)
+            assert sqnr(y, ref) >= 40, (c, dtype)
+
+
+FP8_CASES = [(1, 200, 384), (3, 96, 256), (17, 64, 200)]
+
+
+@cpu_only
+@pytest.mark.parametrize("case", FP8_CASES)
+@pytest.mark.parametrize("act", ["w8a8", "w8a16"])
+def test_fp8_interpreter(case, act):
+    M, N, K = case
+    x = xin(M, K, torch.float16, seed=M)
+    for block in [(128, 128), (1, K), (N, K)]:
+        w, s = make_fp8(N, K, block, seed=N + block[0])
+        ref = fp8_linear_reference(x, w, s, block, act)
+        gemv = [GEMV_SPLIT if block[0] == 128 else GEMV] if M <= 3 else []
+        for c in gemv + [GEMM if block[0] == 128 else GEMM_SPLIT]:
+            y = fp8_linear_cfg(x, w, s, block, act, c)
+            assert y.dtype == x.dtype and sqnr(y, ref) >= 40, (block, c)
+
+
+@cpu_only
+@pytest.mark.parametrize("case", FP8_CASES)
+@pytest.mark.parametrize("act", ["w8a8", "w8a16"])
+def test_int8_interpreter(case, act):
+    M, N, K = case
+    for asym in (False, True):
+        w, s, z = make_int8(N, K, asym, seed=M + N)
+        x = xin(M, K, torch.float32 if asym else torch.float16, seed=K)
+        ref = int8_linear_reference(x, w, s, z, act)
+        gemv = [GEMV_SPLIT if asym else GEMV] if M <= 3 else []
+        for c in gemv + [GEMM if asym else GEMM_SPLIT]:
+            y = int8_linear_cfg(x, w, s, z, act, c)
+            assert y.dtype == x.dtype and sqnr(y, ref) >= 40, (asym, c)
+
+
+@cpu_only
+def test_public_entry_points_and_split_counters_reset():
+    """Default configs, leading batch dims, and a split-K call repeated (counters reset)."""
+    qw, sc, z, perm = make_intq(64, 256, 64, 4, True, False, seed=11)
+    x = xin(2, 256, torch.float16, 12)
+    ref = intq_linear_reference(x, qw, sc, z, perm, 4, 64)
+    for _ in range(2):
+        y = intq_linear_cfg(x, qw, sc, z, perm, 4, 64, GEMM_SPLIT)
+        assert sqnr(y, ref) >= 40
+    y3 = intq_linear(x.view(1, 2, 256), qw, sc, z, perm, 4, 64)
+    assert y3.shape == (1, 2, 64) and sqnr(y3.view(2, 64), ref) >= 40
+    w, s = make_fp8(64, 256, (128, 128), 13)
+    assert sqnr(fp8_linear(x[:1], w, s, (128, 128), "w8a8"), fp8_linear_reference(x[:1], w, s, (128, 128), "w8a8")) >= 40
+    wi, si, zi = make_int8(64, 256, False, 14)
+    assert sqnr(int8_linear(x[:1], wi, si, zi, "w8a8"), int8_linear_reference(x[:1], wi, si, zi, "w8a8")) >= 40
+
+
+def test_bad_input_raises_typed_errors():
+    qw, sc, z, perm = make_intq(64, 256, 64, 4, True, False, seed=15)
+    x = xin(1, 256, torch.float16, 16)
+    with pytest.raises(FormatError, match="bits"):
+        intq_linear(x, qw, sc, z, perm, 3, 64)
+    with pytest.raises(ShapeMismatch, match="scales"):
+        intq_linear(x, qw, sc[:2], z, perm, 4, 64)
+    with pytest.raises(ShapeMismatch, match="K=256"):
+        intq_linear(xin(1, 128, torch.float16, 1), qw, sc, z, perm, 4, 64)
+    with pytest.raises(FormatError, match="zeros"):
+        intq_linear(x, qw, sc, z.to(torch.int32), perm, 4, 64)
+    with pytest.raises(FormatError, match="group_size"):
+        intq_linear(x, qw, sc, z, perm, 4, 12)
+    w, s = make_fp8(64, 256, (128, 128), 17)
+    with pytest.raises(FormatError, match="act"):
+        fp8_linear(x, w, s, (128, 128), "w4a8")
+    with pytest.raises(ShapeMismatch, match="scale"):
+        fp8_linear(x, w, s[:, :1], (128, 128), "w8a8")
+    with pytest.raises(FormatError, match="multiple of 128"):
+        fp8_linear(x, w, torch.ones(1, 4, device=DEV), (64, 64), "w8a8")
+    wi, si, zi = make_int8(64, 256, False, 18)
+    with pytest.raises(FormatError, match="dtype"):
+        int8_linear(x, wi.to(torch.uint8), si, zi, "w8a8")
+    with pytest.raises(FormatError, match="activation dtype"):
+        int8_linear(x.to(torch.int32), wi, si, zi, "w8a16")
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: real sizes, bf16 and fp16, default configs
+
+GPU_M = [1, 17, 200]
+BF, HF = torch.bfloat16, torch.float16
+
+
+@gpu
+@pytest.mark.parametrize("dtype,bits,G,asym,act", [(BF, 4, 128, True, False), (HF, 4, 128, False, True),
+                                                   (BF, 4, 32, True, True), (HF, 8, 128, True, False),
+                                                   (BF, 4, -1, False, False)])
+def test_intq_gpu(dtype, bits, G, asym, act):
+    N, K = 2200, 2048
+    qw, sc, z, perm = make_intq(N, K, K if G == -1 else G, bits, asym, act, seed=bits + (G % 7),
+                                sdtype=BF if dtype == BF else HF)
+    for M in GPU_M:
+        x = xin(M, K, dtype, seed=M)
+        y = intq_linear(x, qw, sc, z, perm, bits, G)
+        assert y.dtype == dtype and sqnr(y, intq_linear_reference(x, qw, sc, z, perm, bits, G)) >= 40, M
+
+
+@gpu
+@pytest.mark.parametrize("dtype,act", [(BF, "w8a8"), (HF, "w8a16")])
+def test_fp8_gpu(dtype, act):
+    N, K = 2200, 2048
+    for block in [(128, 128), (1, K), (N, K)]:
+        w, s = make_fp8(N, K, block, seed=block[0])
+        for M in GPU_M:
+            x = xin(M, K, dtype, seed=M)
+            assert sqnr(fp8_linear(x, w, s, block, act), fp8_linear_reference(x, w, s, block, act)) >= 40, (block, M)
+
+
+@gpu
+@pytest.mark.parametrize("dtype,act", [(BF, "w8a8"), (HF, "w8a16")])
+def test_int8_gpu(dtype, act):
+    N, K = 2200, 2048
+    for asym in (False, True):
+        w, s, z = make_int8(N, K, asym, seed=3)
+        for M in GPU_M:
+            x = xin(M, K, dtype, seed=M)
+            assert sqnr(int8_linear(x, w, s, z, act), int8_linear_reference(x, w, s, z, act)) >= 40, (asym, M)
+
+
+@gpu
+def test_gpu_tuned_configs_all_paths():
+    """Every gemv/gemm path with split-K on a real shape, then CUDA-graph capture + replay,
+    deterministic (bitwise equal) results across calls."""
+    N, K = 4096, 4096
+    qw, sc, z, _ = make_intq(N, K, 128, 4, True, False, seed=21)
+    w8, s8 = make_fp8(N, K, (128, 128), 22)
+    wi, si, _ = make_int8(N, K, False, 23)
+    ops = [lambda x, c: intq_linear_cfg(x, qw, sc, z, None, 4, 128, c),
+           lambda x, c: fp8_linear_cfg(x, w8, s8, (128, 128), "w8a8", c),
+           lambda x, c: int8_linear_cfg(x, wi, si, None, "w8a8", c)]
+    refs = [lambda x: intq_linear_reference(x, qw, sc, z, None, 4, 128),
+            lambda x: fp8_linear_reference(x, w8, s8, (128, 128), "w8a8"),
+            lambda x: int8_linear_reference(x, wi, si, None, "w8a8")]
+    x1 = xin(1, K, torch.bfloat16, 24)
+    x16 = xin(16, K, torch.bfloat16, 25)
+    for op, ref in zip(ops, refs):
+        for x, c in [(x1, configs.cfg("gemv", 1, 512, 128, 8, 4, 1)), (x1, configs.cfg("gemv", 1, 32, 128, 8, 4, 1)),
+                     (x16, configs.cfg("gemm", 16, 64, 128, 8, 4, 3))]:
+            if c["BN"] == 512 and op is not ops[0]:
+                continue
+            y = op(x, c)
+            assert sqnr(y, ref(x)) >= 40
+            assert torch.equal(op(x, c), y)                   # split-K reduction is deterministic
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                op(x, c)
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                yg = op(x, c)
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(yg, y)

@@ -1,0 +1,293 @@
+"""OpenAI-compatible server: the official `openai` client against uvicorn on 127.0.0.1 (a real
+socket, server in a thread), outputs compared with mixprec.generate on the same model; plus
+disconnects, memory over rounds, and OpenAI-style 4xx errors after which the server still serves.
+Float32 fixture model on CPU (see test_engine.py)."""
+import asyncio
+import gc
+import json
+import socket
+import threading
+import time
+import tracemalloc
+
+import pytest
+import torch
+
+import mixprec
+from mixprec.runtime.engine import Engine, Request
+from mixprec.runtime.sampling import SamplingParams
+from mixprec.testing.fixtures import make_fixture
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+from mixprec.serve import create_app  # noqa: E402
+
+NAME, MAX_LEN, T_OUT = "tiny-moe", 256, 60
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_fixture(tmp_path_factory.mktemp("serve"), formats=["bf16"])["bf16"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # tiny matmuls: thread hand-offs cost more than they save
+    yield mixprec.load(path, device="cpu", dtype="float32", progress=False)
+    torch.set_num_threads(threads)
+
+
+class Server:
+    """uvicorn serving create_app(engine) on a free loopback port, in a thread."""
+
+    def __init__(self, engine, tokenizer):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cfg = uvicorn.Config(create_app(engine, tokenizer, NAME), host="127.0.0.1", port=self.port,
+                             log_level="warning")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            assert time.monotonic() - t0 < T_OUT and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(T_OUT)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    eng = Engine(model, max_batch=16, max_len=MAX_LEN)
+    srv = Server(eng, model.tokenizer)
+    srv.engine = eng
+    yield srv
+    srv.stop()
+    eng.shutdown()
+
+
+def client(srv, **kw):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=T_OUT, **kw)
+
+
+def wait_idle(srv, cancelled=None):
+    """Poll /metrics until no request holds a slot (and `cancelled` requests were cancelled)."""
+    t0 = time.monotonic()
+    while True:
+        m = httpx.get(srv.url + "/metrics", timeout=T_OUT).json()
+        if m["requests_active"] == 0 and m["requests_queued"] == 0 and (
+                cancelled is None or m["requests_cancelled"] >= cancelled):
+            return m
+        assert time.monotonic() - t0 < T_OUT, m
+        time.sleep(0.02)
+
+
+def texts(n, seed=0):
+    """n different prompts made of words the fixture tokenizer knows."""
+    words = "the morning train left station a few minutes after six most of passengers were still".split()
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(words[i] for i in torch.randint(0, len(words), (int(k),), generator=g).tolist())
+            for k in torch.randint(1, 12, (n,), generator=g)]
+
+
+def test_greedy_text_matches_generate(server, model):
+    c = client(server)
+    prompt = "The morning train left the station"
+    ref = mixprec.generate(model, prompt, max_new_tokens=20)
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0)
+    assert r.choices[0].text == ref and r.choices[0].finish_reason == "length"
+    n_prompt = len(model.tokenizer.encode(prompt))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 20, n_prompt + 20)
+    chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == ref
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    ref_chat = mixprec.generate(model, "Hello there", max_new_tokens=16, chat=True)
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0)
+    assert r.choices[0].message.content == ref_chat and r.choices[0].message.role == "assistant"
+    chunks = list(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ref_chat
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert chunks[-2].choices[0].finish_reason == "length"
+    # a seeded sampled request is reproducible; a stop string cuts the text
+    kw = dict(model=NAME, prompt=prompt, max_tokens=12, temperature=0.9, top_p=0.95, seed=7)
+    assert c.completions.create(**kw).choices[0].text == c.completions.create(**kw).choices[0].text
+    stop = ref[5:8]
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == ref[:ref.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_64_concurrent_streams(server, model):
+    prompts = texts(64, seed=1)
+    max_tokens = [2 + (5 * i) % 9 for i in range(64)]
+    refs = [mixprec.generate(model, p, max_new_tokens=n) for p, n in zip(prompts, max_tokens)]
+    c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=T_OUT)
+
+    async def one(i):
+        out, finish = [], None
+        stream = await c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompts[i]}],
+                                                 max_tokens=max_tokens[i], temperature=0, stream=True) \
+            if i % 2 else await c.completions.create(model=NAME, prompt=prompts[i], max_tokens=max_tokens[i],
+                                                     temperature=0, stream=True)
+        async for ch in stream:
+            ch = ch.choices[0]
+            out.append((ch.delta.content or "") if i % 2 else ch.text)
+            finish = ch.finish_reason or finish
+        return "".join(out), finish
+
+    async def main():
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), T_OUT)
+        finally:
+            await c.close()
+    got = asyncio.run(main())
+    chat_refs = {i: mixprec.generate(model, prompts[i], max_new_tokens=max_tokens[i], chat=True)
+                 for i in range(1, 64, 2)}
+    for i, (text, finish) in enumerate(got):
+        assert text == (chat_refs[i] if i % 2 else refs[i]), f"request {i}"
+        assert finish in ("stop", "length")
+    m = wait_idle(server)
+    assert m["requests_active"] == 0
+
+
+def test_disconnect_frees_slot(server):
+    before = wait_idle(server)["requests_cancelled"]
+    body = {"model": NAME, "prompt": "The morning train", "max_tokens": 240, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=T_OUT) as h:
+        with h.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]          # a few events, then hang up
+        assert sum(line.startswith("data: {") for line in got) >= 3
+    m = wait_idle(server, cancelled=before + 1)
+    assert m["requests_cancelled"] == before + 1
+    # a non-streaming client that gives up: its request is cancelled too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+    wait_idle(server, cancelled=before + 2)
+    # the server goes on serving
+    r = client(server).completions.create(model=NAME, prompt="a", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
+
+
+def test_memory_flat_over_rounds(server):
+    def round_(i):
+        with httpx.Client(timeout=T_OUT) as h:
+            def go(j):
+                body = {"model": NAME, "prompt": texts(1, seed=100 * i + j)[0], "max_tokens": 6,
+                        "temperature": 0.5, "seed": j, "stream": bool(j % 2)}
+                r = h.post(server.url + "/v1/completions", json=body)
+                assert r.status_code == 200
+            ts = [threading.Thread(target=go, args=(j,)) for j in range(8)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(T_OUT)
+        wait_idle(server)
+
+    tracemalloc.start()
+    try:
+        for i in range(2):                                   # warm up (lazy imports, pools, caches)
+            round_(i)
+        gc.collect()
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(2, 6):
+            round_(i)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 256 * 1024, f"traced memory grew by {grown} bytes over 4 rounds of 8 requests"
+    assert not [o for o in gc.get_objects() if type(o) is Request]   # nobody keeps requests
+
+
+BAD = [
+    # (path, raw body or JSON object, status, error param)
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"model": "other", "prompt": "a"}, 404, "model"),
+    ("/v1/completions", {"prompt": "a"}, 400, "model"),
+    ("/v1/completions", {"model": NAME}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 10**12}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2.5}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "temperature": 5}, 400, "temperature"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "stop": [1]}, 400, "stop"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": [1, 10**6]}, 400, "prompt"),     # token id beyond vocab
+    ("/v1/completions", {"model": NAME, "prompt": [7] * MAX_LEN}, 400, "prompt"),  # longer than the context
+    ("/v1/completions", {"model": NAME, "prompt": [7] * 200, "max_tokens": 100}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": NAME, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "messages[0].role"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": 3}]}, 400,
+     "messages[0].content"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x " * 400}]}, 400,
+     "messages"),
+]
+
+
+def test_bad_requests_get_openai_errors_and_server_goes_on(server):
+    with httpx.Client(timeout=T_OUT) as h:
+        for path, body, status, param in BAD:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = h.post(server.url + path, content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == status, (body, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
+            assert err["param"] == param, (body, err)
+        r = h.get(server.url + "/v1/nothing-here")
+        assert r.status_code == 404 and r.json()["error"]["message"]
+        assert h.get(server.url + "/health").json() == {"status": "ok"}
+        assert h.get(server.url + "/v1/models").json()["data"][0]["id"] == NAME
+    # the official client turns them into its exceptions with our message
+    c = client(server)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256"):
+        c.completions.create(model=NAME, prompt="a", max_tokens=1000)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="gpt-4", prompt="a")
+    r = c.completions.create(model=NAME, prompt="still serving", max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens == 4
+    assert wait_idle(server)["requests_active"] == 0
+
+
+def test_queue_full_is_429_and_health_follows_engine(model):
+    """In-process (httpx's ASGI transport): a full queue is a 429, a stopped engine a 503."""
+    eng = Engine(model, max_batch=1, max_len=64, max_queue=1)
+    app = create_app(eng, model.tokenizer, NAME)
+
+    async def main():
+        busy = eng.submit([5] * 4, SamplingParams(max_new_tokens=59))
+        async for _ in busy.stream():
+            break                                          # admitted: the only slot is taken
+        waiting = eng.submit([5] * 4, SamplingParams(max_new_tokens=2))   # the queue is full now
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     timeout=T_OUT) as h:
+            body = {"model": NAME, "prompt": "a", "max_tokens": 2}
+            r = await h.post("/v1/completions", json=body)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+            eng.cancel(busy)
+            await waiting.wait()
+            r = await h.post("/v1/completions", json=body)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+            assert (await h.get("/metrics")).json()["requests_cancelled"] == 1
+            eng.shutdown()
+            assert (await h.get("/health")).status_code == 503
+            r = await h.post("/v1/completions", json=body)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
+    asyncio.run(asyncio.wait_for(main(), T_OUT))
