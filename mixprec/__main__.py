@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, mod, help_ in (("bench-kernels", "mixprec.kernels.bench", "dense kernel benchmark (GPU)"),
                              ("bench-moe", "mixprec.kernels.moe_bench", "MoE kernel benchmark (GPU)"),
-                             ("bench", "mixprec.runtime.bench", "tok/s of a mix or a synthetic model (GPU)")):
+                             ("bench", "mixprec.runtime.bench", "tok/s of a mix or a synthetic model (GPU)"),
+                             ("serve", "mixprec.serve", "OpenAI-compatible HTTP server")):
         s = sub.add_parser(name, help=help_, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)
         s.set_defaults(fn=_lazy(mod))

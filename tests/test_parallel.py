@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 
 import mixprec
 from mixprec.errors import ParallelError
-from mixprec.formats import dequant, load_module, shard
+from mixprec.formats import FORMATS, dequant, load_module, shard
 from mixprec.loader.checkpoint import Checkpoint
-from mixprec.parallel import (ParallelContext, ShardLayout, Split, assemble_parallel, check_plan, init,
-                              make_layout, read_module, shard_weight)
+from mixprec.parallel import (ParallelContext, Split, assemble_parallel, check_plan, init, make_layout,
+                              read_module, shard_weight)
 from mixprec.testing.fixtures import make_fixture
 
 FIXTURE = dict(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, moe_intermediate=96, intermediate=192,
@@ -101,6 +101,12 @@ def _worker(rank: int, world: int, port: int, cfg: str, out: str) -> None:
         facts = {"experts": sorted({int(e) for b in moe.buckets for e in b.experts}), "inter": moe.I,
                  "heads": attn.heads, "kv_heads": attn.kv_heads, "loaded": model.stats.loaded,
                  "embed_rows": model.model.embed_tokens.weight.shape[0]}
+        if tp > 1 and ep > 1:   # the optional subgroups: sum of the ranks in my tp / ep group
+            facts["group_sums"] = []
+            for g in model.parallel.subgroups():
+                t = torch.tensor([rank])
+                dist.all_reduce(t, group=g)
+                facts["group_sums"].append(int(t))
         Path(f"{out}/tp{tp}_ep{ep}_r{rank}.json").write_text(json.dumps(facts))
     dist.destroy_process_group()
 
@@ -139,6 +145,9 @@ def test_parallel_matches_single_process(world, mix, reference, tmp_path):
             assert f["experts"] == list(lay.experts) == [e for e in range(8) if e * ep // 8 == rank // tp]
             assert f["inter"] == 96 // tp and f["heads"] == 4 // world and f["kv_heads"] == 1
             assert f["embed_rows"] == -(-510 // world)
+            if tp > 1 and ep > 1:   # tp group: ranks ep_rank*tp + {0..tp-1}; ep group: tp_rank + tp*{0..ep-1}
+                assert f["group_sums"] == [sum(rank // tp * tp + i for i in range(tp)),
+                                           sum(rank % tp + tp * j for j in range(ep))]
             held.update(f["experts"])
         assert held == set(range(8))
 
@@ -229,8 +238,7 @@ def test_real_shapes_split(tp, ep, I):
                              num_experts_per_tok=8, moe_intermediate_size=I)
     lay = make_layout(args, tp, ep, rank=tp * ep - 1)
     assert lay.local_args().moe_intermediate_size == I // tp and len(lay.experts) == 128 // ep
-    assert lay.kv_split == Split("n", 3, 4) if tp * ep == 8 else True
-    from mixprec.formats import FORMATS
+    assert lay.kv_split == Split("n", 3, 4)          # the last rank's q heads read kv head 3
     f = FORMATS["fp8_block"]
     w = f.load(f.pack(torch.randn(64, I)), 64, I, {"quant_method": "fp8", "weight_block_size": [128, 128]}, "w")
     per = I // tp
@@ -239,7 +247,8 @@ def test_real_shapes_split(tp, ep, I):
         assert torch.equal(dequant(s), dequant(w)[:, r * per:(r + 1) * per])
         bk = s.params["block"][1]
         assert s.params["act"] == ("w8a8" if bk % 128 == 0 or bk >= per else "w8a16")
-    assert isinstance(lay, ShardLayout)
+    acts = {shard_weight(w, Split("k", r, tp)).params["act"] for r in range(tp)}
+    assert ("w8a16" in acts) if per % 128 else (acts == {"w8a8"})   # 192 / 96 wide: 64 / 32-wide blocks
 
 
 # -------------------------------------------------------------------------------- CUDA
@@ -358,7 +367,9 @@ def test_cuda_nccl_path_world_one(tmp_path):
 def test_cuda_ranks_match_single_gpu(tmp_path):
     """4 ranks (gloo, all on cuda:0) through the real kernels, TP4 / EP4 / TP2xEP2: logits agree
     with the single-GPU model up to fp16 reduction order and the W8A16 / per-slice activation
-    scales of K slices (see parallel/shard.py)."""
+    scales of K slices (see parallel/shard.py). On H100: max rel diff 1.5e-2 (TP4) / 1.8e-2 (EP4,
+    TP2xEP2), top-1 agreement 1.0; the single-GPU fp16 model itself differs from the fp32 CPU
+    dequant reference by 2.3e-2 on this fixture (W8A8 activation quantization)."""
     _bucket_moe()
     mix = _write_gpu_mix(tmp_path / "ckpt", moe=True)
     ref = _gpu_run(mixprec.load(mix, device="cuda", progress=False), graphs=False)["full"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 from typing import Callable
 
 import torch
@@ -196,16 +197,32 @@ class MoE(nn.Module):
         """x [..., H] -> [..., H]."""
         shape = x.shape
         x = x.reshape(-1, self.H)
-        topk_w, topk_ids = route(x, self.gate.weight, self.top_k, self.renorm)
-        if use_kernels(x) and _fused_moe() is not None:
-            y = self._forward_fast(x, topk_ids, topk_w)
+        if use_kernels(x) and _fused_moe() is not None and self._kernel_buckets() is not None:
+            y = self._forward_fast(x)
         else:
+            topk_w, topk_ids = route(x, self.gate.weight, self.top_k, self.renorm)
             y = self._forward_buckets(x, topk_ids, topk_w)
         return y.reshape(shape)
 
-    def _forward_fast(self, x: Tensor, topk_ids: Tensor, topk_w: Tensor) -> Tensor:
-        """Grouped kernel over all buckets (CUDA, no host sync). x [T, H] -> [T, H] in x.dtype."""
-        return _fused_moe()(x, topk_ids, topk_w, list(self.buckets), self.I)
+    def _kernel_buckets(self) -> list[dict] | None:
+        """The buckets as the fused kernel takes them (views of the stacked tensors, built once),
+        or None when a bucket carries a folded-norm input scale, which the kernel does not apply:
+        such a layer runs the readable path."""
+        if not hasattr(self, "_kb"):
+            if any(b.input_scale is not None for b in self.buckets):
+                warnings.warn(f"{self.name}: experts with a folded-scale (AWQ) input correction run on "
+                              f"the reference MoE path (slower, not CUDA-graph capturable)")
+                self._kb = None
+            else:
+                self._kb = [{"proj": b.proj, "layout": b.w.layout, "params": b.w.params,
+                             "tensors": b.w.tensors(), "expert_map": b.expert_map} for b in self.buckets]
+        return self._kb
+
+    def _forward_fast(self, x: Tensor) -> Tensor:
+        """Fused routing + grouped kernels over all buckets (CUDA, no host sync). x [T, H]."""
+        from ..kernels.moe import route as fused_route
+        topk_w, topk_ids = fused_route(F.linear(x, self.gate.weight), self.top_k, self.renorm)
+        return _fused_moe()(x, topk_ids, topk_w, self._kernel_buckets(), self.I)
 
     def _forward_buckets(self, x: Tensor, topk_ids: Tensor, topk_w: Tensor) -> Tensor:
         """Readable path (any device; host syncs): per bucket, per expert, gather its routed

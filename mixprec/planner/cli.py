@@ -44,12 +44,12 @@ def _read_text(path: str | None) -> str | None:
         raise MixprecError(f"--text {path}: cannot read ({e})") from None
 
 
-def _token_args(p: argparse.ArgumentParser, tokens: int) -> None:
+def _token_args(p: argparse.ArgumentParser, tokens: int, seed: int = 0) -> None:
     p.add_argument("--text", help="UTF-8 text file, encoded with the base checkpoint's tokenizer")
     p.add_argument("--tokens", type=int, default=tokens, help=f"tokens taken from --text (default {tokens}; 0 = all)")
     p.add_argument("--synthetic-tokens", type=int, default=0, help="add N uniformly random token ids (seeded)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=seed, help=f"seed of --synthetic-tokens (default {seed})")
 
 
 def _ids(a, cfg: MixConfig):
@@ -98,7 +98,7 @@ def _synthetic_main(argv: list[str]) -> int:
                                             "(no weights): for planning full-size models.")
     p.add_argument("--arch", required=True, choices=sorted(ARCHS))
     p.add_argument("--sources", default="bf16,fp8,int4", help=f"format specs, bf16 = the base (of {', '.join(SPECS)})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the routing masses and sensitivities")
     p.add_argument("--skew", type=float, default=1.0, help="routing skew: expert mass ~ softmax(skew * N(0,1))")
     p.add_argument("--spread", type=float, default=0.5, help="per-unit sensitivity ~ lognormal(0, spread)")
     p.add_argument("-o", "--output", required=True)
@@ -148,7 +148,8 @@ def plan_main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", help="YAML to write (default: print it to stdout)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    from .knapsack import DEFAULT_MARGIN, arch_args, fit_budget, parse_bytes, plan_budget, summary, to_mix_config, yaml_text
+    from .knapsack import (DEFAULT_MARGIN, arch_args, fit_budget, parse_bytes, plan_budget, summary, to_mix_config,
+                           yaml_text)
     from .profile import load_profile, profile_model
     try:
         given = _sources(a.source)
@@ -157,7 +158,8 @@ def plan_main(argv: list[str] | None = None) -> int:
             paths = {n: s["path"] for n, s in prof["sources"].items()}
         else:
             if not a.model:
-                raise MixprecError("give --profile P, or --model BASE --source NAME=PATH ... with --text to profile now")
+                raise MixprecError("give --profile P, or --model BASE --source NAME=PATH ... with --text "
+                                   "(or --synthetic-tokens) to profile now")
             cfg = MixConfig(model=Path(a.model).expanduser().resolve(),
                             sources={n: Path(v).expanduser().resolve() for n, v in given.items()},
                             dtype=_dtype(a.dtype) or torch.bfloat16, origin="mixprec plan")
@@ -171,7 +173,7 @@ def plan_main(argv: list[str] | None = None) -> int:
         paths.update({n: str(Path(v).expanduser().resolve()) if prof["kind"] == "measured" else v
                       for n, v in given.items()})
         if a.model:
-            paths["model"] = a.model
+            paths["model"] = str(Path(a.model).expanduser().resolve()) if prof["kind"] == "measured" else a.model
         fit, desc = None, ""
         if a.fit:
             budget, fit = fit_budget(arch_args(prof), a.fit, a.context, a.batch, a.margin or DEFAULT_MARGIN)
@@ -202,7 +204,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                                 "agreement and perplexity of both, on held-out text.")
     p.add_argument("config", help="the mix (YAML or checkpoint directory)")
     p.add_argument("--ref", default=None, help="reference mix / checkpoint (default: the mix's base checkpoint)")
-    _token_args(p, 2048)
+    _token_args(p, 2048, seed=1)     # synthetic eval tokens differ from profile's (seed 0) by default
     p.add_argument("--batch", type=int, default=4, help="sequences per forward")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)

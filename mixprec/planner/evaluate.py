@@ -89,6 +89,7 @@ def evaluate(config, ids: Tensor, ref=None, device=None, dtype=None, batch: int 
 
 
 def format_metrics(r: dict) -> str:
-    return (f"{r['tokens']} tokens: mean KL(ref||mix) {r['mean_kl']:.5g}, p99 {r['p99_kl']:.5g}, max {r['max_kl']:.5g}; "
+    return (f"{r['tokens']} tokens: mean KL(ref||mix) {r['mean_kl']:.5g}, p99 {r['p99_kl']:.5g}, "
+            f"max {r['max_kl']:.5g}; "
             f"top-1 agreement {100 * r['top1_agreement']:.2f}%; perplexity ref {r['ppl_ref']:.4g}, "
             f"mix {r['ppl_mix']:.4g}")

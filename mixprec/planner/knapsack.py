@@ -71,7 +71,8 @@ def activation_bytes(args: ModelArgs, context: int, batch: int) -> int:
     return T * (8 * args.hidden_size + 3 * inner) * 2 + 2 * batch * args.vocab_size * 4
 
 
-def fit_budget(args: ModelArgs, device: str, context: int, batch: int, margin: str = DEFAULT_MARGIN) -> tuple[int, dict]:
+def fit_budget(args: ModelArgs, device: str, context: int, batch: int,
+               margin: str = DEFAULT_MARGIN) -> tuple[int, dict]:
     """Weight budget for `device` ('h200', 'h100', ... or a size like '80GiB'): its memory minus
     the KV cache for `context` x `batch`, activations and a margin ('7%' of the device, or a
     size). -> (budget, breakdown {device, kv_cache, activations, margin})."""
@@ -224,7 +225,8 @@ def groups_of(profile: dict, sources=None, mass_prior: float = 0.05) -> list[lis
 
     def single(name):
         u, m = units[name], _mass(profile, name, mass_prior)
-        return [(u["bytes"][s], m * uerr[name][s] ** 2, ((name, s),)) for s in u["error"] if s in allowed and s in u["bytes"]]
+        return [(u["bytes"][s], m * uerr[name][s] ** 2, ((name, s),))
+                for s in u["error"] if s in allowed and s in u["bytes"]]
 
     paired = {}
     for pr, err in zip(profile.get("pairs", []), perr):

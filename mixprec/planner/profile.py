@@ -262,12 +262,15 @@ def profile_model(config, ids: Tensor, device="cpu", progress: bool = True) -> d
         bar.update(1)
     if "lm_head" in units:
         xf = rms_norm(x, plain("model.norm.weight"), eps).reshape(S * T, -1)
-        Ws = {s.name: load(s, "lm_head", "lm_head") for s in srcs.values()}
-        for i in range(0, xf.shape[0], 1024):   # logits [<=1024, V] at a time
-            y_ref = F.linear(xf[i: i + 1024], Ws["model"])
-            acc.ref("lm_head", y_ref)
-            for s in others:
-                acc.err("lm_head", s.name, F.linear(xf[i: i + 1024], Ws[s.name]), y_ref)
+        chunks = [xf[i: i + 1024] for i in range(0, xf.shape[0], 1024)]   # logits [<=1024, V] at a time
+        W = load(srcs["model"], "lm_head", "lm_head")
+        for c in chunks:
+            acc.ref("lm_head", F.linear(c, W))
+        for s in others:      # one [V, H] head besides the base's at a time
+            Ws = load(s, "lm_head", "lm_head")
+            for c in chunks:
+                acc.err("lm_head", s.name, F.linear(c, Ws), F.linear(c, W))
+            del Ws
     bar.update(1)
     bar.close()
     return _assemble(cfg, base.config, args, units, meta, acc, routing, pairs, S * T)

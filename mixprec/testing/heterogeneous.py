@@ -11,7 +11,7 @@ Two things make a per-expert plan pay off, and both are built in:
   down) are outliers (x OUTLIER). An int4 group containing an outlier gets a coarse scale, so
   int4 hurts those experts several times more than the rest; FP8 (a float format with a
   scale per block) barely notices.
-The checkpoints (BF16, FP8 block 64x64, GPTQ int4 g32) are written by
+The checkpoints (BF16, FP8 block 128x128 as the Qwen3 FP8 releases, GPTQ int4 g32) are written by
 `fixtures.write_checkpoint` from the same bf16-rounded weights.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ SEED_OFFSET = 0x4E7    # the perturbations draw from their own stream
 
 SOURCES = {
     "bf16": ("dense", {}, {"shards": 2}),
-    "fp8": ("fp8_block", {"block": [64, 64], "scale_dtype": torch.bfloat16}, {}),
+    "fp8": ("fp8_block", {"block": [128, 128], "scale_dtype": torch.bfloat16}, {}),
     "gptq": ("gptq", {"bits": 4, "group_size": 32, "sym": True, "desc_act": False,
                       "checkpoint_format": "gptq"}, {}),
 }

@@ -1,0 +1,273 @@
+"""Fused mixed-format MoE kernels (mixprec/kernels/moe.py) against the per-token per-expert
+reference. CPU: Triton interpreter, fp16, tiny shapes. CUDA: bf16, Qwen3-30B-A3B shapes."""
+import pytest
+import torch
+
+from mixprec.errors import FormatError, ShapeMismatch
+from mixprec.kernels import moe
+from mixprec.kernels import moe_testing as mt
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+E, K_TOP, H, I = 8, 2, 128, 64
+DOT = ("dot", dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=2),
+       dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=2))
+
+MIX_A = ["fp16", "fp8", "int4_g32", "int8"]                 # fp8 w8a8, int4 g32, int8 w8a8
+MIX_B = ["fp8_w8a16", "int4_perm", "int8q", "int8_zp"]      # act-order int4, 8-bit intq, int8 w/ zero
+PER_PROJ = ([("int4", "fp8", "int8")] * 3 + [("fp16", "fp16", "fp8_w8a16")] * 3
+            + [("int4_asym", "int4_asym", "fp16")] * 2)      # gate and up of one expert in two buckets
+
+
+def _layer(specs, seed=1, dtype=torch.float16, h=H, i=I):
+    return mt.build_buckets(specs, h, i, dtype=dtype, device=DEV, seed=seed)
+
+
+def _inputs(m, e=E, k=K_TOP, h=H, seed=0, dtype=torch.float16):
+    g = torch.Generator(device=DEV)
+    g.manual_seed(seed)
+    x = torch.randn(m, h, generator=g, device=DEV).to(dtype)
+    w, ids = moe.route(torch.randn(m, e, generator=g, device=DEV), k, True)
+    return x, w, ids
+
+
+def _check(buckets, x, w, ids, inter=I, min_db=40.0, **kw):
+    y = moe.fused_moe(x, ids, w, buckets, inter, **kw)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    ref = moe.moe_reference(x, ids, w, buckets, inter)
+    assert torch.isfinite(y).all()
+    db = mt.sqnr_db(ref, y.float())
+    assert db >= min_db, f"SQNR {db:.1f} dB"
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# routing and alignment
+
+@pytest.mark.parametrize("m,e,k,renorm", [(5, 8, 2, True), (3, 12, 3, False), (1, 128, 8, True)])
+def test_route_matches_torch(m, e, k, renorm):
+    logits = torch.randn(m, e, device=DEV) * 3
+    w, ids = moe.route(logits, k, renorm)
+    p = torch.softmax(logits.float(), -1)
+    rw, ri = torch.topk(p, k, -1)
+    if renorm:
+        rw = rw / rw.sum(-1, keepdim=True)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids.long(), ri)
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ids_kind", ["random", "one_expert"])
+def test_align_groups_pairs_by_expert(ids_kind):
+    m, k, e, bm = 7, 2, 8, 4
+    if ids_kind == "random":
+        ids = torch.stack([torch.randperm(e)[:k] for _ in range(m)]).to(torch.int32)
+    else:
+        ids = torch.stack([torch.tensor([3, j % 7 + (j % 7 >= 3)]) for j in range(m)]).to(torch.int32)
+    ids = ids.to(DEV)
+    sorted_ids, blk = moe.moe_align(ids, e, bm)
+    nb, smax = moe.align_bounds(m * k, e, bm)
+    assert sorted_ids.shape == (smax,) and blk.shape == (nb,)
+    s, b = sorted_ids.cpu().tolist(), blk.cpu().tolist()
+    flat = ids.reshape(-1).cpu().tolist()
+    seen = []
+    for bi, ex in enumerate(b):
+        rows = s[bi * bm:(bi + 1) * bm]
+        if ex < 0:
+            assert all(r == m * k for r in rows)
+            continue
+        real = [r for r in rows if r < m * k]
+        assert real and all(flat[r] == ex for r in real)
+        seen += real
+    assert sorted(seen) == list(range(m * k))                  # every pair exactly once
+    for ex in range(e):                                          # stable inside an expert
+        mine = [r for r in seen if flat[r] == ex]
+        assert mine == sorted(mine)
+    used = [ex for ex in b if ex >= 0]
+    assert used == sorted(used)                                  # blocks in expert order
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused MoE vs the reference (CPU interpreter in fp16; GPU too when present)
+
+@pytest.mark.parametrize("mix,m", [(MIX_A, 3), (MIX_B, 1)])
+def test_mixed_formats_decode(mix, m):
+    _check(_layer(mt.split(mix, E)), *_inputs(m))
+
+
+def test_per_projection_mixing_decode_and_prefill():
+    b = _layer(PER_PROJ)
+    projs = sorted(bb["proj"] for bb in b)
+    assert "gate" in projs and "up" in projs and "gate_up" in projs
+    _check(b, *_inputs(2, seed=3))
+    _check(b, *_inputs(9, seed=4), config=DOT, min_db=35.0 if not CUDA else 40.0)
+
+
+def test_dot_path_odd_m_and_idle_experts():
+    b = _layer(mt.split(MIX_A, E), seed=2)
+    x, w, ids = _inputs(5, seed=5)
+    ids[:, 0] = 0                       # experts 0.. take most tokens, several get none
+    ids[:, 1] = torch.where(ids[:, 1] == 0, 1, ids[:, 1])
+    assert len(set(ids.reshape(-1).tolist())) < E
+    _check(b, x, w, ids, config=DOT)
+
+
+def test_all_tokens_one_expert_and_m1():
+    b = _layer(mt.split(MIX_B, E), seed=3)
+    x, w, ids = _inputs(4, seed=6)
+    ids[:, 0] = 5
+    ids[:, 1] = torch.tensor([1, 2, 3, 4], dtype=torch.int32)
+    _check(b, x, w, ids)
+    _check(b, x, w, ids, config=DOT)
+    _check(b, *_inputs(1, seed=7))
+
+
+def test_many_down_buckets_and_per_bucket_launches():
+    downs = ["fp16", "fp8", "int4", "int8", "int8_w8a16", "fp8_w8a16"]   # 6 > 4 slots: chunked
+    b = _layer([("fp16", "fp16", downs[e % 6]) for e in range(E)], seed=4)
+    assert sum(bb["proj"] == "down" for bb in b) == 6
+    _check(b, *_inputs(3, seed=8))
+    ba = _layer(mt.split(MIX_A, E), seed=5)
+    _check(ba, *_inputs(3, seed=9), one_launch=False)
+
+
+def test_expert_absent_from_all_buckets_adds_zero():
+    # expert parallel: experts of other ranks are in no bucket and contribute nothing
+    b = _layer(mt.uniform("int4", E), seed=6)
+    for bb in b:
+        bb["expert_map"] = bb["expert_map"].clone()
+        bb["expert_map"][6:] = -1
+    x, w, ids = _inputs(3, seed=10)
+    ids[0, 1] = 7
+    y = moe.fused_moe(x, ids, w, b, I)
+    keep = ids < 6
+    ref = torch.zeros(3, H, device=DEV)
+    for mm in range(3):
+        sub_ids, sub_w = ids[mm:mm + 1][keep[mm:mm + 1]].view(1, -1), w[mm:mm + 1][keep[mm:mm + 1]].view(1, -1)
+        ref[mm] = moe.moe_reference(x[mm:mm + 1], sub_ids, sub_w, b, I)[0]
+    assert mt.sqnr_db(ref, y.float()) >= 40
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference itself, against integer codes (independent of the kernels)
+
+def test_reference_dequant_from_codes():
+    g = torch.Generator().manual_seed(0)
+    n, k, G = 16, 64, 32
+    codes = torch.randint(0, 16, (k, n), generator=g)
+    words = torch.zeros(k // 8, n, dtype=torch.int64)
+    for i in range(8):
+        words |= codes[i::8] << (4 * i)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    scales = torch.rand(k // G, n, generator=g).half()
+    zeros = torch.randint(0, 16, (k // G, n), generator=g).to(torch.uint8)
+    b = {"proj": "down", "layout": "intq", "params": {"bits": 4, "group_size": G},
+         "tensors": {"qweight": words[None], "scales": scales[None], "zeros": zeros[None]},
+         "expert_map": torch.zeros(1, dtype=torch.int32)}
+    W = moe.dequant_expert(b, 0, n, k)
+    want = (scales.float().repeat_interleave(G, 0) * (codes.float() - zeros.float().repeat_interleave(G, 0))).t()
+    torch.testing.assert_close(W, want)
+    perm = torch.randperm(k, generator=g).to(torch.int32)
+    b["tensors"]["perm"] = perm[None]
+    Wp = moe.dequant_expert(b, 0, n, k)
+    torch.testing.assert_close(Wp[:, perm.long()], want)    # stored row j is input perm[j]
+
+
+def test_reference_fp8_act_quant():
+    v = torch.randn(3, 200) * 5
+    q = moe.quant_act(v, "fp8", {"act": "w8a8"})
+    a = v[:, :128].abs().amax(-1, keepdim=True) / 448
+    torch.testing.assert_close(q[:, :128], (v[:, :128] / a).to(torch.float8_e4m3fn).float() * a)
+    assert torch.equal(moe.quant_act(v, "fp8", {"act": "w8a16"}), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+def test_bad_buckets_raise_clear_errors():
+    b = _layer(mt.uniform("int4", E))
+    x, w, ids = _inputs(2)
+    bad = [dict(bb) for bb in b]
+    bad[0] = {**bad[0], "layout": "int3"}
+    with pytest.raises(FormatError, match="bucket 0.*layout 'int3'"):
+        moe.fused_moe(x, ids, w, bad, I)
+    bad = [dict(bb) for bb in b]
+    bad[0] = {**bad[0], "tensors": {**bad[0]["tensors"], "scales": bad[0]["tensors"]["scales"][:, :1]}}
+    with pytest.raises(ShapeMismatch, match="scales has shape"):
+        moe.fused_moe(x, ids, w, bad, I)
+    fp8 = _layer(mt.uniform("fp8", E))
+    fp8[0]["params"] = {"block": (128, 64), "act": "w8a8"}
+    fp8[0]["tensors"]["scale"] = torch.ones(fp8[0]["tensors"]["scale"].shape[0], 1, 2, device=DEV)
+    with pytest.raises(FormatError, match="multiple of the activation group"):
+        moe.fused_moe(x, ids, w, fp8, I)
+    five = _layer([(s, s, "fp16") for s in ["fp16", "fp8", "int4", "int8", "int8q", "fp16", "fp8", "int4"]])
+    with pytest.raises(FormatError, match="at most 4"):
+        moe.fused_moe(x, ids, w, five, I)
+    with pytest.raises(ShapeMismatch):
+        moe.route(torch.randn(2, 4), 5, True)
+
+
+def test_validate_buckets():
+    b = _layer(PER_PROJ)
+    moe.validate_buckets(b, E, H, I)
+    dup = [dict(bb) for bb in b]
+    gu = next(i for i, bb in enumerate(dup) if bb["proj"] == "gate_up")
+    g = next(i for i, bb in enumerate(dup) if bb["proj"] == "gate")
+    e_in_gate = int((dup[g]["expert_map"] >= 0).nonzero()[0])
+    emap = dup[gu]["expert_map"].clone()
+    emap[e_in_gate] = 0
+    emap[int((dup[gu]["expert_map"] == 0).nonzero()[0])] = -1
+    dup[gu] = {**dup[gu], "expert_map": emap}
+    with pytest.raises(FormatError, match="gate rows of experts"):
+        moe.validate_buckets(dup, E, H, I)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bf16 at Qwen3-30B-A3B shapes, CUDA graphs
+
+GPU = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+BIG = dict(e=128, k=8, h=2048, i=768)
+
+
+@GPU
+@pytest.mark.parametrize("specs", ["bf16", "fp8", "fp8_w8a16", "int4", "int4_asym", "int8", "int8_w8a16",
+                                   "mixA", "mixB", "perproj"])
+def test_gpu_realistic_shapes(specs):
+    e, k, h, i = BIG["e"], BIG["k"], BIG["h"], BIG["i"]
+    if specs == "mixA":
+        sp = mt.split(["bf16", "fp8", "int4", "int8"], e)
+    elif specs == "mixB":
+        sp = mt.split(["fp8_w8a16", "int4_perm", "int8q", "int8_zp"], e)
+    elif specs == "perproj":
+        sp = [("int4", "fp8", "bf16")] * (e // 2) + [("bf16", "bf16", "fp8")] * (e // 2)
+    else:
+        sp = mt.uniform(specs, e)
+    b = mt.build_buckets(sp, h, i, dtype=torch.bfloat16, device="cuda", seed=11)
+    for m in (1, 5, 40):                                 # decode path, odd M, prefill (dot) path
+        x, w, ids = _inputs(m, e=e, k=k, h=h, seed=m, dtype=torch.bfloat16)
+        _check(b, x, w, ids, inter=i)
+
+
+@GPU
+def test_gpu_cuda_graph_replay():
+    e, k, h, i = BIG["e"], BIG["k"], BIG["h"], BIG["i"]
+    b = mt.build_buckets(mt.split(["int4", "fp8", "bf16"], e), h, i, dtype=torch.bfloat16, device="cuda", seed=12)
+    for m in (2, 24):
+        x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+        logits = torch.randn(m, e, device="cuda")
+
+        def step():
+            w, ids = moe.route(logits, k, True)
+            return moe.fused_moe(x, ids, w, b, i)
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = step()
+        x.copy_(torch.randn_like(x))
+        logits.copy_(torch.randn_like(logits))
+        graph.replay()
+        graph.replay()                                     # counters must reset between replays
+        w, ids = moe.route(logits, k, True)
+        ref = moe.moe_reference(x, ids, w, b, i)
+        assert mt.sqnr_db(ref, y.float()) >= 40
