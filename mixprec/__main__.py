@@ -71,13 +71,6 @@ def _demo(a) -> int:
     return run_demo(a)
 
 
-def _lazy(modname: str, fn: str = "main"):
-    def call(a) -> int:
-        import importlib
-        return importlib.import_module(modname).__dict__[fn](a.rest) or 0
-    return call
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixprec", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -120,17 +113,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.set_defaults(fn=_demo)
 
-    for name, mod, help_ in (("bench-kernels", "mixprec.kernels.bench", "dense kernel benchmark (GPU)"),
-                             ("bench-moe", "mixprec.kernels.moe_bench", "MoE kernel benchmark (GPU)"),
-                             ("bench", "mixprec.runtime.bench", "tok/s of a mix or a synthetic model (GPU)"),
-                             ("serve", "mixprec.serve", "OpenAI-compatible HTTP server")):
-        s = sub.add_parser(name, help=help_, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(fn=_lazy(mod))
+    for name, (mod, help_) in DELEGATED.items():
+        sub.add_parser(name, help=help_, add_help=False)   # listed in --help; parsed by the module
+    for name, help_ in (("profile", "measure routing and per-source error of every expert and linear"),
+                        ("eval", "KL / top-1 / perplexity of a mix against a reference"),
+                        ("export", "write an assembled mix as one checkpoint (packed tensors as in their sources)")):
+        sub.add_parser(name, help=help_, add_help=False)
     return p
 
 
+# commands whose module parses its own arguments
+DELEGATED = {
+    "bench-kernels": ("mixprec.kernels.bench", "dense kernel benchmark (GPU)"),
+    "bench-moe": ("mixprec.kernels.moe_bench", "MoE kernel benchmark (GPU)"),
+    "bench": ("mixprec.runtime.bench", "tok/s of a mix or a synthetic model (GPU)"),
+    "serve": ("mixprec.serve", "OpenAI-compatible HTTP server"),
+}
+
+
+# the budget planner's commands (mixprec/planner/cli.py); `plan` goes there when given a budget
+PLANNER = {"profile": "profile_main", "eval": "eval_main", "export": "export_main"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PLANNER or (argv and argv[0] == "plan" and any(
+            a.split("=")[0] in ("--model", "--profile", "--budget", "--fit") for a in argv[1:])):
+        from .planner import cli
+        return getattr(cli, PLANNER.get(argv[0], "plan_main"))(argv[1:]) or 0
+    if argv and argv[0] in DELEGATED:
+        import importlib
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0
     a = build_parser().parse_args(argv)
     return a.fn(a)
 

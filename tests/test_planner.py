@@ -150,8 +150,8 @@ def format_table(rows) -> str:
     lines = ["| budget (int4 -> bf16) | bytes | planned KL | best uniform-per-layer KL (layers 0,1,2) | "
              "median of 10 random per-expert KL |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['frac']:.0%} ({r['budget']} B) | {r['bytes']} | {r['planned']:.5f} | "
-                     f"{r['uniform']:.5f} ({','.join(r['uniform_combo'])}) | {r['random_median']:.5f} |")
+        lines.append(f"| {r['frac']:.0%} ({r['budget']} B) | {r['bytes']} | {r['planned']:.2e} | "
+                     f"{r['uniform']:.2e} ({','.join(r['uniform_combo'])}) | {r['random_median']:.2e} |")
     return "\n".join(lines)
 
 

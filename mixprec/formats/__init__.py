@@ -136,6 +136,9 @@ def resolve_scheme(quant_config: dict | None, module: str) -> dict | None:
             return {"quant_method": "awq", **s, "version": str(s["version"]).lower()}
         return {"quant_method": "fp8", "activation_scheme": qc.get("activation_scheme", "dynamic"),
                 "weight_block_size": qc.get("weight_block_size")}
+    if method == "mixprec":   # an exported mix (planner/export.py): module -> key into its scheme table
+        key = (qc.get("modules") or {}).get(module)
+        return None if key is None else dict(qc["schemes"][key])
     raise FormatError(f"quantization_config: quant_method {qc.get('quant_method')!r} is not supported "
                       f"(gptq, awq, fp8, compressed-tensors)")
 

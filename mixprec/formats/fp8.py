@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
-from .base import CheckpointFormat, Layout, Packed, register_format, register_layout, shard_range, sub_blocks
+from .base import (CheckpointFormat, Layout, Packed, register_format, register_layout, shard_range, sub_blocks,
+                   use_kernels)
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -76,9 +77,15 @@ class FP8Layout(Layout):
         return w.weight.float() * expand_blocks(w.scale, bn, bk, w.n, w.k)
 
     def apply(self, x: Tensor, w: Packed) -> Tensor:
-        if x.is_cuda:
-            from ..kernels.fp8 import fp8_linear
-            y = fp8_linear(x.reshape(-1, w.k), w.weight, w.scale, w.params["block"], w.params["act"])
+        if use_kernels(x):
+            from ..kernels.fp8 import ACT_BLOCK, fp8_linear
+            bn, bk = w.params["block"]
+            act = w.params["act"]
+            if act == "w8a8" and bk < w.k and bk % ACT_BLOCK:
+                # weight blocks narrower than the 128-wide activation groups (small fixtures, TP
+                # shards of I=768 at TP4): keep the activations in 16 bit for this weight
+                act = "w8a16"
+            y = fp8_linear(x.reshape(-1, w.k), w.weight, w.scale, w.params["block"], act)
             return y.reshape(*x.shape[:-1], w.n)
         return torch.nn.functional.linear(x, self.dequant(w).to(x.dtype))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Layout, Packed, register_layout, shard_range
+from .base import Layout, Packed, register_layout, shard_range, use_kernels
 
 
 @register_layout
@@ -21,7 +21,7 @@ class Int8Layout(Layout):
         return w.scale * q
 
     def apply(self, x: Tensor, w: Packed) -> Tensor:
-        if x.is_cuda:
+        if use_kernels(x):
             from ..kernels.int8 import int8_linear
             t = w.tensors()
             y = int8_linear(x.reshape(-1, w.k), w.weight, w.scale, t.get("zero"), w.params["act"])

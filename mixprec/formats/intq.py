@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FormatError, ParallelError
-from .base import Layout, Packed, register_layout, shard_range, sub_blocks
+from .base import Layout, Packed, register_layout, shard_range, sub_blocks, use_kernels
 
 BITS = (4, 8)
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
@@ -173,7 +173,7 @@ class IntQLayout(Layout):
         return rows.transpose(-1, -2)                                            # [..., N, K]
 
     def apply(self, x: Tensor, w: Packed) -> Tensor:
-        if x.is_cuda:
+        if use_kernels(x):
             from ..kernels.intq import intq_linear
             t = w.tensors()
             x2, perm = x.reshape(-1, w.k), t.get("perm")

@@ -64,6 +64,15 @@ def _fused_moe():
     return _FUSED_MOE[0]
 
 
+def _kernel_params(w: Packed) -> dict:
+    """FP8 W8A8 quantizes activations per 128 inputs; weight blocks narrower than that along K
+    (small fixtures, TP shards) run W8A16 instead, as the dense fp8 layout does."""
+    p = dict(w.params)
+    if w.layout == "fp8" and p.get("act") == "w8a8" and p["block"][1] < w.k and p["block"][1] % 128:
+        p["act"] = "w8a16"
+    return p
+
+
 def _release(w: Packed) -> None:
     """Drop a Packed's buffers (the caller handed ownership to the MoE layer)."""
     for nm in list(w.tensors()):
@@ -214,7 +223,7 @@ class MoE(nn.Module):
                               f"the reference MoE path (slower, not CUDA-graph capturable)")
                 self._kb = None
             else:
-                self._kb = [{"proj": b.proj, "layout": b.w.layout, "params": b.w.params,
+                self._kb = [{"proj": b.proj, "layout": b.w.layout, "params": _kernel_params(b.w),
                              "tensors": b.w.tensors(), "expert_map": b.expert_map} for b in self.buckets]
         return self._kb
 

@@ -113,6 +113,12 @@ def input_rescales(plan: Plan) -> dict[str, torch.Tensor]:
         if f is not None:
             out[module] = f
 
+    for module, e in plan.entries.items():   # an exported mix carries its folded-norm factors (planner/export.py)
+        ck = plan.sources[e.source]
+        t = ((ck.config.get("mixprec") or {}).get("input_rescale") or {}).get(module)
+        if t is not None:
+            out[module] = ck.get(t).float() * out[module] if module in out else ck.get(t).float()
+
     folds = {(src, n.rsplit(".", 2)[0]) for (src, n), f in folding.items() if f is not None}
     errors = []
     for module, e in plan.entries.items():

@@ -300,7 +300,7 @@ def _moe_layer(args, l, hn, router, srcs, others, folding, acc, load):
         out.index_add_(0, tok, y_ref * w[:, None])
         acc.ref(gu, h_ref, w)
         acc.ref(dn, y_ref, w)
-        for s in others:
+        for s in others:     # loaded even for an expert no token reached: its bytes are needed
             Gs, Us, Ds = (load(s, gu, f"{q}.gate_proj"), load(s, gu, f"{q}.up_proj"), load(s, dn, f"{q}.down_proj"))
             if tok.numel() == 0:
                 continue

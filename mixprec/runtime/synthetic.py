@@ -71,6 +71,8 @@ def parse_mix(mix: str) -> list[tuple[str, str]]:
 
 
 def spec_for(module: str, rules) -> str:
+    if module == "lm_head":          # published quantized releases keep the head in bf16
+        return "bf16"
     for rx, spec in rules:
         if re.search(rx, module):
             return spec
