@@ -79,7 +79,8 @@ def ranges(xs) -> str:
     return ",".join(parts)
 
 
-def inspect_checkpoint(path, as_json: bool = False, out=sys.stdout) -> int:
+def inspect_checkpoint(path, as_json: bool = False, out=None) -> int:
+    out = out or sys.stdout          # looked up per call: sys.stdout may be replaced (tests, servers)
     try:
         ckpt = Checkpoint(path)
         rows = inspect_rows(ckpt)

@@ -192,7 +192,7 @@ def test_bad_buckets_raise_clear_errors():
     with pytest.raises(FormatError, match="bucket 0.*layout 'int3'"):
         moe.fused_moe(x, ids, w, bad, I)
     bad = [dict(bb) for bb in b]
-    bad[0] = {**bad[0], "tensors": {**bad[0]["tensors"], "scales": bad[0]["tensors"]["scales"][:, :1]}}
+    bad[0] = {**bad[0], "tensors": {**bad[0]["tensors"], "scales": bad[0]["tensors"]["scales"][:, :, :8]}}
     with pytest.raises(ShapeMismatch, match="scales has shape"):
         moe.fused_moe(x, ids, w, bad, I)
     fp8 = _layer(mt.uniform("fp8", E))
