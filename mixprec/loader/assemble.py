@@ -41,6 +41,16 @@ class Stats:
     by_source: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     rescaled: list = field(default_factory=list)   # modules given an input rescale (folded norms)
 
+    def add(self, packed, source: str) -> None:
+        """Count one loaded linear (its bytes as kept on the device)."""
+        nb = packed.nbytes()
+        self.loaded += 1
+        self.bytes_total += nb
+        self.bytes_bf16 += packed.n * packed.k * 2
+        for table, key in ((self.by_format, packed.source), (self.by_source, source)):
+            table[key][0] += 1
+            table[key][1] += nb
+
     @property
     def memory_saved_mb(self) -> float:
         return (self.bytes_bf16 - self.bytes_total) / 2**20
@@ -176,13 +186,7 @@ def assemble(plan: Plan, device: str | torch.device = "cpu", dtype: torch.dtype 
         del raw
         packed = packed.to(device)
         model.set_linear(module, packed, input_scale=rescale[module].to(device) if module in rescale else None)
-        nb = packed.nbytes()
-        stats.loaded += 1
-        stats.bytes_total += nb
-        stats.bytes_bf16 += e.n * e.k * 2
-        for table, key in ((stats.by_format, packed.source), (stats.by_source, e.source)):
-            table[key][0] += 1
-            table[key][1] += nb
+        stats.add(packed, e.source)
         bar.update(e.nbytes)
     bar.close()
     stats.rescaled = sorted(rescale)

@@ -89,13 +89,7 @@ def assemble_parallel(plan: Plan, lay: ShardLayout, ctx: ParallelContext, dtype:
             scale = scale[a:b]
         packed = packed.to(device)
         model.set_linear(module, packed, input_scale=None if scale is None else scale.to(device))
-        nb = packed.nbytes()
-        stats.loaded += 1
-        stats.bytes_total += nb
-        stats.bytes_bf16 += packed.n * packed.k * 2
-        for table, key in ((stats.by_format, packed.source), (stats.by_source, e.source)):
-            table[key][0] += 1
-            table[key][1] += nb
+        stats.add(packed, e.source)
 
     for layer, items in layers.items():
         deferred: dict[tuple, list] = {}   # act-order expert K slices, sharded as one stack per bucket

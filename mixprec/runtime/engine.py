@@ -32,7 +32,7 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .generate import counter_noise
+from .generate import counter_noise, to_host
 from .sampling import SamplingParams, sample
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
@@ -468,7 +468,7 @@ class Engine:
         for r, n_prompt in zip(reqs, lens):
             r._launched = 1
             self._pos[r._slot], self._live[r._slot] = n_prompt, True
-        self._pending.append((self._to_host(first), [(i, r) for i, r in enumerate(reqs)]))
+        self._pending.append((to_host(first), [(i, r) for i, r in enumerate(reqs)]))
 
     def _sample(self, logits: Tensor, rows: slice, sampled: bool, filtered: bool) -> Tensor:
         R = self._rows
@@ -512,7 +512,7 @@ class Engine:
             self._step(B, L, sampled, filtered)
         for _, r in rows:
             r._launched += 1
-        self._pending.append((self._to_host(self._rows.tokens[:B, 0]), rows))
+        self._pending.append((to_host(self._rows.tokens[:B, 0]), rows))
         self._n_steps += 1
         return True
 
@@ -546,15 +546,6 @@ class Engine:
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)    # no wait on the running step
 
-    def _to_host(self, t: Tensor) -> tuple[Tensor, "torch.cuda.Event | None"]:
-        """Start copying `t` to the host; (buffer, event to wait on before reading it)."""
-        if self.device.type != "cuda":
-            return t.clone(), None
-        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        buf.copy_(t, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        return buf, ev
 
     # -- host side of a finished launch ----------------------------------------------------------
     def _process(self, item) -> None:

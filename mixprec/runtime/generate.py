@@ -57,6 +57,18 @@ class _Batch:
     step: Tensor          # [B]
 
 
+def to_host(t: Tensor) -> tuple[Tensor, "torch.cuda.Event | None"]:
+    """Start copying `t` to the host: (buffer, event to wait on before reading it). On CUDA the
+    copy goes into pinned memory asynchronously, so the host can queue the next step first."""
+    if t.device.type != "cuda":
+        return t.clone(), None
+    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    buf.copy_(t, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    return buf, ev
+
+
 def _bucket(n: int) -> int:
     b = 1
     while b < n:
@@ -199,10 +211,10 @@ class Generator:
         done = [False] * B
         produced = [0] * B
         step_fn = self._decode_fn(st, cache, filtered, sampled) if max_new > 1 else None
-        inflight = [self._to_host(first)]
+        inflight = [to_host(first)]
         for t in range(max_new):
             if t + 1 < max_new:          # queue step t+1 before reading step t's tokens
-                inflight.append(self._to_host(step_fn()))
+                inflight.append(to_host(step_fn()))
             buf, ev = inflight.pop(0)
             if ev is not None:
                 ev.synchronize()
@@ -220,16 +232,6 @@ class Generator:
             yield out
             if all(done):
                 break
-
-    def _to_host(self, t: Tensor) -> tuple[Tensor, "torch.cuda.Event | None"]:
-        """Start copying `t` to the host; (buffer, event to wait on before reading it)."""
-        if self.device.type != "cuda":
-            return t.clone(), None
-        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        buf.copy_(t, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        return buf, ev
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
                  ) -> list[list[int]]:
