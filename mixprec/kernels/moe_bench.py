@@ -189,13 +189,27 @@ def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: 
         row = dict(shape=shape, config=label or name, M=M, us=us, touched=tb,
                    by_format=touched[M], gbs=tb / us / 1e3, pct=100 * tb / us / 1e3 / copy_bw,
                    copies=c, path=(cfg or moe_configs.pick(M))[0])
+        if cfg is not None or not one_launch:
+            # a launch config under test must compute what the default (tested) one computes
+            w, ids = moe.route(lg, k, True)
+            y = moe.fused_moe(xm, ids, w, base, I, one_launch=one_launch, config=cfg)
+            y0 = moe.fused_moe(xm, ids, w, base, I)
+            row["sqnr_vs_default"] = mt.sqnr_db(y0.float(), y.float())
+            if row["sqnr_vs_default"] < 40:
+                log(f"  WARNING {shape} {row['config']} M={M}: SQNR vs default config "
+                    f"{row['sqnr_vs_default']:.1f} dB")
+                row["us"] = float("inf")
         if baseline:
             mats = []
             for L in layers[:c]:
                 d = {b_["proj"]: b_["tensors"]["weight"] for b_ in L}
                 mats.append((d["gate_up"].transpose(1, 2), d["down"].transpose(1, 2)))
             fns = [(lambda a=a, b_=b_: grouped_mm_layer(xm, lg, a, b_, k, I)) for a, b_ in mats]
-            row["grouped_mm_us"] = time_graph(fns)
+            try:
+                row["grouped_mm_us"] = time_graph(fns)
+            except RuntimeError as err:  # report a baseline the installed torch cannot run, keep going
+                log(f"  torch._grouped_mm baseline failed: {err}")
+                row["grouped_mm_us"] = float("nan")
         results.append(row)
         log(f"  {shape:5s} {row['config']:22s} M={M:4d} {us:9.1f} us {row['gbs']:7.0f} GB/s "
             f"{row['pct']:5.1f}% ({c} copies, {row['path']})"

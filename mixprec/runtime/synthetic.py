@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from ..config import ModelArgs
+from ..config import ModelArgs, Rule, parse_experts
 from ..formats import FORMATS, load_module, resolve_scheme
 from ..models.qwen3 import Qwen3ForCausalLM
 
@@ -57,10 +57,14 @@ def synthetic_args(arch: str, layers: int | None = None) -> ModelArgs:
     return ModelArgs.from_hf(cfg)
 
 
-def parse_mix(mix: str) -> list[tuple[str, str]]:
-    """A preset name, or 'regex=spec;regex=spec' (first match wins, unmatched -> bf16)."""
+def parse_mix(mix: str) -> list:
+    """A preset name, a native mix YAML whose sources are named by format spec (as `mixprec plan`
+    writes from a synthetic profile: `use: int4`, `use: fp8`, `model` = bf16), or
+    'regex=spec;regex=spec'. First match wins; unmatched weights are bf16."""
     if mix in PRESETS:
         return PRESETS[mix]
+    if mix.endswith((".yaml", ".yml")):
+        return _yaml_rules(mix)
     rules = []
     for part in filter(None, (p.strip() for p in mix.split(";"))):
         rx, _, spec = part.rpartition("=")
@@ -70,12 +74,25 @@ def parse_mix(mix: str) -> list[tuple[str, str]]:
     return rules
 
 
+def _yaml_rules(path: str) -> list[Rule]:
+    import yaml
+    d = yaml.safe_load(open(path)) or {}
+    rules = []
+    for i, w in enumerate(d.get("weights") or []):
+        spec = "bf16" if w["use"] == "model" else w["use"]
+        if spec not in SPECS:
+            raise ValueError(f"{path}: weights[{i}] uses {w['use']!r}; a synthetic mix names sources by format "
+                             f"spec ({', '.join(SPECS)}) or 'model'")
+        rules.append(Rule(w["match"], parse_experts(w.get("experts"), f"weights[{i}]"), spec, f"weights[{i}]"))
+    return rules
+
+
 def spec_for(module: str, rules) -> str:
     if module == "lm_head":          # published quantized releases keep the head in bf16
         return "bf16"
-    for rx, spec in rules:
-        if re.search(rx, module):
-            return spec
+    for r in rules:
+        if r.matches(module) if isinstance(r, Rule) else re.search(r[0], module):
+            return r.use if isinstance(r, Rule) else r[1]
     return "bf16"
 
 
