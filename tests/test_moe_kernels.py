@@ -148,6 +148,43 @@ def test_expert_absent_from_all_buckets_adds_zero():
     assert mt.sqnr_db(ref, y.float()) >= 40
 
 
+def _pad_act_order(b: dict, extra: int) -> None:
+    """Turn an act-order intq bucket into a padded shard: `extra` stored rows of exact zeros
+    (symmetric code 2^(bits-1)) that point at input 0, as TP shards of act-order weights store."""
+    t = b["tensors"]
+    e, kp, n = t["qweight"].shape
+    pad_words = torch.full((e, extra // 8, n), -2004318072, dtype=torch.int32, device=t["qweight"].device)  # 0x88888888
+    t["qweight"] = torch.cat([t["qweight"], pad_words], 1).contiguous()
+    rows = kp * 8 + extra
+    g = b["params"]["group_size"]
+    more = -(-rows // g) - t["scales"].shape[1]
+    t["scales"] = torch.cat([t["scales"], t["scales"][:, :1].expand(e, more, n)], 1).contiguous()
+    t["perm"] = torch.cat([t["perm"], torch.zeros(e, extra, dtype=torch.int32, device=t["perm"].device)], 1).contiguous()
+
+
+def test_padded_act_order_and_per_channel_w8a8():
+    b = _layer([("int4_perm", "int4_perm", "fp8_ch_w8a8") if e % 2 else ("fp16", "fp16", "int4_perm")
+                for e in range(E)], seed=7)
+    for bb in b:
+        if bb["layout"] == "intq":
+            _pad_act_order(bb, 32)
+    moe.validate_buckets(b, E, H, I)
+    _check(b, *_inputs(3, seed=11))
+    _check(b, *_inputs(6, seed=12), config=DOT)
+
+
+def test_dequant_matches_format_layouts():
+    # the reference's own dequant against the format engineers' LAYOUTS (same packed tensors)
+    import mixprec.formats  # noqa: F401  (registers the layouts)
+    from mixprec.formats.base import LAYOUTS, Packed
+    for spec in ["fp16", "fp8", "fp8_ch", "int4_asym", "int4_perm", "int8q", "int8_zp"]:
+        for bb in mt.build_buckets(mt.uniform(spec, 3), H, I, dtype=torch.float16, seed=1):
+            n, k = moe._bucket_dims(bb, H, I)
+            want = LAYOUTS[bb["layout"]].dequant(Packed(bb["layout"], n, k, bb["tensors"], bb["params"]))
+            got = torch.stack([moe.dequant_expert(bb, i, n, k) for i in range(3)])
+            torch.testing.assert_close(got, want.float(), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # the reference itself, against integer codes (independent of the kernels)
 

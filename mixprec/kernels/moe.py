@@ -156,20 +156,22 @@ def _check_bucket(b: dict, i: int, hidden: int, inter: int) -> str:
         bn, bk = _fp8_block(p, where)
         shape("weight", (Eb, N, K), (torch.float8_e4m3fn,))
         shape("scale", (Eb, triton.cdiv(N, bn), triton.cdiv(K, bk)), (torch.float32,))
-        if _act(p, where) == 1 and bk % FP8_ACT_GROUP != 0:
+        if _act(p, where) == 1 and bk % FP8_ACT_GROUP != 0 and bk < K:
             raise FormatError(f"{where}: fp8 w8a8 needs the weight block along K ({bk}) to be a multiple "
-                              f"of the activation group {FP8_ACT_GROUP}; use act='w8a16'")
+                              f"of the activation group {FP8_ACT_GROUP} (or to span K={K}); use act='w8a16'")
     elif layout == "intq":
         bits, G = _intq_params(p, K, where)
         pf = 32 // bits
-        if K % pf:
-            raise ShapeMismatch(f"{where}: K={K} is not a multiple of {pf} ({bits}-bit packing)")
-        shape("qweight", (Eb, K // pf, N), (torch.int32,))
-        shape("scales", (Eb, triton.cdiv(K, G), N), (torch.float16, torch.bfloat16, torch.float32))
+        R = _stored_rows(t, K)   # > K for a padded act-order shard (rows reach x through perm)
+        if R % pf or R < K:
+            raise ShapeMismatch(f"{where}: {R} stored rows for K={K}: expected >= K and a multiple of "
+                                f"{pf} ({bits}-bit packing)")
+        shape("qweight", (Eb, R // pf, N), (torch.int32,))
+        shape("scales", (Eb, triton.cdiv(R, G), N), (torch.float16, torch.bfloat16, torch.float32))
         if "zeros" in t:
-            shape("zeros", (Eb, triton.cdiv(K, G), N), (torch.uint8,))
+            shape("zeros", (Eb, triton.cdiv(R, G), N), (torch.uint8,))
         if "perm" in t:
-            shape("perm", (Eb, K), (torch.int32,))
+            shape("perm", (Eb, R), (torch.int32,))
     else:
         shape("weight", (Eb, N, K), (torch.int8,))
         shape("scale", (Eb, N, 1), (torch.float32,))
@@ -204,6 +206,10 @@ def _intq_params(p: dict, K: int, where: str) -> tuple[int, int]:
     return bits, G
 
 
+def _stored_rows(t: dict, K: int) -> int:
+    return t["perm"].shape[-1] if "perm" in t else K
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     d = 1
     while d * 2 <= cap and n % (d * 2) == 0:
@@ -212,12 +218,14 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def _slot(b: dict, hidden: int, inter: int) -> tuple[tuple, tuple[int, int, int]]:
-    """-> ((w, s, z, perm, expert_map) tensors, (C, G, B) compile-time slot description)."""
+    """-> ((w, s, z, perm, expert_map, stored rows), (C, G, B) compile-time slot description).
+    Unused pointer slots get the expert map (never read)."""
     t, p, layout = b["tensors"], b.get("params", {}), b["layout"]
     _, K = _bucket_dims(b, hidden, inter)
     emap = b["expert_map"]
     code = LAYOUT_CODE[layout] | PROJ_CODE[b["proj"]] << 5
     G = B = 1
+    rows = K
     if layout == "dense":
         ptrs = (t["weight"], emap, emap, emap)
     elif layout == "fp8":
@@ -226,22 +234,23 @@ def _slot(b: dict, hidden: int, inter: int) -> tuple[tuple, tuple[int, int, int]
         ptrs = (t["weight"], t["scale"], emap, emap)
     elif layout == "intq":
         bits, G = _intq_params(p, K, "")
+        rows = _stored_rows(t, K)
         code |= ("zeros" in t) << 3 | ("perm" in t) << 4 | (bits == 8) << 7
         ptrs = (t["qweight"], t["scales"], t.get("zeros", emap), t.get("perm", emap))
     else:
         code |= _act(p, "") << 2 | ("zero" in t) << 3
         ptrs = (t["weight"], t["scale"], t.get("zero", emap), emap)
-    return (*ptrs, emap), (code, G, B)
+    return (*ptrs, emap, rows), (code, G, B)
 
 
-def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool) -> dict:
+def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int) -> dict:
     """Per-layout K tiles for this launch, lowered where a slot's blocks need it."""
     bkf = cfg["BKF"]
     for code, G, B in slots:
         if code % 4 == 1:  # fp8: the tile must sit inside one weight block along K
-            if (code >> 2) & 1:
-                bkf = FP8_ACT_GROUP
-            else:
+            if (code >> 2) & 1:  # w8a8: inside one activation group too (the dot path uses it whole)
+                bkf = _pow2_divisor(FP8_ACT_GROUP, bkf) if gemv else FP8_ACT_GROUP
+            if G < K:
                 bkf = min(bkf, _pow2_divisor(G, bkf))
     ks = dict(BKD=cfg["BKD"], BKF=max(bkf, 16 if not gemv else 1), BKQ=cfg["BKQ"], BKI=cfg["BKI"])
     if any(code % 4 == 2 and (code >> 7) & 1 for code, _, _ in slots):
@@ -250,21 +259,17 @@ def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool) -> dict:
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int):
-    ptrs, consts = [], {}
-    descs = []
-    for b in side:
-        pt, d = _slot(b, hidden, inter)
-        ptrs.append(pt)
-        descs.append(d)
-    n = len(ptrs)
+    """Kernel arguments of up to MAX_SLOTS buckets: flat (pointers, stored rows) per slot (unused
+    slots repeat slot 0; NS tells the kernel how many are real), constexpr descriptions, and the
+    stored-row counts of the intq slots."""
+    ptrs, descs = zip(*[_slot(b, hidden, inter) for b in side])
+    consts, flat = {}, []
     for i in range(MAX_SLOTS):
-        j = i if i < n else 0
-        c, g, bb = descs[j] if i < n else (descs[0][0], descs[0][1], descs[0][2])
-        consts[f"C{i}"], consts[f"G{i}"], consts[f"B{i}"] = c, g, bb
-    flat = []
-    for i in range(MAX_SLOTS):
-        flat.extend(ptrs[i] if i < n else ptrs[0])
-    return flat, consts, descs
+        j = i if i < len(ptrs) else 0
+        consts[f"C{i}"], consts[f"G{i}"], consts[f"B{i}"] = descs[j]
+        flat.extend(ptrs[j])
+    q_rows = [pt[5] for pt, d in zip(ptrs, descs) if d[0] % 4 == 2]
+    return flat, consts, list(descs), q_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,17 +345,17 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         lead_dn = (act, sorted_ids, blk, rw, buf, out, cnt, P, inter, inter, H, cnt.numel())
         shape_kw = {"BM": BM}
     for grp in up_groups:
-        flat, consts, descs = _slot_args(grp, H, inter)
-        ks = _tile_ks(cu, descs, path == "gemv")
+        flat, consts, descs, q_rows = _slot_args(grp, H, inter)
+        ks = _tile_ks(cu, descs, path == "gemv", H)
         if path == "gemv":
-            shape_kw = {"EVK": all(H % v == 0 for v in ks.values())}
+            shape_kw = {"EVK": all(H % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)}
         kern[grid_up](*lead_up, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
                       **ks, SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
     for gi, grp in enumerate(down_groups):
-        flat, consts, descs = _slot_args(grp, H, inter)
-        ks = _tile_ks(cd, descs, path == "gemv")
+        flat, consts, descs, q_rows = _slot_args(grp, H, inter)
+        ks = _tile_ks(cd, descs, path == "gemv", inter)
         if path == "gemv":
-            shape_kw = {"EVK": all(inter % v == 0 for v in ks.values())}
+            shape_kw = {"EVK": all(inter % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)}
         kern[grid_dn](*lead_dn, *flat, **consts, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"], **shape_kw,
                       **ks, SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
                       num_warps=cd["num_warps"], num_stages=cd["num_stages"])
@@ -377,18 +382,17 @@ def dequant_expert(b: dict, loc: int, n: int, k: int) -> Tensor:
         return W * t["scale"][loc].float()
     bits, G = _intq_params(p, k, "")
     pf = 32 // bits
-    qw = t["qweight"][loc]                                               # [k/pf, n]
-    shifts = (torch.arange(k, device=qw.device) % pf * bits).view(k, 1)
-    q = (qw.repeat_interleave(pf, 0) >> shifts) & ((1 << bits) - 1)      # [k, n] codes of stored rows
-    g = torch.arange(k, device=qw.device) // G
+    R = _stored_rows(t, k)
+    qw = t["qweight"][loc]                                               # [R/pf, n]
+    shifts = (torch.arange(R, device=qw.device) % pf * bits).view(R, 1)
+    q = (qw.repeat_interleave(pf, 0) >> shifts) & ((1 << bits) - 1)      # [R, n] codes of stored rows
+    g = torch.arange(R, device=qw.device) // G
     z = t["zeros"][loc].float()[g] if "zeros" in t else float(1 << (bits - 1))
-    Wt = t["scales"][loc].float()[g] * (q.float() - z)                   # [k, n] stored order
-    W = Wt.t().contiguous()
-    if "perm" in t:                                                      # stored row j is input perm[j]
-        Wo = torch.empty_like(W)
-        Wo[:, t["perm"][loc].long()] = W
-        W = Wo
-    return W
+    W = (t["scales"][loc].float()[g] * (q.float() - z)).t().contiguous()  # [n, R] stored order
+    if "perm" not in t:
+        return W
+    # stored row j multiplies input perm[j]; padding rows (R > k) are exact zeros, so summing is exact
+    return torch.zeros(n, k, device=W.device).index_add_(1, t["perm"][loc].long(), W)
 
 
 def quant_act(v: Tensor, layout: str, params: dict) -> Tensor:
@@ -470,15 +474,3 @@ def validate_buckets(buckets: list[dict], num_experts: int, hidden: int, inter: 
     if len([b for b in buckets if b["proj"] != "down"]) > MAX_SLOTS:
         raise FormatError(f"MoE buckets: more than {MAX_SLOTS} gate/up buckets")
 
-
-def touched_bytes(topk_ids: Tensor, buckets: list[dict]) -> int:
-    """Bytes of the distinct experts' weights a call reads (benchmark accounting; host sync)."""
-    used = set(topk_ids.reshape(-1).tolist())
-    total = 0
-    for b in buckets:
-        t = b["tensors"]
-        loc = b["expert_map"].tolist()
-        n_used = sum(1 for e in used if loc[e] >= 0)
-        per = sum(v[0].numel() * v.element_size() for v in t.values())
-        total += n_used * per
-    return total

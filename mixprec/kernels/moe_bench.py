@@ -39,10 +39,10 @@ UNIFORM_OF = {"dense": "bf16", "fp8": "fp8", "intq": "int4", "int8": "int8"}
 
 # candidates for --sweep
 GEMV_CANDIDATES = [
-    dict(BN=32, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),
-    dict(BN=16, BKD=256, BKF=128, BKQ=512, BKI=256, num_warps=4, num_stages=1),
-    dict(BN=64, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1),
-    dict(BN=32, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1),
+    dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),   # the default
+    dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
+    dict(BN=64, BKD=64, BKF=64, BKQ=128, BKI=64, num_warps=4, num_stages=1),
+    dict(BN=32, BKD=64, BKF=64, BKQ=256, BKI=64, num_warps=4, num_stages=1),    # fewer fp8 registers
 ]
 SWEEP_GEMV_M = [1, 4, 8, 16]
 SWEEP_DOT_M = [8, 16, 32, 64, 128, 512]

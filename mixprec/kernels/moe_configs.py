@@ -1,11 +1,17 @@
-"""Launch configurations of the fused MoE kernels (moe_triton.py), from measurements on H100
-(see benchmarks/moe.md for the sweep that chose them and `python -m mixprec.kernels.moe_bench
---sweep` to redo it).
+"""Launch configurations of the fused MoE kernels (moe_triton.py).
+
+NOT YET MEASURED: the shared device budget was spent before these kernels got a run. The values
+come from offline sm_90 compilation (registers, spills, SASS instructions per weight element of
+the GEMV loop; see benchmarks/moe.md) and, for the dot path, from vLLM's tuned H100 tables for
+E=128 (BLOCK_M 16 up to ~64 tokens, 64x128 tiles with 8 warps for prefill). Run
+`python scripts/bench_moe.py --sweep --out DIR` on the device: it times the candidates in
+moe_bench.py (GEMV_CANDIDATES, DOT_CANDIDATES), applies the winners to its table and prints them
+("sweep winners: ...") to be copied here.
 
 GEMV path (one (token, expert) pair per program, fp32 FMA): decode, M <= GEMV_MAX_M tokens.
 Dot path (BM sorted pairs of one expert per program, tensor cores): everything larger.
 BK* are the K tiles per layout (D dense, F fp8, Q intq, I int8); BK is lowered automatically
-where a format's block or group needs it (fp8 block along K, W8A8 needs 128).
+where a format's block needs it (fp8 tile inside one weight block along K; W8A8 uses 128).
 """
 from __future__ import annotations
 
@@ -13,14 +19,13 @@ GEMV_MAX_M = 8
 
 # side -> config; "up" computes gate and up tiles of BN columns each (fused silu*mul), "down" BN rows of H
 GEMV = {
-    "up": dict(BN=32, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),
-    "down": dict(BN=32, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),
+    "up": dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),
+    "down": dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),
 }
 
 # (max tokens, config): the first row whose bound >= M is used
 DOT = [
-    (32, dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
-    (128, dict(BM=32, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
+    (64, dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
     (1 << 30, dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=8, num_stages=3)),
 ]
 

@@ -16,6 +16,7 @@ SPECS = {
     "fp8": ("fp8", {"block": (128, 128), "act": "w8a8"}),
     "fp8_w8a16": ("fp8", {"block": (128, 128), "act": "w8a16"}),
     "fp8_ch": ("fp8", {"block": (1, -1), "act": "w8a16"}),  # per-channel: bk = K
+    "fp8_ch_w8a8": ("fp8", {"block": (1, -1), "act": "w8a8"}),
     "int4": ("intq", {"bits": 4, "group_size": 128}),
     "int4_g32": ("intq", {"bits": 4, "group_size": 32}),
     "int4_asym": ("intq", {"bits": 4, "group_size": 128, "zeros": True}),

@@ -7,7 +7,7 @@ tile loop of that slot's layout. The slot layouts are compile-time constants, so
 formats {int4, fp8} compiles exactly those two tile loops into the kernel; the branch taken is
 uniform per program.
 
-Slot description (compile-time int `C`, see `slot_code` in moe.py):
+Slot description (compile-time int `C`, built by `_slot` in moe.py):
   bits 0-1 layout (0 dense, 1 fp8, 2 intq, 3 int8), bit 2 act (0 a16, 1 w8a8),
   bit 3 has zero points, bit 4 has perm, bits 5-6 proj (0 gate_up, 1 gate, 2 up, 3 down),
   bit 7 intq bits == 8.
@@ -137,6 +137,7 @@ def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm,
     cols = col0 + rn
     r = tl.arange(0, R)
     KP = K // PF
+    ZI: tl.constexpr = 0 if HZ else 1 << (BITS - 1)  # symmetric: the zero goes into the FADD
     qcol = qp + cols[None, :]
     # one tile of prefetch: the next words are in flight while this tile is dequantized
     q_nxt = tl.load(qcol + r[:, None] * nw, mask=(r < KP)[:, None] & nm[None, :], other=0)
@@ -148,7 +149,7 @@ def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm,
         qh = q >> 16
         kr = k0 + r * PF
         # sum_k s (q - z) x = s * (sum_k q x) - z s * (sum_k x): within a word row s and z are
-        # constant, so the scale is applied once per 32-bit word instead of once per code
+        # constant, so scale and zero are applied once per 32-bit word instead of once per code
         part = tl.zeros([R, BN], dtype=tl.float32)
         xs = tl.zeros([R], dtype=tl.float32)
         for f in tl.static_range(PF):
@@ -157,16 +158,20 @@ def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm,
             # qm (run-time 2^BITS-1) keeps the masks in registers: LOP3 takes one immediate.
             if f < F:
                 b = (q & (qm << (BITS * f))) | ((150 - BITS * f) << 23)
-                v = b.to(tl.float32, bitcast=True) - (1 << (23 - BITS * f))
+                v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * f)) + ZI)
             else:
                 b = (qh & (qm << (BITS * (f - F)))) | ((150 - BITS * (f - F)) << 23)
-                v = b.to(tl.float32, bitcast=True) - (1 << (23 - BITS * (f - F)))
+                v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * (f - F))) + ZI)
             kf = kr + f
             x = _intq_x(xrow, pp, kf, kf < K, HP, not EVK)
             part += v * x[:, None]
-            xs += x
+            if HZ:
+                xs += x
         s, zs = _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
-        acc += part * s - zs * xs[:, None]
+        if HZ:
+            acc += part * s - zs * xs[:, None]
+        else:
+            acc += part * s
     return tl.sum(acc, axis=0)
 
 
@@ -214,8 +219,13 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
             x = tl.load(xrow + kk, mask=kk < K, other=0.0).to(tl.float32)
         if LAY == _FP8:
             if ACT == 1:
-                # W8A8: the activation is quantized per token per 128 (BK == 128) to e4m3
-                a = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / _FP8_MAX
+                # W8A8: the activation is quantized per token per 128 inputs to e4m3 (BK | 128)
+                if BK == 128:
+                    amax = tl.max(tl.abs(x), axis=0)
+                else:
+                    kg = (k0 // 128) * 128 + tl.arange(0, 128)
+                    amax = tl.max(tl.abs(tl.load(xrow + kg, mask=kg < K, other=0.0).to(tl.float32)), axis=0)
+                a = tl.maximum(amax, 1e-12) / _FP8_MAX
                 x = _e4m3_rne(tl.minimum(tl.maximum(x / a, -_FP8_MAX), _FP8_MAX)) * a
             sc = tl.load(sp + (rows // BNW) * tl.cdiv(K, BKW) + k0 // BKW, mask=nm, other=0.0)
             acc += (w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]) * x[None, :]
@@ -240,7 +250,7 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
 
 @triton.jit
 def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm,
-               w, s, z, pm, mp, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+               w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
                HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
                BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr):
     LAY: tl.constexpr = C % 4
@@ -268,8 +278,9 @@ def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm,
                     row0 = INTER
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
-                res = _gemv_intq(xrow, w + loc * ((K // PF) * nw), s + loc * (tl.cdiv(K, G) * nw),
-                                 z + loc * (tl.cdiv(K, G) * nw), pm + loc * K, row0, nw, K, n_lim, n0,
+                # rs: stored rows (K, or more for a padded act-order shard; x is read via perm)
+                res = _gemv_intq(xrow, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
+                                 z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
                                  qm if BITS == 4 else (qm << 4) | qm, BITS, G, HZ, HP, BN, BKQ, EVK)
             elif LAY == _FP8:
                 res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
@@ -286,7 +297,7 @@ def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm,
 
 @triton.jit
 def _gemv_half(xrow, e, n0, K, INTER, HID, qm,
-               w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
                C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
                C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
@@ -295,16 +306,16 @@ def _gemv_half(xrow, e, n0, K, INTER, HID, qm,
                BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr):
     res = tl.zeros([BN], dtype=tl.float32)
     found = e * 0  # int32 0/1: some slot holds this expert
-    res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w0, s0, z0, p0, m0, C0, G0, B0,
+    res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w0, s0, z0, p0, m0, r0, C0, G0, B0,
                             HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 1:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w1, s1, z1, p1, m1, C1, G1, B1,
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w1, s1, z1, p1, m1, r1, C1, G1, B1,
                                 HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 2:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w2, s2, z2, p2, m2, C2, G2, B2,
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w2, s2, z2, p2, m2, r2, C2, G2, B2,
                                 HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 3:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w3, s3, z3, p3, m3, C3, G3, B3,
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w3, s3, z3, p3, m3, r3, C3, G3, B3,
                                 HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     return res, found
 
@@ -321,7 +332,7 @@ def _zero_counters(cnt_ptr, n_cnt, pid, npid, ZB: tl.constexpr):
 @triton.jit
 def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
                      K, INTER, HID, n_cnt, qm,
-                     w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                     w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                      C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
                      C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
                      C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
@@ -342,10 +353,10 @@ def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
             _zero_counters(cnt_ptr, n_cnt, p, tl.num_programs(0), 256)
         xrow = x_ptr + (p // TOPK).to(tl.int64) * K
         g, fg = _gemv_half(xrow, e, n0, K, INTER, HID, qm,
-                           w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                           w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                            C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK)
         u, fu = _gemv_half(xrow, e, n0, K, INTER, HID, qm,
-                           w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                           w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                            C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK)
         act = g / (1.0 + tl.exp(-g)) * u
         tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty),
@@ -353,7 +364,7 @@ def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
     else:
         xrow = x_ptr + p.to(tl.int64) * K
         d, fd = _gemv_half(xrow, e, n0, K, INTER, HID, qm,
-                           w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                           w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                            C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK)
         nm = rn < HID
         val = d * tl.load(rw_ptr + p)
@@ -474,7 +485,7 @@ def _dot_nk(acc, arow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
 
 @triton.jit
 def _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID,
-              w, s, z, pm, mp, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+              w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
               BKQ: tl.constexpr, BKI: tl.constexpr):
     LAY: tl.constexpr = C % 4
@@ -502,8 +513,8 @@ def _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID,
                     row0 = INTER
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
-                acc = _dot_intq(acc, arow, rm, w + loc * ((K // PF) * nw), s + loc * (tl.cdiv(K, G) * nw),
-                                z + loc * (tl.cdiv(K, G) * nw), pm + loc * K, row0, nw, K, n_lim, n0,
+                acc = _dot_intq(acc, arow, rm, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
+                                z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
                                 BITS, G, HZ, HP, BN, BKQ)
             elif LAY == _FP8:
                 acc = _dot_nk(acc, arow, rm, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
@@ -520,7 +531,7 @@ def _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID,
 
 @triton.jit
 def _dot_half(arow, rm, e, n0, K, INTER, HID,
-              w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+              w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
               C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
               C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
               C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
@@ -529,16 +540,16 @@ def _dot_half(arow, rm, e, n0, K, INTER, HID,
               BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr):
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     found = e * 0
-    acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w0, s0, z0, p0, m0, C0, G0, B0,
+    acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w0, s0, z0, p0, m0, r0, C0, G0, B0,
                            HALF, BM, BN, BKD, BKF, BKQ, BKI)
     if NS > 1:
-        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w1, s1, z1, p1, m1, C1, G1, B1,
+        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w1, s1, z1, p1, m1, r1, C1, G1, B1,
                                HALF, BM, BN, BKD, BKF, BKQ, BKI)
     if NS > 2:
-        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w2, s2, z2, p2, m2, C2, G2, B2,
+        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w2, s2, z2, p2, m2, r2, C2, G2, B2,
                                HALF, BM, BN, BKD, BKF, BKQ, BKI)
     if NS > 3:
-        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w3, s3, z3, p3, m3, C3, G3, B3,
+        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w3, s3, z3, p3, m3, r3, C3, G3, B3,
                                HALF, BM, BN, BKD, BKF, BKQ, BKI)
     return acc, found
 
@@ -546,7 +557,7 @@ def _dot_half(arow, rm, e, n0, K, INTER, HID,
 @triton.jit
 def _moe_dot_kernel(x_ptr, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
                     P, K, INTER, HID, n_cnt,
-                    w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                    w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                     C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
                     C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
                     C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
@@ -571,10 +582,10 @@ def _moe_dot_kernel(x_ptr, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_pt
         if MODE == _MODE_UP:
             arow = x_ptr + (pr // TOPK) * K
             g, fg = _dot_half(arow, rm, e, n0, K, INTER, HID,
-                              w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                              w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BM, BN, BKD, BKF, BKQ, BKI)
             u, fu = _dot_half(arow, rm, e, n0, K, INTER, HID,
-                              w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                              w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BM, BN, BKD, BKF, BKQ, BKI)
             act = g / (1.0 + tl.exp(-g)) * u
             tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], act.to(out_ptr.dtype.element_ty),
@@ -582,7 +593,7 @@ def _moe_dot_kernel(x_ptr, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_pt
         else:
             arow = x_ptr + pr * K
             d, fd = _dot_half(arow, rm, e, n0, K, INTER, HID,
-                              w0, s0, z0, p0, m0, w1, s1, z1, p1, m1, w2, s2, z2, p2, m2, w3, s3, z3, p3, m3,
+                              w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BM, BN, BKD, BKF, BKQ, BKI)
             nm = rn < HID
             rwv = tl.load(rw_ptr + pr, mask=rm, other=0.0)
@@ -620,7 +631,8 @@ def _route_kernel(logit_ptr, w_ptr, id_ptr, M, E, stride_m,
     ev = tl.arange(0, EB)
     emask = ev < E
     lg = tl.load(logit_ptr + rows[:, None].to(tl.int64) * stride_m + ev[None, :],
-                 mask=rmask[:, None] & emask[None, :], other=float("-inf")).to(tl.float32)
+                 mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)
+    lg = tl.where(emask[None, :], lg, float("-inf"))   # rows past M stay finite (no NaN work)
     mx = tl.max(lg, axis=1)
     pr = tl.where(emask[None, :], tl.exp(lg - mx[:, None]), 0.0)
     pr = pr / tl.sum(pr, axis=1)[:, None]
