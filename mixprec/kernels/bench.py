@@ -27,7 +27,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 
@@ -37,7 +36,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from ..errors import MixprecError
-from . import configs
+from . import configs, timing
 from .fp8 import fp8_linear_cfg, fp8_linear_reference
 from .int8 import int8_linear_cfg, int8_linear_reference
 from .intq import intq_linear_cfg, intq_linear_reference
@@ -109,53 +108,11 @@ def sqnr(y, ref) -> float:
 # ----------------------------------------------------------------------------------------------
 # timing
 
-def graph_us(fns: list) -> float:
-    """Median per-call µs of fns (one call each) captured in one CUDA graph and replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    g.replay()
-    torch.cuda.synchronize()
-    reps = max(5, min(40, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    ms = statistics.median(a.elapsed_time(b) for a, b in ev)
-    del g
-    return ms * 1e3 / len(fns)
+graph_us = timing.graph_us
 
 
 def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device copy, bytes read + written."""
-    a = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(10):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    del a, b
-    return 2 * (1 << 30) / (statistics.median(ts) * 1e-3) / 1e9
+    return timing.copy_bandwidth_gbps()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,7 +419,7 @@ def main(argv=None) -> int:
 def render(results, variants, baselines, shapes, ms, bw, device_desc, date, cmd) -> str:
     R = {(r["model"], r["shape"], r["M"], r["variant"]): r for r in results}
     cols = variants + baselines
-    lines = [f"# Dense linear kernels vs torch baselines\n",
+    lines = ["# Dense linear kernels vs torch baselines\n",
              f"- device: {device_desc}; copy bandwidth {bw:.0f} GB/s (1 GiB copy_, r+w)",
              f"- date: {date}; command: `{cmd}`",
              "- cells: µs per call (CUDA-graph replay, cold weights rotated over >= 256 MB) and % of copy "

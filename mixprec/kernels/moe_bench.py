@@ -14,14 +14,13 @@ import json
 import math
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from . import moe, moe_configs
+from . import moe, moe_configs, timing
 from . import moe_testing as mt
 
 DEVICE = "cuda"
@@ -59,60 +58,10 @@ def log(*a):
 
 
 def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device copy, counting bytes read + written."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device=DEVICE)
-    b = torch.empty_like(a)
-    a.random_(0, 255)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) * 1e-3)
-    del a, b
-    return 2 * n / statistics.median(ts) / 1e9
+    return timing.copy_bandwidth_gbps(device=DEVICE)
 
 
-def time_graph(fns: list, target_ms: float = 8.0) -> float:
-    """Median µs per call of fns (run in order) replayed as one CUDA graph."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    g.replay()
-    torch.cuda.synchronize()
-    one = max(time.perf_counter() - t0, 1e-6)
-    reps = max(3, min(200, int(target_ms * 1e-3 / one)))
-    meas = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(reps):
-            g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        meas.append(s.elapsed_time(e) * 1e3 / reps)
-    del g
-    return statistics.median(meas) / len(fns)
+time_graph = timing.graph_us
 
 
 def clone_buckets(buckets: list[dict]) -> list[dict]:

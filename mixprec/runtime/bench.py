@@ -19,23 +19,10 @@ from .generate import Generator
 from .sampling import SamplingParams
 
 
-def copy_bandwidth(device="cuda", nbytes=1 << 30) -> float:
-    """Bytes/s of a device-to-device copy, counting read + write."""
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    times = []
-    for _ in range(10):
-        ev[0].record()
-        b.copy_(a)
-        ev[1].record()
-        torch.cuda.synchronize()
-        times.append(ev[0].elapsed_time(ev[1]) / 1e3)
-    times.sort()
-    return 2 * a.numel() * a.element_size() / times[len(times) // 2]
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device copy, counting read + write."""
+    from ..kernels.timing import copy_bandwidth_gbps
+    return copy_bandwidth_gbps() * 1e9
 
 
 def step_bytes(model, batch: int) -> float:
