@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import FormatError
+from ..errors import FormatError, MissingWeight
 from . import awq, compressed_tensors, dense, fp8, gptq, int8, intq  # noqa: F401  (fill the registries)
 from .base import (FORMATS, LAYOUTS, CheckpointFormat, Layout, Packed, apply, cat_n, dequant, shard,
                    shard_range, stack)
@@ -157,6 +157,14 @@ def detect(meta: dict, scheme: dict | None, where: str) -> CheckpointFormat:
     cross-checked against the module's scheme. FormatError naming `where` otherwise."""
     found = [f for f in FORMATS.values() if f.detect(meta, scheme)]
     if not found:
+        # tensors that all belong to one quantized format, short of a required one: a missing tensor
+        partial = [f for f in FORMATS.values() if f.name != "dense" and meta and set(meta) <= set(f.suffixes)
+                   and any(s not in meta for s in getattr(f, "required", f.suffixes))]
+        if len(partial) == 1:
+            f = partial[0]
+            gone = [s for s in getattr(f, "required", f.suffixes) if s not in meta]
+            raise MissingWeight(f"{where}.{gone[0]}: missing; the module's other tensors "
+                                f"[{_describe(meta)}] are a {f.name} weight, which also needs {gone}")
         raise FormatError(f"{where}: tensors [{_describe(meta)}] are no known weight format")
     if len(found) > 1:
         raise FormatError(f"{where}: tensors [{_describe(meta)}] match several formats: {[f.name for f in found]}")
