@@ -27,13 +27,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import ParallelError
+from .shard import Ranks
 
 # torch >= 2.13 renames all_gather_into_tensor (and warns on the old name)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass(frozen=True)
-class ParallelContext:
+class ParallelContext(Ranks):
     """rank / world of this process, the tp x ep factorisation, the device it computes on and
     the process group of all ranks (None: the default group). `collective`: the parallel modules
     call torch.distributed (default: world > 1; also true for a world-1 context made inside an
@@ -53,14 +54,6 @@ class ParallelContext:
             raise ParallelError(f"tp={self.tp} x ep={self.ep} must equal the number of processes {self.world}")
         if not 0 <= self.rank < self.world:
             raise ParallelError(f"rank {self.rank} outside 0..{self.world - 1}")
-
-    @property
-    def tp_rank(self) -> int:
-        return self.rank % self.tp
-
-    @property
-    def ep_rank(self) -> int:
-        return self.rank // self.tp
 
     @property
     def is_main(self) -> bool:

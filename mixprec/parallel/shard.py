@@ -102,8 +102,22 @@ def expert_group(e: int, num_experts: int, ep: int) -> int:
     return e * ep // num_experts
 
 
+class Ranks:
+    """Rank arithmetic of a tp x ep run: ranks tp*g .. tp*g+tp-1 form expert group g."""
+    rank: int
+    tp: int
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank // self.tp
+
+
 @dataclass(frozen=True)
-class ShardLayout:
+class ShardLayout(Ranks):
     """What rank `rank` of a tp x ep run holds of the model `args`. Build with `make_layout`."""
     args: ModelArgs
     tp: int
@@ -113,14 +127,6 @@ class ShardLayout:
     @property
     def world(self) -> int:
         return self.tp * self.ep
-
-    @property
-    def tp_rank(self) -> int:
-        return self.rank % self.tp
-
-    @property
-    def ep_rank(self) -> int:
-        return self.rank // self.tp
 
     # -- attention ---------------------------------------------------------------------------
     @property
