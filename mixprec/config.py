@@ -190,6 +190,19 @@ def hf_pattern(pattern: str) -> str:
     return p
 
 
+_LAYER_NAME_RX = re.compile(r"model\.layers\.(\d+)\.")
+# '^model\.layers\.12\.' or '^model\.layers\.(?:0|1|5)\.' at the start of a rule's regex
+_ANCHOR_RX = re.compile(r"\^model\\\.layers\\\.(?:(\d+)|\(\?:((?:\d+\|)*\d+)\))\\\.")
+
+
+def _anchored_layers(pattern: str) -> frozenset[int] | None:
+    """The layers a regex can match when it starts with an anchored layer (alternation), else None."""
+    m = _ANCHOR_RX.match(pattern)
+    if m is None:
+        return None
+    return frozenset(int(x) for x in (m.group(1) or m.group(2)).split("|"))
+
+
 @lru_cache(maxsize=None)
 def _compiled(pattern: str) -> re.Pattern:
     return re.compile(hf_pattern(pattern))
@@ -520,6 +533,17 @@ class MixConfig:
             if r.exact:
                 exact.setdefault(r.match, []).append(i)
         regex = [i for i, r in enumerate(rules) if not r.exact]
+        # A rule anchored to given layers ('^model\.layers\.(?:3|7)\.' as the planner writes them) can
+        # only match names of those layers: test each name against its layer's rules only.
+        layer_of = {i: _anchored_layers(rules[i].match) for i in regex}
+        by_layer: dict[int | None, list[int]] = {}
+
+        def candidates(name: str) -> list[int]:
+            m = _LAYER_NAME_RX.match(name)
+            layer = int(m.group(1)) if m else None
+            if layer not in by_layer:
+                by_layer[layer] = [i for i in regex if layer_of[i] is None or layer in layer_of[i]]
+            return by_layer[layer]
         matched, chosen = [0] * len(rules), [0] * len(rules)
         order_free = self.form == "seed"
         none = len(rules)
@@ -527,7 +551,7 @@ class MixConfig:
         for n in names:
             hits = exact.get(n, [])
             if order_free:
-                hits = hits + [i for i in regex if rules[i].matches(n)]
+                hits = hits + [i for i in candidates(n) if rules[i].matches(n)]
             for i in hits:
                 matched[i] += 1
             first = hits[0] if hits else none
@@ -536,7 +560,7 @@ class MixConfig:
                     says = ", ".join(f"{rules[i].origin} says {rules[i].use}" for i in hits)
                     errors.append(f"{n}: conflicting entries: {says}")
             else:
-                for i in regex:   # ascending; after the winner only test rules not yet seen matching
+                for i in candidates(n):   # ascending; after the winner only test rules not yet seen matching
                     if (i > first and matched[i]) or not rules[i].matches(n):
                         continue
                     matched[i] += 1

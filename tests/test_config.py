@@ -1,6 +1,7 @@
 """MixConfig: both YAML forms, SGLang names, expert ranges, rule order, typed errors."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,28 @@ def test_tied_lm_head_hint(dirs):
     cfg = MixConfig.from_dict(seed(dirs, {"lm_head.weight": "fp8"}, fp8_path=str(dirs["fp8"])))
     with pytest.raises(ConfigError, match="lm_head is tied to model.embed_tokens"):
         cfg.resolve(names)
+
+
+def test_layer_anchored_rules_resolve_like_a_plain_scan():
+    """resolve() tests a name only against rules anchored to its layer (the planner writes one rule
+    per layer group): the result must equal a plain first-match scan over all rules."""
+    import random
+
+    rnd = random.Random(0)
+    names = [f"model.layers.{l}.mlp.experts.{e}.{p}_proj" for l in range(12) for e in range(8)
+             for p in ("gate", "up", "down")] + [f"model.layers.{l}.self_attn.q_proj" for l in range(12)] + ["lm_head"]
+    rules = []
+    for i in range(40):
+        layers = sorted(rnd.sample(range(12), rnd.randint(1, 4)))
+        anchor = (rf"^model\.layers\.{layers[0]}\." if len(layers) == 1
+                  else r"^model\.layers\.(?:" + "|".join(map(str, layers)) + r")\.")
+        tail = rnd.choice([r"mlp\.experts\.\d+\.down_proj$", r"mlp\.experts\.\d+\.(?:gate_proj|up_proj)$",
+                           r"self_attn\.q_proj$", r"mlp\.experts"])
+        pat = anchor + tail if i % 5 else tail              # some rules are not anchored
+        experts = frozenset(rnd.sample(range(8), 3)) if "experts" in pat and i % 3 == 0 else None
+        rules.append(Rule(pat, experts, rnd.choice(["a", "b", "model"]), f"weights[{i}]"))
+    cfg = MixConfig(model=Path("."), sources={"model": Path("."), "a": Path("."), "b": Path(".")},
+                    rules=tuple(rules), origin="<test>")
+    got = cfg.resolve(names, errors=[])             # collects dead-rule complaints instead of raising
+    want = {n: next((r.use for r in rules if r.matches(n)), "model") for n in names}
+    assert {n: src for n, (src, _) in got.items()} == want
