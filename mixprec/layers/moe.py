@@ -213,6 +213,10 @@ class MoE(nn.Module):
             y = self._forward_buckets(x, topk_ids, topk_w)
         return y.reshape(shape)
 
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_kb", None)      # .to()/.half() replace the tensors the cached views point at
+        return super()._apply(fn, recurse)
+
     def _kernel_buckets(self) -> list[dict] | None:
         """The buckets as the fused kernel takes them (views of the stacked tensors, built once),
         or None when a bucket carries a folded-norm input scale, which the kernel does not apply:
