@@ -60,8 +60,8 @@ def _launch_world() -> int:
 
 
 def load_tokenizer(ckpt_dir: str | Path):
-    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`, with its chat template (if any)
-    attached as `.chat_template` and eos ids as `.eos_token_ids`; None when the file is absent."""
+    """The checkpoint's tokenizer (mixprec.runtime.text.Tokenizer: tokenizer.json plus the chat
+    template and eos ids from its config files), or None when there is no tokenizer.json."""
     from .runtime.text import Tokenizer
     return Tokenizer.from_dir(ckpt_dir)
 
