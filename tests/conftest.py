@@ -7,3 +7,19 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_f32_model(tmp_path_factory):
+    """The bf16 fixture loaded in float32 on the CPU, with torch on one thread (tiny matmuls:
+    thread hand-offs cost more than they save). Shared by the engine and server tests."""
+    import mixprec
+    from mixprec.testing.fixtures import make_fixture
+    path = make_fixture(tmp_path_factory.mktemp("tiny"), formats=["bf16"])["bf16"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield mixprec.load(path, device="cpu", dtype="float32", progress=False)
+    torch.set_num_threads(threads)

@@ -21,12 +21,8 @@ T_OUT = 60          # seconds any single wait may take before the test fails
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = make_fixture(tmp_path_factory.mktemp("engine"), formats=["bf16"])["bf16"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny matmuls: thread hand-offs cost more than they save
-    yield mixprec.load(path, device="cpu", dtype="float32", progress=False)
-    torch.set_num_threads(threads)
+def model(tiny_f32_model):
+    return tiny_f32_model
 
 
 def prompts(n, lo=1, hi=40, seed=0):

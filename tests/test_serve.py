@@ -16,7 +16,6 @@ import torch
 import mixprec
 from mixprec.runtime.engine import Engine, Request
 from mixprec.runtime.sampling import SamplingParams
-from mixprec.testing.fixtures import make_fixture
 
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -28,12 +27,8 @@ NAME, MAX_LEN, T_OUT = "tiny-moe", 256, 60
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = make_fixture(tmp_path_factory.mktemp("serve"), formats=["bf16"])["bf16"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny matmuls: thread hand-offs cost more than they save
-    yield mixprec.load(path, device="cpu", dtype="float32", progress=False)
-    torch.set_num_threads(threads)
+def model(tiny_f32_model):
+    return tiny_f32_model
 
 
 class Server:

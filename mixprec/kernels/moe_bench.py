@@ -188,20 +188,14 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results):
     scores = {}
     for shape in [s_ for s_ in ("235b", "30b") if s_ in SHAPES]:
         for name in ("int4", "fp8", "bf16"):
-            for ci, c in enumerate(GEMV_CANDIDATES):
-                rs = []
-                bench_config(shape, name, CONFIGS[name], tokens_gemv, min_bytes, rs, copy_bw,
-                             configs=lambda M, c=c: ("gemv", c, c), label=f"{name} gemv#{ci}")
-                for r in rs:
-                    scores.setdefault(("gemv", ci, r["M"]), []).append((shape, name, r["us"]))
-                results += rs
-            for ci, c in enumerate(DOT_CANDIDATES):
-                rs = []
-                bench_config(shape, name, CONFIGS[name], tokens_dot, min_bytes, rs, copy_bw,
-                             configs=lambda M, c=c: ("dot", c, c), label=f"{name} dot#{ci}")
-                for r in rs:
-                    scores.setdefault(("dot", ci, r["M"]), []).append((shape, name, r["us"]))
-                results += rs
+            for path, cands, tokens in (("gemv", GEMV_CANDIDATES, tokens_gemv), ("dot", DOT_CANDIDATES, tokens_dot)):
+                for ci, c in enumerate(cands):
+                    rs = []
+                    bench_config(shape, name, CONFIGS[name], tokens, min_bytes, rs, copy_bw,
+                                 configs=lambda M, c=c, path=path: (path, c, c), label=f"{name} {path}#{ci}")
+                    for r in rs:
+                        scores.setdefault((path, ci, r["M"]), []).append((shape, name, r["us"]))
+                    results += rs
     best_t = {}
     for (path, ci, M), lst in scores.items():
         for shape, name, us in lst:
