@@ -1,8 +1,15 @@
-"""Where a decode step's time goes: torch.profiler over a few CUDA-graph-free decode steps of
-a synthetic Qwen3-30B-A3B-shaped model (reduced layers). Prints the top kernels."""
+"""Where a decode step's time goes: torch.profiler over eager (no CUDA graph) decode steps of a
+synthetic Qwen3-30B-A3B-shaped model with fewer layers. Prints the top kernels, their launches per
+step and the step time with and without CUDA graphs.
+
+    python scripts/profile_decode.py MIX [LAYERS] [BATCH]"""
+import os
 import sys
+import time
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mixprec.runtime.generate import Generator
 from mixprec.runtime.sampling import SamplingParams
@@ -10,15 +17,37 @@ from mixprec.runtime.synthetic import build_synthetic, synthetic_args
 
 mix = sys.argv[1] if len(sys.argv) > 1 else "bf16"
 layers = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+batch = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 model = build_synthetic(synthetic_args("qwen3-30b-a3b", layers), mix, progress=False)
-gen = Generator(model, use_cuda_graphs=False)
-prompt = [list(range(1, 129))]
-for _ in gen.stream(prompt, SamplingParams(max_new_tokens=4)):
-    pass
-torch.cuda.synchronize()
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
-    for _ in gen.stream(prompt, SamplingParams(max_new_tokens=9)):
+prompts = [list(range(1, 129))] * batch
+STEPS = 32
+
+
+def run(graphs: bool) -> float:
+    gen = Generator(model, use_cuda_graphs=graphs)
+    for _ in gen.stream(prompts, SamplingParams(max_new_tokens=4)):   # warm-up, graph capture
         pass
     torch.cuda.synchronize()
-print(f"mix={mix} layers={layers}: top CUDA kernels over 8 decode steps + 1 prefill")
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    t0, n = None, 0
+    for _ in gen.stream(prompts, SamplingParams(max_new_tokens=STEPS + 1)):
+        n += 1
+        if n == 1:                                                   # first token = prefill
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / (n - 1) * 1e3
+
+
+print(f"mix={mix} layers={layers} batch={batch}: ms/step graphs {run(True):.3f}, eager {run(False):.3f}")
+gen = Generator(model, use_cuda_graphs=False)
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for _ in gen.stream(prompts, SamplingParams(max_new_tokens=9)):
+        pass
+    torch.cuda.synchronize()
+ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+tot = sum(e.self_device_time_total for e in ev)
+launches = sum(e.count for e in ev)
+print(f"CUDA kernels over 1 prefill + 8 decode steps: {launches} launches "
+      f"({launches / 9 / layers:.1f} per step per layer), {tot / 1e3:.2f} ms device time")
+for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:30]:
+    print(f"{e.self_device_time_total / 1e3:8.3f} ms {e.count:6d}x {e.self_device_time_total / max(e.count, 1):8.2f} us  {e.key[:110]}")

@@ -237,11 +237,28 @@ def test_bad_buckets_raise_clear_errors():
     fp8[0]["tensors"]["scale"] = torch.ones(fp8[0]["tensors"]["scale"].shape[0], 1, 2, device=DEV)
     with pytest.raises(FormatError, match="multiple of the activation group"):
         moe.fused_moe(x, ids, w, fp8, I)
-    five = _layer([(s, s, "fp16") for s in ["fp16", "fp8", "int4", "int8", "int8q", "fp16", "fp8", "int4"]])
+    # one gate bucket whose experts' up rows are in 5 buckets: no split into launches of <= 4
+    ups = ["fp8", "int4", "int8", "int8q", "int4_asym"]
+    chain = _layer([("fp16", ups[e % 5], "fp16") for e in range(E)])
     with pytest.raises(FormatError, match="at most 4"):
-        moe.fused_moe(x, ids, w, five, I)
+        moe.fused_moe(x, ids, w, chain, I)
     with pytest.raises(ShapeMismatch):
         moe.route(torch.randn(2, 4), 5, True)
+
+
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_more_than_four_gate_up_buckets_take_several_launches(m):
+    # 6 gate_up formats + an expert whose gate and up differ: 8 gate/up buckets, 3 launches
+    specs = [(s, s, "fp16") for s in ["fp16", "fp8", "int4", "int8", "int8q", "int4_asym"]]
+    specs += [("int4", "fp8", "int8"), ("fp16", "fp16", "fp8_w8a16")]
+    b = _layer(specs)
+    groups = moe.up_launches(b)
+    assert len(groups) >= 2 and all(len(g) <= moe.MAX_SLOTS for g in groups)
+    assert sorted(i for g in groups for i in g) == [i for i, bb in enumerate(b) if bb["proj"] != "down"]
+    x, w, ids = _inputs(m, seed=m)
+    _check(b, x, w, ids, up_groups=groups)
+    if m > 1:
+        _check(b, x, w, ids, config=DOT, up_groups=groups)
 
 
 def test_validate_buckets():

@@ -12,7 +12,7 @@ gate_up stacks gate rows 0..I-1 then up rows I..2I-1 along N. Every expert must 
 up rows (in one gate_up bucket or in a gate and an up bucket) and its down rows in exactly one
 bucket each (`validate_buckets` checks this once at load time; the kernels never sync).
 
-fused_moe runs, for any mix of formats, three launches on CUDA: the gate/up kernel (every gate_up,
+fused_moe runs, for any mix of formats, three launches on CUDA: the gate/up kernel (up to 4 gate_up,
 gate and up bucket in one launch; silu(gate)*up fused), the down kernel (every down bucket in one
 launch, routing weight applied, the sum over the k experts of a token fused via per-tile arrival
 counters), plus the alignment kernel on the prefill path. Without CUDA the same Triton kernels run
@@ -276,13 +276,16 @@ def _slot_args(side: list[dict], hidden: int, inter: int):
 # the fused MoE
 
 def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int,
-              *, one_launch: bool = True, config: tuple[str, dict, dict] | None = None) -> Tensor:
+              *, one_launch: bool = True, config: tuple[str, dict, dict] | None = None,
+              up_groups: list[list[int]] | None = None) -> Tensor:
     """y[m] = sum_j topk_w[m, j] * down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_ids[m, j].
 
     x [M, H] bf16/fp16; topk_ids [M, k] int32; topk_w [M, k] fp32 (as route() returns them);
     buckets: see the module docstring; inter: I (moe_intermediate_size). Returns [M, H] in x.dtype.
     `one_launch=False` launches each bucket separately (kept to measure that alternative);
-    `config` overrides moe_configs.pick(M) (benchmark sweeps)."""
+    `config` overrides moe_configs.pick(M) (benchmark sweeps). More than MAX_SLOTS gate/up
+    buckets take several gate/up launches: pass `up_groups=up_launches(buckets)` (computed once;
+    computing it here syncs with the host, which a CUDA graph capture refuses)."""
     if x.dim() != 2:
         raise ShapeMismatch(f"fused_moe: x must be [M, H], got {tuple(x.shape)}")
     M, H = x.shape
@@ -304,9 +307,6 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         return moe_reference(x, topk_ids, topk_w, buckets, inter).to(x.dtype)
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise FormatError(f"fused_moe: x dtype {x.dtype}; the kernels take bf16 or fp16 activations")
-    if len(up_side) > MAX_SLOTS:
-        raise FormatError(f"fused_moe: {len(up_side)} gate/up buckets; at most {MAX_SLOTS} distinct "
-                          f"(layout, params) keys for gate/up per MoE layer are supported")
     if not one_launch and any(b["proj"] != "gate_up" for b in up_side):
         raise FormatError("fused_moe(one_launch=False) needs gate and up fused in gate_up buckets")
     x = x.contiguous()
@@ -321,7 +321,12 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
     nt_down = triton.cdiv(H, cd["BN"])
     cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)
-    up_groups = [up_side] if one_launch else [[b] for b in up_side]
+    if not one_launch:
+        up_groups = [[b] for b in up_side]
+    elif len(up_side) <= MAX_SLOTS:
+        up_groups = [up_side]
+    else:
+        up_groups = [[buckets[i] for i in g] for g in (up_groups or up_launches(buckets))]
     down_groups = ([down_side[i:i + MAX_SLOTS] for i in range(0, len(down_side), MAX_SLOTS)]
                    if one_launch else [[b] for b in down_side])
     buf_dtype = torch.float32 if P <= 1024 else x.dtype
@@ -471,6 +476,45 @@ def validate_buckets(buckets: list[dict], num_experts: int, hidden: int, inter: 
         if bad:
             raise FormatError(f"MoE buckets: {half} rows of experts {bad[:8]} are in "
                               f"{[cover[e].item() for e in bad[:8]]} buckets, expected exactly 1")
-    if len([b for b in buckets if b["proj"] != "down"]) > MAX_SLOTS:
-        raise FormatError(f"MoE buckets: more than {MAX_SLOTS} gate/up buckets")
+    up_launches(buckets)  # raises when gate/up buckets cannot be split into launches of <= MAX_SLOTS
+
+
+def up_launches(buckets: list[dict]) -> list[list[int]]:
+    """Split the gate/up buckets (indices into `buckets`) into launches of <= MAX_SLOTS such that
+    each expert's gate and up rows are served by one launch (it computes silu(gate) * up).
+    Reads expert maps (host sync): compute once per layer and pass to fused_moe(up_groups=)."""
+    up = [i for i, b in enumerate(buckets) if b.get("proj") != "down"]
+    if len(up) <= MAX_SLOTS:
+        return [up]
+    parent = {i: i for i in up}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    gate = {}
+    for i in up:
+        if buckets[i]["proj"] in ("gate_up", "gate"):
+            for e in (buckets[i]["expert_map"] >= 0).nonzero().flatten().tolist():
+                gate[e] = i
+    for i in up:
+        if buckets[i]["proj"] == "up":
+            for e in (buckets[i]["expert_map"] >= 0).nonzero().flatten().tolist():
+                if e in gate:
+                    parent[find(i)] = find(gate[e])
+    comps: dict[int, list[int]] = {}
+    for i in up:
+        comps.setdefault(find(i), []).append(i)
+    launches: list[list[int]] = []
+    for comp in sorted(comps.values(), key=len, reverse=True):   # first-fit decreasing
+        if len(comp) > MAX_SLOTS:
+            raise FormatError(f"MoE buckets: gate/up buckets {comp} are linked by experts whose gate and up "
+                              f"are in different buckets; one launch serves at most {MAX_SLOTS}")
+        for launch in launches:
+            if len(launch) + len(comp) <= MAX_SLOTS:
+                launch.extend(comp)
+                break
+        else:
+            launches.append(list(comp))
+    return [sorted(launch) for launch in launches]
 

@@ -463,7 +463,7 @@ def _dot_nk(acc, arow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
             if ACT == 1:
                 af = a.to(tl.float32) / a_s[:, None]
                 aq = tl.minimum(tl.maximum((af + _RNE) - _RNE, -127.0), 127.0)
-                acc_i = tl.dot(aq.to(tl.int8), w, acc_i)
+                acc_i = tl.dot(aq.to(tl.int8), w, acc_i, out_dtype=tl.int32)
                 if HZ:
                     asum += tl.sum(aq, axis=1)
             else:

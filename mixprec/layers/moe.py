@@ -11,8 +11,6 @@ Routing (softmax in fp32 over E, top-k, renormalise, cast to x dtype) is shared 
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import warnings
 from typing import Callable
 
@@ -22,6 +20,8 @@ from torch import Tensor, nn
 
 from ..errors import MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed, apply, dequant, use_kernels
+from ..kernels.moe import fused_moe, up_launches
+from ..kernels.moe import route as fused_route
 from .linear import bucket_key, cat_n, same_scale
 
 PROJS = ("gate", "up", "down")
@@ -51,17 +51,6 @@ def moe_reference(x: Tensor, router_w: Tensor, experts_fn: Callable[[int], Calla
         y = experts_fn(e)(x[tok])
         out.index_add_(0, tok, y.float() * topk_w[tok, slot, None].float())
     return out.to(x.dtype)
-
-
-_FUSED_MOE: list = []        # [fused_moe or None], looked up once
-
-
-def _fused_moe():
-    """mixprec.kernels.moe.fused_moe when that module exists (a broken module still raises)."""
-    if not _FUSED_MOE:
-        spec = importlib.util.find_spec("mixprec.kernels.moe")
-        _FUSED_MOE.append(importlib.import_module("mixprec.kernels.moe").fused_moe if spec else None)
-    return _FUSED_MOE[0]
 
 
 def _kernel_params(w: Packed) -> dict:
@@ -206,7 +195,7 @@ class MoE(nn.Module):
         """x [..., H] -> [..., H]."""
         shape = x.shape
         x = x.reshape(-1, self.H)
-        if use_kernels(x) and _fused_moe() is not None and self._kernel_buckets() is not None:
+        if use_kernels(x) and self._kernel_buckets() is not None:
             y = self._forward_fast(x)
         else:
             topk_w, topk_ids = route(x, self.gate.weight, self.top_k, self.renorm)
@@ -229,13 +218,13 @@ class MoE(nn.Module):
             else:
                 self._kb = [{"proj": b.proj, "layout": b.w.layout, "params": _kernel_params(b.w),
                              "tensors": b.w.tensors(), "expert_map": b.expert_map} for b in self.buckets]
+                self._up_groups = up_launches(self._kb)
         return self._kb
 
     def _forward_fast(self, x: Tensor) -> Tensor:
         """Fused routing + grouped kernels over all buckets (CUDA, no host sync). x [T, H]."""
-        from ..kernels.moe import route as fused_route
         topk_w, topk_ids = fused_route(F.linear(x, self.gate.weight), self.top_k, self.renorm)
-        return _fused_moe()(x, topk_ids, topk_w, self._kernel_buckets(), self.I)
+        return fused_moe(x, topk_ids, topk_w, self._kernel_buckets(), self.I, up_groups=self._up_groups)
 
     def _forward_buckets(self, x: Tensor, topk_ids: Tensor, topk_w: Tensor) -> Tensor:
         """Readable path (any device; host syncs): per bucket, per expert, gather its routed
