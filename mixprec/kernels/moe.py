@@ -13,7 +13,7 @@ up rows (in one gate_up bucket or in a gate and an up bucket) and its down rows 
 bucket each (`validate_buckets` checks this once at load time; the kernels never sync).
 
 fused_moe runs, for any mix of formats, three launches on CUDA: the gate/up kernel (up to 4 gate_up,
-gate and up bucket in one launch; silu(gate)*up fused), the down kernel (every down bucket in one
+gate and up buckets per launch, more take several; silu(gate)*up fused), the down kernel (every down bucket in one
 launch, routing weight applied, the sum over the k experts of a token fused via per-tile arrival
 counters), plus the alignment kernel on the prefill path. Without CUDA the same Triton kernels run
 in the interpreter when TRITON_INTERPRET=1, otherwise a torch fallback (moe_reference) is used.
