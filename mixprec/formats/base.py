@@ -171,12 +171,25 @@ def stack(ws: list[Packed]) -> Packed:
                   ws[0].params, ws[0].source)
 
 
-_KERNELS = {"on": True}
+_KERNELS = {"on": True, "cpu": False}
 
 
 def use_kernels(x: Tensor) -> bool:
-    """Whether `apply` takes the fast kernel for x: on CUDA, unless inside `reference_path()`."""
-    return x.is_cuda and _KERNELS["on"]
+    """Whether `apply` takes the fast kernel for x: on CUDA, unless inside `reference_path()`
+    (and on CPU inside `interpreter_kernels()`)."""
+    return (x.is_cuda or _KERNELS["cpu"]) and _KERNELS["on"]
+
+
+@contextmanager
+def interpreter_kernels():
+    """Tests: take the kernel path for CPU tensors too, run by Triton's interpreter (needs
+    TRITON_INTERPRET=1 before triton is imported; fp16/fp32 only: its bf16 is wrong)."""
+    prev = _KERNELS["cpu"]
+    _KERNELS["cpu"] = True
+    try:
+        yield
+    finally:
+        _KERNELS["cpu"] = prev
 
 
 @contextmanager

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MixprecError
+from ..formats.base import use_kernels
+from ..kernels.attention import decode_attention, qk_norm_rope_store
 from .linear import FusedLinear, Linear
 from .norm import RMSNorm, Rotary, apply_rope
 
@@ -91,6 +93,12 @@ def causal_mask(valid: Tensor | None, B: int, T: int, device) -> Tensor | None:
     return ok[:, None]
 
 
+def decode_kernel(x: Tensor, cache: KVCache | None) -> bool:
+    """Whether a cached forward of x [B, T, H] takes the decode-attention kernel (one new token per
+    sequence, kernels on): it needs no mask tensor."""
+    return cache is not None and x.shape[1] == 1 and use_kernels(x)
+
+
 class Attention(nn.Module):
     """`self_attn` of a Qwen3 decoder layer; HF names q_proj/k_proj/v_proj/o_proj/q_norm/k_norm.
 
@@ -130,6 +138,8 @@ class Attention(nn.Module):
                 raise MixprecError("a [B, T] padding mask with a KV cache: call cache.set_start(positions, "
                                    "mask) and pass attn_mask=None")
             attn_mask = causal_mask(attn_mask, B, T, x.device)
+        if cache is not None and use_kernels(x):
+            return self._forward_cached_kernels(x, positions, cache, layer_idx, attn_mask, rope)
         q, k, v = self.qkv(x)
         q = self.q_norm(q.view(B, T, self.heads, D))
         k = self.k_norm(k.view(B, T, self.kv_heads, D))
@@ -147,3 +157,22 @@ class Attention(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * D))
+
+    def _forward_cached_kernels(self, x: Tensor, positions: Tensor, cache: KVCache, layer_idx: int,
+                                attn_mask: Tensor | None, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Same as the readable path: q/k norm + RoPE + cache write in one launch, then the decode
+        kernel (T == 1, no explicit mask) or SDPA over the cache (prefill)."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)
+        cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
+        kc, vc = cache.k[layer_idx], cache.v[layer_idx]                  # [B', kvh, S, D]
+        q = qk_norm_rope_store(q, k, v, cos, sin, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                               kc, vc, positions)                        # [B, T, h, D]
+        if T == 1 and attn_mask is None:
+            o = decode_attention(q.view(B, self.heads, self.head_dim), kc[:B], vc[:B], cache.start[:B],
+                                 positions.reshape(B))
+        else:
+            mask = cache.mask(positions) if attn_mask is None else attn_mask
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:B], vc[:B], attn_mask=mask,
+                                               enable_gqa=self.heads != self.kv_heads).transpose(1, 2)
+        return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))

@@ -7,13 +7,25 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..formats.base import use_kernels
+from ..kernels import norm as kernels_norm
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Qwen3RMSNorm: normalise in fp32, cast back, then scale (in that order, like transformers)."""
+    if use_kernels(x):
+        return kernels_norm.rms_norm(x, weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """h = x + residual; returns (rms_norm(h), h). One launch on the kernel path."""
+    if use_kernels(x):
+        return kernels_norm.rms_norm(x, weight, eps, residual=residual)
+    h = x + residual
+    return rms_norm(h, weight, eps), h
 
 
 class RMSNorm(nn.Module):
@@ -24,8 +36,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.register_buffer("weight", torch.empty(dim, dtype=dtype, device=device))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_parameters(head_dim: int, rope_theta: float, rope_scaling: dict | None,

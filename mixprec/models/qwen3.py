@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError, MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed
-from ..layers.attention import Attention, KVCache, causal_mask
+from ..layers.attention import Attention, KVCache, causal_mask, decode_kernel
 from ..layers.linear import FusedLinear, Linear
 from ..layers.moe import MoE
 from ..layers.norm import RMSNorm, Rotary
@@ -68,10 +68,17 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(H, args.intermediate_size)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None, layer_idx: int,
-                mask: Tensor | None, rope: tuple[Tensor, Tensor]) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, cache, layer_idx, mask, rope)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, cache: KVCache | None,
+                layer_idx: int, mask: Tensor | None, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """The layer's output is x_out + residual_out, returned unsummed: the next norm adds them
+        in the same launch (h = x + residual, as transformers rounds it)."""
+        if residual is None:
+            y, residual = self.input_layernorm(x), x
+        else:
+            y, residual = self.input_layernorm(x, residual)
+        a = self.self_attn(y, positions, cache, layer_idx, mask, rope)
+        y, residual = self.post_attention_layernorm(a, residual)
+        return self.mlp(y), residual
 
 
 class Qwen3Model(nn.Module):
@@ -226,15 +233,17 @@ class Qwen3ForCausalLM(nn.Module):
         if cache is not None:
             if attn_mask is not None:
                 cache.set_start(positions, attn_mask)
-            mask = cache.mask(positions)                               # [B, 1, T, S]
+            # the decode kernel reads cache.start and positions itself
+            mask = None if decode_kernel(h, cache) else cache.mask(positions)   # [B, 1, T, S]
         else:
             mask = causal_mask(attn_mask, B, T, h.device)              # [B, 1, T, T] or None
+        res = None
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, positions, cache, i, mask, rope)
+            h, res = layer(h, res, positions, cache, i, mask, rope)
         if logits_index is not None:
             idx = logits_index if logits_index.dim() == 2 else logits_index[:, None]
-            h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
-        return self.lm_head(self.model.norm(h)).float()
+            h, res = (t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1])) for t in (h, res))
+        return self.lm_head(self.model.norm(h, res)[0]).float()
 
     def linear_modules(self) -> dict[str, Packed]:
         """After finalize: every Packed the model runs, by name. Fused weights use SGLang names

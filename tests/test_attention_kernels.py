@@ -1,0 +1,129 @@
+"""Norm, q/k-norm + RoPE + cache-write and decode-attention kernels against the readable torch
+path (layers/norm.py, layers/attention.py). CPU: Triton interpreter in fp16/fp32; CUDA: bf16 too."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixprec.formats.base import interpreter_kernels, reference_path
+from mixprec.kernels.attention import decode_attention, decode_splits, qk_norm_rope_store
+from mixprec.kernels.norm import rms_norm as rms_norm_kernel
+from mixprec.layers.attention import KVCache
+from mixprec.layers.norm import Rotary, apply_rope, rms_norm
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if CUDA else [])
+
+
+def _assert_roundings_apart(a, b, dtype, n=2):
+    """|a - b| within n roundings of the dtype (fp32: the summation order differs, allow 1e-5)."""
+    rel = 1e-5 if dtype == torch.float32 else n * torch.finfo(dtype).eps
+    torch.testing.assert_close(a.float(), b.float(), rtol=rel, atol=rel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [128, 100])
+def test_rms_norm_kernel_matches_reference(dtype, D):
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(5, 3, D, generator=g, device=DEV).to(dtype)
+    r = torch.randn(5, 3, D, generator=g, device=DEV).to(dtype)
+    w = (1 + 0.1 * torch.randn(D, generator=g, device=DEV)).to(dtype)
+    y = rms_norm_kernel(x, w, 1e-6)
+    with reference_path():
+        ref = rms_norm(x, w, 1e-6)
+    assert y.shape == x.shape and y.dtype == dtype
+    _assert_roundings_apart(y, ref, dtype)
+    y2, h = rms_norm_kernel(x, w, 1e-6, residual=r)
+    assert torch.equal(h, x + r)                    # the add rounds exactly like torch's
+    with reference_path():
+        _assert_roundings_apart(y2, rms_norm(h, w, 1e-6), dtype)
+
+
+def _ref_qk(q, k, v, positions, rotary, qw, kw, eps, kc, vc):
+    """The readable path of Attention.forward up to the cache write."""
+    B, T, _ = q.shape
+    D = kc.shape[-1]
+    cos, sin = rotary(positions, q.dtype)
+    qn = apply_rope(_ref_norm_eps(q.view(B, T, -1, D), qw, eps), cos, sin)
+    kn = apply_rope(_ref_norm_eps(k.view(B, T, -1, D), kw, eps), cos, sin)
+    idx = positions[:, None, :, None].expand(B, kn.shape[2], T, D)
+    kc.scatter_(2, idx, kn.transpose(1, 2))
+    vc.scatter_(2, idx, v.view(B, T, -1, D).transpose(1, 2))
+    return qn
+
+
+def _ref_norm_eps(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 5])
+def test_qk_norm_rope_store_matches_reference(dtype, T):
+    B, HQ, HK, D, S = 3, 8, 2, 64, 24
+    g = torch.Generator(device=DEV).manual_seed(1)
+    qkv = torch.randn(B, T, (HQ + 2 * HK) * D, generator=g, device=DEV).to(dtype) * 3
+    q, k, v = qkv.split([HQ * D, HK * D, HK * D], dim=-1)            # strided views, as FusedLinear gives
+    positions = torch.tensor([[4 + t for t in range(T)], [t for t in range(T)], [9 + 2 * t for t in range(T)]],
+                             device=DEV)
+    rotary = Rotary(D, 1e6, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}, 32).to(DEV)
+    qw = (1 + 0.2 * torch.randn(D, generator=g, device=DEV)).to(dtype)
+    kw = (1 + 0.2 * torch.randn(D, generator=g, device=DEV)).to(dtype)
+    big = torch.zeros(2, B + 1, HK, S + 4, D, dtype=dtype, device=DEV)  # [L, B', kvh, S', D]: write into a view
+    kc, vc = big[0, 1:, :, :S], big[1, 1:, :, :S]
+    rk, rv = kc.clone(), vc.clone()
+    cos, sin = rotary(positions, dtype)
+    qo = qk_norm_rope_store(q, k, v, cos, sin, qw, kw, 1e-6, kc, vc, positions)
+    ref = _ref_qk(q, k, v, positions, rotary, qw, kw, 1e-6, rk, rv)
+    assert qo.shape == (B, T, HQ, D)
+    _assert_roundings_apart(qo, ref, dtype, n=4)
+    _assert_roundings_apart(kc, rk, dtype, n=4)
+    assert torch.equal(vc, rv)
+    assert big[:, 0].abs().sum() == 0 and big[:, :, :, S:].abs().sum() == 0   # nothing outside the view
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,HQ,HK,D,S", [(1, 8, 2, 64, 40), (3, 16, 1, 128, 200), (2, 4, 4, 64, 1000),
+                                          (5, 32, 4, 128, 130)])
+def test_decode_attention_matches_sdpa(dtype, B, HQ, HK, D, S):
+    g = torch.Generator(device=DEV).manual_seed(S)
+    cache = KVCache(1, B + 1, HK, S + 3, D, dtype, DEV)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g, device=DEV).to(dtype))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g, device=DEV).to(dtype))
+    view = cache.rows(0, B, S)                                          # strided [B, HK, S, D] slices
+    pos = torch.randint(0, S, (B,), generator=g, device=DEV)
+    pos[0] = S - 1
+    start = torch.randint(0, S, (B,), generator=g, device=DEV)
+    start[-1] = pos[-1] + 1 if B > 1 else 0                             # a row that is all padding
+    view.start.copy_(torch.minimum(start, pos + (B > 1)))
+    q = torch.randn(B, HQ, D, generator=g, device=DEV).to(dtype)
+    o = decode_attention(q, view.k[0], view.v[0], view.start, pos)
+    mask = view.mask(pos[:, None])                                       # [B, 1, 1, S]
+    ref = F.scaled_dot_product_attention(q[:, :, None].float(), view.k[0].float(), view.v[0].float(),
+                                         attn_mask=mask, enable_gqa=HQ != HK)[:, :, 0]
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(o.float(), ref, atol=tol, rtol=tol)
+
+
+def test_decode_splits_cover_the_cache():
+    for B, HK, S in [(1, 4, 128), (1, 4, 32768), (64, 4, 4096), (3, 1, 1000), (1, 8, 64)]:
+        split, chunk = decode_splits(B, HK, S)
+        assert split >= 1 and chunk % 64 == 0 and (split - 1) * chunk < S <= split * chunk
+
+
+@pytest.mark.skipif(CUDA, reason="tests/test_gpu.py covers this on CUDA")
+def test_whole_model_with_kernels_equals_reference_on_cpu(tmp_path):
+    """Generator through the norm/attention/MoE kernels (interpreter, fp16) == the readable path:
+    prefill of prompts of different lengths, then decode steps."""
+    import mixprec
+    from mixprec.runtime.generate import Generator
+    from mixprec.runtime.sampling import SamplingParams
+    from mixprec.testing.fixtures import make_fixture
+    path = make_fixture(tmp_path, formats=["bf16"])["bf16"]
+    model = mixprec.load(path, device="cpu", dtype="float16", progress=False)
+    prompts = [[11, 42, 7, 300, 5], [9, 8], [100, 200, 300, 17]]
+    sp = SamplingParams(max_new_tokens=6)
+    ref = Generator(model, use_cuda_graphs=False).generate(prompts, sp)
+    with interpreter_kernels():
+        got = Generator(model, use_cuda_graphs=False).generate(prompts, sp)
+    assert got == ref
