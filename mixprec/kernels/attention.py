@@ -98,7 +98,7 @@ def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
                         s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, CHUNK, scale_log2,
                         HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        BN: tl.constexpr, SPLIT: tl.constexpr):
+                        BN: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
     """Grid (B, HK, splits); SPLIT: stride of the partials (1: unsplit, write o). The program reads cache slots [sp*CHUNK, (sp+1)*CHUNK) of kv head kh
     for the G query heads sharing it (padded to GP rows for tl.dot); visible slots are
     start[b]..pos[b], or only pos[b] when start > pos (a row of padding)."""
@@ -122,13 +122,13 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
         j = j0 + tl.arange(0, BN)
         jm = (j >= lo) & (j < hi)
         k = tl.load(kb + j[:, None] * s_ks + rd[None, :], mask=jm[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2                          # [GP, BN], log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2                          # [GP, BN], log2 units
         s = tl.where(jm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         v = tl.load(vb + j[:, None] * s_vs + rd[None, :], mask=jm[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     if SPLIT == 1:
@@ -195,6 +195,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * 1.4426950408889634,
         HQ=HQ, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BN=BLOCK_N, SPLIT=p2,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
         num_warps=4, num_stages=2)
     if split > 1:
         _decode_combine_kernel[(B * HQ,)](part, ml, o, split, SPLIT=p2, D=D, num_warps=4)
