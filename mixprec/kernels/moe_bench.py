@@ -183,30 +183,40 @@ def check_correct(shape: str, name: str, specs_fn, Ms=(1, 5, 40)) -> list[str]:
     return out
 
 
-def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results):
-    """Time the GEMV / dot candidates on uniform int4, fp8, bf16 layers; return the winners."""
+def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: None):
+    """Time the GEMV / dot candidates on uniform int4, fp8, bf16 layers; return the winners.
+    A candidate that fails (compile or run) scores inf for its tokens; on_done() after each candidate."""
     scores = {}
     for shape in [s_ for s_ in ("235b", "30b") if s_ in SHAPES]:
         for name in ("int4", "fp8", "bf16"):
             for path, cands, tokens in (("gemv", GEMV_CANDIDATES, tokens_gemv), ("dot", DOT_CANDIDATES, tokens_dot)):
                 for ci, c in enumerate(cands):
                     rs = []
-                    bench_config(shape, name, CONFIGS[name], tokens, min_bytes, rs, copy_bw,
-                                 configs=lambda M, c=c, path=path: (path, c, c), label=f"{name} {path}#{ci}")
+                    label = f"{name} {path}#{ci}"
+                    try:
+                        bench_config(shape, name, CONFIGS[name], tokens, min_bytes, rs, copy_bw,
+                                     configs=lambda M, c=c, path=path: (path, c, c), label=label)
+                    except Exception as err:  # noqa: BLE001 - report and go on
+                        log(f"  {shape} {label} FAILED: {type(err).__name__}: {str(err)[:300]}")
+                        done = {r["M"] for r in rs}
+                        rs += [dict(shape=shape, config=label, M=M, us=float("inf"), error=str(err)[:300])
+                               for M in tokens if M not in done]
                     for r in rs:
                         scores.setdefault((path, ci, r["M"]), []).append((shape, name, r["us"]))
                     results += rs
+                    on_done()
     best_t = {}
     for (path, ci, M), lst in scores.items():
         for shape, name, us in lst:
             key = (shape, name, M)
-            best_t[key] = min(best_t.get(key, 1e30), us)
+            best_t[key] = min(best_t.get(key, float("inf")), us)
 
     def score(path, ci, Ms):
         tot = 0.0
         for M in Ms:
             for shape, name, us in scores.get((path, ci, M), []):
-                tot += us / best_t[(shape, name, M)]
+                if math.isfinite(best_t[(shape, name, M)]):  # skip what no candidate could run
+                    tot += us / best_t[(shape, name, M)]
         return tot
     g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv))
     dot_by_m = {M: min(range(len(DOT_CANDIDATES)), key=lambda ci: score("dot", ci, [M])) for M in tokens_dot}
@@ -224,14 +234,17 @@ def _warm_worker(job) -> str:
     shape, name, cfg, tokens, one_launch = job
     sh = SHAPES[shape]
     E = 16
-    b = mt.build_buckets(CONFIGS[name](E), sh["H"], sh["I"], dtype=torch.bfloat16, device=DEVICE, seed=0)
-    x = torch.randn(max(tokens), sh["H"], device=DEVICE, dtype=torch.bfloat16)
-    for M in tokens:
-        w, ids = moe.route(routing(M, E, sh["k"], 0), sh["k"], True)
-        moe.fused_moe(x[:M].contiguous(), ids, w, b, sh["I"], one_launch=one_launch,
-                      config=cfg(M) if callable(cfg) else cfg)
-    torch.cuda.synchronize()
-    return f"{shape} {name}"
+    try:
+        b = mt.build_buckets(CONFIGS[name](E), sh["H"], sh["I"], dtype=torch.bfloat16, device=DEVICE, seed=0)
+        x = torch.randn(max(tokens), sh["H"], device=DEVICE, dtype=torch.bfloat16)
+        for M in tokens:
+            w, ids = moe.route(routing(M, E, sh["k"], 0), sh["k"], True)
+            moe.fused_moe(x[:M].contiguous(), ids, w, b, sh["I"], one_launch=one_launch,
+                          config=cfg(M) if callable(cfg) else cfg)
+        torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - the timing process meets (and reports) it again
+        return f"compile/run error {shape} {name} M={tokens} {cfg and cfg[0]}: {type(err).__name__}: {str(err)[:300]}"
+    return ""
 
 
 def warm(jobs: list, workers: int) -> None:
@@ -239,8 +252,9 @@ def warm(jobs: list, workers: int) -> None:
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(min(workers, len(jobs))) as pool:
-        for _ in pool.imap_unordered(_warm_worker, jobs):
-            pass
+        for err in pool.imap_unordered(_warm_worker, jobs):
+            if err:
+                log("  WARNING", err)
     log(f"compiled {len(jobs)} job(s) in {time.perf_counter() - t0:.0f} s with {workers} processes")
 
 
@@ -293,7 +307,7 @@ def summarize(results: list, copy_bw: float) -> list[str]:
 def table(results: list) -> str:
     head = "| shape | config | M | path | µs | GB/s | % copy | uniform-weighted µs | ratio | grouped_mm µs |"
     out = [head, "|" + "---|" * 10]
-    for r in results:
+    for r in sorted(results, key=lambda r: list(SHAPES).index(r["shape"])):  # stable: run order per shape
         if "#" in r["config"]:
             continue
         out.append(f"| {r['shape']} | {r['config']} | {r['M']} | {r['path']} | {r['us']:.1f} | {r['gbs']:.0f} | "
@@ -302,16 +316,52 @@ def table(results: list) -> str:
     return "\n".join(out)
 
 
+MIXED = ("int4+fp8", "int4+fp8+bf16")
+
+
+def table_jobs(shapes, names, tokens, per_bucket) -> list:
+    """Compile jobs of the main table under the launch configs now in moe_configs (after a sweep:
+    the winners): one job per (shape, configuration, group of token counts sharing a config)."""
+    groups: dict[str, list[int]] = {}
+    for M in tokens:
+        groups.setdefault(json.dumps(moe_configs.pick(M), sort_keys=True), []).append(M)
+    jobs = []
+    for shape in shapes:
+        for n in names:
+            for Ms in groups.values():
+                jobs.append((shape, n, moe_configs.pick(Ms[0]), Ms, True))
+                if per_bucket and n in MIXED:
+                    jobs.append((shape, n, moe_configs.pick(Ms[0]), Ms, False))
+    return jobs
+
+
+def save(out, meta, bw, results, results_sweep, checks=()) -> list[str]:
+    """Goal lines; with `out`, (re)write results.json and table.md. Called after every configuration
+    (and sweep candidate), so a run that is cut short keeps everything it measured."""
+    lines = summarize(results, bw)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(dict(meta=meta, copy_bw=bw, results=results, sweep=results_sweep, checks=list(checks),
+                           configs=dict(gemv=moe_configs.GEMV, gemv_max_m=moe_configs.GEMV_MAX_M,
+                                        dot=moe_configs.DOT)), f, indent=1, default=str)
+        with open(os.path.join(out, "table.md"), "w") as f:
+            f.write(table(results) + "\n\n" + "\n".join(lines) + "\n"
+                    + "".join(f"\ncheck {c}" for c in checks) + "\n")
+    return lines
+
+
 def main(argv=None) -> int:
+    t0 = time.perf_counter()
     ap = argparse.ArgumentParser(prog="mixprec bench-moe", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="30b,235b")
     ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,512")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--min-mb", type=float, default=256.0, help="touched MB per timed replay (cold weights)")
     ap.add_argument("--sweep", action="store_true", help="time launch-config candidates, use the winners")
-    ap.add_argument("--check", action="store_true", help="SQNR vs moe_reference at realistic sizes first")
+    ap.add_argument("--check", action="store_true", help="SQNR vs moe_reference at realistic sizes (runs last)")
     ap.add_argument("--per-bucket", action="store_true", help="also time one launch per bucket (mixed configs)")
-    ap.add_argument("--out", default=None, help="folder for results.json and table.md")
+    ap.add_argument("--out", default=None, help="folder for results.json and table.md (rewritten as rows come)")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
                     help="processes that compile the kernels first (1: compile on first use)")
     a = ap.parse_args(argv)
@@ -325,60 +375,74 @@ def main(argv=None) -> int:
         if n not in CONFIGS:
             print(f"unknown config {n!r}; choose from {list(CONFIGS)}", file=sys.stderr)
             return 2
-    log(f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
-        f"triton {__import__('triton').__version__} {time.strftime('%Y-%m-%d %H:%M')}")
+
+    def stage(what):
+        log(f"[{time.perf_counter() - t0:.0f} s] {what}")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d %H:%M"),
+                argv=sys.argv[1:] if argv is None else argv)
+    log(f"device {meta['device']} torch {meta['torch']} triton {meta['triton']} {meta['date']}")
     bw = copy_bandwidth()
     log(f"copy bandwidth (1 GiB copy_, r+w): {bw:.0f} GB/s")
-    if a.check:
-        for shape in shapes:
-            for n in names:
-                for line in check_correct(shape, n, CONFIGS[n]):
-                    log("check", line)
     results: list = []
+    results_sweep: list = []
     min_bytes = a.min_mb * 1e6
-    if a.workers > 1:
-        jobs = []
-        for shape in shapes:
-            for n in names:
-                jobs.append((shape, n, None, tokens, True))
-                if a.per_bucket and n in ("int4+fp8", "int4+fp8+bf16"):
-                    jobs.append((shape, n, None, tokens, False))
-            if a.sweep:
+    if a.sweep:
+        if a.workers > 1:
+            stage("compiling the sweep candidates")
+            jobs = []
+            for shape in shapes:
                 for n in ("int4", "fp8", "bf16"):
                     for c in GEMV_CANDIDATES:
                         jobs.append((shape, n, ("gemv", c, c), SWEEP_GEMV_M, True))
                     for c in DOT_CANDIDATES:
                         jobs.append((shape, n, ("dot", c, c), SWEEP_DOT_M, True))
-        warm(jobs, a.workers)
-    if a.sweep:
-        sw_results: list = []
-        win = sweep(SWEEP_GEMV_M, SWEEP_DOT_M, min_bytes, bw, sw_results)
+            warm(jobs, a.workers)
+        stage("sweep")
+        win = sweep(SWEEP_GEMV_M, SWEEP_DOT_M, min_bytes, bw, results_sweep,
+                    on_done=lambda: save(a.out, meta, bw, results, results_sweep))
         log("sweep winners:", json.dumps(win, default=str))
         moe_configs.GEMV["up"] = moe_configs.GEMV["down"] = win["gemv_cfg"]
         moe_configs.GEMV_MAX_M = win["gemv_max_m"]
         moe_configs.DOT[:] = [(M, c) for M, c in sorted(win["dot"].items())] + [(1 << 30, win["dot"][max(win["dot"])])]
-        results_sweep = sw_results
-    else:
-        results_sweep = []
-    for shape in shapes:
+        meta["sweep_winners"] = win
+        save(a.out, meta, bw, results, results_sweep)
+    if a.workers > 1:  # the table's kernels under the configs it will use (the winners after a sweep)
+        stage("compiling the table's kernels")
+        warm(table_jobs(shapes, names, tokens, a.per_bucket), a.workers)
+    stage("table")
+    # configuration-major (both shapes per configuration), per-bucket rows last: a run cut short
+    # loses the least important rows
+    runs = [(n, True, None) for n in names]
+    if a.per_bucket:
+        runs += [(n, False, n + " per-bucket") for n in names if n in MIXED]
+    for n, one_launch, label in runs:
+        for shape in shapes:
+            try:
+                bench_config(shape, n, CONFIGS[n], tokens, min_bytes, results, bw, one_launch=one_launch,
+                             baseline=(n == "bf16" and one_launch), label=label)
+            except Exception as err:  # noqa: BLE001 - report and go on with the next configuration
+                log(f"  {shape} {label or n} FAILED: {type(err).__name__}: {str(err)[:300]}")
+            save(a.out, meta, bw, results, results_sweep)
+    checks: list = []
+    if a.check:
+        stage("checks")
         for n in names:
-            bench_config(shape, n, CONFIGS[n], tokens, min_bytes, results, bw, baseline=(n == "bf16"))
-            if a.per_bucket and n in ("int4+fp8", "int4+fp8+bf16"):
-                bench_config(shape, n, CONFIGS[n], tokens, min_bytes, results, bw, one_launch=False,
-                             label=n + " per-bucket")
-    lines = summarize(results, bw)
-    md = table(results)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "results.json"), "w") as f:
-            json.dump(dict(copy_bw=bw, results=results, sweep=results_sweep,
-                           configs=dict(gemv=moe_configs.GEMV, gemv_max_m=moe_configs.GEMV_MAX_M,
-                                        dot=moe_configs.DOT)), f, indent=1, default=str)
-        with open(os.path.join(a.out, "table.md"), "w") as f:
-            f.write(md + "\n\n" + "\n".join(lines) + "\n")
-    log(md)
+            for shape in shapes:
+                try:
+                    for line in check_correct(shape, n, CONFIGS[n]):
+                        log("check", line)
+                        checks.append(line)
+                except Exception as err:  # noqa: BLE001
+                    checks.append(f"{shape} {n}: FAILED {type(err).__name__}: {str(err)[:300]}")
+                    log("check", checks[-1])
+                save(a.out, meta, bw, results, results_sweep, checks)
+    meta["elapsed_s"] = round(time.perf_counter() - t0)
+    lines = save(a.out, meta, bw, results, results_sweep, checks)
+    log(table(results))
     for line in lines:
         log(line)
+    stage("done")
     return 0
 
 
