@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# One device call: GPU tests of the whole model, then the runtime benchmark on full-size
-# Qwen3-30B-A3B shapes (synthetic weights in the real packed formats). Logs go to $OUT.
+# One device call: GPU tests, the runtime benchmark on full-size Qwen3-30B-A3B shapes (synthetic
+# weights in the real packed formats), reduced-layer Qwen3-235B-A22B steps, load throughput.
+# Stages: tests | bench | bench235 | load (default: all). Logs go to $OUT.
 set -u
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-.}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-STAGE=${1:-all}
-if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
-  timeout 240 python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -15
-fi
-if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
-  timeout ${BENCH_TIMEOUT:-400} python3 -m mixprec bench --synthetic qwen3-30b-a3b --mix ${MIXES:-bf16,fp8,int4,mixed} \
-    --batch ${BATCHES:-1,8,32,64} --prompt-len 128 --gen-len ${GEN:-128} --json "$OUT/bench_30b.json" 2>&1 \
-    | tee "$OUT/bench_30b.log" | grep -v "^\s*$" | tail -40
-fi
+STAGES=${*:-tests bench bench235 load}
+for STAGE in $STAGES; do
+  case $STAGE in
+  tests)
+    timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_attention_kernels.py} \
+      2>&1 | tee "$OUT/tests.log" | tail -8 ;;
+  bench)
+    timeout ${BENCH_TIMEOUT:-400} python3 -m mixprec bench --synthetic qwen3-30b-a3b --mix ${MIXES:-bf16,fp8,int4,mixed} \
+      --batch ${BATCHES:-1,8,32,64} --prompt-len 128 --gen-len ${GEN:-128} --json "$OUT/bench_30b.json" 2>&1 \
+      | tee "$OUT/bench_30b.log" | grep -v "^\s*$" | tail -40 ;;
+  bench235)
+    # two layer counts: per-layer step time = difference / layers, extrapolated to 94 layers
+    for L in ${LAYERS235:-4 8}; do
+      timeout ${BENCH235_TIMEOUT:-150} python3 -m mixprec bench --synthetic qwen3-235b-a22b --layers $L --mix ${MIX235:-int4} \
+        --batch ${BATCHES235:-1,32} --prompt-len 128 --gen-len 64 --json "$OUT/bench_235b_L$L.json" 2>&1 \
+        | tee "$OUT/bench_235b_L$L.log" | grep -v "^\s*$" | tail -8
+    done ;;
+  load)
+    timeout ${LOAD_TIMEOUT:-200} python3 scripts/bench_load.py /tmp/loadfx --layers ${LOAD_LAYERS:-1} 2>&1 | tee "$OUT/load.log" | tail -6 ;;
+  esac
+done
