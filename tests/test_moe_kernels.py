@@ -325,3 +325,39 @@ def test_gpu_cuda_graph_replay():
         w, ids = moe.route(logits, k, True)
         ref = moe.moe_reference(x, ids, w, b, i)
         assert mt.sqnr_db(ref, y.float()) >= 40
+
+
+def test_layer_with_folded_input_scales_runs_fused():
+    """A MoE layer whose experts come from sources with different folded-norm corrections (AWQ):
+    one gate/up launch per correction, x scaled per launch; equal to the readable path, no warning."""
+    import warnings
+
+    from mixprec.formats.base import Packed, interpreter_kernels, reference_path
+    from mixprec.layers.moe import MoE
+    g = torch.Generator().manual_seed(5)
+    Hm, Im, Em, dt = 64, 32, 6, torch.float16
+    s1, s2 = 0.5 + torch.rand(Hm, generator=g), 0.5 + torch.rand(Hm, generator=g)
+    layer = MoE(Hm, Im, Em, top_k=2, renorm=True, dtype=dt, device=DEV, name="model.layers.0.mlp")
+    layer.gate.weight = torch.randn(Em, Hm, generator=g).to(DEV, dt)
+    scale_of = {0: s1, 1: s1, 2: s2, 3: None, 4: None, 5: s2}
+    for e in range(Em):
+        for p in ("gate", "up", "down"):
+            n, k = (Hm, Im) if p == "down" else (Im, Hm)
+            w = (torch.randn(n, k, generator=g) / 4).to(DEV, dt)
+            # experts 0-2 in one dtype bucket, 3-5 in another (fp32 storage stands in for a format)
+            pk = Packed("dense", n, k, {"weight": w if e < 3 else w.float()})
+            sc = scale_of[e] if p != "down" else None
+            layer.set_expert(e, p, pk, None if sc is None else sc.to(DEV, dt))
+    layer.finalize()
+    x = torch.randn(9, Hm, generator=g).to(DEV, dt)
+    with reference_path():
+        ref = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if CUDA:
+            got = layer(x)
+        else:
+            with interpreter_kernels():
+                got = layer(x)
+    assert layer._kernel_buckets() is not None and len(layer._up_groups) == 3
+    assert mt.sqnr_db(ref.float(), got.float()) >= 40

@@ -277,7 +277,7 @@ def _slot_args(side: list[dict], hidden: int, inter: int):
 
 def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int,
               *, one_launch: bool = True, config: tuple[str, dict, dict] | None = None,
-              up_groups: list[list[int]] | None = None) -> Tensor:
+              up_groups: list[list[int]] | None = None, up_x: list[Tensor] | None = None) -> Tensor:
     """y[m] = sum_j topk_w[m, j] * down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_ids[m, j].
 
     x [M, H] bf16/fp16; topk_ids [M, k] int32; topk_w [M, k] fp32 (as route() returns them);
@@ -285,7 +285,8 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     `one_launch=False` launches each bucket separately (kept to measure that alternative);
     `config` overrides moe_configs.pick(M) (benchmark sweeps). More than MAX_SLOTS gate/up
     buckets take several gate/up launches: pass `up_groups=up_launches(buckets)` (computed once;
-    computing it here syncs with the host, which a CUDA graph capture refuses)."""
+    computing it here syncs with the host, which a CUDA graph capture refuses). `up_x`: per
+    gate/up launch, the input its experts read (x with a folded-norm correction applied; default x)."""
     if x.dim() != 2:
         raise ShapeMismatch(f"fused_moe: x must be [M, H], got {tuple(x.shape)}")
     M, H = x.shape
@@ -322,11 +323,16 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     nt_down = triton.cdiv(H, cd["BN"])
     cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)
     if not one_launch:
-        up_groups = [[b] for b in up_side]
+        groups = [[b] for b in up_side]
+    elif up_groups is not None:
+        groups = [[buckets[i] for i in g] for g in up_groups]
     elif len(up_side) <= MAX_SLOTS:
-        up_groups = [up_side]
+        groups = [up_side]
     else:
-        up_groups = [[buckets[i] for i in g] for g in (up_groups or up_launches(buckets))]
+        groups = [[buckets[i] for i in g] for g in up_launches(buckets)]
+    xs = [t.contiguous() for t in up_x] if up_x is not None else [x] * len(groups)
+    if len(xs) != len(groups) or any(t.shape != x.shape or t.dtype != x.dtype for t in xs):
+        raise ShapeMismatch(f"fused_moe: up_x must hold {len(groups)} tensors like x {tuple(x.shape)}")
     down_groups = ([down_side[i:i + MAX_SLOTS] for i in range(0, len(down_side), MAX_SLOTS)]
                    if one_launch else [[b] for b in down_side])
     buf_dtype = torch.float32 if P <= 1024 else x.dtype
@@ -337,7 +343,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         kern = _moe_gemv_kernel
         grid_up, grid_dn = (P, triton.cdiv(inter, cu["BN"])), (P, nt_down)
         # 15: the 4-bit code mask as a run-time value (see _gemv_intq)
-        lead_up = (x, ids, rw, act, out, cnt, H, inter, H, cnt.numel(), 15)
+        lead_up = (ids, rw, act, out, cnt, H, inter, H, cnt.numel(), 15)
         lead_dn = (act, ids, rw, buf, out, cnt, inter, inter, H, cnt.numel(), 15)
         shape_kw = {}
     else:
@@ -346,15 +352,15 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         sorted_ids, blk = moe_align(ids, E, BM)
         nb = blk.numel()
         grid_up, grid_dn = (nb, triton.cdiv(inter, cu["BN"])), (nb, nt_down)
-        lead_up = (x, sorted_ids, blk, rw, act, out, cnt, P, H, inter, H, cnt.numel())
+        lead_up = (sorted_ids, blk, rw, act, out, cnt, P, H, inter, H, cnt.numel())
         lead_dn = (act, sorted_ids, blk, rw, buf, out, cnt, P, inter, inter, H, cnt.numel())
         shape_kw = {"BM": BM}
-    for grp in up_groups:
+    for grp, xg in zip(groups, xs):
         flat, consts, descs, q_rows = _slot_args(grp, H, inter)
         ks = _tile_ks(cu, descs, path == "gemv", H)
         if path == "gemv":
             shape_kw = {"EVK": all(H % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)}
-        kern[grid_up](*lead_up, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
+        kern[grid_up](xg, *lead_up, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
                       **ks, SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
     for gi, grp in enumerate(down_groups):
         flat, consts, descs, q_rows = _slot_args(grp, H, inter)

@@ -182,10 +182,13 @@ class MoE(nn.Module):
             items.append(("down", e, d, sd))
         groups: dict[tuple, list[tuple[int, Packed, Tensor | None]]] = {}
         for proj, e, w, s in items:
-            groups.setdefault((proj, bucket_key(w), s is not None), []).append((e, w, s))
-        for (proj, _, has_scale), members in sorted(groups.items(), key=lambda kv: (_ORDER[kv[0][0]], kv[1][0][0])):
+            # experts with different folded-norm corrections (sources) go to different buckets:
+            # the fused kernel applies one correction per launch
+            skey = None if s is None else s.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            groups.setdefault((proj, bucket_key(w), skey), []).append((e, w, s))
+        for (proj, _, skey), members in sorted(groups.items(), key=lambda kv: (_ORDER[kv[0][0]], kv[1][0][0])):
             experts = [e for e, _, _ in members]
-            scale = torch.stack([s for _, _, s in members]) if has_scale else None
+            scale = torch.stack([s for _, _, s in members]) if skey is not None else None
             w = _stack_consume([w for _, w, _ in members], f"{self.name} {proj} experts {experts}")
             self.buckets.append(ExpertBucket(proj, experts, self.E, w, scale))
         self.finalized = True
@@ -207,24 +210,66 @@ class MoE(nn.Module):
         return super()._apply(fn, recurse)
 
     def _kernel_buckets(self) -> list[dict] | None:
-        """The buckets as the fused kernel takes them (views of the stacked tensors, built once),
-        or None when a bucket carries a folded-norm input scale, which the kernel does not apply:
-        such a layer runs the readable path."""
+        """The buckets as the fused kernel takes them (views of the stacked tensors, built once,
+        with the gate/up launches and each launch's folded-norm input scale), or None when the
+        kernel cannot apply the layer's input scales: such a layer runs the readable path."""
         if not hasattr(self, "_kb"):
-            if any(b.input_scale is not None for b in self.buckets):
-                warnings.warn(f"{self.name}: experts with a folded-scale (AWQ) input correction run on "
-                              f"the reference MoE path (slower, not CUDA-graph capturable)")
+            self._kb = [{"proj": b.proj, "layout": b.w.layout, "params": _kernel_params(b.w),
+                         "tensors": b.w.tensors(), "expert_map": b.expert_map} for b in self.buckets]
+            launches = self._scaled_launches()
+            if launches is None:
+                warnings.warn(f"{self.name}: experts whose folded-scale (AWQ) input corrections differ within "
+                              f"one bucket, or between an expert's gate and up, or on down_proj, run on the "
+                              f"reference MoE path (slower, not CUDA-graph capturable)")
                 self._kb = None
             else:
-                self._kb = [{"proj": b.proj, "layout": b.w.layout, "params": _kernel_params(b.w),
-                             "tensors": b.w.tensors(), "expert_map": b.expert_map} for b in self.buckets]
-                self._up_groups = up_launches(self._kb)
+                self._up_groups, self._up_scales = launches
         return self._kb
+
+    def _scaled_launches(self) -> tuple[list[list[int]], list[Tensor | None]] | None:
+        """Gate/up launches (bucket indices) and the input scale [H] each applies to x, or None.
+        A source's folded-norm correction is one vector per layer, so the buckets of one source
+        share it: buckets are split by scale, each part into launches (host syncs: once)."""
+        parts: dict[int, list[int]] = {}
+        scales: list[Tensor] = []
+        for i, b in enumerate(self.buckets):
+            s = b.input_scale
+            if b.proj == "down" or s is None:
+                if b.proj == "down" and s is not None:
+                    return None
+                if b.proj != "down":
+                    parts.setdefault(-1, []).append(i)
+                continue
+            if not bool((s == s[0]).all()):
+                return None
+            key = next((j for j, t in enumerate(scales) if torch.equal(t, s[0])), None)
+            if key is None:
+                scales.append(s[0])
+                key = len(scales) - 1
+            parts.setdefault(key, []).append(i)
+        groups, group_scales = [], []
+        for key, idx in parts.items():
+            covered = [torch.zeros(self.E, dtype=torch.bool, device=self.buckets[0].expert_map.device)
+                       for _ in range(2)]
+            for i in idx:
+                b = self.buckets[i]
+                for half, projs in enumerate((("gate_up", "gate"), ("gate_up", "up"))):
+                    if b.proj in projs:
+                        covered[half] |= b.expert_map >= 0
+            if not torch.equal(covered[0], covered[1]):
+                return None                   # an expert's gate and up carry different corrections
+            sub = [self._kb[i] for i in idx]
+            for g in up_launches(sub):
+                groups.append([idx[j] for j in g])
+                group_scales.append(None if key < 0 else scales[key])
+        return groups, group_scales
 
     def _forward_fast(self, x: Tensor) -> Tensor:
         """Fused routing + grouped kernels over all buckets (CUDA, no host sync). x [T, H]."""
         topk_w, topk_ids = fused_route(F.linear(x, self.gate.weight), self.top_k, self.renorm)
-        return fused_moe(x, topk_ids, topk_w, self._kernel_buckets(), self.I, up_groups=self._up_groups)
+        up_x = [x if s is None else x * s.to(x.dtype) for s in self._up_scales]
+        return fused_moe(x, topk_ids, topk_w, self._kernel_buckets(), self.I, up_groups=self._up_groups,
+                         up_x=up_x)
 
     def _forward_buckets(self, x: Tensor, topk_ids: Tensor, topk_w: Tensor) -> Tensor:
         """Readable path (any device; host syncs): per bucket, per expert, gather its routed
