@@ -183,11 +183,11 @@ def check_correct(shape: str, name: str, specs_fn, Ms=(1, 5, 40)) -> list[str]:
     return out
 
 
-def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: None):
+def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: None, shapes=("235b", "30b")):
     """Time the GEMV / dot candidates on uniform int4, fp8, bf16 layers; return the winners.
     A candidate that fails (compile or run) scores inf for its tokens; on_done() after each candidate."""
     scores = {}
-    for shape in [s_ for s_ in ("235b", "30b") if s_ in SHAPES]:
+    for shape in [s_ for s_ in shapes if s_ in SHAPES]:
         for name in ("int4", "fp8", "bf16"):
             for path, cands, tokens in (("gemv", GEMV_CANDIDATES, tokens_gemv), ("dot", DOT_CANDIDATES, tokens_dot)):
                 for ci, c in enumerate(cands):
@@ -361,6 +361,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--min-mb", type=float, default=256.0, help="touched MB per timed replay (cold weights)")
     ap.add_argument("--sweep", action="store_true", help="time launch-config candidates, use the winners")
+    ap.add_argument("--sweep-shapes", default="235b,30b", help="shapes the sweep times")
     ap.add_argument("--check", action="store_true", help="SQNR vs moe_reference at realistic sizes (runs last)")
     ap.add_argument("--per-bucket", action="store_true", help="also time one launch per bucket (mixed configs)")
     ap.add_argument("--out", default=None, help="folder for results.json and table.md (rewritten as rows come)")
@@ -393,7 +394,7 @@ def main(argv=None) -> int:
         if a.workers > 1:
             stage("compiling the sweep candidates")
             jobs = []
-            for shape in shapes:
+            for shape in a.sweep_shapes.split(","):
                 for n in ("int4", "fp8", "bf16"):
                     for c in GEMV_CANDIDATES:
                         jobs.append((shape, n, ("gemv", c, c), SWEEP_GEMV_M, True))
@@ -402,7 +403,7 @@ def main(argv=None) -> int:
             warm(jobs, a.workers)
         stage("sweep")
         win = sweep(SWEEP_GEMV_M, SWEEP_DOT_M, min_bytes, bw, results_sweep,
-                    on_done=lambda: save(a.out, meta, bw, results, results_sweep))
+                    on_done=lambda: save(a.out, meta, bw, results, results_sweep), shapes=a.sweep_shapes.split(","))
         log("sweep winners:", json.dumps(win, default=str))
         moe_configs.GEMV["up"] = moe_configs.GEMV["down"] = win["gemv_cfg"]
         moe_configs.GEMV_MAX_M = win["gemv_max_m"]
