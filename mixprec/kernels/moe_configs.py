@@ -1,9 +1,12 @@
 """Launch configurations of the fused MoE kernels (moe_triton.py).
 
-NOT YET MEASURED: the shared device budget was spent before these kernels got a run. The values
-come from offline sm_90 compilation (registers, spills, SASS instructions per weight element of
-the GEMV loop; see benchmarks/moe.md) and, for the dot path, from vLLM's tuned H100 tables for
-E=128 (BLOCK_M 16 up to ~64 tokens, 64x128 tiles with 8 warps for prefill). Run
+TIMED, NOT YET SWEPT. These guessed defaults produced the first GPU table (2026-11-25, H100 80GB
+HBM3, `python -m mixprec bench-moe --per-bucket --check`, benchmarks/moe.md); the launch-config
+sweep has not run. The values came from offline sm_90 compilation (registers, spills, SASS
+instructions per weight element of the GEMV loop) and, for the dot path, from vLLM's tuned H100
+tables for E=128. That table points at what the sweep should settle: from M=8 (GEMV) to M=16
+(dot) int4 gets 3x slower for 1.7x the bytes while fp8 gets faster (a GEMV_MAX_M per layout?),
+and the BM=64 config above 64 tokens makes fp8/int8 about 2x slower at M=128 than at M=64. Run
 `python scripts/bench_moe.py --sweep --out DIR` on the device: it times the candidates in
 moe_bench.py (GEMV_CANDIDATES, DOT_CANDIDATES), applies the winners to its table and prints them
 ("sweep winners: ...") to be copied here.
