@@ -35,6 +35,7 @@ class AWQ(CheckpointFormat):
     name = "awq"
     layout = "intq"
     suffixes = ("qweight", "qzeros", "scales", "bias")
+    codes = ("qweight", 1, 0)
     required = ("qweight", "qzeros", "scales")
 
     def detect(self, tensors, qcfg) -> bool:

@@ -126,6 +126,9 @@ class CheckpointFormat(ABC):
     name: ClassVar[str]           # e.g. "gptq", "awq", "fp8_block"
     layout: ClassVar[str]         # layout it loads into
     suffixes: ClassVar[tuple[str, ...]]  # tensor names under the module prefix, e.g. ("qweight", ...)
+    # (tensor holding the weight codes, its dim along N, its dim along K): a tensor-parallel rank
+    # reads only its slice of it (parallel/shard.py); None: read whole
+    codes: ClassVar[tuple[str, int, int] | None] = None
 
     @abstractmethod
     def detect(self, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], qcfg: dict | None) -> bool:

@@ -78,6 +78,7 @@ class CTFP8(CheckpointFormat):
     name = "ct_fp8"
     layout = "fp8"
     suffixes = ("weight", "weight_scale", "input_scale")
+    codes = ("weight", 0, 1)
     required = ("weight", "weight_scale")
 
     def detect(self, tensors, qcfg) -> bool:
@@ -178,6 +179,7 @@ class CTPack(CheckpointFormat):
     name = "ct_pack"
     layout = "intq"
     suffixes = ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx")
+    codes = ("weight_packed", 0, 1)
     required = ("weight_packed", "weight_shape", "weight_scale")
 
     def detect(self, tensors, qcfg) -> bool:
@@ -279,6 +281,7 @@ class CTInt8(CheckpointFormat):
     name = "ct_int8"
     layout = "int8"
     suffixes = ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+    codes = ("weight", 0, 1)
     required = ("weight", "weight_scale")
 
     def detect(self, tensors, qcfg) -> bool:

@@ -39,6 +39,7 @@ class Dense(CheckpointFormat):
     name = "dense"
     layout = "dense"
     suffixes = ("weight",)
+    codes = ("weight", 0, 1)
 
     def detect(self, tensors, qcfg) -> bool:
         return set(tensors) <= {"weight", "bias"} and "weight" in tensors and tensors["weight"][0] in FLOAT_DTYPES

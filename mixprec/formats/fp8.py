@@ -136,6 +136,7 @@ class FP8Block(CheckpointFormat):
     name = "fp8_block"
     layout = "fp8"
     suffixes = ("weight", "weight_scale_inv", "input_scale")
+    codes = ("weight", 0, 1)
     required = ("weight", "weight_scale_inv")
 
     def detect(self, tensors, qcfg) -> bool:

@@ -75,6 +75,7 @@ class GPTQ(CheckpointFormat):
     name = "gptq"
     layout = "intq"
     suffixes = ("qweight", "qzeros", "scales", "g_idx", "bias")
+    codes = ("qweight", 1, 0)
     required = ("qweight", "qzeros", "scales")
 
     def detect(self, tensors, qcfg) -> bool:

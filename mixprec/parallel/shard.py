@@ -46,13 +46,13 @@ What a rank reads (all through the checkpoint's memory map, `Checkpoint.get_slic
 * plain tensors: norms, q/k norms, router whole (small); embeddings: its vocab rows only;
 * unquantized (bf16/fp16) linears: its rows (N split) or its columns (K split; a column slice
   touches every page of the row-major tensor, so the OS reads about the whole tensor);
-* quantized linears: the tensor holding the codes (`_CODES`) is read only on the rows / columns
+* quantized linears: the tensor holding the codes (`CheckpointFormat.codes`) is read only on the rows / columns
   the slice needs, rounded out to whole packed words, and the rest is left zero; the small
   tensors (scales, zeros, g_idx, about 3% of an int4-g128 module) are read whole, because a
   slice that cuts groups / blocks, or act-order g_idx, can reference any of them. The module is
   then transcoded by its format's `load` at full size on the host and cut by the layout's
   `shard`: the disk read is the rank's share, the host CPU work of transcoding is that of the
-  whole module (the same as a single-process load). A format missing from `_CODES` is read whole.
+  whole module (the same as a single-process load). A format whose `codes` is None is read whole.
 """
 from __future__ import annotations
 
@@ -65,17 +65,11 @@ from torch import Tensor
 
 from ..config import ModelArgs
 from ..errors import MissingWeight, ParallelError
+from ..formats import FORMATS
 from ..formats.base import Packed, shard
 from ..loader.checkpoint import Checkpoint
 
 W8A8_ACT_GROUP = 128   # fp8 W8A8 kernels quantize activations per 128 inputs (kernels/fp8.py, kernels/moe.py)
-
-# checkpoint format -> (tensor holding the weight codes, its dim along N, its dim along K)
-_CODES = {
-    "dense": ("weight", 0, 1), "fp8_block": ("weight", 0, 1), "ct_fp8": ("weight", 0, 1),
-    "ct_int8": ("weight", 0, 1), "gptq": ("qweight", 1, 0), "awq": ("qweight", 1, 0),
-    "ct_pack": ("weight_packed", 0, 1),
-}
 
 _ATTN = re.compile(r"model\.layers\.\d+\.self_attn\.([qkvo])_proj")
 _DENSE = re.compile(r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj")
@@ -268,7 +262,7 @@ def read_module(ckpt: Checkpoint, module: str, fmt_name: str, n: int, k: int, sp
     meta = ckpt.module_meta(module)
     if not meta:
         raise MissingWeight(f"{ckpt.path}: no tensors for module {module!r}")
-    codes = _CODES.get(fmt_name)
+    codes = getattr(FORMATS.get(fmt_name), "codes", None)
     raw = {}
     for suffix, (dtype, shape) in meta.items():
         name = f"{module}.{suffix}"
