@@ -249,6 +249,26 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
 
 
 @triton.jit
+def _slot_rows(PROJ: tl.constexpr, HALF: tl.constexpr, INTER, HID):
+    """(stored rows nw, rows to compute n_lim, first row row0) of one expert's weight in a bucket
+    of projection PROJ, for half HALF (0 gate, 1 up, 2 down): gate_up stacks gate then up rows."""
+    if PROJ == _DOWN:
+        nw = HID
+        n_lim = HID
+    elif PROJ == _GATE_UP:
+        nw = 2 * INTER
+        n_lim = INTER
+    else:
+        nw = INTER
+        n_lim = INTER
+    row0 = 0
+    if PROJ == _GATE_UP:
+        if HALF == 1:
+            row0 = INTER
+    return nw, n_lim, row0
+
+
+@triton.jit
 def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm,
                w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
                HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
@@ -263,19 +283,7 @@ def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm,
         loc32 = tl.load(mp + e)
         if loc32 >= 0:
             loc = loc32.to(tl.int64)
-            if PROJ == _DOWN:
-                nw = HID
-                n_lim = HID
-            elif PROJ == _GATE_UP:
-                nw = 2 * INTER
-                n_lim = INTER
-            else:
-                nw = INTER
-                n_lim = INTER
-            row0 = 0
-            if PROJ == _GATE_UP:
-                if HALF == 1:
-                    row0 = INTER
+            nw, n_lim, row0 = _slot_rows(PROJ, HALF, INTER, HID)
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
                 # rs: stored rows (K, or more for a padded act-order shard; x is read via perm)
@@ -498,19 +506,7 @@ def _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID,
         loc32 = tl.load(mp + e)
         if loc32 >= 0:
             loc = loc32.to(tl.int64)
-            if PROJ == _DOWN:
-                nw = HID
-                n_lim = HID
-            elif PROJ == _GATE_UP:
-                nw = 2 * INTER
-                n_lim = INTER
-            else:
-                nw = INTER
-                n_lim = INTER
-            row0 = 0
-            if PROJ == _GATE_UP:
-                if HALF == 1:
-                    row0 = INTER
+            nw, n_lim, row0 = _slot_rows(PROJ, HALF, INTER, HID)
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
                 acc = _dot_intq(acc, arow, rm, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
