@@ -40,6 +40,7 @@ LAYOUT_TENSORS = {  # required, optional
     "int8": (("weight", "scale"), ("zero",)),
 }
 MAX_SLOTS = 4  # buckets one launch can serve
+HALF_PROJS = {"gate": ("gate_up", "gate"), "up": ("gate_up", "up"), "down": ("down",)}  # rows -> bucket projs
 FP8_ACT_GROUP = 128  # W8A8 fp8: dynamic activation scale per token per 128 inputs
 
 
@@ -427,14 +428,13 @@ def moe_reference(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dic
     """Plain per-token per-expert loop in fp32 -> [M, H] float32. The intermediate silu(g)*u is
     rounded to x.dtype, as the kernels store it."""
     M, H = x.shape
-    halves = {"gate": ("gate_up", "gate"), "up": ("gate_up", "up"), "down": ("down",)}
     maps = [b["expert_map"].tolist() for b in buckets]
     cache: dict[tuple[str, int], tuple[Tensor, dict]] = {}
 
     def weight(half: str, e: int) -> tuple[Tensor, dict]:
         key = (half, e)
         if key not in cache:
-            hits = [i for i, b in enumerate(buckets) if b["proj"] in halves[half] and maps[i][e] >= 0]
+            hits = [i for i, b in enumerate(buckets) if b["proj"] in HALF_PROJS[half] and maps[i][e] >= 0]
             if len(hits) != 1:
                 raise FormatError(f"moe_reference: expert {e} {half} rows found in {len(hits)} buckets, expected 1")
             b = buckets[hits[0]]
@@ -473,16 +473,22 @@ def validate_buckets(buckets: list[dict], num_experts: int, hidden: int, inter: 
         if sorted(loc) != list(range(Eb)):
             raise FormatError(f"{where}: expert_map's local indices {sorted(loc)[:8]}... must be a "
                               f"permutation of 0..{Eb - 1} (the stacked experts)")
-    for half, projs in (("gate", ("gate_up", "gate")), ("up", ("gate_up", "up")), ("down", ("down",))):
-        cover = torch.zeros(num_experts, dtype=torch.int64)
-        for b in buckets:
-            if b["proj"] in projs:
-                cover += (b["expert_map"].cpu() >= 0).long()
+    for half in HALF_PROJS:
+        cover = half_cover(buckets, half, num_experts)
         bad = [e for e, c in enumerate(cover.tolist()) if c != 1]
         if bad:
             raise FormatError(f"MoE buckets: {half} rows of experts {bad[:8]} are in "
                               f"{[cover[e].item() for e in bad[:8]]} buckets, expected exactly 1")
     up_launches(buckets)  # raises when gate/up buckets cannot be split into launches of <= MAX_SLOTS
+
+
+def half_cover(buckets: list[dict], half: str, num_experts: int) -> Tensor:
+    """int64 [E] on the CPU: how many of `buckets` hold each expert's `half` rows (gate/up/down)."""
+    cover = torch.zeros(num_experts, dtype=torch.int64)
+    for b in buckets:
+        if b["proj"] in HALF_PROJS[half]:
+            cover += (b["expert_map"].cpu() >= 0).long()
+    return cover
 
 
 def up_launches(buckets: list[dict]) -> list[list[int]]:
@@ -500,7 +506,7 @@ def up_launches(buckets: list[dict]) -> list[list[int]]:
         return i
     gate = {}
     for i in up:
-        if buckets[i]["proj"] in ("gate_up", "gate"):
+        if buckets[i]["proj"] in HALF_PROJS["gate"]:
             for e in (buckets[i]["expert_map"] >= 0).nonzero().flatten().tolist():
                 gate[e] = i
     for i in up:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed, apply, dequant, use_kernels
-from ..kernels.moe import fused_moe, up_launches
+from ..kernels.moe import fused_moe, half_cover, up_launches
 from ..kernels.moe import route as fused_route
 from .linear import bucket_key, cat_n, same_scale
 
@@ -234,31 +234,25 @@ class MoE(nn.Module):
         scales: list[Tensor] = []
         for i, b in enumerate(self.buckets):
             s = b.input_scale
-            if b.proj == "down" or s is None:
-                if b.proj == "down" and s is not None:
+            if b.proj == "down":
+                if s is not None:
                     return None
-                if b.proj != "down":
-                    parts.setdefault(-1, []).append(i)
                 continue
-            if not bool((s == s[0]).all()):
-                return None
-            key = next((j for j, t in enumerate(scales) if torch.equal(t, s[0])), None)
-            if key is None:
-                scales.append(s[0])
-                key = len(scales) - 1
+            if s is None:
+                key = -1
+            else:
+                if not bool((s == s[0]).all()):
+                    return None
+                key = next((j for j, t in enumerate(scales) if torch.equal(t, s[0])), None)
+                if key is None:
+                    scales.append(s[0])
+                    key = len(scales) - 1
             parts.setdefault(key, []).append(i)
         groups, group_scales = [], []
         for key, idx in parts.items():
-            covered = [torch.zeros(self.E, dtype=torch.bool, device=self.buckets[0].expert_map.device)
-                       for _ in range(2)]
-            for i in idx:
-                b = self.buckets[i]
-                for half, projs in enumerate((("gate_up", "gate"), ("gate_up", "up"))):
-                    if b.proj in projs:
-                        covered[half] |= b.expert_map >= 0
-            if not torch.equal(covered[0], covered[1]):
-                return None                   # an expert's gate and up carry different corrections
             sub = [self._kb[i] for i in idx]
+            if not torch.equal(half_cover(sub, "gate", self.E), half_cover(sub, "up", self.E)):
+                return None                   # an expert's gate and up carry different corrections
             for g in up_launches(sub):
                 groups.append([idx[j] for j in g])
                 group_scales.append(None if key < 0 else scales[key])
