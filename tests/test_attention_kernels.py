@@ -44,17 +44,13 @@ def _ref_qk(q, k, v, positions, rotary, qw, kw, eps, kc, vc):
     B, T, _ = q.shape
     D = kc.shape[-1]
     cos, sin = rotary(positions, q.dtype)
-    qn = apply_rope(_ref_norm_eps(q.view(B, T, -1, D), qw, eps), cos, sin)
-    kn = apply_rope(_ref_norm_eps(k.view(B, T, -1, D), kw, eps), cos, sin)
+    with reference_path():
+        qn = apply_rope(rms_norm(q.view(B, T, -1, D), qw, eps), cos, sin)
+        kn = apply_rope(rms_norm(k.view(B, T, -1, D), kw, eps), cos, sin)
     idx = positions[:, None, :, None].expand(B, kn.shape[2], T, D)
     kc.scatter_(2, idx, kn.transpose(1, 2))
     vc.scatter_(2, idx, v.view(B, T, -1, D).transpose(1, 2))
     return qn
-
-
-def _ref_norm_eps(x, w, eps):
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
