@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs
-from .quant import (EPS, FP8_MAX, check_tensor, check_x, fp8_act_quant_reference, round_e4m3,
+from .quant import (EPS, FP8_MAX, check_tensor, check_x, fp8_act_quant_reference, gemm_tile, round_e4m3,
                     split_plan, split_workspace, splitk_store)
 
 ACT_BLOCK = 128
@@ -72,18 +72,8 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
                      A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m_blocks = tl.cdiv(M, BLOCK_M)
-    pid_n = pid // m_blocks
-    pid_m = pid % m_blocks
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    pid, pid_k, offs_m, m_mask, offs_n, n_mask, offs_k, k_lo, k_hi = gemm_tile(M, N, K, k_per_split, BLOCK_M,
+                                                                              BLOCK_N, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     s_rows = s_ptr + (offs_n // bn) * stride_s

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs
-from .quant import (EPS, INT8_MAX, check_tensor, check_x, int8_act_quant_reference, split_plan,
+from .quant import (EPS, INT8_MAX, check_tensor, check_x, gemm_tile, int8_act_quant_reference, split_plan,
                     split_workspace, splitk_store)
 
 EPS_C = tl.constexpr(EPS)
@@ -87,18 +87,8 @@ def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
                       M, N, K, stride_xm, stride_om, stride_w, k_per_split, split,
                       A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m_blocks = tl.cdiv(M, BLOCK_M)
-    pid_n = pid // m_blocks
-    pid_m = pid % m_blocks
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    pid, pid_k, offs_m, m_mask, offs_n, n_mask, offs_k, k_lo, k_hi = gemm_tile(M, N, K, k_per_split, BLOCK_M,
+                                                                              BLOCK_N, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     if A8:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs
-from .quant import check_tensor, check_x, split_plan, split_workspace, splitk_store
+from .quant import check_tensor, check_x, gemm_tile, split_plan, split_workspace, splitk_store
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
 MAGIC_C = tl.constexpr(MAGIC)
@@ -102,19 +102,9 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     PF: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     ZSYM: tl.constexpr = MAGIC_C + (1 << (BITS - 1))
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m_blocks = tl.cdiv(M, BLOCK_M)
-    pid_n = pid // m_blocks          # m blocks of one N block run together: weight tile hits L2
-    pid_m = pid % m_blocks
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    pid, pid_k, offs_m, m_mask, offs_n, n_mask, offs_k, k_lo, k_hi = gemm_tile(M, N, K, k_per_split, BLOCK_M,
+                                                                              BLOCK_N, BLOCK_K)
     shift = ((offs_k % PF) * BITS)[:, None]            # tiles start at multiples of PF
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):

@@ -94,6 +94,21 @@ def split_workspace(split: int, M: int, N: int, n_tiles: int, device: torch.devi
 
 
 @triton.jit
+def gemm_tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program -> its output tile and K range, for grid (M blocks * N blocks, K splits). The M
+    blocks of one N block are neighbours, so they read the same weight tile while it is in L2.
+    Returns (tile id, pid_k, offs_m, m_mask, offs_n, n_mask, offs_k, k_lo, k_hi)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    offs_m = (pid % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid // m_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = pid_k * k_per_split
+    return (pid, pid_k, offs_m, offs_m < M, offs_n, offs_n < N, tl.arange(0, BLOCK_K), k_lo,
+            tl.minimum(k_lo + k_per_split, K))
+
+
+@triton.jit
 def splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id, pid_k,
                  split, USE_SPLIT: tl.constexpr):
     """acc: [BM, BN] fp32 partial of K split pid_k. Without split: cast and store. With split:
