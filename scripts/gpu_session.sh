@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, the runtime benchmark on full-size Qwen3-30B-A3B shapes (synthetic
 # weights in the real packed formats), reduced-layer Qwen3-235B-A22B steps, load throughput.
-# Stages: tests | bench | bench235 | load (default: all). Logs go to $OUT.
+# Stages: tests | bench | bench235 | load (default: all) | parallel (needs 2 GPUs; not in the
+# default). Logs go to $OUT.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-.}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,5 +26,17 @@ for STAGE in $STAGES; do
     done ;;
   load)
     timeout ${LOAD_TIMEOUT:-200} python3 scripts/bench_load.py /tmp/loadfx --layers ${LOAD_LAYERS:-1} 2>&1 | tee "$OUT/load.log" | tail -6 ;;
+  parallel)
+    # the single-GPU reference on GPU 0 while the GPU tests run on GPU 1, then TP2 and EP2 on both
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    P="--mix ${PMIX:-mixed} --batch ${PBATCHES:-1,8,32} --gen-len ${GEN:-128} --out $OUT/parallel"
+    CUDA_VISIBLE_DEVICES=1 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
+      ${TESTS:-tests/test_gpu.py tests/test_attention_kernels.py tests/test_moe_kernels.py} > "$OUT/tests.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 scripts/bench_parallel.py $P 2>&1 | tee "$OUT/parallel_tp1.log" | tail -12
+    wait; tail -5 "$OUT/tests.log"
+    for RUN in "--tp 2" "--ep 2"; do
+      timeout 240 torchrun --nproc-per-node 2 scripts/bench_parallel.py $RUN $P 2>&1 \
+        | tee "$OUT/parallel_${RUN// /}.log" | grep -v "^\s*$" | tail -40
+    done ;;
   esac
 done

@@ -8,6 +8,7 @@ generated on the target device, one module at a time.
 from __future__ import annotations
 
 import re
+import zlib
 
 import torch
 
@@ -96,30 +97,50 @@ def spec_for(module: str, rules) -> str:
     return "bf16"
 
 
+def module_generator(name: str, device, seed: int) -> torch.Generator:
+    """A generator seeded by (seed, weight name): every weight is the same whichever process or
+    order builds it, so a tensor-/expert-parallel rank can build just its own weights."""
+    return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))  # CPU: 32-bit seeds
+
+
+def synthetic_plain(args: ModelArgs, device, dtype: torch.dtype, seed: int = 0):
+    """(name, tensor) of every non-linear weight: norms 1, embeddings N(0, 0.02)."""
+    for name, shape in args.plain_tensors().items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, device=device, dtype=dtype)
+        else:
+            g = module_generator(name, device, seed)
+            yield name, torch.randn(shape, device=device, dtype=torch.float32, generator=g).mul_(0.02).to(dtype)
+
+
+def synthetic_linears(args: ModelArgs, mix: str) -> dict[str, tuple[int, int, str]]:
+    """module -> (n, k, format spec) of every linear the mix builds."""
+    rules = parse_mix(mix)
+    shapes = args.linear_shapes()
+    if args.tie_word_embeddings:
+        shapes.pop("lm_head", None)
+    return {m: (n, k, spec_for(m, rules)) for m, (n, k) in shapes.items()}
+
+
+def synthetic_linear(module: str, n: int, k: int, spec: str, device, dtype: torch.dtype, seed: int = 0):
+    """One random [n, k] weight through the producer's on-disk tensors and `load_module`."""
+    fmt_name, params = SPECS[spec]
+    fmt = FORMATS[fmt_name]
+    W = torch.randn(n, k, device=device, generator=module_generator(module, device, seed)).mul_(k ** -0.5)
+    raw = fmt.pack(W, **params)
+    scheme = resolve_scheme(fmt.config_block(**params) or None, module)
+    return load_module(raw, n, k, scheme, where=f"synthetic:{module}", dtype=dtype)
+
+
 @torch.inference_mode()
 def build_synthetic(args: ModelArgs, mix: str, device="cuda", dtype=torch.bfloat16, seed: int = 0,
                     progress: bool = True) -> Qwen3ForCausalLM:
     from tqdm import tqdm
-    rules = parse_mix(mix)
-    g = torch.Generator(device=device).manual_seed(seed)
+    linears = synthetic_linears(args, mix)
     model = Qwen3ForCausalLM(args, dtype=dtype, device="meta")
-    for name, shape in args.plain_tensors().items():
-        if name.endswith("norm.weight"):
-            t = torch.ones(shape, device=device, dtype=dtype)
-        else:
-            t = torch.randn(shape, device=device, dtype=torch.float32, generator=g).mul_(0.02).to(dtype)
+    for name, t in synthetic_plain(args, device, dtype, seed):
         model.set_tensor(name, t)
-    shapes = args.linear_shapes()
-    if args.tie_word_embeddings:
-        shapes.pop("lm_head", None)
-    for module, (n, k) in tqdm(shapes.items(), desc="synthesizing", disable=not progress):
-        fmt_name, params = SPECS[spec_for(module, rules)]
-        fmt = FORMATS[fmt_name]
-        W = torch.randn(n, k, device=device, generator=g).mul_(k ** -0.5)
-        raw = fmt.pack(W, **params)
-        scheme = resolve_scheme(fmt.config_block(**params) or None, module)
-        packed = load_module(raw, n, k, scheme, where=f"synthetic:{module}", dtype=dtype)
-        model.set_linear(module, packed)
-        del W, raw
+    for module, (n, k, spec) in tqdm(linears.items(), desc="synthesizing", disable=not progress):
+        model.set_linear(module, synthetic_linear(module, n, k, spec, device, dtype, seed))
     model.finalize()
     return model.eval()
