@@ -35,7 +35,7 @@ for STAGE in $STAGES; do
     CUDA_VISIBLE_DEVICES=0 timeout 240 python3 scripts/bench_parallel.py $P 2>&1 | tee "$OUT/parallel_tp1.log" | tail -12
     wait; tail -5 "$OUT/tests.log"
     for RUN in "--tp 2" "--ep 2"; do
-      timeout 240 torchrun --nproc-per-node 2 scripts/bench_parallel.py $RUN $P 2>&1 \
+      timeout 240 python3 -m torch.distributed.run --nproc-per-node 2 scripts/bench_parallel.py $RUN $P 2>&1 \
         | tee "$OUT/parallel_${RUN// /}.log" | grep -v "^\s*$" | tail -40
     done ;;
   esac
