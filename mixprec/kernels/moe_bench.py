@@ -42,6 +42,8 @@ GEMV_CANDIDATES = [
     dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
     dict(BN=64, BKD=64, BKF=64, BKQ=128, BKI=64, num_warps=4, num_stages=1),
     dict(BN=32, BKD=64, BKF=64, BKQ=256, BKI=64, num_warps=4, num_stages=1),    # fewer fp8 registers
+    dict(BN=16, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1),   # twice the programs
+    dict(BN=64, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=8, num_stages=1),   # more bytes per program
 ]
 SWEEP_GEMV_M = [1, 4, 8, 16]
 SWEEP_DOT_M = [8, 16, 32, 64, 128, 512]
@@ -50,6 +52,8 @@ DOT_CANDIDATES = [
     dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=3),
     dict(BM=32, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3),
     dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=8, num_stages=3),
+    dict(BM=16, BN=128, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=8, num_stages=3),
+    dict(BM=32, BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=4),
 ]
 
 

@@ -417,8 +417,17 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
     for k0 in range(0, K, BK):
         rr = k0 // PF + r
         q = tl.load(qp + rr[:, None] * nw + cols[None, :], mask=(rr < KP)[:, None] & nm[None, :], other=0)
-        s2, zs2 = _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
-        w = tl.reshape(_intq_codes(q, fmask, magic, off) * s2[:, None, None, :] - zs2[:, None, None, :], (BK, BN))
+        if GS % BK == 0:    # the tile is in one group: exact integers q - z in the dot, scale after
+            g = k0 // GS
+            s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
+            if HZ:
+                z = tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.float32)[None, None, None, :]
+            else:
+                z = 2 ** (BITS - 1)
+            w = tl.reshape(_intq_codes(q, fmask, magic, off + z), (BK, BN))
+        else:               # groups smaller than the tile: dequantize each row before the dot
+            s2, zs2 = _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
+            w = tl.reshape(_intq_codes(q, fmask, magic, off) * s2[:, None, None, :] - zs2[:, None, None, :], (BK, BN))
         kk = k0 + rk
         km = kk < K
         if HP:
@@ -426,7 +435,10 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
             a = tl.load(arow[:, None] + xi[None, :], mask=rm[:, None] & km[None, :], other=0.0)
         else:
             a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-        acc = tl.dot(a, w.to(a.dtype), acc)
+        if GS % BK == 0:
+            acc += tl.dot(a, w.to(a.dtype)) * s[None, :]
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc)
     return acc
 
 
