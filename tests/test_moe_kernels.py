@@ -57,6 +57,21 @@ def test_route_matches_torch(m, e, k, renorm):
     torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (5, 60, 4, 200), (16, 16, 2, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_router_route_matches_linear_then_route(m, e, k, h, dtype):
+    """The one-launch decode router (logits rounded to x's dtype) picks the experts and weights
+    of F.linear + route(); twice, so the arrival counter is seen reset."""
+    g = torch.Generator().manual_seed(m + e)
+    x = torch.randn(m, h, generator=g).to(DEV, dtype)
+    gw = (torch.randn(e, h, generator=g) * h ** -0.5).to(DEV, dtype)
+    rw, ri = moe.route(torch.nn.functional.linear(x, gw), k, True)
+    for _ in range(2):
+        w, ids = moe.router_route(x, gw, k, True)
+        assert torch.equal(ids, ri)
+        torch.testing.assert_close(w, rw, rtol=2e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("ids_kind", ["random", "one_expert"])
 def test_align_groups_pairs_by_expert(ids_kind):
     m, k, e, bm = 7, 2, 8, 4

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import moe_configs
-from .moe_triton import _align_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel
+from .moe_triton import _align_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel, _router_route_kernel
+from .quant import split_counters
 
 PROJ_CODE = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
 LAYOUT_CODE = {"dense": 0, "fp8": 1, "intq": 2, "int8": 3}
@@ -76,6 +77,35 @@ def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tens
         _route_kernel[(triton.cdiv(M, BT),)](logits, w, ids, M, E, logits.stride(0), TOPK=top_k,
                                              RENORM=bool(renorm), BT=BT, EB=EB,
                                              KB=triton.next_power_of_2(top_k), num_warps=4)
+    return w, ids
+
+
+ROUTER_FUSED_MAX_M = 16   # decode sizes: router linear + route in one launch; above, cuBLAS + route()
+
+
+def router_route(x: Tensor, gate_weight: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tensor]:
+    """route(F.linear(x, gate_weight), top_k, renorm): x [M, H], gate_weight [E, H] -> (topk_w
+    [M, k] fp32, topk_ids [M, k] int32). Up to ROUTER_FUSED_MAX_M tokens in one launch (the
+    logits are rounded to x's dtype, as F.linear returns them); more tokens, or no Triton device,
+    take F.linear + route()."""
+    if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
+        raise ShapeMismatch(f"router_route: x {tuple(x.shape)} and router weight {tuple(gate_weight.shape)} "
+                            f"must be [M, H] and [E, H]")
+    M, H = x.shape
+    E = gate_weight.shape[0]
+    if M > ROUTER_FUSED_MAX_M or M == 0 or not _triton_ok(x) or not 1 <= top_k <= E:
+        return route(F.linear(x, gate_weight), top_k, renorm)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    gate_weight = gate_weight.contiguous()
+    lg = torch.empty(M, E, dtype=torch.float32, device=x.device)
+    w = torch.empty(M, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(M, top_k, dtype=torch.int32, device=x.device)
+    MB, BE = triton.next_power_of_2(M), 4
+    BH = min(triton.next_power_of_2(H), max(16, 4096 // (MB * BE)))
+    _router_route_kernel[(triton.cdiv(E, BE),)](
+        x, gate_weight, lg, w, ids, split_counters(x.device, 1), M, E, H, x.stride(0), TOPK=top_k,
+        RENORM=bool(renorm), MB=MB, BE=BE, BH=BH, EB=triton.next_power_of_2(E),
+        KB=triton.next_power_of_2(top_k), num_warps=4)
     return w, ids
 
 

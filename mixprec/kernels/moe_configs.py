@@ -1,15 +1,12 @@
 """Launch configurations of the fused MoE kernels (moe_triton.py).
 
-TIMED, NOT YET SWEPT. These guessed defaults produced the first GPU table (2026-11-25, H100 80GB
-HBM3, `python -m mixprec bench-moe --per-bucket --check`, benchmarks/moe.md); the launch-config
-sweep has not run. The values came from offline sm_90 compilation (registers, spills, SASS
-instructions per weight element of the GEMV loop) and, for the dot path, from vLLM's tuned H100
-tables for E=128. That table points at what the sweep should settle: from M=8 (GEMV) to M=16
-(dot) int4 gets 3x slower for 1.7x the bytes while fp8 gets faster (a GEMV_MAX_M per layout?),
-and the BM=64 config above 64 tokens makes fp8/int8 about 2x slower at M=128 than at M=64. Run
-`python scripts/bench_moe.py --sweep --out DIR` on the device: it times the candidates in
-moe_bench.py (GEMV_CANDIDATES, DOT_CANDIDATES), applies the winners to its table and prints them
-("sweep winners: ...") to be copied here.
+Swept on one H100 80GB HBM3 (torch 2.11.0+cu130, triton 3.6.0) on 2026-11-25 by
+`python -m mixprec bench-moe --sweep --per-bucket --check --out DIR` (benchmarks/moe.md): every
+candidate of moe_bench.GEMV_CANDIDATES / DOT_CANDIDATES timed on uniform int4, fp8 and bf16 layers
+of both Qwen3 shapes (cold weights, CUDA graphs), the winner per M by the sum of its times relative
+to the best candidate. GEMV_MAX_M is the largest M where the GEMV winner beats the dot winner on
+that score: int4 alone would stay on the GEMV path longer (its dot path is dequantization-bound),
+fp8 and bf16 want the dot path from M=16, and one launch serves every bucket of a layer.
 
 GEMV path (one (token, expert) pair per program, fp32 FMA): decode, M <= GEMV_MAX_M tokens.
 Dot path (BM sorted pairs of one expert per program, tensor cores): everything larger.
@@ -28,7 +25,7 @@ GEMV = {
 
 # (max tokens, config): the first row whose bound >= M is used
 DOT = [
-    (64, dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
+    (128, dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=3)),
     (1 << 30, dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=8, num_stages=3)),
 ]
 

@@ -630,16 +630,10 @@ def _moe_dot_kernel(x_ptr, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_pt
 # routing and alignment
 
 @triton.jit
-def _route_kernel(logit_ptr, w_ptr, id_ptr, M, E, stride_m,
-                  TOPK: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr,
+def _topk_softmax(lg, emask, ev, TOPK: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr,
                   KB: tl.constexpr):
-    """softmax(fp32) over E -> top-k (ties: lowest expert id) -> optional renormalisation."""
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    rmask = rows < M
-    ev = tl.arange(0, EB)
-    emask = ev < E
-    lg = tl.load(logit_ptr + rows[:, None].to(tl.int64) * stride_m + ev[None, :],
-                 mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)
+    """lg [BT, EB] fp32 logits -> (weights [BT, KB], ids [BT, KB]): softmax(fp32) over E -> top-k
+    (ties: lowest expert id) -> optional renormalisation."""
     lg = tl.where(emask[None, :], lg, float("-inf"))   # rows past M stay finite (no NaN work)
     mx = tl.max(lg, axis=1)
     pr = tl.where(emask[None, :], tl.exp(lg - mx[:, None]), 0.0)
@@ -656,10 +650,64 @@ def _route_kernel(logit_ptr, w_ptr, id_ptr, M, E, stride_m,
         pr = tl.where(ev[None, :] == i[:, None], -2.0, pr)
     if RENORM:
         wv = wv / tl.sum(wv, axis=1)[:, None]
+    return wv, iv
+
+
+@triton.jit
+def _store_topk(w_ptr, id_ptr, wv, iv, rows, rmask, TOPK: tl.constexpr, KB: tl.constexpr):
+    kv = tl.arange(0, KB)
     om = rmask[:, None] & (kv < TOPK)[None, :]
     off = rows[:, None] * TOPK + kv[None, :]
     tl.store(w_ptr + off, wv, mask=om)
     tl.store(id_ptr + off, iv, mask=om)
+
+
+@triton.jit
+def _route_kernel(logit_ptr, w_ptr, id_ptr, M, E, stride_m,
+                  TOPK: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr,
+                  KB: tl.constexpr):
+    """router logits [M, E] -> top-k weights and ids, BT tokens per program."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = rows < M
+    ev = tl.arange(0, EB)
+    emask = ev < E
+    lg = tl.load(logit_ptr + rows[:, None].to(tl.int64) * stride_m + ev[None, :],
+                 mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)
+    wv, iv = _topk_softmax(lg, emask, ev, TOPK, RENORM, BT, EB, KB)
+    _store_topk(w_ptr, id_ptr, wv, iv, rows, rmask, TOPK, KB)
+
+
+@triton.jit
+def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, M, E, H, stride_xm,
+                         TOPK: tl.constexpr, RENORM: tl.constexpr, MB: tl.constexpr, BE: tl.constexpr,
+                         BH: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr):
+    """Decode routing in one launch: program p computes the logits of experts p*BE.. for all M
+    (<= MB) tokens, rounded to x's dtype as the router linear's output is, into lg [M, E]; the
+    last program to arrive (arrival counter, reset after) runs softmax / top-k over all E."""
+    rows = tl.arange(0, MB)
+    rmask = rows < M
+    re = tl.program_id(0) * BE + tl.arange(0, BE)
+    rh = tl.arange(0, BH)
+    acc = tl.zeros([MB, BE], dtype=tl.float32)
+    for h0 in range(0, H, BH):
+        hh = h0 + rh
+        hm = hh < H
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + hh[None, :], mask=rmask[:, None] & hm[None, :], other=0.0)
+        g = tl.load(g_ptr + re[:, None].to(tl.int64) * H + hh[None, :], mask=(re < E)[:, None] & hm[None, :],
+                    other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * g.to(tl.float32)[None, :, :], axis=2)
+    acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(lg_ptr + rows[:, None] * E + re[None, :], acc, mask=rmask[:, None] & (re < E)[None, :])
+    tl.debug_barrier()  # all threads' logit stores precede the release below
+    prev = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if prev == tl.num_programs(0) - 1:
+        ev = tl.arange(0, EB)
+        emask = ev < E
+        lg = tl.load(lg_ptr + rows[:, None] * E + ev[None, :], mask=rmask[:, None] & emask[None, :], other=0.0,
+                     cache_modifier=".cg")
+        wv, iv = _topk_softmax(lg, emask, ev, TOPK, RENORM, MB, EB, KB)
+        _store_topk(w_ptr, id_ptr, wv, iv, rows, rmask, TOPK, KB)
+        tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch / graph replay
 
 
 @triton.jit

@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed, apply, dequant, use_kernels
-from ..kernels.moe import fused_moe, half_cover, up_launches
-from ..kernels.moe import route as fused_route
+from ..kernels.moe import fused_moe, half_cover, router_route, up_launches
 from .linear import bucket_key, cat_n, same_scale
 
 PROJS = ("gate", "up", "down")
@@ -260,7 +259,7 @@ class MoE(nn.Module):
 
     def _forward_fast(self, x: Tensor) -> Tensor:
         """Fused routing + grouped kernels over all buckets (CUDA, no host sync). x [T, H]."""
-        topk_w, topk_ids = fused_route(F.linear(x, self.gate.weight), self.top_k, self.renorm)
+        topk_w, topk_ids = router_route(x, self.gate.weight, self.top_k, self.renorm)
         up_x = [x if s is None else x * s.to(x.dtype) for s in self._up_scales]
         return fused_moe(x, topk_ids, topk_w, self._kernel_buckets(), self.I, up_groups=self._up_groups,
                          up_x=up_x)
