@@ -57,7 +57,7 @@ def test_route_matches_torch(m, e, k, renorm):
     torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (5, 60, 4, 200), (16, 16, 2, 64)])
+@pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_router_route_matches_linear_then_route(m, e, k, h, dtype):
     """The one-launch decode router (logits rounded to x's dtype) picks the experts and weights
