@@ -200,7 +200,7 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
     a_i8 = 1.0
     if LAY == _INT8:
         if ACT == 1:
-            a_i8 = tl.maximum(_row_absmax(xrow, K, BK), 1e-10) / 127.0
+            a_i8 = tl.math.div_rn(tl.maximum(_row_absmax(xrow, K, BK), 1e-10), 127.0)
     xsum = tl.zeros([BK], dtype=tl.float32)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     if EVK:
@@ -231,7 +231,7 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
             acc += (w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]) * x[None, :]
         elif LAY == _INT8:
             if ACT == 1:
-                x = tl.minimum(tl.maximum(((x / a_i8) + _RNE) - _RNE, -127.0), 127.0)
+                x = tl.minimum(tl.maximum((tl.math.div_rn(x, a_i8) + _RNE) - _RNE, -127.0), 127.0)
             # int8 -> fp32 without I2F: 2^23 + 128 + q has q in the mantissa
             wf = ((w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
             acc += wf * x[None, :]
@@ -461,7 +461,7 @@ def _dot_nk(acc, arow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
                 kk = k0 + rk
                 a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & (kk < K)[None, :], other=0.0)
                 amax = tl.maximum(amax, tl.abs(a.to(tl.float32)))
-            a_s = tl.maximum(tl.max(amax, axis=1), 1e-10) / 127.0
+            a_s = tl.math.div_rn(tl.maximum(tl.max(amax, axis=1), 1e-10), 127.0)
             acc_i = tl.zeros([BM, BN], dtype=tl.int32)
         asum = tl.zeros([BM], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -481,7 +481,7 @@ def _dot_nk(acc, arow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
                 acc = tl.dot(a, (w.to(tl.float32) * sc[None, :]).to(a.dtype), acc)
         elif LAY == _INT8:
             if ACT == 1:
-                af = a.to(tl.float32) / a_s[:, None]
+                af = tl.math.div_rn(a.to(tl.float32), a_s[:, None])
                 aq = tl.minimum(tl.maximum((af + _RNE) - _RNE, -127.0), 127.0)
                 acc_i = tl.dot(aq.to(tl.int8), w, acc_i, out_dtype=tl.int32)
                 if HZ:
