@@ -80,9 +80,10 @@ def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tens
     return w, ids
 
 
-# batch-1/2 decode: router linear + route in one launch. Measured on an H100 (2026-11-25, 30B shapes):
-# at M=1 one launch of 6.8 us replaces F.linear 5.0 us + route 4.2 us; at M=8 the fused kernel's
-# serial H loop made the whole decode step ~13% slower, so larger M take cuBLAS + route().
+# batch-1/2 decode: router linear + route in one launch. Measured on an H100 (2026-11-25, 30B shapes,
+# scripts/profile_decode.py): at M=1 one launch of 5.9 us replaces F.linear 5.4 us + route 4.5 us;
+# allowed up to M=8, its serial H loop made the whole decode step ~13% slower, so larger M take
+# cuBLAS + route().
 ROUTER_FUSED_MAX_M = 2
 
 
@@ -103,7 +104,7 @@ def router_route(x: Tensor, gate_weight: Tensor, top_k: int, renorm: bool) -> tu
     lg = torch.empty(M, E, dtype=torch.float32, device=x.device)
     w = torch.empty(M, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(M, top_k, dtype=torch.int32, device=x.device)
-    MB, BE = triton.next_power_of_2(M), 2      # E/2 programs, one or two H steps each
+    MB, BE = triton.next_power_of_2(M), 2      # E/2 programs of H/BH steps (1-2 at H=2048)
     BH = min(triton.next_power_of_2(H), max(16, 4096 // (MB * BE)))
     _router_route_kernel[(triton.cdiv(E, BE),)](
         x, gate_weight, lg, w, ids, split_counters(x.device, 1), M, E, H, x.stride(0), TOPK=top_k,

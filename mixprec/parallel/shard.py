@@ -294,10 +294,14 @@ def read_dense(ckpt: Checkpoint, name: str, sp: Split | None, n: int, k: int, ro
     per = rows if rows is not None else n // sp.parts
     a = min(sp.part * per, n)
     b = min(a + per, n)
-    t = ckpt.get_slice(name, 0, a, b)
-    if b - a < per:
-        t = torch.cat([t, t.new_zeros(per - (b - a), *t.shape[1:])])
-    return t
+    return pad_rows(ckpt.get_slice(name, 0, a, b), per)
+
+
+def pad_rows(t: Tensor, rows: int) -> Tensor:
+    """t [n, ...] with zero rows appended up to `rows` (the last vocab-parallel rank's tail)."""
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
 def shard_weight(w: Packed, sp: Split | None) -> Packed:

@@ -18,13 +18,7 @@ from ..formats.base import Packed
 from ..runtime.synthetic import synthetic_linear, synthetic_linears, synthetic_plain
 from .context import init
 from .load import build_model
-from .shard import make_layout, shard_weight
-
-
-def _vocab_rows(t: torch.Tensor, start: int, stop: int, rows: int) -> torch.Tensor:
-    """Rows [start, stop) of t, zero-padded to `rows` (the vocab-parallel layout)."""
-    part = t[start:stop]
-    return torch.cat([part, part.new_zeros(rows - part.shape[0], *t.shape[1:])])
+from .shard import make_layout, pad_rows, shard_weight
 
 
 @torch.inference_mode()
@@ -39,13 +33,13 @@ def build_synthetic_shard(args: ModelArgs, mix: str, tp: int, ep: int, dtype=tor
     model = build_model(lay, ctx, dtype)
     start, stop = lay.vocab_range
     for name, t in synthetic_plain(args, dev, dtype, seed):
-        model.set_tensor(name, _vocab_rows(t, start, stop, lay.vocab_rows) if name == "model.embed_tokens.weight" else t)
+        model.set_tensor(name, pad_rows(t[start:stop], lay.vocab_rows) if name == "model.embed_tokens.weight" else t)
     for module, (n, k, spec) in synthetic_linears(args, mix).items():
         if not lay.holds(module):
             continue
         w = synthetic_linear(module, n, k, spec, dev, dtype, seed)
         if module == "lm_head":      # vocab parallel: padded rows, like the embedding
-            w = Packed("dense", lay.vocab_rows, k, {"weight": _vocab_rows(w.weight, start, stop, lay.vocab_rows)},
+            w = Packed("dense", lay.vocab_rows, k, {"weight": pad_rows(w.weight[start:stop], lay.vocab_rows)},
                        source=w.source)
         else:
             w = shard_weight(w, lay.split(module))
