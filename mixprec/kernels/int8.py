@@ -4,7 +4,8 @@ weight [N, K] int8, scale [N, 1] fp32, zero [N, 1] fp32 or None: W[n, k] = scale
 
 act "w8a8": activations are quantized per token inside the kernel: sx = max(amax, EPS)/127 over
 the whole row (each program first reads its rows' amax; x is small and L2-resident), xq =
-floor(x/sx + 0.5) in [-127, 127] (quant.int8_act_quant_reference); then int8 x int8 -> int32:
+floor(x/sx + 0.5) in [-127, 127] (quant.int8_act_quant_reference; both divisions exact, `div_rn`,
+as torch's: bf16 inputs land on exact .5 ties often, which Triton's default division rounds off); then int8 x int8 -> int32:
 y = sx * scale * (sum_k xq q - zero * sum_k xq). The zero point is exact: sum_k xq is summed
 alongside the dot. act "w8a16": q is widened (exact in bf16/fp16) and y = scale * (x.q - zero * sum x).
 
@@ -47,7 +48,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             amax = tl.maximum(amax, tl.abs(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)))
-        sx = tl.maximum(tl.max(amax, axis=0), EPS_C) / INT8_MAX_C
+        sx = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), EPS_C), INT8_MAX_C)
         acc = tl.zeros([BLOCK_N], dtype=tl.int32)
         xsum = tl.zeros([BLOCK_K], dtype=tl.int32)
     else:
@@ -63,7 +64,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
         w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_hi)[None, :], other=0)
         xv = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
         if A8:
-            xq = tl.minimum(tl.maximum(tl.floor(xv / sx + 0.5), -INT8_MAX_C), INT8_MAX_C).to(tl.int32)
+            xq = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(xv, sx) + 0.5), -INT8_MAX_C), INT8_MAX_C).to(tl.int32)
             acc += tl.sum(w.to(tl.int32) * xq[None, :], axis=1)
             xsum += xq
         else:
@@ -97,7 +98,7 @@ def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
             kk = k0 + offs_k
             xa = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.abs(xa.to(tl.float32)))
-        sx = tl.maximum(tl.max(amax, axis=1), EPS_C) / INT8_MAX_C              # [BM]
+        sx = tl.math.div_rn(tl.maximum(tl.max(amax, axis=1), EPS_C), INT8_MAX_C)    # [BM]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         xsum = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
     else:
@@ -109,7 +110,7 @@ def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
         x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
         if A8:
-            xq = tl.minimum(tl.maximum(tl.floor(x.to(tl.float32) / sx[:, None] + 0.5), -INT8_MAX_C),
+            xq = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x.to(tl.float32), sx[:, None]) + 0.5), -INT8_MAX_C),
                             INT8_MAX_C)
             xsum += xq.to(tl.int32)
             acc = tl.dot(xq.to(tl.int8), tl.trans(w), acc, out_dtype=tl.int32)
