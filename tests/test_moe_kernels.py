@@ -376,3 +376,15 @@ def test_layer_with_folded_input_scales_runs_fused():
                 got = layer(x)
     assert layer._kernel_buckets() is not None and len(layer._up_groups) == 3
     assert mt.sqnr_db(ref.float(), got.float()) >= 40
+
+
+@pytest.mark.parametrize("bkf", [64, 256])
+def test_fp8_gemv_tiles_spanning_scale_blocks(bkf):
+    """GEMV fp8 tiles that fold the block scales into x: a K tile of two 128-wide blocks (W8A8
+    quantizes each 128 slice on its own) and a 64-wide tile (absmax over the whole slice), with a
+    partial last tile (K=384); per-channel fp8 in the same launch keeps the per-row scale path."""
+    gemv = dict(BN=32, BKD=64, BKF=bkf, BKQ=64, BKI=64, num_warps=4, num_stages=1)
+    b = _layer(mt.split(["fp8", "fp8_w8a16", "fp16"], E), h=384, i=128)
+    _check(b, *_inputs(2, h=384, seed=21), inter=128, config=("gemv", gemv, gemv))
+    b = _layer(mt.split(["fp8", "fp8_ch"], E), h=384, i=128)
+    _check(b, *_inputs(1, h=384, seed=22), inter=128, config=("gemv", gemv, gemv))

@@ -208,6 +208,11 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
             for BN, w in ((16, 4), (32, 4), (64, 8)):
                 for t in (4, 8, 16):
                     gemv(BN, w, target=t * S)
+            # wider K tiles (fp8: scales folded into x, several 128 slices per step): more bytes
+            # in flight per program, fewer K splits to reduce
+            for BN, w, BK, t in ((16, 4, 512, 2), (16, 4, 512, 4), (32, 4, 256, 2), (32, 4, 256, 4),
+                                 (32, 8, 512, 2), (64, 8, 256, 2), (8, 2, 512, 4)):
+                gemv(BN, w, BK, target=t * S)
             gemv(16, 4, target=1)   # no split: no reduction epilogue (small shapes)
             for BN, st, t in ((32, 4, 2), (32, 4, 4), (64, 3, 2), (64, 3, 4), (64, 5, 2), (128, 3, 2)):
                 gemm(16, BN, 4, st, target=t * S)

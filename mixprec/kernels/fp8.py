@@ -9,7 +9,9 @@ y[m, n] = sum_j a[m, j] * scale[n//bn, (128 j)//bk] * (xq[m, slice j] . w[n, sli
 act "w8a16": weights are widened in registers (exact in bf16/fp16) and multiplied with x; the
 weight scale multiplies each K tile's result (a tile never straddles a scale block).
 
-gemv (M = 1): programs over (row, N block, K split); [BN, BK] fp8 tiles with 16-byte loads along K.
+gemv (M = 1): programs over (row, N block, K split); [BN, BK] fp8 tiles with 16-byte loads along K;
+when the BN rows share a scale row (block scales with BN | 128, per-tensor) the scales fold into x
+and BK may span several 128-wide slices.
 gemm: tl.dot on fp8 operands (w8a8, Hopper fp8 MMA) or bf16/fp16 (w8a16). One launch per call.
 """
 from __future__ import annotations
@@ -32,8 +34,13 @@ FP8_MAX_C = tl.constexpr(FP8_MAX)
 @triton.jit(do_not_specialize=["M", "split"])
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
-                     A8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     USE_SPLIT: tl.constexpr):
+                     A8: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr):
+    # FOLD: the BLOCK_N rows share one scale-block row, so a scale depends on k only and is folded
+    # (with the activation scale) into x: one multiply per input instead of one per weight, and
+    # the K tile can span several 128-wide slices (SUB_K each): more bytes in flight per step.
+    # Otherwise the tile is one slice (BLOCK_K == SUB_K) and the scale multiplies each row's sum.
+    U: tl.constexpr = BLOCK_K // SUB_K
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -45,6 +52,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     s_rows = s_ptr + (offs_n // bn) * stride_s
+    s_tile = s_ptr + ((pid_n * BLOCK_N) // bn) * stride_s       # FOLD: the tile's scale row
+    sub = tl.arange(0, U) * SUB_K
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     kn = k_lo + offs_k
     w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_hi)[None, :], other=0.0)
@@ -54,13 +63,17 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
         w = w_next
         kn = kk + BLOCK_K       # prefetch the next tile: its latency hides behind this one
         w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_hi)[None, :], other=0.0)
-        xv = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
-        s = tl.load(s_rows + k0 // bk, mask=n_mask, other=0.0)
+        xv = tl.reshape(tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32), (U, SUB_K))
         if A8:
-            a = tl.maximum(tl.max(tl.abs(xv), axis=0), EPS_C) / FP8_MAX_C
-            xv = round_e4m3(xv / a)       # exactly the e4m3 value, kept in fp32
-            s = s * a
-        acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1) * s
+            a = tl.maximum(tl.max(tl.abs(xv), axis=1), EPS_C) / FP8_MAX_C                    # [U]
+            xv = round_e4m3(xv / a[:, None]) * a[:, None]     # the dequantized e4m3 activation
+        if FOLD:
+            ks = k0 + sub
+            xv = xv * tl.load(s_tile + ks // bk, mask=ks < K, other=0.0)[:, None]
+            acc += tl.sum(w.to(tl.float32) * tl.reshape(xv, (BLOCK_K,))[None, :], axis=1)
+        else:
+            s = tl.load(s_rows + k0 // bk, mask=n_mask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * tl.reshape(xv, (BLOCK_K,))[None, :], axis=1) * s
     offs_m = pid_m + tl.arange(0, 1)
     tile_id = pid_m * tl.num_programs(1) + pid_n
     splitk_store(acc[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
@@ -141,20 +154,24 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
     if M == 0 or N == 0:
         return out.reshape(*lead, N)
     c = cfg if cfg is not None else configs.get(f"fp8_{act}", M, N, K)
+    bk_pow2 = 1 << (max(1, c["BK"]).bit_length() - 1)
     if act == "w8a8":
         tile = ACT_BLOCK
     else:   # largest power of two <= BK that keeps tiles inside one scale block
-        tile = max(16, 1 << (max(1, c["BK"]).bit_length() - 1))
+        tile = max(16, bk_pow2)
         while bk < K and bk % tile:
             tile //= 2
-    split, per = split_plan(K, tile, c["split"])
+    # gemv: when the rows of a tile share a scale row, a K tile may span several slices
+    fold = c["path"] == "gemv" and (bn % c["BN"] == 0 or bn >= N)
+    tile_k = max(tile, bk_pow2) if fold else tile
+    split, per = split_plan(K, tile_k, c["split"])
     args = (M, N, K, bn, bk, x2.stride(0), out.stride(0), weight.stride(0), scale.stride(0), per, split)
     if c["path"] == "gemv":
         nb = triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         _fp8_gemv_kernel[(M, nb, split)](
-            x2, weight, scale, out, ws, cnt, *args, A8=act == "w8a8", BLOCK_N=c["BN"], BLOCK_K=tile,
-            USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"])
+            x2, weight, scale, out, ws, cnt, *args, A8=act == "w8a8", FOLD=fold, BLOCK_N=c["BN"],
+            BLOCK_K=tile_k, SUB_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"])
     else:
         nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)

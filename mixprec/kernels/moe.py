@@ -278,10 +278,28 @@ def _slot(b: dict, hidden: int, inter: int) -> tuple[tuple, tuple[int, int, int]
     return (*ptrs, emap, rows), (code, G, B)
 
 
-def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int) -> dict:
+def _fold(code: int, B: int, bn: int, inter: int) -> bool:
+    """GEMV: the BN rows of every tile of this fp8 slot share one scale row (blocks of B rows;
+    the up half of a stacked gate_up starts at row `inter`), so the kernel folds scales into x."""
+    return B % bn == 0 and ((code >> 5) & 3 != 0 or inter % bn == 0)
+
+
+def _fold_slots(consts: dict, slots: list[tuple[int, int, int]], bn: int, inter: int) -> dict:
+    """Set the fold bit (8) of the fp8 slot descriptors that allow it (GEMV launches)."""
+    out = dict(consts)
+    for i in range(MAX_SLOTS):
+        code, G, B = slots[i if i < len(slots) else 0]
+        if code % 4 == 1 and _fold(code, B, bn, inter):
+            out[f"C{i}"] = code | 256
+    return out
+
+
+def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int, inter: int) -> dict:
     """Per-layout K tiles for this launch, lowered where a slot's blocks need it."""
     bkf = cfg["BKF"]
     for code, G, B in slots:
+        if code % 4 == 1 and gemv and _fold(code, B, cfg["BN"], inter):
+            continue       # the tile may span blocks: the kernel splits it into SUB-wide slices
         if code % 4 == 1:  # fp8: the tile must sit inside one weight block along K
             if (code >> 2) & 1:  # w8a8: inside one activation group too (the dot path uses it whole)
                 bkf = _pow2_divisor(FP8_ACT_GROUP, bkf) if gemv else FP8_ACT_GROUP
@@ -318,7 +336,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     x [M, H] bf16/fp16; topk_ids [M, k] int32; topk_w [M, k] fp32 (as route() returns them);
     buckets: see the module docstring; inter: I (moe_intermediate_size). Returns [M, H] in x.dtype.
     `one_launch=False` launches each bucket separately (kept to measure that alternative);
-    `config` overrides moe_configs.pick(M) (benchmark sweeps). More than MAX_SLOTS gate/up
+    `config` overrides moe_configs.pick (benchmark sweeps). More than MAX_SLOTS gate/up
     buckets take several gate/up launches: pass `up_groups=up_launches(buckets)` (computed once;
     computing it here syncs with the host, which a CUDA graph capture refuses). `up_x`: per
     gate/up launch, the input its experts read (x with a folded-norm correction applied; default x)."""
@@ -353,7 +371,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     out = torch.empty(M, H, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    path, cu, cd = config or moe_configs.pick(M)
+    path, cu, cd = config or moe_configs.pick(M, {b["layout"] for b in up_side}, {b["layout"] for b in down_side})
     act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
     nt_down = triton.cdiv(H, cd["BN"])
     cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)
@@ -392,16 +410,18 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         shape_kw = {"BM": BM}
     for grp, xg in zip(groups, xs):
         flat, consts, descs, q_rows = _slot_args(grp, H, inter)
-        ks = _tile_ks(cu, descs, path == "gemv", H)
+        ks = _tile_ks(cu, descs, path == "gemv", H, inter)
         if path == "gemv":
             shape_kw = {"EVK": all(H % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)}
+            consts = _fold_slots(consts, descs, cu["BN"], inter)
         kern[grid_up](xg, *lead_up, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
                       **ks, SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
     for gi, grp in enumerate(down_groups):
         flat, consts, descs, q_rows = _slot_args(grp, H, inter)
-        ks = _tile_ks(cd, descs, path == "gemv", inter)
+        ks = _tile_ks(cd, descs, path == "gemv", inter, inter)
         if path == "gemv":
             shape_kw = {"EVK": all(inter % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)}
+            consts = _fold_slots(consts, descs, cd["BN"], inter)
         kern[grid_dn](*lead_dn, *flat, **consts, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"], **shape_kw,
                       **ks, SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
                       num_warps=cd["num_warps"], num_stages=cd["num_stages"])

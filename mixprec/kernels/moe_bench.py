@@ -44,7 +44,15 @@ GEMV_CANDIDATES = [
     dict(BN=32, BKD=64, BKF=64, BKQ=256, BKI=64, num_warps=4, num_stages=1),    # fewer fp8 registers
     dict(BN=16, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1),   # twice the programs
     dict(BN=64, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=8, num_stages=1),   # more bytes per program
+    # wider K tiles (fp8 folds its block scales into x): more bytes in flight per step
+    dict(BN=32, BKD=128, BKF=256, BKQ=512, BKI=256, num_warps=4, num_stages=1),
+    dict(BN=32, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=8, num_stages=1),
+    dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1),
+    dict(BN=64, BKD=128, BKF=256, BKQ=128, BKI=128, num_warps=8, num_stages=1),
+    dict(BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1),
+    dict(BN=16, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1),
 ]
+LAYOUT_OF = {"int4": "intq", "fp8": "fp8", "bf16": "dense"}   # swept configuration -> its layout
 SWEEP_GEMV_M = [1, 4, 8, 16]
 SWEEP_DOT_M = [8, 16, 32, 64, 128, 512]
 DOT_CANDIDATES = [
@@ -141,7 +149,7 @@ def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: 
         us = time_graph([make(layers[i]) for i in range(c)])
         row = dict(shape=shape, config=label or name, M=M, us=us, touched=tb,
                    by_format=touched[M], gbs=tb / us / 1e3, pct=100 * tb / us / 1e3 / copy_bw,
-                   copies=c, path=(cfg or moe_configs.pick(M))[0])
+                   copies=c, path=(cfg or moe_configs.pick(M, *side_layouts(base)))[0])
         if cfg is not None or not one_launch:
             # a launch config under test must compute what the default (tested) one computes
             w, ids = moe.route(lg, k, True)
@@ -171,6 +179,12 @@ def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: 
     torch.cuda.empty_cache()
 
 
+def side_layouts(buckets) -> tuple[set, set]:
+    """(gate/up layouts, down layouts) of a layer, as fused_moe passes them to moe_configs.pick."""
+    return ({b["layout"] for b in buckets if b["proj"] != "down"},
+            {b["layout"] for b in buckets if b["proj"] == "down"})
+
+
 def check_correct(shape: str, name: str, specs_fn, Ms=(1, 5, 40)) -> list[str]:
     """fused_moe vs moe_reference at realistic sizes (a few tokens)."""
     sh = SHAPES[shape]
@@ -187,13 +201,17 @@ def check_correct(shape: str, name: str, specs_fn, Ms=(1, 5, 40)) -> list[str]:
     return out
 
 
-def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: None, shapes=("235b", "30b")):
-    """Time the GEMV / dot candidates on uniform int4, fp8, bf16 layers; return the winners.
-    A candidate that fails (compile or run) scores inf for its tokens; on_done() after each candidate."""
+def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: None, shapes=("235b", "30b"),
+          paths=("gemv", "dot")):
+    """Time the GEMV / dot candidates on uniform int4, fp8, bf16 layers; return the winners: joint
+    (summed over the three) and, for the GEMV path, each layout's own. A candidate that fails
+    (compile or run) scores inf for its tokens; on_done() after each candidate."""
     scores = {}
     for shape in [s_ for s_ in shapes if s_ in SHAPES]:
         for name in ("int4", "fp8", "bf16"):
             for path, cands, tokens in (("gemv", GEMV_CANDIDATES, tokens_gemv), ("dot", DOT_CANDIDATES, tokens_dot)):
+                if path not in paths:
+                    continue
                 for ci, c in enumerate(cands):
                     rs = []
                     label = f"{name} {path}#{ci}"
@@ -215,21 +233,39 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
             key = (shape, name, M)
             best_t[key] = min(best_t.get(key, float("inf")), us)
 
-    def score(path, ci, Ms):
+    def score(path, ci, Ms, names=("int4", "fp8", "bf16")):
         tot = 0.0
         for M in Ms:
             for shape, name, us in scores.get((path, ci, M), []):
-                if math.isfinite(best_t[(shape, name, M)]):  # skip what no candidate could run
+                if name in names and math.isfinite(best_t[(shape, name, M)]):  # skip what no candidate ran
                     tot += us / best_t[(shape, name, M)]
         return tot
-    g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv))
-    dot_by_m = {M: min(range(len(DOT_CANDIDATES)), key=lambda ci: score("dot", ci, [M])) for M in tokens_dot}
-    gemv_max = 0
-    for M in sorted(set(tokens_gemv) & set(tokens_dot)):
-        if score("gemv", g, [M]) <= score("dot", dot_by_m[M], [M]):
-            gemv_max = M
-    return dict(gemv=g, gemv_cfg=GEMV_CANDIDATES[g], gemv_max_m=max(gemv_max, 1),
-                dot={M: DOT_CANDIDATES[ci] for M, ci in dot_by_m.items()})
+
+    def crossover(g, dot_by_m, names):
+        # largest M where the GEMV winner is not slower than the dot winner (over `names`)
+        gemv_max = 0
+        for M in sorted(set(tokens_gemv) & set(dot_by_m)):
+            if score("gemv", g, [M], names) <= score("dot", dot_by_m[M], [M], names):
+                gemv_max = M
+        return max(gemv_max, 1)
+    win = {}
+    if "dot" in paths:
+        dot_by_m = {M: min(range(len(DOT_CANDIDATES)), key=lambda ci: score("dot", ci, [M])) for M in tokens_dot}
+        win["dot"] = {M: DOT_CANDIDATES[ci] for M, ci in dot_by_m.items()}
+    else:   # crossovers against the dot configs in use
+        dot_by_m = {}
+    if "gemv" in paths:
+        g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv))
+        win.update(gemv=g, gemv_cfg=GEMV_CANDIDATES[g], gemv_layout={})
+        if dot_by_m:
+            win["gemv_max_m"] = crossover(g, dot_by_m, ("int4", "fp8", "bf16"))
+        for name, layout in LAYOUT_OF.items():
+            gl = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv, (name,)))
+            dl = {M: min(range(len(DOT_CANDIDATES)), key=lambda ci: score("dot", ci, [M], (name,)))
+                  for M in dot_by_m}
+            max_m = crossover(gl, dl, (name,)) if dot_by_m else moe_configs.GEMV_MAX_M
+            win["gemv_layout"][layout] = (max_m, GEMV_CANDIDATES[gl])
+    return win
 
 
 def _warm_worker(job) -> str:
@@ -334,10 +370,10 @@ def table_jobs(shapes, names, tokens, per_bucket) -> list:
     jobs = []
     for shape in shapes:
         for n in names:
-            for Ms in groups.values():
-                jobs.append((shape, n, moe_configs.pick(Ms[0]), Ms, True))
+            for Ms in groups.values():    # config None: what fused_moe picks for the layer's layouts
+                jobs.append((shape, n, None, Ms, True))
                 if per_bucket and n in MIXED:
-                    jobs.append((shape, n, moe_configs.pick(Ms[0]), Ms, False))
+                    jobs.append((shape, n, None, Ms, False))
     return jobs
 
 
@@ -350,7 +386,8 @@ def save(out, meta, bw, results, results_sweep, checks=()) -> list[str]:
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(dict(meta=meta, copy_bw=bw, results=results, sweep=results_sweep, checks=list(checks),
                            configs=dict(gemv=moe_configs.GEMV, gemv_max_m=moe_configs.GEMV_MAX_M,
-                                        dot=moe_configs.DOT)), f, indent=1, default=str)
+                                        gemv_layout=moe_configs.GEMV_LAYOUT, dot=moe_configs.DOT)),
+                      f, indent=1, default=str)
         with open(os.path.join(out, "table.md"), "w") as f:
             f.write(table(results) + "\n\n" + "\n".join(lines) + "\n"
                     + "".join(f"\ncheck {c}" for c in checks) + "\n")
@@ -366,12 +403,14 @@ def main(argv=None) -> int:
     ap.add_argument("--min-mb", type=float, default=256.0, help="touched MB per timed replay (cold weights)")
     ap.add_argument("--sweep", action="store_true", help="time launch-config candidates, use the winners")
     ap.add_argument("--sweep-shapes", default="235b,30b", help="shapes the sweep times")
+    ap.add_argument("--sweep-paths", default="gemv,dot", help="paths whose candidates the sweep times")
     ap.add_argument("--check", action="store_true", help="SQNR vs moe_reference at realistic sizes (runs last)")
     ap.add_argument("--per-bucket", action="store_true", help="also time one launch per bucket (mixed configs)")
     ap.add_argument("--out", default=None, help="folder for results.json and table.md (rewritten as rows come)")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
                     help="processes that compile the kernels first (1: compile on first use)")
     a = ap.parse_args(argv)
+    paths = a.sweep_paths.split(",")
     if not torch.cuda.is_available():
         print("bench-moe needs a CUDA device", file=sys.stderr)
         return 2
@@ -400,18 +439,26 @@ def main(argv=None) -> int:
             jobs = []
             for shape in a.sweep_shapes.split(","):
                 for n in ("int4", "fp8", "bf16"):
-                    for c in GEMV_CANDIDATES:
-                        jobs.append((shape, n, ("gemv", c, c), SWEEP_GEMV_M, True))
-                    for c in DOT_CANDIDATES:
-                        jobs.append((shape, n, ("dot", c, c), SWEEP_DOT_M, True))
+                    if "gemv" in paths:
+                        for c in GEMV_CANDIDATES:
+                            jobs.append((shape, n, ("gemv", c, c), SWEEP_GEMV_M, True))
+                    if "dot" in paths:
+                        for c in DOT_CANDIDATES:
+                            jobs.append((shape, n, ("dot", c, c), SWEEP_DOT_M, True))
             warm(jobs, a.workers)
         stage("sweep")
         win = sweep(SWEEP_GEMV_M, SWEEP_DOT_M, min_bytes, bw, results_sweep,
-                    on_done=lambda: save(a.out, meta, bw, results, results_sweep), shapes=a.sweep_shapes.split(","))
+                    on_done=lambda: save(a.out, meta, bw, results, results_sweep), shapes=a.sweep_shapes.split(","),
+                    paths=paths)
         log("sweep winners:", json.dumps(win, default=str))
-        moe_configs.GEMV["up"] = moe_configs.GEMV["down"] = win["gemv_cfg"]
-        moe_configs.GEMV_MAX_M = win["gemv_max_m"]
-        moe_configs.DOT[:] = [(M, c) for M, c in sorted(win["dot"].items())] + [(1 << 30, win["dot"][max(win["dot"])])]
+        if "gemv_cfg" in win:
+            moe_configs.GEMV["up"] = moe_configs.GEMV["down"] = win["gemv_cfg"]
+            moe_configs.GEMV_LAYOUT.clear()
+            moe_configs.GEMV_LAYOUT.update(win["gemv_layout"])
+        if "gemv_max_m" in win:
+            moe_configs.GEMV_MAX_M = win["gemv_max_m"]
+        if "dot" in win:
+            moe_configs.DOT[:] = [(M, c) for M, c in sorted(win["dot"].items())] + [(1 << 30, win["dot"][max(win["dot"])])]
         meta["sweep_winners"] = win
         save(a.out, meta, bw, results, results_sweep)
     if a.workers > 1:  # the table's kernels under the configs it will use (the winners after a sweep)

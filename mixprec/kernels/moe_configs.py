@@ -30,10 +30,17 @@ DOT = [
 ]
 
 
-def pick(m: int) -> tuple[str, dict, dict]:
-    """-> (path, up config, down config) for M tokens."""
-    if m <= GEMV_MAX_M:
-        return "gemv", GEMV["up"], GEMV["down"]
+# layout -> (largest M for the GEMV path, GEMV config) for a side whose buckets all have that
+# layout (uniform layers): its own BN / warps and crossover instead of the joint ones above
+GEMV_LAYOUT: dict[str, tuple[int, dict]] = {}
+
+
+def pick(m: int, up_layouts=(), down_layouts=()) -> tuple[str, dict, dict]:
+    """-> (path, up config, down config) for M tokens; *_layouts: the bucket layouts of each side."""
+    own = [GEMV_LAYOUT.get(next(iter(ls))) if len(set(ls)) == 1 else None for ls in (up_layouts, down_layouts)]
+    max_m = min(o[0] if o else GEMV_MAX_M for o in own)
+    if m <= max_m:
+        return "gemv", own[0][1] if own[0] else GEMV["up"], own[1][1] if own[1] else GEMV["down"]
     for bound, cfg in DOT:
         if m <= bound:
             return "dot", cfg, cfg

@@ -10,7 +10,7 @@ uniform per program.
 Slot description (compile-time int `C`, built by `_slot` in moe.py):
   bits 0-1 layout (0 dense, 1 fp8, 2 intq, 3 int8), bit 2 act (0 a16, 1 w8a8),
   bit 3 has zero points, bit 4 has perm, bits 5-6 proj (0 gate_up, 1 gate, 2 up, 3 down),
-  bit 7 intq bits == 8.
+  bit 7 intq bits == 8, bit 8 fp8 GEMV tiles fold the scales into x (set per launch, moe._fold).
 `G` is the intq group size or the fp8 block along K, `B` the fp8 block along N.
 
 Weights per expert are the canonical layouts of formats/base.py:
@@ -188,8 +188,17 @@ def _row_absmax(xrow, K, BK: tl.constexpr):
 @triton.jit
 def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
              LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr,
-             BNW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr):
-    # weight [nw, K] row-major (dense / fp8 / int8); this tile: rows row0+n0 .. +BN
+             BNW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr,
+             FOLD: tl.constexpr):
+    # weight [nw, K] row-major (dense / fp8 / int8); this tile: rows row0+n0 .. +BN.
+    # fp8 FOLD: the tile's rows share one scale row, so the weight scale (and the W8A8 activation
+    # scale) depends on k only and multiplies x, not each weight; the tile then may span SUB-wide
+    # slices of constant scale (more bytes per step). Otherwise the tile sits in one block.
+    if ACT == 1:
+        SUB: tl.constexpr = BK if BK < 128 else 128
+    else:
+        SUB: tl.constexpr = BK if BK < (BKW & -BKW) else (BKW & -BKW)
+    U: tl.constexpr = BK // SUB
     rn = n0 + tl.arange(0, BN)
     nm = rn < n_lim
     rows = (row0 + rn).to(tl.int64)
@@ -218,17 +227,25 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
             w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < K)[None, :], other=0)
             x = tl.load(xrow + kk, mask=kk < K, other=0.0).to(tl.float32)
         if LAY == _FP8:
+            x2 = tl.reshape(x, (U, SUB))
             if ACT == 1:
-                # W8A8: the activation is quantized per token per 128 inputs to e4m3 (BK | 128)
-                if BK == 128:
-                    amax = tl.max(tl.abs(x), axis=0)
-                else:
+                # W8A8: the activation is quantized per token per 128 inputs to e4m3
+                if SUB == 128:
+                    amax = tl.max(tl.abs(x2), axis=1)                                       # [U]
+                else:   # BK < 128 (U == 1): the group's absmax from its full 128 inputs
                     kg = (k0 // 128) * 128 + tl.arange(0, 128)
-                    amax = tl.max(tl.abs(tl.load(xrow + kg, mask=kg < K, other=0.0).to(tl.float32)), axis=0)
-                a = tl.maximum(amax, 1e-12) / _FP8_MAX
-                x = _e4m3_rne(tl.minimum(tl.maximum(x / a, -_FP8_MAX), _FP8_MAX)) * a
-            sc = tl.load(sp + (rows // BNW) * tl.cdiv(K, BKW) + k0 // BKW, mask=nm, other=0.0)
-            acc += (w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]) * x[None, :]
+                    amax = tl.zeros([U], dtype=tl.float32) + tl.max(
+                        tl.abs(tl.load(xrow + kg, mask=kg < K, other=0.0).to(tl.float32)), axis=0)
+                a = tl.reshape(tl.maximum(amax, 1e-12) / _FP8_MAX, (U, 1))
+                x2 = _e4m3_rne(tl.minimum(tl.maximum(x2 / a, -_FP8_MAX), _FP8_MAX)) * a
+            wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            if FOLD:
+                ks = k0 + tl.arange(0, U) * SUB
+                sc = tl.load(sp + ((row0 + n0) // BNW) * tl.cdiv(K, BKW) + ks // BKW, mask=ks < K, other=0.0)
+                acc += wf * tl.reshape(x2 * sc[:, None], (BK,))[None, :]
+            else:
+                sc = tl.load(sp + (rows // BNW) * tl.cdiv(K, BKW) + k0 // BKW, mask=nm, other=0.0)
+                acc += (wf * sc[:, None]) * tl.reshape(x2, (BK,))[None, :]
         elif LAY == _INT8:
             if ACT == 1:
                 x = tl.minimum(tl.maximum((tl.math.div_rn(x, a_i8) + _RNE) - _RNE, -127.0), 127.0)
@@ -279,6 +296,7 @@ def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm,
     HP: tl.constexpr = (C // 16) % 2
     PROJ: tl.constexpr = (C // 32) % 4
     BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
+    FOLD: tl.constexpr = (C // 256) % 2
     if _covers(PROJ, HALF):
         loc32 = tl.load(mp + e)
         if loc32 >= 0:
@@ -292,13 +310,13 @@ def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm,
                                  qm if BITS == 4 else (qm << 4) | qm, BITS, G, HZ, HP, BN, BKQ, EVK)
             elif LAY == _FP8:
                 res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
-                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, G, B, BN, BKF, EVK)
+                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, G, B, BN, BKF, EVK, FOLD)
             elif LAY == _INT8:
                 res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * nw, z + loc * nw,
-                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, 1, 1, BN, BKI, EVK)
+                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, 1, 1, BN, BKI, EVK, 0)
             else:
                 res = _gemv_nk(xrow, w + loc * (nw * K), s, z,
-                               row0, nw, K, n_lim, n0, LAY, 0, 0, 1, 1, BN, BKD, EVK)
+                               row0, nw, K, n_lim, n0, LAY, 0, 0, 1, 1, BN, BKD, EVK, 0)
         found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
     return res, found
 
@@ -514,6 +532,7 @@ def _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID,
     HP: tl.constexpr = (C // 16) % 2
     PROJ: tl.constexpr = (C // 32) % 4
     BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
+    FOLD: tl.constexpr = (C // 256) % 2
     if _covers(PROJ, HALF):
         loc32 = tl.load(mp + e)
         if loc32 >= 0:
