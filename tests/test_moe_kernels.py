@@ -388,3 +388,25 @@ def test_fp8_gemv_tiles_spanning_scale_blocks(bkf):
     _check(b, *_inputs(2, h=384, seed=21), inter=128, config=("gemv", gemv, gemv))
     b = _layer(mt.split(["fp8", "fp8_ch"], E), h=384, i=128)
     _check(b, *_inputs(1, h=384, seed=22), inter=128, config=("gemv", gemv, gemv))
+
+
+@pytest.mark.parametrize("paths", [("gemv", "dot"), ("dot", "gemv")])
+def test_sides_on_different_paths(paths):
+    """gate/up on one path and down on the other (as moe_configs.pick does for a per-projection
+    mix whose sides have different crossovers): the intermediate is exchanged by pair index."""
+    gemv = dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1)
+    cfg = {"gemv": gemv, "dot": DOT[1]}
+    b = _layer([("int4", "int4", "fp8")] * E)
+    _check(b, *_inputs(3, seed=31), config=(paths[0], cfg[paths[0]], paths[1], cfg[paths[1]]))
+
+
+def test_pick_per_side_layouts():
+    from mixprec.kernels import moe_configs as mc
+    up_max = mc.GEMV_LAYOUT["intq"][0]
+    dn_max = mc.GEMV_LAYOUT["fp8"][0]
+    m = min(up_max, max(dn_max + 1, 2))
+    pu, cu, pd, cd = mc.pick(m, {"intq"}, {"fp8"})
+    assert (pu, cu) == ("gemv", mc.GEMV_LAYOUT["intq"][1])
+    assert pd == ("gemv" if m <= dn_max else "dot")
+    assert mc.pick(1, {"intq", "fp8"}, {"fp8"})[:2] == ("gemv", mc.GEMV["up"])
+    assert mc.pick(10 ** 6, {"dense"}, {"dense"})[0::2] == ("dot", "dot")

@@ -336,7 +336,8 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     x [M, H] bf16/fp16; topk_ids [M, k] int32; topk_w [M, k] fp32 (as route() returns them);
     buckets: see the module docstring; inter: I (moe_intermediate_size). Returns [M, H] in x.dtype.
     `one_launch=False` launches each bucket separately (kept to measure that alternative);
-    `config` overrides moe_configs.pick (benchmark sweeps). More than MAX_SLOTS gate/up
+    `config` (path, up config, down config) or (up path, up config, down path, down config)
+    overrides moe_configs.pick (benchmark sweeps). More than MAX_SLOTS gate/up
     buckets take several gate/up launches: pass `up_groups=up_launches(buckets)` (computed once;
     computing it here syncs with the host, which a CUDA graph capture refuses). `up_x`: per
     gate/up launch, the input its experts read (x with a folded-norm correction applied; default x)."""
@@ -371,7 +372,8 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     out = torch.empty(M, H, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    path, cu, cd = config or moe_configs.pick(M, {b["layout"] for b in up_side}, {b["layout"] for b in down_side})
+    path_up, cu, path_dn, cd = moe_configs.sides(config) if config else \
+        moe_configs.pick(M, {b["layout"] for b in up_side}, {b["layout"] for b in down_side})
     act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
     nt_down = triton.cdiv(H, cd["BN"])
     cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)
@@ -392,39 +394,44 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     alloc = torch.empty if len(down_groups) == 1 else torch.zeros
     buf = alloc(P, H, dtype=buf_dtype, device=x.device)
 
-    if path == "gemv":
-        kern = _moe_gemv_kernel
-        grid_up, grid_dn = (P, triton.cdiv(inter, cu["BN"])), (P, nt_down)
-        # 15: the 4-bit code mask as a run-time value (see _gemv_intq)
-        lead_up = (ids, rw, act, out, cnt, H, inter, H, cnt.numel(), 15)
-        lead_dn = (act, ids, rw, buf, out, cnt, inter, inter, H, cnt.numel(), 15)
-        shape_kw = {}
-    else:
-        kern = _moe_dot_kernel
-        BM = cu["BM"]
-        sorted_ids, blk = moe_align(ids, E, BM)
-        nb = blk.numel()
-        grid_up, grid_dn = (nb, triton.cdiv(inter, cu["BN"])), (nb, nt_down)
-        lead_up = (sorted_ids, blk, rw, act, out, cnt, P, H, inter, H, cnt.numel())
-        lead_dn = (act, sorted_ids, blk, rw, buf, out, cnt, P, inter, inter, H, cnt.numel())
-        shape_kw = {"BM": BM}
+    aligned: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def side(path_s: str, mode: int):
+        """-> (kernel, grid dim 0, leading args, shape kwargs) of one side on its path; the two
+        paths read and write act / buf / counters by pair index, so the sides may differ."""
+        n_cnt = cnt.numel()
+        if path_s == "gemv":    # 15: the 4-bit code mask as a run-time value (see _gemv_intq)
+            lead = ((ids, rw, act, out, cnt, H, inter, H, n_cnt, 15) if mode == 0 else
+                    (act, ids, rw, buf, out, cnt, inter, inter, H, n_cnt, 15))
+            return _moe_gemv_kernel, P, lead, {}
+        BM = (cu if mode == 0 else cd)["BM"]
+        if BM not in aligned:
+            aligned[BM] = moe_align(ids, E, BM)
+        sorted_ids, blk = aligned[BM]
+        lead = ((sorted_ids, blk, rw, act, out, cnt, P, H, inter, H, n_cnt) if mode == 0 else
+                (act, sorted_ids, blk, rw, buf, out, cnt, P, inter, inter, H, n_cnt))
+        return _moe_dot_kernel, blk.numel(), lead, {"BM": BM}
+
+    kern, g0, lead_up, shape_kw = side(path_up, 0)
     for grp, xg in zip(groups, xs):
         flat, consts, descs, q_rows = _slot_args(grp, H, inter)
-        ks = _tile_ks(cu, descs, path == "gemv", H, inter)
-        if path == "gemv":
+        ks = _tile_ks(cu, descs, path_up == "gemv", H, inter)
+        if path_up == "gemv":
             shape_kw = {"EVK": all(H % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)}
             consts = _fold_slots(consts, descs, cu["BN"], inter)
-        kern[grid_up](xg, *lead_up, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
-                      **ks, SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
+        kern[(g0, triton.cdiv(inter, cu["BN"]))](
+            xg, *lead_up, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
+            **ks, SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
+    kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     for gi, grp in enumerate(down_groups):
         flat, consts, descs, q_rows = _slot_args(grp, H, inter)
-        ks = _tile_ks(cd, descs, path == "gemv", inter, inter)
-        if path == "gemv":
+        ks = _tile_ks(cd, descs, path_dn == "gemv", inter, inter)
+        if path_dn == "gemv":
             shape_kw = {"EVK": all(inter % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)}
             consts = _fold_slots(consts, descs, cd["BN"], inter)
-        kern[grid_dn](*lead_dn, *flat, **consts, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"], **shape_kw,
-                      **ks, SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
-                      num_warps=cd["num_warps"], num_stages=cd["num_stages"])
+        kern[(g0, nt_down)](*lead_dn, *flat, **consts, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"], **shape_kw,
+                            **ks, SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
+                            num_warps=cd["num_warps"], num_stages=cd["num_stages"])
     return out
 
 

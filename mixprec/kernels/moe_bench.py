@@ -149,7 +149,7 @@ def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: 
         us = time_graph([make(layers[i]) for i in range(c)])
         row = dict(shape=shape, config=label or name, M=M, us=us, touched=tb,
                    by_format=touched[M], gbs=tb / us / 1e3, pct=100 * tb / us / 1e3 / copy_bw,
-                   copies=c, path=(cfg or moe_configs.pick(M, *side_layouts(base)))[0])
+                   copies=c, path=path_label(cfg or moe_configs.pick(M, *side_layouts(base))))
         if cfg is not None or not one_launch:
             # a launch config under test must compute what the default (tested) one computes
             w, ids = moe.route(lg, k, True)
@@ -177,6 +177,11 @@ def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: 
             + (f"  grouped_mm {row['grouped_mm_us']:9.1f} us" if baseline else ""))
     del layers, base
     torch.cuda.empty_cache()
+
+
+def path_label(config) -> str:
+    pu, _, pd, _ = moe_configs.sides(config)
+    return pu if pu == pd else f"{pu}+{pd}"
 
 
 def side_layouts(buckets) -> tuple[set, set]:

@@ -1,17 +1,18 @@
 """Launch configurations of the fused MoE kernels (moe_triton.py).
 
-Swept on one H100 80GB HBM3 (torch 2.11.0+cu130, triton 3.6.0) on 2026-11-25 by
-`python -m mixprec bench-moe --sweep --per-bucket --check --out DIR` (benchmarks/moe.md): every
-candidate of moe_bench.GEMV_CANDIDATES / DOT_CANDIDATES timed on uniform int4, fp8 and bf16 layers
-of both Qwen3 shapes (cold weights, CUDA graphs), the winner per M by the sum of its times relative
-to the best candidate. GEMV_MAX_M is the largest M where the GEMV winner beats the dot winner on
-that score: int4 alone would stay on the GEMV path longer (its dot path is dequantization-bound),
-fp8 and bf16 want the dot path from M=16, and one launch serves every bucket of a layer.
+Swept on one H100 80GB HBM3 (torch 2.11.0+cu130, triton 3.6.0) on 2026-11-25 (session 4) by
+`python -m mixprec bench-moe --sweep --check --out DIR` (benchmarks/moe.md): every candidate of
+moe_bench.GEMV_CANDIDATES / DOT_CANDIDATES timed on uniform int4, fp8 and bf16 layers of both
+Qwen3 shapes (cold weights, CUDA graphs). Joint winners (GEMV, GEMV_MAX_M, DOT) minimise the sum
+of times relative to the best candidate over the three formats and serve launches that mix
+layouts; GEMV_LAYOUT holds each layout's own GEMV winner and GEMV/dot crossover, used by a side
+(gate/up or down) whose buckets all share that layout.
 
-GEMV path (one (token, expert) pair per program, fp32 FMA): decode, M <= GEMV_MAX_M tokens.
+GEMV path (one (token, expert) pair per program, fp32 FMA): decode, M <= the crossover.
 Dot path (BM sorted pairs of one expert per program, tensor cores): everything larger.
 BK* are the K tiles per layout (D dense, F fp8, Q intq, I int8); BK is lowered automatically
-where a format's block needs it (fp8 tile inside one weight block along K; W8A8 uses 128).
+where a format's block needs it (an fp8 GEMV tile spans blocks only when its rows share a scale
+row; the W8A8 dot path uses 128).
 """
 from __future__ import annotations
 
@@ -19,29 +20,50 @@ GEMV_MAX_M = 8
 
 # side -> config; "up" computes gate and up tiles of BN columns each (fused silu*mul), "down" BN rows of H
 GEMV = {
-    "up": dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),
-    "down": dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),
+    "up": dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
+    "down": dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
 }
 
 # (max tokens, config): the first row whose bound >= M is used
 DOT = [
+    (8, dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
     (128, dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=3)),
     (1 << 30, dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=8, num_stages=3)),
 ]
 
 
 # layout -> (largest M for the GEMV path, GEMV config) for a side whose buckets all have that
-# layout (uniform layers): its own BN / warps and crossover instead of the joint ones above
-GEMV_LAYOUT: dict[str, tuple[int, dict]] = {}
+# layout (uniform layers, or one side of a per-projection mix): its own BN / warps and crossover
+# instead of the joint ones above. Each side picks its path: the two paths exchange the
+# intermediate by pair index (perproj int4 gate/up on the GEMV path, fp8 down on the dot path).
+GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
+    # swept (see the module docstring; benchmarks/moe.md, session 4)
+    "intq": (16, dict(BN=32, BKD=64, BKF=64, BKQ=256, BKI=64, num_warps=4, num_stages=1)),
+    "fp8": (1, dict(BN=16, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1)),
+    "dense": (8, dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1)),
+    # not swept: int8 keeps the session-3 joint config it was measured with (30B M=1 38.9 µs)
+    "int8": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)),
+}
 
 
-def pick(m: int, up_layouts=(), down_layouts=()) -> tuple[str, dict, dict]:
-    """-> (path, up config, down config) for M tokens; *_layouts: the bucket layouts of each side."""
-    own = [GEMV_LAYOUT.get(next(iter(ls))) if len(set(ls)) == 1 else None for ls in (up_layouts, down_layouts)]
-    max_m = min(o[0] if o else GEMV_MAX_M for o in own)
-    if m <= max_m:
-        return "gemv", own[0][1] if own[0] else GEMV["up"], own[1][1] if own[1] else GEMV["down"]
+def dot_config(m: int) -> dict:
     for bound, cfg in DOT:
         if m <= bound:
-            return "dot", cfg, cfg
-    return "dot", DOT[-1][1], DOT[-1][1]
+            return cfg
+    return DOT[-1][1]
+
+
+def pick(m: int, up_layouts=(), down_layouts=()) -> tuple[str, dict, str, dict]:
+    """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
+    layouts of each side (one layout: its own GEMV config and crossover)."""
+    out = []
+    for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
+        own = GEMV_LAYOUT.get(next(iter(layouts))) if len(layouts) == 1 else None
+        max_m, cfg = own if own else (GEMV_MAX_M, GEMV[key])
+        out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m)]
+    return tuple(out)
+
+
+def sides(config: tuple) -> tuple[str, dict, str, dict]:
+    """(path, up config, down config) -> (path, up config, path, down config); 4-tuples pass."""
+    return (config[0], config[1], config[0], config[2]) if len(config) == 3 else tuple(config)
