@@ -410,3 +410,15 @@ def test_pick_per_side_layouts():
     assert pd == ("gemv" if m <= dn_max else "dot")
     assert mc.pick(1, {"intq", "fp8"}, {"fp8"})[:2] == ("gemv", mc.GEMV["up"])
     assert mc.pick(10 ** 6, {"dense"}, {"dense"})[0::2] == ("dot", "dot")
+
+
+@pytest.mark.parametrize("mix,split", [(MIX_A, 2), (MIX_B, 4), (PER_PROJ, 4)])
+def test_gemv_split_programs(mix, split):
+    """GEMV with several programs per output tile: gate and up halves (and K chunks) in separate
+    programs joined by the last to arrive; down K chunks summed with the token's TOPK rows.
+    Twice, so the self-resetting counters are seen reused."""
+    h = i = 256
+    gemv = dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, split=split)
+    b = _layer(mix if mix is PER_PROJ else mt.split(mix, E), h=h, i=i)
+    for seed in (41, 42):
+        _check(b, *_inputs(3, h=h, seed=seed), inter=i, config=("gemv", gemv, gemv))

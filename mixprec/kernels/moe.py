@@ -311,6 +311,13 @@ def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int, i
     return ks
 
 
+def _chunk(rows: int, chunks: int, ks: dict) -> int:
+    """K rows per GEMV chunk: `chunks` chunks cover `rows`, each a multiple of every K tile of the
+    launch and of the fp8 activation group (a tile never straddles two chunks)."""
+    t = max(max(ks.values()), FP8_ACT_GROUP)
+    return triton.cdiv(triton.cdiv(rows, chunks), t) * t
+
+
 def _slot_args(side: list[dict], hidden: int, inter: int):
     """Kernel arguments of up to MAX_SLOTS buckets: flat (pointers, stored rows) per slot (unused
     slots repeat slot 0; NS tells the kernel how many are real), constexpr descriptions, and the
@@ -390,9 +397,16 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         raise ShapeMismatch(f"fused_moe: up_x must hold {len(groups)} tensors like x {tuple(x.shape)}")
     down_groups = ([down_side[i:i + MAX_SLOTS] for i in range(0, len(down_side), MAX_SLOTS)]
                    if one_launch else [[b] for b in down_side])
-    buf_dtype = torch.float32 if P <= 1024 else x.dtype
+    # GEMV split: programs per output tile along (gate/up half, K chunk) / K chunk (moe_triton)
+    split_up = cu.get("split", 1) if path_up == "gemv" else 1
+    split_dn = cd.get("split", 1) if path_dn == "gemv" else 1
+    if split_up > 1 and split_up % 2:
+        raise FormatError(f"fused_moe: gate/up GEMV split {split_up} must be 1 or even (two halves)")
+    buf_dtype = torch.float32 if P * split_dn <= 1024 else x.dtype
     alloc = torch.empty if len(down_groups) == 1 else torch.zeros
-    buf = alloc(P, H, dtype=buf_dtype, device=x.device)
+    buf = alloc(P * split_dn, H, dtype=buf_dtype, device=x.device)
+    ws_up = torch.empty(P, split_up, inter, dtype=torch.float32, device=x.device) if split_up > 1 else rw
+    ucnt = split_counters(x.device, P * triton.cdiv(inter, cu["BN"])) if split_up > 1 else cnt
 
     aligned: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -401,8 +415,8 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         paths read and write act / buf / counters by pair index, so the sides may differ."""
         n_cnt = cnt.numel()
         if path_s == "gemv":    # 15: the 4-bit code mask as a run-time value (see _gemv_intq)
-            lead = ((ids, rw, act, out, cnt, H, inter, H, n_cnt, 15) if mode == 0 else
-                    (act, ids, rw, buf, out, cnt, inter, inter, H, n_cnt, 15))
+            lead = ((ids, rw, act, out, cnt, ws_up, ucnt, H, inter, H, n_cnt, 15) if mode == 0 else
+                    (act, ids, rw, buf, out, cnt, rw, cnt, inter, inter, H, n_cnt, 15))
             return _moe_gemv_kernel, P, lead, {}
         BM = (cu if mode == 0 else cd)["BM"]
         if BM not in aligned:
@@ -416,22 +430,28 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     for grp, xg in zip(groups, xs):
         flat, consts, descs, q_rows = _slot_args(grp, H, inter)
         ks = _tile_ks(cu, descs, path_up == "gemv", H, inter)
+        k_per, nz = (), 1
         if path_up == "gemv":
-            shape_kw = {"EVK": all(H % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)}
+            shape_kw = {"EVK": all(H % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows),
+                        "SPLIT": split_up}
             consts = _fold_slots(consts, descs, cu["BN"], inter)
-        kern[(g0, triton.cdiv(inter, cu["BN"]))](
-            xg, *lead_up, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
+            k_per, nz = (_chunk(max([H] + q_rows), max(split_up // 2, 1), ks),), split_up
+        kern[(g0, triton.cdiv(inter, cu["BN"]), nz)](
+            xg, *lead_up, *k_per, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
             **ks, SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     for gi, grp in enumerate(down_groups):
         flat, consts, descs, q_rows = _slot_args(grp, H, inter)
         ks = _tile_ks(cd, descs, path_dn == "gemv", inter, inter)
+        k_per, nz = (), 1
         if path_dn == "gemv":
-            shape_kw = {"EVK": all(inter % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)}
+            shape_kw = {"EVK": all(inter % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows),
+                        "SPLIT": split_dn}
             consts = _fold_slots(consts, descs, cd["BN"], inter)
-        kern[(g0, nt_down)](*lead_dn, *flat, **consts, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"], **shape_kw,
-                            **ks, SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
-                            num_warps=cd["num_warps"], num_stages=cd["num_stages"])
+            k_per, nz = (_chunk(max([inter] + q_rows), split_dn, ks),), split_dn
+        kern[(g0, nt_down, nz)](*lead_dn, *k_per, *flat, **consts, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
+                                **shape_kw, **ks, SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
+                                num_warps=cd["num_warps"], num_stages=cd["num_stages"])
     return out
 
 

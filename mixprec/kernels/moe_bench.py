@@ -51,6 +51,13 @@ GEMV_CANDIDATES = [
     dict(BN=64, BKD=128, BKF=256, BKQ=128, BKI=128, num_warps=8, num_stages=1),
     dict(BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1),
     dict(BN=16, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1),
+    # several programs per output tile (gate / up halves, K chunks): more loads in flight at M=1
+    dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, split=2),
+    dict(BN=32, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, split=4),
+    dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, split=2),
+    dict(BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=1, split=4),
+    dict(BN=64, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, split=8),
+    dict(BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, split=8),
 ]
 LAYOUT_OF = {"int4": "intq", "fp8": "fp8", "bf16": "dense"}   # swept configuration -> its layout
 SWEEP_GEMV_M = [1, 4, 8, 16]

@@ -124,7 +124,7 @@ def _e4m3_rne(v):
 # GEMV tiles (one pair per program): each returns y[n0:n0+BN] in fp32
 
 @triton.jit
-def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm,
+def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm, k_lo, k_hi,
                BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr):
     # Everything stays 2-D in the layout of the [R, BN] word tile (no shared-memory shuffles):
@@ -136,13 +136,15 @@ def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm,
     nm = rn < n_lim
     cols = col0 + rn
     r = tl.arange(0, R)
-    KP = K // PF
+    k_hi = tl.minimum(k_hi, K)
+    KP = k_hi // PF                 # word rows of this K range (the prefetch stops there)
     ZI: tl.constexpr = 0 if HZ else 1 << (BITS - 1)  # symmetric: the zero goes into the FADD
     qcol = qp + cols[None, :]
     # one tile of prefetch: the next words are in flight while this tile is dequantized
-    q_nxt = tl.load(qcol + r[:, None] * nw, mask=(r < KP)[:, None] & nm[None, :], other=0)
+    rr = k_lo // PF + r
+    q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
     acc = tl.zeros([R, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         q = q_nxt
         rr = k0 // PF + R + r
         q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
@@ -186,7 +188,7 @@ def _row_absmax(xrow, K, BK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
+def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
              LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr,
              BNW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr,
              FOLD: tl.constexpr):
@@ -212,19 +214,20 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0,
             a_i8 = tl.math.div_rn(tl.maximum(_row_absmax(xrow, K, BK), 1e-10), 127.0)
     xsum = tl.zeros([BK], dtype=tl.float32)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
+    k_hi = tl.minimum(k_hi, K)
     if EVK:
-        w_nxt = tl.load(wrow + rk[None, :], mask=nm[:, None], other=0)
+        w_nxt = tl.load(wrow + (k_lo + rk)[None, :], mask=(rn < tl.where(k_lo < k_hi, n_lim, 0))[:, None], other=0)
     else:
-        w_nxt = tl.load(wrow + rk[None, :], mask=nm[:, None] & (rk < K)[None, :], other=0)
-    for k0 in range(0, K, BK):
+        w_nxt = tl.load(wrow + (k_lo + rk)[None, :], mask=nm[:, None] & (k_lo + rk < k_hi)[None, :], other=0)
+    for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
         w = w_nxt
         kn = kk + BK
         if EVK:
-            w_nxt = tl.load(wrow + kn[None, :], mask=(rn < tl.where(k0 + BK < K, n_lim, 0))[:, None], other=0)
+            w_nxt = tl.load(wrow + kn[None, :], mask=(rn < tl.where(k0 + BK < k_hi, n_lim, 0))[:, None], other=0)
             x = tl.load(xrow + kk).to(tl.float32)
         else:
-            w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < K)[None, :], other=0)
+            w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < k_hi)[None, :], other=0)
             x = tl.load(xrow + kk, mask=kk < K, other=0.0).to(tl.float32)
         if LAY == _FP8:
             x2 = tl.reshape(x, (U, SUB))
@@ -286,7 +289,7 @@ def _slot_rows(PROJ: tl.constexpr, HALF: tl.constexpr, INTER, HID):
 
 
 @triton.jit
-def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm,
+def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
                HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
                BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr):
@@ -307,22 +310,22 @@ def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm,
                 # rs: stored rows (K, or more for a padded act-order shard; x is read via perm)
                 res = _gemv_intq(xrow, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
                                  z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
-                                 qm if BITS == 4 else (qm << 4) | qm, BITS, G, HZ, HP, BN, BKQ, EVK)
+                                 qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ, EVK)
             elif LAY == _FP8:
                 res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
-                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, G, B, BN, BKF, EVK, FOLD)
+                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BN, BKF, EVK, FOLD)
             elif LAY == _INT8:
                 res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * nw, z + loc * nw,
-                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, 1, 1, BN, BKI, EVK, 0)
+                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BN, BKI, EVK, 0)
             else:
                 res = _gemv_nk(xrow, w + loc * (nw * K), s, z,
-                               row0, nw, K, n_lim, n0, LAY, 0, 0, 1, 1, BN, BKD, EVK, 0)
+                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, 0, 0, 1, 1, BN, BKD, EVK, 0)
         found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
     return res, found
 
 
 @triton.jit
-def _gemv_half(xrow, e, n0, K, INTER, HID, qm,
+def _gemv_half(xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
                C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
@@ -332,16 +335,16 @@ def _gemv_half(xrow, e, n0, K, INTER, HID, qm,
                BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr):
     res = tl.zeros([BN], dtype=tl.float32)
     found = e * 0  # int32 0/1: some slot holds this expert
-    res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w0, s0, z0, p0, m0, r0, C0, G0, B0,
+    res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, B0,
                             HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 1:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w1, s1, z1, p1, m1, r1, C1, G1, B1,
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, B1,
                                 HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 2:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w2, s2, z2, p2, m2, r2, C2, G2, B2,
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, B2,
                                 HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 3:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, w3, s3, z3, p3, m3, r3, C3, G3, B3,
+        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, B3,
                                 HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     return res, found
 
@@ -356,8 +359,8 @@ def _zero_counters(cnt_ptr, n_cnt, pid, npid, ZB: tl.constexpr):
 
 
 @triton.jit
-def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
-                     K, INTER, HID, n_cnt, qm,
+def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr, ws_ptr, ucnt_ptr,
+                     K, INTER, HID, n_cnt, qm, k_per,
                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                      C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
                      C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
@@ -365,52 +368,86 @@ def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
                      C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                      NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr,
                      BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
-                     SUM: tl.constexpr, ZMISS: tl.constexpr, EVK: tl.constexpr):
-    """Grid (P pairs, N tiles). UP: act[p, n] = silu(x W_gate^T) * (x W_up^T) for the expert of
-    pair p (x = x[p // TOPK]); DOWN: buf[p, n] = w_p * act[p] W_down^T, and the last of a token's
-    TOPK pairs to finish a tile writes out[token, tile] = sum of its rows (deterministic order)."""
+                     SUM: tl.constexpr, ZMISS: tl.constexpr, EVK: tl.constexpr, SPLIT: tl.constexpr):
+    """Grid (P pairs, N tiles, SPLIT). UP: act[p, n] = silu(x W_gate^T) * (x W_up^T) for the expert
+    of pair p (x = x[p // TOPK]); DOWN: buf[p, n] = w_p * act[p] W_down^T, and the last of a token's
+    TOPK pairs to finish a tile writes out[token, tile] = sum of its rows (deterministic order).
+    SPLIT > 1 gives each output tile more programs (more loads in flight at decode): UP program z
+    computes half z % 2 (gate, up) over K chunk z // 2 into ws [P, SPLIT, INTER] fp32 and the last
+    of the SPLIT to arrive (counter ucnt, left zero) applies silu * mul; DOWN program z computes
+    K chunk z into buf row p * SPLIT + z, and the token's sum takes TOPK * SPLIT rows."""
     p = tl.program_id(0)
     t = tl.program_id(1)
+    z = tl.program_id(2)
     n0 = t * BN
     e = tl.load(ids_ptr + p)
     rn = n0 + tl.arange(0, BN)
     if MODE == _MODE_UP:
-        if t == 0:
+        if t == 0 and z == 0:
             _zero_counters(cnt_ptr, n_cnt, p, tl.num_programs(0), 256)
         xrow = x_ptr + (p // TOPK).to(tl.int64) * K
-        g, fg = _gemv_half(xrow, e, n0, K, INTER, HID, qm,
-                           w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK)
-        u, fu = _gemv_half(xrow, e, n0, K, INTER, HID, qm,
-                           w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK)
-        act = g / (1.0 + tl.exp(-g)) * u
-        tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty),
-                 mask=rn < INTER * fg * fu)  # fg, fu: 0/1
+        if SPLIT == 1:
+            g, fg = _gemv_half(xrow, e, n0, K, INTER, HID, qm, 0, k_per,
+                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK)
+            u, fu = _gemv_half(xrow, e, n0, K, INTER, HID, qm, 0, k_per,
+                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK)
+            act = g / (1.0 + tl.exp(-g)) * u
+            tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty),
+                     mask=rn < INTER * fg * fu)  # fg, fu: 0/1
+        else:
+            k_lo = (z // 2) * k_per
+            if z % 2 == 0:
+                part, _ = _gemv_half(xrow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
+                                     w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK)
+            else:
+                part, _ = _gemv_half(xrow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
+                                     w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK)
+            # a pair whose expert is in no bucket (expert parallel) gets act 0: its down adds zero
+            nm = rn < INTER
+            wsp = ws_ptr + p.to(tl.int64) * SPLIT * INTER + rn
+            tl.store(wsp + z * INTER, part, mask=nm)
+            tl.debug_barrier()   # all threads' partial stores precede the release below
+            old = tl.atomic_add(ucnt_ptr + p * tl.num_programs(1) + t, 1, sem="acq_rel", scope="gpu")
+            tl.debug_barrier()
+            if old == SPLIT - 1:
+                g = tl.zeros([BN], dtype=tl.float32)
+                u = tl.zeros([BN], dtype=tl.float32)
+                for c in tl.static_range(SPLIT // 2):
+                    g += tl.load(wsp + (2 * c) * INTER, mask=nm, other=0.0, cache_modifier=".cg")
+                    u += tl.load(wsp + (2 * c + 1) * INTER, mask=nm, other=0.0, cache_modifier=".cg")
+                act = g / (1.0 + tl.exp(-g)) * u
+                tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty), mask=nm)
+                tl.atomic_xchg(ucnt_ptr + p * tl.num_programs(1) + t, 0)   # ready for the next launch
     else:
         xrow = x_ptr + p.to(tl.int64) * K
-        d, fd = _gemv_half(xrow, e, n0, K, INTER, HID, qm,
+        k_lo = z * k_per
+        d, fd = _gemv_half(xrow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                            w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                            C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK)
         nm = rn < HID
         val = d * tl.load(rw_ptr + p)
+        orow = out_ptr + (p * SPLIT + z).to(tl.int64) * HID + rn
         if ZMISS:
             # single down launch: a pair whose expert is in no bucket (expert parallel) adds zero
             # (d stays 0 when no slot matched)
-            tl.store(out_ptr + p.to(tl.int64) * HID + rn, val.to(out_ptr.dtype.element_ty), mask=nm)
+            tl.store(orow, val.to(out_ptr.dtype.element_ty), mask=nm)
         else:
-            tl.store(out_ptr + p.to(tl.int64) * HID + rn, val.to(out_ptr.dtype.element_ty), mask=rn < HID * fd)
+            tl.store(orow, val.to(out_ptr.dtype.element_ty), mask=rn < HID * fd)
         if SUM:
-            # fused sum over the token's TOPK rows: the last program of the token to finish this
-            # tile adds them in a fixed order (deterministic); counters were zeroed by the up launch
+            # fused sum over the token's TOPK * SPLIT rows: the last program of the token to finish
+            # this tile adds them in a fixed order (deterministic); counters were zeroed by the up launch
             tl.debug_barrier()
             tok = p // TOPK
             old = tl.atomic_add(cnt_ptr + tok * tl.num_programs(1) + t, 1, sem="acq_rel", scope="gpu")
             tl.debug_barrier()
-            if old == TOPK - 1:
+            if old == TOPK * SPLIT - 1:
                 tot = tl.zeros([BN], dtype=tl.float32)
-                for jj in tl.static_range(TOPK):
-                    tot += tl.load(out_ptr + (tok * TOPK + jj).to(tl.int64) * HID + rn, mask=nm, other=0.0,
+                for jj in tl.static_range(TOPK * SPLIT):
+                    tot += tl.load(out_ptr + (tok * TOPK * SPLIT + jj).to(tl.int64) * HID + rn, mask=nm, other=0.0,
                                    cache_modifier=".cg").to(tl.float32)
                 tl.store(fin_ptr + tok.to(tl.int64) * HID + rn, tot.to(fin_ptr.dtype.element_ty), mask=nm)
 
