@@ -422,3 +422,12 @@ def test_gemv_split_programs(mix, split):
     b = _layer(mix if mix is PER_PROJ else mt.split(mix, E), h=h, i=i)
     for seed in (41, 42):
         _check(b, *_inputs(3, h=h, seed=seed), inter=i, config=("gemv", gemv, gemv))
+
+
+@pytest.mark.parametrize("spec", ["int4", "int4_asym", "int4_perm"])
+def test_int4_dot_lattice(spec):
+    """int4 dot path with K tiles of 128 inside one group: one dot per code field (K sub-lattice
+    8r + j), sym / asym / act-order, over three K tiles (H=384) and one (I=128)."""
+    dot = dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2)
+    b = _layer([(spec, spec, spec)] * E, h=384, i=128)
+    _check(b, *_inputs(9, h=384, seed=51), inter=128, config=("dot", dot, dot))

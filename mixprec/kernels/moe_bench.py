@@ -465,8 +465,7 @@ def main(argv=None) -> int:
         log("sweep winners:", json.dumps(win, default=str))
         if "gemv_cfg" in win:
             moe_configs.GEMV["up"] = moe_configs.GEMV["down"] = win["gemv_cfg"]
-            moe_configs.GEMV_LAYOUT.clear()
-            moe_configs.GEMV_LAYOUT.update(win["gemv_layout"])
+            moe_configs.GEMV_LAYOUT.update(win["gemv_layout"])   # layouts not swept (int8) keep theirs
         if "gemv_max_m" in win:
             moe_configs.GEMV_MAX_M = win["gemv_max_m"]
         if "dot" in win:

@@ -18,6 +18,8 @@ Weights per expert are the canonical layouts of formats/base.py:
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -455,6 +457,34 @@ def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr, ws_ptr, 
 # ----------------------------------------------------------------------------------------------
 # dot tiles (BM pairs of one expert per program): each returns acc [BM, BN] fp32
 
+# the GPU unpacks int4 pairs with one LOP3 and one packed subtract (inline PTX, sm_90 bf16x2);
+# the CPU interpreter, which cannot run PTX, takes the same arithmetic in plain Triton ops
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def _int4_pair(qs, zb):
+    """qs: [R, BN] int32 words shifted right by 4j; zb: [1, BN] (or scalar) 16-bit float 2^m + z,
+    with m = 7 (bf16) / 10 (fp16), the dtype of the result -> (code j - z, code j+4 - z) [R, BN]:
+    OR-ing the exponent of 2^m onto a 4-bit field gives the 16-bit float 2^m + q exactly, for the
+    two 16-bit halves of the word at once (fields j and j+4); one packed subtract removes 2^m + z."""
+    if _PTX:
+        if zb.dtype == tl.bfloat16:
+            asm: tl.constexpr = ("{ .reg .b32 t, c; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xea; "
+                                 "mov.b32 c, {$3, $3}; sub.rn.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }")
+        else:
+            asm: tl.constexpr = ("{ .reg .b32 t, c; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xea; "
+                                 "mov.b32 c, {$3, $3}; sub.rn.f16x2 t, t, c; mov.b32 {$0, $1}, t; }")
+        zz = tl.broadcast_to(zb, qs.shape)
+        return tl.inline_asm_elementwise(asm, "=h,=h,r,h", [qs, zz], dtype=(zb.dtype, zb.dtype),
+                                         is_pure=True, pack=1)
+    else:
+        zf = zb.to(tl.float32) - (128.0 if zb.dtype == tl.bfloat16 else 1024.0)
+        lo = ((qs & 15).to(tl.float32) - zf).to(zb.dtype)
+        hi = (((qs >> 16) & 15).to(tl.float32) - zf).to(zb.dtype)
+        return lo, hi
+
+
 @triton.jit
 def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
               BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
@@ -469,10 +499,35 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
     rk = tl.arange(0, BK)
     fmask, magic, off = _intq_consts(BITS, F)
     KP = K // PF
+    LATTICE: tl.constexpr = BITS == 4 and GS % BK == 0 and R >= 16
     for k0 in range(0, K, BK):
         rr = k0 // PF + r
         q = tl.load(qp + rr[:, None] * nw + cols[None, :], mask=(rr < KP)[:, None] & nm[None, :], other=0)
-        if GS % BK == 0:    # the tile is in one group: exact integers q - z in the dot, scale after
+        if LATTICE:
+            # int4, tile in one group: no reshuffle of the codes into K order; field j of the R
+            # words is the K sub-lattice k0 + 8 r + j, one dot each against the matching x columns
+            g = k0 // GS
+            s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
+            dt = arow.dtype.element_ty
+            base = 128.0 if dt == tl.bfloat16 else 1024.0
+            if HZ:
+                zb = (base + tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.float32)).to(dt)[None, :]
+            else:
+                zb = tl.full([1, BN], base + 8.0, dt)
+            part = tl.zeros_like(acc)
+            for j in tl.static_range(4):
+                lo, hi = _int4_pair(q >> (4 * j), zb)
+                for h in tl.static_range(2):
+                    kk = k0 + r * PF + j + 4 * h
+                    km = kk < K
+                    if HP:
+                        kx = tl.load(pp + kk, mask=km, other=0)
+                    else:
+                        kx = kk
+                    a = tl.load(arow[:, None] + kx[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                    part = tl.dot(a, lo if h == 0 else hi, part)
+            acc += part * s[None, :]
+        elif GS % BK == 0:    # the tile is in one group: exact integers q - z in the dot, scale after
             g = k0 // GS
             s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
             if HZ:
@@ -483,17 +538,18 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
         else:               # groups smaller than the tile: dequantize each row before the dot
             s2, zs2 = _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
             w = tl.reshape(_intq_codes(q, fmask, magic, off) * s2[:, None, None, :] - zs2[:, None, None, :], (BK, BN))
-        kk = k0 + rk
-        km = kk < K
-        if HP:
-            xi = tl.load(pp + kk, mask=km, other=0)
-            a = tl.load(arow[:, None] + xi[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-        else:
-            a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-        if GS % BK == 0:
-            acc += tl.dot(a, w.to(a.dtype)) * s[None, :]
-        else:
-            acc = tl.dot(a, w.to(a.dtype), acc)
+        if not LATTICE:
+            kk = k0 + rk
+            km = kk < K
+            if HP:
+                xi = tl.load(pp + kk, mask=km, other=0)
+                a = tl.load(arow[:, None] + xi[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            else:
+                a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            if GS % BK == 0:
+                acc += tl.dot(a, w.to(a.dtype)) * s[None, :]
+            else:
+                acc = tl.dot(a, w.to(a.dtype), acc)
     return acc
 
 
