@@ -12,10 +12,13 @@ Two kernels, both one launch per call (split-K reduced in-kernel, quant.splitk_s
   Codes become floats without int->float converts: (word & (mask << p)) | 0x4B000000 is the
   fp32 2^23 + q*2^p, one LOP3 + one FADD; 2^-p is folded into x. The zero point and scale are
   applied once per group: y += s * (sum_k x_k q_k - z * sum_k x_k).
-* gemm (tl.dot, M > 1): a [BK, BN] tile of codes in natural K order (each word is loaded once per
-  input row it holds; the repeats hit L1), one dot per K tile against a contiguous x tile. When a
-  K tile sits in one group the codes enter the dot as exact integers (q - z) and the scale
-  multiplies the tile's dot result; otherwise each row is dequantized before the dot.
+* gemm (tl.dot, M > 1): when a K tile sits in one group the codes enter the dot as exact integers
+  (q - z) and the scale multiplies the tile's dot result. 4-bit with K tiles of >= 128: the
+  [BK/8, BN] word tile is loaded once and unpacked two fields per instruction (quant.int4_pair);
+  field j of the words is the K sub-lattice 8 r + j, one dot each against the matching x columns.
+  Otherwise a [BK, BN] tile of codes in natural K order (each word loaded once per input row it
+  holds; the repeats hit L1), one dot per K tile; groups smaller than the tile are dequantized
+  row by row before the dot.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs
-from .quant import check_tensor, check_x, gemm_tile, split_plan, split_workspace, splitk_store
+from .quant import check_tensor, check_x, gemm_tile, int4_pair, split_plan, split_workspace, splitk_store
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
 MAGIC_C = tl.constexpr(MAGIC)
@@ -107,6 +110,39 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     shift = ((offs_k % PF) * BITS)[:, None]            # tiles start at multiples of PF
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    R: tl.constexpr = BLOCK_K // PF
+    if BITS == 4 and SCALE_AFTER and R >= 16 and x_ptr.dtype.element_ty != tl.float32:
+        # int4, tile in one group: the [R, BN] word tile is loaded once and not reshuffled into K
+        # order; field j of the words is the K sub-lattice k0 + 8 r + j: one dot per field
+        rows = tl.arange(0, R)
+        dt = x_ptr.dtype.element_ty
+        base = 128.0 if dt == tl.bfloat16 else 1024.0
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rw = k0 // PF + rows
+            w = tl.load(qw_ptr + rw[:, None] * stride_q + offs_n[None, :],
+                        mask=(rw < K // PF)[:, None] & n_mask[None, :], other=0)      # [R, BN] int32
+            g = k0 // G
+            s_row = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zb = (base + tl.load(z_ptr + g * stride_z + offs_n, mask=n_mask, other=0).to(tl.float32)).to(dt)
+            else:
+                zb = tl.full([BLOCK_N], base + (1 << (BITS - 1)), dt)
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(4):
+                lo, hi = int4_pair(w >> (4 * j), zb[None, :])
+                for h in tl.static_range(2):
+                    kk = k0 + rows * PF + j + 4 * h
+                    km = kk < K
+                    if HAS_PERM:
+                        kx = tl.load(perm_ptr + kk, mask=km, other=0)
+                    else:
+                        kx = kk
+                    a = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & km[None, :], other=0.0)
+                    part = tl.dot(a, lo if h == 0 else hi, part)
+            acc += part * s_row[None, :]
+        splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
+                     USE_SPLIT)
+        return
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K

@@ -64,7 +64,7 @@ SWEEP_GEMV_M = [1, 4, 8, 16]
 SWEEP_DOT_M = [8, 16, 32, 64, 128, 512]
 DOT_CANDIDATES = [
     dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3),
-    dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=3),
+    dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=3),
     dict(BM=32, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3),
     dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=8, num_stages=3),
     dict(BM=16, BN=128, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=8, num_stages=3),

@@ -27,7 +27,9 @@ GEMV = {
 # (max tokens, config): the first row whose bound >= M is used
 DOT = [
     (8, dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
-    (128, dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=3)),
+    # BKQ 128: int4 tiles of one group take the per-field dot path (scripts/diag_int4_dot.py, H100,
+    # session 4: 30B M=32/64 314/334 -> 221/255 µs, 235B 1032/1131 -> 740/834 µs vs BKQ 64)
+    (128, dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=3)),
     (1 << 30, dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=8, num_stages=3)),
 ]
 

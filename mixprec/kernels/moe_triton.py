@@ -18,10 +18,10 @@ Weights per expert are the canonical layouts of formats/base.py:
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
+
+from .quant import int4_pair
 
 _DENSE = tl.constexpr(0)
 _FP8 = tl.constexpr(1)
@@ -457,34 +457,6 @@ def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr, ws_ptr, 
 # ----------------------------------------------------------------------------------------------
 # dot tiles (BM pairs of one expert per program): each returns acc [BM, BN] fp32
 
-# the GPU unpacks int4 pairs with one LOP3 and one packed subtract (inline PTX, sm_90 bf16x2);
-# the CPU interpreter, which cannot run PTX, takes the same arithmetic in plain Triton ops
-_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
-
-
-@triton.jit
-def _int4_pair(qs, zb):
-    """qs: [R, BN] int32 words shifted right by 4j; zb: [1, BN] (or scalar) 16-bit float 2^m + z,
-    with m = 7 (bf16) / 10 (fp16), the dtype of the result -> (code j - z, code j+4 - z) [R, BN]:
-    OR-ing the exponent of 2^m onto a 4-bit field gives the 16-bit float 2^m + q exactly, for the
-    two 16-bit halves of the word at once (fields j and j+4); one packed subtract removes 2^m + z."""
-    if _PTX:
-        if zb.dtype == tl.bfloat16:
-            asm: tl.constexpr = ("{ .reg .b32 t, c; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xea; "
-                                 "mov.b32 c, {$3, $3}; sub.rn.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }")
-        else:
-            asm: tl.constexpr = ("{ .reg .b32 t, c; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xea; "
-                                 "mov.b32 c, {$3, $3}; sub.rn.f16x2 t, t, c; mov.b32 {$0, $1}, t; }")
-        zz = tl.broadcast_to(zb, qs.shape)
-        return tl.inline_asm_elementwise(asm, "=h,=h,r,h", [qs, zz], dtype=(zb.dtype, zb.dtype),
-                                         is_pure=True, pack=1)
-    else:
-        zf = zb.to(tl.float32) - (128.0 if zb.dtype == tl.bfloat16 else 1024.0)
-        lo = ((qs & 15).to(tl.float32) - zf).to(zb.dtype)
-        hi = (((qs >> 16) & 15).to(tl.float32) - zf).to(zb.dtype)
-        return lo, hi
-
-
 @triton.jit
 def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
               BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
@@ -516,7 +488,7 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
                 zb = tl.full([1, BN], base + 8.0, dt)
             part = tl.zeros_like(acc)
             for j in tl.static_range(4):
-                lo, hi = _int4_pair(q >> (4 * j), zb)
+                lo, hi = int4_pair(q >> (4 * j), zb)
                 for h in tl.static_range(2):
                     kk = k0 + r * PF + j + 4 * h
                     km = kk < K

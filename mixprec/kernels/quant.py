@@ -7,9 +7,13 @@
   counter) sums the partials in fixed order (deterministic) and writes x.dtype. The counters are
   reset by that last program, so one zeroed int32 buffer per (device, stream) serves every call
   and CUDA-graph replay without a memset node.
+* `int4_pair`: two int4 fields of a word to 16-bit floats with one LOP3 + one packed subtract,
+  for the dot paths of the int4 kernels (intq.py, moe_triton.py).
 * `check` helpers that raise the typed errors of mixprec/errors.py.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -56,6 +60,34 @@ def round_e4m3(v):
     e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
     c = (((e + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)
     return (v + c) - c
+
+
+# the GPU unpacks int4 pairs with one LOP3 and one packed subtract (inline PTX, sm_90 bf16x2);
+# the CPU interpreter, which cannot run PTX, takes the same arithmetic in plain Triton ops
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def int4_pair(qs, zb):
+    """qs: [R, BN] int32 words shifted right by 4j; zb: [1, BN] (or scalar) 16-bit float 2^m + z,
+    with m = 7 (bf16) / 10 (fp16), the dtype of the result -> (code j - z, code j+4 - z) [R, BN]:
+    OR-ing the exponent of 2^m onto a 4-bit field gives the 16-bit float 2^m + q exactly, for the
+    two 16-bit halves of the word at once (fields j and j+4); one packed subtract removes 2^m + z."""
+    if _PTX:
+        if zb.dtype == tl.bfloat16:
+            asm: tl.constexpr = ("{ .reg .b32 t, c; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xea; "
+                                 "mov.b32 c, {$3, $3}; sub.rn.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }")
+        else:
+            asm: tl.constexpr = ("{ .reg .b32 t, c; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xea; "
+                                 "mov.b32 c, {$3, $3}; sub.rn.f16x2 t, t, c; mov.b32 {$0, $1}, t; }")
+        zz = tl.broadcast_to(zb, qs.shape)
+        return tl.inline_asm_elementwise(asm, "=h,=h,r,h", [qs, zz], dtype=(zb.dtype, zb.dtype),
+                                         is_pure=True, pack=1)
+    else:
+        zf = zb.to(tl.float32) - (128.0 if zb.dtype == tl.bfloat16 else 1024.0)
+        lo = ((qs & 15).to(tl.float32) - zf).to(zb.dtype)
+        hi = (((qs >> 16) & 15).to(tl.float32) - zf).to(zb.dtype)
+        return lo, hi
 
 
 # ----------------------------------------------------------------------------------------------
