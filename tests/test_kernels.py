@@ -224,7 +224,7 @@ def test_bad_input_raises_typed_errors():
 # ------------------------------------------------------------------------------------------
 # GPU: real sizes, bf16 and fp16, default configs
 
-GPU_M = [1, 17, 200]
+GPU_M = [1, 5, 16, 17, 200]   # 5, 16: BM-16 gemm tiles (int4 per-field dots)
 BF, HF = torch.bfloat16, torch.float16
 
 

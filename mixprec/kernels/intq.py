@@ -111,7 +111,8 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     R: tl.constexpr = BLOCK_K // PF
-    if BITS == 4 and SCALE_AFTER and R >= 16 and x_ptr.dtype.element_ty != tl.float32:
+    # (BM 16 only: larger tiles go to wgmma, whose B operand round-trips shared memory per dot)
+    if BITS == 4 and SCALE_AFTER and R >= 16 and BLOCK_M == 16 and x_ptr.dtype.element_ty != tl.float32:
         # int4, tile in one group: the [R, BN] word tile is loaded once and not reshuffled into K
         # order; field j of the words is the K sub-lattice k0 + 8 r + j: one dot per field
         rows = tl.arange(0, R)

@@ -471,7 +471,9 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
     rk = tl.arange(0, BK)
     fmask, magic, off = _intq_consts(BITS, F)
     KP = K // PF
-    LATTICE: tl.constexpr = BITS == 4 and GS % BK == 0 and R >= 16
+    # per-field dots only with BM 16 tiles (mma); BM >= 64 goes to wgmma, whose B operand
+    # round-trips shared memory per dot (measured 2-3x slower)
+    LATTICE: tl.constexpr = BITS == 4 and GS % BK == 0 and R >= 16 and acc.shape[0] == 16
     for k0 in range(0, K, BK):
         rr = k0 // PF + r
         q = tl.load(qp + rr[:, None] * nw + cols[None, :], mask=(rr < KP)[:, None] & nm[None, :], other=0)
