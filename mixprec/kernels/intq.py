@@ -13,7 +13,7 @@ Two kernels, both one launch per call (split-K reduced in-kernel, quant.splitk_s
   fp32 2^23 + q*2^p, one LOP3 + one FADD; 2^-p is folded into x. The zero point and scale are
   applied once per group: y += s * (sum_k x_k q_k - z * sum_k x_k).
 * gemm (tl.dot, M > 1): when a K tile sits in one group the codes enter the dot as exact integers
-  (q - z) and the scale multiplies the tile's dot result. 4-bit with K tiles of >= 128: the
+  (q - z) and the scale multiplies the tile's dot result. 4-bit, BM 16, M <= 8, K tiles >= 128: the
   [BK/8, BN] word tile is loaded once and unpacked two fields per instruction (quant.int4_pair);
   field j of the words is the K sub-lattice 8 r + j, one dot each against the matching x columns.
   Otherwise a [BK, BN] tile of codes in natural K order (each word loaded once per input row it
@@ -100,8 +100,8 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
                       M, N, K, G, stride_xm, stride_om, stride_q, stride_s, stride_z,
                       k_per_split, split,
                       BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-                      SCALE_AFTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
+                      SCALE_AFTER: tl.constexpr, FIELD_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
     PF: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     ZSYM: tl.constexpr = MAGIC_C + (1 << (BITS - 1))
@@ -111,8 +111,7 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     R: tl.constexpr = BLOCK_K // PF
-    # (BM 16 only: larger tiles go to wgmma, whose B operand round-trips shared memory per dot)
-    if BITS == 4 and SCALE_AFTER and R >= 16 and BLOCK_M == 16 and x_ptr.dtype.element_ty != tl.float32:
+    if FIELD_DOTS:
         # int4, tile in one group: the [R, BN] word tile is loaded once and not reshuffled into K
         # order; field j of the words is the K sub-lattice k0 + 8 r + j: one dot per field
         rows = tl.arange(0, R)
@@ -260,13 +259,18 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     else:
         tile = max(_pow2_floor(c["BK"]), 16, pf)
         scale_after = G >= K or G % tile == 0
+        # per-field dots (int4, a K tile of >= 128 inside one group, bf16/fp16): measured faster at
+        # M = 2-8 (H100, benchmarks/linear.md session 4), slower at M = 16 and with BM >= 32 tiles
+        # (wgmma takes its B operand from shared memory, once per dot)
+        field_dots = (bits == 4 and scale_after and tile // pf >= 16 and c["BM"] == 16 and M <= 8
+                      and x2.dtype != torch.float32)
         split, per = split_plan(K, tile, c["split"])
         nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
         _intq_gemm_kernel[(nt, split)](
             x2, qweight, scales, zp, pp, out, ws, cnt, *common, per, split,
             BITS=bits, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, SCALE_AFTER=scale_after,
-            BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
+            FIELD_DOTS=field_dots, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
             num_warps=c["warps"], num_stages=c["stages"])
     return out.reshape(*lead, N)
 
