@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs
-from .quant import check_tensor, check_x, gemm_tile, int4_pair, split_plan, split_workspace, splitk_store
+from .quant import check_tensor, check_x, gemm_tile, int4_field_dots, split_plan, split_workspace, splitk_store
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
 MAGIC_C = tl.constexpr(MAGIC)
@@ -115,30 +115,14 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
         # int4, tile in one group: the [R, BN] word tile is loaded once and not reshuffled into K
         # order; field j of the words is the K sub-lattice k0 + 8 r + j: one dot per field
         rows = tl.arange(0, R)
-        dt = x_ptr.dtype.element_ty
-        base = 128.0 if dt == tl.bfloat16 else 1024.0
         for k0 in range(k_lo, k_hi, BLOCK_K):
             rw = k0 // PF + rows
             w = tl.load(qw_ptr + rw[:, None] * stride_q + offs_n[None, :],
                         mask=(rw < K // PF)[:, None] & n_mask[None, :], other=0)      # [R, BN] int32
             g = k0 // G
             s_row = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                zb = (base + tl.load(z_ptr + g * stride_z + offs_n, mask=n_mask, other=0).to(tl.float32)).to(dt)
-            else:
-                zb = tl.full([BLOCK_N], base + (1 << (BITS - 1)), dt)
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for j in tl.static_range(4):
-                lo, hi = int4_pair(w >> (4 * j), zb[None, :])
-                for h in tl.static_range(2):
-                    kk = k0 + rows * PF + j + 4 * h
-                    km = kk < K
-                    if HAS_PERM:
-                        kx = tl.load(perm_ptr + kk, mask=km, other=0)
-                    else:
-                        kx = kk
-                    a = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & km[None, :], other=0.0)
-                    part = tl.dot(a, lo if h == 0 else hi, part)
+            part = int4_field_dots(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), w, z_ptr + g * stride_z + offs_n,
+                                   n_mask, k0, K, x_rows, m_mask[:, None], perm_ptr, HAS_ZERO, HAS_PERM)
             acc += part * s_row[None, :]
         splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
                      USE_SPLIT)

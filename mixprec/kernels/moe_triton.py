@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quant import int4_pair
+from .quant import int4_field_dots
 
 _DENSE = tl.constexpr(0)
 _FP8 = tl.constexpr(1)
@@ -482,24 +482,8 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
             # words is the K sub-lattice k0 + 8 r + j, one dot each against the matching x columns
             g = k0 // GS
             s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
-            dt = arow.dtype.element_ty
-            base = 128.0 if dt == tl.bfloat16 else 1024.0
-            if HZ:
-                zb = (base + tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.float32)).to(dt)[None, :]
-            else:
-                zb = tl.full([1, BN], base + 8.0, dt)
-            part = tl.zeros_like(acc)
-            for j in tl.static_range(4):
-                lo, hi = int4_pair(q >> (4 * j), zb)
-                for h in tl.static_range(2):
-                    kk = k0 + r * PF + j + 4 * h
-                    km = kk < K
-                    if HP:
-                        kx = tl.load(pp + kk, mask=km, other=0)
-                    else:
-                        kx = kk
-                    a = tl.load(arow[:, None] + kx[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-                    part = tl.dot(a, lo if h == 0 else hi, part)
+            part = int4_field_dots(tl.zeros_like(acc), q, zp + g * nw + cols, nm, k0, K, arow[:, None], rm[:, None],
+                                   pp, HZ, HP)
             acc += part * s[None, :]
         elif GS % BK == 0:    # the tile is in one group: exact integers q - z in the dot, scale after
             g = k0 // GS

@@ -7,8 +7,9 @@
   counter) sums the partials in fixed order (deterministic) and writes x.dtype. The counters are
   reset by that last program, so one zeroed int32 buffer per (device, stream) serves every call
   and CUDA-graph replay without a memset node.
-* `int4_pair`: two int4 fields of a word to 16-bit floats with one LOP3 + one packed subtract,
-  for the dot paths of the int4 kernels (intq.py, moe_triton.py).
+* `int4_pair` / `int4_field_dots`: two int4 fields of a word to 16-bit floats with one LOP3 + one
+  packed subtract, and the per-field dots of a one-group K tile, for the dot paths of the int4
+  kernels (intq.py, moe_triton.py).
 * `check` helpers that raise the typed errors of mixprec/errors.py.
 """
 from __future__ import annotations
@@ -88,6 +89,35 @@ def int4_pair(qs, zb):
         lo = ((qs & 15).to(tl.float32) - zf).to(zb.dtype)
         hi = (((qs >> 16) & 15).to(tl.float32) - zf).to(zb.dtype)
         return lo, hi
+
+
+@triton.jit
+def int4_field_dots(part, q, z_row, n_mask, k0, K, a_ptrs, a_mask, perm_ptr,
+                    HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr):
+    """part [BM, BN] fp32 += x[:, tile] @ (codes - z) for the K tile k0 .. k0 + 8R of the int4 word
+    tile q [R, BN] (one group). Field j of the R words is the K sub-lattice k0 + 8 r + j: one dot
+    per field against the matching x columns, so the codes are never reshuffled into K order.
+    z_row: [BN] pointers to the group's uint8 zeros (HAS_ZERO); a_ptrs / a_mask: [BM, 1] x rows;
+    HAS_PERM: the stored rows are act-order sorted, x is read through perm."""
+    dt = a_ptrs.dtype.element_ty
+    base = 128.0 if dt == tl.bfloat16 else 1024.0
+    if HAS_ZERO:
+        zb = (base + tl.load(z_row, mask=n_mask, other=0).to(tl.float32)).to(dt)[None, :]
+    else:
+        zb = tl.full([1, q.shape[1]], base + 8.0, dt)
+    rows = tl.arange(0, q.shape[0])
+    for j in tl.static_range(4):
+        lo, hi = int4_pair(q >> (4 * j), zb)
+        for h in tl.static_range(2):
+            kk = k0 + rows * 8 + j + 4 * h
+            km = kk < K
+            if HAS_PERM:
+                kx = tl.load(perm_ptr + kk, mask=km, other=0)
+            else:
+                kx = kk
+            a = tl.load(a_ptrs + kx[None, :], mask=a_mask & km[None, :], other=0.0)
+            part = tl.dot(a, lo if h == 0 else hi, part)
+    return part
 
 
 # ----------------------------------------------------------------------------------------------
