@@ -318,6 +318,20 @@ def _chunk(rows: int, chunks: int, ks: dict) -> int:
     return triton.cdiv(triton.cdiv(rows, chunks), t) * t
 
 
+def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, inter: int, split: int,
+                 chunks: int):
+    """One launch over the buckets `grp` (K: its input width): flat pointer args, constexpr kwargs
+    (slot descriptions, K tiles; on the GEMV path fold bits, EVK, SPLIT), and for the GEMV path
+    (K rows per chunk,) and the programs per output tile."""
+    flat, consts, descs, q_rows = _slot_args(grp, hidden, inter)
+    ks = _tile_ks(cfg, descs, gemv, K, inter)
+    if not gemv:
+        return flat, {**consts, **ks}, (), 1
+    evk = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
+    kw = {**_fold_slots(consts, descs, cfg["BN"], inter), **ks, "EVK": evk, "SPLIT": split}
+    return flat, kw, (_chunk(max([K] + q_rows), chunks, ks),), split
+
+
 def _slot_args(side: list[dict], hidden: int, inter: int):
     """Kernel arguments of up to MAX_SLOTS buckets: flat (pointers, stored rows) per slot (unused
     slots repeat slot 0; NS tells the kernel how many are real), constexpr descriptions, and the
@@ -428,30 +442,17 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
 
     kern, g0, lead_up, shape_kw = side(path_up, 0)
     for grp, xg in zip(groups, xs):
-        flat, consts, descs, q_rows = _slot_args(grp, H, inter)
-        ks = _tile_ks(cu, descs, path_up == "gemv", H, inter)
-        k_per, nz = (), 1
-        if path_up == "gemv":
-            shape_kw = {"EVK": all(H % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows),
-                        "SPLIT": split_up}
-            consts = _fold_slots(consts, descs, cu["BN"], inter)
-            k_per, nz = (_chunk(max([H] + q_rows), max(split_up // 2, 1), ks),), split_up
+        flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, max(split_up // 2, 1))
         kern[(g0, triton.cdiv(inter, cu["BN"]), nz)](
-            xg, *lead_up, *k_per, *flat, **consts, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"], **shape_kw,
-            **ks, SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
+            xg, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
+            SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     for gi, grp in enumerate(down_groups):
-        flat, consts, descs, q_rows = _slot_args(grp, H, inter)
-        ks = _tile_ks(cd, descs, path_dn == "gemv", inter, inter)
-        k_per, nz = (), 1
-        if path_dn == "gemv":
-            shape_kw = {"EVK": all(inter % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows),
-                        "SPLIT": split_dn}
-            consts = _fold_slots(consts, descs, cd["BN"], inter)
-            k_per, nz = (_chunk(max([inter] + q_rows), split_dn, ks),), split_dn
-        kern[(g0, nt_down, nz)](*lead_dn, *k_per, *flat, **consts, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
-                                **shape_kw, **ks, SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
-                                num_warps=cd["num_warps"], num_stages=cd["num_stages"])
+        flat, kw, k_per, nz = _launch_args(grp, cd, path_dn == "gemv", inter, H, inter, split_dn, split_dn)
+        kern[(g0, nt_down, nz)](
+            *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
+            SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
+            num_warps=cd["num_warps"], num_stages=cd["num_stages"])
     return out
 
 
