@@ -259,6 +259,9 @@ def test_bad_buckets_raise_clear_errors():
         moe.fused_moe(x, ids, w, chain, I)
     with pytest.raises(ShapeMismatch):
         moe.route(torch.randn(2, 4), 5, True)
+    odd = dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, split=3)
+    with pytest.raises(FormatError, match="split 3 must be 1 or even"):
+        moe.fused_moe(x, ids, w, b, I, config=("gemv", odd, odd))
 
 
 @pytest.mark.parametrize("m", [1, 7, 40])
