@@ -15,8 +15,11 @@ bucket each (`validate_buckets` checks this once at load time; the kernels never
 fused_moe runs, for any mix of formats, three launches on CUDA: the gate/up kernel (up to 4 gate_up,
 gate and up buckets per launch, more take several; silu(gate)*up fused), the down kernel (every down bucket in one
 launch, routing weight applied, the sum over the k experts of a token fused via per-tile arrival
-counters), plus the alignment kernel on the prefill path. Without CUDA the same Triton kernels run
-in the interpreter when TRITON_INTERPRET=1, otherwise a torch fallback (moe_reference) is used.
+counters), plus the alignment kernel on the prefill path. Each side picks its path (GEMV for few
+tokens, tensor-core dot tiles otherwise) and launch config from the layouts of its buckets
+(moe_configs.pick): a per-projection mix may run gate/up on the GEMV path and down on the dot path.
+Without CUDA the same Triton kernels run in the interpreter when TRITON_INTERPRET=1, otherwise a
+torch fallback (moe_reference) is used.
 """
 from __future__ import annotations
 
