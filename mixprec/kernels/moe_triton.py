@@ -583,7 +583,6 @@ def _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID,
     HP: tl.constexpr = (C // 16) % 2
     PROJ: tl.constexpr = (C // 32) % 4
     BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
-    FOLD: tl.constexpr = (C // 256) % 2
     if _covers(PROJ, HALF):
         loc32 = tl.load(mp + e)
         if loc32 >= 0:
