@@ -281,28 +281,24 @@ def _slot(b: dict, hidden: int, inter: int) -> tuple[tuple, tuple[int, int, int]
     return (*ptrs, emap, rows), (code, G, B)
 
 
+def side_layouts(buckets: list[dict]) -> tuple[set, set]:
+    """(gate/up layouts, down layouts) of a layer's buckets: what moe_configs.pick chooses by."""
+    return ({b["layout"] for b in buckets if b["proj"] != "down"},
+            {b["layout"] for b in buckets if b["proj"] == "down"})
+
+
 def _fold(code: int, B: int, bn: int, inter: int) -> bool:
     """GEMV: the BN rows of every tile of this fp8 slot share one scale row (blocks of B rows;
     the up half of a stacked gate_up starts at row `inter`), so the kernel folds scales into x."""
     return B % bn == 0 and ((code >> 5) & 3 != 0 or inter % bn == 0)
 
 
-def _fold_slots(consts: dict, slots: list[tuple[int, int, int]], bn: int, inter: int) -> dict:
-    """Set the fold bit (8) of the fp8 slot descriptors that allow it (GEMV launches)."""
-    out = dict(consts)
-    for i in range(MAX_SLOTS):
-        code, G, B = slots[i if i < len(slots) else 0]
-        if code % 4 == 1 and _fold(code, B, bn, inter):
-            out[f"C{i}"] = code | 256
-    return out
-
-
-def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int, inter: int) -> dict:
+def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int) -> dict:
     """Per-layout K tiles for this launch, lowered where a slot's blocks need it."""
     bkf = cfg["BKF"]
     for code, G, B in slots:
-        if code % 4 == 1 and gemv and _fold(code, B, cfg["BN"], inter):
-            continue       # the tile may span blocks: the kernel splits it into SUB-wide slices
+        if code & 256:     # folded fp8 GEMV slot: the kernel splits a tile into SUB-wide slices
+            continue
         if code % 4 == 1:  # fp8: the tile must sit inside one weight block along K
             if (code >> 2) & 1:  # w8a8: inside one activation group too (the dot path uses it whole)
                 bkf = _pow2_divisor(FP8_ACT_GROUP, bkf) if gemv else FP8_ACT_GROUP
@@ -326,20 +322,22 @@ def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, in
     """One launch over the buckets `grp` (K: its input width): flat pointer args, constexpr kwargs
     (slot descriptions, K tiles; on the GEMV path fold bits, EVK, SPLIT), and for the GEMV path
     (K rows per chunk,) and the programs per output tile."""
-    flat, consts, descs, q_rows = _slot_args(grp, hidden, inter)
-    ks = _tile_ks(cfg, descs, gemv, K, inter)
+    flat, consts, descs, q_rows = _slot_args(grp, hidden, inter, cfg["BN"] if gemv else 0)
+    ks = _tile_ks(cfg, descs, gemv, K)
     if not gemv:
         return flat, {**consts, **ks}, (), 1
     evk = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
-    kw = {**_fold_slots(consts, descs, cfg["BN"], inter), **ks, "EVK": evk, "SPLIT": split}
-    return flat, kw, (_chunk(max([K] + q_rows), chunks, ks),), split
+    return flat, {**consts, **ks, "EVK": evk, "SPLIT": split}, (_chunk(max([K] + q_rows), chunks, ks),), split
 
 
-def _slot_args(side: list[dict], hidden: int, inter: int):
+def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
     """Kernel arguments of up to MAX_SLOTS buckets: flat (pointers, stored rows) per slot (unused
     slots repeat slot 0; NS tells the kernel how many are real), constexpr descriptions, and the
-    stored-row counts of the intq slots."""
+    stored-row counts of the intq slots. gemv_bn: the BN of a GEMV launch, whose fp8 slots get
+    the fold bit (8) where `_fold` allows it."""
     ptrs, descs = zip(*[_slot(b, hidden, inter) for b in side])
+    if gemv_bn:
+        descs = [(c | 256 if c % 4 == 1 and _fold(c, B, gemv_bn, inter) else c, G, B) for c, G, B in descs]
     consts, flat = {}, []
     for i in range(MAX_SLOTS):
         j = i if i < len(ptrs) else 0
@@ -396,8 +394,8 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     out = torch.empty(M, H, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    path_up, cu, path_dn, cd = moe_configs.sides(config) if config else \
-        moe_configs.pick(M, {b["layout"] for b in up_side}, {b["layout"] for b in down_side})
+    path_up, cu, path_dn, cd = (moe_configs.sides(config) if config else
+                                moe_configs.pick(M, *side_layouts(buckets)))
     act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
     nt_down = triton.cdiv(H, cd["BN"])
     cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)

@@ -156,7 +156,7 @@ def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: 
         us = time_graph([make(layers[i]) for i in range(c)])
         row = dict(shape=shape, config=label or name, M=M, us=us, touched=tb,
                    by_format=touched[M], gbs=tb / us / 1e3, pct=100 * tb / us / 1e3 / copy_bw,
-                   copies=c, path=path_label(cfg or moe_configs.pick(M, *side_layouts(base))))
+                   copies=c, path=path_label(cfg or moe_configs.pick(M, *moe.side_layouts(base))))
         if cfg is not None or not one_launch:
             # a launch config under test must compute what the default (tested) one computes
             w, ids = moe.route(lg, k, True)
@@ -189,12 +189,6 @@ def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: 
 def path_label(config) -> str:
     pu, _, pd, _ = moe_configs.sides(config)
     return pu if pu == pd else f"{pu}+{pd}"
-
-
-def side_layouts(buckets) -> tuple[set, set]:
-    """(gate/up layouts, down layouts) of a layer, as fused_moe passes them to moe_configs.pick."""
-    return ({b["layout"] for b in buckets if b["proj"] != "down"},
-            {b["layout"] for b in buckets if b["proj"] == "down"})
 
 
 def check_correct(shape: str, name: str, specs_fn, Ms=(1, 5, 40)) -> list[str]:
@@ -264,7 +258,7 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
     if "dot" in paths:
         dot_by_m = {M: min(range(len(DOT_CANDIDATES)), key=lambda ci: score("dot", ci, [M])) for M in tokens_dot}
         win["dot"] = {M: DOT_CANDIDATES[ci] for M, ci in dot_by_m.items()}
-    else:   # crossovers against the dot configs in use
+    else:   # no dot timings: the per-layout crossovers in use are kept
         dot_by_m = {}
     if "gemv" in paths:
         g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv))
@@ -275,7 +269,8 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
             gl = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv, (name,)))
             dl = {M: min(range(len(DOT_CANDIDATES)), key=lambda ci: score("dot", ci, [M], (name,)))
                   for M in dot_by_m}
-            max_m = crossover(gl, dl, (name,)) if dot_by_m else moe_configs.GEMV_MAX_M
+            max_m = (crossover(gl, dl, (name,)) if dot_by_m else
+                     moe_configs.GEMV_LAYOUT.get(layout, (moe_configs.GEMV_MAX_M, None))[0])
             win["gemv_layout"][layout] = (max_m, GEMV_CANDIDATES[gl])
     return win
 
