@@ -70,10 +70,11 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
         if FOLD:
             ks = k0 + sub
             xv = xv * tl.load(s_tile + ks // bk, mask=ks < K, other=0.0)[:, None]
-            acc += tl.sum(w.to(tl.float32) * tl.reshape(xv, (BLOCK_K,))[None, :], axis=1)
+        part = tl.sum(w.to(tl.float32) * tl.reshape(xv, (BLOCK_K,))[None, :], axis=1)
+        if FOLD:
+            acc += part
         else:
-            s = tl.load(s_rows + k0 // bk, mask=n_mask, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * tl.reshape(xv, (BLOCK_K,))[None, :], axis=1) * s
+            acc += part * tl.load(s_rows + k0 // bk, mask=n_mask, other=0.0)
     offs_m = pid_m + tl.arange(0, 1)
     tile_id = pid_m * tl.num_programs(1) + pid_n
     splitk_store(acc[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,

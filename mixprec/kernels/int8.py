@@ -5,9 +5,10 @@ weight [N, K] int8, scale [N, 1] fp32, zero [N, 1] fp32 or None: W[n, k] = scale
 act "w8a8": activations are quantized per token inside the kernel: sx = max(amax, EPS)/127 over
 the whole row (each program first reads its rows' amax; x is small and L2-resident), xq =
 floor(x/sx + 0.5) in [-127, 127] (quant.int8_act_quant_reference; both divisions exact, `div_rn`,
-as torch's: bf16 inputs land on exact .5 ties often, which Triton's default division rounds off); then int8 x int8 -> int32:
-y = sx * scale * (sum_k xq q - zero * sum_k xq). The zero point is exact: sum_k xq is summed
-alongside the dot. act "w8a16": q is widened (exact in bf16/fp16) and y = scale * (x.q - zero * sum x).
+as torch's: bf16 inputs land on exact .5 ties often, which Triton's default division rounds off);
+then int8 x int8 -> int32: y = sx * scale * (sum_k xq q - zero * sum_k xq). The zero point is
+exact: sum_k xq is summed alongside the dot. act "w8a16": q is widened (exact in bf16/fp16) and
+y = scale * (x.q - zero * sum x).
 
 gemv (M = 1): programs over (row, N block, K split), 16-byte loads along K, int32 (w8a8) or fp32
 FMA dot products; gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16). One launch per call.

@@ -473,21 +473,20 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
     KP = K // PF
     # per-field dots only with BM 16 tiles (mma); BM >= 64 goes to wgmma, whose B operand
     # round-trips shared memory per dot (measured 2-3x slower)
-    LATTICE: tl.constexpr = BITS == 4 and GS % BK == 0 and R >= 16 and acc.shape[0] == 16
+    FIELD_DOTS: tl.constexpr = BITS == 4 and GS % BK == 0 and R >= 16 and acc.shape[0] == 16
     for k0 in range(0, K, BK):
         rr = k0 // PF + r
         q = tl.load(qp + rr[:, None] * nw + cols[None, :], mask=(rr < KP)[:, None] & nm[None, :], other=0)
-        if LATTICE:
-            # int4, tile in one group: no reshuffle of the codes into K order; field j of the R
-            # words is the K sub-lattice k0 + 8 r + j, one dot each against the matching x columns
+        if GS % BK == 0:    # the tile is in one group: exact integers q - z in the dot, scale after
             g = k0 // GS
             s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
+        if FIELD_DOTS:
+            # int4: no reshuffle of the codes into K order; field j of the R words is the K
+            # sub-lattice k0 + 8 r + j, one dot each against the matching x columns
             part = int4_field_dots(tl.zeros_like(acc), q, zp + g * nw + cols, nm, k0, K, arow[:, None], rm[:, None],
                                    pp, HZ, HP)
             acc += part * s[None, :]
-        elif GS % BK == 0:    # the tile is in one group: exact integers q - z in the dot, scale after
-            g = k0 // GS
-            s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
+        elif GS % BK == 0:
             if HZ:
                 z = tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.float32)[None, None, None, :]
             else:
@@ -496,7 +495,7 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
         else:               # groups smaller than the tile: dequantize each row before the dot
             s2, zs2 = _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
             w = tl.reshape(_intq_codes(q, fmask, magic, off) * s2[:, None, None, :] - zs2[:, None, None, :], (BK, BN))
-        if not LATTICE:
+        if not FIELD_DOTS:
             kk = k0 + rk
             km = kk < K
             if HP:
