@@ -6,6 +6,7 @@ import torch
 from mixprec.errors import FormatError, ShapeMismatch
 from mixprec.kernels import moe
 from mixprec.kernels import moe_testing as mt
+from mixprec.kernels.quant import act_quant
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -234,6 +235,32 @@ def test_reference_fp8_act_quant():
     a = v[:, :128].abs().amax(-1, keepdim=True) / 448
     torch.testing.assert_close(q[:, :128], (v[:, :128] / a).to(torch.float8_e4m3fn).float() * a)
     assert torch.equal(moe.quant_act(v, "fp8", {"act": "w8a16"}), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if CUDA else [torch.float16])
+def test_act_quant_prepass_matches_reference_codes(dtype):
+    # the once-per-row W8A8 pre-pass the kernels read: codes and scales equal quant_act's
+    g = torch.Generator(device=DEV)
+    g.manual_seed(5)
+    K = 300                                                   # 3 slices, the last one partial
+    v = (torch.randn(6, K, generator=g, device=DEV) * torch.logspace(-3, 3, 6, device=DEV)[:, None]).to(dtype)
+    v[2] = 0                                                  # all-zero row: the eps scales
+    v[4, 130:] = 0                                            # zero slices after a non-zero one
+    q, qs, ns = act_quant(v, True, True)
+    assert q.shape == (6, 2, K) and qs.shape == (6, ns) and ns == 4
+    vf = v.float()
+    a = moe._div(vf.abs().amax(-1, keepdim=True).clamp_min(1e-10), 127.0)
+    assert torch.equal(q[:, 0].view(torch.int8).float(), torch.round(vf / a).clamp(-127, 127))
+    assert torch.equal(qs[:, :1], a)
+    vp = torch.nn.functional.pad(vf, (0, 84)).view(6, 3, 128)
+    a8 = moe._div(vp.abs().amax(-1).clamp_min(1e-12), 448.0)
+    want = (vp / a8[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(6, 384)[:, :K]
+    assert torch.equal(q[:, 1], want.view(torch.uint8))
+    assert torch.equal(qs[:, 1:], a8)
+    # codes x scale is the reference's quantized activation (what the kernels multiply)
+    torch.testing.assert_close(q[:, 0].view(torch.int8).float() * qs[:, :1],
+                               moe.quant_act(vf, "int8", {"act": "w8a8"}), rtol=0, atol=0)
+    assert act_quant(v, False, False)[2] == 0             # no W8A8 bucket: nothing launched
 
 
 # ---------------------------------------------------------------------------------------------

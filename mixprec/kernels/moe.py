@@ -32,8 +32,9 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import moe_configs
-from .moe_triton import _align_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel, _router_route_kernel
-from .quant import split_counters
+from .moe_triton import (_align_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel,
+                         _router_route_kernel)
+from .quant import FP8_ACT_GROUP, act_quant, split_counters
 
 PROJ_CODE = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
 LAYOUT_CODE = {"dense": 0, "fp8": 1, "intq": 2, "int8": 3}
@@ -45,7 +46,6 @@ LAYOUT_TENSORS = {  # required, optional
 }
 MAX_SLOTS = 4  # buckets one launch can serve
 HALF_PROJS = {"gate": ("gate_up", "gate"), "up": ("gate_up", "up"), "down": ("down",)}  # rows -> bucket projs
-FP8_ACT_GROUP = 128  # W8A8 fp8: dynamic activation scale per token per 128 inputs
 
 
 def _triton_ok(t: Tensor) -> bool:
@@ -347,6 +347,12 @@ def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
     return flat, consts, list(descs), q_rows
 
 
+def _w8a8_kinds(side: list[dict]) -> tuple[bool, bool]:
+    """(int8 W8A8, fp8 W8A8) present among these buckets: what their input must be quantized to."""
+    w8a8 = [b["layout"] for b in side if b.get("params", {}).get("act") == "w8a8"]
+    return "int8" in w8a8, "fp8" in w8a8
+
+
 # ----------------------------------------------------------------------------------------------
 # the fused MoE
 
@@ -431,27 +437,28 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         n_cnt = cnt.numel()
         if path_s == "gemv":    # 15: the 4-bit code mask as a run-time value (see _gemv_intq)
             lead = ((ids, rw, act, out, cnt, ws_up, ucnt, H, inter, H, n_cnt, 15) if mode == 0 else
-                    (act, ids, rw, buf, out, cnt, rw, cnt, inter, inter, H, n_cnt, 15))
+                    (ids, rw, buf, out, cnt, rw, cnt, inter, inter, H, n_cnt, 15))
             return _moe_gemv_kernel, P, lead, {}
         BM = (cu if mode == 0 else cd)["BM"]
         if BM not in aligned:
             aligned[BM] = moe_align(ids, E, BM)
         sorted_ids, blk = aligned[BM]
         lead = ((sorted_ids, blk, rw, act, out, cnt, P, H, inter, H, n_cnt) if mode == 0 else
-                (act, sorted_ids, blk, rw, buf, out, cnt, P, inter, inter, H, n_cnt))
+                (sorted_ids, blk, rw, buf, out, cnt, P, inter, inter, H, n_cnt))
         return _moe_dot_kernel, blk.numel(), lead, {"BM": BM}
 
     kern, g0, lead_up, shape_kw = side(path_up, 0)
     for grp, xg in zip(groups, xs):
         flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, max(split_up // 2, 1))
         kern[(g0, triton.cdiv(inter, cu["BN"]), nz)](
-            xg, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
+            xg, *act_quant(xg, *_w8a8_kinds(grp)), *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
             SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
+    q_dn = act_quant(act, *_w8a8_kinds(down_side))
     for gi, grp in enumerate(down_groups):
         flat, kw, k_per, nz = _launch_args(grp, cd, path_dn == "gemv", inter, H, inter, split_dn, split_dn)
         kern[(g0, nt_down, nz)](
-            *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
+            act, *q_dn, *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
             SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
             num_warps=cd["num_warps"], num_stages=cd["num_stages"])
     return out
@@ -492,7 +499,7 @@ def dequant_expert(b: dict, loc: int, n: int, k: int) -> Tensor:
 
 def quant_act(v: Tensor, layout: str, params: dict) -> Tensor:
     """The activation as the kernel sees it (fp32): W8A8 fp8 quantizes per token per 128 inputs
-    to e4m3, W8A8 int8 per token to int8 (round half to even); others pass through."""
+    to e4m3, W8A8 int8 per token to int8 (round half to even; exact divisions); others pass through."""
     act = params.get("act", "w8a16")
     if act != "w8a8" or layout not in ("fp8", "int8"):
         return v
@@ -500,11 +507,17 @@ def quant_act(v: Tensor, layout: str, params: dict) -> Tensor:
         K = v.shape[-1]
         pad = (-K) % FP8_ACT_GROUP
         vp = F.pad(v, (0, pad)).view(*v.shape[:-1], -1, FP8_ACT_GROUP)
-        a = vp.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448.0
+        a = _div(vp.abs().amax(-1, keepdim=True).clamp_min(1e-12), 448.0)
         q = (vp / a).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * a
         return q.view(*v.shape[:-1], -1)[..., :K]
-    a = v.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 127.0
+    a = _div(v.abs().amax(-1, keepdim=True).clamp_min(1e-10), 127.0)
     return torch.round(v / a).clamp(-127.0, 127.0) * a
+
+
+def _div(t: Tensor, c: float) -> Tensor:
+    # correctly rounded t / c, as the kernels divide (div_rn): PyTorch's CUDA tensor / scalar
+    # multiplies by the reciprocal, which can differ in the last bit
+    return t / torch.full_like(t, c)
 
 
 def moe_reference(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int) -> Tensor:

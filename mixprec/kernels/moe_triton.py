@@ -34,8 +34,6 @@ _DOWN = tl.constexpr(3)
 # kernel modes
 _MODE_UP = tl.constexpr(0)
 _MODE_DOWN = tl.constexpr(1)
-_FP8_MAX = tl.constexpr(448.0)
-_RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + c) - c rounds fp32 v to the nearest even integer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,18 +108,6 @@ def _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.const
     return s2, zs2
 
 
-@triton.jit
-def _e4m3_rne(v):
-    # fp32 v with |v| <= 448 -> nearest e4m3 value (ties to even), in fp32. Written out rather
-    # than cast so the CPU interpreter (whose fp8 cast misrounds at binade edges) agrees with
-    # the GPU; on the GPU a following cast to fp8 is exact.
-    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    ue = tl.maximum(e, -6) - 3                       # ulp exponent: 3 mantissa bits, min normal 2^-6
-    ulp = ((ue + 127) << 23).to(tl.float32, bitcast=True)
-    inv = ((127 - ue) << 23).to(tl.float32, bitcast=True)
-    return ((v * inv + _RNE) - _RNE) * ulp
-
-
 # ----------------------------------------------------------------------------------------------
 # GEMV tiles (one pair per program): each returns y[n0:n0+BN] in fp32
 
@@ -180,21 +166,12 @@ def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm, k_lo, k_hi,
 
 
 @triton.jit
-def _row_absmax(xrow, K, BK: tl.constexpr):
-    rk = tl.arange(0, BK)
-    amax = tl.zeros([BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        amax = tl.maximum(amax, tl.abs(tl.load(xrow + kk, mask=kk < K, other=0.0).to(tl.float32)))
-    return tl.max(amax, axis=0)
-
-
-@triton.jit
-def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
+def _gemv_nk(xrow, qrow, srow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
              LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr,
              BNW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr,
              FOLD: tl.constexpr):
     # weight [nw, K] row-major (dense / fp8 / int8); this tile: rows row0+n0 .. +BN.
+    # W8A8 (ACT 1) reads the row's codes and scales from _act_quant_kernel (qrow, srow), not x.
     # fp8 FOLD: the tile's rows share one scale row, so the weight scale (and the W8A8 activation
     # scale) depends on k only and multiplies x, not each weight; the tile then may span SUB-wide
     # slices of constant scale (more bytes per step). Otherwise the tile sits in one block.
@@ -209,11 +186,12 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
     rk = tl.arange(0, BK)
     if LAY == _FP8:
         wp = wp.to(tl.pointer_type(tl.uint8))  # fp8 loaded as bytes: masked lanes read 0, not NaN
-    wrow = wp + rows[:, None] * K
-    a_i8 = 1.0
+        if ACT == 1:
+            xrow = (qrow + K).to(tl.pointer_type(tl.uint8))   # plane 1: e4m3 codes
     if LAY == _INT8:
         if ACT == 1:
-            a_i8 = tl.math.div_rn(tl.maximum(_row_absmax(xrow, K, BK), 1e-10), 127.0)
+            xrow = qrow.to(tl.pointer_type(tl.int8))          # plane 0: int8 codes
+    wrow = wp + rows[:, None] * K
     xsum = tl.zeros([BK], dtype=tl.float32)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     k_hi = tl.minimum(k_hi, K)
@@ -227,22 +205,17 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
         kn = kk + BK
         if EVK:
             w_nxt = tl.load(wrow + kn[None, :], mask=(rn < tl.where(k0 + BK < k_hi, n_lim, 0))[:, None], other=0)
-            x = tl.load(xrow + kk).to(tl.float32)
+            x = tl.load(xrow + kk)
         else:
             w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < k_hi)[None, :], other=0)
-            x = tl.load(xrow + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x = tl.load(xrow + kk, mask=kk < K, other=0)
         if LAY == _FP8:
-            x2 = tl.reshape(x, (U, SUB))
             if ACT == 1:
-                # W8A8: the activation is quantized per token per 128 inputs to e4m3
-                if SUB == 128:
-                    amax = tl.max(tl.abs(x2), axis=1)                                       # [U]
-                else:   # BK < 128 (U == 1): the group's absmax from its full 128 inputs
-                    kg = (k0 // 128) * 128 + tl.arange(0, 128)
-                    amax = tl.zeros([U], dtype=tl.float32) + tl.max(
-                        tl.abs(tl.load(xrow + kg, mask=kg < K, other=0.0).to(tl.float32)), axis=0)
-                a = tl.reshape(tl.maximum(amax, 1e-12) / _FP8_MAX, (U, 1))
-                x2 = _e4m3_rne(tl.minimum(tl.maximum(x2 / a, -_FP8_MAX), _FP8_MAX)) * a
+                ks = k0 + tl.arange(0, U) * SUB
+                a = tl.load(srow + 1 + ks // 128, mask=ks < K, other=0.0)        # [U] slice scales
+                x2 = tl.reshape(x.to(tl.float8e4nv, bitcast=True).to(tl.float32), (U, SUB)) * a[:, None]
+            else:
+                x2 = tl.reshape(x.to(tl.float32), (U, SUB))
             wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             if FOLD:
                 ks = k0 + tl.arange(0, U) * SUB
@@ -252,21 +225,22 @@ def _gemv_nk(xrow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
                 sc = tl.load(sp + (rows // BNW) * tl.cdiv(K, BKW) + k0 // BKW, mask=nm, other=0.0)
                 acc += (wf * sc[:, None]) * tl.reshape(x2, (BK,))[None, :]
         elif LAY == _INT8:
-            if ACT == 1:
-                x = tl.minimum(tl.maximum((tl.math.div_rn(x, a_i8) + _RNE) - _RNE, -127.0), 127.0)
+            xf = x.to(tl.float32)
             # int8 -> fp32 without I2F: 2^23 + 128 + q has q in the mantissa
             wf = ((w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
-            acc += wf * x[None, :]
+            acc += wf * xf[None, :]
             if HZ:
-                xsum += x
+                xsum += xf
         else:
-            acc += w.to(tl.float32) * x[None, :]
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     res = tl.sum(acc, axis=1)
     if LAY == _INT8:
         if HZ:
             zero = tl.load(zp + rows, mask=nm, other=0.0)
             res -= zero * tl.sum(xsum, axis=0)
-        res = res * tl.load(sp + rows, mask=nm, other=0.0) * a_i8
+        res = res * tl.load(sp + rows, mask=nm, other=0.0)
+        if ACT == 1:
+            res = res * tl.load(srow)
     return res
 
 
@@ -291,7 +265,7 @@ def _slot_rows(PROJ: tl.constexpr, HALF: tl.constexpr, INTER, HID):
 
 
 @triton.jit
-def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
+def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
                HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
                BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr):
@@ -314,20 +288,20 @@ def _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                                  z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
                                  qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ, EVK)
             elif LAY == _FP8:
-                res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
+                res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
                                row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BN, BKF, EVK, FOLD)
             elif LAY == _INT8:
-                res = _gemv_nk(xrow, w + loc * (nw * K), s + loc * nw, z + loc * nw,
+                res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw,
                                row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BN, BKI, EVK, 0)
             else:
-                res = _gemv_nk(xrow, w + loc * (nw * K), s, z,
+                res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s, z,
                                row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, 0, 0, 1, 1, BN, BKD, EVK, 0)
         found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
     return res, found
 
 
 @triton.jit
-def _gemv_half(xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
+def _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
                C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
@@ -337,16 +311,16 @@ def _gemv_half(xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr):
     res = tl.zeros([BN], dtype=tl.float32)
     found = e * 0  # int32 0/1: some slot holds this expert
-    res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, B0,
+    res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, B0,
                             HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 1:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, B1,
+        res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, B1,
                                 HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 2:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, B2,
+        res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, B2,
                                 HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     if NS > 3:
-        res, found = _gemv_slot(res, found, xrow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, B3,
+        res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, B3,
                                 HALF, BN, BKD, BKF, BKQ, BKI, EVK)
     return res, found
 
@@ -361,7 +335,7 @@ def _zero_counters(cnt_ptr, n_cnt, pid, npid, ZB: tl.constexpr):
 
 
 @triton.jit
-def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr, ws_ptr, ucnt_ptr,
+def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr, ws_ptr, ucnt_ptr,
                      K, INTER, HID, n_cnt, qm, k_per,
                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                      C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
@@ -387,12 +361,15 @@ def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr, ws_ptr, 
     if MODE == _MODE_UP:
         if t == 0 and z == 0:
             _zero_counters(cnt_ptr, n_cnt, p, tl.num_programs(0), 256)
-        xrow = x_ptr + (p // TOPK).to(tl.int64) * K
+        xr = (p // TOPK).to(tl.int64)
+        xrow = x_ptr + xr * K
+        qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of row xr (_act_quant_kernel)
+        srow = qs_ptr + xr * NQS
         if SPLIT == 1:
-            g, fg = _gemv_half(xrow, e, n0, K, INTER, HID, qm, 0, k_per,
+            g, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                                C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK)
-            u, fu = _gemv_half(xrow, e, n0, K, INTER, HID, qm, 0, k_per,
+            u, fu = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                                C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK)
             act = g / (1.0 + tl.exp(-g)) * u
@@ -401,11 +378,11 @@ def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr, ws_ptr, 
         else:
             k_lo = (z // 2) * k_per
             if z % 2 == 0:
-                part, _ = _gemv_half(xrow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
+                part, _ = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                                      C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK)
             else:
-                part, _ = _gemv_half(xrow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
+                part, _ = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                                      C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK)
             # a pair whose expert is in no bucket (expert parallel) gets act 0: its down adds zero
@@ -426,8 +403,10 @@ def _moe_gemv_kernel(x_ptr, ids_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr, ws_ptr, 
                 tl.atomic_xchg(ucnt_ptr + p * tl.num_programs(1) + t, 0)   # ready for the next launch
     else:
         xrow = x_ptr + p.to(tl.int64) * K
+        qrow = q_ptr + p.to(tl.int64) * 2 * K
+        srow = qs_ptr + p.to(tl.int64) * NQS
         k_lo = z * k_per
-        d, fd = _gemv_half(xrow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
+        d, fd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                            w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                            C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK)
         nm = rn < HID
@@ -511,49 +490,41 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
 
 
 @triton.jit
-def _dot_nk(acc, arow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
+def _dot_nk(acc, arow, qrow, srow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
             LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr, BNW: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # arow / qrow / srow [BM]: the rows' activations, W8A8 codes and scales (_act_quant_kernel)
     rn = n0 + tl.arange(0, BN)
     nm = rn < n_lim
     rows = (row0 + rn).to(tl.int64)
     rk = tl.arange(0, BK)
     if LAY == _FP8:
         wp = wp.to(tl.pointer_type(tl.uint8))
-    if LAY == _INT8:
-        a_s = tl.full([BM], 1.0, tl.float32)
         if ACT == 1:
-            # per-token dynamic int8 over the whole row: a first pass for the absmax
-            amax = tl.zeros([BM, BK], dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                kk = k0 + rk
-                a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & (kk < K)[None, :], other=0.0)
-                amax = tl.maximum(amax, tl.abs(a.to(tl.float32)))
-            a_s = tl.math.div_rn(tl.maximum(tl.max(amax, axis=1), 1e-10), 127.0)
+            arow = (qrow + K).to(tl.pointer_type(tl.uint8))   # plane 1: e4m3 codes
+    if LAY == _INT8:
+        if ACT == 1:
+            arow = qrow.to(tl.pointer_type(tl.int8))          # plane 0: int8 codes
             acc_i = tl.zeros([BM, BN], dtype=tl.int32)
         asum = tl.zeros([BM], dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         km = kk < K
-        a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0)
         w = tl.load(wp + rows[None, :] * K + kk[:, None], mask=km[:, None] & nm[None, :], other=0)
         if LAY == _FP8:
             w = w.to(tl.float8e4nv, bitcast=True)
             sc = tl.load(sp + (rows // BNW) * tl.cdiv(K, BKW) + k0 // BKW, mask=nm, other=0.0)
-            if ACT == 1:
-                af = a.to(tl.float32)
-                am = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-12) / _FP8_MAX
-                aq = _e4m3_rne(tl.minimum(tl.maximum(af / am[:, None], -_FP8_MAX), _FP8_MAX)).to(tl.float8e4nv)
-                acc += tl.dot(aq, w) * am[:, None] * sc[None, :]
+            if ACT == 1:   # BK = 128: one activation slice per step
+                am = tl.load(srow + 1 + k0 // 128, mask=rm, other=0.0)
+                acc += tl.dot(a.to(tl.float8e4nv, bitcast=True), w) * am[:, None] * sc[None, :]
             else:
                 acc = tl.dot(a, (w.to(tl.float32) * sc[None, :]).to(a.dtype), acc)
         elif LAY == _INT8:
             if ACT == 1:
-                af = tl.math.div_rn(a.to(tl.float32), a_s[:, None])
-                aq = tl.minimum(tl.maximum((af + _RNE) - _RNE, -127.0), 127.0)
-                acc_i = tl.dot(aq.to(tl.int8), w, acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(a, w, acc_i, out_dtype=tl.int32)
                 if HZ:
-                    asum += tl.sum(aq, axis=1)
+                    asum += tl.sum(a.to(tl.float32), axis=1)
             else:
                 wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
                 acc = tl.dot(a, wf.to(a.dtype), acc)
@@ -567,12 +538,14 @@ def _dot_nk(acc, arow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
         if HZ:
             zero = tl.load(zp + rows, mask=nm, other=0.0)
             acc -= asum[:, None] * zero[None, :]
-        acc = acc * tl.load(sp + rows, mask=nm, other=0.0)[None, :] * a_s[:, None]
+        acc = acc * tl.load(sp + rows, mask=nm, other=0.0)[None, :]
+        if ACT == 1:
+            acc = acc * tl.load(srow, mask=rm, other=0.0)[:, None]
     return acc
 
 
 @triton.jit
-def _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID,
+def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID,
               w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
               BKQ: tl.constexpr, BKI: tl.constexpr):
@@ -593,20 +566,20 @@ def _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID,
                                 z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
                                 BITS, G, HZ, HP, BN, BKQ)
             elif LAY == _FP8:
-                acc = _dot_nk(acc, arow, rm, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
+                acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, G, B, BM, BN, BKF)
             elif LAY == _INT8:
-                acc = _dot_nk(acc, arow, rm, w + loc * (nw * K), s + loc * nw, z + loc * nw,
+                acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s + loc * nw, z + loc * nw,
                               row0, nw, K, n_lim, n0, LAY, ACT, HZ, 1, 1, BM, BN, BKI)
             else:
-                acc = _dot_nk(acc, arow, rm, w + loc * (nw * K), s, z,
+                acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s, z,
                               row0, nw, K, n_lim, n0, LAY, 0, 0, 1, 1, BM, BN, BKD)
         found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
     return acc, found
 
 
 @triton.jit
-def _dot_half(arow, rm, e, n0, K, INTER, HID,
+def _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID,
               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
               C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
               C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
@@ -616,22 +589,22 @@ def _dot_half(arow, rm, e, n0, K, INTER, HID,
               BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr):
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     found = e * 0
-    acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w0, s0, z0, p0, m0, r0, C0, G0, B0,
+    acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, w0, s0, z0, p0, m0, r0, C0, G0, B0,
                            HALF, BM, BN, BKD, BKF, BKQ, BKI)
     if NS > 1:
-        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w1, s1, z1, p1, m1, r1, C1, G1, B1,
+        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, w1, s1, z1, p1, m1, r1, C1, G1, B1,
                                HALF, BM, BN, BKD, BKF, BKQ, BKI)
     if NS > 2:
-        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w2, s2, z2, p2, m2, r2, C2, G2, B2,
+        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, w2, s2, z2, p2, m2, r2, C2, G2, B2,
                                HALF, BM, BN, BKD, BKF, BKQ, BKI)
     if NS > 3:
-        acc, found = _dot_slot(acc, found, arow, rm, e, n0, K, INTER, HID, w3, s3, z3, p3, m3, r3, C3, G3, B3,
+        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, w3, s3, z3, p3, m3, r3, C3, G3, B3,
                                HALF, BM, BN, BKD, BKF, BKQ, BKI)
     return acc, found
 
 
 @triton.jit
-def _moe_dot_kernel(x_ptr, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
+def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
                     P, K, INTER, HID, n_cnt,
                     w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                     C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
@@ -656,11 +629,14 @@ def _moe_dot_kernel(x_ptr, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_pt
         rm = pr < P
         pr = tl.where(rm, pr, 0).to(tl.int64)
         if MODE == _MODE_UP:
-            arow = x_ptr + (pr // TOPK) * K
-            g, fg = _dot_half(arow, rm, e, n0, K, INTER, HID,
+            xr = pr // TOPK
+            arow = x_ptr + xr * K
+            qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of the rows (_act_quant_kernel)
+            srow = qs_ptr + xr * NQS
+            g, fg = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID,
                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BM, BN, BKD, BKF, BKQ, BKI)
-            u, fu = _dot_half(arow, rm, e, n0, K, INTER, HID,
+            u, fu = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID,
                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BM, BN, BKD, BKF, BKQ, BKI)
             act = g / (1.0 + tl.exp(-g)) * u
@@ -668,7 +644,9 @@ def _moe_dot_kernel(x_ptr, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_pt
                      mask=rm[:, None] & (rn < INTER * fg * fu)[None, :])
         else:
             arow = x_ptr + pr * K
-            d, fd = _dot_half(arow, rm, e, n0, K, INTER, HID,
+            qrow = q_ptr + pr * 2 * K
+            srow = qs_ptr + pr * NQS
+            d, fd = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID,
                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BM, BN, BKD, BKF, BKQ, BKI)
             nm = rn < HID

@@ -1,7 +1,9 @@
 """Pieces shared by the linear kernels (intq.py, fp8.py, int8.py).
 
 * Dynamic activation quantization, as the kernels do it in registers (fused, per K tile),
-  written once in torch as the readable spec: `fp8_act_quant_reference`, `int8_act_quant_reference`.
+  written once in torch as the readable spec: `fp8_act_quant_reference`, `int8_act_quant_reference`;
+  `act_quant`, one launch that quantizes each row once for kernels that read it many times
+  (the fused MoE: every N tile of every expert reads its token's row).
 * The split-K finish: every K split stores its fp32 partial [M, N] into a workspace sized from
   shapes only (`torch.empty`, no memset); the last split to arrive at an output tile (atomic
   counter) sums the partials in fixed order (deterministic) and writes x.dtype. The counters are
@@ -26,6 +28,9 @@ from ..errors import FormatError, ShapeMismatch
 EPS = 1e-10          # amax clamp: an all-zero slice would otherwise give 0/0
 FP8_MAX = 448.0      # float8_e4m3fn
 INT8_MAX = 127.0     # symmetric int8 activations use [-127, 127]
+FP8_ACT_GROUP = 128  # W8A8 fp8: one activation scale per token per 128 inputs
+FP8_MAX_C = tl.constexpr(FP8_MAX)
+RNE_C = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + c) - c rounds fp32 v to the nearest even integer
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -61,6 +66,54 @@ def round_e4m3(v):
     e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
     c = (((e + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)
     return (v + c) - c
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NS,
+                      I8: tl.constexpr, F8: tl.constexpr, KB: tl.constexpr):
+    """W8A8 activations, quantized once per row here instead of in every program that reads the
+    row (a GEMV reads it once per N tile). Row r of x [R, K] ->
+    q [R, 2, K] bytes: plane 0 int8 codes (I8), plane 1 e4m3 codes (F8);
+    s [R, NS] fp32: s[r, 0] the int8 scale max(amax, 1e-10) / 127 (per token), s[r, 1 + j] the
+    e4m3 scale max(amax_j, 1e-12) / 448 of the 128 inputs of slice j. Divisions are exact
+    (div_rn) and round half to even, as moe.quant_act (the reference) does."""
+    r = tl.program_id(0).to(tl.int64)
+    G: tl.constexpr = KB // 128
+    k = tl.arange(0, G)[:, None] * 128 + tl.arange(0, 128)[None, :]
+    km = k < K
+    x = tl.load(x_ptr + r * K + k, mask=km, other=0.0).to(tl.float32)      # [G, 128]: the whole row
+    amax = tl.max(tl.abs(x), axis=1)                                        # [G]
+    qrow = q_ptr + r * 2 * K
+    srow = s_ptr + r * NS
+    if I8:
+        a = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-10), 127.0)
+        c = tl.minimum(tl.maximum((tl.math.div_rn(x, a) + RNE_C) - RNE_C, -127.0), 127.0)
+        tl.store(qrow + k, c.to(tl.int8).to(tl.uint8, bitcast=True), mask=km)
+        tl.store(srow, a)
+    if F8:
+        a8 = tl.math.div_rn(tl.maximum(amax, 1e-12), FP8_MAX_C)              # [G]
+        v = tl.minimum(tl.maximum(tl.math.div_rn(x, a8[:, None]), -FP8_MAX_C), FP8_MAX_C)
+        c8 = round_e4m3(v).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        tl.store(qrow + K + k, c8, mask=km)
+        g = tl.arange(0, G)
+        tl.store(srow + 1 + g, a8, mask=g * 128 < K)
+
+
+def act_quant(v: Tensor, i8: bool, f8: bool) -> tuple[Tensor, Tensor, int]:
+    """W8A8 activation codes of v [R, K] (one launch), for kernels that read a row many times:
+    -> (codes [R, 2, K] uint8: int8 plane, e4m3 plane; scales [R, 1 + ceil(K/128)] fp32: the
+    int8 scale of the row, then the e4m3 scale of each 128-input slice; the scales' row stride).
+    i8 / f8: which planes to fill. With neither, nothing is launched and v stands in for both."""
+    if not (i8 or f8):
+        return v, v, 0
+    R, K = v.shape
+    ns = 1 + triton.cdiv(K, FP8_ACT_GROUP)
+    q = torch.empty(R, 2, K, dtype=torch.uint8, device=v.device)
+    qs = torch.empty(R, ns, dtype=torch.float32, device=v.device)
+    if R:
+        kb = triton.next_power_of_2(triton.cdiv(K, FP8_ACT_GROUP)) * FP8_ACT_GROUP
+        _act_quant_kernel[(R,)](v, q, qs, K, ns, I8=i8, F8=f8, KB=kb, num_warps=4 if kb <= 2048 else 8)
+    return q, qs, ns
 
 
 # the GPU unpacks int4 pairs with one LOP3 and one packed subtract (inline PTX, sm_90 bf16x2);
