@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+
 
 @triton.jit
 def _rnd(v, like):
@@ -41,9 +43,10 @@ def _norm_rope(x1, x2, w_ptr, cos_ptr, sin_ptr, rh, eps, HD: tl.constexpr):
 def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
                          qo_ptr, kc_ptr, vc_ptr,
                          s_q, s_k, s_v, s_cb, s_ch, s_cs, T, eps,
-                         HQ: tl.constexpr, HK: tl.constexpr, HD: tl.constexpr):
+                         HQ: tl.constexpr, HK: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (tokens N = B*T, HQ + HK). Program (n, j): q head j -> qo[n, j]; or kv head j - HQ:
     normed+roped k and plain v -> cache[b, j - HQ, slot[n]]."""
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     n = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     rh = tl.arange(0, HD)
@@ -87,7 +90,7 @@ def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
             q2, k2, v2, cos.reshape(N, D).contiguous(), sin.reshape(N, D).contiguous(), q_w, k_w,
             slots.reshape(N).contiguous(), qo, k_cache, v_cache,
             q2.stride(0), k2.stride(0), v2.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            T, eps, HQ=HQ, HK=HK, HD=D // 2, num_warps=1)
+            T, eps, HQ=HQ, HK=HK, HD=D // 2, num_warps=1, **pdl.launch_kw(q2))
     return qo
 
 
@@ -98,10 +101,11 @@ def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
                         s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, CHUNK, scale_log2,
                         HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        BN: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+                        BN: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (B, HK, splits); SPLIT: stride of the partials (1: unsplit, write o). The program reads cache slots [sp*CHUNK, (sp+1)*CHUNK) of kv head kh
     for the G query heads sharing it (padded to GP rows for tl.dot); visible slots are
     start[b]..pos[b], or only pos[b] when start > pos (a row of padding)."""
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -143,8 +147,10 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
 
 
 @triton.jit
-def _decode_combine_kernel(part_ptr, ml_ptr, o_ptr, NS, SPLIT: tl.constexpr, D: tl.constexpr):
+def _decode_combine_kernel(part_ptr, ml_ptr, o_ptr, NS, SPLIT: tl.constexpr, D: tl.constexpr,
+                           PDL: tl.constexpr = False):
     """Grid (B * HQ): merge the NS <= SPLIT partial softmax sums of one (sequence, head)."""
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     r = tl.program_id(0).to(tl.int64)
     rs = tl.arange(0, SPLIT)
     sm = rs < NS
@@ -196,7 +202,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * 1.4426950408889634,
         HQ=HQ, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BN=BLOCK_N, SPLIT=p2,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, **pdl.launch_kw(q))
     if split > 1:
-        _decode_combine_kernel[(B * HQ,)](part, ml, o, split, SPLIT=p2, D=D, num_warps=4)
+        _decode_combine_kernel[(B * HQ,)](part, ml, o, split, SPLIT=p2, D=D, num_warps=4, **pdl.launch_kw(q))
     return o

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
-from . import configs
+from . import configs, pdl
 from .quant import (EPS, FP8_MAX, check_tensor, check_x, fp8_act_quant_reference, gemm_tile, round_e4m3,
                     split_plan, split_workspace, splitk_store)
 
@@ -35,7 +35,7 @@ FP8_MAX_C = tl.constexpr(FP8_MAX)
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
                      A8: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr):
+                     SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     # FOLD: the BLOCK_N rows share one scale-block row, so a scale depends on k only and is folded
     # (with the activation scale) into x: one multiply per input instead of one per weight, and
     # the K tile can span several 128-wide slices (SUB_K each): more bytes in flight per step.
@@ -57,6 +57,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     kn = k_lo + offs_k
     w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_hi)[None, :], other=0.0)
+    pdl.wait(PDL)     # the first weight tile is on its way; x and the counters come from earlier kernels
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
@@ -85,7 +86,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
 def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
                      A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
+                     BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     pid, pid_k, offs_m, m_mask, offs_n, n_mask, offs_k, k_lo, k_hi = gemm_tile(M, N, K, k_per_split, BLOCK_M,
                                                                               BLOCK_N, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
@@ -172,11 +174,12 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         _fp8_gemv_kernel[(M, nb, split)](
             x2, weight, scale, out, ws, cnt, *args, A8=act == "w8a8", FOLD=fold, BLOCK_N=c["BN"],
-            BLOCK_K=tile_k, SUB_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"])
+            BLOCK_K=tile_k, SUB_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"],
+            **pdl.launch_kw(x2))
     else:
         nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
         _fp8_gemm_kernel[(nt, split)](
             x2, weight, scale, out, ws, cnt, *args, A8=act == "w8a8", BLOCK_M=c["BM"], BLOCK_N=c["BN"],
-            BLOCK_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"])
+            BLOCK_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     return out.reshape(*lead, N)

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
-from . import configs
+from . import configs, pdl
 from .quant import (EPS, INT8_MAX, check_tensor, check_x, gemm_tile, int8_act_quant_reference, split_plan,
                     split_workspace, splitk_store)
 
@@ -33,7 +33,8 @@ INT8_MAX_C = tl.constexpr(INT8_MAX)
 def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
                       M, N, K, stride_xm, stride_om, stride_w, k_per_split, split,
                       A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
+                      BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -88,7 +89,8 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
 def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
                       M, N, K, stride_xm, stride_om, stride_w, k_per_split, split,
                       A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     pid, pid_k, offs_m, m_mask, offs_n, n_mask, offs_k, k_lo, k_hi = gemm_tile(M, N, K, k_per_split, BLOCK_M,
                                                                               BLOCK_N, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
@@ -175,7 +177,7 @@ def int8_linear_cfg(x, weight, scale, zero, act, cfg: dict | None) -> Tensor:
     split, per = split_plan(K, tile, c["split"])
     args = (M, N, K, x2.stride(0), out.stride(0), weight.stride(0), per, split)
     flags = dict(A8=act == "w8a8", HAS_ZERO=has_zero, BLOCK_N=c["BN"], BLOCK_K=tile,
-                 USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"])
+                 USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     if c["path"] == "gemv":
         nb = triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
-from . import configs
+from . import configs, pdl
 from .quant import check_tensor, check_x, gemm_tile, int4_field_dots, split_plan, split_workspace, splitk_store
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
@@ -40,7 +40,8 @@ def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
                       M, N, K, G, stride_xm, stride_om, stride_q, stride_s, stride_z,
                       k_per_split, split,
                       BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_SPLIT: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_SPLIT: tl.constexpr,
+                      PDL: tl.constexpr = False):
     PF: tl.constexpr = 32 // BITS
     TILE_K: tl.constexpr = BLOCK_KW * PF
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -60,6 +61,7 @@ def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     kw = k_lo // PF + rows
     w_next = tl.load(qw_ptr + kw[:, None] * stride_q + offs_n[None, :],
                      mask=(kw < kw_hi)[:, None] & n_mask[None, :], other=0)
+    pdl.wait(PDL)     # the first weight tile is on its way; x and the counters come from earlier kernels
     for k0 in range(k_lo, k_hi, TILE_K):   # a tile never spans two groups (host picks TILE_K)
         r_mask = (k0 // PF + rows) < kw_hi
         w = w_next                                                           # [BKW, BN] int32
@@ -101,7 +103,8 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
                       k_per_split, split,
                       BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
                       SCALE_AFTER: tl.constexpr, FIELD_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     PF: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     ZSYM: tl.constexpr = MAGIC_C + (1 << (BITS - 1))
@@ -239,7 +242,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
             x2, qweight, scales, zp, pp, out, ws, cnt, *common, per, split,
             BITS=bits, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None,
             BLOCK_N=c["BN"], BLOCK_KW=tile // pf, USE_SPLIT=split > 1,
-            num_warps=c["warps"], num_stages=c["stages"])
+            num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     else:
         tile = max(_pow2_floor(c["BK"]), 16, pf)
         scale_after = G >= K or G % tile == 0
@@ -255,7 +258,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
             x2, qweight, scales, zp, pp, out, ws, cnt, *common, per, split,
             BITS=bits, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, SCALE_AFTER=scale_after,
             FIELD_DOTS=field_dots, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
-            num_warps=c["warps"], num_stages=c["stages"])
+            num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     return out.reshape(*lead, N)
 
 

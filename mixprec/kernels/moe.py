@@ -31,7 +31,7 @@ import triton
 from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
-from . import moe_configs
+from . import moe_configs, pdl
 from .moe_triton import (_align_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel,
                          _router_route_kernel)
 from .quant import FP8_ACT_GROUP, act_quant, split_counters
@@ -79,7 +79,8 @@ def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tens
     if M > 0:
         _route_kernel[(triton.cdiv(M, BT),)](logits, w, ids, M, E, logits.stride(0), TOPK=top_k,
                                              RENORM=bool(renorm), BT=BT, EB=EB,
-                                             KB=triton.next_power_of_2(top_k), num_warps=4)
+                                             KB=triton.next_power_of_2(top_k), num_warps=4,
+                                             **pdl.launch_kw(logits))
     return w, ids
 
 
@@ -112,7 +113,7 @@ def router_route(x: Tensor, gate_weight: Tensor, top_k: int, renorm: bool) -> tu
     _router_route_kernel[(triton.cdiv(E, BE),)](
         x, gate_weight, lg, w, ids, split_counters(x.device, 1), M, E, H, x.stride(0), TOPK=top_k,
         RENORM=bool(renorm), MB=MB, BE=BE, BH=BH, EB=triton.next_power_of_2(E),
-        KB=triton.next_power_of_2(top_k), num_warps=4)
+        KB=triton.next_power_of_2(top_k), num_warps=4, **pdl.launch_kw(x))
     return w, ids
 
 
@@ -141,7 +142,7 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
     EB = triton.next_power_of_2(max(num_experts, 2))
     CH = max(16, min(128, 16384 // EB))
     _align_kernel[(1,)](ids, sorted_ids, block_expert, P, num_experts, smax, nb,
-                        BM=block_m, EB=EB, CH=CH, num_warps=8)
+                        BM=block_m, EB=EB, CH=CH, num_warps=8, **pdl.launch_kw(ids))
     return sorted_ids, block_expert
 
 
@@ -452,7 +453,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, max(split_up // 2, 1))
         kern[(g0, triton.cdiv(inter, cu["BN"]), nz)](
             xg, *act_quant(xg, *_w8a8_kinds(grp)), *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
-            SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"])
+            SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"], **pdl.launch_kw(x))
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     q_dn = act_quant(act, *_w8a8_kinds(down_side))
     for gi, grp in enumerate(down_groups):
@@ -460,7 +461,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         kern[(g0, nt_down, nz)](
             act, *q_dn, *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
             SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
-            num_warps=cd["num_warps"], num_stages=cd["num_stages"])
+            num_warps=cd["num_warps"], num_stages=cd["num_stages"], **pdl.launch_kw(x))
     return out
 
 

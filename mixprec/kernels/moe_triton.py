@@ -21,6 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import pdl
 from .quant import int4_field_dots
 
 _DENSE = tl.constexpr(0)
@@ -114,7 +115,7 @@ def _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.const
 @triton.jit
 def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm, k_lo, k_hi,
                BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr):
+               BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
     # Everything stays 2-D in the layout of the [R, BN] word tile (no shared-memory shuffles):
     # field f of every word is dequantized in turn; the word rows are reduced once at the end.
     PF: tl.constexpr = 32 // BITS
@@ -131,6 +132,7 @@ def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm, k_lo, k_hi,
     # one tile of prefetch: the next words are in flight while this tile is dequantized
     rr = k_lo // PF + r
     q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+    pdl.wait(PDL)   # (down side) the first tile is loaded; x comes from the kernel before
     acc = tl.zeros([R, BN], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         q = q_nxt
@@ -169,7 +171,7 @@ def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm, k_lo, k_hi,
 def _gemv_nk(xrow, qrow, srow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
              LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr,
              BNW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr,
-             FOLD: tl.constexpr):
+             FOLD: tl.constexpr, PDL: tl.constexpr):
     # weight [nw, K] row-major (dense / fp8 / int8); this tile: rows row0+n0 .. +BN.
     # W8A8 (ACT 1) reads the row's codes and scales from _act_quant_kernel (qrow, srow), not x.
     # fp8 FOLD: the tile's rows share one scale row, so the weight scale (and the W8A8 activation
@@ -199,6 +201,7 @@ def _gemv_nk(xrow, qrow, srow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
         w_nxt = tl.load(wrow + (k_lo + rk)[None, :], mask=(rn < tl.where(k_lo < k_hi, n_lim, 0))[:, None], other=0)
     else:
         w_nxt = tl.load(wrow + (k_lo + rk)[None, :], mask=nm[:, None] & (k_lo + rk < k_hi)[None, :], other=0)
+    pdl.wait(PDL)   # (down side) the first tile is loaded; x comes from the kernel before
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
         w = w_nxt
@@ -268,7 +271,7 @@ def _slot_rows(PROJ: tl.constexpr, HALF: tl.constexpr, INTER, HID):
 def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
                HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
-               BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr):
+               BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
     LAY: tl.constexpr = C % 4
     ACT: tl.constexpr = (C // 4) % 2
     HZ: tl.constexpr = (C // 8) % 2
@@ -286,16 +289,16 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
                 # rs: stored rows (K, or more for a padded act-order shard; x is read via perm)
                 res = _gemv_intq(xrow, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
                                  z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
-                                 qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ, EVK)
+                                 qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ, EVK, PDL)
             elif LAY == _FP8:
                 res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
-                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BN, BKF, EVK, FOLD)
+                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BN, BKF, EVK, FOLD, PDL)
             elif LAY == _INT8:
                 res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw,
-                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BN, BKI, EVK, 0)
+                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BN, BKI, EVK, 0, PDL)
             else:
                 res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s, z,
-                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, 0, 0, 1, 1, BN, BKD, EVK, 0)
+                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, 0, 0, 1, 1, BN, BKD, EVK, 0, PDL)
         found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
     return res, found
 
@@ -308,20 +311,20 @@ def _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
                C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                NS: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
-               BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr):
+               BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
     res = tl.zeros([BN], dtype=tl.float32)
     found = e * 0  # int32 0/1: some slot holds this expert
     res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, B0,
-                            HALF, BN, BKD, BKF, BKQ, BKI, EVK)
+                            HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
     if NS > 1:
         res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, B1,
-                                HALF, BN, BKD, BKF, BKQ, BKI, EVK)
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
     if NS > 2:
         res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, B2,
-                                HALF, BN, BKD, BKF, BKQ, BKI, EVK)
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
     if NS > 3:
         res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, B3,
-                                HALF, BN, BKD, BKF, BKQ, BKI, EVK)
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
     return res, found
 
 
@@ -344,7 +347,8 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
                      C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                      NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr,
                      BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
-                     SUM: tl.constexpr, ZMISS: tl.constexpr, EVK: tl.constexpr, SPLIT: tl.constexpr):
+                     SUM: tl.constexpr, ZMISS: tl.constexpr, EVK: tl.constexpr, SPLIT: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """Grid (P pairs, N tiles, SPLIT). UP: act[p, n] = silu(x W_gate^T) * (x W_up^T) for the expert
     of pair p (x = x[p // TOPK]); DOWN: buf[p, n] = w_p * act[p] W_down^T, and the last of a token's
     TOPK pairs to finish a tile writes out[token, tile] = sum of its rows (deterministic order).
@@ -356,6 +360,10 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
     t = tl.program_id(1)
     z = tl.program_id(2)
     n0 = t * BN
+    if MODE == _MODE_UP:
+        pdl.wait(PDL)     # the routing and x come from the kernels just before
+    # DOWN: ids are older than the kernel before this one (pdl.py), so they and the first weight
+    # tile are read before the wait for the up launch's act (inside the tile loop)
     e = tl.load(ids_ptr + p)
     rn = n0 + tl.arange(0, BN)
     if MODE == _MODE_UP:
@@ -368,10 +376,10 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
         if SPLIT == 1:
             g, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK)
+                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False)
             u, fu = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK)
+                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False)
             act = g / (1.0 + tl.exp(-g)) * u
             tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty),
                      mask=rn < INTER * fg * fu)  # fg, fu: 0/1
@@ -380,11 +388,11 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
             if z % 2 == 0:
                 part, _ = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK)
+                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False)
             else:
                 part, _ = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK)
+                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False)
             # a pair whose expert is in no bucket (expert parallel) gets act 0: its down adds zero
             nm = rn < INTER
             wsp = ws_ptr + p.to(tl.int64) * SPLIT * INTER + rn
@@ -408,7 +416,8 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
         k_lo = z * k_per
         d, fd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                            w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK)
+                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
+        pdl.wait(PDL)     # a pair in no bucket (expert parallel) has not waited yet; the counters
         nm = rn < HID
         val = d * tl.load(rw_ptr + p)
         orow = out_ptr + (p * SPLIT + z).to(tl.int64) * HID + rn
@@ -613,9 +622,10 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                     C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                     NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
-                    SUM: tl.constexpr, ZMISS: tl.constexpr):
+                    SUM: tl.constexpr, ZMISS: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (blocks of BM sorted pairs, N tiles); block b holds pairs of expert blk[b] (-1: padding,
     exits at once). Same outputs as _moe_gemv_kernel."""
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0)
     t = tl.program_id(1)
     n0 = t * BN
@@ -711,8 +721,9 @@ def _store_topk(w_ptr, id_ptr, wv, iv, rows, rmask, TOPK: tl.constexpr, KB: tl.c
 @triton.jit
 def _route_kernel(logit_ptr, w_ptr, id_ptr, M, E, stride_m,
                   TOPK: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr,
-                  KB: tl.constexpr):
+                  KB: tl.constexpr, PDL: tl.constexpr = False):
     """router logits [M, E] -> top-k weights and ids, BT tokens per program."""
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < M
     ev = tl.arange(0, EB)
@@ -726,7 +737,7 @@ def _route_kernel(logit_ptr, w_ptr, id_ptr, M, E, stride_m,
 @triton.jit
 def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, M, E, H, stride_xm,
                          TOPK: tl.constexpr, RENORM: tl.constexpr, MB: tl.constexpr, BE: tl.constexpr,
-                         BH: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr):
+                         BH: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr, PDL: tl.constexpr = False):
     """Decode routing in one launch: program p computes the logits of experts p*BE.. for all M
     (<= MB) tokens, rounded to x's dtype as the router linear's output is, into lg [M, E]; the
     last program to arrive (arrival counter, reset after) runs softmax / top-k over all E."""
@@ -734,13 +745,16 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, M, E, H, 
     rmask = rows < M
     re = tl.program_id(0) * BE + tl.arange(0, BE)
     rh = tl.arange(0, BH)
+    g_rows = g_ptr + re[:, None].to(tl.int64) * H
+    g_nxt = tl.load(g_rows + rh[None, :], mask=(re < E)[:, None] & (rh < H)[None, :], other=0.0)
+    pdl.wait(PDL)     # the first router tile is loaded; x comes from the kernel before
     acc = tl.zeros([MB, BE], dtype=tl.float32)
     for h0 in range(0, H, BH):
         hh = h0 + rh
         hm = hh < H
+        g = g_nxt
+        g_nxt = tl.load(g_rows + (hh + BH)[None, :], mask=(re < E)[:, None] & (hh + BH < H)[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + hh[None, :], mask=rmask[:, None] & hm[None, :], other=0.0)
-        g = tl.load(g_ptr + re[:, None].to(tl.int64) * H + hh[None, :], mask=(re < E)[:, None] & hm[None, :],
-                    other=0.0)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * g.to(tl.float32)[None, :, :], axis=2)
     acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(lg_ptr + rows[:, None] * E + re[None, :], acc, mask=rmask[:, None] & (re < E)[None, :])
@@ -758,10 +772,11 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, M, E, H, 
 
 @triton.jit
 def _align_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
-                  BM: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr):
+                  BM: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr = False):
     """Counting sort of the P (token, expert) pairs by expert, each expert's run padded to a
     multiple of BM. sorted[s] = pair index (P = padding), blk[b] = expert of block b (-1 = unused).
     One program; sizes are upper bounds from shapes, so no host sync."""
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     ev = tl.arange(0, EB)
     ci = tl.arange(0, CH)
     counts = tl.zeros([EB], dtype=tl.int32)

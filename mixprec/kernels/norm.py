@@ -8,10 +8,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps,
-                     ADD: tl.constexpr, BLOCK: tl.constexpr):
+                     ADD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     row = tl.program_id(0).to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
     m = cols < D
@@ -36,7 +39,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     if x2.shape[0]:
         block = triton.next_power_of_2(D)
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y, h, D, eps, ADD=residual is not None, BLOCK=block,
-                                          num_warps=min(8, max(1, block // 256)))
+                                          num_warps=min(8, max(1, block // 256)), **pdl.launch_kw(x2))
     if residual is None:
         return y.view(x.shape)
     return y.view(x.shape), h.view(x.shape)

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
+from . import pdl
 
 EPS = 1e-10          # amax clamp: an all-zero slice would otherwise give 0/0
 FP8_MAX = 448.0      # float8_e4m3fn
@@ -70,13 +71,14 @@ def round_e4m3(v):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NS,
-                      I8: tl.constexpr, F8: tl.constexpr, KB: tl.constexpr):
+                      I8: tl.constexpr, F8: tl.constexpr, KB: tl.constexpr, PDL: tl.constexpr = False):
     """W8A8 activations, quantized once per row here instead of in every program that reads the
     row (a GEMV reads it once per N tile). Row r of x [R, K] ->
     q [R, 2, K] bytes: plane 0 int8 codes (I8), plane 1 e4m3 codes (F8);
     s [R, NS] fp32: s[r, 0] the int8 scale max(amax, 1e-10) / 127 (per token), s[r, 1 + j] the
     e4m3 scale max(amax_j, 1e-12) / 448 of the 128 inputs of slice j. Divisions are exact
     (div_rn) and round half to even, as moe.quant_act (the reference) does."""
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     r = tl.program_id(0).to(tl.int64)
     G: tl.constexpr = KB // 128
     k = tl.arange(0, G)[:, None] * 128 + tl.arange(0, 128)[None, :]
@@ -112,7 +114,8 @@ def act_quant(v: Tensor, i8: bool, f8: bool) -> tuple[Tensor, Tensor, int]:
     qs = torch.empty(R, ns, dtype=torch.float32, device=v.device)
     if R:
         kb = triton.next_power_of_2(triton.cdiv(K, FP8_ACT_GROUP)) * FP8_ACT_GROUP
-        _act_quant_kernel[(R,)](v, q, qs, K, ns, I8=i8, F8=f8, KB=kb, num_warps=4 if kb <= 2048 else 8)
+        _act_quant_kernel[(R,)](v, q, qs, K, ns, I8=i8, F8=f8, KB=kb, num_warps=4 if kb <= 2048 else 8,
+                                **pdl.launch_kw(v))
     return q, qs, ns
 
 
