@@ -16,7 +16,12 @@ row; the W8A8 dot path uses 128).
 """
 from __future__ import annotations
 
-GEMV_MAX_M = 8
+# the GEMV/dot crossover of a side whose buckets mix layouts: `python scripts/diag_moe_decode.py
+# --mixed` (H100, session 5, after the W8A8 pre-pass made the fp8/int8 dot tiles cheaper): at M=8
+# the dot path beats the joint GEMV config on every mix (30B int4+fp8 120 vs 137 µs, the runtime's
+# mixed preset 124 vs 132; 235B 321 vs 437, 333 vs 407), at M=4 the two are within 2% in sum,
+# at M=2 the GEMV wins (57 vs 68 µs)
+GEMV_MAX_M = 4
 
 # side -> config; "up" computes gate and up tiles of BN columns each (fused silu*mul), "down" BN rows of H
 GEMV = {
