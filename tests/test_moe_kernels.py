@@ -58,6 +58,19 @@ def test_route_matches_torch(m, e, k, renorm):
     torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("e,k", [(128, 8), (12, 3), (300, 8)])
+def test_route_ties_go_to_the_lower_expert(e, k):
+    # integer logits: many exact ties; slots are ordered by weight, then by expert id
+    g = torch.Generator().manual_seed(e)
+    logits = torch.randint(-3, 4, (4, e), generator=g).float().to(DEV)
+    w, ids = moe.route(logits, k, True)
+    p = torch.softmax(logits.float(), -1)
+    rw, ri = torch.sort(p, dim=-1, descending=True, stable=True)
+    rw = rw[:, :k] / rw[:, :k].sum(-1, keepdim=True)
+    assert torch.equal(ids.long(), ri[:, :k])
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_router_route_matches_linear_then_route(m, e, k, h, dtype):

@@ -50,9 +50,11 @@ def bench_model(model, batches, prompt_len, gen_len, bw, warm_steps=8):
         g = torch.Generator().manual_seed(B)
         prompts = torch.randint(0, V, (B, prompt_len), generator=g).tolist()
         params = SamplingParams(max_new_tokens=gen_len)   # greedy; no stop tokens: fixed length
-        # warm-up (captures graphs, compiles kernels)
-        for _ in gen.stream(prompts, SamplingParams(max_new_tokens=warm_steps)):
-            pass
+        # warm-up (compiles kernels, captures the decode graph) on the cache the timed run uses:
+        # the cache size follows prompt + max_new_tokens, and a new cache means a new capture
+        for i, _ in enumerate(gen.stream(prompts, params)):
+            if i + 1 >= warm_steps:
+                break
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
