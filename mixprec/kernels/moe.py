@@ -75,7 +75,7 @@ def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tens
     w = torch.empty(M, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(M, top_k, dtype=torch.int32, device=logits.device)
     EB = triton.next_power_of_2(E)
-    BT = 1 if EB <= 128 else max(1, min(16, 4096 // EB))   # one token per program: the one-pass top-k
+    BT = max(1, min(16, 4096 // EB))
     if M > 0:
         _route_kernel[(triton.cdiv(M, BT),)](logits, w, ids, M, E, logits.stride(0), TOPK=top_k,
                                              RENORM=bool(renorm), BT=BT, EB=EB,

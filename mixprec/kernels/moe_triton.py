@@ -696,25 +696,14 @@ def _topk_softmax(lg, emask, ev, TOPK: tl.constexpr, RENORM: tl.constexpr, BT: t
     pr = pr / tl.sum(pr, axis=1)[:, None]
     pr = tl.where(emask[None, :], pr, -1.0)
     kv = tl.arange(0, KB)
-    if BT * EB * EB <= 32768:
-        # rank of every expert in one pass (how many beat it: higher p, or equal p and lower id),
-        # then slot j takes the expert of rank j: three reductions instead of 2 * TOPK in a row
-        pi = pr[:, :, None]
-        pj = pr[:, None, :]
-        beats = (pj > pi) | ((pj == pi) & (ev[None, None, :] < ev[None, :, None]))
-        rank = tl.sum(beats.to(tl.int32), axis=2)                              # [BT, EB]
-        sel = (rank[:, None, :] == kv[None, :, None]) & (kv < TOPK)[None, :, None]   # [BT, KB, EB]
-        wv = tl.sum(tl.where(sel, pr[:, None, :], 0.0), axis=2)
-        iv = tl.sum(tl.where(sel, ev[None, None, :], 0), axis=2)
-    else:
-        wv = tl.zeros([BT, KB], dtype=tl.float32)
-        iv = tl.zeros([BT, KB], dtype=tl.int32)
-        for j in tl.static_range(TOPK):
-            v = tl.max(pr, axis=1)
-            i = tl.min(tl.where(pr == v[:, None], ev[None, :], EB), axis=1)
-            wv = tl.where(kv[None, :] == j, v[:, None], wv)
-            iv = tl.where(kv[None, :] == j, i[:, None], iv)
-            pr = tl.where(ev[None, :] == i[:, None], -2.0, pr)
+    wv = tl.zeros([BT, KB], dtype=tl.float32)
+    iv = tl.zeros([BT, KB], dtype=tl.int32)
+    for j in tl.static_range(TOPK):
+        v = tl.max(pr, axis=1)
+        i = tl.min(tl.where(pr == v[:, None], ev[None, :], EB), axis=1)
+        wv = tl.where(kv[None, :] == j, v[:, None], wv)
+        iv = tl.where(kv[None, :] == j, i[:, None], iv)
+        pr = tl.where(ev[None, :] == i[:, None], -2.0, pr)
     if RENORM:
         wv = wv / tl.sum(wv, axis=1)[:, None]
     return wv, iv
