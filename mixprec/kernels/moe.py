@@ -451,8 +451,9 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     kern, g0, lead_up, shape_kw = side(path_up, 0)
     for grp, xg in zip(groups, xs):
         flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, max(split_up // 2, 1))
+        q_up = act_quant(xg, *_w8a8_kinds(grp))   # W8A8 codes of x, once per launch (not per program)
         kern[(g0, triton.cdiv(inter, cu["BN"]), nz)](
-            xg, *act_quant(xg, *_w8a8_kinds(grp)), *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
+            xg, *q_up, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
             SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"], **pdl.launch_kw(x))
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     q_dn = act_quant(act, *_w8a8_kinds(down_side))

@@ -108,6 +108,7 @@ def act_quant(v: Tensor, i8: bool, f8: bool) -> tuple[Tensor, Tensor, int]:
     i8 / f8: which planes to fill. With neither, nothing is launched and v stands in for both."""
     if not (i8 or f8):
         return v, v, 0
+    v = v.contiguous()
     R, K = v.shape
     ns = 1 + triton.cdiv(K, FP8_ACT_GROUP)
     q = torch.empty(R, 2, K, dtype=torch.uint8, device=v.device)
