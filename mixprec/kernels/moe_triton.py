@@ -417,7 +417,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
         d, fd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                            w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                            C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
-        pdl.wait(PDL)     # a pair in no bucket (expert parallel) has not waited yet; the counters
+        pdl.wait(PDL)     # a pair in no bucket (expert parallel) has not waited in a tile loop yet
         nm = rn < HID
         val = d * tl.load(rw_ptr + p)
         orow = out_ptr + (p * SPLIT + z).to(tl.int64) * HID + rn
