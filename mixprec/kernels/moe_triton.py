@@ -213,15 +213,14 @@ def _gemv_nk(xrow, qrow, srow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
             w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < k_hi)[None, :], other=0)
             x = tl.load(xrow + kk, mask=kk < K, other=0)
         if LAY == _FP8:
+            ks = k0 + tl.arange(0, U) * SUB                                      # [U] slice starts
             if ACT == 1:
-                ks = k0 + tl.arange(0, U) * SUB
-                a = tl.load(srow + 1 + ks // 128, mask=ks < K, other=0.0)        # [U] slice scales
+                a = tl.load(srow + 1 + ks // 128, mask=ks < K, other=0.0)        # their activation scales
                 x2 = tl.reshape(x.to(tl.float8e4nv, bitcast=True).to(tl.float32), (U, SUB)) * a[:, None]
             else:
                 x2 = tl.reshape(x.to(tl.float32), (U, SUB))
             wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             if FOLD:
-                ks = k0 + tl.arange(0, U) * SUB
                 sc = tl.load(sp + ((row0 + n0) // BNW) * tl.cdiv(K, BKW) + ks // BKW, mask=ks < K, other=0.0)
                 acc += wf * tl.reshape(x2 * sc[:, None], (BK,))[None, :]
             else:
