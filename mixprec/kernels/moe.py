@@ -448,10 +448,15 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
                 (sorted_ids, blk, rw, buf, out, cnt, P, inter, inter, H, n_cnt))
         return _moe_dot_kernel, blk.numel(), lead, {"BM": BM}
 
+    # W8A8 codes of each gate/up input, quantized once (not per program, nor per launch when the
+    # launches share x)
+    if up_x is None:
+        q_ups = [act_quant(x, *_w8a8_kinds(up_side))] * len(groups)
+    else:
+        q_ups = [act_quant(xg, *_w8a8_kinds(grp)) for grp, xg in zip(groups, xs)]
     kern, g0, lead_up, shape_kw = side(path_up, 0)
-    for grp, xg in zip(groups, xs):
+    for grp, xg, q_up in zip(groups, xs, q_ups):
         flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, max(split_up // 2, 1))
-        q_up = act_quant(xg, *_w8a8_kinds(grp))   # W8A8 codes of x, once per launch (not per program)
         kern[(g0, triton.cdiv(inter, cu["BN"]), nz)](
             xg, *q_up, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
             SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"], **pdl.launch_kw(x))
