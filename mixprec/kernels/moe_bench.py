@@ -60,6 +60,7 @@ GEMV_CANDIDATES = [
     dict(BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, split=8),
 ]
 LAYOUT_OF = {"int4": "intq", "fp8": "fp8", "bf16": "dense"}   # swept configuration -> its layout
+SWEPT = tuple(LAYOUT_OF)                                       # the uniform layers a sweep times
 SWEEP_GEMV_M = [1, 4, 8, 16]
 SWEEP_DOT_M = [8, 16, 32, 64, 128, 512]
 DOT_CANDIDATES = [
@@ -214,7 +215,7 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
     (compile or run) scores inf for its tokens; on_done() after each candidate."""
     scores = {}
     for shape in [s_ for s_ in shapes if s_ in SHAPES]:
-        for name in ("int4", "fp8", "bf16"):
+        for name in SWEPT:
             for path, cands, tokens in (("gemv", GEMV_CANDIDATES, tokens_gemv), ("dot", DOT_CANDIDATES, tokens_dot)):
                 if path not in paths:
                     continue
@@ -239,7 +240,7 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
             key = (shape, name, M)
             best_t[key] = min(best_t.get(key, float("inf")), us)
 
-    def score(path, ci, Ms, names=("int4", "fp8", "bf16")):
+    def score(path, ci, Ms, names=SWEPT):
         tot = 0.0
         for M in Ms:
             for shape, name, us in scores.get((path, ci, M), []):
@@ -264,7 +265,7 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
         g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv))
         win.update(gemv=g, gemv_cfg=GEMV_CANDIDATES[g], gemv_layout={})
         if dot_by_m:
-            win["gemv_max_m"] = crossover(g, dot_by_m, ("int4", "fp8", "bf16"))
+            win["gemv_max_m"] = crossover(g, dot_by_m, SWEPT)
         for name, layout in LAYOUT_OF.items():
             gl = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv, (name,)))
             dl = {M: min(range(len(DOT_CANDIDATES)), key=lambda ci: score("dot", ci, [M], (name,)))
@@ -445,7 +446,7 @@ def main(argv=None) -> int:
             stage("compiling the sweep candidates")
             jobs = []
             for shape in a.sweep_shapes.split(","):
-                for n in ("int4", "fp8", "bf16"):
+                for n in SWEPT:
                     if "gemv" in paths:
                         for c in GEMV_CANDIDATES:
                             jobs.append((shape, n, ("gemv", c, c), SWEEP_GEMV_M, True))
