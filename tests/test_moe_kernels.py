@@ -455,6 +455,25 @@ def test_pick_per_side_layouts():
     assert (pu, cu) == ("gemv", mc.GEMV_LAYOUT["intq"][1])
     assert pd == ("gemv" if m <= dn_max else "dot")
     assert mc.pick(1, {"intq", "fp8"}, {"fp8"})[:2] == ("gemv", mc.GEMV["up"])
+    for (lay, h), c in mc.GEMV_M1.items():     # batch 1 of a listed shape: its own config
+        layouts = {"intq", "fp8"} if lay == "mixed" else {lay}
+        assert mc.pick(1, layouts, layouts, hidden=h) == ("gemv", c, "gemv", c)
+        assert mc.pick(2, layouts, layouts, hidden=h) == mc.pick(2, layouts, layouts)
+
+
+@pytest.mark.parametrize("ci", range(5))
+def test_batch1_configs(ci):
+    """Every distinct batch-1 GEMV config (moe_configs.GEMV_M1) on a mixed layer at M=1."""
+    from mixprec.kernels import moe_configs as mc
+    cfgs = []
+    for c in mc.GEMV_M1.values():
+        if c not in cfgs:
+            cfgs.append(c)
+    if ci >= len(cfgs):
+        pytest.skip(f"{len(cfgs)} distinct configs")
+    h, i = 640, 128        # up: a full and a partial 512 K step; down: K below one step
+    b = _layer(mt.split(["fp16", "fp8", "int4", "int8"], E), h=h, i=i)
+    _check(b, *_inputs(1, h=h, seed=60 + ci), inter=i, config=("gemv", cfgs[ci], cfgs[ci]))
     assert mc.pick(10 ** 6, {"dense"}, {"dense"})[0::2] == ("dot", "dot")
 
 

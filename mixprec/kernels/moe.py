@@ -402,7 +402,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     if M == 0:
         return out
     path_up, cu, path_dn, cd = (moe_configs.sides(config) if config else
-                                moe_configs.pick(M, *side_layouts(buckets)))
+                                moe_configs.pick(M, *side_layouts(buckets), hidden=H))
     act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
     nt_down = triton.cdiv(H, cd["BN"])
     cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)

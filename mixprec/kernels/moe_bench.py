@@ -58,6 +58,18 @@ GEMV_CANDIDATES = [
     dict(BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=1, split=4),
     dict(BN=64, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, split=8),
     dict(BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, split=8),
+    # more warps per SM at decode (ncu, session 6: the M=1 int4 up launch had 6 warps per SM, 0.27
+    # instructions issued per cycle per scheduler): smaller tiles, more warps per program
+    dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=8, num_stages=1),
+    dict(BN=16, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=8, num_stages=1),
+    dict(BN=32, BKD=128, BKF=256, BKQ=512, BKI=256, num_warps=8, num_stages=1),
+    dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=8, num_stages=1),
+    dict(BN=32, BKD=256, BKF=512, BKQ=1024, BKI=256, num_warps=16, num_stages=1),
+    dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1),
+    dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1),
+    dict(BN=8, BKD=256, BKF=512, BKQ=1024, BKI=256, num_warps=8, num_stages=1),
+    dict(BN=16, BKD=128, BKF=256, BKQ=512, BKI=128, num_warps=8, num_stages=1, split=2),
+    dict(BN=32, BKD=128, BKF=256, BKQ=512, BKI=128, num_warps=8, num_stages=1, split=4),
 ]
 LAYOUT_OF = {"int4": "intq", "fp8": "fp8", "bf16": "dense"}   # swept configuration -> its layout
 SWEPT = tuple(LAYOUT_OF)                                       # the uniform layers a sweep times
@@ -263,7 +275,7 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
         dot_by_m = {}
     if "gemv" in paths:
         g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv))
-        win.update(gemv=g, gemv_cfg=GEMV_CANDIDATES[g], gemv_layout={})
+        win.update(gemv=g, gemv_cfg=GEMV_CANDIDATES[g], gemv_layout={}, gemv_m1=m1_winners(results))
         if dot_by_m:
             win["gemv_max_m"] = crossover(g, dot_by_m, SWEPT)
         for name, layout in LAYOUT_OF.items():
@@ -274,6 +286,28 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
                      moe_configs.GEMV_LAYOUT.get(layout, (moe_configs.GEMV_MAX_M, None))[0])
             win["gemv_layout"][layout] = (max_m, GEMV_CANDIDATES[gl])
     return win
+
+
+def m1_winners(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """Batch-1 GEMV configs from sweep rows ({shape, config "name gemv#i", M, us}): per (layout,
+    hidden size) the fastest candidate at M=1, and per hidden size ("mixed", H) the one with the
+    least sum of times relative to each layout's best (the config of launches that mix layouts)."""
+    t: dict = {}
+    for r in rows:
+        name, _, rest = r["config"].partition(" ")
+        if r["M"] == 1 and rest.startswith("gemv#") and math.isfinite(r["us"]):
+            t.setdefault(r["shape"], {}).setdefault(name, {})[int(rest[5:])] = r["us"]
+    out = {}
+    for shape, by_name in t.items():
+        H = SHAPES[shape]["H"]
+        for name, us in by_name.items():
+            out[(LAYOUT_OF[name], H)] = GEMV_CANDIDATES[min(us, key=us.get)]
+        common = set.intersection(*(set(us) for us in by_name.values()))
+        if len(by_name) > 1 and common:
+            best = {name: min(us.values()) for name, us in by_name.items()}
+            ci = min(common, key=lambda c: sum(us[c] / best[n] for n, us in by_name.items()))
+            out[("mixed", H)] = GEMV_CANDIDATES[ci]
+    return out
 
 
 def _warm_worker(job) -> str:
@@ -394,7 +428,8 @@ def save(out, meta, bw, results, results_sweep, checks=()) -> list[str]:
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(dict(meta=meta, copy_bw=bw, results=results, sweep=results_sweep, checks=list(checks),
                            configs=dict(gemv=moe_configs.GEMV, gemv_max_m=moe_configs.GEMV_MAX_M,
-                                        gemv_layout=moe_configs.GEMV_LAYOUT, dot=moe_configs.DOT)),
+                                        gemv_layout=moe_configs.GEMV_LAYOUT, dot=moe_configs.DOT,
+                                        gemv_m1={f"{lay} H={H}": c for (lay, H), c in moe_configs.GEMV_M1.items()})),
                       f, indent=1, default=str)
         with open(os.path.join(out, "table.md"), "w") as f:
             f.write(table(results) + "\n\n" + "\n".join(lines) + "\n"
@@ -458,14 +493,16 @@ def main(argv=None) -> int:
         win = sweep(SWEEP_GEMV_M, SWEEP_DOT_M, min_bytes, bw, results_sweep,
                     on_done=lambda: save(a.out, meta, bw, results, results_sweep), shapes=a.sweep_shapes.split(","),
                     paths=paths)
-        log("sweep winners:", json.dumps(win, default=str))
         if "gemv_cfg" in win:
             moe_configs.GEMV["up"] = moe_configs.GEMV["down"] = win["gemv_cfg"]
             moe_configs.GEMV_LAYOUT.update(win["gemv_layout"])   # layouts not swept (int8) keep theirs
+            moe_configs.GEMV_M1.update(win["gemv_m1"])
+            win["gemv_m1"] = {f"{lay} H={H}": c for (lay, H), c in win["gemv_m1"].items()}   # JSON keys
         if "gemv_max_m" in win:
             moe_configs.GEMV_MAX_M = win["gemv_max_m"]
         if "dot" in win:
             moe_configs.DOT[:] = [(M, c) for M, c in sorted(win["dot"].items())] + [(1 << 30, win["dot"][max(win["dot"])])]
+        log("sweep winners:", json.dumps(win, default=str))
         meta["sweep_winners"] = win
         save(a.out, meta, bw, results, results_sweep)
     if a.workers > 1:  # the table's kernels under the configs it will use (the winners after a sweep)

@@ -55,6 +55,23 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
 }
 
 
+# batch-1 decode (M=1): (layout, hidden size) -> GEMV config, and ("mixed", hidden) for launches
+# that mix layouts; the M=1 winners differ from the M<=16 ones above. Swept on an H100 in session
+# 6 (`python -m mixprec bench-moe --sweep --sweep-paths gemv --tokens 1,2,4`, moe_bench.m1_winners;
+# µs per layer, winner vs the config used before): 30B fp8 36.4 vs 43.0, int4 23.4 vs 26.1, bf16
+# 39.3 vs 41.9; 235B int4 48.1 vs 50.7. A second run, table vs table (with a scale / x prefetch
+# in the tile loops that changed nothing and was dropped): 30B fp8 43.3 -> 35.5, int4 24.9 ->
+# 22.5, bf16 42.3 -> 39.1, int4+fp8 44.2 -> 40.8; 235B int4 50.8 -> 48.2. Winners within run-to-run
+# noise (235B fp8 / bf16 / mixed, < 4%) are not listed; what is not listed uses the tables above.
+GEMV_M1: dict[tuple[str, int], dict] = {
+    ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
+    ("fp8", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1),
+    ("dense", 2048): dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=8, num_stages=1),
+    ("mixed", 2048): dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1),
+    ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
+}
+
+
 def dot_config(m: int) -> dict:
     for bound, cfg in DOT:
         if m <= bound:
@@ -62,11 +79,16 @@ def dot_config(m: int) -> dict:
     return DOT[-1][1]
 
 
-def pick(m: int, up_layouts=(), down_layouts=()) -> tuple[str, dict, str, dict]:
+def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> tuple[str, dict, str, dict]:
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
-    layouts of each side (one layout: its own GEMV config and crossover)."""
+    layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
+    hidden size (M=1 takes GEMV_M1 where it has the shape)."""
     out = []
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
+        m1 = GEMV_M1.get((next(iter(layouts)) if len(layouts) == 1 else "mixed", hidden)) if m == 1 else None
+        if m1 is not None:
+            out += ["gemv", m1]
+            continue
         own = GEMV_LAYOUT.get(next(iter(layouts))) if len(layouts) == 1 else None
         max_m, cfg = own if own else (GEMV_MAX_M, GEMV[key])
         out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m)]
