@@ -5,10 +5,11 @@ host->device copies) for each, and reports GB/s over the checkpoint's bytes on d
 tokenizer (the fixture writes a full 151936-token tokenizer.json) is timed on its own and left
 out of the weight throughput.
 
-    python scripts/bench_load.py DIR [--layers 1] [--formats bf16,fp8,gptq]
+    python scripts/bench_load.py DIR [--layers 1] [--formats bf16,fp8,gptq] [--reuse] [--warm]
 
 The page cache is dropped before each load when the process may (root), else the files are warm
-in memory from being written, which the output says."""
+in memory from being written, which the output says; --warm reads every file first instead (the
+loader's own speed, not the disk's). --reuse loads the checkpoints already in DIR."""
 import argparse
 import os
 import sys
@@ -20,7 +21,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import mixprec  # noqa: E402
-from mixprec.loader.assemble import load_workers  # noqa: E402
 from mixprec.testing.fixtures import make_fixture  # noqa: E402
 
 
@@ -38,17 +38,28 @@ def main() -> int:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--formats", default="bf16,fp8,gptq")
+    ap.add_argument("--warm", action="store_true", help="read the files first instead of dropping the page cache")
+    ap.add_argument("--reuse", action="store_true", help="load the checkpoints already in DIR (same --layers)")
     a = ap.parse_args()
     names = a.formats.split(",")
     t0 = time.perf_counter()
-    paths = make_fixture(a.dir, formats=names, layers=a.layers, hidden=2048, experts=128, top_k=8, heads=32,
-                         kv_heads=4, head_dim=128, moe_intermediate=768, intermediate=6144, vocab=151936,
-                         mlp_only_layers=())
-    print(f"wrote {names} ({a.layers} layers, 30B shapes) in {time.perf_counter() - t0:.0f} s")
+    if a.reuse and all((a.dir / n / "config.json").is_file() for n in names):
+        paths = {n: a.dir / n for n in names}
+        print(f"reusing the checkpoints in {a.dir}")
+    else:
+        paths = make_fixture(a.dir, formats=names, layers=a.layers, hidden=2048, experts=128, top_k=8, heads=32,
+                             kv_heads=4, head_dim=128, moe_intermediate=768, intermediate=6144, vocab=151936,
+                             mlp_only_layers=())
+        print(f"wrote {names} ({a.layers} layers, 30B shapes) in {time.perf_counter() - t0:.0f} s")
     torch.empty(1, device="cuda")                      # CUDA context outside the timing
     for name in names:
         nbytes = sum(f.stat().st_size for f in paths[name].glob("*.safetensors"))
-        cold = drop_caches()
+        if a.warm:     # every file read once: the load reads from the page cache
+            for f in paths[name].iterdir():
+                with open(f, "rb") as fh:
+                    while fh.read(1 << 26):
+                        pass
+        cold = not a.warm and drop_caches()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         model = mixprec.load(paths[name], device="cuda", progress=False)
@@ -59,8 +70,7 @@ def main() -> int:
         tok = time.perf_counter() - t0
         w = dt - tok
         print(f"{name:5s} {nbytes / 1e9:6.2f} GB in {dt:6.2f} s, of which tokenizer {tok:5.2f} s: weights "
-              f"{nbytes / 1e9 / w:5.2f} GB/s ({'page cache dropped' if cold else 'warm page cache'}, "
-              f"{load_workers()} reader threads)")
+              f"{nbytes / 1e9 / w:5.2f} GB/s ({'page cache dropped' if cold else 'warm page cache'})")
         del model
         torch.cuda.empty_cache()
     return 0

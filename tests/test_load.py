@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import mixprec
 from mixprec.demo import DEMO_RULES, write_demo_config
-from mixprec.errors import CheckpointError, ConfigError, MissingWeight, ModelMismatch
+from mixprec.errors import ConfigError, MissingWeight, ModelMismatch
 from mixprec.testing.fixtures import FIXTURES, make_fixture
 
 transformers = pytest.importorskip("transformers")
@@ -258,28 +258,3 @@ def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "top-1 agreement" in out
-
-
-def test_prefetched_keeps_plan_order_and_raises_in_place():
-    import random
-    import time
-
-    from mixprec.loader.assemble import WINDOW, _prefetched
-
-    rng = random.Random(0)
-    delays = [rng.random() * 2e-3 for _ in range(3 * WINDOW)]
-
-    def job(i):
-        def run():
-            time.sleep(delays[i])
-            if i == WINDOW + 3:
-                raise CheckpointError(f"module {i} is broken")
-            return i
-        return run
-
-    got = []
-    with pytest.raises(CheckpointError, match=f"module {WINDOW + 3} is broken"):
-        for v in _prefetched([job(i) for i in range(3 * WINDOW)], workers=4):
-            got.append(v)
-    assert got == list(range(WINDOW + 3))      # everything before the broken module, in order
-    assert list(_prefetched([job(i) for i in range(WINDOW)], workers=1)) == list(range(WINDOW))

@@ -1,21 +1,15 @@
 """Build the model from a plan: meta-device model, then one module at a time from its source.
 
-Peak memory is the model in its packed form plus a bounded window of modules on the host (one
-MoE layer while its experts are stacked). Reading a weight from its memory-mapped shard,
-transcoding it (its format's `load`) and, for a CUDA device, copying it into pinned host memory
-run in worker threads, up to WINDOW modules ahead; the main thread issues the asynchronous
-host->device copies in plan order, so disk reads, conversion and DMA overlap. Errors surface in
-plan order, as if the modules were loaded one by one.
+Peak memory is the model in its packed form plus one module (one MoE layer while its experts
+are stacked): a weight is read from its memory-mapped shard, transcoded by its format's `load`,
+moved to the device and dropped from the host before the next one is read.
 """
 from __future__ import annotations
 
-import os
-from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from ..errors import ConfigError
@@ -159,40 +153,6 @@ def input_rescales(plan: Plan) -> dict[str, torch.Tensor]:
     return out
 
 
-# modules prepared ahead of the one being placed (bounds the host memory in flight)
-WINDOW = 16
-
-
-def _staged(t: Tensor, pin: bool) -> Tensor:
-    """t in contiguous pinned host memory (pin) for an asynchronous copy, else as it is."""
-    return t.contiguous().pin_memory() if pin else t
-
-
-def _prefetched(jobs, workers: int):
-    """Run the callables `jobs` in `workers` threads, at most WINDOW ahead of the consumer, and
-    yield their results in order (an exception is raised where its job's result is due)."""
-    if workers <= 1:
-        for job in jobs:
-            yield job()
-        return
-    ex = ThreadPoolExecutor(workers, thread_name_prefix="mixprec-load")
-    pending: deque = deque()
-    try:
-        for job in jobs:
-            pending.append(ex.submit(job))
-            if len(pending) > WINDOW:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-
-
-def load_workers() -> int:
-    """Threads that read and transcode modules (MIXPREC_LOAD_WORKERS, default min(8, cpus))."""
-    return max(1, int(os.environ.get("MIXPREC_LOAD_WORKERS", min(8, os.cpu_count() or 1))))
-
-
 def assemble(plan: Plan, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
              progress: bool = True, model: Qwen3ForCausalLM | None = None) -> tuple[Qwen3ForCausalLM, Stats]:
     """Materialise every weight of `plan` on `device` (into `model` if given, an unloaded
@@ -205,44 +165,10 @@ def assemble(plan: Plan, device: str | torch.device = "cpu", dtype: torch.dtype 
 
     total_bytes = sum(e.nbytes for e in plan.entries.values())
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading", disable=not progress)
-    pin = device.type == "cuda"
-    plain = list(plan.args.plain_tensors())
+    for name in plan.args.plain_tensors():
+        model.set_tensor(name, base.get(name).to(device))
     if not plan.args.tie_word_embeddings and "lm_head" not in plan.entries:
-        plain.append("lm_head.weight")
-
-    def read_plain(name):
-        return lambda: _staged(base.get(name), pin)
-
-    def read_module(module, e):
-        def job():
-            ckpt = plan.sources[e.source]
-            packed = load_module(ckpt.module(module), e.n, e.k, e.scheme, where=f"{ckpt.path}: {module}",
-                                 dtype=dtype)
-            for name, t in packed.tensors().items():
-                setattr(packed, name, _staged(t, pin))
-            return packed
-        return job
-
-    jobs = [read_plain(n) for n in plain] + [read_module(m, e) for m, e in plan.entries.items()]
-    ready = _prefetched(jobs, load_workers())
-    try:
-        _place(model, plan, ready, plain, rescale, stats, bar, device, pin)
-    finally:
-        ready.close()       # an error above: stop the workers before it propagates
-    bar.close()
-    if pin and hasattr(torch._C, "_host_emptyCache"):
-        torch.cuda.synchronize(device)
-        torch._C._host_emptyCache()     # the staging buffers are not needed after loading
-    stats.rescaled = sorted(rescale)
-    model.finalize()
-    model.eval()
-    return model, stats
-
-
-def _place(model, plan: Plan, ready, plain: list[str], rescale: dict, stats: Stats, bar, device, pin: bool) -> None:
-    """Set every prepared tensor / module (from `ready`, in plan order) on the device."""
-    for name in plain:
-        model.set_tensor(name, next(ready).to(device, non_blocking=pin))
+        model.set_tensor("lm_head.weight", base.get("lm_head.weight").to(device))
 
     layers = model.model.layers
     last_layer = None
@@ -254,7 +180,16 @@ def _place(model, plan: Plan, ready, plain: list[str], rescale: dict, stats: Sta
             if isinstance(mlp, MoE):
                 mlp.finalize()
         last_layer = layer
-        packed = next(ready).to(device, non_blocking=pin)
+        ckpt = plan.sources[e.source]
+        raw = ckpt.module(module)
+        packed = load_module(raw, e.n, e.k, e.scheme, where=f"{ckpt.path}: {module}", dtype=dtype)
+        del raw
+        packed = packed.to(device)
         model.set_linear(module, packed, input_scale=rescale[module].to(device) if module in rescale else None)
         stats.add(packed, e.source)
         bar.update(e.nbytes)
+    bar.close()
+    stats.rescaled = sorted(rescale)
+    model.finalize()
+    model.eval()
+    return model, stats

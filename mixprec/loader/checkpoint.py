@@ -10,7 +10,6 @@ load. Tensor data is only read on `get` / `get_slice` / `module`, through safete
 from __future__ import annotations
 
 import difflib
-import threading
 import json
 import math
 from functools import cached_property
@@ -107,7 +106,6 @@ class Checkpoint:
         self._info: dict[str, dict] = {}             # tensor -> header entry
         self._children: dict[str, dict[str, str]] = {}   # module prefix -> {suffix: tensor name}
         self._handles: dict[Path, object] = {}
-        self._lock = threading.Lock()
         self._open_shards()
         for name in self._where:
             parent, _, suffix = name.rpartition(".")
@@ -156,15 +154,14 @@ class Checkpoint:
                 self._where[name], self._info[name] = f, info
 
     def _handle(self, shard: Path):
-        with self._lock:        # the loader reads from several threads
-            h = self._handles.get(shard)
-            if h is None:
-                try:
-                    h = safe_open(str(shard), framework="pt")
-                except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"{shard}: cannot open: {e}") from None
-                self._handles[shard] = h
-            return h
+        h = self._handles.get(shard)
+        if h is None:
+            try:
+                h = safe_open(str(shard), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{shard}: cannot open: {e}") from None
+            self._handles[shard] = h
+        return h
 
     def close(self) -> None:
         """Drop the shard handles (their mmaps are released once no tensor views remain)."""
