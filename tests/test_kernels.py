@@ -265,6 +265,23 @@ def test_int8_gpu(dtype, act):
 
 
 @gpu
+@pytest.mark.parametrize("m", [1, 3, 20, 100, 300])
+def test_gpu_default_configs_untuned_shapes(m):
+    """Shapes with no tuned entry take configs.default for every M bucket: they must launch
+    (fit the shared memory) and match the reference (the demo model's shapes are such)."""
+    N, K = 320, 384
+    w8, s8 = make_fp8(N, K, (128, 128), 32)
+    wi, si, _ = make_int8(N, K, False, 33)
+    x = xin(m, K, torch.bfloat16, 34)
+    for act in ("w8a8", "w8a16"):
+        assert sqnr(fp8_linear(x, w8, s8, (128, 128), act), fp8_linear_reference(x, w8, s8, (128, 128), act)) >= 40
+        assert sqnr(int8_linear(x, wi, si, None, act), int8_linear_reference(x, wi, si, None, act)) >= 40
+    for G, asym in ((128, True), (32, True), (32, False)):     # group 32: [BK, BN] scales staged too
+        qw, sc, z, _ = make_intq(N, K, G, 4, asym, False, seed=31)
+        assert sqnr(intq_linear(x, qw, sc, z, None, 4, G), intq_linear_reference(x, qw, sc, z, None, 4, G)) >= 40
+
+
+@gpu
 def test_gpu_tuned_configs_all_paths():
     """Every gemv/gemm path with split-K on a real shape, then CUDA-graph capture + replay,
     deterministic (bitwise equal) results across calls."""

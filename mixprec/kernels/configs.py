@@ -49,6 +49,11 @@ def default(kind: str, M: int, N: int, K: int) -> dict:
         BM, BN, warps, stages = b, 64, 4, 3
     else:
         BM, BN, warps, stages = 64, 128, 4, 3
+    if kind.startswith("intq") and b > 16:
+        # the int4 GEMM stages a [BK, BN] int32 word tile (each word once per code it holds) and,
+        # for groups smaller than BK, [BK, BN] scales and zeros: with BM 64, 3-4 stages exceed the
+        # 227 KB of shared memory (group 32, H100: 248-272 KB requested)
+        BN, stages = 64, 2
     return cfg("gemm", BM, BN, 128, auto_split(M, N, K, BM, BN, 128, target=SMS if b > 64 else 2 * SMS),
                warps, stages)
 

@@ -73,7 +73,7 @@ GEMV_CANDIDATES = [
 ]
 LAYOUT_OF = {"int4": "intq", "fp8": "fp8", "bf16": "dense"}   # swept configuration -> its layout
 SWEPT = tuple(LAYOUT_OF)                                       # the uniform layers a sweep times
-SWEEP_GEMV_M = [1, 4, 8, 16]
+SWEEP_GEMV_M = [1, 2, 4, 8, 16]
 SWEEP_DOT_M = [8, 16, 32, 64, 128, 512]
 DOT_CANDIDATES = [
     dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3),
@@ -274,7 +274,9 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
     else:   # no dot timings: the per-layout crossovers in use are kept
         dot_by_m = {}
     if "gemv" in paths:
-        g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, tokens_gemv))
+        # the joint config serves launches that mix layouts: M = 2..GEMV_MAX_M (M=1 has GEMV_M1)
+        joint_ms = [M for M in tokens_gemv if 1 < M <= moe_configs.GEMV_MAX_M] or tokens_gemv
+        g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, joint_ms))
         win.update(gemv=g, gemv_cfg=GEMV_CANDIDATES[g], gemv_layout={}, gemv_m1=m1_winners(results))
         if dot_by_m:
             win["gemv_max_m"] = crossover(g, dot_by_m, SWEPT)

@@ -23,10 +23,13 @@ from __future__ import annotations
 # at M=2 the GEMV wins (57 vs 68 µs)
 GEMV_MAX_M = 4
 
-# side -> config; "up" computes gate and up tiles of BN columns each (fused silu*mul), "down" BN rows of H
+# side -> config; "up" computes gate and up tiles of BN columns each (fused silu*mul), "down" BN rows of H.
+# Serves launches that mix layouts, i.e. M = 2..GEMV_MAX_M (M=1: GEMV_M1). Session 6 sweep at M=4
+# (H100, both shapes, int4 / fp8 / bf16): this config has the least summed relative time (30B
+# int4 50.9, fp8 76.5 µs vs 55.6 / 97.0 with the session-4 joint winner, chosen then over M up to 16)
 GEMV = {
-    "up": dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
-    "down": dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
+    "up": dict(BN=64, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=8, num_stages=1),
+    "down": dict(BN=64, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=8, num_stages=1),
 }
 
 # (max tokens, config): the first row whose bound >= M is used
@@ -62,13 +65,15 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
 # 39.3 vs 41.9; 235B int4 48.1 vs 50.7. A second run, table vs table (with a scale / x prefetch
 # in the tile loops that changed nothing and was dropped): 30B fp8 43.3 -> 35.5, int4 24.9 ->
 # 22.5, bf16 42.3 -> 39.1, int4+fp8 44.2 -> 40.8; 235B int4 50.8 -> 48.2. Winners within run-to-run
-# noise (235B fp8 / bf16 / mixed, < 4%) are not listed; what is not listed uses the tables above.
+# noise (235B fp8 / bf16, < 4%) are not listed; what is not listed uses the tables above. 235B
+# "mixed" keeps the earlier joint config (the M=2-4 one below is 25% slower there on bf16 at M=1).
 GEMV_M1: dict[tuple[str, int], dict] = {
     ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
     ("fp8", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1),
     ("dense", 2048): dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=8, num_stages=1),
     ("mixed", 2048): dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1),
     ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
+    ("mixed", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
 }
 
 
