@@ -12,6 +12,9 @@ Two kernels, both one launch per call (split-K reduced in-kernel, quant.splitk_s
   Codes become floats without int->float converts: (word & (mask << p)) | 0x4B000000 is the
   fp32 2^23 + q*2^p, one LOP3 + one FADD; 2^-p is folded into x. The zero point and scale are
   applied once per group: y += s * (sum_k x_k q_k - z * sum_k x_k).
+* gemvt (decode, small tiles): programs over (row m, BN columns, K split) running the tile loop
+  the fused MoE uses (gemv_tiles.gemv_intq: a [BK/pf, BN] word tile, one word row per thread
+  group, the next tile prefetched); many small programs instead of few wide ones.
 * gemm (tl.dot, M > 1): when a K tile sits in one group the codes enter the dot as exact integers
   (q - z) and the scale multiplies the tile's dot result. 4-bit, BM 16, M <= 8, K tiles >= 128: the
   [BK/8, BN] word tile is loaded once and unpacked two fields per instruction (quant.int4_pair);
@@ -29,6 +32,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
+from .gemv_tiles import gemv_intq
 from .quant import check_tensor, check_x, gemm_tile, int4_field_dots, split_plan, split_workspace, splitk_store
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
@@ -91,6 +95,27 @@ def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
             # rows live in one thread: the K sum is an in-register FMA chain
             part += tl.sum((q.to(tl.float32, bitcast=True) - 8388608.0) * xv[:, None], axis=0)
         acc += s * (part - z * tl.sum(xs, axis=0))
+    offs_m = pid_m + tl.arange(0, 1)
+    tile_id = pid_m * tl.num_programs(1) + pid_n
+    splitk_store(acc[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+                 pid_k, split, USE_SPLIT)
+
+
+@triton.jit(do_not_specialize=["M", "split"])
+def _intq_gemv_tile_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,
+                           M, N, K, stride_xm, stride_om, qm, k_per_split, split,
+                           BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVK: tl.constexpr,
+                           USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    # qweight / scales / zeros contiguous (row stride N); qm: the 4-bit code mask at run time
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    k_lo = pid_k * k_per_split
+    acc = gemv_intq(x_ptr + pid_m.to(tl.int64) * stride_xm, qw_ptr, s_ptr, z_ptr, perm_ptr, 0, N, K, N,
+                    pid_n * BLOCK_N, qm if BITS == 4 else (qm << 4) | qm, k_lo, k_lo + k_per_split,
+                    BITS, G, HAS_ZERO, HAS_PERM, BLOCK_N, BLOCK_K, EVK, PDL)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m + tl.arange(0, 1)
     tile_id = pid_m * tl.num_programs(1) + pid_n
     splitk_store(acc[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
@@ -233,7 +258,18 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     pp = perm if perm is not None else qweight
     stride_z = zeros.stride(0) if zeros is not None else 0
     common = (M, N, K, G, x2.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), stride_z)
-    if c["path"] == "gemv":
+    dense_rows = all(t is None or t.stride(0) == N for t in (qweight, scales, zeros))
+    if c["path"] == "gemvt" and dense_rows:
+        tile = max(_pow2_floor(c["BK"]), 16 * pf)      # >= 16 word rows per tile
+        split, per = split_plan(K, tile, c["split"])
+        nb = triton.cdiv(N, c["BN"])
+        ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
+        _intq_gemv_tile_kernel[(M, nb, split)](
+            x2, qweight, scales, zp, pp, out, ws, cnt, M, N, K, x2.stride(0), out.stride(0), 15, per, split,
+            BITS=bits, G=G, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, BLOCK_N=c["BN"],
+            BLOCK_K=tile, EVK=K % tile == 0, USE_SPLIT=split > 1, num_warps=c["warps"],
+            num_stages=c["stages"], **pdl.launch_kw(x2))
+    elif c["path"] in ("gemv", "gemvt"):    # gemvt over strided rows (a view): the gemv kernel
         tile = _gemv_tile(c["BK"], G, K, pf)
         split, per = split_plan(K, tile, c["split"])
         nb = triton.cdiv(N, c["BN"])

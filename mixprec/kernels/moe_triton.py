@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .gemv_tiles import gemv_intq, intq_scale
 from .quant import int4_field_dots
 
 _DENSE = tl.constexpr(0)
@@ -52,19 +53,6 @@ def _covers(PROJ: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _intq_x(xrow, pp, kk, km, HP: tl.constexpr, MASKED: tl.constexpr):
-    # activation values at (stored) k positions kk; act-order reads x[perm[k]]
-    if MASKED:
-        if HP:
-            xi = tl.load(pp + kk, mask=km, other=0)
-            return tl.load(xrow + xi, mask=km, other=0.0).to(tl.float32)
-        return tl.load(xrow + kk, mask=km, other=0.0).to(tl.float32)
-    if HP:
-        return tl.load(xrow + tl.load(pp + kk)).to(tl.float32)
-    return tl.load(xrow + kk).to(tl.float32)
-
-
-@triton.jit
 def _intq_consts(BITS: tl.constexpr, F: tl.constexpr):
     # Field j of a 16-bit half sits at bits BITS*j. OR-ing exponent (150 - BITS*j) makes the
     # float 2^(23-BITS*j) + q exactly, so one LOP3 + one FADD turns a code into a float.
@@ -82,90 +70,8 @@ def _intq_codes(q, fmask, magic, off):
     return b.to(tl.float32, bitcast=True) - off
 
 
-@triton.jit
-def _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-                PF: tl.constexpr, BK: tl.constexpr):
-    # -> (s, z*s) broadcastable to [R, BN] (R word rows of the tile starting at input k0)
-    if GS % BK == 0:
-        g = k0 // GS
-        s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
-        if HZ:
-            z = tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.float32)
-        else:
-            z = tl.full([cols.shape[0]], 2 ** (BITS - 1), tl.float32)
-        s2 = s[None, :]
-        zs2 = (z * s)[None, :]
-    else:
-        kr = k0 + r * PF
-        g = kr // GS
-        off = g[:, None] * nw + cols[None, :]
-        m2 = (kr < K)[:, None] & nm[None, :]
-        s2 = tl.load(sp + off, mask=m2, other=0.0).to(tl.float32)
-        if HZ:
-            z = tl.load(zp + off, mask=m2, other=0).to(tl.float32)
-        else:
-            z = tl.full(s2.shape, 2 ** (BITS - 1), tl.float32)
-        zs2 = z * s2
-    return s2, zs2
-
-
 # ----------------------------------------------------------------------------------------------
 # GEMV tiles (one pair per program): each returns y[n0:n0+BN] in fp32
-
-@triton.jit
-def _gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm, k_lo, k_hi,
-               BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
-    # Everything stays 2-D in the layout of the [R, BN] word tile (no shared-memory shuffles):
-    # field f of every word is dequantized in turn; the word rows are reduced once at the end.
-    PF: tl.constexpr = 32 // BITS
-    F: tl.constexpr = PF // 2
-    R: tl.constexpr = BK // PF
-    rn = n0 + tl.arange(0, BN)
-    nm = rn < n_lim
-    cols = col0 + rn
-    r = tl.arange(0, R)
-    k_hi = tl.minimum(k_hi, K)
-    KP = k_hi // PF                 # word rows of this K range (the prefetch stops there)
-    ZI: tl.constexpr = 0 if HZ else 1 << (BITS - 1)  # symmetric: the zero goes into the FADD
-    qcol = qp + cols[None, :]
-    # one tile of prefetch: the next words are in flight while this tile is dequantized
-    rr = k_lo // PF + r
-    q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
-    pdl.wait(PDL)   # (down side) the first tile is loaded; x comes from the kernel before
-    acc = tl.zeros([R, BN], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        q = q_nxt
-        rr = k0 // PF + R + r
-        q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
-        qh = q >> 16
-        kr = k0 + r * PF
-        # sum_k s (q - z) x = s * (sum_k q x) - z s * (sum_k x): within a word row s and z are
-        # constant, so scale and zero are applied once per 32-bit word instead of once per code
-        part = tl.zeros([R, BN], dtype=tl.float32)
-        xs = tl.zeros([R], dtype=tl.float32)
-        for f in tl.static_range(PF):
-            # field j of a 16-bit half sits at bits BITS*j; OR-ing exponent 150-BITS*j makes the
-            # float 2^(23-BITS*j) + code exactly: one LOP3 + one FADD per code, no I2F.
-            # qm (run-time 2^BITS-1) keeps the masks in registers: LOP3 takes one immediate.
-            if f < F:
-                b = (q & (qm << (BITS * f))) | ((150 - BITS * f) << 23)
-                v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * f)) + ZI)
-            else:
-                b = (qh & (qm << (BITS * (f - F)))) | ((150 - BITS * (f - F)) << 23)
-                v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * (f - F))) + ZI)
-            kf = kr + f
-            x = _intq_x(xrow, pp, kf, kf < K, HP, not EVK)
-            part += v * x[:, None]
-            if HZ:
-                xs += x
-        s, zs = _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
-        if HZ:
-            acc += part * s - zs * xs[:, None]
-        else:
-            acc += part * s
-    return tl.sum(acc, axis=0)
-
 
 @triton.jit
 def _gemv_nk(xrow, qrow, srow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
@@ -286,7 +192,7 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
                 # rs: stored rows (K, or more for a padded act-order shard; x is read via perm)
-                res = _gemv_intq(xrow, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
+                res = gemv_intq(xrow, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
                                  z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
                                  qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ, EVK, PDL)
             elif LAY == _FP8:
@@ -480,7 +386,7 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
                 z = 2 ** (BITS - 1)
             w = tl.reshape(_intq_codes(q, fmask, magic, off + z), (BK, BN))
         else:               # groups smaller than the tile: dequantize each row before the dot
-            s2, zs2 = _intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
+            s2, zs2 = intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
             w = tl.reshape(_intq_codes(q, fmask, magic, off) * s2[:, None, None, :] - zs2[:, None, None, :], (BK, BN))
         if not FIELD_DOTS:
             kk = k0 + rk

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="mix YAML or checkpoint dir (or use --synthetic)")
     p.add_argument("--synthetic", choices=["qwen3-30b-a3b", "qwen3-235b-a22b"])
-    p.add_argument("--mix", default="bf16", help="synthetic: preset (bf16, fp8, int4, int8, mixed), a mix YAML "
+    p.add_argument("--mix", default="bf16", help="synthetic: preset (bf16, fp8, int4, int4-all, int8, mixed), a mix YAML "
                    "whose sources are format names (as `mixprec plan --profile <synthetic>` writes), or "
                    "'regex=fmt;...' with fmt in bf16, fp8, int4, int4-asym, int8; several: a,b")
     p.add_argument("--layers", type=int, default=None, help="synthetic: fewer layers (extrapolate)")

@@ -1,0 +1,110 @@
+"""GEMV tile loops shared by the dense and the MoE kernels (intq.py, moe_triton.py).
+
+A tile function computes y[n0:n0+BN] (fp32) of one activation row against one weight matrix in
+its canonical layout (formats/base.py) over the K range [k_lo, k_hi); the caller owns the grid,
+the split-K reduction and the epilogue.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import pdl
+
+# intq: qweight [K/pf, N] (K packed along 32-bit words, N contiguous), scales / zeros
+# [ceil(K/G), N]; the row stride of all three is nw (the caller's column count)
+
+
+@triton.jit
+def intq_x(xrow, pp, kk, km, HP: tl.constexpr, MASKED: tl.constexpr):
+    # activation values at (stored) k positions kk; act-order reads x[perm[k]]
+    if MASKED:
+        if HP:
+            xi = tl.load(pp + kk, mask=km, other=0)
+            return tl.load(xrow + xi, mask=km, other=0.0).to(tl.float32)
+        return tl.load(xrow + kk, mask=km, other=0.0).to(tl.float32)
+    if HP:
+        return tl.load(xrow + tl.load(pp + kk)).to(tl.float32)
+    return tl.load(xrow + kk).to(tl.float32)
+
+
+@triton.jit
+def intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+               PF: tl.constexpr, BK: tl.constexpr):
+    # -> (s, z*s) broadcastable to [R, BN] (R word rows of the tile starting at input k0)
+    if GS % BK == 0:
+        g = k0 // GS
+        s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
+        if HZ:
+            z = tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.float32)
+        else:
+            z = tl.full([cols.shape[0]], 2 ** (BITS - 1), tl.float32)
+        s2 = s[None, :]
+        zs2 = (z * s)[None, :]
+    else:
+        kr = k0 + r * PF
+        g = kr // GS
+        off = g[:, None] * nw + cols[None, :]
+        m2 = (kr < K)[:, None] & nm[None, :]
+        s2 = tl.load(sp + off, mask=m2, other=0.0).to(tl.float32)
+        if HZ:
+            z = tl.load(zp + off, mask=m2, other=0).to(tl.float32)
+        else:
+            z = tl.full(s2.shape, 2 ** (BITS - 1), tl.float32)
+        zs2 = z * s2
+    return s2, zs2
+
+
+@triton.jit
+def gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm, k_lo, k_hi,
+              BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
+    # Everything stays 2-D in the layout of the [R, BN] word tile (no shared-memory shuffles):
+    # field f of every word is dequantized in turn; the word rows are reduced once at the end.
+    PF: tl.constexpr = 32 // BITS
+    F: tl.constexpr = PF // 2
+    R: tl.constexpr = BK // PF
+    rn = n0 + tl.arange(0, BN)
+    nm = rn < n_lim
+    cols = col0 + rn
+    r = tl.arange(0, R)
+    k_hi = tl.minimum(k_hi, K)
+    KP = k_hi // PF                 # word rows of this K range (the prefetch stops there)
+    ZI: tl.constexpr = 0 if HZ else 1 << (BITS - 1)  # symmetric: the zero goes into the FADD
+    qcol = qp + cols[None, :]
+    # one tile of prefetch: the next words are in flight while this tile is dequantized
+    rr = k_lo // PF + r
+    q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+    pdl.wait(PDL)   # (down side) the first tile is loaded; x comes from the kernel before
+    acc = tl.zeros([R, BN], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        q = q_nxt
+        rr = k0 // PF + R + r
+        q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+        qh = q >> 16
+        kr = k0 + r * PF
+        # sum_k s (q - z) x = s * (sum_k q x) - z s * (sum_k x): within a word row s and z are
+        # constant, so scale and zero are applied once per 32-bit word instead of once per code
+        part = tl.zeros([R, BN], dtype=tl.float32)
+        xs = tl.zeros([R], dtype=tl.float32)
+        for f in tl.static_range(PF):
+            # field j of a 16-bit half sits at bits BITS*j; OR-ing exponent 150-BITS*j makes the
+            # float 2^(23-BITS*j) + code exactly: one LOP3 + one FADD per code, no I2F.
+            # qm (run-time 2^BITS-1) keeps the masks in registers: LOP3 takes one immediate.
+            if f < F:
+                b = (q & (qm << (BITS * f))) | ((150 - BITS * f) << 23)
+                v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * f)) + ZI)
+            else:
+                b = (qh & (qm << (BITS * (f - F)))) | ((150 - BITS * (f - F)) << 23)
+                v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * (f - F))) + ZI)
+            kf = kr + f
+            x = intq_x(xrow, pp, kf, kf < K, HP, not EVK)
+            part += v * x[:, None]
+            if HZ:
+                xs += x
+        s, zs = intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
+        if HZ:
+            acc += part * s - zs * xs[:, None]
+        else:
+            acc += part * s
+    return tl.sum(acc, axis=0)
