@@ -5,7 +5,7 @@ bits*i.. of word r (unsigned codes); scales [ceil(K/G), N] fp16/bf16; zeros [cei
 or None (symmetric: zero 2^(bits-1)); perm [K] int32 or None (act-order: rows are stored sorted
 by group and the kernel computes with x[:, perm]).
 
-Two kernels, both one launch per call (split-K reduced in-kernel, quant.splitk_store):
+Three kernels, each one launch per call (split-K reduced in-kernel, quant.splitk_store):
 
 * gemv (M = 1 decode): programs over (row m, N block, K split); every thread owns whole
   columns of a [BK/pf, BN] word tile (16-byte loads along N), so the K reduction is in registers.
@@ -13,8 +13,9 @@ Two kernels, both one launch per call (split-K reduced in-kernel, quant.splitk_s
   fp32 2^23 + q*2^p, one LOP3 + one FADD; 2^-p is folded into x. The zero point and scale are
   applied once per group: y += s * (sum_k x_k q_k - z * sum_k x_k).
 * gemvt (decode, small tiles): programs over (row m, BN columns, K split) running the tile loop
-  the fused MoE uses (gemv_tiles.gemv_intq: a [BK/pf, BN] word tile, one word row per thread
-  group, the next tile prefetched); many small programs instead of few wide ones.
+  the fused MoE uses (gemv_tiles.gemv_intq: a [BK/pf, BN] word tile dequantized field by field in
+  its own register layout, the word rows reduced once at the end, the next tile prefetched); many
+  small programs (BN 8-64) instead of few wide ones. Measured faster at M = 1-2 (configs.TUNED).
 * gemm (tl.dot, M > 1): when a K tile sits in one group the codes enter the dot as exact integers
   (q - z) and the scale multiplies the tile's dot result. 4-bit, BM 16, M <= 8, K tiles >= 128: the
   [BK/8, BN] word tile is loaded once and unpacked two fields per instruction (quant.int4_pair);

@@ -59,7 +59,8 @@ GEMV_CANDIDATES = [
     dict(BN=64, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, split=8),
     dict(BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, split=8),
     # more warps per SM at decode (ncu, session 6: the M=1 int4 up launch had 6 warps per SM, 0.27
-    # instructions issued per cycle per scheduler): smaller tiles, more warps per program
+    # instructions issued per cycle per scheduler): smaller tiles, more warps per program. The
+    # batch-1 fp8 / bf16 winners (moe_configs.GEMV_M1) came from here; int4 gained nothing.
     dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=8, num_stages=1),
     dict(BN=16, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=8, num_stages=1),
     dict(BN=32, BKD=128, BKF=256, BKQ=512, BKI=256, num_warps=8, num_stages=1),
