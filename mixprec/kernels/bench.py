@@ -188,27 +188,21 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
     def gemm(BM, BN, warps, stages, target=2 * configs.SMS, BK=128):
         out.append(C("gemm", BM, BN, BK, configs.auto_split(M, N, K, BM, BN, BK, target), warps, stages))
 
-    def gemv(BN, warps, BK=128, target=2 * configs.SMS, path="gemv"):
-        out.append(C(path, 1, BN, BK, configs.auto_split(M, N, K, 1, BN, BK, target), warps, 1))
+    def gemv(BN, warps, BK=128, target=2 * configs.SMS):
+        out.append(C("gemv", 1, BN, BK, configs.auto_split(M, N, K, 1, BN, BK, target), warps, 1))
 
     intq = kind.startswith("intq")
     S = configs.SMS
     # gemv programs have little memory parallelism each (no pipelining): many K splits in flight;
-    # int4 gemv keeps <= 64 words per thread (BN/(32*warps) columns x BK/8 rows) to avoid spills
+    # int4 gemv: the MoE's small-tile loop, its batch-1 winners (BN 8-64, K tiles 256-512)
     if b == 1:
         if intq:
-            for BN, w, BK, targets in ((128, 1, 128, (4, 8)), (256, 2, 128, (2, 4, 8)),
-                                       (512, 4, 128, (2, 4)), (256, 1, 64, (4, 8))):
-                for t in targets:
-                    gemv(BN, w, BK, target=t * S)
             for BN, st, t in ((64, 3, 2), (64, 3, 4), (128, 3, 2), (32, 4, 4)):
                 gemm(16, BN, 4, st, target=t * S)
-            gemv(128, 1, 128, target=1)
-            # the MoE's small-tile loop (gemv_tiles.gemv_intq): its batch-1 winners, BN 8-64
             for BN, w, BK in ((16, 4, 512), (16, 4, 256), (32, 4, 256), (8, 2, 256), (32, 8, 512),
                               (16, 8, 512), (64, 8, 256)):
                 for t in (1, 2, 4):
-                    gemv(BN, w, BK, target=t * S, path="gemvt")
+                    gemv(BN, w, BK, target=t * S)
         else:
             for BN, w in ((16, 4), (32, 4), (64, 8)):
                 for t in (4, 8, 16):
@@ -223,10 +217,8 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
                 gemm(16, BN, 4, st, target=t * S)
     elif b <= 16:
         if intq and b <= 4:
-            gemv(256, 2, target=4 * S)
-            gemv(128, 1, target=8 * S)
-            gemv(16, 4, 512, target=2 * S, path="gemvt")
-            gemv(32, 4, 256, target=2 * S, path="gemvt")
+            gemv(16, 4, 512, target=2 * S)
+            gemv(32, 4, 256, target=2 * S)
         for BN, w, st, t in ((32, 4, 4, 2), (32, 4, 4, 4), (64, 4, 3, 2), (64, 4, 3, 4), (64, 4, 5, 2),
                              (128, 4, 3, 2), (128, 8, 3, 2)):
             gemm(16, BN, w, st, target=t * S)
@@ -245,8 +237,7 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
 
 
 def _compile_key(variant: str, K: int, c: dict) -> tuple:
-    tile = (128 if c["path"] == "gemm" or not variant.startswith("int4") else
-            c["BK"] if c["path"] == "gemvt" else min(c["BK"], 128))
+    tile = 128 if c["path"] == "gemm" or not variant.startswith("int4") else c["BK"]
     split, _ = split_plan(K, tile, c["split"])
     kb = triton.cdiv(K, 128)
     return (variant, c["path"], c["BM"], c["BN"], c["BK"], c["warps"], c["stages"], split > 1, kb % 16 == 0)

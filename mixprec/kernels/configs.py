@@ -1,7 +1,6 @@
 """Launch configurations of the linear kernels, per (kind, M bucket, N, K).
 
-A config is a dict: path ("gemv": one activation row per program, FMA dot products, for M = 1;
-"gemvt", int4/int8 only: the same with the fused MoE's small-tile loop, gemv_tiles.gemv_intq;
+A config is a dict: path ("gemv": one activation row per program, FMA dot products, for M = 1-2;
 "gemm": tl.dot tiles), BM (gemm rows per program), BN, BK (K elements per loop step), split
 (K splits, reduced in-kernel, see quant.splitk_store), warps, stages.
 
@@ -41,7 +40,7 @@ def default(kind: str, M: int, N: int, K: int) -> dict:
     if kind.startswith("intq") and b <= 2:
         # the small-tile GEMV won every tuned int4 shape at M = 1 and 2 (session 6)
         warps = 8 if b == 1 else 4
-        return cfg("gemvt", 1, 16, 512, auto_split(1, N, K, 1, 16, 512, 2 * SMS), warps, 1)
+        return cfg("gemv", 1, 16, 512, auto_split(1, N, K, 1, 16, 512, 2 * SMS), warps, 1)
     if b == 1:   # gemv programs hold few loads in flight: many K splits
         BN, BK, warps, target = 32, 128, 4, 8 * SMS
         return cfg("gemv", 1, BN, BK, auto_split(1, N, K, 1, BN, BK, target), warps, 1)
@@ -74,9 +73,10 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # 30B down, lm_head) were re-tuned later the same day, with the wider-K GEMV candidates and the fp8
 # scale folding, by `python -m mixprec bench-kernels --tune --ms 1 --variants "fp8 blk w8a8,fp8 blk
 # w8a16,int8 w8a8,int8 w8a16" --baselines bf16 --budget-s 70`. The int4 rows of M = 1, 2, 4 were
-# re-tuned in session 6 (2026-11-26, same device and versions) with the small-tile GEMV path
-# ("gemvt") among the candidates: `python -m mixprec bench-kernels --tune --ms 1,2,4 --variants
-# "int4 g128 asym" --baselines bf16,tinygemm --budget-s 150` (30B qkv M=1 10.3 -> 6.0 µs).
+# re-tuned in session 6 (2026-11-26, same device and versions) with the small-tile int4 GEMV
+# (then named "gemvt", now the only int4 gemv) among the candidates: `python -m mixprec
+# bench-kernels --tune --ms 1,2,4 --variants "int4 g128 asym" --baselines bf16,tinygemm
+# --budget-s 150` (30B qkv M=1 10.3 -> 6.0 µs).
 TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a16", 1, 151936, 2048): cfg("gemm", 16, 32, 128, 1, 4, 4),
     ("fp8_w8a16", 1, 2048, 768): cfg("gemv", 1, 32, 512, 2, 8, 1),
@@ -307,29 +307,29 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("int8_w8a8", 256, 4096, 8192): cfg("gemm", 128, 128, 128, 2, 8, 3),
     ("int8_w8a8", 256, 5120, 2048): cfg("gemm", 64, 128, 128, 1, 4, 3),
     ("int8_w8a8", 256, 9216, 4096): cfg("gemm", 64, 128, 128, 1, 4, 3),
-    ("intq4", 1, 1536, 2048): cfg("gemvt", 1, 16, 512, 1, 8, 1),
-    ("intq4", 1, 2048, 768): cfg("gemvt", 1, 16, 512, 1, 8, 1),
-    ("intq4", 1, 2048, 4096): cfg("gemvt", 1, 16, 512, 4, 8, 1),
-    ("intq4", 1, 3072, 4096): cfg("gemvt", 1, 32, 256, 6, 4, 1),
-    ("intq4", 1, 4096, 1536): cfg("gemvt", 1, 16, 512, 1, 8, 1),
-    ("intq4", 1, 4096, 8192): cfg("gemvt", 1, 32, 512, 4, 8, 1),
-    ("intq4", 1, 5120, 2048): cfg("gemvt", 1, 16, 512, 1, 8, 1),
-    ("intq4", 1, 9216, 4096): cfg("gemvt", 1, 16, 512, 1, 4, 1),
-    ("intq4", 1, 151936, 2048): cfg("gemvt", 1, 32, 256, 1, 4, 1),
-    ("intq4", 2, 1536, 2048): cfg("gemvt", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 2048, 768): cfg("gemvt", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 2048, 4096): cfg("gemvt", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 3072, 4096): cfg("gemvt", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 4096, 1536): cfg("gemvt", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 4096, 8192): cfg("gemvt", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 5120, 2048): cfg("gemvt", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 9216, 4096): cfg("gemvt", 1, 16, 512, 1, 4, 1),
+    ("intq4", 1, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 8, 1),
+    ("intq4", 1, 2048, 768): cfg("gemv", 1, 16, 512, 1, 8, 1),
+    ("intq4", 1, 2048, 4096): cfg("gemv", 1, 16, 512, 4, 8, 1),
+    ("intq4", 1, 3072, 4096): cfg("gemv", 1, 32, 256, 6, 4, 1),
+    ("intq4", 1, 4096, 1536): cfg("gemv", 1, 16, 512, 1, 8, 1),
+    ("intq4", 1, 4096, 8192): cfg("gemv", 1, 32, 512, 4, 8, 1),
+    ("intq4", 1, 5120, 2048): cfg("gemv", 1, 16, 512, 1, 8, 1),
+    ("intq4", 1, 9216, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 1, 151936, 2048): cfg("gemv", 1, 32, 256, 1, 4, 1),
+    ("intq4", 2, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 2, 2048, 768): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 2, 2048, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 2, 3072, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 2, 4096, 1536): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 2, 4096, 8192): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 2, 5120, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 2, 9216, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("intq4", 2, 151936, 2048): cfg("gemm", 16, 128, 128, 1, 8, 3),
-    ("intq4", 4, 1536, 2048): cfg("gemvt", 1, 16, 512, 1, 4, 1),
-    ("intq4", 4, 2048, 768): cfg("gemvt", 1, 16, 512, 1, 4, 1),
+    ("intq4", 4, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 4, 2048, 768): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("intq4", 4, 2048, 4096): cfg("gemm", 16, 128, 128, 16, 8, 3),
     ("intq4", 4, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 8, 3),
-    ("intq4", 4, 4096, 1536): cfg("gemvt", 1, 32, 256, 1, 4, 1),
+    ("intq4", 4, 4096, 1536): cfg("gemv", 1, 32, 256, 1, 4, 1),
     ("intq4", 4, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 8, 3),
     ("intq4", 4, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 8, 3),
     ("intq4", 4, 9216, 4096): cfg("gemm", 16, 64, 128, 4, 4, 3),

@@ -5,17 +5,15 @@ bits*i.. of word r (unsigned codes); scales [ceil(K/G), N] fp16/bf16; zeros [cei
 or None (symmetric: zero 2^(bits-1)); perm [K] int32 or None (act-order: rows are stored sorted
 by group and the kernel computes with x[:, perm]).
 
-Three kernels, each one launch per call (split-K reduced in-kernel, quant.splitk_store):
+Two kernels, each one launch per call (split-K reduced in-kernel, quant.splitk_store):
 
-* gemv (M = 1 decode): programs over (row m, N block, K split); every thread owns whole
-  columns of a [BK/pf, BN] word tile (16-byte loads along N), so the K reduction is in registers.
-  Codes become floats without int->float converts: (word & (mask << p)) | 0x4B000000 is the
-  fp32 2^23 + q*2^p, one LOP3 + one FADD; 2^-p is folded into x. The zero point and scale are
-  applied once per group: y += s * (sum_k x_k q_k - z * sum_k x_k).
-* gemvt (decode, small tiles): programs over (row m, BN columns, K split) running the tile loop
-  the fused MoE uses (gemv_tiles.gemv_intq: a [BK/pf, BN] word tile dequantized field by field in
-  its own register layout, the word rows reduced once at the end, the next tile prefetched); many
-  small programs (BN 8-64) instead of few wide ones. Measured faster at M = 1-2 (configs.TUNED).
+* gemv (decode, M = 1-2): programs over (row m, BN columns, K split) running the int4/int8 tile
+  loop the fused MoE uses (gemv_tiles.gemv_intq): a [BK/pf, BN] word tile dequantized field by
+  field in its own register layout (code -> float by one LOP3 + one FADD: OR-ing an exponent makes
+  2^e + q exactly), scale and zero applied once per word row, the rows reduced once at the end,
+  the next tile prefetched; many small programs (BN 8-64). Needs qweight / scales / zeros with
+  row stride N (every producer's tensors are contiguous). It replaced a wide-tile GEMV (BN 256,
+  every thread owning whole columns) in session 6: 30B qkv at M=1 10.3 -> 6.0 µs on an H100.
 * gemm (tl.dot, M > 1): when a K tile sits in one group the codes enter the dot as exact integers
   (q - z) and the scale multiplies the tile's dot result. 4-bit, BM 16, M <= 8, K tiles >= 128: the
   [BK/8, BN] word tile is loaded once and unpacked two fields per instruction (quant.int4_pair);
@@ -42,72 +40,10 @@ MAGIC_C = tl.constexpr(MAGIC)
 
 @triton.jit(do_not_specialize=["M", "split"])
 def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,
-                      M, N, K, G, stride_xm, stride_om, stride_q, stride_s, stride_z,
-                      k_per_split, split,
-                      BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_SPLIT: tl.constexpr,
-                      PDL: tl.constexpr = False):
-    PF: tl.constexpr = 32 // BITS
-    TILE_K: tl.constexpr = BLOCK_KW * PF
-    MASK: tl.constexpr = (1 << BITS) - 1
-    HI: tl.constexpr = 8 + BITS           # fields ending above bit 23 are read from word >> HI
-    ZSYM: tl.constexpr = 1 << (BITS - 1)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rows = tl.arange(0, BLOCK_KW)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    kw_hi = k_hi // PF
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    kw = k_lo // PF + rows
-    w_next = tl.load(qw_ptr + kw[:, None] * stride_q + offs_n[None, :],
-                     mask=(kw < kw_hi)[:, None] & n_mask[None, :], other=0)
-    pdl.wait(PDL)     # the first weight tile is on its way; x and the counters come from earlier kernels
-    for k0 in range(k_lo, k_hi, TILE_K):   # a tile never spans two groups (host picks TILE_K)
-        r_mask = (k0 // PF + rows) < kw_hi
-        w = w_next                                                           # [BKW, BN] int32
-        kw = (k0 + TILE_K) // PF + rows     # prefetch the next tile: its latency hides behind this one
-        w_next = tl.load(qw_ptr + kw[:, None] * stride_q + offs_n[None, :],
-                         mask=(kw < kw_hi)[:, None] & n_mask[None, :], other=0)
-        g = k0 // G
-        s = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g * stride_z + offs_n, mask=n_mask, other=0).to(tl.float32)
-        else:
-            z = ZSYM
-        part = tl.zeros([BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_KW], dtype=tl.float32)
-        for i in tl.static_range(PF):
-            k = k0 + rows * PF + i
-            if HAS_PERM:
-                k = tl.load(perm_ptr + k, mask=r_mask, other=0)
-            xv = tl.load(x_row + k, mask=r_mask, other=0.0).to(tl.float32)
-            xs += xv
-            if BITS * (i + 1) > 23:
-                q = ((w >> HI) & (MASK << (BITS * i - HI))) | 0x4B000000
-                xv = xv * (1.0 / (1 << (BITS * i - HI)))
-            else:
-                q = (w & (MASK << (BITS * i))) | 0x4B000000
-                xv = xv * (1.0 / (1 << (BITS * i)))
-            # rows live in one thread: the K sum is an in-register FMA chain
-            part += tl.sum((q.to(tl.float32, bitcast=True) - 8388608.0) * xv[:, None], axis=0)
-        acc += s * (part - z * tl.sum(xs, axis=0))
-    offs_m = pid_m + tl.arange(0, 1)
-    tile_id = pid_m * tl.num_programs(1) + pid_n
-    splitk_store(acc[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
-                 pid_k, split, USE_SPLIT)
-
-
-@triton.jit(do_not_specialize=["M", "split"])
-def _intq_gemv_tile_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,
-                           M, N, K, stride_xm, stride_om, qm, k_per_split, split,
-                           BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVK: tl.constexpr,
-                           USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+                      M, N, K, stride_xm, stride_om, qm, k_per_split, split,
+                      BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVK: tl.constexpr,
+                      USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     # qweight / scales / zeros contiguous (row stride N); qm: the 4-bit code mask at run time
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -259,27 +195,20 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     pp = perm if perm is not None else qweight
     stride_z = zeros.stride(0) if zeros is not None else 0
     common = (M, N, K, G, x2.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), stride_z)
-    dense_rows = all(t is None or t.stride(0) == N for t in (qweight, scales, zeros))
-    if c["path"] == "gemvt" and dense_rows:
+    if c["path"] == "gemv":
+        for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+            if t is not None and t.stride(0) != N:
+                raise FormatError(f"intq_linear {name}: the gemv kernel needs rows of stride N={N}, got "
+                                  f"strides {t.stride()} (pass a contiguous tensor)")
         tile = max(_pow2_floor(c["BK"]), 16 * pf)      # >= 16 word rows per tile
         split, per = split_plan(K, tile, c["split"])
         nb = triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
-        _intq_gemv_tile_kernel[(M, nb, split)](
+        _intq_gemv_kernel[(M, nb, split)](
             x2, qweight, scales, zp, pp, out, ws, cnt, M, N, K, x2.stride(0), out.stride(0), 15, per, split,
             BITS=bits, G=G, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, BLOCK_N=c["BN"],
             BLOCK_K=tile, EVK=K % tile == 0, USE_SPLIT=split > 1, num_warps=c["warps"],
             num_stages=c["stages"], **pdl.launch_kw(x2))
-    elif c["path"] in ("gemv", "gemvt"):    # gemvt over strided rows (a view): the gemv kernel
-        tile = _gemv_tile(c["BK"], G, K, pf)
-        split, per = split_plan(K, tile, c["split"])
-        nb = triton.cdiv(N, c["BN"])
-        ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
-        _intq_gemv_kernel[(M, nb, split)](
-            x2, qweight, scales, zp, pp, out, ws, cnt, *common, per, split,
-            BITS=bits, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None,
-            BLOCK_N=c["BN"], BLOCK_KW=tile // pf, USE_SPLIT=split > 1,
-            num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     else:
         tile = max(_pow2_floor(c["BK"]), 16, pf)
         scale_after = G >= K or G % tile == 0
@@ -301,12 +230,3 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
 
 def _pow2_floor(v: int) -> int:
     return 1 << (max(1, int(v)).bit_length() - 1)
-
-
-def _gemv_tile(bk: int, G: int, K: int, pf: int) -> int:
-    """K elements per gemv step: a power of two times pf that never straddles a group."""
-    t = max(_pow2_floor(bk // pf), 1) * pf
-    if G < K:
-        while t > pf and G % t:
-            t //= 2
-    return t
