@@ -207,6 +207,9 @@ def test_bad_input_raises_typed_errors():
         intq_linear(x, qw, sc, z.to(torch.int32), perm, 4, 64)
     with pytest.raises(FormatError, match="group_size"):
         intq_linear(x, qw, sc, z, perm, 4, 12)
+    wide = torch.cat([qw, qw], dim=1)           # a column slice of it has row stride 2N
+    with pytest.raises(FormatError, match="qweight: the gemv kernel needs rows of stride N=64"):
+        intq_linear_cfg(x, wide[:, :64], sc, z, perm, 4, 64, GEMV)
     w, s = make_fp8(64, 256, (128, 128), 17)
     with pytest.raises(FormatError, match="act"):
         fp8_linear(x, w, s, (128, 128), "w4a8")

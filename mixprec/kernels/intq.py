@@ -193,8 +193,6 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     c = cfg if cfg is not None else configs.get(f"intq{bits}", M, N, K)
     zp = zeros if zeros is not None else scales      # dummy pointers, never read
     pp = perm if perm is not None else qweight
-    stride_z = zeros.stride(0) if zeros is not None else 0
-    common = (M, N, K, G, x2.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), stride_z)
     if c["path"] == "gemv":
         for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
             if t is not None and t.stride(0) != N:
@@ -204,6 +202,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
         split, per = split_plan(K, tile, c["split"])
         nb = triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
+        # 15: the 4-bit code mask as a run-time value (it stays in a register; see gemv_intq)
         _intq_gemv_kernel[(M, nb, split)](
             x2, qweight, scales, zp, pp, out, ws, cnt, M, N, K, x2.stride(0), out.stride(0), 15, per, split,
             BITS=bits, G=G, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, BLOCK_N=c["BN"],
@@ -218,6 +217,8 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
         field_dots = (bits == 4 and scale_after and tile // pf >= 16 and c["BM"] == 16 and M <= 8
                       and x2.dtype != torch.float32)
         split, per = split_plan(K, tile, c["split"])
+        stride_z = zeros.stride(0) if zeros is not None else 0
+        common = (M, N, K, G, x2.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), stride_z)
         nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
         _intq_gemm_kernel[(nt, split)](
