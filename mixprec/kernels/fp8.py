@@ -23,11 +23,10 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .quant import (EPS, FP8_ACT_GROUP, FP8_MAX_C, check_tensor, check_x, fp8_act_quant_reference, gemm_tile,
+from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, check_tensor, check_x, fp8_act_quant_reference, gemm_tile,
                     round_e4m3, split_plan, split_workspace, splitk_store)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
-EPS_C = tl.constexpr(EPS)
 
 
 @triton.jit(do_not_specialize=["M", "split"])

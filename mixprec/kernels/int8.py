@@ -22,11 +22,9 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .quant import (EPS, INT8_MAX, check_tensor, check_x, gemm_tile, int8_act_quant_reference, split_plan,
+from .quant import (EPS_C, INT8_MAX_C, check_tensor, check_x, gemm_tile, int8_act_quant_reference, split_plan,
                     split_workspace, splitk_store)
 
-EPS_C = tl.constexpr(EPS)
-INT8_MAX_C = tl.constexpr(INT8_MAX)
 
 
 @triton.jit(do_not_specialize=["M", "split"])

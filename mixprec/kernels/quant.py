@@ -30,7 +30,13 @@ EPS = 1e-10          # amax clamp: an all-zero slice would otherwise give 0/0
 FP8_MAX = 448.0      # float8_e4m3fn
 INT8_MAX = 127.0     # symmetric int8 activations use [-127, 127]
 FP8_ACT_GROUP = 128  # W8A8 fp8: one activation scale per token per 128 inputs
+# the fused MoE's fp8 activation scale clamp (its reference, moe.quant_act, and act_quant below);
+# the dense fp8 kernels clamp at EPS
+MOE_FP8_EPS = 1e-12
+EPS_C = tl.constexpr(EPS)
 FP8_MAX_C = tl.constexpr(FP8_MAX)
+INT8_MAX_C = tl.constexpr(INT8_MAX)
+MOE_FP8_EPS_C = tl.constexpr(MOE_FP8_EPS)
 RNE_C = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + c) - c rounds fp32 v to the nearest even integer
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -75,8 +81,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NS,
     """W8A8 activations, quantized once per row here instead of in every program that reads the
     row (a GEMV reads it once per N tile). Row r of x [R, K] ->
     q [R, 2, K] bytes: plane 0 int8 codes (I8), plane 1 e4m3 codes (F8);
-    s [R, NS] fp32: s[r, 0] the int8 scale max(amax, 1e-10) / 127 (per token), s[r, 1 + j] the
-    e4m3 scale max(amax_j, 1e-12) / 448 of the 128 inputs of slice j. Divisions are exact
+    s [R, NS] fp32: s[r, 0] the int8 scale max(amax, EPS) / 127 (per token), s[r, 1 + j] the
+    e4m3 scale max(amax_j, MOE_FP8_EPS) / 448 of the 128 inputs of slice j. Divisions are exact
     (div_rn) and round half to even, as moe.quant_act (the reference) does."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     r = tl.program_id(0).to(tl.int64)
@@ -88,12 +94,12 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NS,
     qrow = q_ptr + r * 2 * K
     srow = s_ptr + r * NS
     if I8:
-        a = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-10), 127.0)
-        c = tl.minimum(tl.maximum((tl.math.div_rn(x, a) + RNE_C) - RNE_C, -127.0), 127.0)
+        a = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), EPS_C), INT8_MAX_C)
+        c = tl.minimum(tl.maximum((tl.math.div_rn(x, a) + RNE_C) - RNE_C, -INT8_MAX_C), INT8_MAX_C)
         tl.store(qrow + k, c.to(tl.int8).to(tl.uint8, bitcast=True), mask=km)
         tl.store(srow, a)
     if F8:
-        a8 = tl.math.div_rn(tl.maximum(amax, 1e-12), FP8_MAX_C)              # [G]
+        a8 = tl.math.div_rn(tl.maximum(amax, MOE_FP8_EPS_C), FP8_MAX_C)      # [G]
         v = tl.minimum(tl.maximum(tl.math.div_rn(x, a8[:, None]), -FP8_MAX_C), FP8_MAX_C)
         c8 = round_e4m3(v).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         tl.store(qrow + K + k, c8, mask=km)
