@@ -90,12 +90,12 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
     hidden size (M=1 takes GEMV_M1 where it has the shape)."""
     out = []
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
-        m1 = GEMV_M1.get((next(iter(layouts)) if len(layouts) == 1 else "mixed", hidden)) if m == 1 else None
+        layout = next(iter(layouts)) if len(layouts) == 1 else "mixed"
+        m1 = GEMV_M1.get((layout, hidden)) if m == 1 else None
         if m1 is not None:
             out += ["gemv", m1]
             continue
-        own = GEMV_LAYOUT.get(next(iter(layouts))) if len(layouts) == 1 else None
-        max_m, cfg = own if own else (GEMV_MAX_M, GEMV[key])
+        max_m, cfg = GEMV_LAYOUT.get(layout) or (GEMV_MAX_M, GEMV[key])
         out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m)]
     return tuple(out)
 

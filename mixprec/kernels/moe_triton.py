@@ -193,8 +193,8 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
                 PF: tl.constexpr = 32 // BITS
                 # rs: stored rows (K, or more for a padded act-order shard; x is read via perm)
                 res = gemv_intq(xrow, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
-                                 z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
-                                 qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ, EVK, PDL)
+                                z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
+                                qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ, EVK, PDL)
             elif LAY == _FP8:
                 res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
                                row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BN, BKF, EVK, FOLD, PDL)
