@@ -278,7 +278,7 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
         # the joint config serves launches that mix layouts: M = 2..GEMV_MAX_M (M=1 has GEMV_M1)
         joint_ms = [M for M in tokens_gemv if 1 < M <= moe_configs.GEMV_MAX_M] or tokens_gemv
         g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, joint_ms))
-        win.update(gemv=g, gemv_cfg=GEMV_CANDIDATES[g], gemv_layout={}, gemv_m1=m1_winners(results))
+        win.update(gemv=g, gemv_cfg=GEMV_CANDIDATES[g], gemv_layout={}, gemv_m1=m1_winners(scores))
         if dot_by_m:
             win["gemv_max_m"] = crossover(g, dot_by_m, SWEPT)
         for name, layout in LAYOUT_OF.items():
@@ -291,15 +291,16 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
     return win
 
 
-def m1_winners(rows: list[dict]) -> dict[tuple[str, int], dict]:
-    """Batch-1 GEMV configs from sweep rows ({shape, config "name gemv#i", M, us}): per (layout,
-    hidden size) the fastest candidate at M=1, and per hidden size ("mixed", H) the one with the
-    least sum of times relative to each layout's best (the config of launches that mix layouts)."""
+def m1_winners(scores: dict) -> dict[tuple[str, int], dict]:
+    """Batch-1 GEMV configs from a sweep's scores ({(path, candidate, M): [(shape, name, µs)]}):
+    per (layout, hidden size) the fastest candidate at M=1, and per hidden size ("mixed", H) the one
+    with the least sum of times relative to each layout's best (launches that mix layouts)."""
     t: dict = {}
-    for r in rows:
-        name, _, rest = r["config"].partition(" ")
-        if r["M"] == 1 and rest.startswith("gemv#") and math.isfinite(r["us"]):
-            t.setdefault(r["shape"], {}).setdefault(name, {})[int(rest[5:])] = r["us"]
+    for (path, ci, M), lst in scores.items():
+        if path == "gemv" and M == 1:
+            for shape, name, us in lst:
+                if math.isfinite(us):
+                    t.setdefault(shape, {}).setdefault(name, {})[ci] = us
     out = {}
     for shape, by_name in t.items():
         H = SHAPES[shape]["H"]
@@ -311,6 +312,11 @@ def m1_winners(rows: list[dict]) -> dict[tuple[str, int], dict]:
             ci = min(common, key=lambda c: sum(us[c] / best[n] for n, us in by_name.items()))
             out[("mixed", H)] = GEMV_CANDIDATES[ci]
     return out
+
+
+def _json_keys(m1: dict) -> dict:
+    """GEMV_M1-style {(layout, hidden): config} with JSON-able keys "layout H=hidden"."""
+    return {f"{lay} H={H}": c for (lay, H), c in m1.items()}
 
 
 def _warm_worker(job) -> str:
@@ -432,7 +438,7 @@ def save(out, meta, bw, results, results_sweep, checks=()) -> list[str]:
             json.dump(dict(meta=meta, copy_bw=bw, results=results, sweep=results_sweep, checks=list(checks),
                            configs=dict(gemv=moe_configs.GEMV, gemv_max_m=moe_configs.GEMV_MAX_M,
                                         gemv_layout=moe_configs.GEMV_LAYOUT, dot=moe_configs.DOT,
-                                        gemv_m1={f"{lay} H={H}": c for (lay, H), c in moe_configs.GEMV_M1.items()})),
+                                        gemv_m1=_json_keys(moe_configs.GEMV_M1))),
                       f, indent=1, default=str)
         with open(os.path.join(out, "table.md"), "w") as f:
             f.write(table(results) + "\n\n" + "\n".join(lines) + "\n"
@@ -500,7 +506,7 @@ def main(argv=None) -> int:
             moe_configs.GEMV["up"] = moe_configs.GEMV["down"] = win["gemv_cfg"]
             moe_configs.GEMV_LAYOUT.update(win["gemv_layout"])   # layouts not swept (int8) keep theirs
             moe_configs.GEMV_M1.update(win["gemv_m1"])
-            win["gemv_m1"] = {f"{lay} H={H}": c for (lay, H), c in win["gemv_m1"].items()}   # JSON keys
+            win["gemv_m1"] = _json_keys(win["gemv_m1"])
         if "gemv_max_m" in win:
             moe_configs.GEMV_MAX_M = win["gemv_max_m"]
         if "dot" in win:
