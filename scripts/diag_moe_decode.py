@@ -12,7 +12,6 @@ import json
 
 import torch
 import triton
-import triton.language as tl
 
 from mixprec.kernels import moe, moe_configs, timing
 from mixprec.kernels import moe_testing as mt

@@ -90,7 +90,7 @@ def toolchain_ok() -> bool:
 def drive() -> None:
     from mixprec.kernels import moe
     from mixprec.kernels import moe_testing as mt
-    from mixprec.kernels.attention import decode_attention, qk_norm_rope_store
+    from mixprec.kernels.attention import decode_attention, decode_attention_new, qk_norm_rope_store
     from mixprec.kernels.fp8 import fp8_linear
     from mixprec.kernels.int8 import int8_linear
     from mixprec.kernels.intq import intq_linear
@@ -133,6 +133,11 @@ def drive() -> None:
                            torch.randn(B, 1, D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16),
                            torch.ones(D).to(torch.bfloat16), 1e-6, kc, kc.clone(), torch.full((B, 1), 7))
     decode_attention(q.view(B, HQ, D), kc, kc, torch.zeros(B, dtype=torch.long), torch.full((B,), 7))
+    qkv = torch.randn(B, (HQ + 2 * HK) * D).to(torch.bfloat16)
+    decode_attention_new(qkv[:, :HQ * D], qkv[:, HQ * D:(HQ + HK) * D], qkv[:, (HQ + HK) * D:],
+                         torch.randn(B, D).to(torch.bfloat16), torch.randn(B, D).to(torch.bfloat16),
+                         torch.ones(D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16), 1e-6, kc, kc.clone(),
+                         torch.zeros(B, dtype=torch.long), torch.full((B,), 7))
 
 
 def main() -> int:

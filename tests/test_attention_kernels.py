@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mixprec.formats.base import interpreter_kernels, reference_path
-from mixprec.kernels.attention import decode_attention, decode_splits, qk_norm_rope_store
+from mixprec.kernels.attention import decode_attention, decode_attention_new, decode_splits, qk_norm_rope_store
 from mixprec.kernels.norm import rms_norm as rms_norm_kernel
 from mixprec.layers.attention import KVCache
 from mixprec.layers.norm import Rotary, apply_rope, rms_norm
@@ -101,6 +101,43 @@ def test_decode_attention_matches_sdpa(dtype, B, HQ, HK, D, S):
     torch.testing.assert_close(o.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,HQ,HK,D,S", [(1, 8, 2, 64, 40), (3, 16, 4, 128, 1000), (2, 4, 4, 64, 130)])
+def test_decode_attention_new_matches_reference(dtype, B, HQ, HK, D, S):
+    """q/k norm + RoPE + cache write + attention in one launch == the readable path (norm, RoPE,
+    scatter into the cache, SDPA over it), with a padding-only row and splits that merge."""
+    g = torch.Generator(device=DEV).manual_seed(S + B)
+    cache = KVCache(1, B + 1, HK, S + 3, D, dtype, DEV)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g, device=DEV).to(dtype))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g, device=DEV).to(dtype))
+    ref_k, ref_v = cache.k.clone(), cache.v.clone()
+    view = cache.rows(0, B, S)
+    pos = torch.randint(1, S, (B,), generator=g, device=DEV)
+    pos[0] = S - 1
+    start = torch.randint(0, S, (B,), generator=g, device=DEV)
+    start[-1] = pos[-1] + 1 if B > 1 else 0
+    view.start.copy_(torch.minimum(start, pos + (B > 1)))
+    qkv = torch.randn(B, 1, (HQ + 2 * HK) * D, generator=g, device=DEV).to(dtype) * 3
+    q, k, v = qkv.split([HQ * D, HK * D, HK * D], dim=-1)
+    rotary = Rotary(D, 1e6, None, 4096).to(DEV)
+    qw = (1 + 0.2 * torch.randn(D, generator=g, device=DEV)).to(dtype)
+    kw = (1 + 0.2 * torch.randn(D, generator=g, device=DEV)).to(dtype)
+    cos, sin = rotary(pos[:, None], dtype)
+    o = decode_attention_new(q.view(B, -1), k.view(B, -1), v.view(B, -1), cos, sin, qw, kw, 1e-6, view.k[0],
+                             view.v[0], view.start, pos)
+    rk, rv = ref_k[0, :B, :, :S], ref_v[0, :B, :, :S]
+    qn = _ref_qk(q, k, v, pos[:, None], rotary, qw, kw, 1e-6, rk, rv)         # [B, 1, HQ, D]
+    _assert_roundings_apart(view.k[0], rk, dtype, n=4)
+    assert torch.equal(view.v[0], rv)
+    assert torch.equal(cache.k[0, B:], ref_k[0, B:]) and torch.equal(cache.k[0, :, :, S:], ref_k[0, :, :, S:])
+    mask = view.mask(pos[:, None])
+    ref = F.scaled_dot_product_attention(qn.transpose(1, 2).float(), rk.float(), rv.float(), attn_mask=mask,
+                                         enable_gqa=HQ != HK)[:, :, 0]
+    tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(o.float(), ref, atol=tol, rtol=tol)
+    assert decode_splits(B, HK, S)[0] > 1 or S < 100
+
+
 def test_decode_splits_cover_the_cache():
     for B, HK, S in [(1, 4, 128), (1, 4, 32768), (64, 4, 4096), (3, 1, 1000), (1, 8, 64)]:
         split, chunk = decode_splits(B, HK, S)
@@ -108,16 +145,18 @@ def test_decode_splits_cover_the_cache():
 
 
 @pytest.mark.skipif(CUDA, reason="tests/test_gpu.py covers this on CUDA")
-def test_whole_model_with_kernels_equals_reference_on_cpu(tmp_path):
+@pytest.mark.parametrize("n_prompts", [3, 2])
+def test_whole_model_with_kernels_equals_reference_on_cpu(tmp_path, n_prompts):
     """Generator through the norm/attention/MoE kernels (interpreter, fp16) == the readable path:
-    prefill of prompts of different lengths, then decode steps."""
+    prefill of prompts of different lengths, then decode steps (2 prompts: the decode router takes
+    the residual add + norm into its launch)."""
     import mixprec
     from mixprec.runtime.generate import Generator
     from mixprec.runtime.sampling import SamplingParams
     from mixprec.testing.fixtures import make_fixture
     path = make_fixture(tmp_path, formats=["bf16"])["bf16"]
     model = mixprec.load(path, device="cpu", dtype="float16", progress=False)
-    prompts = [[11, 42, 7, 300, 5], [9, 8], [100, 200, 300, 17]]
+    prompts = [[11, 42, 7, 300, 5], [9, 8], [100, 200, 300, 17]][:n_prompts]
     sp = SamplingParams(max_new_tokens=6)
     ref = Generator(model, use_cuda_graphs=False).generate(prompts, sp)
     with interpreter_kernels():

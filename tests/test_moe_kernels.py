@@ -86,6 +86,28 @@ def test_router_route_matches_linear_then_route(m, e, k, h, dtype):
         torch.testing.assert_close(w, rw, rtol=2e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_norm_router_route_matches_norm_then_route(m, e, k, h, dtype):
+    """Residual add + RMSNorm inside the router launch == the norm kernel, then F.linear + route()."""
+    from mixprec.kernels.norm import rms_norm
+    g = torch.Generator().manual_seed(m + e + h)
+    x, r = (torch.randn(m, h, generator=g).to(DEV, dtype) for _ in range(2))
+    nw = (1 + 0.1 * torch.randn(h, generator=g)).to(DEV, dtype)
+    gw = (torch.randn(e, h, generator=g) * h ** -0.5).to(DEV, dtype)
+    ry, rh = rms_norm(x, nw, 1e-6, residual=r)
+    rw, ri = moe.route(torch.nn.functional.linear(ry, gw), k, True)
+    for _ in range(2):
+        w, ids, y, hsum = moe.norm_router_route(x, r, nw, 1e-6, gw, k, True)
+        assert torch.equal(hsum, x + r)
+        tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        torch.testing.assert_close(y, ry, rtol=tol, atol=tol)
+        assert torch.equal(ids, ri)
+        torch.testing.assert_close(w, rw, rtol=2e-3, atol=1e-4)
+    with pytest.raises(ShapeMismatch, match="norm_router_route"):
+        moe.norm_router_route(x.repeat(3, 1), r.repeat(3, 1), nw, 1e-6, gw, k, True)
+
+
 @pytest.mark.parametrize("ids_kind", ["random", "one_expert"])
 def test_align_groups_pairs_by_expert(ids_kind):
     m, k, e, bm = 7, 2, 8, 4

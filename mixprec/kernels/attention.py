@@ -1,6 +1,8 @@
 """Attention kernels for the cached forward: the q/k RMSNorm + RoPE + KV-cache write after the
-qkv projection (one launch for all heads), and FlashDecoding-style attention of one new token per
-sequence over the cache (split over the cache length, then a small combine launch).
+qkv projection (one launch for all heads; prefill), and FlashDecoding-style attention of one new
+token per sequence over the cache (split over the cache length; the last split of a head to
+finish merges the partials), which at decode also does the q/k norm + RoPE + cache write itself:
+one launch between the qkv and o projections.
 
 References: layers/attention.py (q_norm/k_norm, apply_rope, KVCache.update, SDPA with
 KVCache.mask). The norm + RoPE kernel rounds each step to the activation dtype where the
@@ -17,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import pdl
+from .quant import split_counters
 
 
 @triton.jit
@@ -27,16 +30,31 @@ def _rnd(v, like):
 
 @triton.jit
 def _norm_rope(x1, x2, w_ptr, cos_ptr, sin_ptr, rh, eps, HD: tl.constexpr):
-    """RMSNorm then rotate-half RoPE of one head given as halves x1, x2 [HD] (activation dtype)."""
+    """RMSNorm then rotate-half RoPE of R heads given as halves x1, x2 [R, HD] (activation dtype),
+    at the token whose cos / sin rows cos_ptr / sin_ptr point at. -> fp32 halves, rounded."""
     a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-    r = tl.rsqrt((tl.sum(a1 * a1, axis=0) + tl.sum(a2 * a2, axis=0)) / (2 * HD) + eps)
-    n1 = _rnd(tl.load(w_ptr + rh).to(tl.float32) * _rnd(a1 * r, x1), x1)
-    n2 = _rnd(tl.load(w_ptr + HD + rh).to(tl.float32) * _rnd(a2 * r, x1), x1)
-    c1, c2 = tl.load(cos_ptr + rh).to(tl.float32), tl.load(cos_ptr + HD + rh).to(tl.float32)
-    s1, s2 = tl.load(sin_ptr + rh).to(tl.float32), tl.load(sin_ptr + HD + rh).to(tl.float32)
+    r = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HD) + eps)[:, None]
+    n1 = _rnd(tl.load(w_ptr + rh).to(tl.float32)[None, :] * _rnd(a1 * r, x1), x1)
+    n2 = _rnd(tl.load(w_ptr + HD + rh).to(tl.float32)[None, :] * _rnd(a2 * r, x1), x1)
+    c1 = tl.load(cos_ptr + rh).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + HD + rh).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + rh).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + HD + rh).to(tl.float32)[None, :]
     o1 = _rnd(_rnd(n1 * c1, x1) + _rnd(-n2 * s1, x1), x1)
     o2 = _rnd(_rnd(n2 * c2, x1) + _rnd(n1 * s2, x1), x1)
     return o1, o2
+
+
+@triton.jit
+def _store_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, off, kw_ptr, cs, sn, rh, eps, HD: tl.constexpr):
+    """The new token's kv head: k (normed, roped) and v [2*HD] from k_ptr / v_ptr to the cache
+    slot at kc_ptr + off / vc_ptr + off."""
+    r2 = rh[None, :]
+    o1, o2 = _norm_rope(tl.load(k_ptr + r2), tl.load(k_ptr + HD + r2), kw_ptr, cs, sn, rh, eps, HD)
+    tl.store(kc_ptr + off + r2, o1.to(kc_ptr.dtype.element_ty))
+    tl.store(kc_ptr + off + HD + r2, o2.to(kc_ptr.dtype.element_ty))
+    tl.store(vc_ptr + off + r2, tl.load(v_ptr + r2).to(vc_ptr.dtype.element_ty))
+    tl.store(vc_ptr + off + HD + r2, tl.load(v_ptr + HD + r2).to(vc_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -52,23 +70,18 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
     rh = tl.arange(0, HD)
     cs = cos_ptr + n * (2 * HD)
     sn = sin_ptr + n * (2 * HD)
+    r2 = tl.arange(0, HD)[None, :]
     if j < HQ:
         src = q_ptr + n * s_q + j * (2 * HD)
-        o1, o2 = _norm_rope(tl.load(src + rh), tl.load(src + HD + rh), qw_ptr, cs, sn, rh, eps, HD)
+        o1, o2 = _norm_rope(tl.load(src + r2), tl.load(src + HD + r2), qw_ptr, cs, sn, rh, eps, HD)
         dst = qo_ptr + (n * HQ + j) * (2 * HD)
-        tl.store(dst + rh, o1.to(qo_ptr.dtype.element_ty))
-        tl.store(dst + HD + rh, o2.to(qo_ptr.dtype.element_ty))
+        tl.store(dst + r2, o1.to(qo_ptr.dtype.element_ty))
+        tl.store(dst + HD + r2, o2.to(qo_ptr.dtype.element_ty))
     else:
         h = j - HQ
-        src = k_ptr + n * s_k + h * (2 * HD)
-        o1, o2 = _norm_rope(tl.load(src + rh), tl.load(src + HD + rh), kw_ptr, cs, sn, rh, eps, HD)
-        b = n // T
-        off = b * s_cb + h * s_ch + tl.load(slot_ptr + n) * s_cs
-        tl.store(kc_ptr + off + rh, o1.to(kc_ptr.dtype.element_ty))
-        tl.store(kc_ptr + off + HD + rh, o2.to(kc_ptr.dtype.element_ty))
-        vs = v_ptr + n * s_v + h * (2 * HD)
-        tl.store(vc_ptr + off + rh, tl.load(vs + rh).to(vc_ptr.dtype.element_ty))
-        tl.store(vc_ptr + off + HD + rh, tl.load(vs + HD + rh).to(vc_ptr.dtype.element_ty))
+        off = (n // T) * s_cb + h * s_ch + tl.load(slot_ptr + n) * s_cs
+        _store_new_kv(k_ptr + n * s_k + h * (2 * HD), v_ptr + n * s_v + h * (2 * HD), kc_ptr, vc_ptr, off,
+                      kw_ptr, cs, sn, rh, eps, HD)
 
 
 def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_w: Tensor, k_w: Tensor,
@@ -98,13 +111,19 @@ def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
 # decode attention
 
 @triton.jit
-def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
-                        s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, CHUNK, scale_log2,
+def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr,
+                        kn_ptr, vn_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
+                        s_q, s_kn, s_vn, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, CHUNK, scale_log2, eps,
                         HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        BN: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
-    """Grid (B, HK, splits); SPLIT: stride of the partials (1: unsplit, write o). The program reads cache slots [sp*CHUNK, (sp+1)*CHUNK) of kv head kh
-    for the G query heads sharing it (padded to GP rows for tl.dot); visible slots are
-    start[b]..pos[b], or only pos[b] when start > pos (a row of padding)."""
+                        BN: tl.constexpr, SPLIT: tl.constexpr, SC: tl.constexpr, NEW: tl.constexpr,
+                        PREC: tl.constexpr, PDL: tl.constexpr = False):
+    """Grid (B, HK, splits). Program (b, kh, sp) reads cache slots [sp*CHUNK, (sp+1)*CHUNK) of kv
+    head kh for the G query heads sharing it (padded to GP rows for tl.dot); visible slots are
+    start[b]..pos[b], or only pos[b] when start > pos (a row of padding).
+    NEW: q rows are the raw projection (row stride s_q): q/k RMSNorm + RoPE here, and the split
+    holding slot pos[b] first writes the new token's k, v there (what _qk_norm_rope_kernel does).
+    SPLIT > 1 (the partials' stride): each split stores its partial softmax sums; the last of a
+    (b, kh)'s splits to arrive (counter, reset after) merges them into o."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
@@ -116,12 +135,26 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
     gm = rg < G
     rd = tl.arange(0, D)
     heads = kh * G + rg
-    q = tl.load(q_ptr + (b * HQ + heads)[:, None] * D + rd[None, :], mask=gm[:, None], other=0.0)
+    kb = k_ptr + b * s_kb + kh * s_kh
+    vb = v_ptr + b * s_vb + kh * s_vh
+    q_rows = q_ptr + b * s_q + heads[:, None] * D
+    if NEW:
+        HD: tl.constexpr = D // 2
+        rh = tl.arange(0, HD)
+        cs, sn = cos_ptr + b * D, sin_ptr + b * D
+        q1 = tl.load(q_rows + rh[None, :], mask=gm[:, None], other=0.0)
+        o1, o2 = _norm_rope(q1, tl.load(q_rows + HD + rh[None, :], mask=gm[:, None], other=0.0), qw_ptr, cs, sn,
+                            rh, eps, HD)
+        q = tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), (GP, D)).to(q1.dtype)
+        if sp == pos // CHUNK:      # this split reads slot pos: put the new token there first
+            _store_new_kv(kn_ptr + b * s_kn + kh * D, vn_ptr + b * s_vn + kh * D, kb, vb, pos * s_ks, kw_ptr,
+                          cs, sn, rh, eps, HD)
+            tl.debug_barrier()      # every thread's k / v stores precede the loads below
+    else:
+        q = tl.load(q_rows + rd[None, :], mask=gm[:, None], other=0.0)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    kb = k_ptr + b * s_kb + kh * s_kh
-    vb = v_ptr + b * s_vb + kh * s_vh
     for j0 in range(lo - lo % BN, hi, BN):
         j = j0 + tl.arange(0, BN)
         jm = (j >= lo) & (j < hi)
@@ -135,37 +168,48 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
+    o_rows = o_ptr + (b * HQ + heads)[:, None] * D + rd[None, :]
     if SPLIT == 1:
-        o = acc / l_i[:, None]
-        tl.store(o_ptr + (b * HQ + heads)[:, None] * D + rd[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=gm[:, None])
+        tl.store(o_rows, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
     else:
-        row = (b * HQ + heads) * SPLIT + sp                                # [GP]
-        tl.store(part_ptr + row[:, None] * D + rd[None, :], acc, mask=gm[:, None])
-        tl.store(ml_ptr + row * 2, m_i, mask=gm)
-        tl.store(ml_ptr + row * 2 + 1, l_i, mask=gm)
+        base = (b * HQ + heads) * SPLIT                                    # [GP] first partial row
+        tl.store(part_ptr + (base + sp)[:, None] * D + rd[None, :], acc, mask=gm[:, None])
+        tl.store(ml_ptr + (base + sp) * 2, m_i, mask=gm)
+        tl.store(ml_ptr + (base + sp) * 2 + 1, l_i, mask=gm)
+        tl.debug_barrier()  # all threads' partial stores precede the release below
+        cnt = cnt_ptr + b * tl.num_programs(1) + kh
+        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
+            _merge_splits(part_ptr, ml_ptr, o_rows, base, gm, rd, tl.num_programs(2), GP, D, SPLIT, SC)
+            tl.atomic_xchg(cnt, 0)  # ready for the next launch / graph replay
 
 
 @triton.jit
-def _decode_combine_kernel(part_ptr, ml_ptr, o_ptr, NS, SPLIT: tl.constexpr, D: tl.constexpr,
-                           PDL: tl.constexpr = False):
-    """Grid (B * HQ): merge the NS <= SPLIT partial softmax sums of one (sequence, head)."""
-    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
-    r = tl.program_id(0).to(tl.int64)
+def _merge_splits(part_ptr, ml_ptr, o_rows, base, gm, rd, NS, GP: tl.constexpr, D: tl.constexpr,
+                  SPLIT: tl.constexpr, SC: tl.constexpr):
+    """o = the NS partial softmax sums of each head row merged (empty splits weigh 0); SC splits'
+    partials [GP, SC, D] per step. Reads bypass L1: other programs wrote them."""
     rs = tl.arange(0, SPLIT)
-    sm = rs < NS
-    m = tl.load(ml_ptr + (r * SPLIT + rs) * 2, mask=sm, other=float("-inf"))
-    l = tl.load(ml_ptr + (r * SPLIT + rs) * 2 + 1, mask=sm, other=0.0)
-    mx = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp2(m - mx), 0.0)                # empty splits weigh 0
-    acc = tl.load(part_ptr + (r * SPLIT + rs)[:, None] * D + tl.arange(0, D)[None, :], mask=sm[:, None],
-                  other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(o_ptr + r * D + tl.arange(0, D), o.to(o_ptr.dtype.element_ty))
+    mm = gm[:, None] & (rs[None, :] < NS)
+    m = tl.load(ml_ptr + (base[:, None] + rs[None, :]) * 2, mask=mm, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(ml_ptr + (base[:, None] + rs[None, :]) * 2 + 1, mask=mm, other=0.0, cache_modifier=".cg")
+    mx = tl.max(m, axis=1)
+    mx = tl.where(mx > float("-inf"), mx, 0.0)                           # padding rows: no NaN
+    den = tl.sum(l * tl.exp2(m - mx[:, None]), axis=1)
+    o = tl.zeros([GP, D], tl.float32)
+    rc = tl.arange(0, SC)
+    for s0 in range(0, NS, SC):
+        r = base[:, None] + s0 + rc[None, :]                               # [GP, SC] partial rows
+        cm = gm[:, None] & (s0 + rc < NS)[None, :]
+        w = tl.exp2(tl.load(ml_ptr + r * 2, mask=cm, other=float("-inf"), cache_modifier=".cg") - mx[:, None])
+        a = tl.load(part_ptr + r[:, :, None] * D + rd[None, None, :], mask=cm[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        o += tl.sum(a * w[:, :, None], axis=1)
+    o = o / tl.where(gm, den, 1.0)[:, None]
+    tl.store(o_rows, o.to(o_rows.dtype.element_ty), mask=gm[:, None])
 
 
 BLOCK_N = 64
-TARGET_PROGRAMS = 264  # ~2 per SM on an H100: more splits only add combine work
+TARGET_PROGRAMS = 264  # ~2 per SM on an H100: more splits only add merge work
 
 
 def decode_splits(batch: int, kv_heads: int, length: int) -> tuple[int, int]:
@@ -183,26 +227,45 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor,
     """One query per sequence over its cached keys. q [B, HQ, D] contiguous; k_cache/v_cache
     [B, HK, S, D] (contiguous last dim); start [B], pos [B] int64: visible slots start..pos
     (only pos when start > pos). Returns o [B, HQ, D] in q's dtype. scale: 1/sqrt(D) default."""
-    B, HQ, D = q.shape
+    q = q.contiguous()
+    return _decode(q, q.shape[1], q.stride(0), k_cache, v_cache, start, pos, scale, None)
+
+
+def decode_attention_new(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_w: Tensor, k_w: Tensor,
+                         eps: float, k_cache: Tensor, v_cache: Tensor, start: Tensor, pos: Tensor,
+                         scale: float | None = None) -> Tensor:
+    """qk_norm_rope_store then decode_attention, in one launch, for one new token per sequence:
+    q [B, HQ*D], k/v [B, HK*D] the raw projections (rows may be strided views of one qkv output);
+    cos/sin [B, D]; q_w/k_w [D] the q/k norm weights; k_cache/v_cache [B, HK, S, D]; start, pos
+    [B] int64 (pos = the new token's position and slot, < S, not checked).
+    Writes the new k (normed, roped) and v at slot pos; returns o [B, HQ, D] in q's dtype."""
+    B, D = q.shape[0], k_cache.shape[-1]
+    for t in (q, k, v):
+        assert t.stride(-1) == 1
+    new = (k, v, cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous(), q_w, k_w, eps)
+    return _decode(q, q.shape[1] // D, q.stride(0), k_cache, v_cache, start, pos, scale, new)
+
+
+def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new) -> Tensor:
+    B, D = q.shape[0], k_cache.shape[-1]
     HK, S = k_cache.shape[1], k_cache.shape[2]
-    G = HQ // HK
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     split, chunk = decode_splits(B, HK, S)
-    q = q.contiguous()
-    o = torch.empty_like(q)
+    o = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
     p2 = triton.next_power_of_2(split) if split > 1 else 1    # partials' stride, a power of two
     if split > 1:
         part = torch.empty(B * HQ * p2, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * HQ * p2, 2, dtype=torch.float32, device=q.device)
+        cnt = split_counters(q.device, B * HK)
     else:
-        part = ml = o
+        part = ml = cnt = o
+    k, v, cos, sin, q_w, k_w, eps = new if new is not None else (o, o, o, o, o, o, 0.0)
+    GP = max(16, triton.next_power_of_2(HQ // HK))
     _decode_attn_kernel[(B, HK, split)](
-        q, k_cache, v_cache, start, pos, o, part, ml,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * 1.4426950408889634,
-        HQ=HQ, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BN=BLOCK_N, SPLIT=p2,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
+        q, k_cache, v_cache, start, pos, o, part, ml, cnt, k, v, cos, sin, q_w, k_w,
+        s_q, k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * 1.4426950408889634, eps,
+        HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=BLOCK_N, SPLIT=p2, SC=max(1, min(p2, 8192 // (GP * D))),
+        NEW=new is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
         num_warps=4, num_stages=2, **pdl.launch_kw(q))
-    if split > 1:
-        _decode_combine_kernel[(B * HQ,)](part, ml, o, split, SPLIT=p2, D=D, num_warps=4, **pdl.launch_kw(q))
     return o

@@ -96,25 +96,56 @@ def router_route(x: Tensor, gate_weight: Tensor, top_k: int, renorm: bool) -> tu
     [M, k] fp32, topk_ids [M, k] int32). Up to ROUTER_FUSED_MAX_M tokens in one launch (the
     logits are rounded to x's dtype, as F.linear returns them); more tokens, or no Triton device,
     take F.linear + route()."""
+    _check_router(x, gate_weight)
+    M, E = x.shape[0], gate_weight.shape[0]
+    if M > ROUTER_FUSED_MAX_M or M == 0 or not _triton_ok(x) or not 1 <= top_k <= E:
+        return route(F.linear(x, gate_weight), top_k, renorm)
+    return _router_launch(x, gate_weight, top_k, renorm, None)[:2]
+
+
+def norm_router_route(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
+                      top_k: int, renorm: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h = x + residual, y = RMSNorm(h) (kernels/norm.py), then router_route(y): one launch for
+    1..ROUTER_FUSED_MAX_M tokens on a Triton device (the caller checks; others raise).
+    -> (topk_w [M, k] fp32, topk_ids [M, k] int32, y [M, H], h [M, H])."""
+    _check_router(x, gate_weight)
+    M, E = x.shape[0], gate_weight.shape[0]
+    if not (0 < M <= ROUTER_FUSED_MAX_M and _triton_ok(x) and 1 <= top_k <= E):
+        raise ShapeMismatch(f"norm_router_route: {M} tokens, top_k={top_k} of {E} experts on {x.device}: "
+                            f"takes 1..{ROUTER_FUSED_MAX_M} tokens on a Triton device")
+    if residual.shape != x.shape or norm_weight.shape != (x.shape[1],):
+        raise ShapeMismatch(f"norm_router_route: residual {tuple(residual.shape)} / norm weight "
+                            f"{tuple(norm_weight.shape)} do not match x {tuple(x.shape)}")
+    return _router_launch(x.contiguous(), gate_weight, top_k, renorm, (residual.contiguous(), norm_weight, eps))
+
+
+def _check_router(x: Tensor, gate_weight: Tensor) -> None:
     if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
         raise ShapeMismatch(f"router_route: x {tuple(x.shape)} and router weight {tuple(gate_weight.shape)} "
                             f"must be [M, H] and [E, H]")
+
+
+def _router_launch(x, gate_weight, top_k, renorm, norm):
     M, H = x.shape
     E = gate_weight.shape[0]
-    if M > ROUTER_FUSED_MAX_M or M == 0 or not _triton_ok(x) or not 1 <= top_k <= E:
-        return route(F.linear(x, gate_weight), top_k, renorm)
     x = x if x.stride(1) == 1 else x.contiguous()
     gate_weight = gate_weight.contiguous()
     lg = torch.empty(M, E, dtype=torch.float32, device=x.device)
     w = torch.empty(M, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(M, top_k, dtype=torch.int32, device=x.device)
+    if norm is None:
+        r, nw, eps, y, h = x, x, 0.0, None, None
+    else:
+        r, nw, eps = norm
+        y, h = torch.empty_like(x), torch.empty_like(x)
     MB, BE = triton.next_power_of_2(M), 2      # E/2 programs of H/BH steps (1-2 at H=2048)
     BH = min(triton.next_power_of_2(H), max(16, 4096 // (MB * BE)))
     _router_route_kernel[(triton.cdiv(E, BE),)](
-        x, gate_weight, lg, w, ids, split_counters(x.device, 1), M, E, H, x.stride(0), TOPK=top_k,
-        RENORM=bool(renorm), MB=MB, BE=BE, BH=BH, EB=triton.next_power_of_2(E),
-        KB=triton.next_power_of_2(top_k), num_warps=4, **pdl.launch_kw(x))
-    return w, ids
+        x, gate_weight, lg, w, ids, split_counters(x.device, 1), r, nw, x if y is None else y, x if h is None else h,
+        M, E, H, x.stride(0), eps, TOPK=top_k, RENORM=bool(renorm), MB=MB, BE=BE, BH=BH,
+        EB=triton.next_power_of_2(E), KB=triton.next_power_of_2(top_k), NORM=norm is not None, num_warps=4,
+        **pdl.launch_kw(x))
+    return w, ids, y, h
 
 
 def align_bounds(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int]:

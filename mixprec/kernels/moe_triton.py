@@ -640,12 +640,17 @@ def _route_kernel(logit_ptr, w_ptr, id_ptr, M, E, stride_m,
 
 
 @triton.jit
-def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, M, E, H, stride_xm,
+def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, r_ptr, nw_ptr, y_ptr, h_ptr,
+                         M, E, H, stride_xm, eps,
                          TOPK: tl.constexpr, RENORM: tl.constexpr, MB: tl.constexpr, BE: tl.constexpr,
-                         BH: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr, PDL: tl.constexpr = False):
+                         BH: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr, NORM: tl.constexpr,
+                         PDL: tl.constexpr = False):
     """Decode routing in one launch: program p computes the logits of experts p*BE.. for all M
     (<= MB) tokens, rounded to x's dtype as the router linear's output is, into lg [M, E]; the
-    last program to arrive (arrival counter, reset after) runs softmax / top-k over all E."""
+    last program to arrive (arrival counter, reset after) runs softmax / top-k over all E.
+    NORM: the router input is RMSNorm(x + residual) (kernels/norm.py's rounding), computed by
+    every program for itself; program 0 also stores it (y) and the sum (h) for the experts and
+    the next layer. Rows are contiguous (stride_xm) in x, residual, y and h alike."""
     rows = tl.arange(0, MB)
     rmask = rows < M
     re = tl.program_id(0) * BE + tl.arange(0, BE)
@@ -653,13 +658,29 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, M, E, H, 
     g_rows = g_ptr + re[:, None].to(tl.int64) * H
     g_nxt = tl.load(g_rows + rh[None, :], mask=(re < E)[:, None] & (rh < H)[None, :], other=0.0)
     pdl.wait(PDL)     # the first router tile is loaded; x comes from the kernel before
+    x_rows = rows[:, None] * stride_xm
+    if NORM:
+        ss = tl.zeros([MB], dtype=tl.float32)
+        for h0 in range(0, H, BH):
+            hv = _residual_sum(x_ptr, r_ptr, x_rows + (h0 + rh)[None, :], rmask[:, None] & (h0 + rh < H)[None, :])
+            ss += tl.sum(hv * hv, axis=1)
+        rs = tl.rsqrt(ss / H + eps)[:, None]
     acc = tl.zeros([MB, BE], dtype=tl.float32)
     for h0 in range(0, H, BH):
         hh = h0 + rh
         hm = hh < H
         g = g_nxt
         g_nxt = tl.load(g_rows + (hh + BH)[None, :], mask=(re < E)[:, None] & (hh + BH < H)[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + hh[None, :], mask=rmask[:, None] & hm[None, :], other=0.0)
+        xm = rmask[:, None] & hm[None, :]
+        if NORM:
+            hv = _residual_sum(x_ptr, r_ptr, x_rows + hh[None, :], xm)
+            n = (hv * rs).to(x_ptr.dtype.element_ty).to(tl.float32)
+            x = (tl.load(nw_ptr + hh, mask=hm, other=0.0).to(tl.float32)[None, :] * n).to(x_ptr.dtype.element_ty)
+            if tl.program_id(0) == 0:
+                tl.store(h_ptr + x_rows + hh[None, :], hv.to(h_ptr.dtype.element_ty), mask=xm)
+                tl.store(y_ptr + x_rows + hh[None, :], x, mask=xm)
+        else:
+            x = tl.load(x_ptr + x_rows + hh[None, :], mask=xm, other=0.0)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * g.to(tl.float32)[None, :, :], axis=2)
     acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(lg_ptr + rows[:, None] * E + re[None, :], acc, mask=rmask[:, None] & (re < E)[None, :])
@@ -673,6 +694,13 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, M, E, H, 
         wv, iv = _topk_softmax(lg, emask, ev, TOPK, RENORM, MB, EB, KB)
         _store_topk(w_ptr, id_ptr, wv, iv, rows, rmask, TOPK, KB)
         tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch / graph replay
+
+
+@triton.jit
+def _residual_sum(x_ptr, r_ptr, offs, mask):
+    """(x + residual) at offs, rounded to x's dtype as the torch add is, as fp32."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    return (x.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype).to(tl.float32)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import MixprecError
 from ..formats.base import use_kernels
-from ..kernels.attention import decode_attention, qk_norm_rope_store
+from ..kernels.attention import decode_attention_new, qk_norm_rope_store
 from .linear import FusedLinear, Linear
 from .norm import RMSNorm, Rotary, apply_rope
 
@@ -160,18 +160,18 @@ class Attention(nn.Module):
 
     def _forward_cached_kernels(self, x: Tensor, positions: Tensor, cache: KVCache, layer_idx: int,
                                 attn_mask: Tensor | None, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        """Same as the readable path: q/k norm + RoPE + cache write in one launch, then the decode
-        kernel (T == 1, no explicit mask) or SDPA over the cache (prefill)."""
+        """Same as the readable path. Decode (T == 1, no explicit mask): q/k norm + RoPE + cache
+        write + attention in one launch; prefill: the norm + RoPE + cache write launch, then SDPA."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
         kc, vc = cache.k[layer_idx], cache.v[layer_idx]                  # [B', kvh, S, D]
-        q = qk_norm_rope_store(q, k, v, cos, sin, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                               kc, vc, positions)                        # [B, T, h, D]
+        nw = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         if T == 1 and attn_mask is None:
-            o = decode_attention(q.view(B, self.heads, self.head_dim), kc[:B], vc[:B], cache.start[:B],
-                                 positions.reshape(B))
+            o = decode_attention_new(q.view(B, -1), k.view(B, -1), v.view(B, -1), cos, sin, *nw, kc[:B], vc[:B],
+                                     cache.start[:B], positions.reshape(B))
         else:
+            q = qk_norm_rope_store(q, k, v, cos, sin, *nw, kc, vc, positions)   # [B, T, h, D]
             mask = cache.mask(positions) if attn_mask is None else attn_mask
             o = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:B], vc[:B], attn_mask=mask,
                                                enable_gqa=self.heads != self.kv_heads).transpose(1, 2)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed, apply, dequant, use_kernels
-from ..kernels.moe import fused_moe, half_cover, router_route, up_launches
+from ..kernels.moe import ROUTER_FUSED_MAX_M, fused_moe, half_cover, norm_router_route, router_route, up_launches
 from .linear import bucket_key, cat_n, same_scale
 
 PROJS = ("gate", "up", "down")
@@ -202,7 +202,23 @@ class MoE(nn.Module):
         else:
             topk_w, topk_ids = route(x, self.gate.weight, self.top_k, self.renorm)
             y = self._forward_buckets(x, topk_ids, topk_w)
-        return y.reshape(shape)
+        return self.finish(y.reshape(shape))
+
+    def finish(self, y: Tensor) -> Tensor:
+        """The layer's output from what this module's experts computed (ParallelMoE: the sum over
+        ranks)."""
+        return y
+
+    def forward_norm(self, norm: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(self(norm(x + residual)), x + residual): the decoder's post-attention step. At decode
+        sizes on the kernel path the add + norm run inside the router's launch (one launch fewer)."""
+        x2 = x.reshape(-1, self.H)
+        if use_kernels(x2) and 0 < x2.shape[0] <= ROUTER_FUSED_MAX_M and self._kernel_buckets() is not None:
+            topk_w, topk_ids, y, h = norm_router_route(x2, residual.reshape(-1, self.H), norm.weight, norm.eps,
+                                                       self.gate.weight, self.top_k, self.renorm)
+            return self.finish(self._experts_fast(y, topk_w, topk_ids).reshape(x.shape)), h.reshape(x.shape)
+        y, h = norm(x, residual)
+        return self(y), h
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_kb", None)      # .to()/.half() replace the tensors the cached views point at
@@ -259,7 +275,9 @@ class MoE(nn.Module):
 
     def _forward_fast(self, x: Tensor) -> Tensor:
         """Fused routing + grouped kernels over all buckets (CUDA, no host sync). x [T, H]."""
-        topk_w, topk_ids = router_route(x, self.gate.weight, self.top_k, self.renorm)
+        return self._experts_fast(x, *router_route(x, self.gate.weight, self.top_k, self.renorm))
+
+    def _experts_fast(self, x: Tensor, topk_w: Tensor, topk_ids: Tensor) -> Tensor:
         up_x = [x if s is None else x * s.to(x.dtype) for s in self._up_scales]
         return fused_moe(x, topk_ids, topk_w, self._kernel_buckets(), self.I, up_groups=self._up_groups,
                          up_x=up_x)

@@ -77,6 +77,8 @@ class DecoderLayer(nn.Module):
         else:
             y, residual = self.input_layernorm(x, residual)
         a = self.self_attn(y, positions, cache, layer_idx, mask, rope)
+        if isinstance(self.mlp, MoE):     # the add + norm may run inside the router's launch
+            return self.mlp.forward_norm(self.post_attention_layernorm, a, residual)
         y, residual = self.post_attention_layernorm(a, residual)
         return self.mlp(y), residual
 
