@@ -108,11 +108,6 @@ def drive() -> None:
             ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(M)]).to(torch.int32)
             moe.fused_moe(x, ids, w, b, I)
     moe.router_route(torch.randn(1, H).to(torch.bfloat16), torch.randn(128, H).to(torch.bfloat16), 8, True)
-    xb = torch.randn(1, H).to(torch.bfloat16)
-    moe.norm_router_route(xb, xb, torch.ones(H).to(torch.bfloat16), 1e-6, torch.randn(128, H).to(torch.bfloat16), 8, True)
-    from mixprec.kernels.prefetch import _prefetch_kernel
-    _prefetch_kernel[(3, 8)](torch.zeros(3, 4, dtype=torch.int64), torch.zeros(8, dtype=torch.int32),
-                             torch.zeros(2, E, dtype=torch.int32), E, LANES=32, CHUNK=4096, num_warps=1)
 
     for N, K in ((5120, 2048), (2048, 768)):
         for M in (1, 2, 40):

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from ..errors import MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed, apply, dequant, use_kernels
-from ..kernels import prefetch as l2
 from ..kernels.moe import ROUTER_FUSED_MAX_M, fused_moe, half_cover, norm_router_route, router_route, up_launches
 from .linear import bucket_key, cat_n, same_scale
 
@@ -217,31 +216,12 @@ class MoE(nn.Module):
         if use_kernels(x2) and 0 < x2.shape[0] <= ROUTER_FUSED_MAX_M and self._kernel_buckets() is not None:
             topk_w, topk_ids, y, h = norm_router_route(x2, residual.reshape(-1, self.H), norm.weight, norm.eps,
                                                        self.gate.weight, self.top_k, self.renorm)
-            if l2.active(x2):
-                l2.launch_side(self._prefetch_table(), topk_ids, self._expert_maps)
             return self.finish(self._experts_fast(y, topk_w, topk_ids).reshape(x.shape)), h.reshape(x.shape)
         y, h = norm(x, residual)
         return self(y), h
 
-    def _prefetch_table(self) -> Tensor:
-        """The routed experts' down slices, asked of L2 once a decode step is routed (kernels/
-        prefetch.py): down runs after the gate/up launch, so its weights arrive meanwhile. Empty
-        unless k slices' bytes (on average) are within [l2.MIN_BYTES, l2.BUDGET]. (Prefetching the next
-        layer's attention weights as well was measured slower: H100, 30B int4 batch 1, 371 -> 350
-        tok/s.) Built once."""
-        if not hasattr(self, "_l2tab"):
-            down = [(i, b) for i, b in enumerate(self.buckets) if b.proj == "down"]
-            rows = [r for i, b in down for t in b.w.tensors().values() for r in l2.table_rows(t, i)]
-            # bytes of k routed experts' down slices, on average over the experts held here
-            per_step = self.top_k * sum(b.w.nbytes() for _, b in down) / sum(len(b.experts) for _, b in down)
-            fits = l2.MIN_BYTES <= per_step <= l2.BUDGET
-            self._l2tab = l2.make_table(rows if fits else [], self.gate.weight.device)
-            self._expert_maps = torch.stack([b.expert_map for b in self.buckets])
-        return self._l2tab
-
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_kb", None)      # .to()/.half() replace the tensors the cached views point at
-        self.__dict__.pop("_l2tab", None)
         return super()._apply(fn, recurse)
 
     def _kernel_buckets(self) -> list[dict] | None:

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError, MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed
-from ..kernels import prefetch as l2
 from ..layers.attention import Attention, KVCache, causal_mask, decode_kernel
 from ..layers.linear import FusedLinear, Linear
 from ..layers.moe import MoE
@@ -246,9 +245,7 @@ class Qwen3ForCausalLM(nn.Module):
         if logits_index is not None:
             idx = logits_index if logits_index.dim() == 2 else logits_index[:, None]
             h, res = (t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1])) for t in (h, res))
-        logits = self.lm_head(self.model.norm(h, res)[0]).float()
-        l2.join(logits.device)
-        return logits
+        return self.lm_head(self.model.norm(h, res)[0]).float()
 
     def linear_modules(self) -> dict[str, Packed]:
         """After finalize: every Packed the model runs, by name. Fused weights use SGLang names
