@@ -278,6 +278,7 @@ class MoE(nn.Module):
         return self._experts_fast(x, *router_route(x, self.gate.weight, self.top_k, self.renorm))
 
     def _experts_fast(self, x: Tensor, topk_w: Tensor, topk_ids: Tensor) -> Tensor:
+        """The grouped expert kernels for x [T, H] routed to topk_ids with weights topk_w [T, k]."""
         up_x = [x if s is None else x * s.to(x.dtype) for s in self._up_scales]
         return fused_moe(x, topk_ids, topk_w, self._kernel_buckets(), self.I, up_groups=self._up_groups,
                          up_x=up_x)
