@@ -138,6 +138,16 @@ def test_decode_attention_new_matches_reference(dtype, B, HQ, HK, D, S):
     assert decode_splits(B, HK, S)[0] > 1 or S < 100
 
 
+def test_attention_kernels_refuse_rows_with_a_strided_last_dim():
+    from mixprec.errors import ShapeMismatch
+    q = torch.randn(2, 64, 2)[..., 0]                                  # last-dim stride 2
+    kv = torch.randn(2, 16)
+    cache = torch.zeros(2, 1, 8, 16)
+    with pytest.raises(ShapeMismatch, match="q .* contiguous last dim"):
+        decode_attention_new(q, kv, kv, kv, kv, kv[0], kv[0], 1e-6, cache, cache, torch.zeros(2, dtype=torch.long),
+                             torch.zeros(2, dtype=torch.long))
+
+
 def test_decode_splits_cover_the_cache():
     for B, HK, S in [(1, 4, 128), (1, 4, 32768), (64, 4, 4096), (3, 1, 1000), (1, 8, 64)]:
         split, chunk = decode_splits(B, HK, S)

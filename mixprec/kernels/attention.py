@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..errors import ShapeMismatch
 from . import pdl
 from .quant import split_counters
 
@@ -84,6 +85,13 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
                       kw_ptr, cs, sn, rh, eps, HD)
 
 
+def _check_rows(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ShapeMismatch(f"attention kernels: {name} {tuple(t.shape)} needs a contiguous last dim, "
+                                f"strides {t.stride()}")
+
+
 def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_w: Tensor, k_w: Tensor,
                        eps: float, k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> Tensor:
     """q [B, T, HQ*D], k/v [B, T, HK*D] (rows may be strided views of one qkv output);
@@ -95,8 +103,7 @@ def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
     HQ, HK = q.shape[-1] // D, k.shape[-1] // D
     N = B * T
     q2, k2, v2 = (t.reshape(N, t.shape[-1]) for t in (q, k, v))
-    for t in (q2, k2, v2):
-        assert t.stride(-1) == 1
+    _check_rows(q2, k2, v2)
     qo = torch.empty(B, T, HQ, D, dtype=q.dtype, device=q.device)
     if N:
         _qk_norm_rope_kernel[(N, HQ + HK)](
@@ -240,8 +247,7 @@ def decode_attention_new(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tens
     [B] int64 (pos = the new token's position and slot, < S, not checked).
     Writes the new k (normed, roped) and v at slot pos; returns o [B, HQ, D] in q's dtype."""
     B, D = q.shape[0], k_cache.shape[-1]
-    for t in (q, k, v):
-        assert t.stride(-1) == 1
+    _check_rows(q, k, v)
     new = (k, v, cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous(), q_w, k_w, eps)
     return _decode(q, q.shape[1] // D, q.stride(0), k_cache, v_cache, start, pos, scale, new)
 
