@@ -106,6 +106,17 @@ def test_act_quant_references():
     assert ((q8.float() * sx - x).abs() <= sx / 2 + 1e-6).all()
 
 
+def test_int8_codes_of_act_quant_equal_the_reference_on_ties():
+    """The dense GEMM reads act_quant's codes; the readable spec rounds half to even too, so the
+    two agree bit for bit, also on exact .5 ties (common with bf16 inputs)."""
+    from mixprec.kernels.quant import act_quant
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 3.0, 0.0], [254.0, 1.0, 3.0, 5.0, -1.0, 7.0, 9.0, 2.0]])
+    q, qs, _ = act_quant(x.to(DEV), True, False)
+    rq, rs = int8_act_quant_reference(x)
+    assert torch.equal(q.view(torch.int8)[:, 0].cpu(), rq) and torch.equal(qs[:, :1].cpu(), rs)
+    assert rq[0, 1:4].tolist() == [0, 2, 2] and rq[0, 4:6].tolist() == [0, -2]
+
+
 def test_fp8_and_int8_references_dequant():
     w, s = make_fp8(96, 256, (32, 128), 7)
     x = xin(2, 256, torch.float32, 8).cpu()

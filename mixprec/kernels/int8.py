@@ -2,16 +2,18 @@
 
 weight [N, K] int8, scale [N, 1] fp32, zero [N, 1] fp32 or None: W[n, k] = scale[n] * (q - zero[n]).
 
-act "w8a8": activations are quantized per token inside the kernel: sx = max(amax, EPS)/127 over
-the whole row (each program first reads its rows' amax; x is small and L2-resident), xq =
-floor(x/sx + 0.5) in [-127, 127] (quant.int8_act_quant_reference; both divisions exact, `div_rn`,
-as torch's: bf16 inputs land on exact .5 ties often, which Triton's default division rounds off);
-then int8 x int8 -> int32: y = sx * scale * (sum_k xq q - zero * sum_k xq). The zero point is
-exact: sum_k xq is summed alongside the dot. act "w8a16": q is widened (exact in bf16/fp16) and
-y = scale * (x.q - zero * sum x).
+act "w8a8": activations are quantized per token: sx = max(amax, EPS)/127 over the whole row,
+xq = x/sx rounded half to even, in [-127, 127] (quant.int8_act_quant_reference; the division exact,
+`div_rn`, as torch's: bf16 inputs land on exact .5 ties often). The GEMV (one row per program
+group) quantizes its row in registers; the GEMM reads codes quantized once per row by
+`quant.act_quant` (the fused MoE's pre-pass: same codes), instead of every program dividing its
+rows again. Then int8 x int8 -> int32: y = sx * scale * (sum_k xq q - zero * sum_k xq); the zero
+point is exact: sum_k xq is summed alongside the dot. act "w8a16": q is widened (exact in
+bf16/fp16) and y = scale * (x.q - zero * sum x).
 
 gemv (M = 1): programs over (row, N block, K split), 16-byte loads along K, int32 (w8a8) or fp32
-FMA dot products; gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16). One launch per call.
+FMA dot products; gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16). One launch per call (w8a8 gemm:
+plus the quantization launch).
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .quant import (EPS_C, INT8_MAX_C, check_tensor, check_x, gemm_tile, int8_act_quant_reference, split_plan,
-                    split_workspace, splitk_store)
+from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_quant, check_tensor, check_x, gemm_tile, int8_act_quant_reference,
+                    split_plan, split_workspace, splitk_store)
 
 
 
@@ -64,7 +66,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
         w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_hi)[None, :], other=0)
         xv = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
         if A8:
-            xq = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(xv, sx) + 0.5), -INT8_MAX_C), INT8_MAX_C).to(tl.int32)
+            xq = tl.minimum(tl.maximum((tl.math.div_rn(xv, sx) + RNE_C) - RNE_C, -INT8_MAX_C), INT8_MAX_C).to(tl.int32)
             acc += tl.sum(w.to(tl.int32) * xq[None, :], axis=1)
             xsum += xq
         else:
@@ -84,22 +86,17 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
 
 
 @triton.jit(do_not_specialize=["M", "split"])
-def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
-                      M, N, K, stride_xm, stride_om, stride_w, k_per_split, split,
+def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, sx_ptr,
+                      M, N, K, stride_xm, stride_om, stride_w, k_per_split, split, stride_sx,
                       A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    # A8: x_ptr holds the rows' int8 codes and sx_ptr their scales (quant.act_quant)
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     pid, pid_k, offs_m, m_mask, offs_n, n_mask, offs_k, k_lo, k_hi = gemm_tile(M, N, K, k_per_split, BLOCK_M,
                                                                               BLOCK_N, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     if A8:
-        amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            xa = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.abs(xa.to(tl.float32)))
-        sx = tl.math.div_rn(tl.maximum(tl.max(amax, axis=1), EPS_C), INT8_MAX_C)    # [BM]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         xsum = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
     else:
@@ -108,13 +105,11 @@ def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
-        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
         if A8:
-            xq = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x.to(tl.float32), sx[:, None]) + 0.5), -INT8_MAX_C),
-                            INT8_MAX_C)
-            xsum += xq.to(tl.int32)
-            acc = tl.dot(xq.to(tl.int8), tl.trans(w), acc, out_dtype=tl.int32)
+            xsum += x.to(tl.int32)
+            acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         else:
             xsum += x.to(tl.float32)
             acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
@@ -125,7 +120,7 @@ def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
         y -= z[None, :] * tl.sum(xsum, axis=1).to(tl.float32)[:, None]
     y = y * s[None, :]
     if A8:
-        y = y * sx[:, None]
+        y = y * tl.load(sx_ptr + offs_m * stride_sx, mask=m_mask, other=0.0)[:, None]
     splitk_store(y, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
                  USE_SPLIT)
 
@@ -183,5 +178,10 @@ def int8_linear_cfg(x, weight, scale, zero, act, cfg: dict | None) -> Tensor:
     else:
         nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
-        _int8_gemm_kernel[(nt, split)](x2, weight, scale, zero, out, ws, cnt, *args, BLOCK_M=c["BM"], **flags)
+        xg, sx, s_sx = x2, x2, 0
+        if act == "w8a8":          # codes [M, K] int8 (plane 0, row stride 2K), scales [M] (column 0)
+            q, qs, s_sx = act_quant(x2, True, False)
+            xg, sx = q.view(torch.int8)[:, 0], qs
+        _int8_gemm_kernel[(nt, split)](xg, weight, scale, zero, out, ws, cnt, sx, M, N, K, xg.stride(0),
+                                       out.stride(0), weight.stride(0), per, split, s_sx, BLOCK_M=c["BM"], **flags)
     return out.reshape(*lead, N)

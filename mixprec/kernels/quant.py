@@ -57,10 +57,11 @@ def fp8_act_quant_reference(x: Tensor, block: int = 128) -> tuple[Tensor, Tensor
 
 def int8_act_quant_reference(x: Tensor) -> tuple[Tensor, Tensor]:
     """x: [M, K] -> xq [M, K] int8 in [-127, 127], sx [M, 1] fp32; per token:
-    sx = max(amax, EPS) / 127, xq = floor(x / sx + 0.5) (round half up, as the kernels do)."""
+    sx = max(amax, EPS) / 127, xq = x / sx rounded half to even (as the kernels, act_quant and the
+    fused MoE do; exact divisions)."""
     xf = x.float()
     sx = xf.abs().amax(dim=1, keepdim=True).clamp_min(EPS) / INT8_MAX
-    xq = torch.floor(xf / sx + 0.5).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    xq = torch.round(xf / sx).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return xq, sx
 
 
