@@ -3,7 +3,7 @@
 * Dynamic activation quantization, as the kernels do it in registers (fused, per K tile),
   written once in torch as the readable spec: `fp8_act_quant_reference`, `int8_act_quant_reference`;
   `act_quant`, one launch that quantizes each row once for kernels that read it many times
-  (the fused MoE: every N tile of every expert reads its token's row).
+  (the fused MoE: every N tile of every expert reads its token's row; the dense INT8 W8A8 GEMM).
 * The split-K finish: every K split stores its fp32 partial [M, N] into a workspace sized from
   shapes only (`torch.empty`, no memset); the last split to arrive at an output tile (atomic
   counter) sums the partials in fixed order (deterministic) and writes x.dtype. The counters are
