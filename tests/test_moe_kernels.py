@@ -6,7 +6,7 @@ import torch
 from mixprec.errors import FormatError, ShapeMismatch
 from mixprec.kernels import moe
 from mixprec.kernels import moe_testing as mt
-from mixprec.kernels.quant import act_quant
+from mixprec.kernels.quant import act_quant, div_exact
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -284,11 +284,11 @@ def test_act_quant_prepass_matches_reference_codes(dtype):
     q, qs, ns = act_quant(v, True, True)
     assert q.shape == (6, 2, K) and qs.shape == (6, ns) and ns == 4
     vf = v.float()
-    a = moe._div(vf.abs().amax(-1, keepdim=True).clamp_min(1e-10), 127.0)
+    a = div_exact(vf.abs().amax(-1, keepdim=True).clamp_min(1e-10), 127.0)
     assert torch.equal(q[:, 0].view(torch.int8).float(), torch.round(vf / a).clamp(-127, 127))
     assert torch.equal(qs[:, :1], a)
     vp = torch.nn.functional.pad(vf, (0, 84)).view(6, 3, 128)
-    a8 = moe._div(vp.abs().amax(-1).clamp_min(1e-12), 448.0)
+    a8 = div_exact(vp.abs().amax(-1).clamp_min(1e-12), 448.0)
     want = (vp / a8[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(6, 384)[:, :K]
     assert torch.equal(q[:, 1], want.view(torch.uint8))
     assert torch.equal(qs[:, 1:], a8)

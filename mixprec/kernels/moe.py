@@ -34,7 +34,8 @@ from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
 from .moe_triton import (_align_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel,
                          _router_route_kernel)
-from .quant import EPS, FP8_ACT_GROUP, FP8_MAX, INT8_MAX, MOE_FP8_EPS, act_quant, split_counters
+from .quant import (FP8_ACT_GROUP, FP8_MAX, MOE_FP8_EPS, act_quant, div_exact, int8_act_quant_reference,
+                    split_counters)
 
 PROJ_CODE = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
 LAYOUT_CODE = {"dense": 0, "fp8": 1, "intq": 2, "int8": 3}
@@ -545,17 +546,11 @@ def quant_act(v: Tensor, layout: str, params: dict) -> Tensor:
         K = v.shape[-1]
         pad = (-K) % FP8_ACT_GROUP
         vp = F.pad(v, (0, pad)).view(*v.shape[:-1], -1, FP8_ACT_GROUP)
-        a = _div(vp.abs().amax(-1, keepdim=True).clamp_min(MOE_FP8_EPS), FP8_MAX)
+        a = div_exact(vp.abs().amax(-1, keepdim=True).clamp_min(MOE_FP8_EPS), FP8_MAX)
         q = (vp / a).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * a
         return q.view(*v.shape[:-1], -1)[..., :K]
-    a = _div(v.abs().amax(-1, keepdim=True).clamp_min(EPS), INT8_MAX)
-    return torch.round(v / a).clamp(-INT8_MAX, INT8_MAX) * a
-
-
-def _div(t: Tensor, c: float) -> Tensor:
-    # correctly rounded t / c, as the kernels divide (div_rn): PyTorch's CUDA tensor / scalar
-    # multiplies by the reciprocal, which can differ in the last bit
-    return t / torch.full_like(t, c)
+    q, a = int8_act_quant_reference(v)
+    return q.float() * a
 
 
 def moe_reference(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int) -> Tensor:

@@ -56,13 +56,19 @@ def fp8_act_quant_reference(x: Tensor, block: int = 128) -> tuple[Tensor, Tensor
 
 
 def int8_act_quant_reference(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x: [M, K] -> xq [M, K] int8 in [-127, 127], sx [M, 1] fp32; per token:
+    """x: [..., K] -> xq [..., K] int8 in [-127, 127], sx [..., 1] fp32; per token:
     sx = max(amax, EPS) / 127, xq = x / sx rounded half to even (as the kernels, act_quant and the
-    fused MoE do; exact divisions)."""
+    fused MoE's reference do; exact divisions)."""
     xf = x.float()
-    sx = xf.abs().amax(dim=1, keepdim=True).clamp_min(EPS) / INT8_MAX
+    sx = div_exact(xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS), INT8_MAX)
     xq = torch.round(xf / sx).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return xq, sx
+
+
+def div_exact(t: Tensor, c: float) -> Tensor:
+    """Correctly rounded t / c, as the kernels divide (div_rn): PyTorch's CUDA tensor / scalar
+    multiplies by the reciprocal, which can differ in the last bit."""
+    return t / torch.full_like(t, c)
 
 
 @triton.jit
