@@ -197,8 +197,8 @@ class MoE(nn.Module):
         """x [..., H] -> [..., H]."""
         shape = x.shape
         x = x.reshape(-1, self.H)
-        if use_kernels(x) and self._kernel_buckets() is not None:
-            y = self._forward_fast(x)
+        if self._fast(x):
+            y = self._experts_fast(x, *router_route(x, self.gate.weight, self.top_k, self.renorm))
         else:
             topk_w, topk_ids = route(x, self.gate.weight, self.top_k, self.renorm)
             y = self._forward_buckets(x, topk_ids, topk_w)
@@ -213,7 +213,7 @@ class MoE(nn.Module):
         """(self(norm(x + residual)), x + residual): the decoder's post-attention step. At decode
         sizes on the kernel path the add + norm run inside the router's launch (one launch fewer)."""
         x2 = x.reshape(-1, self.H)
-        if use_kernels(x2) and 0 < x2.shape[0] <= ROUTER_FUSED_MAX_M and self._kernel_buckets() is not None:
+        if 0 < x2.shape[0] <= ROUTER_FUSED_MAX_M and self._fast(x2):
             topk_w, topk_ids, y, h = norm_router_route(x2, residual.reshape(-1, self.H), norm.weight, norm.eps,
                                                        self.gate.weight, self.top_k, self.renorm)
             return self.finish(self._experts_fast(y, topk_w, topk_ids).reshape(x.shape)), h.reshape(x.shape)
@@ -273,12 +273,13 @@ class MoE(nn.Module):
                 group_scales.append(None if key < 0 else scales[key])
         return groups, group_scales
 
-    def _forward_fast(self, x: Tensor) -> Tensor:
-        """Fused routing + grouped kernels over all buckets (CUDA, no host sync). x [T, H]."""
-        return self._experts_fast(x, *router_route(x, self.gate.weight, self.top_k, self.renorm))
+    def _fast(self, x: Tensor) -> bool:
+        """Whether the fused kernels run this layer on x (else the readable per-bucket path)."""
+        return use_kernels(x) and self._kernel_buckets() is not None
 
     def _experts_fast(self, x: Tensor, topk_w: Tensor, topk_ids: Tensor) -> Tensor:
-        """The grouped expert kernels for x [T, H] routed to topk_ids with weights topk_w [T, k]."""
+        """The grouped expert kernels over all buckets (CUDA, no host sync) for x [T, H] routed to
+        topk_ids with weights topk_w [T, k]."""
         up_x = [x if s is None else x * s.to(x.dtype) for s in self._up_scales]
         return fused_moe(x, topk_ids, topk_w, self._kernel_buckets(), self.I, up_groups=self._up_groups,
                          up_x=up_x)
