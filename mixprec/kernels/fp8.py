@@ -2,9 +2,11 @@
 
 weight [N, K] float8_e4m3fn, scale [ceil(N/bn), ceil(K/bk)] fp32, W[n, k] = w * scale[n//bn, k//bk].
 
-act "w8a8": activations are quantized per token and per 128-wide K slice inside the kernel
-(a = max(amax, EPS)/448, xq = x/a as e4m3, quant.fp8_act_quant_reference); every K tile is exactly
-one slice, so the quantization is fused into the matmul loop and costs no extra launch:
+act "w8a8": activations are quantized per token and per 128-wide K slice (a = max(amax, EPS)/448,
+xq = x/a as e4m3, quant.fp8_act_quant_reference): the GEMV (M = 1) does it in registers on its K
+range, fused into the matmul loop; so does the GEMM below PRE_QUANT_M rows, from there on it reads
+codes quantized once per row by `quant.act_quant` (plus that launch) instead of every N tile
+program quantizing its rows again.
 y[m, n] = sum_j a[m, j] * scale[n//bn, (128 j)//bk] * (xq[m, slice j] . w[n, slice j]).
 act "w8a16": weights are widened in registers (exact in bf16/fp16) and multiplied with x; the
 weight scale multiplies each K tile's result (a tile never straddles a scale block).
@@ -12,7 +14,8 @@ weight scale multiplies each K tile's result (a tile never straddles a scale blo
 gemv (M = 1): programs over (row, N block, K split); [BN, BK] fp8 tiles with 16-byte loads along K;
 when the BN rows share a scale row (block scales with BN | 128, per-tensor) the scales fold into x
 and BK may span several 128-wide slices.
-gemm: tl.dot on fp8 operands (w8a8, Hopper fp8 MMA) or bf16/fp16 (w8a16). One launch per call.
+gemm: tl.dot on fp8 operands (w8a8, Hopper fp8 MMA) or bf16/fp16 (w8a16). One launch per call
+(w8a8 gemm from PRE_QUANT_M rows: plus the quantization launch).
 """
 from __future__ import annotations
 
@@ -23,10 +26,15 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, check_tensor, check_x, fp8_act_quant_reference, gemm_tile,
+from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_quant, check_tensor, check_x, fp8_act_reference, gemm_tile,
                     round_e4m3, split_plan, split_workspace, splitk_store)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
+# w8a8 GEMM from this many rows: activations quantized once per row by act_quant (one more launch)
+# instead of in every N tile program. H100, bench-kernels, same call (benchmarks/linear.md, session
+# 8): at M=256 2-2.3x faster (30B qkv 41.4 -> 18.9 µs, lm_head 687 -> 303), at M=32-64 faster on
+# 12 of 18 points (lm_head 269 -> 126, 235B qkv 46.3 -> 30.1 at M=64), at M=2-16 1-3 µs slower
+PRE_QUANT_M = 32
 
 
 @triton.jit(do_not_specialize=["M", "split"])
@@ -81,16 +89,19 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
 
 
 @triton.jit(do_not_specialize=["M", "split"])
-def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
-                     M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
-                     A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, a_ptr,
+                     M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split, stride_a,
+                     A8: tl.constexpr, PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    # A8: a K tile is one 128-wide activation slice. PRE: x_ptr holds the rows' e4m3 codes and
+    # a_ptr their slice scales (quant.act_quant); otherwise the tile's rows are quantized here.
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     pid, pid_k, offs_m, m_mask, offs_n, n_mask, offs_k, k_lo, k_hi = gemm_tile(M, N, K, k_per_split, BLOCK_M,
                                                                               BLOCK_N, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     s_rows = s_ptr + (offs_n // bn) * stride_s
+    a_rows = a_ptr + offs_m * stride_a
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
@@ -98,7 +109,10 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
         x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         s = tl.load(s_rows + k0 // bk, mask=n_mask, other=0.0)
-        if A8:
+        if PRE:
+            a = tl.load(a_rows + k0 // BLOCK_K, mask=m_mask, other=0.0)                # [BM]
+            acc += tl.dot(x, tl.trans(w)) * (a[:, None] * s[None, :])
+        elif A8:
             xf = x.to(tl.float32)
             a = tl.maximum(tl.max(tl.abs(xf), axis=1), EPS_C) / FP8_MAX_C          # [BM]
             xq = round_e4m3(xf / a[:, None]).to(tl.float8e4nv)
@@ -117,9 +131,7 @@ def fp8_linear_reference(x: Tensor, weight: Tensor, scale: Tensor, block, act: s
     w = weight.float() * s                                                     # [N, K]
     if act == "w8a16":
         return x.float() @ w.T
-    xq, a = fp8_act_quant_reference(x, ACT_BLOCK)
-    xd = xq.float() * a.repeat_interleave(ACT_BLOCK, 1)[:, :K]                 # dequantized x
-    return xd @ w.T
+    return fp8_act_reference(x, ACT_BLOCK) @ w.T
 
 
 def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, block, act: str) -> Tensor:
@@ -177,7 +189,13 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
     else:
         nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
+        xg, a, s_a = x2, x2, 0
+        pre = act == "w8a8" and M >= PRE_QUANT_M
+        if pre:                    # codes [M, K] e4m3 (plane 1, row stride 2K), scales [M, K/128]
+            q, qs, s_a = act_quant(x2, False, True)
+            xg, a = q.view(torch.float8_e4m3fn)[:, 1], qs[:, 1:]
         _fp8_gemm_kernel[(nt, split)](
-            x2, weight, scale, out, ws, cnt, *args, A8=act == "w8a8", BLOCK_M=c["BM"], BLOCK_N=c["BN"],
-            BLOCK_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
+            xg, weight, scale, out, ws, cnt, a, M, N, K, bn, bk, xg.stride(0), *args[6:], s_a,
+            A8=act == "w8a8", PRE=pre, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
+            num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     return out.reshape(*lead, N)

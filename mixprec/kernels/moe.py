@@ -34,7 +34,7 @@ from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
 from .moe_triton import (_align_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel,
                          _router_route_kernel)
-from .quant import (FP8_ACT_GROUP, FP8_MAX, MOE_FP8_EPS, act_quant, div_exact, int8_act_quant_reference,
+from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_reference,
                     split_counters)
 
 PROJ_CODE = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
@@ -543,12 +543,7 @@ def quant_act(v: Tensor, layout: str, params: dict) -> Tensor:
     if act != "w8a8" or layout not in ("fp8", "int8"):
         return v
     if layout == "fp8":
-        K = v.shape[-1]
-        pad = (-K) % FP8_ACT_GROUP
-        vp = F.pad(v, (0, pad)).view(*v.shape[:-1], -1, FP8_ACT_GROUP)
-        a = div_exact(vp.abs().amax(-1, keepdim=True).clamp_min(MOE_FP8_EPS), FP8_MAX)
-        q = (vp / a).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * a
-        return q.view(*v.shape[:-1], -1)[..., :K]
+        return fp8_act_reference(v, FP8_ACT_GROUP)
     q, a = int8_act_quant_reference(v)
     return q.float() * a
 

@@ -30,13 +30,9 @@ EPS = 1e-10          # amax clamp: an all-zero slice would otherwise give 0/0
 FP8_MAX = 448.0      # float8_e4m3fn
 INT8_MAX = 127.0     # symmetric int8 activations use [-127, 127]
 FP8_ACT_GROUP = 128  # W8A8 fp8: one activation scale per token per 128 inputs
-# the fused MoE's fp8 activation scale clamp (its reference, moe.quant_act, and act_quant below);
-# the dense fp8 kernels clamp at EPS
-MOE_FP8_EPS = 1e-12
 EPS_C = tl.constexpr(EPS)
 FP8_MAX_C = tl.constexpr(FP8_MAX)
 INT8_MAX_C = tl.constexpr(INT8_MAX)
-MOE_FP8_EPS_C = tl.constexpr(MOE_FP8_EPS)
 RNE_C = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + c) - c rounds fp32 v to the nearest even integer
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -44,15 +40,23 @@ ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # ----------------------------------------------------------------------------------------------
 # activation quantization spec (pure torch)
 
-def fp8_act_quant_reference(x: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
-    """x: [M, K] -> xq [M, K] float8_e4m3fn, a [M, ceil(K/block)] fp32; per token, per K slice:
-    a = max(amax, EPS) / 448, xq = x / a (round to nearest even, as the kernels do)."""
-    M, K = x.shape
+def fp8_act_quant_reference(x: Tensor, block: int = FP8_ACT_GROUP) -> tuple[Tensor, Tensor]:
+    """x: [..., K] -> xq [..., K] float8_e4m3fn, a [..., ceil(K/block)] fp32; per token, per K slice:
+    a = max(amax, EPS) / 448, xq = x / a rounded to the nearest e4m3 (ties to even), both divisions
+    exact (as act_quant and the kernels' round_e4m3 do)."""
+    *lead, K = x.shape
     kb = triton.cdiv(K, block)
-    xf = torch.nn.functional.pad(x.float(), (0, kb * block - K)).view(M, kb, block)
-    a = xf.abs().amax(dim=2).clamp_min(EPS) / FP8_MAX
-    xq = (xf / a[:, :, None]).to(torch.float8_e4m3fn).view(M, kb * block)[:, :K]
-    return xq, a
+    xf = torch.nn.functional.pad(x.float(), (0, kb * block - K)).view(*lead, kb, block)
+    a = div_exact(xf.abs().amax(dim=-1).clamp_min(EPS), FP8_MAX)
+    xq = (xf / a[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return xq.view(*lead, kb * block)[..., :K], a
+
+
+def fp8_act_reference(x: Tensor, block: int = FP8_ACT_GROUP) -> Tensor:
+    """x [..., K] as the W8A8 fp8 kernels multiply it: quantized per token per slice, then
+    dequantized (fp32)."""
+    xq, a = fp8_act_quant_reference(x, block)
+    return xq.float() * a.repeat_interleave(block, dim=-1)[..., :x.shape[-1]]
 
 
 def int8_act_quant_reference(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,8 +93,9 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NS,
     row (a GEMV reads it once per N tile). Row r of x [R, K] ->
     q [R, 2, K] bytes: plane 0 int8 codes (I8), plane 1 e4m3 codes (F8);
     s [R, NS] fp32: s[r, 0] the int8 scale max(amax, EPS) / 127 (per token), s[r, 1 + j] the
-    e4m3 scale max(amax_j, MOE_FP8_EPS) / 448 of the 128 inputs of slice j. Divisions are exact
-    (div_rn) and round half to even, as moe.quant_act (the reference) does."""
+    e4m3 scale max(amax_j, EPS) / 448 of the 128 inputs of slice j. Divisions are exact
+    (div_rn) and round half to even, as the references (int8_act_quant_reference,
+    fp8_act_quant_reference) do."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     r = tl.program_id(0).to(tl.int64)
     G: tl.constexpr = KB // 128
@@ -106,7 +111,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NS,
         tl.store(qrow + k, c.to(tl.int8).to(tl.uint8, bitcast=True), mask=km)
         tl.store(srow, a)
     if F8:
-        a8 = tl.math.div_rn(tl.maximum(amax, MOE_FP8_EPS_C), FP8_MAX_C)      # [G]
+        a8 = tl.math.div_rn(tl.maximum(amax, EPS_C), FP8_MAX_C)      # [G]
         v = tl.minimum(tl.maximum(tl.math.div_rn(x, a8[:, None]), -FP8_MAX_C), FP8_MAX_C)
         c8 = round_e4m3(v).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         tl.store(qrow + K + k, c8, mask=km)
