@@ -32,7 +32,7 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .gemv_tiles import gemv_intq
-from .quant import check_tensor, check_x, gemm_tile, int4_field_dots, split_plan, split_workspace, splitk_store
+from .quant import check_tensor, check_x, gemm_tile, int4_field_dots, split_plan, split_workspace, splitk_store, x_tile
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
 MAGIC_C = tl.constexpr(MAGIC)
@@ -80,14 +80,17 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
         # int4, tile in one group: the [R, BN] word tile is loaded once and not reshuffled into K
         # order; field j of the words is the K sub-lattice k0 + 8 r + j: one dot per field
         rows = tl.arange(0, R)
+        a_nxt = x_tile(x_rows, m_mask[:, None], perm_ptr, k_lo, k_hi, BLOCK_K, HAS_PERM)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             rw = k0 // PF + rows
             w = tl.load(qw_ptr + rw[:, None] * stride_q + offs_n[None, :],
                         mask=(rw < K // PF)[:, None] & n_mask[None, :], other=0)      # [R, BN] int32
             g = k0 // G
             s_row = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            a = a_nxt       # the next tile's activations load while this one computes
+            a_nxt = x_tile(x_rows, m_mask[:, None], perm_ptr, k0 + BLOCK_K, k_hi, BLOCK_K, HAS_PERM)
             part = int4_field_dots(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), w, z_ptr + g * stride_z + offs_n,
-                                   n_mask, k0, K, x_rows, m_mask[:, None], perm_ptr, HAS_ZERO, HAS_PERM)
+                                   n_mask, a, HAS_ZERO)
             acc += part * s_row[None, :]
         splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
                      USE_SPLIT)

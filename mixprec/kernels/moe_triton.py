@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import pdl
 from .gemv_tiles import gemv_intq, intq_scale
-from .quant import int4_field_dots
+from .quant import int4_field_dots, x_tile
 
 _DENSE = tl.constexpr(0)
 _FP8 = tl.constexpr(1)
@@ -367,6 +367,8 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
     # per-field dots only with BM 16 tiles (mma); BM >= 64 goes to wgmma, whose B operand
     # round-trips shared memory per dot (measured 2-3x slower)
     FIELD_DOTS: tl.constexpr = BITS == 4 and GS % BK == 0 and R >= 16 and acc.shape[0] == 16
+    if FIELD_DOTS:
+        a_nxt = x_tile(arow[:, None], rm[:, None], pp, 0, K, BK, HP)
     for k0 in range(0, K, BK):
         rr = k0 // PF + r
         q = tl.load(qp + rr[:, None] * nw + cols[None, :], mask=(rr < KP)[:, None] & nm[None, :], other=0)
@@ -374,10 +376,11 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
             g = k0 // GS
             s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
         if FIELD_DOTS:
-            # int4: no reshuffle of the codes into K order; field j of the R words is the K
-            # sub-lattice k0 + 8 r + j, one dot each against the matching x columns
-            part = int4_field_dots(tl.zeros_like(acc), q, zp + g * nw + cols, nm, k0, K, arow[:, None], rm[:, None],
-                                   pp, HZ, HP)
+            # int4: no reshuffle of the codes into K order, one dot per code field (quant.py);
+            # the next tile's activations are loaded while this one computes
+            a = a_nxt
+            a_nxt = x_tile(arow[:, None], rm[:, None], pp, k0 + BK, K, BK, HP)
+            part = int4_field_dots(tl.zeros_like(acc), q, zp + g * nw + cols, nm, a, HZ)
             acc += part * s[None, :]
         elif GS % BK == 0:
             if HZ:

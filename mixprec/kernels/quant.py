@@ -9,7 +9,7 @@
   counter) sums the partials in fixed order (deterministic) and writes x.dtype. The counters are
   reset by that last program, so one zeroed int32 buffer per (device, stream) serves every call
   and CUDA-graph replay without a memset node.
-* `int4_pair` / `int4_field_dots`: two int4 fields of a word to 16-bit floats with one LOP3 + one
+* `int4_pair` / `int4_field_dots` / `x_tile`: two int4 fields of a word to 16-bit floats with one LOP3 + one
   packed subtract, and the per-field dots of a one-group K tile, for the dot paths of the int4
   kernels (intq.py, moe_triton.py).
 * `check` helpers that raise the typed errors of mixprec/errors.py.
@@ -167,32 +167,49 @@ def int4_pair(qs, zb):
 
 
 @triton.jit
-def int4_field_dots(part, q, z_row, n_mask, k0, K, a_ptrs, a_mask, perm_ptr,
-                    HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr):
-    """part [BM, BN] fp32 += x[:, tile] @ (codes - z) for the K tile k0 .. k0 + 8R of the int4 word
-    tile q [R, BN] (one group). Field j of the R words is the K sub-lattice k0 + 8 r + j: one dot
-    per field against the matching x columns, so the codes are never reshuffled into K order.
-    z_row: [BN] pointers to the group's uint8 zeros (HAS_ZERO); a_ptrs / a_mask: [BM, 1] x rows;
-    HAS_PERM: the stored rows are act-order sorted, x is read through perm."""
-    dt = a_ptrs.dtype.element_ty
+def x_tile(a_ptrs, a_mask, perm_ptr, k0, K, BK: tl.constexpr, HAS_PERM: tl.constexpr):
+    """x[:, k0:k0+BK] [BM, BK] in K order (zeros past K); a_ptrs / a_mask: [BM, 1] x rows;
+    HAS_PERM: the stored rows are act-order sorted, column k of the tile is x[:, perm[k]]."""
+    kk = k0 + tl.arange(0, BK)
+    km = kk < K
+    if HAS_PERM:
+        kk = tl.load(perm_ptr + kk, mask=km, other=0)
+    return tl.load(a_ptrs + kk[None, :], mask=a_mask & km[None, :], other=0.0)
+
+
+@triton.jit
+def _field_pair_dots(part, q, zb, xlo, xhi, J: tl.constexpr):
+    lo, hi = int4_pair(q >> (4 * J), zb)
+    return tl.dot(xhi, hi, tl.dot(xlo, lo, part))
+
+
+@triton.jit
+def int4_field_dots(part, q, z_row, n_mask, a, HAS_ZERO: tl.constexpr):
+    """part [BM, BN] fp32 += a @ (codes - z) for one K tile of 8R inputs in one group: q [R, BN]
+    int4 words, a [BM, 8R] the activations of the tile in K order (x_tile). Field j of the R words
+    is the K sub-lattice 8 r + j: one dot per field against the matching columns of a, which a
+    reshape and three splits take apart in registers (one contiguous load of a per tile, instead
+    of one strided gather per field), so the codes are never reshuffled into K order.
+    z_row: [BN] pointers to the group's uint8 zeros (HAS_ZERO)."""
+    dt = a.dtype
     base = 128.0 if dt == tl.bfloat16 else 1024.0
     if HAS_ZERO:
         zb = (base + tl.load(z_row, mask=n_mask, other=0).to(tl.float32)).to(dt)[None, :]
     else:
         zb = tl.full([1, q.shape[1]], base + 8.0, dt)
-    rows = tl.arange(0, q.shape[0])
-    for j in tl.static_range(4):
-        lo, hi = int4_pair(q >> (4 * j), zb)
-        for h in tl.static_range(2):
-            kk = k0 + rows * 8 + j + 4 * h
-            km = kk < K
-            if HAS_PERM:
-                kx = tl.load(perm_ptr + kk, mask=km, other=0)
-            else:
-                kx = kk
-            a = tl.load(a_ptrs + kx[None, :], mask=a_mask & km[None, :], other=0.0)
-            part = tl.dot(a, lo if h == 0 else hi, part)
-    return part
+    # a5[m, r, j2, j1, j0] = a[m, 8 r + 4 j2 + 2 j1 + j0]; each split takes the last axis apart
+    a5 = tl.reshape(a, (a.shape[0], q.shape[0], 2, 2, 2))
+    e, o = tl.split(a5)                    # j0 = 0 / 1
+    e0, e1 = tl.split(e)                   # j1
+    o0, o1 = tl.split(o)
+    x0, x4 = tl.split(e0)                  # j2: fields j and j + 4, [BM, R] each
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    part = _field_pair_dots(part, q, zb, x0, x4, 0)
+    part = _field_pair_dots(part, q, zb, x1, x5, 1)
+    part = _field_pair_dots(part, q, zb, x2, x6, 2)
+    return _field_pair_dots(part, q, zb, x3, x7, 3)
 
 
 # ----------------------------------------------------------------------------------------------
