@@ -135,6 +135,7 @@ INTQ_CASES = [  # M, N, K, G, asym, act_order
     (3, 96, 128, 128, False, True),
     (17, 64, 256, 32, True, True),
     (2, 72, 200, 200, True, False),     # G = K (group_size -1), K not a multiple of the tile
+    (13, 80, 384, 128, True, True),     # M 9-16: per-field dots on BM-16 tiles, act-order
 ]
 
 

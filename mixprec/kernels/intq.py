@@ -15,7 +15,7 @@ Two kernels, each one launch per call (split-K reduced in-kernel, quant.splitk_s
   row stride N (every producer's tensors are contiguous). It replaced a wide-tile GEMV (BN 256,
   every thread owning whole columns) in session 6: 30B qkv at M=1 10.3 -> 6.0 µs on an H100.
 * gemm (tl.dot, M > 1): when a K tile sits in one group the codes enter the dot as exact integers
-  (q - z) and the scale multiplies the tile's dot result. 4-bit, BM 16, M <= 8, K tiles >= 128: the
+  (q - z) and the scale multiplies the tile's dot result. 4-bit, BM 16, M <= 16, K tiles >= 128: the
   [BK/8, BN] word tile is loaded once and unpacked two fields per instruction (quant.int4_pair);
   field j of the words is the K sub-lattice 8 r + j, one dot each against the matching x columns.
   Otherwise a [BK, BN] tile of codes in natural K order (each word loaded once per input row it
@@ -214,10 +214,11 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     else:
         tile = max(_pow2_floor(c["BK"]), 16, pf)
         scale_after = G >= K or G % tile == 0
-        # per-field dots (int4, a K tile of >= 128 inside one group, bf16/fp16): measured faster at
-        # M = 2-8 (H100, benchmarks/linear.md session 4), slower at M = 16 and with BM >= 32 tiles
-        # (wgmma takes its B operand from shared memory, once per dot)
-        field_dots = (bits == 4 and scale_after and tile // pf >= 16 and c["BM"] == 16 and M <= 8
+        # per-field dots (int4, a K tile of >= 128 inside one group, bf16/fp16, BM 16): since the
+        # activations come as one prefetched tile (quant.x_tile) faster at M = 4-16 on every shape
+        # (H100, benchmarks/linear.md session 8: 235B qkv M=16 47.6 -> 17.6 µs); slower with BM >= 32
+        # tiles (wgmma takes its B operand from shared memory, once per dot; session 4)
+        field_dots = (bits == 4 and scale_after and tile // pf >= 16 and c["BM"] == 16 and M <= 16
                       and x2.dtype != torch.float32)
         split, per = split_plan(K, tile, c["split"])
         stride_z = zeros.stride(0) if zeros is not None else 0

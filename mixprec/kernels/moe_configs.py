@@ -58,6 +58,13 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
 }
 
 
+# (layout, hidden size) -> GEMV/dot crossover where it differs from GEMV_LAYOUT's. Session 8, after
+# the int4 dot path's activations became one prefetched tile (H100, `bench-moe --tokens 8,16
+# --configs int4,perproj`, crossover 16 vs 4 in one call): 235B int4 M=8 247.0 -> 233.5 µs on the
+# dot path, M=16 463.0 -> 408.1; 30B keeps the GEMV (M=8 77.9 vs 85.1, M=16 136.0 vs 144.0)
+CROSSOVER: dict[tuple[str, int], int] = {("intq", 4096): 4}
+
+
 # batch-1 decode (M=1): (layout, hidden size) -> GEMV config, and ("mixed", hidden) for launches
 # that mix layouts; the M=1 winners differ from the M<=16 ones above. Swept on an H100 in session
 # 6 (`python -m mixprec bench-moe --sweep --sweep-paths gemv --tokens 1,2,4`, moe_bench.m1_winners;
@@ -96,6 +103,7 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
             out += ["gemv", m1]
             continue
         max_m, cfg = GEMV_LAYOUT.get(layout) or (GEMV_MAX_M, GEMV[key])
+        max_m = CROSSOVER.get((layout, hidden), max_m)
         out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m)]
     return tuple(out)
 
