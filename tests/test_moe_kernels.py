@@ -481,10 +481,6 @@ def test_pick_per_side_layouts():
         layouts = {"intq", "fp8"} if lay == "mixed" else {lay}
         assert mc.pick(1, layouts, layouts, hidden=h) == ("gemv", c, "gemv", c)
         assert mc.pick(2, layouts, layouts, hidden=h) == mc.pick(2, layouts, layouts)
-    for (lay, h), max_m in mc.CROSSOVER.items():   # a shape's own crossover, both sides
-        assert mc.pick(max_m, {lay}, {lay}, hidden=h)[0::2] == ("gemv", "gemv")
-        assert mc.pick(max_m + 1, {lay}, {lay}, hidden=h)[0::2] == ("dot", "dot")
-        assert mc.pick(max_m + 1, {lay}, {lay})[0] == ("gemv" if max_m + 1 <= mc.GEMV_LAYOUT[lay][0] else "dot")
 
 
 @pytest.mark.parametrize("ci", range(5))

@@ -50,19 +50,15 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
     # swept (see the module docstring; benchmarks/moe.md, session 4, two sweeps that agree on these
     # winners; dense's crossover came out 8 and 1 in the two runs: 8 kept, its GEMV rows at M=2-8 beat
     # the dot rows of the other run by 3-13%)
+    # intq, session 8 (the dot path's activations one prefetched tile): the isolated 235B layer
+    # was faster on the dot path from M=8 (H100 bench-moe, M=8 247.0 -> 233.5 µs, M=16 463 -> 408),
+    # but the 235B decode step at batch 8 slower (H200, same call: 284.0 -> 264.9 tok/s): 16 kept
     "intq": (16, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)),
     "fp8": (1, dict(BN=16, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1)),
     "dense": (8, dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1)),
     # not swept: int8 keeps the session-3 joint config it was measured with (30B M=1 38.9 µs)
     "int8": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)),
 }
-
-
-# (layout, hidden size) -> GEMV/dot crossover where it differs from GEMV_LAYOUT's. Session 8, after
-# the int4 dot path's activations became one prefetched tile (H100, `bench-moe --tokens 8,16
-# --configs int4,perproj`, crossover 16 vs 4 in one call): 235B int4 M=8 247.0 -> 233.5 µs on the
-# dot path, M=16 463.0 -> 408.1; 30B keeps the GEMV (M=8 77.9 vs 85.1, M=16 136.0 vs 144.0)
-CROSSOVER: dict[tuple[str, int], int] = {("intq", 4096): 4}
 
 
 # batch-1 decode (M=1): (layout, hidden size) -> GEMV config, and ("mixed", hidden) for launches
@@ -103,7 +99,6 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
             out += ["gemv", m1]
             continue
         max_m, cfg = GEMV_LAYOUT.get(layout) or (GEMV_MAX_M, GEMV[key])
-        max_m = CROSSOVER.get((layout, hidden), max_m)
         out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m)]
     return tuple(out)
 
