@@ -31,9 +31,9 @@ from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_quant, check_tensor, ch
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
 # w8a8 GEMM from this many rows: activations quantized once per row by act_quant (one more launch)
-# instead of in every N tile program. H100, bench-kernels, same call (benchmarks/linear.md, session
-# 8): at M=256 2-2.3x faster (30B qkv 41.4 -> 18.9 µs, lm_head 687 -> 303), at M=32-64 faster on
-# 12 of 18 points (lm_head 269 -> 126, 235B qkv 46.3 -> 30.1 at M=64), at M=2-16 1-3 µs slower
+# instead of in every N tile program. H100, bench-kernels (benchmarks/linear.md, session 8): with
+# re-tuned configs faster at M = 32-64 on 15 of 18 points (235B qkv M=64 46.3 -> 26.0 µs, lm_head
+# 269 -> 127) and 1.6-2.5x at M = 256; at M = 2-16 (same call, every GEMM M) 1-3 µs slower
 PRE_QUANT_M = 32
 
 

@@ -9,9 +9,9 @@
   counter) sums the partials in fixed order (deterministic) and writes x.dtype. The counters are
   reset by that last program, so one zeroed int32 buffer per (device, stream) serves every call
   and CUDA-graph replay without a memset node.
-* `int4_pair` / `int4_field_dots` / `x_tile`: two int4 fields of a word to 16-bit floats with one LOP3 + one
-  packed subtract, and the per-field dots of a one-group K tile, for the dot paths of the int4
-  kernels (intq.py, moe_triton.py).
+* `int4_pair` / `int4_field_dots` / `x_tile`: two int4 fields of a word to 16-bit floats with one
+  LOP3 + one packed subtract, the per-field dots of a one-group K tile, and the activation tile
+  they take, for the dot paths of the int4 kernels (intq.py, moe_triton.py).
 * `check` helpers that raise the typed errors of mixprec/errors.py.
 """
 from __future__ import annotations
