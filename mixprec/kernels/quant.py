@@ -43,7 +43,9 @@ ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def fp8_act_quant_reference(x: Tensor, block: int = FP8_ACT_GROUP) -> tuple[Tensor, Tensor]:
     """x: [..., K] -> xq [..., K] float8_e4m3fn, a [..., ceil(K/block)] fp32; per token, per K slice:
     a = max(amax, EPS) / 448, xq = x / a rounded to the nearest e4m3 (ties to even), both divisions
-    exact (as act_quant and the kernels' round_e4m3 do)."""
+    exact, as act_quant does (the codes the MoE and the dense GEMM from fp8.PRE_QUANT_M rows read).
+    The fp8 GEMV and the GEMM below that quantize in registers with the GPU's fast fp32 division,
+    which can differ in a scale's last bit (and so flip a rare code)."""
     *lead, K = x.shape
     kb = triton.cdiv(K, block)
     xf = torch.nn.functional.pad(x.float(), (0, kb * block - K)).view(*lead, kb, block)
