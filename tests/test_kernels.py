@@ -109,11 +109,16 @@ def test_act_quant_references():
 def test_int8_codes_of_act_quant_equal_the_reference_on_ties():
     """The dense GEMM reads act_quant's codes; the readable spec rounds half to even too, so the
     two agree bit for bit, also on exact .5 ties (common with bf16 inputs)."""
-    from mixprec.kernels.quant import act_quant
+    from mixprec.kernels.quant import act_codes, act_quant
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 3.0, 0.0], [254.0, 1.0, 3.0, 5.0, -1.0, 7.0, 9.0, 2.0]])
     q, qs, _ = act_quant(x.to(DEV), True, False)
     rq, rs = int8_act_quant_reference(x)
     assert torch.equal(q.view(torch.int8)[:, 0].cpu(), rq) and torch.equal(qs[:, :1].cpu(), rs)
+    codes, sx, _ = act_codes(x.to(DEV), "int8")          # the plane the dense GEMM reads
+    assert torch.equal(codes.cpu(), rq) and torch.equal(sx.cpu(), rs[:, 0])
+    codes8, a8, _ = act_codes(x.to(DEV), "fp8")
+    rq8, ra8 = fp8_act_quant_reference(x)
+    assert torch.equal(codes8.cpu().view(torch.uint8), rq8.view(torch.uint8)) and torch.equal(a8.cpu(), ra8)
     assert rq[0, 1:4].tolist() == [0, 2, 2] and rq[0, 4:6].tolist() == [0, -2]
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_quant, check_tensor, check_x, fp8_act_reference, gemm_tile,
+from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, fp8_act_reference, gemm_tile,
                     round_e4m3, split_plan, split_workspace, splitk_store)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
@@ -178,24 +178,22 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
     fold = c["path"] == "gemv" and (bn % c["BN"] == 0 or bn >= N)
     tile_k = max(tile, bk_pow2) if fold else tile
     split, per = split_plan(K, tile_k, c["split"])
-    args = (M, N, K, bn, bk, x2.stride(0), out.stride(0), weight.stride(0), scale.stride(0), per, split)
     if c["path"] == "gemv":
         nb = triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         _fp8_gemv_kernel[(M, nb, split)](
-            x2, weight, scale, out, ws, cnt, *args, A8=act == "w8a8", FOLD=fold, BLOCK_N=c["BN"],
+            x2, weight, scale, out, ws, cnt, M, N, K, bn, bk, x2.stride(0), out.stride(0), weight.stride(0),
+            scale.stride(0), per, split, A8=act == "w8a8", FOLD=fold, BLOCK_N=c["BN"],
             BLOCK_K=tile_k, SUB_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"],
             **pdl.launch_kw(x2))
     else:
         nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
-        xg, a, s_a = x2, x2, 0
         pre = act == "w8a8" and M >= PRE_QUANT_M
-        if pre:                    # codes [M, K] e4m3 (plane 1, row stride 2K), scales [M, K/128]
-            q, qs, s_a = act_quant(x2, False, True)
-            xg, a = q.view(torch.float8_e4m3fn)[:, 1], qs[:, 1:]
+        xg, a, s_a = act_codes(x2, "fp8") if pre else (x2, x2, 0)
         _fp8_gemm_kernel[(nt, split)](
-            xg, weight, scale, out, ws, cnt, a, M, N, K, bn, bk, xg.stride(0), *args[6:], s_a,
+            xg, weight, scale, out, ws, cnt, a, M, N, K, bn, bk, xg.stride(0), out.stride(0), weight.stride(0),
+            scale.stride(0), per, split, s_a,
             A8=act == "w8a8", PRE=pre, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
             num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     return out.reshape(*lead, N)

@@ -24,9 +24,8 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_quant, check_tensor, check_x, gemm_tile, int8_act_quant_reference,
+from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, gemm_tile, int8_act_quant_reference,
                     split_plan, split_workspace, splitk_store)
-
 
 
 @triton.jit(do_not_specialize=["M", "split"])
@@ -178,10 +177,7 @@ def int8_linear_cfg(x, weight, scale, zero, act, cfg: dict | None) -> Tensor:
     else:
         nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
-        xg, sx, s_sx = x2, x2, 0
-        if act == "w8a8":          # codes [M, K] int8 (plane 0, row stride 2K), scales [M] (column 0)
-            q, qs, s_sx = act_quant(x2, True, False)
-            xg, sx = q.view(torch.int8)[:, 0], qs
+        xg, sx, s_sx = act_codes(x2, "int8") if act == "w8a8" else (x2, x2, 0)
         _int8_gemm_kernel[(nt, split)](xg, weight, scale, zero, out, ws, cnt, sx, M, N, K, xg.stride(0),
                                        out.stride(0), weight.stride(0), per, split, s_sx, BLOCK_M=c["BM"], **flags)
     return out.reshape(*lead, N)

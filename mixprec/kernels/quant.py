@@ -140,6 +140,16 @@ def act_quant(v: Tensor, i8: bool, f8: bool) -> tuple[Tensor, Tensor, int]:
     return q, qs, ns
 
 
+def act_codes(v: Tensor, fmt: str) -> tuple[Tensor, Tensor, int]:
+    """One plane of act_quant for the dense W8A8 GEMMs: v [R, K] -> (codes [R, K] (row stride 2K),
+    scales, the scales' row stride): fmt "int8": int8 codes, scales [R] (per token); "fp8": e4m3
+    codes, scales [R, ceil(K/128)] (per 128-input slice)."""
+    q, qs, ns = act_quant(v, fmt == "int8", fmt == "fp8")
+    if fmt == "int8":
+        return q.view(torch.int8)[:, 0], qs[:, 0], ns
+    return q.view(torch.float8_e4m3fn)[:, 1], qs[:, 1:], ns
+
+
 # the GPU unpacks int4 pairs with one LOP3 and one packed subtract (inline PTX, sm_90 bf16x2);
 # the CPU interpreter, which cannot run PTX, takes the same arithmetic in plain Triton ops
 _PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
