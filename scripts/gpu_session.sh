@@ -31,7 +31,7 @@ for STAGE in $STAGES; do
     # PRUNS ("|"-separated) on NPROC GPUs
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
-    P="--mix ${PMIX:-mixed} --batch ${PBATCHES:-1,8,32} --gen-len ${GEN:-128} --out $OUT/parallel"
+    P="--mix ${PMIX:-mixed} ${PLAYERS:+--layers $PLAYERS} --batch=${PBATCHES-1,8,32} --gen-len ${GEN:-128} --out $OUT/parallel${PLAYERS}"
     if [ -n "${TESTS-x}" ]; then
       CUDA_VISIBLE_DEVICES=1 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
         ${TESTS:-tests/test_gpu.py tests/test_attention_kernels.py tests/test_moe_kernels.py} > "$OUT/tests.log" 2>&1 &
@@ -53,7 +53,8 @@ for STAGE in $STAGES; do
       timeout 120 python3 -m torch.distributed.run --nproc-per-node 4 scripts/bench_parallel.py $RUN $P --layers 8 --batch '' \
         --out $OUT/p235_L8 2>&1 | tee "$OUT/p235_L8_${RUN// /}.log" | grep -v "^\s*$" | tail -30
     done
-    for RUN in "--tp 4" "--ep 4"; do
+    IFS='|' read -ra RUNS <<< "${RUNS235:---tp 4|--ep 4}"
+    for RUN in "${RUNS[@]}"; do
       timeout ${RUN235_TIMEOUT:-200} python3 -m torch.distributed.run --nproc-per-node 4 scripts/bench_parallel.py $RUN $P --no-check \
         --batch ${PBATCHES235:-1,32} --gen-len 64 --out $OUT/p235 2>&1 | tee "$OUT/p235_${RUN// /}.log" | grep -v "^\s*$" | tail -12
     done ;;

@@ -438,6 +438,8 @@ def test_shard_equivalence(cid, fmt, params, size, dim, world):
         s = shard(w, dim, r, world)
         sl = slice(r * per, (r + 1) * per)
         assert (s.n, s.k) == ((per, k) if dim == "n" else (n, per))
+        for name, t in s.tensors().items():    # owns its memory: a view would keep all of w alive
+            assert t.untyped_storage().nbytes() == t.nbytes, name
         Ds = dequant(s)
         assert torch.equal(Ds, D[sl] if dim == "n" else D[:, sl])    # bit-exact slice of the whole
         xr = x if dim == "n" else x[:, sl]

@@ -223,8 +223,12 @@ def cat_n(ws: list[Packed]) -> Packed | None:
 
 
 def shard(w: Packed, dim: str, rank: int, world: int) -> Packed:
-    """Tensor-parallel slice of one weight (see Layout.shard)."""
-    return LAYOUTS[w.layout].shard(w, dim, rank, world)
+    """Tensor-parallel slice of one weight (see Layout.shard), owning its memory: an N slice of a
+    row-major tensor is a view, which would keep the whole weight alive (a TP4 rank building
+    235B-shaped weights on the GPU then held every full gate/up projection and ran out of memory)."""
+    s = LAYOUTS[w.layout].shard(w, dim, rank, world)
+    owned = {name: t.clone() if t.untyped_storage().nbytes() > t.nbytes else t for name, t in s.tensors().items()}
+    return Packed(s.layout, s.n, s.k, owned, s.params, s.source)
 
 
 def shard_range(w: Packed, dim: str, rank: int, world: int) -> tuple[int, int]:
