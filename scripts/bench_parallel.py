@@ -45,7 +45,7 @@ def teacher_forced(model, ps, tokens) -> torch.Tensor:
     """Logits [P, new, V] (fp32, cpu) at the generated positions of prompt + tokens."""
     out = []
     for p, t in zip(ps, tokens):
-        ids = torch.tensor([p + t[:-1]], device="cuda")
+        ids = torch.tensor([p + t[:-1]], device=model.model.embed_tokens.weight.device)
         out.append(model(ids)[0, len(p) - 1:].float().cpu())
     return torch.stack(out)
 
@@ -86,9 +86,10 @@ def main() -> int:
     a = ap.parse_args()
     args = synthetic_args(a.arch, a.layers)
     name = f"tp{a.tp}_ep{a.ep}"
+    cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
     if a.tp * a.ep == 1:
-        model, rank = build_synthetic(args, a.mix, progress=False), 0
+        model, rank = build_synthetic(args, a.mix, device="cuda" if cuda else "cpu", progress=False), 0
     else:
         model = build_synthetic_shard(args, a.mix, a.tp, a.ep)
         rank = model.parallel.rank
@@ -97,8 +98,10 @@ def main() -> int:
     ps = prompts(args.vocab_size)
     ref_path = a.out / "ref.safetensors"
     report = {"arch": a.arch, "layers": args.num_hidden_layers, "mix": a.mix, "tp": a.tp, "ep": a.ep,
-              "device": torch.cuda.get_device_name(), "build_s": built, "linear_GiB_per_rank": gib,
-              "allocated_GiB_after_build": torch.cuda.memory_allocated() / 2**30}
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "build_s": built,
+              "linear_GiB_per_rank": gib}
+    if cuda:
+        report["allocated_GiB_after_build"] = torch.cuda.memory_allocated() / 2**30
     a.out.mkdir(parents=True, exist_ok=True)
     if not a.no_check:
         tokens = Generator(model).generate(ps, SamplingParams(max_new_tokens=a.new))
@@ -110,9 +113,11 @@ def main() -> int:
             ref_tokens = ref["tokens"].tolist()
             logits = teacher_forced(model, ps, ref_tokens)
             report["check"] = compare(ps, tokens, ref_tokens, ref["logits"].float(), logits)
-    bw = copy_bandwidth()
-    rows = bench_model(model, [int(b) for b in a.batch.split(",") if b], a.prompt_len, a.gen_len, bw)
-    report.update(copy_bw=bw, rows=rows)
+    rows = []
+    if a.batch:
+        bw = copy_bandwidth()
+        rows = bench_model(model, [int(b) for b in a.batch.split(",")], a.prompt_len, a.gen_len, bw)
+        report.update(copy_bw=bw, rows=rows)
     if rank == 0:
         print(f"{name}: {a.arch} {args.num_hidden_layers} layers mix={a.mix}, built in {built:.0f} s, "
               f"{gib:.2f} GiB of linears per rank")
