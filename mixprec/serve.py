@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--tp", type=int, default=None, help="tensor parallel size (under torchrun; default: config)")
+    p.add_argument("--ep", type=int, default=None, help="expert parallel size (under torchrun; default: config)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -353,10 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .api import load
-    model = load(a.config, device=a.device, dtype=a.dtype)
+    model = load(a.config, device=a.device, dtype=a.dtype, tp=a.tp, ep=a.ep)
     name = a.served_model_name or Path(a.config).resolve().name.removesuffix(".yaml").removesuffix(".yml")
     engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
                     use_cuda_graphs=False if a.no_cuda_graphs else None)
+    ctx = getattr(model, "parallel", None)
+    if ctx is not None and not ctx.is_main:   # tp x ep run: rank 0 serves, this rank follows it
+        engine.join()
+        return 0
     print(f"serving {name!r} on http://{a.host}:{a.port}/v1 (max_batch={engine.max_batch}, "
           f"max_len={engine.max_len}, device={engine.device})", file=sys.stderr)
     try:

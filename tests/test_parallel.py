@@ -111,11 +111,11 @@ def _worker(rank: int, world: int, port: int, cfg: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _spawn(world: int, cfg: Path, out: Path) -> None:
+def _spawn(world: int, cfg: Path, out: Path, worker=_worker) -> None:
     with socket.socket() as s:   # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    pc = mp.start_processes(_worker, args=(world, port, str(cfg), str(out)), nprocs=world, join=False,
+    pc = mp.start_processes(worker, args=(world, port, str(cfg), str(out)), nprocs=world, join=False,
                             start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     while not pc.join(timeout=1):
@@ -150,6 +150,65 @@ def test_parallel_matches_single_process(world, mix, reference, tmp_path):
                                            sum(rank % tp + tp * j for j in range(ep))]
             held.update(f["experts"])
         assert held == set(range(8))
+
+
+# more requests than engine rows (queueing), different prompt lengths, greedy and seeded sampling
+ENGINE_REQUESTS = [([5, 9, 2], dict(max_new_tokens=6)),
+                   ([7] * 20, dict(max_new_tokens=9, temperature=0.8, seed=7)),
+                   ([1, 2, 3, 4, 5, 6, 7, 8], dict(max_new_tokens=5)),
+                   ([300, 200, 100], dict(max_new_tokens=7, temperature=1.0, top_k=20, seed=3)),
+                   ([11] * 13, dict(max_new_tokens=8)),
+                   ([42, 43], dict(max_new_tokens=4))]
+
+
+def _engine_outputs(engine) -> dict:
+    """Submit ENGINE_REQUESTS and one request cancelled after its first token; -> outputs."""
+    from mixprec.runtime.sampling import SamplingParams
+    reqs = [engine.submit(ids, SamplingParams(**p)) for ids, p in ENGINE_REQUESTS]
+    victim = engine.submit([9] * 10, SamplingParams(max_new_tokens=40))
+    next(iter(victim))
+    engine.cancel(victim)
+    out = {"outputs": [r.result(timeout=DEADLINE_S).output_ids for r in reqs],
+           "victim": [victim.result(timeout=DEADLINE_S).finish_reason, len(victim.output_ids)]}
+    time.sleep(2.5)                   # idle: rank 0 sends heartbeats (HEARTBEAT_S is 0.05 s there)
+    more = engine.submit([3, 1, 4], SamplingParams(max_new_tokens=5))
+    out["after"] = more.result(timeout=DEADLINE_S).output_ids
+    return out
+
+
+def _engine_worker(rank: int, world: int, port: int, cfg: str, out: str) -> None:
+    from mixprec.runtime import engine as engine_module
+    torch.set_num_threads(1)
+    engine_module.HEARTBEAT_S = 0.05  # the followers time out after 30 heartbeats: 1.5 s
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=DEADLINE_S))
+    model = mixprec.load(cfg, device="cpu", progress=False, tp=world // 2, ep=2)
+    engine = engine_module.Engine(model, max_batch=4, max_len=64)
+    if rank == 0:
+        Path(f"{out}/engine.json").write_text(json.dumps(_engine_outputs(engine)))
+        engine.shutdown()
+    else:
+        with pytest.raises(RuntimeError, match="follows rank 0"):
+            engine.submit([1], mixprec.SamplingParams())
+        engine.join(DEADLINE_S)
+        assert not engine.healthy
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_engine_lockstep(world, mix, tmp_path):
+    """Continuous batching on a parallel model (EP2 / TP2 x EP2): rank 0 takes the requests, the
+    other ranks follow its admissions and cancellations step by step; outputs equal a single-process
+    engine's, a cancellation mid-decode frees the row on every rank, heartbeats carry 2.5 idle
+    seconds (30 missed heartbeats, 1.5 s, time a follower out) and rank 0's shutdown ends the followers."""
+    from mixprec.runtime.engine import Engine
+    _spawn(world, mix, tmp_path, _engine_worker)
+    got = json.loads((tmp_path / "engine.json").read_text())
+    with Engine(mixprec.load(mix, device="cpu", progress=False), max_batch=4, max_len=64) as engine:
+        ref = _engine_outputs(engine)
+    assert got["outputs"] == ref["outputs"] and got["after"] == ref["after"]
+    assert got["victim"][0] == "cancelled" and 1 <= got["victim"][1] < 40
 
 
 # -------------------------------------------------------------------------------- in-process

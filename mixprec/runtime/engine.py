@@ -16,17 +16,28 @@ admission to finish. A background thread loops, one decode step per iteration:
 Sampling is per row (temperature, top-k, top-p on device tensors) with `counter_noise` keyed by
 the request's seed and its own step count, so a request's tokens do not depend on what else is
 batched with it (up to the batch-invariance of the kernels; exact on CPU).
+
+Tensor / expert parallel models (`model.parallel`, one process per rank): every rank runs an
+Engine, and their loops run in lockstep, because each prefill and decode step holds collectives
+that all ranks must enter together. Rank 0's engine takes the requests; before each iteration it
+sends the other ranks what it decided (requests admitted, with prompt, params and seed; running
+requests cancelled; stop), as JSON over a gloo group of their own, and they apply exactly that.
+Every rank gets the same full logits, so it samples the same tokens and finishes the same
+requests at the same step without further messages. Idle, rank 0 sends an empty message every
+HEARTBEAT_S so the others' receive does not time out.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import itertools
+import json
 import operator
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import AsyncIterator, Iterator, Sequence
 
 import torch
@@ -37,6 +48,7 @@ from .sampling import SamplingParams, sample
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
 MIN_LEN_BUCKET = 256      # smallest number of cache slots a step attends over
+HEARTBEAT_S = 10.0        # an idle rank 0 tells the other ranks it is alive this often
 
 
 class QueueFull(RuntimeError):
@@ -186,6 +198,35 @@ def _buckets(top: int, first: int = 1) -> list[int]:
     return out + [top]
 
 
+def _params(d: dict) -> SamplingParams:
+    """SamplingParams from its asdict() sent as JSON (tuples came back as lists)."""
+    return SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class _Lockstep:
+    """Rank 0's loop decisions, broadcast to the other ranks of a parallel model (see the module
+    docstring): JSON bytes over a gloo group made for it (CPU tensors: no GPU stream involved)."""
+
+    def __init__(self, rank: int):
+        import torch.distributed as dist
+        self.dist = dist
+        self.leader = rank == 0
+        # collective: every rank's Engine makes it, in the same order
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=30 * HEARTBEAT_S))
+
+    def send(self, msg: dict) -> None:
+        data = torch.tensor(list(json.dumps(msg).encode()), dtype=torch.uint8)
+        self.dist.broadcast(torch.tensor([data.numel()]), 0, group=self.group)
+        self.dist.broadcast(data, 0, group=self.group)
+
+    def receive(self) -> dict:
+        n = torch.zeros(1, dtype=torch.long)
+        self.dist.broadcast(n, 0, group=self.group)
+        data = torch.empty(int(n), dtype=torch.uint8)
+        self.dist.broadcast(data, 0, group=self.group)
+        return json.loads(bytes(data.tolist()))
+
+
 class Engine:
     """Continuous-batching generation over a finalized Qwen3ForCausalLM.
 
@@ -197,6 +238,9 @@ class Engine:
     tokenizer (default `model.tokenizer`) gives the text deltas and is needed for stop strings.
     prefill_tokens caps the padded tokens (requests x longest prompt) of one prefill forward and
     the prompt tokens admitted between two decode steps (one longer prompt still goes alone).
+
+    With a parallel model, make one Engine (same arguments) in every rank's process: rank 0's
+    takes requests, the others follow it (`join()` until rank 0 shuts down).
     """
 
     def __init__(self, model, max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
@@ -249,6 +293,8 @@ class Engine:
         self._n_requests = self._n_finished = self._n_cancelled = 0
         self._n_prompt_tokens = self._n_generated = self._n_steps = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        ctx = getattr(model, "parallel", None)
+        self._lockstep = _Lockstep(ctx.rank) if ctx is not None and ctx.world > 1 else None
         self._thread = threading.Thread(target=self._run, name="mixprec-engine", daemon=True)
         self._thread.start()
 
@@ -257,6 +303,8 @@ class Engine:
         """Queue a request. ValueError for bad input (empty prompt, token id outside the vocab,
         prompt + max_new_tokens > max_len, stop strings without a tokenizer); QueueFull when
         max_queue requests wait already; EngineStopped after shutdown() or a failure."""
+        if self._lockstep is not None and not self._lockstep.leader:
+            raise RuntimeError("this rank's engine follows rank 0: submit requests on rank 0")
         params.validate()
         if params.seed is not None and not -2**63 <= params.seed < 2**63:
             raise ValueError(f"seed {params.seed} does not fit in 64 bits")
@@ -340,6 +388,10 @@ class Engine:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the loop to end (a following rank: until rank 0's engine shuts down)."""
+        self._thread.join(timeout)
+
     def __enter__(self) -> "Engine":
         return self
 
@@ -363,15 +415,27 @@ class Engine:
             self._finish_all(failure)
 
     def _loop(self) -> None:
+        ls = self._lockstep
         while True:
-            with self._lock:
-                while not (self._stop or self._queue or self._pending or any(self._slots)):
-                    self._cv.wait()
-                if self._stop:
+            if ls is not None and not ls.leader:
+                admit = self._follow(ls.receive())
+                if admit is None:
                     return
-                if self._cancels:
-                    self._reap_cancelled()
-                admit = self._take_admissions()
+            else:
+                with self._lock:
+                    while not (self._stop or self._queue or self._pending or any(self._slots)):
+                        if not self._cv.wait(None if ls is None else HEARTBEAT_S):
+                            ls.send({})       # idle: the other ranks' receive must not time out
+                    if self._stop:
+                        if ls is not None:
+                            ls.send({"stop": True})
+                        return
+                    cancelled = self._reap_cancelled() if self._cancels else []
+                    admit = self._take_admissions()
+                if ls is not None:
+                    ls.send({"cancel": [r.id for r in cancelled],
+                             "admit": [{"id": r.id, "ids": r.prompt_ids, "params": asdict(r.params), "seed": r.seed}
+                                       for r in admit]})
             if admit:
                 self._admit(admit)
                 del admit                     # the loop's frame must not keep requests alive while idle
@@ -380,14 +444,27 @@ class Engine:
             while len(self._pending) > (1 if launched else 0):
                 self._process(self._pending.popleft())
 
-    def _reap_cancelled(self) -> None:
-        """Finish cancelled requests, running or queued (lock held)."""
+    def _reap_cancelled(self) -> list[Request]:
+        """Finish cancelled requests, running or queued (lock held); -> the running ones."""
         self._cancels = False
-        for r in [r for r in self._slots if r is not None and r._cancelled]:
+        running = [r for r in self._slots if r is not None and r._cancelled]
+        for r in running:
             self._finish(r, "cancelled")
         for r in [r for r in self._queue if r._cancelled]:
             self._queue.remove(r)
             self._finish(r, "cancelled")
+        return running
+
+    def _follow(self, msg: dict) -> list[Request] | None:
+        """Apply rank 0's decisions (a following rank): its cancellations; -> its admissions, in
+        its order (None: stop)."""
+        if msg.get("stop"):
+            return None
+        with self._lock:
+            gone = set(msg.get("cancel", ()))
+            for r in [r for r in self._slots if r is not None and r.id in gone]:
+                self._finish(r, "cancelled")
+        return [Request(a["id"], a["ids"], _params(a["params"]), a["seed"]) for a in msg.get("admit", ())]
 
     def _take_admissions(self) -> list[Request]:
         """Pop queued requests for the free slots, within the prefill token budget (lock held)."""
