@@ -12,7 +12,11 @@ model's (fp32, max |diff| <= 1e-4).
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -209,6 +213,61 @@ def test_engine_lockstep(world, mix, tmp_path):
         ref = _engine_outputs(engine)
     assert got["outputs"] == ref["outputs"] and got["after"] == ref["after"]
     assert got["victim"][0] == "cancelled" and 1 <= got["victim"][1] < 40
+
+
+@pytest.mark.slow
+def test_serve_tp2_under_torchrun(mix):
+    """`torchrun --nproc-per-node 2 -m mixprec serve MIX --tp 2`: rank 0 answers concurrent
+    OpenAI completions, equal to a single-process engine's, and SIGINT stops both ranks."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    from mixprec.runtime.engine import Engine
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mixprec",
+           "serve", str(mix), "--tp", "2", "--device", "cpu", "--port", str(port), "--max-batch", "4",
+           "--max-len", "64", "--served-model-name", "tiny", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    prompts = [[5, 9, 2], [7] * 20, [1, 2, 3, 4, 5, 6, 7, 8], [11] * 13, [42, 43]]
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() - t0 < 2 * DEADLINE_S, "the server did not come up"
+            time.sleep(0.2)
+        got: dict[int, str] = {}
+
+        def ask(i):
+            r = httpx.post(url + "/v1/completions", timeout=DEADLINE_S,
+                           json={"model": "tiny", "prompt": prompts[i], "max_tokens": 6, "temperature": 0})
+            got[i] = r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE_S)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = None
+    model = mixprec.load(mix, device="cpu", progress=False)
+    eos = tuple(model.tokenizer.eos_token_ids)
+    with Engine(model, max_batch=4, max_len=64) as engine:
+        ref = [engine.submit(p, mixprec.SamplingParams(max_new_tokens=6, stop_token_ids=eos)).result(DEADLINE_S).text
+               for p in prompts]
+    assert all(ref) and [got.get(i) for i in range(len(prompts))] == ref
+    assert rc is not None, "the ranks did not stop on SIGINT"
 
 
 # -------------------------------------------------------------------------------- in-process
