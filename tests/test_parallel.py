@@ -216,9 +216,12 @@ def test_engine_lockstep(world, mix, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_tp2_under_torchrun(mix):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 GPUs")])])
+def test_serve_tp2_under_torchrun(mix, device):
     """`torchrun --nproc-per-node 2 -m mixprec serve MIX --tp 2`: rank 0 answers concurrent
-    OpenAI completions, equal to a single-process engine's, and SIGINT stops both ranks."""
+    OpenAI completions, equal to a single-process engine's, and SIGINT stops both ranks (cpu:
+    gloo; cuda: NCCL, one GPU per rank, CUDA graphs)."""
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
@@ -227,7 +230,7 @@ def test_serve_tp2_under_torchrun(mix):
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mixprec",
-           "serve", str(mix), "--tp", "2", "--device", "cpu", "--port", str(port), "--max-batch", "4",
+           "serve", str(mix), "--tp", "2", "--device", device, "--port", str(port), "--max-batch", "4",
            "--max-len", "64", "--served-model-name", "tiny", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -261,7 +264,7 @@ def test_serve_tp2_under_torchrun(mix):
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = None
-    model = mixprec.load(mix, device="cpu", progress=False)
+    model = mixprec.load(mix, device=device, progress=False)
     eos = tuple(model.tokenizer.eos_token_ids)
     with Engine(model, max_batch=4, max_len=64) as engine:
         ref = [engine.submit(p, mixprec.SamplingParams(max_new_tokens=6, stop_token_ids=eos)).result(DEADLINE_S).text
