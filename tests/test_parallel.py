@@ -33,8 +33,7 @@ import mixprec
 from mixprec.errors import ParallelError
 from mixprec.formats import FORMATS, dequant, load_module, shard
 from mixprec.loader.checkpoint import Checkpoint
-from mixprec.parallel import (ParallelContext, Split, assemble_parallel, balance_experts, check_plan, expert_bytes,
-                              init, make_layout, plan_layout,
+from mixprec.parallel import (ParallelContext, Split, assemble_parallel, check_plan, init, make_layout,
                               read_module, shard_weight)
 from mixprec.testing.fixtures import make_fixture
 
@@ -135,6 +134,7 @@ def _spawn(world: int, cfg: Path, out: Path, worker=_worker) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_parallel_matches_single_process(world, mix, reference, tmp_path):
     _spawn(world, mix, tmp_path)
+    args = Checkpoint(yaml.safe_load(mix.read_text())["model"]).args
     for tp, ep in RUNS[world]:
         held = set()
         for rank in range(world):
@@ -144,9 +144,9 @@ def test_parallel_matches_single_process(world, mix, reference, tmp_path):
                 assert d <= TOL, f"tp={tp} ep={ep} rank {rank} {key}: max |diff| {d}"
             assert torch.equal(got["tokens"], reference["tokens"]), f"tp={tp} ep={ep} rank {rank}"
             f = json.loads((tmp_path / f"tp{tp}_ep{ep}_r{rank}.json").read_text())
-            lay = plan_layout(_plan(mix), tp, ep, rank)
-            # the rank really holds a shard: its experts only (placed by bytes), its slice of I, heads, vocab rows
-            assert f["experts"] == list(lay.experts(1)) == [e for e in range(8) if lay.expert_group(1, e) == rank // tp]
+            lay = make_layout(args, tp, ep, rank)
+            # the rank really holds a shard: its experts only, its slice of I, heads, vocab rows
+            assert f["experts"] == list(lay.experts) == [e for e in range(8) if e * ep // 8 == rank // tp]
             assert f["inter"] == 96 // tp and f["heads"] == 4 // world and f["kv_heads"] == 1
             assert f["embed_rows"] == -(-510 // world)
             if tp > 1 and ep > 1:   # tp group: ranks ep_rank*tp + {0..tp-1}; ep group: tp_rank + tp*{0..ep-1}
@@ -312,11 +312,11 @@ def test_ranks_read_only_their_share(mix, monkeypatch):
     monkeypatch.setattr(Checkpoint, "get_slice",
                         lambda self, n, *a: (reads.append(("slice", n)), get_slice(self, n, *a))[1])
     # collectives run only in forward: a rank's model can be assembled without a process group
-    lay = plan_layout(p, tp=2, ep=2, rank=3)                           # expert group 1, tp_rank 1
+    lay = make_layout(p.args, tp=2, ep=2, rank=3)                      # experts 4-7, tp_rank 1
     model, stats = assemble_parallel(p, lay, ParallelContext(rank=3, world=4, tp=2, ep=2), torch.float32, False)
     names = [n for _, n in reads]
-    assert len(lay.experts(1)) == 4
-    assert {int(n.split(".experts.")[1].split(".")[0]) for n in names if ".experts." in n} == set(lay.experts(1))
+    assert not [n for n in names if ".experts." in n and int(n.split(".experts.")[1].split(".")[0]) < 4]
+    assert {int(n.split(".experts.")[1].split(".")[0]) for n in names if ".experts." in n} == {4, 5, 6, 7}
     assert ("slice", "model.embed_tokens.weight") in reads and ("get", "model.embed_tokens.weight") not in reads
     codes = {"qweight", "weight"}
     for kind, n in reads:
@@ -353,27 +353,6 @@ def test_world_one_is_plain():
     assert (ctx.rank, ctx.world, ctx.tp_rank, ctx.ep_rank) == (0, 1, 0, 0) and not dist.is_initialized()
 
 
-def test_experts_placed_by_bytes(mix):
-    """EP groups get equal expert counts; a layer whose experts differ in bytes is dealt largest
-    first to the lightest group, which evens the bytes per group; equal experts stay contiguous."""
-    assert balance_experts([7] * 8, 4) == (0, 0, 1, 1, 2, 2, 3, 3)
-    assert balance_experts([1, 1, 1, 1, 2, 2, 3, 3], 2) == (0, 1, 0, 1, 0, 1, 0, 1)   # 7 bytes each
-    p = _plan(mix)
-    nb = expert_bytes({m: e.nbytes for m, e in p.entries.items()}, 8)[1]
-    assert len(set(nb)) > 1                                   # the fixture's experts differ in formats
-    for ep in (2, 4):
-        lay = plan_layout(p, 1, ep)
-        per = [[e for e in range(8) if lay.expert_group(1, e) == g] for g in range(ep)]
-        assert sorted(len(x) for x in per) == [8 // ep] * ep
-        worst = max(sum(nb[e] for e in x) for x in per)
-        contiguous = max(sum(nb[g * 8 // ep:(g + 1) * 8 // ep]) for g in range(ep))
-        assert worst < contiguous, (ep, per, nb)
-    synth = mixprec.ModelArgs(vocab_size=64, hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
-                              num_key_value_heads=4, head_dim=64, intermediate_size=256, num_experts=8,
-                              num_experts_per_tok=2, moe_intermediate_size=256)
-    assert make_layout(synth, 1, 2, 0, {0: [5] * 8}).placement == ()
-
-
 @pytest.mark.parametrize("tp,ep,I", [(4, 1, 768), (8, 1, 768), (2, 4, 768), (8, 1, 1536)])
 def test_real_shapes_split(tp, ep, I):
     """Qwen3-30B-A3B (I=768) at TP4 / TP8 / TP2xEP4 and 235B (I=1536) at TP8 split: 192 / 96 rows
@@ -382,7 +361,7 @@ def test_real_shapes_split(tp, ep, I):
                              num_key_value_heads=4, head_dim=128, intermediate_size=6144, num_experts=128,
                              num_experts_per_tok=8, moe_intermediate_size=I)
     lay = make_layout(args, tp, ep, rank=tp * ep - 1)
-    assert lay.local_args().moe_intermediate_size == I // tp and len(lay.experts(0)) == 128 // ep
+    assert lay.local_args().moe_intermediate_size == I // tp and len(lay.experts) == 128 // ep
     assert lay.kv_split == Split("n", 3, 4)          # the last rank's q heads read kv head 3
     f = FORMATS["fp8_block"]
     w = f.load(f.pack(torch.randn(64, I)), 64, I, {"quant_method": "fp8", "weight_block_size": [128, 128]}, "w")

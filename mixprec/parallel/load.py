@@ -23,7 +23,7 @@ from ..loader.plan import Plan
 from ..models.qwen3 import Qwen3ForCausalLM
 from .context import ParallelContext, init
 from .layers import ParallelMoE, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
-from .shard import ShardLayout, Split, check_plan, plan_layout, read_dense, read_module, shard_weight
+from .shard import ShardLayout, Split, check_plan, make_layout, read_dense, read_module, shard_weight
 
 _EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -36,11 +36,11 @@ def build_model(lay: ShardLayout, ctx: ParallelContext, dtype: torch.dtype) -> Q
     start, stop = lay.vocab_range
     model.model.embed_tokens = VocabParallelEmbedding(lay.vocab_rows, H, start, stop, ctx, dtype, "meta")
     model.lm_head = VocabParallelHead(lay.vocab_rows, H, args.vocab_size, ctx)
-    for i, layer in enumerate(model.model.layers):
+    for layer in model.model.layers:
         layer.self_attn.o_proj = RowParallelLinear(H, lay.heads * D, ctx)
         m = layer.mlp
         if isinstance(m, MoE):
-            layer.mlp = ParallelMoE(H, m.I, m.E, m.top_k, m.renorm, dtype, "meta", m.name, lay.experts(i), ctx)
+            layer.mlp = ParallelMoE(H, m.I, m.E, m.top_k, m.renorm, dtype, "meta", m.name, lay.experts, ctx)
         else:
             m.down_proj = RowParallelLinear(H, local.intermediate_size, ctx)
     model.args = replace(local, vocab_size=args.vocab_size)
@@ -136,4 +136,4 @@ def load_shard(plan: Plan, tp: int, ep: int, device=None, dtype: torch.dtype = t
     launcher's environment if needed, and assembles. device None: cuda:LOCAL_RANK or cpu."""
     check_plan(plan, tp, ep)
     ctx = init(tp, ep, device, backend)
-    return assemble_parallel(plan, plan_layout(plan, tp, ep, ctx.rank), ctx, dtype, progress)
+    return assemble_parallel(plan, make_layout(plan.args, tp, ep, ctx.rank), ctx, dtype, progress)

@@ -6,11 +6,7 @@ Layout (world = tp * ep processes, rank = ep_rank * tp + tp_rank):
   heads/world heads), k/v by kv heads. When kv_heads < world each rank keeps the one kv head its
   q heads read (world % kv_heads == 0 required), so k/v are replicated world/kv_heads times. One
   all-reduce after o_proj. Dense MLP layers likewise: gate/up rows, down columns over all ranks.
-* Experts: each expert group holds E/ep experts of every MoE layer (contiguous chunks: expert e in
-  group e * ep // E), except where a layer's experts differ in bytes (a mix of formats over
-  experts): then, per layer, the experts are dealt to the groups largest first, each to the group
-  with the fewest bytes so far that still has room (`balance_experts`), so the slowest rank of a
-  decode step reads about the same bytes as the others. Inside its group an expert is
+* Experts: expert e belongs to expert group e * ep // E (contiguous chunks); inside its group it is
   split over the group's tp ranks along the intermediate dim (gate/up rows, down columns). A rank
   never reads the experts of other groups. One all-reduce over all ranks sums the partial
   outputs: the tp parts of an expert and the experts of every group at once.
@@ -77,7 +73,7 @@ W8A8_ACT_GROUP = 128   # fp8 W8A8 kernels quantize activations per 128 inputs (k
 
 _ATTN = re.compile(r"model\.layers\.\d+\.self_attn\.([qkvo])_proj")
 _DENSE = re.compile(r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj")
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj")
+_EXPERT = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(\d+)\.(gate|up|down)_proj")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -100,34 +96,6 @@ def expert_group(e: int, num_experts: int, ep: int) -> int:
     return e * ep // num_experts
 
 
-def balance_experts(nbytes: list[int], ep: int) -> tuple[int, ...]:
-    """Expert -> group for one layer whose experts weigh `nbytes`: each group gets as many experts
-    as the contiguous split gives it, and the experts go, largest first (ties: lower id), to the
-    group with the fewest bytes that still has room (ties: lower group). Experts of equal bytes
-    keep the contiguous split."""
-    E = len(nbytes)
-    contiguous = tuple(expert_group(e, E, ep) for e in range(E))
-    if len(set(nbytes)) <= 1:
-        return contiguous
-    room = [contiguous.count(g) for g in range(ep)]
-    load = [0] * ep
-    out = [0] * E
-    for e in sorted(range(E), key=lambda e: (-nbytes[e], e)):
-        g = min((g for g in range(ep) if room[g]), key=lambda g: (load[g], g))
-        out[e], room[g], load[g] = g, room[g] - 1, load[g] + nbytes[e]
-    return tuple(out)
-
-
-def expert_bytes(modules: dict[str, int], num_experts: int) -> dict[int, list[int]]:
-    """{module: bytes} of any linears -> {MoE layer: [bytes of expert e (gate + up + down)]}."""
-    out: dict[int, dict[int, int]] = {}
-    for module, nb in modules.items():
-        if m := _EXPERT.fullmatch(module):
-            per = out.setdefault(int(m[1]), {})
-            per[int(m[2])] = per.get(int(m[2]), 0) + nb
-    return {layer: [per.get(e, 0) for e in range(num_experts)] for layer, per in out.items()}
-
-
 class Ranks:
     """Rank arithmetic of a tp x ep run: ranks tp*g .. tp*g+tp-1 form expert group g."""
     rank: int
@@ -144,14 +112,11 @@ class Ranks:
 
 @dataclass(frozen=True)
 class ShardLayout(Ranks):
-    """What rank `rank` of a tp x ep run holds of the model `args`. Build with `make_layout`.
-    `placement`: (layer, expert -> group) for the MoE layers whose experts are not placed in
-    contiguous chunks (see balance_experts)."""
+    """What rank `rank` of a tp x ep run holds of the model `args`. Build with `make_layout`."""
     args: ModelArgs
     tp: int
     ep: int
     rank: int
-    placement: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     @property
     def world(self) -> int:
@@ -176,13 +141,10 @@ class ShardLayout(Ranks):
         return max(1, self.args.num_key_value_heads // self.world)
 
     # -- experts -------------------------------------------------------------------------------
-    def expert_group(self, layer: int, e: int) -> int:
-        groups = dict(self.placement).get(layer)
-        return groups[e] if groups is not None else expert_group(e, self.args.num_experts, self.ep)
-
-    def experts(self, layer: int) -> tuple[int, ...]:
-        """The experts of MoE layer `layer` this rank holds (global ids, ascending)."""
-        return tuple(e for e in range(self.args.num_experts) if self.expert_group(layer, e) == self.ep_rank)
+    @property
+    def experts(self) -> tuple[int, ...]:
+        E = self.args.num_experts
+        return tuple(e for e in range(E) if expert_group(e, E, self.ep) == self.ep_rank)
 
     # -- vocabulary ------------------------------------------------------------------------------
     @property
@@ -199,7 +161,7 @@ class ShardLayout(Ranks):
     def holds(self, module: str) -> bool:
         """False for the experts of other expert groups (never read)."""
         m = _EXPERT.fullmatch(module)
-        return m is None or self.expert_group(int(m[1]), int(m[2])) == self.ep_rank
+        return m is None or expert_group(int(m[1]), self.args.num_experts, self.ep) == self.ep_rank
 
     def split(self, module: str) -> Split | None:
         """How linear `module` (HF name) is cut for this rank; None = held whole."""
@@ -208,7 +170,7 @@ class ShardLayout(Ranks):
         if m := _ATTN.fullmatch(module):
             out = {"q": Split("n", r, W), "k": self.kv_split, "v": self.kv_split, "o": Split("k", r, W)}[m[1]]
         elif m := _EXPERT.fullmatch(module):
-            out = Split("k" if m[3] == "down" else "n", self.tp_rank, self.tp)
+            out = Split("k" if m[2] == "down" else "n", self.tp_rank, self.tp)
         elif m := _DENSE.fullmatch(module):
             out = Split("k" if m[1] == "down" else "n", r, W)
         elif module == "lm_head":
@@ -225,11 +187,8 @@ class ShardLayout(Ranks):
                        moe_intermediate_size=a.moe_intermediate_size // self.tp, vocab_size=self.vocab_rows)
 
 
-def make_layout(args: ModelArgs, tp: int, ep: int, rank: int = 0,
-                expert_nbytes: dict[int, list[int]] | None = None) -> ShardLayout:
-    """The layout of `rank`; ParallelError listing every architectural reason it cannot exist.
-    expert_nbytes ({MoE layer: [bytes of each expert]}, `expert_bytes`): place each such layer's
-    experts by bytes (balance_experts) instead of in contiguous chunks."""
+def make_layout(args: ModelArgs, tp: int, ep: int, rank: int = 0) -> ShardLayout:
+    """The layout of `rank`; ParallelError listing every architectural reason it cannot exist."""
     errors = []
     for name, v in (("tp", tp), ("ep", ep)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -256,12 +215,7 @@ def make_layout(args: ModelArgs, tp: int, ep: int, rank: int = 0,
         errors.append(f"ep={ep} but the model has no MoE layers")
     if errors:
         raise ParallelError(f"tp={tp} x ep={ep}: cannot split this model:\n  - " + "\n  - ".join(errors))
-    placement = ()
-    if ep > 1 and expert_nbytes:
-        contiguous = tuple(expert_group(e, args.num_experts, ep) for e in range(args.num_experts))
-        placement = tuple((layer, groups) for layer, nb in sorted(expert_nbytes.items())
-                          if (groups := balance_experts(nb, ep)) != contiguous)
-    return ShardLayout(args, tp, ep, rank, placement)
+    return ShardLayout(args, tp, ep, rank)
 
 
 def _intq_bits(scheme: dict | None) -> int | None:
@@ -276,17 +230,11 @@ def _act_order(scheme: dict | None) -> bool:
     return bool(s.get("desc_act") or (s.get("weights") or {}).get("actorder"))
 
 
-def plan_layout(plan, tp: int, ep: int, rank: int = 0) -> ShardLayout:
-    """make_layout for a mix: experts placed by their bytes in the plan (on-disk formats)."""
-    nbytes = expert_bytes({m: e.nbytes for m, e in plan.entries.items()}, plan.args.num_experts)
-    return make_layout(plan.args, tp, ep, rank, nbytes)
-
-
 def check_plan(plan, tp: int, ep: int) -> ShardLayout:
     """make_layout plus the per-weight checks of the mix's formats, for every rank (the splits
     are equal, so rank 0's shapes are every rank's). ParallelError listing all problems;
     reads headers only."""
-    lay = plan_layout(plan, tp, ep)
+    lay = make_layout(plan.args, tp, ep)
     errors = []
     for module, e in plan.entries.items():
         sp = lay.split(module)

@@ -11,8 +11,6 @@ single-GPU run.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..config import ModelArgs
@@ -20,14 +18,7 @@ from ..formats.base import Packed
 from ..runtime.synthetic import synthetic_linear, synthetic_linears, synthetic_plain
 from .context import init
 from .load import build_model
-from .shard import expert_bytes, make_layout, pad_rows, shard_weight
-
-
-@functools.cache
-def spec_bytes(spec: str) -> float:
-    """Packed bytes per weight of a synthetic format spec (scales included), from a 256 x 256
-    weight: what places experts by bytes (balance_experts) the way a checkpoint's sizes would."""
-    return synthetic_linear("spec", 256, 256, spec, "cpu", torch.bfloat16).nbytes() / 256**2
+from .shard import make_layout, pad_rows, shard_weight
 
 
 @torch.inference_mode()
@@ -35,18 +26,15 @@ def build_synthetic_shard(args: ModelArgs, mix: str, tp: int, ep: int, dtype=tor
                           backend: str | None = None):
     """This process's shard (torchrun / env:// launch with tp*ep processes) of
     build_synthetic(args, mix, seed=seed), on cuda:LOCAL_RANK (cpu without CUDA)."""
-    linears = synthetic_linears(args, mix)
-    nbytes = expert_bytes({m: round(spec_bytes(spec) * n * k) for m, (n, k, spec) in linears.items()},
-                          args.num_experts)
-    lay = make_layout(args, tp, ep, 0, nbytes)   # architectural checks before any process group
+    lay = make_layout(args, tp, ep)           # architectural checks before any process group
     ctx = init(tp, ep, None, backend)
-    lay = make_layout(args, tp, ep, ctx.rank, nbytes)
+    lay = make_layout(args, tp, ep, ctx.rank)
     dev = ctx.device
     model = build_model(lay, ctx, dtype)
     start, stop = lay.vocab_range
     for name, t in synthetic_plain(args, dev, dtype, seed):
         model.set_tensor(name, pad_rows(t[start:stop], lay.vocab_rows) if name == "model.embed_tokens.weight" else t)
-    for module, (n, k, spec) in linears.items():
+    for module, (n, k, spec) in synthetic_linears(args, mix).items():
         if not lay.holds(module):
             continue
         w = synthetic_linear(module, n, k, spec, dev, dtype, seed)
