@@ -12,7 +12,7 @@ _API = {
     "load": "api", "generate": "api", "plan": "api", "dequantize_weight": "api", "load_tokenizer": "api",
     "MixConfig": "config", "ModelArgs": "config", "load_config": "config",
     "TrueMixedPrecisionLoader": "compat", "replace_all_with_mixed_precision": "compat",
-    "SamplingParams": "runtime.sampling", "Generator": "runtime.generate",
+    "SamplingParams": "runtime.sampling", "Generator": "runtime.generate", "Engine": "runtime.engine",
 }
 
 
