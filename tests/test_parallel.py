@@ -196,6 +196,13 @@ def _engine_worker(rank: int, world: int, port: int, cfg: str, out: str) -> None
             engine.submit([1], mixprec.SamplingParams())
         engine.join(DEADLINE_S)
         assert not engine.healthy
+    # engines whose settings differ from rank 0's are refused on the other ranks
+    check = engine_module._Lockstep(rank)
+    if rank == 0:
+        check.agree({"max_batch": 4})
+    else:
+        with pytest.raises(ValueError, match="differ from rank 0"):
+            check.agree({"max_batch": 2})
     dist.destroy_process_group()
 
 

@@ -214,6 +214,15 @@ class _Lockstep:
         # collective: every rank's Engine makes it, in the same order
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=30 * HEARTBEAT_S))
 
+    def agree(self, settings: dict) -> None:
+        """Every rank must run the same loop: ValueError on a rank whose settings differ from
+        rank 0's (e.g. another max_batch would admit requests into other rows)."""
+        if self.leader:
+            self.send(settings)
+        elif (theirs := self.receive()) != settings:
+            raise ValueError(f"this rank's Engine settings {settings} differ from rank 0's {theirs}: "
+                             f"make the Engine with the same arguments on every rank")
+
     def send(self, msg: dict) -> None:
         data = torch.tensor(list(json.dumps(msg).encode()), dtype=torch.uint8)
         self.dist.broadcast(torch.tensor([data.numel()]), 0, group=self.group)
@@ -295,6 +304,9 @@ class Engine:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         ctx = getattr(model, "parallel", None)
         self._lockstep = _Lockstep(ctx.rank) if ctx is not None and ctx.world > 1 else None
+        if self._lockstep is not None:
+            self._lockstep.agree({"max_batch": max_batch, "max_len": max_len, "prefill_tokens": prefill_tokens,
+                                  "graphs": self.use_graphs, "stop_strings": self.tokenizer is not None})
         self._thread = threading.Thread(target=self._run, name="mixprec-engine", daemon=True)
         self._thread.start()
 
