@@ -18,11 +18,28 @@ def _plan(a) -> int:
         return 2
     if not p.errors:
         print(json.dumps(p.to_json(), indent=1) if a.json else p.table(all=a.all))
-        return 0
+        return _plan_ranks(p, a.tp, a.ep) if a.tp * a.ep > 1 else 0
     print(f"{len(p.errors)} error(s) in the mix:", file=sys.stderr)
     for err in p.errors:
         print(f"  - {err}", file=sys.stderr)
     return 2
+
+
+def _plan_ranks(p, tp: int, ep: int) -> int:
+    """Whether the mix splits over tp x ep ranks, and the weight bytes each rank holds."""
+    from .errors import ParallelError
+    from .loader.plan import fmt_size
+    from .parallel import make_layout, rank_bytes
+    try:
+        per = rank_bytes(p, tp, ep)
+    except ParallelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"tp={tp} x ep={ep}: weights per rank (on-disk formats; KV cache not counted)")
+    for r, nb in enumerate(per):
+        lay = make_layout(p.args, tp, ep, r)
+        print(f"  rank {r} (tp_rank {lay.tp_rank}, ep_rank {lay.ep_rank}): {fmt_size(nb)}")
+    return 0
 
 
 def _generate(a) -> int:
@@ -79,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="mix YAML, or one checkpoint directory")
     s.add_argument("--all", action="store_true", help="one line per module instead of ranges")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--tp", type=int, default=1, help="also check the split over tp x ep ranks, bytes per rank")
+    s.add_argument("--ep", type=int, default=1)
     s.set_defaults(fn=_plan)
 
     s = sub.add_parser("generate", help="load a mix and generate text (streams to stdout)")

@@ -34,7 +34,7 @@ from mixprec.errors import ParallelError
 from mixprec.formats import FORMATS, dequant, load_module, shard
 from mixprec.loader.checkpoint import Checkpoint
 from mixprec.parallel import (ParallelContext, Split, assemble_parallel, check_plan, init, make_layout,
-                              read_module, shard_weight)
+                              rank_bytes, read_module, shard_weight)
 from mixprec.testing.fixtures import make_fixture
 
 FIXTURE = dict(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, moe_intermediate=96, intermediate=192,
@@ -358,6 +358,23 @@ def test_plan_time_errors(mix):
 def test_world_one_is_plain():
     ctx = init(1, 1, "cpu")
     assert (ctx.rank, ctx.world, ctx.tp_rank, ctx.ep_rank) == (0, 1, 0, 0) and not dist.is_initialized()
+
+
+def test_rank_bytes_and_plan_cli(mix, capsys):
+    """`mixprec plan MIX --tp T --ep E`: the split is checked and each rank's weight bytes shown;
+    one rank holds everything, more ranks hold less each and nothing is lost."""
+    from mixprec.__main__ import main
+    p = _plan(mix)
+    whole = rank_bytes(p, 1, 1)
+    assert whole == [p.summary()["bytes"] + p.plain_bytes]
+    for tp, ep in [(2, 1), (1, 2), (2, 2), (4, 1)]:
+        per = rank_bytes(p, tp, ep)
+        assert len(per) == tp * ep and max(per) < whole[0]
+        assert sum(per) >= whole[0] - tp * ep * len(p.entries)     # slices round down, replicas add
+    assert main(["plan", str(mix), "--tp", "2", "--ep", "2"]) == 0
+    assert "rank 3 (tp_rank 1, ep_rank 1):" in capsys.readouterr().out
+    assert main(["plan", str(mix), "--tp", "3"]) == 2
+    assert "num_attention_heads=4 does not split over tp*ep=3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tp,ep,I", [(4, 1, 768), (8, 1, 768), (2, 4, 768), (8, 1, 1536)])

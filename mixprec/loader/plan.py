@@ -80,20 +80,20 @@ class Plan:
         """Aligned text. Default: consecutive layers / experts with the same (source, format)
         per projection collapse into one row; all=True: one row per module."""
         if all:
-            rows = [(m, e.source, e.fmt_name, e.params, f"{e.n}x{e.k}", _mb(e.nbytes), e.rule_origin or "default")
+            rows = [(m, e.source, e.fmt_name, e.params, f"{e.n}x{e.k}", fmt_size(e.nbytes), e.rule_origin or "default")
                     for m, e in self.entries.items()]
             head = ("module", "source", "format", "params", "NxK", "bytes", "rule")
         else:
-            rows = [(where, part, ",".join(projs), src, fmt, params, str(count), _mb(nb))
+            rows = [(where, part, ",".join(projs), src, fmt, params, str(count), fmt_size(nb))
                     for where, part, projs, (src, fmt, params), count, nb in self._groups()]
             head = ("layers", "module", "projections", "source", "format", "params", "count", "bytes")
         s = self.summary()
         lines = _align([head, *rows])
-        lines.append(f"{s['count']} linears, {_mb(s['bytes'])} on disk (bf16: {_mb(s['bf16_bytes'])}, "
-                     f"saving {100 * s['saving']:.1f}%); plus {_mb(s['plain_bytes'])} embeddings/norms/routers")
+        lines.append(f"{s['count']} linears, {fmt_size(s['bytes'])} on disk (bf16: {fmt_size(s['bf16_bytes'])}, "
+                     f"saving {100 * s['saving']:.1f}%); plus {fmt_size(s['plain_bytes'])} embeddings/norms/routers")
         for kind in ("by_format", "by_source"):
             lines.append(f"  {kind.replace('_', ' ')}: " + ", ".join(
-                f"{k} {v['count']} ({_mb(v['bytes'])})" for k, v in s[kind].items()))
+                f"{k} {v['count']} ({fmt_size(v['bytes'])})" for k, v in s[kind].items()))
         if self.errors:
             lines.append(f"{len(self.errors)} errors:")
             lines += [f"  - {e}" for e in self.errors]
@@ -147,7 +147,8 @@ class Plan:
         return [r[1] for r in rows] + other
 
 
-def _mb(n: int) -> str:
+def fmt_size(n: int) -> str:
+    """Decimal units, as disk sizes are given: 1.5 GB, 269.3 KB."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

@@ -12,9 +12,9 @@ from .context import ParallelContext, all_gather_last, all_reduce, env_world, in
 from .layers import ParallelMoE, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 from .load import assemble_parallel, build_model, load_shard
 from .synthetic import build_synthetic_shard
-from .shard import ShardLayout, Split, check_plan, expert_group, make_layout, read_module, shard_weight
+from .shard import ShardLayout, Split, check_plan, expert_group, make_layout, rank_bytes, read_module, shard_weight
 
 __all__ = ["ParallelError", "ParallelContext", "all_gather_last", "all_reduce", "env_world", "init",
            "ParallelMoE", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelHead",
            "assemble_parallel", "build_model", "build_synthetic_shard", "load_shard", "ShardLayout", "Split", "check_plan",
-           "expert_group", "make_layout", "read_module", "shard_weight"]
+           "expert_group", "make_layout", "rank_bytes", "read_module", "shard_weight"]

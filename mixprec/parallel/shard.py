@@ -255,6 +255,23 @@ def check_plan(plan, tp: int, ep: int) -> ShardLayout:
     return lay
 
 
+def rank_bytes(plan, tp: int, ep: int) -> list[int]:
+    """On-disk bytes of the weights each rank of a tp x ep run of `plan` holds (ParallelError if
+    the mix cannot be split): its linears or its slices of them (scales counted pro rata), its
+    vocabulary rows of the embedding (bf16) and the replicated norms / routers. KV cache and
+    activations are not counted."""
+    check_plan(plan, tp, ep)
+    a = plan.args
+    embed = a.vocab_size * a.hidden_size * 2
+    out = []
+    for rank in range(tp * ep):
+        lay = make_layout(a, tp, ep, rank)
+        held = sum(e.nbytes // (sp.parts if (sp := lay.split(m)) else 1)
+                   for m, e in plan.entries.items() if lay.holds(m))
+        out.append(held + (plan.plain_bytes - embed) + embed * lay.vocab_rows // a.vocab_size)
+    return out
+
+
 # -- reading ---------------------------------------------------------------------------------
 def read_module(ckpt: Checkpoint, module: str, fmt_name: str, n: int, k: int, sp: Split | None) -> dict[str, Tensor]:
     """Tensors of linear `module` (suffix -> tensor) as its format's `load` takes them, with the
