@@ -10,35 +10,29 @@ def _plan(a) -> int:
 
     from .config import load_config
     from .errors import MixprecError
-    from .loader.plan import make_plan
+    from .loader.plan import fmt_size, make_plan
+    from .parallel import make_layout, rank_bytes
     try:
         p = make_plan(load_config(a.config), strict=False)
+        # tp x ep: whether the mix splits (ParallelError) and the weight bytes of each rank
+        per = rank_bytes(p, a.tp, a.ep) if a.tp * a.ep > 1 and not p.errors else None
     except MixprecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not p.errors:
-        print(json.dumps(p.to_json(), indent=1) if a.json else p.table(all=a.all))
-        return _plan_ranks(p, a.tp, a.ep) if a.tp * a.ep > 1 else 0
-    print(f"{len(p.errors)} error(s) in the mix:", file=sys.stderr)
-    for err in p.errors:
-        print(f"  - {err}", file=sys.stderr)
-    return 2
-
-
-def _plan_ranks(p, tp: int, ep: int) -> int:
-    """Whether the mix splits over tp x ep ranks, and the weight bytes each rank holds."""
-    from .errors import ParallelError
-    from .loader.plan import fmt_size
-    from .parallel import make_layout, rank_bytes
-    try:
-        per = rank_bytes(p, tp, ep)
-    except ParallelError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if p.errors:
+        print(f"{len(p.errors)} error(s) in the mix:", file=sys.stderr)
+        for err in p.errors:
+            print(f"  - {err}", file=sys.stderr)
         return 2
-    print(f"tp={tp} x ep={ep}: weights per rank (on-disk formats; KV cache not counted)")
-    for r, nb in enumerate(per):
-        lay = make_layout(p.args, tp, ep, r)
-        print(f"  rank {r} (tp_rank {lay.tp_rank}, ep_rank {lay.ep_rank}): {fmt_size(nb)}")
+    if a.json:
+        print(json.dumps({**p.to_json(), **({"rank_bytes": per} if per else {})}, indent=1))
+        return 0
+    print(p.table(all=a.all))
+    if per:
+        print(f"tp={a.tp} x ep={a.ep}: weights per rank (on-disk formats; KV cache not counted)")
+        for r, nb in enumerate(per):
+            lay = make_layout(p.args, a.tp, a.ep, r)
+            print(f"  rank {r} (tp_rank {lay.tp_rank}, ep_rank {lay.ep_rank}): {fmt_size(nb)}")
     return 0
 
 

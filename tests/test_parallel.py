@@ -373,6 +373,8 @@ def test_rank_bytes_and_plan_cli(mix, capsys):
         assert sum(per) >= whole[0] - tp * ep * len(p.entries)     # slices round down, replicas add
     assert main(["plan", str(mix), "--tp", "2", "--ep", "2"]) == 0
     assert "rank 3 (tp_rank 1, ep_rank 1):" in capsys.readouterr().out
+    assert main(["plan", str(mix), "--tp", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rank_bytes"] == rank_bytes(p, 2, 1)
     assert main(["plan", str(mix), "--tp", "3"]) == 2
     assert "num_attention_heads=4 does not split over tp*ep=3" in capsys.readouterr().err
 
