@@ -18,8 +18,8 @@ collectives) is tested without several GPUs.
 
 Small all-reduces on several GPUs (decode activations: [B, hidden] bf16, 4 KiB at batch 1) take
 one kernel that reads every peer's copy over NVLink (torch symmetric memory's one-shot
-all-reduce, no multicast) instead of NCCL's: in CUDA graphs on 4 H200 about 7 µs vs 15 at 4-8 KiB,
-14.8 vs 20.3 at 512 KiB (see BENCHMARKS.md). It sums the ranks in rank order on every rank, so
+all-reduce, no multicast) instead of NCCL's: in CUDA graphs on 4 H200 7.9 vs 14.5 µs at 4 KiB,
+14.3 vs 19.3 at 512 KiB (scripts/bench_allreduce.py, BENCHMARKS.md). It sums the ranks in rank order on every rank, so
 all ranks get the same bits, as with NCCL. MIXPREC_ALLREDUCE=nccl keeps NCCL for every size.
 """
 from __future__ import annotations
