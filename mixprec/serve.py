@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                     use_cuda_graphs=False if a.no_cuda_graphs else None)
     ctx = getattr(model, "parallel", None)
     if ctx is not None and not ctx.is_main:   # tp x ep run: rank 0 serves, this rank follows it
-        engine.join()
-        return 0
+        failure = engine.join()
+        return 0 if failure is None else 1
     print(f"serving {name!r} on http://{a.host}:{a.port}/v1 (max_batch={engine.max_batch}, "
           f"max_len={engine.max_len}, device={engine.device})", file=sys.stderr)
     try:

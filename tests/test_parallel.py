@@ -222,6 +222,38 @@ def test_engine_lockstep(world, mix, tmp_path):
     assert got["victim"][0] == "cancelled" and 1 <= got["victim"][1] < 40
 
 
+def _failing_leader_worker(rank: int, world: int, port: int, cfg: str, out: str) -> None:
+    from mixprec.runtime import engine as engine_module
+    torch.set_num_threads(1)
+    engine_module.HEARTBEAT_S = 0.05  # without the failure message the followers would time out (1.5 s)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=DEADLINE_S))
+    engine = engine_module.Engine(mixprec.load(cfg, device="cpu", progress=False, tp=world), max_batch=4, max_len=64)
+    if rank == 0:
+        process, calls = engine._process, []
+
+        def failing(item):                # rank 0's host loop fails at its third token read
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected failure")
+            process(item)
+        engine._process = failing
+        req = engine.submit([5, 9, 2], mixprec.SamplingParams(max_new_tokens=20)).result(DEADLINE_S)
+        assert req.finish_reason == "error" and "injected" in repr(req.error)
+        assert "injected" in repr(engine.join(DEADLINE_S))      # returns once the others were told
+    else:
+        failure = engine.join(DEADLINE_S)
+        assert "rank 0's engine loop failed" in str(failure) and "injected failure" in str(failure), failure
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_engine_lockstep_leader_failure(mix, tmp_path):
+    """When rank 0's engine loop fails, the following ranks are told and stop with its error
+    (instead of waiting for its next decision until a timeout)."""
+    _spawn(2, mix, tmp_path, _failing_leader_worker)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 GPUs")])])

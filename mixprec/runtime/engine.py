@@ -304,6 +304,7 @@ class Engine:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         ctx = getattr(model, "parallel", None)
         self._lockstep = _Lockstep(ctx.rank) if ctx is not None and ctx.world > 1 else None
+        self._farewell: threading.Thread | None = None     # rank 0 telling the others it failed
         if self._lockstep is not None:
             self._lockstep.agree({"max_batch": max_batch, "max_len": max_len, "prefill_tokens": prefill_tokens,
                                   "graphs": self.use_graphs, "stop_strings": self.tokenizer is not None})
@@ -400,9 +401,14 @@ class Engine:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for the loop to end (a following rank: until rank 0's engine shuts down)."""
+    def join(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for the loop to end (a following rank: until rank 0's engine shuts down or
+        fails); -> what ended it in failure (also a failure of rank 0's loop), else None. On rank
+        0 after a failure, also waits (same timeout) until the other ranks were told."""
         self._thread.join(timeout)
+        if self._farewell is not None:
+            self._farewell.join(timeout)
+        return self._failure
 
     def __enter__(self) -> "Engine":
         return self
@@ -425,6 +431,13 @@ class Engine:
             raise
         finally:
             self._finish_all(failure)
+            ls = self._lockstep
+            if failure is not None and ls is not None and ls.leader:
+                # the other ranks stop too where they wait for rank 0's next decision; sent from a
+                # thread: a rank still inside a collective of the failed step would hold the send
+                self._farewell = threading.Thread(target=ls.send, args=({"stop": True, "error": repr(failure)},),
+                                                  daemon=True)
+                self._farewell.start()
 
     def _loop(self) -> None:
         ls = self._lockstep
@@ -470,6 +483,8 @@ class Engine:
     def _follow(self, msg: dict) -> list[Request] | None:
         """Apply rank 0's decisions (a following rank): its cancellations; -> its admissions, in
         its order (None: stop)."""
+        if msg.get("error"):
+            raise EngineStopped(f"rank 0's engine loop failed: {msg['error']}")
         if msg.get("stop"):
             return None
         with self._lock:
