@@ -442,25 +442,9 @@ class Engine:
     def _loop(self) -> None:
         ls = self._lockstep
         while True:
-            if ls is not None and not ls.leader:
-                admit = self._follow(ls.receive())
-                if admit is None:
-                    return
-            else:
-                with self._lock:
-                    while not (self._stop or self._queue or self._pending or any(self._slots)):
-                        if not self._cv.wait(None if ls is None else HEARTBEAT_S):
-                            ls.send({})       # idle: the other ranks' receive must not time out
-                    if self._stop:
-                        if ls is not None:
-                            ls.send({"stop": True})
-                        return
-                    cancelled = self._reap_cancelled() if self._cancels else []
-                    admit = self._take_admissions()
-                if ls is not None:
-                    ls.send({"cancel": [r.id for r in cancelled],
-                             "admit": [{"id": r.id, "ids": r.prompt_ids, "params": asdict(r.params), "seed": r.seed}
-                                       for r in admit]})
+            admit = self._follow(ls.receive()) if ls is not None and not ls.leader else self._decide()
+            if admit is None:
+                return
             if admit:
                 self._admit(admit)
                 del admit                     # the loop's frame must not keep requests alive while idle
@@ -468,6 +452,26 @@ class Engine:
             # lag by one: read everything but the step just launched, which runs meanwhile
             while len(self._pending) > (1 if launched else 0):
                 self._process(self._pending.popleft())
+
+    def _decide(self) -> list[Request] | None:
+        """Wait for work; finish cancelled requests; -> the requests to admit now (None: stop).
+        A parallel model's rank 0 also sends each decision to the other ranks (see _follow)."""
+        ls = self._lockstep
+        with self._lock:
+            while not (self._stop or self._queue or self._pending or any(self._slots)):
+                if not self._cv.wait(None if ls is None else HEARTBEAT_S):
+                    ls.send({})               # idle: the other ranks' receive must not time out
+            if self._stop:
+                if ls is not None:
+                    ls.send({"stop": True})
+                return None
+            cancelled = self._reap_cancelled() if self._cancels else []
+            admit = self._take_admissions()
+        if ls is not None:
+            ls.send({"cancel": [r.id for r in cancelled],
+                     "admit": [{"id": r.id, "ids": r.prompt_ids, "params": asdict(r.params), "seed": r.seed}
+                               for r in admit]})
+        return admit
 
     def _reap_cancelled(self) -> list[Request]:
         """Finish cancelled requests, running or queued (lock held); -> the running ones."""
