@@ -258,11 +258,11 @@ def check_plan(plan, tp: int, ep: int) -> ShardLayout:
 def rank_bytes(plan, tp: int, ep: int) -> list[int]:
     """On-disk bytes of the weights each rank of a tp x ep run of `plan` holds (ParallelError if
     the mix cannot be split): its linears or its slices of them (scales counted pro rata), its
-    vocabulary rows of the embedding (bf16) and the replicated norms / routers. KV cache and
-    activations are not counted."""
+    vocabulary rows of the embedding and the replicated norms / routers. KV cache and activations
+    are not counted."""
     check_plan(plan, tp, ep)
     a = plan.args
-    embed = a.vocab_size * a.hidden_size * 2
+    embed = plan.sources["model"].nbytes("model.embed_tokens.weight")   # part of plan.plain_bytes
     out = []
     for rank in range(tp * ep):
         lay = make_layout(a, tp, ep, rank)
