@@ -94,10 +94,22 @@ def reference(mix) -> dict[str, torch.Tensor]:
 
 
 # -------------------------------------------------------------------------------- multi-process
+def _free_port() -> int:
+    """A free loopback port for a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join_group(backend: str, rank: int, world: int, port: int, **kw) -> None:
+    """This spawned process joins the test's process group (rendezvous on loopback `port`)."""
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=DEADLINE_S), **kw)
+
+
 def _worker(rank: int, world: int, port: int, cfg: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DEADLINE_S))
+    _join_group("gloo", rank, world, port)
     for tp, ep in RUNS[world]:
         model = mixprec.load(cfg, device="cpu", progress=False, tp=tp, ep=ep)
         save_file({k: v.contiguous() for k, v in _run_model(model).items()}, f"{out}/tp{tp}_ep{ep}_r{rank}.safetensors")
@@ -115,19 +127,18 @@ def _worker(rank: int, world: int, port: int, cfg: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _spawn(world: int, cfg: Path, out: Path, worker=_worker) -> None:
-    with socket.socket() as s:   # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def _spawn(world: int, cfg: Path, out: Path, worker=_worker, deadline_s: float = DEADLINE_S) -> None:
+    """Run worker(rank, world, port, cfg, out) in `world` spawned processes; fail after deadline_s."""
+    port = _free_port()
     pc = mp.start_processes(worker, args=(world, port, str(cfg), str(out)), nprocs=world, join=False,
                             start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + deadline_s
     while not pc.join(timeout=1):
         if time.monotonic() > deadline:
             for p in pc.processes:
                 if p.is_alive():
                     p.terminate()
-            pytest.fail(f"{world} processes did not finish in {DEADLINE_S} s")
+            pytest.fail(f"{world} processes did not finish in {deadline_s} s")
 
 
 @pytest.mark.slow
@@ -184,8 +195,7 @@ def _engine_worker(rank: int, world: int, port: int, cfg: str, out: str) -> None
     from mixprec.runtime import engine as engine_module
     torch.set_num_threads(1)
     engine_module.HEARTBEAT_S = 0.05  # the followers time out after 30 heartbeats: 1.5 s
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DEADLINE_S))
+    _join_group("gloo", rank, world, port)
     model = mixprec.load(cfg, device="cpu", progress=False, tp=world // 2, ep=2)
     engine = engine_module.Engine(model, max_batch=4, max_len=64)
     if rank == 0:
@@ -226,8 +236,7 @@ def _failing_leader_worker(rank: int, world: int, port: int, cfg: str, out: str)
     from mixprec.runtime import engine as engine_module
     torch.set_num_threads(1)
     engine_module.HEARTBEAT_S = 0.05  # without the failure message the followers would time out (1.5 s)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DEADLINE_S))
+    _join_group("gloo", rank, world, port)
     engine = engine_module.Engine(mixprec.load(cfg, device="cpu", progress=False, tp=world), max_batch=4, max_len=64)
     if rank == 0:
         process, calls = engine._process, []
@@ -266,9 +275,7 @@ def test_serve_tp2_under_torchrun(mix, device):
     pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
     from mixprec.runtime.engine import Engine
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+    port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mixprec",
            "serve", str(mix), "--tp", "2", "--device", device, "--dtype", dtype, "--port", str(port), "--max-batch", "4",
            "--max-len", "64", "--served-model-name", "tiny", "--log-level", "warning"]
@@ -493,29 +500,13 @@ def _gpu_worker(rank: int, world: int, port: int, cfg: str, out: str) -> None:
     from mixprec.parallel import load_shard
     backend = "nccl" if world == 1 else "gloo"
     torch.cuda.set_device(0)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DEADLINE_S))
+    _join_group(backend, rank, world, port)
     plan = mixprec.plan(cfg)
     for tp, ep in [(1, 1)] if world == 1 else GPU_RUNS:
         model, _ = load_shard(plan, tp, ep, device="cuda:0", dtype=torch.float16, progress=False, backend=backend)
         save_file(_gpu_run(model, graphs=world == 1), f"{out}/tp{tp}_ep{ep}_r{rank}.safetensors")
         del model
     dist.destroy_process_group()
-
-
-def _spawn_gpu(world: int, cfg: Path, out: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pc = mp.start_processes(_gpu_worker, args=(world, port, str(cfg), str(out)), nprocs=world, join=False,
-                            start_method="spawn")
-    deadline = time.monotonic() + 4 * DEADLINE_S
-    while not pc.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in pc.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"{world} processes did not finish in {4 * DEADLINE_S} s")
 
 
 @pytest.mark.gpu
@@ -525,7 +516,7 @@ def test_cuda_nccl_path_world_one(tmp_path):
     in a plain forward and in decoding with CUDA graphs (collectives captured)."""
     mix = _write_gpu_mix(tmp_path / "ckpt")
     ref = _gpu_run(mixprec.load(mix, device="cuda", progress=False), graphs=True)
-    _spawn_gpu(1, mix, tmp_path)
+    _spawn(1, mix, tmp_path, _gpu_worker, 4 * DEADLINE_S)
     got = load_file(str(tmp_path / "tp1_ep1_r0.safetensors"))
     assert torch.equal(got["full"], ref["full"])
     assert torch.equal(got["tokens"], ref["tokens"])
@@ -543,7 +534,7 @@ def test_cuda_ranks_match_single_gpu(tmp_path):
     (W8A8 activation quantization)."""
     mix = _write_gpu_mix(tmp_path / "ckpt")
     ref = _gpu_run(mixprec.load(mix, device="cuda", progress=False), graphs=False)["full"]
-    _spawn_gpu(4, mix, tmp_path)
+    _spawn(4, mix, tmp_path, _gpu_worker, 4 * DEADLINE_S)
     for tp, ep in GPU_RUNS:
         for rank in range(4):
             got = load_file(str(tmp_path / f"tp{tp}_ep{ep}_r{rank}.safetensors"))
@@ -559,8 +550,7 @@ def _multi_gpu_worker(rank: int, world: int, port: int, cfg: str, out: str) -> N
     from mixprec.parallel import all_reduce, load_shard
     dev = torch.device("cuda", rank)
     torch.cuda.set_device(dev)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DEADLINE_S), device_id=dev)
+    _join_group("nccl", rank, world, port, device_id=dev)
     ctx = init(world, 1, dev)
     assert ctx.one_shot is not None
     g = torch.Generator().manual_seed(rank)
@@ -601,11 +591,7 @@ def test_multi_gpu_nccl(tmp_path):
     world = min(4, torch.cuda.device_count())
     mix = _write_gpu_mix(tmp_path / "ckpt")
     ref = _gpu_run(mixprec.load(mix, device="cuda", dtype=torch.bfloat16, progress=False), graphs=False)["full"]
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    mp.start_processes(_multi_gpu_worker, args=(world, port, str(mix), str(tmp_path)), nprocs=world,
-                       start_method="spawn")
+    _spawn(world, mix, tmp_path, _multi_gpu_worker, 4 * DEADLINE_S)
     top2 = ref.topk(2, dim=-1).values
     gap = top2[..., 0] - top2[..., 1]                      # the reference's top-1 margin per position
     for rank in range(world):
@@ -629,8 +615,7 @@ def _synth_worker(rank: int, world: int, port: int, out: str) -> None:
     from mixprec.config import ModelArgs
     from mixprec.parallel import build_synthetic_shard
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DEADLINE_S))
+    _join_group("gloo", rank, world, port)
     args = ModelArgs.from_hf(SYNTH)
     for tp, ep in RUNS[world]:
         model = build_synthetic_shard(args, SYNTH_MIX, tp, ep, dtype=torch.float32)
@@ -646,9 +631,7 @@ def test_synthetic_shards_equal_single_model(tmp_path):
     seeded by name), so TP2 / EP2 logits equal the single-process synthetic model's."""
     from mixprec.config import ModelArgs
     from mixprec.runtime.synthetic import build_synthetic
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.start_processes(_synth_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
     model = build_synthetic(ModelArgs.from_hf(SYNTH), SYNTH_MIX, device="cpu", dtype=torch.float32, progress=False)
     with torch.inference_mode():
