@@ -511,6 +511,33 @@ def test_gemv_split_programs(mix, split, calls):
         _check(b, *_inputs(2, h=h, seed=seed), inter=i, config=("gemv", gemv, gemv))
 
 
+@pytest.mark.parametrize("mix,split,m,calls", [(MIX_A, 2, 2, 2), (MIX_B, 2, 3, 1), (PER_PROJ, 3, 1, 1)])
+def test_dot_split_k(mix, split, m, calls):
+    """Dot path with K in several chunks, one program each: gate / up partials joined by the last
+    of a tile's programs to arrive, down chunks summed with the token's TOPK rows; the int4 chunk
+    starts mid-K (the per-field dots' activation prefetch starts there too); split 3 of two 128
+    K tiles leaves one chunk empty. Called twice once, so the self-resetting counters are seen reused."""
+    h = i = 256
+    dot = dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2, split=split)
+    b = _layer(mix if mix is PER_PROJ else mt.split(mix, E), h=h, i=i)
+    for seed in range(43, 43 + calls):
+        _check(b, *_inputs(m, h=h, seed=seed), inter=i, config=("dot", dot, dot))
+
+
+def test_dot_split_k_expert_absent_adds_zero():
+    # expert parallel on the dot path with K chunks: an expert in no bucket gets act 0 and adds 0
+    b = _layer(mt.uniform("int4", E), seed=6)
+    for bb in b:
+        bb["expert_map"] = bb["expert_map"].clone()
+        bb["expert_map"][6:] = -1
+    x, w, ids = _inputs(3, seed=10)
+    ids[0, 1] = 7
+    dot = dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=2, split=2)
+    y = moe.fused_moe(x, ids, w, b, I, config=("dot", dot, dot))
+    y0 = moe.fused_moe(x, ids, w, b, I, config=DOT)
+    assert mt.sqnr_db(y0.float(), y.float()) >= 60
+
+
 @pytest.mark.parametrize("specs", [["int4"], ["int4_asym", "int4_perm"]])
 def test_int4_dot_lattice(specs):
     """int4 dot path with K tiles of 128 inside one group: one dot per code field (K sub-lattice

@@ -357,10 +357,11 @@ def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, in
     (K rows per chunk,) and the programs per output tile."""
     flat, consts, descs, q_rows = _slot_args(grp, hidden, inter, cfg["BN"] if gemv else 0)
     ks = _tile_ks(cfg, descs, gemv, K)
+    k_per = (_chunk(max([K] + q_rows), chunks, ks),)
     if not gemv:
-        return flat, {**consts, **ks}, (), 1
+        return flat, {**consts, **ks, "SPLIT": split}, k_per, split
     evk = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
-    return flat, {**consts, **ks, "EVK": evk, "SPLIT": split}, (_chunk(max([K] + q_rows), chunks, ks),), split
+    return flat, {**consts, **ks, "EVK": evk, "SPLIT": split}, k_per, split
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
@@ -451,16 +452,20 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         raise ShapeMismatch(f"fused_moe: up_x must hold {len(groups)} tensors like x {tuple(x.shape)}")
     down_groups = ([down_side[i:i + MAX_SLOTS] for i in range(0, len(down_side), MAX_SLOTS)]
                    if one_launch else [[b] for b in down_side])
-    # GEMV split: programs per output tile along (gate/up half, K chunk) / K chunk (moe_triton)
-    split_up = cu.get("split", 1) if path_up == "gemv" else 1
-    split_dn = cd.get("split", 1) if path_dn == "gemv" else 1
-    if split_up > 1 and split_up % 2:
+    # split: programs per output tile, along (gate/up half, K chunk) on the GEMV path, along K
+    # chunks on the dot path (moe_triton)
+    split_up, split_dn = cu.get("split", 1), cd.get("split", 1)
+    if path_up == "gemv" and split_up > 1 and split_up % 2:
         raise FormatError(f"fused_moe: gate/up GEMV split {split_up} must be 1 or even (two halves)")
+    chunks_up = max(split_up // 2, 1) if path_up == "gemv" else split_up
     buf_dtype = torch.float32 if P * split_dn <= 1024 else x.dtype
     alloc = torch.empty if len(down_groups) == 1 else torch.zeros
     buf = alloc(P * split_dn, H, dtype=buf_dtype, device=x.device)
-    ws_up = torch.empty(P, split_up, inter, dtype=torch.float32, device=x.device) if split_up > 1 else rw
-    ucnt = split_counters(x.device, P * triton.cdiv(inter, cu["BN"])) if split_up > 1 else cnt
+    ws_up = (torch.empty(P, split_up * (1 if path_up == "gemv" else 2), inter, dtype=torch.float32, device=x.device)
+             if split_up > 1 else rw)
+    # up tile counters: per (pair, tile) on the GEMV path, per (block, tile) on the dot path
+    # (at most P + E blocks: moe_align)
+    ucnt = (split_counters(x.device, (P + E) * triton.cdiv(inter, cu["BN"])) if split_up > 1 else cnt)
 
     aligned: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -476,8 +481,8 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         if BM not in aligned:
             aligned[BM] = moe_align(ids, E, BM)
         sorted_ids, blk = aligned[BM]
-        lead = ((sorted_ids, blk, rw, act, out, cnt, P, H, inter, H, n_cnt) if mode == 0 else
-                (sorted_ids, blk, rw, buf, out, cnt, P, inter, inter, H, n_cnt))
+        lead = ((sorted_ids, blk, rw, act, out, cnt, ws_up, ucnt, P, H, inter, H, n_cnt) if mode == 0 else
+                (sorted_ids, blk, rw, buf, out, cnt, rw, cnt, P, inter, inter, H, n_cnt))
         return _moe_dot_kernel, blk.numel(), lead, {"BM": BM}
 
     # W8A8 codes of each gate/up input, quantized once (not per program, nor per launch when the
@@ -488,7 +493,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         q_ups = [act_quant(xg, *_w8a8_kinds(grp)) for grp, xg in zip(groups, xs)]
     kern, g0, lead_up, shape_kw = side(path_up, 0)
     for grp, xg, q_up in zip(groups, xs, q_ups):
-        flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, max(split_up // 2, 1))
+        flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, chunks_up)
         kern[(g0, triton.cdiv(inter, cu["BN"]), nz)](
             xg, *q_up, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
             SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"], **pdl.launch_kw(x))

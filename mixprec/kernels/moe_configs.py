@@ -16,17 +16,17 @@ row; the W8A8 dot path uses 128).
 """
 from __future__ import annotations
 
-# the GEMV/dot crossover of a side whose buckets mix layouts: `python scripts/diag_moe_decode.py
-# --mixed` (H100, session 5, after the W8A8 pre-pass made the fp8/int8 dot tiles cheaper): at M=8
-# the dot path beats the joint GEMV config on every mix (30B int4+fp8 120 vs 137 µs, the runtime's
-# mixed preset 124 vs 132; 235B 321 vs 437, 333 vs 407), at M=4 the two are within 2% in sum,
-# at M=2 the GEMV wins (57 vs 68 µs)
-GEMV_MAX_M = 4
+# the GEMV/dot crossover of a side whose buckets mix layouts. Session 10 (H200, one run, route +
+# fused_moe per layer, µs, GEMV with the config below vs the dot row of M <= 128, K unsplit): M=2
+# 30B int4+fp8 55.8 vs 53.9, the runtime's mixed preset 55.5 vs 55.9, 235B 151.3 vs 105.3 / 135.8
+# vs 113.7; M=4 30B 80.3 vs 67.0 / 83.1 vs 72.8, 235B 225.0 vs 170.1 / 231.4 vs 179.1. (Session 5
+# had the GEMV ahead at M=2, before the int4 dot tiles got faster in session 8.)
+GEMV_MAX_M = 1
 
 # side -> config; "up" computes gate and up tiles of BN columns each (fused silu*mul), "down" BN rows of H.
-# Serves launches that mix layouts, i.e. M = 2..GEMV_MAX_M (M=1: GEMV_M1). Session 6 sweep at M=4
-# (H100, both shapes, int4 / fp8 / bf16): this config has the least summed relative time (30B
-# int4 50.9, fp8 76.5 µs vs 55.6 / 97.0 with the session-4 joint winner, chosen then over M up to 16)
+# Serves launches that mix layouts at M=1 for shapes GEMV_M1 / DOT_M1 do not list. Session 6
+# sweep at M=4 (H100, both shapes, int4 / fp8 / bf16): this config has the least summed relative
+# time (30B int4 50.9, fp8 76.5 µs vs 55.6 / 97.0 with the session-4 joint winner)
 GEMV = {
     "up": dict(BN=64, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=8, num_stages=1),
     "down": dict(BN=64, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=8, num_stages=1),
@@ -34,10 +34,14 @@ GEMV = {
 
 # (max tokens, config): the first row whose bound >= M is used
 DOT = [
-    (8, dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
     # BKQ 128: int4 tiles of one group take the per-field dot path (scripts/diag_int4_dot.py, H100,
-    # session 4: 30B M=32/64 314/334 -> 221/255 µs, 235B 1032/1131 -> 740/834 µs vs BKQ 64)
-    (128, dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=3)),
+    # session 4: 30B M=32/64 314/334 -> 221/255 µs, 235B 1032/1131 -> 740/834 µs vs BKQ 64).
+    # Session 10 (H200, one run, µs per layer at M=32, this row vs the BN=128 / BKD=BKI=64 row it
+    # replaced for M = 9..128): 30B int4 172.2 vs 183.4, fp8 185.6 vs 192.2, bf16 286.3 vs 303.4,
+    # int8 183.6 vs 245.6, int4+fp8 175.0 vs 199.3; 235B int4 544.4 vs 555.3, int8 563.9 vs 833.9,
+    # int4+fp8 519.2 vs 598.8; faster on all 36 (shape, mix, M = 32/64/128) points. The 128-wide
+    # dense / int8 K tiles are most of it; 64 columns balance launches that mix layouts better.
+    (128, dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
     (1 << 30, dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=8, num_stages=3)),
 ]
 
@@ -52,8 +56,10 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
     # the dot rows of the other run by 3-13%)
     # intq, session 8 (the dot path's activations one prefetched tile): the isolated 235B layer
     # was faster on the dot path from M=8 (H100 bench-moe, M=8 247.0 -> 233.5 µs, M=16 463 -> 408),
-    # but the 235B decode step at batch 8 slower (H200, same call: 284.0 -> 264.9 tok/s): 16 kept
-    "intq": (16, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)),
+    # but the 235B decode step at batch 8 slower (H200, same call: 284.0 -> 264.9 tok/s). Session
+    # 10 (H200): at M=16 the dot row beats the GEMV on both shapes (30B 124.7 vs 137.7 µs, 235B 380.8
+    # vs 464.4), at M=8 only on the 235B (240.3 vs 247.7; 30B 85.1 vs 76.1): crossover 8
+    "intq": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)),
     "fp8": (1, dict(BN=16, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1)),
     "dense": (8, dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1)),
     # not swept: int8 keeps the session-3 joint config it was measured with (30B M=1 38.9 µs)
@@ -69,14 +75,23 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
 # in the tile loops that changed nothing and was dropped): 30B fp8 43.3 -> 35.5, int4 24.9 ->
 # 22.5, bf16 42.3 -> 39.1, int4+fp8 44.2 -> 40.8; 235B int4 50.8 -> 48.2. Winners within run-to-run
 # noise (235B fp8 / bf16, < 4%) are not listed; what is not listed uses the tables above. 235B
-# "mixed" keeps the earlier joint config (the M=2-4 one below is 25% slower there on bf16 at M=1).
+# "mixed" is on the dot path (DOT_M1).
 GEMV_M1: dict[tuple[str, int], dict] = {
     ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
     ("fp8", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1),
     ("dense", 2048): dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=8, num_stages=1),
     ("mixed", 2048): dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1),
     ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
-    ("mixed", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
+}
+
+# batch-1 decode on the dot path with K in 2 chunks (twice the programs of the unsplit dot row):
+# (layout, hidden size) -> config, before GEMV_M1. Session 10 (H200, one run, route + fused_moe,
+# µs, this vs the GEMV config used before): 235B fp8 74.5 vs 89.5, int4+fp8 74.1 vs 97.8, the
+# runtime's mixed preset 83.5 vs 98.4; uniform int4 keeps its GEMV (48.2 vs 68.8) and the 30B
+# shapes theirs (fp8 34.9 vs 43.7, int4+fp8 39.3 vs 44.1). Splits of 4-16 were slower.
+DOT_M1: dict[tuple[str, int], dict] = {
+    ("fp8", 4096): dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3, split=2),
+    ("mixed", 4096): dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3, split=2),
 }
 
 
@@ -90,10 +105,13 @@ def dot_config(m: int) -> dict:
 def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> tuple[str, dict, str, dict]:
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
-    hidden size (M=1 takes GEMV_M1 where it has the shape)."""
+    hidden size (M=1 takes DOT_M1 / GEMV_M1 where they have the shape)."""
     out = []
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
         layout = next(iter(layouts)) if len(layouts) == 1 else "mixed"
+        if m == 1 and (layout, hidden) in DOT_M1:
+            out += ["dot", DOT_M1[(layout, hidden)]]
+            continue
         m1 = GEMV_M1.get((layout, hidden)) if m == 1 else None
         if m1 is not None:
             out += ["gemv", m1]

@@ -351,7 +351,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
 # dot tiles (BM pairs of one expert per program): each returns acc [BM, BN] fp32
 
 @triton.jit
-def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
+def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0, k_lo, k_hi,
               BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
               BN: tl.constexpr, BK: tl.constexpr):
     PF: tl.constexpr = 32 // BITS
@@ -368,8 +368,8 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
     # round-trips shared memory per dot (measured 2-3x slower)
     FIELD_DOTS: tl.constexpr = BITS == 4 and GS % BK == 0 and R >= 16 and acc.shape[0] == 16
     if FIELD_DOTS:
-        a_nxt = x_tile(arow[:, None], rm[:, None], pp, 0, K, BK, HP)
-    for k0 in range(0, K, BK):
+        a_nxt = x_tile(arow[:, None], rm[:, None], pp, k_lo, K, BK, HP)
+    for k0 in range(k_lo, tl.minimum(k_hi, K), BK):
         rr = k0 // PF + r
         q = tl.load(qp + rr[:, None] * nw + cols[None, :], mask=(rr < KP)[:, None] & nm[None, :], other=0)
         if GS % BK == 0:    # the tile is in one group: exact integers q - z in the dot, scale after
@@ -407,7 +407,7 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0,
 
 
 @triton.jit
-def _dot_nk(acc, arow, qrow, srow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
+def _dot_nk(acc, arow, qrow, srow, rm, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
             LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr, BNW: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # arow / qrow / srow [BM]: the rows' activations, W8A8 codes and scales (_act_quant_kernel)
@@ -424,7 +424,7 @@ def _dot_nk(acc, arow, qrow, srow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
             arow = qrow.to(tl.pointer_type(tl.int8))          # plane 0: int8 codes
             acc_i = tl.zeros([BM, BN], dtype=tl.int32)
         asum = tl.zeros([BM], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, tl.minimum(k_hi, K), BK):
         kk = k0 + rk
         km = kk < K
         a = tl.load(arow[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0)
@@ -462,7 +462,7 @@ def _dot_nk(acc, arow, qrow, srow, rm, wp, sp, zp, row0, nw, K, n_lim, n0,
 
 
 @triton.jit
-def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID,
+def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
               w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
               BKQ: tl.constexpr, BKI: tl.constexpr):
@@ -481,22 +481,22 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID,
                 PF: tl.constexpr = 32 // BITS
                 acc = _dot_intq(acc, arow, rm, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
                                 z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
-                                BITS, G, HZ, HP, BN, BKQ)
+                                k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ)
             elif LAY == _FP8:
                 acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
-                              row0, nw, K, n_lim, n0, LAY, ACT, HZ, G, B, BM, BN, BKF)
+                              row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BM, BN, BKF)
             elif LAY == _INT8:
                 acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s + loc * nw, z + loc * nw,
-                              row0, nw, K, n_lim, n0, LAY, ACT, HZ, 1, 1, BM, BN, BKI)
+                              row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BM, BN, BKI)
             else:
                 acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s, z,
-                              row0, nw, K, n_lim, n0, LAY, 0, 0, 1, 1, BM, BN, BKD)
+                              row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, 0, 0, 1, 1, BM, BN, BKD)
         found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
     return acc, found
 
 
 @triton.jit
-def _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID,
+def _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
               C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
               C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
@@ -506,23 +506,23 @@ def _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID,
               BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr):
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     found = e * 0
-    acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, w0, s0, z0, p0, m0, r0, C0, G0, B0,
+    acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, B0,
                            HALF, BM, BN, BKD, BKF, BKQ, BKI)
     if NS > 1:
-        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, w1, s1, z1, p1, m1, r1, C1, G1, B1,
+        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, B1,
                                HALF, BM, BN, BKD, BKF, BKQ, BKI)
     if NS > 2:
-        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, w2, s2, z2, p2, m2, r2, C2, G2, B2,
+        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, B2,
                                HALF, BM, BN, BKD, BKF, BKQ, BKI)
     if NS > 3:
-        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, w3, s3, z3, p3, m3, r3, C3, G3, B3,
+        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, B3,
                                HALF, BM, BN, BKD, BKF, BKQ, BKI)
     return acc, found
 
 
 @triton.jit
-def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr,
-                    P, K, INTER, HID, n_cnt,
+def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr, ws_ptr, ucnt_ptr,
+                    P, K, INTER, HID, n_cnt, k_per,
                     w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                     C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
                     C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
@@ -530,16 +530,23 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                     C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                     NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
-                    SUM: tl.constexpr, ZMISS: tl.constexpr, PDL: tl.constexpr = False):
-    """Grid (blocks of BM sorted pairs, N tiles); block b holds pairs of expert blk[b] (-1: padding,
-    exits at once). Same outputs as _moe_gemv_kernel."""
+                    SUM: tl.constexpr, ZMISS: tl.constexpr, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False):
+    """Grid (blocks of BM sorted pairs, N tiles, SPLIT); block b holds pairs of expert blk[b] (-1:
+    padding, exits at once). Same outputs as _moe_gemv_kernel. SPLIT > 1 (decode: few pairs per
+    expert, so few blocks) splits K into chunks of k_per rows, one program each: UP programs store
+    their gate and up partials in ws [P, SPLIT, 2, INTER] fp32 and the last of a tile's SPLIT to
+    arrive (counter ucnt, left zero) applies silu * mul; DOWN programs write buf row p * SPLIT + z
+    and the token's sum takes TOPK * SPLIT rows, as on the GEMV path."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0)
     t = tl.program_id(1)
+    z = tl.program_id(2)
     n0 = t * BN
     rn = n0 + tl.arange(0, BN)
+    k_lo = z * k_per
+    k_hi = k_lo + k_per
     if MODE == _MODE_UP:
-        if t == 0:
+        if t == 0 and z == 0:
             _zero_counters(cnt_ptr, n_cnt, b, tl.num_programs(0), 256)
     e = tl.load(blk_ptr + b)
     if e >= 0:
@@ -551,26 +558,46 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
             arow = x_ptr + xr * K
             qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of the rows (_act_quant_kernel)
             srow = qs_ptr + xr * NQS
-            g, fg = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID,
+            g, fg = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BM, BN, BKD, BKF, BKQ, BKI)
-            u, fu = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID,
+            u, fu = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BM, BN, BKD, BKF, BKQ, BKI)
-            act = g / (1.0 + tl.exp(-g)) * u
-            tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], act.to(out_ptr.dtype.element_ty),
-                     mask=rm[:, None] & (rn < INTER * fg * fu)[None, :])
+            om = rm[:, None] & (rn < INTER * fg * fu)[None, :]
+            if SPLIT > 1:
+                # a pair whose expert is in no bucket (expert parallel) gets act 0 (fg = fu = 0)
+                wsp = ws_ptr + (pr * SPLIT * 2 * INTER)[:, None] + rn[None, :]
+                wm = rm[:, None] & (rn < INTER)[None, :]
+                tl.store(wsp + (2 * z) * INTER, g, mask=wm)
+                tl.store(wsp + (2 * z + 1) * INTER, u, mask=wm)
+                tl.debug_barrier()   # all threads' partial stores precede the release below
+                ctr = ucnt_ptr + b * tl.num_programs(1) + t
+                old = tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu")
+                tl.debug_barrier()
+                if old == SPLIT - 1:
+                    g = tl.zeros([BM, BN], dtype=tl.float32)
+                    u = tl.zeros([BM, BN], dtype=tl.float32)
+                    for c in tl.static_range(SPLIT):
+                        g += tl.load(wsp + (2 * c) * INTER, mask=wm, other=0.0, cache_modifier=".cg")
+                        u += tl.load(wsp + (2 * c + 1) * INTER, mask=wm, other=0.0, cache_modifier=".cg")
+                    act = g / (1.0 + tl.exp(-g)) * u
+                    tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], act.to(out_ptr.dtype.element_ty), mask=wm)
+                    tl.atomic_xchg(ctr, 0)   # ready for the next launch
+            else:
+                act = g / (1.0 + tl.exp(-g)) * u
+                tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], act.to(out_ptr.dtype.element_ty), mask=om)
         else:
             arow = x_ptr + pr * K
             qrow = q_ptr + pr * 2 * K
             srow = qs_ptr + pr * NQS
-            d, fd = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID,
+            d, fd = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BM, BN, BKD, BKF, BKQ, BKI)
             nm = rn < HID
             rwv = tl.load(rw_ptr + pr, mask=rm, other=0.0)
             val = d * rwv[:, None]
-            optr = out_ptr + pr[:, None] * HID + rn[None, :]
+            optr = out_ptr + (pr * SPLIT + z)[:, None] * HID + rn[None, :]
             if ZMISS:
                 tl.store(optr, val.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
             else:
@@ -581,10 +608,10 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                 old = tl.atomic_add(cnt_ptr + tok * tl.num_programs(1) + t, tl.full([BM], 1, tl.int32),
                                     mask=rm, sem="acq_rel", scope="gpu")
                 tl.debug_barrier()
-                last = rm & (old == TOPK - 1)
+                last = rm & (old == TOPK * SPLIT - 1)
                 tot = tl.zeros([BM, BN], dtype=tl.float32)
-                for jj in tl.static_range(TOPK):
-                    tot += tl.load(out_ptr + (tok * TOPK + jj)[:, None] * HID + rn[None, :],
+                for jj in tl.static_range(TOPK * SPLIT):
+                    tot += tl.load(out_ptr + (tok * TOPK * SPLIT + jj)[:, None] * HID + rn[None, :],
                                    mask=last[:, None] & nm[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
                 tl.store(fin_ptr + tok[:, None] * HID + rn[None, :], tot.to(fin_ptr.dtype.element_ty),
                          mask=last[:, None] & nm[None, :])

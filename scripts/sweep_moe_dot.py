@@ -1,0 +1,110 @@
+"""Launch configs of the fused MoE against the current pick (moe_configs.pick) at decode /
+small-batch sizes, on real mixed layers: dot-path BN, K split (programs per output tile),
+pipeline stages, warps; or (--gemv) every GEMV candidate of moe_bench.GEMV_CANDIDATES.
+
+Per (shape, layer mix, tokens M): route + fused_moe per layer in CUDA graphs over cold weight
+copies (as `bench-moe`), every candidate checked against the default config (SQNR >= 40 dB)
+before it is timed. Prints one line per M with each candidate's µs and the winner. GPU only.
+
+    python scripts/sweep_moe_dot.py --tokens 1,2,4,8,16 --grid "64,1,3,4;64,2,3,4" [--out rows.json]
+    python scripts/sweep_moe_dot.py --gemv --tokens 1 --configs rt_mixed,int4+fp8
+
+--grid: ";"-separated candidates "BN,split,stages,warps" (BM 16, 128-wide K tiles); --old-rows
+adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K tiles) with and without
+128-wide K tiles. Layer mixes: moe_bench.CONFIGS plus `rt_mixed` (the runtime's `mixed` preset:
+half the experts int4, a quarter fp8 with bf16 down, a quarter int8 W8A8 with fp8 down)."""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from mixprec.kernels import moe  # noqa: E402
+from mixprec.kernels import moe_bench as mb  # noqa: E402
+from mixprec.kernels import moe_testing as mt  # noqa: E402
+
+MIXES = dict(mb.CONFIGS, rt_mixed=lambda E: ([("int4",) * 3] * (E // 2) + [("fp8", "fp8", "bf16")] * (E // 4)
+                                              + [("int8", "int8", "fp8")] * (E // 4)))
+BASE = dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)
+
+
+def candidates(grid: str, old_rows: bool, gemv: bool) -> dict:
+    """name -> (path, config); "default" -> None (moe_configs.pick)."""
+    out = {"default": None}
+    if gemv:
+        out.update({f"gemv#{i}": ("gemv", c) for i, c in enumerate(mb.GEMV_CANDIDATES)})
+        return out
+    for item in filter(None, grid.split(";")):
+        bn, sp, st, nw = (int(v) for v in item.split(","))
+        out[f"bn{bn}s{sp}st{st}w{nw}"] = ("dot", dict(BASE, BN=bn, split=sp, num_stages=st, num_warps=nw))
+    if old_rows:
+        old = dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=3)
+        out["dot1"] = ("dot", old)
+        out["dot1k128"] = ("dot", dict(old, BKD=128, BKI=128))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="30b,235b")
+    ap.add_argument("--configs", default="int4,fp8,int4+fp8,rt_mixed")
+    ap.add_argument("--tokens", default="1,2,4,8,16")
+    ap.add_argument("--grid", default="64,1,3,4;64,2,3,4;64,4,3,4;64,8,3,4;32,4,3,4;32,8,3,4;128,4,3,4;128,8,3,4;"
+                                      "64,16,3,4;64,8,2,4")
+    ap.add_argument("--old-rows", action="store_true")
+    ap.add_argument("--gemv", action="store_true", help="the GEMV candidates instead of the dot grid")
+    ap.add_argument("--min-mb", type=float, default=256.0, help="cold bytes per timed replay")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    cands = candidates(a.grid, a.old_rows, a.gemv)
+    tokens = [int(t) for t in a.tokens.split(",")]
+    bw = mb.copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s", flush=True)
+    rows, t0 = [], time.time()
+    for shape in a.shapes.split(","):
+        sh = mb.SHAPES[shape]
+        E, k, H, I = sh["E"], sh["k"], sh["H"], sh["I"]
+        for name in a.configs.split(","):
+            b0 = mt.build_buckets(MIXES[name](E), H, I, dtype=torch.bfloat16, device="cuda", seed=7)
+            x = torch.randn(max(tokens), H, device="cuda", dtype=torch.bfloat16)
+            lgs = {M: mb.routing(M, E, k, 0) for M in tokens}
+            touched = {M: sum(mb.touched_by_format(moe.route(lgs[M], k, True)[1], b0).values()) for M in tokens}
+            need = max(math.ceil(a.min_mb * 1e6 / touched[M]) for M in tokens)
+            n = max(1, min(need, int(0.5 * torch.cuda.mem_get_info()[0] / mb.layer_bytes(b0))))
+            layers = [b0] + [mb.clone_buckets(b0) for _ in range(n - 1)]
+            for M in tokens:
+                c = max(1, min(n, math.ceil(a.min_mb * 1e6 / touched[M])))
+                xm, lg = x[:M].contiguous(), lgs[M]
+                w, ids = moe.route(lg, k, True)
+                y0 = moe.fused_moe(xm, ids, w, b0, I)
+                line = []
+                for cn, cfg in cands.items():
+                    conf = None if cfg is None else (cfg[0], cfg[1], cfg[1])
+                    try:
+                        db = mt.sqnr_db(y0.float(), moe.fused_moe(xm, ids, w, b0, I, config=conf).float())
+                        fns = [(lambda L=L: moe.fused_moe(xm, *moe.route(lg, k, True)[::-1], L, I, config=conf))
+                               for L in layers[:c]]
+                        us = mb.time_graph(fns) if db >= 40 else float("inf")
+                    except Exception as err:  # noqa: BLE001 - a failing candidate is reported, not fatal
+                        us, db = float("inf"), float("nan")
+                        print(f"  FAILED {shape} {name} M={M} {cn}: {str(err)[:200]}", flush=True)
+                    rows.append(dict(shape=shape, config=name, M=M, cand=cn, us=us, sqnr=db, touched=touched[M]))
+                    line.append(f"{cn}={us:.1f}")
+                best = min((r for r in rows if (r["shape"], r["config"], r["M"]) == (shape, name, M)),
+                           key=lambda r: r["us"])
+                print(f"{shape} {name:9s} M={M:3d} " + " ".join(line) + f" | best {best['cand']} {best['us']:.1f} "
+                      f"({100 * touched[M] / best['us'] / 1e3 / bw:.0f}%) [{time.time() - t0:.0f}s]", flush=True)
+            del layers, b0
+            torch.cuda.empty_cache()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
