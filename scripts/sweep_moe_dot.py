@@ -9,9 +9,9 @@ before it is timed. Prints one line per M with each candidate's µs and the winn
     python scripts/sweep_moe_dot.py --tokens 1,2,4,8,16 --grid "64,1,3,4;64,2,3,4" [--out rows.json]
     python scripts/sweep_moe_dot.py --gemv --tokens 1 --configs rt_mixed,int4+fp8
 
---grid: ";"-separated candidates "BN,split,stages,warps" (BM 16, 128-wide K tiles); --old-rows
-adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K tiles) with and without
-128-wide K tiles. Layer mixes: moe_bench.CONFIGS plus `rt_mixed` (the runtime's `mixed` preset:
+--grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]]" (BM 16, 128-wide K tiles
+unless given); --old-rows adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K
+tiles) with and without 128-wide K tiles. Layer mixes: moe_bench.CONFIGS plus `rt_mixed` (the runtime's `mixed` preset:
 half the experts int4, a quarter fp8 with bf16 down, a quarter int8 W8A8 with fp8 down)."""
 import argparse
 import json
@@ -40,8 +40,10 @@ def candidates(grid: str, old_rows: bool, gemv: bool) -> dict:
         out.update({f"gemv#{i}": ("gemv", c) for i, c in enumerate(mb.GEMV_CANDIDATES)})
         return out
     for item in filter(None, grid.split(";")):
-        bn, sp, st, nw = (int(v) for v in item.split(","))
-        out[f"bn{bn}s{sp}st{st}w{nw}"] = ("dot", dict(BASE, BN=bn, split=sp, num_stages=st, num_warps=nw))
+        bn, sp, st, nw, *rest = (int(v) for v in item.split(","))
+        bm, bkd = (rest + [16, 128][len(rest):])[:2]
+        name = f"bn{bn}s{sp}st{st}w{nw}" + (f"bm{bm}" if bm != 16 else "") + (f"bkd{bkd}" if bkd != 128 else "")
+        out[name] = ("dot", dict(BASE, BM=bm, BN=bn, BKD=bkd, split=sp, num_stages=st, num_warps=nw))
     if old_rows:
         old = dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=3)
         out["dot1"] = ("dot", old)

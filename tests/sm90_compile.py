@@ -102,7 +102,7 @@ def drive() -> None:
     for specs in (mt.uniform("int4", E), mt.uniform("fp8", E), mt.uniform("bf16", E), mt.uniform("int8", E),
                   mt.split(["int4", "fp8", "bf16", "int8"], E), [("int4", "int4", "fp8")] * E):
         b = mt.build_buckets(specs, H, I, dtype=torch.bfloat16, device="cpu", seed=0)
-        for M in (1, 3, 40):
+        for M in (1, 3, 40, 200):     # GEMV, mixed dot, the M <= 128 and the prefill dot rows
             x = torch.randn(M, H, generator=g).to(torch.bfloat16)
             w, _ = moe.route(torch.randn(M, E, generator=g), k, True)    # compiles the top-k kernel
             ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(M)]).to(torch.int32)

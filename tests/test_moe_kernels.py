@@ -538,10 +538,11 @@ def test_dot_split_k_expert_absent_adds_zero():
     assert mt.sqnr_db(y0.float(), y.float()) >= 60
 
 
-@pytest.mark.parametrize("specs", [["int4"], ["int4_asym", "int4_perm"]])
-def test_int4_dot_lattice(specs):
+@pytest.mark.parametrize("specs,bm", [(["int4"], 16), (["int4_asym", "int4_perm"], 16), (["int4_asym", "int4_g32"], 64)])
+def test_int4_dot_lattice(specs, bm):
     """int4 dot path with K tiles of 128 inside one group: one dot per code field (K sub-lattice
-    8r + j), sym / asym / act-order, over three K tiles (H=384) and one (I=128)."""
-    dot = dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2)
+    8r + j) with 16-row blocks, codes reshuffled into K order with 64-row blocks (the prefill row);
+    sym / asym / act-order / group 32 (smaller than the tile), over three K tiles (H=384) and one (I=128)."""
+    dot = dict(BM=bm, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2)
     b = _layer(mt.split(specs, E), h=384, i=128)
     _check(b, *_inputs(9, h=384, seed=51), inter=128, config=("dot", dot, dot))

@@ -41,8 +41,16 @@ DOT = [
     # int8 183.6 vs 245.6, int4+fp8 175.0 vs 199.3; 235B int4 544.4 vs 555.3, int8 563.9 vs 833.9,
     # int4+fp8 519.2 vs 598.8; faster on all 36 (shape, mix, M = 32/64/128) points. The 128-wide
     # dense / int8 K tiles are most of it; 64 columns balance launches that mix layouts better.
+    # H100, same comparison at M=32/64 (moe_diag/session10_dot_m32_64_h100.log): faster on 21 of 24
+    # points (30B int8 237.7 vs 292.3, int4 174.6 vs 187.2), 235B fp8 0.7-1.3% slower, 235B bf16 at
+    # M=32 1728 vs 1538 (at M=64 1623 vs 1689)
     (128, dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
-    (1 << 30, dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=8, num_stages=3)),
+    # prefill. Session 10 (H100, M = 512 / 2048, µs per layer, this vs the 8-warp BKQ=BKI=64 row it
+    # replaced; moe_diag/session10_prefill2_h100.log): 30B int4 617 / 1837 vs 750 / 2183, int8 513 /
+    # 1389 vs 547 / 1492, fp8 561 / 1619 vs 597 / 1690, bf16 equal; 235B int4 1631 / 4173 vs 2132 /
+    # 5679, fp8 1386 / 3233 vs 1465 / 3718, bf16 2022 / 3648 vs 2244 / 3731, int8 1234 / 2586 vs
+    # 1372 / 3050
+    (1 << 30, dict(BM=64, BN=128, BKD=64, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)),
 ]
 
 
