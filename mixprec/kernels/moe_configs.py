@@ -9,7 +9,10 @@ layouts; GEMV_LAYOUT holds each layout's own GEMV winner and GEMV/dot crossover,
 (gate/up or down) whose buckets all share that layout.
 
 GEMV path (one (token, expert) pair per program, fp32 FMA): decode, M <= the crossover.
-Dot path (BM sorted pairs of one expert per program, tensor cores): everything larger.
+Dot path (BM sorted pairs of one expert per program, tensor cores): everything larger, and the
+batch-1 shapes of DOT_M1 with K split over 2 programs per tile. Session 10 re-chose the dot rows,
+the crossovers and DOT_M1 on real mixed layers as well as uniform ones (scripts/sweep_moe_dot.py,
+benchmarks/moe.md).
 BK* are the K tiles per layout (D dense, F fp8, Q intq, I int8); BK is lowered automatically
 where a format's block needs it (an fp8 GEMV tile spans blocks only when its rows share a scale
 row; the W8A8 dot path uses 128).
