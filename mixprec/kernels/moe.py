@@ -344,8 +344,8 @@ def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int) -
 
 
 def _chunk(rows: int, chunks: int, ks: dict) -> int:
-    """K rows per GEMV chunk: `chunks` chunks cover `rows`, each a multiple of every K tile of the
-    launch and of the fp8 activation group (a tile never straddles two chunks)."""
+    """K rows per chunk of a split launch: `chunks` chunks cover `rows`, each a multiple of every K
+    tile of the launch and of the fp8 activation group (a tile never straddles two chunks)."""
     t = max(max(ks.values()), FP8_ACT_GROUP)
     return triton.cdiv(triton.cdiv(rows, chunks), t) * t
 
@@ -353,15 +353,14 @@ def _chunk(rows: int, chunks: int, ks: dict) -> int:
 def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, inter: int, split: int,
                  chunks: int):
     """One launch over the buckets `grp` (K: its input width): flat pointer args, constexpr kwargs
-    (slot descriptions, K tiles; on the GEMV path fold bits, EVK, SPLIT), and for the GEMV path
-    (K rows per chunk,) and the programs per output tile."""
+    (slot descriptions, K tiles, SPLIT; on the GEMV path fold bits and EVK), (K rows per chunk,)
+    and the programs per output tile."""
     flat, consts, descs, q_rows = _slot_args(grp, hidden, inter, cfg["BN"] if gemv else 0)
     ks = _tile_ks(cfg, descs, gemv, K)
-    k_per = (_chunk(max([K] + q_rows), chunks, ks),)
-    if not gemv:
-        return flat, {**consts, **ks, "SPLIT": split}, k_per, split
-    evk = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
-    return flat, {**consts, **ks, "EVK": evk, "SPLIT": split}, k_per, split
+    kw = {**consts, **ks, "SPLIT": split}
+    if gemv:
+        kw["EVK"] = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
+    return flat, kw, (_chunk(max([K] + q_rows), chunks, ks),), split
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):

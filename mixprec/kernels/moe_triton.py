@@ -291,14 +291,16 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
         else:
             k_lo = (z // 2) * k_per
             if z % 2 == 0:
-                part, _ = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
+                part, fnd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                                      C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False)
             else:
-                part, _ = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
+                part, fnd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                                      C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False)
-            # a pair whose expert is in no bucket (expert parallel) gets act 0: its down adds zero
+            # a pair whose expert is in none of this launch's buckets (another gate/up launch's, or no
+            # rank's: expert parallel) computes zero partials and leaves its act row alone; the gate
+            # and up of one expert are in the same launch (up_launches), so either half's flag says
             nm = rn < INTER
             wsp = ws_ptr + p.to(tl.int64) * SPLIT * INTER + rn
             tl.store(wsp + z * INTER, part, mask=nm)
@@ -312,7 +314,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
                     g += tl.load(wsp + (2 * c) * INTER, mask=nm, other=0.0, cache_modifier=".cg")
                     u += tl.load(wsp + (2 * c + 1) * INTER, mask=nm, other=0.0, cache_modifier=".cg")
                 act = g / (1.0 + tl.exp(-g)) * u
-                tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty), mask=nm)
+                tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty), mask=rn < INTER * fnd)
                 tl.atomic_xchg(ucnt_ptr + p * tl.num_programs(1) + t, 0)   # ready for the next launch
     else:
         xrow = x_ptr + p.to(tl.int64) * K
@@ -564,9 +566,8 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
             u, fu = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BM, BN, BKD, BKF, BKQ, BKI)
-            om = rm[:, None] & (rn < INTER * fg * fu)[None, :]
+            om = rm[:, None] & (rn < INTER * fg * fu)[None, :]   # act rows of this launch's experts
             if SPLIT > 1:
-                # a pair whose expert is in no bucket (expert parallel) gets act 0 (fg = fu = 0)
                 wsp = ws_ptr + (pr * SPLIT * 2 * INTER)[:, None] + rn[None, :]
                 wm = rm[:, None] & (rn < INTER)[None, :]
                 tl.store(wsp + (2 * z) * INTER, g, mask=wm)
@@ -582,7 +583,7 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                         g += tl.load(wsp + (2 * c) * INTER, mask=wm, other=0.0, cache_modifier=".cg")
                         u += tl.load(wsp + (2 * c + 1) * INTER, mask=wm, other=0.0, cache_modifier=".cg")
                     act = g / (1.0 + tl.exp(-g)) * u
-                    tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], act.to(out_ptr.dtype.element_ty), mask=wm)
+                    tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], act.to(out_ptr.dtype.element_ty), mask=om)
                     tl.atomic_xchg(ctr, 0)   # ready for the next launch
             else:
                 act = g / (1.0 + tl.exp(-g)) * u
