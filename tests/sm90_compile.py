@@ -3,13 +3,20 @@ realistic calls (Qwen3-30B-A3B shapes, every MoE layout mix and path, every dens
 
 Triton's CPU interpreter runs kernel logic but accepts code that the real compiler rejects (e.g.
 two `return`s of different shapes under a constexpr `if`); CI has no GPU. Here `JITFunction.run`
-is replaced by a compile-only stand-in: each launch's signature and constexprs are taken from its
-real arguments and compiled with Triton's own toolchain (ptxas ships with Triton); nothing runs, so
-outputs stay uninitialised (the host code only reads shapes). Run by tests/test_sm90_compile.py
-in a fresh process (kernels must not be in interpreter mode). Exit 0: all compiled; 1: a kernel
-failed (listed); 77: the toolchain cannot compile a trivial kernel here (skip)."""
+is replaced by a compile-only stand-in: each launch is specialised from its real arguments the way
+the JIT does it on a GPU (constexprs, and the 16-byte alignment / divisibility of pointers and
+integers, without which Triton neither vectorises loads nor pipelines them through shared memory,
+so a different kernel would be compiled) and compiled with Triton's own toolchain (ptxas ships with
+Triton); nothing runs, so outputs stay uninitialised (the host code only reads shapes). Run by
+tests/test_sm90_compile.py in a fresh process (kernels must not be in interpreter mode). Exit 0: all
+compiled; 1: a kernel failed (listed); 77: the toolchain cannot compile a trivial kernel here (skip).
+
+`MIXPREC_SM90_REGS=1 python tests/sm90_compile.py` also prints, per compiled kernel, ptxas's
+registers and spills: an occupancy check for kernel work without a GPU."""
 import os
+import subprocess
 import sys
+import tempfile
 import traceback
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -28,6 +35,7 @@ DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
           torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv",
           torch.bool: "i1"}
 compiled: set = set()
+unspecialised: set = set()   # compiled without the JIT's argument specialisation (other Triton internals)
 failures: list[str] = []
 
 
@@ -53,6 +61,34 @@ def _signature(fn: JITFunction, args, kwargs):
     return sig, consts
 
 
+def _jit_source(fn: JITFunction, args, kwargs, opts):
+    """(ASTSource, options) as the JIT builds them for a launch on an sm_90 device (argument
+    specialisation included); None where this Triton's internals differ (the caller falls back)."""
+    try:
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        backend = make_backend(TARGET)
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        kw = dict(kwargs, **opts)
+        bound, spec, options = binder(*args, **kw)
+        options, sig, consts, attrs = fn._pack_args(backend, kw, bound, spec, options)
+        return ASTSource(fn, sig, consts, attrs), options.__dict__
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def _regs_report(name: str, ptx: str) -> str:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{TARGET.arch}a", src, "-o", os.path.join(d, "k.o")],
+                           capture_output=True, text=True)
+    return name + ": " + " | ".join(ln.split(":", 1)[-1].strip() for ln in r.stderr.splitlines()
+                                    if "spill" in ln or "Used" in ln)
+
+
 def compile_only(self, *args, grid, warmup, **kwargs):
     opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     kwargs.pop("launch_pdl", None)
@@ -62,7 +98,13 @@ def compile_only(self, *args, grid, warmup, **kwargs):
         return None
     compiled.add(key)
     try:
-        triton.compile(ASTSource(self, sig, consts), target=TARGET, options=opts)
+        src = _jit_source(self, args, kwargs, opts)
+        if src is None:
+            unspecialised.add(self.__name__)
+        c = triton.compile(*((src[0],) if src else (ASTSource(self, sig, consts),)), target=TARGET,
+                           options=src[1] if src else opts)
+        if os.environ.get("MIXPREC_SM90_REGS"):
+            print(_regs_report(f"{self.__name__} {opts}", c.asm["ptx"]), flush=True)
     except Exception as e:  # noqa: BLE001 - every failure is reported
         cause = e
         while cause.__cause__ is not None:
@@ -147,6 +189,8 @@ def main() -> int:
     JITFunction.run = compile_only
     drive()
     print(f"compiled {len(compiled)} kernel specializations for sm_90, {len(failures)} failed")
+    if unspecialised:
+        print("without the JIT's argument specialisation (this Triton's internals differ):", sorted(unspecialised))
     for f in failures:
         print("FAILED", f)
     return 1 if failures else 0
