@@ -460,8 +460,8 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     buf_dtype = torch.float32 if P * split_dn <= 1024 else x.dtype
     alloc = torch.empty if len(down_groups) == 1 else torch.zeros
     buf = alloc(P * split_dn, H, dtype=buf_dtype, device=x.device)
-    ws_up = (torch.empty(P, split_up * (1 if path_up == "gemv" else 2), inter, dtype=torch.float32, device=x.device)
-             if split_up > 1 else rw)
+    # gate and up partials of each K chunk (moe_triton._join_gate_up)
+    ws_up = torch.empty(P, 2 * chunks_up, inter, dtype=torch.float32, device=x.device) if split_up > 1 else rw
     # up tile counters: per (pair, tile) on the GEMV path, per (block, tile) on the dot path
     # (at most P + E blocks: moe_align)
     ucnt = (split_counters(x.device, (P + E) * triton.cdiv(inter, cu["BN"])) if split_up > 1 else cnt)

@@ -234,6 +234,24 @@ def _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
 
 
 @triton.jit
+def _silu_mul(g, u):
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def _join_gate_up(wsp, INTER, CHUNKS: tl.constexpr, mask):
+    """(gate, up) of a split gate/up launch: the sums over its CHUNKS K chunks of the fp32
+    partials at wsp + (2 c) * INTER (gate) and wsp + (2 c + 1) * INTER (up), read past L1 (other
+    programs wrote them)."""
+    g = tl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
+    u = tl.load(wsp + INTER, mask=mask, other=0.0, cache_modifier=".cg")
+    for c in tl.static_range(1, CHUNKS):
+        g += tl.load(wsp + (2 * c) * INTER, mask=mask, other=0.0, cache_modifier=".cg")
+        u += tl.load(wsp + (2 * c + 1) * INTER, mask=mask, other=0.0, cache_modifier=".cg")
+    return g, u
+
+
+@triton.jit
 def _zero_counters(cnt_ptr, n_cnt, pid, npid, ZB: tl.constexpr):
     # counters of the down kernel's fused sum, zeroed by the up kernel that runs before it
     per = tl.cdiv(n_cnt, npid)
@@ -285,8 +303,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
             u, fu = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                                C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False)
-            act = g / (1.0 + tl.exp(-g)) * u
-            tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + p.to(tl.int64) * INTER + rn, _silu_mul(g, u).to(out_ptr.dtype.element_ty),
                      mask=rn < INTER * fg * fu)  # fg, fu: 0/1
         else:
             k_lo = (z // 2) * k_per
@@ -308,13 +325,9 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
             old = tl.atomic_add(ucnt_ptr + p * tl.num_programs(1) + t, 1, sem="acq_rel", scope="gpu")
             tl.debug_barrier()
             if old == SPLIT - 1:
-                g = tl.zeros([BN], dtype=tl.float32)
-                u = tl.zeros([BN], dtype=tl.float32)
-                for c in tl.static_range(SPLIT // 2):
-                    g += tl.load(wsp + (2 * c) * INTER, mask=nm, other=0.0, cache_modifier=".cg")
-                    u += tl.load(wsp + (2 * c + 1) * INTER, mask=nm, other=0.0, cache_modifier=".cg")
-                act = g / (1.0 + tl.exp(-g)) * u
-                tl.store(out_ptr + p.to(tl.int64) * INTER + rn, act.to(out_ptr.dtype.element_ty), mask=rn < INTER * fnd)
+                g, u = _join_gate_up(wsp, INTER, SPLIT // 2, nm)
+                tl.store(out_ptr + p.to(tl.int64) * INTER + rn, _silu_mul(g, u).to(out_ptr.dtype.element_ty),
+                         mask=rn < INTER * fnd)
                 tl.atomic_xchg(ucnt_ptr + p * tl.num_programs(1) + t, 0)   # ready for the next launch
     else:
         xrow = x_ptr + p.to(tl.int64) * K
@@ -566,7 +579,7 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
             u, fu = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BM, BN, BKD, BKF, BKQ, BKI)
-            om = rm[:, None] & (rn < INTER * fg * fu)[None, :]   # act rows of this launch's experts
+            keep = fg * fu       # 0/1: this launch holds the expert (else its act row is left alone)
             if SPLIT > 1:
                 wsp = ws_ptr + (pr * SPLIT * 2 * INTER)[:, None] + rn[None, :]
                 wm = rm[:, None] & (rn < INTER)[None, :]
@@ -577,17 +590,11 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                 old = tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu")
                 tl.debug_barrier()
                 if old == SPLIT - 1:
-                    g = tl.zeros([BM, BN], dtype=tl.float32)
-                    u = tl.zeros([BM, BN], dtype=tl.float32)
-                    for c in tl.static_range(SPLIT):
-                        g += tl.load(wsp + (2 * c) * INTER, mask=wm, other=0.0, cache_modifier=".cg")
-                        u += tl.load(wsp + (2 * c + 1) * INTER, mask=wm, other=0.0, cache_modifier=".cg")
-                    act = g / (1.0 + tl.exp(-g)) * u
-                    tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], act.to(out_ptr.dtype.element_ty), mask=om)
-                    tl.atomic_xchg(ctr, 0)   # ready for the next launch
-            else:
-                act = g / (1.0 + tl.exp(-g)) * u
-                tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], act.to(out_ptr.dtype.element_ty), mask=om)
+                    g, u = _join_gate_up(wsp, INTER, SPLIT, wm)
+                    tl.atomic_xchg(ctr, 0)   # ready for the next launch (every program has arrived)
+                keep = keep * (old == SPLIT - 1).to(tl.int32)    # the last to arrive writes act
+            tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], _silu_mul(g, u).to(out_ptr.dtype.element_ty),
+                     mask=rm[:, None] & (rn < INTER * keep)[None, :])
         else:
             arow = x_ptr + pr * K
             qrow = q_ptr + pr * 2 * K
