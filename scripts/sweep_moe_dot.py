@@ -15,7 +15,6 @@ tiles) with and without 128-wide K tiles. Layer mixes: moe_bench.CONFIGS plus `r
 half the experts int4, a quarter fp8 with bf16 down, a quarter int8 W8A8 with fp8 down)."""
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -70,17 +69,13 @@ def main() -> None:
     rows, t0 = [], time.time()
     for shape in a.shapes.split(","):
         sh = mb.SHAPES[shape]
-        E, k, H, I = sh["E"], sh["k"], sh["H"], sh["I"]
+        k, I = sh["k"], sh["I"]
         for name in a.configs.split(","):
-            b0 = mt.build_buckets(MIXES[name](E), H, I, dtype=torch.bfloat16, device="cuda", seed=7)
-            x = torch.randn(max(tokens), H, device="cuda", dtype=torch.bfloat16)
-            lgs = {M: mb.routing(M, E, k, 0) for M in tokens}
-            touched = {M: sum(mb.touched_by_format(moe.route(lgs[M], k, True)[1], b0).values()) for M in tokens}
-            need = max(math.ceil(a.min_mb * 1e6 / touched[M]) for M in tokens)
-            n = max(1, min(need, int(0.5 * torch.cuda.mem_get_info()[0] / mb.layer_bytes(b0))))
-            layers = [b0] + [mb.clone_buckets(b0) for _ in range(n - 1)]
+            layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, MIXES[name], tokens, a.min_mb * 1e6)
+            b0 = layers[0]
+            touched = {M: sum(t.values()) for M, t in touched_fmt.items()}
             for M in tokens:
-                c = max(1, min(n, math.ceil(a.min_mb * 1e6 / touched[M])))
+                c = copies[M]
                 xm, lg = x[:M].contiguous(), lgs[M]
                 w, ids = moe.route(lg, k, True)
                 y0 = moe.fused_moe(xm, ids, w, b0, I)

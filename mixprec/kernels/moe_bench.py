@@ -142,23 +142,34 @@ def grouped_mm_layer(x, logits, w13t, w2t, k, I):
     return torch.zeros_like(x).index_add_(0, tok, d)
 
 
-def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: float, results: list,
-                 copy_bw: float, configs=None, one_launch=True, baseline=False, label=None):
+def cold_layers(shape: str, specs_fn, tokens: list[int], min_bytes: float):
+    """A layer of `shape` built from specs_fn(E) and copies of it, so that one timed replay can
+    cycle through >= min_bytes of touched weights (the 50 MB L2 cannot hold them); inputs x
+    [max(tokens), H]; per token count M its router logits, the bytes its routing touches by format
+    and the copies a replay cycles through. -> (layers, x, logits, touched, copies)."""
     sh = SHAPES[shape]
     E, k, H, I = sh["E"], sh["k"], sh["H"], sh["I"]
     base = mt.build_buckets(specs_fn(E), H, I, dtype=torch.bfloat16, device=DEVICE, seed=7)
-    lb = layer_bytes(base)
     x = torch.randn(max(tokens), H, device=DEVICE, dtype=torch.bfloat16)
-    logits_all = {M: routing(M, E, k, 0) for M in tokens}
-    ids_all = {M: moe.route(logits_all[M], k, True)[1] for M in tokens}
-    touched = {M: touched_by_format(ids_all[M], base) for M in tokens}
+    logits = {M: routing(M, E, k, 0) for M in tokens}
+    touched = {M: touched_by_format(moe.route(logits[M], k, True)[1], base) for M in tokens}
     free = torch.cuda.mem_get_info()[0]
     need = max(math.ceil(min_bytes / max(1, sum(touched[M].values()))) for M in tokens)
-    n_copies = max(1, min(need, int(0.5 * free / lb)))
+    n_copies = max(1, min(need, int(0.5 * free / layer_bytes(base))))
     layers = [base] + [clone_buckets(base) for _ in range(n_copies - 1)]
+    copies = {M: max(1, min(n_copies, math.ceil(min_bytes / sum(touched[M].values())))) for M in tokens}
+    return layers, x, logits, touched, copies
+
+
+def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: float, results: list,
+                 copy_bw: float, configs=None, one_launch=True, baseline=False, label=None):
+    sh = SHAPES[shape]
+    k, H, I = sh["k"], sh["H"], sh["I"]
+    layers, x, logits_all, touched, copies = cold_layers(shape, specs_fn, tokens, min_bytes)
+    base = layers[0]
     for M in tokens:
         tb = sum(touched[M].values())
-        c = max(1, min(n_copies, math.ceil(min_bytes / tb)))
+        c = copies[M]
         xm, lg = x[:M].contiguous(), logits_all[M]
         cfg = configs(M) if callable(configs) else None
 
