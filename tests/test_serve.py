@@ -173,14 +173,17 @@ def test_disconnect_frees_slot(server):
 
 def test_memory_flat_over_rounds(server):
     # every round sends the same 8 prompts (so caches keyed by prompt shape are warm after the
-    # warm-up rounds); what a request leaves behind would grow with each round
-    def round_(i):
+    # warm-up rounds); what a request leaves behind grows in every window of rounds, while a
+    # one-off allocation (a lazy import or cache fill that this machine's thread timing happens to
+    # reach late: CI once saw 289 KB in one window) grows only one, so the median window is judged
+    statuses = []
+
+    def round_():
         with httpx.Client(timeout=T_OUT) as h:
             def go(j):
                 body = {"model": NAME, "prompt": texts(1, seed=j)[0], "max_tokens": 6,
                         "temperature": 0.5, "seed": j, "stream": bool(j % 2)}
-                r = h.post(server.url + "/v1/completions", json=body)
-                assert r.status_code == 200
+                statuses.append(h.post(server.url + "/v1/completions", json=body).status_code)
             ts = [threading.Thread(target=go, args=(j,)) for j in range(8)]
             for t in ts:
                 t.start()
@@ -188,20 +191,29 @@ def test_memory_flat_over_rounds(server):
                 t.join(T_OUT)
         wait_idle(server)
 
-    tracemalloc.start()
+    def window(rounds=3):
+        gc.collect()
+        before, snap = tracemalloc.get_traced_memory()[0], tracemalloc.take_snapshot()
+        for _ in range(rounds):
+            round_()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+        return grown, tracemalloc.take_snapshot().compare_to(snap, "traceback")[:3]
+
+    tracemalloc.start(8)
     try:
-        for i in range(2):                                   # warm up (lazy imports, pools, caches)
-            round_(i)
-        gc.collect()
-        base = tracemalloc.get_traced_memory()[0]
-        for i in range(2, 6):
-            round_(i)
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - base
+        for _ in range(2):                                   # warm up (lazy imports, pools, caches)
+            round_()
+        windows = [window() for _ in range(3)]
     finally:
         tracemalloc.stop()
-    print(f"traced memory growth over 4 rounds of 8 requests: {grown} bytes")
-    assert grown < 256 * 1024, f"traced memory grew by {grown} bytes over 4 rounds of 8 requests"
+    assert statuses == [200] * len(statuses) and len(statuses) == 8 * 11, statuses
+    grown = sorted(g for g, _ in windows)
+    print(f"traced memory growth in three windows of 3 rounds of 8 requests: {grown} bytes")
+    _, top = max(windows, key=lambda w: w[0])
+    where = "\n".join(f"{st}\n  " + "\n  ".join(st.traceback.format()[-8:]) for st in top)
+    assert grown[1] < 128 * 1024, f"traced memory grew by {grown} bytes in windows of 24 requests; " \
+                                  f"most grown in the largest:\n{where}"
     assert not [o for o in gc.get_objects() if type(o) is Request]   # nobody keeps requests
 
 
