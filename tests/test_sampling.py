@@ -53,3 +53,36 @@ def test_counter_noise_is_per_request():
     assert not torch.equal(a[0], a[1])
     assert (a > 0).all() and torch.isfinite(a).all()
     assert abs(a.mean().item() - 1.0) < 0.25  # Exp(1)
+
+
+def test_unfiltered_rows_draw_the_same_token_on_the_filtered_path():
+    # the engine takes the filtered path when any row of the batch uses top-k / top-p: a row that
+    # uses neither must draw what it draws alone (same seed, same step), or its tokens depend on
+    # its neighbours. top_k = 0 and top_p = 1 keep the whole vocabulary, so the draws are equal.
+    torch.manual_seed(2)
+    n, V = 256, 40
+    logits = torch.randn(n, V) * 2
+    t, k, p = _params(n, temperature=0.9)
+    noise = counter_noise(torch.arange(n), torch.full((n,), 5), V)
+    assert torch.equal(sample(logits, t, k, p, noise, filtered=True),
+                       sample(logits, t, k, p, noise, filtered=False))
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    logits = torch.randn(3, 30) * 20
+    noise = torch.empty(3, 30).exponential_()
+    for temp in (1e-40, 1e-20, 1e-6):
+        t, k, p = _params(3, temperature=temp)
+        for filtered in (False, True):
+            assert torch.equal(sample(logits, t, k, p, noise, filtered), logits.argmax(-1)), (temp, filtered)
+
+
+def test_params_that_do_not_fit_the_device_tensors_are_refused():
+    import pytest
+
+    from mixprec.runtime.sampling import SamplingParams
+    for bad in ({"top_k": 2**63}, {"seed": 2**63}, {"seed": -2**63 - 1}, {"temperature": float("nan")},
+                {"temperature": float("inf")}, {"top_p": float("nan")}, {"max_new_tokens": -1}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
+            SamplingParams(**bad).validate()
+    SamplingParams(top_k=2**63 - 1, seed=-2**63, temperature=1e-40).validate()

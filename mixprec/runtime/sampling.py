@@ -6,10 +6,14 @@ Per-row parameters are tensors, so one captured graph serves any mix of requests
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+MIN_TEMPERATURE = 1e-5     # smaller positive temperatures sample as this one (greedy in effect)
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()        # stop strings (checked on the host, on decoded text)
 
     def validate(self) -> "SamplingParams":
-        if self.temperature < 0 or self.top_k < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 0:
-            raise ValueError(f"invalid sampling parameters: {self}")
+        """ValueError naming every bad field. top_k and seed become int64 device tensors: a larger
+        value would fail inside the engine, not here."""
+        checks = [("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "finite, >= 0"),
+                  ("top_k", 0 <= self.top_k < 2**63, "in [0, 2**63)"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                  ("max_new_tokens", self.max_new_tokens >= 0, ">= 0"),
+                  ("seed", self.seed is None or -2**63 <= self.seed < 2**63, "None or 64-bit")]
+        bad = [f"{name}={getattr(self, name)!r} (expected {want})" for name, ok, want in checks if not ok]
+        if bad:
+            raise ValueError(f"invalid sampling parameters: {', '.join(bad)}")
         return self
 
 
@@ -35,7 +47,8 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, no
     Rows with temperature 0 are greedy. `filtered=False` skips the vocabulary sort when the host
     knows no row uses top-k / top-p (a static choice, so no sync)."""
     greedy = logits.argmax(-1)
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    # a tiny positive temperature is greedy in effect, but logits / t would overflow to inf (NaN probs)
+    t = torch.where(temperature > 0, temperature.clamp_min(MIN_TEMPERATURE), torch.ones_like(temperature))
     probs = torch.softmax(logits / t[:, None], dim=-1)
     if not filtered:
         drawn = (probs / noise).argmax(-1)
@@ -45,6 +58,8 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, no
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, probs.shape[-1]))
         # keep a token while the mass before it is < top_p (so the first token always stays)
         keep = (rank < k[:, None]) & ((sorted_p.cumsum(-1) - sorted_p) < top_p[:, None])
-        # noise is iid, so it may be applied in sorted order directly
-        drawn = order.gather(-1, (sorted_p * keep / noise).argmax(-1, keepdim=True)).squeeze(-1)
+        # each token keeps its own noise draw, so a row without top-k / top-p draws the same token
+        # here as on the unfiltered path: its tokens do not depend on its batch neighbours' params
+        pick = (sorted_p * keep / noise.gather(-1, order)).argmax(-1, keepdim=True)
+        drawn = order.gather(-1, pick).squeeze(-1)
     return torch.where(temperature > 0, drawn, greedy)
