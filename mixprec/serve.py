@@ -21,6 +21,7 @@ from .runtime.engine import Engine, EngineStopped, QueueFull
 from .runtime.sampling import SamplingParams
 
 MAX_STOP = 16                  # stop strings per request
+MAX_STOP_CHARS = 1024          # per stop string: the engine thread checks them after every token
 _UNSUPPORTED = {               # field -> value that means "off" (anything else is rejected)
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
@@ -95,8 +96,8 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
     if not 0 < top_p <= 1:
         raise APIError(400, f"'top_p' must be in (0, 1], got {top_p}", "top_p", "invalid_value")
     top_k = _field(body, "top_k", "integer", 0)
-    if top_k < -1:
-        raise APIError(400, f"'top_k' must be >= 0 (0 or -1: off), got {top_k}", "top_k", "invalid_value")
+    if not -1 <= top_k < 2**63:
+        raise APIError(400, f"'top_k' must be in [0, 2**63) (0 or -1: off), got {top_k}", "top_k", "invalid_value")
     seed = _field(body, "seed", "integer")
     if seed is not None and not -2**63 <= seed < 2**63:
         raise APIError(400, f"'seed' must fit in 64 bits, got {seed}", "seed", "invalid_value")
@@ -105,6 +106,8 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
         raise APIError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} non-empty "
                             f"strings", "stop", "invalid_type")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"'stop' strings may have at most {MAX_STOP_CHARS} characters", "stop", "invalid_value")
     _field(body, "stream", "boolean")
     opts = _field(body, "stream_options", "object", {})
     _field(opts, "include_usage", "boolean")
@@ -119,7 +122,7 @@ def _completion_prompt(body: dict, tokenizer) -> list[int]:
     if isinstance(p, str):
         if tokenizer is None:
             raise APIError(400, "text prompts need the checkpoint's tokenizer.json; send token ids", "prompt")
-        ids = tokenizer.encode(p)
+        ids = _encode(tokenizer, p, "prompt")
     elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         ids = p
     elif p is None:
@@ -165,6 +168,14 @@ def _chat_prompt(body: dict, tokenizer) -> list[int]:
         text = tokenizer.apply_chat_template(out, add_generation_prompt=True)
     except ValueError as e:                             # the template's raise_exception()
         raise APIError(400, f"chat template: {e}", "messages") from None
+    return _encode(tokenizer, text, "messages")
+
+
+def _encode(tokenizer, text: str, param: str) -> list[int]:
+    try:
+        text.encode("utf-8")           # a lone surrogate ("\ud800") is valid JSON but no text
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"'{param}' is not valid Unicode text: {e}", param, "invalid_value") from None
     return tokenizer.encode(text)
 
 
@@ -188,7 +199,8 @@ def create_app(engine: Engine, tokenizer, model_name: str):
 
     @app.exception_handler(HTTPException)
     async def _http_error(_, e: HTTPException):        # unknown routes / methods, OpenAI-style too
-        return JSONResponse(APIError(e.status_code, str(e.detail), code=None).body(), status_code=e.status_code)
+        return JSONResponse(APIError(e.status_code, str(e.detail), code=None).body(), status_code=e.status_code,
+                            headers=e.headers)         # e.g. a 405's Allow
 
     async def parse(request: Request) -> dict:
         raw = await request.body()

@@ -235,6 +235,9 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "stop": [1]}, 400, "stop"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "stop": "x" * 1025}, 400, "stop"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "top_k": 2**63}, 400, "top_k"),
+    ("/v1/completions", {"model": NAME, "prompt": "a \ud800"}, 400, "prompt"),     # lone surrogate
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 3}, 400, "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": ["a", "b"]}, 400, "prompt"),
@@ -248,6 +251,8 @@ BAD = [
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": 3}]}, 400,
      "messages[0].content"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x " * 400}]}, 400,
+     "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "\udfff"}]}, 400,
      "messages"),
 ]
 
@@ -263,6 +268,8 @@ def test_bad_requests_get_openai_errors_and_server_goes_on(server):
             assert err["param"] == param, (body, err)
         r = h.get(server.url + "/v1/nothing-here")
         assert r.status_code == 404 and r.json()["error"]["message"]
+        r = h.get(server.url + "/v1/completions")
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
         assert h.get(server.url + "/health").json() == {"status": "ok"}
         assert h.get(server.url + "/v1/models").json()["data"][0]["id"] == NAME
     # the official client turns them into its exceptions with our message
