@@ -59,11 +59,13 @@ def _generate(a) -> int:
         if not main:
             continue
         text = tok.decode(out)
+        if text.endswith("\ufffd"):           # an incomplete UTF-8 character: wait for its other bytes
+            continue
         sys.stdout.write(text[len(shown):])   # stream the new characters only
         sys.stdout.flush()
         shown = text
     if main:
-        sys.stdout.write("\n")
+        sys.stdout.write(tok.decode(out)[len(shown):] + "\n")
     return 0
 
 

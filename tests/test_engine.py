@@ -71,9 +71,12 @@ def test_attention_length_buckets(model):
     assert got == ref
 
 
-def test_seeded_sampling_independent_of_batch(model):
+@pytest.mark.parametrize("top_k,top_p", [(40, 0.9), (0, 1.0)])
+def test_seeded_sampling_independent_of_batch(model, top_k, top_p):
+    # (0, 1.0): alone it takes the sampler's unfiltered path, beside `late` (top_p 0.5) the
+    # filtered one: both must draw the same tokens
     p = prompts(1, lo=12, hi=12, seed=2)[0]
-    sp = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=1234, max_new_tokens=12)
+    sp = SamplingParams(temperature=0.9, top_k=top_k, top_p=top_p, seed=1234, max_new_tokens=12)
     ref = alone(model, p, sp)
     other = prompts(7, seed=3)
     with Engine(model, max_batch=8, max_len=64) as eng:
@@ -92,7 +95,7 @@ def test_seeded_sampling_independent_of_batch(model):
         batched = mid.result(T_OUT).output_ids
         for r in before + after + [late]:
             r.result(T_OUT)
-        reseeded = eng.submit(p, SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=99,
+        reseeded = eng.submit(p, SamplingParams(temperature=0.9, top_k=top_k, top_p=top_p, seed=99,
                                                 max_new_tokens=12)).result(T_OUT).output_ids
     assert solo == ref and batched == ref
     assert reseeded != ref                   # the seed matters: this is really sampling
@@ -178,6 +181,63 @@ def test_stop_strings_trim_text(model):
         assert r.output_ids == full.output_ids[:n]
         assert stop in tok.decode(r.output_ids) and stop not in tok.decode(r.output_ids[:-1])
         assert "".join(d.text for d in r.deltas()) == r.text
+
+
+def test_stop_prefix_tail_equals_brute_force():
+    # the text held back in streaming: the longest tail of the text that is a proper prefix of a
+    # stop string, checked against every (stop, length) pair
+    import random
+
+    from mixprec.runtime.engine import _stop_prefix_tail
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 3))]
+        want = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        assert _stop_prefix_tail(text, stops) == want, (text, stops)
+
+
+def test_generator_zero_token_rows_and_unseeded_rows(model):
+    gen = Generator(model)
+    p = prompts(1, lo=6, hi=6, seed=5)[0]
+    # a row asking for no tokens, beside a longer one, gets none
+    out = gen.generate([p, p], [SamplingParams(max_new_tokens=0), SamplingParams(max_new_tokens=3)])
+    assert [len(o) for o in out] == [0, 3]
+    # without a seed each row draws its own: two equal prompts sample apart (16 tokens each)
+    a, b = gen.generate([p, p], SamplingParams(temperature=1.0, max_new_tokens=16))
+    assert a != b
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the loop re-raises
+def test_failed_send_to_other_ranks_ends_admitted_requests(model, monkeypatch):
+    """Rank 0 of a parallel model sends each admission to the other ranks; if that send fails,
+    the requests it took from the queue end with "error" like every other (they must not hang,
+    held by nobody)."""
+    import types
+
+    from mixprec.runtime import engine as engine_mod
+
+    class BrokenLink:                      # rank 0's side of the lockstep, whose link breaks
+        leader = True
+
+        def __init__(self, rank):
+            pass
+
+        def agree(self, settings):
+            pass
+
+        def send(self, msg):
+            if msg.get("admit"):
+                raise ConnectionError("rank 1 is gone")
+
+    monkeypatch.setattr(engine_mod, "_Lockstep", BrokenLink)
+    monkeypatch.setattr(model, "parallel", types.SimpleNamespace(rank=0, world=2), raising=False)
+    eng = Engine(model, max_batch=2, max_len=64)
+    r = eng.submit(prompts(1, seed=4)[0], SamplingParams(max_new_tokens=4))
+    assert r.result(T_OUT).finish_reason == "error" and isinstance(r.error, ConnectionError)
+    with pytest.raises(EngineStopped):
+        eng.submit([5], SamplingParams(max_new_tokens=1))
+    eng.shutdown()
 
 
 def test_asyncio_stream_and_shutdown(model):

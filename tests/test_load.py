@@ -258,3 +258,18 @@ def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "top-1 agreement" in out
+
+
+def test_cli_generate_streams_whole_characters(fx, capsys, monkeypatch):
+    """Characters split over byte-level tokens are printed once whole, never as U+FFFD."""
+    from mixprec.__main__ import main
+    from mixprec.runtime import generate
+    from mixprec.runtime.text import Tokenizer
+    text = "café 日本 😀 ok"
+    ids = Tokenizer.from_dir(fx["bf16"]).encode(text)
+    assert len(ids) > len(text.split()) + 3          # the multi-byte characters take several tokens
+    # the model's own tokens would be random: stream these instead, one per step
+    monkeypatch.setattr(generate.Generator, "stream", lambda self, prompts, params: ([t] for t in ids))
+    assert main(["generate", str(fx["bf16"]), "--prompt", "hi", "--quiet", "--device", "cpu",
+                 "--dtype", "float32", "--no-cuda-graphs"]) == 0
+    assert capsys.readouterr().out == text + "\n"

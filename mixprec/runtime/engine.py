@@ -70,6 +70,21 @@ class Delta:
     finish_reason: str | None = None
 
 
+def _stop_prefix_tail(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string (text that
+    may still grow into one). Only prefixes ending in text's last character are tried, longest
+    first: a few checks per stop string and token instead of len(stop) slices."""
+    best, c = 0, text[-1:]
+    for s in stops:
+        i = s.rfind(c, 0, min(len(s) - 1, len(text))) if c else -1
+        while i >= best:                      # a tail of length i + 1 ends with c
+            if text.endswith(s[:i + 1]):
+                best = i + 1
+                break
+            i = s.rfind(c, 0, i)
+    return best
+
+
 class Request:
     """One submitted generation. Read it from any thread (`for tok in req`, `req.deltas()`,
     `req.result()`) or from asyncio (`async for d in req.stream()`, `await req.wait()`).
@@ -319,8 +334,6 @@ class Engine:
         if self._lockstep is not None and not self._lockstep.leader:
             raise RuntimeError("this rank's engine follows rank 0: submit requests on rank 0")
         params.validate()
-        if params.seed is not None and not -2**63 <= params.seed < 2**63:
-            raise ValueError(f"seed {params.seed} does not fit in 64 bits")
         ids = [operator.index(t) for t in prompt_ids]
         if not ids:
             raise ValueError("empty prompt: at least one token is needed")
@@ -455,22 +468,32 @@ class Engine:
 
     def _decide(self) -> list[Request] | None:
         """Wait for work; finish cancelled requests; -> the requests to admit now (None: stop).
-        A parallel model's rank 0 also sends each decision to the other ranks (see _follow)."""
+        A parallel model's rank 0 also sends each decision to the other ranks (see _follow); it
+        sends outside the lock: a send waits for every rank, and submit() / metrics() must not."""
         ls = self._lockstep
-        with self._lock:
-            while not (self._stop or self._queue or self._pending or any(self._slots)):
-                if not self._cv.wait(None if ls is None else HEARTBEAT_S):
-                    ls.send({})               # idle: the other ranks' receive must not time out
-            if self._stop:
-                if ls is not None:
-                    ls.send({"stop": True})
-                return None
-            cancelled = self._reap_cancelled() if self._cancels else []
-            admit = self._take_admissions()
+        while True:
+            with self._lock:
+                if self._stop or self._queue or self._pending or any(self._slots):
+                    stop = self._stop
+                    cancelled = self._reap_cancelled() if self._cancels and not stop else []
+                    admit = [] if stop else self._take_admissions()
+                    break
+                woken = self._cv.wait(None if ls is None else HEARTBEAT_S)
+            if not woken:
+                ls.send({})                   # idle: the other ranks' receive must not time out
+        if stop:
+            if ls is not None:
+                ls.send({"stop": True})
+            return None
         if ls is not None:
-            ls.send({"cancel": [r.id for r in cancelled],
-                     "admit": [{"id": r.id, "ids": r.prompt_ids, "params": asdict(r.params), "seed": r.seed}
-                               for r in admit]})
+            try:
+                ls.send({"cancel": [r.id for r in cancelled],
+                         "admit": [{"id": r.id, "ids": r.prompt_ids, "params": asdict(r.params), "seed": r.seed}
+                                   for r in admit]})
+            except BaseException:             # back in the queue: the loop's exit finishes them
+                with self._lock:
+                    self._queue.extendleft(reversed(admit))
+                raise
         return admit
 
     def _reap_cancelled(self) -> list[Request]:
@@ -713,7 +736,7 @@ class Engine:
             if hits:
                 return full[emitted:max(min(hits), emitted)], True
             if not final:                     # hold back a tail that may grow into a stop string
-                hold = max((k for s in stops for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+                hold = _stop_prefix_tail(full, stops)
                 return full[emitted:max(len(full) - hold, emitted)], False
         return full[emitted:], False
 

@@ -9,6 +9,7 @@ once per batch bucket and replayed. The host reads step t's tokens while step t+
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -193,7 +194,9 @@ class Generator:
             temperature=torch.tensor([p.temperature for p in prow], dtype=torch.float32, device=dev),
             top_k=torch.tensor([p.top_k for p in prow], dtype=torch.long, device=dev),
             top_p=torch.tensor([p.top_p for p in prow], dtype=torch.float32, device=dev),
-            seed=torch.tensor([(p.seed if p.seed is not None else 0) for p in prow], dtype=torch.long, device=dev),
+            # no seed: a fresh draw per row (as the engine does), so equal prompts sample apart
+            seed=torch.tensor([p.seed if p.seed is not None else random.getrandbits(63) for p in prow],
+                              dtype=torch.long, device=dev),
             step=torch.zeros(Bp, dtype=torch.long, device=dev),
         )
         sampled = any(p.temperature > 0 for p in plist)
@@ -208,7 +211,7 @@ class Generator:
         st.step.add_(1)
 
         stops = [set(p.stop_token_ids) for p in plist]
-        done = [False] * B
+        done = [p.max_new_tokens == 0 for p in plist]     # beside longer requests: no token at all
         produced = [0] * B
         step_fn = self._decode_fn(st, cache, filtered, sampled) if max_new > 1 else None
         inflight = [to_host(first)]
