@@ -143,10 +143,12 @@ def test_awq_rescale_is_needed_and_recovers_the_original_function(fx, tmp_path):
     assert good < 0.5 * bad, (good, bad)
 
 
-def test_awq_inner_fold_split_is_refused(fx):
-    cfg = {"model": str(fx["bf16"]), "sources": {"awq": str(fx["awq"])},
-           "weights": [{"match": r"experts\.0\.up_proj", "use": "awq"}]}
-    with pytest.raises(ConfigError, match="down_proj"):
+@pytest.mark.parametrize("match,partner", [(r"experts\.0\.up_proj", "down_proj"),
+                                           (r"experts\.0\.down_proj", "up_proj"),   # the second alone:
+                                           (r"layers\.0\.self_attn\.o_proj", "v_proj")])  # no norm factor asked
+def test_awq_inner_fold_split_is_refused(fx, match, partner):
+    cfg = {"model": str(fx["bf16"]), "sources": {"awq": str(fx["awq"])}, "weights": [{"match": match, "use": "awq"}]}
+    with pytest.raises(ConfigError, match=f"{partner}.*'awq' folds"):
         mixprec.load(cfg, device="cpu", dtype=torch.float32, progress=False)
 
 

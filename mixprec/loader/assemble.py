@@ -129,7 +129,13 @@ def input_rescales(plan: Plan) -> dict[str, torch.Tensor]:
         if t is not None:
             out[module] = ck.get(t).float() * out[module] if module in out else ck.get(t).float()
 
-    folds = {(src, n.rsplit(".", 2)[0]) for (src, n), f in folding.items() if f is not None}
+    def folds(src: str, layer: str) -> bool:
+        """Whether `src` folds activation scales at `layer`: its norms differ from the base's. Asked
+        for every source of a split pair, not only those whose q/k/v/gate/up needed a factor: an
+        o_proj or down_proj taken alone from a folding source is as wrong."""
+        return any(factor(src, f"{layer}.{norm}.weight") is not None
+                   for norm in ("input_layernorm", "post_attention_layernorm"))
+
     errors = []
     for module, e in plan.entries.items():
         for first, second in _PAIRS:
@@ -141,7 +147,7 @@ def input_rescales(plan: Plan) -> dict[str, torch.Tensor]:
                 continue
             layer, _ = _layer_prefix(module)
             for src in (e.source, p.source):
-                if (src, layer) in folds:
+                if folds(src, layer):
                     errors.append(
                         f"{module} comes from '{e.source}' but {partner} from '{p.source}': source '{src}' "
                         f"folds activation scales (its norms differ from the base's), and such producers "
