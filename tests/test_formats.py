@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mixprec.errors import FormatError, ParallelError, ShapeMismatch
+from mixprec.errors import FormatError, MissingWeight, ParallelError, ShapeMismatch
 from mixprec.formats import (FORMATS, Packed, apply, cat_n, dequant, detect, load_module, resolve_scheme, shard,
                              stack)
 from mixprec.formats.intq import rtn_int, unpack_int32
@@ -273,6 +273,7 @@ GPTQ_SCHEME = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True,
     ("bits2", gptq_raw(), {**GPTQ_SCHEME, "bits": 2}, FormatError, "unsupported bits"),
     ("marlin_format", gptq_raw(), {**GPTQ_SCHEME, "checkpoint_format": "marlin"}, FormatError, "marlin"),
     ("nonzero_bias", gptq_raw(bias=torch.ones(96, dtype=torch.float16)), GPTQ_SCHEME, FormatError, "bias"),
+    ("act_order_without_g_idx", gptq_raw(g_idx=None), {**GPTQ_SCHEME, "desc_act": True}, MissingWeight, "g_idx"),
     ("g_idx_uneven", gptq_raw(g_idx=torch.cat([torch.zeros(100), torch.ones(60), torch.full((32,), 2)]).int()),
      GPTQ_SCHEME, FormatError, "g_idx"),
     ("g_idx_range", gptq_raw(g_idx=torch.full((192,), 7, dtype=torch.int32)), GPTQ_SCHEME, FormatError, "g_idx"),
@@ -306,6 +307,9 @@ GPTQ_SCHEME = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True,
     ("ct_pack_asym_missing_zp", FORMATS["ct_pack"].pack(weight(96, 192), group_size=64),
      resolve_scheme(FORMATS["ct_pack"].config_block(group_size=64, sym=False), MODULE), FormatError,
      "weight_zero_point"),
+    ("ct_pack_actorder_without_g_idx", FORMATS["ct_pack"].pack(weight(96, 192), group_size=64),
+     resolve_scheme(FORMATS["ct_pack"].config_block(group_size=64, actorder="group"), MODULE), MissingWeight,
+     "weight_g_idx"),
     ("ct_pack_says_int8", FORMATS["ct_pack"].pack(weight(96, 192), group_size=64),
      resolve_scheme(FORMATS["ct_int8"].config_block(), MODULE), FormatError, "int-quantized"),
     ("ct_int8_group_scale", {"weight": torch.zeros(96, 192, dtype=torch.int8), "weight_scale": torch.ones(96, 3)},
@@ -318,6 +322,26 @@ def test_bad_input_names_the_tensor(case, raw, scheme, err, needle):
     with pytest.raises(err) as e:
         load_module(raw, 96, 192, scheme, MODULE)
     assert MODULE in str(e.value) and needle in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("qc", [
+    {"quant_method": "mixprec", "modules": {MODULE: "s0"}, "schemes": {}},
+    {"quant_method": "compressed-tensors", "config_groups": {"group_0": ["Linear"]}},
+    {"quant_method": "compressed-tensors", "config_groups": {"group_0": {"targets": ["Linear"], "weights": ["x"]}}},
+])
+def test_malformed_quantization_config_is_a_format_error(qc):
+    with pytest.raises(FormatError, match=f"malformed where it describes {MODULE}"):
+        resolve_scheme(qc, MODULE)
+
+
+@pytest.mark.parametrize("n,k", [(128, 128), (64, 128), (96, 192)])
+def test_ct_fp8_block_of_one_block_grid(n, k):
+    # a [1, 1] scale grid (the weight fits one block) is a block scale, not a per-tensor one
+    f, W = FORMATS["ct_fp8"], weight(n, k)
+    w = load_module(f.pack(W, strategy="block", block=(128, 128)), n, k,
+                    resolve_scheme(f.config_block(strategy="block", block=(128, 128)), MODULE), MODULE)
+    assert w.params["block"] == (128, 128)
+    assert sqnr(W, dequant(w)) > 25
 
 
 def test_zero_bias_is_ignored():

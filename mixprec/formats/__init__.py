@@ -124,6 +124,14 @@ def resolve_scheme(quant_config: dict | None, module: str) -> dict | None:
         return None
     qc = dict(quant_config)
     method = str(qc.get("quant_method", "")).lower()
+    try:
+        return _resolve(qc, method, module)
+    except (KeyError, AttributeError, TypeError) as e:   # a list where a mapping belongs, a missing key
+        raise FormatError(f"quantization_config (quant_method {method!r}) is malformed where it describes "
+                          f"{module}: {type(e).__name__}: {e}") from None
+
+
+def _resolve(qc: dict, method: str, module: str) -> dict | None:
     if method == "gptq":
         return _gptq_scheme(qc, module)
     if method == "compressed-tensors":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import FormatError, ShapeMismatch
+from ..errors import FormatError, MissingWeight, ShapeMismatch
 from .base import CheckpointFormat, Packed, register_format
 from .fp8 import E4M3, E4M3_MAX, SCALE_DTYPES, cdiv, check_block, check_fp8_weight, check_scale_dtype, quant_fp8
 from .gptq import check_tensor
@@ -95,16 +95,18 @@ class CTFP8(CheckpointFormat):
             block_cfg = weight_args(q).get("block_structure")
             act = "w8a8" if q.get("input_activations") else "w8a16"
         shape = tuple(s.shape)
-        if s.numel() == 1 and len(shape) <= 2:
+        if block_cfg:
+            bn, bk = check_block(list(block_cfg), f"{where} block_structure")
+            grid = (cdiv(n, bn), cdiv(k, bk))
+        if block_cfg and shape == grid:     # first: a weight of one block has a [1, 1] grid too
+            strategy, block = "block", (bn, bk)
+        elif s.numel() == 1 and len(shape) <= 2:
             strategy, block, s = "tensor", (n, k), s.reshape(1, 1)
         elif shape == (n, 1):
             strategy, block = "channel", (1, k)
         elif len(shape) == 2 and block_cfg:
-            bn, bk = check_block(list(block_cfg), f"{where} block_structure")
-            if shape != (cdiv(n, bn), cdiv(k, bk)):
-                raise ShapeMismatch(f"{where}.weight_scale: shape {shape}, expected {(cdiv(n, bn), cdiv(k, bk))} "
-                                    f"for weight {(n, k)} in blocks [{bn}, {bk}]")
-            strategy, block = "block", (bn, bk)
+            raise ShapeMismatch(f"{where}.weight_scale: shape {shape}, expected {grid} for weight {(n, k)} "
+                                f"in blocks [{bn}, {bk}]")
         else:
             raise ShapeMismatch(f"{where}.weight_scale: shape {shape}, expected [1] (tensor), {[n, 1]} (channel) "
                                 f"or a block grid with block_structure in the config")
@@ -228,6 +230,8 @@ class CTPack(CheckpointFormat):
         g_idx = None
         if "weight_g_idx" in raw:
             g_idx = check_tensor(raw["weight_g_idx"], f"{where}.weight_g_idx", (torch.int32, torch.int64), (k,))
+        elif wa.get("actorder") == "group":       # without it the groups would be read in natural order
+            raise MissingWeight(f"{where}.weight_g_idx: missing, the config says actorder: 'group'")
         codes = unpack_int32(wp, bits, 1, k).t()                                  # [K, N]
         return make_intq(codes, sc.t(), zeros, g_idx, bits, G, n, k, self.name, where, g_name="weight_g_idx")
 

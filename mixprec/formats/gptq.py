@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..errors import FormatError, ShapeMismatch
+from ..errors import FormatError, MissingWeight, ShapeMismatch
 from .base import CheckpointFormat, Packed, register_format
 from .intq import BITS, act_order_gidx, cdiv, make_intq, pack_int32, rtn_int, unpack_int32
 
@@ -103,6 +103,8 @@ class GPTQ(CheckpointFormat):
         g_idx = None
         if "g_idx" in raw:
             g_idx = check_tensor(raw["g_idx"], f"{where}.g_idx", (torch.int32, torch.int64), (k,))
+        elif q.get("desc_act"):                    # without it the groups would be read in natural order
+            raise MissingWeight(f"{where}.g_idx: missing, the config says desc_act: true")
         check_zero_bias(raw, n, where)
 
         stored = unpack_int32(qz, bits, 1, n)                                   # [ng, N]
