@@ -196,11 +196,35 @@ _ANCHOR_RX = re.compile(r"\^model\\\.layers\\\.(?:(\d+)|\(\?:((?:\d+\|)*\d+)\))\
 
 
 def _anchored_layers(pattern: str) -> frozenset[int] | None:
-    """The layers a regex can match when it starts with an anchored layer (alternation), else None."""
+    """The layers a regex can match when it starts with an anchored layer (alternation), else None
+    (also where a top-level '|' lets another branch match other names: '^model\\.layers\\.0\\.x|y')."""
     m = _ANCHOR_RX.match(pattern)
-    if m is None:
+    if m is None or _top_level_bar(pattern):
         return None
     return frozenset(int(x) for x in (m.group(1) or m.group(2)).split("|"))
+
+
+def _top_level_bar(pattern: str) -> bool:
+    """Whether the regex has a '|' outside every group and character class."""
+    depth, i, in_class = 0, 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 1                            # the escaped character is a literal
+        elif in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            i += pattern.startswith("^", i + 1)
+            i += pattern.startswith("]", i + 1)   # a ']' first in a class is a literal
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            return True
+        i += 1
+    return False
 
 
 @lru_cache(maxsize=None)

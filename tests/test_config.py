@@ -250,6 +250,10 @@ def test_layer_anchored_rules_resolve_like_a_plain_scan():
         pat = anchor + tail if i % 5 else tail              # some rules are not anchored
         experts = frozenset(rnd.sample(range(8), 3)) if "experts" in pat and i % 3 == 0 else None
         rules.append(Rule(pat, experts, rnd.choice(["a", "b", "model"]), f"weights[{i}]"))
+    # a top-level '|' lets a layer-anchored rule match other layers' names (and lm_head) too
+    rules[:0] = [Rule(r"^model\.layers\.0\.self_attn\.q_proj$|^model\.layers\.5\.self_attn\.q_proj$", None, "a",
+                      "weights[-2]"),
+                 Rule(r"^model\.layers\.2\.mlp\.experts\.1\.up_proj$|lm_head", None, "b", "weights[-1]")]
     cfg = MixConfig(model=Path("."), sources={"model": Path("."), "a": Path("."), "b": Path(".")},
                     rules=tuple(rules), origin="<test>")
     got = cfg.resolve(names, errors=[])             # collects dead-rule complaints instead of raising
