@@ -464,6 +464,18 @@ def test_fp8_gemv_tiles_spanning_scale_blocks(bkf):
     _check(b, *_inputs(1, h=384, seed=22), inter=128, config=("gemv", gemv, gemv))
 
 
+@pytest.mark.parametrize("narrow_first", [True, False])
+def test_dot_fp8_k_tile_fits_every_slot_in_any_order(narrow_first):
+    """Dot path: a W8A8 fp8 slot keeps the K tile that another fp8 slot of the launch lowered to
+    its 64-wide weight blocks, whichever comes first (a 128-wide tile would span two blocks and
+    read one scale for both)."""
+    b64 = ("fp8", {"block": (128, 64), "act": "w8a16"})
+    a8 = ("fp8", {"block": (128, 128), "act": "w8a8"})
+    b = _layer([(b64,) * 3 if e % 2 == 0 else (a8,) * 3 for e in range(E)], h=256, i=128)
+    b = sorted(b, key=lambda x: (x["proj"] == "down", x["params"]["block"][1] != (64 if narrow_first else 128)))
+    _check(b, *_inputs(3, h=256, seed=2), inter=128, config=DOT)
+
+
 @pytest.mark.parametrize("paths", [("gemv", "dot"), ("dot", "gemv")])
 def test_sides_on_different_paths(paths):
     """gate/up on one path and down on the other (as moe_configs.pick does for a per-projection

@@ -333,8 +333,8 @@ def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int) -
         if code & 256:     # folded fp8 GEMV slot: the kernel splits a tile into SUB-wide slices
             continue
         if code % 4 == 1:  # fp8: the tile must sit inside one weight block along K
-            if (code >> 2) & 1:  # w8a8: inside one activation group too (the dot path uses it whole)
-                bkf = _pow2_divisor(FP8_ACT_GROUP, bkf) if gemv else FP8_ACT_GROUP
+            if (code >> 2) & 1:  # w8a8: inside one activation group too (any other slot's lowering stays)
+                bkf = _pow2_divisor(FP8_ACT_GROUP, bkf) if gemv else min(bkf, FP8_ACT_GROUP)
             if G < K:
                 bkf = min(bkf, _pow2_divisor(G, bkf))
     ks = dict(BKD=cfg["BKD"], BKF=max(bkf, 16 if not gemv else 1), BKQ=cfg["BKQ"], BKI=cfg["BKI"])
