@@ -58,6 +58,27 @@ def test_route_matches_torch(m, e, k, renorm):
     torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_nan_router_logits_stay_in_their_token(path):
+    """A token whose router logits hold a NaN (an fp16 overflow upstream) gets valid expert ids and
+    NaN weights, as torch's softmax gives: its output row is NaN, the other tokens' are right (ids
+    >= E had made the GEMV read past the expert map and the dot path drop the token's pairs)."""
+    e, k = 12, 2
+    logits = torch.randn(3, e, device=DEV)
+    logits[1, 3] = float("nan")
+    w, ids = moe.route(logits, k, True)
+    assert ((ids >= 0) & (ids < e)).all(), ids
+    assert torch.isnan(w[1]).all() and torch.isfinite(w[[0, 2]]).all()
+    b = _layer(mt.uniform("fp16", e))
+    x = _inputs(3, e=e, k=k)[0]
+    cfg = DOT if path == "dot" else ("gemv",) + (dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4,
+                                                      num_stages=1),) * 2
+    y = moe.fused_moe(x, ids, w, b, I, config=cfg)
+    assert torch.isnan(y[1]).all()
+    ok = [0, 2]
+    assert mt.sqnr_db(moe.moe_reference(x[ok], ids[ok], w[ok], b, I), y[ok].float()) > 40
+
+
 @pytest.mark.parametrize("e,k", [(128, 8), (12, 3), (300, 8)])
 def test_route_ties_go_to_the_lower_expert(e, k):
     # integer logits: many exact ties; slots are ordered by weight, then by expert id
@@ -450,6 +471,35 @@ def test_layer_with_folded_input_scales_runs_fused():
                 got = layer(x)
     assert layer._kernel_buckets() is not None and len(layer._up_groups) == 3
     assert mt.sqnr_db(ref.float(), got.float()) >= 40
+
+
+def test_float32_layer_takes_the_readable_path_on_the_kernel_path():
+    """float32 is a model dtype the dense kernels take; the fused MoE does not: such a layer (and
+    its fused add + norm + router step at decode sizes) runs the readable path instead of raising."""
+    import contextlib
+
+    from mixprec.formats.base import Packed, interpreter_kernels, reference_path
+    from mixprec.layers.moe import MoE
+    from mixprec.layers.norm import RMSNorm
+    g = torch.Generator().manual_seed(5)
+    Hm, Im, Em = 64, 32, 4
+    layer = MoE(Hm, Im, Em, top_k=2, renorm=True, dtype=torch.float32, device=DEV)
+    layer.gate.weight = torch.randn(Em, Hm, generator=g).to(DEV)
+    for e in range(Em):
+        for p in ("gate", "up", "down"):
+            n, k = (Hm, Im) if p == "down" else (Im, Hm)
+            layer.set_expert(e, p, Packed("dense", n, k, {"weight": (torch.randn(n, k, generator=g) / 4).to(DEV)}))
+    layer.finalize()
+    norm = RMSNorm(Hm, 1e-6, dtype=torch.float32, device=DEV)
+    norm.weight.copy_(1 + torch.rand(Hm, generator=g))
+    x, res, x3 = (torch.randn(m, Hm, generator=g).to(DEV) for m in (1, 1, 3))
+    with reference_path():
+        ref, ref_h, ref3 = *layer.forward_norm(norm, x, res), layer(x3)
+    with contextlib.nullcontext() if CUDA else interpreter_kernels():
+        (got, h), got3 = layer.forward_norm(norm, x, res), layer(x3)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(got3, ref3)
 
 
 @pytest.mark.parametrize("bkf", [64, 256])

@@ -46,6 +46,7 @@ LAYOUT_TENSORS = {  # required, optional
     "int8": (("weight", "scale"), ("zero",)),
 }
 MAX_SLOTS = 4  # buckets one launch can serve
+MOE_ACT_DTYPES = (torch.bfloat16, torch.float16)   # what fused_moe takes (float32 layers: the readable path)
 HALF_PROJS = {"gate": ("gate_up", "gate"), "up": ("gate_up", "up"), "down": ("down",)}  # rows -> bucket projs
 
 
@@ -421,7 +422,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
             raise ShapeMismatch(f"fused_moe: expert_map sizes differ ({b['expert_map'].shape[0]} vs {E})")
     if not _triton_ok(x):
         return moe_reference(x, topk_ids, topk_w, buckets, inter).to(x.dtype)
-    if x.dtype not in (torch.bfloat16, torch.float16):
+    if x.dtype not in MOE_ACT_DTYPES:
         raise FormatError(f"fused_moe: x dtype {x.dtype}; the kernels take bf16 or fp16 activations")
     if not one_launch and any(b["proj"] != "gate_up" for b in up_side):
         raise FormatError("fused_moe(one_launch=False) needs gate and up fused in gate_up buckets")

@@ -637,7 +637,10 @@ def _topk_softmax(lg, emask, ev, TOPK: tl.constexpr, RENORM: tl.constexpr, BT: t
     mx = tl.max(lg, axis=1)
     pr = tl.where(emask[None, :], tl.exp(lg - mx[:, None]), 0.0)
     pr = pr / tl.sum(pr, axis=1)[:, None]
-    pr = tl.where(emask[None, :], pr, -1.0)
+    # a NaN logit makes the row's probabilities NaN (as torch's softmax does): such a row still
+    # picks valid experts (NaN -> -1, ties to the lowest id), and gets NaN weights, not ids >= E
+    nan_row = tl.max((emask[None, :] & (pr != pr)).to(tl.int32), axis=1) > 0
+    pr = tl.where(emask[None, :] & (pr == pr), pr, -1.0)
     kv = tl.arange(0, KB)
     wv = tl.zeros([BT, KB], dtype=tl.float32)
     iv = tl.zeros([BT, KB], dtype=tl.int32)
@@ -649,7 +652,7 @@ def _topk_softmax(lg, emask, ev, TOPK: tl.constexpr, RENORM: tl.constexpr, BT: t
         pr = tl.where(ev[None, :] == i[:, None], -2.0, pr)
     if RENORM:
         wv = wv / tl.sum(wv, axis=1)[:, None]
-    return wv, iv
+    return tl.where(nan_row[:, None], float("nan"), wv), iv
 
 
 @triton.jit

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed, apply, dequant, use_kernels
-from ..kernels.moe import ROUTER_FUSED_MAX_M, fused_moe, half_cover, norm_router_route, router_route, up_launches
+from ..kernels.moe import MOE_ACT_DTYPES, ROUTER_FUSED_MAX_M, fused_moe, half_cover, norm_router_route, router_route, up_launches
 from .linear import bucket_key, cat_n, same_scale
 
 PROJS = ("gate", "up", "down")
@@ -275,7 +275,7 @@ class MoE(nn.Module):
 
     def _fast(self, x: Tensor) -> bool:
         """Whether the fused kernels run this layer on x (else the readable per-bucket path)."""
-        return use_kernels(x) and self._kernel_buckets() is not None
+        return use_kernels(x) and x.dtype in MOE_ACT_DTYPES and self._kernel_buckets() is not None
 
     def _experts_fast(self, x: Tensor, topk_w: Tensor, topk_ids: Tensor) -> Tensor:
         """The grouped expert kernels over all buckets (CUDA, no host sync) for x [T, H] routed to
