@@ -205,3 +205,28 @@ def test_args_errors_name_the_file(tmp_path):
     d = write_ckpt(tmp_path / "m", {"a": torch.ones(1)}, cfg={"hidden_size": 8})
     with pytest.raises(ConfigError, match=r"config\.json: missing key"):
         Checkpoint(d).args
+
+
+def test_tensor_hidden_by_the_index_is_named(tmp_path, W):
+    d = write_ckpt(tmp_path / "m", W, shards=2)
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    gone = "model.layers.0.mlp.experts.1.up_proj.weight"
+    del idx["weight_map"][gone]
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.warns(UserWarning, match=f"1 tensors in the shards are not listed there.*{gone}"):
+        Checkpoint(d)
+
+
+@pytest.mark.parametrize("extra,tied", [("model.layers.2.self_attn.q_proj.weight", False),          # layer 2 of 2
+                                        ("model.layers.1.mlp.experts.4.down_proj.weight", False),   # expert 4 of 4
+                                        ("model.layers.1.mlp.shared_expert.gate_proj.weight", False),
+                                        ("lm_head.weight", True)])                               # beside tied embeddings
+def test_tensors_no_module_reads_are_named(tmp_path, W, extra, tied):
+    from mixprec.config import load_config
+    from mixprec.loader.plan import make_plan
+    t = dict(W)               # W holds lm_head.weight: with tied embeddings nothing reads it
+    if not tied:
+        t[extra] = torch.zeros(8, 8, dtype=torch.bfloat16)
+    d = write_ckpt(tmp_path / "m", t, extra_cfg={"tie_word_embeddings": tied})
+    with pytest.warns(UserWarning, match=f"1 tensors belong to no module of this model.*{extra}"):
+        make_plan(load_config(d))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import warnings
 from functools import cached_property
 from pathlib import Path
 
@@ -136,6 +137,11 @@ class Checkpoint:
                                         "does not contain it")
                 self._where[name] = files[shard]
                 self._info[name] = info
+            hidden = [n for shard, h in headers.items() for n in h if wmap.get(n) != shard]
+            if hidden:      # readers follow the index: these are never read (by transformers neither)
+                warnings.warn(f"{index}: {len(hidden)} tensors in the shards are not listed there (or listed "
+                              f"in another shard) and are not read: {', '.join(hidden[:6])}"
+                              + (", ..." if len(hidden) > 6 else ""), stacklevel=4)
             return
         if single.is_file():
             files = [single]

@@ -8,6 +8,7 @@ one error listing them all, so a bad mix fails before a single weight is read.
 from __future__ import annotations
 
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,4 +316,22 @@ def make_plan(cfg: MixConfig, strict: bool = True) -> Plan:
                            rule.origin if rule else None, _params(fmt.name, meta, scheme, k))
     if errors and strict:
         _raise(cfg.origin, errors)
+    used = {"model"} | {e.source for e in entries.values()}
+    for name in sorted(used & usable):
+        _warn_unclaimed(sources[name], args, shapes)
     return Plan(args, cfg, sources, entries, [str(e) for e in errors], plain_bytes)
+
+
+def _warn_unclaimed(ck: Checkpoint, args: ModelArgs, shapes: dict) -> None:
+    """Warn about tensors of a checkpoint that no module of the architecture reads: layers or
+    experts beyond the config, modules the model does not have (a shared expert), an lm_head
+    beside tied embeddings. They are not loaded; a checkpoint with them is likely not the model
+    its config.json describes."""
+    rescales = set(((ck.config.get("mixprec") or {}).get("input_rescale") or {}).values())   # exported mixes
+    plain = args.plain_tensors()
+    extra = [n for n in ck.names() if n not in plain and n.rsplit(".", 1)[0] not in shapes and n not in rescales]
+    if extra:
+        warnings.warn(f"{ck.path}: {len(extra)} tensors belong to no module of this model "
+                      f"({args.num_hidden_layers} layers, {args.num_experts} experts per MoE layer, tied "
+                      f"embeddings: {args.tie_word_embeddings}) and are not loaded: {', '.join(extra[:6])}"
+                      + (", ..." if len(extra) > 6 else ""), stacklevel=3)
