@@ -101,6 +101,23 @@ def test_decode_attention_matches_sdpa(dtype, B, HQ, HK, D, S):
     torch.testing.assert_close(o.float(), ref, atol=tol, rtol=tol)
 
 
+def test_decode_attention_new_takes_expanded_positions():
+    """pos / start as stride-0 views (positions = arange(T).expand(B, T)[:, -1:], the documented
+    model call): row b must read its own entry, not memory past the tensor."""
+    g = torch.Generator().manual_seed(0)
+    B, H, D, S, T = 3, 2, 32, 16, 9
+    q, k, v = (torch.randn(B, H * D, generator=g).half().to(DEV) for _ in range(3))
+    cos, sin = torch.ones(B, D, dtype=torch.float16, device=DEV), torch.zeros(B, D, dtype=torch.float16, device=DEV)
+    w = torch.ones(D, dtype=torch.float16, device=DEV)
+    kc = torch.zeros(B, H, S, D, dtype=torch.float16, device=DEV)
+    kc[:, :, :T - 1] = torch.randn(B, H, T - 1, D, generator=g).half().to(DEV)
+    pos = torch.arange(T, device=DEV).expand(B, T)[:, -1:].reshape(B)
+    start = torch.zeros(1, dtype=torch.long, device=DEV).expand(B)
+    assert pos.stride() == (0,) and start.stride() == (0,)
+    run = lambda p, s: decode_attention_new(q, k, v, cos, sin, w, w, 1e-6, kc.clone(), kc.clone(), s, p)  # noqa: E731
+    torch.testing.assert_close(run(pos, start), run(pos.contiguous(), start.contiguous()), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,HQ,HK,D,S", [(1, 8, 2, 64, 40), (3, 16, 4, 128, 1000), (2, 4, 4, 64, 130)])
 def test_decode_attention_new_matches_reference(dtype, B, HQ, HK, D, S):

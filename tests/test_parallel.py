@@ -75,7 +75,11 @@ def _run_model(model) -> dict[str, torch.Tensor]:
         pre = model(ids[:, :-1], positions=pos[:, :-1], cache=cache)
         dec = model(ids[:, -1:], positions=pos[:, -1:], cache=cache)
     gen = torch.tensor(mixprec.generate(model, ids.tolist(), max_new_tokens=3))
-    return {"full": full, "cached": torch.cat([pre, dec], 1), "tokens": gen}
+    # no seed: drawn per row; every rank must sample the same tokens (rank 0's draws)
+    sampled = [r + [-1] * (3 - len(r)) for r in mixprec.generate(model, ids.tolist(), max_new_tokens=3,
+                                                                  temperature=1.0)]   # -1: after a stop token
+    sampled = torch.tensor(sampled)
+    return {"full": full, "cached": torch.cat([pre, dec], 1), "tokens": gen, "sampled": sampled}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +158,8 @@ def test_parallel_matches_single_process(world, mix, reference, tmp_path):
                 d = (got[key] - reference[key]).abs().max().item()
                 assert d <= TOL, f"tp={tp} ep={ep} rank {rank} {key}: max |diff| {d}"
             assert torch.equal(got["tokens"], reference["tokens"]), f"tp={tp} ep={ep} rank {rank}"
+            first = load_file(str(tmp_path / f"tp{tp}_ep{ep}_r0.safetensors"))["sampled"]
+            assert torch.equal(got["sampled"], first), f"tp={tp} ep={ep} rank {rank}: another sample than rank 0"
             f = json.loads((tmp_path / f"tp{tp}_ep{ep}_r{rank}.json").read_text())
             lay = make_layout(args, tp, ep, rank)
             # the rank really holds a shard: its experts only, its slice of I, heads, vocab rows
@@ -371,6 +377,17 @@ def test_ranks_read_only_their_share(mix, monkeypatch):
             assert kind == "slice", f"{n} read whole"
     assert stats.total == stats.loaded == sum(1 for m in p.entries if lay.holds(m))
     assert model.args.num_key_value_heads == 1 and model.args.vocab_size == 510
+
+
+def test_act_order_means_a_stored_g_idx():
+    """Only act-order weights with a g_idx get padded K slices; compressed-tensors' actorder
+    'weight' stores none, so its K slices must be whole words like any other (the plan-time
+    check had passed them and loading failed on the ranks that hold them)."""
+    from mixprec.parallel.shard import _act_order
+    assert _act_order({"quant_method": "gptq", "desc_act": True})
+    assert _act_order({"quant_method": "compressed-tensors", "weights": {"actorder": "group"}})
+    assert not _act_order({"quant_method": "compressed-tensors", "weights": {"actorder": "weight"}})
+    assert not _act_order({"quant_method": "gptq", "desc_act": False}) and not _act_order(None)
 
 
 def test_plan_time_errors(mix):

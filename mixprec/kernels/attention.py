@@ -266,6 +266,8 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new) -> Tensor:
     else:
         part = ml = cnt = o
     k, v, cos, sin, q_w, k_w, eps = new if new is not None else (o, o, o, o, o, o, 0.0)
+    # the kernel reads start[b] / pos[b] at offset b: an expanded view (stride 0) must become real
+    start, pos = start.contiguous(), pos.contiguous()
     GP = max(16, triton.next_power_of_2(HQ // HK))
     _decode_attn_kernel[(B, HK, split)](
         q, k_cache, v_cache, start, pos, o, part, ml, cnt, k, v, cos, sin, q_w, k_w,

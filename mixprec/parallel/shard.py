@@ -226,8 +226,10 @@ def _intq_bits(scheme: dict | None) -> int | None:
 
 
 def _act_order(scheme: dict | None) -> bool:
+    """Whether the weight is stored act-order sorted with a g_idx (its K slices are padded, not
+    cut at words). compressed-tensors' actorder 'weight' stores no g_idx: natural order."""
     s = scheme or {}
-    return bool(s.get("desc_act") or (s.get("weights") or {}).get("actorder"))
+    return bool(s.get("desc_act") or (s.get("weights") or {}).get("actorder") == "group")
 
 
 def check_plan(plan, tp: int, ep: int) -> ShardLayout:

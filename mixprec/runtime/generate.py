@@ -194,9 +194,7 @@ class Generator:
             temperature=torch.tensor([p.temperature for p in prow], dtype=torch.float32, device=dev),
             top_k=torch.tensor([p.top_k for p in prow], dtype=torch.long, device=dev),
             top_p=torch.tensor([p.top_p for p in prow], dtype=torch.float32, device=dev),
-            # no seed: a fresh draw per row (as the engine does), so equal prompts sample apart
-            seed=torch.tensor([p.seed if p.seed is not None else random.getrandbits(63) for p in prow],
-                              dtype=torch.long, device=dev),
+            seed=self._seeds(prow, dev),
             step=torch.zeros(Bp, dtype=torch.long, device=dev),
         )
         sampled = any(p.temperature > 0 for p in plist)
@@ -235,6 +233,18 @@ class Generator:
             yield out
             if all(done):
                 break
+
+    def _seeds(self, params: list[SamplingParams], dev) -> Tensor:
+        """[B] int64: each row's seed, or a fresh draw for rows without one (as the engine does), so
+        equal prompts sample apart. A parallel model's ranks must sample alike: rank 0's draws."""
+        seeds = torch.tensor([p.seed if p.seed is not None else random.getrandbits(63) for p in params],
+                             dtype=torch.long, device=dev)
+        ctx = getattr(self.model, "parallel", None)
+        if ctx is not None and ctx.collective and any(p.seed is None for p in params):
+            import torch.distributed as dist
+            dist.broadcast(seeds, src=dist.get_global_rank(ctx.group, 0) if ctx.group is not None else 0,
+                           group=ctx.group)
+        return seeds
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
                  ) -> list[list[int]]:
