@@ -85,6 +85,7 @@ def _demo(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .planner.cli import at_least
     p = argparse.ArgumentParser(prog="mixprec", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -92,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="mix YAML, or one checkpoint directory")
     s.add_argument("--all", action="store_true", help="one line per module instead of ranges")
     s.add_argument("--json", action="store_true")
-    s.add_argument("--tp", type=int, default=1, help="also check the split over tp x ep ranks, bytes per rank")
-    s.add_argument("--ep", type=int, default=1)
+    s.add_argument("--tp", type=at_least(1), default=1, help="also check the split over tp x ep ranks, bytes per rank")
+    s.add_argument("--ep", type=at_least(1), default=1)
     s.set_defaults(fn=_plan)
 
     s = sub.add_parser("generate", help="load a mix and generate text (streams to stdout)")
     s.add_argument("config")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--max-new-tokens", type=at_least(1), default=128)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
@@ -109,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None)
     s.add_argument("--no-cuda-graphs", action="store_true")
     s.add_argument("--quiet", action="store_true")
-    s.add_argument("--tp", type=int, default=None, help="tensor parallel size (under torchrun; default: config)")
-    s.add_argument("--ep", type=int, default=None, help="expert parallel size (under torchrun; default: config)")
+    s.add_argument("--tp", type=at_least(1), default=None, help="tensor parallel size (under torchrun; default: config)")
+    s.add_argument("--ep", type=at_least(1), default=None, help="expert parallel size (under torchrun; default: config)")
     s.set_defaults(fn=_generate)
 
     s = sub.add_parser("inspect", help="per-module format table of one checkpoint")

@@ -360,7 +360,11 @@ class MixConfig:
         p = Path(path).expanduser().resolve()
         if not (p / "config.json").is_file():
             raise ConfigError(f"{p}: not a checkpoint directory (no config.json)")
-        return cls(model=p, origin=str(p), form="checkpoint")
+        try:      # an exported mix (planner/export.py) computes in the dtype of the mix it was
+            dtype = (json.loads((p / "config.json").read_text()).get("mixprec") or {}).get("dtype", "bfloat16")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise ConfigError(f"{p / 'config.json'}: not a readable JSON object ({e})") from None
+        return cls(model=p, origin=str(p), form="checkpoint", dtype=dtype)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MixConfig":

@@ -114,6 +114,22 @@ def test_export_round_trip_is_bit_identical(fx, tmp_path):
     load(again)
 
 
+def test_export_keeps_the_dtype_and_eval_compares_with_its_base(fx, tmp_path):
+    """load(OUT_DIR) computes in the mix's dtype (the manifest carries it), and `eval OUT_DIR`
+    compares the export with the base it was made from, not with itself."""
+    from mixprec.planner.evaluate import evaluate
+    cfg = MixConfig.from_dict({"model": str(fx["bf16"]), "sources": {"fp8": str(fx["fp8"])},
+                               "weights": [{"match": "mlp.experts", "use": "fp8"}], "dtype": "float16"})
+    out = export_mix(cfg, tmp_path / "out", progress=False)
+    assert MixConfig.for_checkpoint(out).dtype == torch.float16
+    a, b = (mixprec.load(x, device="cpu", progress=False) for x in (cfg, out))
+    assert a.model.embed_tokens.weight.dtype == b.model.embed_tokens.weight.dtype == torch.float16
+    assert_same_model(a, b)
+    ids = torch.randint(0, a.args.vocab_size - 3, (2, 16), generator=torch.Generator().manual_seed(1))
+    r_mix, r_out = (evaluate(x, ids, device="cpu", dtype=torch.float32, progress=False) for x in (cfg, out))
+    assert r_out["ref"] == str(fx["bf16"]) and r_out["mean_kl"] == r_mix["mean_kl"] > 0
+
+
 def test_compressed_tensors_only_mix_gets_a_real_compressed_tensors_config(fx, tmp_path):
     cfg = mix(fx, CT_RULES)
     out = export_mix(cfg, tmp_path / "ct", progress=False)

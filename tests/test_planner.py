@@ -331,6 +331,56 @@ def test_plan_cli_infeasible_budget_names_the_minimum(hetero, tmp_path, capsys):
     assert "expected a size like" in capsys.readouterr().err
 
 
+def test_cli_refuses_bad_numbers_and_dtypes_with_exit_2(hetero, tmp_path, capsys):
+    """Bad option values are exit 2 with a message naming the option (they had crashed with a
+    traceback, or planned a budget the model would not fit)."""
+    from mixprec.__main__ import main
+
+    def rc(fn, argv):                       # argparse's own refusals exit 2 through SystemExit
+        try:
+            return fn(argv)
+        except SystemExit as e:
+            return e.code
+
+    prof_path = tmp_path / "p.json"
+    prof_path.write_text(json.dumps(hetero["prof"]))
+    _, hi = bytes_range(hetero["prof"])
+    p = ["--profile", str(prof_path)]
+    cases = [(plan_main, p + ["--fit", "2MiB", "--margin", "abc%"], "--margin"),
+             (plan_main, p + ["--fit", "2MiB", "--context", "1", "--margin=-100%"], "--margin"),
+             (plan_main, p + ["--budget", str(hi), "--mass-prior", "-1"], "--mass-prior"),
+             (plan_main, p + ["--budget", str(hi), "--dtype", "float32"], "--dtype float32"),  # profiled in bf16
+             (plan_main, p + ["--budget", str(hi), "-o", str(tmp_path / "no" / "dir" / "x.yaml")], "cannot write"),
+             (eval_main, ["x.yaml", "--synthetic-tokens", "64", "--seq-len", "0"], "--seq-len"),
+             (eval_main, ["x.yaml", "--synthetic-tokens", "64", "--batch", "0"], "--batch"),
+             (eval_main, ["x.yaml", "--text", "t.txt", "--tokens", "-5"], "--tokens"),
+             (main, ["plan", "x.yaml", "--tp", "0"], "--tp"),
+             (main, ["plan", "x.yaml", "--tp", "-1", "--ep", "-1"], "--tp")]
+    for fn, argv, needle in cases:
+        assert rc(fn, argv) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+
+
+def test_kv_cache_and_activations_follow_the_dtype():
+    args = mixprec.ModelArgs.from_hf({"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 100,
+                                      "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
+                                      "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2})
+    _, b16 = fit_budget(args, "1GiB", context=1000, batch=2)
+    _, f32 = fit_budget(args, "1GiB", context=1000, batch=2, elem=4)
+    assert b16["kv_cache"] == 2 * 2 * 2 * 16 * 2 * 1000 * 2 and f32["kv_cache"] == 2 * b16["kv_cache"]
+    assert f32["activations"] > b16["activations"]
+
+
+def test_perplexity_beyond_float32_range():
+    from mixprec.planner.evaluate import Metrics
+    m = Metrics()
+    m.n, m.n_next, m.agree, m.kl = 1, 1, 1, [torch.zeros(1)]
+    m.nll_ref, m.nll_mix = 95.0, 1000.0        # exp(95) overflows float32; exp(1000) float64 too
+    r = m.result()
+    assert r["ppl_ref"] == pytest.approx(1.8112e41, rel=1e-3) and r["ppl_mix"] == float("inf")
+
+
 def test_parse_bytes():
     assert parse_bytes("60GiB") == 60 * 2**30 and parse_bytes("141GB") == 141 * 10**9
     assert parse_bytes("1.5e3") == 1500 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes(77) == 77

@@ -27,6 +27,26 @@ def _fail(e: Exception) -> int:
     return 2
 
 
+def at_least(lo, kind=int):
+    """argparse type: a number >= lo (argparse answers anything else with exit 2, naming the option)."""
+    def parse(v: str):
+        try:
+            x = kind(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
+        if not x >= lo:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
+        return x
+    return parse
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise MixprecError(f"-o {path}: cannot write ({e.strerror})") from None
+
+
 def _dtype(name: str | None):
     if name is None:
         return None
@@ -46,9 +66,9 @@ def _read_text(path: str | None) -> str | None:
 
 def _token_args(p: argparse.ArgumentParser, tokens: int, seed: int = 0) -> None:
     p.add_argument("--text", help="UTF-8 text file, encoded with the base checkpoint's tokenizer")
-    p.add_argument("--tokens", type=int, default=tokens, help=f"tokens taken from --text (default {tokens}; 0 = all)")
-    p.add_argument("--synthetic-tokens", type=int, default=0, help="add N uniformly random token ids (seeded)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--tokens", type=at_least(0), default=tokens, help=f"tokens taken from --text (default {tokens}; 0 = all)")
+    p.add_argument("--synthetic-tokens", type=at_least(0), default=0, help="add N uniformly random token ids (seeded)")
+    p.add_argument("--seq-len", type=at_least(1), default=512, help="tokens per sequence (default 512)")
     p.add_argument("--seed", type=int, default=seed, help=f"seed of --synthetic-tokens (default {seed})")
 
 
@@ -138,11 +158,11 @@ def plan_main(argv: list[str] | None = None) -> int:
     b = p.add_mutually_exclusive_group(required=True)
     b.add_argument("--budget", help="bytes for all weights (embeddings/norms/routers included), e.g. 60GiB")
     b.add_argument("--fit", help="derive the budget from a device: h200, h100, a100, l40s or a size like 80GiB")
-    p.add_argument("--context", type=int, default=32768, help="--fit: KV-cache tokens per sequence")
-    p.add_argument("--batch", type=int, default=1, help="--fit: sequences")
+    p.add_argument("--context", type=at_least(1), default=32768, help="--fit: KV-cache tokens per sequence")
+    p.add_argument("--batch", type=at_least(1), default=1, help="--fit: sequences")
     p.add_argument("--margin", default=None, help="--fit: reserve, '7%%' of the device (default) or a size")
     p.add_argument("--use", default=None, help="only these sources (comma-separated names)")
-    p.add_argument("--mass-prior", type=float, default=0.05, help="Laplace smoothing of expert routing mass")
+    p.add_argument("--mass-prior", type=at_least(1e-9, float), default=0.05, help="Laplace smoothing of expert routing mass")
     p.add_argument("--dtype", default=None, help="compute dtype written to the YAML (default: the base's bf16)")
     p.add_argument("--device", default=None, help="device for profiling with --text")
     p.add_argument("-o", "--output", help="YAML to write (default: print it to stdout)")
@@ -175,21 +195,29 @@ def plan_main(argv: list[str] | None = None) -> int:
         if a.model:
             paths["model"] = str(Path(a.model).expanduser().resolve()) if prof["kind"] == "measured" else a.model
         fit, desc = None, ""
+        # the profile counted bytes in its dtype: another element size would load other sizes
+        dtype = _dtype(prof.get("dtype", "bfloat16"))
+        if a.dtype is not None and _dtype(a.dtype).itemsize != dtype.itemsize:
+            raise MixprecError(f"--dtype {a.dtype}: the profile counts dense weights in {prof.get('dtype', 'bfloat16')} "
+                               f"({dtype.itemsize} bytes a value), so the budget would not hold; profile with "
+                               f"--dtype {a.dtype} instead")
+        dtype = _dtype(a.dtype) or dtype
         if a.fit:
-            budget, fit = fit_budget(arch_args(prof), a.fit, a.context, a.batch, a.margin or DEFAULT_MARGIN)
+            budget, fit = fit_budget(arch_args(prof), a.fit, a.context, a.batch, a.margin or DEFAULT_MARGIN,
+                                     elem=dtype.itemsize)
             desc = f"{a.fit}, context {a.context} x batch {a.batch}"
         else:
             budget = parse_bytes(a.budget)
         use = None if a.use is None else [s.strip() for s in a.use.split(",") if s.strip()]
         res = plan_budget(prof, budget, use, a.mass_prior)
-        dtype = _dtype(a.dtype) or _dtype(prof.get("dtype", "bfloat16"))
         mix = to_mix_config(prof, res.choice, paths["model"], paths, dtype=dtype)
         text = yaml_text(prof, res, mix, fit, desc)
+        if a.output:
+            _write(a.output, text)
     except MixprecError as e:
         return _fail(e)
     report = summary(prof, res)
     if a.output:
-        Path(a.output).write_text(text)
         print(report)
         print(f"wrote {a.output}")
     else:
@@ -205,7 +233,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="the mix (YAML or checkpoint directory)")
     p.add_argument("--ref", default=None, help="reference mix / checkpoint (default: the mix's base checkpoint)")
     _token_args(p, 2048, seed=1)     # synthetic eval tokens differ from profile's (seed 0) by default
-    p.add_argument("--batch", type=int, default=4, help="sequences per forward")
+    p.add_argument("--batch", type=at_least(1), default=4, help="sequences per forward")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true")

@@ -7,13 +7,16 @@ kept; then the mix loads and is compared chunk by chunk.
 from __future__ import annotations
 
 import gc
+import json
+import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from ..config import MixConfig, load_config
-from ..errors import ModelMismatch
+from ..errors import ConfigError, ModelMismatch
 
 
 class Metrics:
@@ -43,7 +46,13 @@ class Metrics:
 
     def result(self) -> dict:
         kl = torch.cat(self.kl).double()
-        ppl = lambda nll: float(torch.tensor(nll / max(self.n_next, 1)).exp())  # noqa: E731
+
+        def ppl(nll: float) -> float:          # float64: exp of a mean NLL above ~89 overflows fp32
+            try:
+                return math.exp(nll / max(self.n_next, 1))
+            except OverflowError:
+                return math.inf
+
         return {"tokens": self.n, "mean_kl": float(kl.mean()), "p99_kl": float(torch.quantile(kl, 0.99)),
                 "max_kl": float(kl.max()), "top1_agreement": self.agree / self.n,
                 "ppl_ref": ppl(self.nll_ref), "ppl_mix": ppl(self.nll_mix)}
@@ -69,7 +78,7 @@ def evaluate(config, ids: Tensor, ref=None, device=None, dtype=None, batch: int 
     -> {tokens, mean_kl, p99_kl, max_kl, top1_agreement, ppl_ref, ppl_mix, ref, mix}."""
     from ..api import load
     cfg = load_config(config)
-    ref_cfg = MixConfig.for_checkpoint(cfg.model) if ref is None else load_config(ref)
+    ref_cfg = MixConfig.for_checkpoint(_base_of(cfg.model)) if ref is None else load_config(ref)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or cfg.dtype
     chunks = [ids[i: i + batch] for i in range(0, ids.shape[0], batch)]
@@ -86,6 +95,18 @@ def evaluate(config, ids: Tensor, ref=None, device=None, dtype=None, batch: int 
         m.add(lp, model(c.to(device)).cpu(), c)
     _release(model)
     return {**m.result(), "ref": ref_cfg.origin, "mix": cfg.origin}
+
+
+def _base_of(model: Path) -> Path:
+    """The checkpoint a mix's base stands for: an exported mix (planner/export.py) names the base
+    it was made from in its manifest (compared with itself, it would show no difference)."""
+    manifest = json.loads((Path(model) / "config.json").read_text()).get("mixprec") or {}
+    base = (manifest.get("sources") or {}).get("model")
+    if base is None:
+        return model
+    if not (Path(base) / "config.json").is_file():
+        raise ConfigError(f"{model} is an exported mix of base {base}, which is not there: give --ref")
+    return Path(base)
 
 
 def format_metrics(r: dict) -> str:

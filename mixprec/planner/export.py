@@ -13,8 +13,8 @@ config.json = the base's config.json with
       exact module names as targets); otherwise {"quant_method": "mixprec", "schemes": {key:
       scheme}, "modules": {module: key}} (modules absent = unquantized) -- the loader's
       `resolve_scheme` reads it.
-  "mixprec": the manifest: per module its source name, format and params, the scheme table, the
-      source paths, and "input_rescale": {module: tensor name} for modules whose source folded
+  "mixprec": the manifest: the mix's compute dtype, per module its source name, format and params,
+      the scheme table, the source paths, and "input_rescale": {module: tensor name} for modules whose source folded
       activation scales into its norms (AWQ, SmoothQuant). The factors (norm_src / norm_base,
       float32, exactly what the loader computes from the sources) are stored as tensors
       "mixprec.input_rescale.<module>", since the exported checkpoint has only the base's norms.
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import load_config
+from ..config import _DTYPE_NAMES, load_config
 from ..errors import CheckpointError, ConfigError, ShapeMismatch
 from ..formats import resolve_scheme
 from ..loader.assemble import input_rescales
@@ -179,6 +179,7 @@ def export_mix(config, out_dir: str | Path, force: bool = False, max_shard_bytes
     qc = _ct_config(plan, table, mods) or ({"quant_method": "mixprec", "schemes": table, "modules": mods}
                                           if mods else None)
     manifest = {"version": MANIFEST_VERSION, "created_by": "mixprec export",
+                "dtype": _DTYPE_NAMES[cfg.dtype],      # load(OUT_DIR) computes as the mix did
                 "sources": {n: str(c.path) for n, c in plan.sources.items()},
                 "schemes": table,
                 "modules": {m: {"source": e.source, "format": e.fmt_name, "params": e.params,

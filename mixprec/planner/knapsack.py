@@ -56,23 +56,24 @@ def fmt_bytes(n: float) -> str:
 
 
 # -- the device fit -------------------------------------------------------------------------------
-def kv_bytes(args: ModelArgs, context: int, batch: int) -> int:
-    """bf16 K and V of every layer: 2 * layers * kv_heads * head_dim * 2 bytes per token."""
-    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * 2 * context * batch
+def kv_bytes(args: ModelArgs, context: int, batch: int, elem: int = 2) -> int:
+    """K and V of every layer in the model's dtype (elem bytes a value): 2 * layers * kv_heads *
+    head_dim * elem bytes per token."""
+    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * elem * context * batch
 
 
-def activation_bytes(args: ModelArgs, context: int, batch: int) -> int:
+def activation_bytes(args: ModelArgs, context: int, batch: int, elem: int = 2) -> int:
     """Peak activations, estimated: one prefill step of min(context, PREFILL_CHUNK) tokens holds
-    ~8 hidden-sized bf16 buffers (residual, norm, q/k/v/o, attention out) and the MLP's gate, up
-    and activation for every routed (token, expert) pair; plus fp32 logits for the batch (x2 for
-    sampling)."""
+    ~8 hidden-sized buffers (residual, norm, q/k/v/o, attention out) and the MLP's gate, up
+    and activation for every routed (token, expert) pair, in the model's dtype; plus fp32 logits
+    for the batch (x2 for sampling)."""
     T = min(context, PREFILL_CHUNK)
     inner = max(args.num_experts_per_tok * args.moe_intermediate_size, args.intermediate_size)
-    return T * (8 * args.hidden_size + 3 * inner) * 2 + 2 * batch * args.vocab_size * 4
+    return T * (8 * args.hidden_size + 3 * inner) * elem + 2 * batch * args.vocab_size * 4
 
 
 def fit_budget(args: ModelArgs, device: str, context: int, batch: int,
-               margin: str = DEFAULT_MARGIN) -> tuple[int, dict]:
+               margin: str = DEFAULT_MARGIN, elem: int = 2) -> tuple[int, dict]:
     """Weight budget for `device` ('h200', 'h100', ... or a size like '80GiB'): its memory minus
     the KV cache for `context` x `batch`, activations and a margin ('7%' of the device, or a
     size). -> (budget, breakdown {device, kv_cache, activations, margin})."""
@@ -85,9 +86,15 @@ def fit_budget(args: ModelArgs, device: str, context: int, batch: int,
     if context < 1 or batch < 1:
         raise ConfigError(f"--context {context}, --batch {batch}: both must be >= 1")
     m = str(margin).strip()
-    reserve = int(mem * float(m[:-1]) / 100) if m.endswith("%") else parse_bytes(m, "--margin")
-    parts = {"device": mem, "kv_cache": kv_bytes(args, context, batch),
-             "activations": activation_bytes(args, context, batch), "margin": reserve}
+    try:
+        reserve = int(mem * float(m[:-1]) / 100) if m.endswith("%") else parse_bytes(m, "--margin")
+    except ValueError:
+        reserve = -1
+    if not 0 <= reserve < mem:
+        raise ConfigError(f"--margin {margin!r}: expected a share like 7% or a size like 4GiB, at least 0 and "
+                          f"below the device's {fmt_bytes(mem)}")
+    parts = {"device": mem, "kv_cache": kv_bytes(args, context, batch, elem),
+             "activations": activation_bytes(args, context, batch, elem), "margin": reserve}
     budget = mem - parts["kv_cache"] - parts["activations"] - reserve
     if budget <= 0:
         raise InfeasibleBudget(f"--fit {device}: the KV cache ({fmt_bytes(parts['kv_cache'])} for {context} tokens x "

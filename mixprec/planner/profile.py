@@ -492,5 +492,8 @@ def load_profile(path: str | Path) -> dict:
 
 def save_profile(profile: dict, path: str | Path) -> Path:
     p = Path(path)
-    p.write_text(json.dumps(profile, indent=None, separators=(",", ":")) + "\n")
+    try:
+        p.write_text(json.dumps(profile, indent=None, separators=(",", ":")) + "\n")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot write the profile ({e.strerror})") from None
     return p
