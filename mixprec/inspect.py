@@ -41,27 +41,34 @@ def inspect_rows(ckpt: Checkpoint) -> list[dict]:
 
 
 def _collapse(rows: list[dict]) -> list[tuple[str, str, str, int, int]]:
-    """Group by (module pattern with numbers replaced, format, params) -> ranges of layers/experts."""
-    groups: dict[tuple, dict] = defaultdict(lambda: {"layers": set(), "experts": set(), "count": 0, "bytes": 0})
+    """Group by (module pattern with numbers replaced, format, params) -> ranges of layers/experts.
+    A row means every listed layer x every listed expert: experts are grouped per layer first,
+    then layers with the same expert set are merged."""
+    per_layer: dict[tuple, dict] = defaultdict(lambda: {"experts": set(), "count": 0, "bytes": 0})
     for r in rows:
         m = re.match(r"model\.layers\.(\d+)\.(.*)$", r["module"])
         layer, rest = (int(m.group(1)), m.group(2)) if m else (None, r["module"])
         e = re.match(r"mlp\.experts\.(\d+)\.(.*)$", rest)
         expert, rest = (int(e.group(1)), "mlp.experts.*." + e.group(2)) if e else (None, rest)
-        g = groups[(rest, r["format"], r["params"])]
-        if layer is not None:
-            g["layers"].add(layer)
+        g = per_layer[(rest, r["format"], r["params"], layer)]
         if expert is not None:
             g["experts"].add(expert)
         g["count"] += 1
         g["bytes"] += r["bytes"]
+    groups: dict[tuple, dict] = defaultdict(lambda: {"layers": set(), "count": 0, "bytes": 0})
+    for (rest, fmt, params, layer), g in per_layer.items():
+        merged = groups[(rest, fmt, params, frozenset(g["experts"]))]
+        if layer is not None:
+            merged["layers"].add(layer)
+        merged["count"] += g["count"]
+        merged["bytes"] += g["bytes"]
     out = []
-    for (rest, fmt, params), g in groups.items():
+    for (rest, fmt, params, experts), g in groups.items():
         where = ""
         if g["layers"]:
             where += f"layers {ranges(g['layers'])} "
-        if g["experts"]:
-            where += f"experts {ranges(g['experts'])} "
+        if experts:
+            where += f"experts {ranges(experts)} "
         out.append((where + rest, fmt, params, g["count"], g["bytes"]))
     return out
 

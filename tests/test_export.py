@@ -188,3 +188,15 @@ def test_failure_midway_leaves_no_checkpoint(fx, tmp_path, monkeypatch):
         export_mix(cfg, good, force=True, max_shard_bytes=300_000, progress=False)
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before    # --force replaces only on success
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_inspect_rows_mean_every_listed_layer_times_every_listed_expert():
+    from mixprec.inspect import _collapse
+    rows = [dict(module=f"model.layers.{l}.mlp.experts.{e}.up_proj", bytes=1, params="",
+                 format="fp8_block" if (l, e // 4) in ((1, 0), (2, 1), (3, 0)) else "dense")
+            for l in (1, 2, 3) for e in range(8)]
+    got = {(where, fmt, n) for where, fmt, _, n, _ in _collapse(rows)}
+    assert got == {("layers 1,3 experts 0-3 mlp.experts.*.up_proj", "fp8_block", 8),
+                   ("layers 2 experts 4-7 mlp.experts.*.up_proj", "fp8_block", 4),
+                   ("layers 1,3 experts 4-7 mlp.experts.*.up_proj", "dense", 8),
+                   ("layers 2 experts 0-3 mlp.experts.*.up_proj", "dense", 4)}
