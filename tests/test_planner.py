@@ -260,7 +260,14 @@ def test_plan_keeps_folded_awq_pairs_together(tmp_path):
             assert (res.choice[a] == "awq") == (res.choice[b] == "awq")
         assert res.cost == pytest.approx(predicted_cost(prof, res.choice))
         mix = to_mix_config(prof, res.choice, paths["bf16"], paths, dtype=torch.float32)
-        mixprec.load(mix, device="cpu", progress=False)
+        model = mixprec.load(mix, device="cpu", progress=False)
+        # the budget holds for what the loader keeps, AWQ input rescales included (bookkeeping
+        # tensors aside: expert maps, RoPE frequencies)
+        assert model.stats.bytes_total + prof["plain_bytes"] == res.bytes
+        held = {(t.data_ptr(), t.numel()): t.numel() * t.element_size()
+                for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if not n.endswith(("expert_map", ".experts", "inv_freq"))}
+        assert sum(held.values()) <= res.bytes
 
 
 # -- the knapsack -----------------------------------------------------------------------------------

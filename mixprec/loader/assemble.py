@@ -41,9 +41,9 @@ class Stats:
     by_source: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     rescaled: list = field(default_factory=list)   # modules given an input rescale (folded norms)
 
-    def add(self, packed, source: str) -> None:
-        """Count one loaded linear (its bytes as kept on the device)."""
-        nb = packed.nbytes()
+    def add(self, packed, source: str, input_scale: torch.Tensor | None = None) -> None:
+        """Count one loaded linear (its bytes as kept on the device, with its input rescale)."""
+        nb = packed.nbytes() + (0 if input_scale is None else input_scale.numel() * input_scale.element_size())
         self.loaded += 1
         self.bytes_total += nb
         self.bytes_bf16 += packed.n * packed.k * 2
@@ -191,8 +191,9 @@ def assemble(plan: Plan, device: str | torch.device = "cpu", dtype: torch.dtype 
         packed = load_module(raw, e.n, e.k, e.scheme, where=f"{ckpt.path}: {module}", dtype=dtype)
         del raw
         packed = packed.to(device)
-        model.set_linear(module, packed, input_scale=rescale[module].to(device) if module in rescale else None)
-        stats.add(packed, e.source)
+        scale = rescale[module].to(device) if module in rescale else None
+        model.set_linear(module, packed, input_scale=scale)
+        stats.add(packed, e.source, scale)
         bar.update(e.nbytes)
     bar.close()
     stats.rescaled = sorted(rescale)

@@ -125,11 +125,14 @@ class _Source:
         self.folds = {int(m.split(".")[2]) for m in self.rescale if m.startswith("model.layers.")}
 
     def weight(self, module: str, dtype: torch.dtype) -> tuple[Tensor, int, str]:
-        """-> (W float32 [N, K] on the device, loaded bytes, format name)."""
+        """-> (W float32 [N, K] on the device, loaded bytes (with the input rescale the loader
+        keeps beside a folded-norm linear), format name)."""
         e = self.plan.entries[module]
         packed = load_module(self.ck.module(module), e.n, e.k, e.scheme, where=f"{self.ck.path}: {module}",
                              dtype=dtype)
-        return dequant(packed.to(self.device)).float(), packed.nbytes(), e.fmt_name
+        r = self.rescale.get(module)
+        nb = packed.nbytes() + (0 if r is None else r.numel() * r.element_size())
+        return dequant(packed.to(self.device)).float(), nb, e.fmt_name
 
     def linear(self, x: Tensor, module: str, W: Tensor) -> Tensor:
         r = self.rescale.get(module)
