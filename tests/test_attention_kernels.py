@@ -171,6 +171,29 @@ def test_decode_splits_cover_the_cache():
         assert split >= 1 and chunk % 64 == 0 and (split - 1) * chunk < S <= split * chunk
 
 
+def test_head_dim_not_a_power_of_two_takes_the_readable_path(tmp_path):
+    """head_dim 48: the attention kernels (power-of-two tiles) are skipped, not failed to compile."""
+    import contextlib
+
+    import mixprec
+    from mixprec.testing.fixtures import make_fixture
+    path = make_fixture(tmp_path, formats=["bf16"], head_dim=48, layers=1, mlp_only_layers=())["bf16"]
+    model = mixprec.load(path, device=DEV, dtype="float16" if not CUDA else "bfloat16", progress=False)
+    ids = torch.tensor([[11, 42, 7, 300, 5]], device=DEV)
+    pos = torch.arange(5, device=DEV)[None]
+
+    def run():
+        cache = model.make_cache(1, 16)
+        return torch.cat([model(ids[:, :4], positions=pos[:, :4], cache=cache),
+                          model(ids[:, 4:], positions=pos[:, 4:], cache=cache)], 1)
+    with torch.inference_mode():
+        with reference_path():
+            ref = run()
+        with contextlib.nullcontext() if CUDA else interpreter_kernels():
+            got = run()
+    assert torch.isfinite(got).all() and (got.float() - ref.float()).abs().max() < 0.05 * ref.float().abs().max()
+
+
 @pytest.mark.skipif(CUDA, reason="tests/test_gpu.py covers this on CUDA")
 @pytest.mark.parametrize("n_prompts", [3, 2])
 def test_whole_model_with_kernels_equals_reference_on_cpu(tmp_path, n_prompts):

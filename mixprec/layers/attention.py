@@ -109,6 +109,7 @@ class Attention(nn.Module):
                  rotary: Rotary, dtype: torch.dtype, device):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.kernels_fit = head_dim & (head_dim - 1) == 0    # the Triton kernels take power-of-two head dims
         self.rotary = rotary            # shared by all layers (the model computes cos/sin once)
         self.q_proj = Linear(heads * head_dim, hidden)
         self.k_proj = Linear(kv_heads * head_dim, hidden)
@@ -138,7 +139,7 @@ class Attention(nn.Module):
                 raise MixprecError("a [B, T] padding mask with a KV cache: call cache.set_start(positions, "
                                    "mask) and pass attn_mask=None")
             attn_mask = causal_mask(attn_mask, B, T, x.device)
-        if cache is not None and use_kernels(x):
+        if cache is not None and use_kernels(x) and self.kernels_fit:
             return self._forward_cached_kernels(x, positions, cache, layer_idx, attn_mask, rope)
         q, k, v = self.qkv(x)
         q = self.q_norm(q.view(B, T, self.heads, D))
