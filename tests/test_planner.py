@@ -19,6 +19,7 @@ import yaml
 
 import mixprec
 from mixprec.config import MixConfig
+from mixprec.errors import ConfigError
 from mixprec.formats import FORMATS, dequant, load_module, resolve_scheme
 from mixprec.formats.base import Packed
 from mixprec.layers.moe import route
@@ -440,6 +441,9 @@ def test_fit_h200_qwen3_235b_synthetic_profile(tmp_path):
     got = {m: s for m, (s, _) in MixConfig.from_dict(yaml.safe_load(text)).resolve(names, errors=[]).items()}
     want = module_sources(prof, res.choice)
     assert got == {m: want.get(m, "model") for m in names}
+    # --use without the base: lm_head has only the base (bf16) in a synthetic profile; the error names it
+    with pytest.raises(ConfigError, match="--use fp8, int4: unit lm_head has no candidate"):
+        plan_budget(prof, budget, ["fp8", "int4"])
     # batch 8 x 32k: the KV cache alone is 50 GB, the smallest mix ~123 GB: refused, naming the minimum
     with pytest.raises(InfeasibleBudget, match="smallest possible mix"):
         plan_budget(prof, fit_budget(args, "h200", context=32768, batch=8)[0])

@@ -226,7 +226,7 @@ def groups_of(profile: dict, sources=None, mass_prior: float = 0.05) -> list[lis
     allowed = set(profile["sources"]) if sources is None else set(sources)
     unknown = allowed - set(profile["sources"])
     if unknown:
-        raise ConfigError(f"--sources {', '.join(sorted(unknown))}: not in the profile "
+        raise ConfigError(f"--use {', '.join(sorted(unknown))}: not in the profile "
                           f"(it has {', '.join(profile['sources'])})")
     uerr, perr = _errors_with_fallback(profile)
 
@@ -239,19 +239,23 @@ def groups_of(profile: dict, sources=None, mass_prior: float = 0.05) -> list[lis
     for pr, err in zip(profile.get("pairs", []), perr):
         paired[tuple(pr["units"])] = err
     in_pair = {n for pair in paired for n in pair}
-    out = []
+    out, names = [], []
     for name in units:
         if name not in in_pair:
             out.append(single(name))
+            names.append(name)
     for (a, b), err in paired.items():
         m = _mass(profile, b, mass_prior)
         opts = [(ba + bb, ca + cb, pa + pb) for ba, ca, pa in single(a) for bb, cb, pb in single(b)]
         opts += [(units[a]["bytes"][f] + units[b]["bytes"][f], m * e ** 2, ((a, f), (b, f)))
                  for f, e in err.items() if f in allowed]
         out.append(opts)
-    for opts in out:
+        names.append(f"{a} + {b}")
+    for opts, name in zip(out, names):
         if not opts:
-            raise ConfigError(f"--sources {', '.join(sorted(allowed))}: some unit has no candidate among them")
+            have = ", ".join(s for s in units[name.split(" + ")[0]]["bytes"])
+            raise ConfigError(f"--use {', '.join(sorted(allowed))}: unit {name} has no candidate among them "
+                              f"(it can come from {have})")
     return out
 
 
