@@ -339,3 +339,17 @@ def test_gpu_tuned_configs_all_paths():
                 g.replay()
             torch.cuda.synchronize()
             assert torch.equal(yg, y)
+
+
+@pytest.mark.skipif(not CUDA, reason="a 4.3 GB output: GPU only (the interpreter takes minutes)")
+def test_gemm_output_beyond_2_31_elements():
+    """M * N > 2**31 (a 151936-wide lm_head from 14k rows): the output offsets are 64-bit; rows
+    past the wrap were written ~4 GiB before the output (a segfault in the interpreter)."""
+    N, K, M = 131072, 16, 16384 + 64
+    g = torch.Generator(device=DEV).manual_seed(0)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g, device=DEV)
+    s = torch.rand(N, 1, generator=g, device=DEV) * 1e-3 + 1e-4
+    x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
+    y = int8_linear_cfg(x, w, s, None, "w8a16", configs.cfg("gemm", 64, 128, 16, 1, 4, 1))
+    for rows in (slice(0, 64), slice(M - 64, M)):
+        assert sqnr(y[rows], int8_linear_reference(x[rows], w, s, None, "w8a16")) > 40

@@ -280,11 +280,12 @@ def splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om,
     """acc: [BM, BN] fp32 partial of K split pid_k. Without split: cast and store. With split:
     store the partial, count arrivals; the last one sums all partials in order 0..split-1."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    rows = offs_m[:, None].to(tl.int64)   # M * N passes 2**31 (a 151936-wide lm_head from 14k rows)
+    out_ptrs = out_ptr + rows * stride_om + offs_n[None, :]
     if USE_SPLIT:
-        mn = M * N  # < 2**31 for any supported shape (workspace is [split, M, N] fp32)
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptrs + pid_k.to(tl.int64) * mn, acc, mask=mask)
+        mn = (tl.zeros([], dtype=tl.int64) + M) * N     # workspace [split, M, N] fp32
+        ws_ptrs = ws_ptr + rows * N + offs_n[None, :]
+        tl.store(ws_ptrs + pid_k * mn, acc, mask=mask)
         tl.debug_barrier()  # all threads' partial stores precede the release below
         prev = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
         if prev == split - 1:
