@@ -59,26 +59,34 @@ class ModelArgs:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{p}: not valid JSON ({e})") from None
         cfg = dict(cfg.get("text_config", cfg)) if "hidden_size" not in cfg else dict(cfg)
+        # defaults and precedence as transformers' Qwen3 / Qwen3-MoE configs: a rope_theta inside
+        # rope_parameters / rope_scaling wins over the top-level one (which only fills it in), 1e4
+        # without either; a top-level original_max_position_embeddings overrides the scaling's
         rope = cfg.get("rope_parameters") or {}
-        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6))
         scaling = cfg.get("rope_scaling")
+        rope_theta = rope.get("rope_theta", (scaling or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
         if scaling is None and rope.get("rope_type", "default") not in ("default", None):
             scaling = rope
+        if scaling and "original_max_position_embeddings" in cfg and (
+                scaling.get("rope_type", scaling.get("type")) in ("yarn", "llama3", "longrope")):
+            scaling = {**scaling, "original_max_position_embeddings": cfg["original_max_position_embeddings"]}
         try:
             heads = cfg["num_attention_heads"]
+            # Qwen3Config's head_dim default is 128; Qwen3MoeConfig's is hidden / heads
+            head_dim = cfg.get("head_dim") or (128 if cfg.get("model_type") == "qwen3" else cfg["hidden_size"] // heads)
             args = cls(
                 vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
                 num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
                 num_key_value_heads=cfg.get("num_key_value_heads", heads),
-                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                head_dim=head_dim,
                 intermediate_size=cfg.get("intermediate_size", 0),
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
-                rope_scaling=scaling, max_position_embeddings=cfg.get("max_position_embeddings", 40960),
+                rope_scaling=scaling, max_position_embeddings=cfg.get("max_position_embeddings", 32768),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 num_experts=cfg.get("num_experts", cfg.get("num_local_experts", 0)) or 0,
                 num_experts_per_tok=cfg.get("num_experts_per_tok", 0) or 0,
                 moe_intermediate_size=cfg.get("moe_intermediate_size", 0) or 0,
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),     # Qwen3MoeConfig's default
                 decoder_sparse_step=cfg.get("decoder_sparse_step", 1) or 1,
                 mlp_only_layers=tuple(cfg.get("mlp_only_layers", ()) or ()),
                 attention_bias=bool(cfg.get("attention_bias", False)),

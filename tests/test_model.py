@@ -146,6 +146,43 @@ def test_rope_parameters_match_transformers(rope):
     assert af == pytest.approx(ref_af, rel=1e-9)
 
 
+_DROP = object()
+
+
+@pytest.mark.parametrize("kind,change", [
+    ("moe", {"norm_topk_prob": _DROP}),                                      # default False
+    ("dense", {"rope_theta": _DROP}),                                        # default 1e4
+    ("dense", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}),   # it wins over the top level
+    ("dense", {"rope_scaling": dict(YARN, rope_theta=1e4)}),
+    ("dense", {"rope_scaling": YARN, "original_max_position_embeddings": 16}),     # the top level overrides
+    ("dense", {"max_position_embeddings": _DROP, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+    ("dense", {"head_dim": _DROP}),                                          # Qwen3Config: 128
+    ("moe", {"head_dim": _DROP}),                                            # Qwen3MoeConfig: hidden / heads
+])
+def test_config_defaults_and_precedence_follow_transformers(kind, change):
+    """config.json keys left out or given twice read as transformers reads them (one left-out
+    norm_topk_prob had renormalised the routing weights: logits off by 1.3)."""
+    cfg = {"model_type": "qwen3_moe" if kind == "moe" else "qwen3", "vocab_size": V, "hidden_size": H,
+           "num_hidden_layers": 2, "num_attention_heads": HEADS, "num_key_value_heads": KVH, "head_dim": D,
+           "intermediate_size": I_DENSE, "max_position_embeddings": 256, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+           "norm_topk_prob": True, **({"num_experts": E, "num_experts_per_tok": TOPK, "moe_intermediate_size": I_MOE}
+                                      if kind == "moe" else {})}
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not _DROP}
+    ref = (transformers.Qwen3MoeConfig if kind == "moe" else transformers.Qwen3Config)(**cfg)
+    ref.standardize_rope_params()     # what transformers computes with (a top-level original_max_... set late)
+    ours = ModelArgs.from_hf(cfg)
+    rp = ref.rope_parameters
+    assert ours.rope_theta == rp["rope_theta"]
+    assert ours.max_position_embeddings == ref.max_position_embeddings
+    assert ours.head_dim == (getattr(ref, "head_dim", None) or H // HEADS)
+    if kind == "moe":
+        assert ours.norm_topk_prob == ref.norm_topk_prob
+    if rp.get("rope_type", "default") != "default":
+        assert (ours.rope_scaling or {}).get("original_max_position_embeddings") == rp.get(
+            "original_max_position_embeddings")
+
+
 def _decode_vs_full(model, ids, mask, steps, seed, cache=None):
     """Prefill `ids` (left padding per `mask`) into a cache, then `steps` single-token decode steps;
     each step's logits must equal the full forward over the whole sequence."""
