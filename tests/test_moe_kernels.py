@@ -601,3 +601,16 @@ def test_int4_dot_lattice(specs, bm):
     dot = dict(BM=bm, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2)
     b = _layer(mt.split(specs, E), h=384, i=128)
     _check(b, *_inputs(9, h=384, seed=51), inter=128, config=("dot", dot, dot))
+
+
+def test_bench_goal_lines_say_not_measured_without_points():
+    """bench-moe's goal lines: a baseline that failed (nan) or a missing format is 'not measured',
+    never 'met' (they had read 'met' with nothing compared)."""
+    from mixprec.kernels.moe_bench import summarize
+    row = lambda cfg, M, us, **kw: dict(shape="30b", config=cfg, M=M, us=us, pct=50.0, by_format={cfg: 1}, **kw)  # noqa: E731
+    lines = summarize([row("int4", 1, 10.0), row("bf16", 1, 30.0, grouped_mm_us=float("nan"))], 3000.0)
+    assert any(ln.startswith("int4 < fp8 < bf16 for M <= 64: not measured") for ln in lines), lines
+    assert any(ln.startswith("bf16 <= torch._grouped_mm: not measured") for ln in lines), lines
+    lines = summarize([row("int4", 1, 10.0), row("fp8", 1, 20.0), row("bf16", 1, 15.0, grouped_mm_us=14.0)], 3000.0)
+    assert any("int4 < fp8 < bf16 for M <= 64: missed at 1 of 1" in ln for ln in lines), lines
+    assert any("bf16 <= torch._grouped_mm: missed at 1 of 1" in ln for ln in lines), lines
