@@ -374,9 +374,12 @@ def main(argv=None) -> int:
                 if best is None:
                     results.append(dict(model=model, shape=sname, N=N, K=K, M=M, variant=v, us=None))
                     continue
+                us = best[0]
                 if tuning:
                     tuned[key] = best[1]
-                results.append(dict(model=model, shape=sname, N=N, K=K, M=M, variant=v, us=best[0],
+                    if len(cands) > 1:   # the least of several timings is biased low: time the winner again
+                        us = graph_us([lambda t=t, c=best[1]: call(x, t, c) for t in copies])
+                results.append(dict(model=model, shape=sname, N=N, K=K, M=M, variant=v, us=us,
                                     bytes=nbytes(ts), cfg=best[1], sqnr=best[2]))
             del copies, ts
         for bname in baselines:
