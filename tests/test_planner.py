@@ -284,6 +284,7 @@ def _brute_force(options, budget):
 
 def test_solver_never_exceeds_the_budget_and_is_near_optimal():
     rng = random.Random(1234)
+    feasible, off = 0, []
     for trial in range(300):
         G = rng.randint(1, 6)
         options = [[(rng.randint(1, 100), rng.random() * rng.choice([0.01, 1, 10])) for _ in range(rng.randint(1, 4))]
@@ -306,6 +307,12 @@ def test_solver_never_exceeds_the_budget_and_is_near_optimal():
         assert cost <= opt + slack + 1e-12, (trial, options, budget)
         if budget >= hi:
             assert cost == pytest.approx(sum(min(c for _, c in o) for o in options))
+        feasible += 1
+        if cost > opt + 1e-12:
+            off.append((cost - opt) / opt)
+    # usually the optimum itself: the solver misses 7 of these 255 cases, by at most 20%; one that
+    # stops at the first step that does not fit or skips the fill pass misses 28, by up to 38%
+    assert len(off) <= 0.05 * feasible and max(off, default=0) <= 0.25, (len(off), feasible, max(off, default=0))
 
 
 def test_plan_budget_over_random_profiles_never_exceeds_and_names_the_minimum():

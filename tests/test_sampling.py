@@ -46,6 +46,23 @@ def test_top_k_and_top_p_restrict_support():
     assert drawn == set(order[:need].tolist())
 
 
+def test_filtered_draws_follow_the_renormalised_softmax():
+    """top-k / top-p rows draw the kept tokens with their renormalised probabilities (not just
+    from the right support): 40k draws within 0.01 of softmax over the kept tokens."""
+    torch.manual_seed(3)
+    logits = torch.randn(1, 12) * 1.5
+    n = 40000
+    p = torch.softmax(logits[0], -1)
+    order = p.argsort(descending=True)
+    noise = counter_noise(torch.arange(n), torch.zeros(n, dtype=torch.long), 12)
+    for k, top_p, keep in ((3, 1.0, 3), (0, 0.5, int((p[order].cumsum(0) < 0.5).sum()) + 1)):
+        t, kk, pp = _params(n, temperature=1.0, top_k=k, top_p=top_p)
+        freq = torch.bincount(sample(logits.expand(n, 12), t, kk, pp, noise), minlength=12).float() / n
+        expect = torch.zeros(12)
+        expect[order[:keep]] = p[order[:keep]] / p[order[:keep]].sum()
+        assert keep > 1 and (freq - expect).abs().max() < 0.01, (k, top_p, freq, expect)
+
+
 def test_counter_noise_is_per_request():
     a = counter_noise(torch.tensor([7, 8]), torch.tensor([3, 3]), 100)
     b = counter_noise(torch.tensor([1, 7]), torch.tensor([0, 3]), 100)
