@@ -38,13 +38,27 @@ def _plan(a) -> int:
 
 def _generate(a) -> int:
     from .api import load
+    from .errors import MixprecError
+    from .runtime.sampling import SamplingParams
+    if not a.prompt:
+        print("error: --prompt is empty", file=sys.stderr)
+        return 2
+    try:    # bad input (config, checkpoint, sampling values) is a message, not a traceback
+        SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed).validate()
+        model = load(a.config, device=a.device, dtype=a.dtype, progress=not a.quiet, tp=a.tp, ep=a.ep)
+    except (MixprecError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _stream(a, model)
+
+
+def _stream(a, model) -> int:
     from .runtime.generate import Generator
     from .runtime.sampling import SamplingParams
-    model = load(a.config, device=a.device, dtype=a.dtype, progress=not a.quiet, tp=a.tp, ep=a.ep)
     main = getattr(model, "parallel", None) is None or model.parallel.is_main   # only rank 0 prints
     tok = model.tokenizer
     if tok is None:
-        print("error: the base checkpoint has no tokenizer.json", file=sys.stderr)
+        print(f"error: the base checkpoint {a.config} has no tokenizer.json", file=sys.stderr)
         return 2
     ids = tok.encode_prompt(a.prompt, chat=a.chat)
     params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
@@ -85,7 +99,7 @@ def _demo(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .planner.cli import at_least
+    from .argtypes import at_least
     p = argparse.ArgumentParser(prog="mixprec", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-from .config import MixConfig, load_config
+from .config import COMPUTE_DTYPES, MixConfig, load_config
+from .errors import ConfigError
 from .formats import dequant, load_module, resolve_scheme
 from .loader.assemble import assemble
 from .loader.checkpoint import Checkpoint
@@ -14,12 +15,14 @@ from .loader.plan import Plan, make_plan
 from .runtime.generate import Generator
 from .runtime.sampling import SamplingParams
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-
-
 def _dtype(d) -> torch.dtype:
-    return d if isinstance(d, torch.dtype) else _DTYPES[str(d)]
+    if isinstance(d, torch.dtype):
+        if d not in COMPUTE_DTYPES.values():
+            raise ConfigError(f"dtype {d}: expected one of {', '.join(COMPUTE_DTYPES)}")
+        return d
+    if str(d) not in COMPUTE_DTYPES:
+        raise ConfigError(f"dtype {d!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[str(d)]
 
 
 def plan(config) -> Plan:

@@ -240,6 +240,9 @@ def _compiled(pattern: str) -> re.Pattern:
     return re.compile(hf_pattern(pattern))
 
 
+MAX_EXPERT_ID = 1 << 16
+
+
 def parse_experts(spec, where: str) -> frozenset[int] | None:
     """'0-63,100' / 7 / [0, 1, '4-7'] -> frozenset of expert indices; None stays None."""
     if spec is None:
@@ -261,6 +264,9 @@ def parse_experts(spec, where: str) -> frozenset[int] | None:
                                   "expected indices and ranges like '0-63,100'") from None
             if lo < 0 or hi < lo:
                 raise ConfigError(f"{where}: experts {spec!r}: bad range {part.strip()!r}")
+            if hi >= MAX_EXPERT_ID:      # checked against the model later; bounded here before expanding
+                raise ConfigError(f"{where}: experts {spec!r}: {hi} is beyond any MoE model's experts "
+                                  f"(ids < {MAX_EXPERT_ID})")
             out.update(range(lo, hi + 1))
     if not out:
         raise ConfigError(f"{where}: experts {spec!r} names no expert")
@@ -381,6 +387,9 @@ class MixConfig:
             d = yaml.safe_load(p.read_text())
         except OSError as e:
             raise ConfigError(f"{p}: cannot read mix config ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a YAML mix config (binary data): pass a YAML file or a checkpoint "
+                              f"directory") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
         return cls.from_dict(d, origin=str(p), base_dir=p.parent)

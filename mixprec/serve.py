@@ -17,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .argtypes import at_least
+from .errors import MixprecError
 from .runtime.engine import Engine, EngineStopped, QueueFull
 from .runtime.sampling import SamplingParams
 
@@ -346,17 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixprec serve", description="OpenAI-compatible server for a mix")
     p.add_argument("config", help="mix YAML, or one checkpoint directory")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV cache rows)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--port", type=at_least(0), default=8000)
+    p.add_argument("--max-batch", type=at_least(1), default=16, help="requests decoded together (KV cache rows)")
+    p.add_argument("--max-len", type=at_least(2), default=None,
                    help="context per request, prompt + completion (default: the model's, at most 4096)")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-queue", type=at_least(1), default=256, help="waiting requests before 429")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: config name)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--tp", type=int, default=None, help="tensor parallel size (under torchrun; default: config)")
-    p.add_argument("--ep", type=int, default=None, help="expert parallel size (under torchrun; default: config)")
+    p.add_argument("--tp", type=at_least(1), default=None, help="tensor parallel size (under torchrun; default: config)")
+    p.add_argument("--ep", type=at_least(1), default=None, help="expert parallel size (under torchrun; default: config)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -367,10 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .api import load
-    model = load(a.config, device=a.device, dtype=a.dtype, tp=a.tp, ep=a.ep)
+    try:    # bad config / checkpoint / engine sizes: a message, not a traceback
+        model = load(a.config, device=a.device, dtype=a.dtype, tp=a.tp, ep=a.ep)
+        engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
+                        use_cuda_graphs=False if a.no_cuda_graphs else None)
+    except (MixprecError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     name = a.served_model_name or Path(a.config).resolve().name.removesuffix(".yaml").removesuffix(".yml")
-    engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
-                    use_cuda_graphs=False if a.no_cuda_graphs else None)
     ctx = getattr(model, "parallel", None)
     if ctx is not None and not ctx.is_main:   # tp x ep run: rank 0 serves, this rank follows it
         failure = engine.join()

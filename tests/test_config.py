@@ -259,3 +259,13 @@ def test_layer_anchored_rules_resolve_like_a_plain_scan():
     got = cfg.resolve(names, errors=[])             # collects dead-rule complaints instead of raising
     want = {n: next((r.use for r in rules if r.matches(n)), "model") for n in names}
     assert {n: src for n, (src, _) in got.items()} == want
+
+
+def test_huge_expert_ranges_and_binary_configs_are_refused_at_once(tmp_path):
+    from mixprec.config import parse_experts
+    with pytest.raises(ConfigError, match="beyond any MoE model"):          # was expanded until out of memory
+        parse_experts("0-9999999999", "weights[0]")
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"\x80\x81\xfe" * 10)
+    with pytest.raises(ConfigError, match="not a YAML mix config"):
+        MixConfig.from_yaml(f)

@@ -203,6 +203,8 @@ def test_generator_zero_token_rows_and_unseeded_rows(model):
     # a row asking for no tokens, beside a longer one, gets none
     out = gen.generate([p, p], [SamplingParams(max_new_tokens=0), SamplingParams(max_new_tokens=3)])
     assert [len(o) for o in out] == [0, 3]
+    with pytest.raises(ValueError, match=r"prompt token ids \[99999, -1\] are outside the vocabulary"):
+        gen.generate([[5, 99999, -1]], SamplingParams(max_new_tokens=2))
     # without a seed each row draws its own: two equal prompts sample apart (16 tokens each)
     a, b = gen.generate([p, p], SamplingParams(temperature=1.0, max_new_tokens=16))
     assert a != b

@@ -275,3 +275,26 @@ def test_cli_generate_streams_whole_characters(fx, capsys, monkeypatch):
     assert main(["generate", str(fx["bf16"]), "--prompt", "hi", "--quiet", "--device", "cpu",
                  "--dtype", "float32", "--no-cuda-graphs"]) == 0
     assert capsys.readouterr().out == text + "\n"
+
+
+def test_cli_generate_and_serve_bad_input_is_a_message(fx, tmp_path, capsys):
+    """Bad input to generate / serve / load: exit 2 or a typed error naming it, no traceback."""
+    from mixprec.__main__ import main
+    from mixprec.errors import ConfigError
+    base = ["generate", str(fx["bf16"]), "--device", "cpu", "--quiet"]
+    assert main(base + ["--prompt", ""]) == 2 and "--prompt is empty" in capsys.readouterr().err
+    assert main(base + ["--prompt", "hi", "--top-p", "0"]) == 2 and "top_p" in capsys.readouterr().err
+    assert main(base + ["--prompt", "hi", "--dtype", "foo"]) == 2 and "dtype 'foo'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": str(fx["bf16"]), "weights": [{"match": "x", "use": "nowhere"}]}))
+    assert main(["generate", str(bad), "--prompt", "hi"]) == 2 and "nowhere" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="expected one of"):
+        mixprec.load(fx["bf16"], device="cpu", dtype="foo", progress=False)
+    pytest.importorskip("fastapi")
+    from mixprec.serve import main as serve_main
+    for argv in (["--max-batch", "0"], ["--max-len", "1"], ["--port", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            serve_main([str(fx["bf16"])] + argv)
+        assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+    assert serve_main([str(fx["bf16"]), "--device", "cpu", "--max-len", "10000000"]) == 2
+    assert "max_len" in capsys.readouterr().err

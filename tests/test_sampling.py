@@ -99,7 +99,8 @@ def test_params_that_do_not_fit_the_device_tensors_are_refused():
 
     from mixprec.runtime.sampling import SamplingParams
     for bad in ({"top_k": 2**63}, {"seed": 2**63}, {"seed": -2**63 - 1}, {"temperature": float("nan")},
-                {"temperature": float("inf")}, {"top_p": float("nan")}, {"max_new_tokens": -1}):
+                {"temperature": float("inf")}, {"top_p": float("nan")}, {"max_new_tokens": -1},
+                {"max_new_tokens": "5"}, {"seed": "x"}, {"stop": "rx"}, {"stop": ("",)}, {"stop_token_ids": ("a",)}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
             SamplingParams(**bad).validate()
     SamplingParams(top_k=2**63 - 1, seed=-2**63, temperature=1e-40).validate()

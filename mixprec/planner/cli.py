@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import at_least
 from ..config import COMPUTE_DTYPES, MixConfig, load_config
 from ..errors import MixprecError
 
@@ -25,19 +26,6 @@ from ..errors import MixprecError
 def _fail(e: Exception) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
-
-
-def at_least(lo, kind=int):
-    """argparse type: a number >= lo (argparse answers anything else with exit 2, naming the option)."""
-    def parse(v: str):
-        try:
-            x = kind(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
-        if not x >= lo:
-            raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
-        return x
-    return parse
 
 
 def _write(path: str, text: str) -> None:

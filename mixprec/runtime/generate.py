@@ -165,6 +165,9 @@ class Generator:
         lens = [len(p) for p in prompts]
         if min(lens) == 0:
             raise ValueError("empty prompt")
+        bad = [t for p in prompts for t in p if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.args.vocab_size})")
         max_new = max(p.max_new_tokens for p in plist)
         if max_new == 0:
             return

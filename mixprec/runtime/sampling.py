@@ -29,12 +29,25 @@ class SamplingParams:
     def validate(self) -> "SamplingParams":
         """ValueError naming every bad field. top_k and seed become int64 device tensors: a larger
         value would fail inside the engine, not here."""
-        checks = [("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "finite, >= 0"),
-                  ("top_k", 0 <= self.top_k < 2**63, "in [0, 2**63)"),
-                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-                  ("max_new_tokens", self.max_new_tokens >= 0, ">= 0"),
-                  ("seed", self.seed is None or -2**63 <= self.seed < 2**63, "None or 64-bit")]
-        bad = [f"{name}={getattr(self, name)!r} (expected {want})" for name, ok, want in checks if not ok]
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+        checks = [("temperature", lambda t: math.isfinite(t) and t >= 0, "finite, >= 0"),
+                  ("top_k", lambda k: is_int(k) and 0 <= k < 2**63, "an int in [0, 2**63)"),
+                  ("top_p", lambda p: 0 < p <= 1, "in (0, 1]"),
+                  ("max_new_tokens", lambda n: is_int(n) and n >= 0, "an int >= 0"),
+                  ("seed", lambda s: s is None or is_int(s) and -2**63 <= s < 2**63, "None or a 64-bit int"),
+                  ("stop", lambda st: isinstance(st, (tuple, list)) and all(isinstance(x, str) and x for x in st),
+                   "a tuple of non-empty strings"),
+                  ("stop_token_ids", lambda st: isinstance(st, (tuple, list)) and all(map(is_int, st)),
+                   "a tuple of token ids")]
+
+        def ok(check, v) -> bool:
+            try:
+                return bool(check(v))
+            except TypeError:                  # a string where a number belongs
+                return False
+        bad = [f"{name}={getattr(self, name)!r} (expected {want})" for name, check, want in checks
+               if not ok(check, getattr(self, name))]
         if bad:
             raise ValueError(f"invalid sampling parameters: {', '.join(bad)}")
         return self
