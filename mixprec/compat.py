@@ -28,14 +28,29 @@ class TrueMixedPrecisionLoader:
         if isinstance(raw, (str, Path)) and Path(raw).suffix in (".yaml", ".yml"):
             import yaml
             path = Path(raw)
-            raw = yaml.safe_load(path.read_text())
+            try:
+                raw = yaml.safe_load(path.read_text())
+            except OSError as e:
+                raise ConfigError(f"{path}: cannot read mix config ({e.strerror})") from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from None
             origin = path
         else:
             origin = None
         if isinstance(raw, dict) and "mixed_precision" in raw and isinstance(model_config, (str, Path)):
+            if not isinstance(raw["mixed_precision"], dict):
+                raise ConfigError(f"{origin or 'mixed_precision_config'}: mixed_precision must be a mapping, got "
+                                  f"{type(raw['mixed_precision']).__name__}")
             mp = dict(raw["mixed_precision"])
-            base = Path(model_config)
-            mp.setdefault("base_model_path", str(base.parent if base.name == "config.json" else base))
+            base = Path(model_config).expanduser().resolve()
+            base = base.parent if base.name == "config.json" else base
+            if not (base / "config.json").is_file():
+                raise ConfigError(f"model_config {model_config}: not a checkpoint directory (no config.json)")
+            given = mp.setdefault("base_model_path", str(base))
+            root = origin.parent if origin is not None else Path.cwd()
+            if (root / Path(given).expanduser()).resolve() != base:
+                raise ConfigError(f"model_config {model_config} and the mix's base_model_path {given} are "
+                                  f"different checkpoints")
             raw = {**raw, "mixed_precision": mp}
         self.config: MixConfig = (load_config(raw) if origin is None
                                   else MixConfig.from_dict(raw, origin=str(origin), base_dir=origin.parent))

@@ -58,7 +58,10 @@ class ModelArgs:
                 raise ConfigError(f"{p}: config.json not found") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("text_config", {}), dict):
+            raise ConfigError(f"{where or 'config.json'}: expected a JSON object (and text_config one)")
         cfg = dict(cfg.get("text_config", cfg)) if "hidden_size" not in cfg else dict(cfg)
+        _check_ints(cfg, where or "config.json")
         # defaults and precedence as transformers' Qwen3 / Qwen3-MoE configs: a rope_theta inside
         # rope_parameters / rope_scaling wins over the top-level one (which only fills it in), 1e4
         # without either; a top-level original_max_position_embeddings overrides the scaling's
@@ -309,6 +312,22 @@ class Rule:
     def describe(self) -> str:
         ex = f", experts: '{format_experts(self.experts)}'" if self.experts is not None else ""
         return f"{self.origin} {{match: {self.match!r}{ex}, use: {self.use}}}"
+
+
+# config.json integers: (key, smallest valid value); absent keys are checked where they are needed
+_INT_KEYS = (("vocab_size", 1), ("hidden_size", 1), ("num_hidden_layers", 1), ("num_attention_heads", 1),
+             ("num_key_value_heads", 1), ("head_dim", 1), ("intermediate_size", 0), ("num_experts", 0),
+             ("num_local_experts", 0), ("num_experts_per_tok", 0), ("moe_intermediate_size", 0),
+             ("max_position_embeddings", 1), ("decoder_sparse_step", 1))
+
+
+def _check_ints(cfg: dict, where: str) -> None:
+    """One ConfigError naming every integer key of config.json that is not an int >= its minimum
+    (a string or a negative layer count had surfaced as shape errors or a 0-layer plan)."""
+    bad = [f"{k}: {cfg[k]!r} (expected an integer >= {lo})" for k, lo in _INT_KEYS
+           if cfg.get(k) is not None and not (isinstance(cfg[k], int) and not isinstance(cfg[k], bool) and cfg[k] >= lo)]
+    if bad:
+        raise ConfigError(f"{where}: " + "; ".join(bad))
 
 
 @dataclass(frozen=True)

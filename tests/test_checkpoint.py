@@ -230,3 +230,20 @@ def test_tensors_no_module_reads_are_named(tmp_path, W, extra, tied):
     d = write_ckpt(tmp_path / "m", t, extra_cfg={"tie_word_embeddings": tied})
     with pytest.warns(UserWarning, match=f"1 tensors belong to no module of this model.*{extra}"):
         make_plan(load_config(d))
+
+
+def test_malformed_json_values_are_typed_errors(tmp_path, W):
+    from mixprec.errors import FormatError
+    from mixprec.formats import resolve_scheme
+    with pytest.raises(ConfigError, match=r"hidden_size: '64' .*num_hidden_layers: -1"):
+        ModelArgs.from_hf({**CFG, "hidden_size": "64", "num_hidden_layers": -1})
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        ModelArgs.from_hf({**CFG, "hidden_size": None, "text_config": "x"})
+    with pytest.raises(FormatError, match="quantization_config: expected a JSON object"):
+        resolve_scheme("gptq", "model.layers.0.mlp.experts.0.up_proj")
+    d = write_ckpt(tmp_path / "m", W, shards=2)
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.norm.weight"] = ["model-00001-of-00002.safetensors"]
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match="must map tensor names to shard file names"):
+        Checkpoint(d)

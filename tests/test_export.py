@@ -161,6 +161,8 @@ def test_refusals_and_force(fx, tmp_path, capsys):
         export_mix(cfg, fx["int8"], force=True, progress=False)
     with pytest.raises(ConfigError, match="is \\(or contains\\) source"):
         export_mix(cfg, fx["bf16"].parent, force=True, progress=False)
+    with pytest.raises(ConfigError, match="cannot create the export directory"):    # under a file
+        export_mix(cfg, tmp_path / "mix.yaml" / "out", progress=False)
     assert not list(tmp_path.glob(".*partial*")) and not list(tmp_path.glob(".*old*"))
 
 

@@ -187,6 +187,20 @@ def test_seed_api(fx, tmp_path):
     assert set(stats["by_format"]) >= {"gptq", "fp8_block"}
     logits = model(_ids(model.args.vocab_size))
     assert torch.isfinite(logits).all()
+    # a model path that is not there, or another checkpoint than the YAML's base, or a bad YAML
+    with pytest.raises(ConfigError, match="not a checkpoint directory"):
+        mixprec.TrueMixedPrecisionLoader(tmp_path / "nowhere", y)
+    based = tmp_path / "based.yaml"
+    based.write_text(yaml.safe_dump({"mixed_precision": {"base_model_path": str(fx["bf16"]),
+                                                         "weight_mapping": {}}}))
+    with pytest.raises(ConfigError, match="different checkpoints"):
+        mixprec.TrueMixedPrecisionLoader(fx["gptq"], based)
+    for text, needle in (("mixed_precision: [1, 2]", "must be a mapping"), ("a: [", "not valid YAML")):
+        y.write_text(text)
+        with pytest.raises(ConfigError, match=needle):
+            mixprec.TrueMixedPrecisionLoader(fx["bf16"], y)
+    with pytest.raises(ConfigError, match="cannot read"):
+        mixprec.TrueMixedPrecisionLoader(fx["bf16"], tmp_path / "missing.yaml")
 
 
 def test_errors_name_the_problem(fx, tmp_path):

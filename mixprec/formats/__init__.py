@@ -122,6 +122,8 @@ def resolve_scheme(quant_config: dict | None, module: str) -> dict | None:
     `quantization_config`; None = stored unquantized. See the module docstring for the keys."""
     if not quant_config:
         return None
+    if not isinstance(quant_config, dict):
+        raise FormatError(f"quantization_config: expected a JSON object, got {type(quant_config).__name__}")
     qc = dict(quant_config)
     method = str(qc.get("quant_method", "")).lower()
     try:

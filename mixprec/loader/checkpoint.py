@@ -120,8 +120,8 @@ class Checkpoint:
                 wmap = json.loads(index.read_text())["weight_map"]
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from None
-            if not isinstance(wmap, dict):
-                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
+            if not isinstance(wmap, dict) or not all(isinstance(v, str) and v for v in wmap.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
             headers, files = {}, {}
             for shard in dict.fromkeys(wmap.values()):
                 f = files[shard] = self.path / shard

@@ -191,9 +191,12 @@ def export_mix(config, out_dir: str | Path, force: bool = False, max_shard_bytes
     config_json["mixprec"] = manifest
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the export directory ({e.strerror})") from None
     done = False
     try:
         names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
