@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import mixprec
 from mixprec.demo import DEMO_RULES, write_demo_config
-from mixprec.errors import ConfigError, MissingWeight, ModelMismatch
+from mixprec.errors import ConfigError, MissingWeight, MixprecError, ModelMismatch
 from mixprec.testing.fixtures import FIXTURES, make_fixture
 
 transformers = pytest.importorskip("transformers")
@@ -312,3 +312,18 @@ def test_cli_generate_and_serve_bad_input_is_a_message(fx, tmp_path, capsys):
         assert e.value.code == 2 and argv[0] in capsys.readouterr().err
     assert serve_main([str(fx["bf16"]), "--device", "cpu", "--max-len", "10000000"]) == 2
     assert "max_len" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,needle", [({"bits": 3}, "bits=3"), ({"group_size": "x"}, "group_size 'x'")])
+def test_plan_refuses_what_load_would(fx, tmp_path, change, needle):
+    """plan (headers and config.json only) reports a GPTQ scheme that load() refuses (it printed a
+    normal table, and load raised later: a raw ValueError for group_size 'x')."""
+    import json
+    import shutil
+    d = tmp_path / "gptq"
+    shutil.copytree(fx["gptq"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"].update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MixprecError, match=needle):
+        mixprec.plan(d)

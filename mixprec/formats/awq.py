@@ -52,7 +52,7 @@ class AWQ(CheckpointFormat):
             raise FormatError(f"{where}: AWQ bits={q.get('bits')}: unsupported bits (AWQ GEMM is 4-bit)")
         if q.get("zero_point", True) is False:
             raise FormatError(f"{where}: AWQ zero_point=false is not a layout AutoAWQ GEMM writes")
-        G = group_size_of(q, k)
+        G = group_size_of(q, k, where)
         if n % 8:
             raise ShapeMismatch(f"{where}.qweight: N={n} is not a multiple of 8 (AWQ packs 8 columns per int32)")
         ng = cdiv(k, G)

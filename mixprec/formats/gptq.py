@@ -47,8 +47,10 @@ def check_bits(bits, where: str) -> int:
     return int(bits)
 
 
-def group_size_of(q: dict, k: int) -> int:
-    g = int(q.get("group_size", 128))
+def group_size_of(q: dict, k: int, where: str = "") -> int:
+    g = q.get("group_size", 128)
+    if not isinstance(g, int) or isinstance(g, bool) or not (g == -1 or g > 0):
+        raise FormatError(f"{where}: group_size {g!r}: expected a positive integer or -1 (one group)")
     return k if g == -1 else g
 
 
@@ -90,7 +92,7 @@ class GPTQ(CheckpointFormat):
     def load(self, raw, n, k, qcfg=None, where="") -> Packed:
         q = qcfg or {}
         bits = check_bits(q.get("bits", 4), where)
-        G = group_size_of(q, k)
+        G = group_size_of(q, k, where)
         pf, ng = 32 // bits, cdiv(k, G)
         fmt = q.get("checkpoint_format", "gptq")
         if fmt not in CHECKPOINT_FORMATS:

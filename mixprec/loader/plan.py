@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from ..config import MixConfig, ModelArgs, format_experts
-from ..errors import CheckpointError, ConfigError, MissingWeight, MixprecError, ModelMismatch, ShapeMismatch
+from ..errors import (CheckpointError, ConfigError, FormatError, MissingWeight, MixprecError, ModelMismatch,
+                      ShapeMismatch)
 from ..formats import detect, resolve_scheme
+from ..formats.gptq import check_bits, group_size_of
 from .checkpoint import Checkpoint
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -162,10 +164,17 @@ def _align(rows: list[tuple]) -> list[str]:
 
 
 # -- checks ----------------------------------------------------------------------------------
-def _light_check(fmt: str, meta: dict, n: int, k: int) -> str | None:
-    """Shape problems visible from headers. The format's load() does the full check later."""
+def _light_check(fmt: str, meta: dict, n: int, k: int, scheme: dict | None) -> str | None:
+    """Shape and scheme problems visible from headers and config.json (what load() would refuse).
+    The format's load() does the full check later."""
     def shp(s):
         return list(meta[s][1])
+    if fmt in ("gptq", "awq"):
+        try:
+            check_bits((scheme or {}).get("bits", 4), "")
+            group_size_of(scheme or {}, k)
+        except FormatError as e:
+            return str(e).removeprefix(": ")
     if fmt == "gptq":
         r, c = shp("qweight")
         if c != n or not any(r * 32 == k * b for b in (2, 3, 4, 8)):
@@ -307,7 +316,7 @@ def make_plan(cfg: MixConfig, strict: bool = True) -> Plan:
         except MixprecError as e:
             errors.append(e)
             continue
-        bad = _light_check(fmt.name, meta, n, k)
+        bad = _light_check(fmt.name, meta, n, k, scheme)
         if bad:
             errors.append(ShapeMismatch(f"{ck.path}: {m} ({fmt.name}, {why}): {bad}"))
             continue
