@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MixConfig, ModelArgs, load_config
+from .config import MixConfig, ModelArgs, load_config, read_yaml
 from .errors import ConfigError
 from .loader.assemble import assemble
 from .loader.plan import make_plan
@@ -26,14 +26,8 @@ class TrueMixedPrecisionLoader:
                  dtype: torch.dtype = torch.bfloat16):
         raw = mixed_precision_config
         if isinstance(raw, (str, Path)) and Path(raw).suffix in (".yaml", ".yml"):
-            import yaml
             path = Path(raw)
-            try:
-                raw = yaml.safe_load(path.read_text())
-            except OSError as e:
-                raise ConfigError(f"{path}: cannot read mix config ({e.strerror})") from None
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            raw = read_yaml(path)
             origin = path
         else:
             origin = None

@@ -330,6 +330,19 @@ def _check_ints(cfg: dict, where: str) -> None:
         raise ConfigError(f"{where}: " + "; ".join(bad))
 
 
+def read_yaml(p: Path):
+    """The parsed YAML of a mix config file; ConfigError naming the file otherwise."""
+    try:
+        return yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read mix config ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a YAML mix config (binary data): pass a YAML file or a checkpoint "
+                          f"directory") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+
+
 @dataclass(frozen=True)
 class Parallel:
     tp: int = 1
@@ -402,16 +415,7 @@ class MixConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MixConfig":
         p = Path(path).expanduser().resolve()
-        try:
-            d = yaml.safe_load(p.read_text())
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read mix config ({e.strerror})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not a YAML mix config (binary data): pass a YAML file or a checkpoint "
-                              f"directory") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        return cls.from_dict(d, origin=str(p), base_dir=p.parent)
+        return cls.from_dict(read_yaml(p), origin=str(p), base_dir=p.parent)
 
     @classmethod
     def from_dict(cls, d: dict, origin: str = "<dict>", base_dir: str | Path | None = None) -> "MixConfig":
