@@ -334,6 +334,20 @@ def test_malformed_quantization_config_is_a_format_error(qc):
         resolve_scheme(qc, MODULE)
 
 
+@pytest.mark.parametrize("fmt,params", [("ct_fp8", dict(strategy="channel")), ("ct_fp8", dict(strategy="block")),
+                                        ("fp8_block", dict(block=(64, 64))), ("ct_int8", {})])
+def test_pack_with_fp16_scales_keeps_zero_channels_finite(fmt, params):
+    """All-zero channels / blocks with fp16 scales: a minimum scale clamped in fp32 underflowed to 0
+    in fp16, and the codes were 0/0 (NaN); the fixtures' producers must not write that."""
+    W = weight(96, 192)
+    W[:8] = 0
+    f = FORMATS[fmt]
+    raw = f.pack(W, scale_dtype=torch.float16, **params)
+    w = load_module(raw, 96, 192, resolve_scheme(f.config_block(scale_dtype=torch.float16, **params) or None, MODULE),
+                    MODULE)
+    assert torch.isfinite(dequant(w)).all() and sqnr(W, dequant(w)) > 25
+
+
 @pytest.mark.parametrize("n,k", [(128, 128), (64, 128), (96, 192)])
 def test_ct_fp8_block_of_one_block_grid(n, k):
     # a [1, 1] scale grid (the weight fits one block) is a block scale, not a per-tensor one

@@ -387,6 +387,8 @@ def test_act_order_means_a_stored_g_idx():
     assert _act_order({"quant_method": "gptq", "desc_act": True})
     assert _act_order({"quant_method": "compressed-tensors", "weights": {"actorder": "group"}})
     assert not _act_order({"quant_method": "compressed-tensors", "weights": {"actorder": "weight"}})
+    for alias in ("dynamic", True):           # compressed-tensors validates both to 'group'
+        assert _act_order({"quant_method": "compressed-tensors", "weights": {"actorder": alias}})
     assert not _act_order({"quant_method": "gptq", "desc_act": False}) and not _act_order(None)
 
 

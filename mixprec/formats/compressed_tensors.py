@@ -67,6 +67,12 @@ def check_input_scale(raw: dict, where: str) -> None:
             raise ShapeMismatch(f"{where}.{name}: empty tensor")
 
 
+def group_actorder(weights: dict) -> bool:
+    """compressed-tensors' actorder that stores a g_idx: 'group', and its aliases 'dynamic' and
+    true (QuantizationArgs validates both to GROUP); 'weight' / 'static' keep natural groups."""
+    return weights.get("actorder") in ("group", "dynamic", True)
+
+
 # --------------------------------------------------------------------------------------------
 # FP8
 
@@ -230,8 +236,8 @@ class CTPack(CheckpointFormat):
         g_idx = None
         if "weight_g_idx" in raw:
             g_idx = check_tensor(raw["weight_g_idx"], f"{where}.weight_g_idx", (torch.int32, torch.int64), (k,))
-        elif wa.get("actorder") == "group":       # without it the groups would be read in natural order
-            raise MissingWeight(f"{where}.weight_g_idx: missing, the config says actorder: 'group'")
+        elif group_actorder(wa):                  # without it the groups would be read in natural order
+            raise MissingWeight(f"{where}.weight_g_idx: missing, the config says actorder: {wa['actorder']!r}")
         codes = unpack_int32(wp, bits, 1, k).t()                                  # [K, N]
         return make_intq(codes, sc.t(), zeros, g_idx, bits, G, n, k, self.name, where, g_name="weight_g_idx")
 
@@ -347,10 +353,10 @@ class CTInt8(CheckpointFormat):
         mx = Wf.amax(**dims).clamp(min=0)
         mn = Wf.amin(**dims).clamp(max=0)
         if p["sym"]:
-            scale = (torch.maximum(mx, -mn).clamp(min=1e-8) / 127.5).to(p["scale_dtype"])
+            scale = _positive((torch.maximum(mx, -mn) / 127.5).to(p["scale_dtype"]))
             zp = torch.zeros_like(scale, dtype=torch.float32)
         else:
-            scale = ((mx - mn).clamp(min=1e-8) / 255).to(p["scale_dtype"])
+            scale = _positive(((mx - mn) / 255).to(p["scale_dtype"]))
             zp = (-128 - torch.round(mn / scale.float())).clamp(-128, 127)
         if p["strategy"] == "tensor":
             scale, zp = scale.reshape(1), zp.reshape(1)
@@ -381,3 +387,9 @@ class CTInt8(CheckpointFormat):
         else:
             acts = None
         return ct_config("int-quantized" if acts else "naive-quantized", weights, acts, p["ignore"])
+
+
+def _positive(scale: Tensor) -> Tensor:
+    """Zero scales (all-zero channels) -> the scale dtype's smallest normal, after the cast: a
+    clamp in fp32 underflows to 0 in fp16 and the codes of such a channel would be 0/0."""
+    return scale.clamp(min=torch.finfo(scale.dtype).tiny)

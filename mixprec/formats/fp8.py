@@ -41,7 +41,8 @@ def quant_fp8(W: Tensor, bn: int, bk: int, scale_dtype: torch.dtype = torch.floa
     [ceil(N/bn), ceil(K/bk)] in scale_dtype) such that W ~= codes * scale. Codes are computed
     from the scale as stored (e.g. bf16-rounded), so dequant with the stored scale is exact to fp8."""
     n, k = W.shape
-    scale = (block_amax(W, bn, bk) / E4M3_MAX).clamp(min=1e-12).to(scale_dtype)
+    scale = (block_amax(W, bn, bk) / E4M3_MAX).to(scale_dtype)
+    scale = scale.clamp(min=torch.finfo(scale_dtype).tiny)    # after the cast: 1e-12 is 0 in fp16 (0/0 codes)
     codes = (W.float() / expand_blocks(scale, bn, bk, n, k)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return codes, scale
 

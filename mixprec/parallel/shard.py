@@ -67,6 +67,7 @@ from ..config import ModelArgs
 from ..errors import MissingWeight, ParallelError
 from ..formats import FORMATS
 from ..formats.base import Packed, shard
+from ..formats.compressed_tensors import group_actorder
 from ..loader.checkpoint import Checkpoint
 
 W8A8_ACT_GROUP = 128   # fp8 W8A8 kernels quantize activations per 128 inputs (kernels/fp8.py, kernels/moe.py)
@@ -229,7 +230,7 @@ def _act_order(scheme: dict | None) -> bool:
     """Whether the weight is stored act-order sorted with a g_idx (its K slices are padded, not
     cut at words). compressed-tensors' actorder 'weight' stores no g_idx: natural order."""
     s = scheme or {}
-    return bool(s.get("desc_act") or (s.get("weights") or {}).get("actorder") == "group")
+    return bool(s.get("desc_act") or group_actorder(s.get("weights") or {}))
 
 
 def check_plan(plan, tp: int, ep: int) -> ShardLayout:
