@@ -327,3 +327,21 @@ def test_plan_refuses_what_load_would(fx, tmp_path, change, needle):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MixprecError, match=needle):
         mixprec.plan(d)
+
+
+def test_half_after_loading_keeps_rope_and_makes_a_matching_cache(fx):
+    """model.half() after loading: the RoPE frequencies stay float32 (rounded to fp16 the cos was
+    off by 1.8 at 30k tokens) and the KV cache is made in the new dtype (it stayed float32, and a
+    cached forward failed); the result equals a model loaded in float16."""
+    a = mixprec.load(fx["bf16"], device="cpu", dtype="float32", progress=False).half()
+    b = mixprec.load(fx["bf16"], device="cpu", dtype="float16", progress=False)
+    assert a.model.rotary.inv_freq.dtype == torch.float32 and a.dtype == torch.float16
+    ids = _ids(a.args.vocab_size)[:, :6]
+    pos = torch.arange(6)[None].expand(ids.shape[0], 6)
+    with torch.inference_mode():
+        outs = []
+        for m in (a, b):
+            cache = m.make_cache(ids.shape[0], 16)
+            assert cache.k[0].dtype == torch.float16
+            outs.append(m(ids, positions=pos, cache=cache))
+    assert torch.equal(outs[0], outs[1])

@@ -110,6 +110,14 @@ class Rotary(nn.Module):
         # always a real (CPU) tensor, even for a meta-device model; moved with the model
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Follow device moves, not dtype casts: model.half() would round the frequencies to fp16
+        (the angle error grows with position: cos off by 1.8 at 30k tokens)."""
+        f32 = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = f32.to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """positions [B, T] long -> cos, sin [B, T, head_dim] in `dtype` (transformers casts too)."""
         freqs = positions[..., None].float() * self.inv_freq           # [B, T, D/2]

@@ -118,7 +118,7 @@ class Qwen3ForCausalLM(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.bfloat16, device="meta"):
         super().__init__()
         _check_supported(args)
-        self.args, self.dtype = args, dtype
+        self.args = args
         self.model = Qwen3Model(args, dtype, device)
         self.lm_head = Linear(args.vocab_size, args.hidden_size)
         self._linear_shapes = {n: s for n, s in args.linear_shapes().items() if not _EXPERT.fullmatch(n)}
@@ -205,6 +205,12 @@ class Qwen3ForCausalLM(nn.Module):
             layer.self_attn.finalize()
             layer.mlp.finalize()
         self.finalized = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the embedding's, so it follows model.half() / .to(dtype) (the KV cache
+        is made in it)."""
+        return self.model.embed_tokens.weight.dtype
 
     # -- use -------------------------------------------------------------------------------
     def make_cache(self, batch: int, max_len: int, device=None) -> KVCache:
