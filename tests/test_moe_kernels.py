@@ -90,6 +90,10 @@ def test_route_ties_go_to_the_lower_expert(e, k):
     rw = rw[:, :k] / rw[:, :k].sum(-1, keepdim=True)
     assert torch.equal(ids.long(), ri[:, :k])
     torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+    # the readable path breaks ties the same way (x = identity [4, 4], router = logits^T: x W^T = logits)
+    from mixprec.layers.moe import route as readable_route
+    w2, ids2 = readable_route(torch.eye(4, device=DEV), logits.t().contiguous(), k, True)
+    assert torch.equal(ids2, ids.long())
 
 
 @pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 64)])

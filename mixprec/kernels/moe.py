@@ -57,6 +57,14 @@ def _triton_ok(t: Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 # routing
 
+def topk_lowest_id(p: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk over the last dim with ties to the lower index, as the route kernels break them
+    (torch.topk leaves tie order unspecified: bf16 / fp16 router logits tie often enough that the
+    readable and kernel paths would pick different experts)."""
+    w, i = p.sort(dim=-1, descending=True, stable=True)
+    return w[..., :k], i[..., :k]
+
+
 def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tensor]:
     """router_logits [M, E] -> (topk_w [M, k] fp32, topk_ids [M, k] int32).
 
@@ -68,8 +76,7 @@ def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tens
     if not 1 <= top_k <= E:
         raise ShapeMismatch(f"route: top_k={top_k} must be in 1..E={E}")
     if not _triton_ok(router_logits):
-        p = torch.softmax(router_logits.float(), dim=-1)
-        w, i = torch.topk(p, top_k, dim=-1)
+        w, i = topk_lowest_id(torch.softmax(router_logits.float(), dim=-1), top_k)
         if renorm:
             w = w / w.sum(-1, keepdim=True)
         return w, i.to(torch.int32)

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from ..errors import MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed, apply, dequant, use_kernels
-from ..kernels.moe import MOE_ACT_DTYPES, ROUTER_FUSED_MAX_M, fused_moe, half_cover, norm_router_route, router_route, up_launches
+from ..kernels.moe import (MOE_ACT_DTYPES, ROUTER_FUSED_MAX_M, fused_moe, half_cover, norm_router_route, router_route,
+                           topk_lowest_id, up_launches)
 from .linear import bucket_key, cat_n, same_scale
 
 PROJS = ("gate", "up", "down")
@@ -29,9 +30,9 @@ _ORDER = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
 
 def route(x: Tensor, router_w: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tensor]:
     """x [T, H], router_w [E, H] -> (topk_w [T, k] in x.dtype, topk_ids [T, k] int64).
-    Logits in the activation dtype (like transformers), softmax in fp32."""
+    Logits in the activation dtype (like transformers), softmax in fp32; ties to the lower expert."""
     probs = torch.softmax(F.linear(x, router_w.to(x.dtype)).float(), dim=-1)   # [T, E]
-    topk_w, topk_ids = torch.topk(probs, top_k, dim=-1)
+    topk_w, topk_ids = topk_lowest_id(probs, top_k)
     if renorm:
         topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
     return topk_w.to(x.dtype), topk_ids
