@@ -444,6 +444,8 @@ def test_fit_h200_qwen3_235b_synthetic_profile(tmp_path):
                       "--quiet"]) == 0
     text = out.read_text()
     assert "# fit h200, context 32768 x batch 1" in text
+    # without --model / --source the synthetic profile's placeholders would land in the YAML
+    assert plan_main(["--profile", str(p), "--fit", "h200", "--quiet"]) == 2
     names = [m for m in args.linear_shapes() if m == "lm_head" or int(m.split(".")[2]) < 3]
     got = {m: s for m, (s, _) in MixConfig.from_dict(yaml.safe_load(text)).resolve(names, errors=[]).items()}
     want = module_sources(prof, res.choice)

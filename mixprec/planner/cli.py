@@ -198,6 +198,10 @@ def plan_main(argv: list[str] | None = None) -> int:
             budget = parse_bytes(a.budget)
         use = None if a.use is None else [s.strip() for s in a.use.split(",") if s.strip()]
         res = plan_budget(prof, budget, use, a.mass_prior)
+        placeholders = sorted({s for s in set(res.choice.values()) | {"model"} if paths[s].startswith("<")})
+        if placeholders:      # a synthetic profile names no checkpoints: the YAML would not load
+            raise MixprecError(f"the plan uses {', '.join(placeholders)}, which this synthetic profile has no "
+                               f"checkpoint for: give --model BASE and --source NAME=PATH for each")
         mix = to_mix_config(prof, res.choice, paths["model"], paths, dtype=dtype)
         text = yaml_text(prof, res, mix, fit, desc)
         if a.output:
