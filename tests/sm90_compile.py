@@ -89,6 +89,9 @@ def _regs_report(name: str, ptx: str) -> str:
                                     if "spill" in ln or "Used" in ln)
 
 
+SM90_SHARED = 232448      # bytes of shared memory one block may use on an H100 / H200 (227 KB)
+
+
 def compile_only(self, *args, grid, warmup, **kwargs):
     opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     kwargs.pop("launch_pdl", None)
@@ -105,6 +108,9 @@ def compile_only(self, *args, grid, warmup, **kwargs):
                            options=src[1] if src else opts)
         if os.environ.get("MIXPREC_SM90_REGS"):
             print(_regs_report(f"{self.__name__} {opts}", c.asm["ptx"]), flush=True)
+        if c.metadata.shared > SM90_SHARED:   # compiles, but the launch would fail: OutOfResources
+            failures.append(f"{self.__name__} {consts} {opts}: {c.metadata.shared} B of shared memory, "
+                            f"an H100 block has {SM90_SHARED}")
     except Exception as e:  # noqa: BLE001 - every failure is reported
         cause = e
         while cause.__cause__ is not None:

@@ -194,6 +194,11 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     if M == 0 or N == 0:
         return out.reshape(*lead, N)
     c = cfg if cfg is not None else configs.get(f"intq{bits}", M, N, K)
+    if cfg is None and c["path"] == "gemm" and not (G >= K or G % max(_pow2_floor(c["BK"]), 16, pf) == 0):
+        # the tuned GEMM rows were measured with group 128; groups smaller than their K tile stage
+        # [BK, BN] scales and zeros too, past the 227 KB of shared memory (group 32 at M = 33-64:
+        # 311 KB requested, sm_90 compile): the defaults are sized for that
+        c = configs.default(f"intq{bits}", M, N, K)
     zp = zeros if zeros is not None else scales      # dummy pointers, never read
     pp = perm if perm is not None else qweight
     if c["path"] == "gemv":
