@@ -5,6 +5,7 @@ cancellation), plus queue bounds, stop strings and the thread / asyncio interfac
 The fixture model runs in float32 on CPU (bf16 matmuls are very slow there; batching logic does
 not depend on the dtype). GPU tests (bf16, CUDA graphs) run when CUDA is present."""
 import asyncio
+import json
 import threading
 import time
 
@@ -221,6 +222,7 @@ def test_failed_send_to_other_ranks_ends_admitted_requests(model, monkeypatch):
 
     class BrokenLink:                      # rank 0's side of the lockstep, whose link breaks
         leader = True
+        last_send = 0.0
 
         def __init__(self, rank):
             pass
@@ -240,6 +242,72 @@ def test_failed_send_to_other_ranks_ends_admitted_requests(model, monkeypatch):
     with pytest.raises(EngineStopped):
         eng.submit([5], SamplingParams(max_new_tokens=1))
     eng.shutdown()
+
+
+class _Link:
+    """Rank 0's side of a lockstep that records what it sends (as JSON, as the real one does)."""
+    leader = True
+    last = None
+
+    def __init__(self, rank):
+        self.sent, self.last_send = [], time.monotonic()
+        _Link.last = self
+
+    def agree(self, settings):
+        pass
+
+    def send(self, msg):
+        self.sent.append(json.loads(json.dumps(msg)))
+        self.last_send = time.monotonic()
+
+
+@pytest.fixture
+def rank0_engine(model, monkeypatch):
+    """An Engine as rank 0 of a two-rank model, its lockstep recorded (no other process)."""
+    import types
+
+    from mixprec.runtime import engine as engine_mod
+    monkeypatch.setattr(engine_mod, "_Lockstep", _Link)
+    monkeypatch.setattr(engine_mod, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(model, "parallel", types.SimpleNamespace(rank=0, world=2), raising=False)
+    eng = Engine(model, max_batch=2, max_len=64)
+    yield eng, _Link.last
+    eng.shutdown()
+
+
+def test_lockstep_sends_numpy_params_as_plain_numbers(rank0_engine):
+    np = pytest.importorskip("numpy")
+    eng, link = rank0_engine
+    r = eng.submit([5, 6, 7], SamplingParams(temperature=np.float32(0.7), top_k=np.int64(5), seed=np.int64(3),
+                                            max_new_tokens=3)).result(T_OUT)
+    assert r.finish_reason == "length"           # a TypeError (not JSON serializable) had killed the loop
+    params = next(m for m in link.sent if m.get("admit"))["admit"][0]["params"]
+    assert params["top_k"] == 5 and abs(params["temperature"] - 0.7) < 1e-6
+
+
+def test_lockstep_heartbeat_despite_wakeups_without_work(rank0_engine):
+    eng, link = rank0_engine
+    done = eng.submit([5, 6], SamplingParams(max_new_tokens=1)).result(T_OUT)
+    n0, t0 = len([m for m in link.sent if m == {}]), time.monotonic()
+    while time.monotonic() - t0 < 1.2:        # cancels of a finished request wake the loop, no work
+        eng.cancel(done)
+        time.sleep(0.05)
+    assert len([m for m in link.sent if m == {}]) - n0 >= 3   # HEARTBEAT_S 0.2: none were sent before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the loop re-raises
+def test_lockstep_prefill_oom_stops_the_engine(rank0_engine, monkeypatch):
+    """Alone, an out-of-memory prefill fails its requests and the engine goes on; with other ranks
+    in the prefill's collectives it must fail the loop (going on deadlocked them)."""
+    eng, _ = rank0_engine
+
+    def oom(reqs):
+        raise torch.OutOfMemoryError("simulated")
+    monkeypatch.setattr(eng, "_prefill", oom)
+    r = eng.submit([5, 6], SamplingParams(max_new_tokens=2)).result(T_OUT)
+    assert r.finish_reason == "error"
+    with pytest.raises(EngineStopped):
+        eng.submit([5], SamplingParams(max_new_tokens=1))
 
 
 def test_asyncio_stream_and_shutdown(model):

@@ -226,6 +226,7 @@ class _Lockstep:
         import torch.distributed as dist
         self.dist = dist
         self.leader = rank == 0
+        self.last_send = time.monotonic()
         # collective: every rank's Engine makes it, in the same order
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=30 * HEARTBEAT_S))
 
@@ -239,6 +240,7 @@ class _Lockstep:
                              f"make the Engine with the same arguments on every rank")
 
     def send(self, msg: dict) -> None:
+        self.last_send = time.monotonic()
         data = torch.tensor(list(json.dumps(msg).encode()), dtype=torch.uint8)
         self.dist.broadcast(torch.tensor([data.numel()]), 0, group=self.group)
         self.dist.broadcast(data, 0, group=self.group)
@@ -333,7 +335,7 @@ class Engine:
         max_queue requests wait already; EngineStopped after shutdown() or a failure."""
         if self._lockstep is not None and not self._lockstep.leader:
             raise RuntimeError("this rank's engine follows rank 0: submit requests on rank 0")
-        params.validate()
+        params = params.plain().validate()      # numpy scalars too: the lockstep sends them as JSON
         ids = [operator.index(t) for t in prompt_ids]
         if not ids:
             raise ValueError("empty prompt: at least one token is needed")
@@ -478,9 +480,11 @@ class Engine:
                     cancelled = self._reap_cancelled() if self._cancels and not stop else []
                     admit = [] if stop else self._take_admissions()
                     break
-                woken = self._cv.wait(None if ls is None else HEARTBEAT_S)
-            if not woken:
-                ls.send({})                   # idle: the other ranks' receive must not time out
+                self._cv.wait(None if ls is None else HEARTBEAT_S)
+            # idle: the other ranks' receive must not time out; timed from the last message, since
+            # wake-ups that bring no work (a cancel of a finished request) restart the wait
+            if ls is not None and time.monotonic() - ls.last_send >= HEARTBEAT_S:
+                ls.send({})
         if stop:
             if ls is not None:
                 ls.send({"stop": True})
@@ -559,6 +563,8 @@ class Engine:
         try:
             self._prefill(reqs)
         except torch.OutOfMemoryError as e:   # these prompts are too big now; the others go on
+            if self._lockstep is not None:    # ...unless other ranks wait in this prefill's collectives
+                raise
             with self._lock:
                 for r in reqs:
                     self._finish(r, "error", error=e)

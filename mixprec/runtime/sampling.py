@@ -7,7 +7,8 @@ Per-row parameters are tensors, so one captured graph serves any mix of requests
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -25,6 +26,18 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()        # stop strings (checked on the host, on decoded text)
+
+    def plain(self) -> "SamplingParams":
+        """A copy with plain Python numbers (numpy / torch scalars converted; ValueError for values
+        that are no numbers), what a JSON message or a device tensor can take."""
+        try:
+            return replace(self, temperature=float(self.temperature), top_p=float(self.top_p),
+                           top_k=operator.index(self.top_k), max_new_tokens=operator.index(self.max_new_tokens),
+                           seed=None if self.seed is None else operator.index(self.seed),
+                           stop_token_ids=tuple(operator.index(t) for t in self.stop_token_ids),
+                           stop=tuple(self.stop) if isinstance(self.stop, (tuple, list)) else self.stop)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"invalid sampling parameters: {self} ({e})") from None
 
     def validate(self) -> "SamplingParams":
         """ValueError naming every bad field. top_k and seed become int64 device tensors: a larger
