@@ -104,3 +104,6 @@ def test_params_that_do_not_fit_the_device_tensors_are_refused():
         with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
             SamplingParams(**bad).validate()
     SamplingParams(top_k=2**63 - 1, seed=-2**63, temperature=1e-40).validate()
+    for bad in ({"temperature": "0.5"}, {"top_k": 2.0}, {"seed": "7"}):          # plain(): numbers only
+        with pytest.raises(ValueError, match="invalid sampling parameters"):
+            SamplingParams(**bad).plain()
