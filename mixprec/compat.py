@@ -38,13 +38,18 @@ class TrueMixedPrecisionLoader:
             mp = dict(raw["mixed_precision"])
             base = Path(model_config).expanduser().resolve()
             base = base.parent if base.name == "config.json" else base
-            if not (base / "config.json").is_file():
-                raise ConfigError(f"model_config {model_config}: not a checkpoint directory (no config.json)")
-            given = mp.setdefault("base_model_path", str(base))
-            root = origin.parent if origin is not None else Path.cwd()
-            if (root / Path(given).expanduser()).resolve() != base:
-                raise ConfigError(f"model_config {model_config} and the mix's base_model_path {given} are "
-                                  f"different checkpoints")
+            local = (base / "config.json").is_file()
+            if "base_model_path" not in mp:           # model_config supplies the base
+                if not local:
+                    raise ConfigError(f"model_config {model_config}: not a checkpoint directory (no config.json), "
+                                      f"and the mix names no base_model_path")
+                mp["base_model_path"] = str(base)
+            elif local:                               # (a hub id stands for the YAML's base: nothing to compare)
+                given = mp["base_model_path"]
+                root = origin.parent if origin is not None else Path.cwd()
+                if (root / Path(given).expanduser()).resolve() != base:
+                    raise ConfigError(f"model_config {model_config} and the mix's base_model_path {given} are "
+                                      f"different checkpoints")
             raw = {**raw, "mixed_precision": mp}
         self.config: MixConfig = (load_config(raw) if origin is None
                                   else MixConfig.from_dict(raw, origin=str(origin), base_dir=origin.parent))

@@ -58,9 +58,10 @@ class ModelArgs:
                 raise ConfigError(f"{p}: config.json not found") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("text_config", {}), dict):
+        text = cfg.get("text_config") if isinstance(cfg, dict) else None
+        if not isinstance(cfg, dict) or not isinstance(text, (dict, type(None))):
             raise ConfigError(f"{where or 'config.json'}: expected a JSON object (and text_config one)")
-        cfg = dict(cfg.get("text_config", cfg)) if "hidden_size" not in cfg else dict(cfg)
+        cfg = dict(text) if "hidden_size" not in cfg and text is not None else dict(cfg)
         _check_ints(cfg, where or "config.json")
         # defaults and precedence as transformers' Qwen3 / Qwen3-MoE configs: a rope_theta inside
         # rope_parameters / rope_scaling wins over the top-level one (which only fills it in), 1e4
@@ -322,10 +323,16 @@ _INT_KEYS = (("vocab_size", 1), ("hidden_size", 1), ("num_hidden_layers", 1), ("
 
 
 def _check_ints(cfg: dict, where: str) -> None:
-    """One ConfigError naming every integer key of config.json that is not an int >= its minimum
-    (a string or a negative layer count had surfaced as shape errors or a 0-layer plan)."""
-    bad = [f"{k}: {cfg[k]!r} (expected an integer >= {lo})" for k, lo in _INT_KEYS
-           if cfg.get(k) is not None and not (isinstance(cfg[k], int) and not isinstance(cfg[k], bool) and cfg[k] >= lo)]
+    """One ConfigError naming every integer key of config.json that is not an integer >= its
+    minimum (a string or a negative layer count had surfaced as shape errors or a 0-layer plan);
+    integral floats (40960.0, as some exporters write) become ints, as transformers takes them."""
+    bad = []
+    for k, lo in _INT_KEYS:
+        v = cfg.get(k)
+        if isinstance(v, float) and v.is_integer():
+            v = cfg[k] = int(v)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+            bad.append(f"{k}: {v!r} (expected an integer >= {lo})")
     if bad:
         raise ConfigError(f"{where}: " + "; ".join(bad))
 

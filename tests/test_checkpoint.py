@@ -239,6 +239,10 @@ def test_malformed_json_values_are_typed_errors(tmp_path, W):
         ModelArgs.from_hf({**CFG, "hidden_size": "64", "num_hidden_layers": -1})
     with pytest.raises(ConfigError, match="expected a JSON object"):
         ModelArgs.from_hf({**CFG, "hidden_size": None, "text_config": "x"})
+    # integral floats (some exporters write 40960.0) and a null text_config read as before
+    a = ModelArgs.from_hf({**CFG, "max_position_embeddings": 40960.0, "decoder_sparse_step": 1.0,
+                           "text_config": None})
+    assert a.max_position_embeddings == 40960 and a.decoder_sparse_step == 1
     with pytest.raises(FormatError, match="quantization_config: expected a JSON object"):
         resolve_scheme("gptq", "model.layers.0.mlp.experts.0.up_proj")
     d = write_ckpt(tmp_path / "m", W, shards=2)

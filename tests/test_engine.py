@@ -206,6 +206,8 @@ def test_generator_zero_token_rows_and_unseeded_rows(model):
     assert [len(o) for o in out] == [0, 3]
     with pytest.raises(ValueError, match=r"prompt token ids \[99999, -1\] are outside the vocabulary"):
         gen.generate([[5, 99999, -1]], SamplingParams(max_new_tokens=2))
+    np = pytest.importorskip("numpy")                # numpy ints and a set of stop ids, as the engine takes them
+    assert len(gen.generate([p], SamplingParams(max_new_tokens=np.int64(3), stop_token_ids={10**6}))[0]) == 3
     # without a seed each row draws its own: two equal prompts sample apart (16 tokens each)
     a, b = gen.generate([p, p], SamplingParams(temperature=1.0, max_new_tokens=16))
     assert a != b

@@ -195,6 +195,8 @@ def test_seed_api(fx, tmp_path):
                                                          "weight_mapping": {}}}))
     with pytest.raises(ConfigError, match="different checkpoints"):
         mixprec.TrueMixedPrecisionLoader(fx["gptq"], based)
+    # a hub id as model_config stands for the YAML's base_model_path (nothing local to compare)
+    assert mixprec.TrueMixedPrecisionLoader("Qwen/Qwen3-30B-A3B", based).plan.sources["model"].path == fx["bf16"]
     for text, needle in (("mixed_precision: [1, 2]", "must be a mapping"), ("a: [", "not valid YAML")):
         y.write_text(text)
         with pytest.raises(ConfigError, match=needle):

@@ -107,3 +107,9 @@ def test_params_that_do_not_fit_the_device_tensors_are_refused():
     for bad in ({"temperature": "0.5"}, {"top_k": 2.0}, {"seed": "7"}):          # plain(): numbers only
         with pytest.raises(ValueError, match="invalid sampling parameters"):
             SamplingParams(**bad).plain()
+    # numpy / torch scalars and a set of stop ids become plain values (they worked before validate())
+    np = pytest.importorskip("numpy")
+    p = SamplingParams(temperature=torch.tensor(0.7), top_p=np.float32(0.9), top_k=np.int64(5),
+                       max_new_tokens=np.int64(3), seed=torch.tensor(4), stop_token_ids={1, 2}).plain().validate()
+    assert (type(p.temperature), type(p.top_k), type(p.max_new_tokens), type(p.seed)) == (float, int, int, int)
+    assert sorted(p.stop_token_ids) == [1, 2]

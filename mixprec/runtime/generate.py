@@ -160,8 +160,7 @@ class Generator:
         plist = [params] * B if isinstance(params, SamplingParams) else list(params)
         if len(plist) != B:
             raise ValueError(f"{len(plist)} sampling parameter sets for {B} prompts")
-        for p in plist:
-            p.validate()
+        plist = [p.plain().validate() for p in plist]     # numpy scalars as the engine takes them
         lens = [len(p) for p in prompts]
         if min(lens) == 0:
             raise ValueError("empty prompt")

@@ -7,7 +7,6 @@ Per-row parameters are tensors, so one captured graph serves any mix of requests
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 from dataclasses import dataclass, replace
 
@@ -29,17 +28,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()        # stop strings (checked on the host, on decoded text)
 
     def plain(self) -> "SamplingParams":
-        """A copy with plain Python numbers (numpy scalars converted; ValueError for values that are
-        no numbers), what a JSON message or a device tensor can take."""
+        """A copy with plain Python numbers (numpy / torch scalars converted; ValueError for values
+        that are no numbers), what a JSON message or a device tensor can take."""
         def real(v) -> float:                 # float() would also take the string "0.5"
-            if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            if isinstance(v, (str, bytes, bool)):
                 raise TypeError(f"{v!r} is not a number")
-            return float(v)
+            return float(v)                   # numpy / torch scalars too
         try:
             return replace(self, temperature=real(self.temperature), top_p=real(self.top_p),
                            top_k=operator.index(self.top_k), max_new_tokens=operator.index(self.max_new_tokens),
                            seed=None if self.seed is None else operator.index(self.seed),
-                           stop_token_ids=tuple(operator.index(t) for t in self.stop_token_ids),
+                           stop_token_ids=tuple(operator.index(t) for t in self.stop_token_ids),   # sets too
                            stop=tuple(self.stop) if isinstance(self.stop, (tuple, list)) else self.stop)
         except (TypeError, ValueError) as e:
             raise ValueError(f"invalid sampling parameters: {self} ({e})") from None
