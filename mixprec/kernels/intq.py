@@ -194,7 +194,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     if M == 0 or N == 0:
         return out.reshape(*lead, N)
     c = cfg if cfg is not None else configs.get(f"intq{bits}", M, N, K)
-    if cfg is None and c["path"] == "gemm" and not (G >= K or G % max(_pow2_floor(c["BK"]), 16, pf) == 0):
+    if cfg is None and c["path"] == "gemm" and not _scale_after(G, K, _gemm_tile(c, pf)):
         # the tuned GEMM rows were measured with group 128; groups smaller than their K tile stage
         # [BK, BN] scales and zeros too, past the 227 KB of shared memory (group 32 at M = 33-64:
         # 311 KB requested, sm_90 compile): the defaults are sized for that
@@ -217,8 +217,8 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
             BLOCK_K=tile, EVK=K % tile == 0, USE_SPLIT=split > 1, num_warps=c["warps"],
             num_stages=c["stages"], **pdl.launch_kw(x2))
     else:
-        tile = max(_pow2_floor(c["BK"]), 16, pf)
-        scale_after = G >= K or G % tile == 0
+        tile = _gemm_tile(c, pf)
+        scale_after = _scale_after(G, K, tile)
         # per-field dots (int4, a K tile of >= 128 inside one group, bf16/fp16, BM 16): since the
         # activations come as one prefetched tile (quant.x_tile) faster at M = 4-16 on every shape
         # (H100, benchmarks/linear.md session 8: 235B qkv M=16 47.6 -> 17.6 µs); slower with BM >= 32
@@ -236,6 +236,17 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
             FIELD_DOTS=field_dots, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
             num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     return out.reshape(*lead, N)
+
+
+def _gemm_tile(c: dict, pf: int) -> int:
+    """The GEMM's K tile for config c (pf codes per word)."""
+    return max(_pow2_floor(c["BK"]), 16, pf)
+
+
+def _scale_after(G: int, K: int, tile: int) -> bool:
+    """Whether every K tile lies in one group: exact integer dots, scaled after (else the tile
+    stages its scales and zeros)."""
+    return G >= K or G % tile == 0
 
 
 def _pow2_floor(v: int) -> int:
