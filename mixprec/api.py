@@ -6,24 +6,13 @@ from typing import Sequence
 
 import torch
 
-from .config import COMPUTE_DTYPES, MixConfig, load_config
-from .errors import ConfigError
+from .config import MixConfig, compute_dtype, load_config
 from .formats import dequant, load_module, resolve_scheme
 from .loader.assemble import assemble
 from .loader.checkpoint import Checkpoint
 from .loader.plan import Plan, make_plan
 from .runtime.generate import Generator
 from .runtime.sampling import SamplingParams
-
-def _dtype(d) -> torch.dtype:
-    if isinstance(d, torch.dtype):
-        if d not in COMPUTE_DTYPES.values():
-            raise ConfigError(f"dtype {d}: expected one of {', '.join(COMPUTE_DTYPES)}")
-        return d
-    if str(d) not in COMPUTE_DTYPES:
-        raise ConfigError(f"dtype {d!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[str(d)]
-
 
 def plan(config) -> Plan:
     """Resolve every weight of the mix to (source, format) without reading tensor data."""
@@ -41,7 +30,7 @@ def load(config: str | Path | dict | MixConfig, device: str | torch.device | Non
     processes (torchrun); each loads its shard (mixprec.parallel) and returns full logits."""
     cfg = load_config(config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dt = _dtype(dtype or cfg.dtype)
+    dt = compute_dtype(dtype or cfg.dtype)
     p = make_plan(cfg)
     tp = cfg.parallel.tp if tp is None else tp
     ep = cfg.parallel.ep if ep is None else ep

@@ -337,6 +337,15 @@ def _check_ints(cfg: dict, where: str) -> None:
         raise ConfigError(f"{where}: " + "; ".join(bad))
 
 
+def compute_dtype(d, what: str = "dtype") -> torch.dtype:
+    """A compute dtype from a name ('bf16', 'float32', ...) or a torch.dtype; ConfigError naming
+    `what` otherwise."""
+    dt = d if isinstance(d, torch.dtype) else COMPUTE_DTYPES.get(str(d))
+    if dt not in COMPUTE_DTYPES.values():
+        raise ConfigError(f"{what} {d!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+    return dt
+
+
 def read_yaml(p: Path):
     """The parsed YAML of a mix config file; ConfigError naming the file otherwise."""
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..argtypes import at_least
-from ..config import COMPUTE_DTYPES, MixConfig, load_config
+from ..config import MixConfig, compute_dtype, load_config
 from ..errors import MixprecError
 
 
@@ -36,11 +36,7 @@ def _write(path: str, text: str) -> None:
 
 
 def _dtype(name: str | None):
-    if name is None:
-        return None
-    if name not in COMPUTE_DTYPES:
-        raise MixprecError(f"--dtype {name!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[name]
+    return None if name is None else compute_dtype(name, "--dtype")
 
 
 def _read_text(path: str | None) -> str | None:
