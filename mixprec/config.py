@@ -337,6 +337,15 @@ def _check_ints(cfg: dict, where: str) -> None:
         raise ConfigError(f"{where}: " + "; ".join(bad))
 
 
+def export_manifest(ckpt: Path) -> dict:
+    """The "mixprec" manifest in an exported mix's config.json (planner/export.py); {} for any
+    other checkpoint."""
+    try:
+        return json.loads((ckpt / "config.json").read_text()).get("mixprec") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{ckpt / 'config.json'}: not a readable JSON object ({e})") from None
+
+
 def compute_dtype(d, what: str = "dtype") -> torch.dtype:
     """A compute dtype from a name ('bf16', 'float32', ...) or a torch.dtype; ConfigError naming
     `what` otherwise."""
@@ -422,11 +431,8 @@ class MixConfig:
         p = Path(path).expanduser().resolve()
         if not (p / "config.json").is_file():
             raise ConfigError(f"{p}: not a checkpoint directory (no config.json)")
-        try:      # an exported mix (planner/export.py) computes in the dtype of the mix it was
-            dtype = (json.loads((p / "config.json").read_text()).get("mixprec") or {}).get("dtype", "bfloat16")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            raise ConfigError(f"{p / 'config.json'}: not a readable JSON object ({e})") from None
-        return cls(model=p, origin=str(p), form="checkpoint", dtype=dtype)
+        # an exported mix computes in the dtype of the mix it was
+        return cls(model=p, origin=str(p), form="checkpoint", dtype=export_manifest(p).get("dtype", "bfloat16"))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MixConfig":

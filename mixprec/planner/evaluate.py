@@ -7,7 +7,6 @@ kept; then the mix loads and is compared chunk by chunk.
 from __future__ import annotations
 
 import gc
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import MixConfig, load_config
+from ..config import MixConfig, export_manifest, load_config
 from ..errors import ConfigError, ModelMismatch
 
 
@@ -100,8 +99,7 @@ def evaluate(config, ids: Tensor, ref=None, device=None, dtype=None, batch: int 
 def _base_of(model: Path) -> Path:
     """The checkpoint a mix's base stands for: an exported mix (planner/export.py) names the base
     it was made from in its manifest (compared with itself, it would show no difference)."""
-    manifest = json.loads((Path(model) / "config.json").read_text()).get("mixprec") or {}
-    base = (manifest.get("sources") or {}).get("model")
+    base = (export_manifest(Path(model)).get("sources") or {}).get("model")
     if base is None:
         return model
     if not (Path(base) / "config.json").is_file():
