@@ -239,22 +239,22 @@ def groups_of(profile: dict, sources=None, mass_prior: float = 0.05) -> list[lis
     for pr, err in zip(profile.get("pairs", []), perr):
         paired[tuple(pr["units"])] = err
     in_pair = {n for pair in paired for n in pair}
-    out, names = [], []
+    out, units_of = [], []       # units_of[g]: the unit names of group g
     for name in units:
         if name not in in_pair:
             out.append(single(name))
-            names.append(name)
+            units_of.append((name,))
     for (a, b), err in paired.items():
         m = _mass(profile, b, mass_prior)
         opts = [(ba + bb, ca + cb, pa + pb) for ba, ca, pa in single(a) for bb, cb, pb in single(b)]
         opts += [(units[a]["bytes"][f] + units[b]["bytes"][f], m * e ** 2, ((a, f), (b, f)))
                  for f, e in err.items() if f in allowed]
         out.append(opts)
-        names.append(f"{a} + {b}")
-    for opts, name in zip(out, names):
+        units_of.append((a, b))
+    for opts, us in zip(out, units_of):
         if not opts:
-            have = ", ".join(s for s in units[name.split(" + ")[0]]["bytes"])
-            raise ConfigError(f"--use {', '.join(sorted(allowed))}: unit {name} has no candidate among them "
+            have = ", ".join(units[us[0]]["bytes"])
+            raise ConfigError(f"--use {', '.join(sorted(allowed))}: unit {' + '.join(us)} has no candidate among them "
                               f"(it can come from {have})")
     return out
 
