@@ -30,6 +30,12 @@ _NORM_OF = {
 _PAIRS = (("self_attn.v_proj", "self_attn.o_proj"), ("up_proj", "down_proj"))
 
 
+def linear_bytes(packed, input_scale: torch.Tensor | None) -> int:
+    """Device bytes of a loaded linear: its packed tensors and the input rescale kept beside a
+    folded-norm (AWQ) linear."""
+    return packed.nbytes() + (0 if input_scale is None else input_scale.numel() * input_scale.element_size())
+
+
 @dataclass
 class Stats:
     """What was loaded, and what it costs. `as_seed_dict()` is the seed API's dict."""
@@ -43,7 +49,7 @@ class Stats:
 
     def add(self, packed, source: str, input_scale: torch.Tensor | None = None) -> None:
         """Count one loaded linear (its bytes as kept on the device, with its input rescale)."""
-        nb = packed.nbytes() + (0 if input_scale is None else input_scale.numel() * input_scale.element_size())
+        nb = linear_bytes(packed, input_scale)
         self.loaded += 1
         self.bytes_total += nb
         self.bytes_bf16 += packed.n * packed.k * 2

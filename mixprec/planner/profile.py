@@ -43,7 +43,7 @@ from ..errors import ConfigError
 from ..formats import FORMATS, dequant, load_module, resolve_scheme
 from ..layers.moe import route
 from ..layers.norm import Rotary, apply_rope, rms_norm
-from ..loader.assemble import input_rescales
+from ..loader.assemble import input_rescales, linear_bytes
 from ..loader.plan import Plan, make_plan
 
 VERSION = 1
@@ -130,8 +130,7 @@ class _Source:
         e = self.plan.entries[module]
         packed = load_module(self.ck.module(module), e.n, e.k, e.scheme, where=f"{self.ck.path}: {module}",
                              dtype=dtype)
-        r = self.rescale.get(module)
-        nb = packed.nbytes() + (0 if r is None else r.numel() * r.element_size())
+        nb = linear_bytes(packed, self.rescale.get(module))
         return dequant(packed.to(self.device)).float(), nb, e.fmt_name
 
     def linear(self, x: Tensor, module: str, W: Tensor) -> Tensor:
