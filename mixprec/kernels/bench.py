@@ -50,7 +50,7 @@ SHAPES = [  # (model, name, N, K)
 ]
 MS = [1, 2, 4, 8, 16, 32, 64, 256]
 # variant -> config kind it uses (tuned with the first variant of each kind)
-VARIANTS = {"int4 g128 asym": "intq4", "int4 g128 sym": "intq4", "fp8 blk w8a8": "fp8_w8a8",
+VARIANTS = {"int4 g128 asym": "intq4", "int4 g128 sym": "intq4", "int4 g32 asym": "intq4", "fp8 blk w8a8": "fp8_w8a8",
             "fp8 blk w8a16": "fp8_w8a16", "fp8 chan w8a8": "fp8_w8a8", "int8 w8a8": "int8_w8a8",
             "int8 w8a16": "int8_w8a16"}
 TUNE_VARIANTS = ["int4 g128 asym", "fp8 blk w8a8", "fp8 blk w8a16", "int8 w8a8", "int8 w8a16"]
@@ -68,7 +68,7 @@ BENCH_ERRORS = (RuntimeError, ValueError, AssertionError, CompilationError, OutO
 def make_variant(name: str, N: int, K: int, dev) -> tuple[list, callable, callable]:
     """-> (tensors, call(x, tensors, cfg), reference(x, tensors))."""
     if name.startswith("int4"):
-        G = 128
+        G = int(name.split()[1][1:])   # "int4 g32 asym" -> 32
         qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (K // 8, N), dtype=torch.int32, device=dev)
         sc = (torch.rand(K // G, N, device=dev) * 0.004 + 0.001).to(torch.bfloat16)
         z = torch.randint(0, 16, (K // G, N), dtype=torch.uint8, device=dev) if "asym" in name else None
