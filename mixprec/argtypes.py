@@ -15,3 +15,14 @@ def at_least(lo, kind=int):
             raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
         return x
     return parse
+
+
+def list_of(lo, kind=int):
+    """Comma-separated numbers, each >= lo ("1,8,32")."""
+    one = at_least(lo, kind)
+
+    def parse(v: str):
+        if not v.strip():
+            raise argparse.ArgumentTypeError("an empty list")
+        return [one(p.strip()) for p in v.split(",")]
+    return parse

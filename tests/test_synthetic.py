@@ -1,6 +1,7 @@
 """Synthetic full-size benchmarking models: presets, rule strings and planner YAMLs resolve to the
 intended formats, and a reduced model built through the real pack -> load path generates."""
 import collections
+import re
 
 import pytest
 import torch
@@ -43,3 +44,39 @@ def test_reduced_synthetic_model_generates(mix):
     assert {names[s] for s in expect} == {w.source for w in model.linear_modules().values()}
     out = Generator(model).generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
     assert len(out[0]) == 3
+
+
+def test_bench_mix_list_keeps_regex_commas():
+    from mixprec.runtime.synthetic import split_mixes
+    assert split_mixes("int4,mixed") == ["int4", "mixed"]
+    assert split_mixes(r"experts\.[0-9]{1,2}\.=int4;.=fp8, bf16") == [r"experts\.[0-9]{1,2}\.=int4;.=fp8", "bf16"]
+    assert split_mixes(r"a\,b=int4,fp8") == [r"a\,b=int4", "fp8"]   # an escaped comma stays in its regex
+    with pytest.raises(ValueError, match="empty mix"):
+        split_mixes("int4,,fp8")
+
+
+def test_mix_rules_that_decide_nothing_or_do_not_compile_are_errors():
+    from mixprec.runtime.synthetic import synthetic_linears
+    args = synthetic_args("qwen3-30b-a3b", layers=2)
+    with pytest.raises(ValueError, match=r"bad regex 'experts\[0'"):
+        parse_mix("experts[0=int4")
+    with pytest.raises(ValueError, match="no 'regex=format' rule"):
+        parse_mix(" ; ")
+    with pytest.raises(ValueError, match=re.escape(r"rule layers\.7\.=int4 decides no linear")):
+        synthetic_linears(args, r"layers\.7\.=int4;.=fp8")          # the model has layers 0-1
+    with pytest.raises(ValueError, match=r"rule q_proj=int4 decides no linear"):
+        synthetic_linears(args, "self_attn=fp8;q_proj=int4")        # shadowed by the rule before
+    assert synthetic_linears(args, r"layers\.1\.=int4;.=fp8")["model.layers.1.mlp.experts.3.up_proj"][2] == "int4"
+    assert len(synthetic_linears(args, "mixed")) > 0                  # presets are not checked
+
+
+def test_bench_cli_rejects_bad_arguments_before_any_gpu_work(capsys):
+    from mixprec.runtime import bench
+    for argv, msg in ((["--synthetic", "qwen3-30b-a3b", "--mix", "int4,nope=int5"], "unknown format 'int5'"),
+                      (["--synthetic", "qwen3-30b-a3b", "--mix", r"layers\.99\.=int4"], "decides no linear"),
+                      (["--synthetic", "qwen3-30b-a3b", "--batch", "1,x"], "'x' is not a number"),
+                      (["--synthetic", "qwen3-30b-a3b", "--batch", "0"], "must be >= 1"),
+                      (["--synthetic", "qwen3-30b-a3b", "--gen-len", "1"], "must be >= 2")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err, argv

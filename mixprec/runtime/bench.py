@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..argtypes import at_least, list_of
 from .generate import Generator
 from .sampling import SamplingParams
 
@@ -109,23 +110,31 @@ def main(argv=None) -> int:
     p.add_argument("--mix", default="bf16", help="synthetic: preset (bf16, fp8, int4, int4-all, int8, mixed), a mix YAML "
                    "whose sources are format names (as `mixprec plan --profile <synthetic>` writes), or "
                    "'regex=fmt;...' with fmt in bf16, fp8, int4, int4-asym, int8; several: a,b")
-    p.add_argument("--layers", type=int, default=None, help="synthetic: fewer layers (extrapolate)")
-    p.add_argument("--batch", default="1,8,32,64")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--gen-len", type=int, default=256)
+    p.add_argument("--layers", type=at_least(1), default=None, help="synthetic: fewer layers (extrapolate)")
+    p.add_argument("--batch", type=list_of(1), default=[1, 8, 32, 64], help="batch sizes, e.g. 1,8,32,64")
+    p.add_argument("--prompt-len", type=at_least(1), default=128)
+    p.add_argument("--gen-len", type=at_least(2), default=256)
     p.add_argument("--json", default=None, help="write all rows here")
     a = p.parse_args(argv)
+    if a.synthetic:
+        from .synthetic import split_mixes, synthetic_args, synthetic_linears
+        args = synthetic_args(a.synthetic, a.layers)
+        try:    # every mix is checked before the first one is built and timed
+            mixes = split_mixes(a.mix)
+            for mix in mixes:
+                synthetic_linears(args, mix)
+        except (ValueError, OSError) as err:
+            p.error(str(err))
     if not torch.cuda.is_available():
         print("bench needs a CUDA GPU")
         return 2
-    batches = [int(b) for b in a.batch.split(",")]
+    batches = a.batch
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
     results = {}
     if a.synthetic:
-        from .synthetic import build_synthetic, synthetic_args
-        args = synthetic_args(a.synthetic, a.layers)
-        for mix in a.mix.split(","):
+        from .synthetic import build_synthetic
+        for mix in mixes:
             torch.cuda.empty_cache()
             t0 = time.perf_counter()
             model = build_synthetic(args, mix, progress=False)

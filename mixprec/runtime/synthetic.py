@@ -72,8 +72,36 @@ def parse_mix(mix: str) -> list:
         rx, _, spec = part.rpartition("=")
         if spec not in SPECS:
             raise ValueError(f"--mix {part!r}: unknown format {spec!r}; known: {', '.join(SPECS)}")
+        try:
+            re.compile(rx)
+        except re.error as err:
+            raise ValueError(f"--mix {part!r}: bad regex {rx!r}: {err}") from None
         rules.append((rx, spec))
+    if not rules:
+        raise ValueError(f"--mix {mix!r}: no preset ({', '.join(PRESETS)}), no *.yaml file and no 'regex=format' rule")
     return rules
+
+
+def split_mixes(text: str) -> list[str]:
+    r"""`bench --mix a,b`: the mixes, split at commas outside (), [] and {} so that a rule's
+    regex keeps its own commas (`experts\.[0-9]{1,2}\.=int4`)."""
+    out, depth, cur, esc = [], 0, "", False
+    for ch in text:
+        if not esc and ch in "([{":
+            depth += 1
+        elif not esc and ch in ")]}":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0 and not esc:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+        esc = ch == "\\" and not esc
+    out.append(cur)
+    mixes = [m.strip() for m in out]
+    if not all(mixes):
+        raise ValueError(f"--mix {text!r}: an empty mix between commas")
+    return mixes
 
 
 def _yaml_rules(path: str) -> list[Rule]:
@@ -89,13 +117,19 @@ def _yaml_rules(path: str) -> list[Rule]:
     return rules
 
 
-def spec_for(module: str, rules) -> str:
+def _rule_for(module: str, rules):
+    """The first rule matching `module` (None: bf16; lm_head is always bf16)."""
     if module == "lm_head":          # published quantized releases keep the head in bf16
-        return "bf16"
+        return None
     for r in rules:
         if r.matches(module) if isinstance(r, Rule) else re.search(r[0], module):
-            return r.use if isinstance(r, Rule) else r[1]
-    return "bf16"
+            return r
+    return None
+
+
+def spec_for(module: str, rules) -> str:
+    r = _rule_for(module, rules)
+    return "bf16" if r is None else r.use if isinstance(r, Rule) else r[1]
 
 
 def module_generator(name: str, device, seed: int) -> torch.Generator:
@@ -120,7 +154,15 @@ def synthetic_linears(args: ModelArgs, mix: str) -> dict[str, tuple[int, int, st
     shapes = args.linear_shapes()
     if args.tie_word_embeddings:
         shapes.pop("lm_head", None)
-    return {m: (n, k, spec_for(m, rules)) for m, (n, k) in shapes.items()}
+    out = {m: (n, k, spec_for(m, rules)) for m, (n, k) in shapes.items()}
+    if mix not in PRESETS:   # a preset's rules may name experts a reduced model lacks
+        used = {id(_rule_for(m, rules)) for m in shapes}
+        for r in rules:
+            if id(r) not in used:
+                what = r.describe() if isinstance(r, Rule) else f"rule {r[0]}={r[1]}"
+                raise ValueError(f"--mix {mix}: {what} decides no linear of this model (it matches none, or an "
+                                 f"earlier rule takes every match)")
+    return out
 
 
 def synthetic_linear(module: str, n: int, k: int, spec: str, device, dtype: torch.dtype, seed: int = 0):
