@@ -121,6 +121,9 @@ def _worker(rank: int, world: int, port: int, cfg: str, out: str) -> None:
         facts = {"experts": sorted({int(e) for b in moe.buckets for e in b.experts}), "inter": moe.I,
                  "heads": attn.heads, "kv_heads": attn.kv_heads, "loaded": model.stats.loaded,
                  "embed_rows": model.model.embed_tokens.weight.shape[0]}
+        # the layer's torch reference on this rank's shard, completed over ranks like forward
+        x = torch.randn(5, moe.H, generator=torch.Generator().manual_seed(3)).to(model.model.embed_tokens.weight.dtype)
+        facts["moe_reference_diff"] = (moe.reference(x).float() - moe(x).float()).abs().max().item()
         if tp > 1 and ep > 1:   # the optional subgroups: sum of the ranks in my tp / ep group
             facts["group_sums"] = []
             for g in model.parallel.subgroups():
@@ -166,6 +169,7 @@ def test_parallel_matches_single_process(world, mix, reference, tmp_path):
             assert f["experts"] == list(lay.experts) == [e for e in range(8) if e * ep // 8 == rank // tp]
             assert f["inter"] == 96 // tp and f["heads"] == 4 // world and f["kv_heads"] == 1
             assert f["embed_rows"] == -(-510 // world)
+            assert f["moe_reference_diff"] <= TOL, f"tp={tp} ep={ep} rank {rank}: MoE.reference vs forward"
             if tp > 1 and ep > 1:   # tp group: ranks ep_rank*tp + {0..tp-1}; ep group: tp_rank + tp*{0..ep-1}
                 assert f["group_sums"] == [sum(rank // tp * tp + i for i in range(tp)),
                                            sum(rank % tp + tp * j for j in range(ep))]

@@ -39,12 +39,14 @@ def route(x: Tensor, router_w: Tensor, top_k: int, renorm: bool) -> tuple[Tensor
 
 
 def moe_reference(x: Tensor, router_w: Tensor, experts_fn: Callable[[int], Callable[[Tensor], Tensor]],
-                  top_k: int, renorm: bool) -> Tensor:
+                  top_k: int, renorm: bool, experts=None) -> Tensor:
     """The spec: x [T, H] -> [T, H]. `experts_fn(e)` returns expert e's MLP, a function
-    [n, H] -> [n, H] (e.g. `MoE.expert_fn`). Weighted sum accumulated in fp32."""
+    [n, H] -> [n, H] (e.g. `MoE.expert_fn`). Weighted sum accumulated in fp32. `experts`: the
+    experts that contribute (default all; expert parallel: the rank's own, whose partial sums
+    the ranks add)."""
     topk_w, topk_ids = route(x, router_w, top_k, renorm)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(router_w.shape[0]):
+    for e in range(router_w.shape[0]) if experts is None else experts:
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
@@ -336,6 +338,9 @@ class MoE(nn.Module):
     def expert_fn(self, e: int) -> Callable[[Tensor], Tensor]:
         """Expert e's MLP computed from `dequant` (pure torch): the argument `moe_reference` takes."""
         ws = self.expert_weights(e)
+        if not ws:
+            raise MixprecError(f"{self.name}: expert {e} is not held by this process "
+                               f"(it holds {len(self.local_experts)} of {self.E} experts)")
 
         def lin(x: Tensor, proj: str) -> Tensor:
             w, s = ws[proj]
@@ -352,9 +357,11 @@ class MoE(nn.Module):
         return mlp
 
     def reference(self, x: Tensor) -> Tensor:
-        """moe_reference over this layer's own (bucketed) weights. x [..., H]."""
-        y = moe_reference(x.reshape(-1, self.H), self.gate.weight, self.expert_fn, self.top_k, self.renorm)
-        return y.reshape(x.shape)
+        """moe_reference over this layer's own (bucketed) weights, its experts' sum completed as
+        `forward` completes it (`finish`: over ranks in parallel). x [..., H]."""
+        y = moe_reference(x.reshape(-1, self.H), self.gate.weight, self.expert_fn, self.top_k, self.renorm,
+                          experts=self.local_experts)
+        return self.finish(y.reshape(x.shape))
 
     def named_packed(self) -> dict[str, Packed]:
         """{"<name>.buckets.<i>.<proj>": stacked Packed} after finalize."""
