@@ -141,6 +141,8 @@ INTQ_CASES = [  # M, N, K, G, asym, act_order
     (17, 64, 256, 32, True, True),
     (2, 72, 200, 200, True, False),     # G = K (group_size -1), K not a multiple of the tile
     (13, 80, 384, 128, True, True),     # M 9-16: per-field dots on BM-16 tiles, act-order
+    (9, 80, 384, 32, True, True),       # per-field dots, groups smaller than the tile: rows scaled first
+    (16, 72, 256, 64, False, False),
 ]
 
 
@@ -353,3 +355,22 @@ def test_gemm_output_beyond_2_31_elements():
     y = int8_linear_cfg(x, w, s, None, "w8a16", configs.cfg("gemm", 64, 128, 16, 1, 4, 1))
     for rows in (slice(0, 64), slice(M - 64, M)):
         assert sqnr(y[rows], int8_linear_reference(x[rows], w, s, None, "w8a16")) > 40
+
+
+def test_intq_config_small_groups():
+    """int4 GEMMs of 17..FIELD_MAX_M rows take BM-16 per-field tiles, and groups smaller than the
+    tuned rows' K tile at any M; with no per-field dots (fp32 activations) small groups take the
+    defaults, sized for staged scales; M <= 16 keeps the tuned rows (per-field already)."""
+    from mixprec.kernels.intq import FIELD_MAX_M, intq_config
+    big = 2048
+    for G in (32, 128):
+        for M in (17, 64, FIELD_MAX_M):
+            c = intq_config(4, M, 5120, 2048, G, torch.bfloat16)
+            assert c["path"] == "gemm" and c["BM"] == 16 and c["BK"] == 128, (G, M, c)
+        assert intq_config(4, 4, 5120, 2048, G, torch.bfloat16) == configs.get("intq4", 4, 5120, 2048)
+        assert intq_config(4, 1, 5120, 2048, G, torch.bfloat16)["path"] == "gemv"
+    assert intq_config(4, big, 5120, 2048, 128, torch.bfloat16) == configs.get("intq4", big, 5120, 2048)
+    assert intq_config(4, big, 5120, 2048, 32, torch.bfloat16)["BM"] == 16
+    assert intq_config(4, 64, 5120, 2048, 32, torch.float32) == configs.default("intq4", 64, 5120, 2048)
+    assert intq_config(4, 64, 5120, 2048, 128, torch.float32) == configs.get("intq4", 64, 5120, 2048)
+    assert intq_config(8, 64, 5120, 2048, 128, torch.bfloat16) == configs.get("intq8", 64, 5120, 2048)

@@ -39,7 +39,7 @@ from ..errors import MixprecError
 from . import configs, timing
 from .fp8 import fp8_linear_cfg, fp8_linear_reference
 from .int8 import int8_linear_cfg, int8_linear_reference
-from .intq import intq_linear_cfg, intq_linear_reference
+from .intq import intq_config, intq_linear_cfg, intq_linear_reference
 from .quant import split_plan
 
 SHAPES = [  # (model, name, N, K)
@@ -68,7 +68,7 @@ BENCH_ERRORS = (RuntimeError, ValueError, AssertionError, CompilationError, OutO
 def make_variant(name: str, N: int, K: int, dev) -> tuple[list, callable, callable]:
     """-> (tensors, call(x, tensors, cfg), reference(x, tensors))."""
     if name.startswith("int4"):
-        G = int(name.split()[1][1:])   # "int4 g32 asym" -> 32
+        G = variant_group(name)
         qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (K // 8, N), dtype=torch.int32, device=dev)
         sc = (torch.rand(K // G, N, device=dev) * 0.004 + 0.001).to(torch.bfloat16)
         z = torch.randint(0, 16, (K // G, N), dtype=torch.uint8, device=dev) if "asym" in name else None
@@ -86,6 +86,17 @@ def make_variant(name: str, N: int, K: int, dev) -> tuple[list, callable, callab
     s = torch.rand(N, 1, device=dev) * 1e-3 + 1e-4
     return ([w, s, None], lambda x, t, c: int8_linear_cfg(x, t[0], t[1], t[2], act, c),
             lambda x, t: int8_linear_reference(x, t[0], t[1], t[2], act))
+
+
+def variant_group(name: str) -> int | None:
+    """The int4 group size a variant name gives ("int4 g32 asym" -> 32); None for others."""
+    return int(name.split()[1][1:]) if name.startswith("int4") else None
+
+
+def library_config(variant: str, kind: str, M: int, N: int, K: int) -> dict:
+    """The config the library takes for this call (int4: its group decides, intq_config)."""
+    G = variant_group(variant)
+    return configs.get(kind, M, N, K) if G is None else intq_config(4, M, N, K, G, torch.bfloat16)
 
 
 def nbytes(ts) -> int:
@@ -353,10 +364,10 @@ def main(argv=None) -> int:
                 key = (kind, configs.m_bucket(M), N, K)
                 if tuning:
                     cands = candidates(kind, M, N, K)
-                elif key in tuned:
+                elif key in tuned and variant_group(v) in (None, 128):   # tuned with group 128
                     cands = [tuned[key]]
                 else:
-                    cands = [configs.get(kind, M, N, K)]
+                    cands = [library_config(v, kind, M, N, K)]
                 best = None
                 for c in cands:
                     try:

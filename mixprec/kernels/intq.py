@@ -32,7 +32,7 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .gemv_tiles import gemv_intq
-from .quant import check_tensor, check_x, gemm_tile, int4_field_dots, split_plan, split_workspace, splitk_store, x_tile
+from .quant import check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, split_plan, split_workspace, splitk_store, x_tile
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
 MAGIC_C = tl.constexpr(MAGIC)
@@ -85,13 +85,17 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
             rw = k0 // PF + rows
             w = tl.load(qw_ptr + rw[:, None] * stride_q + offs_n[None, :],
                         mask=(rw < K // PF)[:, None] & n_mask[None, :], other=0)      # [R, BN] int32
-            g = k0 // G
-            s_row = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             a = a_nxt       # the next tile's activations load while this one computes
             a_nxt = x_tile(x_rows, m_mask[:, None], perm_ptr, k0 + BLOCK_K, k_hi, BLOCK_K, HAS_PERM)
-            part = int4_field_dots(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), w, z_ptr + g * stride_z + offs_n,
-                                   n_mask, a, HAS_ZERO)
-            acc += part * s_row[None, :]
+            if SCALE_AFTER:
+                g = k0 // G
+                s_row = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                part = int4_field_dots(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), w,
+                                       z_ptr + g * stride_z + offs_n, n_mask, a, HAS_ZERO)
+                acc += part * s_row[None, :]
+            else:           # groups smaller than the tile: each word row scaled before the dots
+                acc = int4_field_dots_grouped(acc, w, s_ptr, stride_s, z_ptr, stride_z, k0, K, G, offs_n, n_mask,
+                                              a, HAS_ZERO)
         splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
                      USE_SPLIT)
         return
@@ -193,12 +197,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out.reshape(*lead, N)
-    c = cfg if cfg is not None else configs.get(f"intq{bits}", M, N, K)
-    if cfg is None and c["path"] == "gemm" and not _scale_after(G, K, _gemm_tile(c, pf)):
-        # the tuned GEMM rows were measured with group 128; groups smaller than their K tile stage
-        # [BK, BN] scales and zeros too, past the 227 KB of shared memory (group 32 at M = 33-64:
-        # 311 KB requested, sm_90 compile): the defaults are sized for that
-        c = configs.default(f"intq{bits}", M, N, K)
+    c = cfg if cfg is not None else intq_config(bits, M, N, K, G, x2.dtype)
     zp = zeros if zeros is not None else scales      # dummy pointers, never read
     pp = perm if perm is not None else qweight
     if c["path"] == "gemv":
@@ -219,12 +218,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     else:
         tile = _gemm_tile(c, pf)
         scale_after = _scale_after(G, K, tile)
-        # per-field dots (int4, a K tile of >= 128 inside one group, bf16/fp16, BM 16): since the
-        # activations come as one prefetched tile (quant.x_tile) faster at M = 4-16 on every shape
-        # (H100, benchmarks/linear.md session 8: 235B qkv M=16 47.6 -> 17.6 µs); slower with BM >= 32
-        # tiles (wgmma takes its B operand from shared memory, once per dot; session 4)
-        field_dots = (bits == 4 and scale_after and tile // pf >= 16 and c["BM"] == 16 and M <= 16
-                      and x2.dtype != torch.float32)
+        field_dots = _field_dots(bits, c, pf, x2.dtype)
         split, per = split_plan(K, tile, c["split"])
         stride_z = zeros.stride(0) if zeros is not None else 0
         common = (M, N, K, G, x2.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), stride_z)
@@ -236,6 +230,41 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
             FIELD_DOTS=field_dots, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
             num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     return out.reshape(*lead, N)
+
+
+# int4 GEMMs up to this many rows take BM-16 per-field tiles (intq_config). H100, session 12,
+# group 128, this vs the tuned rows (BM 32-64): M = 17-128 faster on 26 of 28 points (235B qkv
+# M=32 36.0 vs 75.8 µs, 30B qkv 14.6 vs 20.4; slower: 235B o_proj M=64 55.9 vs 50.2, lm_head M=128
+# 701.8 vs 672.2), M=256 slower on 4 of 7 (30B o_proj 52.6 vs 40.7)
+FIELD_MAX_M = 128
+
+
+def intq_config(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -> dict:
+    """The launch config intq_linear takes: configs.get (tuned with group 128), except that int4
+    GEMMs of 17..FIELD_MAX_M rows take BM-16 per-field tiles, and so do groups smaller than a tuned
+    row's K tile at any M (elsewhere the tile would stage [BK, BN] scales and zeros too: 2-4x
+    slower, and past the 227 KB of shared memory with the tuned rows, e.g. 311 KB with group 32 at
+    M = 33-64; session 12, group 32: 235B qkv M=32 151.5 -> 36.3 µs, M=256 -> 175.3). fp32
+    activations have no per-field dots: small groups take the defaults, sized for staged scales."""
+    pf = 32 // bits
+    c = configs.get(f"intq{bits}", M, N, K)
+    if c["path"] != "gemm" or (M <= 16 and _field_dots(bits, c, pf, dtype)):
+        return c
+    small = not _scale_after(G, K, _gemm_tile(c, pf))
+    field = configs.cfg("gemm", 16, 128, 128, configs.auto_split(M, N, K, 16, 128, 128), 4, 3)
+    if _field_dots(bits, field, pf, dtype) and (M <= FIELD_MAX_M or small):
+        return field
+    return configs.default(f"intq{bits}", M, N, K) if small else c
+
+
+def _field_dots(bits: int, c: dict, pf: int, dtype: torch.dtype) -> bool:
+    """Whether the GEMM takes per-field dots (int4, K tiles of >= 16 words, BM 16, bf16/fp16):
+    the activations come as one prefetched tile (quant.x_tile), the codes are never reshuffled
+    into K order; groups smaller than the tile scale each word row before the dots (a word lies
+    in one group). BM >= 32 tiles would go to wgmma, whose B operand round-trips shared memory
+    per dot (session 4)."""
+    return (c["path"] == "gemm" and bits == 4 and _gemm_tile(c, pf) // pf >= 16 and c["BM"] == 16
+            and dtype != torch.float32)
 
 
 def _gemm_tile(c: dict, pf: int) -> int:

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import pdl
 from .gemv_tiles import gemv_intq, intq_scale
-from .quant import int4_field_dots, x_tile
+from .quant import int4_field_dots, int4_field_dots_grouped, x_tile
 
 _DENSE = tl.constexpr(0)
 _FP8 = tl.constexpr(1)
@@ -381,7 +381,9 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0, k_lo, k_hi,
     KP = K // PF
     # per-field dots only with BM 16 tiles (mma); BM >= 64 goes to wgmma, whose B operand
     # round-trips shared memory per dot (measured 2-3x slower)
-    FIELD_DOTS: tl.constexpr = BITS == 4 and GS % BK == 0 and R >= 16 and acc.shape[0] == 16
+    # groups smaller than the tile (GS a multiple of 8: a word is in one group) scale each word row
+    # before the dots
+    FIELD_DOTS: tl.constexpr = BITS == 4 and R >= 16 and acc.shape[0] == 16
     if FIELD_DOTS:
         a_nxt = x_tile(arow[:, None], rm[:, None], pp, k_lo, K, BK, HP)
     for k0 in range(k_lo, tl.minimum(k_hi, K), BK):
@@ -395,8 +397,11 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0, k_lo, k_hi,
             # the next tile's activations are loaded while this one computes
             a = a_nxt
             a_nxt = x_tile(arow[:, None], rm[:, None], pp, k0 + BK, K, BK, HP)
-            part = int4_field_dots(tl.zeros_like(acc), q, zp + g * nw + cols, nm, a, HZ)
-            acc += part * s[None, :]
+            if GS % BK == 0:
+                part = int4_field_dots(tl.zeros_like(acc), q, zp + g * nw + cols, nm, a, HZ)
+                acc += part * s[None, :]
+            else:
+                acc = int4_field_dots_grouped(acc, q, sp, nw, zp, nw, k0, K, GS, cols, nm, a, HZ)
         elif GS % BK == 0:
             if HZ:
                 z = tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.float32)[None, None, None, :]

@@ -190,9 +190,38 @@ def x_tile(a_ptrs, a_mask, perm_ptr, k0, K, BK: tl.constexpr, HAS_PERM: tl.const
 
 
 @triton.jit
-def _field_pair_dots(part, q, zb, xlo, xhi, J: tl.constexpr):
+def _field_pair_dots(part, q, zb, s2, xlo, xhi, J: tl.constexpr, ROW_SCALE: tl.constexpr):
     lo, hi = int4_pair(q >> (4 * J), zb)
+    if ROW_SCALE:   # fp32 product, one rounding to the 16-bit dot operand
+        lo = (lo.to(tl.float32) * s2).to(zb.dtype)
+        hi = (hi.to(tl.float32) * s2).to(zb.dtype)
     return tl.dot(xhi, hi, tl.dot(xlo, lo, part))
+
+
+@triton.jit
+def _field_dots(part, q, zb, s2, a, ROW_SCALE: tl.constexpr):
+    # a5[m, r, j2, j1, j0] = a[m, 8 r + 4 j2 + 2 j1 + j0]; each split takes the last axis apart
+    a5 = tl.reshape(a, (a.shape[0], q.shape[0], 2, 2, 2))
+    e, o = tl.split(a5)                    # j0 = 0 / 1
+    e0, e1 = tl.split(e)                   # j1
+    o0, o1 = tl.split(o)
+    x0, x4 = tl.split(e0)                  # j2: fields j and j + 4, [BM, R] each
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    part = _field_pair_dots(part, q, zb, s2, x0, x4, 0, ROW_SCALE)
+    part = _field_pair_dots(part, q, zb, s2, x1, x5, 1, ROW_SCALE)
+    part = _field_pair_dots(part, q, zb, s2, x2, x6, 2, ROW_SCALE)
+    return _field_pair_dots(part, q, zb, s2, x3, x7, 3, ROW_SCALE)
+
+
+@triton.jit
+def _zero_base(z, dt, HAS_ZERO: tl.constexpr):
+    """16-bit float 2^m + z (m = 7 bf16, 10 fp16) of the zeros z (uint8; symmetric: z = 8)."""
+    base = 128.0 if dt == tl.bfloat16 else 1024.0
+    if HAS_ZERO:
+        return (base + z.to(tl.float32)).to(dt)
+    return tl.full(z.shape, base + 8.0, dt)
 
 
 @triton.jit
@@ -203,25 +232,28 @@ def int4_field_dots(part, q, z_row, n_mask, a, HAS_ZERO: tl.constexpr):
     reshape and three splits take apart in registers (one contiguous load of a per tile, instead
     of one strided gather per field), so the codes are never reshuffled into K order.
     z_row: [BN] pointers to the group's uint8 zeros (HAS_ZERO)."""
-    dt = a.dtype
-    base = 128.0 if dt == tl.bfloat16 else 1024.0
+    z = tl.load(z_row, mask=n_mask, other=0)[None, :] if HAS_ZERO else tl.zeros([1, q.shape[1]], tl.uint8)
+    return _field_dots(part, q, _zero_base(z, a.dtype, HAS_ZERO), part, a, False)
+
+
+@triton.jit
+def int4_field_dots_grouped(part, q, s_ptr, s_stride, z_ptr, z_stride, k0, K, GS, cols, n_mask, a,
+                            HAS_ZERO: tl.constexpr):
+    """int4_field_dots for a K tile spanning several groups (GS < 8R, GS a multiple of 8: a word
+    row lies in one group): each word row's codes are scaled by its group's scale before the dots
+    (fp32 product, rounded once to the activation dtype, as the unfused path rounds its weights),
+    so part += a @ W. s_ptr / z_ptr: scales / uint8 zeros [ceil(K/GS), *] (row strides s_stride /
+    z_stride) at columns cols."""
+    R: tl.constexpr = q.shape[0]
+    kr = k0 + tl.arange(0, R) * 8
+    g = (kr // GS)[:, None]
+    m2 = (kr < K)[:, None] & n_mask[None, :]
+    s2 = tl.load(s_ptr + g * s_stride + cols[None, :], mask=m2, other=0.0).to(tl.float32)   # [R, BN]
     if HAS_ZERO:
-        zb = (base + tl.load(z_row, mask=n_mask, other=0).to(tl.float32)).to(dt)[None, :]
+        z = tl.load(z_ptr + g * z_stride + cols[None, :], mask=m2, other=0)
     else:
-        zb = tl.full([1, q.shape[1]], base + 8.0, dt)
-    # a5[m, r, j2, j1, j0] = a[m, 8 r + 4 j2 + 2 j1 + j0]; each split takes the last axis apart
-    a5 = tl.reshape(a, (a.shape[0], q.shape[0], 2, 2, 2))
-    e, o = tl.split(a5)                    # j0 = 0 / 1
-    e0, e1 = tl.split(e)                   # j1
-    o0, o1 = tl.split(o)
-    x0, x4 = tl.split(e0)                  # j2: fields j and j + 4, [BM, R] each
-    x2, x6 = tl.split(e1)
-    x1, x5 = tl.split(o0)
-    x3, x7 = tl.split(o1)
-    part = _field_pair_dots(part, q, zb, x0, x4, 0)
-    part = _field_pair_dots(part, q, zb, x1, x5, 1)
-    part = _field_pair_dots(part, q, zb, x2, x6, 2)
-    return _field_pair_dots(part, q, zb, x3, x7, 3)
+        z = tl.zeros([R, q.shape[1]], tl.uint8)
+    return _field_dots(part, q, _zero_base(z, a.dtype, HAS_ZERO), s2, a, True)
 
 
 # ----------------------------------------------------------------------------------------------
