@@ -233,9 +233,10 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
 
 
 # int4 GEMMs up to this many rows take BM-16 per-field tiles (intq_config). H100, session 12,
-# group 128, this vs the tuned rows (BM 32-64): M = 17-128 faster on 26 of 28 points (235B qkv
-# M=32 36.0 vs 75.8 µs, 30B qkv 14.6 vs 20.4; slower: 235B o_proj M=64 55.9 vs 50.2, lm_head M=128
-# 701.8 vs 672.2), M=256 slower on 4 of 7 (30B o_proj 52.6 vs 40.7)
+# group 128, this vs the tuned rows (BM 32-64), bench-kernels shapes: M = 17-128 faster on 31 of
+# 34 points (235B qkv M=32 36.0 vs 75.8 µs, 30B qkv 14.6 vs 20.4; slower: 235B o_proj M=64 55.9 vs
+# 50.2, 235B down M=64 14.7 vs 14.5, lm_head M=128 701.8 vs 672.2), M=256 slower on 4 of 8 (30B
+# o_proj 52.6 vs 40.7); benchmarks/moe_diag/session12_int4_gemm_field_vs_tuned_h100.log
 FIELD_MAX_M = 128
 
 
@@ -244,8 +245,9 @@ def intq_config(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -
     GEMMs of 17..FIELD_MAX_M rows take BM-16 per-field tiles, and so do groups smaller than a tuned
     row's K tile at any M (elsewhere the tile would stage [BK, BN] scales and zeros too: 2-4x
     slower, and past the 227 KB of shared memory with the tuned rows, e.g. 311 KB with group 32 at
-    M = 33-64; session 12, group 32: 235B qkv M=32 151.5 -> 36.3 µs, M=256 -> 175.3). fp32
-    activations have no per-field dots: small groups take the defaults, sized for staged scales."""
+    M = 33-64; session 12, group 32, against the defaults taken before: 235B qkv M=32 138.0 -> 36.3
+    µs, M=256 441.0 -> 175.3, M=2048 3000.0 -> 1269.3). fp32 activations have no per-field dots:
+    small groups take the defaults, sized for staged scales."""
     pf = 32 // bits
     c = configs.get(f"intq{bits}", M, N, K)
     if c["path"] != "gemm" or (M <= 16 and _field_dots(bits, c, pf, dtype)):

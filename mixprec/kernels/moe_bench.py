@@ -33,7 +33,9 @@ CONFIGS = {  # name -> per-expert (gate, up, down) specs, given E
     "int4+fp8": lambda E: mt.split(["int4", "fp8"], E, seed=1),
     "int4+fp8+bf16": lambda E: mt.split(["int4", "fp8", "bf16"], E, seed=2),
     "perproj": lambda E: [("int4", "int4", "fp8")] * E,
+    "int4_g32": lambda E: mt.uniform("int4_g32", E),     # not in the default run (--configs names it)
 }
+DEFAULT_CONFIGS = [c for c in CONFIGS if c != "int4_g32"]
 UNIFORM_OF = {"dense": "bf16", "fp8": "fp8", "intq": "int4", "int8": "int8"}
 
 # candidates for --sweep
@@ -366,7 +368,7 @@ def summarize(results: list, copy_bw: float) -> list[str]:
     lines = []
     by = {(r["shape"], r["config"], r["M"]): r for r in results}
     for r in results:
-        if r["config"] in ("bf16", "fp8", "int4", "int8") or "#" in r["config"]:
+        if r["config"] in ("bf16", "fp8", "int4", "int8", "int4_g32") or "#" in r["config"]:
             continue
         est = 0.0
         ok = True
@@ -470,7 +472,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mixprec bench-moe", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="30b,235b")
     ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,512")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"of {', '.join(CONFIGS)}")
     ap.add_argument("--min-mb", type=float, default=256.0, help="touched MB per timed replay (cold weights)")
     ap.add_argument("--sweep", action="store_true", help="time launch-config candidates, use the winners")
     ap.add_argument("--sweep-shapes", default="235b,30b", help="shapes the sweep times")
