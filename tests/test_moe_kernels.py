@@ -553,6 +553,13 @@ def test_pick_per_side_layouts():
         layouts = {"intq", "fp8"} if lay == "mixed" else {lay}
         assert mc.pick(1, layouts, layouts, hidden=h) == ("gemv", c, "gemv", c)
         assert mc.pick(2, layouts, layouts, hidden=h) == mc.pick(2, layouts, layouts)
+    # uniform int4 sides keep the BM-16 (per-field) dot row up to DOT_INTQ_MAX_M tokens, others
+    # and larger M the prefill row; each side by its own layouts
+    m = mc.DOT_INTQ_MAX_M
+    assert mc.DOT[0][1]["BM"] == 16 and mc.DOT[-1][1]["BM"] > 16
+    assert mc.pick(m, {"intq"}, {"fp8"}) == ("dot", mc.DOT[0][1], "dot", mc.DOT[-1][1])
+    assert mc.pick(m + 1, {"intq"}, {"intq"}) == ("dot", mc.DOT[-1][1], "dot", mc.DOT[-1][1])
+    assert mc.pick(m, {"intq", "fp8"}, {"intq"})[:2] == ("dot", mc.DOT[-1][1])
 
 
 def _distinct_gemv_m1():
@@ -611,6 +618,15 @@ def test_int4_dot_lattice(specs, bm):
     dot = dict(BM=bm, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2)
     b = _layer(mt.split(specs, E), h=384, i=128)
     _check(b, *_inputs(9, h=384, seed=51), inter=128, config=("dot", dot, dot))
+
+
+def test_int4_layer_past_128_tokens_on_the_field_row():
+    """A uniform int4 layer of 129..DOT_INTQ_MAX_M tokens takes the BM-16 dot row (pick), with
+    groups of 128 and of 32; equal to the reference."""
+    from mixprec.kernels import moe_configs as mc
+    b = _layer(mt.split(["int4", "int4_g32"], E), h=256, i=128)
+    assert mc.pick(140, *moe.side_layouts(b))[1]["BM"] == 16
+    _check(b, *_inputs(140, h=256, seed=57), inter=128)
 
 
 def test_bench_goal_lines_say_not_measured_without_points():

@@ -106,7 +106,17 @@ DOT_M1: dict[tuple[str, int], dict] = {
 }
 
 
-def dot_config(m: int) -> dict:
+# a side whose buckets are all int4 keeps the first DOT row (BM 16: per-field dots) up to this many
+# tokens. Session 12 (H100, route + fused_moe, µs, this vs the prefill row; session12_moe_prefill):
+# M=256 30B int4 349.0 vs 513.0, 235B 938.7 vs 1523.3, group 32 370.6 vs 497.0 / 995.4 vs 1473.6;
+# M=512 within -2..+9%, M=2048 12-48% slower (the BM-16 row re-reads each expert per 16 pairs)
+DOT_INTQ_MAX_M = 256
+
+
+def dot_config(m: int, layout: str | None = None) -> dict:
+    """The DOT row for m tokens (`layout`: the side's one layout, None when it mixes layouts)."""
+    if layout == "intq" and m <= DOT_INTQ_MAX_M:
+        return DOT[0][1]
     for bound, cfg in DOT:
         if m <= bound:
             return cfg
@@ -128,7 +138,7 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
             out += ["gemv", m1]
             continue
         max_m, cfg = GEMV_LAYOUT.get(layout) or (GEMV_MAX_M, GEMV[key])
-        out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m)]
+        out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m, layout)]
     return tuple(out)
 
 
