@@ -21,7 +21,8 @@ p.add_argument("--ms", default="17,32,64,128,256,512")
 p.add_argument("--groups", default="128,32")
 a = p.parse_args()
 ms, groups = [int(m) for m in a.ms.split(",")], [int(g) for g in a.groups.split(",")]
-print(f"{torch.cuda.get_device_name()}, copy bandwidth {timing.copy_bandwidth_gbps():.0f} GB/s; µs library / tuned / default")
+print(f"{torch.cuda.get_device_name()}, copy bandwidth {timing.copy_bandwidth_gbps():.0f} GB/s; "
+      "µs library / tuned / default")
 for model, sname, N, K in B.SHAPES:
     for G in groups:
         ts, _, ref = B.make_variant(f"int4 g{G} asym", N, K, "cuda")

@@ -357,7 +357,7 @@ def test_gemm_output_beyond_2_31_elements():
         assert sqnr(y[rows], int8_linear_reference(x[rows], w, s, None, "w8a16")) > 40
 
 
-def test_intq_config_small_groups():
+def test_intq_config_field_tiles():
     """int4 GEMMs of 17..FIELD_MAX_M rows take BM-16 per-field tiles, and groups smaller than the
     tuned rows' K tile at any M; with no per-field dots (fp32 activations) small groups take the
     defaults, sized for staged scales; M <= 16 keeps the tuned rows (per-field already)."""

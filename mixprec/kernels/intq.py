@@ -32,7 +32,8 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .gemv_tiles import gemv_intq
-from .quant import check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, split_plan, split_workspace, splitk_store, x_tile
+from .quant import (check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, split_plan,
+                    split_workspace, splitk_store, x_tile)
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
 MAGIC_C = tl.constexpr(MAGIC)
