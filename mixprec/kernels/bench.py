@@ -50,9 +50,9 @@ SHAPES = [  # (model, name, N, K)
 ]
 MS = [1, 2, 4, 8, 16, 32, 64, 256]
 # variant -> config kind it uses (tuned with the first variant of each kind)
-VARIANTS = {"int4 g128 asym": "intq4", "int4 g128 sym": "intq4", "int4 g32 asym": "intq4", "fp8 blk w8a8": "fp8_w8a8",
-            "fp8 blk w8a16": "fp8_w8a16", "fp8 chan w8a8": "fp8_w8a8", "int8 w8a8": "int8_w8a8",
-            "int8 w8a16": "int8_w8a16"}
+VARIANTS = {"int4 g128 asym": "intq4", "int4 g128 sym": "intq4", "int4 g32 asym": "intq4",
+            "fp8 blk w8a8": "fp8_w8a8", "fp8 blk w8a16": "fp8_w8a16", "fp8 chan w8a8": "fp8_w8a8",
+            "int8 w8a8": "int8_w8a8", "int8 w8a16": "int8_w8a16"}
 TUNE_VARIANTS = ["int4 g128 asym", "fp8 blk w8a8", "fp8 blk w8a16", "int8 w8a8", "int8 w8a16"]
 BASELINES = ["bf16", "tinygemm", "scaled_mm row", "F.scaled_mm blk"]
 ROTATE_BYTES = 256 << 20

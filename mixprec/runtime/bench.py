@@ -128,7 +128,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench needs a CUDA GPU")
         return 2
-    batches = a.batch
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
     results = {}
@@ -140,7 +139,7 @@ def main(argv=None) -> int:
             model = build_synthetic(args, mix, progress=False)
             print(f"built {a.synthetic} ({args.num_hidden_layers} layers) mix={mix} in "
                   f"{time.perf_counter() - t0:.0f}s: {sum(w.nbytes() for w in model.linear_modules().values()) / 2**30:.2f} GiB of linears")
-            rows = bench_model(model, batches, a.prompt_len, a.gen_len, bw)
+            rows = bench_model(model, a.batch, a.prompt_len, a.gen_len, bw)
             print_rows(f"{a.synthetic} layers={args.num_hidden_layers} mix={mix}", rows)
             results[mix] = rows
             del model
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
         from ..api import load
         model = load(a.config, device="cuda")
         print(model.stats)
-        rows = bench_model(model, batches, a.prompt_len, a.gen_len, bw)
+        rows = bench_model(model, a.batch, a.prompt_len, a.gen_len, bw)
         print_rows(a.config, rows)
         results[a.config] = rows
     if a.json:

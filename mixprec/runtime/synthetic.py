@@ -127,9 +127,12 @@ def _rule_for(module: str, rules):
     return None
 
 
+def _spec(rule) -> str:
+    return "bf16" if rule is None else rule.use if isinstance(rule, Rule) else rule[1]
+
+
 def spec_for(module: str, rules) -> str:
-    r = _rule_for(module, rules)
-    return "bf16" if r is None else r.use if isinstance(r, Rule) else r[1]
+    return _spec(_rule_for(module, rules))
 
 
 def module_generator(name: str, device, seed: int) -> torch.Generator:
@@ -154,15 +157,15 @@ def synthetic_linears(args: ModelArgs, mix: str) -> dict[str, tuple[int, int, st
     shapes = args.linear_shapes()
     if args.tie_word_embeddings:
         shapes.pop("lm_head", None)
-    out = {m: (n, k, spec_for(m, rules)) for m, (n, k) in shapes.items()}
+    chosen = {m: _rule_for(m, rules) for m in shapes}
     if mix not in PRESETS:   # a preset's rules may name experts a reduced model lacks
-        used = {id(_rule_for(m, rules)) for m in shapes}
+        used = {id(r) for r in chosen.values()}
         for r in rules:
             if id(r) not in used:
                 what = r.describe() if isinstance(r, Rule) else f"rule {r[0]}={r[1]}"
                 raise ValueError(f"--mix {mix}: {what} decides no linear of this model (it matches none, or an "
                                  f"earlier rule takes every match)")
-    return out
+    return {m: (n, k, _spec(chosen[m])) for m, (n, k) in shapes.items()}
 
 
 def synthetic_linear(module: str, n: int, k: int, spec: str, device, dtype: torch.dtype, seed: int = 0):
