@@ -302,7 +302,7 @@ def test_gpu_default_configs_untuned_shapes(m):
     for act in ("w8a8", "w8a16"):
         assert sqnr(fp8_linear(x, w8, s8, (128, 128), act), fp8_linear_reference(x, w8, s8, (128, 128), act)) >= 40
         assert sqnr(int8_linear(x, wi, si, None, act), int8_linear_reference(x, wi, si, None, act)) >= 40
-    for G, asym in ((128, True), (32, True), (32, False)):     # group 32: [BK, BN] scales staged too
+    for G, asym in ((128, True), (32, True), (32, False)):     # group 32: rows scaled before the field dots
         qw, sc, z, _ = make_intq(N, K, G, 4, asym, False, seed=31)
         assert sqnr(intq_linear(x, qw, sc, z, None, 4, G), intq_linear_reference(x, qw, sc, z, None, 4, G)) >= 40
 
