@@ -15,12 +15,13 @@ Two kernels, each one launch per call (split-K reduced in-kernel, quant.splitk_s
   row stride N (every producer's tensors are contiguous). It replaced a wide-tile GEMV (BN 256,
   every thread owning whole columns) in session 6: 30B qkv at M=1 10.3 -> 6.0 µs on an H100.
 * gemm (tl.dot, M > 1): when a K tile sits in one group the codes enter the dot as exact integers
-  (q - z) and the scale multiplies the tile's dot result. 4-bit, BM 16, M <= 16, K tiles >= 128: the
-  [BK/8, BN] word tile is loaded once and unpacked two fields per instruction (quant.int4_pair);
-  field j of the words is the K sub-lattice 8 r + j, one dot each against the matching x columns.
-  Otherwise a [BK, BN] tile of codes in natural K order (each word loaded once per input row it
-  holds; the repeats hit L1), one dot per K tile; groups smaller than the tile are dequantized
-  row by row before the dot.
+  (q - z) and the scale multiplies the tile's dot result. 4-bit, BM 16, K tiles >= 128 (M = 2-128,
+  and any M with groups smaller than the tile: intq_config): the [BK/8, BN] word tile is loaded
+  once and unpacked two fields per instruction (quant.int4_pair); field j of the words is the K
+  sub-lattice 8 r + j, one dot each against the matching x columns; with groups smaller than the
+  tile each word row is scaled by its group first. Otherwise a [BK, BN] tile of codes in natural K
+  order (each word loaded once per input row it holds; the repeats hit L1), one dot per K tile;
+  groups smaller than the tile are dequantized row by row before the dot.
 """
 from __future__ import annotations
 
