@@ -44,25 +44,26 @@ def _generate(a) -> int:
         print("error: --prompt is empty", file=sys.stderr)
         return 2
     try:    # bad input (config, checkpoint, sampling values) is a message, not a traceback
-        SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed).validate()
+        params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                                max_new_tokens=a.max_new_tokens).validate()
         model = load(a.config, device=a.device, dtype=a.dtype, progress=not a.quiet, tp=a.tp, ep=a.ep)
     except (MixprecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return _stream(a, model)
+    return _stream(a, model, params)
 
 
-def _stream(a, model) -> int:
+def _stream(a, model, params) -> int:
+    from dataclasses import replace
+
     from .runtime.generate import Generator
-    from .runtime.sampling import SamplingParams
     main = getattr(model, "parallel", None) is None or model.parallel.is_main   # only rank 0 prints
     tok = model.tokenizer
     if tok is None:
         print(f"error: the base checkpoint {a.config} has no tokenizer.json", file=sys.stderr)
         return 2
     ids = tok.encode_prompt(a.prompt, chat=a.chat)
-    params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-                            max_new_tokens=a.max_new_tokens, stop_token_ids=tuple(tok.eos_token_ids))
+    params = replace(params, stop_token_ids=tuple(tok.eos_token_ids))
     gen = Generator(model, use_cuda_graphs=None if not a.no_cuda_graphs else False)
     out: list[int] = []
     shown = ""
