@@ -161,7 +161,7 @@ SEED_FORMATS = {"fp16": "fp16_path", "bf16": "bf16_path", "fp8": "fp8_path",
                 "gptq_int4": "gptq_int4_path", "awq_int4": "awq_int4_path", "int8": "int8_path"}
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
                   "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _NATIVE_KEYS = ("model", "sources", "weights", "parallel", "dtype")
 _SEED_KEYS = ("mixed_precision", "parallel", "dtype")
 _RULE_KEYS = ("match", "use", "experts")
@@ -692,7 +692,7 @@ class MixConfig:
         if weights:
             d["weights"] = weights
         d["parallel"] = {"tp": self.parallel.tp, "ep": self.parallel.ep}
-        d["dtype"] = _DTYPE_NAMES[self.dtype]
+        d["dtype"] = DTYPE_NAMES[self.dtype]
         return d
 
     def to_yaml(self) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import _DTYPE_NAMES, load_config
+from ..config import DTYPE_NAMES, load_config
 from ..errors import CheckpointError, ConfigError, ShapeMismatch
 from ..formats import resolve_scheme
 from ..loader.assemble import input_rescales
@@ -179,7 +179,7 @@ def export_mix(config, out_dir: str | Path, force: bool = False, max_shard_bytes
     qc = _ct_config(plan, table, mods) or ({"quant_method": "mixprec", "schemes": table, "modules": mods}
                                           if mods else None)
     manifest = {"version": MANIFEST_VERSION, "created_by": "mixprec export",
-                "dtype": _DTYPE_NAMES[cfg.dtype],      # load(OUT_DIR) computes as the mix did
+                "dtype": DTYPE_NAMES[cfg.dtype],      # load(OUT_DIR) computes as the mix did
                 "sources": {n: str(c.path) for n, c in plan.sources.items()},
                 "schemes": table,
                 "modules": {m: {"source": e.source, "format": e.fmt_name, "params": e.params,
