@@ -180,12 +180,12 @@ def plan_main(argv: list[str] | None = None) -> int:
             paths["model"] = str(Path(a.model).expanduser().resolve()) if prof["kind"] == "measured" else a.model
         fit, desc = None, ""
         # the profile counted bytes in its dtype: another element size would load other sizes
-        dtype = _dtype(prof.get("dtype", "bfloat16"))
-        if a.dtype is not None and _dtype(a.dtype).itemsize != dtype.itemsize:
+        dtype, wanted = _dtype(prof.get("dtype", "bfloat16")), _dtype(a.dtype)
+        if wanted is not None and wanted.itemsize != dtype.itemsize:
             raise MixprecError(f"--dtype {a.dtype}: the profile counts dense weights in {prof.get('dtype', 'bfloat16')} "
                                f"({dtype.itemsize} bytes a value), so the budget would not hold; profile with "
                                f"--dtype {a.dtype} instead")
-        dtype = _dtype(a.dtype) or dtype
+        dtype = wanted or dtype
         if a.fit:
             budget, fit = fit_budget(arch_args(prof), a.fit, a.context, a.batch, a.margin or DEFAULT_MARGIN,
                                      elem=dtype.itemsize)
