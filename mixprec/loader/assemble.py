@@ -138,9 +138,9 @@ def input_rescales(plan: Plan) -> dict[str, torch.Tensor]:
     def folds(src: str, layer: str) -> bool:
         """Whether `src` folds activation scales at `layer`: its norms differ from the base's. Asked
         for every source of a split pair, not only those whose q/k/v/gate/up needed a factor: an
-        o_proj or down_proj taken alone from a folding source is as wrong."""
-        return any(factor(src, f"{layer}.{norm}.weight") is not None
-                   for norm in ("input_layernorm", "post_attention_layernorm"))
+        o_proj or down_proj taken alone from a folding source is as wrong. The base never folds."""
+        return src != "model" and any(factor(src, f"{layer}.{norm}.weight") is not None
+                                      for norm in ("input_layernorm", "post_attention_layernorm"))
 
     errors = []
     for module, e in plan.entries.items():
