@@ -158,7 +158,8 @@ def drive() -> None:
     moe.router_route(torch.randn(1, H).to(torch.bfloat16), torch.randn(128, H).to(torch.bfloat16), 8, True)
 
     for N, K in ((5120, 2048), (2048, 768)):
-        for M in (1, 2, 4, 40):   # 4: the tuned BN-128 8-warp row, with group 32 on per-field dots
+        for M in (1, 2, 4, 40, 200):   # 4: the tuned BN-128 8-warp row, with group 32 on per-field dots;
+            # 40: swap tiles (group 128), 200: the dequant kernel
             x = torch.randn(M, K, generator=g).to(torch.bfloat16)
             w8 = torch.randn(N, K, generator=g).to(torch.float8_e4m3fn)
             s8 = torch.rand(N // 128, K // 128, generator=g)

@@ -6,6 +6,7 @@ small shapes, fp16/fp32 activations (the interpreter's bf16 arithmetic is wrong)
 GPU tests run bf16 and fp16 at real sizes, default configs, CUDA-graph capture and determinism."""
 import pytest
 import torch
+import triton
 
 from mixprec.errors import FormatError, ShapeMismatch
 from mixprec.kernels import configs
@@ -25,6 +26,9 @@ GEMV_SPLIT = configs.cfg("gemv", 1, 64, 64, 3, 2, 1)
 GEMV_WIDE = configs.cfg("gemv", 1, 32, 256, 2, 2, 1)   # fp8: K tiles of two 128-wide slices
 GEMM = configs.cfg("gemm", 16, 32, 128, 1, 4, 2)
 GEMM_SPLIT = configs.cfg("gemm", 16, 64, 64, 2, 4, 2)
+SWAP = configs.cfg("swap", 16, 64, 128, 1, 4, 2)         # int4, one group per K tile: transposed dots
+SWAP_SPLIT = configs.cfg("swap", 64, 64, 128, 2, 4, 2)
+DEQUANT = configs.cfg("dequant", 128, 128, 128, 1, 4, 1)   # dequantize, then torch.mm
 
 
 def sqnr(y, ref):
@@ -143,6 +147,7 @@ INTQ_CASES = [  # M, N, K, G, asym, act_order
     (13, 80, 384, 128, True, True),     # M 9-16: per-field dots on BM-16 tiles, act-order
     (9, 80, 384, 32, True, True),       # per-field dots, groups smaller than the tile: rows scaled first
     (16, 72, 256, 64, False, False),
+    (40, 72, 384, 128, True, True),     # swap tiles (BM 64, M and N not multiples of the tile)
 ]
 
 
@@ -154,13 +159,17 @@ def test_intq_interpreter(bits, case):
     qw, sc, z, perm = make_intq(N, K, G, bits, asym, act, seed=M + N + bits)
     gs = -1 if G == K else G
     cfgs = [GEMM, GEMM_SPLIT] + ([GEMV, GEMV_SPLIT] if M <= 3 else [])
-    for dtype, cs in ((torch.float16, cfgs), (torch.float32, cfgs[1::2])):
+    swap = [SWAP, SWAP_SPLIT] if bits == 4 and (G == K or G % 128 == 0) else []
+    for dtype, cs in ((torch.float16, cfgs + swap + [DEQUANT]), (torch.float32, cfgs[1::2] + [DEQUANT])):
         x = xin(M, K, dtype, seed=K + M)
         ref = intq_linear_reference(x, qw, sc, z, perm, bits, gs)
         for c in cs:
             y = intq_linear_cfg(x, qw, sc, z, perm, bits, gs, c)
             assert y.dtype == dtype and y.shape == (M, N)
             assert sqnr(y, ref) >= 40, (c, dtype)
+    if swap:      # fp32 activations have no 16-bit dot operands for the transposed tiles
+        with pytest.raises(FormatError, match="swap tiles"):
+            intq_linear_cfg(xin(M, K, torch.float32, seed=1), qw, sc, z, perm, bits, gs, SWAP)
 
 
 FP8_CASES = [(1, 200, 384), (3, 96, 256), (17, 64, 200), (33, 64, 200)]   # M >= 32: act_quant codes
@@ -262,7 +271,7 @@ def test_intq_gpu(dtype, bits, G, asym, act):
     N, K = 2200, 2048
     qw, sc, z, perm = make_intq(N, K, K if G == -1 else G, bits, asym, act, seed=bits + (G % 7),
                                 sdtype=BF if dtype == BF else HF)
-    for M in GPU_M:
+    for M in GPU_M + [64, 129]:        # 17-256: swap tiles for int4 in one group per K tile (intq_config)
         x = xin(M, K, dtype, seed=M)
         y = intq_linear(x, qw, sc, z, perm, bits, G)
         assert y.dtype == dtype and sqnr(y, intq_linear_reference(x, qw, sc, z, perm, bits, G)) >= 40, M
@@ -357,20 +366,45 @@ def test_gemm_output_beyond_2_31_elements():
         assert sqnr(y[rows], int8_linear_reference(x[rows], w, s, None, "w8a16")) > 40
 
 
-def test_intq_config_field_tiles():
-    """int4 GEMMs of 17..FIELD_MAX_M rows take BM-16 per-field tiles, and groups smaller than the
-    tuned rows' K tile at any M; with no per-field dots (fp32 activations) small groups take the
-    defaults, sized for staged scales; M <= 16 keeps the tuned rows (per-field already)."""
-    from mixprec.kernels.intq import FIELD_MAX_M, intq_config
-    big = 2048
+def test_intq_config_paths():
+    """int4: M >= DEQUANT_MIN_M dequantize + cuBLAS (weights over one chunk from twice that);
+    17..DEQUANT_MIN_M-1 rows the swap tiles on
+    weights of >= SWAP_MIN_NK elements with one group per K tile, else BM-16 per-field tiles (also
+    for groups smaller than the tile); M <= 16 keeps the tuned rows (per-field already); fp32
+    activations never take the swap or per-field tiles; int8 keeps configs.get."""
+    from mixprec.kernels.intq import DEQUANT_MIN_M, SWAP_MIN_NK, intq_config
+    bf = torch.bfloat16
+    assert 5120 * 2048 >= SWAP_MIN_NK > 2048 * 768
+    for M in (17, 64, DEQUANT_MIN_M - 1):
+        c = intq_config(4, M, 5120, 2048, 128, bf)
+        assert c["path"] == "swap" and c["BM"] == min(128, triton.next_power_of_2(M)) and c["BK"] == 128, (M, c)
+        assert intq_config(4, M, 5120, 2048, 2048, bf)["path"] == "swap"       # group = K
+        for N, K, G in ((2048, 768, 128), (5120, 2048, 32)):
+            c = intq_config(4, M, N, K, G, bf)
+            assert c["path"] == "gemm" and c["BM"] == 16 and c["BK"] == 128, (M, N, K, G, c)
     for G in (32, 128):
-        for M in (17, 64, FIELD_MAX_M):
-            c = intq_config(4, M, 5120, 2048, G, torch.bfloat16)
-            assert c["path"] == "gemm" and c["BM"] == 16 and c["BK"] == 128, (G, M, c)
-        assert intq_config(4, 4, 5120, 2048, G, torch.bfloat16) == configs.get("intq4", 4, 5120, 2048)
-        assert intq_config(4, 1, 5120, 2048, G, torch.bfloat16)["path"] == "gemv"
-    assert intq_config(4, big, 5120, 2048, 128, torch.bfloat16) == configs.get("intq4", big, 5120, 2048)
-    assert intq_config(4, big, 5120, 2048, 32, torch.bfloat16)["BM"] == 16
+        assert intq_config(4, 4, 5120, 2048, G, bf) == configs.get("intq4", 4, 5120, 2048)
+        assert intq_config(4, 1, 5120, 2048, G, bf)["path"] == "gemv"
+        for M in (DEQUANT_MIN_M, 2048):
+            assert intq_config(4, M, 5120, 2048, G, bf)["path"] == "dequant"
+    # a weight bigger than one dequantization chunk (the 151936 x 2048 head) from twice the rows
+    assert intq_config(4, DEQUANT_MIN_M, 151936, 2048, 128, bf)["path"] == "swap"
+    assert intq_config(4, 2 * DEQUANT_MIN_M, 151936, 2048, 128, bf)["path"] == "dequant"
     assert intq_config(4, 64, 5120, 2048, 32, torch.float32) == configs.default("intq4", 64, 5120, 2048)
     assert intq_config(4, 64, 5120, 2048, 128, torch.float32) == configs.get("intq4", 64, 5120, 2048)
-    assert intq_config(8, 64, 5120, 2048, 128, torch.bfloat16) == configs.get("intq8", 64, 5120, 2048)
+    for M in (64, 2048):
+        assert intq_config(8, M, 5120, 2048, 128, bf) == configs.get("intq8", M, 5120, 2048)
+
+
+@cpu_only
+def test_intq_dequant_path_column_chunks(monkeypatch):
+    """The dequant path writes each column chunk of the output in place (a partial last chunk,
+    act-order x permuted once): equal to the reference."""
+    from mixprec.kernels import intq
+    monkeypatch.setattr(intq, "DEQUANT_CHUNK", 128 * 384)       # 128 columns per chunk: 128 + 72
+    qw, sc, z, perm = make_intq(200, 384, 128, 4, True, True, seed=5)
+    x = xin(6, 384, torch.float16, seed=6)
+    y = intq_linear_cfg(x, qw, sc, z, perm, 4, 128, DEQUANT)
+    assert sqnr(y, intq_linear_reference(x, qw, sc, z, perm, 4, 128)) >= 40
+
+

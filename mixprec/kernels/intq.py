@@ -5,7 +5,8 @@ bits*i.. of word r (unsigned codes); scales [ceil(K/G), N] fp16/bf16; zeros [cei
 or None (symmetric: zero 2^(bits-1)); perm [K] int32 or None (act-order: rows are stored sorted
 by group and the kernel computes with x[:, perm]).
 
-Two kernels, each one launch per call (split-K reduced in-kernel, quant.splitk_store):
+Paths (intq_config picks one per call; the Triton ones are one launch, split-K reduced in-kernel,
+quant.splitk_store):
 
 * gemv (decode, M = 1-2): programs over (row m, BN columns, K split) running the int4/int8 tile
   loop the fused MoE uses (gemv_tiles.gemv_intq): a [BK/pf, BN] word tile dequantized field by
@@ -22,6 +23,13 @@ Two kernels, each one launch per call (split-K reduced in-kernel, quant.splitk_s
   tile each word row is scaled by its group first. Otherwise a [BK, BN] tile of codes in natural K
   order (each word loaded once per input row it holds; the repeats hit L1), one dot per K tile;
   groups smaller than the tile are dequantized row by row before the dot.
+* swap (int4, 17-127 rows, one group per K tile): the same per-field dots transposed, out^T =
+  W^T x^T, so the dequantized words are the dot's A operand (wgmma reads A from registers, B from
+  shared memory: only the x tile is staged) and one program's BM = up to 128 rows share each
+  dequantized tile (BM-16 tiles dequantize every weight once per 16 rows).
+* dequant (int4, >= 128 rows: prefill): the weight dequantized into a transient x.dtype buffer
+  (column chunks), multiplied by cuBLAS; at these sizes the GEMM is compute-bound and the extra
+  pass over the weight costs less than dequantizing inside a tile loop.
 """
 from __future__ import annotations
 
@@ -66,7 +74,7 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
                       M, N, K, G, stride_xm, stride_om, stride_q, stride_s, stride_z,
                       k_per_split, split,
                       BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-                      SCALE_AFTER: tl.constexpr, FIELD_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      SCALE_AFTER: tl.constexpr, FIELD_DOTS: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     PF: tl.constexpr = 32 // BITS
@@ -78,6 +86,25 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     R: tl.constexpr = BLOCK_K // PF
+    if SWAP:
+        # int4, tile in one group, transposed: out^T [BN, BM] += W^T x^T per field, so the
+        # dequantized words are the dot's A operand (wgmma takes it from registers; only the
+        # small x tile goes through shared memory) and BM up to 128 rows share one dequantization
+        rows = tl.arange(0, R)
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rw = k0 // PF + rows
+            w = tl.load(qw_ptr + rw[None, :] * stride_q + offs_n[:, None],
+                        mask=(rw < K // PF)[None, :] & n_mask[:, None], other=0)      # [BN, R] int32
+            a = x_tile(x_rows, m_mask[:, None], perm_ptr, k0, k_hi, BLOCK_K, HAS_PERM)
+            g = k0 // G
+            s_row = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            part = int4_field_dots(tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), w,
+                                   z_ptr + g * stride_z + offs_n, n_mask, a, HAS_ZERO, True)
+            acc_t += part * s_row[:, None]
+        splitk_store(tl.trans(acc_t), out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k,
+                     split, USE_SPLIT)
+        return
     if FIELD_DOTS:
         # int4, tile in one group: the [R, BN] word tile is loaded once and not reshuffled into K
         # order; field j of the words is the K sub-lattice k0 + 8 r + j: one dot per field
@@ -136,6 +163,50 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
             acc = tl.dot(a, b, acc)
     splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
                  USE_SPLIT)
+
+
+@triton.jit
+def _intq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, n0, stride_q, stride_s, stride_z, stride_w,
+                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """w[k, n - n0] = (code(k, n) - z) * s for BLOCK_R word rows and BLOCK_N columns from n0 (the
+    stored row order; act-order callers permute x instead), in w's dtype."""
+    PF: tl.constexpr = 32 // BITS
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = n0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m2 = (r < K // PF)[:, None] & (cols < N)[None, :]
+    q = tl.load(qw_ptr + r[:, None] * stride_q + cols[None, :], mask=m2, other=0)
+    for j in tl.static_range(PF):
+        kk = r * PF + j
+        g = (kk // G)[:, None]
+        sc = tl.load(s_ptr + g * stride_s + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g * stride_z + cols[None, :], mask=m2, other=0).to(tl.float32)
+        else:
+            z = 2.0 ** (BITS - 1)
+        v = (((q >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.float32) - z) * sc
+        tl.store(w_ptr + kk[:, None].to(tl.int64) * stride_w + (cols - n0)[None, :], v.to(w_ptr.dtype.element_ty),
+                 mask=m2)
+
+
+def _dequant_matmul(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm: Tensor | None,
+                    bits: int, G: int, out: Tensor) -> None:
+    """Many rows: out = x[:, perm] @ W, W dequantized into x.dtype chunk by chunk of columns (a
+    transient buffer of at most DEQUANT_CHUNK elements) and multiplied by cuBLAS; the weights stay
+    packed in memory. Same rounding as the unfused path: each weight rounded once to x.dtype."""
+    K, N = x2.shape[1], out.shape[1]
+    if perm is not None:
+        x2 = x2.index_select(1, perm)
+    nc = min(N, max(128, DEQUANT_CHUNK // K // 128 * 128))
+    w = torch.empty(K, nc, dtype=x2.dtype, device=x2.device)
+    zp = zeros if zeros is not None else scales
+    for n0 in range(0, N, nc):
+        n1 = min(N, n0 + nc)
+        wc = w[:, : n1 - n0]
+        _intq_dequant_kernel[(triton.cdiv(K // (32 // bits), 16), triton.cdiv(n1 - n0, 128))](
+            qweight, scales, zp, wc, n1, K, G, n0, qweight.stride(0), scales.stride(0),
+            zeros.stride(0) if zeros is not None else 0, wc.stride(0),
+            BITS=bits, HAS_ZERO=zeros is not None, BLOCK_R=16, BLOCK_N=128, num_warps=4)
+        torch.mm(x2, wc, out=out[:, n0:n1])
 
 
 def intq_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
@@ -202,7 +273,9 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     c = cfg if cfg is not None else intq_config(bits, M, N, K, G, x2.dtype)
     zp = zeros if zeros is not None else scales      # dummy pointers, never read
     pp = perm if perm is not None else qweight
-    if c["path"] == "gemv":
+    if c["path"] == "dequant":
+        _dequant_matmul(x2, qweight, scales, zeros, perm, bits, G, out)
+    elif c["path"] == "gemv":
         for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
             if t is not None and t.stride(0) != N:
                 raise FormatError(f"intq_linear {name}: the gemv kernel needs rows of stride N={N}, got "
@@ -221,6 +294,10 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
         tile = _gemm_tile(c, pf)
         scale_after = _scale_after(G, K, tile)
         field_dots = _field_dots(bits, c, pf, x2.dtype)
+        swap = c["path"] == "swap"
+        if swap and not (bits == 4 and tile == 128 and scale_after and x2.dtype != torch.float32):
+            raise FormatError(f"intq_linear: the swap tiles take int4, K tiles of 128 inside one group and "
+                              f"16-bit activations; got bits={bits}, tile {tile}, group {G}, {x2.dtype}")
         split, per = split_plan(K, tile, c["split"])
         stride_z = zeros.stride(0) if zeros is not None else 0
         common = (M, N, K, G, x2.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), stride_z)
@@ -229,7 +306,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
         _intq_gemm_kernel[(nt, split)](
             x2, qweight, scales, zp, pp, out, ws, cnt, *common, per, split,
             BITS=bits, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, SCALE_AFTER=scale_after,
-            FIELD_DOTS=field_dots, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
+            FIELD_DOTS=field_dots, SWAP=swap, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
             num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     return out.reshape(*lead, N)
 
@@ -243,22 +320,58 @@ FIELD_MAX_M = 128
 
 
 def intq_config(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -> dict:
-    """The launch config intq_linear takes: configs.get (tuned with group 128), except that int4
-    GEMMs of 17..FIELD_MAX_M rows take BM-16 per-field tiles, and so do groups smaller than a tuned
-    row's K tile at any M (elsewhere the tile would stage [BK, BN] scales and zeros too: 2-4x
-    slower, and past the 227 KB of shared memory with the tuned rows, e.g. 311 KB with group 32 at
-    M = 33-64; session 12, group 32, against the defaults taken before: 235B qkv M=32 138.0 -> 36.3
-    µs, M=256 441.0 -> 175.3, M=2048 3000.0 -> 1269.3). fp32 activations have no per-field dots:
-    small groups take the defaults, sized for staged scales."""
+    """The launch config intq_linear takes: configs.get (tuned with group 128), except for int4:
+    the "dequant" path (dequantize + cuBLAS) where dequant_fits; from 17 rows the "swap" tiles
+    where swap_fits, else BM-16 per-field tiles (to FIELD_MAX_M rows, and at any
+    M for groups smaller than a tuned row's K tile, which would otherwise stage [BK, BN] scales
+    and zeros too: 2-4x slower, and past the 227 KB of shared memory with the tuned rows; session
+    12, group 32, 235B qkv M=32 138.0 -> 36.3 µs). fp32 activations have no per-field dots: small
+    groups take the defaults, sized for staged scales."""
     pf = 32 // bits
     c = configs.get(f"intq{bits}", M, N, K)
+    if dequant_fits(bits, M, N, K):
+        return configs.cfg("dequant", M, 128, 128, 1, 4, 1)
     if c["path"] != "gemm" or (M <= 16 and _field_dots(bits, c, pf, dtype)):
         return c
+    if swap_fits(bits, M, N, K, G, dtype):
+        BM = min(128, triton.next_power_of_2(M))
+        return configs.cfg("swap", BM, 64, 128, configs.auto_split(M, N, K, BM, 64, 128), 4, 3)
     small = not _scale_after(G, K, _gemm_tile(c, pf))
     field = configs.cfg("gemm", 16, 128, 128, configs.auto_split(M, N, K, 16, 128, 128), 4, 3)
     if _field_dots(bits, field, pf, dtype) and (M <= FIELD_MAX_M or small):
         return field
     return configs.default(f"intq{bits}", M, N, K) if small else c
+
+
+# int4 GEMMs of 17..DEQUANT_MIN_M-1 rows on weights of at least SWAP_MIN_NK elements take the swap
+# tiles (BM = rows rounded up to a power of two up to 128, BN 64, auto split); from DEQUANT_MIN_M
+# rows int4 weights are dequantized (chunks of DEQUANT_CHUNK elements) for cuBLAS (dequant_fits).
+# H100, session 13, group 128, bench-kernels shapes, against what the library took before (BM-16
+# per-field tiles to 128 rows, the tuned rows above): swap 1.24-1.93x faster at M = 17-64 (235B
+# o_proj M=64 55.3 -> 29.0 µs, 30B qkv 20.1 -> 15.4, lm_head 367.4 -> 190.8); dequantize + cuBLAS
+# 1.21-5.5x at M = 128-2048 (235B qkv M=2048 1289.4 -> 252.1, bf16 F.linear 199.3; M=128 107.8 ->
+# 70.5, where the swap tiles took 81.6); group 32 alike from 128 rows (benchmarks/linear_raw/
+# session13_int4_lib_ab_g*_h100.log, session13_int4_swap_vs_before_deqmm_h100.log). Weights under
+# SWAP_MIN_NK (30B expert shapes) measured no faster with swap tiles at 64-128 rows.
+SWAP_MIN_M = 17
+SWAP_MIN_NK = 1 << 22
+DEQUANT_MIN_M = 128
+DEQUANT_CHUNK = 1 << 25      # elements of the transient dequantized weight (64 MB in bf16)
+
+
+def swap_fits(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -> bool:
+    """Whether intq_linear takes the swap tiles (intq_config): int4, 16-bit activations, K tiles of
+    128 inside one group, from SWAP_MIN_M rows until the dequant path takes over, N * K >=
+    SWAP_MIN_NK."""
+    return (bits == 4 and dtype != torch.float32 and _scale_after(G, K, 128) and M >= SWAP_MIN_M
+            and not dequant_fits(bits, M, N, K) and N * K >= SWAP_MIN_NK)
+
+
+def dequant_fits(bits: int, M: int, N: int, K: int) -> bool:
+    """Whether intq_linear dequantizes for cuBLAS (intq_config): int4, from DEQUANT_MIN_M rows;
+    weights of more than one DEQUANT_CHUNK only from twice that many rows (at 128 rows the
+    transient write of the 151936 x 2048 head cost more than the swap tiles: 528.4 vs 321.4 µs)."""
+    return bits == 4 and M >= DEQUANT_MIN_M * (1 if N * K <= DEQUANT_CHUNK else 2)
 
 
 def _field_dots(bits: int, c: dict, pf: int, dtype: torch.dtype) -> bool:

@@ -10,8 +10,9 @@
   reset by that last program, so one zeroed int32 buffer per (device, stream) serves every call
   and CUDA-graph replay without a memset node.
 * `int4_pair` / `int4_field_dots` / `x_tile`: two int4 fields of a word to 16-bit floats with one
-  LOP3 + one packed subtract, the per-field dots of a one-group K tile, and the activation tile
-  they take, for the dot paths of the int4 kernels (intq.py, moe_triton.py).
+  LOP3 + one packed subtract, the per-field dots of a one-group K tile (also transposed, with the
+  codes as the dot's A operand), and the activation tile they take, for the dot paths of the int4
+  kernels (intq.py, moe_triton.py).
 * `check` helpers that raise the typed errors of mixprec/errors.py.
 """
 from __future__ import annotations
@@ -190,18 +191,22 @@ def x_tile(a_ptrs, a_mask, perm_ptr, k0, K, BK: tl.constexpr, HAS_PERM: tl.const
 
 
 @triton.jit
-def _field_pair_dots(part, q, zb, s2, xlo, xhi, J: tl.constexpr, ROW_SCALE: tl.constexpr):
+def _field_pair_dots(part, q, zb, s2, xlo, xhi, J: tl.constexpr, ROW_SCALE: tl.constexpr, TRANS: tl.constexpr):
     lo, hi = int4_pair(q >> (4 * J), zb)
     if ROW_SCALE:   # fp32 product, one rounding to the 16-bit dot operand
         lo = (lo.to(tl.float32) * s2).to(zb.dtype)
         hi = (hi.to(tl.float32) * s2).to(zb.dtype)
-    return tl.dot(xhi, hi, tl.dot(xlo, lo, part))
+    if TRANS:       # part^T += W^T x^T: the codes are the dot's A operand
+        part = tl.dot(hi, tl.trans(xhi), tl.dot(lo, tl.trans(xlo), part))
+    else:
+        part = tl.dot(xhi, hi, tl.dot(xlo, lo, part))
+    return part
 
 
 @triton.jit
-def _field_dots(part, q, zb, s2, a, ROW_SCALE: tl.constexpr):
+def _field_dots(part, q, zb, s2, a, ROW_SCALE: tl.constexpr, TRANS: tl.constexpr = False):
     # a5[m, r, j2, j1, j0] = a[m, 8 r + 4 j2 + 2 j1 + j0]; each split takes the last axis apart
-    a5 = tl.reshape(a, (a.shape[0], q.shape[0], 2, 2, 2))
+    a5 = tl.reshape(a, (a.shape[0], q.shape[1] if TRANS else q.shape[0], 2, 2, 2))
     e, o = tl.split(a5)                    # j0 = 0 / 1
     e0, e1 = tl.split(e)                   # j1
     o0, o1 = tl.split(o)
@@ -209,10 +214,10 @@ def _field_dots(part, q, zb, s2, a, ROW_SCALE: tl.constexpr):
     x2, x6 = tl.split(e1)
     x1, x5 = tl.split(o0)
     x3, x7 = tl.split(o1)
-    part = _field_pair_dots(part, q, zb, s2, x0, x4, 0, ROW_SCALE)
-    part = _field_pair_dots(part, q, zb, s2, x1, x5, 1, ROW_SCALE)
-    part = _field_pair_dots(part, q, zb, s2, x2, x6, 2, ROW_SCALE)
-    return _field_pair_dots(part, q, zb, s2, x3, x7, 3, ROW_SCALE)
+    part = _field_pair_dots(part, q, zb, s2, x0, x4, 0, ROW_SCALE, TRANS)
+    part = _field_pair_dots(part, q, zb, s2, x1, x5, 1, ROW_SCALE, TRANS)
+    part = _field_pair_dots(part, q, zb, s2, x2, x6, 2, ROW_SCALE, TRANS)
+    return _field_pair_dots(part, q, zb, s2, x3, x7, 3, ROW_SCALE, TRANS)
 
 
 @triton.jit
@@ -225,15 +230,20 @@ def _zero_base(z, dt, HAS_ZERO: tl.constexpr):
 
 
 @triton.jit
-def int4_field_dots(part, q, z_row, n_mask, a, HAS_ZERO: tl.constexpr):
+def int4_field_dots(part, q, z_row, n_mask, a, HAS_ZERO: tl.constexpr, TRANS: tl.constexpr = False):
     """part [BM, BN] fp32 += a @ (codes - z) for one K tile of 8R inputs in one group: q [R, BN]
     int4 words, a [BM, 8R] the activations of the tile in K order (x_tile). Field j of the R words
     is the K sub-lattice 8 r + j: one dot per field against the matching columns of a, which a
     reshape and three splits take apart in registers (one contiguous load of a per tile, instead
     of one strided gather per field), so the codes are never reshuffled into K order.
-    z_row: [BN] pointers to the group's uint8 zeros (HAS_ZERO)."""
-    z = tl.load(z_row, mask=n_mask, other=0)[None, :] if HAS_ZERO else tl.zeros([1, q.shape[1]], tl.uint8)
-    return _field_dots(part, q, _zero_base(z, a.dtype, HAS_ZERO), part, a, False)
+    z_row: [BN] pointers to the group's uint8 zeros (HAS_ZERO).
+    TRANS: the transposed problem, part [BN, BM] += (codes - z)^T a^T with q [BN, R]."""
+    if HAS_ZERO:
+        z = tl.load(z_row, mask=n_mask, other=0)
+        z = z[:, None] if TRANS else z[None, :]
+    else:
+        z = tl.zeros([q.shape[0], 1] if TRANS else [1, q.shape[1]], tl.uint8)
+    return _field_dots(part, q, _zero_base(z, a.dtype, HAS_ZERO), part, a, False, TRANS)
 
 
 @triton.jit
