@@ -608,14 +608,16 @@ def test_dot_split_k(mix, split, m, calls):
 
 
 
-@pytest.mark.parametrize("specs,bm", [(["int4"], 16), (["int4_asym", "int4_perm"], 16), (["int4_asym", "int4_g32"], 64),
-                                     (["int4_g32", "int4_asym"], 16)])
-def test_int4_dot_lattice(specs, bm):
+@pytest.mark.parametrize("specs,bm,split", [(["int4"], 16, 1), (["int4_asym", "int4_perm"], 16, 1),
+                                           (["int4_asym", "int4_g32"], 64, 1), (["int4_g32", "int4_asym"], 16, 1),
+                                           (["int4", "int4_perm"], 64, 2)])
+def test_int4_dot_lattice(specs, bm, split):
     """int4 dot path with K tiles of 128: one dot per code field (K sub-lattice 8r + j) with
-    16-row blocks (a group smaller than the tile scales each word row first), codes reshuffled into
-    K order with 64-row blocks (the prefill row); sym / asym / act-order / group 32, over three K
-    tiles (H=384) and one (I=128)."""
-    dot = dict(BM=bm, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2)
+    16-row blocks (a group smaller than the tile scales each word row first); with 64-row blocks
+    (the prefill row) the same dots transposed for tiles in one group (_dot_intq_t), codes
+    reshuffled into K order for group 32; sym / asym / act-order, over three K tiles (H=384) and
+    one (I=128), with and without a K split."""
+    dot = dict(BM=bm, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2, split=split)
     b = _layer(mt.split(specs, E), h=384, i=128)
     _check(b, *_inputs(9, h=384, seed=51), inter=128, config=("dot", dot, dot))
 

@@ -366,6 +366,29 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
 # dot tiles (BM pairs of one expert per program): each returns acc [BM, BN] fp32
 
 @triton.jit
+def _dot_intq_t(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0, k_lo, k_hi,
+                GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """_dot_intq for int4 tiles of BM >= 32 rows inside one group (GS % BK == 0, BK >= 128): the
+    per-field dots transposed, acc^T += W^T x^T (intq.py's swap tiles), so the codes are the A
+    operand wgmma reads from registers and only the x tile goes through shared memory."""
+    R: tl.constexpr = BK // 8
+    rn = n0 + tl.arange(0, BN)
+    nm = rn < n_lim
+    cols = col0 + rn
+    r = tl.arange(0, R)
+    acc_t = tl.zeros([BN, acc.shape[0]], dtype=tl.float32)
+    for k0 in range(k_lo, tl.minimum(k_hi, K), BK):
+        rr = k0 // 8 + r
+        q = tl.load(qp + rr[None, :] * nw + cols[:, None], mask=(rr < K // 8)[None, :] & nm[:, None], other=0)
+        g = k0 // GS
+        s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
+        a = x_tile(arow[:, None], rm[:, None], pp, k0, K, BK, HP)
+        part = int4_field_dots(tl.zeros_like(acc_t), q, zp + g * nw + cols, nm, a, HZ, True)
+        acc_t += part * s[:, None]
+    return acc + tl.trans(acc_t)
+
+
+@triton.jit
 def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0, k_lo, k_hi,
               BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
               BN: tl.constexpr, BK: tl.constexpr):
@@ -499,9 +522,14 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi
             nw, n_lim, row0 = _slot_rows(PROJ, HALF, INTER, HID)
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
-                acc = _dot_intq(acc, arow, rm, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
-                                z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
-                                k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ)
+                if BITS == 4 and BKQ >= 128 and BM >= 32 and G % BKQ == 0:
+                    acc = _dot_intq_t(acc, arow, rm, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
+                                      z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
+                                      k_lo, k_hi, G, HZ, HP, BN, BKQ)
+                else:
+                    acc = _dot_intq(acc, arow, rm, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
+                                    z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
+                                    k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ)
             elif LAY == _FP8:
                 acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BM, BN, BKF)
