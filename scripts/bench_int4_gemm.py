@@ -1,6 +1,7 @@
-"""The int4 GEMM's launch choice (intq.intq_config) against the alternatives it replaced, per
-group size: the tuned group-128 row (configs.get) and the defaults (configs.default), in µs per
-call on the bench-kernels shapes (cold weights rotated over >= 256 MB, CUDA-graph replay). A
+"""The int4 GEMM's launch choice (intq.intq_config: its path in brackets) against the
+alternatives it replaced, per group size: the BM-16 per-field tiles (the choice for 17-128 rows
+until session 13), the tuned group-128 row (configs.get) and the defaults (configs.default), in µs
+per call on the bench-kernels shapes (cold weights rotated over >= 256 MB, CUDA-graph replay). A
 config that cannot launch prints FAIL (e.g. out of shared memory).
 
     python scripts/bench_int4_gemm.py [--ms 17,32,64,128,256,512] [--groups 128,32]"""
@@ -22,7 +23,7 @@ p.add_argument("--groups", default="128,32")
 a = p.parse_args()
 ms, groups = [int(m) for m in a.ms.split(",")], [int(g) for g in a.groups.split(",")]
 print(f"{torch.cuda.get_device_name()}, copy bandwidth {timing.copy_bandwidth_gbps():.0f} GB/s; "
-      "µs library / tuned / default")
+      "µs library [path] / per-field BM 16 / tuned / default")
 for model, sname, N, K in B.SHAPES:
     for G in groups:
         ts, _, ref = B.make_variant(f"int4 g{G} asym", N, K, "cuda")
@@ -32,8 +33,9 @@ for model, sname, N, K in B.SHAPES:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             y0 = ref(x, ts)
             res = []
-            for c in (intq_config(4, M, N, K, G, torch.bfloat16), configs.get("intq4", M, N, K),
-                      configs.default("intq4", M, N, K)):
+            lib = intq_config(4, M, N, K, G, torch.bfloat16)
+            field = configs.cfg("gemm", 16, 128, 128, configs.auto_split(M, N, K, 16, 128, 128), 4, 3)
+            for c in (lib, field, configs.get("intq4", M, N, K), configs.default("intq4", M, N, K)):
                 def f(t, c=c):
                     return intq_linear_cfg(x, t[0], t[1], t[2], None, 4, G, c)
                 try:
@@ -42,6 +44,7 @@ for model, sname, N, K in B.SHAPES:
                     res.append(f"{us:.1f}" + ("" if q >= B.SQNR_MIN else f"(SQNR {q:.0f} dB)"))
                 except B.BENCH_ERRORS as e:
                     res.append(f"FAIL {type(e).__name__}")
+            res[0] += f" [{lib['path']}]"
             cells.append(f"M={M} " + " / ".join(res))
         del sets, ts
         print(f"{model} {sname:8s} g{G:<3d} " + " | ".join(cells), flush=True)
