@@ -1,10 +1,10 @@
-"""The int4 GEMM's launch choice (intq.intq_config: its path in brackets) against the
-alternatives it replaced, per group size: the BM-16 per-field tiles (the choice for 17-128 rows
-until session 13), the tuned group-128 row (configs.get) and the defaults (configs.default), in µs
-per call on the bench-kernels shapes (cold weights rotated over >= 256 MB, CUDA-graph replay). A
-config that cannot launch prints FAIL (e.g. out of shared memory).
+"""The int4 (and GPTQ 8-bit) GEMM's launch choice (intq.intq_config: its path in brackets) against
+the alternatives it replaced, per group size: the BM-16 per-field tiles (int4: the choice for 17-128
+rows until session 13), the tuned group-128 row (configs.get) and the defaults (configs.default), in
+µs per call on the bench-kernels shapes (cold weights rotated over >= 256 MB, CUDA-graph replay). A
+config that cannot launch prints FAIL (e.g. out of shared memory; the per-field tiles are int4 only).
 
-    python scripts/bench_int4_gemm.py [--ms 17,32,64,128,256,512] [--groups 128,32]"""
+    python scripts/bench_int4_gemm.py [--ms 17,32,64,128,256,512] [--groups 128,32] [--bits 4,8]"""
 import argparse
 import os
 import sys
@@ -15,29 +15,43 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mixprec.kernels import bench as B
 from mixprec.kernels import configs, timing
-from mixprec.kernels.intq import intq_config, intq_linear_cfg
+from mixprec.kernels.intq import intq_config, intq_linear_cfg, intq_linear_reference
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--ms", default="17,32,64,128,256,512")
 p.add_argument("--groups", default="128,32")
+p.add_argument("--bits", default="4")
 a = p.parse_args()
 ms, groups = [int(m) for m in a.ms.split(",")], [int(g) for g in a.groups.split(",")]
+bitss = [int(b) for b in a.bits.split(",")]
+
+
+def weights(bits: int, G: int, N: int, K: int):
+    """(tensors, reference(x, tensors)) of a random asymmetric `bits`-bit weight, group G."""
+    if bits == 4:
+        ts, _, ref = B.make_variant(f"int4 g{G} asym", N, K, "cuda")
+        return ts, ref
+    qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (K * bits // 32, N), dtype=torch.int32, device="cuda")
+    sc = (torch.rand(K // G, N, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
+    z = torch.randint(0, 1 << bits, (K // G, N), dtype=torch.uint8, device="cuda")
+    return [qw, sc, z], lambda x, t: intq_linear_reference(x, t[0], t[1], t[2], None, bits, G)
+
 print(f"{torch.cuda.get_device_name()}, copy bandwidth {timing.copy_bandwidth_gbps():.0f} GB/s; "
       "µs library [path] / per-field BM 16 / tuned / default")
 for model, sname, N, K in B.SHAPES:
-    for G in groups:
-        ts, _, ref = B.make_variant(f"int4 g{G} asym", N, K, "cuda")
+    for bits, G in ((b, g) for b in bitss for g in groups):
+        ts, ref = weights(bits, G, N, K)
         sets = B.rotate(ts)
         cells = []
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             y0 = ref(x, ts)
             res = []
-            lib = intq_config(4, M, N, K, G, torch.bfloat16)
+            lib = intq_config(bits, M, N, K, G, torch.bfloat16)
             field = configs.cfg("gemm", 16, 128, 128, configs.auto_split(M, N, K, 16, 128, 128), 4, 3)
-            for c in (lib, field, configs.get("intq4", M, N, K), configs.default("intq4", M, N, K)):
+            for c in (lib, field, configs.get(f"intq{bits}", M, N, K), configs.default(f"intq{bits}", M, N, K)):
                 def f(t, c=c):
-                    return intq_linear_cfg(x, t[0], t[1], t[2], None, 4, G, c)
+                    return intq_linear_cfg(x, t[0], t[1], t[2], None, bits, G, c)
                 try:
                     q = B.sqnr(f(ts).float(), y0.float())
                     us = timing.graph_us([lambda t=t: f(t) for t in sets])
@@ -47,4 +61,4 @@ for model, sname, N, K in B.SHAPES:
             res[0] += f" [{lib['path']}]"
             cells.append(f"M={M} " + " / ".join(res))
         del sets, ts
-        print(f"{model} {sname:8s} g{G:<3d} " + " | ".join(cells), flush=True)
+        print(f"{model} {sname:8s} {bits}-bit g{G:<3d} " + " | ".join(cells), flush=True)

@@ -371,7 +371,7 @@ def test_intq_config_paths():
     17..DEQUANT_MIN_M-1 rows the swap tiles on
     weights of >= SWAP_MIN_NK elements with one group per K tile, else BM-16 per-field tiles (also
     for groups smaller than the tile); M <= 16 keeps the tuned rows (per-field already); fp32
-    activations never take the swap or per-field tiles; int8 keeps configs.get."""
+    activations never take the swap or per-field tiles; 8-bit keeps configs.get below DEQUANT_MIN_M."""
     from mixprec.kernels.intq import DEQUANT_MIN_M, SWAP_MIN_NK, intq_config
     bf = torch.bfloat16
     assert 5120 * 2048 >= SWAP_MIN_NK > 2048 * 768
@@ -392,8 +392,9 @@ def test_intq_config_paths():
     assert intq_config(4, 2 * DEQUANT_MIN_M, 151936, 2048, 128, bf)["path"] == "dequant"
     assert intq_config(4, 64, 5120, 2048, 32, torch.float32) == configs.default("intq4", 64, 5120, 2048)
     assert intq_config(4, 64, 5120, 2048, 128, torch.float32) == configs.get("intq4", 64, 5120, 2048)
-    for M in (64, 2048):
-        assert intq_config(8, M, 5120, 2048, 128, bf) == configs.get("intq8", M, 5120, 2048)
+    assert intq_config(8, 64, 5120, 2048, 128, bf) == configs.get("intq8", 64, 5120, 2048)
+    for N in (5120, 151936):      # 8-bit: no swap tiles, so every weight from DEQUANT_MIN_M rows
+        assert intq_config(8, DEQUANT_MIN_M, N, 2048, 128, bf)["path"] == "dequant"
 
 
 @cpu_only

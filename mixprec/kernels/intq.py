@@ -27,7 +27,7 @@ quant.splitk_store):
   W^T x^T, so the dequantized words are the dot's A operand (wgmma reads A from registers, B from
   shared memory: only the x tile is staged) and one program's BM = up to 128 rows share each
   dequantized tile (BM-16 tiles dequantize every weight once per 16 rows).
-* dequant (int4, >= 128 rows: prefill): the weight dequantized into a transient x.dtype buffer
+* dequant (int4 / 8-bit, >= 128 rows: prefill): the weight dequantized into a transient x.dtype buffer
   (column chunks), multiplied by cuBLAS; at these sizes the GEMM is compute-bound and the extra
   pass over the weight costs less than dequantizing inside a tile loop.
 """
@@ -320,8 +320,8 @@ FIELD_MAX_M = 128
 
 
 def intq_config(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -> dict:
-    """The launch config intq_linear takes: configs.get (tuned with group 128), except for int4:
-    the "dequant" path (dequantize + cuBLAS) where dequant_fits; from 17 rows the "swap" tiles
+    """The launch config intq_linear takes: configs.get (tuned with group 128), except the
+    "dequant" path (dequantize + cuBLAS) where dequant_fits, and for int4 from 17 rows the "swap" tiles
     where swap_fits, else BM-16 per-field tiles (to FIELD_MAX_M rows, and at any
     M for groups smaller than a tuned row's K tile, which would otherwise stage [BK, BN] scales
     and zeros too: 2-4x slower, and past the 227 KB of shared memory with the tuned rows; session
@@ -368,10 +368,15 @@ def swap_fits(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -> 
 
 
 def dequant_fits(bits: int, M: int, N: int, K: int) -> bool:
-    """Whether intq_linear dequantizes for cuBLAS (intq_config): int4, from DEQUANT_MIN_M rows;
+    """Whether intq_linear dequantizes for cuBLAS (intq_config): from DEQUANT_MIN_M rows; int4
     weights of more than one DEQUANT_CHUNK only from twice that many rows (at 128 rows the
-    transient write of the 151936 x 2048 head cost more than the swap tiles: 528.4 vs 321.4 µs)."""
-    return bits == 4 and M >= DEQUANT_MIN_M * (1 if N * K <= DEQUANT_CHUNK else 2)
+    transient write of the 151936 x 2048 head cost more than the swap tiles: 528.4 vs 321.4 µs).
+    8-bit (H100, session 13, group 128, against the tuned rows): 30B qkv M=128 35.5 -> 18.5 µs,
+    235B qkv 122.2 -> 76.5, M=2048 1218.8 -> 238.9, lm_head M=128 628.7 -> 575.3; at 64 rows
+    mixed (235B o_proj 40.4 vs 64.0), so 128 as for int4 (linear_raw/session13_intq8_dequant_h100.log)."""
+    if M < DEQUANT_MIN_M:
+        return False
+    return bits == 8 or (bits == 4 and (N * K <= DEQUANT_CHUNK or M >= 2 * DEQUANT_MIN_M))
 
 
 def _field_dots(bits: int, c: dict, pf: int, dtype: torch.dtype) -> bool:
