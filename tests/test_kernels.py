@@ -317,9 +317,12 @@ def test_gpu_default_configs_untuned_shapes(m):
 
 
 @gpu
-def test_gpu_tuned_configs_all_paths():
-    """Every gemv/gemm path with split-K on a real shape, then CUDA-graph capture + replay,
+def test_gpu_tuned_configs_all_paths(monkeypatch):
+    """Every gemv/gemm path with split-K on a real shape (int4 also the swap tiles and the
+    dequantize + cuBLAS path, over several column chunks), then CUDA-graph capture + replay,
     deterministic (bitwise equal) results across calls."""
+    from mixprec.kernels import intq
+    monkeypatch.setattr(intq, "DEQUANT_CHUNK", 1 << 22)         # 1024 columns per chunk: 4 chunks
     N, K = 4096, 4096
     qw, sc, z, _ = make_intq(N, K, 128, 4, True, False, seed=21)
     w8, s8 = make_fp8(N, K, (128, 128), 22)
@@ -332,24 +335,29 @@ def test_gpu_tuned_configs_all_paths():
             lambda x: int8_linear_reference(x, wi, si, None, "w8a8")]
     x1 = xin(1, K, torch.bfloat16, 24)
     x16 = xin(16, K, torch.bfloat16, 25)
-    for op, ref in zip(ops, refs):
-        for x, c in [(x1, configs.cfg("gemv", 1, 16, 512, 8, 8, 1)), (x1, configs.cfg("gemv", 1, 32, 128, 8, 4, 1)),
-                     (x16, configs.cfg("gemm", 16, 64, 128, 8, 4, 3))]:
-            y = op(x, c)
-            assert sqnr(y, ref(x)) >= 40
-            assert torch.equal(op(x, c), y)                   # split-K reduction is deterministic
-            g = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                op(x, c)
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(g):
-                yg = op(x, c)
-            for _ in range(3):
-                g.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(yg, y)
+    cases = [(op, ref, x, c) for op, ref in zip(ops, refs)
+             for x, c in [(x1, configs.cfg("gemv", 1, 16, 512, 8, 8, 1)), (x1, configs.cfg("gemv", 1, 32, 128, 8, 4, 1)),
+                          (x16, configs.cfg("gemm", 16, 64, 128, 8, 4, 3))]]
+    cases += [(ops[0], refs[0], xin(40, K, torch.bfloat16, 26), configs.cfg("swap", 64, 64, 128, 2, 4, 3)),
+              (ops[0], refs[0], xin(200, K, torch.bfloat16, 27), configs.cfg("dequant", 200, 128, 128, 1, 4, 1))]
+    for op, ref, x, c in cases:
+        y = op(x, c)
+        assert sqnr(y, ref(x)) >= 40, c
+        # split-K reductions are deterministic; cuBLAS (the dequant path) is only checked for accuracy
+        same = torch.equal if c["path"] != "dequant" else (lambda a, b: sqnr(a, ref(x)) >= 40)
+        assert same(op(x, c), y), c
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            op(x, c)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            yg = op(x, c)
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        assert same(yg, y), c
 
 
 @pytest.mark.skipif(not CUDA, reason="a 4.3 GB output: GPU only (the interpreter takes minutes)")
