@@ -12,7 +12,10 @@ tests/test_sm90_compile.py in a fresh process (kernels must not be in interprete
 compiled; 1: a kernel failed (listed); 77: the toolchain cannot compile a trivial kernel here (skip).
 
 `MIXPREC_SM90_REGS=1 python tests/sm90_compile.py` also prints, per compiled kernel, ptxas's
-registers and spills: an occupancy check for kernel work without a GPU."""
+registers and spills: an occupancy check for kernel work without a GPU. `MIXPREC_SM90_DUMP=DIR`
+writes each specialization's PTX and cubin (`cuobjdump -sass` from Triton's bin folder reads the
+latter) with its launch key, so a kernel change can be compared instruction by instruction
+(shared-memory round trips, PRMT, MMA counts) on the real launches before any device run."""
 import os
 import subprocess
 import sys
@@ -89,6 +92,19 @@ def _regs_report(name: str, ptx: str) -> str:
                                     if "spill" in ln or "Used" in ln)
 
 
+def _dump(folder: str, name: str, key, c) -> None:
+    """PTX, cubin and launch key of one compiled specialization, named by a hash of the key."""
+    import hashlib
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, f"{name}_{hashlib.sha1(repr(key).encode()).hexdigest()[:10]}")
+    with open(stem + ".ptx", "w") as f:
+        f.write(c.asm["ptx"])
+    with open(stem + ".cubin", "wb") as f:
+        f.write(c.asm["cubin"])
+    with open(stem + ".key.txt", "w") as f:
+        f.write(repr(key) + "\n")
+
+
 SM90_SHARED = 232448      # bytes of shared memory one block may use on an H100 / H200 (227 KB)
 
 
@@ -106,6 +122,8 @@ def compile_only(self, *args, grid, warmup, **kwargs):
             unspecialised.add(self.__name__)
         c = triton.compile(*((src[0],) if src else (ASTSource(self, sig, consts),)), target=TARGET,
                            options=src[1] if src else opts)
+        if os.environ.get("MIXPREC_SM90_DUMP"):
+            _dump(os.environ["MIXPREC_SM90_DUMP"], self.__name__, key, c)
         if os.environ.get("MIXPREC_SM90_REGS"):
             print(_regs_report(f"{self.__name__} {opts}", c.asm["ptx"]), flush=True)
         if c.metadata.shared > SM90_SHARED:   # compiles, but the launch would fail: OutOfResources
