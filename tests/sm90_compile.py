@@ -13,7 +13,7 @@ compiled; 1: a kernel failed (listed); 77: the toolchain cannot compile a trivia
 
 `MIXPREC_SM90_REGS=1 python tests/sm90_compile.py` also prints, per compiled kernel, ptxas's
 registers and spills: an occupancy check for kernel work without a GPU. `MIXPREC_SM90_DUMP=DIR`
-writes each specialization's PTX and cubin (`cuobjdump -sass` from Triton's bin folder reads the
+writes each specialization's TTGIR, PTX and cubin (`cuobjdump -sass` from Triton's bin folder reads the
 latter) with its launch key, so a kernel change can be compared instruction by instruction
 (shared-memory round trips, PRMT, MMA counts) on the real launches before any device run."""
 import os
@@ -97,8 +97,9 @@ def _dump(folder: str, name: str, key, c) -> None:
     import hashlib
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, f"{name}_{hashlib.sha1(repr(key).encode()).hexdigest()[:10]}")
-    with open(stem + ".ptx", "w") as f:
-        f.write(c.asm["ptx"])
+    for ext in ("ttgir", "ptx"):
+        with open(f"{stem}.{ext}", "w") as f:
+            f.write(c.asm[ext])
     with open(stem + ".cubin", "wb") as f:
         f.write(c.asm["cubin"])
     with open(stem + ".key.txt", "w") as f:
