@@ -295,7 +295,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
         scale_after = _scale_after(G, K, tile)
         field_dots = _field_dots(bits, c, pf, x2.dtype)
         swap = c["path"] == "swap"
-        if swap and not (bits == 4 and tile == 128 and scale_after and x2.dtype != torch.float32):
+        if swap and not (tile == 128 and _swap_tiles_take(bits, G, K, x2.dtype)):
             raise FormatError(f"intq_linear: the swap tiles take int4, K tiles of 128 inside one group and "
                               f"16-bit activations; got bits={bits}, tile {tile}, group {G}, {x2.dtype}")
         split, per = split_plan(K, tile, c["split"])
@@ -327,10 +327,10 @@ def intq_config(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -
     and zeros too: 2-4x slower, and past the 227 KB of shared memory with the tuned rows; session
     12, group 32, 235B qkv M=32 138.0 -> 36.3 µs). fp32 activations have no per-field dots: small
     groups take the defaults, sized for staged scales."""
-    pf = 32 // bits
-    c = configs.get(f"intq{bits}", M, N, K)
     if dequant_fits(bits, M, N, K):
         return configs.cfg("dequant", M, 128, 128, 1, 4, 1)
+    pf = 32 // bits
+    c = configs.get(f"intq{bits}", M, N, K)
     if c["path"] != "gemm" or (M <= 16 and _field_dots(bits, c, pf, dtype)):
         return c
     if swap_fits(bits, M, N, K, G, dtype):
@@ -363,8 +363,14 @@ def swap_fits(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -> 
     """Whether intq_linear takes the swap tiles (intq_config): int4, 16-bit activations, K tiles of
     128 inside one group, from SWAP_MIN_M rows until the dequant path takes over, N * K >=
     SWAP_MIN_NK."""
-    return (bits == 4 and dtype != torch.float32 and _scale_after(G, K, 128) and M >= SWAP_MIN_M
-            and not dequant_fits(bits, M, N, K) and N * K >= SWAP_MIN_NK)
+    return (_swap_tiles_take(bits, G, K, dtype) and M >= SWAP_MIN_M and not dequant_fits(bits, M, N, K)
+            and N * K >= SWAP_MIN_NK)
+
+
+def _swap_tiles_take(bits: int, G: int, K: int, dtype: torch.dtype) -> bool:
+    """Whether the swap tiles can compute this linear at all (K tiles of 128): int4 codes, every K
+    tile inside one group, 16-bit activations (the dot operands)."""
+    return bits == 4 and dtype != torch.float32 and _scale_after(G, K, 128)
 
 
 def dequant_fits(bits: int, M: int, N: int, K: int) -> bool:

@@ -403,7 +403,8 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0, k_lo, k_hi,
     fmask, magic, off = _intq_consts(BITS, F)
     KP = K // PF
     # per-field dots only with BM 16 tiles (mma); BM >= 64 goes to wgmma, whose B operand
-    # round-trips shared memory per dot (measured 2-3x slower)
+    # round-trips shared memory per dot (measured 2-3x slower): int4 tiles of BM >= 32 in one
+    # group take _dot_intq_t instead (_dot_slot), so that is the small-group / 8-bit prefill row
     # groups smaller than the tile (GS a multiple of 8: a word is in one group) scale each word row
     # before the dots
     FIELD_DOTS: tl.constexpr = BITS == 4 and R >= 16 and acc.shape[0] == 16
@@ -522,14 +523,15 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi
             nw, n_lim, row0 = _slot_rows(PROJ, HALF, INTER, HID)
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
+                # this expert's slot: codes [rs/PF, nw], scales / zeros [cdiv(rs, G), nw], perm [rs]
+                qe, se = w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw)
+                ze, pe = z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs
                 if BITS == 4 and BKQ >= 128 and BM >= 32 and G % BKQ == 0:
-                    acc = _dot_intq_t(acc, arow, rm, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
-                                      z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
-                                      k_lo, k_hi, G, HZ, HP, BN, BKQ)
+                    acc = _dot_intq_t(acc, arow, rm, qe, se, ze, pe, row0, nw, rs, n_lim, n0, k_lo, k_hi,
+                                      G, HZ, HP, BN, BKQ)
                 else:
-                    acc = _dot_intq(acc, arow, rm, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
-                                    z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
-                                    k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ)
+                    acc = _dot_intq(acc, arow, rm, qe, se, ze, pe, row0, nw, rs, n_lim, n0, k_lo, k_hi,
+                                    BITS, G, HZ, HP, BN, BKQ)
             elif LAY == _FP8:
                 acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BM, BN, BKF)
