@@ -40,7 +40,7 @@ PRESETS = {
     "bf16": [],
     "fp8": [(r".", "fp8")],
     "int4": [(r"mlp\.experts", "int4"), (r".", "fp8")],         # int4 experts + fp8 attention
-    "int4-all": [(r".", "int4")],                                # every linear int4 (a GPTQ-Int4 checkpoint)
+    "int4-all": [(r".", "int4")],      # every linear int4 but lm_head (bf16 in every preset: spec_for), as GPTQ-Int4 releases
     "int8": [(r".", "int8")],
     # per-expert and per-projection mix: experts 0-63 int4, 64-95 fp8 (down bf16), rest int8/fp8
     "mixed": [(r"mlp\.experts\.([0-9]|[1-5][0-9]|6[0-3])\.", "int4"),
