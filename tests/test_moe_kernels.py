@@ -642,3 +642,46 @@ def test_bench_goal_lines_say_not_measured_without_points():
     lines = summarize([row("int4", 1, 10.0), row("fp8", 1, 20.0), row("bf16", 1, 15.0, grouped_mm_us=14.0)], 3000.0)
     assert any("int4 < fp8 < bf16 for M <= 64: missed at 1 of 1" in ln for ln in lines), lines
     assert any("bf16 <= torch._grouped_mm: missed at 1 of 1" in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_moe_matches_reference(dtype):
+    """The torch._grouped_mm path of all-16-bit layers (moe.grouped_moe): equal to the reference,
+    with an expert that receives no token and experts absent from the buckets (expert parallel:
+    their pairs add zero)."""
+    b = _layer(mt.uniform("fp16", E), dtype=dtype)
+    x, w, ids = _inputs(37, seed=71, dtype=dtype)
+    ids = torch.where(ids == 3, 4, ids)                  # expert 3 gets no token
+    assert b[0]["expert_map"] is b[1]["expert_map"]      # build_buckets shares equal maps
+    assert moe.grouped_fits(b, x) == (dtype == torch.bfloat16 or not CUDA)
+    if not moe.grouped_fits(b, x):
+        return                                           # CUDA fp32: fused_moe's kernels take it
+    y = moe.grouped_moe(x, ids, w, b, I)
+    ref = moe.moe_reference(x, ids, w, b, I)
+    assert y.dtype == dtype and mt.sqnr_db(ref, y.float()) >= 40.0
+    # experts 0 and 5 live elsewhere: their slots are -1 here, their pairs add zero
+    emap = b[0]["expert_map"].clone()
+    emap[[0, 5]] = -1
+    part = [dict(t, expert_map=emap) for t in b]
+    keep = ~((ids == 0) | (ids == 5))
+    want = moe.moe_reference(x, torch.where(keep, ids, 1), torch.where(keep, w, 0.0), b, I)
+    assert mt.sqnr_db(want, moe.grouped_moe(x, ids, w, part, I).float()) >= 40.0
+
+
+def test_grouped_path_dispatch(monkeypatch):
+    """fused_moe takes grouped_moe from GROUPED_MIN_M tokens for all-dense layers sharing one expert
+    map, and not for mixed layers, separate maps or an explicit launch config."""
+    from mixprec.kernels import moe_configs as mc
+    calls = []
+    monkeypatch.setattr(moe, "grouped_moe", lambda *a: calls.append(1) or moe.moe_reference(*a).to(a[0].dtype))
+    monkeypatch.setattr(mc, "GROUPED_MIN_M", 4)
+    dense = _layer(mt.uniform("fp16", E))
+    x, w, ids = _inputs(5, seed=72)
+    moe.fused_moe(x, ids, w, dense, I)
+    assert calls == ([1] if not CUDA else [])            # CUDA: fp16 is not torch._grouped_mm's
+    calls.clear()
+    moe.fused_moe(x[:3], ids[:3], w[:3], dense, I)       # below GROUPED_MIN_M
+    moe.fused_moe(x, ids, w, dense, I, config=DOT)
+    moe.fused_moe(x, ids, w, [dict(t, expert_map=t["expert_map"].clone()) for t in dense], I)
+    moe.fused_moe(x, ids, w, _layer(mt.split(["fp16", "int4"], E)), I)
+    assert calls == []

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
 from .moe_triton import (_align_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel,
-                         _router_route_kernel)
+                         _router_route_kernel, _silu_mul_kernel, _token_sum_kernel)
 from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_reference,
                     split_counters)
 
@@ -433,6 +433,9 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         raise FormatError(f"fused_moe: x dtype {x.dtype}; the kernels take bf16 or fp16 activations")
     if not one_launch and any(b["proj"] != "gate_up" for b in up_side):
         raise FormatError("fused_moe(one_launch=False) needs gate and up fused in gate_up buckets")
+    if (config is None and one_launch and M >= moe_configs.GROUPED_MIN_M and grouped_fits(buckets, x)
+            and (up_x is None or all(t is x for t in up_x))):
+        return grouped_moe(x, topk_ids, topk_w, buckets, inter)
     x = x.contiguous()
     ids = topk_ids if (topk_ids.dtype == torch.int32 and topk_ids.is_contiguous()) else \
         topk_ids.to(torch.int32).contiguous()
@@ -512,6 +515,49 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
             act, *q_dn, *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
             SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
             num_warps=cd["num_warps"], num_stages=cd["num_stages"], **pdl.launch_kw(x))
+    return out
+
+
+def grouped_fits(buckets: list[dict], x: Tensor) -> bool:
+    """grouped_moe can run this layer: one gate_up and one down bucket, both dense in x's dtype
+    (bf16 on CUDA: torch._grouped_mm's), sharing one expert map object (layers/moe.py shares
+    equal maps; comparing values here would sync with the host)."""
+    if len(buckets) != 2 or {b["proj"] for b in buckets} != {"gate_up", "down"}:
+        return False
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        return False
+    return (all(b["layout"] == "dense" and b["tensors"]["weight"].dtype == x.dtype for b in buckets)
+            and buckets[0]["expert_map"] is buckets[1]["expert_map"])
+
+
+def grouped_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int) -> Tensor:
+    """fused_moe for a layer whose experts are all 16-bit dense (grouped_fits), by two
+    torch._grouped_mm (cuBLAS grouped GEMMs), which prefill of many tokens runs faster than the
+    Triton dot path (moe_configs.GROUPED_MIN_M): the (token, expert) pairs sorted by bucket slot on
+    the device, gate_up, silu(gate) * up (fp32, rounded once), down, then each token's k rows
+    weighted and summed in fixed order (fp32, deterministic, rounded once), as the fused kernels
+    do. Pairs whose expert is in no slot (expert parallel) add zero. No host sync."""
+    M, H = x.shape
+    k = topk_ids.shape[1]
+    P = M * k
+    gu, dn = sorted(buckets, key=lambda b: b["proj"] == "down")
+    w13, w2 = gu["tensors"]["weight"], dn["tensors"]["weight"]       # [E_b, 2I, H], [E_b, H, I]
+    nb = w13.shape[0]
+    slot = gu["expert_map"][topk_ids.reshape(-1).long()].long()     # [P], -1: no slot here
+    key = torch.where(slot < 0, nb, slot)                            # absent pairs sort last
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(nb + 1, dtype=torch.int32, device=x.device).scatter_add_(
+        0, key, torch.ones_like(key, dtype=torch.int32))
+    offs = torch.cumsum(counts[:nb], 0, dtype=torch.int32)           # rows past offs[-1] stay unwritten
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(P, device=x.device))
+    pos = torch.where(slot < 0, -1, pos)                             # pair -> its row in sorted order
+    h = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)            # [P, 2I]
+    a = torch.empty(P, inter, dtype=x.dtype, device=x.device)
+    _silu_mul_kernel[(P, triton.cdiv(inter, 1024))](h, a, offs[-1:], inter, BI=1024, num_warps=4)
+    d = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)                          # [P, H]
+    out = torch.empty_like(x)
+    _token_sum_kernel[(M, triton.cdiv(H, 1024))](d, pos, topk_w.float().contiguous(), out, H, TOPK=k,
+                                                 BH=1024, num_warps=4)
     return out
 
 

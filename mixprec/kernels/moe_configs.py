@@ -113,6 +113,11 @@ DOT_M1: dict[tuple[str, int], dict] = {
 DOT_INTQ_MAX_M = 256
 
 
+# a layer whose experts are all bf16 (moe.grouped_fits) takes torch._grouped_mm (cuBLAS grouped
+# GEMMs) from this many tokens (moe.grouped_moe). MEASURED BELOW
+GROUPED_MIN_M = 1024
+
+
 def dot_config(m: int, layout: str | None = None) -> dict:
     """The DOT row for m tokens (`layout`: the side's one layout, None when it mixes layouts)."""
     if layout == "intq" and m <= DOT_INTQ_MAX_M:

@@ -97,16 +97,19 @@ def build_buckets(specs: list[tuple], hidden: int, inter: int, *, dtype=torch.bf
         groups.setdefault(key, []).append(e)
         spec_of[key] = _spec(d)
     buckets = []
+    maps: dict[tuple, torch.Tensor] = {}   # buckets of the same experts share one map (as layers/moe.py)
     for key, experts in groups.items():
         proj = key[0]
         layout, params = spec_of[key]
         n, k = {"gate_up": (2 * inter, hidden), "gate": (inter, hidden), "up": (inter, hidden),
                 "down": (hidden, inter)}[proj]
         t, p = random_weights(layout, params, len(experts), n, k, dtype, device, gen)
-        emap = torch.full((E,), -1, dtype=torch.int32)
-        emap[torch.tensor(experts)] = torch.arange(len(experts), dtype=torch.int32)
+        if tuple(experts) not in maps:
+            emap = torch.full((E,), -1, dtype=torch.int32)
+            emap[torch.tensor(experts)] = torch.arange(len(experts), dtype=torch.int32)
+            maps[tuple(experts)] = emap.to(device)
         buckets.append({"proj": proj, "layout": layout, "params": p, "tensors": t,
-                        "expert_map": emap.to(device)})
+                        "expert_map": maps[tuple(experts)]})
     return buckets
 
 

@@ -661,6 +661,36 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
 
 
 # ----------------------------------------------------------------------------------------------
+# the pieces around torch._grouped_mm (moe.grouped_moe)
+
+@triton.jit
+def _silu_mul_kernel(h_ptr, a_ptr, n_ptr, INTER, BI: tl.constexpr):
+    """a[p] = silu(h[p, :INTER]) * h[p, INTER:] in fp32, rounded once (as the fused kernels' act),
+    for the n = *n_ptr rows the grouped GEMM wrote (the rest is left alone)."""
+    p = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BI + tl.arange(0, BI)
+    m = c < tl.where(p < tl.load(n_ptr), INTER, 0)
+    g = tl.load(h_ptr + p * 2 * INTER + c, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(h_ptr + p * 2 * INTER + INTER + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(a_ptr + p * INTER + c, _silu_mul(g, u).to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _token_sum_kernel(d_ptr, pos_ptr, w_ptr, out_ptr, HID, TOPK: tl.constexpr, BH: tl.constexpr):
+    """out[t] = sum_j w[t, j] * d[pos[t * TOPK + j]] in fp32, j in fixed order, rounded once;
+    pos -1: the pair's expert is not held here (expert parallel), it adds zero."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BH + tl.arange(0, BH)
+    m = c < HID
+    acc = tl.zeros([BH], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        s = tl.load(pos_ptr + t * TOPK + j)
+        row = tl.load(d_ptr + tl.maximum(s, 0) * HID + c, mask=c < tl.where(s >= 0, HID, 0), other=0.0)
+        acc += tl.load(w_ptr + t * TOPK + j) * row.to(tl.float32)
+    tl.store(out_ptr + t * HID + c, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
 # routing and alignment
 
 @triton.jit

@@ -232,8 +232,16 @@ class MoE(nn.Module):
         with the gate/up launches and each launch's folded-norm input scale), or None when the
         kernel cannot apply the layer's input scales: such a layer runs the readable path."""
         if not hasattr(self, "_kb"):
+            maps: list[Tensor] = []
+
+            def shared(m: Tensor) -> Tensor:   # equal expert maps as one object (kernels.moe.grouped_fits)
+                same = next((u for u in maps if torch.equal(u, m)), None)
+                if same is None:
+                    maps.append(m)
+                return m if same is None else same
+
             self._kb = [{"proj": b.proj, "layout": b.w.layout, "params": _kernel_params(b.w),
-                         "tensors": b.w.tensors(), "expert_map": b.expert_map} for b in self.buckets]
+                         "tensors": b.w.tensors(), "expert_map": shared(b.expert_map)} for b in self.buckets]
             launches = self._scaled_launches()
             if launches is None:
                 warnings.warn(f"{self.name}: experts whose folded-scale (AWQ) input corrections differ within "
