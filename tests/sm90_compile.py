@@ -174,7 +174,7 @@ def drive() -> None:
             w, _ = moe.route(torch.randn(M, E, generator=g), k, True)    # compiles the top-k kernel
             ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(M)]).to(torch.int32)
             moe.fused_moe(x, ids, w, b, I)
-            if moe.grouped_fits(b, x):       # the kernels around torch._grouped_mm (prefill of bf16 layers)
+            if moe.grouped_fits(b, x, I, 1 << 20):   # the kernels around torch._grouped_mm (prefill)
                 moe.grouped_moe(x, ids, w, b, I)
     moe.router_route(torch.randn(1, H).to(torch.bfloat16), torch.randn(128, H).to(torch.bfloat16), 8, True)
 

@@ -644,44 +644,54 @@ def test_bench_goal_lines_say_not_measured_without_points():
     assert any("bf16 <= torch._grouped_mm: missed at 1 of 1" in ln for ln in lines), lines
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_grouped_moe_matches_reference(dtype):
-    """The torch._grouped_mm path of all-16-bit layers (moe.grouped_moe): equal to the reference,
-    with an expert that receives no token and experts absent from the buckets (expert parallel:
-    their pairs add zero)."""
-    b = _layer(mt.uniform("fp16", E), dtype=dtype)
+GROUPED_CASES = [(mt.uniform("fp16", E), torch.bfloat16), (mt.uniform("fp16", E), torch.float32),
+                 (mt.split(["fp16", "int4", "int4_asym", "int4_g32"], E), torch.float16),
+                 ([("int4", "fp16", "int4_asym")] * E, torch.float16)]
+
+
+@pytest.mark.parametrize("specs,dtype", GROUPED_CASES if not CUDA else [(c[0], torch.bfloat16) for c in GROUPED_CASES[::2]])
+def test_grouped_moe_matches_reference(specs, dtype):
+    """The torch._grouped_mm path (moe.grouped_moe): all-dense layers with their weights in place,
+    mixed dense / int4 layers (sym, asym, group 32; gate and up in two buckets) through the
+    dequantized stacks; equal to the reference, with an expert that receives no token and experts
+    absent from the buckets (expert parallel: their pairs add zero)."""
+    b = _layer(specs, dtype=dtype)
     x, w, ids = _inputs(37, seed=71, dtype=dtype)
     ids = torch.where(ids == 3, 4, ids)                  # expert 3 gets no token
-    assert b[0]["expert_map"] is b[1]["expert_map"]      # build_buckets shares equal maps
-    assert moe.grouped_fits(b, x) == (dtype == torch.bfloat16 or not CUDA)
-    if not moe.grouped_fits(b, x):
-        return                                           # CUDA fp32: fused_moe's kernels take it
+    assert moe.grouped_fits(b, x, I, 1 << 20)
     y = moe.grouped_moe(x, ids, w, b, I)
     ref = moe.moe_reference(x, ids, w, b, I)
     assert y.dtype == dtype and mt.sqnr_db(ref, y.float()) >= 40.0
-    # experts 0 and 5 live elsewhere: their slots are -1 here, their pairs add zero
-    emap = b[0]["expert_map"].clone()
-    emap[[0, 5]] = -1
-    part = [dict(t, expert_map=emap) for t in b]
+    # experts 0 and 5 live elsewhere: -1 in every bucket's map, their pairs add zero
+    part = []
+    for t in b:
+        emap = t["expert_map"].clone()
+        emap[[0, 5]] = -1
+        part.append(dict(t, expert_map=emap))
     keep = ~((ids == 0) | (ids == 5))
     want = moe.moe_reference(x, torch.where(keep, ids, 1), torch.where(keep, w, 0.0), b, I)
     assert mt.sqnr_db(want, moe.grouped_moe(x, ids, w, part, I).float()) >= 40.0
 
 
 def test_grouped_path_dispatch(monkeypatch):
-    """fused_moe takes grouped_moe from GROUPED_MIN_M tokens for all-dense layers sharing one expert
-    map, and not for mixed layers, separate maps or an explicit launch config."""
+    """fused_moe takes grouped_moe from GROUPED_MIN_M tokens for all-dense layers, from
+    GROUPED_DEQUANT_MIN_M for dense / intq mixes whose stacks fit, never for act-order, fp8 or
+    int8 buckets, an explicit launch config, or (CUDA) other activations than bf16."""
     from mixprec.kernels import moe_configs as mc
     calls = []
     monkeypatch.setattr(moe, "grouped_moe", lambda *a: calls.append(1) or moe.moe_reference(*a).to(a[0].dtype))
     monkeypatch.setattr(mc, "GROUPED_MIN_M", 4)
-    dense = _layer(mt.uniform("fp16", E))
+    monkeypatch.setattr(mc, "GROUPED_DEQUANT_MIN_M", 5)
     x, w, ids = _inputs(5, seed=72)
-    moe.fused_moe(x, ids, w, dense, I)
-    assert calls == ([1] if not CUDA else [])            # CUDA: fp16 is not torch._grouped_mm's
+    runs = [(mt.uniform("fp16", E), 5, {}, 1), (mt.uniform("fp16", E), 3, {}, 0),
+            (mt.uniform("fp16", E), 5, {"config": DOT}, 0), (mt.split(["fp16", "int4"], E), 5, {}, 1),
+            (mt.split(["fp16", "int4"], E), 4, {}, 0), (mt.uniform("int4_perm", E), 5, {}, 0),
+            (mt.split(["int4", "fp8"], E), 5, {}, 0), (mt.uniform("int8", E), 5, {}, 0)]
+    for specs, m, kw, want in runs:
+        calls.clear()
+        moe.fused_moe(x[:m], ids[:m], w[:m], _layer(specs), I, **kw)
+        assert len(calls) == (0 if CUDA else want), (specs[0], m, kw)    # CUDA: fp16 is not _grouped_mm's
+    monkeypatch.setattr(mc, "GROUPED_STACK_MAX_BYTES", 1024)
     calls.clear()
-    moe.fused_moe(x[:3], ids[:3], w[:3], dense, I)       # below GROUPED_MIN_M
-    moe.fused_moe(x, ids, w, dense, I, config=DOT)
-    moe.fused_moe(x, ids, w, [dict(t, expert_map=t["expert_map"].clone()) for t in dense], I)
     moe.fused_moe(x, ids, w, _layer(mt.split(["fp16", "int4"], E)), I)
     assert calls == []

@@ -170,6 +170,14 @@ def _intq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, n0, stride_q, str
                          BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """w[k, n - n0] = (code(k, n) - z) * s for BLOCK_R word rows and BLOCK_N columns from n0 (the
     stored row order; act-order callers permute x instead), in w's dtype."""
+    intq_dequant_tile(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, n0, stride_q, stride_s, stride_z, stride_w,
+                      BITS, HAS_ZERO, BLOCK_R, BLOCK_N)
+
+
+@triton.jit
+def intq_dequant_tile(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, n0, stride_q, stride_s, stride_z, stride_w,
+                      BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program (i, j): word rows i*BLOCK_R.., columns n0 + j*BLOCK_N..
     PF: tl.constexpr = 32 // BITS
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = n0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
-from .moe_triton import (_align_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel,
+from .moe_triton import (_align_kernel, _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel,
                          _router_route_kernel, _silu_mul_kernel, _token_sum_kernel)
 from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_reference,
                     split_counters)
@@ -433,7 +433,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         raise FormatError(f"fused_moe: x dtype {x.dtype}; the kernels take bf16 or fp16 activations")
     if not one_launch and any(b["proj"] != "gate_up" for b in up_side):
         raise FormatError("fused_moe(one_launch=False) needs gate and up fused in gate_up buckets")
-    if (config is None and one_launch and M >= moe_configs.GROUPED_MIN_M and grouped_fits(buckets, x)
+    if (config is None and one_launch and grouped_fits(buckets, x, inter, M)
             and (up_x is None or all(t is x for t in up_x))):
         return grouped_moe(x, topk_ids, topk_w, buckets, inter)
     x = x.contiguous()
@@ -518,16 +518,61 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     return out
 
 
-def grouped_fits(buckets: list[dict], x: Tensor) -> bool:
-    """grouped_moe can run this layer: one gate_up and one down bucket, both dense in x's dtype
-    (bf16 on CUDA: torch._grouped_mm's), sharing one expert map object (layers/moe.py shares
-    equal maps; comparing values here would sync with the host)."""
-    if len(buckets) != 2 or {b["proj"] for b in buckets} != {"gate_up", "down"}:
-        return False
+def _zero_copy(buckets: list[dict], x: Tensor) -> bool:
+    # one gate_up and one dense down bucket in x's dtype sharing one expert map object (layers/moe.py
+    # shares equal maps; comparing values here would sync with the host): multiplied in place
+    return (len(buckets) == 2 and {b["proj"] for b in buckets} == {"gate_up", "down"}
+            and all(b["layout"] == "dense" and b["tensors"]["weight"].dtype == x.dtype for b in buckets)
+            and buckets[0]["expert_map"] is buckets[1]["expert_map"])
+
+
+def grouped_fits(buckets: list[dict], x: Tensor, inter: int, M: int) -> bool:
+    """Whether fused_moe runs M tokens of this layer as grouped_moe: bf16 activations on CUDA
+    (torch._grouped_mm's), and either the layer's experts are all dense in x's dtype (from
+    moe_configs.GROUPED_MIN_M tokens, weights used in place) or every bucket is dense or intq
+    without act-order and the layer's dequantized stacks fit moe_configs.GROUPED_STACK_MAX_BYTES
+    (from GROUPED_DEQUANT_MIN_M tokens)."""
     if x.is_cuda and x.dtype != torch.bfloat16:
         return False
-    return (all(b["layout"] == "dense" and b["tensors"]["weight"].dtype == x.dtype for b in buckets)
-            and buckets[0]["expert_map"] is buckets[1]["expert_map"])
+    if _zero_copy(buckets, x):
+        return M >= moe_configs.GROUPED_MIN_M
+    E = buckets[0]["expert_map"].shape[0]
+    stack = 3 * E * x.shape[1] * inter * x.element_size()
+    return (M >= moe_configs.GROUPED_DEQUANT_MIN_M and stack <= moe_configs.GROUPED_STACK_MAX_BYTES
+            and all(b["layout"] == "dense" or (b["layout"] == "intq" and "perm" not in b["tensors"])
+                    for b in buckets))
+
+
+def _expert_stacks(buckets: list[dict], E: int, H: int, inter: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Every bucket dequantized into x's dtype, by global expert: (w13 [E, H, 2I] (gate columns, then
+    up), w2 [E, I, H], map [E] int32: e where expert e is held here, else -1). Transient (the
+    weights stay packed); rows of experts held nowhere stay unwritten and are never read."""
+    dev = buckets[0]["expert_map"].device
+    w13 = torch.empty(E, H, 2 * inter, dtype=dtype, device=dev)
+    w2 = torch.empty(E, inter, H, dtype=dtype, device=dev)
+    held = torch.zeros(E, dtype=torch.bool, device=dev)
+    every = torch.arange(E, device=dev)
+    for b in buckets:
+        t, emap = b["tensors"], b["expert_map"]
+        N, K = _bucket_dims(b, H, inter)
+        nb = (t["weight"] if b["layout"] == "dense" else t["qweight"]).shape[0]
+        # slot -> global expert (experts held elsewhere all land on the dropped slot nb)
+        inv = torch.zeros(nb + 1, dtype=torch.int64, device=dev).scatter_(
+            0, torch.where(emap >= 0, emap, nb).long(), every)[:nb]
+        c0 = inter if b["proj"] == "up" else 0
+        dst = (w2 if b["proj"] == "down" else w13)[:, :, c0:c0 + N]
+        if b["layout"] == "dense":
+            dst.index_copy_(0, inv, t["weight"].transpose(1, 2).to(dtype))
+        else:
+            bits, G = _intq_params(b.get("params", {}), K, "")
+            s = t["scales"]
+            _intq_stack_kernel[(triton.cdiv(K // (32 // bits), 16), triton.cdiv(N, 128), nb)](
+                t["qweight"], s, t.get("zeros", s), dst, inv, N, K, G, t["qweight"].stride(0), s.stride(0),
+                dst.stride(0), dst.stride(1), BITS=bits, HAS_ZERO="zeros" in t, BLOCK_R=16, BLOCK_N=128,
+                num_warps=4)
+        if b["proj"] == "down":
+            held |= emap >= 0
+    return w13, w2, torch.where(held, every, -1).to(torch.int32)
 
 
 def grouped_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int) -> Tensor:
@@ -540,10 +585,14 @@ def grouped_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict]
     M, H = x.shape
     k = topk_ids.shape[1]
     P = M * k
-    gu, dn = sorted(buckets, key=lambda b: b["proj"] == "down")
-    w13, w2 = gu["tensors"]["weight"], dn["tensors"]["weight"]       # [E_b, 2I, H], [E_b, H, I]
-    nb = w13.shape[0]
-    slot = gu["expert_map"][topk_ids.reshape(-1).long()].long()     # [P], -1: no slot here
+    if _zero_copy(buckets, x):
+        gu, dn = sorted(buckets, key=lambda b: b["proj"] == "down")
+        w13, w2 = gu["tensors"]["weight"].transpose(1, 2), dn["tensors"]["weight"].transpose(1, 2)
+        emap = gu["expert_map"]
+    else:
+        w13, w2, emap = _expert_stacks(buckets, buckets[0]["expert_map"].shape[0], H, inter, x.dtype)
+    nb = w13.shape[0]                                                # w13 [nb, H, 2I], w2 [nb, I, H]
+    slot = emap[topk_ids.reshape(-1).long()].long()                 # [P], -1: not held here
     key = torch.where(slot < 0, nb, slot)                            # absent pairs sort last
     order = torch.argsort(key, stable=True)
     counts = torch.zeros(nb + 1, dtype=torch.int32, device=x.device).scatter_add_(
@@ -551,10 +600,10 @@ def grouped_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict]
     offs = torch.cumsum(counts[:nb], 0, dtype=torch.int32)           # rows past offs[-1] stay unwritten
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(P, device=x.device))
     pos = torch.where(slot < 0, -1, pos)                             # pair -> its row in sorted order
-    h = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)            # [P, 2I]
+    h = torch._grouped_mm(x[order // k], w13, offs=offs)                             # [P, 2I]
     a = torch.empty(P, inter, dtype=x.dtype, device=x.device)
     _silu_mul_kernel[(P, triton.cdiv(inter, 1024))](h, a, offs[-1:], inter, BI=1024, num_warps=4)
-    d = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)                          # [P, H]
+    d = torch._grouped_mm(a, w2, offs=offs)                                          # [P, H]
     out = torch.empty_like(x)
     _token_sum_kernel[(M, triton.cdiv(H, 1024))](d, pos, topk_w.float().contiguous(), out, H, TOPK=k,
                                                  BH=1024, num_warps=4)

@@ -113,9 +113,14 @@ DOT_M1: dict[tuple[str, int], dict] = {
 DOT_INTQ_MAX_M = 256
 
 
-# a layer whose experts are all bf16 (moe.grouped_fits) takes torch._grouped_mm (cuBLAS grouped
-# GEMMs) from this many tokens (moe.grouped_moe). MEASURED BELOW
+# prefill of many tokens as torch._grouped_mm (cuBLAS grouped GEMMs, moe.grouped_moe, grouped_fits):
+# a layer whose experts are all bf16 from GROUPED_MIN_M tokens (weights used in place); one whose
+# buckets are bf16 or intq from GROUPED_DEQUANT_MIN_M tokens, dequantized per call into transient
+# bf16 stacks of at most GROUPED_STACK_MAX_BYTES (30B: 1.2 GB; the 235B layer's 4.8 GB stays on the
+# Triton path). MEASURED BELOW
 GROUPED_MIN_M = 1024
+GROUPED_DEQUANT_MIN_M = 2048
+GROUPED_STACK_MAX_BYTES = 2 << 30
 
 
 def dot_config(m: int, layout: str | None = None) -> dict:
