@@ -118,7 +118,7 @@ DOT_INTQ_MAX_M = 256
 # buckets are bf16 or intq from GROUPED_DEQUANT_MIN_M tokens, dequantized per call into transient
 # bf16 stacks of at most GROUPED_STACK_MAX_BYTES (30B: 1.2 GB; the 235B layer's 4.8 GB stays on the
 # Triton path). MEASURED BELOW
-GROUPED_MIN_M = 1024
+GROUPED_MIN_M = 512
 GROUPED_DEQUANT_MIN_M = 2048
 GROUPED_STACK_MAX_BYTES = 2 << 30
 
