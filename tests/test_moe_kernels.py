@@ -695,3 +695,35 @@ def test_grouped_path_dispatch(monkeypatch):
     calls.clear()
     moe.fused_moe(x, ids, w, _layer(mt.split(["fp16", "int4"], E)), I)
     assert calls == []
+
+
+@GPU
+@pytest.mark.parametrize("specs", [mt.uniform("bf16", BIG["e"]), mt.split(["int4", "bf16"], BIG["e"])])
+def test_gpu_grouped_path_no_host_sync_and_graph_replay(specs):
+    """grouped_moe (bf16 weights in place; int4 + bf16 through the dequantized stacks) syncs with
+    the host nowhere (sync debug mode raises) and replays from a CUDA graph (a decode batch of
+    GROUPED_MIN_M sequences takes this path inside the captured step)."""
+    e, k, h, i = BIG["e"], BIG["k"], BIG["h"], BIG["i"]
+    b = mt.build_buckets(specs, h, i, dtype=torch.bfloat16, device="cuda", seed=13)
+    m = 640
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(m, e, device="cuda")
+
+    def step():
+        w, ids = moe.route(logits, k, True)
+        return moe.grouped_moe(x, ids, w, b, i)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    x.copy_(torch.randn_like(x))
+    logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    w, ids = moe.route(logits, k, True)
+    assert mt.sqnr_db(moe.moe_reference(x, ids, w, b, i), y.float()) >= 40
