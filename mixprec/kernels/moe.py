@@ -18,6 +18,9 @@ launch, routing weight applied, the sum over the k experts of a token fused via 
 counters), plus the alignment kernel on the prefill path. Each side picks its path (GEMV for few
 tokens, tensor-core dot tiles otherwise) and launch config from the layouts of its buckets
 (moe_configs.pick): a per-projection mix may run gate/up on the GEMV path and down on the dot path.
+Many tokens (prefill) of a layer of bf16 and intq buckets take grouped_moe instead: two cuBLAS
+grouped GEMMs (torch._grouped_mm) over the pairs sorted by expert, bf16 weights in place or the
+layer dequantized into transient bf16 stacks (grouped_fits says when).
 Without CUDA the same Triton kernels run in the interpreter when TRITON_INTERPRET=1, otherwise a
 torch fallback (moe_reference) is used.
 """

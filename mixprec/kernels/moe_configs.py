@@ -117,7 +117,12 @@ DOT_INTQ_MAX_M = 256
 # a layer whose experts are all bf16 from GROUPED_MIN_M tokens (weights used in place); one whose
 # buckets are bf16 or intq from GROUPED_DEQUANT_MIN_M tokens, dequantized per call into transient
 # bf16 stacks of at most GROUPED_STACK_MAX_BYTES (30B: 1.2 GB; the 235B layer's 4.8 GB stays on the
-# Triton path). MEASURED BELOW
+# Triton path). Session 14 (H100, route + layer, CUDA graphs, µs, grouped vs the Triton rows, same call;
+# moe_diag/session14_grouped_*): bf16 30B M=256 568.5 vs 575.4, 512 587.6 vs 693.3, 1024 662.2 vs
+# 987.1, 2048 832.7 vs 1646.9, 4096 1029.5 vs 2973.7; 235B 256 1820.3 vs 1753.8, 512 1863.5 vs
+# 1926.5, 1024 2009.5 vs 2504.8, 4096 3014.9 vs 6248.1; 30B int4 (dequantizing the stacks each call)
+# 1024 1227.5 vs 1011.5, 2048 1403.0 vs 1831.5, 4096 1586.0 vs 3470.0, 8192 2212.3 vs 6613.9
+# (group 32 alike)
 GROUPED_MIN_M = 512
 GROUPED_DEQUANT_MIN_M = 2048
 GROUPED_STACK_MAX_BYTES = 2 << 30
