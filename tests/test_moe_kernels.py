@@ -416,29 +416,41 @@ def test_gpu_realistic_shapes(specs):
         _check(b, x, w, ids, inter=i)
 
 
+def _graph_replay_matches_reference(b, m, layer, replays=1, no_sync=False):
+    """route + layer(x, ids, w, b, I) on m tokens, captured in a CUDA graph and replayed on new
+    inputs: equal to the reference. no_sync: an eager call first runs in sync debug mode "error"."""
+    e, k, h, i = BIG["e"], BIG["k"], BIG["h"], BIG["i"]
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(m, e, device="cuda")
+
+    def step():
+        w, ids = moe.route(logits, k, True)
+        return layer(x, ids, w, b, i)
+    step()
+    torch.cuda.synchronize()
+    if no_sync:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    x.copy_(torch.randn_like(x))
+    logits.copy_(torch.randn_like(logits))
+    for _ in range(replays):
+        graph.replay()
+    w, ids = moe.route(logits, k, True)
+    assert mt.sqnr_db(moe.moe_reference(x, ids, w, b, i), y.float()) >= 40
+
+
 @GPU
 def test_gpu_cuda_graph_replay():
-    e, k, h, i = BIG["e"], BIG["k"], BIG["h"], BIG["i"]
-    b = mt.build_buckets(mt.split(["int4", "fp8", "bf16"], e), h, i, dtype=torch.bfloat16, device="cuda", seed=12)
+    b = mt.build_buckets(mt.split(["int4", "fp8", "bf16"], BIG["e"]), BIG["h"], BIG["i"], dtype=torch.bfloat16,
+                         device="cuda", seed=12)
     for m in (2, 24):
-        x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-        logits = torch.randn(m, e, device="cuda")
-
-        def step():
-            w, ids = moe.route(logits, k, True)
-            return moe.fused_moe(x, ids, w, b, i)
-        step()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = step()
-        x.copy_(torch.randn_like(x))
-        logits.copy_(torch.randn_like(logits))
-        graph.replay()
-        graph.replay()                                     # counters must reset between replays
-        w, ids = moe.route(logits, k, True)
-        ref = moe.moe_reference(x, ids, w, b, i)
-        assert mt.sqnr_db(ref, y.float()) >= 40
+        _graph_replay_matches_reference(b, m, moe.fused_moe, replays=2)   # counters must reset between replays
 
 
 def test_layer_with_folded_input_scales_runs_fused():
@@ -703,27 +715,5 @@ def test_gpu_grouped_path_no_host_sync_and_graph_replay(specs):
     """grouped_moe (bf16 weights in place; int4 + bf16 through the dequantized stacks) syncs with
     the host nowhere (sync debug mode raises) and replays from a CUDA graph (a decode batch of
     GROUPED_MIN_M sequences takes this path inside the captured step)."""
-    e, k, h, i = BIG["e"], BIG["k"], BIG["h"], BIG["i"]
-    b = mt.build_buckets(specs, h, i, dtype=torch.bfloat16, device="cuda", seed=13)
-    m = 640
-    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-    logits = torch.randn(m, e, device="cuda")
-
-    def step():
-        w, ids = moe.route(logits, k, True)
-        return moe.grouped_moe(x, ids, w, b, i)
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = step()
-    x.copy_(torch.randn_like(x))
-    logits.copy_(torch.randn_like(logits))
-    graph.replay()
-    w, ids = moe.route(logits, k, True)
-    assert mt.sqnr_db(moe.moe_reference(x, ids, w, b, i), y.float()) >= 40
+    b = mt.build_buckets(specs, BIG["h"], BIG["i"], dtype=torch.bfloat16, device="cuda", seed=13)
+    _graph_replay_matches_reference(b, 640, moe.grouped_moe, no_sync=True)

@@ -547,7 +547,7 @@ def grouped_fits(buckets: list[dict], x: Tensor, inter: int, M: int) -> bool:
 
 
 def _expert_stacks(buckets: list[dict], E: int, H: int, inter: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Every bucket dequantized into x's dtype, by global expert: (w13 [E, H, 2I] (gate columns, then
+    """Every bucket dequantized into `dtype`, by global expert: (w13 [E, H, 2I] (gate columns, then
     up), w2 [E, I, H], map [E] int32: e where expert e is held here, else -1). Transient (the
     weights stay packed); rows of experts held nowhere stay unwritten and are never read."""
     dev = buckets[0]["expert_map"].device
@@ -579,12 +579,13 @@ def _expert_stacks(buckets: list[dict], E: int, H: int, inter: int, dtype: torch
 
 
 def grouped_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int) -> Tensor:
-    """fused_moe for a layer whose experts are all 16-bit dense (grouped_fits), by two
-    torch._grouped_mm (cuBLAS grouped GEMMs), which prefill of many tokens runs faster than the
-    Triton dot path (moe_configs.GROUPED_MIN_M): the (token, expert) pairs sorted by bucket slot on
-    the device, gate_up, silu(gate) * up (fp32, rounded once), down, then each token's k rows
-    weighted and summed in fixed order (fp32, deterministic, rounded once), as the fused kernels
-    do. Pairs whose expert is in no slot (expert parallel) add zero. No host sync."""
+    """fused_moe by two torch._grouped_mm (cuBLAS grouped GEMMs), which many tokens run faster than
+    the Triton dot path (grouped_fits, moe_configs): the weights of an all-bf16 layer in place,
+    else every bucket dequantized into bf16 stacks by global expert (_expert_stacks); the (token,
+    expert) pairs sorted by stack row on the device, gate_up, silu(gate) * up (fp32, rounded once),
+    down, then each token's k rows weighted and summed in fixed order (fp32, deterministic, rounded
+    once), as the fused kernels do. Pairs whose expert is not held here (expert parallel) add zero.
+    No host sync (CUDA-graph capturable)."""
     M, H = x.shape
     k = topk_ids.shape[1]
     P = M * k
