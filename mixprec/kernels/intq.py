@@ -41,7 +41,7 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .gemv_tiles import gemv_intq
-from .quant import (check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, split_plan,
+from .quant import (check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, split_plan,
                     split_workspace, splitk_store, x_tile)
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
@@ -86,22 +86,10 @@ def _intq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     R: tl.constexpr = BLOCK_K // PF
-    if SWAP:
-        # int4, tile in one group, transposed: out^T [BN, BM] += W^T x^T per field, so the
-        # dequantized words are the dot's A operand (wgmma takes it from registers; only the
-        # small x tile goes through shared memory) and BM up to 128 rows share one dequantization
-        rows = tl.arange(0, R)
-        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            rw = k0 // PF + rows
-            w = tl.load(qw_ptr + rw[None, :] * stride_q + offs_n[:, None],
-                        mask=(rw < K // PF)[None, :] & n_mask[:, None], other=0)      # [BN, R] int32
-            a = x_tile(x_rows, m_mask[:, None], perm_ptr, k0, k_hi, BLOCK_K, HAS_PERM)
-            g = k0 // G
-            s_row = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            part = int4_field_dots(tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), w,
-                                   z_ptr + g * stride_z + offs_n, n_mask, a, HAS_ZERO, True)
-            acc_t += part * s_row[:, None]
+    if SWAP:        # int4, tile in one group: out^T [BN, BM] += W^T x^T (quant.int4_swap_tiles)
+        acc_t = int4_swap_tiles(tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), qw_ptr, stride_q, s_ptr, stride_s,
+                                z_ptr, stride_z, offs_n, n_mask, x_rows, m_mask[:, None], perm_ptr, k_lo, k_hi, K, G,
+                                HAS_ZERO, HAS_PERM, BLOCK_K)
         splitk_store(tl.trans(acc_t), out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k,
                      split, USE_SPLIT)
         return

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import pdl
 from .gemv_tiles import gemv_intq, intq_scale
 from .intq import intq_dequant_tile
-from .quant import int4_field_dots, int4_field_dots_grouped, x_tile
+from .quant import int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
 
 _DENSE = tl.constexpr(0)
 _FP8 = tl.constexpr(1)
@@ -370,22 +370,10 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
 def _dot_intq_t(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0, k_lo, k_hi,
                 GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """_dot_intq for int4 tiles of BM >= 32 rows inside one group (GS % BK == 0, BK >= 128): the
-    per-field dots transposed, acc^T += W^T x^T (intq.py's swap tiles), so the codes are the A
-    operand wgmma reads from registers and only the x tile goes through shared memory."""
-    R: tl.constexpr = BK // 8
+    swap tiles of intq.py (quant.int4_swap_tiles), acc^T += W^T x^T."""
     rn = n0 + tl.arange(0, BN)
-    nm = rn < n_lim
-    cols = col0 + rn
-    r = tl.arange(0, R)
-    acc_t = tl.zeros([BN, acc.shape[0]], dtype=tl.float32)
-    for k0 in range(k_lo, tl.minimum(k_hi, K), BK):
-        rr = k0 // 8 + r
-        q = tl.load(qp + rr[None, :] * nw + cols[:, None], mask=(rr < K // 8)[None, :] & nm[:, None], other=0)
-        g = k0 // GS
-        s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
-        a = x_tile(arow[:, None], rm[:, None], pp, k0, K, BK, HP)
-        part = int4_field_dots(tl.zeros_like(acc_t), q, zp + g * nw + cols, nm, a, HZ, True)
-        acc_t += part * s[:, None]
+    acc_t = int4_swap_tiles(tl.zeros([BN, acc.shape[0]], dtype=tl.float32), qp, nw, sp, nw, zp, nw, col0 + rn,
+                            rn < n_lim, arow[:, None], rm[:, None], pp, k_lo, tl.minimum(k_hi, K), K, GS, HZ, HP, BK)
     return acc + tl.trans(acc_t)
 
 

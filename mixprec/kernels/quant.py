@@ -12,7 +12,7 @@
 * `int4_pair` / `int4_field_dots` / `x_tile`: two int4 fields of a word to 16-bit floats with one
   LOP3 + one packed subtract, the per-field dots of a one-group K tile (also transposed, with the
   codes as the dot's A operand), and the activation tile they take, for the dot paths of the int4
-  kernels (intq.py, moe_triton.py).
+  kernels (intq.py, moe_triton.py); `int4_swap_tiles`: the transposed tile loop both run.
 * `check` helpers that raise the typed errors of mixprec/errors.py.
 """
 from __future__ import annotations
@@ -244,6 +244,29 @@ def int4_field_dots(part, q, z_row, n_mask, a, HAS_ZERO: tl.constexpr, TRANS: tl
     else:
         z = tl.zeros([q.shape[0], 1] if TRANS else [1, q.shape[1]], tl.uint8)
     return _field_dots(part, q, _zero_base(z, a.dtype, HAS_ZERO), part, a, False, TRANS)
+
+
+@triton.jit
+def int4_swap_tiles(acc_t, qw_ptr, stride_q, s_ptr, stride_s, z_ptr, stride_z, cols, n_mask, x_rows, x_mask, perm_ptr,
+                    k_lo, k_end, K, G, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, BK: tl.constexpr):
+    """The swap tiles of the int4 kernels (intq.py's dense GEMM, the fused MoE's prefill row):
+    acc_t [BN, BM] += W^T x^T over the K tiles k_lo, k_lo + BK, .. < k_end, each inside one group,
+    as per-field dots transposed (int4_field_dots, TRANS), so the dequantized words are the dot's
+    A operand (wgmma reads it from registers; only the x tile goes through shared memory) and BM up
+    to 128 rows share one dequantization. qw_ptr: words [K/8, *] (row stride stride_q); s_ptr /
+    z_ptr: scales / uint8 zeros [ceil(K/G), *]; cols [BN] the columns; x_rows [BM, 1] row pointers
+    of x [*, K] with x_mask [BM, 1] (HAS_PERM: x columns gathered through perm_ptr, x_tile)."""
+    rows = tl.arange(0, BK // 8)
+    for k0 in range(k_lo, k_end, BK):
+        rw = k0 // 8 + rows
+        w = tl.load(qw_ptr + rw[None, :] * stride_q + cols[:, None],
+                    mask=(rw < K // 8)[None, :] & n_mask[:, None], other=0)          # [BN, BK/8] int32
+        g = k0 // G
+        s_row = tl.load(s_ptr + g * stride_s + cols, mask=n_mask, other=0.0).to(tl.float32)
+        a = x_tile(x_rows, x_mask, perm_ptr, k0, K, BK, HAS_PERM)
+        part = int4_field_dots(tl.zeros_like(acc_t), w, z_ptr + g * stride_z + cols, n_mask, a, HAS_ZERO, True)
+        acc_t += part * s_row[:, None]
+    return acc_t
 
 
 @triton.jit
