@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mixprec.kernels import bench as B
 from mixprec.kernels import configs, timing
-from mixprec.kernels.intq import intq_config, intq_linear_cfg, intq_linear_reference
+from mixprec.kernels.intq import field_tiles_config, intq_config, intq_linear_cfg, intq_linear_reference
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--ms", default="17,32,64,128,256,512")
@@ -48,7 +48,7 @@ for model, sname, N, K in B.SHAPES:
             y0 = ref(x, ts)
             res = []
             lib = intq_config(bits, M, N, K, G, torch.bfloat16)
-            field = configs.cfg("gemm", 16, 128, 128, configs.auto_split(M, N, K, 16, 128, 128), 4, 3)
+            field = field_tiles_config(M, N, K)
             for c in (lib, field, configs.get(f"intq{bits}", M, N, K), configs.default(f"intq{bits}", M, N, K)):
                 def f(t, c=c):
                     return intq_linear_cfg(x, t[0], t[1], t[2], None, bits, G, c)

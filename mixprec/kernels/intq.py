@@ -333,10 +333,15 @@ def intq_config(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -
         BM = min(128, triton.next_power_of_2(M))
         return configs.cfg("swap", BM, 64, 128, configs.auto_split(M, N, K, BM, 64, 128), 4, 3)
     small = not _scale_after(G, K, _gemm_tile(c, pf))
-    field = configs.cfg("gemm", 16, 128, 128, configs.auto_split(M, N, K, 16, 128, 128), 4, 3)
+    field = field_tiles_config(M, N, K)
     if _field_dots(bits, field, pf, dtype) and (M <= FIELD_MAX_M or small):
         return field
     return configs.default(f"intq{bits}", M, N, K) if small else c
+
+
+def field_tiles_config(M: int, N: int, K: int) -> dict:
+    """The BM-16 per-field tile row: BN 128, K tiles of 128, auto split, 4 warps, 3 stages."""
+    return configs.cfg("gemm", 16, 128, 128, configs.auto_split(M, N, K, 16, 128, 128), 4, 3)
 
 
 # int4 GEMMs of 17..DEQUANT_MIN_M-1 rows on weights of at least SWAP_MIN_NK elements take the swap
