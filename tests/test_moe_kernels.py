@@ -658,15 +658,20 @@ def test_bench_goal_lines_say_not_measured_without_points():
 
 GROUPED_CASES = [(mt.uniform("fp16", E), torch.bfloat16), (mt.uniform("fp16", E), torch.float32),
                  (mt.split(["fp16", "int4", "int4_asym", "int4_g32"], E), torch.float16),
-                 ([("int4", "fp16", "int4_asym")] * E, torch.float16)]
+                 ([("int4", "fp16", "int4_asym")] * E, torch.float16),
+                 (mt.split(["fp8", "int8", "int4", "fp8_w8a16"], E), torch.float16),
+                 ([("fp8_ch_w8a8", "fp8", "int8")] * E, torch.float32),
+                 ([("int8_zp",) * 3] * 4 + [("int8_w8a16", "int8_w8a16", "fp8_ch")] * (E - 4), torch.float16)]
 
 
 @pytest.mark.parametrize("specs,dtype", GROUPED_CASES if not CUDA else [(c[0], torch.bfloat16) for c in GROUPED_CASES[::2]])
 def test_grouped_moe_matches_reference(specs, dtype):
     """The torch._grouped_mm path (moe.grouped_moe): all-dense layers with their weights in place,
-    mixed dense / int4 layers (sym, asym, group 32; gate and up in two buckets) through the
-    dequantized stacks; equal to the reference, with an expert that receives no token and experts
-    absent from the buckets (expert parallel: their pairs add zero)."""
+    mixed layers through the dequantized stacks (dense, int4 sym / asym / group 32, fp8 block and
+    per-channel, int8 with and without zero points; W8A8 buckets' rows quantized as the fused
+    kernels do; gate and up in two buckets; per-projection formats); equal to the reference, with an
+    expert that receives no token and experts absent from the buckets (expert parallel: their pairs
+    add zero)."""
     b = _layer(specs, dtype=dtype)
     x, w, ids = _inputs(37, seed=71, dtype=dtype)
     ids = torch.where(ids == 3, 4, ids)                  # expert 3 gets no token
@@ -687,8 +692,9 @@ def test_grouped_moe_matches_reference(specs, dtype):
 
 def test_grouped_path_dispatch(monkeypatch):
     """fused_moe takes grouped_moe from GROUPED_MIN_M tokens for all-dense layers, from
-    GROUPED_DEQUANT_MIN_M for dense / intq mixes whose stacks fit, never for act-order, fp8 or
-    int8 buckets, an explicit launch config, or (CUDA) other activations than bf16."""
+    GROUPED_DEQUANT_MIN_M for other layers whose stacks fit, never for act-order intq buckets,
+    split gate / up buckets whose activations are quantized differently (W8A8 fp8, int8, none:
+    one x row feeds both), an explicit launch config, or (CUDA) other activations than bf16."""
     from mixprec.kernels import moe_configs as mc
     calls = []
     monkeypatch.setattr(moe, "grouped_moe", lambda *a: calls.append(1) or moe.moe_reference(*a).to(a[0].dtype))
@@ -698,7 +704,9 @@ def test_grouped_path_dispatch(monkeypatch):
     runs = [(mt.uniform("fp16", E), 5, {}, 1), (mt.uniform("fp16", E), 3, {}, 0),
             (mt.uniform("fp16", E), 5, {"config": DOT}, 0), (mt.split(["fp16", "int4"], E), 5, {}, 1),
             (mt.split(["fp16", "int4"], E), 4, {}, 0), (mt.uniform("int4_perm", E), 5, {}, 0),
-            (mt.split(["int4", "fp8"], E), 5, {}, 0), (mt.uniform("int8", E), 5, {}, 0)]
+            (mt.split(["int4", "fp8"], E), 5, {}, 1), (mt.uniform("int8", E), 5, {}, 1),
+            (mt.uniform("fp8", E), 4, {}, 0), ([("fp8", "fp16", "fp16")] * E, 5, {}, 0),
+            ([("fp8", "int8", "fp16")] * E, 5, {}, 0), ([("fp8", "fp8_ch_w8a8", "int8")] * E, 5, {}, 1)]
     for specs, m, kw, want in runs:
         calls.clear()
         moe.fused_moe(x[:m], ids[:m], w[:m], _layer(specs), I, **kw)
@@ -710,9 +718,11 @@ def test_grouped_path_dispatch(monkeypatch):
 
 
 @GPU
-@pytest.mark.parametrize("specs", [mt.uniform("bf16", BIG["e"]), mt.split(["int4", "bf16"], BIG["e"])])
+@pytest.mark.parametrize("specs", [mt.uniform("bf16", BIG["e"]), mt.split(["int4", "bf16"], BIG["e"]),
+                                   mt.split(["fp8", "int8", "int4_asym", "fp8_w8a16"], BIG["e"])])
 def test_gpu_grouped_path_no_host_sync_and_graph_replay(specs):
-    """grouped_moe (bf16 weights in place; int4 + bf16 through the dequantized stacks) syncs with
+    """grouped_moe (bf16 weights in place; int4 + bf16, and fp8 / int8 W8A8 + int4 + fp8 W8A16
+    through the dequantized stacks and the activation quantization) syncs with
     the host nowhere (sync debug mode raises) and replays from a CUDA graph (a decode batch of
     GROUPED_MIN_M sequences takes this path inside the captured step)."""
     b = mt.build_buckets(specs, BIG["h"], BIG["i"], dtype=torch.bfloat16, device="cuda", seed=13)
