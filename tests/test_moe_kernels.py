@@ -416,9 +416,10 @@ def test_gpu_realistic_shapes(specs):
         _check(b, x, w, ids, inter=i)
 
 
-def _graph_replay_matches_reference(b, m, layer, replays=1, no_sync=False):
+def _graph_replay_matches_reference(b, m, layer, replays=1, no_sync=False, min_db=40.0):
     """route + layer(x, ids, w, b, I) on m tokens, captured in a CUDA graph and replayed on new
-    inputs: equal to the reference. no_sync: an eager call first runs in sync debug mode "error"."""
+    inputs: equal to the reference (SQNR >= min_db). no_sync: an eager call first runs in sync
+    debug mode "error"."""
     e, k, h, i = BIG["e"], BIG["k"], BIG["h"], BIG["i"]
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     logits = torch.randn(m, e, device="cuda")
@@ -442,7 +443,7 @@ def _graph_replay_matches_reference(b, m, layer, replays=1, no_sync=False):
     for _ in range(replays):
         graph.replay()
     w, ids = moe.route(logits, k, True)
-    assert mt.sqnr_db(moe.moe_reference(x, ids, w, b, i), y.float()) >= 40
+    assert mt.sqnr_db(moe.moe_reference(x, ids, w, b, i), y.float()) >= min_db
 
 
 @GPU
@@ -692,7 +693,8 @@ def test_grouped_moe_matches_reference(specs, dtype):
 
 def test_grouped_path_dispatch(monkeypatch):
     """fused_moe takes grouped_moe from GROUPED_MIN_M tokens for all-dense layers, from
-    GROUPED_DEQUANT_MIN_M for other layers whose stacks fit, never for act-order intq buckets,
+    GROUPED_DEQUANT_MIN_M (GROUPED_W8_MIN_M with fp8 / int8 buckets) for other layers whose stacks
+    fit, never for act-order intq buckets,
     split gate / up buckets whose activations are quantized differently (W8A8 fp8, int8, none:
     one x row feeds both), an explicit launch config, or (CUDA) other activations than bf16."""
     from mixprec.kernels import moe_configs as mc
@@ -700,6 +702,7 @@ def test_grouped_path_dispatch(monkeypatch):
     monkeypatch.setattr(moe, "grouped_moe", lambda *a: calls.append(1) or moe.moe_reference(*a).to(a[0].dtype))
     monkeypatch.setattr(mc, "GROUPED_MIN_M", 4)
     monkeypatch.setattr(mc, "GROUPED_DEQUANT_MIN_M", 5)
+    monkeypatch.setattr(mc, "GROUPED_W8_MIN_M", 5)
     x, w, ids = _inputs(5, seed=72)
     runs = [(mt.uniform("fp16", E), 5, {}, 1), (mt.uniform("fp16", E), 3, {}, 0),
             (mt.uniform("fp16", E), 5, {"config": DOT}, 0), (mt.split(["fp16", "int4"], E), 5, {}, 1),
@@ -711,6 +714,11 @@ def test_grouped_path_dispatch(monkeypatch):
         calls.clear()
         moe.fused_moe(x[:m], ids[:m], w[:m], _layer(specs), I, **kw)
         assert len(calls) == (0 if CUDA else want), (specs[0], m, kw)    # CUDA: fp16 is not _grouped_mm's
+    monkeypatch.setattr(mc, "GROUPED_W8_MIN_M", 6)      # fp8 / int8 buckets: their own threshold
+    for specs, want in ((mt.split(["fp16", "int4"], E), 1), (mt.split(["fp16", "int8"], E), 0)):
+        calls.clear()
+        moe.fused_moe(x, ids, w, _layer(specs), I)
+        assert len(calls) == (0 if CUDA else want), specs[0]
     monkeypatch.setattr(mc, "GROUPED_STACK_MAX_BYTES", 1024)
     calls.clear()
     moe.fused_moe(x, ids, w, _layer(mt.split(["fp16", "int4"], E)), I)
@@ -726,4 +734,47 @@ def test_gpu_grouped_path_no_host_sync_and_graph_replay(specs):
     the host nowhere (sync debug mode raises) and replays from a CUDA graph (a decode batch of
     GROUPED_MIN_M sequences takes this path inside the captured step)."""
     b = mt.build_buckets(specs, BIG["h"], BIG["i"], dtype=torch.bfloat16, device="cuda", seed=13)
-    _graph_replay_matches_reference(b, 640, moe.grouped_moe, no_sync=True)
+    # W8A8 down buckets: the intermediate they quantize comes from bf16-rounded stacks here, so ~3%
+    # of its e4m3 / int8 codes land one step off the reference's (H100: 35-37 dB between this path
+    # and the fused kernels on uniform fp8 / int8 layers); the pieces are bit-exact
+    # (test_grouped_stacks_and_w8a8_rows_exact)
+    w8a8_down = any(t["proj"] == "down" and moe._qdq_mode(t) for t in b)
+    _graph_replay_matches_reference(b, 640, moe.grouped_moe, no_sync=True, min_db=30.0 if w8a8_down else 40.0)
+
+
+def test_grouped_stacks_and_w8a8_rows_exact():
+    """grouped_moe's pieces, bit for bit: fp8 (block, per-channel) and int8 (with and without zero
+    points) experts dequantized into the stacks equal dequant_expert rounded to the stack dtype, at
+    each expert's global index; W8A8 rows (_gather_qdq_kernel) equal the reference quantization
+    (fp8 per 128 inputs, int8 per token) dequantized and rounded; mode 0 rows pass as they are."""
+    from mixprec.kernels.moe_triton import _gather_qdq_kernel
+    from mixprec.kernels.quant import fp8_act_reference, int8_act_quant_reference
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    b = _layer([("fp8", "int8_zp", "fp8_ch")] * 3 + [("int8",) * 3] * 3 + [("fp8_w8a16", "fp8_w8a16", "int8_w8a16")] * 2,
+               dtype=dtype, h=384, i=256)     # fp8 blocks 128 x 128: several along N and K
+    h, i = 384, 256
+    w13, w2, held, m13, m2 = moe._expert_stacks(b, E, h, i, dtype)
+    assert held.tolist() == list(range(E))
+    for t in b:
+        N, K = moe._bucket_dims(t, h, i)
+        c0 = i if t["proj"] == "up" else 0
+        for e, loc in enumerate(t["expert_map"].tolist()):
+            if loc >= 0:
+                got = (w2 if t["proj"] == "down" else w13)[e, :, c0:c0 + N]
+                assert torch.equal(got, moe.dequant_expert(t, loc, N, K).to(dtype).t()), (t["proj"], t["layout"], e)
+    # gate fp8 w8a8 / int8 w8a8 / fp8 w8a16: modes 1, 2, 0 (entry E: pairs held nowhere)
+    assert m13.tolist() == [1] * 3 + [2] * 3 + [0] * 2 + [0] and m2.tolist() == [0] * 3 + [2] * 3 + [0] * 3
+    g = torch.Generator(device=DEV).manual_seed(5)
+    x = (torch.randn(9, h, generator=g, device=DEV) * torch.logspace(-2, 2, h, device=DEV)).to(dtype)
+    src = torch.tensor([4, 0, 8, 1, 1, 3, 2, 7, 5], device=DEV) % 9
+    mode = torch.tensor([1, 2, 0, 1, 2, 0, 1, 2, 0], dtype=torch.int32, device=DEV)
+    out = torch.empty_like(x)
+    _gather_qdq_kernel[(9,)](x, src, mode, out, h, KB=moe._row_block(h), num_warps=4)
+    for r in range(9):
+        v = x[src[r]].float()
+        q, a = int8_act_quant_reference(v)
+        want = {0: v, 1: fp8_act_reference(v), 2: q.float() * a}[int(mode[r])].to(dtype)
+        assert torch.equal(out[r], want), r
+
+
+

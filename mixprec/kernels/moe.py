@@ -534,7 +534,7 @@ def grouped_fits(buckets: list[dict], x: Tensor, inter: int, M: int) -> bool:
     (torch._grouped_mm's), and either the layer's experts are all dense in x's dtype (from
     moe_configs.GROUPED_MIN_M tokens, weights used in place) or no bucket is act-order intq and
     the layer's dequantized stacks fit moe_configs.GROUPED_STACK_MAX_BYTES (from
-    GROUPED_DEQUANT_MIN_M tokens)."""
+    GROUPED_DEQUANT_MIN_M tokens, GROUPED_W8_MIN_M with fp8 or int8 buckets)."""
     if x.is_cuda and x.dtype != torch.bfloat16:
         return False
     if _zero_copy(buckets, x):
@@ -544,7 +544,9 @@ def grouped_fits(buckets: list[dict], x: Tensor, inter: int, M: int) -> bool:
     # one x row feeds an expert's gate and up columns: split gate / up buckets must agree on how
     # the row is quantized (a bucket-level test: per expert it would need the maps on the host)
     halves = {_qdq_mode(b) for b in buckets if b["proj"] in ("gate", "up")}
-    return (M >= moe_configs.GROUPED_DEQUANT_MIN_M and stack <= moe_configs.GROUPED_STACK_MAX_BYTES
+    w8 = any(b["layout"] in ("fp8", "int8") for b in buckets)
+    min_m = moe_configs.GROUPED_W8_MIN_M if w8 else moe_configs.GROUPED_DEQUANT_MIN_M
+    return (M >= min_m and stack <= moe_configs.GROUPED_STACK_MAX_BYTES
             and len(halves) <= 1 and not any(b["layout"] == "intq" and "perm" in b["tensors"] for b in buckets))
 
 
