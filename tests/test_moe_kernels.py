@@ -679,7 +679,8 @@ def test_grouped_moe_matches_reference(specs, dtype):
     assert moe.grouped_fits(b, x, I, 1 << 20)
     y = moe.grouped_moe(x, ids, w, b, I)
     ref = moe.moe_reference(x, ids, w, b, I)
-    assert y.dtype == dtype and mt.sqnr_db(ref, y.float()) >= 40.0
+    min_db = _grouped_min_db(b, dtype)
+    assert y.dtype == dtype and mt.sqnr_db(ref, y.float()) >= min_db
     # experts 0 and 5 live elsewhere: -1 in every bucket's map, their pairs add zero
     part = []
     for t in b:
@@ -688,7 +689,16 @@ def test_grouped_moe_matches_reference(specs, dtype):
         part.append(dict(t, expert_map=emap))
     keep = ~((ids == 0) | (ids == 5))
     want = moe.moe_reference(x, torch.where(keep, ids, 1), torch.where(keep, w, 0.0), b, I)
-    assert mt.sqnr_db(want, moe.grouped_moe(x, ids, w, part, I).float()) >= 40.0
+    assert mt.sqnr_db(want, moe.grouped_moe(x, ids, w, part, I).float()) >= min_db
+
+
+def _grouped_min_db(b, dtype) -> float:
+    """grouped_moe vs the reference: a W8A8 down bucket quantizes an intermediate computed from
+    bf16-rounded stacks, so with bf16 activations ~3% of its e4m3 / int8 codes land one step off
+    the reference's (H100: 35-37 dB between this path and the fused kernels on uniform fp8 / int8
+    layers); the pieces themselves are bit-exact (test_grouped_stacks_and_w8a8_rows_exact)."""
+    w8a8_down = any(t["proj"] == "down" and moe._qdq_mode(t) for t in b)
+    return 30.0 if w8a8_down and dtype == torch.bfloat16 else 40.0
 
 
 def test_grouped_path_dispatch(monkeypatch):
@@ -734,12 +744,7 @@ def test_gpu_grouped_path_no_host_sync_and_graph_replay(specs):
     the host nowhere (sync debug mode raises) and replays from a CUDA graph (a decode batch of
     GROUPED_MIN_M sequences takes this path inside the captured step)."""
     b = mt.build_buckets(specs, BIG["h"], BIG["i"], dtype=torch.bfloat16, device="cuda", seed=13)
-    # W8A8 down buckets: the intermediate they quantize comes from bf16-rounded stacks here, so ~3%
-    # of its e4m3 / int8 codes land one step off the reference's (H100: 35-37 dB between this path
-    # and the fused kernels on uniform fp8 / int8 layers); the pieces are bit-exact
-    # (test_grouped_stacks_and_w8a8_rows_exact)
-    w8a8_down = any(t["proj"] == "down" and moe._qdq_mode(t) for t in b)
-    _graph_replay_matches_reference(b, 640, moe.grouped_moe, no_sync=True, min_db=30.0 if w8a8_down else 40.0)
+    _graph_replay_matches_reference(b, 640, moe.grouped_moe, no_sync=True, min_db=_grouped_min_db(b, torch.bfloat16))
 
 
 def test_grouped_stacks_and_w8a8_rows_exact():
