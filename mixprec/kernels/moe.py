@@ -35,7 +35,8 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
-from .moe_triton import (_align_kernel, _gather_qdq_kernel, _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel,
+from .moe_triton import (_align_count_kernel, _align_kernel, _align_scan_kernel, _align_scatter_kernel,
+                         _gather_qdq_kernel, _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel,
                          _route_kernel, _router_route_kernel, _rows_stack_kernel, _silu_mul_kernel, _token_sum_kernel)
 from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_reference,
                     split_counters)
@@ -160,6 +161,10 @@ def _router_launch(x, gate_weight, top_k, renorm, norm):
     return w, ids, y, h
 
 
+# moe_align: one program up to this many (token, expert) pairs, else three launches over chunks
+ALIGN_ONE_PROGRAM_MAX_P = 1024
+
+
 def align_bounds(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int]:
     """Upper bounds (from shapes only) of the aligned layout: (blocks, sorted slots).
     Each non-empty expert wastes at most block_m-1 slots, and at most min(E, P) are non-empty."""
@@ -184,8 +189,17 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
         ids = ids.to(torch.int32)
     EB = triton.next_power_of_2(max(num_experts, 2))
     CH = max(16, min(128, 16384 // EB))
-    _align_kernel[(1,)](ids, sorted_ids, block_expert, P, num_experts, smax, nb,
-                        BM=block_m, EB=EB, CH=CH, num_warps=8, **pdl.launch_kw(ids))
+    kw = pdl.launch_kw(ids)
+    if P <= ALIGN_ONE_PROGRAM_MAX_P:
+        _align_kernel[(1,)](ids, sorted_ids, block_expert, P, num_experts, smax, nb,
+                            BM=block_m, EB=EB, CH=CH, num_warps=8, **kw)
+        return sorted_ids, block_expert
+    nch = triton.cdiv(P, CH)
+    cc = torch.empty(nch, EB, dtype=torch.int32, device=dev)
+    _align_count_kernel[(nch,)](ids, cc, P, EB=EB, CH=CH, num_warps=8, **kw)
+    _align_scan_kernel[(1,)](cc, sorted_ids, block_expert, P, num_experts, nch, smax, nb, BM=block_m, EB=EB,
+                             CB=max(1, 8192 // EB), CH=CH, num_warps=8, **kw)
+    _align_scatter_kernel[(nch,)](ids, cc, sorted_ids, P, EB=EB, CH=CH, num_warps=8, **kw)
     return sorted_ids, block_expert
 
 

@@ -900,3 +900,66 @@ def _align_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
         dst = tl.sum((starts[None, :] + rank) * oh, axis=1)
         tl.store(sorted_ptr + dst, idx, mask=(idx < P) & (tl.sum(oh, axis=1) > 0))
         running += tl.sum(oh, axis=0)
+
+
+# large P: the same counting sort spread over one program per CH pairs (the one-program kernel
+# above walks all P pairs twice in [CH, EB] one-hot tiles: 1.76 ms for 4096 tokens x top-8 on an
+# H100). count -> scan (one program: expert offsets, each chunk's base per expert) -> scatter;
+# the same stable order as _align_kernel.
+
+@triton.jit
+def _align_count_kernel(ids_ptr, cc_ptr, P, EB: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr = False):
+    """cc[c, e] = pairs of expert e in chunk c (pairs c*CH .. c*CH+CH-1)."""
+    pdl.wait(PDL)
+    c = tl.program_id(0)
+    idx = c * CH + tl.arange(0, CH)
+    ev = tl.arange(0, EB)
+    e = tl.load(ids_ptr + idx, mask=idx < P, other=-1)
+    tl.store(cc_ptr + c * EB + ev, tl.sum((e[:, None] == ev[None, :]).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _align_scan_kernel(cc_ptr, sorted_ptr, blk_ptr, P, E, NCH, S_MAX, NB_MAX,
+                       BM: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr, CH: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """From the chunk counts: blk (as _align_kernel), sorted filled with P (padding), and cc[c, e]
+    overwritten with the first sorted slot of chunk c's pairs of expert e."""
+    pdl.wait(PDL)
+    ev = tl.arange(0, EB)
+    cb = tl.arange(0, CB)
+    counts = tl.zeros([EB], dtype=tl.int32)
+    for c0 in range(0, NCH, CB):
+        counts += tl.sum(tl.load(cc_ptr + (c0 + cb)[:, None] * EB + ev[None, :], mask=(c0 + cb < NCH)[:, None], other=0),
+                         axis=0)
+    counts = tl.where(ev < E, counts, 0)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    running = ends - padded
+    total = tl.sum(padded, axis=0)
+    for c0 in range(0, NCH, CB):
+        ptr = cc_ptr + (c0 + cb)[:, None] * EB + ev[None, :]
+        m = (c0 + cb < NCH)[:, None]
+        t = tl.load(ptr, mask=m, other=0)
+        tl.store(ptr, tl.cumsum(t, axis=0) - t + running[None, :], mask=m)
+        running += tl.sum(t, axis=0)
+    ci = tl.arange(0, CH)
+    for s0 in range(0, S_MAX, CH):
+        tl.store(sorted_ptr + s0 + ci, tl.full([CH], 0, tl.int32) + P, mask=s0 + ci < S_MAX)
+    for b0 in range(0, NB_MAX, CH):
+        pos = (b0 + ci) * BM
+        eid = tl.sum((ends[None, :] <= pos[:, None]).to(tl.int32), axis=1)
+        tl.store(blk_ptr + b0 + ci, tl.where(pos < total, eid, -1), mask=b0 + ci < NB_MAX)
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, cc_ptr, sorted_ptr, P, EB: tl.constexpr, CH: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    """sorted[slot] = pair for chunk c's pairs: the chunk's base per expert + rank in the chunk."""
+    pdl.wait(PDL)
+    c = tl.program_id(0)
+    idx = c * CH + tl.arange(0, CH)
+    ev = tl.arange(0, EB)
+    e = tl.load(ids_ptr + idx, mask=idx < P, other=-1)
+    oh = (e[:, None] == ev[None, :]).to(tl.int32)                          # [CH, EB]
+    rank = tl.cumsum(oh, axis=0) - oh + tl.load(cc_ptr + c * EB + ev)[None, :]
+    tl.store(sorted_ptr + tl.sum(rank * oh, axis=1), idx, mask=(idx < P) & (tl.sum(oh, axis=1) > 0))
