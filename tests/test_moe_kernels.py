@@ -144,6 +144,7 @@ def test_align_groups_pairs_by_expert(ids_kind, chunks, monkeypatch):
     else:
         ids = torch.stack([torch.tensor([3, j % 7 + (j % 7 >= 3)]) for j in range(m)]).to(torch.int32)
     ids = ids.to(DEV)
+    monkeypatch.setattr(moe, "ALIGN_ONE_PROGRAM_MAX_P", 8 if chunks else 1 << 20)
     sorted_ids, blk = moe.moe_align(ids, e, bm)
     if chunks:
         monkeypatch.setattr(moe, "ALIGN_ONE_PROGRAM_MAX_P", 1 << 20)
