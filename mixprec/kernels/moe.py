@@ -36,8 +36,8 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
 from .moe_triton import (_align_count_kernel, _align_kernel, _align_scan_kernel, _align_scatter_kernel,
-                         _gather_qdq_kernel, _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel,
-                         _route_kernel, _router_route_kernel, _rows_stack_kernel, _silu_mul_kernel, _token_sum_kernel)
+                         _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel, _router_route_kernel,
+                         _silu_mul_kernel, _token_sum_kernel)
 from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_reference,
                     split_counters)
 
@@ -546,81 +546,50 @@ def _zero_copy(buckets: list[dict], x: Tensor) -> bool:
 def grouped_fits(buckets: list[dict], x: Tensor, inter: int, M: int) -> bool:
     """Whether fused_moe runs M tokens of this layer as grouped_moe: bf16 activations on CUDA
     (torch._grouped_mm's), and either the layer's experts are all dense in x's dtype (from
-    moe_configs.GROUPED_MIN_M tokens, weights used in place) or no bucket is act-order intq and
-    the layer's dequantized stacks fit moe_configs.GROUPED_STACK_MAX_BYTES (from
-    GROUPED_DEQUANT_MIN_M tokens, GROUPED_W8_MIN_M with fp8 or int8 buckets)."""
+    moe_configs.GROUPED_MIN_M tokens, weights used in place) or every bucket is dense or intq
+    without act-order and the layer's dequantized stacks fit moe_configs.GROUPED_STACK_MAX_BYTES
+    (from GROUPED_DEQUANT_MIN_M tokens)."""
     if x.is_cuda and x.dtype != torch.bfloat16:
         return False
     if _zero_copy(buckets, x):
         return M >= moe_configs.GROUPED_MIN_M
     E = buckets[0]["expert_map"].shape[0]
     stack = 3 * E * x.shape[1] * inter * x.element_size()
-    # one x row feeds an expert's gate and up columns: split gate / up buckets must agree on how
-    # the row is quantized (a bucket-level test: per expert it would need the maps on the host)
-    halves = {_qdq_mode(b) for b in buckets if b["proj"] in ("gate", "up")}
-    w8 = any(b["layout"] in ("fp8", "int8") for b in buckets)
-    min_m = moe_configs.GROUPED_W8_MIN_M if w8 else moe_configs.GROUPED_DEQUANT_MIN_M
-    return (M >= min_m and stack <= moe_configs.GROUPED_STACK_MAX_BYTES
-            and len(halves) <= 1 and not any(b["layout"] == "intq" and "perm" in b["tensors"] for b in buckets))
+    return (M >= moe_configs.GROUPED_DEQUANT_MIN_M and stack <= moe_configs.GROUPED_STACK_MAX_BYTES
+            and all(b["layout"] == "dense" or (b["layout"] == "intq" and "perm" not in b["tensors"])
+                    for b in buckets))
 
 
-def _qdq_mode(b: dict) -> int:
-    """grouped_moe's activation mode of a bucket (moe_triton._act_qdq): a W8A8 bucket's rows are
-    quantized as the fused kernels quantize them (1: fp8, 2: int8), then multiplied dequantized."""
-    w8a8 = b.get("params", {}).get("act") == "w8a8"
-    return {"fp8": 1, "int8": 2}.get(b["layout"], 0) if w8a8 else 0
-
-
-def _expert_stacks(buckets: list[dict], E: int, H: int, inter: int, dtype: torch.dtype):
+def _expert_stacks(buckets: list[dict], E: int, H: int, inter: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Every bucket dequantized into `dtype`, by global expert: (w13 [E, H, 2I] (gate columns, then
-    up), w2 [E, I, H], map [E] int32: e where expert e is held here, else -1, and per side (gate/up,
-    down) the experts' W8A8 activation modes [E + 1] int32 (_qdq_mode, 0: none; entry E for pairs
-    held nowhere), or None where no bucket of that side is W8A8). Transient (the weights stay
-    packed); rows of experts held nowhere stay unwritten and are never read."""
+    up), w2 [E, I, H], map [E] int32: e where expert e is held here, else -1). Transient (the
+    weights stay packed); rows of experts held nowhere stay unwritten and are never read."""
     dev = buckets[0]["expert_map"].device
     w13 = torch.empty(E, H, 2 * inter, dtype=dtype, device=dev)
     w2 = torch.empty(E, inter, H, dtype=dtype, device=dev)
     held = torch.zeros(E, dtype=torch.bool, device=dev)
     every = torch.arange(E, device=dev)
-    modes: dict[bool, Tensor] = {}
     for b in buckets:
-        t, emap, lay = b["tensors"], b["expert_map"], b["layout"]
+        t, emap = b["tensors"], b["expert_map"]
         N, K = _bucket_dims(b, H, inter)
-        w = t["weight"] if lay != "intq" else t["qweight"]
-        nb = w.shape[0]
+        nb = (t["weight"] if b["layout"] == "dense" else t["qweight"]).shape[0]
         # slot -> global expert (experts held elsewhere all land on the dropped slot nb)
         inv = torch.zeros(nb + 1, dtype=torch.int64, device=dev).scatter_(
             0, torch.where(emap >= 0, emap, nb).long(), every)[:nb]
         c0 = inter if b["proj"] == "up" else 0
-        down = b["proj"] == "down"
-        dst = (w2 if down else w13)[:, :, c0:c0 + N]
-        if lay == "dense":
+        dst = (w2 if b["proj"] == "down" else w13)[:, :, c0:c0 + N]
+        if b["layout"] == "dense":
             dst.index_copy_(0, inv, t["weight"].transpose(1, 2).to(dtype))
-        elif lay == "intq":
+        else:
             bits, G = _intq_params(b.get("params", {}), K, "")
             s = t["scales"]
             _intq_stack_kernel[(triton.cdiv(K // (32 // bits), 16), triton.cdiv(N, 128), nb)](
                 t["qweight"], s, t.get("zeros", s), dst, inv, N, K, G, t["qweight"].stride(0), s.stride(0),
                 dst.stride(0), dst.stride(1), BITS=bits, HAS_ZERO="zeros" in t, BLOCK_R=16, BLOCK_N=128,
                 num_warps=4)
-        else:
-            bn, bk = _fp8_block(b["params"], "") if lay == "fp8" else (1, 1)
-            s = t["scale"]
-            _rows_stack_kernel[(triton.cdiv(K, 64), triton.cdiv(N, 64), nb)](
-                w.view(torch.uint8) if lay == "fp8" else w, s, t.get("zero", s), dst, inv, N, K, bn, bk,
-                w.stride(0), s.stride(0), dst.stride(0), dst.stride(1), FP8=lay == "fp8", HAS_ZERO="zero" in t,
-                BLOCK_N=64, BLOCK_K=64, num_warps=4)
-            if _qdq_mode(b):
-                mode = modes.setdefault(down, torch.zeros(E + 1, dtype=torch.int32, device=dev))
-                mode[:E].masked_fill_(emap >= 0, _qdq_mode(b))
-        if down:
+        if b["proj"] == "down":
             held |= emap >= 0
-    return w13, w2, torch.where(held, every, -1).to(torch.int32), modes.get(False), modes.get(True)
-
-
-def _row_block(n: int) -> int:
-    # one whole row per program in 128-wide slices (the W8A8 activation groups)
-    return triton.next_power_of_2(triton.cdiv(n, FP8_ACT_GROUP)) * FP8_ACT_GROUP
+    return w13, w2, torch.where(held, every, -1).to(torch.int32)
 
 
 def grouped_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int) -> Tensor:
@@ -629,21 +598,17 @@ def grouped_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict]
     else every bucket dequantized into bf16 stacks by global expert (_expert_stacks); the (token,
     expert) pairs sorted by stack row on the device, gate_up, silu(gate) * up (fp32, rounded once),
     down, then each token's k rows weighted and summed in fixed order (fp32, deterministic, rounded
-    once), as the fused kernels do. A W8A8 bucket's rows (x for gate/up, the intermediate for down)
-    are quantized as the fused kernels quantize them (per token, or per 128 inputs for fp8) and
-    multiplied dequantized, so the result differs from theirs by one bf16 rounding of each operand.
-    Pairs whose expert is not held here (expert parallel) add zero. No host sync (CUDA-graph
-    capturable)."""
+    once), as the fused kernels do. Pairs whose expert is not held here (expert parallel) add zero.
+    No host sync (CUDA-graph capturable)."""
     M, H = x.shape
     k = topk_ids.shape[1]
     P = M * k
-    qdq13 = qdq2 = None
     if _zero_copy(buckets, x):
         gu, dn = sorted(buckets, key=lambda b: b["proj"] == "down")
         w13, w2 = gu["tensors"]["weight"].transpose(1, 2), dn["tensors"]["weight"].transpose(1, 2)
         emap = gu["expert_map"]
     else:
-        w13, w2, emap, qdq13, qdq2 = _expert_stacks(buckets, buckets[0]["expert_map"].shape[0], H, inter, x.dtype)
+        w13, w2, emap = _expert_stacks(buckets, buckets[0]["expert_map"].shape[0], H, inter, x.dtype)
     nb = w13.shape[0]                                                # w13 [nb, H, 2I], w2 [nb, I, H]
     slot = emap[topk_ids.reshape(-1).long()].long()                 # [P], -1: not held here
     key = torch.where(slot < 0, nb, slot)                            # absent pairs sort last
@@ -653,19 +618,9 @@ def grouped_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict]
     offs = torch.cumsum(counts[:nb], 0, dtype=torch.int32)           # rows past offs[-1] stay unwritten
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(P, device=x.device))
     pos = torch.where(slot < 0, -1, pos)                             # pair -> its row in sorted order
-    if qdq13 is None:
-        xs = x[order // k]
-    else:
-        xs = torch.empty(P, H, dtype=x.dtype, device=x.device)
-        _gather_qdq_kernel[(P,)](x, order // k, qdq13[key[order]], xs, H, KB=_row_block(H), num_warps=4)
-    h = torch._grouped_mm(xs, w13, offs=offs)                                        # [P, 2I]
+    h = torch._grouped_mm(x[order // k], w13, offs=offs)                             # [P, 2I]
     a = torch.empty(P, inter, dtype=x.dtype, device=x.device)
-    if qdq2 is None:
-        _silu_mul_kernel[(P, triton.cdiv(inter, 1024))](h, a, offs[-1:], offs, inter, BI=1024, QDQ=False,
-                                                        num_warps=4)
-    else:
-        _silu_mul_kernel[(P, 1)](h, a, offs[-1:], qdq2[key[order]], inter, BI=_row_block(inter), QDQ=True,
-                                 num_warps=4)
+    _silu_mul_kernel[(P, triton.cdiv(inter, 1024))](h, a, offs[-1:], inter, BI=1024, num_warps=4)
     d = torch._grouped_mm(a, w2, offs=offs)                                          # [P, H]
     out = torch.empty_like(x)
     _token_sum_kernel[(M, triton.cdiv(H, 1024))](d, pos, topk_w.float().contiguous(), out, H, TOPK=k,

@@ -114,9 +114,9 @@ DOT_INTQ_MAX_M = 256
 
 
 # prefill of many tokens as torch._grouped_mm (cuBLAS grouped GEMMs, moe.grouped_moe, grouped_fits):
-# a layer whose experts are all bf16 from GROUPED_MIN_M tokens (weights used in place); any other
-# from GROUPED_DEQUANT_MIN_M tokens (GROUPED_W8_MIN_M with fp8 / int8 buckets), dequantized per call
-# into transient bf16 stacks of at most GROUPED_STACK_MAX_BYTES (30B: 1.2 GB; the 235B layer's 4.8 GB stays on the
+# a layer whose experts are all bf16 from GROUPED_MIN_M tokens (weights used in place); one whose
+# buckets are bf16 or intq from GROUPED_DEQUANT_MIN_M tokens, dequantized per call into transient
+# bf16 stacks of at most GROUPED_STACK_MAX_BYTES (30B: 1.2 GB; the 235B layer's 4.8 GB stays on the
 # Triton path). Session 14 (H100, route + layer, CUDA graphs, µs, grouped vs the Triton rows, same call;
 # moe_diag/session14_grouped_*): bf16 30B M=256 568.5 vs 575.4, 512 587.6 vs 693.3, 1024 662.2 vs
 # 987.1, 2048 832.7 vs 1646.9, 4096 1029.5 vs 2973.7; 235B 256 1820.3 vs 1753.8, 512 1863.5 vs
@@ -125,12 +125,6 @@ DOT_INTQ_MAX_M = 256
 # (group 32 alike)
 GROUPED_MIN_M = 512
 GROUPED_DEQUANT_MIN_M = 2048
-# ... and from this many tokens when a bucket is fp8 or int8 (its stacks take longer to fill, and
-# its W8A8 rows one more pass). Session 15 (H100, same comparison, moe_diag/session15_grouped_w8_h100.log):
-# M = 2048 / 4096 / 8192: fp8 1557 / 1758 / 2387 vs 1598 / 3053 / 5848, int8 1548 / 1740 / 2421 vs
-# 1369 / 2623 / 5111, runtime "mixed" preset (int4 / fp8 / int8 / bf16 down) 1851 / 2056 / 2677 vs
-# 1725 / 3240 / 6298, int4+fp8 1527 / 1712 / 2335 vs 1742 / 3284 / 6324
-GROUPED_W8_MIN_M = 4096
 GROUPED_STACK_MAX_BYTES = 2 << 30
 
 

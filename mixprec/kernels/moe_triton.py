@@ -24,7 +24,7 @@ import triton.language as tl
 from . import pdl
 from .gemv_tiles import gemv_intq, intq_scale
 from .intq import intq_dequant_tile
-from .quant import fp8_row_codes, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, int8_row_codes, x_tile
+from .quant import int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
 
 _DENSE = tl.constexpr(0)
 _FP8 = tl.constexpr(1)
@@ -653,70 +653,15 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
 # the pieces around torch._grouped_mm (moe.grouped_moe)
 
 @triton.jit
-def _act_qdq(v, mode):
-    """A W8A8 activation row as the fused kernels multiply it, dequantized (fp32): v [G, 128] one
-    row (zero-padded), mode (run time) 1: e4m3 per 128-input slice, 2: int8 per token, else as is."""
-    if mode == 1:
-        c, a = fp8_row_codes(v)
-        v = c * a[:, None]
-    elif mode == 2:
-        c, a = int8_row_codes(v)
-        v = c * a
-    return v
-
-
-@triton.jit
-def _silu_mul_kernel(h_ptr, a_ptr, n_ptr, mode_ptr, INTER, BI: tl.constexpr, QDQ: tl.constexpr):
+def _silu_mul_kernel(h_ptr, a_ptr, n_ptr, INTER, BI: tl.constexpr):
     """a[p] = silu(h[p, :INTER]) * h[p, INTER:] in fp32, rounded once (as the fused kernels' act),
-    for the n = *n_ptr rows the grouped GEMM wrote (the rest is left alone). QDQ (one program per
-    row, BI >= INTER): the rounded row then goes through its down bucket's W8A8 activation
-    quantization (mode_ptr[p], _act_qdq), as act_quant does to the fused kernels' act."""
+    for the n = *n_ptr rows the grouped GEMM wrote (the rest is left alone)."""
     p = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BI + tl.arange(0, BI)
     m = c < tl.where(p < tl.load(n_ptr), INTER, 0)
     g = tl.load(h_ptr + p * 2 * INTER + c, mask=m, other=0.0).to(tl.float32)
     u = tl.load(h_ptr + p * 2 * INTER + INTER + c, mask=m, other=0.0).to(tl.float32)
-    a = _silu_mul(g, u).to(a_ptr.dtype.element_ty)
-    if QDQ:
-        a = tl.reshape(_act_qdq(tl.reshape(a.to(tl.float32), (BI // 128, 128)), tl.load(mode_ptr + p)), (BI,))
-    tl.store(a_ptr + p * INTER + c, a.to(a_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _gather_qdq_kernel(x_ptr, src_ptr, mode_ptr, out_ptr, H, KB: tl.constexpr):
-    """out[r] = x[src[r]] through the W8A8 activation quantization of row r's gate/up bucket
-    (mode_ptr[r], _act_qdq), dequantized: the rows the dequantized stacks multiply."""
-    r = tl.program_id(0).to(tl.int64)
-    k = tl.arange(0, KB // 128)[:, None] * 128 + tl.arange(0, 128)[None, :]
-    km = k < H
-    v = tl.load(x_ptr + tl.load(src_ptr + r) * H + k, mask=km, other=0.0).to(tl.float32)
-    tl.store(out_ptr + r * H + k, _act_qdq(v, tl.load(mode_ptr + r)).to(out_ptr.dtype.element_ty), mask=km)
-
-
-@triton.jit
-def _rows_stack_kernel(w_ptr, s_ptr, z_ptr, out_ptr, dst_ptr, N, K, bn, bk, stride_we, stride_se, stride_oe, stride_o,
-                       FP8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Expert slot e = program_id(2) of an fp8 bucket (weight [E_b, N, K] e4m3 read as bytes, scale
-    [E_b, ceil(N/bn), ceil(K/bk)]) or an int8 bucket (weight int8, scale and zero [E_b, N, 1])
-    dequantized in fp32 as moe.dequant_expert does, into out[dst[e]]: [K, N] with row stride
-    stride_o (a column slice of a [E, K, *] stack that grouped_moe multiplies)."""
-    e = tl.program_id(2).to(tl.int64)
-    d = tl.load(dst_ptr + e).to(tl.int64)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    nm = rn < N
-    m = nm[:, None] & (rk < K)[None, :]
-    w = tl.load(w_ptr + e * stride_we + rn[:, None] * K + rk[None, :], mask=m, other=0)
-    if FP8:
-        s = tl.load(s_ptr + e * stride_se + (rn // bn)[:, None] * tl.cdiv(K, bk) + (rk // bk)[None, :], mask=m, other=0.0)
-        wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s
-    else:
-        wf = w.to(tl.float32)
-        if HAS_ZERO:
-            wf -= tl.load(z_ptr + e * N + rn, mask=nm, other=0.0)[:, None]
-        wf *= tl.load(s_ptr + e * N + rn, mask=nm, other=0.0)[:, None]
-    tl.store(out_ptr + d * stride_oe + rk[None, :].to(tl.int64) * stride_o + rn[:, None], wf.to(out_ptr.dtype.element_ty),
-             mask=m)
+    tl.store(a_ptr + p * INTER + c, _silu_mul(g, u).to(a_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit

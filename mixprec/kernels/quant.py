@@ -105,35 +105,21 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NS,
     k = tl.arange(0, G)[:, None] * 128 + tl.arange(0, 128)[None, :]
     km = k < K
     x = tl.load(x_ptr + r * K + k, mask=km, other=0.0).to(tl.float32)      # [G, 128]: the whole row
+    amax = tl.max(tl.abs(x), axis=1)                                        # [G]
     qrow = q_ptr + r * 2 * K
     srow = s_ptr + r * NS
     if I8:
-        c, a = int8_row_codes(x)
+        a = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), EPS_C), INT8_MAX_C)
+        c = tl.minimum(tl.maximum((tl.math.div_rn(x, a) + RNE_C) - RNE_C, -INT8_MAX_C), INT8_MAX_C)
         tl.store(qrow + k, c.to(tl.int8).to(tl.uint8, bitcast=True), mask=km)
         tl.store(srow, a)
     if F8:
-        c8, a8 = fp8_row_codes(x)
-        tl.store(qrow + K + k, c8.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=km)
+        a8 = tl.math.div_rn(tl.maximum(amax, EPS_C), FP8_MAX_C)      # [G]
+        v = tl.minimum(tl.maximum(tl.math.div_rn(x, a8[:, None]), -FP8_MAX_C), FP8_MAX_C)
+        c8 = round_e4m3(v).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        tl.store(qrow + K + k, c8, mask=km)
         g = tl.arange(0, G)
         tl.store(srow + 1 + g, a8, mask=g * 128 < K)
-
-
-@triton.jit
-def int8_row_codes(x):
-    """One token's W8A8 int8 activation, x [G, 128] fp32 (the row, zero-padded) -> (codes as fp32
-    integers in [-127, 127], scale max(amax, EPS) / 127); exact division, round half to even."""
-    a = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), EPS_C), INT8_MAX_C)
-    c = tl.minimum(tl.maximum((tl.math.div_rn(x, a) + RNE_C) - RNE_C, -INT8_MAX_C), INT8_MAX_C)
-    return c, a
-
-
-@triton.jit
-def fp8_row_codes(x):
-    """One token's W8A8 e4m3 activation, x [G, 128] fp32 (the row's 128-input slices) -> (codes
-    as fp32 on the e4m3 grid, scales [G] max(amax_j, EPS) / 448); exact division, ties to even."""
-    a8 = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS_C), FP8_MAX_C)
-    v = tl.minimum(tl.maximum(tl.math.div_rn(x, a8[:, None]), -FP8_MAX_C), FP8_MAX_C)
-    return round_e4m3(v), a8
 
 
 def act_quant(v: Tensor, i8: bool, f8: bool) -> tuple[Tensor, Tensor, int]:
