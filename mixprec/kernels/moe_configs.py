@@ -117,14 +117,16 @@ DOT_INTQ_MAX_M = 256
 # a layer whose experts are all bf16 from GROUPED_MIN_M tokens (weights used in place); one whose
 # buckets are bf16 or intq from GROUPED_DEQUANT_MIN_M tokens, dequantized per call into transient
 # bf16 stacks of at most GROUPED_STACK_MAX_BYTES (30B: 1.2 GB; the 235B layer's 4.8 GB stays on the
-# Triton path). Session 14 (H100, route + layer, CUDA graphs, µs, grouped vs the Triton rows, same call;
-# moe_diag/session14_grouped_*): bf16 30B M=256 568.5 vs 575.4, 512 587.6 vs 693.3, 1024 662.2 vs
-# 987.1, 2048 832.7 vs 1646.9, 4096 1029.5 vs 2973.7; 235B 256 1820.3 vs 1753.8, 512 1863.5 vs
-# 1926.5, 1024 2009.5 vs 2504.8, 4096 3014.9 vs 6248.1; 30B int4 (dequantizing the stacks each call)
-# 1024 1227.5 vs 1011.5, 2048 1403.0 vs 1831.5, 4096 1586.0 vs 3470.0, 8192 2212.3 vs 6613.9
-# (group 32 alike)
-GROUPED_MIN_M = 512
-GROUPED_DEQUANT_MIN_M = 2048
+# Triton path). Session 15 (H100, route + layer, CUDA graphs, µs, grouped vs the Triton rows, same
+# call, after moe_align's chunked launches; session 14 had timed the Triton rows with the
+# one-program align, 1.8 ms of them at 4096 tokens; moe_diag/session15_grouped_*): bf16 30B M=512
+# 590.2 vs 489.3, 1024 661.8 vs 568.4, 2048 830.7 vs 794.3, 4096 1024.7 vs 1270.7, 8192 1631.5 vs
+# 2265.6; bf16 235B 512 1904.7 vs 1815.6, 1024 2007.7 vs 2101.2, 2048 2716.9 vs 2823.1, 4096 3064.4
+# vs 4484.5; int4 30B (stacks dequantized each call) 2048 1404.8 vs 972.9, 4096 1588.6 vs 1753.7,
+# 8192 2191.6 vs 3252.6. fp8 / int8 buckets keep the Triton rows (a grouped variant was measured
+# and dropped: 30B fp8 M=4096 1748 vs 1335, int8 1745 vs 911)
+GROUPED_MIN_M = 4096
+GROUPED_DEQUANT_MIN_M = 4096
 GROUPED_STACK_MAX_BYTES = 2 << 30
 
 
