@@ -198,9 +198,10 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
         return sorted_ids, block_expert
     nch = triton.cdiv(P, CH)
     cc = torch.empty(nch, EB, dtype=torch.int32, device=dev)
-    _align_count_kernel[(nch,)](ids, cc, P, EB=EB, CH=CH, num_warps=8, **kw)
-    _align_scan_kernel[(1,)](cc, sorted_ids, block_expert, P, num_experts, nch, smax, nb, BM=block_m, EB=EB,
-                             CB=max(1, 8192 // EB), CH=CH, num_warps=8, **kw)
+    _align_count_kernel[(nch,)](ids, cc, sorted_ids, P, triton.cdiv(smax, nch), smax, EB=EB, CH=CH, num_warps=8,
+                                **kw)
+    _align_scan_kernel[(1,)](cc, block_expert, num_experts, nch, nb, BM=block_m, EB=EB, CB=max(1, 8192 // EB), CH=CH,
+                             num_warps=8, **kw)
     _align_scatter_kernel[(nch,)](ids, cc, sorted_ids, P, EB=EB, CH=CH, num_warps=8, **kw)
     return sorted_ids, block_expert
 

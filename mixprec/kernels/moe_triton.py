@@ -853,22 +853,28 @@ def _align_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
 # the same stable order as _align_kernel.
 
 @triton.jit
-def _align_count_kernel(ids_ptr, cc_ptr, P, EB: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr = False):
-    """cc[c, e] = pairs of expert e in chunk c (pairs c*CH .. c*CH+CH-1)."""
+def _align_count_kernel(ids_ptr, cc_ptr, sorted_ptr, P, S_PER, S_MAX, EB: tl.constexpr, CH: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    """cc[c, e] = pairs of expert e in chunk c (pairs c*CH .. c*CH+CH-1); sorted[c*S_PER ..
+    (c+1)*S_PER) = P (padding; the scatter overwrites the slots that hold pairs)."""
     pdl.wait(PDL)
     c = tl.program_id(0)
     idx = c * CH + tl.arange(0, CH)
     ev = tl.arange(0, EB)
     e = tl.load(ids_ptr + idx, mask=idx < P, other=-1)
     tl.store(cc_ptr + c * EB + ev, tl.sum((e[:, None] == ev[None, :]).to(tl.int32), axis=0))
+    ci = tl.arange(0, CH)
+    for s0 in range(0, S_PER, CH):
+        s = c * S_PER + s0 + ci
+        tl.store(sorted_ptr + s, tl.full([CH], 0, tl.int32) + P, mask=(s0 + ci < S_PER) & (s < S_MAX))
 
 
 @triton.jit
-def _align_scan_kernel(cc_ptr, sorted_ptr, blk_ptr, P, E, NCH, S_MAX, NB_MAX,
+def _align_scan_kernel(cc_ptr, blk_ptr, E, NCH, NB_MAX,
                        BM: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr, CH: tl.constexpr,
                        PDL: tl.constexpr = False):
-    """From the chunk counts: blk (as _align_kernel), sorted filled with P (padding), and cc[c, e]
-    overwritten with the first sorted slot of chunk c's pairs of expert e."""
+    """From the chunk counts: blk (as _align_kernel), and cc[c, e] overwritten with the first sorted
+    slot of chunk c's pairs of expert e."""
     pdl.wait(PDL)
     ev = tl.arange(0, EB)
     cb = tl.arange(0, CB)
@@ -888,8 +894,6 @@ def _align_scan_kernel(cc_ptr, sorted_ptr, blk_ptr, P, E, NCH, S_MAX, NB_MAX,
         tl.store(ptr, tl.cumsum(t, axis=0) - t + running[None, :], mask=m)
         running += tl.sum(t, axis=0)
     ci = tl.arange(0, CH)
-    for s0 in range(0, S_MAX, CH):
-        tl.store(sorted_ptr + s0 + ci, tl.full([CH], 0, tl.int32) + P, mask=s0 + ci < S_MAX)
     for b0 in range(0, NB_MAX, CH):
         pos = (b0 + ci) * BM
         eid = tl.sum((ends[None, :] <= pos[:, None]).to(tl.int32), axis=1)
