@@ -812,39 +812,66 @@ def _residual_sum(x_ptr, r_ptr, offs, mask):
 
 
 @triton.jit
+def _expert_onehot(ids_ptr, idx, P, EB: tl.constexpr):
+    """[CH, EB] int32: pair idx (< P) is routed to expert e (ids of pairs past P match none)."""
+    e = tl.load(ids_ptr + idx, mask=idx < P, other=-1)
+    return (e[:, None] == tl.arange(0, EB)[None, :]).to(tl.int32)
+
+
+@triton.jit
+def _expert_runs(counts, E, BM: tl.constexpr):
+    """Per-expert pair counts [EB] -> (ends, starts of each expert's run padded to BM slots, total)."""
+    counts = tl.where(tl.arange(0, counts.shape[0]) < E, counts, 0)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    return ends, ends - padded, tl.sum(padded, axis=0)
+
+
+@triton.jit
+def _fill_slots(sorted_ptr, s_lo, s_hi, P, CH: tl.constexpr):
+    # sorted[s_lo:s_hi] = P (padding; the scatter then overwrites the slots that hold pairs)
+    ci = tl.arange(0, CH)
+    for s0 in range(s_lo, s_hi, CH):
+        tl.store(sorted_ptr + s0 + ci, tl.full([CH], 0, tl.int32) + P, mask=s0 + ci < s_hi)
+
+
+@triton.jit
+def _store_blocks(blk_ptr, ends, total, NB_MAX, BM: tl.constexpr, CH: tl.constexpr):
+    # blk[b] = the expert whose run holds slot b * BM, -1 past the last run
+    ci = tl.arange(0, CH)
+    for b0 in range(0, NB_MAX, CH):
+        pos = (b0 + ci) * BM
+        eid = tl.sum((ends[None, :] <= pos[:, None]).to(tl.int32), axis=1)
+        tl.store(blk_ptr + b0 + ci, tl.where(pos < total, eid, -1), mask=b0 + ci < NB_MAX)
+
+
+@triton.jit
+def _scatter_chunk(ids_ptr, idx, P, base, sorted_ptr, EB: tl.constexpr):
+    """sorted[base[e] + rank of the pair among the chunk's pairs of e] = pair, for the pairs idx;
+    returns the chunk's count per expert [EB]."""
+    oh = _expert_onehot(ids_ptr, idx, P, EB)                                # [CH, EB]
+    rank = tl.cumsum(oh, axis=0) - oh + base[None, :]
+    tl.store(sorted_ptr + tl.sum(rank * oh, axis=1), idx, mask=(idx < P) & (tl.sum(oh, axis=1) > 0))
+    return tl.sum(oh, axis=0)
+
+
+@triton.jit
 def _align_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
                   BM: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr = False):
     """Counting sort of the P (token, expert) pairs by expert, each expert's run padded to a
     multiple of BM. sorted[s] = pair index (P = padding), blk[b] = expert of block b (-1 = unused).
     One program; sizes are upper bounds from shapes, so no host sync."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
-    ev = tl.arange(0, EB)
     ci = tl.arange(0, CH)
     counts = tl.zeros([EB], dtype=tl.int32)
     for c0 in range(0, P, CH):
-        e = tl.load(ids_ptr + c0 + ci, mask=c0 + ci < P, other=-1)
-        counts += tl.sum((e[:, None] == ev[None, :]).to(tl.int32), axis=0)
-    counts = tl.where(ev < E, counts, 0)
-    padded = (counts + BM - 1) // BM * BM
-    ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
-    total = tl.sum(padded, axis=0)
-    for s0 in range(0, S_MAX, CH):
-        tl.store(sorted_ptr + s0 + ci, tl.full([CH], 0, tl.int32) + P, mask=s0 + ci < S_MAX)
-    for b0 in range(0, NB_MAX, CH):
-        pos = (b0 + ci) * BM
-        eid = tl.sum((ends[None, :] <= pos[:, None]).to(tl.int32), axis=1)
-        tl.store(blk_ptr + b0 + ci, tl.where(pos < total, eid, -1), mask=b0 + ci < NB_MAX)
+        counts += tl.sum(_expert_onehot(ids_ptr, c0 + ci, P, EB), axis=0)
+    ends, running, total = _expert_runs(counts, E, BM)
+    _fill_slots(sorted_ptr, 0, S_MAX, P, CH)
+    _store_blocks(blk_ptr, ends, total, NB_MAX, BM, CH)
     tl.debug_barrier()
-    running = tl.zeros([EB], dtype=tl.int32)
     for c0 in range(0, P, CH):
-        idx = c0 + ci
-        e = tl.load(ids_ptr + idx, mask=idx < P, other=-1)
-        oh = (e[:, None] == ev[None, :]).to(tl.int32)                      # [CH, EB]
-        rank = tl.cumsum(oh, axis=0) - oh + running[None, :]
-        dst = tl.sum((starts[None, :] + rank) * oh, axis=1)
-        tl.store(sorted_ptr + dst, idx, mask=(idx < P) & (tl.sum(oh, axis=1) > 0))
-        running += tl.sum(oh, axis=0)
+        running += _scatter_chunk(ids_ptr, c0 + ci, P, running, sorted_ptr, EB)
 
 
 # large P: the same counting sort spread over one program per CH pairs (the one-program kernel
@@ -856,17 +883,12 @@ def _align_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
 def _align_count_kernel(ids_ptr, cc_ptr, sorted_ptr, P, S_PER, S_MAX, EB: tl.constexpr, CH: tl.constexpr,
                         PDL: tl.constexpr = False):
     """cc[c, e] = pairs of expert e in chunk c (pairs c*CH .. c*CH+CH-1); sorted[c*S_PER ..
-    (c+1)*S_PER) = P (padding; the scatter overwrites the slots that hold pairs)."""
+    (c+1)*S_PER) = P (padding)."""
     pdl.wait(PDL)
     c = tl.program_id(0)
-    idx = c * CH + tl.arange(0, CH)
-    ev = tl.arange(0, EB)
-    e = tl.load(ids_ptr + idx, mask=idx < P, other=-1)
-    tl.store(cc_ptr + c * EB + ev, tl.sum((e[:, None] == ev[None, :]).to(tl.int32), axis=0))
-    ci = tl.arange(0, CH)
-    for s0 in range(0, S_PER, CH):
-        s = c * S_PER + s0 + ci
-        tl.store(sorted_ptr + s, tl.full([CH], 0, tl.int32) + P, mask=(s0 + ci < S_PER) & (s < S_MAX))
+    oh = _expert_onehot(ids_ptr, c * CH + tl.arange(0, CH), P, EB)
+    tl.store(cc_ptr + c * EB + tl.arange(0, EB), tl.sum(oh, axis=0))
+    _fill_slots(sorted_ptr, c * S_PER, tl.minimum(c * S_PER + S_PER, S_MAX), P, CH)
 
 
 @triton.jit
@@ -882,33 +904,20 @@ def _align_scan_kernel(cc_ptr, blk_ptr, E, NCH, NB_MAX,
     for c0 in range(0, NCH, CB):
         counts += tl.sum(tl.load(cc_ptr + (c0 + cb)[:, None] * EB + ev[None, :], mask=(c0 + cb < NCH)[:, None], other=0),
                          axis=0)
-    counts = tl.where(ev < E, counts, 0)
-    padded = (counts + BM - 1) // BM * BM
-    ends = tl.cumsum(padded, axis=0)
-    running = ends - padded
-    total = tl.sum(padded, axis=0)
+    ends, running, total = _expert_runs(counts, E, BM)
     for c0 in range(0, NCH, CB):
         ptr = cc_ptr + (c0 + cb)[:, None] * EB + ev[None, :]
         m = (c0 + cb < NCH)[:, None]
         t = tl.load(ptr, mask=m, other=0)
         tl.store(ptr, tl.cumsum(t, axis=0) - t + running[None, :], mask=m)
         running += tl.sum(t, axis=0)
-    ci = tl.arange(0, CH)
-    for b0 in range(0, NB_MAX, CH):
-        pos = (b0 + ci) * BM
-        eid = tl.sum((ends[None, :] <= pos[:, None]).to(tl.int32), axis=1)
-        tl.store(blk_ptr + b0 + ci, tl.where(pos < total, eid, -1), mask=b0 + ci < NB_MAX)
+    _store_blocks(blk_ptr, ends, total, NB_MAX, BM, CH)
 
 
 @triton.jit
 def _align_scatter_kernel(ids_ptr, cc_ptr, sorted_ptr, P, EB: tl.constexpr, CH: tl.constexpr,
                           PDL: tl.constexpr = False):
-    """sorted[slot] = pair for chunk c's pairs: the chunk's base per expert + rank in the chunk."""
+    """Chunk c's pairs into their slots: the chunk's base per expert + rank in the chunk."""
     pdl.wait(PDL)
     c = tl.program_id(0)
-    idx = c * CH + tl.arange(0, CH)
-    ev = tl.arange(0, EB)
-    e = tl.load(ids_ptr + idx, mask=idx < P, other=-1)
-    oh = (e[:, None] == ev[None, :]).to(tl.int32)                          # [CH, EB]
-    rank = tl.cumsum(oh, axis=0) - oh + tl.load(cc_ptr + c * EB + ev)[None, :]
-    tl.store(sorted_ptr + tl.sum(rank * oh, axis=1), idx, mask=(idx < P) & (tl.sum(oh, axis=1) > 0))
+    _scatter_chunk(ids_ptr, c * CH + tl.arange(0, CH), P, tl.load(cc_ptr + c * EB + tl.arange(0, EB)), sorted_ptr, EB)
