@@ -273,6 +273,37 @@ def test_engine_lockstep_leader_failure(mix, tmp_path):
     _spawn(2, mix, tmp_path, _failing_leader_worker)
 
 
+def _failing_follower_worker(rank: int, world: int, port: int, cfg: str, out: str) -> None:
+    from mixprec.errors import FormatError
+    from mixprec.parallel import load as load_module_
+    torch.set_num_threads(1)
+    _join_group("gloo", rank, world, port)
+    if rank == 1:                              # rank 1 finds a bad tensor while loading its shard
+        def failing(*a, **kw):
+            raise FormatError("injected: /ckpt/model.safetensors: tensor 'x.qweight' has dtype float32, expected int32")
+        load_module_.assemble_parallel = failing
+    try:
+        mixprec.load(cfg, device="cpu", progress=False, tp=world)
+        got = ["loaded", ""]
+    except Exception as e:                    # noqa: BLE001 - the test compares the types
+        got = [type(e).__name__, str(e)]
+    Path(f"{out}/r{rank}.json").write_text(json.dumps(got))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_load_failure_on_a_follower_reaches_every_rank(mix, tmp_path):
+    """When one rank's shard fails to load, every rank raises at the end of loading (instead of
+    the healthy ranks waiting in their first collective until the group's timeout): the failed
+    rank its own typed error, the others a ParallelError naming that rank and its error."""
+    _spawn(2, mix, tmp_path, _failing_follower_worker)
+    r0 = json.loads((tmp_path / "r0.json").read_text())
+    r1 = json.loads((tmp_path / "r1.json").read_text())
+    assert r1[0] == "FormatError" and "x.qweight" in r1[1]
+    assert r0[0] == "ParallelError", r0
+    assert "failed on 1 of 2 ranks" in r0[1] and "rank 1: FormatError: injected" in r0[1] and "x.qweight" in r0[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 GPUs")])])

@@ -19,9 +19,10 @@ from ..formats.base import Packed, stack
 from ..layers.linear import bucket_key
 from ..layers.moe import MoE
 from ..loader.assemble import Stats, _layer_prefix, input_rescales
+from ..errors import ParallelError
 from ..loader.plan import Plan
 from ..models.qwen3 import Qwen3ForCausalLM
-from .context import ParallelContext, init
+from .context import ParallelContext, all_gather_last, init
 from .layers import ParallelMoE, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 from .shard import ShardLayout, Split, check_plan, make_layout, read_dense, read_module, shard_weight
 
@@ -133,7 +134,39 @@ def load_shard(plan: Plan, tp: int, ep: int, device=None, dtype: torch.dtype = t
                progress: bool = True, backend: str | None = None) -> tuple[Qwen3ForCausalLM, Stats]:
     """This process's shard of `plan` for a tp x ep run: checks the split (ParallelError, before
     any tensor is read or any process group is made), initialises torch.distributed from the
-    launcher's environment if needed, and assembles. device None: cuda:LOCAL_RANK or cpu."""
+    launcher's environment if needed, and assembles. device None: cuda:LOCAL_RANK or cpu.
+    When loading fails on some rank, every rank raises (raise_if_any_failed)."""
     check_plan(plan, tp, ep)
     ctx = init(tp, ep, device, backend)
-    return assemble_parallel(plan, make_layout(plan.args, tp, ep, ctx.rank), ctx, dtype, progress)
+    try:
+        out, err = assemble_parallel(plan, make_layout(plan.args, tp, ep, ctx.rank), ctx, dtype, progress), None
+    except Exception as e:      # reported to every rank below, then raised here
+        out, err = None, e
+    raise_if_any_failed(ctx, err, f"loading the tp={tp} x ep={ep} shards")
+    return out
+
+
+_MSG_BYTES = 2048   # per rank: a failed flag and the start of its error message
+
+
+def raise_if_any_failed(ctx: ParallelContext, err: Exception | None, what: str) -> None:
+    """Every rank's outcome of `what`, exchanged in one all-gather: a rank that failed raises its
+    own error (err); every other rank raises a ParallelError naming each failed rank and its
+    error, rather than waiting in its first collective for a rank that is gone."""
+    if not ctx.collective:
+        if err is not None:
+            raise err
+        return
+    mine = torch.zeros(_MSG_BYTES, dtype=torch.uint8)
+    if err is not None:
+        text = f"{type(err).__name__}: {err}".encode(errors="replace").replace(b"\0", b" ")[:_MSG_BYTES - 1]
+        mine[0] = 1
+        mine[1:1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    parts = all_gather_last(mine.to(ctx.device), ctx).view(ctx.world, _MSG_BYTES).cpu()
+    if err is not None:
+        raise err
+    failed = [(r, bytes(p[1:].tolist()).rstrip(b"\0").decode(errors="replace"))
+              for r, p in enumerate(parts) if p[0]]
+    if failed:
+        raise ParallelError(f"{what} failed on {len(failed)} of {ctx.world} ranks:\n"
+                            + "\n".join(f"  rank {r}: {m}" for r, m in failed))
