@@ -453,8 +453,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         raise FormatError(f"fused_moe: x dtype {x.dtype}; the kernels take bf16 or fp16 activations")
     if not one_launch and any(b["proj"] != "gate_up" for b in up_side):
         raise FormatError("fused_moe(one_launch=False) needs gate and up fused in gate_up buckets")
-    if (config is None and one_launch and grouped_fits(buckets, x, inter, M)
-            and (up_x is None or all(t is x for t in up_x))):
+    if takes_grouped(buckets, x, inter, M, config, one_launch, up_x):
         return grouped_moe(x, topk_ids, topk_w, buckets, inter)
     x = x.contiguous()
     ids = topk_ids if (topk_ids.dtype == torch.int32 and topk_ids.is_contiguous()) else \
@@ -544,6 +543,14 @@ def _zero_copy(buckets: list[dict], x: Tensor) -> bool:
     return (len(buckets) == 2 and {b["proj"] for b in buckets} == {"gate_up", "down"}
             and all(b["layout"] == "dense" and b["tensors"]["weight"].dtype == x.dtype for b in buckets)
             and buckets[0]["expert_map"] is buckets[1]["expert_map"])
+
+
+def takes_grouped(buckets: list[dict], x: Tensor, inter: int, M: int, config=None, one_launch: bool = True,
+                  up_x: list[Tensor] | None = None) -> bool:
+    """Whether fused_moe with these arguments runs grouped_moe: no launch config forced, one launch
+    per side, every gate/up launch reading x itself, and grouped_fits."""
+    return (config is None and one_launch and (up_x is None or all(t is x for t in up_x))
+            and grouped_fits(buckets, x, inter, M))
 
 
 def grouped_fits(buckets: list[dict], x: Tensor, inter: int, M: int) -> bool:

@@ -183,7 +183,7 @@ def bench_config(shape: str, name: str, specs_fn, tokens: list[int], min_bytes: 
         us = time_graph([make(layers[i]) for i in range(c)])
         row = dict(shape=shape, config=label or name, M=M, us=us, touched=tb,
                    by_format=touched[M], gbs=tb / us / 1e3, pct=100 * tb / us / 1e3 / copy_bw,
-                   copies=c, path=("grouped" if cfg is None and one_launch and moe.grouped_fits(base, xm, I, M) else
+                   copies=c, path=("grouped" if moe.takes_grouped(base, xm, I, M, cfg, one_launch) else
                                    path_label(cfg or moe_configs.pick(M, *moe.side_layouts(base), hidden=H))))
         if cfg is not None or not one_launch:
             # a launch config under test must compute what the default (tested) one computes
