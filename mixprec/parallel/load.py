@@ -14,12 +14,12 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
+from ..errors import ParallelError
 from ..formats import load_module
 from ..formats.base import Packed, stack
 from ..layers.linear import bucket_key
 from ..layers.moe import MoE
 from ..loader.assemble import Stats, _layer_prefix, input_rescales
-from ..errors import ParallelError
 from ..loader.plan import Plan
 from ..models.qwen3 import Qwen3ForCausalLM
 from .context import ParallelContext, all_gather_last, init
