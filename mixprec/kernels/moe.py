@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
-from .moe_triton import (_align_count_kernel, _align_kernel, _align_scan_kernel, _align_scatter_kernel,
+from .moe_triton import (_align_count_kernel, _align_kernel, _align_scan_kernel, _align_scatter_kernel, _align_sort_kernel,
                          _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel, _router_route_kernel,
                          _silu_mul_kernel, _token_sum_kernel)
 from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_reference,
@@ -165,6 +165,8 @@ def _router_launch(x, gate_weight, top_k, renorm, norm):
 # H100, CUDA graphs, E=128, top-8 (moe_diag/session15_align_h100.log), one program vs chunked, µs:
 # P=128 11.6 vs 13.0, 256 20.4 vs 18.0, 512 34.0 vs 17.9, 1024 60.7 vs 18.8, 32768 1776 vs 72.3
 ALIGN_ONE_PROGRAM_MAX_P = 128
+# ... and up to this many, one program sorting them in registers (_align_sort_kernel)
+ALIGN_SORT_MAX_P = 1024
 
 
 def align_bounds(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int]:
@@ -192,6 +194,12 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
     EB = triton.next_power_of_2(max(num_experts, 2))
     CH = max(16, min(128, 16384 // EB))
     kw = pdl.launch_kw(ids)
+    if P <= ALIGN_SORT_MAX_P:
+        EBS = triton.next_power_of_2(num_experts + 1)
+        _align_sort_kernel[(1,)](ids, sorted_ids, block_expert, P, num_experts, smax, nb, BM=block_m,
+                                 PB=max(16, triton.next_power_of_2(P)), EB=EBS, CH=max(16, min(128, 16384 // EBS)),
+                                 num_warps=8, **kw)
+        return sorted_ids, block_expert
     if P <= ALIGN_ONE_PROGRAM_MAX_P:
         _align_kernel[(1,)](ids, sorted_ids, block_expert, P, num_experts, smax, nb,
                             BM=block_m, EB=EB, CH=CH, num_warps=8, **kw)

@@ -874,6 +874,28 @@ def _align_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
         running += _scatter_chunk(ids_ptr, c0 + ci, P, running, sorted_ptr, EB)
 
 
+@triton.jit
+def _align_sort_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
+                       BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """_align_kernel's result for P <= PB pairs by sorting them in registers: the keys
+    expert * PB + pair sort into expert order, pairs in order inside an expert; a histogram (bin E:
+    the padding lanes, EB > E) gives the padded runs, and sorted position i, of expert e, goes to
+    slot start[e] + i - (pairs of experts before e)."""
+    pdl.wait(PDL)
+    i = tl.arange(0, PB)
+    ids = tl.load(ids_ptr + i, mask=i < P, other=E)
+    key = tl.sort(ids * PB + i)
+    se = key // PB                                           # expert of sorted position i
+    counts = tl.histogram(ids, EB)
+    ends, starts, total = _expert_runs(counts, E, BM)
+    shift = starts - (tl.cumsum(counts, axis=0) - counts)    # [EB] slot - sorted position
+    _fill_slots(sorted_ptr, 0, S_MAX, P, CH)
+    _store_blocks(blk_ptr, ends, total, NB_MAX, BM, CH)
+    tl.debug_barrier()
+    tl.store(sorted_ptr + tl.gather(shift, se, 0) + i, key % PB, mask=se < E)
+
+
 # large P: the same counting sort spread over one program per CH pairs (the one-program kernel
 # above walks all P pairs twice in [CH, EB] one-hot tiles: 1.76 ms for 4096 tokens x top-8 on an
 # H100). count -> scan (one program: expert offsets, each chunk's base per expert) -> scatter;
