@@ -133,29 +133,21 @@ def test_norm_router_route_matches_norm_then_route(m, e, k, h, dtype):
         moe.norm_router_route(x.repeat(3, 1), r.repeat(3, 1), nw, 1e-6, gw, k, True)
 
 
-# thresholds (ALIGN_SORT_MAX_P, ALIGN_ONE_PROGRAM_MAX_P) that send moe_align to each of its kernels
-ALIGN_METHODS = {"sort": (1 << 20, 0), "one_program": (0, 1 << 20), "chunks": (0, 8)}
-
-
 @pytest.mark.parametrize("ids_kind", ["random", "one_expert"])
 def test_align_groups_pairs_by_expert(ids_kind, monkeypatch):
-    """moe_align's three kernels (one program sorting in registers, one program counting, and count
-    / scan / scatter launches over chunks of 128 pairs) give the same bits: pairs grouped by
-    expert into blocks, stable inside an expert (7 experts: not a power of two)."""
+    """moe_align's two kernels (one program sorting the pairs in registers; count / scan / scatter
+    launches over chunks of 128 pairs) give the same bits: pairs grouped by expert into blocks,
+    stable inside an expert (7 experts: not a power of two)."""
     m, k, e, bm = 300, 2, 7 if ids_kind == "random" else 8, 4
     if ids_kind == "random":
         ids = torch.stack([torch.randperm(e)[:k] for _ in range(m)]).to(torch.int32)
     else:
         ids = torch.stack([torch.tensor([3, j % 7 + (j % 7 >= 3)]) for j in range(m)]).to(torch.int32)
     ids = ids.to(DEV)
-    outs = {}
-    for name, (sort_max, one_max) in ALIGN_METHODS.items():
-        monkeypatch.setattr(moe, "ALIGN_SORT_MAX_P", sort_max)
-        monkeypatch.setattr(moe, "ALIGN_ONE_PROGRAM_MAX_P", one_max)
-        outs[name] = moe.moe_align(ids, e, bm)
-    sorted_ids, blk = outs["sort"]
-    for other in outs.values():
-        assert torch.equal(other[0], sorted_ids) and torch.equal(other[1], blk)
+    sorted_ids, blk = moe.moe_align(ids, e, bm)
+    monkeypatch.setattr(moe, "ALIGN_SORT_MAX_P", 0)
+    chunks = moe.moe_align(ids, e, bm)
+    assert torch.equal(chunks[0], sorted_ids) and torch.equal(chunks[1], blk)
     nb, smax = moe.align_bounds(m * k, e, bm)
     assert sorted_ids.shape == (smax,) and blk.shape == (nb,)
     s, b = sorted_ids.cpu().tolist(), blk.cpu().tolist()

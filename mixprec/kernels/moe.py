@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
-from .moe_triton import (_align_count_kernel, _align_kernel, _align_scan_kernel, _align_scatter_kernel, _align_sort_kernel,
+from .moe_triton import (_align_count_kernel, _align_scan_kernel, _align_scatter_kernel, _align_sort_kernel,
                          _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel, _router_route_kernel,
                          _silu_mul_kernel, _token_sum_kernel)
 from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_reference,
@@ -161,11 +161,10 @@ def _router_launch(x, gate_weight, top_k, renorm, norm):
     return w, ids, y, h
 
 
-# moe_align: one program up to this many (token, expert) pairs, else three launches over chunks.
-# H100, CUDA graphs, E=128, top-8 (moe_diag/session15_align_h100.log), one program vs chunked, µs:
-# P=128 11.6 vs 13.0, 256 20.4 vs 18.0, 512 34.0 vs 17.9, 1024 60.7 vs 18.8, 32768 1776 vs 72.3
-ALIGN_ONE_PROGRAM_MAX_P = 128
-# ... and up to this many, one program sorting them in registers (_align_sort_kernel)
+# moe_align: one program sorting the pairs in registers up to this many (token, expert) pairs,
+# else count / scan / scatter launches over chunks. H100, CUDA graphs, E=128, top-8, BM 16, µs,
+# sort vs chunked (moe_diag/session16_align_sort_h100.log): P=8 4.8 vs 12.4, 128 7.9 vs 13.7,
+# 512 10.8 vs 18.3, 1024 13.5 vs 18.2; chunked P=8192 24.7, 32768 68.5
 ALIGN_SORT_MAX_P = 1024
 
 
@@ -191,19 +190,15 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
     ids = topk_ids.reshape(-1)
     if ids.dtype != torch.int32:
         ids = ids.to(torch.int32)
-    EB = triton.next_power_of_2(max(num_experts, 2))
-    CH = max(16, min(128, 16384 // EB))
     kw = pdl.launch_kw(ids)
     if P <= ALIGN_SORT_MAX_P:
-        EBS = triton.next_power_of_2(num_experts + 1)
+        EBS = triton.next_power_of_2(num_experts + 1)     # + the padding lanes' bin
         _align_sort_kernel[(1,)](ids, sorted_ids, block_expert, P, num_experts, smax, nb, BM=block_m,
                                  PB=max(16, triton.next_power_of_2(P)), EB=EBS, CH=max(16, min(128, 16384 // EBS)),
                                  num_warps=8, **kw)
         return sorted_ids, block_expert
-    if P <= ALIGN_ONE_PROGRAM_MAX_P:
-        _align_kernel[(1,)](ids, sorted_ids, block_expert, P, num_experts, smax, nb,
-                            BM=block_m, EB=EB, CH=CH, num_warps=8, **kw)
-        return sorted_ids, block_expert
+    EB = triton.next_power_of_2(max(num_experts, 2))
+    CH = max(16, min(128, 16384 // EB))
     nch = triton.cdiv(P, CH)
     cc = torch.empty(nch, EB, dtype=torch.int32, device=dev)
     _align_count_kernel[(nch,)](ids, cc, sorted_ids, P, triton.cdiv(smax, nch), smax, EB=EB, CH=CH, num_warps=8,

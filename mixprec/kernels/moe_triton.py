@@ -856,32 +856,15 @@ def _scatter_chunk(ids_ptr, idx, P, base, sorted_ptr, EB: tl.constexpr):
 
 
 @triton.jit
-def _align_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
-                  BM: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr = False):
-    """Counting sort of the P (token, expert) pairs by expert, each expert's run padded to a
-    multiple of BM. sorted[s] = pair index (P = padding), blk[b] = expert of block b (-1 = unused).
-    One program; sizes are upper bounds from shapes, so no host sync."""
-    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
-    ci = tl.arange(0, CH)
-    counts = tl.zeros([EB], dtype=tl.int32)
-    for c0 in range(0, P, CH):
-        counts += tl.sum(_expert_onehot(ids_ptr, c0 + ci, P, EB), axis=0)
-    ends, running, total = _expert_runs(counts, E, BM)
-    _fill_slots(sorted_ptr, 0, S_MAX, P, CH)
-    _store_blocks(blk_ptr, ends, total, NB_MAX, BM, CH)
-    tl.debug_barrier()
-    for c0 in range(0, P, CH):
-        running += _scatter_chunk(ids_ptr, c0 + ci, P, running, sorted_ptr, EB)
-
-
-@triton.jit
 def _align_sort_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
                        BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr,
                        PDL: tl.constexpr = False):
-    """_align_kernel's result for P <= PB pairs by sorting them in registers: the keys
-    expert * PB + pair sort into expert order, pairs in order inside an expert; a histogram (bin E:
-    the padding lanes, EB > E) gives the padded runs, and sorted position i, of expert e, goes to
-    slot start[e] + i - (pairs of experts before e)."""
+    """Sort of the P (token, expert) pairs by expert, each expert's run padded to a multiple of BM:
+    sorted[s] = pair index (P = padding), blk[b] = expert of block b (-1 = unused); sizes are
+    upper bounds from shapes, so no host sync. One program, P <= PB: the keys expert * PB + pair
+    sort in registers into expert order, pairs in order inside an expert; a histogram (bin E: the
+    padding lanes, EB > E) gives the padded runs, and sorted position i, of expert e, goes to slot
+    start[e] + i - (pairs of experts before e)."""
     pdl.wait(PDL)
     i = tl.arange(0, PB)
     ids = tl.load(ids_ptr + i, mask=i < P, other=E)
@@ -896,10 +879,10 @@ def _align_sort_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
     tl.store(sorted_ptr + tl.gather(shift, se, 0) + i, key % PB, mask=se < E)
 
 
-# large P: the same counting sort spread over one program per CH pairs (the one-program kernel
-# above walks all P pairs twice in [CH, EB] one-hot tiles: 1.76 ms for 4096 tokens x top-8 on an
-# H100). count -> scan (one program: expert offsets, each chunk's base per expert) -> scatter;
-# the same stable order as _align_kernel.
+# large P: a counting sort spread over one program per CH pairs, count -> scan (one program:
+# expert offsets, each chunk's base per expert) -> scatter; the same order as _align_sort_kernel.
+# (A one-program counting kernel, walking all pairs twice in [CH, EB] one-hot tiles, took 1.76 ms
+# for 4096 tokens x top-8 on an H100 and lost to the sort kernel at every size up to 1024 pairs.)
 
 @triton.jit
 def _align_count_kernel(ids_ptr, cc_ptr, sorted_ptr, P, S_PER, S_MAX, EB: tl.constexpr, CH: tl.constexpr,
@@ -917,7 +900,7 @@ def _align_count_kernel(ids_ptr, cc_ptr, sorted_ptr, P, S_PER, S_MAX, EB: tl.con
 def _align_scan_kernel(cc_ptr, blk_ptr, E, NCH, NB_MAX,
                        BM: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr, CH: tl.constexpr,
                        PDL: tl.constexpr = False):
-    """From the chunk counts: blk (as _align_kernel), and cc[c, e] overwritten with the first sorted
+    """From the chunk counts: blk (as _align_sort_kernel), and cc[c, e] overwritten with the first sorted
     slot of chunk c's pairs of expert e."""
     pdl.wait(PDL)
     ev = tl.arange(0, EB)
