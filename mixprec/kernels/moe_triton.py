@@ -440,6 +440,33 @@ def _dot_intq(acc, arow, rm, qp, sp, zp, pp, col0, nw, K, n_lim, n0, k_lo, k_hi,
 
 
 @triton.jit
+def _dot_intq_gu(accg, accu, arow, rm, qp, sp, zp, pp, nw, K, INTER, n0, k_lo, k_hi,
+                 GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """_dot_intq's 16-row per-field tiles (int4, tiles inside one group) for the gate (columns
+    n0..) and the up (INTER + n0..) half of a gate_up weight in one K loop: each activation tile is
+    loaded, and split into its fields, once for both, and both halves' words are in flight at once."""
+    R: tl.constexpr = BK // 8
+    rn = n0 + tl.arange(0, BN)
+    nm = rn < INTER
+    rr0 = tl.arange(0, R)
+    KP = K // 8
+    a_nxt = x_tile(arow[:, None], rm[:, None], pp, k_lo, K, BK, HP)
+    for k0 in range(k_lo, tl.minimum(k_hi, K), BK):
+        rr = k0 // 8 + rr0
+        wm = (rr < KP)[:, None] & nm[None, :]
+        qg = tl.load(qp + rr[:, None] * nw + rn[None, :], mask=wm, other=0)
+        qu = tl.load(qp + rr[:, None] * nw + (INTER + rn)[None, :], mask=wm, other=0)
+        g = k0 // GS
+        sg = tl.load(sp + g * nw + rn, mask=nm, other=0.0).to(tl.float32)
+        su = tl.load(sp + g * nw + INTER + rn, mask=nm, other=0.0).to(tl.float32)
+        a = a_nxt
+        a_nxt = x_tile(arow[:, None], rm[:, None], pp, k0 + BK, K, BK, HP)
+        accg += int4_field_dots(tl.zeros_like(accg), qg, zp + g * nw + rn, nm, a, HZ) * sg[None, :]
+        accu += int4_field_dots(tl.zeros_like(accu), qu, zp + g * nw + INTER + rn, nm, a, HZ) * su[None, :]
+    return accg, accu
+
+
+@triton.jit
 def _dot_nk(acc, arow, qrow, srow, rm, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
             LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr, BNW: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -535,6 +562,64 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi
 
 
 @triton.jit
+def _dot_slot_gu(accg, accu, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                 w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
+                 BKQ: tl.constexpr, BKI: tl.constexpr):
+    """Gate and up tiles of one slot: a gate_up int4 slot on the 16-row per-field tiles runs both
+    halves in one K loop (_dot_intq_gu); any other slot runs _dot_slot per half."""
+    LAY: tl.constexpr = C % 4
+    HZ: tl.constexpr = (C // 8) % 2
+    HP: tl.constexpr = (C // 16) % 2
+    PROJ: tl.constexpr = (C // 32) % 4
+    BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
+    if PROJ == _GATE_UP and LAY == _INTQ and BITS == 4 and BM == 16 and BKQ >= 128 and G % BKQ == 0:
+        loc32 = tl.load(mp + e)
+        if loc32 >= 0:
+            loc = loc32.to(tl.int64)
+            nw = 2 * INTER
+            accg, accu = _dot_intq_gu(accg, accu, arow, rm, w + loc * ((rs // 8) * nw), s + loc * (tl.cdiv(rs, G) * nw),
+                                      z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, nw, rs, INTER, n0, k_lo, k_hi,
+                                      G, HZ, HP, BN, BKQ)
+        fg = tl.maximum(fg, (loc32 >= 0).to(tl.int32))
+        fu = tl.maximum(fu, (loc32 >= 0).to(tl.int32))
+    else:
+        accg, fg = _dot_slot(accg, fg, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w, s, z, pm, mp, rs,
+                             C, G, B, 0, BM, BN, BKD, BKF, BKQ, BKI)
+        accu, fu = _dot_slot(accu, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w, s, z, pm, mp, rs,
+                             C, G, B, 1, BM, BN, BKD, BKF, BKQ, BKI)
+    return accg, accu, fg, fu
+
+
+@triton.jit
+def _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                 w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                 C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
+                 C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
+                 C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
+                 C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
+                 NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
+                 BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr):
+    """(gate, up) as _dot_half(HALF 0), _dot_half(HALF 1), with found flags, slot by slot."""
+    g = tl.zeros([BM, BN], dtype=tl.float32)
+    u = tl.zeros([BM, BN], dtype=tl.float32)
+    fg = e * 0
+    fu = e * 0
+    g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                                w0, s0, z0, p0, m0, r0, C0, G0, B0, BM, BN, BKD, BKF, BKQ, BKI)
+    if NS > 1:
+        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                                    w1, s1, z1, p1, m1, r1, C1, G1, B1, BM, BN, BKD, BKF, BKQ, BKI)
+    if NS > 2:
+        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                                    w2, s2, z2, p2, m2, r2, C2, G2, B2, BM, BN, BKD, BKF, BKQ, BKI)
+    if NS > 3:
+        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                                    w3, s3, z3, p3, m3, r3, C3, G3, B3, BM, BN, BKD, BKF, BKQ, BKI)
+    return g, u, fg, fu
+
+
+@triton.jit
 def _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
               C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
@@ -597,12 +682,10 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
             arow = x_ptr + xr * K
             qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of the rows (_act_quant_kernel)
             srow = qs_ptr + xr * NQS
-            g, fg = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
-                              w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                              C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BM, BN, BKD, BKF, BKQ, BKI)
-            u, fu = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
-                              w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                              C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BM, BN, BKD, BKF, BKQ, BKI)
+            g, u, fg, fu = _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                                        w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
+                                        w3, s3, z3, p3, m3, r3, C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3,
+                                        NS, BM, BN, BKD, BKF, BKQ, BKI)
             keep = fg * fu       # 0/1: this launch holds the expert (else its act row is left alone)
             if SPLIT > 1:
                 wsp = ws_ptr + (pr * SPLIT * 2 * INTER)[:, None] + rn[None, :]
