@@ -562,60 +562,42 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi
 
 
 @triton.jit
-def _dot_slot_gu(accg, accu, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
-                 w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
-                 BKQ: tl.constexpr, BKI: tl.constexpr):
-    """Gate and up tiles of one slot: a gate_up int4 slot on the 16-row per-field tiles runs both
-    halves in one K loop (_dot_intq_gu); any other slot runs _dot_slot per half."""
-    LAY: tl.constexpr = C % 4
+def _dot_slot_gu(accg, accu, fg, fu, arow, rm, e, n0, INTER, k_lo, k_hi, w, s, z, pm, mp, rs,
+                 C: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, BKQ: tl.constexpr):
+    """Gate and up tiles of one int4 gate_up slot in one K loop (_dot_intq_gu), and its found flags."""
     HZ: tl.constexpr = (C // 8) % 2
     HP: tl.constexpr = (C // 16) % 2
-    PROJ: tl.constexpr = (C // 32) % 4
-    BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
-    if PROJ == _GATE_UP and LAY == _INTQ and BITS == 4 and BM == 16 and BKQ >= 128 and G % BKQ == 0:
-        loc32 = tl.load(mp + e)
-        if loc32 >= 0:
-            loc = loc32.to(tl.int64)
-            nw = 2 * INTER
-            accg, accu = _dot_intq_gu(accg, accu, arow, rm, w + loc * ((rs // 8) * nw), s + loc * (tl.cdiv(rs, G) * nw),
-                                      z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, nw, rs, INTER, n0, k_lo, k_hi,
-                                      G, HZ, HP, BN, BKQ)
-        fg = tl.maximum(fg, (loc32 >= 0).to(tl.int32))
-        fu = tl.maximum(fu, (loc32 >= 0).to(tl.int32))
-    else:
-        accg, fg = _dot_slot(accg, fg, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w, s, z, pm, mp, rs,
-                             C, G, B, 0, BM, BN, BKD, BKF, BKQ, BKI)
-        accu, fu = _dot_slot(accu, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w, s, z, pm, mp, rs,
-                             C, G, B, 1, BM, BN, BKD, BKF, BKQ, BKI)
+    loc32 = tl.load(mp + e)
+    if loc32 >= 0:
+        loc = loc32.to(tl.int64)
+        nw = 2 * INTER
+        accg, accu = _dot_intq_gu(accg, accu, arow, rm, w + loc * ((rs // 8) * nw), s + loc * (tl.cdiv(rs, G) * nw),
+                                  z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, nw, rs, INTER, n0, k_lo, k_hi,
+                                  G, HZ, HP, BN, BKQ)
+    fg = tl.maximum(fg, (loc32 >= 0).to(tl.int32))
+    fu = tl.maximum(fu, (loc32 >= 0).to(tl.int32))
     return accg, accu, fg, fu
 
 
 @triton.jit
-def _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+def _dot_gate_up(arow, rm, e, n0, INTER, k_lo, k_hi,
                  w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                 C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
-                 C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
-                 C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
-                 C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
-                 NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
-                 BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr):
-    """(gate, up) as _dot_half(HALF 0), _dot_half(HALF 1), with found flags, slot by slot."""
+                 C0: tl.constexpr, G0: tl.constexpr, C1: tl.constexpr, G1: tl.constexpr,
+                 C2: tl.constexpr, G2: tl.constexpr, C3: tl.constexpr, G3: tl.constexpr,
+                 NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKQ: tl.constexpr):
+    """(gate, up, found flags) as _dot_half(HALF 0) and _dot_half(HALF 1) give them, for a launch
+    whose slots are all int4 gate_up weights on the 16-row per-field tiles (GU, moe._gate_up_fused)."""
     g = tl.zeros([BM, BN], dtype=tl.float32)
     u = tl.zeros([BM, BN], dtype=tl.float32)
     fg = e * 0
     fu = e * 0
-    g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
-                                w0, s0, z0, p0, m0, r0, C0, G0, B0, BM, BN, BKD, BKF, BKQ, BKI)
+    g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, rm, e, n0, INTER, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, BN, BKQ)
     if NS > 1:
-        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
-                                    w1, s1, z1, p1, m1, r1, C1, G1, B1, BM, BN, BKD, BKF, BKQ, BKI)
+        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, rm, e, n0, INTER, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, BN, BKQ)
     if NS > 2:
-        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
-                                    w2, s2, z2, p2, m2, r2, C2, G2, B2, BM, BN, BKD, BKF, BKQ, BKI)
+        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, rm, e, n0, INTER, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, BN, BKQ)
     if NS > 3:
-        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
-                                    w3, s3, z3, p3, m3, r3, C3, G3, B3, BM, BN, BKD, BKF, BKQ, BKI)
+        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, rm, e, n0, INTER, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, BN, BKQ)
     return g, u, fg, fu
 
 
@@ -654,13 +636,15 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                     C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                     NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
-                    SUM: tl.constexpr, ZMISS: tl.constexpr, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False):
+                    SUM: tl.constexpr, ZMISS: tl.constexpr, SPLIT: tl.constexpr = 1, GU: tl.constexpr = False,
+                    PDL: tl.constexpr = False):
     """Grid (blocks of BM sorted pairs, N tiles, SPLIT); block b holds pairs of expert blk[b] (-1:
     padding, exits at once). Same outputs as _moe_gemv_kernel. SPLIT > 1 (decode: few pairs per
     expert, so few blocks) splits K into chunks of k_per rows, one program each: UP programs store
     their gate and up partials in ws [P, SPLIT, 2, INTER] fp32 and the last of a tile's SPLIT to
     arrive (counter ucnt, left zero) applies silu * mul; DOWN programs write buf row p * SPLIT + z
-    and the token's sum takes TOPK * SPLIT rows, as on the GEMV path."""
+    and the token's sum takes TOPK * SPLIT rows, as on the GEMV path. GU: the UP programs run gate
+    and up in one K loop (_dot_gate_up)."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -682,10 +666,17 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
             arow = x_ptr + xr * K
             qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of the rows (_act_quant_kernel)
             srow = qs_ptr + xr * NQS
-            g, u, fg, fu = _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
-                                        w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
-                                        w3, s3, z3, p3, m3, r3, C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3,
-                                        NS, BM, BN, BKD, BKF, BKQ, BKI)
+            if GU:
+                g, u, fg, fu = _dot_gate_up(arow, rm, e, n0, INTER, k_lo, k_hi,
+                                            w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
+                                            w3, s3, z3, p3, m3, r3, C0, G0, C1, G1, C2, G2, C3, G3, NS, BM, BN, BKQ)
+            else:
+                g, fg = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                                  w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                                  C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BM, BN, BKD, BKF, BKQ, BKI)
+                u, fu = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                                  w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                                  C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BM, BN, BKD, BKF, BKQ, BKI)
             keep = fg * fu       # 0/1: this launch holds the expert (else its act row is left alone)
             if SPLIT > 1:
                 wsp = ws_ptr + (pr * SPLIT * 2 * INTER)[:, None] + rn[None, :]
