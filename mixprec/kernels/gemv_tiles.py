@@ -59,14 +59,23 @@ def intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.conste
 def gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm, k_lo, k_hi,
               BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
               BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
-    # Everything stays 2-D in the layout of the [R, BN] word tile (no shared-memory shuffles):
-    # field f of every word is dequantized in turn; the word rows are reduced once at the end.
+    rn = n0 + tl.arange(0, BN)
+    return gemv_intq_cols(xrow, qp, sp, zp, pp, col0 + rn, rn < n_lim, nw, K, qm, k_lo, k_hi,
+                          BITS, GS, HZ, HP, BK, EVK, PDL)
+
+
+@triton.jit
+def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
+                   BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
+                   BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
+    # y at the columns cols [BN] (mask nm; any set, e.g. the gate and the up half of a gate_up
+    # weight side by side). Everything stays 2-D in the layout of the [R, BN] word tile (no
+    # shared-memory shuffles): field f of every word is dequantized in turn; the word rows are
+    # reduced once at the end.
     PF: tl.constexpr = 32 // BITS
     F: tl.constexpr = PF // 2
     R: tl.constexpr = BK // PF
-    rn = n0 + tl.arange(0, BN)
-    nm = rn < n_lim
-    cols = col0 + rn
+    BN: tl.constexpr = cols.shape[0]
     r = tl.arange(0, R)
     k_hi = tl.minimum(k_hi, K)
     KP = k_hi // PF                 # word rows of this K range (the prefetch stops there)

@@ -391,20 +391,23 @@ def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, in
     kw = {**consts, **ks, "SPLIT": split}
     if gemv:
         kw["EVK"] = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
-    else:
-        kw["GU"] = _gate_up_fused(descs, cfg, ks["BKQ"])
+    kw["GU"] = split == 1 and _gate_up_fused(descs, cfg, ks["BKQ"], gemv)
     return flat, kw, (_chunk(max([K] + q_rows), chunks, ks),), split
 
 
-def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int) -> bool:
-    """A dot launch whose slots are all int4 gate_up weights on the 16-row per-field tiles (groups
-    a multiple of the K tile) runs gate and up in one K loop (moe_triton._dot_gate_up): each x tile
-    loaded once for both. Launches that also hold other layouts keep one loop per half: the fused
-    loop's registers (96 -> 128) slowed their fp8 programs. H100, route + layer, µs, separate ->
-    one loop (moe_diag/session16_gate_up_one_loop_h100.log): 30B int4 M=16 120.0 -> 111.7, M=64
-    177.2 -> 164.3, 235B M=64 569.2 -> 523.8; gate/up int4 + fp8 down (perproj) M=64 202.2 -> 189.8."""
-    return cfg.get("BM") == 16 and bkq >= 128 and all(
-        c % 4 == 2 and (c // 32) % 4 == 0 and (c // 128) % 2 == 0 and G % bkq == 0 for c, G, _ in descs)
+def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv: bool) -> bool:
+    """A launch whose slots are all intq gate_up weights runs gate and up in one K loop, each x
+    tile loaded once for both (moe_triton._gemv_gate_up / _dot_gate_up): on the GEMV path any
+    intq, on the dot path int4 on the 16-row per-field tiles (groups a multiple of the K tile).
+    Launches that also hold other layouts keep one loop per half: the fused dot loop's registers
+    (96 -> 128) slowed their fp8 programs. Dot path, H100, route + layer, µs, separate -> one loop
+    (moe_diag/session16_gate_up_one_loop_h100.log): 30B int4 M=16 120.0 -> 111.7, M=64 177.2 ->
+    164.3, 235B M=64 569.2 -> 523.8; gate/up int4 + fp8 down (perproj) M=64 202.2 -> 189.8."""
+    intq_gate_up = all(c % 4 == 2 and (c // 32) % 4 == 0 for c, _, _ in descs)
+    if gemv:
+        return intq_gate_up
+    return intq_gate_up and cfg.get("BM") == 16 and bkq >= 128 and all(
+        (c // 128) % 2 == 0 and G % bkq == 0 for c, G, _ in descs)
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):

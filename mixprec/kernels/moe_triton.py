@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .gemv_tiles import gemv_intq, intq_scale
+from .gemv_tiles import gemv_intq, gemv_intq_cols, intq_scale
 from .intq import intq_dequant_tile
 from .quant import int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
 
@@ -235,6 +235,47 @@ def _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
 
 
 @triton.jit
+def _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w, s, z, pm, mp, rs,
+                  C: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, BKQ: tl.constexpr, EVK: tl.constexpr):
+    """res [2 BN]: the gate (first BN) and up columns of an intq gate_up slot's tile n0, one K loop."""
+    HZ: tl.constexpr = (C // 8) % 2
+    HP: tl.constexpr = (C // 16) % 2
+    BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
+    PF: tl.constexpr = 32 // BITS
+    loc32 = tl.load(mp + e)
+    if loc32 >= 0:
+        loc = loc32.to(tl.int64)
+        nw = 2 * INTER
+        c = tl.arange(0, 2 * BN)
+        rn = n0 + c % BN
+        res = gemv_intq_cols(xrow, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
+                             z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, rn + (c // BN) * INTER, rn < INTER, nw, rs,
+                             qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, False)
+    return res, tl.maximum(found, (loc32 >= 0).to(tl.int32))
+
+
+@triton.jit
+def _gemv_gate_up(xrow, e, n0, INTER, qm, k_lo, k_hi,
+                  w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                  C0: tl.constexpr, G0: tl.constexpr, C1: tl.constexpr, G1: tl.constexpr,
+                  C2: tl.constexpr, G2: tl.constexpr, C3: tl.constexpr, G3: tl.constexpr,
+                  NS: tl.constexpr, BN: tl.constexpr, BKQ: tl.constexpr, EVK: tl.constexpr):
+    """(gate, up, found) as _gemv_half(HALF 0) and _gemv_half(HALF 1) give them, for a launch whose
+    slots are all intq gate_up weights (GU, moe._gate_up_fused): both halves' words in one K loop."""
+    res = tl.zeros([2 * BN], dtype=tl.float32)
+    found = e * 0
+    res, found = _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, BN, BKQ, EVK)
+    if NS > 1:
+        res, found = _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, BN, BKQ, EVK)
+    if NS > 2:
+        res, found = _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, BN, BKQ, EVK)
+    if NS > 3:
+        res, found = _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, BN, BKQ, EVK)
+    g, u = tl.split(tl.permute(tl.reshape(res, (2, BN)), (1, 0)))
+    return g, u, found
+
+
+@triton.jit
 def _silu_mul(g, u):
     return g / (1.0 + tl.exp(-g)) * u
 
@@ -272,14 +313,15 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
                      NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr,
                      BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
                      SUM: tl.constexpr, ZMISS: tl.constexpr, EVK: tl.constexpr, SPLIT: tl.constexpr,
-                     PDL: tl.constexpr = False):
+                     GU: tl.constexpr = False, PDL: tl.constexpr = False):
     """Grid (P pairs, N tiles, SPLIT). UP: act[p, n] = silu(x W_gate^T) * (x W_up^T) for the expert
     of pair p (x = x[p // TOPK]); DOWN: buf[p, n] = w_p * act[p] W_down^T, and the last of a token's
     TOPK pairs to finish a tile writes out[token, tile] = sum of its rows (deterministic order).
     SPLIT > 1 gives each output tile more programs (more loads in flight at decode): UP program z
     computes half z % 2 (gate, up) over K chunk z // 2 into ws [P, SPLIT, INTER] fp32 and the last
     of the SPLIT to arrive (counter ucnt, left zero) applies silu * mul; DOWN program z computes
-    K chunk z into buf row p * SPLIT + z, and the token's sum takes TOPK * SPLIT rows."""
+    K chunk z into buf row p * SPLIT + z, and the token's sum takes TOPK * SPLIT rows. GU (SPLIT 1):
+    gate and up in one K loop (_gemv_gate_up)."""
     p = tl.program_id(0)
     t = tl.program_id(1)
     z = tl.program_id(2)
@@ -297,7 +339,13 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
         xrow = x_ptr + xr * K
         qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of row xr (_act_quant_kernel)
         srow = qs_ptr + xr * NQS
-        if SPLIT == 1:
+        if GU:
+            g, u, fg = _gemv_gate_up(xrow, e, n0, INTER, qm, 0, k_per,
+                                     w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
+                                     w3, s3, z3, p3, m3, r3, C0, G0, C1, G1, C2, G2, C3, G3, NS, BN, BKQ, EVK)
+            tl.store(out_ptr + p.to(tl.int64) * INTER + rn, _silu_mul(g, u).to(out_ptr.dtype.element_ty),
+                     mask=rn < INTER * fg)
+        elif SPLIT == 1:
             g, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                                C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False)
