@@ -396,18 +396,19 @@ def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, in
 
 
 def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv: bool) -> bool:
-    """A launch whose slots are all intq gate_up weights runs gate and up in one K loop, each x
-    tile loaded once for both (moe_triton._gemv_gate_up / _dot_gate_up): on the GEMV path any
-    intq, on the dot path int4 on the 16-row per-field tiles (groups a multiple of the K tile).
+    """A launch whose slots are all intq gate_up weights may run gate and up in one K loop, each x
+    tile loaded once for both and both halves' words in flight together (moe_triton._dot_gate_up /
+    _gemv_gate_up): dot launches of int4 on the 16-row per-field tiles (groups a multiple of the K
+    tile) always, GEMV launches where their config says "gu" (moe_configs: measured per row).
     Launches that also hold other layouts keep one loop per half: the fused dot loop's registers
     (96 -> 128) slowed their fp8 programs. Dot path, H100, route + layer, µs, separate -> one loop
     (moe_diag/session16_gate_up_one_loop_h100.log): 30B int4 M=16 120.0 -> 111.7, M=64 177.2 ->
     164.3, 235B M=64 569.2 -> 523.8; gate/up int4 + fp8 down (perproj) M=64 202.2 -> 189.8."""
-    intq_gate_up = all(c % 4 == 2 and (c // 32) % 4 == 0 for c, _, _ in descs)
+    if not all(c % 4 == 2 and (c // 32) % 4 == 0 for c, _, _ in descs):
+        return False
     if gemv:
-        return intq_gate_up
-    return intq_gate_up and cfg.get("BM") == 16 and bkq >= 128 and all(
-        (c // 128) % 2 == 0 and G % bkq == 0 for c, G, _ in descs)
+        return cfg.get("gu", False)
+    return cfg.get("BM") == 16 and bkq >= 128 and all((c // 128) % 2 == 0 and G % bkq == 0 for c, G, _ in descs)
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):

@@ -70,7 +70,10 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
     # but the 235B decode step at batch 8 slower (H200, same call: 284.0 -> 264.9 tok/s). Session
     # 10 (H200): at M=16 the dot row beats the GEMV on both shapes (30B 124.7 vs 137.7 µs, 235B 380.8
     # vs 464.4), at M=8 only on the 235B (240.3 vs 247.7; 30B 85.1 vs 76.1): crossover 8
-    "intq": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)),
+    # "gu": gate and up in one K loop (moe._gate_up_fused). Session 16 (H100, route + layer, µs,
+    # two loops vs one; moe_diag/session16_gemv_gate_up_h100.log): 30B M=2 31.7 vs 29.7, M=4 47.5
+    # vs 48.8, M=8 78.6 vs 75.1; 235B M=2 78.8 vs 82.0, M=4 142.9 vs 134.2, M=8 249.3 vs 237.4
+    "intq": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True)),
     "fp8": (1, dict(BN=16, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1)),
     "dense": (8, dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1)),
     # not swept: int8 keeps the session-3 joint config it was measured with (30B M=1 38.9 µs)
@@ -88,7 +91,8 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
 # noise (235B fp8 / bf16, < 4%) are not listed; what is not listed uses the tables above. 235B
 # "mixed" is on the dot path (DOT_M1).
 GEMV_M1: dict[tuple[str, int], dict] = {
-    ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
+    # gu (see GEMV_LAYOUT): session 16, 30B M=1 23.7 -> 22.4 µs; 235B 50.1 -> 53.0 (kept off)
+    ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
     ("fp8", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1),
     ("dense", 2048): dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=8, num_stages=1),
     ("mixed", 2048): dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1),
