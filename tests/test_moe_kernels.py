@@ -640,11 +640,11 @@ def test_int4_dot_lattice(specs, bm, split):
     _check(b, *_inputs(9, h=384, seed=51), inter=128, config=("dot", dot, dot))
 
 
-@pytest.mark.parametrize("path,specs", [("dot", ["int4", "int4_asym", "int4_perm"]),
-                                        ("gemv", ["int4_g32", "int4_perm", "int8q", "int4_asym"])])
+@pytest.mark.parametrize("path,specs", [("dot", ["int4", "int4_asym", "int4_perm"]), ("dot", ["fp8", "fp8_w8a16"]),
+                                        ("dot", ["fp16"]), ("gemv", ["int4_g32", "int4_perm", "int8q", "int4_asym"])])
 def test_gate_up_in_one_k_loop(path, specs, monkeypatch):
     """A launch of intq gate_up slots only runs gate and up in one K loop (moe._gate_up_fused):
-    GEMV tiles of any intq (configs with "gu"), dot tiles of int4 on the 16-row per-field tiles;
+    GEMV tiles of any intq (configs with "gu"), 16-row dot tiles of int4 (per-field), fp8 or dense;
     equal to one loop per half (bit for bit in the interpreter; the GPU may reduce in another order)."""
     cfg = (dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2) if path == "dot" else
            dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, gu=True))

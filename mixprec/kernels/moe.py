@@ -404,11 +404,14 @@ def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv:
     (96 -> 128) slowed their fp8 programs. Dot path, H100, route + layer, µs, separate -> one loop
     (moe_diag/session16_gate_up_one_loop_h100.log): 30B int4 M=16 120.0 -> 111.7, M=64 177.2 ->
     164.3, 235B M=64 569.2 -> 523.8; gate/up int4 + fp8 down (perproj) M=64 202.2 -> 189.8."""
-    if not all(c % 4 == 2 and (c // 32) % 4 == 0 for c, _, _ in descs):
+    if any((c // 32) % 4 != 0 for c, _, _ in descs):      # a slot that is not gate_up
         return False
+    layouts = {c % 4 for c, _, _ in descs}
     if gemv:
-        return cfg.get("gu", False)
-    return cfg.get("BM") == 16 and bkq >= 128 and all((c // 128) % 2 == 0 and G % bkq == 0 for c, G, _ in descs)
+        return layouts == {2} and cfg.get("gu", False)
+    if layouts == {2}:
+        return cfg.get("BM") == 16 and bkq >= 128 and all((c // 128) % 2 == 0 and G % bkq == 0 for c, G, _ in descs)
+    return layouts in ({0}, {1}) and cfg.get("BM") == 16
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
