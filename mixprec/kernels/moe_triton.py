@@ -522,8 +522,10 @@ def _fp8_dot_step(acc, a, am, w, sp, rows, nm, k0, K, ACT: tl.constexpr, BKW: tl
     w = w.to(tl.float8e4nv, bitcast=True)
     sc = tl.load(sp + (rows // BNW) * tl.cdiv(K, BKW) + k0 // BKW, mask=nm, other=0.0)
     if ACT == 1:   # BK = 128: one activation slice per step
-        return acc + tl.dot(a.to(tl.float8e4nv, bitcast=True), w) * am[:, None] * sc[None, :]
-    return tl.dot(a, (w.to(tl.float32) * sc[None, :]).to(a.dtype), acc)
+        acc += tl.dot(a.to(tl.float8e4nv, bitcast=True), w) * am[:, None] * sc[None, :]
+    else:
+        acc = tl.dot(a, (w.to(tl.float32) * sc[None, :]).to(a.dtype), acc)
+    return acc
 
 
 @triton.jit
