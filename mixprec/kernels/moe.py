@@ -382,7 +382,7 @@ def _chunk(rows: int, chunks: int, ks: dict) -> int:
 
 
 def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, inter: int, split: int,
-                 chunks: int):
+                 chunks: int, tokens: int):
     """One launch over the buckets `grp` (K: its input width): flat pointer args, constexpr kwargs
     (slot descriptions, K tiles, SPLIT; on the GEMV path fold bits and EVK), (K rows per chunk,)
     and the programs per output tile."""
@@ -391,27 +391,31 @@ def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, in
     kw = {**consts, **ks, "SPLIT": split}
     if gemv:
         kw["EVK"] = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
-    kw["GU"] = split == 1 and _gate_up_fused(descs, cfg, ks["BKQ"], gemv)
+    kw["GU"] = split == 1 and _gate_up_fused(descs, cfg, ks["BKQ"], gemv, tokens)
     return flat, kw, (_chunk(max([K] + q_rows), chunks, ks),), split
 
 
-def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv: bool) -> bool:
-    """A launch whose slots are all intq gate_up weights may run gate and up in one K loop, each x
-    tile loaded once for both and both halves' words in flight together (moe_triton._dot_gate_up /
-    _gemv_gate_up): dot launches of int4 on the 16-row per-field tiles (groups a multiple of the K
-    tile) always, GEMV launches where their config says "gu" (moe_configs: measured per row).
-    Launches that also hold other layouts keep one loop per half: the fused dot loop's registers
-    (96 -> 128) slowed their fp8 programs. Dot path, H100, route + layer, µs, separate -> one loop
-    (moe_diag/session16_gate_up_one_loop_h100.log): 30B int4 M=16 120.0 -> 111.7, M=64 177.2 ->
-    164.3, 235B M=64 569.2 -> 523.8; gate/up int4 + fp8 down (perproj) M=64 202.2 -> 189.8."""
+def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv: bool, tokens: int) -> bool:
+    """A launch whose slots are all gate_up weights of one kind may run gate and up in one K loop,
+    each x tile loaded once for both and both halves' weights in flight together
+    (moe_triton._gemv_gate_up / _dot_gate_up), where that measured faster: GEMV launches of intq
+    where their config says "gu" (moe_configs, per row); 16-row dot launches of int4 on the
+    per-field tiles (groups a multiple of the K tile) always, of fp8 up to
+    moe_configs.DOT_GATE_UP_FP8_MAX_M tokens. Launches that mix layouts keep one loop per half:
+    the fused int4 dot loop's registers (96 -> 128) slowed their fp8 programs. Dot path, H100,
+    route + layer, µs, separate -> one loop (moe_diag/session16_gate_up_one_loop_h100.log): 30B
+    int4 M=16 120.0 -> 111.7, M=64 177.2 -> 164.3, 235B M=64 569.2 -> 523.8; gate/up int4 + fp8
+    down (perproj) M=64 202.2 -> 189.8."""
     if any((c // 32) % 4 != 0 for c, _, _ in descs):      # a slot that is not gate_up
         return False
     layouts = {c % 4 for c, _, _ in descs}
     if gemv:
         return layouts == {2} and cfg.get("gu", False)
+    if cfg.get("BM") != 16:
+        return False
     if layouts == {2}:
-        return cfg.get("BM") == 16 and bkq >= 128 and all((c // 128) % 2 == 0 and G % bkq == 0 for c, G, _ in descs)
-    return layouts in ({0}, {1}) and cfg.get("BM") == 16
+        return bkq >= 128 and all((c // 128) % 2 == 0 and G % bkq == 0 for c, G, _ in descs)
+    return layouts == {1} and tokens <= moe_configs.DOT_GATE_UP_FP8_MAX_M
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
@@ -545,14 +549,14 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         q_ups = [act_quant(xg, *_w8a8_kinds(grp)) for grp, xg in zip(groups, xs)]
     kern, g0, lead_up, shape_kw = side(path_up, 0)
     for grp, xg, q_up in zip(groups, xs, q_ups):
-        flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, chunks_up)
+        flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, chunks_up, M)
         kern[(g0, triton.cdiv(inter, cu["BN"]), nz)](
             xg, *q_up, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
             SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"], **pdl.launch_kw(x))
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     q_dn = act_quant(act, *_w8a8_kinds(down_side))
     for gi, grp in enumerate(down_groups):
-        flat, kw, k_per, nz = _launch_args(grp, cd, path_dn == "gemv", inter, H, inter, split_dn, split_dn)
+        flat, kw, k_per, nz = _launch_args(grp, cd, path_dn == "gemv", inter, H, inter, split_dn, split_dn, M)
         kern[(g0, nt_down, nz)](
             act, *q_dn, *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
             SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,

@@ -110,6 +110,12 @@ DOT_M1: dict[tuple[str, int], dict] = {
 }
 
 
+# fp8 gate/up dot launches run gate and up in one K loop up to this many tokens (moe._gate_up_fused).
+# Session 16 (H100, route + layer, µs, two loops vs one; moe_diag/session16_fp8_gate_up_h100.log):
+# 30B M=2 49.0 vs 46.0, M=8 113.5 vs 104.8, 235B M=8 362.5 vs 338.6; M=16-128 within -2..+1%
+# (the fused loop holds 144 registers instead of 106); runtime fp8 batch 8 1006.7 -> 1059.2 tok/s
+DOT_GATE_UP_FP8_MAX_M = 8
+
 # a side whose buckets are all int4 keeps the first DOT row (BM 16: per-field dots) up to this many
 # tokens. Session 12 (H100, route + fused_moe, µs, this vs the prefill row; session12_moe_prefill):
 # M=256 30B int4 349.0 vs 513.0, 235B 938.7 vs 1523.3, group 32 370.6 vs 497.0 / 995.4 vs 1473.6;

@@ -529,20 +529,18 @@ def _fp8_dot_step(acc, a, am, w, sp, rows, nm, k0, K, ACT: tl.constexpr, BKW: tl
 
 
 @triton.jit
-def _dot_nk_gu(accg, accu, arow, qrow, srow, rm, wp, sp, K, INTER, n0, k_lo, k_hi,
-               LAY: tl.constexpr, ACT: tl.constexpr, BKW: tl.constexpr, BNW: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr):
-    """_dot_nk for the gate (rows n0..) and up (INTER + n0..) half of a dense or fp8 gate_up weight
+def _dot_fp8_gu(accg, accu, arow, qrow, srow, rm, wp, sp, K, INTER, n0, k_lo, k_hi,
+                ACT: tl.constexpr, BKW: tl.constexpr, BNW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """_dot_nk for the gate (rows n0..) and up (INTER + n0..) half of an fp8 gate_up weight
     [2 INTER, K] in one K loop: each activation tile is loaded once for both."""
     rn = n0 + tl.arange(0, BN)
     nm = rn < INTER
     rg = rn.to(tl.int64)
     ru = rg + INTER
     rk = tl.arange(0, BK)
-    if LAY == _FP8:
-        wp = wp.to(tl.pointer_type(tl.uint8))
-        if ACT == 1:
-            arow = (qrow + K).to(tl.pointer_type(tl.uint8))   # plane 1: e4m3 codes
+    wp = wp.to(tl.pointer_type(tl.uint8))
+    if ACT == 1:
+        arow = (qrow + K).to(tl.pointer_type(tl.uint8))   # plane 1: e4m3 codes
     for k0 in range(k_lo, tl.minimum(k_hi, K), BK):
         kk = k0 + rk
         km = kk < K
@@ -550,13 +548,9 @@ def _dot_nk_gu(accg, accu, arow, qrow, srow, rm, wp, sp, K, INTER, n0, k_lo, k_h
         wm = km[:, None] & nm[None, :]
         wg = tl.load(wp + rg[None, :] * K + kk[:, None], mask=wm, other=0)
         wu = tl.load(wp + ru[None, :] * K + kk[:, None], mask=wm, other=0)
-        if LAY == _FP8:
-            am = tl.load(srow + 1 + k0 // 128, mask=rm, other=0.0) if ACT == 1 else 0.0
-            accg = _fp8_dot_step(accg, a, am, wg, sp, rg, nm, k0, K, ACT, BKW, BNW)
-            accu = _fp8_dot_step(accu, a, am, wu, sp, ru, nm, k0, K, ACT, BKW, BNW)
-        else:
-            accg = tl.dot(a, wg.to(a.dtype), accg)
-            accu = tl.dot(a, wu.to(a.dtype), accu)
+        am = tl.load(srow + 1 + k0 // 128, mask=rm, other=0.0) if ACT == 1 else 0.0
+        accg = _fp8_dot_step(accg, a, am, wg, sp, rg, nm, k0, K, ACT, BKW, BNW)
+        accu = _fp8_dot_step(accu, a, am, wu, sp, ru, nm, k0, K, ACT, BKW, BNW)
     return accg, accu
 
 
@@ -652,10 +646,10 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi
 
 @triton.jit
 def _dot_slot_gu(accg, accu, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi, w, s, z, pm, mp, rs,
-                 C: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
-                 BKF: tl.constexpr, BKQ: tl.constexpr):
-    """Gate and up tiles of one gate_up slot (int4 per-field, fp8 or dense) in one K loop, and its
-    found flags."""
+                 C: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, BKF: tl.constexpr,
+                 BKQ: tl.constexpr):
+    """Gate and up tiles of one gate_up slot (int4 on the per-field tiles, or fp8) in one K loop,
+    and its found flags."""
     LAY: tl.constexpr = C % 4
     ACT: tl.constexpr = (C // 4) % 2
     HZ: tl.constexpr = (C // 8) % 2
@@ -668,13 +662,10 @@ def _dot_slot_gu(accg, accu, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo
             accg, accu = _dot_intq_gu(accg, accu, arow, rm, w + loc * ((rs // 8) * nw), s + loc * (tl.cdiv(rs, G) * nw),
                                       z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, nw, rs, INTER, n0, k_lo, k_hi,
                                       G, HZ, HP, BN, BKQ)
-        elif LAY == _FP8:
-            accg, accu = _dot_nk_gu(accg, accu, arow, qrow, srow, rm, w + loc * (nw * K),
-                                    s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), K, INTER, n0, k_lo, k_hi,
-                                    LAY, ACT, G, B, BN, BKF)
         else:
-            accg, accu = _dot_nk_gu(accg, accu, arow, qrow, srow, rm, w + loc * (nw * K), s, K, INTER, n0, k_lo, k_hi,
-                                    LAY, 0, 1, 1, BN, BKD)
+            accg, accu = _dot_fp8_gu(accg, accu, arow, qrow, srow, rm, w + loc * (nw * K),
+                                     s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), K, INTER, n0, k_lo, k_hi,
+                                     ACT, G, B, BN, BKF)
     fg = tl.maximum(fg, (loc32 >= 0).to(tl.int32))
     fu = tl.maximum(fu, (loc32 >= 0).to(tl.int32))
     return accg, accu, fg, fu
@@ -687,25 +678,25 @@ def _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
                  C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
                  C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
                  C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
-                 NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
-                 BKQ: tl.constexpr):
+                 NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr):
     """(gate, up, found flags) as _dot_half(HALF 0) and _dot_half(HALF 1) give them, for a launch
-    whose slots are all gate_up weights of one fusable kind (GU, moe._gate_up_fused)."""
+    whose slots are all int4 gate_up weights on the per-field tiles, or all fp8 gate_up weights
+    (GU, moe._gate_up_fused)."""
     g = tl.zeros([BM, BN], dtype=tl.float32)
     u = tl.zeros([BM, BN], dtype=tl.float32)
     fg = e * 0
     fu = e * 0
     g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
-                                w0, s0, z0, p0, m0, r0, C0, G0, B0, BN, BKD, BKF, BKQ)
+                                w0, s0, z0, p0, m0, r0, C0, G0, B0, BN, BKF, BKQ)
     if NS > 1:
         g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
-                                    w1, s1, z1, p1, m1, r1, C1, G1, B1, BN, BKD, BKF, BKQ)
+                                    w1, s1, z1, p1, m1, r1, C1, G1, B1, BN, BKF, BKQ)
     if NS > 2:
         g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
-                                    w2, s2, z2, p2, m2, r2, C2, G2, B2, BN, BKD, BKF, BKQ)
+                                    w2, s2, z2, p2, m2, r2, C2, G2, B2, BN, BKF, BKQ)
     if NS > 3:
         g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
-                                    w3, s3, z3, p3, m3, r3, C3, G3, B3, BN, BKD, BKF, BKQ)
+                                    w3, s3, z3, p3, m3, r3, C3, G3, B3, BN, BKF, BKQ)
     return g, u, fg, fu
 
 
@@ -778,7 +769,7 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                 g, u, fg, fu = _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
                                             w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
                                             w3, s3, z3, p3, m3, r3, C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3,
-                                            NS, BM, BN, BKD, BKF, BKQ)
+                                            NS, BM, BN, BKF, BKQ)
             else:
                 g, fg = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
                                   w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
