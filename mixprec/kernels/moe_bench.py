@@ -73,6 +73,11 @@ GEMV_CANDIDATES = [
     dict(BN=8, BKD=256, BKF=512, BKQ=1024, BKI=256, num_warps=8, num_stages=1),
     dict(BN=16, BKD=128, BKF=256, BKQ=512, BKI=128, num_warps=8, num_stages=1, split=2),
     dict(BN=32, BKD=128, BKF=256, BKQ=512, BKI=128, num_warps=8, num_stages=1, split=4),
+    # intq gate and up in one K loop (moe._gate_up_fused; other layouts ignore "gu"): the session-16
+    # choices (GEMV_M1 30B, GEMV_LAYOUT intq) and the halved-BN variant measured with them
+    dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
+    dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True),
+    dict(BN=8, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
 ]
 LAYOUT_OF = {"int4": "intq", "fp8": "fp8", "bf16": "dense"}   # swept configuration -> its layout
 SWEPT = tuple(LAYOUT_OF)                                       # the uniform layers a sweep times
