@@ -15,7 +15,9 @@ the crossovers and DOT_M1 on real mixed layers as well as uniform ones (scripts/
 benchmarks/moe.md).
 BK* are the K tiles per layout (D dense, F fp8, Q intq, I int8); BK is lowered automatically
 where a format's block needs it (an fp8 GEMV tile spans blocks only when its rows share a scale
-row; the W8A8 dot path uses 128).
+row; the W8A8 dot path uses 128). `split`: programs per output tile (K chunks; on the GEMV path
+also the gate / up halves). `gu` (GEMV configs): a launch of intq gate_up weights only runs gate
+and up in one K loop (moe._gate_up_fused; the dot path decides that without a key).
 """
 from __future__ import annotations
 
