@@ -133,12 +133,13 @@ def test_norm_router_route_matches_norm_then_route(m, e, k, h, dtype):
         moe.norm_router_route(x.repeat(3, 1), r.repeat(3, 1), nw, 1e-6, gw, k, True)
 
 
-@pytest.mark.parametrize("ids_kind", ["random", "one_expert"])
-def test_align_groups_pairs_by_expert(ids_kind, monkeypatch):
+@pytest.mark.parametrize("ids_kind,m,k,e,bm", [("random", 300, 2, 7, 4), ("one_expert", 300, 2, 8, 4),
+                                               ("random", 128, 8, 128, 16), ("random", 1, 1, 3, 16)])
+def test_align_groups_pairs_by_expert(ids_kind, m, k, e, bm, monkeypatch):
     """moe_align's two kernels (one program sorting the pairs in registers; count / scan / scatter
     launches over chunks of 128 pairs) give the same bits: pairs grouped by expert into blocks,
-    stable inside an expert (7 experts: not a power of two)."""
-    m, k, e, bm = 300, 2, 7 if ids_kind == "random" else 8, 4
+    stable inside an expert. 7 experts: not a power of two; 128 x top-8: the sort kernel's largest
+    size (1024 pairs) at the Qwen3 expert count; one pair."""
     if ids_kind == "random":
         ids = torch.stack([torch.randperm(e)[:k] for _ in range(m)]).to(torch.int32)
     else:
