@@ -214,10 +214,11 @@ def test_many_down_buckets_and_per_bucket_launches():
     _check(ba, *_inputs(3, seed=9), one_launch=False)
 
 
-@pytest.mark.parametrize("path,split", [("gemv", 1), ("gemv", 4), ("dot", 2)])
+@pytest.mark.parametrize("path,split", [("gemv", 1), ("gemv", 4), ("dot", 2), ("dot", 1)])
 def test_expert_absent_from_all_buckets_adds_zero(path, split):
     # expert parallel: experts of other ranks are in no bucket and contribute nothing (also with
-    # several GEMV / dot programs per tile: their partials of an absent expert are zero)
+    # several GEMV / dot programs per tile: their partials of an absent expert are zero; and with
+    # gate and up in one K loop: the int4 GEMV rows at 3 tokens, the dot config of split 1)
     b = _layer(mt.uniform("int4", E), seed=6)
     for bb in b:
         bb["expert_map"] = bb["expert_map"].clone()
@@ -225,8 +226,8 @@ def test_expert_absent_from_all_buckets_adds_zero(path, split):
     x, w, ids = _inputs(3, seed=10)
     ids[0, 1] = 7
     cfg = (dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, split=split) if path == "gemv"
-           else dict(DOT[1], split=split))
-    y = moe.fused_moe(x, ids, w, b, I, config=None if split == 1 else (path, cfg, cfg))
+           else dict(DOT[1], BKQ=128 if split == 1 else DOT[1]["BKQ"], split=split))
+    y = moe.fused_moe(x, ids, w, b, I, config=None if (path, split) == ("gemv", 1) else (path, cfg, cfg))
     keep = ids < 6
     ref = torch.zeros(3, H, device=DEV)
     for mm in range(3):
