@@ -406,16 +406,17 @@ def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv:
     route + layer, µs, separate -> one loop (moe_diag/session16_gate_up_one_loop_h100.log): 30B
     int4 M=16 120.0 -> 111.7, M=64 177.2 -> 164.3, 235B M=64 569.2 -> 523.8; gate/up int4 + fp8
     down (perproj) M=64 202.2 -> 189.8."""
-    if any((c // 32) % 4 != 0 for c, _, _ in descs):      # a slot that is not gate_up
+    if any((c >> 5) & 3 != PROJ_CODE["gate_up"] for c, _, _ in descs):
         return False
     layouts = {c % 4 for c, _, _ in descs}
+    intq, fp8 = {LAYOUT_CODE["intq"]}, {LAYOUT_CODE["fp8"]}
     if gemv:
-        return layouts == {2} and cfg.get("gu", False)
+        return layouts == intq and cfg.get("gu", False)
     if cfg.get("BM") != 16:
         return False
-    if layouts == {2}:
-        return bkq >= 128 and all((c // 128) % 2 == 0 and G % bkq == 0 for c, G, _ in descs)
-    return layouts == {1} and tokens <= moe_configs.DOT_GATE_UP_FP8_MAX_M
+    if layouts == intq:     # 4-bit codes (bit 7 clear), every tile inside one group
+        return bkq >= 128 and all(not (c >> 7) & 1 and G % bkq == 0 for c, G, _ in descs)
+    return layouts == fp8 and tokens <= moe_configs.DOT_GATE_UP_FP8_MAX_M
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
