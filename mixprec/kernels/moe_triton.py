@@ -71,6 +71,20 @@ def _intq_codes(q, fmask, magic, off):
     return b.to(tl.float32, bitcast=True) - off
 
 
+@triton.jit
+def _intq_expert(w, s, z, pm, loc, rs, nw, G: tl.constexpr, PF: tl.constexpr):
+    """Expert slot loc of an intq bucket: its codes [rs/PF, nw], scales and zeros [cdiv(rs, G), nw]
+    and perm [rs] (rs: stored rows, K or more for a padded act-order shard)."""
+    return (w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw), z + loc * (tl.cdiv(rs, G) * nw),
+            pm + loc * rs)
+
+
+@triton.jit
+def _fp8_expert(w, s, loc, nw, K, G: tl.constexpr, B: tl.constexpr):
+    """Expert slot loc of an fp8 bucket: its weight [nw, K] and block scales [cdiv(nw, B), cdiv(K, G)]."""
+    return w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G))
+
+
 # ----------------------------------------------------------------------------------------------
 # GEMV tiles (one pair per program): each returns y[n0:n0+BN] in fp32
 
@@ -192,12 +206,12 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
             nw, n_lim, row0 = _slot_rows(PROJ, HALF, INTER, HID)
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
-                # rs: stored rows (K, or more for a padded act-order shard; x is read via perm)
-                res = gemv_intq(xrow, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
-                                z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, row0, nw, rs, n_lim, n0,
+                qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, PF)   # x is read via perm
+                res = gemv_intq(xrow, qe, se, ze, pe, row0, nw, rs, n_lim, n0,
                                 qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ, EVK, PDL)
             elif LAY == _FP8:
-                res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
+                we, se = _fp8_expert(w, s, loc, nw, K, G, B)
+                res = _gemv_nk(xrow, qrow, srow, we, se, z,
                                row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BN, BKF, EVK, FOLD, PDL)
             elif LAY == _INT8:
                 res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw,
@@ -248,8 +262,8 @@ def _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w, s, z, pm, m
         nw = 2 * INTER
         c = tl.arange(0, 2 * BN)
         rn = n0 + c % BN
-        res = gemv_intq_cols(xrow, w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw),
-                             z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, rn + (c // BN) * INTER, rn < INTER, nw, rs,
+        qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, PF)
+        res = gemv_intq_cols(xrow, qe, se, ze, pe, rn + (c // BN) * INTER, rn < INTER, nw, rs,
                              qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, False)
     return res, tl.maximum(found, (loc32 >= 0).to(tl.int32))
 
@@ -320,8 +334,8 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
     SPLIT > 1 gives each output tile more programs (more loads in flight at decode): UP program z
     computes half z % 2 (gate, up) over K chunk z // 2 into ws [P, SPLIT, INTER] fp32 and the last
     of the SPLIT to arrive (counter ucnt, left zero) applies silu * mul; DOWN program z computes
-    K chunk z into buf row p * SPLIT + z, and the token's sum takes TOPK * SPLIT rows. GU (SPLIT 1):
-    gate and up in one K loop (_gemv_gate_up)."""
+    K chunk z into buf row p * SPLIT + z, and the token's sum takes TOPK * SPLIT rows. GU (SPLIT 1,
+    moe._gate_up_fused): gate and up in one K loop (_gemv_gate_up)."""
     p = tl.program_id(0)
     t = tl.program_id(1)
     z = tl.program_id(2)
@@ -339,19 +353,19 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
         xrow = x_ptr + xr * K
         qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of row xr (_act_quant_kernel)
         srow = qs_ptr + xr * NQS
-        if GU:
-            g, u, fg = _gemv_gate_up(xrow, e, n0, INTER, qm, 0, k_per,
-                                     w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
-                                     w3, s3, z3, p3, m3, r3, C0, G0, C1, G1, C2, G2, C3, G3, NS, BN, BKQ, EVK)
-            tl.store(out_ptr + p.to(tl.int64) * INTER + rn, _silu_mul(g, u).to(out_ptr.dtype.element_ty),
-                     mask=rn < INTER * fg)
-        elif SPLIT == 1:
-            g, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
-                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False)
-            u, fu = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
-                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                               C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False)
+        if SPLIT == 1:
+            if GU:
+                g, u, fg = _gemv_gate_up(xrow, e, n0, INTER, qm, 0, k_per,
+                                         w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
+                                         w3, s3, z3, p3, m3, r3, C0, G0, C1, G1, C2, G2, C3, G3, NS, BN, BKQ, EVK)
+                fu = fg
+            else:
+                g, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
+                                   w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                                   C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False)
+                u, fu = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
+                                   w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                                   C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False)
             tl.store(out_ptr + p.to(tl.int64) * INTER + rn, _silu_mul(g, u).to(out_ptr.dtype.element_ty),
                      mask=rn < INTER * fg * fu)  # fg, fu: 0/1
         else:
@@ -622,9 +636,7 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi
             nw, n_lim, row0 = _slot_rows(PROJ, HALF, INTER, HID)
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
-                # this expert's slot: codes [rs/PF, nw], scales / zeros [cdiv(rs, G), nw], perm [rs]
-                qe, se = w + loc * ((rs // PF) * nw), s + loc * (tl.cdiv(rs, G) * nw)
-                ze, pe = z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs
+                qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, PF)
                 if BITS == 4 and BKQ >= 128 and BM >= 32 and G % BKQ == 0:
                     acc = _dot_intq_t(acc, arow, rm, qe, se, ze, pe, row0, nw, rs, n_lim, n0, k_lo, k_hi,
                                       G, HZ, HP, BN, BKQ)
@@ -632,7 +644,8 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi
                     acc = _dot_intq(acc, arow, rm, qe, se, ze, pe, row0, nw, rs, n_lim, n0, k_lo, k_hi,
                                     BITS, G, HZ, HP, BN, BKQ)
             elif LAY == _FP8:
-                acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), z,
+                we, se = _fp8_expert(w, s, loc, nw, K, G, B)
+                acc = _dot_nk(acc, arow, qrow, srow, rm, we, se, z,
                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BM, BN, BKF)
             elif LAY == _INT8:
                 acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s + loc * nw, z + loc * nw,
@@ -645,11 +658,11 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi
 
 
 @triton.jit
-def _dot_slot_gu(accg, accu, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi, w, s, z, pm, mp, rs,
+def _dot_slot_gu(accg, accu, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi, w, s, z, pm, mp, rs,
                  C: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, BKF: tl.constexpr,
                  BKQ: tl.constexpr):
-    """Gate and up tiles of one gate_up slot (int4 on the per-field tiles, or fp8) in one K loop,
-    and its found flags."""
+    """Gate and up tiles of one gate_up slot (int4 on the per-field tiles, or fp8) in one K loop;
+    found: 0/1, some slot holds the expert (then both halves)."""
     LAY: tl.constexpr = C % 4
     ACT: tl.constexpr = (C // 4) % 2
     HZ: tl.constexpr = (C // 8) % 2
@@ -659,16 +672,14 @@ def _dot_slot_gu(accg, accu, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo
         loc = loc32.to(tl.int64)
         nw = 2 * INTER
         if LAY == _INTQ:
-            accg, accu = _dot_intq_gu(accg, accu, arow, rm, w + loc * ((rs // 8) * nw), s + loc * (tl.cdiv(rs, G) * nw),
-                                      z + loc * (tl.cdiv(rs, G) * nw), pm + loc * rs, nw, rs, INTER, n0, k_lo, k_hi,
+            qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, 8)
+            accg, accu = _dot_intq_gu(accg, accu, arow, rm, qe, se, ze, pe, nw, rs, INTER, n0, k_lo, k_hi,
                                       G, HZ, HP, BN, BKQ)
         else:
-            accg, accu = _dot_fp8_gu(accg, accu, arow, qrow, srow, rm, w + loc * (nw * K),
-                                     s + loc * (tl.cdiv(nw, B) * tl.cdiv(K, G)), K, INTER, n0, k_lo, k_hi,
+            we, se = _fp8_expert(w, s, loc, nw, K, G, B)
+            accg, accu = _dot_fp8_gu(accg, accu, arow, qrow, srow, rm, we, se, K, INTER, n0, k_lo, k_hi,
                                      ACT, G, B, BN, BKF)
-    fg = tl.maximum(fg, (loc32 >= 0).to(tl.int32))
-    fu = tl.maximum(fu, (loc32 >= 0).to(tl.int32))
-    return accg, accu, fg, fu
+    return accg, accu, tl.maximum(found, (loc32 >= 0).to(tl.int32))
 
 
 @triton.jit
@@ -679,25 +690,24 @@ def _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
                  C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
                  C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                  NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr):
-    """(gate, up, found flags) as _dot_half(HALF 0) and _dot_half(HALF 1) give them, for a launch
+    """(gate, up, found) as _dot_half(HALF 0) and _dot_half(HALF 1) give them, for a launch
     whose slots are all int4 gate_up weights on the per-field tiles, or all fp8 gate_up weights
     (GU, moe._gate_up_fused)."""
     g = tl.zeros([BM, BN], dtype=tl.float32)
     u = tl.zeros([BM, BN], dtype=tl.float32)
-    fg = e * 0
-    fu = e * 0
-    g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+    found = e * 0
+    g, u, found = _dot_slot_gu(g, u, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
                                 w0, s0, z0, p0, m0, r0, C0, G0, B0, BN, BKF, BKQ)
     if NS > 1:
-        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+        g, u, found = _dot_slot_gu(g, u, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
                                     w1, s1, z1, p1, m1, r1, C1, G1, B1, BN, BKF, BKQ)
     if NS > 2:
-        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+        g, u, found = _dot_slot_gu(g, u, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
                                     w2, s2, z2, p2, m2, r2, C2, G2, B2, BN, BKF, BKQ)
     if NS > 3:
-        g, u, fg, fu = _dot_slot_gu(g, u, fg, fu, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+        g, u, found = _dot_slot_gu(g, u, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
                                     w3, s3, z3, p3, m3, r3, C3, G3, B3, BN, BKF, BKQ)
-    return g, u, fg, fu
+    return g, u, found
 
 
 @triton.jit
@@ -766,10 +776,11 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
             qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of the rows (_act_quant_kernel)
             srow = qs_ptr + xr * NQS
             if GU:
-                g, u, fg, fu = _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
-                                            w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
-                                            w3, s3, z3, p3, m3, r3, C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3,
-                                            NS, BM, BN, BKF, BKQ)
+                g, u, fg = _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+                                        w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
+                                        w3, s3, z3, p3, m3, r3, C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3,
+                                        NS, BM, BN, BKF, BKQ)
+                fu = fg
             else:
                 g, fg = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
                                   w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
