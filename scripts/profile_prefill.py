@@ -46,10 +46,6 @@ for B in batches:
     print(f"mix={mix} B={B} tokens={B * 128}: wall median {statistics.median(walls) * 1e3:.1f} ms "
           f"(all {[round(w * 1e3, 1) for w in walls]}), GPU kernel sum {kern:.1f} ms, GPU span {span:.1f} ms, "
           f"kernels {len(evs)}", flush=True)
-    agg: dict[str, list] = {}
-    for e in evs:
-        a = agg.setdefault(e.name[:90], [0, 0.0])
-        a[0] += 1
-        a[1] += (e.time_range.end - e.time_range.start) / 1e3
-    for name, (n, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:14]:
-        print(f"    {t:8.2f} ms {n:5d}x {name}", flush=True)
+    top = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]   # per kernel name
+    for e in sorted(top, key=lambda e: -e.self_device_time_total)[:14]:
+        print(f"    {e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x {e.key[:90]}", flush=True)
