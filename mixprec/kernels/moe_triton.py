@@ -1031,16 +1031,6 @@ def _store_blocks(blk_ptr, ends, total, NB_MAX, BM: tl.constexpr, CH: tl.constex
 
 
 @triton.jit
-def _scatter_chunk(ids_ptr, idx, P, base, sorted_ptr, EB: tl.constexpr):
-    """sorted[base[e] + rank of the pair among the chunk's pairs of e] = pair, for the pairs idx;
-    returns the chunk's count per expert [EB]."""
-    oh = _expert_onehot(ids_ptr, idx, P, EB)                                # [CH, EB]
-    rank = tl.cumsum(oh, axis=0) - oh + base[None, :]
-    tl.store(sorted_ptr + tl.sum(rank * oh, axis=1), idx, mask=(idx < P) & (tl.sum(oh, axis=1) > 0))
-    return tl.sum(oh, axis=0)
-
-
-@triton.jit
 def _align_sort_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
                        BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr,
                        PDL: tl.constexpr = False):
@@ -1110,4 +1100,8 @@ def _align_scatter_kernel(ids_ptr, cc_ptr, sorted_ptr, P, EB: tl.constexpr, CH: 
     """Chunk c's pairs into their slots: the chunk's base per expert + rank in the chunk."""
     pdl.wait(PDL)
     c = tl.program_id(0)
-    _scatter_chunk(ids_ptr, c * CH + tl.arange(0, CH), P, tl.load(cc_ptr + c * EB + tl.arange(0, EB)), sorted_ptr, EB)
+    base = tl.load(cc_ptr + c * EB + tl.arange(0, EB))
+    idx = c * CH + tl.arange(0, CH)
+    oh = _expert_onehot(ids_ptr, idx, P, EB)                                # [CH, EB]
+    rank = tl.cumsum(oh, axis=0) - oh + base[None, :]
+    tl.store(sorted_ptr + tl.sum(rank * oh, axis=1), idx, mask=(idx < P) & (tl.sum(oh, axis=1) > 0))
