@@ -1,6 +1,7 @@
 """Where a decode step's time goes: torch.profiler over eager (no CUDA graph) decode steps of a
 synthetic Qwen3-30B-A3B-shaped model with fewer layers. Prints the top kernels, their launches per
-step and the step time with and without CUDA graphs.
+step and the step time with and without CUDA graphs; then the same steps replayed as CUDA graphs:
+kernel time per step against the step's span (the gaps are launch / drain latency).
 
     python scripts/profile_decode.py MIX [LAYERS] [BATCH]"""
 import os
@@ -51,3 +52,40 @@ print(f"CUDA kernels over 1 prefill + 8 decode steps: {launches} launches "
       f"({launches / 9 / layers:.1f} per step per layer), {tot / 1e3:.2f} ms device time")
 for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:30]:
     print(f"{e.self_device_time_total / 1e3:8.3f} ms {e.count:6d}x {e.self_device_time_total / max(e.count, 1):8.2f} us  {e.key[:110]}")
+
+# The same decode steps replayed as CUDA graphs (what `bench` times): how much of a step the GPU
+# spends inside kernels (their union; PDL lets neighbours overlap) and how much between them.
+gen = Generator(model, use_cuda_graphs=True)
+for _ in gen.stream(prompts, SamplingParams(max_new_tokens=4)):   # capture
+    pass
+steps = gen.stream(prompts, SamplingParams(max_new_tokens=STEPS + 2))
+next(steps)
+torch.cuda.synchronize()
+acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+with torch.profiler.profile(activities=acts) as prof:
+    for _ in range(STEPS):
+        next(steps)
+    torch.cuda.synchronize()
+for _ in steps:
+    pass
+evs = prof.events()
+n_graphs = sum(1 for e in evs if e.name == "cudaGraphLaunch")
+if not n_graphs:
+    sys.exit("graph replay: no cudaGraphLaunch in the trace")
+kern = sorted((e for e in evs if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "cudaGraphLaunch"),
+              key=lambda e: e.time_range.start)
+busy, end = 0.0, float("-inf")
+for e in kern:      # union of the kernels' intervals
+    s, t = e.time_range.start, e.time_range.end
+    busy += max(0.0, t - max(s, end))
+    end = max(end, t)
+span = end - kern[0].time_range.start
+dur = sum(e.time_range.elapsed_us() for e in kern)
+print(f"graph replay: {n_graphs} decode graphs, {len(kern)} kernels ({len(kern) / n_graphs / layers:.1f} per step "
+      f"per layer); per step {span / n_graphs:.1f} us from first kernel start to last end, kernels busy "
+      f"{busy / n_graphs:.1f} us (union), kernel durations summed {dur / n_graphs:.1f} us")
+per: dict[str, list] = {}
+for e in kern:
+    per.setdefault(e.name, []).append(e.time_range.elapsed_us())
+for name, ds in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:20]:
+    print(f"{sum(ds) / n_graphs:8.1f} us/step {len(ds) / n_graphs:6.1f}x {sum(ds) / len(ds):8.2f} us  {name[:110]}")
