@@ -643,11 +643,15 @@ def test_int4_dot_lattice(specs, bm, split):
 
 
 @pytest.mark.parametrize("path,specs", [("dot", ["int4", "int4_asym", "int4_perm"]), ("dot", ["fp8", "fp8_w8a16"]),
-                                        ("gemv", ["int4_g32", "int4_perm", "int8q", "int4_asym"])])
+                                        ("gemv", ["int4_g32", "int4_perm", "int8q", "int4_asym"]),
+                                        ("gemv", ["fp8", "fp8_ch", "int8", "int8_zp"]),
+                                        ("gemv", ["int4", "fp8_w8a16", "fp16", "int8_w8a16"])])
 def test_gate_up_in_one_k_loop(path, specs, monkeypatch):
-    """A launch of intq gate_up slots only runs gate and up in one K loop (moe._gate_up_fused):
-    GEMV tiles of any intq (configs with "gu"), 16-row dot tiles of int4 (per-field) or fp8 (up
-    to DOT_GATE_UP_FP8_MAX_M tokens); equal to one loop per half (bit for bit in the interpreter; the GPU may reduce in another order)."""
+    """A launch of gate_up slots only runs gate and up in one K loop (moe._gate_up_fused): GEMV
+    tiles of any layout (configs with "gu"; fp8 with the scales folded into x per half, fp8_ch
+    not, int8 with per-row scales and zeros, dense, launches that mix them), 16-row dot tiles of
+    int4 (per-field) or fp8 (up to DOT_GATE_UP_FP8_MAX_M tokens); equal to one loop per half (bit
+    for bit in the interpreter; the GPU may reduce in another order)."""
     cfg = (dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2) if path == "dot" else
            dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, gu=True))
     b = _layer(mt.split(specs, E), h=384, i=128)

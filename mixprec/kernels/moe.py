@@ -398,7 +398,7 @@ def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, in
 def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv: bool, tokens: int) -> bool:
     """A launch whose slots are all gate_up weights of one kind may run gate and up in one K loop,
     each x tile loaded once for both and both halves' weights in flight together
-    (moe_triton._gemv_gate_up / _dot_gate_up), where that measured faster: GEMV launches of intq
+    (moe_triton._gemv_half's HALF 3 / _dot_gate_up), where that measured faster: GEMV launches
     where their config says "gu" (moe_configs, per row); 16-row dot launches of int4 on the
     per-field tiles (groups a multiple of the K tile) always, of fp8 up to
     moe_configs.DOT_GATE_UP_FP8_MAX_M tokens. Launches that mix layouts keep one loop per half:
@@ -411,7 +411,7 @@ def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv:
     layouts = {c % 4 for c, _, _ in descs}
     intq, fp8 = {LAYOUT_CODE["intq"]}, {LAYOUT_CODE["fp8"]}
     if gemv:
-        return layouts == intq and cfg.get("gu", False)
+        return cfg.get("gu", False)
     if cfg.get("BM") != 16:
         return False
     if layouts == intq:     # 4-bit codes (bit 7 clear), every tile inside one group

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .gemv_tiles import gemv_intq, gemv_intq_cols, intq_scale
+from .gemv_tiles import gemv_intq_cols, intq_scale
 from .intq import intq_dequant_tile
 from .quant import int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
 
@@ -44,9 +44,11 @@ _MODE_DOWN = tl.constexpr(1)
 
 @triton.jit
 def _covers(PROJ: tl.constexpr, HALF: tl.constexpr):
-    # HALF: 0 gate rows, 1 up rows, 2 down
+    # HALF: 0 gate rows, 1 up rows, 2 down, 3 gate and up rows in one K loop (gate_up slots)
     if HALF == 2:
         return PROJ == _DOWN
+    elif HALF == 3:
+        return PROJ == _GATE_UP
     elif HALF == 0:
         return (PROJ == _GATE_UP) or (PROJ == _GATE)
     else:
@@ -89,13 +91,14 @@ def _fp8_expert(w, s, loc, nw, K, G: tl.constexpr, B: tl.constexpr):
 # GEMV tiles (one pair per program): each returns y[n0:n0+BN] in fp32
 
 @triton.jit
-def _gemv_nk(xrow, qrow, srow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
-             LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr,
-             BNW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr,
-             FOLD: tl.constexpr, PDL: tl.constexpr):
-    # weight [nw, K] row-major (dense / fp8 / int8); this tile: rows row0+n0 .. +BN.
+def _gemv_rows(xrow, qrow, srow, wp, sp, zp, rows, nm, K, k_lo, k_hi,
+               LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr,
+               BNW: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr,
+               FOLD: tl.constexpr, NH: tl.constexpr, PDL: tl.constexpr):
+    # y at the weight rows `rows` [R] (mask nm) of a row-major [*, K] weight (dense / fp8 / int8):
+    # NH runs of R / NH consecutive rows (the gate and the up half of a gate_up tile side by side).
     # W8A8 (ACT 1) reads the row's codes and scales from _act_quant_kernel (qrow, srow), not x.
-    # fp8 FOLD: the tile's rows share one scale row, so the weight scale (and the W8A8 activation
+    # fp8 FOLD: each run's rows share one scale row, so the weight scale (and the W8A8 activation
     # scale) depends on k only and multiplies x, not each weight; the tile then may span SUB-wide
     # slices of constant scale (more bytes per step). Otherwise the tile sits in one block.
     if ACT == 1:
@@ -103,9 +106,8 @@ def _gemv_nk(xrow, qrow, srow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
     else:
         SUB: tl.constexpr = BK if BK < (BKW & -BKW) else (BKW & -BKW)
     U: tl.constexpr = BK // SUB
-    rn = n0 + tl.arange(0, BN)
-    nm = rn < n_lim
-    rows = (row0 + rn).to(tl.int64)
+    R: tl.constexpr = rows.shape[0]
+    rows = rows.to(tl.int64)
     rk = tl.arange(0, BK)
     if LAY == _FP8:
         wp = wp.to(tl.pointer_type(tl.uint8))  # fp8 loaded as bytes: masked lanes read 0, not NaN
@@ -115,11 +117,13 @@ def _gemv_nk(xrow, qrow, srow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
         if ACT == 1:
             xrow = qrow.to(tl.pointer_type(tl.int8))          # plane 0: int8 codes
     wrow = wp + rows[:, None] * K
+    if FOLD:    # [NH] each run's scale row: its first row's
+        s_run = sp + (tl.min(tl.reshape(rows, (NH, R // NH)), axis=1) // BNW) * tl.cdiv(K, BKW)
     xsum = tl.zeros([BK], dtype=tl.float32)
-    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    acc = tl.zeros([R, BK], dtype=tl.float32)
     k_hi = tl.minimum(k_hi, K)
     if EVK:
-        w_nxt = tl.load(wrow + (k_lo + rk)[None, :], mask=(rn < tl.where(k_lo < k_hi, n_lim, 0))[:, None], other=0)
+        w_nxt = tl.load(wrow + (k_lo + rk)[None, :], mask=tl.where(k_lo < k_hi, nm, False)[:, None], other=0)
     else:
         w_nxt = tl.load(wrow + (k_lo + rk)[None, :], mask=nm[:, None] & (k_lo + rk < k_hi)[None, :], other=0)
     pdl.wait(PDL)   # (down side) the first tile is loaded; x comes from the kernel before
@@ -128,7 +132,7 @@ def _gemv_nk(xrow, qrow, srow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
         w = w_nxt
         kn = kk + BK
         if EVK:
-            w_nxt = tl.load(wrow + kn[None, :], mask=(rn < tl.where(k0 + BK < k_hi, n_lim, 0))[:, None], other=0)
+            w_nxt = tl.load(wrow + kn[None, :], mask=tl.where(k0 + BK < k_hi, nm, False)[:, None], other=0)
             x = tl.load(xrow + kk)
         else:
             w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < k_hi)[None, :], other=0)
@@ -142,8 +146,9 @@ def _gemv_nk(xrow, qrow, srow, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo, k_hi,
                 x2 = tl.reshape(x.to(tl.float32), (U, SUB))
             wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             if FOLD:
-                sc = tl.load(sp + ((row0 + n0) // BNW) * tl.cdiv(K, BKW) + ks // BKW, mask=ks < K, other=0.0)
-                acc += wf * tl.reshape(x2 * sc[:, None], (BK,))[None, :]
+                sc = tl.load(s_run[:, None] + (ks // BKW)[None, :], mask=(ks < K)[None, :], other=0.0)  # [NH, U]
+                xs = tl.reshape(x2[None, :, :] * sc[:, :, None], (NH, 1, BK))
+                acc += tl.reshape(tl.reshape(wf, (NH, R // NH, BK)) * xs, (R, BK))
             else:
                 sc = tl.load(sp + (rows // BNW) * tl.cdiv(K, BKW) + k0 // BKW, mask=nm, other=0.0)
                 acc += (wf * sc[:, None]) * tl.reshape(x2, (BK,))[None, :]
@@ -204,21 +209,30 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
         if loc32 >= 0:
             loc = loc32.to(tl.int64)
             nw, n_lim, row0 = _slot_rows(PROJ, HALF, INTER, HID)
+            if HALF == 3:   # BN gate rows, then the BN up rows
+                c = tl.arange(0, 2 * BN)
+                rn = n0 + c % BN
+                rows = rn + (c // BN) * INTER
+            else:
+                rn = n0 + tl.arange(0, BN)
+                rows = row0 + rn
+            nm = rn < n_lim
+            NH: tl.constexpr = 2 if HALF == 3 else 1
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
                 qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, PF)   # x is read via perm
-                res = gemv_intq(xrow, qe, se, ze, pe, row0, nw, rs, n_lim, n0,
-                                qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BN, BKQ, EVK, PDL)
+                res = gemv_intq_cols(xrow, qe, se, ze, pe, rows, nm, nw, rs,
+                                     qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, PDL)
             elif LAY == _FP8:
                 we, se = _fp8_expert(w, s, loc, nw, K, G, B)
-                res = _gemv_nk(xrow, qrow, srow, we, se, z,
-                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BN, BKF, EVK, FOLD, PDL)
+                res = _gemv_rows(xrow, qrow, srow, we, se, z, rows, nm, K, k_lo, k_hi,
+                                 LAY, ACT, HZ, G, B, BKF, EVK, FOLD, NH, PDL)
             elif LAY == _INT8:
-                res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw,
-                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BN, BKI, EVK, 0, PDL)
+                res = _gemv_rows(xrow, qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw, rows, nm, K,
+                                 k_lo, k_hi, LAY, ACT, HZ, 1, 1, BKI, EVK, 0, NH, PDL)
             else:
-                res = _gemv_nk(xrow, qrow, srow, w + loc * (nw * K), s, z,
-                               row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, 0, 0, 1, 1, BN, BKD, EVK, 0, PDL)
+                res = _gemv_rows(xrow, qrow, srow, w + loc * (nw * K), s, z, rows, nm, K, k_lo, k_hi,
+                                 LAY, 0, 0, 1, 1, BKD, EVK, 0, NH, PDL)
         found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
     return res, found
 
@@ -232,7 +246,8 @@ def _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                NS: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
                BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
-    res = tl.zeros([BN], dtype=tl.float32)
+    RB: tl.constexpr = 2 * BN if HALF == 3 else BN   # HALF 3: gate then up columns
+    res = tl.zeros([RB], dtype=tl.float32)
     found = e * 0  # int32 0/1: some slot holds this expert
     res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, B0,
                             HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
@@ -246,47 +261,6 @@ def _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
         res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, B3,
                                 HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
     return res, found
-
-
-@triton.jit
-def _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w, s, z, pm, mp, rs,
-                  C: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, BKQ: tl.constexpr, EVK: tl.constexpr):
-    """res [2 BN]: the gate (first BN) and up columns of an intq gate_up slot's tile n0, one K loop."""
-    HZ: tl.constexpr = (C // 8) % 2
-    HP: tl.constexpr = (C // 16) % 2
-    BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
-    PF: tl.constexpr = 32 // BITS
-    loc32 = tl.load(mp + e)
-    if loc32 >= 0:
-        loc = loc32.to(tl.int64)
-        nw = 2 * INTER
-        c = tl.arange(0, 2 * BN)
-        rn = n0 + c % BN
-        qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, PF)
-        res = gemv_intq_cols(xrow, qe, se, ze, pe, rn + (c // BN) * INTER, rn < INTER, nw, rs,
-                             qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, False)
-    return res, tl.maximum(found, (loc32 >= 0).to(tl.int32))
-
-
-@triton.jit
-def _gemv_gate_up(xrow, e, n0, INTER, qm, k_lo, k_hi,
-                  w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                  C0: tl.constexpr, G0: tl.constexpr, C1: tl.constexpr, G1: tl.constexpr,
-                  C2: tl.constexpr, G2: tl.constexpr, C3: tl.constexpr, G3: tl.constexpr,
-                  NS: tl.constexpr, BN: tl.constexpr, BKQ: tl.constexpr, EVK: tl.constexpr):
-    """(gate, up, found) as _gemv_half(HALF 0) and _gemv_half(HALF 1) give them, for a launch whose
-    slots are all intq gate_up weights (GU, moe._gate_up_fused): both halves' words in one K loop."""
-    res = tl.zeros([2 * BN], dtype=tl.float32)
-    found = e * 0
-    res, found = _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, BN, BKQ, EVK)
-    if NS > 1:
-        res, found = _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, BN, BKQ, EVK)
-    if NS > 2:
-        res, found = _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, BN, BKQ, EVK)
-    if NS > 3:
-        res, found = _gemv_slot_gu(res, found, xrow, e, n0, INTER, qm, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, BN, BKQ, EVK)
-    g, u = tl.split(tl.permute(tl.reshape(res, (2, BN)), (1, 0)))
-    return g, u, found
 
 
 @triton.jit
@@ -335,7 +309,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
     computes half z % 2 (gate, up) over K chunk z // 2 into ws [P, SPLIT, INTER] fp32 and the last
     of the SPLIT to arrive (counter ucnt, left zero) applies silu * mul; DOWN program z computes
     K chunk z into buf row p * SPLIT + z, and the token's sum takes TOPK * SPLIT rows. GU (SPLIT 1,
-    moe._gate_up_fused): gate and up in one K loop (_gemv_gate_up)."""
+    moe._gate_up_fused): gate and up in one K loop (_gemv_half's HALF 3)."""
     p = tl.program_id(0)
     t = tl.program_id(1)
     z = tl.program_id(2)
@@ -355,9 +329,10 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
         srow = qs_ptr + xr * NQS
         if SPLIT == 1:
             if GU:
-                g, u, fg = _gemv_gate_up(xrow, e, n0, INTER, qm, 0, k_per,
-                                         w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
-                                         w3, s3, z3, p3, m3, r3, C0, G0, C1, G1, C2, G2, C3, G3, NS, BN, BKQ, EVK)
+                gu, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
+                                    w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
+                                    C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 3, BN, BKD, BKF, BKQ, BKI, EVK, False)
+                g, u = tl.split(tl.permute(tl.reshape(gu, (2, BN)), (1, 0)))
                 fu = fg
             else:
                 g, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
