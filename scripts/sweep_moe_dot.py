@@ -11,7 +11,7 @@ before it is timed. Prints one line per M with each candidate's µs and the winn
 
 --grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]]" (BM 16, 128-wide K tiles
 unless given); --old-rows adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K
-tiles) with and without 128-wide K tiles. Layer mixes: moe_bench.CONFIGS plus `rt_mixed` (the runtime's `mixed` preset:
+tiles) with and without 128-wide K tiles. Layer mixes: moe_bench.CONFIGS (`rt_mixed`: the runtime's `mixed` preset:
 half the experts int4, a quarter fp8 with bf16 down, a quarter int8 W8A8 with fp8 down)."""
 import argparse
 import json
@@ -27,8 +27,6 @@ from mixprec.kernels import moe  # noqa: E402
 from mixprec.kernels import moe_bench as mb  # noqa: E402
 from mixprec.kernels import moe_testing as mt  # noqa: E402
 
-MIXES = dict(mb.CONFIGS, rt_mixed=lambda E: ([("int4",) * 3] * (E // 2) + [("fp8", "fp8", "bf16")] * (E // 4)
-                                              + [("int8", "int8", "fp8")] * (E // 4)))
 BASE = dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)
 
 
@@ -71,7 +69,7 @@ def main() -> None:
         sh = mb.SHAPES[shape]
         k, I = sh["k"], sh["I"]
         for name in a.configs.split(","):
-            layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, MIXES[name], tokens, a.min_mb * 1e6)
+            layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, mb.CONFIGS[name], tokens, a.min_mb * 1e6)
             b0 = layers[0]
             touched = {M: sum(t.values()) for M, t in touched_fmt.items()}
             for M in tokens:

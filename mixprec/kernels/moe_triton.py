@@ -91,12 +91,13 @@ def _fp8_expert(w, s, loc, nw, K, G: tl.constexpr, B: tl.constexpr):
 # GEMV tiles (one pair per program): each returns y[n0:n0+BN] in fp32
 
 @triton.jit
-def _gemv_rows(xrow, qrow, srow, wp, sp, zp, rows, nm, K, k_lo, k_hi,
+def _gemv_rows(xrow, qrow, srow, wp, sp, zp, rows, nm, run0, K, k_lo, k_hi,
                LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, BKW: tl.constexpr,
                BNW: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr,
-               FOLD: tl.constexpr, NH: tl.constexpr, PDL: tl.constexpr):
+               FOLD: tl.constexpr, PDL: tl.constexpr):
     # y at the weight rows `rows` [R] (mask nm) of a row-major [*, K] weight (dense / fp8 / int8):
-    # NH runs of R / NH consecutive rows (the gate and the up half of a gate_up tile side by side).
+    # NH runs of R / NH consecutive rows starting at run0 [NH] (the gate and the up half of a
+    # gate_up tile side by side).
     # W8A8 (ACT 1) reads the row's codes and scales from _act_quant_kernel (qrow, srow), not x.
     # fp8 FOLD: each run's rows share one scale row, so the weight scale (and the W8A8 activation
     # scale) depends on k only and multiplies x, not each weight; the tile then may span SUB-wide
@@ -107,6 +108,7 @@ def _gemv_rows(xrow, qrow, srow, wp, sp, zp, rows, nm, K, k_lo, k_hi,
         SUB: tl.constexpr = BK if BK < (BKW & -BKW) else (BKW & -BKW)
     U: tl.constexpr = BK // SUB
     R: tl.constexpr = rows.shape[0]
+    NH: tl.constexpr = run0.shape[0]
     rows = rows.to(tl.int64)
     rk = tl.arange(0, BK)
     if LAY == _FP8:
@@ -117,8 +119,8 @@ def _gemv_rows(xrow, qrow, srow, wp, sp, zp, rows, nm, K, k_lo, k_hi,
         if ACT == 1:
             xrow = qrow.to(tl.pointer_type(tl.int8))          # plane 0: int8 codes
     wrow = wp + rows[:, None] * K
-    if FOLD:    # [NH] each run's scale row: its first row's
-        s_run = sp + (tl.min(tl.reshape(rows, (NH, R // NH)), axis=1) // BNW) * tl.cdiv(K, BKW)
+    if FOLD:    # [NH] each run's scale row
+        s_run = sp + (run0 // BNW) * tl.cdiv(K, BKW)
     xsum = tl.zeros([BK], dtype=tl.float32)
     acc = tl.zeros([R, BK], dtype=tl.float32)
     k_hi = tl.minimum(k_hi, K)
@@ -217,7 +219,7 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
                 rn = n0 + tl.arange(0, BN)
                 rows = row0 + rn
             nm = rn < n_lim
-            NH: tl.constexpr = 2 if HALF == 3 else 1
+            run0 = row0 + n0 + tl.arange(0, 2 if HALF == 3 else 1) * INTER    # first row of each run
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
                 qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, PF)   # x is read via perm
@@ -225,14 +227,14 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
                                      qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, PDL)
             elif LAY == _FP8:
                 we, se = _fp8_expert(w, s, loc, nw, K, G, B)
-                res = _gemv_rows(xrow, qrow, srow, we, se, z, rows, nm, K, k_lo, k_hi,
-                                 LAY, ACT, HZ, G, B, BKF, EVK, FOLD, NH, PDL)
+                res = _gemv_rows(xrow, qrow, srow, we, se, z, rows, nm, run0, K, k_lo, k_hi,
+                                 LAY, ACT, HZ, G, B, BKF, EVK, FOLD, PDL)
             elif LAY == _INT8:
-                res = _gemv_rows(xrow, qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw, rows, nm, K,
-                                 k_lo, k_hi, LAY, ACT, HZ, 1, 1, BKI, EVK, 0, NH, PDL)
+                res = _gemv_rows(xrow, qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw, rows, nm, run0,
+                                 K, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BKI, EVK, 0, PDL)
             else:
-                res = _gemv_rows(xrow, qrow, srow, w + loc * (nw * K), s, z, rows, nm, K, k_lo, k_hi,
-                                 LAY, 0, 0, 1, 1, BKD, EVK, 0, NH, PDL)
+                res = _gemv_rows(xrow, qrow, srow, w + loc * (nw * K), s, z, rows, nm, run0, K, k_lo, k_hi,
+                                 LAY, 0, 0, 1, 1, BKD, EVK, 0, PDL)
         found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
     return res, found
 
