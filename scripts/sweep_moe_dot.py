@@ -8,6 +8,7 @@ before it is timed. Prints one line per M with each candidate's µs and the winn
 
     python scripts/sweep_moe_dot.py --tokens 1,2,4,8,16 --grid "64,1,3,4;64,2,3,4" [--out rows.json]
     python scripts/sweep_moe_dot.py --gemv --tokens 1 --configs rt_mixed,int4+fp8
+    python scripts/sweep_moe_dot.py --gemv-gu --tokens 1 --configs fp8,bf16,rt_mixed
 
 --grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]]" (BM 16, 128-wide K tiles
 unless given); --old-rows adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K
@@ -30,11 +31,13 @@ from mixprec.kernels import moe_testing as mt  # noqa: E402
 BASE = dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)
 
 
-def candidates(grid: str, old_rows: bool, gemv: bool) -> dict:
-    """name -> (path, config); "default" -> None (moe_configs.pick)."""
+def candidates(grid: str, old_rows: bool, gemv: bool | str) -> dict:
+    """name -> (path, config); "default" -> None (moe_configs.pick). gemv: True (GEMV_CANDIDATES) or
+    "gu" (GEMV_GU_CANDIDATES) instead of the dot grid."""
     out = {"default": None}
     if gemv:
-        out.update({f"gemv#{i}": ("gemv", c) for i, c in enumerate(mb.GEMV_CANDIDATES)})
+        cands = mb.GEMV_GU_CANDIDATES if gemv == "gu" else mb.GEMV_CANDIDATES
+        out.update({f"gemv{'gu' if gemv == 'gu' else ''}#{i}": ("gemv", c) for i, c in enumerate(cands)})
         return out
     for item in filter(None, grid.split(";")):
         bn, sp, st, nw, *rest = (int(v) for v in item.split(","))
@@ -57,10 +60,11 @@ def main() -> None:
                                       "64,16,3,4;64,8,2,4")
     ap.add_argument("--old-rows", action="store_true")
     ap.add_argument("--gemv", action="store_true", help="the GEMV candidates instead of the dot grid")
+    ap.add_argument("--gemv-gu", action="store_true", help="only the GEMV candidates with gate and up in one loop")
     ap.add_argument("--min-mb", type=float, default=256.0, help="cold bytes per timed replay")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    cands = candidates(a.grid, a.old_rows, a.gemv)
+    cands = candidates(a.grid, a.old_rows, "gu" if a.gemv_gu else a.gemv)
     tokens = [int(t) for t in a.tokens.split(",")]
     bw = mb.copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s", flush=True)

@@ -44,6 +44,24 @@ DEFAULT_CONFIGS = [c for c in CONFIGS if c not in ("int4_g32", "rt_mixed")]
 UNIFORM_OF = {"dense": "bf16", "fp8": "fp8", "intq": "int4", "int8": "int8"}
 
 # candidates for --sweep
+# gate and up in one K loop (moe._gate_up_fused; `gu`), a tile of 2 BN rows per program: the
+# session-16 intq choices (GEMV_M1 30B, GEMV_LAYOUT intq), the halved-BN variant measured with them,
+# and session-17 batch-1 candidates for the other layouts (BN 4-16: the fused tile's rows as many
+# as the two-loop winners' BN 8-32)
+GEMV_GU_CANDIDATES = [
+    dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
+    dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True),
+    dict(BN=8, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
+    dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True),
+    dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
+    dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
+    dict(BN=4, BKD=512, BKF=512, BKQ=1024, BKI=512, num_warps=4, num_stages=1, gu=True),
+    dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
+    dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1, gu=True),
+    dict(BN=8, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
+    dict(BN=16, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
+    dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=8, num_stages=1, gu=True),
+]
 GEMV_CANDIDATES = [
     dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1),   # the default
     dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
@@ -78,11 +96,7 @@ GEMV_CANDIDATES = [
     dict(BN=8, BKD=256, BKF=512, BKQ=1024, BKI=256, num_warps=8, num_stages=1),
     dict(BN=16, BKD=128, BKF=256, BKQ=512, BKI=128, num_warps=8, num_stages=1, split=2),
     dict(BN=32, BKD=128, BKF=256, BKQ=512, BKI=128, num_warps=8, num_stages=1, split=4),
-    # intq gate and up in one K loop (moe._gate_up_fused; other layouts ignore "gu"): the session-16
-    # choices (GEMV_M1 30B, GEMV_LAYOUT intq) and the halved-BN variant measured with them
-    dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
-    dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True),
-    dict(BN=8, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
+    *GEMV_GU_CANDIDATES,
 ]
 LAYOUT_OF = {"int4": "intq", "fp8": "fp8", "bf16": "dense"}   # swept configuration -> its layout
 SWEPT = tuple(LAYOUT_OF)                                       # the uniform layers a sweep times

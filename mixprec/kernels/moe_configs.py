@@ -16,8 +16,8 @@ benchmarks/moe.md).
 BK* are the K tiles per layout (D dense, F fp8, Q intq, I int8); BK is lowered automatically
 where a format's block needs it (an fp8 GEMV tile spans blocks only when its rows share a scale
 row; the W8A8 dot path uses 128). `split`: programs per output tile (K chunks; on the GEMV path
-also the gate / up halves). `gu` (GEMV configs): a launch of intq gate_up weights only runs gate
-and up in one K loop (moe._gate_up_fused; the dot path decides that without a key).
+also the gate / up halves). `gu` (GEMV configs): a launch of gate_up weights only runs gate and
+up in one K loop (moe._gate_up_fused; the dot path decides that without a key).
 """
 from __future__ import annotations
 
@@ -77,7 +77,11 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
     # vs 48.8, M=8 78.6 vs 75.1; 235B M=2 78.8 vs 82.0, M=4 142.9 vs 134.2, M=8 249.3 vs 237.4
     "intq": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True)),
     "fp8": (1, dict(BN=16, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1)),
-    "dense": (8, dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1)),
+    # dense "gu": session 17 (H100, route + layer, µs, two loops vs one; moe_diag/
+    # session17_gate_up_all_h100.log): 30B M=2 63.7 vs 66.5, M=4 110.1 vs 106.8, M=8 171.8 vs 171.4;
+    # 235B 216.6 vs 207.9, 369.1 vs 367.6, 631.0 vs 622.0; runtime bf16 batch 4 537.7 -> 549.7 tok/s
+    # (+2.2%), batch 8 732.1 -> 735.5 (two runs each, same call)
+    "dense": (8, dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True)),
     # not swept: int8 keeps the session-3 joint config it was measured with (30B M=1 38.9 µs)
     "int8": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)),
 }
@@ -97,7 +101,12 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
     ("fp8", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1),
     ("dense", 2048): dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=8, num_stages=1),
-    ("mixed", 2048): dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1),
+    # gu: session 17 (H100, route + layer, µs, two loops vs one): int4+fp8 41.5 vs 38.8,
+    # int4+fp8+bf16 44.8 vs 42.7, the runtime's mixed preset 45.6 vs 40.1; runtime mixed batch 1
+    # 268.8 -> 285.2 tok/s (two runs each, same call). Uniform fp8 / bf16 at M=1 were slower with
+    # their configs' one loop (30B fp8 36.9 vs 39.5, bf16 40.7 vs 41.6; runtime fp8 batch 1 300.5
+    # -> 284.7, bf16 269.1 -> 265.5): kept on two loops
+    ("mixed", 2048): dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1, gu=True),
     ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
 }
 
