@@ -99,15 +99,20 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
 GEMV_M1: dict[tuple[str, int], dict] = {
     # gu (see GEMV_LAYOUT): session 16, 30B M=1 23.7 -> 22.4 µs; 235B 50.1 -> 53.0 (kept off)
     ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
-    ("fp8", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1),
-    ("dense", 2048): dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=8, num_stages=1),
-    # gu: session 17 (H100, route + layer, µs, two loops vs one): int4+fp8 41.5 vs 38.8,
-    # int4+fp8+bf16 44.8 vs 42.7, the runtime's mixed preset 45.6 vs 40.1; runtime mixed batch 1
-    # 268.8 -> 285.2 tok/s (two runs each, same call). Uniform fp8 / bf16 at M=1 were slower with
-    # their configs' one loop (30B fp8 36.9 vs 39.5, bf16 40.7 vs 41.6; runtime fp8 batch 1 300.5
-    # -> 284.7, bf16 269.1 -> 265.5): kept on two loops
-    ("mixed", 2048): dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1, gu=True),
+    # session 17: gate and up in one K loop on every layout (the GEMV-M1 rows before had two:
+    # fused with their old tiles the fp8 / bf16 layers were slower, 30B fp8 36.9 -> 39.5 µs); swept
+    # with the GEMV_GU_CANDIDATES (H100, route + layer, µs, the row before vs this;
+    # moe_diag/session17_sweep_gemv_gu_*): 30B fp8 35.7 vs 33.4, bf16 40.9 vs 38.5, int8 39.9 vs
+    # 33.8, the runtime's mixed preset 41.8 vs 37.9, int4+fp8 38.6 vs 34.4; 235B bf16 124.7 vs
+    # 116.7. Runtime, same H100 call, two runs each (runtime/session17_gemv_m1_ab_h100.json), decode
+    # batch 1 tok/s: 30B fp8 300.3 -> 312.1, mixed preset 284.5 -> 299.5, bf16 269.4 -> 273.9, int8
+    # 282.9 -> 308.8; 235B (8 layers) bf16 493.8 -> 508.0; batch 2 unchanged
+    ("fp8", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True),
+    ("dense", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
+    ("int8", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
+    ("mixed", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True),
     ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
+    ("dense", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
 }
 
 # batch-1 decode on the dot path with K in 2 chunks (twice the programs of the unsplit dot row):
