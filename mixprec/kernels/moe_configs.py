@@ -82,8 +82,11 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
     # 235B 216.6 vs 207.9, 369.1 vs 367.6, 631.0 vs 622.0; runtime bf16 batch 4 537.7 -> 549.7 tok/s
     # (+2.2%), batch 8 732.1 -> 735.5 (two runs each, same call)
     "dense": (8, dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True)),
-    # not swept: int8 keeps the session-3 joint config it was measured with (30B M=1 38.9 µs)
-    "int8": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)),
+    # int8, session 17 (the session-3 joint config before, never swept for int8): the GEMV_GU_CANDIDATES
+    # at M=1-8 (H100, route + layer, µs, that config vs this; moe_diag/session17_sweep_gemv_gu_*):
+    # 30B M=1 39.9 vs 33.8, M=2 51.8 vs 52.2, M=4 85.9 vs 78.9, M=8 127.5 vs 120.7; 235B M=2 155.8
+    # vs 139.3, M=4 245.8 vs 232.2, M=8 401.9 vs 397.4; runtime int8 batch 1 282.9 -> 308.8 tok/s
+    "int8": (8, dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True)),
 }
 
 
@@ -103,13 +106,12 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # fused with their old tiles the fp8 / bf16 layers were slower, 30B fp8 36.9 -> 39.5 µs); swept
     # with the GEMV_GU_CANDIDATES (H100, route + layer, µs, the row before vs this;
     # moe_diag/session17_sweep_gemv_gu_*): 30B fp8 35.7 vs 33.4, bf16 40.9 vs 38.5, int8 39.9 vs
-    # 33.8, the runtime's mixed preset 41.8 vs 37.9, int4+fp8 38.6 vs 34.4; 235B bf16 124.7 vs
-    # 116.7. Runtime, same H100 call, two runs each (runtime/session17_gemv_m1_ab_h100.json), decode
+    # 33.8 (GEMV_LAYOUT's int8 row now), the runtime's mixed preset 41.8 vs 37.9, int4+fp8 38.6 vs
+    # 34.4; 235B bf16 124.7 vs 116.7. Runtime, same H100 call, two runs each (runtime/session17_gemv_m1_ab_h100.json), decode
     # batch 1 tok/s: 30B fp8 300.3 -> 312.1, mixed preset 284.5 -> 299.5, bf16 269.4 -> 273.9, int8
     # 282.9 -> 308.8; 235B (8 layers) bf16 493.8 -> 508.0; batch 2 unchanged
     ("fp8", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True),
     ("dense", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
-    ("int8", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
     ("mixed", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True),
     ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1),
     ("dense", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
