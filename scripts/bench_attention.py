@@ -2,7 +2,7 @@
 Qwen3-30B-A3B attention shapes (32 query heads, 4 kv heads, head dim 128, bf16): CUDA graphs over
 cold cache copies (a decode step reads each layer's cache once, after 47 other layers' weights
 went through L2), µs per call, GB/s of K/V read and % of the measured copy bandwidth. Also the
-split of the cache length over programs (kernels/attention.py TARGET_PROGRAMS, BLOCK_N), which is
+split of the cache length over programs (kernels/attention.py TARGET_PROGRAMS, block_n), which is
 how those two are chosen; every variant is checked against SDPA first (SQNR >= 40 dB).
 
     python scripts/bench_attention.py [--batch 1,8,32,64] [--lens 256,2048,8192,32768]"""
@@ -19,13 +19,14 @@ from mixprec.kernels import attention, timing     # noqa: E402
 from mixprec.kernels.moe_testing import sqnr_db    # noqa: E402
 
 HQ, HK, D = 32, 4, 128
-VARIANTS = {   # name -> (TARGET_PROGRAMS, BLOCK_N)
-    "ours": (attention.TARGET_PROGRAMS, attention.BLOCK_N),
-    "no split": (1, attention.BLOCK_N),
-    "half the programs": (attention.TARGET_PROGRAMS // 2, attention.BLOCK_N),
-    "twice the programs": (attention.TARGET_PROGRAMS * 2, attention.BLOCK_N),
-    "BLOCK_N 32": (attention.TARGET_PROGRAMS, 32),
-    "BLOCK_N 128": (attention.TARGET_PROGRAMS, 128),
+VARIANTS = {   # name -> kernels/attention.py attributes replaced for the call
+    "ours": {},
+    "no split": dict(TARGET_PROGRAMS=1),
+    "half the programs": dict(TARGET_PROGRAMS=attention.TARGET_PROGRAMS // 2),
+    "twice the programs": dict(TARGET_PROGRAMS=attention.TARGET_PROGRAMS * 2),
+    "BLOCK_N 32": dict(block_n=lambda n: 32),
+    "BLOCK_N 64": dict(block_n=lambda n: 64),
+    "BLOCK_N 128": dict(block_n=lambda n: 128),
 }
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +39,6 @@ print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: copy bandwi
       f"µs per call (GB/s of K/V read, % of copy bandwidth)", flush=True)
 print("| batch | cache length | " + " | ".join(["SDPA"] + list(VARIANTS)) + " |")
 print("|---:|---:|" + "---:|" * (1 + len(VARIANTS)))
-default = (attention.TARGET_PROGRAMS, attention.BLOCK_N)
 
 
 def point(B: int, S: int, kv_bytes: int) -> list[float]:
@@ -56,14 +56,17 @@ def point(B: int, S: int, kv_bytes: int) -> list[float]:
 
     ref = sdpa(0).float()
     cells = [timing.graph_us([lambda i=i: sdpa(i) for i in range(copies)])]
-    for tp, bn in VARIANTS.values():
-        attention.TARGET_PROGRAMS, attention.BLOCK_N = tp, bn
+    for patch in VARIANTS.values():
+        saved = {k: getattr(attention, k) for k in patch}
+        for k, v in patch.items():
+            setattr(attention, k, v)
         try:
             db = sqnr_db(ref, attention.decode_attention(qs[0], ks[0], vs[0], start, pos).float())
             cells.append(timing.graph_us([lambda i=i: attention.decode_attention(qs[i], ks[i], vs[i], start, pos)
                                           for i in range(copies)]) if db >= 40 else float("inf"))
         finally:
-            attention.TARGET_PROGRAMS, attention.BLOCK_N = default
+            for k, v in saved.items():
+                setattr(attention, k, v)
     return cells
 
 

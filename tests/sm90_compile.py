@@ -206,10 +206,11 @@ def drive() -> None:
                            torch.ones(D).to(torch.bfloat16), 1e-6, kc, kc.clone(), torch.full((B, 1), 7))
     decode_attention(q.view(B, HQ, D), kc, kc, torch.zeros(B, dtype=torch.long), torch.full((B,), 7))
     qkv = torch.randn(B, (HQ + 2 * HK) * D).to(torch.bfloat16)
-    decode_attention_new(qkv[:, :HQ * D], qkv[:, HQ * D:(HQ + HK) * D], qkv[:, (HQ + HK) * D:],
-                         torch.randn(B, D).to(torch.bfloat16), torch.randn(B, D).to(torch.bfloat16),
-                         torch.ones(D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16), 1e-6, kc, kc.clone(),
-                         torch.zeros(B, dtype=torch.long), torch.full((B,), 7))
+    for kc in (kc, torch.zeros(B, HK, 2048, D).to(torch.bfloat16)):     # 64- and 128-slot tiles (block_n)
+        decode_attention_new(qkv[:, :HQ * D], qkv[:, HQ * D:(HQ + HK) * D], qkv[:, (HQ + HK) * D:],
+                             torch.randn(B, D).to(torch.bfloat16), torch.randn(B, D).to(torch.bfloat16),
+                             torch.ones(D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16), 1e-6, kc, kc.clone(),
+                             torch.zeros(B, dtype=torch.long), torch.full((B,), 7))
 
 
 def main() -> int:

@@ -215,17 +215,26 @@ def _merge_splits(part_ptr, ml_ptr, o_rows, base, gm, rd, NS, GP: tl.constexpr, 
     tl.store(o_rows, o.to(o_rows.dtype.element_ty), mask=gm[:, None])
 
 
-BLOCK_N = 64
 TARGET_PROGRAMS = 264  # ~2 per SM on an H100: more splits only add merge work
+
+
+def block_n(length: int) -> int:
+    """Cache slots per tile step for a cache of `length` slots. 128 from 1024 slots: at batch 1 a
+    split of the cache is then one or a few longer steps instead of many short ones (H100,
+    scripts/bench_attention.py, session 17, 30B shapes, µs, 64 -> 128: batch 1 at 2048 / 8192 /
+    32768 slots 13.7 -> 8.8 / 25.3 -> 17.6 / 42.7 -> 35.0, batch 8-64 within +-1%); below, 64
+    (batch 1 at 256 slots 5.5 vs 5.8, batch 32 11.5 vs 12.2)."""
+    return 128 if length >= 1024 else 64
 
 
 def decode_splits(batch: int, kv_heads: int, length: int) -> tuple[int, int]:
     """(splits, chunk): split the cache length so B * HK * splits programs fill the GPU."""
-    blocks = triton.cdiv(length, BLOCK_N)
+    bn = block_n(length)
+    blocks = triton.cdiv(length, bn)
     want = max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
     split = min(triton.next_power_of_2(want), triton.next_power_of_2(blocks))
     split = min(split, 64)
-    chunk = triton.cdiv(blocks, split) * BLOCK_N
+    chunk = triton.cdiv(blocks, split) * bn
     return triton.cdiv(length, chunk), chunk
 
 
@@ -273,7 +282,7 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new) -> Tensor:
         q, k_cache, v_cache, start, pos, o, part, ml, cnt, k, v, cos, sin, q_w, k_w,
         s_q, k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * 1.4426950408889634, eps,
-        HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=BLOCK_N, SPLIT=p2, SC=max(1, min(p2, 8192 // (GP * D))),
+        HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=block_n(S), SPLIT=p2, SC=max(1, min(p2, 8192 // (GP * D))),
         NEW=new is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
         num_warps=4, num_stages=2, **pdl.launch_kw(q))
     return o
