@@ -530,7 +530,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         """-> (kernel, grid dim 0, leading args, shape kwargs) of one side on its path; the two
         paths read and write act / buf / counters by pair index, so the sides may differ."""
         n_cnt = cnt.numel()
-        if path_s == "gemv":    # 15: the 4-bit code mask as a run-time value (see _gemv_intq)
+        if path_s == "gemv":    # 15: the 4-bit code mask as a run-time value (see gemv_tiles.gemv_intq_cols)
             lead = ((ids, rw, act, out, cnt, ws_up, ucnt, H, inter, H, n_cnt, 15) if mode == 0 else
                     (ids, rw, buf, out, cnt, rw, cnt, inter, inter, H, n_cnt, 15))
             return _moe_gemv_kernel, P, lead, {}
