@@ -224,6 +224,10 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
                                  (32, 8, 512, 2), (64, 8, 256, 2), (8, 2, 512, 4)):
                 gemv(BN, w, BK, target=t * S)
             gemv(16, 4, target=1)   # no split: no reduction epilogue (small shapes)
+            # one-warp programs of 4-8 rows: the fused MoE's batch-1 fp8 winner (session 17)
+            for BN, w, BK in ((4, 1, 256), (4, 1, 512), (8, 1, 256), (8, 1, 512), (4, 2, 512)):
+                for t in (1, 4):
+                    gemv(BN, w, BK, target=t * S)
             for BN, st, t in ((32, 4, 2), (32, 4, 4), (64, 3, 2), (64, 3, 4), (64, 5, 2), (128, 3, 2)):
                 gemm(16, BN, 4, st, target=t * S)
     elif b <= 16:
