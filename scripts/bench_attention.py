@@ -27,13 +27,19 @@ VARIANTS = {   # name -> kernels/attention.py attributes replaced for the call
     "BLOCK_N 32": dict(block_n=lambda n: 32),
     "BLOCK_N 64": dict(block_n=lambda n: 64),
     "BLOCK_N 128": dict(block_n=lambda n: 128),
+    "at most 8 splits": dict(MAX_SPLITS=8),
+    "at most 16 splits": dict(MAX_SPLITS=16),
+    "at most 32 splits": dict(MAX_SPLITS=32),
 }
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--batch", default="1,8,32,64")
 p.add_argument("--lens", default="256,2048,8192,32768")
+p.add_argument("--variants", default=None, help="comma-separated names of VARIANTS (default: all)")
 p.add_argument("--max-cache-gb", type=float, default=4.0, help="skip (batch, length) whose one cache is larger")
 a = p.parse_args()
+if a.variants:
+    VARIANTS = {k: v for k, v in VARIANTS.items() if k in a.variants.split(",")}
 bw = timing.copy_bandwidth_gbps()
 print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: copy bandwidth {bw:.0f} GB/s; "
       f"µs per call (GB/s of K/V read, % of copy bandwidth)", flush=True)

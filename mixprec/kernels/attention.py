@@ -216,6 +216,10 @@ def _merge_splits(part_ptr, ml_ptr, o_rows, base, gm, rd, NS, GP: tl.constexpr, 
 
 
 TARGET_PROGRAMS = 264  # ~2 per SM on an H100: more splits only add merge work
+# the last split of a head merges them all, a few partials per step: fewer, longer splits at batch
+# 1 on long caches (H100, scripts/bench_attention.py, session 17, µs, at most 64 -> 32 splits: 8192
+# slots 17.5 -> 15.5, 32768 35.3 -> 34.1; 16 or 8 splits slower; batch >= 4 unchanged)
+MAX_SPLITS = 32
 
 
 def block_n(length: int) -> int:
@@ -233,7 +237,7 @@ def decode_splits(batch: int, kv_heads: int, length: int) -> tuple[int, int]:
     blocks = triton.cdiv(length, bn)
     want = max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
     split = min(triton.next_power_of_2(want), triton.next_power_of_2(blocks))
-    split = min(split, 64)
+    split = min(split, MAX_SPLITS)
     chunk = triton.cdiv(blocks, split) * bn
     return triton.cdiv(length, chunk), chunk
 
