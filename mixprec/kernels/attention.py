@@ -218,7 +218,8 @@ def _merge_splits(part_ptr, ml_ptr, o_rows, base, gm, rd, NS, GP: tl.constexpr, 
 TARGET_PROGRAMS = 264  # ~2 per SM on an H100: more splits only add merge work
 # the last split of a head merges them all, a few partials per step: fewer, longer splits at batch
 # 1 on long caches (H100, scripts/bench_attention.py, session 17, µs, at most 64 -> 32 splits: 8192
-# slots 17.5 -> 15.5, 32768 35.3 -> 34.1; 16 or 8 splits slower; batch >= 4 unchanged)
+# slots 17.5 -> 15.5, 32768 35.3 -> 34.1; 16 or 8 splits slower; with 4 kv heads only batch 1-2
+# ask for more than 32)
 MAX_SPLITS = 32
 
 
