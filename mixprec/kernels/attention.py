@@ -221,6 +221,7 @@ TARGET_PROGRAMS = 264  # ~2 per SM on an H100: more splits only add merge work
 # slots 17.5 -> 15.5, 32768 35.3 -> 34.1; 16 or 8 splits slower; with 4 kv heads only batch 1-2
 # ask for more than 32)
 MAX_SPLITS = 32
+MERGE_ELEMS = 8192     # partial-sum values the merge loads per step ([GP, SC, D] fp32)
 
 
 def block_n(length: int) -> int:
@@ -287,7 +288,7 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new) -> Tensor:
         q, k_cache, v_cache, start, pos, o, part, ml, cnt, k, v, cos, sin, q_w, k_w,
         s_q, k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * 1.4426950408889634, eps,
-        HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=block_n(S), SPLIT=p2, SC=max(1, min(p2, 8192 // (GP * D))),
+        HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=block_n(S), SPLIT=p2, SC=max(1, min(p2, MERGE_ELEMS // (GP * D))),
         NEW=new is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
         num_warps=4, num_stages=2, **pdl.launch_kw(q))
     return o
