@@ -103,6 +103,21 @@ def test_decode_attention_matches_sdpa(dtype, B, HQ, HK, D, S):
     torch.testing.assert_close(o.float(), ref, atol=tol, rtol=tol)
 
 
+def test_decode_attention_merges_in_several_steps(monkeypatch):
+    """The last split of a head merges the partials MERGE_ELEMS values at a time: one partial per
+    step (the tests above merge all in one step) must give the same result."""
+    import mixprec.kernels.attention as attn
+    g = torch.Generator(device=DEV).manual_seed(7)
+    B, HQ, HK, D, S = 1, 8, 2, 64, 1300
+    k, v = (torch.randn(B, HK, S, D, generator=g, device=DEV).half() for _ in range(2))
+    q = torch.randn(B, HQ, D, generator=g, device=DEV).half()
+    start, pos = torch.zeros(B, dtype=torch.long, device=DEV), torch.full((B,), S - 1, device=DEV)
+    one = decode_attention(q, k, v, start, pos)
+    assert decode_splits(B, HK, S)[0] >= 8
+    monkeypatch.setattr(attn, "MERGE_ELEMS", 16 * D)          # GP 16 rows x D: one partial per step
+    torch.testing.assert_close(decode_attention(q, k, v, start, pos), one, atol=2e-3, rtol=2e-3)
+
+
 def test_decode_attention_new_takes_expanded_positions():
     """pos / start as stride-0 views (positions = arange(T).expand(B, T)[:, -1:], the documented
     model call): row b must read its own entry, not memory past the tensor."""

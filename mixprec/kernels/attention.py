@@ -221,7 +221,11 @@ TARGET_PROGRAMS = 264  # ~2 per SM on an H100: more splits only add merge work
 # slots 17.5 -> 15.5, 32768 35.3 -> 34.1; 16 or 8 splits slower; with 4 kv heads only batch 1-2
 # ask for more than 32)
 MAX_SPLITS = 32
-MERGE_ELEMS = 8192     # partial-sum values the merge loads per step ([GP, SC, D] fp32)
+# partial-sum values the merge loads per step ([GP, SC, D] fp32; SC <= the splits, so only launches
+# of more than 4 splits change with it). 8192 -> 32768 (H100, bench_attention.py, session 17, µs):
+# batch 1 at 8192 slots 15.5 -> 14.3 (SDPA 14.4), 32768 34.2 -> 33.5; batch 2 at 8192 20.9 -> 18.8;
+# batch 8 at 2048 18.3 -> 17.8. ptxas: 198 registers at 16 partials per step (152 at 4), no spills
+MERGE_ELEMS = 32768
 
 
 def block_n(length: int) -> int:
