@@ -29,7 +29,6 @@ VARIANTS = {   # name -> kernels/attention.py attributes replaced for the call
     "BLOCK_N 128": dict(block_n=lambda n: 128),
     "at most 8 splits": dict(MAX_SPLITS=8),
     "at most 16 splits": dict(MAX_SPLITS=16),
-    "at most 32 splits": dict(MAX_SPLITS=32),
     "at most 64 splits": dict(MAX_SPLITS=64),
     "merge 2x wider": dict(MERGE_ELEMS=2 * attention.MERGE_ELEMS),
     "merge 4x wider": dict(MERGE_ELEMS=4 * attention.MERGE_ELEMS),
