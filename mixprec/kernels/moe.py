@@ -43,6 +43,7 @@ from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_
 
 PROJ_CODE = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
 LAYOUT_CODE = {"dense": 0, "fp8": 1, "intq": 2, "int8": 3}
+_FP8, _INTQ = LAYOUT_CODE["fp8"], LAYOUT_CODE["intq"]
 LAYOUT_TENSORS = {  # required, optional
     "dense": (("weight",), ()),
     "fp8": (("weight", "scale"), ()),
@@ -345,6 +346,14 @@ def _slot(b: dict, hidden: int, inter: int) -> tuple[tuple, tuple[int, int, int]
     return (*ptrs, emap, rows), (code, G, B)
 
 
+def _layout_of(code: int) -> int:
+    return code % 4              # bits 0-1 of a slot description (moe_triton's module docstring)
+
+
+def _proj_of(code: int) -> int:
+    return (code >> 5) & 3       # bits 5-6
+
+
 def side_layouts(buckets: list[dict]) -> tuple[set, set]:
     """(gate/up layouts, down layouts) of a layer's buckets: what moe_configs.pick chooses by."""
     return ({b["layout"] for b in buckets if b["proj"] != "down"},
@@ -354,7 +363,7 @@ def side_layouts(buckets: list[dict]) -> tuple[set, set]:
 def _fold(code: int, B: int, bn: int, inter: int) -> bool:
     """GEMV: the BN rows of every tile of this fp8 slot share one scale row (blocks of B rows;
     the up half of a stacked gate_up starts at row `inter`), so the kernel folds scales into x."""
-    return B % bn == 0 and ((code >> 5) & 3 != 0 or inter % bn == 0)
+    return B % bn == 0 and (_proj_of(code) != PROJ_CODE["gate_up"] or inter % bn == 0)
 
 
 def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int) -> dict:
@@ -363,13 +372,13 @@ def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int) -
     for code, G, B in slots:
         if code & 256:     # folded fp8 GEMV slot: the kernel splits a tile into SUB-wide slices
             continue
-        if code % 4 == 1:  # fp8: the tile must sit inside one weight block along K
+        if _layout_of(code) == _FP8:  # the tile must sit inside one weight block along K
             if (code >> 2) & 1:  # w8a8: inside one activation group too (any other slot's lowering stays)
                 bkf = _pow2_divisor(FP8_ACT_GROUP, bkf) if gemv else min(bkf, FP8_ACT_GROUP)
             if G < K:
                 bkf = min(bkf, _pow2_divisor(G, bkf))
     ks = dict(BKD=cfg["BKD"], BKF=max(bkf, 16 if not gemv else 1), BKQ=cfg["BKQ"], BKI=cfg["BKI"])
-    if any(code % 4 == 2 and (code >> 7) & 1 for code, _, _ in slots):
+    if any(_layout_of(code) == _INTQ and (code >> 7) & 1 for code, _, _ in slots):
         ks["BKQ"] = max(ks["BKQ"], 64)  # 8-bit: at least 16 words per tile
     return ks
 
@@ -406,17 +415,16 @@ def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv:
     route + layer, µs, separate -> one loop (moe_diag/session16_gate_up_one_loop_h100.log): 30B
     int4 M=16 120.0 -> 111.7, M=64 177.2 -> 164.3, 235B M=64 569.2 -> 523.8; gate/up int4 + fp8
     down (perproj) M=64 202.2 -> 189.8."""
-    if any((c >> 5) & 3 != PROJ_CODE["gate_up"] for c, _, _ in descs):
+    if any(_proj_of(c) != PROJ_CODE["gate_up"] for c, _, _ in descs):
         return False
-    layouts = {c % 4 for c, _, _ in descs}
-    intq, fp8 = {LAYOUT_CODE["intq"]}, {LAYOUT_CODE["fp8"]}
+    layouts = {_layout_of(c) for c, _, _ in descs}
     if gemv:
         return cfg.get("gu", False)
     if cfg.get("BM") != 16:
         return False
-    if layouts == intq:     # 4-bit codes (bit 7 clear), every tile inside one group
+    if layouts == {_INTQ}:     # 4-bit codes (bit 7 clear), every tile inside one group
         return bkq >= 128 and all(not (c >> 7) & 1 and G % bkq == 0 for c, G, _ in descs)
-    return layouts == fp8 and tokens <= moe_configs.DOT_GATE_UP_FP8_MAX_M
+    return layouts == {_FP8} and tokens <= moe_configs.DOT_GATE_UP_FP8_MAX_M
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
@@ -426,13 +434,13 @@ def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
     the fold bit (8) where `_fold` allows it."""
     ptrs, descs = zip(*[_slot(b, hidden, inter) for b in side])
     if gemv_bn:
-        descs = [(c | 256 if c % 4 == 1 and _fold(c, B, gemv_bn, inter) else c, G, B) for c, G, B in descs]
+        descs = [(c | 256 if _layout_of(c) == _FP8 and _fold(c, B, gemv_bn, inter) else c, G, B) for c, G, B in descs]
     consts, flat = {}, []
     for i in range(MAX_SLOTS):
         j = i if i < len(ptrs) else 0
         consts[f"C{i}"], consts[f"G{i}"], consts[f"B{i}"] = descs[j]
         flat.extend(ptrs[j])
-    q_rows = [pt[5] for pt, d in zip(ptrs, descs) if d[0] % 4 == 2]
+    q_rows = [pt[5] for pt, d in zip(ptrs, descs) if _layout_of(d[0]) == _INTQ]
     return flat, consts, list(descs), q_rows
 
 
