@@ -176,6 +176,11 @@ def align_bounds(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, i
     return nb, nb * block_m
 
 
+def _align_ch(eb: int) -> int:
+    """Pairs per [CH, EB] one-hot tile / store chunk of the align kernels (at most 16K int32)."""
+    return max(16, min(128, 16384 // eb))
+
+
 def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
     """Sort the M*k (token, expert) pairs by expert into blocks of block_m (stable: pair order kept
     inside an expert), on the device, with no host sync.
@@ -195,11 +200,11 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
     if P <= ALIGN_SORT_MAX_P:
         EBS = triton.next_power_of_2(num_experts + 1)     # + the padding lanes' bin
         _align_sort_kernel[(1,)](ids, sorted_ids, block_expert, P, num_experts, smax, nb, BM=block_m,
-                                 PB=max(16, triton.next_power_of_2(P)), EB=EBS, CH=max(16, min(128, 16384 // EBS)),
+                                 PB=max(16, triton.next_power_of_2(P)), EB=EBS, CH=_align_ch(EBS),
                                  num_warps=8, **kw)
         return sorted_ids, block_expert
     EB = triton.next_power_of_2(max(num_experts, 2))
-    CH = max(16, min(128, 16384 // EB))
+    CH = _align_ch(EB)
     nch = triton.cdiv(P, CH)
     cc = torch.empty(nch, EB, dtype=torch.int32, device=dev)
     _align_count_kernel[(nch,)](ids, cc, sorted_ids, P, triton.cdiv(smax, nch), smax, EB=EB, CH=CH, num_warps=8,
