@@ -749,3 +749,19 @@ def test_gpu_grouped_path_no_host_sync_and_graph_replay(specs):
     GROUPED_MIN_M sequences takes this path inside the captured step)."""
     b = mt.build_buckets(specs, BIG["h"], BIG["i"], dtype=torch.bfloat16, device="cuda", seed=13)
     _graph_replay_matches_reference(b, 640, moe.grouped_moe, no_sync=True)
+
+
+@pytest.mark.parametrize("name", ["fp8", "rt_mixed"])
+def test_batch1_rows_at_the_30b_hidden_size(name):
+    """The batch-1 launch configs keyed by the 30B hidden size (moe_configs.GEMV_M1: 4-row one-warp
+    tiles with gate and up in one loop for fp8 layers and for the runtime's mixed preset: intq,
+    fp8 and int8 gate/up, intq, dense and fp8 down) on a layer of that hidden size, against the
+    reference (small I, 8 experts)."""
+    from mixprec.kernels import moe_bench as mb
+    from mixprec.kernels import moe_configs as mc
+    h, i = 2048, 64
+    b = _layer(mb.CONFIGS[name](E), h=h, i=i)
+    up, dn = moe.side_layouts(b)
+    path_up, cu, path_dn, cd = mc.pick(1, up, dn, hidden=h)
+    assert path_up == path_dn == "gemv" and cu["gu"] and cu["BN"] == cd["BN"] == 4
+    _check(b, *_inputs(1, h=h, seed=61), inter=i)
