@@ -410,23 +410,23 @@ def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, in
 
 
 def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv: bool, tokens: int) -> bool:
-    """A launch whose slots are all gate_up weights of one kind may run gate and up in one K loop,
-    each x tile loaded once for both and both halves' weights in flight together
-    (moe_triton._gemv_half's HALF 3 / _dot_gate_up), where that measured faster: GEMV launches
-    where their config says "gu" (moe_configs, per row); 16-row dot launches of int4 on the
+    """A launch whose slots are all gate_up weights may run gate and up in one K loop, each x
+    tile loaded once for both and both halves' weights in flight together, where that measured
+    faster. GEMV path (moe_triton._gemv_half's HALF 3, any layouts, mixed too): where the config
+    row says "gu" (moe_configs). Dot path (_dot_gate_up): 16-row launches of int4 on the
     per-field tiles (groups a multiple of the K tile) always, of fp8 up to
-    moe_configs.DOT_GATE_UP_FP8_MAX_M tokens. Launches that mix layouts keep one loop per half:
-    the fused int4 dot loop's registers (96 -> 128) slowed their fp8 programs. Dot path, H100,
-    route + layer, µs, separate -> one loop (moe_diag/session16_gate_up_one_loop_h100.log): 30B
-    int4 M=16 120.0 -> 111.7, M=64 177.2 -> 164.3, 235B M=64 569.2 -> 523.8; gate/up int4 + fp8
-    down (perproj) M=64 202.2 -> 189.8."""
+    moe_configs.DOT_GATE_UP_FP8_MAX_M tokens; dot launches that mix layouts keep one loop per
+    half: the fused int4 dot loop's registers (96 -> 128) slowed their fp8 programs. Dot path,
+    H100, route + layer, µs, separate -> one loop (moe_diag/session16_gate_up_one_loop_h100.log):
+    30B int4 M=16 120.0 -> 111.7, M=64 177.2 -> 164.3, 235B M=64 569.2 -> 523.8; gate/up int4 +
+    fp8 down (perproj) M=64 202.2 -> 189.8."""
     if any(_proj_of(c) != PROJ_CODE["gate_up"] for c, _, _ in descs):
         return False
-    layouts = {_layout_of(c) for c, _, _ in descs}
     if gemv:
         return cfg.get("gu", False)
     if cfg.get("BM") != 16:
         return False
+    layouts = {_layout_of(c) for c, _, _ in descs}
     if layouts == {_INTQ}:     # 4-bit codes (bit 7 clear), every tile inside one group
         return bkq >= 128 and all(not (c >> 7) & 1 and G % bkq == 0 for c, G, _ in descs)
     return layouts == {_FP8} and tokens <= moe_configs.DOT_GATE_UP_FP8_MAX_M

@@ -107,9 +107,10 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # with the GEMV_GU_CANDIDATES (H100, route + layer, µs, the row before vs this;
     # moe_diag/session17_sweep_gemv_gu_*): 30B fp8 35.7 vs 33.4, bf16 40.9 vs 38.5, int8 39.9 vs
     # 33.8 (GEMV_LAYOUT's int8 row now), the runtime's mixed preset 41.8 vs 37.9, int4+fp8 38.6 vs
-    # 34.4; 235B bf16 124.7 vs 116.7. Runtime, same H100 call, two runs each (runtime/session17_gemv_m1_ab_h100.json), decode
-    # batch 1 tok/s: 30B fp8 300.3 -> 312.1, mixed preset 284.5 -> 299.5, bf16 269.4 -> 273.9, int8
-    # 282.9 -> 308.8; 235B (8 layers) bf16 493.8 -> 508.0; batch 2 unchanged
+    # 34.4; 235B bf16 124.7 vs 116.7. Runtime, same H100 call, two runs each
+    # (runtime/session17_gemv_m1_ab_h100.json), decode batch 1 tok/s: 30B fp8 300.3 -> 312.1,
+    # mixed preset 284.5 -> 299.5, bf16 269.4 -> 273.9, int8 282.9 -> 308.8; 235B (8 layers) bf16
+    # 493.8 -> 508.0; batch 2 unchanged
     ("fp8", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True),
     ("dense", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
     ("mixed", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True),
