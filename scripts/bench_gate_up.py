@@ -2,9 +2,8 @@
 (moe._gate_up_fused, which reads the `gu` key of GEMV configs and DOT_GATE_UP_FP8_MAX_M), then with
 gate and up forced into one loop on every launch that can take it, then with two loops everywhere;
 cold weights, route + layer in CUDA graphs (moe_bench.bench_config). This is how `gu` and
-moe_configs.DOT_GATE_UP_FP8_MAX_M are chosen. (Session 16 chose them with one-off runs of the same
-bench_config calls, logged in benchmarks/moe_diag/session16_*gate_up*; this script had not run on a
-GPU when it was written.)
+moe_configs.DOT_GATE_UP_FP8_MAX_M are chosen (session 16 with one-off runs of the same bench_config
+calls, benchmarks/moe_diag/session16_*gate_up*; this script's runs: session17_gate_up*_h100.log).
 
     python scripts/bench_gate_up.py [--configs int4,fp8,perproj] [--shapes 30b,235b] [--tokens 1,2,...,128]"""
 import argparse

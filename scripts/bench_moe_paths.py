@@ -15,7 +15,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mixprec.kernels import moe, moe_bench as mb, moe_configs as mc          # noqa: E402
 from mixprec.kernels import moe_testing as mt                                 # noqa: E402
 
-
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--configs", default="bf16,int4", help=f"of {', '.join(mb.CONFIGS)}")
 p.add_argument("--shape", default="30b", choices=list(mb.SHAPES))

@@ -31,13 +31,13 @@ from mixprec.kernels import moe_testing as mt  # noqa: E402
 BASE = dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)
 
 
-def candidates(grid: str, old_rows: bool, gemv: bool | str) -> dict:
-    """name -> (path, config); "default" -> None (moe_configs.pick). gemv: True (GEMV_CANDIDATES) or
-    "gu" (GEMV_GU_CANDIDATES) instead of the dot grid."""
+def candidates(grid: str, old_rows: bool, gemv: tuple[str, list[dict]] | None) -> dict:
+    """name -> (path, config); "default" -> None (moe_configs.pick). gemv: (name prefix, GEMV
+    candidate list) instead of the dot grid."""
     out = {"default": None}
     if gemv:
-        cands = mb.GEMV_GU_CANDIDATES if gemv == "gu" else mb.GEMV_CANDIDATES
-        out.update({f"gemv{'gu' if gemv == 'gu' else ''}#{i}": ("gemv", c) for i, c in enumerate(cands)})
+        prefix, cands = gemv
+        out.update({f"{prefix}#{i}": ("gemv", c) for i, c in enumerate(cands)})
         return out
     for item in filter(None, grid.split(";")):
         bn, sp, st, nw, *rest = (int(v) for v in item.split(","))
@@ -64,7 +64,9 @@ def main() -> None:
     ap.add_argument("--min-mb", type=float, default=256.0, help="cold bytes per timed replay")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    cands = candidates(a.grid, a.old_rows, "gu" if a.gemv_gu else a.gemv)
+    gemv = (("gemvgu", mb.GEMV_GU_CANDIDATES) if a.gemv_gu else
+            ("gemv", mb.GEMV_CANDIDATES) if a.gemv else None)
+    cands = candidates(a.grid, a.old_rows, gemv)
     tokens = [int(t) for t in a.tokens.split(",")]
     bw = mb.copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s", flush=True)
