@@ -166,8 +166,20 @@ DELEGATED = {
 PLANNER = {"profile": "profile_main", "eval": "eval_main", "export": "export_main"}
 
 
+def _allocator_defaults() -> None:
+    """Expandable segments for the CUDA caching allocator unless the user configured it. Loading
+    fills most of the GPU with tensors made through temporaries of other sizes, and the default
+    allocator keeps the holes: the 94-layer 235B synthetic model (int4 experts) ran out of memory on
+    an H200 with 17.8 GiB reserved but unallocated. Expandable segments unmap freed pages instead.
+    Read when CUDA first allocates, so this must run before any command touches the GPU."""
+    import os
+    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _allocator_defaults()
     if argv and argv[0] in PLANNER or (argv and argv[0] == "plan" and any(
             a.split("=")[0] in ("--model", "--profile", "--budget", "--fit") for a in argv[1:])):
         from .planner import cli
