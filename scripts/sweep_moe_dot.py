@@ -1,6 +1,7 @@
 """Launch configs of the fused MoE against the current pick (moe_configs.pick) at decode /
 small-batch sizes, on real mixed layers: dot-path BN, K split (programs per output tile),
-pipeline stages, warps; or (--gemv) every GEMV candidate of moe_bench.GEMV_CANDIDATES.
+pipeline stages, warps; or (--gemv) every GEMV candidate of moe_bench.GEMV_CANDIDATES; or (--down)
+those for the down side alone, the gate/up side keeping the pick's path and config.
 
 Per (shape, layer mix, tokens M): route + fused_moe per layer in CUDA graphs over cold weight
 copies (as `bench-moe`), every candidate checked against the default config (SQNR >= 40 dB)
@@ -9,6 +10,7 @@ before it is timed. Prints one line per M with each candidate's µs and the winn
     python scripts/sweep_moe_dot.py --tokens 1,2,4,8,16 --grid "64,1,3,4;64,2,3,4" [--out rows.json]
     python scripts/sweep_moe_dot.py --gemv --tokens 1 --configs rt_mixed,int4+fp8
     python scripts/sweep_moe_dot.py --gemv-gu --tokens 1 --configs fp8,bf16,rt_mixed
+    python scripts/sweep_moe_dot.py --down --tokens 1,2 --configs int4,fp8,rt_mixed
 
 --grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]]" (BM 16, 128-wide K tiles
 unless given); --old-rows adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K
@@ -25,10 +27,25 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mixprec.kernels import moe  # noqa: E402
+from mixprec.kernels import moe_configs  # noqa: E402
 from mixprec.kernels import moe_bench as mb  # noqa: E402
 from mixprec.kernels import moe_testing as mt  # noqa: E402
 
 BASE = dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)
+
+# --down: K chunks of 3 (30B down K = 768, 235B 1536) beside the GEMV candidates
+DOWN_EXTRA = [dict(BN=bn, BKD=128, BKF=256, BKQ=256, BKI=256, num_warps=w, num_stages=1, split=3)
+              for bn, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
+
+
+def down_candidates() -> list[dict]:
+    """The GEMV candidates without the gate/up key (`gu`), duplicates dropped, and DOWN_EXTRA."""
+    out = []
+    for c in mb.GEMV_CANDIDATES + DOWN_EXTRA:
+        c = {k: v for k, v in c.items() if k != "gu"}
+        if c not in out:
+            out.append(c)
+    return out
 
 
 def candidates(grid: str, old_rows: bool, gemv: tuple[str, list[dict]] | None) -> dict:
@@ -61,11 +78,12 @@ def main() -> None:
     ap.add_argument("--old-rows", action="store_true")
     ap.add_argument("--gemv", action="store_true", help="the GEMV candidates instead of the dot grid")
     ap.add_argument("--gemv-gu", action="store_true", help="only the GEMV candidates with gate and up in one loop")
+    ap.add_argument("--down", action="store_true", help="the GEMV candidates on the down side only")
     ap.add_argument("--min-mb", type=float, default=256.0, help="cold bytes per timed replay")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     gemv = (("gemvgu", mb.GEMV_GU_CANDIDATES) if a.gemv_gu else
-            ("gemv", mb.GEMV_CANDIDATES) if a.gemv else None)
+            ("down", down_candidates()) if a.down else ("gemv", mb.GEMV_CANDIDATES) if a.gemv else None)
     cands = candidates(a.grid, a.old_rows, gemv)
     tokens = [int(t) for t in a.tokens.split(",")]
     bw = mb.copy_bandwidth()
@@ -84,8 +102,9 @@ def main() -> None:
                 w, ids = moe.route(lg, k, True)
                 y0 = moe.fused_moe(xm, ids, w, b0, I)
                 line = []
+                pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
                 for cn, cfg in cands.items():
-                    conf = None if cfg is None else (cfg[0], cfg[1], cfg[1])
+                    conf = (None if cfg is None else (*pick[:2], *cfg) if a.down else (cfg[0], cfg[1], cfg[1]))
                     try:
                         db = mt.sqnr_db(y0.float(), moe.fused_moe(xm, ids, w, b0, I, config=conf).float())
                         fns = [(lambda L=L: moe.fused_moe(xm, *moe.route(lg, k, True)[::-1], L, I, config=conf))

@@ -569,9 +569,9 @@ def test_pick_per_side_layouts():
     assert (pu, cu) == ("gemv", mc.GEMV_LAYOUT["intq"][1])
     assert pd == ("gemv" if m <= dn_max else "dot")
     assert mc.pick(1, {"intq", "fp8"}, {"fp8"})[:2] == ("gemv", mc.GEMV["up"])
-    for (lay, h), c in mc.GEMV_M1.items():     # batch 1 of a listed shape: its own config
+    for (lay, h), c in mc.GEMV_M1.items():     # batch 1 of a listed shape: its own config(s)
         layouts = {"intq", "fp8"} if lay == "mixed" else {lay}
-        assert mc.pick(1, layouts, layouts, hidden=h) == ("gemv", c, "gemv", c)
+        assert mc.pick(1, layouts, layouts, hidden=h) == ("gemv", c, "gemv", mc.GEMV_M1_DOWN.get((lay, h), c))
         assert mc.pick(2, layouts, layouts, hidden=h) == mc.pick(2, layouts, layouts)
     # uniform int4 sides keep the BM-16 (per-field) dot row up to DOT_INTQ_MAX_M tokens, others
     # and larger M the prefill row; each side by its own layouts
@@ -585,7 +585,7 @@ def test_pick_per_side_layouts():
 def _distinct_gemv_m1():
     from mixprec.kernels import moe_configs as mc
     out = []
-    for c in mc.GEMV_M1.values():
+    for c in [*mc.GEMV_M1.values(), *mc.GEMV_M1_DOWN.values()]:
         if c not in out:
             out.append(c)
     return out
@@ -593,7 +593,7 @@ def _distinct_gemv_m1():
 
 @pytest.mark.parametrize("ci", range(len(_distinct_gemv_m1())))
 def test_batch1_configs(ci):
-    """Every distinct batch-1 GEMV config (moe_configs.GEMV_M1) on a mixed layer at M=1."""
+    """Every distinct batch-1 GEMV config (moe_configs.GEMV_M1, GEMV_M1_DOWN) on a mixed layer at M=1."""
     from mixprec.kernels import moe_configs as mc
     cfgs = _distinct_gemv_m1()
     h, i = 640, 128        # up: a full and a partial 512 K step; down: K below one step
@@ -755,13 +755,14 @@ def test_gpu_grouped_path_no_host_sync_and_graph_replay(specs):
 def test_batch1_rows_at_the_30b_hidden_size(name):
     """The batch-1 launch configs keyed by the 30B hidden size (moe_configs.GEMV_M1: 4-row one-warp
     tiles with gate and up in one loop for fp8 layers and for the runtime's mixed preset: intq,
-    fp8 and int8 gate/up, intq, dense and fp8 down) on a layer of that hidden size, against the
-    reference (small I, 8 experts)."""
+    fp8 and int8 gate/up; GEMV_M1_DOWN: wider tiles for its intq, dense and fp8 down) on a layer
+    of that hidden size, against the reference (small I, 8 experts)."""
     from mixprec.kernels import moe_bench as mb
     from mixprec.kernels import moe_configs as mc
     h, i = 2048, 64
     b = _layer(mb.CONFIGS[name](E), h=h, i=i)
     up, dn = moe.side_layouts(b)
     path_up, cu, path_dn, cd = mc.pick(1, up, dn, hidden=h)
-    assert path_up == path_dn == "gemv" and cu["gu"] and cu["BN"] == cd["BN"] == 4
+    lay = next(iter(dn)) if len(dn) == 1 else "mixed"
+    assert path_up == path_dn == "gemv" and cu["gu"] and cu["BN"] == 4 and cd == mc.GEMV_M1_DOWN[(lay, h)]
     _check(b, *_inputs(1, h=h, seed=61), inter=i)

@@ -118,6 +118,20 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     ("dense", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
 }
 
+# batch-1 decode, the down side: (layout, hidden size) -> GEMV config, before GEMV_M1 (whose rows
+# were swept with one config for both sides). Session 18 (H100, route + layer, µs, the GEMV_M1 row
+# vs this on the down side, the gate/up side unchanged; `scripts/sweep_moe_dot.py --down --tokens
+# 1`, moe_diag/session18_sweep_down_*): 30B int4 22.3 vs 21.3, fp8 34.9 vs 32.9, the runtime's
+# mixed preset (int4, bf16 and fp8 down) 37.7 vs 34.9; 235B int4 48.9 vs 47.1. Wider tiles (32-64
+# rows, 4-8 warps) than the gate/up side's 4-16
+_DOWN32 = dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)
+GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
+    ("intq", 2048): _DOWN32,
+    ("intq", 4096): _DOWN32,
+    ("fp8", 2048): dict(_DOWN32, BN=64, num_warps=8),
+    ("mixed", 2048): dict(_DOWN32, num_warps=8),
+}
+
 # batch-1 decode on the dot path with K in 2 chunks (twice the programs of the unsplit dot row):
 # (layout, hidden size) -> config, before GEMV_M1. Session 10 (H200, one run, route + fused_moe,
 # µs, this vs the GEMV config used before): 235B fp8 74.5 vs 89.5, int4+fp8 74.1 vs 97.8, the
@@ -172,14 +186,16 @@ def dot_config(m: int, layout: str | None = None) -> dict:
 def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> tuple[str, dict, str, dict]:
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
-    hidden size (M=1 takes DOT_M1 / GEMV_M1 where they have the shape)."""
+    hidden size (M=1 takes DOT_M1 / GEMV_M1_DOWN / GEMV_M1 where they have the shape)."""
     out = []
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
         layout = next(iter(layouts)) if len(layouts) == 1 else "mixed"
         if m == 1 and (layout, hidden) in DOT_M1:
             out += ["dot", DOT_M1[(layout, hidden)]]
             continue
-        m1 = GEMV_M1.get((layout, hidden)) if m == 1 else None
+        m1 = None
+        if m == 1:
+            m1 = (key == "down" and GEMV_M1_DOWN.get((layout, hidden))) or GEMV_M1.get((layout, hidden))
         if m1 is not None:
             out += ["gemv", m1]
             continue
