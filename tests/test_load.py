@@ -3,6 +3,7 @@ transformers run on the dequantized weights; folded-scale (AWQ) correction; seed
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -269,6 +270,26 @@ def test_cli_plan_inspect_demo(fx, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "weights[0]" in err and "weights[1]" in err          # all errors at once
     assert DEMO_RULES
+
+
+def test_cli_turns_on_expandable_segments_unless_configured(monkeypatch):
+    """The CLI asks for the allocator's expandable segments (the 94-layer 235B model ran out of
+    memory on an H200 without them), but never over a setting of the user's."""
+    from mixprec.__main__ import _allocator_defaults
+    names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+    for var in names:
+        monkeypatch.setenv(var, "")     # so that the test's end restores what was there
+    user = "max_split_size_mb:512"
+    for mine in (None, *names):
+        for var in names:
+            monkeypatch.delenv(var, raising=False)
+        if mine:
+            monkeypatch.setenv(mine, user)
+        _allocator_defaults()
+        if mine is None:
+            assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+        else:
+            assert os.environ[mine] == user and os.environ.get("PYTORCH_ALLOC_CONF", user) == user
 
 
 def test_demo_runs(tmp_path, capsys):
