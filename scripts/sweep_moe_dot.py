@@ -104,7 +104,12 @@ def main() -> None:
                 line = []
                 pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
                 for cn, cfg in cands.items():
-                    conf = (None if cfg is None else (*pick[:2], *cfg) if a.down else (cfg[0], cfg[1], cfg[1]))
+                    if cfg is None:
+                        conf = None
+                    elif a.down:      # the gate/up side as picked, the candidate on the down side
+                        conf = (*pick[:2], *cfg)
+                    else:
+                        conf = (cfg[0], cfg[1], cfg[1])
                     try:
                         db = mt.sqnr_db(y0.float(), moe.fused_moe(xm, ids, w, b0, I, config=conf).float())
                         fns = [(lambda L=L: moe.fused_moe(xm, *moe.route(lg, k, True)[::-1], L, I, config=conf))

@@ -122,8 +122,11 @@ GEMV_M1: dict[tuple[str, int], dict] = {
 # were swept with one config for both sides). Session 18 (H100, route + layer, µs, the GEMV_M1 row
 # vs this on the down side, the gate/up side unchanged; `scripts/sweep_moe_dot.py --down --tokens
 # 1`, moe_diag/session18_sweep_down_*): 30B int4 22.3 vs 21.3, fp8 34.9 vs 32.9, the runtime's
-# mixed preset (int4, bf16 and fp8 down) 37.7 vs 34.9; 235B int4 48.9 vs 47.1. Wider tiles (32-64
-# rows, 4-8 warps) than the gate/up side's 4-16
+# mixed preset (int4, bf16 and fp8 down) 37.7 vs 34.9; 235B int4 48.9 vs 47.1 (the sweep's noise is
+# ~5%: one tile timed twice, 33.5 / 31.7). Judged by the runtime, same H100 call, two interleaved
+# runs, decode batch 1 tok/s (runtime/session18_down_m1_ab_h100.json): 30B int4 380.4 -> 388.5,
+# fp8 312.3 -> 322.0, mixed preset 300.5 -> 310.6; 235B int4 (8 layers) 777.0 -> 789.0. Wider
+# tiles (32-64 rows, 4-8 warps) than the gate/up side's 4-16
 _DOWN32 = dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)
 GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
     ("intq", 2048): _DOWN32,
