@@ -5,7 +5,8 @@ those for the down side alone, the gate/up side keeping the pick's path and conf
 
 Per (shape, layer mix, tokens M): route + fused_moe per layer in CUDA graphs over cold weight
 copies (as `bench-moe`), every candidate checked against the default config (SQNR >= 40 dB)
-before it is timed. Prints one line per M with each candidate's µs and the winner. GPU only.
+before it is timed, --rounds times in alternating order (the median is reported). Prints one
+line per M with each candidate's µs and the winner. GPU only.
 
     python scripts/sweep_moe_dot.py --tokens 1,2,4,8,16 --grid "64,1,3,4;64,2,3,4" [--out rows.json]
     python scripts/sweep_moe_dot.py --gemv --tokens 1 --configs rt_mixed,int4+fp8
@@ -19,6 +20,7 @@ half the experts int4, a quarter fp8 with bf16 down, a quarter int8 W8A8 with fp
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -80,6 +82,7 @@ def main() -> None:
     ap.add_argument("--gemv-gu", action="store_true", help="only the GEMV candidates with gate and up in one loop")
     ap.add_argument("--down", action="store_true", help="the GEMV candidates on the down side only")
     ap.add_argument("--min-mb", type=float, default=256.0, help="cold bytes per timed replay")
+    ap.add_argument("--rounds", type=int, default=2, help="timings per candidate (median), in alternating order")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     gemv = (("gemvgu", mb.GEMV_GU_CANDIDATES) if a.gemv_gu else
@@ -101,8 +104,8 @@ def main() -> None:
                 xm, lg = x[:M].contiguous(), lgs[M]
                 w, ids = moe.route(lg, k, True)
                 y0 = moe.fused_moe(xm, ids, w, b0, I)
-                line = []
                 pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
+                fns_of, sqnr_of = {}, {}
                 for cn, cfg in cands.items():
                     if cfg is None:
                         conf = None
@@ -112,13 +115,29 @@ def main() -> None:
                         conf = (cfg[0], cfg[1], cfg[1])
                     try:
                         db = mt.sqnr_db(y0.float(), moe.fused_moe(xm, ids, w, b0, I, config=conf).float())
-                        fns = [(lambda L=L: moe.fused_moe(xm, *moe.route(lg, k, True)[::-1], L, I, config=conf))
-                               for L in layers[:c]]
-                        us = mb.time_graph(fns) if db >= 40 else float("inf")
                     except Exception as err:  # noqa: BLE001 - a failing candidate is reported, not fatal
-                        us, db = float("inf"), float("nan")
+                        db = float("nan")
                         print(f"  FAILED {shape} {name} M={M} {cn}: {str(err)[:200]}", flush=True)
-                    rows.append(dict(shape=shape, config=name, M=M, cand=cn, us=us, sqnr=db, touched=touched[M]))
+                    sqnr_of[cn] = db
+                    if db >= 40:
+                        fns_of[cn] = [(lambda L=L, conf=conf: moe.fused_moe(xm, *moe.route(lg, k, True)[::-1], L, I,
+                                                                            config=conf)) for L in layers[:c]]
+                # rounds in alternating order: a drift of the GPU's speed over the sweep reaches
+                # every candidate alike (one pass: twins differed by ~5%, moe_diag/session18_sweep_down_*)
+                times = {cn: [] for cn in cands}
+                for r in range(a.rounds):
+                    for cn in (list(cands) if r % 2 == 0 else list(cands)[::-1]):
+                        if cn in fns_of:
+                            try:
+                                times[cn].append(mb.time_graph(fns_of[cn]))
+                            except Exception as err:  # noqa: BLE001 - e.g. a capture that fails: dropped
+                                del fns_of[cn]
+                                print(f"  FAILED {shape} {name} M={M} {cn}: {str(err)[:200]}", flush=True)
+                line = []
+                for cn in cands:
+                    us = statistics.median(times[cn]) if times[cn] else float("inf")
+                    rows.append(dict(shape=shape, config=name, M=M, cand=cn, us=us, rounds=times[cn], sqnr=sqnr_of[cn],
+                                     touched=touched[M]))
                     line.append(f"{cn}={us:.1f}")
                 best = min((r for r in rows if (r["shape"], r["config"], r["M"]) == (shape, name, M)),
                            key=lambda r: r["us"])
