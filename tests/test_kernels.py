@@ -417,3 +417,14 @@ def test_intq_dequant_path_column_chunks(monkeypatch):
     assert sqnr(y, intq_linear_reference(x, qw, sc, z, perm, 4, 128)) >= 40
 
 
+
+
+def test_host_int_helpers_match_triton():
+    """kernels/ints.py (the launch code's cdiv / next_power_of_2, without triton's constexpr call
+    wrapper) gives triton's values, large and non-positive inputs included."""
+    from mixprec.kernels.ints import cdiv, next_power_of_2
+    for n in [*range(-3, 4200), *(1 << k for k in range(48)), *((1 << k) + 1 for k in range(48))]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+    for x in [*range(-40, 4200, 7), 1 << 40, (1 << 40) + 3]:
+        for y in (1, 2, 3, 7, 16, 128, 1000):
+            assert cdiv(x, y) == triton.cdiv(x, y), (x, y)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..errors import ShapeMismatch
 from . import pdl
+from .ints import cdiv, next_power_of_2
 from .quant import split_counters
 
 
@@ -240,12 +241,12 @@ def block_n(length: int) -> int:
 def decode_splits(batch: int, kv_heads: int, length: int) -> tuple[int, int]:
     """(splits, chunk): split the cache length so B * HK * splits programs fill the GPU."""
     bn = block_n(length)
-    blocks = triton.cdiv(length, bn)
+    blocks = cdiv(length, bn)
     want = max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
-    split = min(triton.next_power_of_2(want), triton.next_power_of_2(blocks))
+    split = min(next_power_of_2(want), next_power_of_2(blocks))
     split = min(split, MAX_SPLITS)
-    chunk = triton.cdiv(blocks, split) * bn
-    return triton.cdiv(length, chunk), chunk
+    chunk = cdiv(blocks, split) * bn
+    return cdiv(length, chunk), chunk
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, pos: Tensor,
@@ -277,7 +278,7 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new) -> Tensor:
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     split, chunk = decode_splits(B, HK, S)
     o = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
-    p2 = triton.next_power_of_2(split) if split > 1 else 1    # partials' stride, a power of two
+    p2 = next_power_of_2(split) if split > 1 else 1    # partials' stride, a power of two
     if split > 1:
         part = torch.empty(B * HQ * p2, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * HQ * p2, 2, dtype=torch.float32, device=q.device)
@@ -287,7 +288,7 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new) -> Tensor:
     k, v, cos, sin, q_w, k_w, eps = new if new is not None else (o, o, o, o, o, o, 0.0)
     # the kernel reads start[b] / pos[b] at offset b: an expanded view (stride 0) must become real
     start, pos = start.contiguous(), pos.contiguous()
-    GP = max(16, triton.next_power_of_2(HQ // HK))
+    GP = max(16, next_power_of_2(HQ // HK))
     _decode_attn_kernel[(B, HK, split)](
         q, k_cache, v_cache, start, pos, o, part, ml, cnt, k, v, cos, sin, q_w, k_w,
         s_q, k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

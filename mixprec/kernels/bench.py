@@ -39,6 +39,7 @@ from ..errors import MixprecError
 from . import configs, timing
 from .fp8 import fp8_linear_cfg, fp8_linear_reference
 from .int8 import int8_linear_cfg, int8_linear_reference
+from .ints import cdiv
 from .intq import intq_config, intq_linear_cfg, intq_linear_reference
 from .quant import split_plan
 
@@ -78,7 +79,7 @@ def make_variant(name: str, N: int, K: int, dev) -> tuple[list, callable, callab
         block = (128, 128) if "blk" in name else (1, K)
         act = "w8a8" if "w8a8" in name else "w8a16"
         w = (torch.randn(N, K, device=dev) * 64).to(torch.float8_e4m3fn)
-        s = torch.rand(triton.cdiv(N, block[0]), triton.cdiv(K, block[1]), device=dev) * 1e-3 + 1e-4
+        s = torch.rand(cdiv(N, block[0]), cdiv(K, block[1]), device=dev) * 1e-3 + 1e-4
         return ([w, s], lambda x, t, c: fp8_linear_cfg(x, t[0], t[1], block, act, c),
                 lambda x, t: fp8_linear_reference(x, t[0], t[1], block, act))
     act = "w8a8" if "w8a8" in name else "w8a16"
@@ -160,8 +161,8 @@ def baseline_fns(name: str, x, N: int, K: int, dev):
             return None, f"n/a: {str(e).splitlines()[0][:80]}"
     if name == "F.scaled_mm blk":
         F = torch.nn.functional
-        kb, nb = triton.cdiv(K, 128), triton.cdiv(N, 128)
-        mp4 = triton.cdiv(M, 4) * 4          # cuBLAS wants the token count padded to 4
+        kb, nb = cdiv(K, 128), cdiv(N, 128)
+        mp4 = cdiv(M, 4) * 4          # cuBLAS wants the token count padded to 4
         xp = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, mp4 - M)).view(torch.float8_e4m3fn)
         sa = (torch.rand(mp4, kb, device=dev) + 0.5).t().contiguous().t()      # M-major
         errs = []
@@ -170,7 +171,7 @@ def baseline_fns(name: str, x, N: int, K: int, dev):
                 errs.append("torch.nn.functional.scaled_mm missing")
                 continue
             for pad in (False, True):     # cuBLAS wants scale_b's K blocks padded to a multiple of 4
-                kbp = triton.cdiv(kb, 4) * 4 if pad else kb
+                kbp = cdiv(kb, 4) * 4 if pad else kb
                 s = torch.rand(nb, kbp, device=dev) + 0.5
                 try:
                     ts = rotate([w, s])
@@ -254,7 +255,7 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
 def _compile_key(variant: str, K: int, c: dict) -> tuple:
     tile = 128 if c["path"] == "gemm" or not variant.startswith("int4") else c["BK"]
     split, _ = split_plan(K, tile, c["split"])
-    kb = triton.cdiv(K, 128)
+    kb = cdiv(K, 128)
     return (variant, c["path"], c["BM"], c["BN"], c["BK"], c["warps"], c["stages"], split > 1, kb % 16 == 0)
 
 

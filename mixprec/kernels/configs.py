@@ -10,7 +10,7 @@ H100 (gemv programs have few loads in flight), gemm with 1-2 waves. M > 256 uses
 """
 from __future__ import annotations
 
-import triton
+from .ints import cdiv
 
 KINDS = ("intq4", "intq8", "fp8_w8a8", "fp8_w8a16", "int8_w8a8", "int8_w8a16")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -30,8 +30,8 @@ def cfg(path: str, BM: int, BN: int, BK: int, split: int, warps: int, stages: in
 
 def auto_split(M: int, N: int, K: int, BM: int, BN: int, BK: int, target: int = 2 * SMS) -> int:
     """K splits so that tiles * split reaches ~target programs (capped by the K tiles)."""
-    tiles = (M if BM == 0 else triton.cdiv(M, BM)) * triton.cdiv(N, BN)
-    k_tiles = triton.cdiv(K, BK)
+    tiles = (M if BM == 0 else cdiv(M, BM)) * cdiv(N, BN)
+    k_tiles = cdiv(K, BK)
     return max(1, min(k_tiles, round(target / tiles)))
 
 

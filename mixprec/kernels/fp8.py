@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
+from .ints import cdiv
 from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, fp8_act_reference, gemm_tile,
                     round_e4m3, split_plan, split_workspace, splitk_store)
 
@@ -151,7 +152,7 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
         raise FormatError(f"fp8_linear: block={tuple(block)} must be positive")
     dev = weight.device
     check_tensor(weight, "fp8_linear weight", (N, K), (torch.float8_e4m3fn,), dev)
-    check_tensor(scale, "fp8_linear scale", (triton.cdiv(N, bn), triton.cdiv(K, bk)), (torch.float32,), dev)
+    check_tensor(scale, "fp8_linear scale", (cdiv(N, bn), cdiv(K, bk)), (torch.float32,), dev)
     if weight.stride(1) != 1 or scale.stride(1) != 1:
         raise FormatError(f"fp8_linear: weight/scale rows must be contiguous along K, strides "
                           f"{weight.stride()} / {scale.stride()}")
@@ -179,7 +180,7 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
     tile_k = max(tile, bk_pow2) if fold else tile
     split, per = split_plan(K, tile_k, c["split"])
     if c["path"] == "gemv":
-        nb = triton.cdiv(N, c["BN"])
+        nb = cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         _fp8_gemv_kernel[(M, nb, split)](
             x2, weight, scale, out, ws, cnt, M, N, K, bn, bk, x2.stride(0), out.stride(0), weight.stride(0),
@@ -187,7 +188,7 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
             BLOCK_K=tile_k, SUB_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"],
             **pdl.launch_kw(x2))
     else:
-        nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
+        nt = cdiv(M, c["BM"]) * cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
         pre = act == "w8a8" and M >= PRE_QUANT_M
         xg, a, s_a = act_codes(x2, "fp8") if pre else (x2, x2, 0)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
+from .ints import cdiv
 from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, gemm_tile, int8_act_quant_reference,
                     split_plan, split_workspace, splitk_store)
 
@@ -171,11 +172,11 @@ def int8_linear_cfg(x, weight, scale, zero, act, cfg: dict | None) -> Tensor:
     flags = dict(A8=act == "w8a8", HAS_ZERO=has_zero, BLOCK_N=c["BN"], BLOCK_K=tile,
                  USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     if c["path"] == "gemv":
-        nb = triton.cdiv(N, c["BN"])
+        nb = cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         _int8_gemv_kernel[(M, nb, split)](x2, weight, scale, zero, out, ws, cnt, *args, **flags)
     else:
-        nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
+        nt = cdiv(M, c["BM"]) * cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
         xg, sx, s_sx = act_codes(x2, "int8") if act == "w8a8" else (x2, x2, 0)
         _int8_gemm_kernel[(nt, split)](xg, weight, scale, zero, out, ws, cnt, sx, M, N, K, xg.stride(0),

@@ -41,6 +41,7 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .gemv_tiles import gemv_intq
+from .ints import cdiv, next_power_of_2
 from .quant import (check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, split_plan,
                     split_workspace, splitk_store, x_tile)
 
@@ -198,7 +199,7 @@ def _dequant_matmul(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor |
     for n0 in range(0, N, nc):
         n1 = min(N, n0 + nc)
         wc = w[:, : n1 - n0]
-        _intq_dequant_kernel[(triton.cdiv(K // (32 // bits), 16), triton.cdiv(n1 - n0, 128))](
+        _intq_dequant_kernel[(cdiv(K // (32 // bits), 16), cdiv(n1 - n0, 128))](
             qweight, scales, zp, wc, n1, K, G, n0, qweight.stride(0), scales.stride(0),
             zeros.stride(0) if zeros is not None else 0, wc.stride(0),
             BITS=bits, HAS_ZERO=zeros is not None, BLOCK_R=16, BLOCK_N=128, num_warps=4)
@@ -247,7 +248,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     G = K if group_size in (-1, None) else int(group_size)
     if G <= 0 or (G < K and G % pf):
         raise FormatError(f"intq_linear: group_size={group_size} must be -1 or a positive multiple of {pf}")
-    ng = triton.cdiv(K, G)
+    ng = cdiv(K, G)
     dev = qweight.device
     check_tensor(qweight, "intq_linear qweight", (K // pf, N), (torch.int32,), dev)
     check_tensor(scales, "intq_linear scales", (ng, N), (torch.float16, torch.bfloat16, torch.float32), dev)
@@ -278,7 +279,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
                                   f"strides {t.stride()} (pass a contiguous tensor)")
         tile = max(_pow2_floor(c["BK"]), 16 * pf)      # >= 16 word rows per tile
         split, per = split_plan(K, tile, c["split"])
-        nb = triton.cdiv(N, c["BN"])
+        nb = cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         # 15: the 4-bit code mask as a run-time value (it stays in a register; see gemv_intq)
         _intq_gemv_kernel[(M, nb, split)](
@@ -297,7 +298,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
         split, per = split_plan(K, tile, c["split"])
         stride_z = zeros.stride(0) if zeros is not None else 0
         common = (M, N, K, G, x2.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), stride_z)
-        nt = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
+        nt = cdiv(M, c["BM"]) * cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
         _intq_gemm_kernel[(nt, split)](
             x2, qweight, scales, zp, pp, out, ws, cnt, *common, per, split,
@@ -330,7 +331,7 @@ def intq_config(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -
     if c["path"] != "gemm" or (M <= 16 and _field_dots(bits, c, pf, dtype)):
         return c
     if swap_fits(bits, M, N, K, G, dtype):
-        BM = min(128, triton.next_power_of_2(M))
+        BM = min(128, next_power_of_2(M))
         return configs.cfg("swap", BM, 64, 128, configs.auto_split(M, N, K, BM, 64, 128), 4, 3)
     small = not _scale_after(G, K, _gemm_tile(c, pf))
     field = field_tiles_config(M, N, K)

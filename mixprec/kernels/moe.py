@@ -30,11 +30,11 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
+from .ints import cdiv, next_power_of_2
 from .moe_triton import (_align_count_kernel, _align_scan_kernel, _align_scatter_kernel, _align_sort_kernel,
                          _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel, _router_route_kernel,
                          _silu_mul_kernel, _token_sum_kernel)
@@ -88,12 +88,12 @@ def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tens
     logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
     w = torch.empty(M, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(M, top_k, dtype=torch.int32, device=logits.device)
-    EB = triton.next_power_of_2(E)
+    EB = next_power_of_2(E)
     BT = max(1, min(16, 4096 // EB))
     if M > 0:
-        _route_kernel[(triton.cdiv(M, BT),)](logits, w, ids, M, E, logits.stride(0), TOPK=top_k,
+        _route_kernel[(cdiv(M, BT),)](logits, w, ids, M, E, logits.stride(0), TOPK=top_k,
                                              RENORM=bool(renorm), BT=BT, EB=EB,
-                                             KB=triton.next_power_of_2(top_k), num_warps=4,
+                                             KB=next_power_of_2(top_k), num_warps=4,
                                              **pdl.launch_kw(logits))
     return w, ids
 
@@ -152,12 +152,12 @@ def _router_launch(x, gate_weight, top_k, renorm, norm):
     else:
         r, nw, eps = norm
         y, h = torch.empty_like(x), torch.empty_like(x)
-    MB, BE = triton.next_power_of_2(M), 2      # E/2 programs of H/BH steps (1-2 at H=2048)
-    BH = min(triton.next_power_of_2(H), max(16, 4096 // (MB * BE)))
-    _router_route_kernel[(triton.cdiv(E, BE),)](
+    MB, BE = next_power_of_2(M), 2      # E/2 programs of H/BH steps (1-2 at H=2048)
+    BH = min(next_power_of_2(H), max(16, 4096 // (MB * BE)))
+    _router_route_kernel[(cdiv(E, BE),)](
         x, gate_weight, lg, w, ids, split_counters(x.device, 1), r, nw, x if y is None else y, x if h is None else h,
         M, E, H, x.stride(0), eps, TOPK=top_k, RENORM=bool(renorm), MB=MB, BE=BE, BH=BH,
-        EB=triton.next_power_of_2(E), KB=triton.next_power_of_2(top_k), NORM=norm is not None, num_warps=4,
+        EB=next_power_of_2(E), KB=next_power_of_2(top_k), NORM=norm is not None, num_warps=4,
         **pdl.launch_kw(x))
     return w, ids, y, h
 
@@ -172,7 +172,7 @@ ALIGN_SORT_MAX_P = 1024
 def align_bounds(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int]:
     """Upper bounds (from shapes only) of the aligned layout: (blocks, sorted slots).
     Each non-empty expert wastes at most block_m-1 slots, and at most min(E, P) are non-empty."""
-    nb = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
+    nb = cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
     return nb, nb * block_m
 
 
@@ -198,16 +198,16 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
         ids = ids.to(torch.int32)
     kw = pdl.launch_kw(ids)
     if P <= ALIGN_SORT_MAX_P:
-        EBS = triton.next_power_of_2(num_experts + 1)     # + the padding lanes' bin
+        EBS = next_power_of_2(num_experts + 1)     # + the padding lanes' bin
         _align_sort_kernel[(1,)](ids, sorted_ids, block_expert, P, num_experts, smax, nb, BM=block_m,
-                                 PB=max(16, triton.next_power_of_2(P)), EB=EBS, CH=_align_ch(EBS),
+                                 PB=max(16, next_power_of_2(P)), EB=EBS, CH=_align_ch(EBS),
                                  num_warps=8, **kw)
         return sorted_ids, block_expert
-    EB = triton.next_power_of_2(max(num_experts, 2))
+    EB = next_power_of_2(max(num_experts, 2))
     CH = _align_ch(EB)
-    nch = triton.cdiv(P, CH)
+    nch = cdiv(P, CH)
     cc = torch.empty(nch, EB, dtype=torch.int32, device=dev)
-    _align_count_kernel[(nch,)](ids, cc, sorted_ids, P, triton.cdiv(smax, nch), smax, EB=EB, CH=CH, num_warps=8,
+    _align_count_kernel[(nch,)](ids, cc, sorted_ids, P, cdiv(smax, nch), smax, EB=EB, CH=CH, num_warps=8,
                                 **kw)
     _align_scan_kernel[(1,)](cc, block_expert, num_experts, nch, nb, BM=block_m, EB=EB, CB=max(1, 8192 // EB), CH=CH,
                              num_warps=8, **kw)
@@ -263,7 +263,7 @@ def _check_bucket(b: dict, i: int, hidden: int, inter: int) -> str:
     elif layout == "fp8":
         bn, bk = _fp8_block(p, where)
         shape("weight", (Eb, N, K), (torch.float8_e4m3fn,))
-        shape("scale", (Eb, triton.cdiv(N, bn), triton.cdiv(K, bk)), (torch.float32,))
+        shape("scale", (Eb, cdiv(N, bn), cdiv(K, bk)), (torch.float32,))
         if _act(p, where) == 1 and bk % FP8_ACT_GROUP != 0 and bk < K:
             raise FormatError(f"{where}: fp8 w8a8 needs the weight block along K ({bk}) to be a multiple "
                               f"of the activation group {FP8_ACT_GROUP} (or to span K={K}); use act='w8a16'")
@@ -275,9 +275,9 @@ def _check_bucket(b: dict, i: int, hidden: int, inter: int) -> str:
             raise ShapeMismatch(f"{where}: {R} stored rows for K={K}: expected >= K and a multiple of "
                                 f"{pf} ({bits}-bit packing)")
         shape("qweight", (Eb, R // pf, N), (torch.int32,))
-        shape("scales", (Eb, triton.cdiv(R, G), N), (torch.float16, torch.bfloat16, torch.float32))
+        shape("scales", (Eb, cdiv(R, G), N), (torch.float16, torch.bfloat16, torch.float32))
         if "zeros" in t:
-            shape("zeros", (Eb, triton.cdiv(R, G), N), (torch.uint8,))
+            shape("zeros", (Eb, cdiv(R, G), N), (torch.uint8,))
         if "perm" in t:
             shape("perm", (Eb, R), (torch.int32,))
     else:
@@ -392,7 +392,7 @@ def _chunk(rows: int, chunks: int, ks: dict) -> int:
     """K rows per chunk of a split launch: `chunks` chunks cover `rows`, each a multiple of every K
     tile of the launch and of the fp8 activation group (a tile never straddles two chunks)."""
     t = max(max(ks.values()), FP8_ACT_GROUP)
-    return triton.cdiv(triton.cdiv(rows, chunks), t) * t
+    return cdiv(cdiv(rows, chunks), t) * t
 
 
 def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, inter: int, split: int,
@@ -507,7 +507,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     path_up, cu, path_dn, cd = (moe_configs.sides(config) if config else
                                 moe_configs.pick(M, *side_layouts(buckets), hidden=H))
     act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
-    nt_down = triton.cdiv(H, cd["BN"])
+    nt_down = cdiv(H, cd["BN"])
     cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)
     if not one_launch:
         groups = [[b] for b in up_side]
@@ -535,7 +535,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     ws_up = torch.empty(P, 2 * chunks_up, inter, dtype=torch.float32, device=x.device) if split_up > 1 else rw
     # up tile counters: per (pair, tile) on the GEMV path, per (block, tile) on the dot path
     # (at most P + E blocks: moe_align)
-    ucnt = (split_counters(x.device, (P + E) * triton.cdiv(inter, cu["BN"])) if split_up > 1 else cnt)
+    ucnt = (split_counters(x.device, (P + E) * cdiv(inter, cu["BN"])) if split_up > 1 else cnt)
 
     aligned: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -564,7 +564,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     kern, g0, lead_up, shape_kw = side(path_up, 0)
     for grp, xg, q_up in zip(groups, xs, q_ups):
         flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, chunks_up, M)
-        kern[(g0, triton.cdiv(inter, cu["BN"]), nz)](
+        kern[(g0, cdiv(inter, cu["BN"]), nz)](
             xg, *q_up, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
             SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"], **pdl.launch_kw(x))
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
@@ -634,7 +634,7 @@ def _expert_stacks(buckets: list[dict], E: int, H: int, inter: int, dtype: torch
         else:
             bits, G = _intq_params(b.get("params", {}), K, "")
             s = t["scales"]
-            _intq_stack_kernel[(triton.cdiv(K // (32 // bits), 16), triton.cdiv(N, 128), nb)](
+            _intq_stack_kernel[(cdiv(K // (32 // bits), 16), cdiv(N, 128), nb)](
                 t["qweight"], s, t.get("zeros", s), dst, inv, N, K, G, t["qweight"].stride(0), s.stride(0),
                 dst.stride(0), dst.stride(1), BITS=bits, HAS_ZERO="zeros" in t, BLOCK_R=16, BLOCK_N=128,
                 num_warps=4)
@@ -671,10 +671,10 @@ def grouped_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict]
     pos = torch.where(slot < 0, -1, pos)                             # pair -> its row in sorted order
     h = torch._grouped_mm(x[order // k], w13, offs=offs)                             # [P, 2I]
     a = torch.empty(P, inter, dtype=x.dtype, device=x.device)
-    _silu_mul_kernel[(P, triton.cdiv(inter, 1024))](h, a, offs[-1:], inter, BI=1024, num_warps=4)
+    _silu_mul_kernel[(P, cdiv(inter, 1024))](h, a, offs[-1:], inter, BI=1024, num_warps=4)
     d = torch._grouped_mm(a, w2, offs=offs)                                          # [P, H]
     out = torch.empty_like(x)
-    _token_sum_kernel[(M, triton.cdiv(H, 1024))](d, pos, topk_w.float().contiguous(), out, H, TOPK=k,
+    _token_sum_kernel[(M, cdiv(H, 1024))](d, pos, topk_w.float().contiguous(), out, H, TOPK=k,
                                                  BH=1024, num_warps=4)
     return out
 

@@ -9,6 +9,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import pdl
+from .ints import next_power_of_2
 
 
 @triton.jit
@@ -37,7 +38,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     h = torch.empty_like(x2) if residual is not None else y
     r2 = residual.reshape(-1, D).contiguous() if residual is not None else x2
     if x2.shape[0]:
-        block = triton.next_power_of_2(D)
+        block = next_power_of_2(D)
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y, h, D, eps, ADD=residual is not None, BLOCK=block,
                                           num_warps=min(8, max(1, block // 256)), **pdl.launch_kw(x2))
     if residual is None:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import pdl
+from .ints import cdiv, next_power_of_2
 
 EPS = 1e-10          # amax clamp: an all-zero slice would otherwise give 0/0
 FP8_MAX = 448.0      # float8_e4m3fn
@@ -48,7 +49,7 @@ def fp8_act_quant_reference(x: Tensor, block: int = FP8_ACT_GROUP) -> tuple[Tens
     The fp8 GEMV and the GEMM below that quantize in registers with the GPU's fast fp32 division,
     which can differ in a scale's last bit (and so flip a rare code)."""
     *lead, K = x.shape
-    kb = triton.cdiv(K, block)
+    kb = cdiv(K, block)
     xf = torch.nn.functional.pad(x.float(), (0, kb * block - K)).view(*lead, kb, block)
     a = div_exact(xf.abs().amax(dim=-1).clamp_min(EPS), FP8_MAX)
     xq = (xf / a[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -131,11 +132,11 @@ def act_quant(v: Tensor, i8: bool, f8: bool) -> tuple[Tensor, Tensor, int]:
         return v, v, 0
     v = v.contiguous()
     R, K = v.shape
-    ns = 1 + triton.cdiv(K, FP8_ACT_GROUP)
+    ns = 1 + cdiv(K, FP8_ACT_GROUP)
     q = torch.empty(R, 2, K, dtype=torch.uint8, device=v.device)
     qs = torch.empty(R, ns, dtype=torch.float32, device=v.device)
     if R:
-        kb = triton.next_power_of_2(triton.cdiv(K, FP8_ACT_GROUP)) * FP8_ACT_GROUP
+        kb = next_power_of_2(cdiv(K, FP8_ACT_GROUP)) * FP8_ACT_GROUP
         _act_quant_kernel[(R,)](v, q, qs, K, ns, I8=i8, F8=f8, KB=kb, num_warps=4 if kb <= 2048 else 8,
                                 **pdl.launch_kw(v))
     return q, qs, ns
@@ -366,10 +367,10 @@ def splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om,
 
 def split_plan(K: int, tile_k: int, split: int) -> tuple[int, int]:
     """-> (effective split, K elements per split, a multiple of tile_k), no empty split."""
-    k_tiles = triton.cdiv(K, tile_k)
+    k_tiles = cdiv(K, tile_k)
     split = max(1, min(int(split), k_tiles))
-    per = triton.cdiv(k_tiles, split) * tile_k
-    return triton.cdiv(K, per), per
+    per = cdiv(k_tiles, split) * tile_k
+    return cdiv(K, per), per
 
 
 # ----------------------------------------------------------------------------------------------
