@@ -9,7 +9,8 @@ Paths (intq_config picks one per call; the Triton ones are one launch, split-K r
 quant.splitk_store):
 
 * gemv (decode, M = 1-2): programs over (row m, BN columns, K split) running the int4/int8 tile
-  loop the fused MoE uses (gemv_tiles.gemv_intq): a [BK/pf, BN] word tile dequantized field by
+  loop the fused MoE uses (gemv_tiles.gemv_intq over BN columns; the MoE calls the
+  gemv_intq_cols under it with any column set): a [BK/pf, BN] word tile dequantized field by
   field in its own register layout (code -> float by one LOP3 + one FADD: OR-ing an exponent makes
   2^e + q exactly), scale and zero applied once per word row, the rows reduced once at the end,
   the next tile prefetched; many small programs (BN 8-64). Needs qweight / scales / zeros with
