@@ -15,6 +15,7 @@ import torch
 import mixprec
 from mixprec.runtime.engine import Engine, EngineStopped, QueueFull
 from mixprec.runtime.generate import Generator
+from mixprec.runtime.prefill import Prefill, bucket
 from mixprec.runtime.sampling import SamplingParams
 from mixprec.testing.fixtures import make_fixture
 
@@ -58,6 +59,37 @@ def test_greedy_matches_generator_under_load(model):
         for r in got:
             assert r.text == tok.decode(r.output_ids)
             assert "".join(d.text for d in r.deltas()) == r.text
+
+
+@pytest.mark.parametrize("n,T", [(1, 1), (1, 17), (3, 5), (2, 40)])
+def test_staged_prefill_equals_plain_prefill(model, n, T):
+    """The graph path of Prefill (here run eagerly on the CPU: the same padded forward into the
+    staging cache, then the copy) gives the plain forward's logits and cache rows [:T], fills rows
+    at an offset of a bigger cache, and leaves slots past T alone; over graph_tokens it is plain."""
+    g = torch.Generator().manual_seed(n * 100 + T)
+    lens = [T] + torch.randint(1, T + 1, (n - 1,), generator=g).tolist()
+    ids = torch.zeros(n, T, dtype=torch.long)
+    for i, k in enumerate(lens):
+        ids[i, :k] = torch.randint(0, 500, (k,), generator=g)
+    last = torch.tensor(lens) - 1
+    plain, staged = (model.make_cache(6, 64) for _ in range(2))
+    for c in (plain, staged):
+        c.k.fill_(7.0)
+        c.v.fill_(7.0)
+    want = Prefill(model, use_graphs=False)(ids, last, plain.rows(2, 2 + n, 48))
+    pre = Prefill(model, use_graphs=True)
+    for _ in range(2):              # the second call reuses the bucket's static buffers
+        got = pre(ids, last, staged.rows(2, 2 + n, 48))
+    assert list(pre._shapes) == [(bucket(n), bucket(T, 16))]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(staged.k[:, 2:2 + n, :, :T], plain.k[:, 2:2 + n, :, :T], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(staged.v[:, 2:2 + n, :, :T], plain.v[:, 2:2 + n, :, :T], rtol=1e-5, atol=1e-5)
+    untouched = torch.ones_like(staged.k, dtype=torch.bool)
+    untouched[:, 2:2 + n, :, :T] = False
+    assert (staged.k[untouched] == 7.0).all() and (staged.v[untouched] == 7.0).all()
+    small = Prefill(model, use_graphs=True, graph_tokens=bucket(n) * bucket(T, 16) - 1)
+    torch.testing.assert_close(small(ids, last, staged.rows(2, 2 + n, 48)), want, rtol=1e-5, atol=1e-5)
+    assert not small._shapes
 
 
 def test_attention_length_buckets(model):

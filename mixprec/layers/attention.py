@@ -71,14 +71,17 @@ class KVCache(nn.Module):
         (writes land here): lets a forward fill rows at an offset, and attend over only the
         slots in use (continuous batching). Positions must stay < length (not checked)."""
         L = self.max_len if length is None else length
+        return KVCache.over(self.k[:, first:end, :, :L], self.v[:, first:end, :, :L], self.start[first:end],
+                            self.slots[:L])
+
+    @staticmethod
+    def over(k: Tensor, v: Tensor, start: Tensor, slots: Tensor) -> "KVCache":
+        """A cache over given storage: k, v [L, B, kv_heads, S, D], start [B], slots = arange(S)."""
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
-        view.num_layers, view.batch, view.kv_heads, view.max_len, view.head_dim = (
-            self.num_layers, end - first, self.kv_heads, L, self.head_dim)
-        view.register_buffer("k", self.k[:, first:end, :, :L], persistent=False)
-        view.register_buffer("v", self.v[:, first:end, :, :L], persistent=False)
-        view.register_buffer("start", self.start[first:end], persistent=False)
-        view.register_buffer("slots", self.slots[:L], persistent=False)
+        view.num_layers, view.batch, view.kv_heads, view.max_len, view.head_dim = k.shape
+        for name, t in (("k", k), ("v", v), ("start", start), ("slots", slots)):
+            view.register_buffer(name, t, persistent=False)
         return view
 
 

@@ -3,7 +3,8 @@
     python -m mixprec bench mix.yaml --batch 1,8,32 --prompt-len 128 --gen-len 256
     python -m mixprec bench --synthetic qwen3-30b-a3b --mix int4 --batch 1,8,32,64
 
-The roofline of a decode step is the weight bytes it must read (attention, dense MLP, lm_head,
+TTFT is the time from the call to the first token of every prompt (prefill + one sample), the
+median of five; prefill tok/s = batch x prompt length / TTFT. The roofline of a decode step is the weight bytes it must read (attention, dense MLP, lm_head,
 and the experts the batch actually routes to: E * (1 - (1 - k/E)^B) per layer on average for
 uniform routing) over the device copy bandwidth measured in the same run.
 """
@@ -73,7 +74,8 @@ def bench_model(model, batches, prompt_len, gen_len, bw, warm_steps=8):
         step = (t2 - t1) / max(n - 1, 1)
         peak = torch.cuda.max_memory_allocated() / 2**30
         sb = step_bytes(model, B)
-        rows.append(dict(batch=B, prefill_tok_s=B * prompt_len / prefill_seconds(gen, prompts, t1 - t0),
+        ttft = prefill_seconds(gen, prompts, t1 - t0)
+        rows.append(dict(batch=B, ttft_ms=ttft * 1e3, prefill_tok_s=B * prompt_len / ttft,
                          decode_tok_s=B / step, ms_per_step=step * 1e3, weight_GBps=sb / step / 1e9,
                          roofline_pct=100 * (sb / bw) / step, roofline_tok_s=B / (sb / bw), peak_mem_GiB=peak))
     return rows
@@ -95,10 +97,10 @@ def prefill_seconds(gen: Generator, prompts, first: float, reps: int = PREFILL_R
 
 def print_rows(title, rows):
     print(f"\n{title}")
-    print("| batch | prefill tok/s | decode tok/s | ms/step | weight GB/s | % roofline | roofline tok/s | peak GiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | TTFT ms | prefill tok/s | decode tok/s | ms/step | weight GB/s | % roofline | roofline tok/s | peak GiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['ms_per_step']:.2f} | "
+        print(f"| {r['batch']} | {r['ttft_ms']:.1f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['ms_per_step']:.2f} | "
               f"{r['weight_GBps']:.0f} | {r['roofline_pct']:.0f}% | {r['roofline_tok_s']:.0f} | {r['peak_mem_GiB']:.1f} |")
 
 

@@ -6,7 +6,8 @@ admission to finish. A background thread loops, one decode step per iteration:
 
   1. finish cancelled requests and free their slots (only here, between steps),
   2. admit queued requests into free slots: a right-padded prefill of several new requests
-     that sit in contiguous rows (a row view of the cache), first token sampled on the device,
+     that sit in contiguous rows (a row view of the cache; a CUDA graph when small, prefill.py),
+     first token sampled on the device,
   3. one decode step over rows [:bucket], bucket = 1, 2, 4, .. max_batch just above the highest
      slot in use, so each step has a fixed shape and is a CUDA graph on GPU. Idle rows in the
      bucket are padding: they keep position 0 (`live` = 0) and touch only slot 0 of their own row,
@@ -44,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .generate import counter_noise, to_host
+from .prefill import Prefill
 from .sampling import SamplingParams, sample
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
@@ -299,6 +301,7 @@ class Engine:
                            top_k=z(N), top_p=torch.ones(N, dtype=torch.float32, device=dev), seed=z(N), step=z(N))
         self._graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
+        self._prefill_fwd = Prefill(model, self.use_graphs)
 
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -572,7 +575,7 @@ class Engine:
     def _prefill(self, reqs: list[Request]) -> None:
         """Right-padded prefill of reqs into cache rows [s0, s0 + n) (their slots, contiguous),
         then the first token of each, sampled on the device with step 0."""
-        dev, R = self.device, self._rows
+        R = self._rows
         n, s0 = len(reqs), reqs[0]._slot
         lens = [len(r.prompt_ids) for r in reqs]
         T = max(lens)
@@ -592,9 +595,7 @@ class Engine:
         rows = slice(s0, s0 + n)
         for k in ("temperature", "top_k", "top_p", "seed"):
             getattr(R, k)[rows].copy_(d[k])
-        positions = torch.arange(T, device=dev)[None, :].expand(n, T)
-        view = self.cache.rows(s0, s0 + n, self._len_bucket(T))
-        logits = self.model(ids, positions=positions, cache=view, logits_index=d["last"])[:, -1]   # [n, V]
+        logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))             # [n, V]
         R.step[rows].zero_()
         first = self._sample(logits, rows, sampled=any(q.temperature > 0 for q in p),
                              filtered=any(q.temperature > 0 and (q.top_k > 0 or q.top_p < 1) for q in p))

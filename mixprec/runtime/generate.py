@@ -5,7 +5,8 @@ special mask: a padded tail writes slots that the sequence's own decode steps ov
 anything reads them (attention only sees slots <= the query's position).
 
 The decode step (embed -> layers -> logits -> sample) has no host syncs; on CUDA it is captured
-once per batch bucket and replayed. The host reads step t's tokens while step t+1 runs.
+once per batch bucket and replayed, and small prefills are graphs too (prefill.py). The host
+reads step t's tokens while step t+1 runs.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..layers.attention import KVCache
+from .prefill import Prefill, bucket
 from .sampling import SamplingParams, sample
-
 
 
 def _u64(c: int) -> int:
@@ -70,13 +71,6 @@ def to_host(t: Tensor) -> tuple[Tensor, "torch.cuda.Event | None"]:
     return buf, ev
 
 
-def _bucket(n: int) -> int:
-    b = 1
-    while b < n:
-        b *= 2
-    return b
-
-
 class Generator:
     """Runs `model` (a finalized Qwen3ForCausalLM) for batches of token-id prompts.
 
@@ -92,6 +86,7 @@ class Generator:
         self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
         self._graphs: dict[tuple, tuple] = {}
         self._cache: KVCache | None = None
+        self._prefill = Prefill(model, self.use_graphs)
 
     # -- cache -------------------------------------------------------------------------
     def _get_cache(self, batch: int, max_len: int) -> KVCache:
@@ -174,8 +169,8 @@ class Generator:
         if need > self.args.max_position_embeddings:
             raise ValueError(f"prompt + max_new_tokens = {need} exceeds the model's context "
                              f"{self.args.max_position_embeddings}")
-        Bp = _bucket(B) if self.use_graphs else B
-        cache = self._get_cache(Bp, _bucket(max(need, 64)))
+        Bp = bucket(B) if self.use_graphs else B
+        cache = self._get_cache(Bp, bucket(max(need, 64)))
         cache.reset()                       # rows start at slot 0 (right padding)
         dev = self.device
 
@@ -186,9 +181,8 @@ class Generator:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         ids = ids.to(dev)
-        positions = torch.arange(T, device=dev)[None, :].expand(Bp, T)
         last = torch.tensor([len(r) - 1 for r in rows], device=dev)
-        hidden_logits = self.model(ids, positions=positions, cache=cache, logits_index=last)  # [Bp, 1, V]
+        logits = self._prefill(ids, last, cache)                                 # [Bp, V] fp32
         prow = plist + [plist[-1]] * (Bp - B)
         st = _Batch(
             tokens=torch.zeros(Bp, 1, dtype=torch.long, device=dev),
@@ -201,7 +195,6 @@ class Generator:
         )
         sampled = any(p.temperature > 0 for p in plist)
         filtered = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in plist)
-        logits = hidden_logits[:, -1]
         if sampled:
             first = sample(logits, st.temperature, st.top_k, st.top_p,
                            counter_noise(st.seed, st.step, logits.shape[-1]), filtered)
