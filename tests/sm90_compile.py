@@ -178,11 +178,7 @@ def drive() -> None:
             moe.fused_moe(x, ids, w, b, I)
             if moe.grouped_fits(b, x, I, 1 << 20):   # the kernels around torch._grouped_mm (prefill)
                 moe.grouped_moe(x, ids, w, b, I)
-    gw = torch.randn(128, H).to(torch.bfloat16)
-    moe.router_route(torch.randn(1, H).to(torch.bfloat16), gw, 8, True)
-    for M, bm in ((8, 16), (32, 16), (64, 16), (16, 0)):    # the tl.dot router, sorting for the dot path
-        xr, rr = (torch.randn(M, H, generator=g).to(torch.bfloat16) for _ in range(2))
-        moe.norm_router_route(xr, rr, torch.ones(H).to(torch.bfloat16), 1e-6, gw, 8, True, bm)
+    moe.router_route(torch.randn(1, H).to(torch.bfloat16), torch.randn(128, H).to(torch.bfloat16), 8, True)
 
     for N, K in ((5120, 2048), (2048, 768)):
         for M in (1, 2, 4, 40, 200):   # 4: the tuned BN-128 8-warp row, with group 32 on per-field dots;

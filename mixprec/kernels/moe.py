@@ -98,14 +98,11 @@ def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tens
     return w, ids
 
 
-# decode: router linear + route in one launch (_router_route_kernel), up to ROUTER_FUSED_MAX_M
-# tokens. Batch 1-2 sum elementwise products (H100, 2026-11-25, 30B shapes, profile_decode.py: at
-# M=1 one launch of 5.9 us replaced F.linear 5.4 us + route 4.5 us; allowed up to M=8 that serial
-# loop made the decode step ~13% slower); from 3 tokens each H step is a tl.dot, and the launch
-# also sorts the pairs for the expert kernels (replacing cuBLAS + route + moe_align, and with
-# norm_router_route the post-attention norm's launch too).
-ROUTER_FUSED_MAX_M = 64
-ROUTER_FMA_MAX_M = 2
+# batch-1/2 decode: router linear + route in one launch. Measured on an H100 (2026-11-25, 30B shapes,
+# scripts/profile_decode.py): at M=1 one launch of 5.9 us replaces F.linear 5.4 us + route 4.5 us;
+# allowed up to M=8, its serial H loop made the whole decode step ~13% slower, so larger M take
+# cuBLAS + route().
+ROUTER_FUSED_MAX_M = 2
 
 
 def router_route(x: Tensor, gate_weight: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tensor]:
@@ -117,17 +114,14 @@ def router_route(x: Tensor, gate_weight: Tensor, top_k: int, renorm: bool) -> tu
     M, E = x.shape[0], gate_weight.shape[0]
     if M > ROUTER_FUSED_MAX_M or M == 0 or not _triton_ok(x) or not 1 <= top_k <= E:
         return route(F.linear(x, gate_weight), top_k, renorm)
-    return _router_launch(x, gate_weight, top_k, renorm, None, 0)[:2]
+    return _router_launch(x, gate_weight, top_k, renorm, None)[:2]
 
 
 def norm_router_route(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
-                      top_k: int, renorm: bool, block_m: int = 0
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+                      top_k: int, renorm: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """h = x + residual, y = RMSNorm(h) (kernels/norm.py), then router_route(y): one launch for
     1..ROUTER_FUSED_MAX_M tokens on a Triton device (the caller checks; others raise).
-    block_m > 0 (more than ROUTER_FMA_MAX_M tokens, M * top_k <= ALIGN_SORT_MAX_P): the launch
-    also returns moe_align(topk_ids, E, block_m).
-    -> (topk_w [M, k] fp32, topk_ids [M, k] int32, y [M, H], h [M, H], aligned or None)."""
+    -> (topk_w [M, k] fp32, topk_ids [M, k] int32, y [M, H], h [M, H])."""
     _check_router(x, gate_weight)
     M, E = x.shape[0], gate_weight.shape[0]
     if not (0 < M <= ROUTER_FUSED_MAX_M and _triton_ok(x) and 1 <= top_k <= E):
@@ -136,21 +130,7 @@ def norm_router_route(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: flo
     if residual.shape != x.shape or norm_weight.shape != (x.shape[1],):
         raise ShapeMismatch(f"norm_router_route: residual {tuple(residual.shape)} / norm weight "
                             f"{tuple(norm_weight.shape)} do not match x {tuple(x.shape)}")
-    if block_m and (M <= ROUTER_FMA_MAX_M or M * top_k > ALIGN_SORT_MAX_P):
-        raise ShapeMismatch(f"norm_router_route: sorting the pairs takes {ROUTER_FMA_MAX_M + 1}.."
-                            f"{ALIGN_SORT_MAX_P // top_k} tokens, got {M}")
-    return _router_launch(x.contiguous(), gate_weight, top_k, renorm, (residual.contiguous(), norm_weight, eps),
-                          block_m)
-
-
-def router_block_m(M: int, top_k: int, buckets: list[dict], hidden: int) -> int:
-    """The block size fused_moe sorts M tokens' pairs into, for norm_router_route to sort them
-    in its launch: the up side's dot config (else the down side's); 0 where the router's launch
-    cannot sort (few tokens, many pairs) or both sides take the GEMV path (no sort)."""
-    if M <= ROUTER_FMA_MAX_M or M > ROUTER_FUSED_MAX_M or M * top_k > ALIGN_SORT_MAX_P:
-        return 0
-    path_up, cu, path_dn, cd = moe_configs.pick(M, *side_layouts(buckets), hidden=hidden)
-    return cu["BM"] if path_up == "dot" else cd["BM"] if path_dn == "dot" else 0
+    return _router_launch(x.contiguous(), gate_weight, top_k, renorm, (residual.contiguous(), norm_weight, eps))
 
 
 def _check_router(x: Tensor, gate_weight: Tensor) -> None:
@@ -159,38 +139,27 @@ def _check_router(x: Tensor, gate_weight: Tensor) -> None:
                             f"must be [M, H] and [E, H]")
 
 
-def _router_launch(x, gate_weight, top_k, renorm, norm, block_m):
+def _router_launch(x, gate_weight, top_k, renorm, norm):
     M, H = x.shape
     E = gate_weight.shape[0]
-    P, dev = M * top_k, x.device
     x = x if x.stride(1) == 1 else x.contiguous()
     gate_weight = gate_weight.contiguous()
-    lg = torch.empty(M, E, dtype=torch.float32, device=dev)
-    w = torch.empty(M, top_k, dtype=torch.float32, device=dev)
-    ids = torch.empty(M, top_k, dtype=torch.int32, device=dev)
+    lg = torch.empty(M, E, dtype=torch.float32, device=x.device)
+    w = torch.empty(M, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(M, top_k, dtype=torch.int32, device=x.device)
     if norm is None:
         r, nw, eps, y, h = x, x, 0.0, None, None
     else:
         r, nw, eps = norm
         y, h = torch.empty_like(x), torch.empty_like(x)
-    dot = M > ROUTER_FMA_MAX_M
-    if dot:     # E/16 programs; [MB, BH] activation tiles of up to 4096 elements
-        MB, BE = max(16, next_power_of_2(M)), 16
-        BH = min(next_power_of_2(H), max(64, 4096 // MB))
-    else:       # E/2 programs of H/BH steps (1-2 at H=2048)
-        MB, BE = next_power_of_2(M), 2
-        BH = min(next_power_of_2(H), max(16, 4096 // (MB * BE)))
-    nb, smax = align_bounds(P, E, block_m) if block_m else (1, 1)
-    sorted_ids = torch.empty(smax, dtype=torch.int32, device=dev)
-    blk = torch.empty(nb, dtype=torch.int32, device=dev)
-    EBS = next_power_of_2(E + 1)        # the sort's bins: + the padding lanes' bin
+    MB, BE = next_power_of_2(M), 2      # E/2 programs of H/BH steps (1-2 at H=2048)
+    BH = min(next_power_of_2(H), max(16, 4096 // (MB * BE)))
     _router_route_kernel[(cdiv(E, BE),)](
-        x, gate_weight, lg, w, ids, split_counters(dev, 1), r, nw, x if y is None else y, x if h is None else h,
-        sorted_ids, blk, M, E, H, x.stride(0), eps, smax, nb, TOPK=top_k, RENORM=bool(renorm), MB=MB, BE=BE, BH=BH,
-        EB=next_power_of_2(E), KB=next_power_of_2(top_k), NORM=norm is not None, DOT=dot, BM=block_m,
-        PB=max(16, next_power_of_2(P)), EBS=EBS, CH=_align_ch(EBS),
-        num_warps=8 if MB >= 64 else 4, **pdl.launch_kw(x))      # 64 rows' top-k on 4 warps: spills
-    return w, ids, y, h, ((sorted_ids, blk) if block_m else None)
+        x, gate_weight, lg, w, ids, split_counters(x.device, 1), r, nw, x if y is None else y, x if h is None else h,
+        M, E, H, x.stride(0), eps, TOPK=top_k, RENORM=bool(renorm), MB=MB, BE=BE, BH=BH,
+        EB=next_power_of_2(E), KB=next_power_of_2(top_k), NORM=norm is not None, num_warps=4,
+        **pdl.launch_kw(x))
+    return w, ids, y, h
 
 
 # moe_align: one program sorting the pairs in registers up to this many (token, expert) pairs,
@@ -491,8 +460,7 @@ def _w8a8_kinds(side: list[dict]) -> tuple[bool, bool]:
 
 def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int,
               *, one_launch: bool = True, config: tuple[str, dict, dict] | None = None,
-              up_groups: list[list[int]] | None = None, up_x: list[Tensor] | None = None,
-              aligned: dict[int, tuple[Tensor, Tensor]] | None = None) -> Tensor:
+              up_groups: list[list[int]] | None = None, up_x: list[Tensor] | None = None) -> Tensor:
     """y[m] = sum_j topk_w[m, j] * down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_ids[m, j].
 
     x [M, H] bf16/fp16; topk_ids [M, k] int32; topk_w [M, k] fp32 (as route() returns them);
@@ -502,8 +470,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     overrides moe_configs.pick (benchmark sweeps). More than MAX_SLOTS gate/up
     buckets take several gate/up launches: pass `up_groups=up_launches(buckets)` (computed once;
     computing it here syncs with the host, which a CUDA graph capture refuses). `up_x`: per
-    gate/up launch, the input its experts read (x with a folded-norm correction applied; default x).
-    `aligned`: {block_m: moe_align(topk_ids, E, block_m)} already computed (norm_router_route's)."""
+    gate/up launch, the input its experts read (x with a folded-norm correction applied; default x)."""
     if x.dim() != 2:
         raise ShapeMismatch(f"fused_moe: x must be [M, H], got {tuple(x.shape)}")
     M, H = x.shape
@@ -570,7 +537,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     # (at most P + E blocks: moe_align)
     ucnt = (split_counters(x.device, (P + E) * cdiv(inter, cu["BN"])) if split_up > 1 else cnt)
 
-    aligned = dict(aligned or {})
+    aligned: dict[int, tuple[Tensor, Tensor]] = {}
 
     def side(path_s: str, mode: int):
         """-> (kernel, grid dim 0, leading args, shape kwargs) of one side on its path; the two

@@ -911,20 +911,16 @@ def _route_kernel(logit_ptr, w_ptr, id_ptr, M, E, stride_m,
 
 @triton.jit
 def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, r_ptr, nw_ptr, y_ptr, h_ptr,
-                         sorted_ptr, blk_ptr, M, E, H, stride_xm, eps, S_MAX, NB_MAX,
+                         M, E, H, stride_xm, eps,
                          TOPK: tl.constexpr, RENORM: tl.constexpr, MB: tl.constexpr, BE: tl.constexpr,
                          BH: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr, NORM: tl.constexpr,
-                         DOT: tl.constexpr = False, BM: tl.constexpr = 0, PB: tl.constexpr = 16,
-                         EBS: tl.constexpr = 16, CH: tl.constexpr = 16, PDL: tl.constexpr = False):
+                         PDL: tl.constexpr = False):
     """Decode routing in one launch: program p computes the logits of experts p*BE.. for all M
     (<= MB) tokens, rounded to x's dtype as the router linear's output is, into lg [M, E]; the
     last program to arrive (arrival counter, reset after) runs softmax / top-k over all E.
     NORM: the router input is RMSNorm(x + residual) (kernels/norm.py's rounding), computed by
     every program for itself; program 0 also stores it (y) and the sum (h) for the experts and
-    the next layer. Rows are contiguous (stride_xm) in x, residual, y and h alike.
-    DOT (MB, BE >= 16): the logits tile is a tl.dot per H step (elementwise products summed
-    otherwise, which costs ~M times more work). BM > 0: the last program then also sorts the
-    M * TOPK pairs into blocks of BM for the expert kernels (as _align_sort_kernel, PB >= pairs)."""
+    the next layer. Rows are contiguous (stride_xm) in x, residual, y and h alike."""
     rows = tl.arange(0, MB)
     rmask = rows < M
     re = tl.program_id(0) * BE + tl.arange(0, BE)
@@ -955,11 +951,7 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, r_ptr, nw
                 tl.store(y_ptr + x_rows + hh[None, :], x, mask=xm)
         else:
             x = tl.load(x_ptr + x_rows + hh[None, :], mask=xm, other=0.0)
-        if DOT:     # fp32 (the CPU interpreter's tests) without TF32 rounding
-            acc = tl.dot(x, tl.trans(g.to(x.dtype)), acc,
-                         input_precision="ieee" if x.dtype == tl.float32 else "tf32")
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * g.to(tl.float32)[None, :, :], axis=2)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * g.to(tl.float32)[None, :, :], axis=2)
     acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(lg_ptr + rows[:, None] * E + re[None, :], acc, mask=rmask[:, None] & (re < E)[None, :])
     tl.debug_barrier()  # all threads' logit stores precede the release below
@@ -972,9 +964,6 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, r_ptr, nw
         wv, iv = _topk_softmax(lg, emask, ev, TOPK, RENORM, MB, EB, KB)
         _store_topk(w_ptr, id_ptr, wv, iv, rows, rmask, TOPK, KB)
         tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch / graph replay
-        if BM > 0:
-            tl.debug_barrier()      # every thread's id stores precede the sort's loads
-            _align_sort(id_ptr, sorted_ptr, blk_ptr, M * TOPK, E, S_MAX, NB_MAX, BM, PB, EBS, CH)
 
 
 @triton.jit
@@ -1029,15 +1018,8 @@ def _align_sort_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
     padding lanes, EB > E) gives the padded runs, and sorted position i, of expert e, goes to slot
     start[e] + i - (pairs of experts before e)."""
     pdl.wait(PDL)
-    _align_sort(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX, BM, PB, EB, CH)
-
-
-@triton.jit
-def _align_sort(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
-                BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr):
-    # the ids bypass L1: the router launch sorts the ids it has just stored
     i = tl.arange(0, PB)
-    ids = tl.load(ids_ptr + i, mask=i < P, other=E, cache_modifier=".cg")
+    ids = tl.load(ids_ptr + i, mask=i < P, other=E)
     key = tl.sort(ids * PB + i)
     se = key // PB                                           # expert of sorted position i
     counts = tl.histogram(ids, EB)

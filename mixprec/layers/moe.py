@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from ..errors import MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed, apply, dequant, use_kernels
-from ..kernels.moe import (MOE_ACT_DTYPES, ROUTER_FUSED_MAX_M, fused_moe, half_cover, norm_router_route,
-                           router_block_m, router_route, topk_lowest_id, up_launches)
+from ..kernels.moe import (MOE_ACT_DTYPES, ROUTER_FUSED_MAX_M, fused_moe, half_cover, norm_router_route, router_route,
+                           topk_lowest_id, up_launches)
 from .linear import bucket_key, cat_n, same_scale
 
 PROJS = ("gate", "up", "down")
@@ -216,13 +216,10 @@ class MoE(nn.Module):
         """(self(norm(x + residual)), x + residual): the decoder's post-attention step. At decode
         sizes on the kernel path the add + norm run inside the router's launch (one launch fewer)."""
         x2 = x.reshape(-1, self.H)
-        M = x2.shape[0]
-        if 0 < M <= ROUTER_FUSED_MAX_M and self._fast(x2):
-            bm = router_block_m(M, self.top_k, self._kernel_buckets(), self.H)
-            topk_w, topk_ids, y, h, aligned = norm_router_route(x2, residual.reshape(-1, self.H), norm.weight,
-                                                                norm.eps, self.gate.weight, self.top_k, self.renorm, bm)
-            out = self._experts_fast(y, topk_w, topk_ids, {bm: aligned} if bm else None)
-            return self.finish(out.reshape(x.shape)), h.reshape(x.shape)
+        if 0 < x2.shape[0] <= ROUTER_FUSED_MAX_M and self._fast(x2):
+            topk_w, topk_ids, y, h = norm_router_route(x2, residual.reshape(-1, self.H), norm.weight, norm.eps,
+                                                       self.gate.weight, self.top_k, self.renorm)
+            return self.finish(self._experts_fast(y, topk_w, topk_ids).reshape(x.shape)), h.reshape(x.shape)
         y, h = norm(x, residual)
         return self(y), h
 
@@ -291,12 +288,12 @@ class MoE(nn.Module):
         """Whether the fused kernels run this layer on x (else the readable per-bucket path)."""
         return use_kernels(x) and x.dtype in MOE_ACT_DTYPES and self._kernel_buckets() is not None
 
-    def _experts_fast(self, x: Tensor, topk_w: Tensor, topk_ids: Tensor, aligned=None) -> Tensor:
+    def _experts_fast(self, x: Tensor, topk_w: Tensor, topk_ids: Tensor) -> Tensor:
         """The grouped expert kernels over all buckets (CUDA, no host sync) for x [T, H] routed to
-        topk_ids with weights topk_w [T, k] (aligned: the pairs already sorted, see fused_moe)."""
+        topk_ids with weights topk_w [T, k]."""
         up_x = [x if s is None else x * s.to(x.dtype) for s in self._up_scales]
         return fused_moe(x, topk_ids, topk_w, self._kernel_buckets(), self.I, up_groups=self._up_groups,
-                         up_x=up_x, aligned=aligned)
+                         up_x=up_x)
 
     def _forward_buckets(self, x: Tensor, topk_ids: Tensor, topk_w: Tensor) -> Tensor:
         """Readable path (any device; host syncs): per bucket, per expert, gather its routed
