@@ -92,6 +92,19 @@ def test_staged_prefill_equals_plain_prefill(model, n, T):
     assert not small._shapes
 
 
+def test_engine_with_staged_prefill_matches_generator(model):
+    """The engine's prefills through Prefill's graph path (staged eagerly on the CPU): requests
+    admitted into rows at offsets, beside running ones, still get the Generator's tokens."""
+    ps = prompts(7, seed=21)
+    params = [SamplingParams(max_new_tokens=3 + 2 * (i % 4)) for i in range(7)]
+    ref = [alone(model, p, sp) for p, sp in zip(ps, params)]
+    with Engine(model, max_batch=4, max_len=96) as eng:
+        eng._prefill_fwd = Prefill(model, use_graphs=True)
+        got = [r.result(T_OUT).output_ids for r in [eng.submit(p, sp) for p, sp in zip(ps, params)]]
+        assert eng._prefill_fwd._shapes            # the staged path ran
+    assert got == ref
+
+
 def test_attention_length_buckets(model):
     """Steps attend over cache slots [:256], [:512] or all: requests crossing those lengths,
     beside short ones that come and go, still match the Generator."""

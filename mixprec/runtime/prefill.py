@@ -15,6 +15,7 @@ any other batch composition.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,7 @@ class Prefill:
             self._stage = tuple(torch.empty(self.graph_tokens * per_token, dtype=self.model.dtype, device=dev)
                                 for _ in range(2))
         shape = (a.num_hidden_layers, nb, a.num_key_value_heads, Tb, a.head_dim)
-        k, v = (t[: nb * Tb * shape[0] * shape[2] * shape[4]].view(shape) for t in self._stage)
+        k, v = (t[: math.prod(shape)].view(shape) for t in self._stage)
         cache = KVCache.over(k, v, torch.zeros(nb, dtype=torch.long, device=dev), torch.arange(Tb, device=dev))
         s = _Shape(ids=torch.zeros(nb, Tb, dtype=torch.long, device=dev),
                    last=torch.zeros(nb, dtype=torch.long, device=dev), cache=cache)
