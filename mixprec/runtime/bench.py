@@ -4,7 +4,9 @@
     python -m mixprec bench --synthetic qwen3-30b-a3b --mix int4 --batch 1,8,32,64
 
 TTFT is the time from the call to the first token of every prompt (prefill + one sample), the
-median of five; prefill tok/s = batch x prompt length / TTFT. The roofline of a decode step is the weight bytes it must read (attention, dense MLP, lm_head,
+median of five; prefill tok/s = batch x prompt length / TTFT.
+
+The roofline of a decode step is the weight bytes it must read (attention, dense MLP, lm_head,
 and the experts the batch actually routes to: E * (1 - (1 - k/E)^B) per layer on average for
 uniform routing) over the device copy bandwidth measured in the same run.
 """
