@@ -420,8 +420,9 @@ def test_fit_h200_qwen3_235b_synthetic_profile(tmp_path):
     args = mixprec.ModelArgs.from_hf(prof["config"])
     budget, parts = fit_budget(args, "h200", context=32768, batch=1)
     assert parts["kv_cache"] == 2 * 94 * 4 * 128 * 2 * 32768          # bf16 K+V, 32k tokens: 5.9 GiB
+    assert parts["prefill_graphs"] == 2 * 94 * 4 * 128 * 2 * 2048      # the staging cache of 2048 tokens
     res = plan_budget(prof, budget)
-    used = res.bytes + parts["kv_cache"] + parts["activations"]
+    used = res.bytes + parts["kv_cache"] + parts["activations"] + parts["prefill_graphs"]
     assert res.bytes <= budget and used <= 141 * 10**9 and used + parts["margin"] <= DEVICES["h200"]
     assert res.bytes > 0.99 * budget                                   # the leftover is spent
     assert {"fp8", "int4"} <= set(res.choice.values())                 # a real mix

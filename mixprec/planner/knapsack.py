@@ -24,6 +24,7 @@ import torch
 
 from ..config import MixConfig, ModelArgs, Rule
 from ..errors import ConfigError
+from ..runtime.prefill import GRAPH_TOKENS
 
 # nvidia-smi "total" memory (the marketing "80 GB" / "141 GB" are these in GiB, rounded)
 DEVICES = {"h100": 81559 * 2**20, "h200": 143771 * 2**20, "a100": 81920 * 2**20, "l40s": 46068 * 2**20}
@@ -75,8 +76,9 @@ def activation_bytes(args: ModelArgs, context: int, batch: int, elem: int = 2) -
 def fit_budget(args: ModelArgs, device: str, context: int, batch: int,
                margin: str = DEFAULT_MARGIN, elem: int = 2) -> tuple[int, dict]:
     """Weight budget for `device` ('h200', 'h100', ... or a size like '80GiB'): its memory minus
-    the KV cache for `context` x `batch`, activations and a margin ('7%' of the device, or a
-    size). -> (budget, breakdown {device, kv_cache, activations, margin})."""
+    the KV cache for `context` x `batch`, activations, the prefill graphs' staging KV cache
+    (runtime/prefill.py) and a margin ('7%' of the device, or a size).
+    -> (budget, breakdown {device, kv_cache, activations, prefill_graphs, margin})."""
     mem = DEVICES.get(device.lower()) if isinstance(device, str) else None
     if mem is None:
         try:
@@ -94,11 +96,13 @@ def fit_budget(args: ModelArgs, device: str, context: int, batch: int,
         raise ConfigError(f"--margin {margin!r}: expected a share like 7% or a size like 4GiB, at least 0 and "
                           f"below the device's {fmt_bytes(mem)}")
     parts = {"device": mem, "kv_cache": kv_bytes(args, context, batch, elem),
-             "activations": activation_bytes(args, context, batch, elem), "margin": reserve}
-    budget = mem - parts["kv_cache"] - parts["activations"] - reserve
+             "activations": activation_bytes(args, context, batch, elem),
+             "prefill_graphs": kv_bytes(args, GRAPH_TOKENS, 1, elem), "margin": reserve}
+    budget = mem - parts["kv_cache"] - parts["activations"] - parts["prefill_graphs"] - reserve
     if budget <= 0:
         raise InfeasibleBudget(f"--fit {device}: the KV cache ({fmt_bytes(parts['kv_cache'])} for {context} tokens x "
-                               f"{batch}), activations ({fmt_bytes(parts['activations'])}) and margin "
+                               f"{batch}), activations ({fmt_bytes(parts['activations'])}), the prefill graphs' "
+                               f"staging cache ({fmt_bytes(parts['prefill_graphs'])}) and margin "
                                f"({fmt_bytes(reserve)}) alone exceed the device's {fmt_bytes(mem)}", 0)
     return budget, parts
 
@@ -348,7 +352,8 @@ def header(profile: dict, res: PlanResult, fit: dict | None = None, fit_desc: st
                                               for f, (n, b) in by_format(profile, res.choice).items())]
     if fit:
         lines.append(f"fit {fit_desc}: device {fmt_bytes(fit['device'])} - KV cache {fmt_bytes(fit['kv_cache'])} - "
-                     f"activations {fmt_bytes(fit['activations'])} - margin {fmt_bytes(fit['margin'])}")
+                     f"activations {fmt_bytes(fit['activations'])} - prefill graphs' staging cache "
+                     f"{fmt_bytes(fit['prefill_graphs'])} - margin {fmt_bytes(fit['margin'])}")
     return "".join(f"# {x}\n" for x in lines)
 
 
