@@ -20,6 +20,7 @@ from pathlib import Path
 from .argtypes import at_least
 from .errors import MixprecError
 from .runtime.engine import Engine, EngineStopped, QueueFull
+from .runtime.prefill import GRAPH_TOKENS
 from .runtime.sampling import SamplingParams
 
 MAX_STOP = 16                  # stop strings per request
@@ -357,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--prefill-graph-tokens", type=at_least(0), default=GRAPH_TOKENS,
+                   help="prefills up to this many padded tokens replay CUDA graphs (their staging KV "
+                        "cache holds this many tokens); 0: eager prefill")
     p.add_argument("--tp", type=at_least(1), default=None, help="tensor parallel size (under torchrun; default: config)")
     p.add_argument("--ep", type=at_least(1), default=None, help="expert parallel size (under torchrun; default: config)")
     p.add_argument("--log-level", default="info")
@@ -372,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     try:    # bad config / checkpoint / engine sizes: a message, not a traceback
         model = load(a.config, device=a.device, dtype=a.dtype, tp=a.tp, ep=a.ep)
         engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
-                        use_cuda_graphs=False if a.no_cuda_graphs else None)
+                        use_cuda_graphs=False if a.no_cuda_graphs else None,
+                        prefill_graph_tokens=a.prefill_graph_tokens)
     except (MixprecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,6 +105,19 @@ def test_engine_with_staged_prefill_matches_generator(model):
     assert got == ref
 
 
+def test_prefill_graph_tokens_setting(model):
+    """serve --prefill-graph-tokens reaches the engine's Prefill; 0 turns prefill graphs off and a
+    negative count is refused."""
+    from mixprec.serve import build_parser
+    assert build_parser().parse_args(["m.yaml", "--prefill-graph-tokens", "0"]).prefill_graph_tokens == 0
+    with Engine(model, max_batch=1, max_len=64, prefill_graph_tokens=0) as eng:
+        assert not eng._prefill_fwd.use_graphs
+    with Engine(model, max_batch=1, max_len=64, use_cuda_graphs=True, prefill_graph_tokens=512) as eng:
+        assert eng._prefill_fwd.use_graphs and eng._prefill_fwd.graph_tokens == 512
+    with pytest.raises(ValueError, match="prefill_graph_tokens"):
+        Engine(model, max_batch=1, max_len=64, prefill_graph_tokens=-1)
+
+
 def test_attention_length_buckets(model):
     """Steps attend over cache slots [:256], [:512] or all: requests crossing those lengths,
     beside short ones that come and go, still match the Generator."""

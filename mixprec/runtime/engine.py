@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .generate import counter_noise, to_host
-from .prefill import Prefill
+from .prefill import GRAPH_TOKENS, Prefill
 from .sampling import SamplingParams, sample
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
@@ -266,13 +266,16 @@ class Engine:
     tokenizer (default `model.tokenizer`) gives the text deltas and is needed for stop strings.
     prefill_tokens caps the padded tokens (requests x longest prompt) of one prefill forward and
     the prompt tokens admitted between two decode steps (one longer prompt still goes alone).
+    prefill_graph_tokens: prefills of up to this many padded tokens replay CUDA graphs (with
+    use_cuda_graphs; their staging KV cache holds this many tokens, prefill.py); 0: none.
 
     With a parallel model, make one Engine (same arguments) in every rank's process: rank 0's
     takes requests, the others follow it (`join()` until rank 0 shuts down).
     """
 
     def __init__(self, model, max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
-                 tokenizer=None, use_cuda_graphs: bool | None = None, prefill_tokens: int = 4096):
+                 tokenizer=None, use_cuda_graphs: bool | None = None, prefill_tokens: int = 4096,
+                 prefill_graph_tokens: int = GRAPH_TOKENS):
         args = model.args
         if max_len is None:
             max_len = min(args.max_position_embeddings, 4096)
@@ -283,6 +286,8 @@ class Engine:
                              f"(the model's max_position_embeddings)")
         if max_queue < 1 or prefill_tokens < 1:
             raise ValueError(f"max_queue={max_queue}, prefill_tokens={prefill_tokens}: both must be >= 1")
+        if prefill_graph_tokens < 0:
+            raise ValueError(f"prefill_graph_tokens={prefill_graph_tokens}: expected >= 0 (0: no prefill graphs)")
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
@@ -301,7 +306,7 @@ class Engine:
                            top_k=z(N), top_p=torch.ones(N, dtype=torch.float32, device=dev), seed=z(N), step=z(N))
         self._graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
-        self._prefill_fwd = Prefill(model, self.use_graphs)
+        self._prefill_fwd = Prefill(model, self.use_graphs, prefill_graph_tokens)
 
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -327,6 +332,7 @@ class Engine:
         self._farewell: threading.Thread | None = None     # rank 0 telling the others it failed
         if self._lockstep is not None:
             self._lockstep.agree({"max_batch": max_batch, "max_len": max_len, "prefill_tokens": prefill_tokens,
+                                  "prefill_graph_tokens": prefill_graph_tokens,
                                   "graphs": self.use_graphs, "stop_strings": self.tokenizer is not None})
         self._thread = threading.Thread(target=self._run, name="mixprec-engine", daemon=True)
         self._thread.start()
