@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels.ints import next_power_of_2
 from ..layers.attention import KVCache
 
 GRAPH_TOKENS = 2048    # rows x length bucket up to which a prefill is a graph (the staging cache's size)
@@ -28,11 +29,8 @@ MIN_LENGTH = 16        # smallest length bucket (also keeps a one-token prompt o
 
 
 def bucket(n: int, least: int = 1) -> int:
-    """The power of two >= max(n, least)."""
-    b = least
-    while b < n:
-        b *= 2
-    return b
+    """The power of two >= max(n, least) (least: a power of two)."""
+    return max(least, next_power_of_2(n))
 
 
 @dataclass
