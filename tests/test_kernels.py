@@ -418,7 +418,6 @@ def test_intq_dequant_path_column_chunks(monkeypatch):
 
 
 
-
 def test_host_int_helpers_match_triton():
     """kernels/ints.py (the launch code's cdiv / next_power_of_2, without triton's constexpr call
     wrapper) gives triton's values, large and non-positive inputs included."""
