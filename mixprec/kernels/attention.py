@@ -132,6 +132,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
     holding slot pos[b] first writes the new token's k, v there (what _qk_norm_rope_kernel does).
     SPLIT > 1 (the partials' stride): each split stores its partial softmax sums; the last of a
     (b, kh)'s splits to arrive (counter, reset after) merges them into o."""
+    pdl.launch_dependents(PDL)   # o_proj may start now: it prefetches weights while this runs
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)

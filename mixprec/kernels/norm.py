@@ -15,6 +15,7 @@ from .ints import next_power_of_2
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps,
                      ADD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.launch_dependents(PDL)   # the linear after a norm may start now and prefetch its weights
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     row = tl.program_id(0).to(tl.int64) * D
     cols = tl.arange(0, BLOCK)

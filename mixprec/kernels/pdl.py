@@ -9,9 +9,15 @@ the block scheduling and such prologue loads (a GEMV's first weight tile): at ba
 ~10 small kernels per layer otherwise each start only after the previous one has drained.
 Kernels launched without PDL (cuBLAS, torch ops) order as usual.
 
-No early trigger (griddepcontrol.launch_dependents): it lets the next kernel start before this
-one's blocks exit, which breaks the rule above, and measured slower (H100, 30B int4 decode at
-batch 1: 322 tok/s with it, 350 without it, 339 without PDL).
+An early trigger (`launch_dependents`, griddepcontrol.launch_dependents) lets the next kernel
+start while this one still runs, which breaks the rule above for that next kernel: before its
+`wait` it may read weights only. So only kernels whose successors are dense linears trigger
+(decode attention -> o_proj, rms_norm -> qkv / router / lm_head): their weight prefetch then
+overlaps the small kernel instead of following it (H100, 30B 16 layers, batch 1: int4 962 -> 1009
+tok/s, fp8 818 -> 858). Triggering in every kernel at its start measured slower (322 tok/s
+against 350 without, session 5); also triggering after the wait in the fp8 / int8 GEMVs, the
+router and the MoE down side gained nothing more (int4 batch 1: 982 against 1009). An MoE down
+launch reads routing ids before its wait, so the MoE up launch must never trigger.
 
 Off on CPU and under the Triton interpreter, before sm_90, with a Triton that lacks the
 `launch_pdl` option, or with MIXPREC_PDL=0.
@@ -27,9 +33,9 @@ import triton.language as tl
 from torch import Tensor
 
 try:
-    from triton.language.extra.cuda import gdc_wait
-except ImportError:  # an older Triton: PDL stays off (the call below is compiled out)
-    gdc_wait = None
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: PDL stays off (the calls below are compiled out)
+    gdc_launch_dependents = gdc_wait = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,3 +62,9 @@ def launch_kw(t: Tensor) -> dict:
 def wait(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
+
+
+@triton.jit
+def launch_dependents(PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
