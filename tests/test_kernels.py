@@ -24,6 +24,7 @@ cpu_only = pytest.mark.skipif(CUDA, reason="interpreter test (CPU only)")
 GEMV = configs.cfg("gemv", 1, 128, 64, 1, 1, 1)
 GEMV_SPLIT = configs.cfg("gemv", 1, 64, 64, 3, 2, 1)
 GEMV_WIDE = configs.cfg("gemv", 1, 32, 256, 2, 2, 1)   # fp8: K tiles of two 128-wide slices
+GEMV_WHOLE_K = configs.cfg("gemv", 1, 8, 1024, 1, 4, 1)   # one K tile wider than K (30B down rows)
 GEMM = configs.cfg("gemm", 16, 32, 128, 1, 4, 2)
 GEMM_SPLIT = configs.cfg("gemm", 16, 64, 64, 2, 4, 2)
 SWAP = configs.cfg("swap", 16, 64, 128, 1, 4, 2)         # int4, one group per K tile: transposed dots
@@ -184,7 +185,7 @@ def test_fp8_interpreter(case, act):
     for block in [(128, 128), (1, K), (N, K)]:
         w, s = make_fp8(N, K, block, seed=N + block[0])
         ref = fp8_linear_reference(x, w, s, block, act)
-        gemv = [GEMV_SPLIT if block[0] == 128 else GEMV, GEMV_WIDE] if M <= 3 else []
+        gemv = [GEMV_SPLIT if block[0] == 128 else GEMV, GEMV_WIDE, GEMV_WHOLE_K] if M <= 3 else []
         for c in gemv + [GEMM if block[0] == 128 else GEMM_SPLIT]:
             y = fp8_linear_cfg(x, w, s, block, act, c)
             assert y.dtype == x.dtype and sqnr(y, ref) >= 40, (block, c)
@@ -203,7 +204,7 @@ def test_int8_interpreter(case, act):
         w, s, z = make_int8(N, K, asym, seed=M + N)
         x = xin(M, K, torch.float32 if asym else torch.float16, seed=K)
         ref = int8_linear_reference(x, w, s, z, act)
-        gemv = [GEMV_SPLIT if asym else GEMV] if M <= 3 else []
+        gemv = [GEMV_SPLIT if asym else GEMV, GEMV_WHOLE_K] if M <= 3 else []
         for c in gemv + [GEMM if asym else GEMM_SPLIT]:
             y = int8_linear_cfg(x, w, s, z, act, c)
             assert y.dtype == x.dtype and sqnr(y, ref) >= 40, (asym, c)
