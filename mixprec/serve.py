@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-graph-tokens", type=at_least(0), default=GRAPH_TOKENS,
                    help="prefills up to this many padded tokens replay CUDA graphs (their staging KV "
                         "cache holds this many tokens); 0: eager prefill")
+    p.add_argument("--warmup", action="store_true",
+                   help="capture every decode and prefill CUDA graph before serving (no request waits on a "
+                        "capture; takes longer to start)")
     p.add_argument("--tp", type=at_least(1), default=None, help="tensor parallel size (under torchrun; default: config)")
     p.add_argument("--ep", type=at_least(1), default=None, help="expert parallel size (under torchrun; default: config)")
     p.add_argument("--log-level", default="info")
@@ -377,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load(a.config, device=a.device, dtype=a.dtype, tp=a.tp, ep=a.ep)
         engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
                         use_cuda_graphs=False if a.no_cuda_graphs else None,
-                        prefill_graph_tokens=a.prefill_graph_tokens)
+                        prefill_graph_tokens=a.prefill_graph_tokens, warmup=a.warmup)
     except (MixprecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -386,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     if ctx is not None and not ctx.is_main:   # tp x ep run: rank 0 serves, this rank follows it
         failure = engine.join()
         return 0 if failure is None else 1
+    if a.warmup:
+        engine.ready.wait()
+        if not engine.healthy:
+            print(f"error: warm-up failed: {engine.join(0)!r}", file=sys.stderr)
+            return 1
+        print(f"warm-up: {engine.metrics()['cuda_graphs']} CUDA graphs in {engine.warmup_s:.1f} s", file=sys.stderr)
     print(f"serving {name!r} on http://{a.host}:{a.port}/v1 (max_batch={engine.max_batch}, "
           f"max_len={engine.max_len}, device={engine.device})", file=sys.stderr)
     try:

@@ -105,6 +105,33 @@ def test_engine_with_staged_prefill_matches_generator(model):
     assert got == ref
 
 
+def test_prefill_warm_up_covers_every_bucket_the_engine_uses(model):
+    """Prefill.warm_up(max_rows, max_len) makes every (rows, length) bucket up to graph_tokens up
+    front; an engine's prefills of mixed prompt lengths and admission sizes then find theirs
+    (staged eagerly on the CPU) and make no new one."""
+    pre = Prefill(model, use_graphs=True, graph_tokens=256)
+    assert pre.warm_up(3, 96) == 11
+    assert set(pre._shapes) == {(nb, Tb) for nb in (1, 2, 4) for Tb in (16, 32, 64, 128) if nb * Tb <= 256}
+    assert Prefill(model, use_graphs=False).warm_up(3, 96) == 0
+    ps = prompts(9, seed=23) + [[3] * 70]       # 70 tokens: bucket 128
+    params = [SamplingParams(max_new_tokens=2 + i % 3) for i in range(10)]
+    ref = [alone(model, p, sp) for p, sp in zip(ps, params)]
+    with Engine(model, max_batch=3, max_len=96) as eng:
+        eng._prefill_fwd = pre
+        got = [r.result(T_OUT).output_ids for r in [eng.submit(p, sp) for p, sp in zip(ps, params)]]
+    assert got == ref and len(pre._shapes) == 11
+
+
+def test_engine_warmup_without_graphs(model):
+    """warmup=True on an engine without CUDA graphs does nothing and the engine is ready at once."""
+    from mixprec.serve import build_parser
+    assert build_parser().parse_args(["m.yaml", "--warmup"]).warmup
+    with Engine(model, max_batch=2, max_len=64, warmup=True) as eng:
+        assert eng.ready.wait(T_OUT) and eng.warmup_s == 0.0 and eng.metrics()["cuda_graphs"] == 0
+        assert eng.submit([5, 9, 2], SamplingParams(max_new_tokens=3)).result(T_OUT).output_ids == \
+            alone(model, [5, 9, 2], SamplingParams(max_new_tokens=3))
+
+
 def test_prefill_graph_tokens_setting(model):
     """serve --prefill-graph-tokens reaches the engine's Prefill; 0 turns prefill graphs off and a
     negative count is refused."""
@@ -408,4 +435,26 @@ def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
         eng.submit(ps[0], SamplingParams(max_new_tokens=64)).result(T_OUT)
         assert eng.metrics()["gpu_memory_allocated_bytes"] > 0
         print(f"\n64 tokens alone: {64 / (time.perf_counter() - t0):.0f} tok/s")
+    assert got == ref
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_warmup_captures_every_graph_up_front(tmp_path):
+    """Engine(warmup=True): before the first request every decode graph (3 batch x 2 length
+    buckets x 3 sampling modes) and every prefill bucket graph is captured; requests of every
+    kind then capture nothing new and get the Generator's tokens."""
+    path = make_fixture(tmp_path, formats=["bf16"], experts=8)["bf16"]
+    m = mixprec.load(path, device="cuda", progress=False)
+    ps = prompts(6, seed=9)
+    params = [SamplingParams(max_new_tokens=6 + i) for i in range(6)]
+    params[2] = SamplingParams(temperature=0.8, top_k=5, seed=2, max_new_tokens=9)
+    params[4] = SamplingParams(temperature=0.7, seed=4, max_new_tokens=12)
+    gen = Generator(m)
+    ref = [gen.generate([p], sp)[0] for p, sp in zip(ps, params)]
+    with Engine(m, max_batch=4, max_len=512, warmup=True) as eng:
+        assert eng.ready.wait(T_OUT) and eng.healthy and eng.warmup_s > 0
+        n = eng.metrics()["cuda_graphs"]
+        assert len(eng._graphs) == 3 * 2 * 3 and eng._prefill_fwd.graphs == n - 18 > 0
+        got = [r.result(T_OUT).output_ids for r in [eng.submit(p, sp) for p, sp in zip(ps, params)]]
+        assert eng.metrics()["cuda_graphs"] == n
     assert got == ref

@@ -44,6 +44,9 @@ from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_
 PROJ_CODE = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
 LAYOUT_CODE = {"dense": 0, "fp8": 1, "intq": 2, "int8": 3}
 _FP8, _INTQ = LAYOUT_CODE["fp8"], LAYOUT_CODE["intq"]
+# the other fields of a slot description (moe_triton's module docstring; its kernels decode C)
+CODE_A8, CODE_ZERO, CODE_PERM, CODE_INT8, CODE_FOLD = 1 << 2, 1 << 3, 1 << 4, 1 << 7, 1 << 8
+PROJ_SHIFT = 5      # bits 5-6
 LAYOUT_TENSORS = {  # required, optional
     "dense": (("weight",), ()),
     "fp8": (("weight", "scale"), ()),
@@ -331,32 +334,32 @@ def _slot(b: dict, hidden: int, inter: int) -> tuple[tuple, tuple[int, int, int]
     t, p, layout = b["tensors"], b.get("params", {}), b["layout"]
     _, K = _bucket_dims(b, hidden, inter)
     emap = b["expert_map"]
-    code = LAYOUT_CODE[layout] | PROJ_CODE[b["proj"]] << 5
+    code = LAYOUT_CODE[layout] | PROJ_CODE[b["proj"]] << PROJ_SHIFT
     G = B = 1
     rows = K
     if layout == "dense":
         ptrs = (t["weight"], emap, emap, emap)
     elif layout == "fp8":
         B, G = _fp8_block(p, "")
-        code |= _act(p, "") << 2
+        code |= CODE_A8 * _act(p, "")
         ptrs = (t["weight"], t["scale"], emap, emap)
     elif layout == "intq":
         bits, G = _intq_params(p, K, "")
         rows = _stored_rows(t, K)
-        code |= ("zeros" in t) << 3 | ("perm" in t) << 4 | (bits == 8) << 7
+        code |= CODE_ZERO * ("zeros" in t) | CODE_PERM * ("perm" in t) | CODE_INT8 * (bits == 8)
         ptrs = (t["qweight"], t["scales"], t.get("zeros", emap), t.get("perm", emap))
     else:
-        code |= _act(p, "") << 2 | ("zero" in t) << 3
+        code |= CODE_A8 * _act(p, "") | CODE_ZERO * ("zero" in t)
         ptrs = (t["weight"], t["scale"], t.get("zero", emap), emap)
     return (*ptrs, emap, rows), (code, G, B)
 
 
 def _layout_of(code: int) -> int:
-    return code % 4              # bits 0-1 of a slot description (moe_triton's module docstring)
+    return code % 4              # bits 0-1
 
 
 def _proj_of(code: int) -> int:
-    return (code >> 5) & 3       # bits 5-6
+    return (code >> PROJ_SHIFT) & 3
 
 
 def side_layouts(buckets: list[dict]) -> tuple[set, set]:
@@ -375,15 +378,15 @@ def _tile_ks(cfg: dict, slots: list[tuple[int, int, int]], gemv: bool, K: int) -
     """Per-layout K tiles for this launch, lowered where a slot's blocks need it."""
     bkf = cfg["BKF"]
     for code, G, B in slots:
-        if code & 256:     # folded fp8 GEMV slot: the kernel splits a tile into SUB-wide slices
+        if code & CODE_FOLD:     # folded fp8 GEMV slot: the kernel splits a tile into SUB-wide slices
             continue
         if _layout_of(code) == _FP8:  # the tile must sit inside one weight block along K
-            if (code >> 2) & 1:  # w8a8: inside one activation group too (any other slot's lowering stays)
+            if code & CODE_A8:  # w8a8: inside one activation group too (any other slot's lowering stays)
                 bkf = _pow2_divisor(FP8_ACT_GROUP, bkf) if gemv else min(bkf, FP8_ACT_GROUP)
             if G < K:
                 bkf = min(bkf, _pow2_divisor(G, bkf))
     ks = dict(BKD=cfg["BKD"], BKF=max(bkf, 16 if not gemv else 1), BKQ=cfg["BKQ"], BKI=cfg["BKI"])
-    if any(_layout_of(code) == _INTQ and (code >> 7) & 1 for code, _, _ in slots):
+    if any(_layout_of(code) == _INTQ and code & CODE_INT8 for code, _, _ in slots):
         ks["BKQ"] = max(ks["BKQ"], 64)  # 8-bit: at least 16 words per tile
     return ks
 
@@ -428,7 +431,7 @@ def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv:
         return False
     layouts = {_layout_of(c) for c, _, _ in descs}
     if layouts == {_INTQ}:     # 4-bit codes (bit 7 clear), every tile inside one group
-        return bkq >= 128 and all(not (c >> 7) & 1 and G % bkq == 0 for c, G, _ in descs)
+        return bkq >= 128 and all(not c & CODE_INT8 and G % bkq == 0 for c, G, _ in descs)
     return layouts == {_FP8} and tokens <= moe_configs.DOT_GATE_UP_FP8_MAX_M
 
 
@@ -439,7 +442,7 @@ def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
     the fold bit (8) where `_fold` allows it."""
     ptrs, descs = zip(*[_slot(b, hidden, inter) for b in side])
     if gemv_bn:
-        descs = [(c | 256 if _layout_of(c) == _FP8 and _fold(c, B, gemv_bn, inter) else c, G, B) for c, G, B in descs]
+        descs = [(c | CODE_FOLD if _layout_of(c) == _FP8 and _fold(c, B, gemv_bn, inter) else c, G, B) for c, G, B in descs]
     consts, flat = {}, []
     for i in range(MAX_SLOTS):
         j = i if i < len(ptrs) else 0

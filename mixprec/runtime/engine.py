@@ -268,6 +268,10 @@ class Engine:
     the prompt tokens admitted between two decode steps (one longer prompt still goes alone).
     prefill_graph_tokens: prefills of up to this many padded tokens replay CUDA graphs (with
     use_cuda_graphs; their staging KV cache holds this many tokens, prefill.py); 0: none.
+    warmup: before the first request, capture every decode graph (batch bucket x length bucket x
+    sampling mode) and every prefill graph the engine can need, so no request waits on a capture
+    (each runs two eager warm-up forwards first; Triton compiles on a cold cache). `ready` is set
+    when that is done (at once without warmup); requests submitted before wait in the queue.
 
     With a parallel model, make one Engine (same arguments) in every rank's process: rank 0's
     takes requests, the others follow it (`join()` until rank 0 shuts down).
@@ -275,7 +279,7 @@ class Engine:
 
     def __init__(self, model, max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
                  tokenizer=None, use_cuda_graphs: bool | None = None, prefill_tokens: int = 4096,
-                 prefill_graph_tokens: int = GRAPH_TOKENS):
+                 prefill_graph_tokens: int = GRAPH_TOKENS, warmup: bool = False):
         args = model.args
         if max_len is None:
             max_len = min(args.max_position_embeddings, 4096)
@@ -307,6 +311,9 @@ class Engine:
         self._graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._prefill_fwd = Prefill(model, self.use_graphs, prefill_graph_tokens)
+        self.warmup = warmup
+        self.warmup_s = 0.0                   # time the warm-up took (0: none)
+        self.ready = threading.Event()
 
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -332,7 +339,7 @@ class Engine:
         self._farewell: threading.Thread | None = None     # rank 0 telling the others it failed
         if self._lockstep is not None:
             self._lockstep.agree({"max_batch": max_batch, "max_len": max_len, "prefill_tokens": prefill_tokens,
-                                  "prefill_graph_tokens": prefill_graph_tokens,
+                                  "prefill_graph_tokens": prefill_graph_tokens, "warmup": warmup,
                                   "graphs": self.use_graphs, "stop_strings": self.tokenizer is not None})
         self._thread = threading.Thread(target=self._run, name="mixprec-engine", daemon=True)
         self._thread.start()
@@ -401,6 +408,8 @@ class Engine:
                 "max_batch": self.max_batch,
                 "max_len": self.max_len,
                 "kv_cache_bytes": 2 * self.cache.k.numel() * self.cache.k.element_size(),
+                "cuda_graphs": len(self._graphs) + self._prefill_fwd.graphs,
+                "warmup_s": self.warmup_s,
                 "uptime_s": now - self._started,
                 "healthy": self._failure is None and not self._stop,
             }
@@ -454,6 +463,7 @@ class Engine:
             failure = e
             raise
         finally:
+            self.ready.set()                  # also when the warm-up failed: `healthy` says so
             self._finish_all(failure)
             ls = self._lockstep
             if failure is not None and ls is not None and ls.leader:
@@ -465,6 +475,9 @@ class Engine:
 
     def _loop(self) -> None:
         ls = self._lockstep
+        if self.warmup and self.use_graphs:
+            self._warm_up()
+        self.ready.set()
         while True:
             admit = self._follow(ls.receive()) if ls is not None and not ls.leader else self._decide()
             if admit is None:
@@ -476,6 +489,18 @@ class Engine:
             # lag by one: read everything but the step just launched, which runs meanwhile
             while len(self._pending) > (1 if launched else 0):
                 self._process(self._pending.popleft())
+
+    def _warm_up(self) -> None:
+        """Capture every decode and prefill graph now (the same order on every rank: the
+        forwards hold the parallel model's collectives). Idle rows decode at position 0, which
+        every admission's prefill rewrites."""
+        t0 = time.monotonic()
+        for B in self.buckets:
+            for L in self.len_buckets:
+                for sampled, filtered in ((False, False), (True, False), (True, True)):
+                    self._graph(B, L, sampled, filtered)
+        self._prefill_fwd.warm_up(self.max_batch, self.max_len)
+        self.warmup_s = time.monotonic() - t0
 
     def _decide(self) -> list[Request] | None:
         """Wait for work; finish cancelled requests; -> the requests to admit now (None: stop).

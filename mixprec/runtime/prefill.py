@@ -80,6 +80,24 @@ class Prefill:
         cache.v[:, :n, :, :T].copy_(s.cache.v[:, :n, :, :T])
         return s.out[:n, -1]
 
+    @property
+    def graphs(self) -> int:
+        """Number of captured bucket graphs."""
+        return sum(s.graph is not None for s in self._shapes.values())
+
+    def warm_up(self, max_rows: int, max_len: int) -> int:
+        """Capture now the graph of every bucket that a prefill of up to max_rows prompts of up to
+        max_len tokens can take (else each bucket's first prefill pays two eager forwards and
+        the capture); -> the number of buckets. Nothing to do without graphs."""
+        if not self.use_graphs:
+            return 0
+        rows = [b for b in (1 << i for i in range(32)) if b <= bucket(max_rows)]
+        lengths = [b for b in (1 << i for i in range(32)) if MIN_LENGTH <= b <= bucket(max_len, MIN_LENGTH)]
+        shapes = [(nb, Tb) for nb in rows for Tb in lengths if nb * Tb <= self.graph_tokens]
+        for nb, Tb in shapes:
+            self._shape(nb, Tb)
+        return len(shapes)
+
     def _forward(self, s: _Shape) -> None:
         nb, Tb = s.ids.shape
         positions = torch.arange(Tb, device=self.device)[None, :].expand(nb, Tb)
