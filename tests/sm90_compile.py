@@ -111,9 +111,25 @@ def _dump(folder: str, name: str, key, c) -> None:
 SM90_SHARED = 232448      # bytes of shared memory one block may use on an H100 / H200 (227 KB)
 
 
+pdl_compiled: set = set()   # kernels also compiled with PDL=True (once each: the launches here run on CPU tensors)
+
+
 def compile_only(self, *args, grid, warmup, **kwargs):
     opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     kwargs.pop("launch_pdl", None)
+    _compile(self, args, kwargs, opts)
+    # the programmatic-dependent-launch code (griddepcontrol wait / launch_dependents) is only
+    # compiled for CUDA tensors: once per kernel, its first launch again with PDL on
+    if "PDL" in self.arg_names and self.__name__ not in pdl_compiled:
+        pdl_compiled.add(self.__name__)
+        c = _compile(self, args, dict(kwargs, PDL=True), opts)
+        if c is not None and "griddepcontrol.wait" not in c.asm["ptx"]:
+            failures.append(f"{self.__name__}: PDL=True compiled without griddepcontrol.wait")
+    return None
+
+
+def _compile(self, args, kwargs, opts):
+    """Compile one launch (once per specialization); -> the compiled kernel, None if done before or failed."""
     sig, consts = _signature(self, args, kwargs)
     key = (self.__name__, tuple(sig.items()), tuple((k, repr(v)) for k, v in consts.items()), tuple(opts.items()))
     if key in compiled:
@@ -132,6 +148,7 @@ def compile_only(self, *args, grid, warmup, **kwargs):
         if c.metadata.shared > SM90_SHARED:   # compiles, but the launch would fail: OutOfResources
             failures.append(f"{self.__name__} {consts} {opts}: {c.metadata.shared} B of shared memory, "
                             f"an H100 block has {SM90_SHARED}")
+        return c
     except Exception as e:  # noqa: BLE001 - every failure is reported
         cause = e
         while cause.__cause__ is not None:
@@ -219,7 +236,8 @@ def main() -> int:
         return 77
     JITFunction.run = compile_only
     drive()
-    print(f"compiled {len(compiled)} kernel specializations for sm_90, {len(failures)} failed")
+    print(f"compiled {len(compiled)} kernel specializations for sm_90 ({len(pdl_compiled)} kernels also with PDL on), "
+          f"{len(failures)} failed")
     if unspecialised:
         print("without the JIT's argument specialisation (this Triton's internals differ):", sorted(unspecialised))
     for f in failures:
