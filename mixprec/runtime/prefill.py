@@ -82,8 +82,9 @@ class Prefill:
 
     @property
     def graphs(self) -> int:
-        """Number of captured bucket graphs."""
-        return sum(s.graph is not None for s in self._shapes.values())
+        """Number of captured bucket graphs (read from other threads: list() copies the values
+        in one step, while the engine's thread may be adding shapes)."""
+        return sum(s.graph is not None for s in list(self._shapes.values()))
 
     def warm_up(self, max_rows: int, max_len: int) -> int:
         """Capture now the graph of every bucket that a prefill of up to max_rows prompts of up to
