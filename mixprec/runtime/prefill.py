@@ -33,6 +33,11 @@ def bucket(n: int, least: int = 1) -> int:
     return max(least, next_power_of_2(n))
 
 
+def _powers_of_two(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, ..., hi (both powers of two)."""
+    return [1 << i for i in range(lo.bit_length() - 1, hi.bit_length())]
+
+
 @dataclass
 class _Shape:
     ids: Tensor                               # [nb, Tb] static input, right-padded with token 0
@@ -92,9 +97,8 @@ class Prefill:
         the capture); -> the number of buckets. Nothing to do without graphs."""
         if not self.use_graphs:
             return 0
-        rows = [b for b in (1 << i for i in range(32)) if b <= bucket(max_rows)]
-        lengths = [b for b in (1 << i for i in range(32)) if MIN_LENGTH <= b <= bucket(max_len, MIN_LENGTH)]
-        shapes = [(nb, Tb) for nb in rows for Tb in lengths if nb * Tb <= self.graph_tokens]
+        shapes = [(nb, Tb) for nb in _powers_of_two(1, bucket(max_rows))
+                  for Tb in _powers_of_two(MIN_LENGTH, bucket(max_len, MIN_LENGTH)) if nb * Tb <= self.graph_tokens]
         for nb, Tb in shapes:
             self._shape(nb, Tb)
         return len(shapes)
