@@ -159,7 +159,7 @@ def test_intq_interpreter(bits, case):
     M, N, K, G, asym, act = case
     qw, sc, z, perm = make_intq(N, K, G, bits, asym, act, seed=M + N + bits)
     gs = -1 if G == K else G
-    cfgs = [GEMM, GEMM_SPLIT] + ([GEMV, GEMV_SPLIT] if M <= 3 else [])
+    cfgs = [GEMM, GEMM_SPLIT] + ([GEMV, GEMV_SPLIT, GEMV_WHOLE_K] if M <= 3 else [])
     swap = [SWAP, SWAP_SPLIT] if bits == 4 and (G == K or G % 128 == 0) else []
     for dtype, cs in ((torch.float16, cfgs + swap + [DEQUANT]), (torch.float32, cfgs[1::2] + [DEQUANT])):
         x = xin(M, K, dtype, seed=K + M)

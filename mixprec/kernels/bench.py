@@ -215,6 +215,8 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
                               (16, 8, 512), (64, 8, 256)):
                 for t in (1, 2, 4):
                     gemv(BN, w, BK, target=t * S)
+            for BN, w, BK in ((8, 4, 1024), (8, 8, 2048)):   # whole-K 8-row programs (session 20, fp8)
+                gemv(BN, w, BK, target=1)
         else:
             for BN, w in ((16, 4), (32, 4), (64, 8)):
                 for t in (4, 8, 16):
