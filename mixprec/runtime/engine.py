@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .generate import counter_noise, to_host
-from .prefill import GRAPH_TOKENS, Prefill
+from .prefill import GRAPH_TOKENS, Prefill, buckets
 from .sampling import SamplingParams, sample
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
@@ -206,15 +206,6 @@ class _Rows:
     step: Tensor          # [N] int64: tokens the row's request has sampled so far
 
 
-def _buckets(top: int, first: int = 1) -> list[int]:
-    """first, 2 first, 4 first, ... below top, then top."""
-    out, b = [], first
-    while b < top:
-        out.append(b)
-        b *= 2
-    return out + [top]
-
-
 def _params(d: dict) -> SamplingParams:
     """SamplingParams from its asdict() sent as JSON (tuples came back as lists)."""
     return SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
@@ -270,8 +261,9 @@ class Engine:
     use_cuda_graphs; their staging KV cache holds this many tokens, prefill.py); 0: none.
     warmup: before the first request, capture every decode graph (batch bucket x length bucket x
     sampling mode) and every prefill graph the engine can need, so no request waits on a capture
-    (each runs two eager warm-up forwards first; Triton compiles on a cold cache). `ready` is set
-    when that is done (at once without warmup); requests submitted before wait in the queue.
+    (a decode graph runs two eager warm-up steps first, a prefill graph one forward; Triton
+    compiles on a cold cache). `ready` is set when that is done (at once without warmup);
+    requests submitted before wait in the queue.
 
     With a parallel model, make one Engine (same arguments) in every rank's process: rank 0's
     takes requests, the others follow it (`join()` until rank 0 shuts down).
@@ -299,8 +291,8 @@ class Engine:
         self.vocab = args.vocab_size
         self.device = next(model.buffers()).device
         self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
-        self.buckets = _buckets(max_batch)
-        self.len_buckets = _buckets(max_len, MIN_LEN_BUCKET)   # attention reads slots [:bucket] only
+        self.buckets = buckets(max_batch)
+        self.len_buckets = buckets(max_len, MIN_LEN_BUCKET)   # attention reads slots [:bucket] only
 
         dev, N = self.device, max_batch
         self.cache = model.make_cache(N, max_len, dev)

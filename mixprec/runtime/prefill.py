@@ -33,9 +33,13 @@ def bucket(n: int, least: int = 1) -> int:
     return max(least, next_power_of_2(n))
 
 
-def _powers_of_two(lo: int, hi: int) -> list[int]:
-    """lo, 2 lo, ..., hi (both powers of two)."""
-    return [1 << i for i in range(lo.bit_length() - 1, hi.bit_length())]
+def buckets(top: int, first: int = 1) -> list[int]:
+    """first, 2 first, 4 first, ... below top, then top: the shapes that bucketing up to top gives."""
+    out, b = [], first
+    while b < top:
+        out.append(b)
+        b *= 2
+    return out + [top]
 
 
 @dataclass
@@ -93,12 +97,12 @@ class Prefill:
 
     def warm_up(self, max_rows: int, max_len: int) -> int:
         """Capture now the graph of every bucket that a prefill of up to max_rows prompts of up to
-        max_len tokens can take (else each bucket's first prefill pays two eager forwards and
-        the capture); -> the number of buckets. Nothing to do without graphs."""
+        max_len tokens can take (else each bucket's first prefill pays an eager forward and the
+        capture); -> the number of buckets. Nothing to do without graphs."""
         if not self.use_graphs:
             return 0
-        shapes = [(nb, Tb) for nb in _powers_of_two(1, bucket(max_rows))
-                  for Tb in _powers_of_two(MIN_LENGTH, bucket(max_len, MIN_LENGTH)) if nb * Tb <= self.graph_tokens]
+        shapes = [(nb, Tb) for nb in buckets(bucket(max_rows))
+                  for Tb in buckets(bucket(max_len, MIN_LENGTH), MIN_LENGTH) if nb * Tb <= self.graph_tokens]
         for nb, Tb in shapes:
             self._shape(nb, Tb)
         return len(shapes)
