@@ -318,6 +318,8 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
     n0 = t * BN
     if MODE == _MODE_UP:
         pdl.wait(PDL)     # the routing and x come from the kernels just before
+        # the down launch may start now: the routing it reads before its own wait is complete
+        pdl.launch_dependents(PDL)
     # DOWN: ids are older than the kernel before this one (pdl.py), so they and the first weight
     # tile are read before the wait for the up launch's act (inside the tile loop)
     e = tl.load(ids_ptr + p)
