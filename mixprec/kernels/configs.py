@@ -86,7 +86,10 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # --ms 1 --variants "fp8 blk w8a8,fp8 blk w8a16,int8 w8a8,int8 w8a16" --baselines bf16 --budget-s
 # 100`; a winner replaced the row only where it was >= 5% faster than the row's own config in that
 # run (23 rows; 30B o_proj fp8 w8a8 7.84 -> 6.33 µs, 30B down 4.83 -> 2.86; benchmarks/linear_raw/
-# session20_tune_m1_h100.*).
+# session20_tune_m1_h100.*). The int4 M=1 rows likewise in session 21 (same device and versions):
+# `python -m mixprec bench-kernels --tune --ms 1 --variants "int4 g128 asym" --baselines bf16,tinygemm
+# --budget-s 110` (6 rows; 30B gate_up 5.15 -> 3.74 µs, 30B o_proj 6.66 -> 5.16, 235B gate_up 8.02
+# -> 5.89; benchmarks/linear_raw/session21_tune_int4_m1_h100.*).
 TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a16", 1, 151936, 2048): cfg("gemm", 16, 32, 128, 1, 4, 4),
     ("fp8_w8a16", 1, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
@@ -323,13 +326,13 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("int8_w8a8", 256, 4096, 8192): cfg("gemm", 128, 128, 128, 2, 8, 3),
     ("int8_w8a8", 256, 5120, 2048): cfg("gemm", 64, 128, 128, 1, 4, 3),
     ("int8_w8a8", 256, 9216, 4096): cfg("gemm", 64, 128, 128, 1, 4, 3),
-    ("intq4", 1, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 8, 1),
-    ("intq4", 1, 2048, 768): cfg("gemv", 1, 16, 512, 1, 8, 1),
-    ("intq4", 1, 2048, 4096): cfg("gemv", 1, 16, 512, 4, 8, 1),
-    ("intq4", 1, 3072, 4096): cfg("gemv", 1, 32, 256, 6, 4, 1),
+    ("intq4", 1, 1536, 2048): cfg("gemv", 1, 8, 2048, 1, 8, 1),
+    ("intq4", 1, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
+    ("intq4", 1, 2048, 4096): cfg("gemv", 1, 8, 2048, 1, 8, 1),
+    ("intq4", 1, 3072, 4096): cfg("gemv", 1, 8, 2048, 1, 8, 1),
     ("intq4", 1, 4096, 1536): cfg("gemv", 1, 16, 512, 1, 8, 1),
-    ("intq4", 1, 4096, 8192): cfg("gemv", 1, 32, 512, 4, 8, 1),
-    ("intq4", 1, 5120, 2048): cfg("gemv", 1, 16, 512, 1, 8, 1),
+    ("intq4", 1, 4096, 8192): cfg("gemv", 1, 8, 2048, 1, 8, 1),
+    ("intq4", 1, 5120, 2048): cfg("gemv", 1, 8, 1024, 1, 4, 1),
     ("intq4", 1, 9216, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("intq4", 1, 151936, 2048): cfg("gemv", 1, 32, 256, 1, 4, 1),
     ("intq4", 2, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
