@@ -173,6 +173,32 @@ def test_intq_interpreter(bits, case):
             intq_linear_cfg(xin(M, K, torch.float32, seed=1), qw, sc, z, perm, bits, gs, SWAP)
 
 
+@pytest.mark.parametrize("G,asym,act", [(128, True, False), (2048, False, False), (32, True, True)])
+def test_intq_gemv_fp16_word_loop(G, asym, act):
+    """int4 GEMV programs over >= F16_MIN_K inputs with 16-bit activations take the packed-fp16
+    word loop (gemv_tiles, quant.int4_word_dot; the interpreter runs its plain-Triton twin):
+    equal to the reference for groups 128 / -1 / 32, sym / asym, act-order, odd N, M = 1 and 3,
+    two tile shapes, and rows of very large and very small activations (the per-row
+    power-of-two scaling that keeps the fp16 products finite and precise)."""
+    from mixprec.kernels.intq import F16_MIN_K
+    M, N, K = 3, 72, F16_MIN_K
+    qw, sc, z, perm = make_intq(N, K, G, 4, asym, act, seed=G + N)
+    gs = -1 if G == K else G
+    dtypes = (torch.bfloat16, torch.float16) if CUDA else (torch.float16,)
+    for dtype in dtypes:
+        x = xin(M, K, torch.float32, seed=7)
+        x[1] *= 2000.0 if dtype == torch.bfloat16 else 20.0     # fp16 tops out at 65504
+        x[2] *= 1e-3
+        x[2, :64] *= 1e-3
+        x = x.to(dtype)
+        ref = intq_linear_reference(x, qw, sc, z, perm, 4, gs)
+        for c in (GEMV_WHOLE_K, configs.cfg("gemv", 1, 16, 512, 1, 4, 1)):   # one K range: F16
+            for m in (1, M):
+                y = intq_linear_cfg(x[:m], qw, sc, z, perm, 4, gs, c)
+                for row in range(m):
+                    assert sqnr(y[row], ref[row]) >= 40, (c, dtype, m, row)
+
+
 FP8_CASES = [(1, 200, 384), (3, 96, 256), (17, 64, 200), (33, 64, 200)]   # M >= 32: act_quant codes
 
 

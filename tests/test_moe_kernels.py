@@ -666,6 +666,21 @@ def test_gate_up_in_one_k_loop(path, specs, monkeypatch):
     assert mt.sqnr_db(two.float(), one.float()) >= 60 if CUDA else torch.equal(one, two)
 
 
+@pytest.mark.parametrize("gu,split", [(True, 1), (False, 2)])
+def test_int4_gemv_fp16_word_loop(gu, split):
+    """GEMV configs with "f16" run their int4 slots in packed fp16 math (gemv_tiles): sym, asym,
+    group 32, act-order and an int8 slot beside them (which keeps its own loop), gate and up in
+    one K loop or split in K; equal to the reference at 1 and 3 tokens, in bf16 on the GPU too."""
+    cfg = dict(BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, gu=gu, split=split, f16=True)
+    b = _layer(mt.split(["int4", "int4_asym", "int4_g32", "int4_perm", "int8q"], E), h=384, i=128)
+    for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
+        for m in (1, 3):
+            x, w, ids = _inputs(m, h=384, seed=58 + m, dtype=dtype)
+            _check(b if dtype == torch.float16 else _layer(mt.split(["int4", "int4_asym", "int4_g32", "int4_perm",
+                                                                    "int8q"], E), h=384, i=128, dtype=dtype),
+                   x, w, ids, inter=128, config=("gemv", cfg, cfg))
+
+
 def test_int4_layer_past_128_tokens_on_the_field_row():
     """A uniform int4 layer of 129..DOT_INTQ_MAX_M tokens takes the BM-16 dot row (pick), with
     groups of 128 and of 32; equal to the reference."""

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .quant import int4_word_dot, x_pairs16, zero_pairs16
 
 # intq: qweight [K/pf, N] (K packed along 32-bit words, N contiguous), scales / zeros
 # [ceil(K/G), N]; the row stride of all three is nw (the caller's column count)
@@ -29,49 +30,75 @@ def intq_x(xrow, pp, kk, km, HP: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-               PF: tl.constexpr, BK: tl.constexpr):
-    # -> (s, z*s) broadcastable to [R, BN] (R word rows of the tile starting at input k0)
+def intq_sz(sp, zp, k0, K, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+            PF: tl.constexpr, BK: tl.constexpr):
+    # -> (s fp32, z int32) broadcastable to [R, BN] (R word rows of the tile starting at input k0)
     if GS % BK == 0:
         g = k0 // GS
-        s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)
+        s = tl.load(sp + g * nw + cols, mask=nm, other=0.0).to(tl.float32)[None, :]
         if HZ:
-            z = tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.float32)
+            z = tl.load(zp + g * nw + cols, mask=nm, other=0).to(tl.int32)[None, :]
         else:
-            z = tl.full([cols.shape[0]], 2 ** (BITS - 1), tl.float32)
-        s2 = s[None, :]
-        zs2 = (z * s)[None, :]
+            z = tl.full([1, cols.shape[0]], 1 << (BITS - 1), tl.int32)
     else:
         kr = k0 + r * PF
         g = kr // GS
         off = g[:, None] * nw + cols[None, :]
         m2 = (kr < K)[:, None] & nm[None, :]
-        s2 = tl.load(sp + off, mask=m2, other=0.0).to(tl.float32)
+        s = tl.load(sp + off, mask=m2, other=0.0).to(tl.float32)
         if HZ:
-            z = tl.load(zp + off, mask=m2, other=0).to(tl.float32)
+            z = tl.load(zp + off, mask=m2, other=0).to(tl.int32)
         else:
-            z = tl.full(s2.shape, 2 ** (BITS - 1), tl.float32)
-        zs2 = z * s2
-    return s2, zs2
+            z = tl.full(s.shape, 1 << (BITS - 1), tl.int32)
+    return s, z
+
+
+@triton.jit
+def intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+               PF: tl.constexpr, BK: tl.constexpr):
+    # -> (s, z*s) broadcastable to [R, BN] (R word rows of the tile starting at input k0)
+    s, z = intq_sz(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
+    return s, z.to(tl.float32) * s
+
+
+@triton.jit
+def _x_at(xrow, rows, j: tl.constexpr, km, HP: tl.constexpr, MASKED: tl.constexpr):
+    # activation j of each word row: rows [R] points at its first stored k (in x, or in perm for
+    # act-order, which then gives the x position)
+    if HP:
+        xi = tl.load(rows + j, mask=km, other=0) if MASKED else tl.load(rows + j)
+        return (tl.load(xrow + xi, mask=km, other=0.0) if MASKED else tl.load(xrow + xi)).to(tl.float32)
+    return (tl.load(rows + j, mask=km, other=0.0) if MASKED else tl.load(rows + j)).to(tl.float32)
+
+
+@triton.jit
+def _x_row_pairs(xrow, pp, kr, K, HP: tl.constexpr, MASKED: tl.constexpr):
+    # quant.x_pairs16 of the 8 activations of each word row starting at input kr [R]
+    rows = (pp if HP else xrow) + kr.to(tl.int64)
+    return x_pairs16(_x_at(xrow, rows, 0, kr < K, HP, MASKED), _x_at(xrow, rows, 1, kr + 1 < K, HP, MASKED),
+                     _x_at(xrow, rows, 2, kr + 2 < K, HP, MASKED), _x_at(xrow, rows, 3, kr + 3 < K, HP, MASKED),
+                     _x_at(xrow, rows, 4, kr + 4 < K, HP, MASKED), _x_at(xrow, rows, 5, kr + 5 < K, HP, MASKED),
+                     _x_at(xrow, rows, 6, kr + 6 < K, HP, MASKED), _x_at(xrow, rows, 7, kr + 7 < K, HP, MASKED))
 
 
 @triton.jit
 def gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm, k_lo, k_hi,
               BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
-              BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
+              BN: tl.constexpr, BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr, F16: tl.constexpr):
     rn = n0 + tl.arange(0, BN)
     return gemv_intq_cols(xrow, qp, sp, zp, pp, col0 + rn, rn < n_lim, nw, K, qm, k_lo, k_hi,
-                          BITS, GS, HZ, HP, BK, EVK, PDL)
+                          BITS, GS, HZ, HP, BK, EVK, PDL, F16)
 
 
 @triton.jit
 def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
                    BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
-                   BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
+                   BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr, F16: tl.constexpr):
     # y at the columns cols [BN] (mask nm; any set, e.g. the gate and the up half of a gate_up
     # weight side by side). Everything stays 2-D in the layout of the [R, BN] word tile (no
-    # shared-memory shuffles): field f of every word is dequantized in turn; the word rows are
-    # reduced once at the end.
+    # shared-memory shuffles); the word rows are reduced once at the end. F16 (4-bit codes, 16-bit
+    # activations; the caller's choice, where it measured faster): each word in packed fp16 math;
+    # else fp32, field f of every word dequantized in turn.
     PF: tl.constexpr = 32 // BITS
     F: tl.constexpr = PF // 2
     R: tl.constexpr = BK // PF
@@ -86,34 +113,49 @@ def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
     q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
     pdl.wait(PDL)   # (down side) the first tile is loaded; x comes from the kernel before
     acc = tl.zeros([R, BN], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        q = q_nxt
-        rr = k0 // PF + R + r
-        q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
-        qh = q >> 16
-        kr = k0 + r * PF
-        # sum_k s (q - z) x = s * (sum_k q x) - z s * (sum_k x): within a word row s and z are
-        # constant, so scale and zero are applied once per 32-bit word instead of once per code
-        part = tl.zeros([R, BN], dtype=tl.float32)
-        xs = tl.zeros([R], dtype=tl.float32)
-        for f in tl.static_range(PF):
-            # field j of a 16-bit half sits at bits BITS*j; OR-ing exponent 150-BITS*j makes the
-            # float 2^(23-BITS*j) + code exactly: one LOP3 + one FADD per code, no I2F.
-            # qm (run-time 2^BITS-1) keeps the masks in registers: LOP3 takes one immediate.
-            if f < F:
-                b = (q & (qm << (BITS * f))) | ((150 - BITS * f) << 23)
-                v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * f)) + ZI)
-            else:
-                b = (qh & (qm << (BITS * (f - F)))) | ((150 - BITS * (f - F)) << 23)
-                v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * (f - F))) + ZI)
-            kf = kr + f
-            x = intq_x(xrow, pp, kf, kf < K, HP, not EVK)
-            part += v * x[:, None]
+    if F16 and BITS == 4 and xrow.dtype.element_ty != tl.float32:
+        # the word's 8 codes in packed fp16 math (quant.int4_word_dot): ~15 instructions per word
+        # where the fp32 loop below takes ~33, plus ~45 per word row for its activations
+        for k0 in range(k_lo, k_hi, BK):
+            q = q_nxt
+            rr = k0 // PF + R + r
+            q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+            xp0, xp1, xp2, xp3, f_out = _x_row_pairs(xrow, pp, k0 + r * PF, K, HP, not EVK)
+            s, z = intq_sz(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
+            zc1, zc16 = zero_pairs16(z)
+            part = int4_word_dot(q, tl.broadcast_to(xp0[:, None], q.shape), tl.broadcast_to(xp1[:, None], q.shape),
+                                 tl.broadcast_to(xp2[:, None], q.shape), tl.broadcast_to(xp3[:, None], q.shape),
+                                 tl.broadcast_to(zc1, q.shape), tl.broadcast_to(zc16, q.shape))
+            acc += part * (s * f_out[:, None])
+    else:
+        for k0 in range(k_lo, k_hi, BK):
+            q = q_nxt
+            rr = k0 // PF + R + r
+            q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+            qh = q >> 16
+            kr = k0 + r * PF
+            # sum_k s (q - z) x = s * (sum_k q x) - z s * (sum_k x): within a word row s and z are
+            # constant, so scale and zero are applied once per 32-bit word instead of once per code
+            part = tl.zeros([R, BN], dtype=tl.float32)
+            xs = tl.zeros([R], dtype=tl.float32)
+            for f in tl.static_range(PF):
+                # field j of a 16-bit half sits at bits BITS*j; OR-ing exponent 150-BITS*j makes the
+                # float 2^(23-BITS*j) + code exactly: one LOP3 + one FADD per code, no I2F.
+                # qm (run-time 2^BITS-1) keeps the masks in registers: LOP3 takes one immediate.
+                if f < F:
+                    b = (q & (qm << (BITS * f))) | ((150 - BITS * f) << 23)
+                    v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * f)) + ZI)
+                else:
+                    b = (qh & (qm << (BITS * (f - F)))) | ((150 - BITS * (f - F)) << 23)
+                    v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * (f - F))) + ZI)
+                kf = kr + f
+                x = intq_x(xrow, pp, kf, kf < K, HP, not EVK)
+                part += v * x[:, None]
+                if HZ:
+                    xs += x
+            s, zs = intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
             if HZ:
-                xs += x
-        s, zs = intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
-        if HZ:
-            acc += part * s - zs * xs[:, None]
-        else:
-            acc += part * s
+                acc += part * s - zs * xs[:, None]
+            else:
+                acc += part * s
     return tl.sum(acc, axis=0)

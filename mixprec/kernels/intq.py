@@ -16,6 +16,11 @@ quant.splitk_store):
   the next tile prefetched; many small programs (BN 8-64). Needs qweight / scales / zeros with
   row stride N (every producer's tensors are contiguous). It replaced a wide-tile GEMV (BN 256,
   every thread owning whole columns) in session 6: 30B qkv at M=1 10.3 -> 6.0 µs on an H100.
+  int4 with 16-bit activations over >= F16_MIN_K inputs per program: each word in packed fp16
+  math instead (quant.int4_word_dot: field pairs (j, j+4) masked into fp16 2^10 + q, one packed
+  subtract of the zero, four packed FMAs against the word row's x scaled by a power of two so the
+  products stay finite; ~15 instructions per 8 codes against ~33): session 21, 235B qkv M=2 20.8
+  -> 16.1 µs.
 * gemm (tl.dot, M > 1): when a K tile sits in one group the codes enter the dot as exact integers
   (q - z) and the scale multiplies the tile's dot result. 4-bit, BM 16, K tiles >= 128 (M = 2-128,
   and any M with groups smaller than the tile: intq_config): the [BK/8, BN] word tile is loaded
@@ -50,12 +55,21 @@ MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
 MAGIC_C = tl.constexpr(MAGIC)
 
 
+# int4 GEMV programs over at least this many inputs take the packed-fp16 word loop (gemv_tiles,
+# 16-bit activations only). H100, session 21, bench-kernels, µs, fp32 loop -> fp16 loop, int4 g128
+# asym / sym (linear_raw/session21_f16_dense_*): M=2 235B qkv 20.8 -> 16.1 / 19.6 -> 14.6, 30B
+# o_proj 9.6 -> 7.8 / 10.7 -> 7.6; M=1 235B qkv 13.3 -> 11.4 / 13.6 -> 10.6, lm_head 71.8 -> 61.5,
+# 30B qkv 5.7 -> 5.9 / 5.8 -> 5.4. Shorter programs lost in a first version (30B down, K 768: M=2
+# 3.4 -> 3.7)
+F16_MIN_K = 2048
+
+
 @triton.jit(do_not_specialize=["M", "split"])
 def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,
                       M, N, K, stride_xm, stride_om, qm, k_per_split, split,
                       BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVK: tl.constexpr,
-                      USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+                      USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False, F16: tl.constexpr = False):
     # qweight / scales / zeros contiguous (row stride N); qm: the 4-bit code mask at run time
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -63,7 +77,7 @@ def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     k_lo = pid_k * k_per_split
     acc = gemv_intq(x_ptr + pid_m.to(tl.int64) * stride_xm, qw_ptr, s_ptr, z_ptr, perm_ptr, 0, N, K, N,
                     pid_n * BLOCK_N, qm if BITS == 4 else (qm << 4) | qm, k_lo, k_lo + k_per_split,
-                    BITS, G, HAS_ZERO, HAS_PERM, BLOCK_N, BLOCK_K, EVK, PDL)
+                    BITS, G, HAS_ZERO, HAS_PERM, BLOCK_N, BLOCK_K, EVK, PDL, F16)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m + tl.arange(0, 1)
     tile_id = pid_m * tl.num_programs(1) + pid_n
@@ -286,8 +300,8 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
         _intq_gemv_kernel[(M, nb, split)](
             x2, qweight, scales, zp, pp, out, ws, cnt, M, N, K, x2.stride(0), out.stride(0), 15, per, split,
             BITS=bits, G=G, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, BLOCK_N=c["BN"],
-            BLOCK_K=tile, EVK=K % tile == 0, USE_SPLIT=split > 1, num_warps=c["warps"],
-            num_stages=c["stages"], **pdl.launch_kw(x2))
+            BLOCK_K=tile, EVK=K % tile == 0, USE_SPLIT=split > 1, F16=per >= F16_MIN_K,
+            num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     else:
         tile = _gemm_tile(c, pf)
         scale_after = _scale_after(G, K, tile)

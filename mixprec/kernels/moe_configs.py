@@ -75,7 +75,11 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
     # "gu": gate and up in one K loop (moe._gate_up_fused). Session 16 (H100, route + layer, µs,
     # two loops vs one; moe_diag/session16_gemv_gate_up_h100.log): 30B M=2 31.7 vs 29.7, M=4 47.5
     # vs 48.8, M=8 78.6 vs 75.1; 235B M=2 78.8 vs 82.0, M=4 142.9 vs 134.2, M=8 249.3 vs 237.4
-    "intq": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True)),
+    # "f16": int4 words in packed fp16 math (gemv_tiles.gemv_intq_cols). Session 21 (H100, bench-moe,
+    # route + layer, µs, fp32 loop -> fp16 loop; moe_diag/session21_f16_moe_ab_h100.log): 235B M=2
+    # 80.4 -> 73.4, M=8 234.2 -> 207.3; 30B M=2 30.3 -> 31.9 (the one loss), M=8 73.5 -> 70.6. Off at
+    # M=1 (GEMV_M1): a first version lost on the 30B (20.7 -> 21.5) and gained 4% on the 235B
+    "intq": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True)),
     "fp8": (1, dict(BN=16, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1)),
     # dense "gu": session 17 (H100, route + layer, µs, two loops vs one; moe_diag/
     # session17_gate_up_all_h100.log): 30B M=2 63.7 vs 66.5, M=4 110.1 vs 106.8, M=8 171.8 vs 171.4;

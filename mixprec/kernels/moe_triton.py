@@ -198,7 +198,8 @@ def _slot_rows(PROJ: tl.constexpr, HALF: tl.constexpr, INTER, HID):
 def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
                HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
-               BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
+               BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr,
+               F16: tl.constexpr):
     LAY: tl.constexpr = C % 4
     ACT: tl.constexpr = (C // 4) % 2
     HZ: tl.constexpr = (C // 8) % 2
@@ -224,7 +225,7 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
                 PF: tl.constexpr = 32 // BITS
                 qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, PF)   # x is read via perm
                 res = gemv_intq_cols(xrow, qe, se, ze, pe, rows, nm, nw, rs,
-                                     qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, PDL)
+                                     qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, PDL, F16)
             elif LAY == _FP8:
                 we, se = _fp8_expert(w, s, loc, nw, K, G, B)
                 res = _gemv_rows(xrow, qrow, srow, we, se, z, rows, nm, run0, K, k_lo, k_hi,
@@ -247,21 +248,22 @@ def _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
                C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                NS: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
-               BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
+               BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr,
+               F16: tl.constexpr):
     RB: tl.constexpr = 2 * BN if HALF == 3 else BN   # HALF 3: gate then up columns
     res = tl.zeros([RB], dtype=tl.float32)
     found = e * 0  # int32 0/1: some slot holds this expert
     res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, B0,
-                            HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
+                            HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16)
     if NS > 1:
         res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, B1,
-                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16)
     if NS > 2:
         res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, B2,
-                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16)
     if NS > 3:
         res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, B3,
-                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16)
     return res, found
 
 
@@ -303,7 +305,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
                      NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr,
                      BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
                      SUM: tl.constexpr, ZMISS: tl.constexpr, EVK: tl.constexpr, SPLIT: tl.constexpr,
-                     GU: tl.constexpr = False, PDL: tl.constexpr = False):
+                     GU: tl.constexpr = False, PDL: tl.constexpr = False, F16: tl.constexpr = False):
     """Grid (P pairs, N tiles, SPLIT). UP: act[p, n] = silu(x W_gate^T) * (x W_up^T) for the expert
     of pair p (x = x[p // TOPK]); DOWN: buf[p, n] = w_p * act[p] W_down^T, and the last of a token's
     TOPK pairs to finish a tile writes out[token, tile] = sum of its rows (deterministic order).
@@ -335,16 +337,16 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
             if GU:
                 gu, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                     w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                    C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 3, BN, BKD, BKF, BKQ, BKI, EVK, False)
+                                    C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 3, BN, BKD, BKF, BKQ, BKI, EVK, False, F16)
                 g, u = tl.split(tl.permute(tl.reshape(gu, (2, BN)), (1, 0)))
                 fu = fg
             else:
                 g, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                    w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                   C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False)
+                                   C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False, F16)
                 u, fu = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                    w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                   C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False)
+                                   C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False, F16)
             tl.store(out_ptr + p.to(tl.int64) * INTER + rn, _silu_mul(g, u).to(out_ptr.dtype.element_ty),
                      mask=rn < INTER * fg * fu)  # fg, fu: 0/1
         else:
@@ -352,11 +354,11 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
             if z % 2 == 0:
                 part, fnd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False)
+                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False, F16)
             else:
                 part, fnd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False)
+                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False, F16)
             # a pair whose expert is in none of this launch's buckets (another gate/up launch's, or no
             # rank's: expert parallel) computes zero partials and leaves its act row alone; the gate
             # and up of one expert are in the same launch (up_launches), so either half's flag says
@@ -378,7 +380,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
         k_lo = z * k_per
         d, fd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                            w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK, PDL)
+                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16)
         pdl.wait(PDL)     # a pair in no bucket (expert parallel) has not waited in a tile loop yet
         nm = rn < HID
         val = d * tl.load(rw_ptr + p)

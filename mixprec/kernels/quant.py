@@ -180,6 +180,86 @@ def int4_pair(qs, zb):
         return lo, hi
 
 
+# int4_word_dot: the 8 codes of a 32-bit word against 8 activations in packed fp16 arithmetic.
+# Field pairs (j, j+4) share one 32-bit register once masked: fields 0 / 4 and 2 / 6 (after >> 8)
+# become 2^10 + q, fields 1 / 5 and 3 / 7 (at bit 4 of their half) 2^10 + 16 q, so the x of those
+# two pairs come divided by 16 (exact). Per word: 1 SHF, 4 LOP3, 4 HSUB2 (code - zero, exact),
+# 4 HFMA2 (4 products per half in fp16), one HADD2 of the halves and one convert to fp32: 15
+# instructions for 8 codes where the fp32 path takes ~30. No overflow: x_pairs16 scales x to
+# |x| < 512 and |q - z| <= 15, so the 8 products sum to at most 8 * 15 * 512 = 61440 < 65504.
+_WORD_DOT_F16 = tl.constexpr(
+    "{ .reg .b32 q8, t0, t1, t2, t3, a; .reg .b16 lo, hi; "
+    "shr.u32 q8, $1, 8; "
+    "lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xea; lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xea; "
+    "lop3.b32 t2, q8, 0x000F000F, 0x64006400, 0xea; lop3.b32 t3, q8, 0x00F000F0, 0x64006400, 0xea; "
+    "sub.rn.f16x2 t0, t0, $6; sub.rn.f16x2 t1, t1, $7; sub.rn.f16x2 t2, t2, $6; sub.rn.f16x2 t3, t3, $7; "
+    "mul.rn.f16x2 a, t0, $2; fma.rn.f16x2 a, t1, $3, a; fma.rn.f16x2 a, t2, $4, a; fma.rn.f16x2 a, t3, $5, a; "
+    "mov.b32 {lo, hi}, a; add.rn.f16 lo, lo, hi; cvt.f32.f16 $0, lo; }")
+
+
+@triton.jit
+def _f16_lo(p):
+    return (p & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f16_hi(p):
+    return ((p >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def int4_word_dot(q, x0, x1, x2, x3, zc1, zc16):
+    """q [R, BN] int32 words (code j at bits 4j); x0..x3 [R, BN] int32, fp16 pairs (x_j, x_j+4)
+    for j = 0..3, x1 / x3 divided by 16 (x_pairs16); zc1 / zc16: fp16 pairs of 2^10 + z and
+    2^10 + 16 z (zero_pairs16) -> fp32 [R, BN] sum_j (q_j - z) x_j."""
+    if _PTX:
+        return tl.inline_asm_elementwise(_WORD_DOT_F16, "=f,r,r,r,r,r,r,r", [q, x0, x1, x2, x3, zc1, zc16],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:   # the interpreter: the same sum in fp32
+        z = ((zc1 & 0xFFFF) - 0x6400).to(tl.float32)
+        part = ((q & 15).to(tl.float32) - z) * _f16_lo(x0) + (((q >> 16) & 15).to(tl.float32) - z) * _f16_hi(x0)
+        part += 16.0 * (((q >> 4) & 15).to(tl.float32) - z) * _f16_lo(x1)
+        part += 16.0 * (((q >> 20) & 15).to(tl.float32) - z) * _f16_hi(x1)
+        part += (((q >> 8) & 15).to(tl.float32) - z) * _f16_lo(x2) + (((q >> 24) & 15).to(tl.float32) - z) * _f16_hi(x2)
+        part += 16.0 * (((q >> 12) & 15).to(tl.float32) - z) * _f16_lo(x3)
+        part += 16.0 * (((q >> 28) & 15).to(tl.float32) - z) * _f16_hi(x3)
+        return part
+
+
+@triton.jit
+def _pack16(a, b, f):
+    # two fp32 times f -> one int32 holding (fp16(a f), fp16(b f)) as (low, high) halves
+    if _PTX:    # 2 FMUL + one converting pack (F2FP) instead of 2 F2F + shift / PRMT
+        return tl.inline_asm_elementwise("{ .reg .f32 a, b; mul.f32 a, $1, $3; mul.f32 b, $2, $3; "
+                                         "cvt.rn.f16x2.f32 $0, b, a; }", "=r,f,f,f", [a, b, f],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        lo = (a * f).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
+        hi = (b * f).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
+        return lo | (hi << 16)
+
+
+@triton.jit
+def x_pairs16(x0, x1, x2, x3, x4, x5, x6, x7):
+    """The 8 activations of a word row (fp32 [R]) -> (4 fp16 pairs for int4_word_dot, f_out [R]):
+    each row is scaled by the power of two 2^t that puts its largest |x| in [256, 512) (exact; the
+    products then stay far from fp16's 65504), and f_out = 2^-t undoes it on the fp32 sum."""
+    m = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                   tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+    eb = tl.maximum((m.to(tl.int32, bitcast=True) >> 23) & 0xFF, 9)   # biased exponent; tiny rows as 2^-118
+    f_in = ((262 - eb) << 23).to(tl.float32, bitcast=True)           # 2^(135 - eb)
+    f_out = ((eb - 8) << 23).to(tl.float32, bitcast=True)            # 2^(eb - 135)
+    f16 = f_in * 0.0625
+    return _pack16(x0, x4, f_in), _pack16(x1, x5, f16), _pack16(x2, x6, f_in), _pack16(x3, x7, f16), f_out
+
+
+@triton.jit
+def zero_pairs16(z):
+    """int4 zero points (int32, any shape) -> the fp16 pairs (2^10 + z, 2^10 + 16 z) int4_word_dot
+    subtracts (fp16 2^10 + v has the bits 0x6400 + v for integers 0 <= v < 1024)."""
+    return (z + 0x6400) * 0x10001, (z * 16 + 0x6400) * 0x10001
+
+
 @triton.jit
 def x_tile(a_ptrs, a_mask, perm_ptr, k0, K, BK: tl.constexpr, HAS_PERM: tl.constexpr):
     """x[:, k0:k0+BK] [BM, BK] in K order (zeros past K); a_ptrs / a_mask: [BM, 1] x rows;
