@@ -185,7 +185,7 @@ def int4_pair(qs, zb):
 # become 2^10 + q, fields 1 / 5 and 3 / 7 (at bit 4 of their half) 2^10 + 16 q, so the x of those
 # two pairs come divided by 16 (exact). Per word: 1 SHF, 4 LOP3, 4 HSUB2 (code - zero, exact),
 # 4 HFMA2 (4 products per half in fp16), one HADD2 of the halves and one convert to fp32: 15
-# instructions for 8 codes where the fp32 path takes ~30. No overflow: x_pairs16 scales x to
+# instructions for 8 codes where the fp32 loop takes ~33. No overflow: x_pairs16 scales x to
 # |x| < 512 and |q - z| <= 15, so the 8 products sum to at most 8 * 15 * 512 = 61440 < 65504.
 _WORD_DOT_F16 = tl.constexpr(
     "{ .reg .b32 q8, t0, t1, t2, t3, a; .reg .b16 lo, hi; "
