@@ -421,6 +421,10 @@ def test_fit_h200_qwen3_235b_synthetic_profile(tmp_path):
     budget, parts = fit_budget(args, "h200", context=32768, batch=1)
     assert parts["kv_cache"] == 2 * 94 * 4 * 128 * 2 * 32768          # bf16 K+V, 32k tokens: 5.9 GiB
     assert parts["prefill_graphs"] == 2 * 94 * 4 * 128 * 2 * 2048      # the staging cache of 2048 tokens
+    b0, p0 = fit_budget(args, "h200", context=32768, batch=1, graph_tokens=0)   # serve --prefill-graph-tokens 0
+    assert p0["prefill_graphs"] == 0 and b0 == budget + parts["prefill_graphs"]
+    with pytest.raises(ConfigError, match="prefill-graph-tokens"):
+        fit_budget(args, "h200", context=32768, batch=1, graph_tokens=-1)
     res = plan_budget(prof, budget)
     used = res.bytes + parts["kv_cache"] + parts["activations"] + parts["prefill_graphs"]
     assert res.bytes <= budget and used <= 141 * 10**9 and used + parts["margin"] <= DEVICES["h200"]

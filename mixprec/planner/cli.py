@@ -133,6 +133,7 @@ def _sources(items: list[str]) -> dict[str, str]:
 
 
 def plan_main(argv: list[str] | None = None) -> int:
+    from ..runtime.prefill import GRAPH_TOKENS
     p = argparse.ArgumentParser(prog="mixprec plan", description="Choose every expert's (and linear's) source "
                                 "under a memory budget; writes the mix YAML.")
     p.add_argument("--model", help="base checkpoint (bf16); default: the profile's")
@@ -145,6 +146,9 @@ def plan_main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=at_least(1), default=32768, help="--fit: KV-cache tokens per sequence")
     p.add_argument("--batch", type=at_least(1), default=1, help="--fit: sequences")
     p.add_argument("--margin", default=None, help="--fit: reserve, '7%%' of the device (default) or a size")
+    p.add_argument("--prefill-graph-tokens", type=at_least(0), default=GRAPH_TOKENS,
+                   help=f"--fit: serve's setting of the same name, whose staging KV cache is reserved "
+                        f"(default {GRAPH_TOKENS}; 0 = no prefill graphs)")
     p.add_argument("--use", default=None, help="only these sources (comma-separated names)")
     p.add_argument("--mass-prior", type=at_least(1e-9, float), default=0.05, help="Laplace smoothing of expert routing mass")
     p.add_argument("--dtype", default=None, help="compute dtype written to the YAML (default: the base's bf16)")
@@ -188,7 +192,7 @@ def plan_main(argv: list[str] | None = None) -> int:
         dtype = wanted or dtype
         if a.fit:
             budget, fit = fit_budget(arch_args(prof), a.fit, a.context, a.batch, a.margin or DEFAULT_MARGIN,
-                                     elem=dtype.itemsize)
+                                     elem=dtype.itemsize, graph_tokens=a.prefill_graph_tokens)
             desc = f"{a.fit}, context {a.context} x batch {a.batch}"
         else:
             budget = parse_bytes(a.budget)

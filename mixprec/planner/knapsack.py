@@ -74,10 +74,11 @@ def activation_bytes(args: ModelArgs, context: int, batch: int, elem: int = 2) -
 
 
 def fit_budget(args: ModelArgs, device: str, context: int, batch: int,
-               margin: str = DEFAULT_MARGIN, elem: int = 2) -> tuple[int, dict]:
+               margin: str = DEFAULT_MARGIN, elem: int = 2, graph_tokens: int = GRAPH_TOKENS) -> tuple[int, dict]:
     """Weight budget for `device` ('h200', 'h100', ... or a size like '80GiB'): its memory minus
     the KV cache for `context` x `batch`, activations, the prefill graphs' staging KV cache
-    (runtime/prefill.py) and a margin ('7%' of the device, or a size).
+    (runtime/prefill.py: `graph_tokens` tokens, the engine's prefill_graph_tokens; 0 = no prefill
+    graphs, no staging cache) and a margin ('7%' of the device, or a size).
     -> (budget, breakdown {device, kv_cache, activations, prefill_graphs, margin})."""
     mem = DEVICES.get(device.lower()) if isinstance(device, str) else None
     if mem is None:
@@ -87,6 +88,8 @@ def fit_budget(args: ModelArgs, device: str, context: int, batch: int,
             raise ConfigError(f"--fit {device!r}: expected one of {', '.join(DEVICES)} or a size like 80GiB") from None
     if context < 1 or batch < 1:
         raise ConfigError(f"--context {context}, --batch {batch}: both must be >= 1")
+    if graph_tokens < 0:
+        raise ConfigError(f"--prefill-graph-tokens {graph_tokens}: must be >= 0")
     m = str(margin).strip()
     try:
         reserve = int(mem * float(m[:-1]) / 100) if m.endswith("%") else parse_bytes(m, "--margin")
@@ -97,7 +100,7 @@ def fit_budget(args: ModelArgs, device: str, context: int, batch: int,
                           f"below the device's {fmt_bytes(mem)}")
     parts = {"device": mem, "kv_cache": kv_bytes(args, context, batch, elem),
              "activations": activation_bytes(args, context, batch, elem),
-             "prefill_graphs": kv_bytes(args, GRAPH_TOKENS, 1, elem), "margin": reserve}
+             "prefill_graphs": kv_bytes(args, graph_tokens, 1, elem), "margin": reserve}
     budget = mem - parts["kv_cache"] - parts["activations"] - parts["prefill_graphs"] - reserve
     if budget <= 0:
         raise InfeasibleBudget(f"--fit {device}: the KV cache ({fmt_bytes(parts['kv_cache'])} for {context} tokens x "
