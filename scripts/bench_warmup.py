@@ -10,8 +10,10 @@ request waits; with Engine(warmup=True) they were all captured before the first 
            [--max-batch 16] [--max-len 1024] [--requests 24]       (GPU)
 
 Prints per engine: warm-up seconds and graphs, then the burst's time to first token (median /
-max over the requests) and its total time. The Triton cache is whatever the machine has: run
-once before to take compilation out of both (the first engine of a process also pays it).
+max over the requests) and its total time, and the Triton kernels first specialized in this process
+during the burst (after a warm-up: what it missed; each is a compile, or a disk-cache load). The
+Triton cache is whatever the machine has: run once before to take compilation out of both (the
+first engine of a process also pays it).
 """
 from __future__ import annotations
 
@@ -29,6 +31,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mixprec.runtime.engine import Engine  # noqa: E402
 from mixprec.runtime.sampling import SamplingParams  # noqa: E402
 from mixprec.runtime.synthetic import build_synthetic, synthetic_args  # noqa: E402
+
+
+SPECIALIZED: list[str] = []   # Triton kernels specialized (first launch of a signature) in this process
+
+
+def _track_specializations() -> None:
+    try:
+        import triton
+        triton.knobs.runtime.jit_cache_hook = lambda *, repr, **kw: SPECIALIZED.append(repr) and False
+    except AttributeError:      # a Triton without knobs: no tracking
+        pass
 
 
 def burst(engine: Engine, n: int, seed: int) -> tuple[list[float], float]:
@@ -74,17 +87,22 @@ def main() -> int:
     model = build_synthetic(synthetic_args(a.synthetic, a.layers), a.mix, progress=False)
     print(f"{torch.cuda.get_device_name()}  {a.synthetic} layers={model.args.num_hidden_layers} mix={a.mix} "
           f"max_batch={a.max_batch} max_len={a.max_len} requests={a.requests}")
+    _track_specializations()
     for warm in (False, True, False, True):   # alternated; the first engine also meets cold Triton caches
         t0 = time.perf_counter()
         with Engine(model, max_batch=a.max_batch, max_len=a.max_len, warmup=warm) as eng:
             eng.ready.wait()
             ready_s = time.perf_counter() - t0
             graphs = eng.metrics()["cuda_graphs"]
+            seen = len(SPECIALIZED)
             firsts, total = burst(eng, a.requests, seed=1)
             after = eng.metrics()["cuda_graphs"]
+            new = SPECIALIZED[seen:]
         print(f"warmup={warm!s:5}  ready after {ready_s:6.1f} s ({graphs} graphs)  burst: TTFT median "
               f"{1e3 * statistics.median(firsts):7.1f} ms, max {1e3 * max(firsts):7.1f} ms, total {total:6.2f} s, "
-              f"graphs captured during it {after - graphs}", flush=True)
+              f"graphs captured during it {after - graphs}, Triton specializations during it {len(new)}", flush=True)
+        for r in new:
+            print(f"    {r[:300]}")
         torch.cuda.empty_cache()
     return 0
 
