@@ -313,7 +313,8 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
     computes half z % 2 (gate, up) over K chunk z // 2 into ws [P, SPLIT, INTER] fp32 and the last
     of the SPLIT to arrive (counter ucnt, left zero) applies silu * mul; DOWN program z computes
     K chunk z into buf row p * SPLIT + z, and the token's sum takes TOPK * SPLIT rows. GU (SPLIT 1,
-    moe._gate_up_fused): gate and up in one K loop (_gemv_half's HALF 3)."""
+    moe._gate_up_fused): gate and up in one K loop (_gemv_half's HALF 3). F16 (a config's "f16"):
+    int4 slots in packed fp16 math (gemv_tiles.gemv_intq_cols)."""
     p = tl.program_id(0)
     t = tl.program_id(1)
     z = tl.program_id(2)
