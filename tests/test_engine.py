@@ -122,6 +122,26 @@ def test_prefill_warm_up_covers_every_bucket_the_engine_uses(model):
     assert got == ref and len(pre._shapes) == 11
 
 
+@pytest.mark.parametrize("rows,max_len,tokens,graph", [(16, 1024, 4096, 2048), (16, 4096, 4096, 2048),
+                                                      (8, 1024, 4096, 256), (4, 256, 4096, 2048)])
+def test_eager_prefill_shapes_for_the_warm_up(rows, max_len, tokens, graph):
+    """eager_shapes: admissible prefills (rows <= max, length <= max_len, rows x length <= the
+    prefill tokens) that run eagerly (padded bucket above the graph tokens), one row (where it can
+    be eager) and the largest odd row count, with token totals odd, 8 and 0 mod 16 each (the
+    classes Triton specializes int arguments on); none where every prefill is a graph."""
+    from mixprec.runtime.prefill import MIN_LENGTH, eager_shapes
+    got = eager_shapes(rows, max_len, tokens, graph)
+    for n, T in got:
+        assert 1 <= n <= rows and 1 <= T <= max_len and n * T <= tokens
+        assert bucket(n) * bucket(T, MIN_LENGTH) > graph
+    eager_possible = any(bucket(n) * bucket(min(max_len, tokens // n), MIN_LENGTH) > graph
+                         for n in range(1, rows + 1))
+    assert bool(got) == eager_possible
+    for n in {n for n, _ in got}:
+        totals = [n * T for m, T in got if m == n]
+        assert {t % 16 if t % 2 == 0 else 1 for t in totals} == {0, 8, 1}, got
+
+
 def test_engine_warmup_without_graphs(model):
     """warmup=True on an engine without CUDA graphs does nothing and the engine is ready at once."""
     from mixprec.serve import build_parser

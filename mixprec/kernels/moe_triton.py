@@ -1041,7 +1041,10 @@ def _align_sort_kernel(ids_ptr, sorted_ptr, blk_ptr, P, E, S_MAX, NB_MAX,
 # (A one-program counting kernel, walking all pairs twice in [CH, EB] one-hot tiles, took 1.76 ms
 # for 4096 tokens x top-8 on an H100 and lost to the sort kernel at every size up to 1024 pairs.)
 
-@triton.jit
+# the chunked sort serves prefills of any size (eager above the graph buckets): its sizes are not
+# specialized on (Triton compiles a kernel per value class of an int argument: 1, multiple of 16,
+# other), so a warm-up that ran one size has compiled what every size takes
+@triton.jit(do_not_specialize=["P", "S_PER", "S_MAX"])
 def _align_count_kernel(ids_ptr, cc_ptr, sorted_ptr, P, S_PER, S_MAX, EB: tl.constexpr, CH: tl.constexpr,
                         PDL: tl.constexpr = False):
     """cc[c, e] = pairs of expert e in chunk c (pairs c*CH .. c*CH+CH-1); sorted[c*S_PER ..
@@ -1053,7 +1056,7 @@ def _align_count_kernel(ids_ptr, cc_ptr, sorted_ptr, P, S_PER, S_MAX, EB: tl.con
     _fill_slots(sorted_ptr, c * S_PER, tl.minimum(c * S_PER + S_PER, S_MAX), P, CH)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NCH", "NB_MAX"])
 def _align_scan_kernel(cc_ptr, blk_ptr, E, NCH, NB_MAX,
                        BM: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr, CH: tl.constexpr,
                        PDL: tl.constexpr = False):
@@ -1076,7 +1079,7 @@ def _align_scan_kernel(cc_ptr, blk_ptr, E, NCH, NB_MAX,
     _store_blocks(blk_ptr, ends, total, NB_MAX, BM, CH)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _align_scatter_kernel(ids_ptr, cc_ptr, sorted_ptr, P, EB: tl.constexpr, CH: tl.constexpr,
                           PDL: tl.constexpr = False):
     """Chunk c's pairs into their slots: the chunk's base per expert + rank in the chunk."""

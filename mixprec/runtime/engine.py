@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .generate import counter_noise, to_host
-from .prefill import GRAPH_TOKENS, Prefill, buckets
+from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
 from .sampling import SamplingParams, sample
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
@@ -492,6 +492,11 @@ class Engine:
                 for sampled, filtered in ((False, False), (True, False), (True, True)):
                     self._graph(B, L, sampled, filtered)
         self._prefill_fwd.warm_up(self.max_batch, self.max_len)
+        # prefills above the graph buckets run eagerly: compile their kernels now too (into cache
+        # rows that every admission's prefill rewrites)
+        for n, T in eager_shapes(self.max_batch, self.max_len, self.prefill_tokens, self._prefill_fwd.graph_tokens):
+            ids = torch.zeros(n, T, dtype=torch.long, device=self.device)
+            self._prefill_fwd(ids, torch.full((n,), T - 1, device=self.device), self.cache.rows(0, n, T))
         self.warmup_s = time.monotonic() - t0
 
     def _decide(self) -> list[Request] | None:

@@ -42,6 +42,22 @@ def buckets(top: int, first: int = 1) -> list[int]:
     return out + [top]
 
 
+def eager_shapes(max_rows: int, max_len: int, prefill_tokens: int, graph_tokens: int) -> list[tuple[int, int]]:
+    """(rows, length) of admissible prefills (rows x length <= prefill_tokens) that run eagerly,
+    their padded bucket being above graph_tokens, for a warm-up to run once each: Triton compiles
+    a kernel per class of each int argument (1, a multiple of 16, other), so one row and the
+    largest odd row count, each at lengths 0, 8 and 15 mod 16 (token totals of every class).
+    [] when no admissible prefill is eager."""
+    out = []
+    for n in sorted({1, max_rows if max_rows % 2 else max_rows - 1}):
+        T = min(max_len, prefill_tokens // n)
+        top = T - T % 16
+        for t in (top, top - 8, top - 1):
+            if t >= 1 and n * t <= prefill_tokens and bucket(n) * bucket(t, MIN_LENGTH) > graph_tokens:
+                out.append((n, t))
+    return out
+
+
 @dataclass
 class _Shape:
     ids: Tensor                               # [nb, Tb] static input, right-padded with token 0
