@@ -179,7 +179,8 @@ def drive() -> None:
     from mixprec.kernels.attention import decode_attention, decode_attention_new, qk_norm_rope_store
     from mixprec.kernels.fp8 import fp8_linear
     from mixprec.kernels.int8 import int8_linear
-    from mixprec.kernels.intq import intq_linear
+    from mixprec.kernels.configs import cfg
+    from mixprec.kernels.intq import intq_linear, intq_linear_cfg
     from mixprec.kernels.norm import rms_norm
 
     moe._triton_ok = lambda t: True          # the kernel path for CPU tensors (compile only)
@@ -212,6 +213,8 @@ def drive() -> None:
                 z = torch.randint(0, 16, (K // G, N), dtype=torch.uint8) if zeros else None
                 p = torch.randperm(K).to(torch.int32) if perm else None
                 intq_linear(x, qw, sc, z, p, 4, G)
+                if M in (2, 4):     # several rows per GEMV program (the tuner's BM > 1 candidates)
+                    intq_linear_cfg(x, qw, sc, z, p, 4, G, cfg("gemv", M, 16, 512, 1, 4, 1))
 
     B, HQ, HK, D, S = 2, 32, 4, 128, 256
     rms_norm(torch.randn(B, H).to(torch.bfloat16), torch.ones(H).to(torch.bfloat16), 1e-6,

@@ -199,6 +199,36 @@ def test_intq_gemv_fp16_word_loop(G, asym, act):
                     assert sqnr(y[row], ref[row]) >= 40, (c, dtype, m, row)
 
 
+@pytest.mark.parametrize("G,asym,act", [(128, True, False), (384, False, False), (32, True, True)])
+def test_int4_gemv_several_rows_per_program(G, asym, act):
+    """int4 GEMV configs with BM 2 / 4 (gemv_tiles.gemv_int4_rows: each word unpacked once for
+    BM activation rows, a packed fp16 dot per row): equal to the reference for groups 128 / -1 /
+    32, sym / asym, act-order, N and K not multiples of the tile (K = 384 against 256-input
+    tiles), M = 2, 3 and 5 (programs with rows past M) and 8, split K and not, rows of very large
+    and very small activations; fp32 activations keep one row per program; BM 8 is refused."""
+    N, K = 72, 384
+    qw, sc, z, perm = make_intq(N, K, G, 4, asym, act, seed=G + 3)
+    gs = -1 if G == K else G
+    for dtype in (torch.bfloat16, torch.float16) if CUDA else (torch.float16,):
+        x = xin(8, K, torch.float32, seed=11)
+        x[1] *= 2000.0 if dtype == torch.bfloat16 else 20.0
+        x[2] *= 1e-3
+        x[2, :64] *= 1e-3
+        x = x.to(dtype)
+        ref = intq_linear_reference(x, qw, sc, z, perm, 4, gs)
+        for c in (configs.cfg("gemv", 2, 16, 256, 1, 4, 1), configs.cfg("gemv", 4, 8, 256, 2, 4, 1),
+                  configs.cfg("gemv", 4, 32, 128, 1, 4, 1)):
+            for m in (2, 3, 5, 8):
+                y = intq_linear_cfg(x[:m], qw, sc, z, perm, 4, gs, c)
+                for row in range(m):
+                    assert sqnr(y[row], ref[row]) >= 40, (c, dtype, m, row)
+    x = xin(3, K, torch.float32, seed=12)
+    y = intq_linear_cfg(x, qw, sc, z, perm, 4, gs, configs.cfg("gemv", 4, 16, 256, 1, 4, 1))
+    assert sqnr(y, intq_linear_reference(x, qw, sc, z, perm, 4, gs)) >= 40
+    with pytest.raises(FormatError, match="BM=8"):
+        intq_linear_cfg(xin(8, K, torch.float16, seed=13), qw, sc, z, perm, 4, gs, configs.cfg("gemv", 8, 16, 256, 1, 4, 1))
+
+
 FP8_CASES = [(1, 200, 384), (3, 96, 256), (17, 64, 200), (33, 64, 200)]   # M >= 32: act_quant codes
 
 

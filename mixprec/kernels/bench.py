@@ -200,8 +200,8 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
     def gemm(BM, BN, warps, stages, target=2 * configs.SMS, BK=128):
         out.append(C("gemm", BM, BN, BK, configs.auto_split(M, N, K, BM, BN, BK, target), warps, stages))
 
-    def gemv(BN, warps, BK=128, target=2 * configs.SMS):
-        out.append(C("gemv", 1, BN, BK, configs.auto_split(M, N, K, 1, BN, BK, target), warps, 1))
+    def gemv(BN, warps, BK=128, target=2 * configs.SMS, BM=1):
+        out.append(C("gemv", BM, BN, BK, configs.auto_split(M, N, K, BM, BN, BK, target), warps, 1))
 
     intq = kind.startswith("intq")
     S = configs.SMS
@@ -241,6 +241,11 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
         if intq and b <= 4:
             gemv(16, 4, 512, target=2 * S)
             gemv(32, 4, 256, target=2 * S)
+        if intq and b <= 8:
+            # int4: programs of 2 or 4 rows, each word unpacked once for all of them (gemv_int4_rows)
+            for BN, w, BK, t in ((16, 4, 512, 1), (16, 4, 512, 2), (8, 4, 1024, 1), (32, 4, 256, 1),
+                                 (32, 4, 256, 2), (8, 8, 2048, 1), (16, 8, 1024, 1)):
+                gemv(BN, w, BK, target=t * S, BM=min(b, 4))
         for BN, w, st, t in ((32, 4, 4, 2), (32, 4, 4, 4), (64, 4, 3, 2), (64, 4, 3, 4), (64, 4, 5, 2),
                              (128, 4, 3, 2), (128, 8, 3, 2)):
             gemm(16, BN, w, st, target=t * S)

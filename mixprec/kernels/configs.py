@@ -89,7 +89,12 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # session20_tune_m1_h100.*). The int4 M=1 rows likewise in session 21 (same device and versions):
 # `python -m mixprec bench-kernels --tune --ms 1 --variants "int4 g128 asym" --baselines bf16,tinygemm
 # --budget-s 110` (6 rows; 30B gate_up 5.15 -> 3.74 µs, 30B o_proj 6.66 -> 5.16, 235B gate_up 8.02
-# -> 5.89; benchmarks/linear_raw/session21_tune_int4_m1_h100.*).
+# -> 5.89; benchmarks/linear_raw/session21_tune_int4_m1_h100.*). The int4 M = 2, 4, 8 rows in session
+# 22 (same device and versions) with GEMV programs of 2 / 4 rows (gemv column "BM": each word
+# unpacked once for all of them) among the candidates: `python -m mixprec bench-kernels --tune --ms
+# 2,4,8 --variants "int4 g128 asym" --baselines bf16,tinygemm --budget-s 240`, the same >= 5% rule (14
+# rows; 235B down M=4 7.98 -> 6.07 µs, 30B o_proj M=2 7.52 -> 6.17; benchmarks/linear_raw/
+# session22_tune_int4_m248_h100.*).
 TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a16", 1, 151936, 2048): cfg("gemm", 16, 32, 128, 1, 4, 4),
     ("fp8_w8a16", 1, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
@@ -336,29 +341,30 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("intq4", 1, 9216, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("intq4", 1, 151936, 2048): cfg("gemv", 1, 32, 256, 1, 4, 1),
     ("intq4", 2, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 2048, 768): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 2048, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 2, 2048, 768): cfg("gemv", 2, 16, 1024, 1, 8, 1),
+    ("intq4", 2, 2048, 4096): cfg("gemv", 2, 8, 2048, 1, 8, 1),
     ("intq4", 2, 3072, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 4096, 1536): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 2, 4096, 1536): cfg("gemv", 2, 16, 1024, 1, 8, 1),
     ("intq4", 2, 4096, 8192): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("intq4", 2, 5120, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 9216, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 151936, 2048): cfg("gemm", 16, 128, 128, 1, 8, 3),
+    ("intq4", 2, 9216, 4096): cfg("gemv", 2, 16, 512, 1, 4, 1),
+    ("intq4", 2, 151936, 2048): cfg("gemv", 2, 32, 256, 1, 4, 1),
     ("intq4", 4, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("intq4", 4, 2048, 768): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("intq4", 4, 2048, 4096): cfg("gemm", 16, 128, 128, 16, 8, 3),
+    ("intq4", 4, 2048, 768): cfg("gemv", 4, 16, 1024, 1, 8, 1),
+    ("intq4", 4, 2048, 4096): cfg("gemv", 4, 8, 1024, 1, 4, 1),
     ("intq4", 4, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 8, 3),
-    ("intq4", 4, 4096, 1536): cfg("gemv", 1, 32, 256, 1, 4, 1),
+    ("intq4", 4, 4096, 1536): cfg("gemv", 4, 16, 512, 1, 4, 1),
     ("intq4", 4, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 8, 3),
-    ("intq4", 4, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 8, 3),
+    ("intq4", 4, 5120, 2048): cfg("gemv", 4, 16, 512, 1, 4, 1),
     ("intq4", 4, 9216, 4096): cfg("gemm", 16, 64, 128, 4, 4, 3),
-    ("intq4", 4, 151936, 2048): cfg("gemm", 16, 128, 128, 1, 4, 3),
+    ("intq4", 4, 151936, 2048): cfg("gemm", 16, 64, 128, 1, 4, 3),
     ("intq4", 8, 1536, 2048): cfg("gemm", 16, 32, 128, 11, 4, 4),
     ("intq4", 8, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),
     ("intq4", 8, 3072, 4096): cfg("gemm", 16, 64, 128, 6, 4, 3),
-    ("intq4", 8, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 3),
-    ("intq4", 8, 4096, 8192): cfg("gemm", 16, 64, 128, 4, 4, 3),
-    ("intq4", 8, 5120, 2048): cfg("gemm", 16, 64, 128, 3, 4, 3),
+    ("intq4", 8, 2048, 768): cfg("gemv", 4, 32, 256, 1, 4, 1),
+    ("intq4", 8, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 5),
+    ("intq4", 8, 4096, 8192): cfg("gemm", 16, 64, 128, 8, 4, 3),
+    ("intq4", 8, 5120, 2048): cfg("gemm", 16, 64, 128, 7, 4, 3),
     ("intq4", 8, 9216, 4096): cfg("gemm", 16, 64, 128, 4, 4, 3),
     ("intq4", 16, 1536, 2048): cfg("gemm", 16, 32, 128, 11, 4, 4),
     ("intq4", 16, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),

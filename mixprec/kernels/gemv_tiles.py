@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .quant import int4_word_dot, x_pairs16, zero_pairs16
+from .quant import int4_word_codes, int4_word_dot, word_dot16, x_pairs16, zero_pairs16
 
 # intq: qweight [K/pf, N] (K packed along 32-bit words, N contiguous), scales / zeros
 # [ceil(K/G), N]; the row stride of all three is nw (the caller's column count)
@@ -67,13 +67,16 @@ def _x_at(xrow, rows, j: tl.constexpr, km, HP: tl.constexpr, MASKED: tl.constexp
     # act-order, which then gives the x position)
     if HP:
         xi = tl.load(rows + j, mask=km, other=0) if MASKED else tl.load(rows + j)
-        return (tl.load(xrow + xi, mask=km, other=0.0) if MASKED else tl.load(xrow + xi)).to(tl.float32)
-    return (tl.load(rows + j, mask=km, other=0.0) if MASKED else tl.load(rows + j)).to(tl.float32)
+        x = tl.load(xrow + xi, mask=km, other=0.0) if MASKED else tl.load(xrow + xi)
+    else:
+        x = tl.load(rows + j, mask=km, other=0.0) if MASKED else tl.load(rows + j)
+    return x.to(tl.float32)
 
 
 @triton.jit
 def _x_row_pairs(xrow, pp, kr, K, HP: tl.constexpr, MASKED: tl.constexpr):
-    # quant.x_pairs16 of the 8 activations of each word row starting at input kr [R]
+    # quant.x_pairs16 of the 8 activations of each word row starting at input kr [R] (or of
+    # several activation rows: xrow [MR, 1, 1], kr [1, R, 1] -> [MR, R, 1])
     rows = (pp if HP else xrow) + kr.to(tl.int64)
     return x_pairs16(_x_at(xrow, rows, 0, kr < K, HP, MASKED), _x_at(xrow, rows, 1, kr + 1 < K, HP, MASKED),
                      _x_at(xrow, rows, 2, kr + 2 < K, HP, MASKED), _x_at(xrow, rows, 3, kr + 3 < K, HP, MASKED),
@@ -159,3 +162,57 @@ def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
             else:
                 acc += part * s
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _row_words(t0, t1, t2, t3, xrow, pp, kr, K, HP: tl.constexpr, MASKED: tl.constexpr):
+    # one activation row's packed dots with the unpacked words t0..t3 [R, BN] of the tile whose
+    # word rows start at inputs kr [R]: the products summed per word, each word row's scale back
+    xp0, xp1, xp2, xp3, f_out = _x_row_pairs(xrow, pp, kr, K, HP, MASKED)
+    part = word_dot16(t0, t1, t2, t3, tl.broadcast_to(xp0[:, None], t0.shape), tl.broadcast_to(xp1[:, None], t0.shape),
+                      tl.broadcast_to(xp2[:, None], t0.shape), tl.broadcast_to(xp3[:, None], t0.shape))
+    return part * f_out[:, None]
+
+
+@triton.jit
+def gemv_int4_rows(x0, x1, x2, x3, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
+                   MR: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
+                   BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
+    # y [MR, BN] of MR = 2 or 4 activation rows (row pointers x0..x3, all readable; x2 / x3 unused
+    # at MR = 2) at the int4 columns cols [BN]: gemv_intq_cols's fp16 word loop with each word
+    # loaded and unpacked once for all rows (quant.int4_word_codes), then one packed dot per row
+    # (word_dot16). Rows in separate 2-D accumulators: a 3-D [MR, R, BN] tile made Triton shuffle
+    # the activations through shared memory every K step (SASS: 20 barriers per step).
+    R: tl.constexpr = BK // 8
+    r = tl.arange(0, R)
+    k_hi = tl.minimum(k_hi, K)
+    KP = k_hi // 8
+    qcol = qp + cols[None, :]
+    rr = k_lo // 8 + r
+    q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+    pdl.wait(PDL)   # the first tile is loaded; x comes from the kernel before
+    acc0 = tl.zeros([R, cols.shape[0]], dtype=tl.float32)
+    acc1 = tl.zeros_like(acc0)
+    if MR == 4:
+        acc2 = tl.zeros_like(acc0)
+        acc3 = tl.zeros_like(acc0)
+    for k0 in range(k_lo, k_hi, BK):
+        q = q_nxt
+        rr = k0 // 8 + R + r
+        q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+        s, z = intq_sz(sp, zp, k0, K, cols, nm, nw, r, HZ, 4, GS, 8, BK)
+        zc1, zc16 = zero_pairs16(z)
+        t0, t1, t2, t3 = int4_word_codes(q, tl.broadcast_to(zc1, q.shape), tl.broadcast_to(zc16, q.shape))
+        kr = k0 + r * 8
+        acc0 += _row_words(t0, t1, t2, t3, x0, pp, kr, K, HP, not EVK) * s
+        acc1 += _row_words(t0, t1, t2, t3, x1, pp, kr, K, HP, not EVK) * s
+        if MR == 4:
+            acc2 += _row_words(t0, t1, t2, t3, x2, pp, kr, K, HP, not EVK) * s
+            acc3 += _row_words(t0, t1, t2, t3, x3, pp, kr, K, HP, not EVK) * s
+    y = tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))              # [BN, 2]
+    if MR == 4:
+        y = tl.join(y, tl.join(tl.sum(acc2, axis=0), tl.sum(acc3, axis=0)))   # [BN, b, a]: row 2 a + b
+        y = tl.reshape(tl.permute(y, (2, 1, 0)), (4, cols.shape[0]))
+    else:
+        y = tl.permute(y, (1, 0))
+    return y

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .gemv_tiles import gemv_intq
+from .gemv_tiles import gemv_int4_rows, gemv_intq
 from .ints import cdiv, next_power_of_2
 from .quant import (check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, split_plan,
                     split_workspace, splitk_store, x_tile)
@@ -69,19 +69,31 @@ def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
                       M, N, K, stride_xm, stride_om, qm, k_per_split, split,
                       BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVK: tl.constexpr,
-                      USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False, F16: tl.constexpr = False):
-    # qweight / scales / zeros contiguous (row stride N); qm: the 4-bit code mask at run time
+                      USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False, F16: tl.constexpr = False,
+                      MR: tl.constexpr = 1):
+    # qweight / scales / zeros contiguous (row stride N); qm: the 4-bit code mask at run time.
+    # MR > 1 (int4, 16-bit x): program pid_m computes rows pid_m * MR .. (gemv_int4_rows)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     k_lo = pid_k * k_per_split
-    acc = gemv_intq(x_ptr + pid_m.to(tl.int64) * stride_xm, qw_ptr, s_ptr, z_ptr, perm_ptr, 0, N, K, N,
-                    pid_n * BLOCK_N, qm if BITS == 4 else (qm << 4) | qm, k_lo, k_lo + k_per_split,
-                    BITS, G, HAS_ZERO, HAS_PERM, BLOCK_N, BLOCK_K, EVK, PDL, F16)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m + tl.arange(0, 1)
     tile_id = pid_m * tl.num_programs(1) + pid_n
-    splitk_store(acc[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+    if MR > 1:
+        offs_m = pid_m * MR + tl.arange(0, MR)
+        m0 = pid_m * MR     # rows past M read row M - 1 (their results are not stored)
+        x0 = x_ptr + stride_xm * tl.minimum(m0, M - 1).to(tl.int64)
+        x1 = x_ptr + stride_xm * tl.minimum(m0 + 1, M - 1).to(tl.int64)
+        x2 = x_ptr + stride_xm * tl.minimum(m0 + 2, M - 1).to(tl.int64)
+        x3 = x_ptr + stride_xm * tl.minimum(m0 + 3, M - 1).to(tl.int64)
+        acc = gemv_int4_rows(x0, x1, x2, x3, qw_ptr, s_ptr, z_ptr, perm_ptr, offs_n, offs_n < N, N, K, k_lo,
+                             k_lo + k_per_split, MR, G, HAS_ZERO, HAS_PERM, BLOCK_K, EVK, PDL)
+    else:
+        acc = gemv_intq(x_ptr + pid_m.to(tl.int64) * stride_xm, qw_ptr, s_ptr, z_ptr, perm_ptr, 0, N, K, N,
+                        pid_n * BLOCK_N, qm if BITS == 4 else (qm << 4) | qm, k_lo, k_lo + k_per_split,
+                        BITS, G, HAS_ZERO, HAS_PERM, BLOCK_N, BLOCK_K, EVK, PDL, F16)[None, :]
+        offs_m = pid_m + tl.arange(0, 1)
+    splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
                  pid_k, split, USE_SPLIT)
 
 
@@ -295,12 +307,17 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
         tile = max(_pow2_floor(c["BK"]), 16 * pf)      # >= 16 word rows per tile
         split, per = split_plan(K, tile, c["split"])
         nb = cdiv(N, c["BN"])
-        ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
+        # BM (1, 2 or 4) rows per program: int4 with 16-bit activations only (gemv_int4_rows)
+        mr = min(c["BM"], next_power_of_2(M)) if bits == 4 and x2.dtype != torch.float32 else 1
+        if mr not in (1, 2, 4):
+            raise FormatError(f"intq_linear: gemv config BM={c['BM']}; its programs take 1, 2 or 4 rows")
+        nm = cdiv(M, mr)
+        ws, cnt = split_workspace(split, M, N, nm * nb, x2.device)
         # 15: the 4-bit code mask as a run-time value (it stays in a register; see gemv_intq)
-        _intq_gemv_kernel[(M, nb, split)](
+        _intq_gemv_kernel[(nm, nb, split)](
             x2, qweight, scales, zp, pp, out, ws, cnt, M, N, K, x2.stride(0), out.stride(0), 15, per, split,
             BITS=bits, G=G, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, BLOCK_N=c["BN"],
-            BLOCK_K=tile, EVK=K % tile == 0, USE_SPLIT=split > 1, F16=per >= F16_MIN_K,
+            BLOCK_K=tile, EVK=K % tile == 0, USE_SPLIT=split > 1, F16=per >= F16_MIN_K, MR=mr,
             num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     else:
         tile = _gemm_tile(c, pf)

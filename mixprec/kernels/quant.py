@@ -183,17 +183,20 @@ def int4_pair(qs, zb):
 # int4_word_dot: the 8 codes of a 32-bit word against 8 activations in packed fp16 arithmetic.
 # Field pairs (j, j+4) share one 32-bit register once masked: fields 0 / 4 and 2 / 6 (after >> 8)
 # become 2^10 + q, fields 1 / 5 and 3 / 7 (at bit 4 of their half) 2^10 + 16 q, so the x of those
-# two pairs come divided by 16 (exact). Per word: 1 SHF, 4 LOP3, 4 HSUB2 (code - zero, exact),
-# 4 HFMA2 (4 products per half in fp16), one HADD2 of the halves and one convert to fp32: 15
-# instructions for 8 codes where the fp32 loop takes ~33. No overflow: x_pairs16 scales x to
-# |x| < 512 and |q - z| <= 15, so the 8 products sum to at most 8 * 15 * 512 = 61440 < 65504.
+# two pairs come divided by 16 (exact). Per word: 1 SHF, 4 LOP3, 4 HSUB2 (code - zero, exact:
+# int4_word_codes), then 4 HFMA2 (4 products per half in fp16), one HADD2 of the halves and one
+# convert to fp32 (word_dot16): 15 instructions for 8 codes where the fp32 loop takes ~33; with
+# several activation rows the codes are unpacked once and only word_dot16 repeats per row. No
+# overflow: x_pairs16 scales x to |x| < 512 and |q - z| <= 15, so the 8 products sum to at most
+# 8 * 15 * 512 = 61440 < 65504.
+_WORD_CODES_F16 = tl.constexpr(
+    "{ .reg .b32 q8; shr.u32 q8, $4, 8; "
+    "lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xea; lop3.b32 $1, $4, 0x00F000F0, 0x64006400, 0xea; "
+    "lop3.b32 $2, q8, 0x000F000F, 0x64006400, 0xea; lop3.b32 $3, q8, 0x00F000F0, 0x64006400, 0xea; "
+    "sub.rn.f16x2 $0, $0, $5; sub.rn.f16x2 $1, $1, $6; sub.rn.f16x2 $2, $2, $5; sub.rn.f16x2 $3, $3, $6; }")
 _WORD_DOT_F16 = tl.constexpr(
-    "{ .reg .b32 q8, t0, t1, t2, t3, a; .reg .b16 lo, hi; "
-    "shr.u32 q8, $1, 8; "
-    "lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xea; lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xea; "
-    "lop3.b32 t2, q8, 0x000F000F, 0x64006400, 0xea; lop3.b32 t3, q8, 0x00F000F0, 0x64006400, 0xea; "
-    "sub.rn.f16x2 t0, t0, $6; sub.rn.f16x2 t1, t1, $7; sub.rn.f16x2 t2, t2, $6; sub.rn.f16x2 t3, t3, $7; "
-    "mul.rn.f16x2 a, t0, $2; fma.rn.f16x2 a, t1, $3, a; fma.rn.f16x2 a, t2, $4, a; fma.rn.f16x2 a, t3, $5, a; "
+    "{ .reg .b32 a; .reg .b16 lo, hi; "
+    "mul.rn.f16x2 a, $1, $5; fma.rn.f16x2 a, $2, $6, a; fma.rn.f16x2 a, $3, $7, a; fma.rn.f16x2 a, $4, $8, a; "
     "mov.b32 {lo, hi}, a; add.rn.f16 lo, lo, hi; cvt.f32.f16 $0, lo; }")
 
 
@@ -208,22 +211,42 @@ def _f16_hi(p):
 
 
 @triton.jit
+def int4_word_codes(q, zc1, zc16):
+    """q [..] int32 words (code j at bits 4j); zc1 / zc16 (same shape): fp16 pairs of 2^10 + z and
+    2^10 + 16 z (zero_pairs16) -> 4 int32 fp16 pairs (q_j - z, q_j+4 - z) for j = 0..3, those of
+    j = 1, 3 times 16 (all exact)."""
+    if _PTX:
+        return tl.inline_asm_elementwise(_WORD_CODES_F16, "=r,=r,=r,=r,r,r,r", [q, zc1, zc16],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:   # the interpreter: the same values, packed by _pack16's plain-Triton branch
+        z = ((zc1 & 0xFFFF) - 0x6400).to(tl.float32)
+        t0 = _pack16((q & 15).to(tl.float32) - z, ((q >> 16) & 15).to(tl.float32) - z, 1.0)
+        t1 = _pack16(((q >> 4) & 15).to(tl.float32) - z, ((q >> 20) & 15).to(tl.float32) - z, 16.0)
+        t2 = _pack16(((q >> 8) & 15).to(tl.float32) - z, ((q >> 24) & 15).to(tl.float32) - z, 1.0)
+        t3 = _pack16(((q >> 12) & 15).to(tl.float32) - z, ((q >> 28) & 15).to(tl.float32) - z, 16.0)
+        return t0, t1, t2, t3
+
+
+@triton.jit
+def word_dot16(t0, t1, t2, t3, x0, x1, x2, x3):
+    """sum over the 8 fp16 products of int4_word_codes' pairs t0..t3 and the activation pairs
+    x0..x3 (x_pairs16), as fp32 (the products and their sum in fp16 on the GPU)."""
+    if _PTX:
+        return tl.inline_asm_elementwise(_WORD_DOT_F16, "=f,r,r,r,r,r,r,r,r", [t0, t1, t2, t3, x0, x1, x2, x3],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:   # the interpreter: the same sum in fp32
+        part = _f16_lo(t0) * _f16_lo(x0) + _f16_hi(t0) * _f16_hi(x0) + _f16_lo(t1) * _f16_lo(x1)
+        part += _f16_hi(t1) * _f16_hi(x1) + _f16_lo(t2) * _f16_lo(x2) + _f16_hi(t2) * _f16_hi(x2)
+        return part + _f16_lo(t3) * _f16_lo(x3) + _f16_hi(t3) * _f16_hi(x3)
+
+
+@triton.jit
 def int4_word_dot(q, x0, x1, x2, x3, zc1, zc16):
     """q [R, BN] int32 words (code j at bits 4j); x0..x3 [R, BN] int32, fp16 pairs (x_j, x_j+4)
     for j = 0..3, x1 / x3 divided by 16 (x_pairs16); zc1 / zc16: fp16 pairs of 2^10 + z and
     2^10 + 16 z (zero_pairs16) -> fp32 [R, BN] sum_j (q_j - z) x_j."""
-    if _PTX:
-        return tl.inline_asm_elementwise(_WORD_DOT_F16, "=f,r,r,r,r,r,r,r", [q, x0, x1, x2, x3, zc1, zc16],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    else:   # the interpreter: the same sum in fp32
-        z = ((zc1 & 0xFFFF) - 0x6400).to(tl.float32)
-        part = ((q & 15).to(tl.float32) - z) * _f16_lo(x0) + (((q >> 16) & 15).to(tl.float32) - z) * _f16_hi(x0)
-        part += 16.0 * (((q >> 4) & 15).to(tl.float32) - z) * _f16_lo(x1)
-        part += 16.0 * (((q >> 20) & 15).to(tl.float32) - z) * _f16_hi(x1)
-        part += (((q >> 8) & 15).to(tl.float32) - z) * _f16_lo(x2) + (((q >> 24) & 15).to(tl.float32) - z) * _f16_hi(x2)
-        part += 16.0 * (((q >> 12) & 15).to(tl.float32) - z) * _f16_lo(x3)
-        part += 16.0 * (((q >> 28) & 15).to(tl.float32) - z) * _f16_hi(x3)
-        return part
+    t0, t1, t2, t3 = int4_word_codes(q, zc1, zc16)
+    return word_dot16(t0, t1, t2, t3, x0, x1, x2, x3)
 
 
 @triton.jit
