@@ -92,9 +92,11 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # -> 5.89; benchmarks/linear_raw/session21_tune_int4_m1_h100.*). The int4 M = 2, 4, 8 rows in session
 # 22 (same device and versions) with GEMV programs of 2 / 4 rows (gemv column "BM": each word
 # unpacked once for all of them) among the candidates: `python -m mixprec bench-kernels --tune --ms
-# 2,4,8 --variants "int4 g128 asym" --baselines bf16,tinygemm --budget-s 240`, the same >= 5% rule (14
+# 2,4,8 --variants "int4 g128 asym" --baselines bf16,tinygemm --budget-s 240`, the same >= 5% rule (12
 # rows; 235B down M=4 7.98 -> 6.07 µs, 30B o_proj M=2 7.52 -> 6.17; benchmarks/linear_raw/
-# session22_tune_int4_m248_h100.*).
+# session22_tune_int4_m248_h100.*). Two more winners, 30B qkv / o_proj M=4 (8.88 -> 8.28, 8.51 ->
+# 7.89), were left out: with them a 16-layer 30B int4-all decode at batch 4 ran 0.7% slower (two
+# runs each; batch 2 +2.4% with the M=2 rows; benchmarks/runtime/session22_int4all_rows_ab_h100.log).
 TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a16", 1, 151936, 2048): cfg("gemm", 16, 32, 128, 1, 4, 4),
     ("fp8_w8a16", 1, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
@@ -351,11 +353,11 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("intq4", 2, 151936, 2048): cfg("gemv", 2, 32, 256, 1, 4, 1),
     ("intq4", 4, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("intq4", 4, 2048, 768): cfg("gemv", 4, 16, 1024, 1, 8, 1),
-    ("intq4", 4, 2048, 4096): cfg("gemv", 4, 8, 1024, 1, 4, 1),
+    ("intq4", 4, 2048, 4096): cfg("gemm", 16, 128, 128, 16, 8, 3),
     ("intq4", 4, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 8, 3),
     ("intq4", 4, 4096, 1536): cfg("gemv", 4, 16, 512, 1, 4, 1),
     ("intq4", 4, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 8, 3),
-    ("intq4", 4, 5120, 2048): cfg("gemv", 4, 16, 512, 1, 4, 1),
+    ("intq4", 4, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 8, 3),
     ("intq4", 4, 9216, 4096): cfg("gemm", 16, 64, 128, 4, 4, 3),
     ("intq4", 4, 151936, 2048): cfg("gemm", 16, 64, 128, 1, 4, 3),
     ("intq4", 8, 1536, 2048): cfg("gemm", 16, 32, 128, 11, 4, 4),
