@@ -75,8 +75,7 @@ def _x_at(xrow, rows, j: tl.constexpr, km, HP: tl.constexpr, MASKED: tl.constexp
 
 @triton.jit
 def _x_row_pairs(xrow, pp, kr, K, HP: tl.constexpr, MASKED: tl.constexpr):
-    # quant.x_pairs16 of the 8 activations of each word row starting at input kr [R] (or of
-    # several activation rows: xrow [MR, 1, 1], kr [1, R, 1] -> [MR, R, 1])
+    # quant.x_pairs16 of the 8 activations of each word row starting at input kr [R]
     rows = (pp if HP else xrow) + kr.to(tl.int64)
     return x_pairs16(_x_at(xrow, rows, 0, kr < K, HP, MASKED), _x_at(xrow, rows, 1, kr + 1 < K, HP, MASKED),
                      _x_at(xrow, rows, 2, kr + 2 < K, HP, MASKED), _x_at(xrow, rows, 3, kr + 3 < K, HP, MASKED),
