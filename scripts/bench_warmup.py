@@ -102,7 +102,7 @@ def main() -> int:
               f"{1e3 * statistics.median(firsts):7.1f} ms, max {1e3 * max(firsts):7.1f} ms, total {total:6.2f} s, "
               f"graphs captured during it {after - graphs}, Triton specializations during it {len(new)}", flush=True)
         for r in new:
-            print(f"    {r[:300]}")
+            print("    " + " ".join(r.split())[:400])   # the signature spans lines
         torch.cuda.empty_cache()
     return 0
 
