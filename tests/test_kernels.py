@@ -204,7 +204,7 @@ def test_int4_gemv_several_rows_per_program(G, asym, act):
     """int4 GEMV configs with BM 2 / 4 (gemv_tiles.gemv_int4_rows: each word unpacked once for
     BM activation rows, a packed fp16 dot per row): equal to the reference for groups 128 / -1 /
     32, sym / asym, act-order, N and K not multiples of the tile (K = 384 against 256-input
-    tiles), M = 2, 3 and 5 (programs with rows past M) and 8, split K and not, rows of very large
+    tiles), M = 2, 3 (a program with a row past M) and 8, split K and not, rows of very large
     and very small activations; fp32 activations keep one row per program; BM 8 is refused."""
     N, K = 72, 384
     qw, sc, z, perm = make_intq(N, K, G, 4, asym, act, seed=G + 3)
@@ -218,7 +218,7 @@ def test_int4_gemv_several_rows_per_program(G, asym, act):
         ref = intq_linear_reference(x, qw, sc, z, perm, 4, gs)
         for c in (configs.cfg("gemv", 2, 16, 256, 1, 4, 1), configs.cfg("gemv", 4, 8, 256, 2, 4, 1),
                   configs.cfg("gemv", 4, 32, 128, 1, 4, 1)):
-            for m in (2, 3, 5, 8):
+            for m in (2, 3, 8):
                 y = intq_linear_cfg(x[:m], qw, sc, z, perm, 4, gs, c)
                 for row in range(m):
                     assert sqnr(y[row], ref[row]) >= 40, (c, dtype, m, row)
