@@ -1,8 +1,8 @@
 """GEMV tile loops shared by the dense and the MoE kernels (intq.py, moe_triton.py).
 
-A tile function computes y[n0:n0+BN] (fp32) of one activation row against one weight matrix in
-its canonical layout (formats/base.py) over the K range [k_lo, k_hi); the caller owns the grid,
-the split-K reduction and the epilogue.
+A tile function computes y[n0:n0+BN] (fp32) of one activation row (gemv_int4_rows: of 2 or 4
+rows) against one weight matrix in its canonical layout (formats/base.py) over the K range
+[k_lo, k_hi); the caller owns the grid, the split-K reduction and the epilogue.
 """
 from __future__ import annotations
 

@@ -13,6 +13,9 @@
   LOP3 + one packed subtract, the per-field dots of a one-group K tile (also transposed, with the
   codes as the dot's A operand), and the activation tile they take, for the dot paths of the int4
   kernels (intq.py, moe_triton.py); `int4_swap_tiles`: the transposed tile loop both run.
+* The int4 GEMVs' packed-fp16 word math: `int4_word_codes` (a word's 8 codes minus the zero as 4
+  fp16 pairs), `word_dot16` (their dot with 4 activation pairs from `x_pairs16`), `int4_word_dot`
+  (both), each with a plain-Triton twin for the interpreter.
 * `check` helpers that raise the typed errors of mixprec/errors.py.
 """
 from __future__ import annotations
