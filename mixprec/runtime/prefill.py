@@ -53,7 +53,7 @@ def eager_shapes(max_rows: int, max_len: int, prefill_tokens: int, graph_tokens:
         T = min(max_len, prefill_tokens // n)
         top = T - T % 16
         for t in (top, top - 8, top - 1):
-            if t >= 1 and n * t <= prefill_tokens and bucket(n) * bucket(t, MIN_LENGTH) > graph_tokens:
+            if t >= 1 and bucket(n) * bucket(t, MIN_LENGTH) > graph_tokens:     # n t <= prefill_tokens: t <= T
                 out.append((n, t))
     return out
 
