@@ -125,15 +125,32 @@ def test_prefill_warm_up_covers_every_bucket_the_engine_uses(model):
 @pytest.mark.parametrize("rows,max_len,tokens,graph", [(16, 1024, 4096, 2048), (16, 4096, 4096, 2048),
                                                       (8, 1024, 4096, 256), (4, 256, 4096, 2048)])
 def test_eager_prefill_shapes_for_the_warm_up(rows, max_len, tokens, graph):
-    """eager_shapes: admissible prefills (rows <= max, length <= max_len, rows x length <= the
-    prefill tokens) that run eagerly (padded bucket above the graph tokens), one row (where it can
+    """eager_shapes: admissible prefills (rows x length <= the prefill tokens, in the rows and
+    slots of the engine's cache) that a Prefill with those graph tokens runs eagerly (a stub model
+    sees exactly them; it has no `args`, so a staged graph shape would fail), one row (where it can
     be eager) and the largest odd row count, with token totals odd, 8 and 0 mod 16 each (the
     classes Triton specializes int arguments on); none where every prefill is a graph."""
+    from mixprec.layers.attention import KVCache
     from mixprec.runtime.prefill import MIN_LENGTH, eager_shapes
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("b", torch.zeros(1))
+            self.seen = []
+
+        def forward(self, ids, positions, cache, logits_index):
+            self.seen.append((tuple(ids.shape), tuple(cache.k.shape[1:4:2])))
+            return torch.zeros(ids.shape[0], 1, 8)
+
     got = eager_shapes(rows, max_len, tokens, graph)
+    stub, cache = Stub(), KVCache(1, rows, 1, max_len, 1, torch.float32, "cpu")
+    pre = Prefill(stub, use_graphs=True, graph_tokens=graph)
     for n, T in got:
-        assert 1 <= n <= rows and 1 <= T <= max_len and n * T <= tokens
-        assert bucket(n) * bucket(T, MIN_LENGTH) > graph
+        assert n * T <= tokens
+        pre(torch.zeros(n, T, dtype=torch.long), torch.full((n,), T - 1), cache.rows(0, n, T))
+        assert stub.seen[-1] == ((n, T), (n, T))        # the cache view has the rows and slots it asked for
+    assert not pre._shapes
     eager_possible = any(bucket(n) * bucket(min(max_len, tokens // n), MIN_LENGTH) > graph
                          for n in range(1, rows + 1))
     assert bool(got) == eager_possible
