@@ -176,7 +176,7 @@ def test_intq_interpreter(bits, case):
 @pytest.mark.parametrize("G,asym,act", [(128, True, False), (2048, False, False), (32, True, True)])
 def test_intq_gemv_fp16_word_loop(G, asym, act):
     """int4 GEMV programs over >= F16_MIN_K inputs with 16-bit activations take the packed-fp16
-    word loop (gemv_tiles.gemv_int4_rows with one row; the interpreter runs its plain-Triton twin):
+    word loop (gemv_tiles, quant.int4_word_dot; the interpreter runs its plain-Triton twin):
     equal to the reference for groups 128 / -1 / 32, sym / asym, act-order, odd N, M = 1 and 3,
     two tile shapes, and rows of very large and very small activations (the per-row
     power-of-two scaling that keeps the fp16 products finite and precise)."""

@@ -1,7 +1,7 @@
 """GEMV tile loops shared by the dense and the MoE kernels (intq.py, moe_triton.py).
 
-A tile function computes y[n0:n0+BN] (fp32) of one activation row (gemv_int4_rows: of 1, 2 or
-4 rows) against one weight matrix in its canonical layout (formats/base.py) over the K range
+A tile function computes y[n0:n0+BN] (fp32) of one activation row (gemv_int4_rows: of 2 or 4
+rows) against one weight matrix in its canonical layout (formats/base.py) over the K range
 [k_lo, k_hi); the caller owns the grid, the split-K reduction and the epilogue.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .quant import int4_word_codes, word_dot16, x_pairs16, zero_pairs16
+from .quant import int4_word_codes, int4_word_dot, word_dot16, x_pairs16, zero_pairs16
 
 # intq: qweight [K/pf, N] (K packed along 32-bit words, N contiguous), scales / zeros
 # [ceil(K/G), N]; the row stride of all three is nw (the caller's column count)
@@ -101,21 +101,6 @@ def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
     # shared-memory shuffles); the word rows are reduced once at the end. F16 (4-bit codes, 16-bit
     # activations; the caller's choice, where it measured faster): each word in packed fp16 math;
     # else fp32, field f of every word dequantized in turn.
-    if F16 and BITS == 4 and xrow.dtype.element_ty != tl.float32:
-        # the word's 8 codes in packed fp16 math (gemv_int4_rows with one row): ~15 instructions per word
-        # where the fp32 loop takes ~33, plus ~45 per word row for its activations
-        y = gemv_int4_rows(xrow, xrow, xrow, xrow, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
-                           1, GS, HZ, HP, BK, EVK, PDL)
-    else:
-        y = _gemv_intq_f32(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi, BITS, GS, HZ, HP, BK, EVK, PDL)
-    return y
-
-
-@triton.jit
-def _gemv_intq_f32(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
-                   BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
-                   BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
-    # gemv_intq_cols in fp32: field f of every word dequantized in turn
     PF: tl.constexpr = 32 // BITS
     F: tl.constexpr = PF // 2
     R: tl.constexpr = BK // PF
@@ -130,36 +115,51 @@ def _gemv_intq_f32(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
     q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
     pdl.wait(PDL)   # (down side) the first tile is loaded; x comes from the kernel before
     acc = tl.zeros([R, BN], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        q = q_nxt
-        rr = k0 // PF + R + r
-        q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
-        qh = q >> 16
-        kr = k0 + r * PF
-        # sum_k s (q - z) x = s * (sum_k q x) - z s * (sum_k x): within a word row s and z are
-        # constant, so scale and zero are applied once per 32-bit word instead of once per code
-        part = tl.zeros([R, BN], dtype=tl.float32)
-        xs = tl.zeros([R], dtype=tl.float32)
-        for f in tl.static_range(PF):
-            # field j of a 16-bit half sits at bits BITS*j; OR-ing exponent 150-BITS*j makes the
-            # float 2^(23-BITS*j) + code exactly: one LOP3 + one FADD per code, no I2F.
-            # qm (run-time 2^BITS-1) keeps the masks in registers: LOP3 takes one immediate.
-            if f < F:
-                b = (q & (qm << (BITS * f))) | ((150 - BITS * f) << 23)
-                v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * f)) + ZI)
-            else:
-                b = (qh & (qm << (BITS * (f - F)))) | ((150 - BITS * (f - F)) << 23)
-                v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * (f - F))) + ZI)
-            kf = kr + f
-            x = intq_x(xrow, pp, kf, kf < K, HP, not EVK)
-            part += v * x[:, None]
+    if F16 and BITS == 4 and xrow.dtype.element_ty != tl.float32:
+        # the word's 8 codes in packed fp16 math (quant.int4_word_dot): ~15 instructions per word
+        # where the fp32 loop below takes ~33, plus ~45 per word row for its activations
+        for k0 in range(k_lo, k_hi, BK):
+            q = q_nxt
+            rr = k0 // PF + R + r
+            q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+            xp0, xp1, xp2, xp3, f_out = _x_row_pairs(xrow, pp, k0 + r * PF, K, HP, not EVK)
+            s, z = intq_sz(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
+            zc1, zc16 = zero_pairs16(z)
+            part = int4_word_dot(q, tl.broadcast_to(xp0[:, None], q.shape), tl.broadcast_to(xp1[:, None], q.shape),
+                                 tl.broadcast_to(xp2[:, None], q.shape), tl.broadcast_to(xp3[:, None], q.shape),
+                                 tl.broadcast_to(zc1, q.shape), tl.broadcast_to(zc16, q.shape))
+            acc += part * (s * f_out[:, None])
+    else:
+        for k0 in range(k_lo, k_hi, BK):
+            q = q_nxt
+            rr = k0 // PF + R + r
+            q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+            qh = q >> 16
+            kr = k0 + r * PF
+            # sum_k s (q - z) x = s * (sum_k q x) - z s * (sum_k x): within a word row s and z are
+            # constant, so scale and zero are applied once per 32-bit word instead of once per code
+            part = tl.zeros([R, BN], dtype=tl.float32)
+            xs = tl.zeros([R], dtype=tl.float32)
+            for f in tl.static_range(PF):
+                # field j of a 16-bit half sits at bits BITS*j; OR-ing exponent 150-BITS*j makes the
+                # float 2^(23-BITS*j) + code exactly: one LOP3 + one FADD per code, no I2F.
+                # qm (run-time 2^BITS-1) keeps the masks in registers: LOP3 takes one immediate.
+                if f < F:
+                    b = (q & (qm << (BITS * f))) | ((150 - BITS * f) << 23)
+                    v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * f)) + ZI)
+                else:
+                    b = (qh & (qm << (BITS * (f - F)))) | ((150 - BITS * (f - F)) << 23)
+                    v = b.to(tl.float32, bitcast=True) - ((1 << (23 - BITS * (f - F))) + ZI)
+                kf = kr + f
+                x = intq_x(xrow, pp, kf, kf < K, HP, not EVK)
+                part += v * x[:, None]
+                if HZ:
+                    xs += x
+            s, zs = intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
             if HZ:
-                xs += x
-        s, zs = intq_scale(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
-        if HZ:
-            acc += part * s - zs * xs[:, None]
-        else:
-            acc += part * s
+                acc += part * s - zs * xs[:, None]
+            else:
+                acc += part * s
     return tl.sum(acc, axis=0)
 
 
@@ -177,9 +177,9 @@ def _row_words(t0, t1, t2, t3, xrow, pp, kr, K, HP: tl.constexpr, MASKED: tl.con
 def gemv_int4_rows(x0, x1, x2, x3, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
                    MR: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
                    BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr):
-    # y [MR, BN] of MR = 2 or 4 activation rows (row pointers x0..x3, all readable; those past MR
-    # unused), [BN] at MR = 1, at the int4 columns cols [BN]: the fp16 word loop, each word loaded
-    # and unpacked once for all rows (quant.int4_word_codes), then one packed dot per row
+    # y [MR, BN] of MR = 2 or 4 activation rows (row pointers x0..x3, all readable; x2 / x3 unused
+    # at MR = 2) at the int4 columns cols [BN]: gemv_intq_cols's fp16 word loop with each word
+    # loaded and unpacked once for all rows (quant.int4_word_codes), then one packed dot per row
     # (word_dot16). Rows in separate 2-D accumulators: a 3-D [MR, R, BN] tile made Triton shuffle
     # the activations through shared memory every K step (SASS: 20 barriers per step).
     R: tl.constexpr = BK // 8
@@ -191,8 +191,7 @@ def gemv_int4_rows(x0, x1, x2, x3, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
     q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
     pdl.wait(PDL)   # the first tile is loaded; x comes from the kernel before
     acc0 = tl.zeros([R, cols.shape[0]], dtype=tl.float32)
-    if MR >= 2:
-        acc1 = tl.zeros_like(acc0)
+    acc1 = tl.zeros_like(acc0)
     if MR == 4:
         acc2 = tl.zeros_like(acc0)
         acc3 = tl.zeros_like(acc0)
@@ -205,17 +204,14 @@ def gemv_int4_rows(x0, x1, x2, x3, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
         t0, t1, t2, t3 = int4_word_codes(q, tl.broadcast_to(zc1, q.shape), tl.broadcast_to(zc16, q.shape))
         kr = k0 + r * 8
         acc0 += _row_words(t0, t1, t2, t3, x0, pp, kr, K, HP, not EVK) * s
-        if MR >= 2:
-            acc1 += _row_words(t0, t1, t2, t3, x1, pp, kr, K, HP, not EVK) * s
+        acc1 += _row_words(t0, t1, t2, t3, x1, pp, kr, K, HP, not EVK) * s
         if MR == 4:
             acc2 += _row_words(t0, t1, t2, t3, x2, pp, kr, K, HP, not EVK) * s
             acc3 += _row_words(t0, t1, t2, t3, x3, pp, kr, K, HP, not EVK) * s
-    if MR == 1:
-        y = tl.sum(acc0, axis=0)
-    elif MR == 2:
-        y = tl.permute(tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)), (1, 0))
-    else:
-        y = tl.join(tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)),
-                    tl.join(tl.sum(acc2, axis=0), tl.sum(acc3, axis=0)))      # [BN, b, a]: row 2 a + b
+    y = tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))              # [BN, 2]
+    if MR == 4:
+        y = tl.join(y, tl.join(tl.sum(acc2, axis=0), tl.sum(acc3, axis=0)))   # [BN, b, a]: row 2 a + b
         y = tl.reshape(tl.permute(y, (2, 1, 0)), (4, cols.shape[0]))
+    else:
+        y = tl.permute(y, (1, 0))
     return y

@@ -17,7 +17,7 @@ quant.splitk_store):
   row stride N (every producer's tensors are contiguous). It replaced a wide-tile GEMV (BN 256,
   every thread owning whole columns) in session 6: 30B qkv at M=1 10.3 -> 6.0 µs on an H100.
   int4 with 16-bit activations over >= F16_MIN_K inputs per program: each word in packed fp16
-  math instead (quant.int4_word_codes / word_dot16: field pairs (j, j+4) masked into fp16 2^10 + q, one packed
+  math instead (quant.int4_word_dot: field pairs (j, j+4) masked into fp16 2^10 + q, one packed
   subtract of the zero, four packed FMAs against the word row's x scaled by a power of two so the
   products stay finite; ~15 instructions per 8 codes against ~33): session 21, 235B qkv M=2 20.8
   -> 16.1 µs. A config's BM of 2 or 4 (int4, 16-bit x) gives each program that many rows

@@ -14,8 +14,8 @@
   codes as the dot's A operand), and the activation tile they take, for the dot paths of the int4
   kernels (intq.py, moe_triton.py); `int4_swap_tiles`: the transposed tile loop both run.
 * The int4 GEMVs' packed-fp16 word math: `int4_word_codes` (a word's 8 codes minus the zero as 4
-  fp16 pairs) and `word_dot16` (their dot with 4 activation pairs from `x_pairs16`), each with a
-  plain-Triton twin for the interpreter.
+  fp16 pairs), `word_dot16` (their dot with 4 activation pairs from `x_pairs16`), `int4_word_dot`
+  (both), each with a plain-Triton twin for the interpreter.
 * `check` helpers that raise the typed errors of mixprec/errors.py.
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ def int4_pair(qs, zb):
         return lo, hi
 
 
-# int4_word_codes + word_dot16: the 8 codes of a 32-bit word against 8 activations in packed fp16 arithmetic.
+# int4_word_dot: the 8 codes of a 32-bit word against 8 activations in packed fp16 arithmetic.
 # Field pairs (j, j+4) share one 32-bit register once masked: fields 0 / 4 and 2 / 6 (after >> 8)
 # become 2^10 + q, fields 1 / 5 and 3 / 7 (at bit 4 of their half) 2^10 + 16 q, so the x of those
 # two pairs come divided by 16 (exact). Per word: 1 SHF, 4 LOP3, 4 HSUB2 (code - zero, exact:
@@ -244,6 +244,15 @@ def word_dot16(t0, t1, t2, t3, x0, x1, x2, x3):
 
 
 @triton.jit
+def int4_word_dot(q, x0, x1, x2, x3, zc1, zc16):
+    """q [R, BN] int32 words (code j at bits 4j); x0..x3 [R, BN] int32, fp16 pairs (x_j, x_j+4)
+    for j = 0..3, x1 / x3 divided by 16 (x_pairs16); zc1 / zc16: fp16 pairs of 2^10 + z and
+    2^10 + 16 z (zero_pairs16) -> fp32 [R, BN] sum_j (q_j - z) x_j."""
+    t0, t1, t2, t3 = int4_word_codes(q, zc1, zc16)
+    return word_dot16(t0, t1, t2, t3, x0, x1, x2, x3)
+
+
+@triton.jit
 def _pack16(a, b, f):
     # two fp32 times f -> one int32 holding (fp16(a f), fp16(b f)) as (low, high) halves
     if _PTX:    # 2 FMUL + one converting pack (F2FP) instead of 2 F2F + shift / PRMT
@@ -258,7 +267,7 @@ def _pack16(a, b, f):
 
 @triton.jit
 def x_pairs16(x0, x1, x2, x3, x4, x5, x6, x7):
-    """The 8 activations of a word row (fp32 [R]) -> (4 fp16 pairs for word_dot16, f_out [R]):
+    """The 8 activations of a word row (fp32 [R]) -> (4 fp16 pairs for int4_word_dot, f_out [R]):
     each row is scaled by the power of two 2^t that puts its largest |x| in [256, 512) (exact; the
     products then stay far from fp16's 65504), and f_out = 2^-t undoes it on the fp32 sum."""
     m = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
@@ -272,7 +281,7 @@ def x_pairs16(x0, x1, x2, x3, x4, x5, x6, x7):
 
 @triton.jit
 def zero_pairs16(z):
-    """int4 zero points (int32, any shape) -> the fp16 pairs (2^10 + z, 2^10 + 16 z) int4_word_codes
+    """int4 zero points (int32, any shape) -> the fp16 pairs (2^10 + z, 2^10 + 16 z) int4_word_dot
     subtracts (fp16 2^10 + v has the bits 0x6400 + v for integers 0 <= v < 1024)."""
     return (z + 0x6400) * 0x10001, (z * 16 + 0x6400) * 0x10001
 
