@@ -117,7 +117,9 @@ def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
     acc = tl.zeros([R, BN], dtype=tl.float32)
     if F16 and BITS == 4 and xrow.dtype.element_ty != tl.float32:
         # the word's 8 codes in packed fp16 math (quant.int4_word_dot): ~15 instructions per word
-        # where the fp32 loop below takes ~33, plus ~45 per word row for its activations
+        # where the fp32 loop below takes ~33, plus ~45 per word row for its activations. Not
+        # gemv_int4_rows with one row: that schedule measured 5-27% slower on asym rows at M = 2-4
+        # (session 23, BENCHMARKS; ptxas issues the scale / zero loads late there)
         for k0 in range(k_lo, k_hi, BK):
             q = q_nxt
             rr = k0 // PF + R + r
