@@ -7,13 +7,14 @@ GPU tests run bf16 and fp16 at real sizes, default configs, CUDA-graph capture a
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from mixprec.errors import FormatError, ShapeMismatch
 from mixprec.kernels import configs
 from mixprec.kernels.fp8 import fp8_linear, fp8_linear_cfg, fp8_linear_reference
 from mixprec.kernels.int8 import int8_linear, int8_linear_cfg, int8_linear_reference
 from mixprec.kernels.intq import intq_linear, intq_linear_cfg, intq_linear_reference
-from mixprec.kernels.quant import fp8_act_quant_reference, int8_act_quant_reference
+from mixprec.kernels.quant import _e4m3_f32, fp8_act_quant_reference, int8_act_quant_reference
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -249,6 +250,65 @@ def test_fp8_interpreter(case, act):
         # the spec's e4m3 rounding): only the summation order and the fp16 output differ (~73 dB;
         # the other act spec is ~31 dB away)
         assert sqnr(y, ref) >= 60, block
+
+
+@triton.jit
+def _decode_e4m3(c_ptr, o_ptr):
+    i = tl.arange(0, 256)
+    tl.store(o_ptr + i, _e4m3_f32(tl.load(c_ptr + i)))
+
+
+@cpu_only
+def test_e4m3_decode_of_the_fp16_word_loop():
+    """quant._e4m3_f32, the interpreter's stand-in for cvt.rn.f16x2.e4m3x2 in fp8_words_dot16,
+    decodes every non-NaN e4m3 code exactly as torch does."""
+    codes = torch.arange(256, dtype=torch.int32)
+    out = torch.empty(256)
+    _decode_e4m3[(1,)](codes, out)
+    ref = codes.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    ok = ~ref.isnan()
+    assert ok.sum() == 254 and torch.equal(out[ok], ref[ok])
+    assert torch.equal(out[ok].signbit(), ref[ok].signbit())     # -0.0 stays negative
+
+
+@pytest.mark.parametrize("K", [384, 386])
+def test_fp8_w8a8_gemv_fp16_words_every_code(K, monkeypatch):
+    """W8A8 GEMV tiles with folded scales and 16-bit x multiply the codes in packed fp16
+    (fp8._gemv_f16_words, quant.fp8_words_dot16): every non-NaN weight code in every row,
+    activations spanning 2^-12..2^12 inside each 128-input slice, a K tile past K; K % 4 != 0
+    takes the fp32 loop. Equal to the reference (interpreter: exact products, the summation order
+    and the 16-bit output differ; GPU: products summed in fp16, 8 per half)."""
+    import mixprec.kernels.fp8 as fp8
+    seen = []
+    real = fp8._fp8_gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["F16"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(fp8, "_fp8_gemv_kernel", Spy())
+    g = gen(K)
+    N = 24
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[~codes.view(torch.float8_e4m3fn).float().isnan()]                 # 254 codes
+    rows = [torch.cat([codes, codes[torch.randint(0, 254, (K - 254,), generator=g)]])[torch.randperm(K, generator=g)]
+            for _ in range(N)]
+    w = torch.stack(rows).view(torch.float8_e4m3fn).to(DEV)
+    x = (torch.randn(2, K, generator=g) * 2.0 ** torch.randint(-12, 13, (2, K), generator=g).float())
+    dtypes = (torch.bfloat16, torch.float16) if CUDA else (torch.float16,)
+    for dtype in dtypes:
+        xd = x.to(dtype).to(DEV)
+        for block, c in (((128, 128), GEMV_WIDE), ((128, 128), GEMV_WHOLE_K), ((N, K), GEMV_SPLIT)):
+            if block[1] != K and K % 128:
+                continue        # w8a8 block scales need K slices of 128
+            s = (torch.rand(-(-N // block[0]), -(-K // block[1]), generator=g) * 0.01 + 1e-3).to(DEV)
+            seen.clear()
+            y = fp8_linear_cfg(xd[:1], w, s, block, "w8a8", c)
+            assert seen == [K % 4 == 0], (block, c, seen)
+            assert sqnr(y, fp8_linear_reference(xd[:1], w, s, block, "w8a8")) >= 50, (dtype, block, c)
 
 
 @cpu_only

@@ -27,8 +27,8 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .ints import cdiv
-from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, fp8_act_reference, gemm_tile,
-                    round_e4m3, split_plan, split_workspace, splitk_store)
+from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, fp8_act_reference,
+                    fp8_words_dot16, gemm_tile, pack16, round_e4m3, split_plan, split_workspace, splitk_store)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
 # w8a8 GEMM from this many rows: activations quantized once per row by act_quant (one more launch)
@@ -42,11 +42,26 @@ PRE_QUANT_M = 32
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
                      A8: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+                     SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False, F16: tl.constexpr = False):
     # FOLD: the BLOCK_N rows share one scale-block row, so a scale depends on k only and is folded
     # (with the activation scale) into x: one multiply per input instead of one per weight, and
     # the K tile can span several 128-wide slices (SUB_K each): more bytes in flight per step.
     # Otherwise the tile is one slice (BLOCK_K == SUB_K) and the scale multiplies each row's sum.
+    # F16 (w8a8 with FOLD; w_ptr / stride_w: the weight as int32 words): the activation codes and
+    # the weight codes meet in packed fp16 math (_gemv_f16_words).
+    if F16:
+        _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
+                        stride_s, k_per_split, split, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
+    else:
+        _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
+                  stride_s, k_per_split, split, A8, FOLD, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
+
+
+@triton.jit
+def _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
+              stride_s, k_per_split, split, A8: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
+    # every weight widened to fp32 and multiplied with the (quantized, FOLD: scaled) activation
     U: tl.constexpr = BLOCK_K // SUB_K
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -86,6 +101,67 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
     offs_m = pid_m + tl.arange(0, 1)
     tile_id = pid_m * tl.num_programs(1) + pid_n
     splitk_store(acc[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+                 pid_k, split, USE_SPLIT)
+
+
+@triton.jit
+def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
+                    stride_s, k_per_split, split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
+    # w8a8, the BLOCK_N rows sharing one scale row: per 128-wide slice j the activation codes
+    # c = round_e4m3(x / a_j) and the weight codes are multiplied in packed fp16
+    # (quant.fp8_words_dot16, 16 products per call, each thread's 16-byte load), and a_j * s_j
+    # scales the fp32 sums. Per-thread partials [BLOCK_N, BLOCK_K / 16] are summed across the
+    # threads once, after the K loop. w_ptr: int32 words [N, K / 4] (row stride stride_w words).
+    U: tl.constexpr = BLOCK_K // SUB_K
+    G: tl.constexpr = BLOCK_K // 16              # 16-input groups of a tile (one word quad each)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 4)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+    s_tile = s_ptr + ((pid_n * BLOCK_N) // bn) * stride_s       # the tile's scale row
+    acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+    kw = k_lo // 4 + offs_w
+    w_next = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < k_hi // 4)[None, :], other=0)
+    pdl.wait(PDL)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        w = w_next
+        kw = (k0 + BLOCK_K) // 4 + offs_w
+        w_next = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < k_hi // 4)[None, :], other=0)
+        kk = k0 + offs_k
+        xv = tl.reshape(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), (U, SUB_K))
+        a = tl.maximum(tl.max(tl.abs(xv), axis=1), EPS_C) / FP8_MAX_C                        # [U]
+        c = round_e4m3(xv / a[:, None])                                 # e4m3 codes, as fp32
+        ks = k0 + tl.arange(0, U) * SUB_K
+        f = a * tl.load(s_tile + ks // bk, mask=ks < K, other=0.0) * 512.0
+        f = tl.reshape(tl.broadcast_to(f[:, None], (U, SUB_K // 16)), (G,))                # [G]
+        # x pairs (inputs 2i, 2i+1 of each group) as fp16 / 512: [G, 8] -> 8 x [G]
+        e, o = tl.split(tl.reshape(c, (G, 8, 2)))
+        xp = tl.reshape(pack16(e, o, 0.001953125), (G, 2, 2, 2))
+        xa, xb = tl.split(xp)
+        xa0, xa1 = tl.split(xa)
+        xb0, xb1 = tl.split(xb)
+        x0, x4 = tl.split(xa0)
+        x2, x6 = tl.split(xa1)
+        x1, x5 = tl.split(xb0)
+        x3, x7 = tl.split(xb1)
+        wq = tl.reshape(w, (BLOCK_N, G, 2, 2))        # word 2 i1 + i0 of each group
+        wa, wb = tl.split(wq)                         # i0 = 0 / 1
+        w0, w2 = tl.split(wa)
+        w1, w3 = tl.split(wb)
+        d = fp8_words_dot16(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
+                            x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+        acc += d * f[None, :]
+    offs_m = pid_m + tl.arange(0, 1)
+    tile_id = pid_m * tl.num_programs(1) + pid_n
+    splitk_store(tl.sum(acc, axis=1)[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
                  pid_k, split, USE_SPLIT)
 
 
@@ -182,11 +258,14 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
     if c["path"] == "gemv":
         nb = cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
+        # w8a8 with folded scales and 16-bit x: the codes meet in packed fp16 (weights read as words)
+        f16 = act == "w8a8" and fold and x2.dtype != torch.float32 and K % 4 == 0 and weight.stride(0) % 4 == 0
+        wk = weight.view(torch.int32) if f16 else weight
         _fp8_gemv_kernel[(M, nb, split)](
-            x2, weight, scale, out, ws, cnt, M, N, K, bn, bk, x2.stride(0), out.stride(0), weight.stride(0),
+            x2, wk, scale, out, ws, cnt, M, N, K, bn, bk, x2.stride(0), out.stride(0), wk.stride(0),
             scale.stride(0), per, split, A8=act == "w8a8", FOLD=fold, BLOCK_N=c["BN"],
             BLOCK_K=tile_k, SUB_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"],
-            **pdl.launch_kw(x2))
+            F16=f16, **pdl.launch_kw(x2))
     else:
         nt = cdiv(M, c["BM"]) * cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
