@@ -13,7 +13,12 @@ weight scale multiplies each K tile's result (a tile never straddles a scale blo
 
 gemv (M = 1): programs over (row, N block, K split); [BN, BK] fp8 tiles with 16-byte loads along K;
 when the BN rows share a scale row (block scales with BN | 128, per-tensor) the scales fold into x
-and BK may span several 128-wide slices.
+and BK may span several 128-wide slices. w8a8 with folded scales and bf16 / fp16 x (K a multiple
+of 4) multiplies the codes in packed fp16 (`_gemv_f16_words`, quant.fp8_words_dot16): the weight
+read as int32 words, 4 e4m3 codes each, widened two at a time by cvt.rn.f16x2.e4m3x2 and multiplied
+with the activation codes / 512 by HFMA2, 16 products summed per call in fp16, then in fp32 times
+the slice's a * s (SASS of the 30B qkv tile: 246 instructions per step against 493 for the fp32
+loop; session 23, H100: 7.6 -> 6.2 µs).
 gemm: tl.dot on fp8 operands (w8a8, Hopper fp8 MMA) or bf16/fp16 (w8a16). One launch per call
 (w8a8 gemm from PRE_QUANT_M rows: plus the quantization launch).
 """
