@@ -197,6 +197,13 @@ def drive() -> None:
             if moe.grouped_fits(b, x, I, 1 << 20):   # the kernels around torch._grouped_mm (prefill)
                 moe.grouped_moe(x, ids, w, b, I)
     moe.router_route(torch.randn(1, H).to(torch.bfloat16), torch.randn(128, H).to(torch.bfloat16), 8, True)
+    # fp8 W8A8 experts on the packed-fp16 word loop (a GEMV config's "f16"; off in the tables)
+    from mixprec.kernels import moe_configs as mc
+    b = mt.build_buckets(mt.uniform("fp8", E), H, I, dtype=torch.bfloat16, device="cpu", seed=0)
+    x = torch.randn(1, H, generator=g).to(torch.bfloat16)
+    w, ids = moe.route(torch.randn(1, E, generator=g), k, True)
+    moe.fused_moe(x, ids, w, b, I, config=("gemv", dict(mc.GEMV_M1[("fp8", H)], f16=True),
+                                           "gemv", dict(mc.GEMV_M1_DOWN[("fp8", H)], f16=True)))
 
     for N, K in ((5120, 2048), (2048, 768)):
         for M in (1, 2, 4, 40, 200):   # 4: the tuned BN-128 8-warp row, with group 32 on per-field dots;

@@ -681,6 +681,21 @@ def test_int4_gemv_fp16_word_loop(gu, split):
                    x, w, ids, inter=128, config=("gemv", cfg, cfg))
 
 
+@pytest.mark.parametrize("gu,split,bkf", [(True, 1, 128), (False, 2, 256)])
+def test_fp8_gemv_fp16_word_loop(gu, split, bkf):
+    """GEMV configs with "f16" also run fp8 W8A8 slots whose tile rows share a scale row in packed
+    fp16 (moe_triton._gemv_fp8_words: weight and activation codes as words), beside fp8 W8A16,
+    per-channel W8A8 (their own loop) and int4 (its word loop): 128- and 256-wide K tiles (a tile
+    of two scale blocks), gate and up in one K loop or split in K, 1 and 3 tokens; equal to the
+    reference. (Checked to fail when two activation pairs of the word loop are swapped.)"""
+    cfg = dict(BN=32, BKD=64, BKF=bkf, BKQ=128, BKI=64, num_warps=4, num_stages=1, gu=gu, split=split, f16=True)
+    specs = mt.split(["fp8", "fp8_w8a16", "fp8_ch_w8a8", "int4"], E)
+    for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
+        b = _layer(specs, h=384, i=128, dtype=dtype, seed=3)
+        for m in (1, 3):
+            _check(b, *_inputs(m, h=384, seed=60 + m, dtype=dtype), inter=128, config=("gemv", cfg, cfg))
+
+
 def test_int4_layer_past_128_tokens_on_the_field_row():
     """A uniform int4 layer of 129..DOT_INTQ_MAX_M tokens takes the BM-16 dot row (pick), with
     groups of 128 and of 32; equal to the reference."""

@@ -17,7 +17,11 @@ BK* are the K tiles per layout (D dense, F fp8, Q intq, I int8); BK is lowered a
 where a format's block needs it (an fp8 GEMV tile spans blocks only when its rows share a scale
 row; the W8A8 dot path uses 128). `split`: programs per output tile (K chunks; on the GEMV path
 also the gate / up halves). `gu` (GEMV configs): a launch of gate_up weights only runs gate and
-up in one K loop (moe._gate_up_fused; the dot path decides that without a key).
+up in one K loop (moe._gate_up_fused; the dot path decides that without a key). `f16` (GEMV
+configs): int4 slots in packed fp16 math (gemv_tiles), and fp8 W8A8 slots whose tile rows share a
+scale row likewise (moe_triton._gemv_fp8_words: the SASS of the 30B batch-1 fp8 gate/up loop 423
+-> 173 instructions per step, down 239 -> 102, offline, session 23); no fp8 row sets it yet: it was
+built after the session's device time ran out and has not been timed on a GPU.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import pdl
 from .gemv_tiles import gemv_intq_cols, intq_scale
 from .intq import intq_dequant_tile
-from .quant import int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
+from .quant import e4m3_pairs16, fp8_words_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
 
 _DENSE = tl.constexpr(0)
 _FP8 = tl.constexpr(1)
@@ -175,6 +175,54 @@ def _gemv_rows(xrow, qrow, srow, wp, sp, zp, rows, nm, run0, K, k_lo, k_hi,
 
 
 @triton.jit
+def _gemv_fp8_words(qrow, srow, wp, sp, rows, nm, run0, K, k_lo, k_hi,
+                    BKW: tl.constexpr, BNW: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    # _gemv_rows for fp8 W8A8 with folded scales (each run's rows share a scale row), the codes
+    # multiplied in packed fp16 (quant.fp8_words_dot16, as the dense fp8 GEMV does): weights and
+    # the row's e4m3 activation codes (_act_quant_kernel's plane 1) read as int32 words, 16
+    # products per call, per-thread partials [R, BK / 16] summed once after the K loop. K % 4 == 0
+    # (the host checks it before it sets F16 on an fp8 launch).
+    SUB: tl.constexpr = BK if BK < 128 else 128
+    U: tl.constexpr = BK // SUB
+    G: tl.constexpr = BK // 16
+    R: tl.constexpr = rows.shape[0]
+    NH: tl.constexpr = run0.shape[0]
+    K4 = K // 4
+    rw = tl.arange(0, BK // 4)
+    wrow = wp.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * K4
+    xw = (qrow + K).to(tl.pointer_type(tl.int32))                 # plane 1: e4m3 codes as words
+    s_run = sp + (run0 // BNW) * tl.cdiv(K, BKW)                   # [NH] each run's scale row
+    acc = tl.zeros([R, G], dtype=tl.float32)
+    k_hi = tl.minimum(k_hi, K)
+    w_nxt = tl.load(wrow + (k_lo // 4 + rw)[None, :], mask=nm[:, None] & (k_lo // 4 + rw < k_hi // 4)[None, :], other=0)
+    pdl.wait(PDL)   # (down side) the first tile is loaded; the codes come from the kernel before
+    for k0 in range(k_lo, k_hi, BK):
+        w = w_nxt
+        kn = (k0 + BK) // 4 + rw
+        w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < k_hi // 4)[None, :], other=0)
+        x_lo, x_hi = e4m3_pairs16(tl.load(xw + k0 // 4 + rw, mask=k0 // 4 + rw < k_hi // 4, other=0))   # [BK/4]
+        # word j = 2 j1 + j0 of group g holds activation pairs 2j (x_lo) and 2j + 1 (x_hi)
+        la, lb = tl.split(tl.reshape(x_lo, (G, 2, 2)))     # j0 = 0 / 1: [G, j1]
+        x0, x4 = tl.split(la)
+        x2, x6 = tl.split(lb)
+        ha, hb = tl.split(tl.reshape(x_hi, (G, 2, 2)))
+        x1, x5 = tl.split(ha)
+        x3, x7 = tl.split(hb)
+        ks = k0 + tl.arange(0, U) * SUB
+        a = tl.load(srow + 1 + ks // 128, mask=ks < K, other=0.0)                      # [U] activation scales
+        sc = tl.load(s_run[:, None] + (ks // BKW)[None, :], mask=(ks < K)[None, :], other=0.0)   # [NH, U]
+        f = tl.reshape(tl.broadcast_to((sc * a[None, :] * 512.0)[:, :, None], (NH, U, SUB // 16)), (NH, 1, G))
+        wq = tl.reshape(w, (R, G, 2, 2))             # word 2 j1 + j0 of each group
+        wa, wb = tl.split(wq)                        # j0 = 0 / 1
+        w0, w2 = tl.split(wa)
+        w1, w3 = tl.split(wb)
+        d = fp8_words_dot16(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
+                            x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+        acc += tl.reshape(tl.reshape(d, (NH, R // NH, G)) * f, (R, G))
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _slot_rows(PROJ: tl.constexpr, HALF: tl.constexpr, INTER, HID):
     """(stored rows nw, rows to compute n_lim, first row row0) of one expert's weight in a bucket
     of projection PROJ, for half HALF (0 gate, 1 up, 2 down): gate_up stacks gate then up rows."""
@@ -228,8 +276,11 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
                                      qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, PDL, F16)
             elif LAY == _FP8:
                 we, se = _fp8_expert(w, s, loc, nw, K, G, B)
-                res = _gemv_rows(xrow, qrow, srow, we, se, z, rows, nm, run0, K, k_lo, k_hi,
-                                 LAY, ACT, HZ, G, B, BKF, EVK, FOLD, PDL)
+                if F16 and ACT == 1 and FOLD == 1:
+                    res = _gemv_fp8_words(qrow, srow, we, se, rows, nm, run0, K, k_lo, k_hi, G, B, BKF, PDL)
+                else:
+                    res = _gemv_rows(xrow, qrow, srow, we, se, z, rows, nm, run0, K, k_lo, k_hi,
+                                     LAY, ACT, HZ, G, B, BKF, EVK, FOLD, PDL)
             elif LAY == _INT8:
                 res = _gemv_rows(xrow, qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw, rows, nm, run0,
                                  K, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BKI, EVK, 0, PDL)

@@ -293,6 +293,23 @@ def fp8_words_dot16(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7):
         return part + _fp8_word_f32(w2, x4, x5) + _fp8_word_f32(w3, x6, x7)
 
 
+_E4M3_PAIRS16 = tl.constexpr(
+    "{ .reg .b16 lo, hi; .reg .b32 m; mov.b32 {lo, hi}, $2; mov.b32 m, 0x18001800; "
+    "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; mul.rn.f16x2 $0, $0, m; mul.rn.f16x2 $1, $1, m; }")
+
+
+@triton.jit
+def e4m3_pairs16(q):
+    """q int32: 4 e4m3 codes (code i = input i) -> the fp16 pairs (c0, c1) / 512 and (c2, c3) / 512
+    that fp8_words_dot16 takes as activations (exact: a code's step 2^-9 becomes 2^-18)."""
+    if _PTX:
+        return tl.inline_asm_elementwise(_E4M3_PAIRS16, "=r,=r,r", [q], dtype=(tl.int32, tl.int32),
+                                         is_pure=True, pack=1)
+    else:
+        return (pack16(_e4m3_f32(q & 255), _e4m3_f32((q >> 8) & 255), 0.001953125),
+                pack16(_e4m3_f32((q >> 16) & 255), _e4m3_f32((q >> 24) & 255), 0.001953125))
+
+
 @triton.jit
 def _fp8_word_f32(w, xa, xb):
     # interpreter: the 4 codes of word w against the pairs xa (inputs 0, 1) and xb (2, 3)
