@@ -12,6 +12,7 @@ line per M with each candidate's µs and the winner. GPU only.
     python scripts/sweep_moe_dot.py --gemv --tokens 1 --configs rt_mixed,int4+fp8
     python scripts/sweep_moe_dot.py --gemv-gu --tokens 1 --configs fp8,bf16,rt_mixed
     python scripts/sweep_moe_dot.py --down --tokens 1,2 --configs int4,fp8,rt_mixed
+    python scripts/sweep_moe_dot.py --f16 --grid "" --tokens 1,2,4 --configs fp8,rt_mixed   (pick vs pick + f16)
 
 --grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]]" (BM 16, 128-wide K tiles
 unless given); --old-rows adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K
@@ -83,11 +84,18 @@ def main() -> None:
     ap.add_argument("--down", action="store_true", help="the GEMV candidates on the down side only")
     ap.add_argument("--min-mb", type=float, default=256.0, help="cold bytes per timed replay")
     ap.add_argument("--rounds", type=int, default=2, help="timings per candidate (median), in alternating order")
+    ap.add_argument("--f16", action="store_true",
+                    help="also the pick with f16 on (int4 and fp8 W8A8 GEMV slots in packed fp16) and, with "
+                         "--gemv / --gemv-gu / --down, every candidate with f16")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     gemv = (("gemvgu", mb.GEMV_GU_CANDIDATES) if a.gemv_gu else
             ("down", down_candidates()) if a.down else ("gemv", mb.GEMV_CANDIDATES) if a.gemv else None)
     cands = candidates(a.grid, a.old_rows, gemv)
+    if a.f16:
+        cands.update({f"{cn}f16": (c[0], dict(c[1], f16=True)) for cn, c in list(cands.items())
+                      if c is not None and c[0] == "gemv"})
+        cands["default+f16"] = "pick+f16"
     tokens = [int(t) for t in a.tokens.split(",")]
     bw = mb.copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s", flush=True)
@@ -109,6 +117,9 @@ def main() -> None:
                 for cn, cfg in cands.items():
                     if cfg is None:
                         conf = None
+                    elif cfg == "pick+f16":     # the pick, its GEMV sides with f16
+                        conf = tuple(dict(c, f16=True) if isinstance(c, dict) and pick[i - 1] == "gemv" else c
+                                     for i, c in enumerate(pick))
                     elif a.down:      # the gate/up side as picked, the candidate on the down side
                         conf = (*pick[:2], *cfg)
                     else:
