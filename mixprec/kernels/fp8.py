@@ -33,7 +33,7 @@ from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .ints import cdiv
 from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, fp8_act_reference,
-                    fp8_words_dot16, gemm_tile, pack16, round_e4m3, split_plan, split_workspace, splitk_store)
+                    fp8_tile_dot16, gemm_tile, pack16, round_e4m3, split_plan, split_workspace, splitk_store)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
 # w8a8 GEMM from this many rows: activations quantized once per row by act_quant (one more launch)
@@ -147,22 +147,10 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
         ks = k0 + tl.arange(0, U) * SUB_K
         f = a * tl.load(s_tile + ks // bk, mask=ks < K, other=0.0) * 512.0
         f = tl.reshape(tl.broadcast_to(f[:, None], (U, SUB_K // 16)), (G,))                # [G]
-        # x pairs (inputs 2i, 2i+1 of each group) as fp16 / 512: [G, 8] -> 8 x [G]
-        e, o = tl.split(tl.reshape(c, (G, 8, 2)))
-        xp = tl.reshape(pack16(e, o, 0.001953125), (G, 2, 2, 2))
-        xa, xb = tl.split(xp)
-        xa0, xa1 = tl.split(xa)
-        xb0, xb1 = tl.split(xb)
-        x0, x4 = tl.split(xa0)
-        x2, x6 = tl.split(xa1)
-        x1, x5 = tl.split(xb0)
-        x3, x7 = tl.split(xb1)
-        wq = tl.reshape(w, (BLOCK_N, G, 2, 2))        # word 2 i1 + i0 of each group
-        wa, wb = tl.split(wq)                         # i0 = 0 / 1
-        w0, w2 = tl.split(wa)
-        w1, w3 = tl.split(wb)
-        d = fp8_words_dot16(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
-                            x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+        # the codes / 512 as fp16 pairs of each word column: (4t, 4t+1) and (4t+2, 4t+3)
+        e, o = tl.split(tl.reshape(c, (BLOCK_K // 4, 2, 2)))
+        x_lo, x_hi = tl.split(pack16(e, o, 0.001953125))
+        d = fp8_tile_dot16(w, x_lo, x_hi)                                               # [BN, G]
         acc += d * f[None, :]
     offs_m = pid_m + tl.arange(0, 1)
     tile_id = pid_m * tl.num_programs(1) + pid_n

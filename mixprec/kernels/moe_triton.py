@@ -24,7 +24,7 @@ import triton.language as tl
 from . import pdl
 from .gemv_tiles import gemv_intq_cols, intq_scale
 from .intq import intq_dequant_tile
-from .quant import e4m3_pairs16, fp8_words_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
+from .quant import e4m3_pairs16, fp8_tile_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
 
 _DENSE = tl.constexpr(0)
 _FP8 = tl.constexpr(1)
@@ -201,23 +201,11 @@ def _gemv_fp8_words(qrow, srow, wp, sp, rows, nm, run0, K, k_lo, k_hi,
         kn = (k0 + BK) // 4 + rw
         w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < k_hi // 4)[None, :], other=0)
         x_lo, x_hi = e4m3_pairs16(tl.load(xw + k0 // 4 + rw, mask=k0 // 4 + rw < k_hi // 4, other=0))   # [BK/4]
-        # word j = 2 j1 + j0 of group g holds activation pairs 2j (x_lo) and 2j + 1 (x_hi)
-        la, lb = tl.split(tl.reshape(x_lo, (G, 2, 2)))     # j0 = 0 / 1: [G, j1]
-        x0, x4 = tl.split(la)
-        x2, x6 = tl.split(lb)
-        ha, hb = tl.split(tl.reshape(x_hi, (G, 2, 2)))
-        x1, x5 = tl.split(ha)
-        x3, x7 = tl.split(hb)
         ks = k0 + tl.arange(0, U) * SUB
         a = tl.load(srow + 1 + ks // 128, mask=ks < K, other=0.0)                      # [U] activation scales
         sc = tl.load(s_run[:, None] + (ks // BKW)[None, :], mask=(ks < K)[None, :], other=0.0)   # [NH, U]
         f = tl.reshape(tl.broadcast_to((sc * a[None, :] * 512.0)[:, :, None], (NH, U, SUB // 16)), (NH, 1, G))
-        wq = tl.reshape(w, (R, G, 2, 2))             # word 2 j1 + j0 of each group
-        wa, wb = tl.split(wq)                        # j0 = 0 / 1
-        w0, w2 = tl.split(wa)
-        w1, w3 = tl.split(wb)
-        d = fp8_words_dot16(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
-                            x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+        d = fp8_tile_dot16(w, x_lo, x_hi)                                             # [R, G]
         acc += tl.reshape(tl.reshape(d, (NH, R // NH, G)) * f, (R, G))
     return tl.sum(acc, axis=1)
 

@@ -311,6 +311,25 @@ def e4m3_pairs16(q):
 
 
 @triton.jit
+def fp8_tile_dot16(w, x_lo, x_hi):
+    """w [R, 4G] int32: e4m3 weight codes as words, K order; x_lo / x_hi [4G] int32: the fp16
+    activation pairs (inputs 4t, 4t+1) / 512 and (4t+2, 4t+3) / 512 of word column t (e4m3_pairs16)
+    -> [R, G] fp32: each 16-input group's sum w x / 512 (fp8_words_dot16 per group)."""
+    G: tl.constexpr = w.shape[1] // 4
+    la, lb = tl.split(tl.reshape(x_lo, (G, 2, 2)))      # word j = 2 j1 + j0 of a group; j0 = 0 / 1
+    x0, x4 = tl.split(la)                               # pairs 2j (x_lo) and 2j + 1 (x_hi) of word j
+    x2, x6 = tl.split(lb)
+    ha, hb = tl.split(tl.reshape(x_hi, (G, 2, 2)))
+    x1, x5 = tl.split(ha)
+    x3, x7 = tl.split(hb)
+    wa, wb = tl.split(tl.reshape(w, (w.shape[0], G, 2, 2)))
+    w0, w2 = tl.split(wa)
+    w1, w3 = tl.split(wb)
+    return fp8_words_dot16(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
+                           x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+
+
+@triton.jit
 def _fp8_word_f32(w, xa, xb):
     # interpreter: the 4 codes of word w against the pairs xa (inputs 0, 1) and xb (2, 3)
     part = _e4m3_f32(w & 255) * _f16_lo(xa) + _e4m3_f32((w >> 8) & 255) * _f16_hi(xa)
