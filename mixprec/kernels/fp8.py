@@ -33,7 +33,7 @@ from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .ints import cdiv
 from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, fp8_act_reference,
-                    fp8_tile_dot16, gemm_tile, pack16, round_e4m3, split_plan, split_workspace, splitk_store)
+                    fp8_tile_dot16, gemm_tile, gemv_tile, pack16, round_e4m3, split_plan, split_workspace, splitk_store)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
 # w8a8 GEMM from this many rows: activations quantized once per row by act_quant (one more launch)
@@ -68,14 +68,7 @@ def _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, st
               BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
     # every weight widened to fp32 and multiplied with the (quantized, FOLD: scaled) activation
     U: tl.constexpr = BLOCK_K // SUB_K
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     s_rows = s_ptr + (offs_n // bn) * stride_s
@@ -120,15 +113,8 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
     # threads once, after the K loop. w_ptr: int32 words [N, K / 4] (row stride stride_w words).
     U: tl.constexpr = BLOCK_K // SUB_K
     G: tl.constexpr = BLOCK_K // 16              # 16-input groups of a tile (one word quad each)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 4)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     s_tile = s_ptr + ((pid_n * BLOCK_N) // bn) * stride_s       # the tile's scale row

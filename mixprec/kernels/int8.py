@@ -25,8 +25,8 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .ints import cdiv
-from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, gemm_tile, int8_act_quant_reference,
-                    split_plan, split_workspace, splitk_store)
+from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, gemm_tile, gemv_tile,
+                    int8_act_quant_reference, split_plan, split_workspace, splitk_store)
 
 
 @triton.jit(do_not_specialize=["M", "split"])
@@ -35,14 +35,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
                       A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     if A8:   # token scale over the whole row, identical in every split

@@ -516,6 +516,19 @@ def split_workspace(split: int, M: int, N: int, n_tiles: int, device: torch.devi
 
 
 @triton.jit
+def gemv_tile(N, K, k_per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """GEMV program (grid rows x N blocks x K splits) -> (pid_m, pid_n, pid_k, offs_n, n_mask,
+    offs_k, k_lo, k_hi) of the dense fp8 / int8 GEMVs."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = pid_k * k_per_split
+    return (pid_m, pid_n, pid_k, offs_n, offs_n < N, tl.arange(0, BLOCK_K), k_lo,
+            tl.minimum(k_lo + k_per_split, K))
+
+
+@triton.jit
 def gemm_tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program -> its output tile and K range, for grid (M blocks * N blocks, K splits). The M
     blocks of one N block are neighbours, so they read the same weight tile while it is in L2.
