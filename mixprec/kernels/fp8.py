@@ -121,7 +121,7 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
     acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
     kw = k_lo // 4 + offs_w
     w_next = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < k_hi // 4)[None, :], other=0)
-    pdl.wait(PDL)
+    pdl.wait(PDL)     # the first weight tile is on its way; x comes from the kernel before
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = w_next
         kw = (k0 + BLOCK_K) // 4 + offs_w
@@ -238,7 +238,8 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
         nb = cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         # w8a8 with folded scales and 16-bit x: the codes meet in packed fp16 (weights read as words)
-        f16 = act == "w8a8" and fold and x2.dtype != torch.float32 and K % 4 == 0 and weight.stride(0) % 4 == 0
+        f16 = (act == "w8a8" and fold and x2.dtype != torch.float32 and K % 4 == 0 and weight.stride(0) % 4 == 0
+               and weight.storage_offset() % 4 == 0)
         wk = weight.view(torch.int32) if f16 else weight
         _fp8_gemv_kernel[(M, nb, split)](
             x2, wk, scale, out, ws, cnt, M, N, K, bn, bk, x2.stride(0), out.stride(0), wk.stride(0),

@@ -13,6 +13,9 @@
   LOP3 + one packed subtract, the per-field dots of a one-group K tile (also transposed, with the
   codes as the dot's A operand), and the activation tile they take, for the dot paths of the int4
   kernels (intq.py, moe_triton.py); `int4_swap_tiles`: the transposed tile loop both run.
+* The fp8 W8A8 GEMVs' packed-fp16 word math: `fp8_words_dot16` (16 e4m3 weight codes, as 4 words,
+  against 8 fp16 activation pairs), `fp8_tile_dot16` (a word tile's groups of 16), `e4m3_pairs16`
+  (activation codes as words -> those pairs), each with a plain-Triton twin for the interpreter.
 * The int4 GEMVs' packed-fp16 word math: `int4_word_codes` (a word's 8 codes minus the zero as 4
   fp16 pairs), `word_dot16` (their dot with 4 activation pairs from `x_pairs16`), `int4_word_dot`
   (both), each with a plain-Triton twin for the interpreter.
@@ -255,9 +258,10 @@ def int4_word_dot(q, x0, x1, x2, x3, zc1, zc16):
 # fp8_words_dot16: 16 e4m3 weight codes (4 words: one 16-byte load, K order within) against 8 fp16
 # pairs of activation codes divided by 512, in packed fp16 math: per word 2 converts
 # (cvt.rn.f16x2.e4m3x2, exact) and 2 HFMA2, then one convert of the two halves to fp32, ~19
-# instructions for 16 products where the fp32 loop takes ~7 per product. No overflow and exact
-# products: |code| <= 448, so |w x / 512| <= 392 and each half sums 8 of them (< 3136 < 65504);
-# codes / 512 stay exact in fp16 (e4m3's 2^-9 step -> 2^-18, above fp16's 2^-24).
+# instructions for 16 products where the fp32 loop takes ~7 per product. No overflow: |code| <=
+# 448, so |w x / 512| <= 392 and each half sums 8 of them (< 3136 < 65504). Codes / 512 stay exact
+# in fp16 (e4m3's 2^-9 step -> 2^-18, above fp16's 2^-24); the products are exact down to 2^-24
+# (below it, only products of two near-zero codes, they flush), the sums round to fp16.
 _FP8_WORDS_DOT16 = tl.constexpr(
     "{ .reg .b16 w0, w1, w2, w3, w4, w5, w6, w7; .reg .b32 q0, q1, q2, q3, q4, q5, q6, q7, a; "
     ".reg .b16 lo, hi; .reg .f32 fl, fh; "
