@@ -197,13 +197,15 @@ def drive() -> None:
             if moe.grouped_fits(b, x, I, 1 << 20):   # the kernels around torch._grouped_mm (prefill)
                 moe.grouped_moe(x, ids, w, b, I)
     moe.router_route(torch.randn(1, H).to(torch.bfloat16), torch.randn(128, H).to(torch.bfloat16), 8, True)
-    # fp8 W8A8 experts on the packed-fp16 word loop (a GEMV config's "f16"; off in the tables)
+    # fp8 / int8 W8A8 experts on the packed word loops (a GEMV config's "f16"; off in the tables),
+    # with the configs the batch-1 launches of those layers use
     from mixprec.kernels import moe_configs as mc
-    b = mt.build_buckets(mt.uniform("fp8", E), H, I, dtype=torch.bfloat16, device="cpu", seed=0)
     x = torch.randn(1, H, generator=g).to(torch.bfloat16)
     w, ids = moe.route(torch.randn(1, E, generator=g), k, True)
-    moe.fused_moe(x, ids, w, b, I, config=("gemv", dict(mc.GEMV_M1[("fp8", H)], f16=True),
-                                           "gemv", dict(mc.GEMV_M1_DOWN[("fp8", H)], f16=True)))
+    for fmt in ("fp8", "int8"):
+        b = mt.build_buckets(mt.uniform(fmt, E), H, I, dtype=torch.bfloat16, device="cpu", seed=0)
+        up_path, up, down_path, down = mc.pick(1, [fmt], [fmt], hidden=H)
+        moe.fused_moe(x, ids, w, b, I, config=(up_path, dict(up, f16=True), down_path, dict(down, f16=True)))
 
     for N, K in ((5120, 2048), (2048, 768)):
         for M in (1, 2, 4, 40, 200):   # 4: the tuned BN-128 8-warp row, with group 32 on per-field dots;

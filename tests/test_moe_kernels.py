@@ -696,6 +696,20 @@ def test_fp8_gemv_fp16_word_loop(gu, split, bkf):
             _check(b, *_inputs(m, h=384, seed=60 + m, dtype=dtype), inter=128, config=("gemv", cfg, cfg))
 
 
+@pytest.mark.parametrize("gu,split", [(True, 1), (False, 2)])
+def test_int8_gemv_dp4a_word_loop(gu, split):
+    """GEMV configs with "f16" run int8 W8A8 slots as dp4a over int32 words
+    (moe_triton._gemv_int8_words: exact int32 sums), symmetric and with zero points, beside an
+    int8 W8A16 slot and an fp8 one (their own loops); gate and up in one K loop or split in K; 1
+    and 3 tokens; equal to the reference. (Checked to fail with the codes' sum left out.)"""
+    cfg = dict(BN=32, BKD=64, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=1, gu=gu, split=split, f16=True)
+    specs = mt.split(["int8", ("int8", {"act": "w8a8", "zero": True}), "int8_w8a16", "fp8"], E)
+    for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
+        b = _layer(specs, h=384, i=128, dtype=dtype, seed=4)
+        for m in (1, 3):
+            _check(b, *_inputs(m, h=384, seed=70 + m, dtype=dtype), inter=128, config=("gemv", cfg, cfg))
+
+
 def test_int4_layer_past_128_tokens_on_the_field_row():
     """A uniform int4 layer of 129..DOT_INTQ_MAX_M tokens takes the BM-16 dot row (pick), with
     groups of 128 and of 32; equal to the reference."""

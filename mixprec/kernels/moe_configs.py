@@ -18,10 +18,12 @@ where a format's block needs it (an fp8 GEMV tile spans blocks only when its row
 row; the W8A8 dot path uses 128). `split`: programs per output tile (K chunks; on the GEMV path
 also the gate / up halves). `gu` (GEMV configs): a launch of gate_up weights only runs gate and
 up in one K loop (moe._gate_up_fused; the dot path decides that without a key). `f16` (GEMV
-configs): int4 slots in packed fp16 math (gemv_tiles), and fp8 W8A8 slots whose tile rows share a
-scale row likewise (moe_triton._gemv_fp8_words: the SASS of the 30B batch-1 fp8 gate/up loop 423
--> 173 instructions per step, down 239 -> 102, offline, session 23); no fp8 row sets it yet: it was
-built after the session's device time ran out and has not been timed on a GPU.
+configs): the packed word loops: int4 slots in fp16 math (gemv_tiles); fp8 W8A8 slots whose tile
+rows share a scale row likewise (moe_triton._gemv_fp8_words) and int8 W8A8 slots as dp4a
+(_gemv_int8_words). Offline SASS of the 30B batch-1 launches, instructions per loop step (session
+23): fp8 gate/up 423 -> 173, down 239 -> 102; int8 gate/up 173 -> 45, down 98 -> 36. No fp8 / int8
+row sets it yet: both were built after the session's device time ran out and have not been timed
+on a GPU (`python scripts/sweep_moe_dot.py --f16 --grid "" --configs fp8,int8,rt_mixed`).
 """
 from __future__ import annotations
 

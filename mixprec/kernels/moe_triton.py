@@ -24,7 +24,7 @@ import triton.language as tl
 from . import pdl
 from .gemv_tiles import gemv_intq_cols, intq_scale
 from .intq import intq_dequant_tile
-from .quant import e4m3_pairs16, fp8_tile_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
+from .quant import dp4a, e4m3_pairs16, fp8_tile_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
 
 _DENSE = tl.constexpr(0)
 _FP8 = tl.constexpr(1)
@@ -211,6 +211,36 @@ def _gemv_fp8_words(qrow, srow, wp, sp, rows, nm, run0, K, k_lo, k_hi,
 
 
 @triton.jit
+def _gemv_int8_words(qrow, srow, wp, sp, zp, rows, nm, K, k_lo, k_hi,
+                     HZ: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    # _gemv_rows for int8 W8A8: weights and the row's int8 codes (_act_quant_kernel's plane 0)
+    # as int32 words, 4 products per dp4a into exact int32 per-thread partials [R, BK / 4], summed
+    # once after the K loop (the fp32 loop widens every code and rounds sums past 2^24).
+    # K % 4 == 0 (the host checks it before it sets F16).
+    R: tl.constexpr = rows.shape[0]
+    rw = tl.arange(0, BK // 4)
+    wrow = wp.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (K // 4)
+    xw = qrow.to(tl.pointer_type(tl.int32))                       # plane 0: int8 codes as words
+    acc = tl.zeros([R, BK // 4], dtype=tl.int32)
+    xs = tl.zeros([BK // 4], dtype=tl.int32)
+    k_hi = tl.minimum(k_hi, K)
+    w_nxt = tl.load(wrow + (k_lo // 4 + rw)[None, :], mask=nm[:, None] & (k_lo // 4 + rw < k_hi // 4)[None, :], other=0)
+    pdl.wait(PDL)   # (down side) the first tile is loaded; the codes come from the kernel before
+    for k0 in range(k_lo, k_hi, BK):
+        w = w_nxt
+        kn = (k0 + BK) // 4 + rw
+        w_nxt = tl.load(wrow + kn[None, :], mask=nm[:, None] & (kn < k_hi // 4)[None, :], other=0)
+        x = tl.load(xw + k0 // 4 + rw, mask=k0 // 4 + rw < k_hi // 4, other=0)        # [BK/4]
+        acc = dp4a(w, tl.broadcast_to(x[None, :], w.shape), acc)
+        if HZ:
+            xs = dp4a(x, tl.full(x.shape, 0x01010101, tl.int32), xs)                 # sum of the codes
+    res = tl.sum(acc, axis=1).to(tl.float32)
+    if HZ:
+        res -= tl.load(zp + rows, mask=nm, other=0.0) * tl.sum(xs, axis=0).to(tl.float32)
+    return res * tl.load(sp + rows, mask=nm, other=0.0) * tl.load(srow)
+
+
+@triton.jit
 def _slot_rows(PROJ: tl.constexpr, HALF: tl.constexpr, INTER, HID):
     """(stored rows nw, rows to compute n_lim, first row row0) of one expert's weight in a bucket
     of projection PROJ, for half HALF (0 gate, 1 up, 2 down): gate_up stacks gate then up rows."""
@@ -270,8 +300,12 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
                     res = _gemv_rows(xrow, qrow, srow, we, se, z, rows, nm, run0, K, k_lo, k_hi,
                                      LAY, ACT, HZ, G, B, BKF, EVK, FOLD, PDL)
             elif LAY == _INT8:
-                res = _gemv_rows(xrow, qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw, rows, nm, run0,
-                                 K, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BKI, EVK, 0, PDL)
+                if F16 and ACT == 1:
+                    res = _gemv_int8_words(qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw, rows, nm,
+                                           K, k_lo, k_hi, HZ, BKI, PDL)
+                else:
+                    res = _gemv_rows(xrow, qrow, srow, w + loc * (nw * K), s + loc * nw, z + loc * nw, rows, nm,
+                                     run0, K, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BKI, EVK, 0, PDL)
             else:
                 res = _gemv_rows(xrow, qrow, srow, w + loc * (nw * K), s, z, rows, nm, run0, K, k_lo, k_hi,
                                  LAY, 0, 0, 1, 1, BKD, EVK, 0, PDL)

@@ -15,7 +15,8 @@
   kernels (intq.py, moe_triton.py); `int4_swap_tiles`: the transposed tile loop both run.
 * The fp8 W8A8 GEMVs' packed-fp16 word math: `fp8_words_dot16` (16 e4m3 weight codes, as 4 words,
   against 8 fp16 activation pairs), `fp8_tile_dot16` (a word tile's groups of 16), `e4m3_pairs16`
-  (activation codes as words -> those pairs), each with a plain-Triton twin for the interpreter.
+  (activation codes as words -> those pairs), each with a plain-Triton twin for the interpreter;
+  `dp4a` (4 int8 products per instruction) for the int8 W8A8 word loop.
 * The int4 GEMVs' packed-fp16 word math: `int4_word_codes` (a word's 8 codes minus the zero as 4
   fp16 pairs), `word_dot16` (their dot with 4 activation pairs from `x_pairs16`), `int4_word_dot`
   (both), each with a plain-Triton twin for the interpreter.
@@ -331,6 +332,17 @@ def fp8_tile_dot16(w, x_lo, x_hi):
     w1, w3 = tl.split(wb)
     return fp8_words_dot16(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
                            x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+
+
+@triton.jit
+def dp4a(a, b, c):
+    """c + the dot of the 4 signed bytes of int32 words a and b (int32, exact): one IDP4A."""
+    if _PTX:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return (c + ((a << 24) >> 24) * ((b << 24) >> 24) + ((a << 16) >> 24) * ((b << 16) >> 24)
+                + ((a << 8) >> 24) * ((b << 8) >> 24) + (a >> 24) * (b >> 24))
 
 
 @triton.jit
