@@ -178,8 +178,8 @@ def drive() -> None:
     from mixprec.kernels import moe_testing as mt
     from mixprec.kernels.attention import decode_attention, decode_attention_new, qk_norm_rope_store
     from mixprec.kernels.fp8 import fp8_linear
-    from mixprec.kernels.int8 import int8_linear
-    from mixprec.kernels.configs import cfg
+    from mixprec.kernels.int8 import int8_linear, int8_linear_cfg
+    from mixprec.kernels.configs import cfg, get
     from mixprec.kernels.intq import intq_linear, intq_linear_cfg
     from mixprec.kernels.norm import rms_norm
 
@@ -216,6 +216,9 @@ def drive() -> None:
             for act in ("w8a8", "w8a16"):
                 fp8_linear(x, w8, s8, (128, 128), act)
                 int8_linear(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None, act)
+            if M == 1:   # the int8 w8a8 GEMV as dp4a (a config's "words", the tuner's candidates)
+                int8_linear_cfg(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None, "w8a8",
+                                dict(get("int8_w8a8", 1, N, K), words=True))
             for G, zeros, perm in ((128, True, False), (32, False, True)):
                 qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (K // 8, N), dtype=torch.int32)
                 sc = torch.rand(K // G, N).to(torch.bfloat16)

@@ -252,6 +252,19 @@ def test_fp8_interpreter(case, act):
         assert sqnr(y, ref) >= 60, block
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel object: records each launch's keyword flag `key`."""
+
+    def __init__(self, kernel, key):
+        self.kernel, self.key, self.seen = kernel, key, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.seen.append(kw[self.key])
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
 @triton.jit
 def _decode_e4m3(c_ptr, o_ptr):
     i = tl.arange(0, 256)
@@ -279,17 +292,9 @@ def test_fp8_w8a8_gemv_fp16_words_every_code(K, monkeypatch):
     takes the fp32 loop. Equal to the reference (interpreter: exact products, the summation order
     and the 16-bit output differ; GPU: products summed in fp16, 8 per half)."""
     import mixprec.kernels.fp8 as fp8
-    seen = []
-    real = fp8._fp8_gemv_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append(kw["F16"])
-                return real[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(fp8, "_fp8_gemv_kernel", Spy())
+    spy = _LaunchSpy(fp8._fp8_gemv_kernel, "F16")
+    seen = spy.seen
+    monkeypatch.setattr(fp8, "_fp8_gemv_kernel", spy)
     g = gen(K)
     N = 24
     codes = torch.arange(256, dtype=torch.uint8)
@@ -324,6 +329,25 @@ def test_int8_interpreter(case, act):
         for c in gemv + [GEMM if asym else GEMM_SPLIT]:
             y = int8_linear_cfg(x, w, s, z, act, c)
             assert y.dtype == x.dtype and sqnr(y, ref) >= 40, (asym, c)
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_int8_w8a8_gemv_dp4a_words_equal_the_int32_loop(asym, monkeypatch):
+    """A GEMV config's "words" runs int8 W8A8 as dp4a over int32 words (int8._gemv_dp4a_words):
+    the same exact integer sums as the int32 loop, so the outputs are equal bit for bit (K split
+    or not, a K tile past K, with zero points); K % 4 != 0 keeps the int32 loop."""
+    import mixprec.kernels.int8 as int8
+    spy = _LaunchSpy(int8._int8_gemv_kernel, "WORDS")
+    monkeypatch.setattr(int8, "_int8_gemv_kernel", spy)
+    for N, K in ((40, 384), (24, 386)):
+        w, s, z = make_int8(N, K, asym, seed=N + K)
+        x = xin(1, K, torch.float16, seed=K) * 3.0
+        for c in (GEMV, GEMV_SPLIT, GEMV_WHOLE_K):
+            spy.seen.clear()
+            y = int8_linear_cfg(x, w, s, z, "w8a8", dict(c, words=True))
+            assert torch.equal(y, int8_linear_cfg(x, w, s, z, "w8a8", c)), (N, K, c)
+            assert spy.seen == [K % 4 == 0, False], (N, K, c, spy.seen)
+            assert sqnr(y, int8_linear_reference(x, w, s, z, "w8a8")) >= 40
 
 
 @cpu_only

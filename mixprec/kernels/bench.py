@@ -237,6 +237,8 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
                     gemv(BN, w, BK, target=t * S)
             for BN, st, t in ((32, 4, 2), (32, 4, 4), (64, 3, 2), (64, 3, 4), (64, 5, 2), (128, 3, 2)):
                 gemm(16, BN, 4, st, target=t * S)
+            if kind == "int8_w8a8":   # each GEMV also as dp4a over int32 words (int8._gemv_dp4a_words)
+                out += [dict(c, words=True) for c in out if c["path"] == "gemv"]
     elif b <= 16:
         if intq and b <= 4:
             gemv(16, 4, 512, target=2 * S)

@@ -12,7 +12,10 @@ point is exact: sum_k xq is summed alongside the dot. act "w8a16": q is widened 
 bf16/fp16) and y = scale * (x.q - zero * sum x).
 
 gemv (M = 1): programs over (row, N block, K split), 16-byte loads along K, int32 (w8a8) or fp32
-FMA dot products; gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16). One launch per call (w8a8 gemm:
+FMA dot products; a config's "words" (w8a8; bench-kernels --tune tries it) runs the same integer
+sums as dp4a over the weight read as int32 words (`_gemv_dp4a_words`; offline SASS of the 30B qkv
+tile 548 -> 421 instructions per step, most of the rest is the in-register quantization of x;
+session 23, not yet timed on a GPU, so no tuned row uses it); gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16). One launch per call (w8a8 gemm:
 plus the quantization launch).
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .ints import cdiv
-from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, gemm_tile, gemv_tile,
+from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, dp4a, gemm_tile, gemv_tile,
                     int8_act_quant_reference, split_plan, split_workspace, splitk_store)
 
 
@@ -33,17 +36,83 @@ from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, 
 def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
                       M, N, K, stride_xm, stride_om, stride_w, k_per_split, split,
                       A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+                      BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+                      WORDS: tl.constexpr = False):
+    # WORDS (w8a8; w_ptr / stride_w: the weight as int32 words): _gemv_dp4a_words
+    if WORDS:
+        _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om,
+                         stride_w, k_per_split, split, HAS_ZERO, BLOCK_N, BLOCK_K, USE_SPLIT, PDL)
+    else:
+        _gemv_i32(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, stride_w,
+                  k_per_split, split, A8, HAS_ZERO, BLOCK_N, BLOCK_K, USE_SPLIT, PDL)
+
+
+@triton.jit
+def _token_scale(x_row, K, offs_k, BLOCK_K: tl.constexpr):
+    # w8a8: the row's scale max(amax, EPS) / 127 over the whole row, identical in every split
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        amax = tl.maximum(amax, tl.abs(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)))
+    return tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), EPS_C), INT8_MAX_C)
+
+
+@triton.jit
+def _int8_codes(xv, sx):
+    # fp32 x -> its int8 codes (int32): x / sx rounded half to even, clamped to +-127
+    return tl.minimum(tl.maximum((tl.math.div_rn(xv, sx) + RNE_C) - RNE_C, -INT8_MAX_C), INT8_MAX_C).to(tl.int32)
+
+
+@triton.jit
+def _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, stride_w,
+                     k_per_split, split, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
+    # w8a8 as dp4a: the row's codes packed 4 to a word once per tile (shared by the BLOCK_N rows),
+    # weights read as int32 words, 4 products per instruction into int32 per-thread partials
+    # [BLOCK_N, BLOCK_K / 4], summed once after the K loop (the same exact integers as _gemv_i32).
+    pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 4)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+    kw = k_lo // 4 + offs_w
+    w_next = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < k_hi // 4)[None, :], other=0)
+    pdl.wait(PDL)     # the first weight tile is on its way; x comes from the kernel before
+    sx = _token_scale(x_row, K, offs_k, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.int32)
+    xs = tl.zeros([BLOCK_K // 4], dtype=tl.int32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        w = w_next
+        kw = (k0 + BLOCK_K) // 4 + offs_w
+        w_next = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < k_hi // 4)[None, :], other=0)
+        kk = k0 + offs_k
+        q = _int8_codes(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), sx) & 255
+        q01, q23 = tl.split(tl.reshape(q, (BLOCK_K // 4, 2, 2)))      # [BK/4, 2]: bytes (0, 2), (1, 3)
+        q0, q2 = tl.split(q01)
+        q1, q3 = tl.split(q23)
+        xw = q0 | (q1 << 8) | (q2 << 16) | (q3 << 24)                      # [BK/4] words, byte i = input 4t + i
+        acc = dp4a(w, tl.broadcast_to(xw[None, :], w.shape), acc)
+        if HAS_ZERO:
+            xs = dp4a(xw, tl.full(xw.shape, 0x01010101, tl.int32), xs)
+    y = tl.sum(acc, axis=1).to(tl.float32)
+    if HAS_ZERO:
+        y -= tl.load(z_ptr + offs_n, mask=n_mask, other=0.0) * tl.sum(xs, axis=0).to(tl.float32)
+    y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0) * sx
+    offs_m = pid_m + tl.arange(0, 1)
+    tile_id = pid_m * tl.num_programs(1) + pid_n
+    splitk_store(y[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+                 pid_k, split, USE_SPLIT)
+
+
+@triton.jit
+def _gemv_i32(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, stride_w,
+              k_per_split, split, A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
-    if A8:   # token scale over the whole row, identical in every split
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            amax = tl.maximum(amax, tl.abs(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)))
-        sx = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), EPS_C), INT8_MAX_C)
+    if A8:
+        sx = _token_scale(x_row, K, offs_k, BLOCK_K)
         acc = tl.zeros([BLOCK_N], dtype=tl.int32)
         xsum = tl.zeros([BLOCK_K], dtype=tl.int32)
     else:
@@ -59,7 +128,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
         w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_hi)[None, :], other=0)
         xv = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
         if A8:
-            xq = tl.minimum(tl.maximum((tl.math.div_rn(xv, sx) + RNE_C) - RNE_C, -INT8_MAX_C), INT8_MAX_C).to(tl.int32)
+            xq = _int8_codes(xv, sx)
             acc += tl.sum(w.to(tl.int32) * xq[None, :], axis=1)
             xsum += xq
         else:
@@ -167,7 +236,12 @@ def int8_linear_cfg(x, weight, scale, zero, act, cfg: dict | None) -> Tensor:
     if c["path"] == "gemv":
         nb = cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
-        _int8_gemv_kernel[(M, nb, split)](x2, weight, scale, zero, out, ws, cnt, *args, **flags)
+        # a config's "words": w8a8 as dp4a over the weight read as int32 words (tuner candidates)
+        words = (c.get("words", False) and act == "w8a8" and K % 4 == 0 and weight.stride(0) % 4 == 0
+                 and weight.storage_offset() % 4 == 0)
+        wk = weight.view(torch.int32) if words else weight
+        args = (M, N, K, x2.stride(0), out.stride(0), wk.stride(0), per, split)
+        _int8_gemv_kernel[(M, nb, split)](x2, wk, scale, zero, out, ws, cnt, *args, WORDS=words, **flags)
     else:
         nt = cdiv(M, c["BM"]) * cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
