@@ -33,7 +33,8 @@ from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .ints import cdiv
 from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, fp8_act_reference,
-                    fp8_tile_dot16, gemm_tile, gemv_tile, pack16, round_e4m3, split_plan, split_workspace, splitk_store)
+                    fp8_tile_dot16, gemm_tile, gemv_tile, int32_words, pack16, round_e4m3, split_plan, split_workspace,
+                    splitk_store, words_at)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
 # w8a8 GEMM from this many rows: activations quantized once per row by act_quant (one more launch)
@@ -47,7 +48,8 @@ PRE_QUANT_M = 32
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
                      A8: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False, F16: tl.constexpr = False):
+                     SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+                     F16: tl.constexpr = False):
     # FOLD: the BLOCK_N rows share one scale-block row, so a scale depends on k only and is folded
     # (with the activation scale) into x: one multiply per input instead of one per weight, and
     # the K tile can span several 128-wide slices (SUB_K each): more bytes in flight per step.
@@ -120,12 +122,12 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
     s_tile = s_ptr + ((pid_n * BLOCK_N) // bn) * stride_s       # the tile's scale row
     acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
     kw = k_lo // 4 + offs_w
-    w_next = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < k_hi // 4)[None, :], other=0)
+    w_next = words_at(w_rows, kw, n_mask, k_hi)
     pdl.wait(PDL)     # the first weight tile is on its way; x comes from the kernel before
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = w_next
         kw = (k0 + BLOCK_K) // 4 + offs_w
-        w_next = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < k_hi // 4)[None, :], other=0)
+        w_next = words_at(w_rows, kw, n_mask, k_hi)
         kk = k0 + offs_k
         xv = tl.reshape(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), (U, SUB_K))
         a = tl.maximum(tl.max(tl.abs(xv), axis=1), EPS_C) / FP8_MAX_C                        # [U]
@@ -238,9 +240,9 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
         nb = cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         # w8a8 with folded scales and 16-bit x: the codes meet in packed fp16 (weights read as words)
-        f16 = (act == "w8a8" and fold and x2.dtype != torch.float32 and K % 4 == 0 and weight.stride(0) % 4 == 0
-               and weight.storage_offset() % 4 == 0)
-        wk = weight.view(torch.int32) if f16 else weight
+        words = int32_words(weight) if act == "w8a8" and fold and x2.dtype != torch.float32 else None
+        f16 = words is not None
+        wk = words if f16 else weight
         _fp8_gemv_kernel[(M, nb, split)](
             x2, wk, scale, out, ws, cnt, M, N, K, bn, bk, x2.stride(0), out.stride(0), wk.stride(0),
             scale.stride(0), per, split, A8=act == "w8a8", FOLD=fold, BLOCK_N=c["BN"],

@@ -15,8 +15,8 @@ gemv (M = 1): programs over (row, N block, K split), 16-byte loads along K, int3
 FMA dot products; a config's "words" (w8a8; bench-kernels --tune tries it) runs the same integer
 sums as dp4a over the weight read as int32 words (`_gemv_dp4a_words`; offline SASS of the 30B qkv
 tile 548 -> 421 instructions per step, most of the rest is the in-register quantization of x;
-session 23, not yet timed on a GPU, so no tuned row uses it); gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16). One launch per call (w8a8 gemm:
-plus the quantization launch).
+session 23, not yet timed on a GPU, so no tuned row uses it); gemm: tl.dot int8 (w8a8) or
+bf16/fp16 (w8a16). One launch per call (w8a8 gemm: plus the quantization launch).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .ints import cdiv
 from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, dp4a, gemm_tile, gemv_tile,
-                    int8_act_quant_reference, split_plan, split_workspace, splitk_store)
+                    int32_words, int8_act_quant_reference, split_plan, split_workspace, splitk_store, words_at)
 
 
 @triton.jit(do_not_specialize=["M", "split"])
@@ -75,7 +75,7 @@ def _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     kw = k_lo // 4 + offs_w
-    w_next = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < k_hi // 4)[None, :], other=0)
+    w_next = words_at(w_rows, kw, n_mask, k_hi)
     pdl.wait(PDL)     # the first weight tile is on its way; x comes from the kernel before
     sx = _token_scale(x_row, K, offs_k, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.int32)
@@ -83,7 +83,7 @@ def _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = w_next
         kw = (k0 + BLOCK_K) // 4 + offs_w
-        w_next = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < k_hi // 4)[None, :], other=0)
+        w_next = words_at(w_rows, kw, n_mask, k_hi)
         kk = k0 + offs_k
         q = _int8_codes(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), sx) & 255
         q01, q23 = tl.split(tl.reshape(q, (BLOCK_K // 4, 2, 2)))      # [BK/4, 2]: bytes (0, 2), (1, 3)
@@ -237,9 +237,9 @@ def int8_linear_cfg(x, weight, scale, zero, act, cfg: dict | None) -> Tensor:
         nb = cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         # a config's "words": w8a8 as dp4a over the weight read as int32 words (tuner candidates)
-        words = (c.get("words", False) and act == "w8a8" and K % 4 == 0 and weight.stride(0) % 4 == 0
-                 and weight.storage_offset() % 4 == 0)
-        wk = weight.view(torch.int32) if words else weight
+        wv = int32_words(weight) if c.get("words", False) and act == "w8a8" else None
+        words = wv is not None
+        wk = wv if words else weight
         args = (M, N, K, x2.stride(0), out.stride(0), wk.stride(0), per, split)
         _int8_gemv_kernel[(M, nb, split)](x2, wk, scale, zero, out, ws, cnt, *args, WORDS=words, **flags)
     else:

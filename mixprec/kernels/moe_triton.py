@@ -24,7 +24,8 @@ import triton.language as tl
 from . import pdl
 from .gemv_tiles import gemv_intq_cols, intq_scale
 from .intq import intq_dequant_tile
-from .quant import dp4a, e4m3_pairs16, fp8_tile_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, x_tile
+from .quant import (dp4a, e4m3_pairs16, fp8_tile_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles,
+                    words_at, x_tile)
 
 _DENSE = tl.constexpr(0)
 _FP8 = tl.constexpr(1)
@@ -175,13 +176,6 @@ def _gemv_rows(xrow, qrow, srow, wp, sp, zp, rows, nm, run0, K, k_lo, k_hi,
 
 
 @triton.jit
-def _words_at(wrow, kw, nm, k_hi):
-    # the int32 weight words at word columns kw [BK/4] of the rows wrow [R, 1] (mask nm; zeros from
-    # input k_hi on): one step of the word loops' prefetch
-    return tl.load(wrow + kw[None, :], mask=nm[:, None] & (kw < k_hi // 4)[None, :], other=0)
-
-
-@triton.jit
 def _gemv_fp8_words(qrow, srow, wp, sp, rows, nm, run0, K, k_lo, k_hi,
                     BKW: tl.constexpr, BNW: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     # _gemv_rows for fp8 W8A8 with folded scales (each run's rows share a scale row), the codes
@@ -201,11 +195,11 @@ def _gemv_fp8_words(qrow, srow, wp, sp, rows, nm, run0, K, k_lo, k_hi,
     s_run = sp + (run0 // BNW) * tl.cdiv(K, BKW)                   # [NH] each run's scale row
     acc = tl.zeros([R, G], dtype=tl.float32)
     k_hi = tl.minimum(k_hi, K)
-    w_nxt = _words_at(wrow, k_lo // 4 + rw, nm, k_hi)
+    w_nxt = words_at(wrow, k_lo // 4 + rw, nm, k_hi)
     pdl.wait(PDL)   # (down side) the first tile is loaded; the codes come from the kernel before
     for k0 in range(k_lo, k_hi, BK):
         w = w_nxt
-        w_nxt = _words_at(wrow, (k0 + BK) // 4 + rw, nm, k_hi)
+        w_nxt = words_at(wrow, (k0 + BK) // 4 + rw, nm, k_hi)
         x_lo, x_hi = e4m3_pairs16(tl.load(xw + k0 // 4 + rw, mask=k0 // 4 + rw < k_hi // 4, other=0))   # [BK/4]
         ks = k0 + tl.arange(0, U) * SUB
         a = tl.load(srow + 1 + ks // 128, mask=ks < K, other=0.0)                      # [U] activation scales
@@ -230,11 +224,11 @@ def _gemv_int8_words(qrow, srow, wp, sp, zp, rows, nm, K, k_lo, k_hi,
     acc = tl.zeros([R, BK // 4], dtype=tl.int32)
     xs = tl.zeros([BK // 4], dtype=tl.int32)
     k_hi = tl.minimum(k_hi, K)
-    w_nxt = _words_at(wrow, k_lo // 4 + rw, nm, k_hi)
+    w_nxt = words_at(wrow, k_lo // 4 + rw, nm, k_hi)
     pdl.wait(PDL)   # (down side) the first tile is loaded; the codes come from the kernel before
     for k0 in range(k_lo, k_hi, BK):
         w = w_nxt
-        w_nxt = _words_at(wrow, (k0 + BK) // 4 + rw, nm, k_hi)
+        w_nxt = words_at(wrow, (k0 + BK) // 4 + rw, nm, k_hi)
         x = tl.load(xw + k0 // 4 + rw, mask=k0 // 4 + rw < k_hi // 4, other=0)        # [BK/4]
         acc = dp4a(w, tl.broadcast_to(x[None, :], w.shape), acc)
         if HZ:

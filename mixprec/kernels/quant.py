@@ -335,6 +335,21 @@ def fp8_tile_dot16(w, x_lo, x_hi):
 
 
 @triton.jit
+def words_at(wrow, kw, nm, k_hi):
+    """The int32 weight words at word columns kw [BK/4] of the rows wrow [R, 1] (mask nm [R]; zeros
+    from input k_hi on): one step of the word loops' prefetch (fp8 / int8 GEMVs, dense and MoE)."""
+    return tl.load(wrow + kw[None, :], mask=nm[:, None] & (kw < k_hi // 4)[None, :], other=0)
+
+
+def int32_words(weight: Tensor) -> Tensor | None:
+    """weight [N, K] of 1-byte codes as int32 words [N, K/4] (a view), or None where the rows do not
+    split into aligned words (K, row stride or storage offset not a multiple of 4)."""
+    if weight.shape[-1] % 4 or weight.stride(0) % 4 or weight.storage_offset() % 4:
+        return None
+    return weight.view(torch.int32)
+
+
+@triton.jit
 def dp4a(a, b, c):
     """c + the dot of the 4 signed bytes of int32 words a and b (int32, exact): one IDP4A."""
     if _PTX:
