@@ -21,9 +21,8 @@ up in one K loop (moe._gate_up_fused; the dot path decides that without a key). 
 configs): the packed word loops: int4 slots in fp16 math (gemv_tiles); fp8 W8A8 slots whose tile
 rows share a scale row likewise (moe_triton._gemv_fp8_words) and int8 W8A8 slots as dp4a
 (_gemv_int8_words). Offline SASS of the 30B batch-1 launches, instructions per loop step (session
-23): fp8 gate/up 423 -> 173, down 239 -> 102; int8 gate/up 173 -> 45, down 98 -> 36. No fp8 / int8
-row sets it yet: both were built after the session's device time ran out and have not been timed
-on a GPU (`python scripts/sweep_moe_dot.py --f16 --grid "" --configs fp8,int8,rt_mixed`).
+23): fp8 gate/up 423 -> 173, down 239 -> 102; int8 gate/up 173 -> 45, down 98 -> 36; the rows that
+set it were timed in session 24 (GEMV_M1's note).
 """
 from __future__ import annotations
 
@@ -96,7 +95,8 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
     # at M=1-8 (H100, route + layer, µs, that config vs this; moe_diag/session17_sweep_gemv_gu_*):
     # 30B M=1 39.9 vs 33.8, M=2 51.8 vs 52.2, M=4 85.9 vs 78.9, M=8 127.5 vs 120.7; 235B M=2 155.8
     # vs 139.3, M=4 245.8 vs 232.2, M=8 401.9 vs 397.4; runtime int8 batch 1 282.9 -> 308.8 tok/s
-    "int8": (8, dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True)),
+    # f16 (int8 W8A8 slots as dp4a): session 24, see GEMV_M1's f16 note
+    "int8": (8, dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True, f16=True)),
 }
 
 
@@ -121,9 +121,19 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # (runtime/session17_gemv_m1_ab_h100.json), decode batch 1 tok/s: 30B fp8 300.3 -> 312.1,
     # mixed preset 284.5 -> 299.5, bf16 269.4 -> 273.9, int8 282.9 -> 308.8; 235B (8 layers) bf16
     # 493.8 -> 508.0; batch 2 unchanged
-    ("fp8", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True),
+    # f16 on the fp8 / int8 word loops (moe_triton._gemv_fp8_words / _gemv_int8_words): session 24
+    # (H100, `scripts/sweep_moe_dot.py --f16 --grid "" --tokens 1,2,4,8 --configs fp8,int8,rt_mixed`,
+    # route + layer, µs, pick -> pick + f16; moe_diag/session24_f16_words_sweep_h100.log): 30B fp8 M=1
+    # 31.6 -> 28.9, mixed preset M=1 35.4 -> 33.3, int8 M=2 / 4 / 8 51.9 -> 44.3 / 78.7 -> 66.8 / 121.7
+    # -> 105.6; 235B int8 M=1 / 2 / 4 / 8 86.3 -> 74.6 / 138.7 -> 121.4 / 232.8 -> 211.2 / 398.4 ->
+    # 342.4. Decode of a 16-layer 30B model, two runs each (runtime/session24_f16_words_ab_h100.log),
+    # tok/s: fp8 batch 1 884.6 / 886.4 -> 919.2 / 919.8, mixed preset 861.8 / 859.2 -> 878.4 / 876.9,
+    # int8 batch 2 1237.6 / 1239.0 -> 1338.3 / 1339.0, batch 4 1889.9 / 1891.3 -> 2080.5 / 2071.2.
+    # Set on these rows, their GEMV_M1_DOWN rows and GEMV_LAYOUT's int8 row (235B fp8 / mixed M=1
+    # take DOT_M1; a mixed launch's int4 slots then run the fp16 loop too, as measured)
+    ("fp8", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
     ("dense", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
-    ("mixed", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True),
+    ("mixed", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
     # f16 (GEMV_LAYOUT's "f16"), 235B shapes only: session 22 (H100), bench-moe route + layer
     # 48.5 -> 44.0 µs (moe_diag/session22_x_planes_moe_h100.log, with the down row below); decode of
     # a 16-layer 235B int4 model, batch 1, two runs each: 488.3 / 488.3 -> 507.0 / 506.7 tok/s
@@ -145,8 +155,8 @@ _DOWN32 = dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages
 GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
     ("intq", 2048): _DOWN32,
     ("intq", 4096): dict(_DOWN32, f16=True),   # session 22: see GEMV_M1's ("intq", 4096)
-    ("fp8", 2048): dict(_DOWN32, BN=64, num_warps=8),
-    ("mixed", 2048): dict(_DOWN32, num_warps=8),
+    ("fp8", 2048): dict(_DOWN32, BN=64, num_warps=8, f16=True),   # f16: session 24, see GEMV_M1
+    ("mixed", 2048): dict(_DOWN32, num_warps=8, f16=True),
 }
 
 # batch-1 decode on the dot path with K in 2 chunks (twice the programs of the unsplit dot row):
