@@ -24,8 +24,8 @@ def m_bucket(M: int) -> int:
     return M_BUCKETS[-1]
 
 
-def cfg(path: str, BM: int, BN: int, BK: int, split: int, warps: int, stages: int) -> dict:
-    return dict(path=path, BM=BM, BN=BN, BK=BK, split=split, warps=warps, stages=stages)
+def cfg(path: str, BM: int, BN: int, BK: int, split: int, warps: int, stages: int, **flags) -> dict:
+    return dict(path=path, BM=BM, BN=BN, BK=BK, split=split, warps=warps, stages=stages, **flags)
 
 
 def auto_split(M: int, N: int, K: int, BM: int, BN: int, BK: int, target: int = 2 * SMS) -> int:
@@ -104,6 +104,13 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # 6.6, lm_head 113.5 -> 102.6; benchmarks/linear_raw/session23_tune_fp8_w8a8_m1_h100.log). A 16-layer
 # 235B int4-experts + fp8-attention decode at batch 1, twice each: 506.6 / 506.8 -> 544.1 / 544.2
 # tok/s (benchmarks/runtime/session23_235b_fp8_m1_tune_ab_h100.log).
+# The int8 w8a8 M=1 rows in session 24 (same device and versions) with the dp4a word loop
+# (int8._gemv_dp4a_words, "words") among the candidates: `python -m mixprec bench-kernels --tune --ms
+# 1 --variants "int8 w8a8" --baselines bf16 --budget-s 60`, the same >= 5% rule against the row's own
+# config in that run (8 rows, all now on the word loop: 30B qkv 7.94 -> 6.75 µs, o_proj 7.34 ->
+# 6.44, gate_up 4.77 -> 4.36, down 4.87 -> 4.35; 235B qkv 18.88 -> 17.21, o_proj 16.65 -> 15.80,
+# gate_up 8.48 -> 7.64, down 6.19 -> 5.56; lm_head 109.1 -> 104.5 left out;
+# benchmarks/linear_raw/session24_tune_int8_w8a8_m1_h100.*).
 TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a16", 1, 151936, 2048): cfg("gemm", 16, 32, 128, 1, 4, 4),
     ("fp8_w8a16", 1, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
@@ -283,14 +290,14 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("int8_w8a16", 256, 5120, 2048): cfg("gemm", 64, 128, 128, 1, 4, 3),
     ("int8_w8a16", 256, 9216, 4096): cfg("gemm", 64, 128, 128, 1, 4, 3),
     ("int8_w8a8", 1, 151936, 2048): cfg("gemm", 16, 64, 128, 1, 4, 5),
-    ("int8_w8a8", 1, 2048, 768): cfg("gemv", 1, 4, 256, 1, 1, 1),
-    ("int8_w8a8", 1, 1536, 2048): cfg("gemv", 1, 8, 2048, 1, 4, 1),
-    ("int8_w8a8", 1, 2048, 4096): cfg("gemv", 1, 8, 1024, 1, 4, 1),
-    ("int8_w8a8", 1, 3072, 4096): cfg("gemv", 1, 8, 2048, 1, 4, 1),
-    ("int8_w8a8", 1, 4096, 1536): cfg("gemv", 1, 8, 512, 1, 2, 1),
-    ("int8_w8a8", 1, 4096, 8192): cfg("gemv", 1, 8, 2048, 1, 4, 1),
-    ("int8_w8a8", 1, 5120, 2048): cfg("gemv", 1, 8, 512, 1, 2, 1),
-    ("int8_w8a8", 1, 9216, 4096): cfg("gemv", 1, 8, 512, 1, 2, 1),
+    ("int8_w8a8", 1, 2048, 768): cfg("gemv", 1, 4, 256, 1, 1, 1, words=True),
+    ("int8_w8a8", 1, 1536, 2048): cfg("gemv", 1, 8, 2048, 1, 4, 1, words=True),
+    ("int8_w8a8", 1, 2048, 4096): cfg("gemv", 1, 8, 2048, 1, 8, 1, words=True),
+    ("int8_w8a8", 1, 3072, 4096): cfg("gemv", 1, 8, 2048, 1, 4, 1, words=True),
+    ("int8_w8a8", 1, 4096, 1536): cfg("gemv", 1, 4, 512, 1, 1, 1, words=True),
+    ("int8_w8a8", 1, 4096, 8192): cfg("gemv", 1, 8, 1024, 1, 4, 1, words=True),
+    ("int8_w8a8", 1, 5120, 2048): cfg("gemv", 1, 8, 1024, 1, 4, 1, words=True),
+    ("int8_w8a8", 1, 9216, 4096): cfg("gemv", 1, 8, 512, 1, 2, 1, words=True),
     ("int8_w8a8", 2, 1536, 2048): cfg("gemm", 16, 128, 128, 16, 8, 3),
     ("int8_w8a8", 2, 2048, 4096): cfg("gemm", 16, 128, 128, 16, 8, 3),
     ("int8_w8a8", 2, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 8, 3),
