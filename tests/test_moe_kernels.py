@@ -94,6 +94,11 @@ def test_route_ties_go_to_the_lower_expert(e, k):
     from mixprec.layers.moe import route as readable_route
     w2, ids2 = readable_route(torch.eye(4, device=DEV), logits.t().contiguous(), k, True)
     assert torch.equal(ids2, ids.long())
+    # so does the one-launch decode router, two tokens at a time (x = identity [2, 2])
+    for t in (0, 2):
+        w3, ids3 = moe.router_route(torch.eye(2, device=DEV), logits[t:t + 2].t().contiguous(), k, True)
+        assert torch.equal(ids3, ids[t:t + 2])
+        torch.testing.assert_close(w3, w[t:t + 2], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 64)])
