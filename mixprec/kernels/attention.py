@@ -234,9 +234,13 @@ def block_n(length: int) -> int:
     """Cache slots per tile step for a cache of `length` slots. 128 from 1024 slots: at batch 1 a
     split of the cache is then one or a few longer steps instead of many short ones (H100,
     scripts/bench_attention.py, session 17, 30B shapes, µs, 64 -> 128: batch 1 at 2048 / 8192 /
-    32768 slots 13.7 -> 8.8 / 25.3 -> 17.6 / 42.7 -> 35.0, batch 8-64 within +-1%); below, 64
-    (batch 1 at 256 slots 5.5 vs 5.8, batch 32 11.5 vs 12.2)."""
-    return 128 if length >= 1024 else 64
+    32768 slots 13.7 -> 8.8 / 25.3 -> 17.6 / 42.7 -> 35.0, batch 8-64 within +-1%); 64 from 512
+    (batch 1 at 256 slots 5.5 vs 5.8, batch 32 11.5 vs 12.2); 32 below (session 24: batch 1 at 256
+    slots 5.3 -> 4.4 µs, 512 equal, batch 8 equal, H100, runtime/session24_attention_splits_h100.log;
+    16-layer 30B decode at 256 slots, H200, two runs each: int4 batch 1 1193.1 / 1191.7 -> 1212.3 /
+    1212.5 tok/s, int8 974.8 / 974.6 -> 988.5 / 989.1, batch 8 +0.3-0.8%;
+    runtime/session24_attention_bn32_ab_h200.log)."""
+    return 128 if length >= 1024 else 64 if length >= 512 else 32
 
 
 def decode_splits(batch: int, kv_heads: int, length: int) -> tuple[int, int]:
