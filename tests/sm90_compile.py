@@ -216,9 +216,9 @@ def drive() -> None:
             for act in ("w8a8", "w8a16"):
                 fp8_linear(x, w8, s8, (128, 128), act)
                 int8_linear(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None, act)
-            if M == 1:   # the int8 w8a8 GEMV as dp4a (a config's "words", the tuner's candidates)
+            if M == 1:   # the tuned int8 w8a8 M=1 rows run dp4a ("words"); the int32 loop stays for the rest
                 int8_linear_cfg(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None, "w8a8",
-                                dict(get("int8_w8a8", 1, N, K), words=True))
+                                dict(get("int8_w8a8", 1, N, K), words=False))
             for G, zeros, perm in ((128, True, False), (32, False, True)):
                 qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (K // 8, N), dtype=torch.int32)
                 sc = torch.rand(K // G, N).to(torch.bfloat16)

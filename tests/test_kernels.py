@@ -284,13 +284,15 @@ def test_e4m3_decode_of_the_fp16_word_loop():
     assert torch.equal(out[ok].signbit(), ref[ok].signbit())     # -0.0 stays negative
 
 
+@pytest.mark.parametrize("act", ["w8a8", "w8a16"])
 @pytest.mark.parametrize("K", [384, 386])
-def test_fp8_w8a8_gemv_fp16_words_every_code(K, monkeypatch):
-    """W8A8 GEMV tiles with folded scales and 16-bit x multiply the codes in packed fp16
-    (fp8._gemv_f16_words, quant.fp8_words_dot16): every non-NaN weight code in every row,
-    activations spanning 2^-12..2^12 inside each 128-input slice, a K tile past K; K % 4 != 0
-    takes the fp32 loop. Equal to the reference (interpreter: exact products, the summation order
-    and the 16-bit output differ; GPU: products summed in fp16, 8 per half)."""
+def test_fp8_gemv_fp16_words_every_code(K, act, monkeypatch):
+    """GEMV tiles with folded scales and 16-bit x multiply the codes in packed fp16
+    (fp8._gemv_f16_words, quant.fp8_words_dot16; w8a8: with the activation codes, w8a16: with x
+    over a power of two): every non-NaN weight code in every row, activations spanning
+    2^-12..2^12 inside each 128-input slice, a K tile past K; K % 4 != 0 takes the fp32 loop. Equal
+    to the reference (interpreter: exact products, the summation order and the 16-bit output
+    differ; GPU: products summed in fp16, 8 per half)."""
     import mixprec.kernels.fp8 as fp8
     spy = _LaunchSpy(fp8._fp8_gemv_kernel, "F16")
     seen = spy.seen
@@ -307,13 +309,13 @@ def test_fp8_w8a8_gemv_fp16_words_every_code(K, monkeypatch):
     for dtype in dtypes:
         xd = x.to(dtype).to(DEV)
         for block, c in (((128, 128), GEMV_WIDE), ((128, 128), GEMV_WHOLE_K), ((N, K), GEMV_SPLIT)):
-            if block[1] != K and K % 128:
+            if block[1] != K and K % 128 and act == "w8a8":
                 continue        # w8a8 block scales need K slices of 128
             s = (torch.rand(-(-N // block[0]), -(-K // block[1]), generator=g) * 0.01 + 1e-3).to(DEV)
             seen.clear()
-            y = fp8_linear_cfg(xd[:1], w, s, block, "w8a8", c)
+            y = fp8_linear_cfg(xd[:1], w, s, block, act, c)
             assert seen == [K % 4 == 0], (block, c, seen)
-            assert sqnr(y, fp8_linear_reference(xd[:1], w, s, block, "w8a8")) >= 50, (dtype, block, c)
+            assert sqnr(y, fp8_linear_reference(xd[:1], w, s, block, act)) >= 50, (dtype, block, c)
 
 
 @cpu_only

@@ -13,12 +13,12 @@ weight scale multiplies each K tile's result (a tile never straddles a scale blo
 
 gemv (M = 1): programs over (row, N block, K split); [BN, BK] fp8 tiles with 16-byte loads along K;
 when the BN rows share a scale row (block scales with BN | 128, per-tensor) the scales fold into x
-and BK may span several 128-wide slices. w8a8 with folded scales and bf16 / fp16 x (K a multiple
-of 4) multiplies the codes in packed fp16 (`_gemv_f16_words`, quant.fp8_words_dot16): the weight
-read as int32 words, 4 e4m3 codes each, widened two at a time by cvt.rn.f16x2.e4m3x2 and multiplied
-with the activation codes / 512 by HFMA2, 16 products summed per call in fp16, then in fp32 times
-the slice's a * s (SASS of the 30B qkv tile: 246 instructions per step against 493 for the fp32
-loop; session 23, H100: 7.6 -> 6.2 µs).
+and BK may span several 128-wide slices. Folded scales with bf16 / fp16 x (K a multiple of 4)
+multiply in packed fp16 (`_gemv_f16_words`, quant.fp8_words_dot16): the weight read as int32
+words, 4 e4m3 codes each, widened two at a time by cvt.rn.f16x2.e4m3x2 and multiplied by HFMA2 with
+the activation codes / 512 (w8a8) or x over a power of two (w8a16), 16 products summed per call in
+fp16, then in fp32 times the slice's a * s (SASS of the 30B qkv w8a8 tile: 246 instructions per
+step against 493 for the fp32 loop; session 23, H100: 7.6 -> 6.2 µs).
 gemm: tl.dot on fp8 operands (w8a8, Hopper fp8 MMA) or bf16/fp16 (w8a16). One launch per call
 (w8a8 gemm from PRE_QUANT_M rows: plus the quantization launch).
 """
@@ -54,11 +54,11 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
     # (with the activation scale) into x: one multiply per input instead of one per weight, and
     # the K tile can span several 128-wide slices (SUB_K each): more bytes in flight per step.
     # Otherwise the tile is one slice (BLOCK_K == SUB_K) and the scale multiplies each row's sum.
-    # F16 (w8a8 with FOLD; w_ptr / stride_w: the weight as int32 words): the activation codes and
-    # the weight codes meet in packed fp16 math (_gemv_f16_words).
+    # F16 (FOLD; w_ptr / stride_w: the weight as int32 words): the weight codes meet the activation
+    # codes (w8a8) or x scaled by a power of two (w8a16) in packed fp16 math (_gemv_f16_words).
     if F16:
         _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
-                        stride_s, k_per_split, split, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
+                        stride_s, k_per_split, split, A8, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
     else:
         _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
                   stride_s, k_per_split, split, A8, FOLD, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
@@ -106,13 +106,15 @@ def _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, st
 
 @triton.jit
 def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
-                    stride_s, k_per_split, split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    stride_s, k_per_split, split, A8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
-    # w8a8, the BLOCK_N rows sharing one scale row: per 128-wide slice j the activation codes
-    # c = round_e4m3(x / a_j) and the weight codes are multiplied in packed fp16
-    # (quant.fp8_words_dot16, 16 products per call, each thread's 16-byte load), and a_j * s_j
-    # scales the fp32 sums. Per-thread partials [BLOCK_N, BLOCK_K / 16] are summed across the
-    # threads once, after the K loop. w_ptr: int32 words [N, K / 4] (row stride stride_w words).
+    # The BLOCK_N rows sharing one scale row: per SUB_K-wide slice j, c = the activation codes
+    # round_e4m3(x / a_j) / 512 (A8, a_j = amax / 448) or x / a_j (w8a16, a_j the power of two
+    # just above amax: exact, |c| < 1, so products and 8-term sums stay far below fp16's 65504),
+    # and the weight codes are multiplied in packed fp16 (quant.fp8_words_dot16, 16 products per
+    # call, each thread's 16-byte load); a_j * s_j scales the fp32 sums. Per-thread partials
+    # [BLOCK_N, BLOCK_K / 16] are summed across the threads once, after the K loop.
+    # w_ptr: int32 words [N, K / 4] (row stride stride_w words).
     U: tl.constexpr = BLOCK_K // SUB_K
     G: tl.constexpr = BLOCK_K // 16              # 16-input groups of a tile (one word quad each)
     pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
@@ -130,14 +132,24 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
         w_next = words_at(w_rows, kw, n_mask, k_hi)
         kk = k0 + offs_k
         xv = tl.reshape(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), (U, SUB_K))
-        a = tl.maximum(tl.max(tl.abs(xv), axis=1), EPS_C) / FP8_MAX_C                        # [U]
-        c = round_e4m3(xv / a[:, None])                                 # e4m3 codes, as fp32
+        amax = tl.max(tl.abs(xv), axis=1)                                                  # [U]
         ks = k0 + tl.arange(0, U) * SUB_K
-        f = a * tl.load(s_tile + ks // bk, mask=ks < K, other=0.0) * 512.0
+        s_j = tl.load(s_tile + ks // bk, mask=ks < K, other=0.0)
+        if A8:
+            a = tl.maximum(amax, EPS_C) / FP8_MAX_C
+            c = round_e4m3(xv / a[:, None])                             # e4m3 codes, as fp32
+            f = a * s_j * 512.0
+            c_f: tl.constexpr = 0.001953125                             # the codes / 512
+        else:
+            eb = tl.minimum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 252)    # biased exponent
+            a = ((eb + 1) << 23).to(tl.float32, bitcast=True)                          # 2^(eb - 126)
+            c = xv * ((253 - eb) << 23).to(tl.float32, bitcast=True)[:, None]          # x / a
+            f = a * s_j
+            c_f: tl.constexpr = 1.0
         f = tl.reshape(tl.broadcast_to(f[:, None], (U, SUB_K // 16)), (G,))                # [G]
-        # the codes / 512 as fp16 pairs of each word column: (4t, 4t+1) and (4t+2, 4t+3)
+        # c * c_f as fp16 pairs of each word column: (4t, 4t+1) and (4t+2, 4t+3)
         e, o = tl.split(tl.reshape(c, (BLOCK_K // 4, 2, 2)))
-        x_lo, x_hi = tl.split(pack16(e, o, 0.001953125))
+        x_lo, x_hi = tl.split(pack16(e, o, c_f))
         d = fp8_tile_dot16(w, x_lo, x_hi)                                               # [BN, G]
         acc += d * f[None, :]
     offs_m = pid_m + tl.arange(0, 1)
@@ -239,8 +251,8 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
     if c["path"] == "gemv":
         nb = cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
-        # w8a8 with folded scales and 16-bit x: the codes meet in packed fp16 (weights read as words)
-        words = int32_words(weight) if act == "w8a8" and fold and x2.dtype != torch.float32 else None
+        # folded scales and 16-bit x: the codes meet in packed fp16 (weights read as words)
+        words = int32_words(weight) if fold and x2.dtype != torch.float32 else None
         f16 = words is not None
         wk = words if f16 else weight
         _fp8_gemv_kernel[(M, nb, split)](
