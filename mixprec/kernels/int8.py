@@ -12,11 +12,11 @@ point is exact: sum_k xq is summed alongside the dot. act "w8a16": q is widened 
 bf16/fp16) and y = scale * (x.q - zero * sum x).
 
 gemv (M = 1): programs over (row, N block, K split), 16-byte loads along K, int32 (w8a8) or fp32
-FMA dot products; a config's "words" (w8a8; bench-kernels --tune tries it) runs the same integer
-sums as dp4a over the weight read as int32 words (`_gemv_dp4a_words`; offline SASS of the 30B qkv
-tile 548 -> 421 instructions per step, most of the rest is the in-register quantization of x;
-session 24, H100: 5-15% faster on every 30B / 235B shape, the M=1 TUNED rows use it); gemm: tl.dot int8 (w8a8) or
-bf16/fp16 (w8a16). One launch per call (w8a8 gemm: plus the quantization launch).
+FMA dot products; a config's "words" (w8a8; the M=1 TUNED rows set it) runs the same integer sums
+as dp4a over the weight read as int32 words (`_gemv_dp4a_words`; offline SASS of the 30B qkv tile
+548 -> 421 instructions per step, most of the rest is the in-register quantization of x; session
+24, H100: 5-15% faster on every 30B / 235B shape); gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16).
+One launch per call (w8a8 gemm: plus the quantization launch).
 """
 from __future__ import annotations
 
