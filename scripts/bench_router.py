@@ -1,0 +1,50 @@
+"""The batch-1/2 MoE router on its own: residual add + RMSNorm + router linear + softmax / top-k
+in one launch (`moe.norm_router_route`, what a decoder layer runs at 1-2 tokens) against the
+same work as separate launches (the RMSNorm kernel, then F.linear + `moe.route`), on the
+Qwen3-30B-A3B and 235B-A22B shapes (E = 128 experts, top-8): CUDA graphs over cold copies of the
+router weight (a decode step reads each layer's router once, after other layers' weights went
+through L2), µs per call; a row says when the two picked other experts (bf16 logits summed in
+another order can round apart). A quick A/B for router changes: run it on two trees in one call.
+
+    python scripts/bench_router.py [--tokens 1,2]"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from mixprec.kernels import moe, timing     # noqa: E402
+from mixprec.kernels.norm import rms_norm    # noqa: E402
+
+SHAPES = {"30B": 2048, "235B": 4096}          # hidden size; both: 128 experts, top-8, renormalised
+E, TOPK = 128, 8
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--tokens", default="1,2")
+a = p.parse_args()
+print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: µs per call (CUDA graph, cold router "
+      f"weights)")
+print("| shape | tokens | one launch (norm_router_route) | rms_norm + F.linear + route |")
+print("|---|---:|---:|---:|")
+for name, H in SHAPES.items():
+    for M in (int(v) for v in a.tokens.split(",")):
+        g = torch.Generator(device="cuda").manual_seed(H + M)
+        copies = 64                                       # 64 x 0.5-1 MB of router weights: past L2
+        ws = [torch.randn(E, H, device="cuda", generator=g).mul(H ** -0.5).to(torch.bfloat16) for _ in range(copies)]
+        x, r = (torch.randn(M, H, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+        nw = torch.ones(H, device="cuda", dtype=torch.bfloat16)
+
+        def fused(i):
+            return moe.norm_router_route(x, r, nw, 1e-6, ws[i], TOPK, True)
+
+        def split(i):
+            y, _ = rms_norm(x, nw, 1e-6, residual=r)
+            return moe.route(F.linear(y, ws[i]), TOPK, True)
+
+        # the logits' bf16 rounding may differ (fp32 sums in another order): say so, do not stop
+        same = torch.equal(fused(0)[1].sort(-1).values, split(0)[1].sort(-1).values)
+        us = [timing.graph_us([lambda i=i, f=f: f(i) for i in range(copies)]) for f in (fused, split)]
+        print(f"| {name} | {M} | {us[0]:.2f}{'' if same else ' (other experts picked)'} | {us[1]:.2f} |", flush=True)
