@@ -318,6 +318,33 @@ def test_fp8_gemv_fp16_words_every_code(K, act, monkeypatch):
             assert sqnr(y, fp8_linear_reference(xd[:1], w, s, block, act)) >= 50, (dtype, block, c)
 
 
+@pytest.mark.parametrize("act", ["w8a8", "w8a16"])
+def test_fp8_gemv_word_rows(act, monkeypatch):
+    """GEMV programs of 2 or 4 activation rows on the fp16 word loop (BM 2 / 4: each weight word
+    decoded once, quant.fp8_tile_codes16, then one packed dot per row): every M from 1 to 5 (rows
+    past M read the last row and are not stored), a K tile past K, split-K; equal to the
+    reference and, row by row, to the one-row programs (only the summation order differs)."""
+    import mixprec.kernels.fp8 as fp8
+    spy = _LaunchSpy(fp8._fp8_gemv_kernel, "MR")
+    monkeypatch.setattr(fp8, "_fp8_gemv_kernel", spy)
+    g = gen(7)
+    N, K = 40, 640
+    w = (torch.randn(N, K, generator=g) * 40).to(torch.float8_e4m3fn).to(DEV)
+    s = (torch.rand(-(-N // 16), K // 128, generator=g) * 0.01 + 1e-3).to(DEV)
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    x = (torch.randn(5, K, generator=g) * 2.0 ** torch.randint(-6, 7, (5, K), generator=g).float()).to(dtype).to(DEV)
+    for c, ms in ((configs.cfg("gemv", 2, 8, 256, 1, 2, 1), (1, 2, 3)), (configs.cfg("gemv", 4, 16, 512, 2, 4, 1), (3, 4, 5))):
+        for M in ms:
+            spy.seen.clear()
+            y = fp8_linear_cfg(x[:M], w, s, (16, 128), act, c)
+            assert spy.seen == [min(c["BM"], 1 << (M - 1).bit_length())], (c, M, spy.seen)
+            assert sqnr(y, fp8_linear_reference(x[:M], w, s, (16, 128), act)) >= 45, (c, M)
+            one = fp8_linear_cfg(x[:M], w, s, (16, 128), act, dict(c, BM=1))
+            assert sqnr(y, one) >= 60, (c, M)
+    with pytest.raises(FormatError, match="BM=3"):
+        fp8_linear_cfg(x[:2], w, s, (16, 128), act, configs.cfg("gemv", 3, 8, 256, 1, 2, 1))
+
+
 @cpu_only
 @pytest.mark.parametrize("case", FP8_CASES)
 @pytest.mark.parametrize("act", ["w8a8", "w8a16"])

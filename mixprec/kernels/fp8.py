@@ -11,14 +11,17 @@ y[m, n] = sum_j a[m, j] * scale[n//bn, (128 j)//bk] * (xq[m, slice j] . w[n, sli
 act "w8a16": weights are widened in registers (exact in bf16/fp16) and multiplied with x; the
 weight scale multiplies each K tile's result (a tile never straddles a scale block).
 
-gemv (M = 1): programs over (row, N block, K split); [BN, BK] fp8 tiles with 16-byte loads along K;
-when the BN rows share a scale row (block scales with BN | 128, per-tensor) the scales fold into x
-and BK may span several 128-wide slices. Folded scales with bf16 / fp16 x (K a multiple of 4)
-multiply in packed fp16 (`_gemv_f16_words`, quant.fp8_words_dot16): the weight read as int32
-words, 4 e4m3 codes each, widened two at a time by cvt.rn.f16x2.e4m3x2 and multiplied by HFMA2 with
-the activation codes / 512 (w8a8) or x over a power of two (w8a16), 16 products summed per call in
-fp16, then in fp32 times the slice's a * s (SASS of the 30B qkv w8a8 tile: 246 instructions per
-step against 493 for the fp32 loop; session 23, H100: 7.6 -> 6.2 µs).
+gemv (M = 1, and where tuned rows take it): programs over (row, N block, K split); [BN, BK] fp8
+tiles with 16-byte loads along K; when the BN rows share a scale row (block scales with BN | 128,
+per-tensor) the scales fold into x and BK may span several 128-wide slices. Folded scales with bf16
+/ fp16 x (K a multiple of 4) multiply in packed fp16 (`_gemv_f16_words`, quant.fp8_words_dot16):
+the weight read as int32 words, 4 e4m3 codes each, widened two at a time by cvt.rn.f16x2.e4m3x2 and
+multiplied by HFMA2 with the activation codes / 512 (w8a8) or x over a power of two (w8a16), 16
+products summed per call in fp16, then in fp32 times the slice's a * s (SASS of the 30B qkv w8a8
+tile: 246 instructions per step against 493 for the fp32 loop; session 23, H100: 7.6 -> 6.2 µs). A
+config's BM (2 or 4) gives the word loop programs of that many rows, each weight word decoded once
+for all of them (bench-kernels --tune offers them at M = 2-8; built in session 24 without GPU time:
+offline SASS only, no TUNED row sets it).
 gemm: tl.dot on fp8 operands (w8a8, Hopper fp8 MMA) or bf16/fp16 (w8a16). One launch per call
 (w8a8 gemm from PRE_QUANT_M rows: plus the quantization launch).
 """
@@ -31,10 +34,10 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .ints import cdiv
-from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, fp8_act_reference,
-                    fp8_tile_dot16, gemm_tile, gemv_tile, int32_words, pack16, round_e4m3, split_plan, split_workspace,
-                    splitk_store, words_at)
+from .ints import cdiv, next_power_of_2
+from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, f16x2_dot8,
+                    fp8_act_reference, fp8_tile_codes16, fp8_tile_dot16, gemm_tile, gemv_tile, int32_words, pack16,
+                    round_e4m3, split_plan, split_workspace, splitk_store, tile_x_pairs16, words_at)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
 # w8a8 GEMM from this many rows: activations quantized once per row by act_quant (one more launch)
@@ -49,16 +52,17 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
                      A8: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-                     F16: tl.constexpr = False):
+                     F16: tl.constexpr = False, MR: tl.constexpr = 1):
     # FOLD: the BLOCK_N rows share one scale-block row, so a scale depends on k only and is folded
     # (with the activation scale) into x: one multiply per input instead of one per weight, and
     # the K tile can span several 128-wide slices (SUB_K each): more bytes in flight per step.
     # Otherwise the tile is one slice (BLOCK_K == SUB_K) and the scale multiplies each row's sum.
     # F16 (FOLD; w_ptr / stride_w: the weight as int32 words): the weight codes meet the activation
-    # codes (w8a8) or x scaled by a power of two (w8a16) in packed fp16 math (_gemv_f16_words).
+    # codes (w8a8) or x scaled by a power of two (w8a16) in packed fp16 math (_gemv_f16_words);
+    # MR rows per program (1, 2 or 4; > 1 only with F16).
     if F16:
         _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
-                        stride_s, k_per_split, split, A8, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
+                        stride_s, k_per_split, split, A8, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL, MR)
     else:
         _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
                   stride_s, k_per_split, split, A8, FOLD, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
@@ -107,22 +111,31 @@ def _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, st
 @triton.jit
 def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
                     stride_s, k_per_split, split, A8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
-    # The BLOCK_N rows sharing one scale row: per SUB_K-wide slice j, c = the activation codes
-    # round_e4m3(x / a_j) / 512 (A8, a_j = amax / 448) or x / a_j (w8a16, a_j the power of two
-    # just above amax: exact, |c| < 1, so products and 8-term sums stay far below fp16's 65504),
-    # and the weight codes are multiplied in packed fp16 (quant.fp8_words_dot16, 16 products per
-    # call, each thread's 16-byte load); a_j * s_j scales the fp32 sums. Per-thread partials
-    # [BLOCK_N, BLOCK_K / 16] are summed across the threads once, after the K loop.
-    # w_ptr: int32 words [N, K / 4] (row stride stride_w words).
-    U: tl.constexpr = BLOCK_K // SUB_K
+                    SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr, MR: tl.constexpr):
+    # The BLOCK_N rows sharing one scale row: per SUB_K-wide slice j the activations become fp16
+    # pairs (_x_pairs16) and meet the weight codes in packed fp16; a_j * s_j scales the fp32 sums.
+    # MR = 1: quant.fp8_words_dot16 (decode and 16 products per call, each thread's 16-byte load);
+    # MR = 2 / 4 activation rows (program pid_m: rows pid_m * MR ..): each weight word decoded once
+    # (quant.fp8_tile_codes16), then one packed dot per row (f16x2_dot8), rows in separate 2-D
+    # accumulators (as gemv_tiles.gemv_int4_rows). Per-thread partials [BLOCK_N, BLOCK_K / 16] are
+    # summed across the threads once, after the K loop. w_ptr: int32 words [N, K / 4] (row stride
+    # stride_w words).
     G: tl.constexpr = BLOCK_K // 16              # 16-input groups of a tile (one word quad each)
     pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 4)
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    m0 = pid_m * MR     # rows past M read row M - 1 (their results are not stored)
+    x0 = x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm
+    x1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm
+    x2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm
+    x3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     s_tile = s_ptr + ((pid_n * BLOCK_N) // bn) * stride_s       # the tile's scale row
-    acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+    if MR > 1:
+        acc1 = tl.zeros_like(acc0)
+    if MR == 4:
+        acc2 = tl.zeros_like(acc0)
+        acc3 = tl.zeros_like(acc0)
     kw = k_lo // 4 + offs_w
     w_next = words_at(w_rows, kw, n_mask, k_hi)
     pdl.wait(PDL)     # the first weight tile is on its way; x comes from the kernel before
@@ -131,31 +144,66 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
         kw = (k0 + BLOCK_K) // 4 + offs_w
         w_next = words_at(w_rows, kw, n_mask, k_hi)
         kk = k0 + offs_k
-        xv = tl.reshape(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), (U, SUB_K))
-        amax = tl.max(tl.abs(xv), axis=1)                                                  # [U]
-        ks = k0 + tl.arange(0, U) * SUB_K
-        s_j = tl.load(s_tile + ks // bk, mask=ks < K, other=0.0)
-        if A8:
-            a = tl.maximum(amax, EPS_C) / FP8_MAX_C
-            c = round_e4m3(xv / a[:, None])                             # e4m3 codes, as fp32
-            f = a * s_j * 512.0
-            c_f: tl.constexpr = 0.001953125                             # the codes / 512
+        ks = k0 + tl.arange(0, BLOCK_K // SUB_K) * SUB_K
+        s_j = tl.load(s_tile + ks // bk, mask=ks < K, other=0.0)                        # [U]
+        if MR == 1:
+            x_lo, x_hi, f = _x_pairs16(x0, kk, K, s_j, A8, SUB_K)
+            acc0 += fp8_tile_dot16(w, x_lo, x_hi) * f[None, :]                           # [BN, G]
         else:
-            eb = tl.minimum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 252)    # biased exponent
-            a = ((eb + 1) << 23).to(tl.float32, bitcast=True)                          # 2^(eb - 126)
-            c = xv * ((253 - eb) << 23).to(tl.float32, bitcast=True)[:, None]          # x / a
-            f = a * s_j
-            c_f: tl.constexpr = 1.0
-        f = tl.reshape(tl.broadcast_to(f[:, None], (U, SUB_K // 16)), (G,))                # [G]
-        # c * c_f as fp16 pairs of each word column: (4t, 4t+1) and (4t+2, 4t+3)
-        e, o = tl.split(tl.reshape(c, (BLOCK_K // 4, 2, 2)))
-        x_lo, x_hi = tl.split(pack16(e, o, c_f))
-        d = fp8_tile_dot16(w, x_lo, x_hi)                                               # [BN, G]
-        acc += d * f[None, :]
-    offs_m = pid_m + tl.arange(0, 1)
+            q0, q1, q2, q3, q4, q5, q6, q7 = fp8_tile_codes16(w)
+            acc0 += _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x0, kk, K, s_j, A8, SUB_K)
+            acc1 += _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x1, kk, K, s_j, A8, SUB_K)
+            if MR == 4:
+                acc2 += _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x2, kk, K, s_j, A8, SUB_K)
+                acc3 += _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x3, kk, K, s_j, A8, SUB_K)
     tile_id = pid_m * tl.num_programs(1) + pid_n
-    splitk_store(tl.sum(acc, axis=1)[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+    y = tl.sum(acc0, axis=1)[None, :]
+    if MR == 2:
+        y = tl.permute(tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1)), (1, 0))             # [2, BN]
+    if MR == 4:
+        y = tl.join(tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1)),
+                    tl.join(tl.sum(acc2, axis=1), tl.sum(acc3, axis=1)))                       # [BN, b, a]: row 2a + b
+        y = tl.reshape(tl.permute(y, (2, 1, 0)), (4, BLOCK_N))
+    splitk_store(y, out_ptr, ws_ptr, cnt_ptr, m0 + tl.arange(0, MR), offs_n, M, N, stride_om, tile_id,
                  pid_k, split, USE_SPLIT)
+
+
+@triton.jit
+def _x_pairs16(x_row, kk, K, s_j, A8: tl.constexpr, SUB_K: tl.constexpr):
+    """One activation row at inputs kk [BK] -> (x_lo, x_hi [BK / 4] int32: the fp16 pairs (4t, 4t+1)
+    and (4t+2, 4t+3) of each word column t, f [BK / 16]: each 16-input group's fp32 factor). Per
+    SUB_K-wide slice j: c = the activation codes round_e4m3(x / a_j) / 512 (A8, a_j = amax / 448)
+    or x / a_j (w8a16, a_j the power of two just above amax: exact, |c| < 1, so products and 8-term
+    sums stay far below fp16's 65504); f = a_j * s_j (* 512 for A8)."""
+    BK: tl.constexpr = kk.shape[0]
+    U: tl.constexpr = BK // SUB_K
+    xv = tl.reshape(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), (U, SUB_K))
+    amax = tl.max(tl.abs(xv), axis=1)                                                      # [U]
+    if A8:
+        a = tl.maximum(amax, EPS_C) / FP8_MAX_C
+        c = round_e4m3(xv / a[:, None])                             # e4m3 codes, as fp32
+        f = a * s_j * 512.0
+        c_f: tl.constexpr = 0.001953125                             # the codes / 512
+    else:
+        eb = tl.minimum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 252)    # biased exponent
+        a = ((eb + 1) << 23).to(tl.float32, bitcast=True)                          # 2^(eb - 126)
+        c = xv * ((253 - eb) << 23).to(tl.float32, bitcast=True)[:, None]          # x / a
+        f = a * s_j
+        c_f: tl.constexpr = 1.0
+    e, o = tl.split(tl.reshape(c, (BK // 4, 2, 2)))
+    x_lo, x_hi = tl.split(pack16(e, o, c_f))
+    return x_lo, x_hi, tl.reshape(tl.broadcast_to(f[:, None], (U, SUB_K // 16)), (BK // 16,))
+
+
+@triton.jit
+def _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x_row, kk, K, s_j, A8: tl.constexpr, SUB_K: tl.constexpr):
+    """One activation row's [BN, G] group sums against the decoded weight codes q0..q7
+    (quant.fp8_tile_codes16), scaled."""
+    x_lo, x_hi, f = _x_pairs16(x_row, kk, K, s_j, A8, SUB_K)
+    x0, x1, x2, x3, x4, x5, x6, x7 = tile_x_pairs16(x_lo, x_hi)
+    d = f16x2_dot8(q0, q1, q2, q3, q4, q5, q6, q7, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
+                   x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+    return d * f[None, :]
 
 
 @triton.jit(do_not_specialize=["M", "split"])
@@ -250,16 +298,21 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
     split, per = split_plan(K, tile_k, c["split"])
     if c["path"] == "gemv":
         nb = cdiv(N, c["BN"])
-        ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         # folded scales and 16-bit x: the codes meet in packed fp16 (weights read as words)
         words = int32_words(weight) if fold and x2.dtype != torch.float32 else None
         f16 = words is not None
         wk = words if f16 else weight
-        _fp8_gemv_kernel[(M, nb, split)](
+        # BM (1, 2 or 4) rows per program on the word loop (each weight word decoded once for them)
+        if c["BM"] not in (1, 2, 4):
+            raise FormatError(f"fp8_linear: gemv config BM={c['BM']}; its programs take 1, 2 or 4 rows")
+        mr = min(c["BM"], next_power_of_2(M)) if f16 else 1
+        nm = cdiv(M, mr)
+        ws, cnt = split_workspace(split, M, N, nm * nb, x2.device)
+        _fp8_gemv_kernel[(nm, nb, split)](
             x2, wk, scale, out, ws, cnt, M, N, K, bn, bk, x2.stride(0), out.stride(0), wk.stride(0),
             scale.stride(0), per, split, A8=act == "w8a8", FOLD=fold, BLOCK_N=c["BN"],
             BLOCK_K=tile_k, SUB_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"],
-            F16=f16, **pdl.launch_kw(x2))
+            F16=f16, MR=mr, **pdl.launch_kw(x2))
     else:
         nt = cdiv(M, c["BM"]) * cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)

@@ -316,22 +316,92 @@ def e4m3_pairs16(q):
 
 
 @triton.jit
-def fp8_tile_dot16(w, x_lo, x_hi):
-    """w [R, 4G] int32: e4m3 weight codes as words, K order; x_lo / x_hi [4G] int32: the fp16
-    activation pairs (inputs 4t, 4t+1) / 512 and (4t+2, 4t+3) / 512 of word column t (e4m3_pairs16)
-    -> [R, G] fp32: each 16-input group's sum w x / 512 (fp8_words_dot16 per group)."""
+def _tile_words4(w):
+    """w [R, 4G] int32 words, K order -> the 4 words of each 16-input group, [R, G] each."""
     G: tl.constexpr = w.shape[1] // 4
-    la, lb = tl.split(tl.reshape(x_lo, (G, 2, 2)))      # word j = 2 j1 + j0 of a group; j0 = 0 / 1
-    x0, x4 = tl.split(la)                               # pairs 2j (x_lo) and 2j + 1 (x_hi) of word j
+    wa, wb = tl.split(tl.reshape(w, (w.shape[0], G, 2, 2)))      # word j = 2 j1 + j0 of a group; j0 = 0 / 1
+    w0, w2 = tl.split(wa)
+    w1, w3 = tl.split(wb)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def tile_x_pairs16(x_lo, x_hi):
+    """x_lo / x_hi [4G] int32: the fp16 activation pairs (inputs 4t, 4t+1) and (4t+2, 4t+3) of word
+    column t -> x0..x7 [G]: pair i of each 16-input group (x_2j / x_2j+1: the low / high pair of its
+    word j), the order fp8_words_dot16 and f16x2_dot8 take."""
+    G: tl.constexpr = x_lo.shape[0] // 4
+    la, lb = tl.split(tl.reshape(x_lo, (G, 2, 2)))
+    x0, x4 = tl.split(la)
     x2, x6 = tl.split(lb)
     ha, hb = tl.split(tl.reshape(x_hi, (G, 2, 2)))
     x1, x5 = tl.split(ha)
     x3, x7 = tl.split(hb)
-    wa, wb = tl.split(tl.reshape(w, (w.shape[0], G, 2, 2)))
-    w0, w2 = tl.split(wa)
-    w1, w3 = tl.split(wb)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def fp8_tile_dot16(w, x_lo, x_hi):
+    """w [R, 4G] int32: e4m3 weight codes as words, K order; x_lo / x_hi [4G] int32: the fp16
+    activation pairs (inputs 4t, 4t+1) / 512 and (4t+2, 4t+3) / 512 of word column t (e4m3_pairs16)
+    -> [R, G] fp32: each 16-input group's sum w x / 512 (fp8_words_dot16 per group)."""
+    w0, w1, w2, w3 = _tile_words4(w)
+    x0, x1, x2, x3, x4, x5, x6, x7 = tile_x_pairs16(x_lo, x_hi)
     return fp8_words_dot16(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
                            x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+
+
+_E4M3_F16X2 = tl.constexpr(
+    "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }")
+
+
+@triton.jit
+def e4m3_f16x2(q):
+    """q int32: 4 e4m3 codes (code i = input i) -> the fp16 pairs (c0, c1) and (c2, c3) (exact)."""
+    if _PTX:
+        return tl.inline_asm_elementwise(_E4M3_F16X2, "=r,=r,r", [q], dtype=(tl.int32, tl.int32), is_pure=True,
+                                         pack=1)
+    else:
+        return (pack16(_e4m3_f32(q & 255), _e4m3_f32((q >> 8) & 255), 1.0),
+                pack16(_e4m3_f32((q >> 16) & 255), _e4m3_f32((q >> 24) & 255), 1.0))
+
+
+@triton.jit
+def fp8_tile_codes16(w):
+    """w [R, 4G] int32: e4m3 weight codes as words, K order -> q0..q7 [R, G]: the fp16 code pairs
+    of each 16-input group (pair i: inputs 2i, 2i+1), decoded once for several activation rows."""
+    w0, w1, w2, w3 = _tile_words4(w)
+    q0, q1 = e4m3_f16x2(w0)
+    q2, q3 = e4m3_f16x2(w1)
+    q4, q5 = e4m3_f16x2(w2)
+    q6, q7 = e4m3_f16x2(w3)
+    return q0, q1, q2, q3, q4, q5, q6, q7
+
+
+# f16x2_dot8: 8 HFMA2 over fp16 pairs, the two halves summed in fp32 (fp8_words_dot16 without the
+# decode): 16 products of weight codes (fp8_tile_codes16) with activation pairs / 512 (or x / a).
+_F16X2_DOT8 = tl.constexpr(
+    "{ .reg .b32 a; .reg .b16 lo, hi; .reg .f32 fl, fh; "
+    "mul.rn.f16x2 a, $1, $9; fma.rn.f16x2 a, $2, $10, a; fma.rn.f16x2 a, $3, $11, a; fma.rn.f16x2 a, $4, $12, a; "
+    "fma.rn.f16x2 a, $5, $13, a; fma.rn.f16x2 a, $6, $14, a; fma.rn.f16x2 a, $7, $15, a; "
+    "fma.rn.f16x2 a, $8, $16, a; mov.b32 {lo, hi}, a; cvt.f32.f16 fl, lo; cvt.f32.f16 fh, hi; add.f32 $0, fl, fh; }")
+
+
+@triton.jit
+def f16x2_dot8(q0, q1, q2, q3, q4, q5, q6, q7, x0, x1, x2, x3, x4, x5, x6, x7):
+    """sum over the 16 fp16 products of the pairs q_i and x_i (int32 each), as fp32 (products and
+    sums in fp16 on the GPU, exact fp32 in the interpreter)."""
+    if _PTX:
+        return tl.inline_asm_elementwise(_F16X2_DOT8, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                         [q0, q1, q2, q3, q4, q5, q6, q7, x0, x1, x2, x3, x4, x5, x6, x7],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        part = _f16_lo(q0) * _f16_lo(x0) + _f16_hi(q0) * _f16_hi(x0) + _f16_lo(q1) * _f16_lo(x1)
+        part += _f16_hi(q1) * _f16_hi(x1) + _f16_lo(q2) * _f16_lo(x2) + _f16_hi(q2) * _f16_hi(x2)
+        part += _f16_lo(q3) * _f16_lo(x3) + _f16_hi(q3) * _f16_hi(x3) + _f16_lo(q4) * _f16_lo(x4)
+        part += _f16_hi(q4) * _f16_hi(x4) + _f16_lo(q5) * _f16_lo(x5) + _f16_hi(q5) * _f16_hi(x5)
+        part += _f16_lo(q6) * _f16_lo(x6) + _f16_hi(q6) * _f16_hi(x6) + _f16_lo(q7) * _f16_lo(x7)
+        return part + _f16_hi(q7) * _f16_hi(x7)
 
 
 @triton.jit
