@@ -379,6 +379,30 @@ def test_int8_w8a8_gemv_dp4a_words_equal_the_int32_loop(asym, monkeypatch):
             assert sqnr(y, int8_linear_reference(x, w, s, z, "w8a8")) >= 40
 
 
+@pytest.mark.parametrize("asym", [False, True])
+def test_int8_w8a8_gemv_dp4a_rows_equal_one_row_programs(asym, monkeypatch):
+    """GEMV programs of 2 or 4 activation rows on the dp4a loop (a config's BM with "words": each
+    weight word loaded once for all of them): every row equal bit for bit to the one-row programs
+    (the same integer sums and float steps), M = 1..5 (rows past M read the last row and are not
+    stored), split-K, a K tile past K, zero points."""
+    import mixprec.kernels.int8 as int8
+    spy = _LaunchSpy(int8._int8_gemv_kernel, "MR")
+    monkeypatch.setattr(int8, "_int8_gemv_kernel", spy)
+    N, K = 40, 640
+    w, s, z = make_int8(N, K, asym, seed=5)
+    x = xin(5, K, torch.float16, seed=6) * 3.0
+    for c, ms in ((configs.cfg("gemv", 2, 8, 256, 1, 2, 1, words=True), (1, 2, 3)),
+                  (configs.cfg("gemv", 4, 16, 512, 2, 4, 1, words=True), (3, 4, 5))):
+        for M in ms:
+            spy.seen.clear()
+            y = int8_linear_cfg(x[:M], w, s, z, "w8a8", c)
+            assert spy.seen == [min(c["BM"], 1 << (M - 1).bit_length())], (c, M, spy.seen)
+            assert torch.equal(y, int8_linear_cfg(x[:M], w, s, z, "w8a8", dict(c, BM=1))), (c, M)
+            assert sqnr(y, int8_linear_reference(x[:M], w, s, z, "w8a8")) >= 40
+    with pytest.raises(FormatError, match="BM=3"):
+        int8_linear_cfg(x[:2], w, s, z, "w8a8", configs.cfg("gemv", 3, 8, 256, 1, 2, 1, words=True))
+
+
 @cpu_only
 def test_public_entry_points_and_split_counters_reset():
     """Default configs, leading batch dims, and a split-K call repeated (counters reset)."""

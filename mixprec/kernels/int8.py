@@ -15,7 +15,9 @@ gemv (M = 1): programs over (row, N block, K split), 16-byte loads along K, int3
 FMA dot products; a config's "words" (w8a8; the M=1 TUNED rows set it) runs the same integer sums
 as dp4a over the weight read as int32 words (`_gemv_dp4a_words`; offline SASS of the 30B qkv tile
 548 -> 421 instructions per step, most of the rest is the in-register quantization of x; session
-24, H100: 5-15% faster on every 30B / 235B shape); gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16).
+24, H100: 5-15% faster on every 30B / 235B shape); with a config's BM (2 or 4) its programs take
+that many rows, each weight word loaded once for all of them (tuner candidates at M = 2-8, session
+24, not yet timed); gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16).
 One launch per call (w8a8 gemm: plus the quantization launch).
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .ints import cdiv
+from .ints import cdiv, next_power_of_2
 from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, dp4a, gemm_tile, gemv_tile,
                     int32_words, int8_act_quant_reference, split_plan, split_workspace, splitk_store, words_at)
 
@@ -37,11 +39,12 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
                       M, N, K, stride_xm, stride_om, stride_w, k_per_split, split,
                       A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-                      WORDS: tl.constexpr = False):
-    # WORDS (w8a8; w_ptr / stride_w: the weight as int32 words): _gemv_dp4a_words
+                      WORDS: tl.constexpr = False, MR: tl.constexpr = 1):
+    # WORDS (w8a8; w_ptr / stride_w: the weight as int32 words): _gemv_dp4a_words, MR rows per
+    # program (1, 2 or 4; > 1 only with WORDS)
     if WORDS:
         _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om,
-                         stride_w, k_per_split, split, HAS_ZERO, BLOCK_N, BLOCK_K, USE_SPLIT, PDL)
+                         stride_w, k_per_split, split, HAS_ZERO, BLOCK_N, BLOCK_K, USE_SPLIT, PDL, MR)
     else:
         _gemv_i32(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, stride_w,
                   k_per_split, split, A8, HAS_ZERO, BLOCK_N, BLOCK_K, USE_SPLIT, PDL)
@@ -66,41 +69,87 @@ def _int8_codes(xv, sx):
 @triton.jit
 def _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, stride_w,
                      k_per_split, split, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
-    # w8a8 as dp4a: the row's codes packed 4 to a word once per tile (shared by the BLOCK_N rows),
-    # weights read as int32 words, 4 products per instruction into int32 per-thread partials
+                     USE_SPLIT: tl.constexpr, PDL: tl.constexpr, MR: tl.constexpr):
+    # w8a8 as dp4a: a row's codes packed 4 to a word once per tile (shared by the BLOCK_N weight
+    # rows), weights read as int32 words, 4 products per instruction into int32 per-thread partials
     # [BLOCK_N, BLOCK_K / 4], summed once after the K loop (the same exact integers as _gemv_i32).
+    # MR = 2 / 4 activation rows per program (pid_m: rows pid_m * MR ..; rows past M read row M - 1
+    # and are not stored): each weight word loaded once for all of them, rows in separate 2-D
+    # accumulators (as gemv_tiles.gemv_int4_rows).
     pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 4)
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    m0 = pid_m * MR
+    x0 = x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm
+    x1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm
+    x2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm
+    x3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     kw = k_lo // 4 + offs_w
     w_next = words_at(w_rows, kw, n_mask, k_hi)
     pdl.wait(PDL)     # the first weight tile is on its way; x comes from the kernel before
-    sx = _token_scale(x_row, K, offs_k, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.int32)
-    xs = tl.zeros([BLOCK_K // 4], dtype=tl.int32)
+    sx0 = _token_scale(x0, K, offs_k, BLOCK_K)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.int32)
+    xs0 = tl.zeros([BLOCK_K // 4], dtype=tl.int32)
+    if MR > 1:
+        sx1 = _token_scale(x1, K, offs_k, BLOCK_K)
+        acc1 = tl.zeros_like(acc0)
+        xs1 = tl.zeros_like(xs0)
+    if MR == 4:
+        sx2 = _token_scale(x2, K, offs_k, BLOCK_K)
+        sx3 = _token_scale(x3, K, offs_k, BLOCK_K)
+        acc2 = tl.zeros_like(acc0)
+        acc3 = tl.zeros_like(acc0)
+        xs2 = tl.zeros_like(xs0)
+        xs3 = tl.zeros_like(xs0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = w_next
         kw = (k0 + BLOCK_K) // 4 + offs_w
         w_next = words_at(w_rows, kw, n_mask, k_hi)
         kk = k0 + offs_k
-        q = _int8_codes(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), sx) & 255
-        q01, q23 = tl.split(tl.reshape(q, (BLOCK_K // 4, 2, 2)))      # [BK/4, 2]: bytes (0, 2), (1, 3)
-        q0, q2 = tl.split(q01)
-        q1, q3 = tl.split(q23)
-        xw = q0 | (q1 << 8) | (q2 << 16) | (q3 << 24)                      # [BK/4] words, byte i = input 4t + i
-        acc = dp4a(w, tl.broadcast_to(xw[None, :], w.shape), acc)
-        if HAS_ZERO:
-            xs = dp4a(xw, tl.full(xw.shape, 0x01010101, tl.int32), xs)
+        acc0, xs0 = _row_dp4a(w, x0, kk, K, sx0, acc0, xs0, HAS_ZERO)
+        if MR > 1:
+            acc1, xs1 = _row_dp4a(w, x1, kk, K, sx1, acc1, xs1, HAS_ZERO)
+        if MR == 4:
+            acc2, xs2 = _row_dp4a(w, x2, kk, K, sx2, acc2, xs2, HAS_ZERO)
+            acc3, xs3 = _row_dp4a(w, x3, kk, K, sx3, acc3, xs3, HAS_ZERO)
+    s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+    z = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0)    # HAS_ZERO only; z_ptr is readable anyway
+    y = _dp4a_row_out(acc0, xs0, sx0, s, z, HAS_ZERO)[None, :]
+    if MR == 2:
+        y = tl.permute(tl.join(_dp4a_row_out(acc0, xs0, sx0, s, z, HAS_ZERO),
+                               _dp4a_row_out(acc1, xs1, sx1, s, z, HAS_ZERO)), (1, 0))            # [2, BN]
+    if MR == 4:
+        y = tl.join(tl.join(_dp4a_row_out(acc0, xs0, sx0, s, z, HAS_ZERO), _dp4a_row_out(acc1, xs1, sx1, s, z, HAS_ZERO)),
+                    tl.join(_dp4a_row_out(acc2, xs2, sx2, s, z, HAS_ZERO),
+                            _dp4a_row_out(acc3, xs3, sx3, s, z, HAS_ZERO)))   # [BN, b, a]: row 2a + b
+        y = tl.reshape(tl.permute(y, (2, 1, 0)), (4, BLOCK_N))
+    tile_id = pid_m * tl.num_programs(1) + pid_n
+    splitk_store(y, out_ptr, ws_ptr, cnt_ptr, m0 + tl.arange(0, MR), offs_n, M, N, stride_om, tile_id,
+                 pid_k, split, USE_SPLIT)
+
+
+@triton.jit
+def _row_dp4a(w, x_row, kk, K, sx, acc, xs, HAS_ZERO: tl.constexpr):
+    """One activation row's step: its codes at inputs kk as words (byte i = input 4t + i), dp4a with
+    the weight words w [BN, BK / 4] into acc; xs: the codes' running sums (zero points)."""
+    q = _int8_codes(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), sx) & 255
+    q01, q23 = tl.split(tl.reshape(q, (kk.shape[0] // 4, 2, 2)))      # [BK/4, 2]: bytes (0, 2), (1, 3)
+    q0, q2 = tl.split(q01)
+    q1, q3 = tl.split(q23)
+    xw = q0 | (q1 << 8) | (q2 << 16) | (q3 << 24)                      # [BK/4] words
+    acc = dp4a(w, tl.broadcast_to(xw[None, :], w.shape), acc)
+    if HAS_ZERO:
+        xs = dp4a(xw, tl.full(xw.shape, 0x01010101, tl.int32), xs)
+    return acc, xs
+
+
+@triton.jit
+def _dp4a_row_out(acc, xs, sx, s, z, HAS_ZERO: tl.constexpr):
+    """[BN] fp32 outputs of one row: scale * sx * (x.q - zero * sum x)."""
     y = tl.sum(acc, axis=1).to(tl.float32)
     if HAS_ZERO:
-        y -= tl.load(z_ptr + offs_n, mask=n_mask, other=0.0) * tl.sum(xs, axis=0).to(tl.float32)
-    y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0) * sx
-    offs_m = pid_m + tl.arange(0, 1)
-    tile_id = pid_m * tl.num_programs(1) + pid_n
-    splitk_store(y[None, :], out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
-                 pid_k, split, USE_SPLIT)
+        y -= z * tl.sum(xs, axis=0).to(tl.float32)
+    return y * s * sx
 
 
 @triton.jit
@@ -235,13 +284,18 @@ def int8_linear_cfg(x, weight, scale, zero, act, cfg: dict | None) -> Tensor:
                  USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     if c["path"] == "gemv":
         nb = cdiv(N, c["BN"])
-        ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
-        # a config's "words": w8a8 as dp4a over the weight read as int32 words (tuner candidates)
+        # a config's "words": w8a8 as dp4a over the weight read as int32 words
         wv = int32_words(weight) if c.get("words", False) and act == "w8a8" else None
         words = wv is not None
         wk = wv if words else weight
+        # BM (1, 2 or 4) rows per program on the dp4a loop (each weight word loaded once for them)
+        if c["BM"] not in (1, 2, 4):
+            raise FormatError(f"int8_linear: gemv config BM={c['BM']}; its programs take 1, 2 or 4 rows")
+        mr = min(c["BM"], next_power_of_2(M)) if words else 1
+        nm = cdiv(M, mr)
+        ws, cnt = split_workspace(split, M, N, nm * nb, x2.device)
         args = (M, N, K, x2.stride(0), out.stride(0), wk.stride(0), per, split)
-        _int8_gemv_kernel[(M, nb, split)](x2, wk, scale, zero, out, ws, cnt, *args, WORDS=words, **flags)
+        _int8_gemv_kernel[(nm, nb, split)](x2, wk, scale, zero, out, ws, cnt, *args, WORDS=words, MR=mr, **flags)
     else:
         nt = cdiv(M, c["BM"]) * cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)
