@@ -37,7 +37,8 @@ from . import configs, pdl
 from .ints import cdiv, next_power_of_2
 from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, f16x2_dot8,
                     fp8_act_reference, fp8_tile_codes16, fp8_tile_dot16, gemm_tile, gemv_tile, int32_words, pack16,
-                    round_e4m3, split_plan, split_workspace, splitk_store, tile_x_pairs16, words_at)
+                    round_e4m3, row_ptrs4, rows2, rows4, split_plan, split_workspace, splitk_store, tile_x_pairs16,
+                    words_at)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
 # w8a8 GEMM from this many rows: activations quantized once per row by act_quant (one more launch)
@@ -123,11 +124,8 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
     G: tl.constexpr = BLOCK_K // 16              # 16-input groups of a tile (one word quad each)
     pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 4)
-    m0 = pid_m * MR     # rows past M read row M - 1 (their results are not stored)
-    x0 = x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm
-    x1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm
-    x2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm
-    x3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm
+    m0 = pid_m * MR
+    x0, x1, x2, x3 = row_ptrs4(x_ptr, m0, M, stride_xm)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     s_tile = s_ptr + ((pid_n * BLOCK_N) // bn) * stride_s       # the tile's scale row
     acc0 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
@@ -157,13 +155,12 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
                 acc2 += _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x2, kk, K, s_j, A8, SUB_K)
                 acc3 += _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x3, kk, K, s_j, A8, SUB_K)
     tile_id = pid_m * tl.num_programs(1) + pid_n
-    y = tl.sum(acc0, axis=1)[None, :]
-    if MR == 2:
-        y = tl.permute(tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1)), (1, 0))             # [2, BN]
-    if MR == 4:
-        y = tl.join(tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1)),
-                    tl.join(tl.sum(acc2, axis=1), tl.sum(acc3, axis=1)))                       # [BN, b, a]: row 2a + b
-        y = tl.reshape(tl.permute(y, (2, 1, 0)), (4, BLOCK_N))
+    if MR == 1:
+        y = tl.sum(acc0, axis=1)[None, :]
+    elif MR == 2:
+        y = rows2(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))
+    else:
+        y = rows4(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1))
     splitk_store(y, out_ptr, ws_ptr, cnt_ptr, m0 + tl.arange(0, MR), offs_n, M, N, stride_om, tile_id,
                  pid_k, split, USE_SPLIT)
 

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .quant import int4_word_codes, int4_word_dot, word_dot16, x_pairs16, zero_pairs16
+from .quant import int4_word_codes, int4_word_dot, rows2, rows4, word_dot16, x_pairs16, zero_pairs16
 
 # intq: qweight [K/pf, N] (K packed along 32-bit words, N contiguous), scales / zeros
 # [ceil(K/G), N]; the row stride of all three is nw (the caller's column count)
@@ -210,10 +210,8 @@ def gemv_int4_rows(x0, x1, x2, x3, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
         if MR == 4:
             acc2 += _row_words(t0, t1, t2, t3, x2, pp, kr, K, HP, not EVK) * s
             acc3 += _row_words(t0, t1, t2, t3, x3, pp, kr, K, HP, not EVK) * s
-    y = tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))              # [BN, 2]
     if MR == 4:
-        y = tl.join(y, tl.join(tl.sum(acc2, axis=0), tl.sum(acc3, axis=0)))   # [BN, b, a]: row 2 a + b
-        y = tl.reshape(tl.permute(y, (2, 1, 0)), (4, cols.shape[0]))
+        y = rows4(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0))
     else:
-        y = tl.permute(y, (1, 0))
+        y = rows2(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
     return y

@@ -31,7 +31,8 @@ from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .ints import cdiv, next_power_of_2
 from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, dp4a, gemm_tile, gemv_tile,
-                    int32_words, int8_act_quant_reference, split_plan, split_workspace, splitk_store, words_at)
+                    int32_words, int8_act_quant_reference, row_ptrs4, rows2, rows4, split_plan, split_workspace,
+                    splitk_store, words_at)
 
 
 @triton.jit(do_not_specialize=["M", "split"])
@@ -79,10 +80,7 @@ def _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 4)
     m0 = pid_m * MR
-    x0 = x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm
-    x1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm
-    x2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm
-    x3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm
+    x0, x1, x2, x3 = row_ptrs4(x_ptr, m0, M, stride_xm)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     kw = k_lo // 4 + offs_w
     w_next = words_at(w_rows, kw, n_mask, k_hi)
@@ -114,15 +112,14 @@ def _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
             acc3, xs3 = _row_dp4a(w, x3, kk, K, sx3, acc3, xs3, HAS_ZERO)
     s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     z = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0)    # HAS_ZERO only; z_ptr is readable anyway
-    y = _dp4a_row_out(acc0, xs0, sx0, s, z, HAS_ZERO)[None, :]
-    if MR == 2:
-        y = tl.permute(tl.join(_dp4a_row_out(acc0, xs0, sx0, s, z, HAS_ZERO),
-                               _dp4a_row_out(acc1, xs1, sx1, s, z, HAS_ZERO)), (1, 0))            # [2, BN]
-    if MR == 4:
-        y = tl.join(tl.join(_dp4a_row_out(acc0, xs0, sx0, s, z, HAS_ZERO), _dp4a_row_out(acc1, xs1, sx1, s, z, HAS_ZERO)),
-                    tl.join(_dp4a_row_out(acc2, xs2, sx2, s, z, HAS_ZERO),
-                            _dp4a_row_out(acc3, xs3, sx3, s, z, HAS_ZERO)))   # [BN, b, a]: row 2a + b
-        y = tl.reshape(tl.permute(y, (2, 1, 0)), (4, BLOCK_N))
+    y0 = _dp4a_row_out(acc0, xs0, sx0, s, z, HAS_ZERO)
+    if MR == 1:
+        y = y0[None, :]
+    elif MR == 2:
+        y = rows2(y0, _dp4a_row_out(acc1, xs1, sx1, s, z, HAS_ZERO))
+    else:
+        y = rows4(y0, _dp4a_row_out(acc1, xs1, sx1, s, z, HAS_ZERO), _dp4a_row_out(acc2, xs2, sx2, s, z, HAS_ZERO),
+                  _dp4a_row_out(acc3, xs3, sx3, s, z, HAS_ZERO))
     tile_id = pid_m * tl.num_programs(1) + pid_n
     splitk_store(y, out_ptr, ws_ptr, cnt_ptr, m0 + tl.arange(0, MR), offs_n, M, N, stride_om, tile_id,
                  pid_k, split, USE_SPLIT)

@@ -51,8 +51,8 @@ from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .gemv_tiles import gemv_int4_rows, gemv_intq
 from .ints import cdiv, next_power_of_2
-from .quant import (check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles, split_plan,
-                    split_workspace, splitk_store, x_tile)
+from .quant import (check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles,
+                    row_ptrs4, split_plan, split_workspace, splitk_store, x_tile)
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
 MAGIC_C = tl.constexpr(MAGIC)
@@ -84,11 +84,7 @@ def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     tile_id = pid_m * tl.num_programs(1) + pid_n
     if MR > 1:
         offs_m = pid_m * MR + tl.arange(0, MR)
-        m0 = pid_m * MR     # rows past M read row M - 1 (their results are not stored)
-        x0 = x_ptr + stride_xm * tl.minimum(m0, M - 1).to(tl.int64)
-        x1 = x_ptr + stride_xm * tl.minimum(m0 + 1, M - 1).to(tl.int64)
-        x2 = x_ptr + stride_xm * tl.minimum(m0 + 2, M - 1).to(tl.int64)
-        x3 = x_ptr + stride_xm * tl.minimum(m0 + 3, M - 1).to(tl.int64)
+        x0, x1, x2, x3 = row_ptrs4(x_ptr, pid_m * MR, M, stride_xm)
         acc = gemv_int4_rows(x0, x1, x2, x3, qw_ptr, s_ptr, z_ptr, perm_ptr, offs_n, offs_n < N, N, K, k_lo,
                              k_lo + k_per_split, MR, G, HAS_ZERO, HAS_PERM, BLOCK_K, EVK, PDL)
     else:

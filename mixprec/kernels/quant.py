@@ -617,6 +617,29 @@ def split_workspace(split: int, M: int, N: int, n_tiles: int, device: torch.devi
 
 
 @triton.jit
+def row_ptrs4(x_ptr, m0, M, stride_xm):
+    """Row pointers of the activation rows m0 .. m0 + 3 of a GEMV program of several rows (rows past
+    M point at row M - 1: readable, their results are not stored)."""
+    return (x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm,
+            x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm,
+            x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm,
+            x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm)
+
+
+@triton.jit
+def rows2(y0, y1):
+    """Two rows' results [BN] -> [2, BN]."""
+    return tl.permute(tl.join(y0, y1), (1, 0))
+
+
+@triton.jit
+def rows4(y0, y1, y2, y3):
+    """Four rows' results [BN] -> [4, BN]."""
+    y = tl.join(tl.join(y0, y1), tl.join(y2, y3))                     # [BN, b, a]: row 2 a + b
+    return tl.reshape(tl.permute(y, (2, 1, 0)), (4, y0.shape[0]))
+
+
+@triton.jit
 def gemv_tile(N, K, k_per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """GEMV program (grid rows x N blocks x K splits) -> (pid_m, pid_n, pid_k, offs_n, n_mask,
     offs_k, k_lo, k_hi) of the dense fp8 / int8 GEMVs."""
