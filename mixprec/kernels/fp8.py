@@ -34,11 +34,11 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .ints import cdiv, next_power_of_2
+from .ints import cdiv
 from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, f16x2_dot8,
                     fp8_act_reference, fp8_tile_codes16, fp8_tile_dot16, gemm_tile, gemv_tile, int32_words, pack16,
-                    round_e4m3, row_ptrs4, rows2, rows4, split_plan, split_workspace, splitk_store, tile_x_pairs16,
-                    words_at)
+                    round_e4m3, row_ptrs4, rows2, rows4, rows_per_program, split_plan, split_workspace, splitk_store,
+                    tile_x_pairs16, words_at)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
 # w8a8 GEMM from this many rows: activations quantized once per row by act_quant (one more launch)
@@ -299,10 +299,8 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
         words = int32_words(weight) if fold and x2.dtype != torch.float32 else None
         f16 = words is not None
         wk = words if f16 else weight
-        # BM (1, 2 or 4) rows per program on the word loop (each weight word decoded once for them)
-        if c["BM"] not in (1, 2, 4):
-            raise FormatError(f"fp8_linear: gemv config BM={c['BM']}; its programs take 1, 2 or 4 rows")
-        mr = min(c["BM"], next_power_of_2(M)) if f16 else 1
+        # BM rows per program on the word loop (each weight word decoded once for them)
+        mr = rows_per_program(c["BM"], M, f16, "fp8_linear")
         nm = cdiv(M, mr)
         ws, cnt = split_workspace(split, M, N, nm * nb, x2.device)
         _fp8_gemv_kernel[(nm, nb, split)](

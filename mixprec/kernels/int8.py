@@ -29,10 +29,10 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .ints import cdiv, next_power_of_2
+from .ints import cdiv
 from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, dp4a, gemm_tile, gemv_tile,
-                    int32_words, int8_act_quant_reference, row_ptrs4, rows2, rows4, split_plan, split_workspace,
-                    splitk_store, words_at)
+                    int32_words, int8_act_quant_reference, row_ptrs4, rows2, rows4, rows_per_program, split_plan,
+                    split_workspace, splitk_store, words_at)
 
 
 @triton.jit(do_not_specialize=["M", "split"])
@@ -111,7 +111,10 @@ def _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
             acc2, xs2 = _row_dp4a(w, x2, kk, K, sx2, acc2, xs2, HAS_ZERO)
             acc3, xs3 = _row_dp4a(w, x3, kk, K, sx3, acc3, xs3, HAS_ZERO)
     s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
-    z = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0)    # HAS_ZERO only; z_ptr is readable anyway
+    if HAS_ZERO:
+        z = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0)
+    else:
+        z = s       # unused
     y0 = _dp4a_row_out(acc0, xs0, sx0, s, z, HAS_ZERO)
     if MR == 1:
         y = y0[None, :]
@@ -285,10 +288,8 @@ def int8_linear_cfg(x, weight, scale, zero, act, cfg: dict | None) -> Tensor:
         wv = int32_words(weight) if c.get("words", False) and act == "w8a8" else None
         words = wv is not None
         wk = wv if words else weight
-        # BM (1, 2 or 4) rows per program on the dp4a loop (each weight word loaded once for them)
-        if c["BM"] not in (1, 2, 4):
-            raise FormatError(f"int8_linear: gemv config BM={c['BM']}; its programs take 1, 2 or 4 rows")
-        mr = min(c["BM"], next_power_of_2(M)) if words else 1
+        # BM rows per program on the dp4a loop (each weight word loaded once for them)
+        mr = rows_per_program(c["BM"], M, words, "int8_linear")
         nm = cdiv(M, mr)
         ws, cnt = split_workspace(split, M, N, nm * nb, x2.device)
         args = (M, N, K, x2.stride(0), out.stride(0), wk.stride(0), per, split)

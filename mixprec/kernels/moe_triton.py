@@ -24,7 +24,7 @@ import triton.language as tl
 from . import pdl
 from .gemv_tiles import gemv_intq_cols, intq_scale
 from .intq import intq_dequant_tile
-from .quant import (dp4a, e4m3_pairs16, fp8_tile_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles,
+from .quant import (dp4a, e4m3_f16x2, fp8_tile_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles,
                     words_at, x_tile)
 
 _DENSE = tl.constexpr(0)
@@ -200,7 +200,7 @@ def _gemv_fp8_words(qrow, srow, wp, sp, rows, nm, run0, K, k_lo, k_hi,
     for k0 in range(k_lo, k_hi, BK):
         w = w_nxt
         w_nxt = words_at(wrow, (k0 + BK) // 4 + rw, nm, k_hi)
-        x_lo, x_hi = e4m3_pairs16(tl.load(xw + k0 // 4 + rw, mask=k0 // 4 + rw < k_hi // 4, other=0))   # [BK/4]
+        x_lo, x_hi = e4m3_f16x2(tl.load(xw + k0 // 4 + rw, mask=k0 // 4 + rw < k_hi // 4, other=0), True)   # [BK/4]
         ks = k0 + tl.arange(0, U) * SUB
         a = tl.load(srow + 1 + ks // 128, mask=ks < K, other=0.0)                      # [U] activation scales
         sc = tl.load(s_run[:, None] + (ks // BKW)[None, :], mask=(ks < K)[None, :], other=0.0)   # [NH, U]

@@ -13,10 +13,12 @@
   LOP3 + one packed subtract, the per-field dots of a one-group K tile (also transposed, with the
   codes as the dot's A operand), and the activation tile they take, for the dot paths of the int4
   kernels (intq.py, moe_triton.py); `int4_swap_tiles`: the transposed tile loop both run.
-* The fp8 W8A8 GEMVs' packed-fp16 word math: `fp8_words_dot16` (16 e4m3 weight codes, as 4 words,
-  against 8 fp16 activation pairs), `fp8_tile_dot16` (a word tile's groups of 16), `e4m3_pairs16`
-  (activation codes as words -> those pairs), each with a plain-Triton twin for the interpreter;
-  `dp4a` (4 int8 products per instruction) for the int8 W8A8 word loop.
+* The fp8 GEMVs' packed-fp16 word math: `fp8_words_dot16` (16 e4m3 weight codes, as 4 words,
+  against 8 fp16 activation pairs), `fp8_tile_dot16` (a word tile's groups of 16), `e4m3_f16x2`
+  (4 codes of a word -> 2 fp16 pairs, / 512 for activation codes); for several activation rows
+  `fp8_tile_codes16` (a tile's codes decoded once) and `f16x2_dot8` (one row's products); each with
+  a plain-Triton twin for the interpreter; `dp4a` (4 int8 products per instruction) for the int8
+  W8A8 word loops.
 * The int4 GEMVs' packed-fp16 word math: `int4_word_codes` (a word's 8 codes minus the zero as 4
   fp16 pairs), `word_dot16` (their dot with 4 activation pairs from `x_pairs16`), `int4_word_dot`
   (both), each with a plain-Triton twin for the interpreter.
@@ -298,23 +300,6 @@ def fp8_words_dot16(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7):
         return part + _fp8_word_f32(w2, x4, x5) + _fp8_word_f32(w3, x6, x7)
 
 
-_E4M3_PAIRS16 = tl.constexpr(
-    "{ .reg .b16 lo, hi; .reg .b32 m; mov.b32 {lo, hi}, $2; mov.b32 m, 0x18001800; "
-    "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; mul.rn.f16x2 $0, $0, m; mul.rn.f16x2 $1, $1, m; }")
-
-
-@triton.jit
-def e4m3_pairs16(q):
-    """q int32: 4 e4m3 codes (code i = input i) -> the fp16 pairs (c0, c1) / 512 and (c2, c3) / 512
-    that fp8_words_dot16 takes as activations (exact: a code's step 2^-9 becomes 2^-18)."""
-    if _PTX:
-        return tl.inline_asm_elementwise(_E4M3_PAIRS16, "=r,=r,r", [q], dtype=(tl.int32, tl.int32),
-                                         is_pure=True, pack=1)
-    else:
-        return (pack16(_e4m3_f32(q & 255), _e4m3_f32((q >> 8) & 255), 0.001953125),
-                pack16(_e4m3_f32((q >> 16) & 255), _e4m3_f32((q >> 24) & 255), 0.001953125))
-
-
 @triton.jit
 def _tile_words4(w):
     """w [R, 4G] int32 words, K order -> the 4 words of each 16-input group, [R, G] each."""
@@ -343,7 +328,7 @@ def tile_x_pairs16(x_lo, x_hi):
 @triton.jit
 def fp8_tile_dot16(w, x_lo, x_hi):
     """w [R, 4G] int32: e4m3 weight codes as words, K order; x_lo / x_hi [4G] int32: the fp16
-    activation pairs (inputs 4t, 4t+1) / 512 and (4t+2, 4t+3) / 512 of word column t (e4m3_pairs16)
+    activation pairs (inputs 4t, 4t+1) / 512 and (4t+2, 4t+3) / 512 of word column t (e4m3_f16x2)
     -> [R, G] fp32: each 16-input group's sum w x / 512 (fp8_words_dot16 per group)."""
     w0, w1, w2, w3 = _tile_words4(w)
     x0, x1, x2, x3, x4, x5, x6, x7 = tile_x_pairs16(x_lo, x_hi)
@@ -353,17 +338,27 @@ def fp8_tile_dot16(w, x_lo, x_hi):
 
 _E4M3_F16X2 = tl.constexpr(
     "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }")
+_E4M3_F16X2_DIV512 = tl.constexpr(
+    "{ .reg .b16 lo, hi; .reg .b32 m; mov.b32 {lo, hi}, $2; mov.b32 m, 0x18001800; "
+    "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; mul.rn.f16x2 $0, $0, m; mul.rn.f16x2 $1, $1, m; }")
 
 
 @triton.jit
-def e4m3_f16x2(q):
-    """q int32: 4 e4m3 codes (code i = input i) -> the fp16 pairs (c0, c1) and (c2, c3) (exact)."""
+def e4m3_f16x2(q, DIV512: tl.constexpr = False):
+    """q int32: 4 e4m3 codes (code i = input i) -> the fp16 pairs (c0, c1) and (c2, c3), exact; DIV512:
+    both divided by 512, the activation pairs fp8_words_dot16 takes (a code's step 2^-9 becomes
+    2^-18, still exact)."""
     if _PTX:
-        return tl.inline_asm_elementwise(_E4M3_F16X2, "=r,=r,r", [q], dtype=(tl.int32, tl.int32), is_pure=True,
-                                         pack=1)
+        if DIV512:
+            return tl.inline_asm_elementwise(_E4M3_F16X2_DIV512, "=r,=r,r", [q], dtype=(tl.int32, tl.int32),
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(_E4M3_F16X2, "=r,=r,r", [q], dtype=(tl.int32, tl.int32),
+                                             is_pure=True, pack=1)
     else:
-        return (pack16(_e4m3_f32(q & 255), _e4m3_f32((q >> 8) & 255), 1.0),
-                pack16(_e4m3_f32((q >> 16) & 255), _e4m3_f32((q >> 24) & 255), 1.0))
+        f: tl.constexpr = 0.001953125 if DIV512 else 1.0
+        return (pack16(_e4m3_f32(q & 255), _e4m3_f32((q >> 8) & 255), f),
+                pack16(_e4m3_f32((q >> 16) & 255), _e4m3_f32((q >> 24) & 255), f))
 
 
 @triton.jit
@@ -690,6 +685,14 @@ def splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om,
             tl.atomic_xchg(cnt_ptr + tile_id, 0)  # ready for the next launch / graph replay
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rows_per_program(bm: int, M: int, several: bool, name: str) -> int:
+    """A GEMV config's BM -> the rows each program takes: min(BM, the power of two >= M) on a loop
+    that takes several (`several`), else 1. BM must be 1, 2 or 4."""
+    if bm not in (1, 2, 4):
+        raise FormatError(f"{name}: gemv config BM={bm}; its programs take 1, 2 or 4 rows")
+    return min(bm, next_power_of_2(M)) if several else 1
 
 
 def split_plan(K: int, tile_k: int, split: int) -> tuple[int, int]:
