@@ -6,7 +6,7 @@ router weight (a decode step reads each layer's router once, after other layers'
 through L2), µs per call; a row says when the two picked other experts (bf16 logits summed in
 another order can round apart). A quick A/B for router changes: run it on two trees in one call.
 
-    python scripts/bench_router.py [--tokens 1,2]"""
+    python scripts/bench_router.py [--tokens 1,2] [--programs 1x0,2x4,1x1x1024]"""
 import argparse
 import os
 import sys
@@ -24,11 +24,16 @@ E, TOPK = 128, 8
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--tokens", default="1,2")
+p.add_argument("--programs", default="1x0",
+               help="one-launch router columns, EXPERTSxWARPS[xTILE] each (moe.ROUTER_BE / ROUTER_WARPS / "
+                    "ROUTER_TILE; warps 0: moe's rule)")
 a = p.parse_args()
+VARIANTS = [tuple(int(v) for v in c.split("x")) for c in a.programs.split(",")]
 print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: µs per call (CUDA graph, cold router "
       f"weights)")
-print("| shape | tokens | one launch (norm_router_route) | rms_norm + F.linear + route |")
-print("|---|---:|---:|---:|")
+cols = [f"one launch {'x'.join(map(str, v))}" for v in VARIANTS]
+print("| shape | tokens | " + " | ".join(cols) + " | rms_norm + F.linear + route |")
+print("|---|---:|" + "---:|" * (len(cols) + 1))
 for name, H in SHAPES.items():
     for M in (int(v) for v in a.tokens.split(",")):
         g = torch.Generator(device="cuda").manual_seed(H + M)
@@ -44,7 +49,13 @@ for name, H in SHAPES.items():
             y, _ = rms_norm(x, nw, 1e-6, residual=r)
             return moe.route(F.linear(y, ws[i]), TOPK, True)
 
-        # the logits' bf16 rounding may differ (fp32 sums in another order): say so, do not stop
-        same = torch.equal(fused(0)[1].sort(-1).values, split(0)[1].sort(-1).values)
-        us = [timing.graph_us([lambda i=i, f=f: f(i) for i in range(copies)]) for f in (fused, split)]
-        print(f"| {name} | {M} | {us[0]:.2f}{'' if same else ' (other experts picked)'} | {us[1]:.2f} |", flush=True)
+        cells = []
+        for v in VARIANTS:
+            moe.ROUTER_BE, moe.ROUTER_WARPS = v[0], v[1] or None
+            moe.ROUTER_TILE = v[2] if len(v) > 2 else 4096
+            # the logits' bf16 rounding may differ (fp32 sums in another order): say so, do not stop
+            same = torch.equal(fused(0)[1].sort(-1).values, split(0)[1].sort(-1).values)
+            us = timing.graph_us([lambda i=i: fused(i) for i in range(copies)])
+            cells.append(f"{us:.2f}{'' if same else ' (other experts picked)'}")
+        us = timing.graph_us([lambda i=i: split(i) for i in range(copies)])
+        print(f"| {name} | {M} | " + " | ".join(cells) + f" | {us:.2f} |", flush=True)

@@ -106,6 +106,12 @@ def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tens
 # allowed up to M=8, its serial H loop made the whole decode step ~13% slower, so larger M take
 # cuBLAS + route().
 ROUTER_FUSED_MAX_M = 2
+# the one-launch router's programs: one expert each (E programs), one warp up to 2048 values of x
+# (MB * H) and two above, router-weight elements per H step. Short cross-warp reductions matter more
+# than program count here: H100, scripts/bench_router.py, session 25, µs at 1 / 2 tokens, 2 experts x
+# 4 warps (before) -> 1 x 1 or 1 x 2: 30B 5.90 / 7.06 -> 5.30 / 5.56, 235B 7.87 / 10.01 -> 6.99 / 7.73
+# (benchmarks/moe_diag/session25_router_programs_h100.log). None: the rule; tests / benchmarks set it.
+ROUTER_BE, ROUTER_WARPS, ROUTER_TILE = 1, None, 4096
 
 
 def router_route(x: Tensor, gate_weight: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tensor]:
@@ -155,12 +161,13 @@ def _router_launch(x, gate_weight, top_k, renorm, norm):
     else:
         r, nw, eps = norm
         y, h = torch.empty_like(x), torch.empty_like(x)
-    MB, BE = next_power_of_2(M), 2      # E/2 programs of H/BH steps (1-2 at H=2048)
-    BH = min(next_power_of_2(H), max(16, 4096 // (MB * BE)))
+    MB, BE = next_power_of_2(M), ROUTER_BE      # E/BE programs of H/BH steps (1-2 at H=2048)
+    BH = min(next_power_of_2(H), max(16, ROUTER_TILE // (MB * BE)))
     _router_route_kernel[(cdiv(E, BE),)](
         x, gate_weight, lg, w, ids, split_counters(x.device, 1), r, nw, x if y is None else y, x if h is None else h,
         M, E, H, x.stride(0), eps, TOPK=top_k, RENORM=bool(renorm), MB=MB, BE=BE, BH=BH,
-        EB=next_power_of_2(E), KB=next_power_of_2(top_k), NORM=norm is not None, num_warps=4,
+        EB=next_power_of_2(E), KB=next_power_of_2(top_k), NORM=norm is not None,
+        num_warps=ROUTER_WARPS or (1 if MB * H <= 2048 else 2),
         **pdl.launch_kw(x))
     return w, ids, y, h
 
