@@ -32,6 +32,10 @@ VARIANTS = {   # name -> kernels/attention.py attributes replaced for the call
     "at most 64 splits": dict(MAX_SPLITS=64),
     "merge 2x wider": dict(MERGE_ELEMS=2 * attention.MERGE_ELEMS),
     "merge 4x wider": dict(MERGE_ELEMS=4 * attention.MERGE_ELEMS),
+    "2 warps": dict(DECODE_WARPS=2),
+    "8 warps": dict(DECODE_WARPS=8),
+    "at most 4 splits": dict(MAX_SPLITS=4),
+    "at most 2 splits": dict(MAX_SPLITS=2),
 }
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

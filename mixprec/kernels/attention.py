@@ -228,10 +228,11 @@ MAX_SPLITS = 32
 # batch 1 at 8192 slots 15.5 -> 14.3 (SDPA 14.4), 32768 34.2 -> 33.5; batch 2 at 8192 20.9 -> 18.8;
 # batch 8 at 2048 18.3 -> 17.8. ptxas: 198 registers at 16 partials per step (152 at 4), no spills
 MERGE_ELEMS = 32768
+DECODE_WARPS = 4    # 8 measured mixed (session 25: batch 8 at 1024 slots 12.5 -> 11.0 µs, at 256 7.3 -> 8.0)
 
 
 def block_n(length: int) -> int:
-    """Cache slots per tile step for a cache of `length` slots. 128 from 1024 slots: at batch 1 a
+    """Cache slots per tile step for a cache of `length` slots. 128 from 2048 slots: at batch 1 a
     split of the cache is then one or a few longer steps instead of many short ones (H100,
     scripts/bench_attention.py, session 17, 30B shapes, µs, 64 -> 128: batch 1 at 2048 / 8192 /
     32768 slots 13.7 -> 8.8 / 25.3 -> 17.6 / 42.7 -> 35.0, batch 8-64 within +-1%); 64 from 512
@@ -239,8 +240,9 @@ def block_n(length: int) -> int:
     slots 5.3 -> 4.4 µs, 512 equal, batch 8 equal, H100, runtime/session24_attention_splits_h100.log;
     16-layer 30B decode at 256 slots, H200, two runs each: int4 batch 1 1193.1 / 1191.7 -> 1212.3 /
     1212.5 tok/s, int8 974.8 / 974.6 -> 988.5 / 989.1, batch 8 +0.3-0.8%;
-    runtime/session24_attention_bn32_ab_h200.log)."""
-    return 128 if length >= 1024 else 64 if length >= 512 else 32
+    runtime/session24_attention_bn32_ab_h200.log). 1024 slots take 64 (session 25, H100: batch 1
+    6.4 -> 5.6 µs, batch 8 12.5 -> 11.5; runtime/session25_attention_variants_h100.log)."""
+    return 128 if length >= 2048 else 64 if length >= 512 else 32
 
 
 def decode_splits(batch: int, kv_heads: int, length: int) -> tuple[int, int]:
@@ -300,5 +302,5 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new) -> Tensor:
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * 1.4426950408889634, eps,
         HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=block_n(S), SPLIT=p2, SC=max(1, min(p2, MERGE_ELEMS // (GP * D))),
         NEW=new is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
-        num_warps=4, num_stages=2, **pdl.launch_kw(q))
+        num_warps=DECODE_WARPS, num_stages=2, **pdl.launch_kw(q))
     return o
