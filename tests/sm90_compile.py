@@ -215,10 +215,10 @@ def drive() -> None:
             s8 = torch.rand(N // 128, K // 128, generator=g)
             for act in ("w8a8", "w8a16"):
                 fp8_linear(x, w8, s8, (128, 128), act)
-                if M in (2, 4):     # GEMV programs of several rows on the word loops (tuner candidates)
-                    fp8_linear_cfg(x, w8, s8, (128, 128), act, cfg("gemv", M, 8, 1024, 1, 4, 1))
+                if M in (2, 4):     # the word loops at a few rows (TUNED rows and tuner candidates)
+                    fp8_linear_cfg(x, w8, s8, (128, 128), act, cfg("gemv", 1, 8, 1024, 1, 4, 1))
                     int8_linear_cfg(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None,
-                                    "w8a8", cfg("gemv", M, 8, 1024, 1, 4, 1, words=True))
+                                    "w8a8", cfg("gemv", 1, 8, 1024, 1, 4, 1, words=True))
                 int8_linear(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None, act)
             if M == 1:   # the tuned int8 w8a8 M=1 rows run dp4a ("words"); the int32 loop stays for the rest
                 int8_linear_cfg(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None, "w8a8",

@@ -319,30 +319,22 @@ def test_fp8_gemv_fp16_words_every_code(K, act, monkeypatch):
 
 
 @pytest.mark.parametrize("act", ["w8a8", "w8a16"])
-def test_fp8_gemv_word_rows(act, monkeypatch):
-    """GEMV programs of 2 or 4 activation rows on the fp16 word loop (BM 2 / 4: each weight word
-    decoded once, quant.fp8_tile_codes16, then one packed dot per row): every M from 1 to 5 (rows
-    past M read the last row and are not stored), a K tile past K, split-K; equal to the
-    reference and, row by row, to the one-row programs (only the summation order differs)."""
-    import mixprec.kernels.fp8 as fp8
-    spy = _LaunchSpy(fp8._fp8_gemv_kernel, "MR")
-    monkeypatch.setattr(fp8, "_fp8_gemv_kernel", spy)
+def test_fp8_gemv_word_loop_rows(act):
+    """The fp16 word loop at M = 1..5 (one program per activation row, as the TUNED M = 2-8 rows
+    run it), a K tile past K, split-K: equal to the reference; a GEMV config of BM != 1 is refused
+    (programs of several rows lost at M = 2-8 and are gone)."""
     g = gen(7)
     N, K = 40, 640
     w = (torch.randn(N, K, generator=g) * 40).to(torch.float8_e4m3fn).to(DEV)
     s = (torch.rand(-(-N // 16), K // 128, generator=g) * 0.01 + 1e-3).to(DEV)
     dtype = torch.bfloat16 if CUDA else torch.float16
     x = (torch.randn(5, K, generator=g) * 2.0 ** torch.randint(-6, 7, (5, K), generator=g).float()).to(dtype).to(DEV)
-    for c, ms in ((configs.cfg("gemv", 2, 8, 256, 1, 2, 1), (1, 2, 3)), (configs.cfg("gemv", 4, 16, 512, 2, 4, 1), (3, 4, 5))):
-        for M in ms:
-            spy.seen.clear()
+    for c in (configs.cfg("gemv", 1, 8, 256, 1, 2, 1), configs.cfg("gemv", 1, 16, 512, 2, 4, 1)):
+        for M in (1, 2, 5):
             y = fp8_linear_cfg(x[:M], w, s, (16, 128), act, c)
-            assert spy.seen == [min(c["BM"], 1 << (M - 1).bit_length())], (c, M, spy.seen)
             assert sqnr(y, fp8_linear_reference(x[:M], w, s, (16, 128), act)) >= 45, (c, M)
-            one = fp8_linear_cfg(x[:M], w, s, (16, 128), act, dict(c, BM=1))
-            assert sqnr(y, one) >= 60, (c, M)
-    with pytest.raises(FormatError, match="BM=3"):
-        fp8_linear_cfg(x[:2], w, s, (16, 128), act, configs.cfg("gemv", 3, 8, 256, 1, 2, 1))
+    with pytest.raises(FormatError, match="BM=2"):
+        fp8_linear_cfg(x[:2], w, s, (16, 128), act, configs.cfg("gemv", 2, 8, 256, 1, 2, 1))
 
 
 @cpu_only
@@ -364,43 +356,23 @@ def test_int8_interpreter(case, act):
 def test_int8_w8a8_gemv_dp4a_words_equal_the_int32_loop(asym, monkeypatch):
     """A GEMV config's "words" runs int8 W8A8 as dp4a over int32 words (int8._gemv_dp4a_words):
     the same exact integer sums as the int32 loop, so the outputs are equal bit for bit (K split
-    or not, a K tile past K, with zero points); K % 4 != 0 keeps the int32 loop."""
+    or not, a K tile past K, with zero points, 1 or 3 rows: one program each); K % 4 != 0 keeps the
+    int32 loop; a GEMV config of BM != 1 is refused."""
     import mixprec.kernels.int8 as int8
     spy = _LaunchSpy(int8._int8_gemv_kernel, "WORDS")
     monkeypatch.setattr(int8, "_int8_gemv_kernel", spy)
     for N, K in ((40, 384), (24, 386)):
         w, s, z = make_int8(N, K, asym, seed=N + K)
-        x = xin(1, K, torch.float16, seed=K) * 3.0
-        for c in (GEMV, GEMV_SPLIT, GEMV_WHOLE_K):
-            spy.seen.clear()
-            y = int8_linear_cfg(x, w, s, z, "w8a8", dict(c, words=True))
-            assert torch.equal(y, int8_linear_cfg(x, w, s, z, "w8a8", c)), (N, K, c)
-            assert spy.seen == [K % 4 == 0, False], (N, K, c, spy.seen)
-            assert sqnr(y, int8_linear_reference(x, w, s, z, "w8a8")) >= 40
-
-
-@pytest.mark.parametrize("asym", [False, True])
-def test_int8_w8a8_gemv_dp4a_rows_equal_one_row_programs(asym, monkeypatch):
-    """GEMV programs of 2 or 4 activation rows on the dp4a loop (a config's BM with "words": each
-    weight word loaded once for all of them): every row equal bit for bit to the one-row programs
-    (the same integer sums and float steps), M = 1..5 (rows past M read the last row and are not
-    stored), split-K, a K tile past K, zero points."""
-    import mixprec.kernels.int8 as int8
-    spy = _LaunchSpy(int8._int8_gemv_kernel, "MR")
-    monkeypatch.setattr(int8, "_int8_gemv_kernel", spy)
-    N, K = 40, 640
-    w, s, z = make_int8(N, K, asym, seed=5)
-    x = xin(5, K, torch.float16, seed=6) * 3.0
-    for c, ms in ((configs.cfg("gemv", 2, 8, 256, 1, 2, 1, words=True), (1, 2, 3)),
-                  (configs.cfg("gemv", 4, 16, 512, 2, 4, 1, words=True), (3, 4, 5))):
-        for M in ms:
-            spy.seen.clear()
-            y = int8_linear_cfg(x[:M], w, s, z, "w8a8", c)
-            assert spy.seen == [min(c["BM"], 1 << (M - 1).bit_length())], (c, M, spy.seen)
-            assert torch.equal(y, int8_linear_cfg(x[:M], w, s, z, "w8a8", dict(c, BM=1))), (c, M)
-            assert sqnr(y, int8_linear_reference(x[:M], w, s, z, "w8a8")) >= 40
-    with pytest.raises(FormatError, match="BM=3"):
-        int8_linear_cfg(x[:2], w, s, z, "w8a8", configs.cfg("gemv", 3, 8, 256, 1, 2, 1, words=True))
+        for M in (1, 3):
+            x = xin(M, K, torch.float16, seed=K) * 3.0
+            for c in (GEMV, GEMV_SPLIT, GEMV_WHOLE_K):
+                spy.seen.clear()
+                y = int8_linear_cfg(x, w, s, z, "w8a8", dict(c, words=True))
+                assert torch.equal(y, int8_linear_cfg(x, w, s, z, "w8a8", c)), (N, K, M, c)
+                assert spy.seen == [K % 4 == 0, False], (N, K, M, c, spy.seen)
+                assert sqnr(y, int8_linear_reference(x, w, s, z, "w8a8")) >= 40
+    with pytest.raises(FormatError, match="BM=4"):
+        int8_linear_cfg(x, w, s, z, "w8a8", dict(GEMV, BM=4, words=True))
 
 
 @cpu_only

@@ -249,16 +249,12 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
                                  (32, 4, 256, 2), (8, 8, 2048, 1), (16, 8, 1024, 1)):
                 gemv(BN, w, BK, target=t * S, BM=min(b, 4))
         if (kind.startswith("fp8") or kind == "int8_w8a8") and b <= 8:
-            # the batch-1 word loops at 2-8 rows (session 24, not yet timed): one row per program,
-            # or 2 / 4 rows per program with each weight word loaded (fp8: and decoded) once for all
-            # of them (fp8._gemv_f16_words / int8._gemv_dp4a_words, MR > 1; offline SASS of the 30B
-            # qkv tile BN 8, BK 1024: fp8 w8a8 2 rows 499 instructions per step against 2 x 305, int8
-            # 833 against 2 x 421: its per-code division stays per row)
+            # the batch-1 word loops, one program per row (session 25: 30B qkv fp8 w8a8 M=2 6.1 µs
+            # against the GEMM's 9.3; programs of 2 / 4 rows lost everywhere and are gone)
             flags = dict(words=True) if kind == "int8_w8a8" else {}
             for BN, w, BK, t in ((8, 4, 1024, 1), (8, 4, 512, 1), (16, 4, 512, 1), (8, 8, 2048, 1),
                                  (16, 4, 512, 2), (4, 2, 512, 1)):
-                for bm in sorted({1, min(b, 4)}):
-                    out.append(C("gemv", bm, BN, BK, configs.auto_split(M, N, K, bm, BN, BK, t * S), w, 1, **flags))
+                out.append(C("gemv", 1, BN, BK, configs.auto_split(M, N, K, 1, BN, BK, t * S), w, 1, **flags))
         for BN, w, st, t in ((32, 4, 4, 2), (32, 4, 4, 4), (64, 4, 3, 2), (64, 4, 3, 4), (64, 4, 5, 2),
                              (128, 4, 3, 2), (128, 8, 3, 2)):
             gemm(16, BN, w, st, target=t * S)

@@ -118,6 +118,14 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # --budget-s 60`, the >= 5% rule (4 rows: lm_head 111.9 -> 101.8 from the GEMM to the GEMV, 235B qkv
 # 16.75 -> 15.54, o_proj 15.48 -> 14.12, down 4.84 -> 4.53; benchmarks/linear_raw/
 # session24_fp8_w8a16_words_h100.*).
+# The fp8 / int8 w8a8 M = 2, 4, 8 rows in session 25 (same device and versions), with the batch-1
+# word loops (one program per activation row) among the candidates: `python -m mixprec bench-kernels
+# --tune --ms 2,4,8 --variants "fp8 blk w8a8,int8 w8a8" --baselines bf16 --budget-s 120`; a GEMV winner
+# >= 5% faster than the best GEMM candidate became the row, then checked against the old rows in one
+# call (18 rows, all >= 5% faster: 30B qkv fp8 M=2 8.98 -> 5.97 µs, o_proj 9.24 -> 6.14, int8 gate_up
+# M=2 9.13 -> 4.72, 235B down fp8 M=2 7.92 -> 4.98; benchmarks/linear_raw/session25_*). 16-layer 30B
+# decode at batch 2, two runs each, with the router change: fp8 +8.5%, int4 experts + fp8 attention
+# +10.5%, int8 +5.9% (benchmarks/runtime/session25_rows_router_ab_h100.log).
 TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a16", 1, 151936, 2048): cfg("gemv", 1, 8, 2048, 1, 4, 1),
     ("fp8_w8a16", 1, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
@@ -186,21 +194,23 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a8", 1, 4096, 8192): cfg("gemv", 1, 8, 2048, 1, 4, 1),
     ("fp8_w8a8", 1, 5120, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 1, 9216, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("fp8_w8a8", 2, 1536, 2048): cfg("gemm", 16, 32, 128, 11, 4, 4),
-    ("fp8_w8a8", 2, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),
-    ("fp8_w8a8", 2, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 4, 3),
-    ("fp8_w8a8", 2, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 3),
+    ("fp8_w8a8", 2, 1536, 2048): cfg("gemv", 1, 8, 2048, 1, 8, 1),
+    ("fp8_w8a8", 2, 2048, 4096): cfg("gemv", 1, 8, 1024, 1, 4, 1),
+    ("fp8_w8a8", 2, 3072, 4096): cfg("gemv", 1, 8, 1024, 1, 4, 1),
+    ("fp8_w8a8", 2, 4096, 1536): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 2, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 4, 3),
-    ("fp8_w8a8", 2, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 4, 3),
-    ("fp8_w8a8", 2, 9216, 4096): cfg("gemm", 16, 128, 128, 4, 4, 3),
-    ("fp8_w8a8", 4, 1536, 2048): cfg("gemm", 16, 32, 128, 11, 4, 4),
-    ("fp8_w8a8", 4, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),
+    ("fp8_w8a8", 2, 5120, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("fp8_w8a8", 2, 9216, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("fp8_w8a8", 2, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
+    ("fp8_w8a8", 4, 1536, 2048): cfg("gemv", 1, 8, 1024, 1, 4, 1),
+    ("fp8_w8a8", 4, 2048, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 4, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 4, 3),
-    ("fp8_w8a8", 4, 4096, 1536): cfg("gemm", 16, 128, 128, 8, 4, 3),
+    ("fp8_w8a8", 4, 4096, 1536): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 4, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 8, 3),
     ("fp8_w8a8", 4, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 4, 3),
     ("fp8_w8a8", 4, 9216, 4096): cfg("gemm", 16, 128, 128, 4, 4, 3),
-    ("fp8_w8a8", 8, 1536, 2048): cfg("gemm", 16, 32, 128, 11, 4, 4),
+    ("fp8_w8a8", 4, 2048, 768): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("fp8_w8a8", 8, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 8, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),
     ("fp8_w8a8", 8, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 4, 3),
     ("fp8_w8a8", 8, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 3),
@@ -305,20 +315,22 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("int8_w8a8", 1, 4096, 8192): cfg("gemv", 1, 8, 1024, 1, 4, 1, words=True),
     ("int8_w8a8", 1, 5120, 2048): cfg("gemv", 1, 8, 1024, 1, 4, 1, words=True),
     ("int8_w8a8", 1, 9216, 4096): cfg("gemv", 1, 8, 512, 1, 2, 1, words=True),
-    ("int8_w8a8", 2, 1536, 2048): cfg("gemm", 16, 128, 128, 16, 8, 3),
-    ("int8_w8a8", 2, 2048, 4096): cfg("gemm", 16, 128, 128, 16, 8, 3),
+    ("int8_w8a8", 2, 1536, 2048): cfg("gemv", 1, 8, 1024, 1, 4, 1, words=True),
+    ("int8_w8a8", 2, 2048, 4096): cfg("gemv", 1, 8, 1024, 1, 4, 1, words=True),
     ("int8_w8a8", 2, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 8, 3),
-    ("int8_w8a8", 2, 4096, 1536): cfg("gemm", 16, 128, 128, 8, 8, 3),
+    ("int8_w8a8", 2, 4096, 1536): cfg("gemv", 1, 16, 512, 1, 4, 1, words=True),
     ("int8_w8a8", 2, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 8, 3),
     ("int8_w8a8", 2, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 8, 3),
     ("int8_w8a8", 2, 9216, 4096): cfg("gemm", 16, 128, 128, 4, 8, 3),
-    ("int8_w8a8", 4, 1536, 2048): cfg("gemm", 16, 128, 128, 16, 8, 3),
+    ("int8_w8a8", 2, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1, words=True),
+    ("int8_w8a8", 4, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1, words=True),
     ("int8_w8a8", 4, 2048, 4096): cfg("gemm", 16, 128, 128, 16, 8, 3),
     ("int8_w8a8", 4, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 8, 3),
     ("int8_w8a8", 4, 4096, 1536): cfg("gemm", 16, 128, 128, 8, 8, 3),
     ("int8_w8a8", 4, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 8, 3),
     ("int8_w8a8", 4, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 8, 3),
     ("int8_w8a8", 4, 9216, 4096): cfg("gemm", 16, 128, 128, 4, 8, 3),
+    ("int8_w8a8", 4, 2048, 768): cfg("gemv", 1, 16, 512, 1, 4, 1, words=True),
     ("int8_w8a8", 8, 1536, 2048): cfg("gemm", 16, 128, 128, 16, 8, 3),
     ("int8_w8a8", 8, 2048, 4096): cfg("gemm", 16, 128, 128, 16, 8, 3),
     ("int8_w8a8", 8, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 8, 3),

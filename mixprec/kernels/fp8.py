@@ -35,10 +35,9 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .ints import cdiv
-from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, f16x2_dot8,
-                    fp8_act_reference, fp8_tile_codes16, fp8_tile_dot16, gemm_tile, gemv_tile, int32_words, pack16,
-                    round_e4m3, row_ptrs4, rows2, rows4, rows_per_program, split_plan, split_workspace, splitk_store,
-                    tile_x_pairs16, words_at)
+from .quant import (EPS_C, FP8_ACT_GROUP, FP8_MAX_C, act_codes, check_tensor, check_x, fp8_act_reference,
+                    fp8_tile_dot16, gemm_tile, gemv_tile, int32_words, one_row_gemv, pack16, round_e4m3, split_plan,
+                    split_workspace, splitk_store, words_at)
 
 ACT_BLOCK = FP8_ACT_GROUP   # w8a8: one activation scale per token per 128 inputs
 # w8a8 GEMM from this many rows: activations quantized once per row by act_quant (one more launch)
@@ -53,17 +52,16 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
                      A8: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-                     F16: tl.constexpr = False, MR: tl.constexpr = 1):
+                     F16: tl.constexpr = False):
     # FOLD: the BLOCK_N rows share one scale-block row, so a scale depends on k only and is folded
     # (with the activation scale) into x: one multiply per input instead of one per weight, and
     # the K tile can span several 128-wide slices (SUB_K each): more bytes in flight per step.
     # Otherwise the tile is one slice (BLOCK_K == SUB_K) and the scale multiplies each row's sum.
     # F16 (FOLD; w_ptr / stride_w: the weight as int32 words): the weight codes meet the activation
-    # codes (w8a8) or x scaled by a power of two (w8a16) in packed fp16 math (_gemv_f16_words);
-    # MR rows per program (1, 2 or 4; > 1 only with F16).
+    # codes (w8a8) or x scaled by a power of two (w8a16) in packed fp16 math (_gemv_f16_words).
     if F16:
         _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
-                        stride_s, k_per_split, split, A8, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL, MR)
+                        stride_s, k_per_split, split, A8, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
     else:
         _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
                   stride_s, k_per_split, split, A8, FOLD, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
@@ -112,28 +110,20 @@ def _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, st
 @triton.jit
 def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
                     stride_s, k_per_split, split, A8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr, MR: tl.constexpr):
+                    SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
     # The BLOCK_N rows sharing one scale row: per SUB_K-wide slice j the activations become fp16
-    # pairs (_x_pairs16) and meet the weight codes in packed fp16; a_j * s_j scales the fp32 sums.
-    # MR = 1: quant.fp8_words_dot16 (decode and 16 products per call, each thread's 16-byte load);
-    # MR = 2 / 4 activation rows (program pid_m: rows pid_m * MR ..): each weight word decoded once
-    # (quant.fp8_tile_codes16), then one packed dot per row (f16x2_dot8), rows in separate 2-D
-    # accumulators (as gemv_tiles.gemv_int4_rows). Per-thread partials [BLOCK_N, BLOCK_K / 16] are
-    # summed across the threads once, after the K loop. w_ptr: int32 words [N, K / 4] (row stride
-    # stride_w words).
-    G: tl.constexpr = BLOCK_K // 16              # 16-input groups of a tile (one word quad each)
+    # pairs (_x_pairs16) and meet the weight codes in packed fp16 (quant.fp8_words_dot16: decode
+    # and 16 products per call, each thread's 16-byte load); a_j * s_j scales the fp32 sums.
+    # Per-thread partials [BLOCK_N, BLOCK_K / 16] are summed across the threads once, after the K
+    # loop. w_ptr: int32 words [N, K / 4] (row stride stride_w words). One activation row per
+    # program: programs of 2 / 4 rows (each word decoded once) lost to it at M = 2-8 on every
+    # shape (H100, session 25, benchmarks/linear_raw/session25_tune_w8a8_m2_8_h100.log).
     pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 4)
-    m0 = pid_m * MR
-    x0, x1, x2, x3 = row_ptrs4(x_ptr, m0, M, stride_xm)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     s_tile = s_ptr + ((pid_n * BLOCK_N) // bn) * stride_s       # the tile's scale row
-    acc0 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
-    if MR > 1:
-        acc1 = tl.zeros_like(acc0)
-    if MR == 4:
-        acc2 = tl.zeros_like(acc0)
-        acc3 = tl.zeros_like(acc0)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 16], dtype=tl.float32)
     kw = k_lo // 4 + offs_w
     w_next = words_at(w_rows, kw, n_mask, k_hi)
     pdl.wait(PDL)     # the first weight tile is on its way; x comes from the kernel before
@@ -144,25 +134,11 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
         kk = k0 + offs_k
         ks = k0 + tl.arange(0, BLOCK_K // SUB_K) * SUB_K
         s_j = tl.load(s_tile + ks // bk, mask=ks < K, other=0.0)                        # [U]
-        if MR == 1:
-            x_lo, x_hi, f = _x_pairs16(x0, kk, K, s_j, A8, SUB_K)
-            acc0 += fp8_tile_dot16(w, x_lo, x_hi) * f[None, :]                           # [BN, G]
-        else:
-            q0, q1, q2, q3, q4, q5, q6, q7 = fp8_tile_codes16(w)
-            acc0 += _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x0, kk, K, s_j, A8, SUB_K)
-            acc1 += _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x1, kk, K, s_j, A8, SUB_K)
-            if MR == 4:
-                acc2 += _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x2, kk, K, s_j, A8, SUB_K)
-                acc3 += _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x3, kk, K, s_j, A8, SUB_K)
+        x_lo, x_hi, f = _x_pairs16(x_row, kk, K, s_j, A8, SUB_K)
+        acc += fp8_tile_dot16(w, x_lo, x_hi) * f[None, :]                                # [BN, G]
     tile_id = pid_m * tl.num_programs(1) + pid_n
-    if MR == 1:
-        y = tl.sum(acc0, axis=1)[None, :]
-    elif MR == 2:
-        y = rows2(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))
-    else:
-        y = rows4(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1))
-    splitk_store(y, out_ptr, ws_ptr, cnt_ptr, m0 + tl.arange(0, MR), offs_n, M, N, stride_om, tile_id,
-                 pid_k, split, USE_SPLIT)
+    splitk_store(tl.sum(acc, axis=1)[None, :], out_ptr, ws_ptr, cnt_ptr, pid_m + tl.arange(0, 1), offs_n, M, N,
+                 stride_om, tile_id, pid_k, split, USE_SPLIT)
 
 
 @triton.jit
@@ -190,17 +166,6 @@ def _x_pairs16(x_row, kk, K, s_j, A8: tl.constexpr, SUB_K: tl.constexpr):
     e, o = tl.split(tl.reshape(c, (BK // 4, 2, 2)))
     x_lo, x_hi = tl.split(pack16(e, o, c_f))
     return x_lo, x_hi, tl.reshape(tl.broadcast_to(f[:, None], (U, SUB_K // 16)), (BK // 16,))
-
-
-@triton.jit
-def _row_dot16(q0, q1, q2, q3, q4, q5, q6, q7, x_row, kk, K, s_j, A8: tl.constexpr, SUB_K: tl.constexpr):
-    """One activation row's [BN, G] group sums against the decoded weight codes q0..q7
-    (quant.fp8_tile_codes16), scaled."""
-    x_lo, x_hi, f = _x_pairs16(x_row, kk, K, s_j, A8, SUB_K)
-    x0, x1, x2, x3, x4, x5, x6, x7 = tile_x_pairs16(x_lo, x_hi)
-    d = f16x2_dot8(q0, q1, q2, q3, q4, q5, q6, q7, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
-                   x4[None, :], x5[None, :], x6[None, :], x7[None, :])
-    return d * f[None, :]
 
 
 @triton.jit(do_not_specialize=["M", "split"])
@@ -299,15 +264,13 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
         words = int32_words(weight) if fold and x2.dtype != torch.float32 else None
         f16 = words is not None
         wk = words if f16 else weight
-        # BM rows per program on the word loop (each weight word decoded once for them)
-        mr = rows_per_program(c["BM"], M, f16, "fp8_linear")
-        nm = cdiv(M, mr)
-        ws, cnt = split_workspace(split, M, N, nm * nb, x2.device)
-        _fp8_gemv_kernel[(nm, nb, split)](
+        one_row_gemv(c, "fp8_linear")
+        ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
+        _fp8_gemv_kernel[(M, nb, split)](
             x2, wk, scale, out, ws, cnt, M, N, K, bn, bk, x2.stride(0), out.stride(0), wk.stride(0),
             scale.stride(0), per, split, A8=act == "w8a8", FOLD=fold, BLOCK_N=c["BN"],
             BLOCK_K=tile_k, SUB_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"],
-            F16=f16, MR=mr, **pdl.launch_kw(x2))
+            F16=f16, **pdl.launch_kw(x2))
     else:
         nt = cdiv(M, c["BM"]) * cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)

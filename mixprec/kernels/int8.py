@@ -31,8 +31,8 @@ from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .ints import cdiv
 from .quant import (EPS_C, INT8_MAX_C, RNE_C, act_codes, check_tensor, check_x, dp4a, gemm_tile, gemv_tile,
-                    int32_words, int8_act_quant_reference, row_ptrs4, rows2, rows4, rows_per_program, split_plan,
-                    split_workspace, splitk_store, words_at)
+                    int32_words, int8_act_quant_reference, one_row_gemv, split_plan, split_workspace, splitk_store,
+                    words_at)
 
 
 @triton.jit(do_not_specialize=["M", "split"])
@@ -40,12 +40,11 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
                       M, N, K, stride_xm, stride_om, stride_w, k_per_split, split,
                       A8: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-                      WORDS: tl.constexpr = False, MR: tl.constexpr = 1):
-    # WORDS (w8a8; w_ptr / stride_w: the weight as int32 words): _gemv_dp4a_words, MR rows per
-    # program (1, 2 or 4; > 1 only with WORDS)
+                      WORDS: tl.constexpr = False):
+    # WORDS (w8a8; w_ptr / stride_w: the weight as int32 words): _gemv_dp4a_words
     if WORDS:
         _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om,
-                         stride_w, k_per_split, split, HAS_ZERO, BLOCK_N, BLOCK_K, USE_SPLIT, PDL, MR)
+                         stride_w, k_per_split, split, HAS_ZERO, BLOCK_N, BLOCK_K, USE_SPLIT, PDL)
     else:
         _gemv_i32(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, stride_w,
                   k_per_split, split, A8, HAS_ZERO, BLOCK_N, BLOCK_K, USE_SPLIT, PDL)
@@ -70,61 +69,33 @@ def _int8_codes(xv, sx):
 @triton.jit
 def _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, stride_w,
                      k_per_split, split, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     USE_SPLIT: tl.constexpr, PDL: tl.constexpr, MR: tl.constexpr):
+                     USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
     # w8a8 as dp4a: a row's codes packed 4 to a word once per tile (shared by the BLOCK_N weight
     # rows), weights read as int32 words, 4 products per instruction into int32 per-thread partials
     # [BLOCK_N, BLOCK_K / 4], summed once after the K loop (the same exact integers as _gemv_i32).
-    # MR = 2 / 4 activation rows per program (pid_m: rows pid_m * MR ..; rows past M read row M - 1
-    # and are not stored): each weight word loaded once for all of them, rows in separate 2-D
-    # accumulators (as gemv_tiles.gemv_int4_rows).
     pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 4)
-    m0 = pid_m * MR
-    x0, x1, x2, x3 = row_ptrs4(x_ptr, m0, M, stride_xm)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     kw = k_lo // 4 + offs_w
     w_next = words_at(w_rows, kw, n_mask, k_hi)
     pdl.wait(PDL)     # the first weight tile is on its way; x comes from the kernel before
-    sx0 = _token_scale(x0, K, offs_k, BLOCK_K)
-    acc0 = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.int32)
-    xs0 = tl.zeros([BLOCK_K // 4], dtype=tl.int32)
-    if MR > 1:
-        sx1 = _token_scale(x1, K, offs_k, BLOCK_K)
-        acc1 = tl.zeros_like(acc0)
-        xs1 = tl.zeros_like(xs0)
-    if MR == 4:
-        sx2 = _token_scale(x2, K, offs_k, BLOCK_K)
-        sx3 = _token_scale(x3, K, offs_k, BLOCK_K)
-        acc2 = tl.zeros_like(acc0)
-        acc3 = tl.zeros_like(acc0)
-        xs2 = tl.zeros_like(xs0)
-        xs3 = tl.zeros_like(xs0)
+    sx = _token_scale(x_row, K, offs_k, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.int32)
+    xs = tl.zeros([BLOCK_K // 4], dtype=tl.int32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = w_next
         kw = (k0 + BLOCK_K) // 4 + offs_w
         w_next = words_at(w_rows, kw, n_mask, k_hi)
-        kk = k0 + offs_k
-        acc0, xs0 = _row_dp4a(w, x0, kk, K, sx0, acc0, xs0, HAS_ZERO)
-        if MR > 1:
-            acc1, xs1 = _row_dp4a(w, x1, kk, K, sx1, acc1, xs1, HAS_ZERO)
-        if MR == 4:
-            acc2, xs2 = _row_dp4a(w, x2, kk, K, sx2, acc2, xs2, HAS_ZERO)
-            acc3, xs3 = _row_dp4a(w, x3, kk, K, sx3, acc3, xs3, HAS_ZERO)
+        acc, xs = _row_dp4a(w, x_row, k0 + offs_k, K, sx, acc, xs, HAS_ZERO)
     s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     if HAS_ZERO:
         z = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0)
     else:
         z = s       # unused
-    y0 = _dp4a_row_out(acc0, xs0, sx0, s, z, HAS_ZERO)
-    if MR == 1:
-        y = y0[None, :]
-    elif MR == 2:
-        y = rows2(y0, _dp4a_row_out(acc1, xs1, sx1, s, z, HAS_ZERO))
-    else:
-        y = rows4(y0, _dp4a_row_out(acc1, xs1, sx1, s, z, HAS_ZERO), _dp4a_row_out(acc2, xs2, sx2, s, z, HAS_ZERO),
-                  _dp4a_row_out(acc3, xs3, sx3, s, z, HAS_ZERO))
+    y = _dp4a_row_out(acc, xs, sx, s, z, HAS_ZERO)
     tile_id = pid_m * tl.num_programs(1) + pid_n
-    splitk_store(y, out_ptr, ws_ptr, cnt_ptr, m0 + tl.arange(0, MR), offs_n, M, N, stride_om, tile_id,
+    splitk_store(y[None, :], out_ptr, ws_ptr, cnt_ptr, pid_m + tl.arange(0, 1), offs_n, M, N, stride_om, tile_id,
                  pid_k, split, USE_SPLIT)
 
 
@@ -288,12 +259,10 @@ def int8_linear_cfg(x, weight, scale, zero, act, cfg: dict | None) -> Tensor:
         wv = int32_words(weight) if c.get("words", False) and act == "w8a8" else None
         words = wv is not None
         wk = wv if words else weight
-        # BM rows per program on the dp4a loop (each weight word loaded once for them)
-        mr = rows_per_program(c["BM"], M, words, "int8_linear")
-        nm = cdiv(M, mr)
-        ws, cnt = split_workspace(split, M, N, nm * nb, x2.device)
+        one_row_gemv(c, "int8_linear")
+        ws, cnt = split_workspace(split, M, N, M * nb, x2.device)
         args = (M, N, K, x2.stride(0), out.stride(0), wk.stride(0), per, split)
-        _int8_gemv_kernel[(nm, nb, split)](x2, wk, scale, zero, out, ws, cnt, *args, WORDS=words, MR=mr, **flags)
+        _int8_gemv_kernel[(M, nb, split)](x2, wk, scale, zero, out, ws, cnt, *args, WORDS=words, **flags)
     else:
         nt = cdiv(M, c["BM"]) * cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)

@@ -15,9 +15,8 @@
   kernels (intq.py, moe_triton.py); `int4_swap_tiles`: the transposed tile loop both run.
 * The fp8 GEMVs' packed-fp16 word math: `fp8_words_dot16` (16 e4m3 weight codes, as 4 words,
   against 8 fp16 activation pairs), `fp8_tile_dot16` (a word tile's groups of 16), `e4m3_f16x2`
-  (4 codes of a word -> 2 fp16 pairs, / 512 for activation codes); for several activation rows
-  `fp8_tile_codes16` (a tile's codes decoded once) and `f16x2_dot8` (one row's products); each with
-  a plain-Triton twin for the interpreter; `dp4a` (4 int8 products per instruction) for the int8
+  (4 codes of a word -> 2 fp16 pairs, / 512 for activation codes), each with a plain-Triton twin
+  for the interpreter; `dp4a` (4 int8 products per instruction) for the int8
   W8A8 word loops.
 * The int4 GEMVs' packed-fp16 word math: `int4_word_codes` (a word's 8 codes minus the zero as 4
   fp16 pairs), `word_dot16` (their dot with 4 activation pairs from `x_pairs16`), `int4_word_dot`
@@ -311,10 +310,10 @@ def _tile_words4(w):
 
 
 @triton.jit
-def tile_x_pairs16(x_lo, x_hi):
+def _tile_x_pairs16(x_lo, x_hi):
     """x_lo / x_hi [4G] int32: the fp16 activation pairs (inputs 4t, 4t+1) and (4t+2, 4t+3) of word
     column t -> x0..x7 [G]: pair i of each 16-input group (x_2j / x_2j+1: the low / high pair of its
-    word j), the order fp8_words_dot16 and f16x2_dot8 take."""
+    word j), the order fp8_words_dot16 takes."""
     G: tl.constexpr = x_lo.shape[0] // 4
     la, lb = tl.split(tl.reshape(x_lo, (G, 2, 2)))
     x0, x4 = tl.split(la)
@@ -331,7 +330,7 @@ def fp8_tile_dot16(w, x_lo, x_hi):
     activation pairs (inputs 4t, 4t+1) / 512 and (4t+2, 4t+3) / 512 of word column t (e4m3_f16x2)
     -> [R, G] fp32: each 16-input group's sum w x / 512 (fp8_words_dot16 per group)."""
     w0, w1, w2, w3 = _tile_words4(w)
-    x0, x1, x2, x3, x4, x5, x6, x7 = tile_x_pairs16(x_lo, x_hi)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _tile_x_pairs16(x_lo, x_hi)
     return fp8_words_dot16(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
                            x4[None, :], x5[None, :], x6[None, :], x7[None, :])
 
@@ -359,44 +358,6 @@ def e4m3_f16x2(q, DIV512: tl.constexpr = False):
         f: tl.constexpr = 0.001953125 if DIV512 else 1.0
         return (pack16(_e4m3_f32(q & 255), _e4m3_f32((q >> 8) & 255), f),
                 pack16(_e4m3_f32((q >> 16) & 255), _e4m3_f32((q >> 24) & 255), f))
-
-
-@triton.jit
-def fp8_tile_codes16(w):
-    """w [R, 4G] int32: e4m3 weight codes as words, K order -> q0..q7 [R, G]: the fp16 code pairs
-    of each 16-input group (pair i: inputs 2i, 2i+1), decoded once for several activation rows."""
-    w0, w1, w2, w3 = _tile_words4(w)
-    q0, q1 = e4m3_f16x2(w0)
-    q2, q3 = e4m3_f16x2(w1)
-    q4, q5 = e4m3_f16x2(w2)
-    q6, q7 = e4m3_f16x2(w3)
-    return q0, q1, q2, q3, q4, q5, q6, q7
-
-
-# f16x2_dot8: 8 HFMA2 over fp16 pairs, the two halves summed in fp32 (fp8_words_dot16 without the
-# decode): 16 products of weight codes (fp8_tile_codes16) with activation pairs / 512 (or x / a).
-_F16X2_DOT8 = tl.constexpr(
-    "{ .reg .b32 a; .reg .b16 lo, hi; .reg .f32 fl, fh; "
-    "mul.rn.f16x2 a, $1, $9; fma.rn.f16x2 a, $2, $10, a; fma.rn.f16x2 a, $3, $11, a; fma.rn.f16x2 a, $4, $12, a; "
-    "fma.rn.f16x2 a, $5, $13, a; fma.rn.f16x2 a, $6, $14, a; fma.rn.f16x2 a, $7, $15, a; "
-    "fma.rn.f16x2 a, $8, $16, a; mov.b32 {lo, hi}, a; cvt.f32.f16 fl, lo; cvt.f32.f16 fh, hi; add.f32 $0, fl, fh; }")
-
-
-@triton.jit
-def f16x2_dot8(q0, q1, q2, q3, q4, q5, q6, q7, x0, x1, x2, x3, x4, x5, x6, x7):
-    """sum over the 16 fp16 products of the pairs q_i and x_i (int32 each), as fp32 (products and
-    sums in fp16 on the GPU, exact fp32 in the interpreter)."""
-    if _PTX:
-        return tl.inline_asm_elementwise(_F16X2_DOT8, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                                         [q0, q1, q2, q3, q4, q5, q6, q7, x0, x1, x2, x3, x4, x5, x6, x7],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        part = _f16_lo(q0) * _f16_lo(x0) + _f16_hi(q0) * _f16_hi(x0) + _f16_lo(q1) * _f16_lo(x1)
-        part += _f16_hi(q1) * _f16_hi(x1) + _f16_lo(q2) * _f16_lo(x2) + _f16_hi(q2) * _f16_hi(x2)
-        part += _f16_lo(q3) * _f16_lo(x3) + _f16_hi(q3) * _f16_hi(x3) + _f16_lo(q4) * _f16_lo(x4)
-        part += _f16_hi(q4) * _f16_hi(x4) + _f16_lo(q5) * _f16_lo(x5) + _f16_hi(q5) * _f16_hi(x5)
-        part += _f16_lo(q6) * _f16_lo(x6) + _f16_hi(q6) * _f16_hi(x6) + _f16_lo(q7) * _f16_lo(x7)
-        return part + _f16_hi(q7) * _f16_hi(x7)
 
 
 @triton.jit
@@ -687,12 +648,11 @@ def splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om,
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rows_per_program(bm: int, M: int, several: bool, name: str) -> int:
-    """A GEMV config's BM -> the rows each program takes: min(BM, the power of two >= M) on a loop
-    that takes several (`several`), else 1. BM must be 1, 2 or 4."""
-    if bm not in (1, 2, 4):
-        raise FormatError(f"{name}: gemv config BM={bm}; its programs take 1, 2 or 4 rows")
-    return min(bm, next_power_of_2(M)) if several else 1
+def one_row_gemv(c: dict, name: str) -> None:
+    """fp8 / int8 GEMV programs take one activation row each (config BM 1): programs of 2 / 4 rows
+    lost to them at M = 2-8 on every shape (H100, session 25)."""
+    if c["BM"] != 1:
+        raise FormatError(f"{name}: gemv config BM={c['BM']}; its programs take one row (BM=1)")
 
 
 def split_plan(K: int, tile_k: int, split: int) -> tuple[int, int]:
