@@ -1,5 +1,5 @@
-"""The batch-1/2 MoE router on its own: residual add + RMSNorm + router linear + softmax / top-k
-in one launch (`moe.norm_router_route`, what a decoder layer runs at 1-2 tokens) against the
+"""The batch 1-4 MoE router on its own: residual add + RMSNorm + router linear + softmax / top-k
+in one launch (`moe.norm_router_route`, what a decoder layer runs at 1-4 tokens) against the
 same work as separate launches (the RMSNorm kernel, then F.linear + `moe.route`), on the
 Qwen3-30B-A3B and 235B-A22B shapes (E = 128 experts, top-8): CUDA graphs over cold copies of the
 router weight (a decode step reads each layer's router once, after other layers' weights went
@@ -29,13 +29,15 @@ p.add_argument("--programs", default="1x0",
                     "ROUTER_TILE; warps 0: moe's rule)")
 a = p.parse_args()
 VARIANTS = [tuple(int(v) for v in c.split("x")) for c in a.programs.split(",")]
+TOKENS = [int(v) for v in a.tokens.split(",")]
+moe.ROUTER_FUSED_MAX_M = max(TOKENS + [moe.ROUTER_FUSED_MAX_M])    # time the one launch past its range too
 print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: µs per call (CUDA graph, cold router "
       f"weights)")
 cols = [f"one launch {'x'.join(map(str, v))}" for v in VARIANTS]
 print("| shape | tokens | " + " | ".join(cols) + " | rms_norm + F.linear + route |")
 print("|---|---:|" + "---:|" * (len(cols) + 1))
 for name, H in SHAPES.items():
-    for M in (int(v) for v in a.tokens.split(",")):
+    for M in TOKENS:
         g = torch.Generator(device="cuda").manual_seed(H + M)
         copies = 64                                       # 64 x 0.5-1 MB of router weights: past L2
         ws = [torch.randn(E, H, device="cuda", generator=g).mul(H ** -0.5).to(torch.bfloat16) for _ in range(copies)]

@@ -101,7 +101,7 @@ def test_route_ties_go_to_the_lower_expert(e, k):
         torch.testing.assert_close(w3, w[t:t + 2], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 64)])
+@pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 64), (3, 128, 8, 512)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_router_route_matches_linear_then_route(m, e, k, h, dtype):
     """The one-launch decode router (logits rounded to x's dtype) picks the experts and weights
@@ -116,7 +116,7 @@ def test_router_route_matches_linear_then_route(m, e, k, h, dtype):
         torch.testing.assert_close(w, rw, rtol=2e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 4096)])
+@pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 4096), (4, 128, 8, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_norm_router_route_matches_norm_then_route(m, e, k, h, dtype):
     """Residual add + RMSNorm inside the router launch == the norm kernel, then F.linear + route()."""
@@ -135,7 +135,8 @@ def test_norm_router_route_matches_norm_then_route(m, e, k, h, dtype):
         assert torch.equal(ids, ri)
         torch.testing.assert_close(w, rw, rtol=2e-3, atol=1e-4)
     with pytest.raises(ShapeMismatch, match="norm_router_route"):
-        moe.norm_router_route(x.repeat(3, 1), r.repeat(3, 1), nw, 1e-6, gw, k, True)
+        n = moe.ROUTER_FUSED_MAX_M + 1      # one token row past the one launch's range
+        moe.norm_router_route(x.repeat(n, 1), r.repeat(n, 1), nw, 1e-6, gw, k, True)
 
 
 @pytest.mark.parametrize("ids_kind,m,k,e,bm", [("random", 300, 2, 7, 4), ("one_expert", 300, 2, 8, 4),

@@ -101,16 +101,20 @@ def route(router_logits: Tensor, top_k: int, renorm: bool) -> tuple[Tensor, Tens
     return w, ids
 
 
-# batch-1/2 decode: router linear + route in one launch. Measured on an H100 (2026-11-25, 30B shapes,
-# scripts/profile_decode.py): at M=1 one launch of 5.9 us replaces F.linear 5.4 us + route 4.5 us;
-# allowed up to M=8, its serial H loop made the whole decode step ~13% slower, so larger M take
-# cuBLAS + route().
-ROUTER_FUSED_MAX_M = 2
-# the one-launch router's programs: one expert each (E programs), one warp up to 2048 values of x
-# (MB * H) and two above, router-weight elements per H step. Short cross-warp reductions matter more
-# than program count here: H100, scripts/bench_router.py, session 25, µs at 1 / 2 tokens, 2 experts x
-# 4 warps (before) -> 1 x 1 or 1 x 2: 30B 5.90 / 7.06 -> 5.30 / 5.56, 235B 7.87 / 10.01 -> 6.99 / 7.73
-# (benchmarks/moe_diag/session25_router_programs_h100.log). None: the rule; tests / benchmarks set it.
+# decode at 1-4 tokens: router linear + route in one launch. At M=1 one launch of 5.9 us replaced
+# F.linear 5.4 us + route 4.5 us (H100, 2026-11-25, scripts/profile_decode.py); with programs of one
+# expert and 1-4 warps (below) the one launch also wins at 4 tokens (session 25, H100,
+# scripts/bench_router.py, µs: 30B 6.54 vs rms_norm + F.linear + route 11.11, 235B 10.29 vs 12.41;
+# 16-layer 30B decode at batch 4, two runs each: int4 experts + fp8 attention 2699.1 / 2701.1 ->
+# 2786.6 / 2786.8 tok/s, fp8 2008.1 / 2010.9 -> 2066.8 / 2067.1); at 8 tokens it does not (235B 16.33
+# vs 12.57, 30B decode batch 8 equal; benchmarks/moe_diag/session25_router_programs_h100.log,
+# runtime/session25_router_fused_m4_ab_h100.log).
+ROUTER_FUSED_MAX_M = 4
+# the one-launch router's programs: one expert each (E programs); warps: one per token row, but two
+# for one row past H = 2048 (short cross-warp reductions matter more than program count: 2 experts
+# x 4 warps before -> 1 expert x 1-2 warps at 1 / 2 tokens: 30B 5.90 / 7.06 -> 5.30 / 5.56 µs, 235B
+# 7.87 / 10.01 -> 6.99 / 7.73); router-weight elements per H step. ROUTER_WARPS None: that rule
+# (benchmarks set it).
 ROUTER_BE, ROUTER_WARPS, ROUTER_TILE = 1, None, 4096
 
 
@@ -167,7 +171,7 @@ def _router_launch(x, gate_weight, top_k, renorm, norm):
         x, gate_weight, lg, w, ids, split_counters(x.device, 1), r, nw, x if y is None else y, x if h is None else h,
         M, E, H, x.stride(0), eps, TOPK=top_k, RENORM=bool(renorm), MB=MB, BE=BE, BH=BH,
         EB=next_power_of_2(E), KB=next_power_of_2(top_k), NORM=norm is not None,
-        num_warps=ROUTER_WARPS or (1 if MB * H <= 2048 else 2),
+        num_warps=ROUTER_WARPS or max(MB, 1 if H <= 2048 else 2),
         **pdl.launch_kw(x))
     return w, ids, y, h
 
