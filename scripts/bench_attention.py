@@ -5,7 +5,7 @@ went through L2), µs per call, GB/s of K/V read and % of the measured copy band
 split of the cache length over programs (kernels/attention.py TARGET_PROGRAMS, block_n), which is
 how those two are chosen; every variant is checked against SDPA first (SQNR >= 40 dB).
 
-    python scripts/bench_attention.py [--batch 1,8,32,64] [--lens 256,2048,8192,32768]"""
+    python scripts/bench_attention.py [--batch 1,8,32,64] [--lens 256,2048,8192,32768] [--new]"""
 import argparse
 import os
 import sys
@@ -43,13 +43,17 @@ p.add_argument("--batch", default="1,8,32,64")
 p.add_argument("--lens", default="256,2048,8192,32768")
 p.add_argument("--variants", default=None, help="comma-separated names of VARIANTS (default: all)")
 p.add_argument("--max-cache-gb", type=float, default=4.0, help="skip (batch, length) whose one cache is larger")
+p.add_argument("--new", action="store_true",
+               help="time the decoder's step: raw q / k / v projections, q/k RMSNorm + RoPE and the new token's "
+                    "k / v stored in the same launch (decode_attention_new); its first column is the same work "
+                    "in two launches (qk_norm_rope_store, then decode_attention), the variants' reference")
 a = p.parse_args()
 if a.variants:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in a.variants.split(",")}
 bw = timing.copy_bandwidth_gbps()
 print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: copy bandwidth {bw:.0f} GB/s; "
       f"µs per call (GB/s of K/V read, % of copy bandwidth)", flush=True)
-print("| batch | cache length | " + " | ".join(["SDPA"] + list(VARIANTS)) + " |")
+print("| batch | cache length | " + " | ".join(["two launches" if a.new else "SDPA"] + list(VARIANTS)) + " |")
 print("|---:|---:|" + "---:|" * (1 + len(VARIANTS)))
 
 
@@ -66,6 +70,24 @@ def point(B: int, S: int, kv_bytes: int) -> list[float]:
     def sdpa(i):
         return F.scaled_dot_product_attention(qs[i][:, :, None], ks[i], vs[i], enable_gqa=True)[:, :, 0]
 
+    def ours(i):
+        return attention.decode_attention(qs[i], ks[i], vs[i], start, pos)
+
+    if a.new:   # raw projections [B, H*D]; the new token goes to slot pos = S - 1
+        qr, kr, vr = ([torch.randn(B, h * D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(copies)]
+                      for h in (HQ, HK, HK))
+        ang = torch.rand(B, D // 2, device="cuda", generator=g) * 6.28
+        cos, sin = (f(torch.cat([ang, ang], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+        qw, kw = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).to(torch.bfloat16), torch.ones(D).cuda().bfloat16()
+
+        def sdpa(i):       # the same work in two launches
+            qn = attention.qk_norm_rope_store(qr[i][:, None], kr[i][:, None], vr[i][:, None], cos[:, None],
+                                              sin[:, None], qw, kw, 1e-6, ks[i], vs[i], pos[:, None])
+            return attention.decode_attention(qn[:, 0], ks[i], vs[i], start, pos)
+
+        def ours(i):
+            return attention.decode_attention_new(qr[i], kr[i], vr[i], cos, sin, qw, kw, 1e-6, ks[i], vs[i], start, pos)
+
     ref = sdpa(0).float()
     cells = [timing.graph_us([lambda i=i: sdpa(i) for i in range(copies)])]
     for patch in VARIANTS.values():
@@ -73,9 +95,8 @@ def point(B: int, S: int, kv_bytes: int) -> list[float]:
         for k, v in patch.items():
             setattr(attention, k, v)
         try:
-            db = sqnr_db(ref, attention.decode_attention(qs[0], ks[0], vs[0], start, pos).float())
-            cells.append(timing.graph_us([lambda i=i: attention.decode_attention(qs[i], ks[i], vs[i], start, pos)
-                                          for i in range(copies)]) if db >= 40 else float("inf"))
+            db = sqnr_db(ref, ours(0).float())
+            cells.append(timing.graph_us([lambda i=i: ours(i) for i in range(copies)]) if db >= 40 else float("inf"))
         finally:
             for k, v in saved.items():
                 setattr(attention, k, v)
