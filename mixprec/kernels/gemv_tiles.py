@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .quant import int4_word_codes, int4_word_dot, rows2, rows4, word_dot16, x_pairs16, zero_pairs16
+from .quant import WEIGHT_EVICT, int4_word_codes, int4_word_dot, rows2, rows4, word_dot16, x_pairs16, zero_pairs16
 
 # intq: qweight [K/pf, N] (K packed along 32-bit words, N contiguous), scales / zeros
 # [ceil(K/G), N]; the row stride of all three is nw (the caller's column count)
@@ -112,7 +112,8 @@ def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
     qcol = qp + cols[None, :]
     # one tile of prefetch: the next words are in flight while this tile is dequantized
     rr = k_lo // PF + r
-    q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+    q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
+                    eviction_policy=WEIGHT_EVICT)
     pdl.wait(PDL)   # (down side) the first tile is loaded; x comes from the kernel before
     acc = tl.zeros([R, BN], dtype=tl.float32)
     if F16 and BITS == 4 and xrow.dtype.element_ty != tl.float32:
@@ -123,7 +124,8 @@ def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
         for k0 in range(k_lo, k_hi, BK):
             q = q_nxt
             rr = k0 // PF + R + r
-            q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+            q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
+                            eviction_policy=WEIGHT_EVICT)
             xp0, xp1, xp2, xp3, f_out = _x_row_pairs(xrow, pp, k0 + r * PF, K, HP, not EVK)
             s, z = intq_sz(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
             zc1, zc16 = zero_pairs16(z)
@@ -135,7 +137,8 @@ def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
         for k0 in range(k_lo, k_hi, BK):
             q = q_nxt
             rr = k0 // PF + R + r
-            q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+            q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
+                            eviction_policy=WEIGHT_EVICT)
             qh = q >> 16
             kr = k0 + r * PF
             # sum_k s (q - z) x = s * (sum_k q x) - z s * (sum_k x): within a word row s and z are
@@ -190,7 +193,8 @@ def gemv_int4_rows(x0, x1, x2, x3, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
     KP = k_hi // 8
     qcol = qp + cols[None, :]
     rr = k_lo // 8 + r
-    q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+    q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
+                    eviction_policy=WEIGHT_EVICT)
     pdl.wait(PDL)   # the first tile is loaded; x comes from the kernel before
     acc0 = tl.zeros([R, cols.shape[0]], dtype=tl.float32)
     acc1 = tl.zeros_like(acc0)
@@ -200,7 +204,8 @@ def gemv_int4_rows(x0, x1, x2, x3, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
     for k0 in range(k_lo, k_hi, BK):
         q = q_nxt
         rr = k0 // 8 + R + r
-        q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0)
+        q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
+                        eviction_policy=WEIGHT_EVICT)
         s, z = intq_sz(sp, zp, k0, K, cols, nm, nw, r, HZ, 4, GS, 8, BK)
         zc1, zc16 = zero_pairs16(z)
         t0, t1, t2, t3 = int4_word_codes(q, tl.broadcast_to(zc1, q.shape), tl.broadcast_to(zc16, q.shape))

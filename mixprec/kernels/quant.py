@@ -163,6 +163,12 @@ def act_codes(v: Tensor, fmt: str) -> tuple[Tensor, Tensor, int]:
 # the GPU unpacks int4 pairs with one LOP3 and one packed subtract (inline PTX, sm_90 bf16x2);
 # the CPU interpreter, which cannot run PTX, takes the same arithmetic in plain Triton ops
 _PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+# L2 policy of the GEMVs' weight streams (words_at, the int4 word tiles): a decode step streams each
+# layer's weights through L2 once; "evict_first" keeps the kernels' code and small tensors there
+# (H100, 16-layer 30B decode, two runs each: int4 experts + fp8 attention batch 1 / 2 / 8 +0.8 /
+# +0.6 / +1.0%, fp8 batch 1 +0.5%; runtime/session25_weight_evict_first_ab_h100.log).
+# MIXPREC_WEIGHT_EVICT= (empty) turns it off.
+WEIGHT_EVICT = tl.constexpr(os.environ.get("MIXPREC_WEIGHT_EVICT", "evict_first"))
 
 
 @triton.jit
@@ -364,7 +370,8 @@ def e4m3_f16x2(q, DIV512: tl.constexpr = False):
 def words_at(wrow, kw, nm, k_hi):
     """The int32 weight words at word columns kw [BK/4] of the rows wrow [R, 1] (mask nm [R]; zeros
     from input k_hi on): one step of the word loops' prefetch (fp8 / int8 GEMVs, dense and MoE)."""
-    return tl.load(wrow + kw[None, :], mask=nm[:, None] & (kw < k_hi // 4)[None, :], other=0)
+    return tl.load(wrow + kw[None, :], mask=nm[:, None] & (kw < k_hi // 4)[None, :], other=0,
+                   eviction_policy=WEIGHT_EVICT)
 
 
 def int32_words(weight: Tensor) -> Tensor | None:
