@@ -116,8 +116,9 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
     # and 16 products per call, each thread's 16-byte load); a_j * s_j scales the fp32 sums.
     # Per-thread partials [BLOCK_N, BLOCK_K / 16] are summed across the threads once, after the K
     # loop. w_ptr: int32 words [N, K / 4] (row stride stride_w words). One activation row per
-    # program: programs of 2 / 4 rows (each word decoded once) lost to it at M = 2-8 on every
-    # shape (H100, session 25, benchmarks/linear_raw/session25_tune_w8a8_m2_8_h100.log).
+    # program: programs of 2 / 4 rows (each word decoded once) were the fastest candidate on 1 of
+    # 54 tuned (M = 2-8, shape) points, by < 5% (H100, session 25,
+    # benchmarks/linear_raw/session25_tune_w8a8_m2_8_h100.log), and are gone.
     pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 4)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
