@@ -228,7 +228,9 @@ MAX_SPLITS = 32
 # batch 1 at 8192 slots 15.5 -> 14.3 (SDPA 14.4), 32768 34.2 -> 33.5; batch 2 at 8192 20.9 -> 18.8;
 # batch 8 at 2048 18.3 -> 17.8. ptxas: 198 registers at 16 partials per step (152 at 4), no spills
 MERGE_ELEMS = 32768
-DECODE_WARPS = 4    # 8 measured mixed (session 25: batch 8 at 1024 slots 12.5 -> 11.0 µs, at 256 7.3 -> 8.0)
+# 8 warps measured slower in decode (session 25, 16-layer 30B int4 experts: batch 8 -2.2%, 32 / 64
+# -0.7 / -0.8%; the kernel alone +-4% either way; runtime/session25_attention_8warps_ab_h100.log)
+DECODE_WARPS = 4
 
 
 def block_n(length: int) -> int:
