@@ -18,10 +18,8 @@ per-tensor) the scales fold into x and BK may span several 128-wide slices. Fold
 the weight read as int32 words, 4 e4m3 codes each, widened two at a time by cvt.rn.f16x2.e4m3x2 and
 multiplied by HFMA2 with the activation codes / 512 (w8a8) or x over a power of two (w8a16), 16
 products summed per call in fp16, then in fp32 times the slice's a * s (SASS of the 30B qkv w8a8
-tile: 246 instructions per step against 493 for the fp32 loop; session 23, H100: 7.6 -> 6.2 µs). A
-config's BM (2 or 4) gives the word loop programs of that many rows, each weight word decoded once
-for all of them (bench-kernels --tune offers them at M = 2-8; built in session 24 without GPU time:
-offline SASS only, no TUNED row sets it).
+tile: 246 instructions per step against 493 for the fp32 loop; session 23, H100: 7.6 -> 6.2 µs).
+One program per activation row: the TUNED rows of M = 2-8 that take the GEMV run it M times.
 gemm: tl.dot on fp8 operands (w8a8, Hopper fp8 MMA) or bf16/fp16 (w8a16). One launch per call
 (w8a8 gemm from PRE_QUANT_M rows: plus the quantization launch).
 """

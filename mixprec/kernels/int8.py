@@ -11,13 +11,12 @@ rows again. Then int8 x int8 -> int32: y = sx * scale * (sum_k xq q - zero * sum
 point is exact: sum_k xq is summed alongside the dot. act "w8a16": q is widened (exact in
 bf16/fp16) and y = scale * (x.q - zero * sum x).
 
-gemv (M = 1): programs over (row, N block, K split), 16-byte loads along K, int32 (w8a8) or fp32
-FMA dot products; a config's "words" (w8a8; the M=1 TUNED rows set it) runs the same integer sums
-as dp4a over the weight read as int32 words (`_gemv_dp4a_words`; offline SASS of the 30B qkv tile
-548 -> 421 instructions per step, most of the rest is the in-register quantization of x; session
-24, H100: 5-15% faster on every 30B / 235B shape); with a config's BM (2 or 4) its programs take
-that many rows, each weight word loaded once for all of them (tuner candidates at M = 2-8, session
-24, not yet timed); gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16).
+gemv (M = 1, and the TUNED rows of M = 2-4 that take it): programs over (row, N block, K split),
+one activation row each, 16-byte loads along K, int32 (w8a8) or fp32 FMA dot products; a config's
+"words" (w8a8; every TUNED GEMV row sets it) runs the same integer sums as dp4a over the weight read
+as int32 words (`_gemv_dp4a_words`; offline SASS of the 30B qkv tile 548 -> 421 instructions per
+step, most of the rest is the in-register quantization of x; session 24, H100: 5-15% faster on
+every 30B / 235B shape at M = 1); gemm: tl.dot int8 (w8a8) or bf16/fp16 (w8a16).
 One launch per call (w8a8 gemm: plus the quantization launch).
 """
 from __future__ import annotations

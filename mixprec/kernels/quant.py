@@ -16,8 +16,7 @@
 * The fp8 GEMVs' packed-fp16 word math: `fp8_words_dot16` (16 e4m3 weight codes, as 4 words,
   against 8 fp16 activation pairs), `fp8_tile_dot16` (a word tile's groups of 16), `e4m3_f16x2`
   (4 codes of a word -> 2 fp16 pairs, / 512 for activation codes), each with a plain-Triton twin
-  for the interpreter; `dp4a` (4 int8 products per instruction) for the int8
-  W8A8 word loops.
+  for the interpreter; `dp4a` (4 int8 products per instruction) for the int8 W8A8 word loops.
 * The int4 GEMVs' packed-fp16 word math: `int4_word_codes` (a word's 8 codes minus the zero as 4
   fp16 pairs), `word_dot16` (their dot with 4 activation pairs from `x_pairs16`), `int4_word_dot`
   (both), each with a plain-Triton twin for the interpreter.
