@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .quant import WEIGHT_EVICT, int4_word_codes, int4_word_dot, rows2, rows4, word_dot16, x_pairs16, zero_pairs16
+from .quant import WEIGHT_EVICT, int4_word_codes, int4_word_dot, word_dot16, x_pairs16, zero_pairs16
 
 # intq: qweight [K/pf, N] (K packed along 32-bit words, N contiguous), scales / zeros
 # [ceil(K/G), N]; the row stride of all three is nw (the caller's column count)
@@ -220,3 +220,26 @@ def gemv_int4_rows(x0, x1, x2, x3, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
     else:
         y = rows2(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
     return y
+
+
+@triton.jit
+def row_ptrs4(x_ptr, m0, M, stride_xm):
+    """Row pointers of the activation rows m0 .. m0 + 3 of a GEMV program of several rows (rows past
+    M point at row M - 1: readable, their results are not stored)."""
+    return (x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm,
+            x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm,
+            x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm,
+            x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm)
+
+
+@triton.jit
+def rows2(y0, y1):
+    """Two rows' results [BN] -> [2, BN]."""
+    return tl.permute(tl.join(y0, y1), (1, 0))
+
+
+@triton.jit
+def rows4(y0, y1, y2, y3):
+    """Four rows' results [BN] -> [4, BN]."""
+    y = tl.join(tl.join(y0, y1), tl.join(y2, y3))                     # [BN, b, a]: row 2 a + b
+    return tl.reshape(tl.permute(y, (2, 1, 0)), (4, y0.shape[0]))

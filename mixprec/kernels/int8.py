@@ -86,40 +86,24 @@ def _gemv_dp4a_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
         w = w_next
         kw = (k0 + BLOCK_K) // 4 + offs_w
         w_next = words_at(w_rows, kw, n_mask, k_hi)
-        acc, xs = _row_dp4a(w, x_row, k0 + offs_k, K, sx, acc, xs, HAS_ZERO)
-    s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+        # the row's codes as words (byte i = input 4t + i), shared by the BLOCK_N weight rows
+        kk = k0 + offs_k
+        q = _int8_codes(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), sx) & 255
+        q01, q23 = tl.split(tl.reshape(q, (BLOCK_K // 4, 2, 2)))      # [BK/4, 2]: bytes (0, 2), (1, 3)
+        q0, q2 = tl.split(q01)
+        q1, q3 = tl.split(q23)
+        xw = q0 | (q1 << 8) | (q2 << 16) | (q3 << 24)                 # [BK/4] words
+        acc = dp4a(w, tl.broadcast_to(xw[None, :], w.shape), acc)
+        if HAS_ZERO:    # the codes' running sums
+            xs = dp4a(xw, tl.full(xw.shape, 0x01010101, tl.int32), xs)
+    # scale * sx * (x.q - zero * sum x)
+    y = tl.sum(acc, axis=1).to(tl.float32)
     if HAS_ZERO:
-        z = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0)
-    else:
-        z = s       # unused
-    y = _dp4a_row_out(acc, xs, sx, s, z, HAS_ZERO)
+        y -= tl.load(z_ptr + offs_n, mask=n_mask, other=0.0) * tl.sum(xs, axis=0).to(tl.float32)
+    y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0) * sx
     tile_id = pid_m * tl.num_programs(1) + pid_n
     splitk_store(y[None, :], out_ptr, ws_ptr, cnt_ptr, pid_m + tl.arange(0, 1), offs_n, M, N, stride_om, tile_id,
                  pid_k, split, USE_SPLIT)
-
-
-@triton.jit
-def _row_dp4a(w, x_row, kk, K, sx, acc, xs, HAS_ZERO: tl.constexpr):
-    """One activation row's step: its codes at inputs kk as words (byte i = input 4t + i), dp4a with
-    the weight words w [BN, BK / 4] into acc; xs: the codes' running sums (zero points)."""
-    q = _int8_codes(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32), sx) & 255
-    q01, q23 = tl.split(tl.reshape(q, (kk.shape[0] // 4, 2, 2)))      # [BK/4, 2]: bytes (0, 2), (1, 3)
-    q0, q2 = tl.split(q01)
-    q1, q3 = tl.split(q23)
-    xw = q0 | (q1 << 8) | (q2 << 16) | (q3 << 24)                      # [BK/4] words
-    acc = dp4a(w, tl.broadcast_to(xw[None, :], w.shape), acc)
-    if HAS_ZERO:
-        xs = dp4a(xw, tl.full(xw.shape, 0x01010101, tl.int32), xs)
-    return acc, xs
-
-
-@triton.jit
-def _dp4a_row_out(acc, xs, sx, s, z, HAS_ZERO: tl.constexpr):
-    """[BN] fp32 outputs of one row: scale * sx * (x.q - zero * sum x)."""
-    y = tl.sum(acc, axis=1).to(tl.float32)
-    if HAS_ZERO:
-        y -= z * tl.sum(xs, axis=0).to(tl.float32)
-    return y * s * sx
 
 
 @triton.jit

@@ -49,10 +49,10 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .gemv_tiles import gemv_int4_rows, gemv_intq
+from .gemv_tiles import gemv_int4_rows, gemv_intq, row_ptrs4
 from .ints import cdiv, next_power_of_2
 from .quant import (check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles,
-                    row_ptrs4, split_plan, split_workspace, splitk_store, x_tile)
+                    split_plan, split_workspace, splitk_store, x_tile)
 
 MAGIC = 8388608.0  # 2^23: float with bits 0x4B000000
 MAGIC_C = tl.constexpr(MAGIC)

@@ -305,37 +305,20 @@ def fp8_words_dot16(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7):
 
 
 @triton.jit
-def _tile_words4(w):
-    """w [R, 4G] int32 words, K order -> the 4 words of each 16-input group, [R, G] each."""
-    G: tl.constexpr = w.shape[1] // 4
-    wa, wb = tl.split(tl.reshape(w, (w.shape[0], G, 2, 2)))      # word j = 2 j1 + j0 of a group; j0 = 0 / 1
-    w0, w2 = tl.split(wa)
-    w1, w3 = tl.split(wb)
-    return w0, w1, w2, w3
-
-
-@triton.jit
-def _tile_x_pairs16(x_lo, x_hi):
-    """x_lo / x_hi [4G] int32: the fp16 activation pairs (inputs 4t, 4t+1) and (4t+2, 4t+3) of word
-    column t -> x0..x7 [G]: pair i of each 16-input group (x_2j / x_2j+1: the low / high pair of its
-    word j), the order fp8_words_dot16 takes."""
-    G: tl.constexpr = x_lo.shape[0] // 4
-    la, lb = tl.split(tl.reshape(x_lo, (G, 2, 2)))
-    x0, x4 = tl.split(la)
-    x2, x6 = tl.split(lb)
-    ha, hb = tl.split(tl.reshape(x_hi, (G, 2, 2)))
-    x1, x5 = tl.split(ha)
-    x3, x7 = tl.split(hb)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
 def fp8_tile_dot16(w, x_lo, x_hi):
     """w [R, 4G] int32: e4m3 weight codes as words, K order; x_lo / x_hi [4G] int32: the fp16
     activation pairs (inputs 4t, 4t+1) / 512 and (4t+2, 4t+3) / 512 of word column t (e4m3_f16x2)
     -> [R, G] fp32: each 16-input group's sum w x / 512 (fp8_words_dot16 per group)."""
-    w0, w1, w2, w3 = _tile_words4(w)
-    x0, x1, x2, x3, x4, x5, x6, x7 = _tile_x_pairs16(x_lo, x_hi)
+    G: tl.constexpr = w.shape[1] // 4
+    la, lb = tl.split(tl.reshape(x_lo, (G, 2, 2)))      # word j = 2 j1 + j0 of a group; j0 = 0 / 1
+    x0, x4 = tl.split(la)                               # pairs 2j (x_lo) and 2j + 1 (x_hi) of word j
+    x2, x6 = tl.split(lb)
+    ha, hb = tl.split(tl.reshape(x_hi, (G, 2, 2)))
+    x1, x5 = tl.split(ha)
+    x3, x7 = tl.split(hb)
+    wa, wb = tl.split(tl.reshape(w, (w.shape[0], G, 2, 2)))
+    w0, w2 = tl.split(wa)
+    w1, w3 = tl.split(wb)
     return fp8_words_dot16(w0, w1, w2, w3, x0[None, :], x1[None, :], x2[None, :], x3[None, :],
                            x4[None, :], x5[None, :], x6[None, :], x7[None, :])
 
@@ -576,29 +559,6 @@ def split_workspace(split: int, M: int, N: int, n_tiles: int, device: torch.devi
         return _DUMMIES[key]
     return (torch.empty(split, M, N, dtype=torch.float32, device=device),
             split_counters(device, n_tiles))
-
-
-@triton.jit
-def row_ptrs4(x_ptr, m0, M, stride_xm):
-    """Row pointers of the activation rows m0 .. m0 + 3 of a GEMV program of several rows (rows past
-    M point at row M - 1: readable, their results are not stored)."""
-    return (x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm,
-            x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm,
-            x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm,
-            x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm)
-
-
-@triton.jit
-def rows2(y0, y1):
-    """Two rows' results [BN] -> [2, BN]."""
-    return tl.permute(tl.join(y0, y1), (1, 0))
-
-
-@triton.jit
-def rows4(y0, y1, y2, y3):
-    """Four rows' results [BN] -> [4, BN]."""
-    y = tl.join(tl.join(y0, y1), tl.join(y2, y3))                     # [BN, b, a]: row 2 a + b
-    return tl.reshape(tl.permute(y, (2, 1, 0)), (4, y0.shape[0]))
 
 
 @triton.jit
