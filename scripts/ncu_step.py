@@ -34,13 +34,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mixprec.runtime.generate import Generator  # noqa: E402
 from mixprec.runtime.sampling import SamplingParams  # noqa: E402
-from mixprec.runtime.synthetic import build_synthetic, synthetic_args  # noqa: E402
+from mixprec.runtime.synthetic import profile_target  # noqa: E402
 
-mix = sys.argv[1] if len(sys.argv) > 1 else "int4"
-layers = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-batch = int(sys.argv[3]) if len(sys.argv) > 3 else 1
-model = build_synthetic(synthetic_args("qwen3-30b-a3b", layers), mix, progress=False)
-prompts = [[(7 * b + 13 * j) % 4096 + 1 for j in range(128)] for b in range(batch)]   # rows route apart
+model, prompts, label = profile_target(sys.argv[1:], "int4", 4)
 gen = Generator(model, use_cuda_graphs=False)
 steps = gen.stream(prompts, SamplingParams(max_new_tokens=8))
 for _ in range(4):      # prefill and decode steps: every kernel compiled and warm
@@ -52,4 +48,4 @@ torch.cuda.synchronize()
 torch.cuda.cudart().cudaProfilerStop()
 for _ in steps:
     pass
-print(f"profiled one decode step: mix={mix} layers={layers} batch={batch}", file=sys.stderr)
+print(f"profiled one decode step: {label}", file=sys.stderr)

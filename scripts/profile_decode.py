@@ -14,13 +14,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mixprec.runtime.generate import Generator
 from mixprec.runtime.sampling import SamplingParams
-from mixprec.runtime.synthetic import build_synthetic, synthetic_args
+from mixprec.runtime.synthetic import profile_target
 
-mix = sys.argv[1] if len(sys.argv) > 1 else "bf16"
-layers = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-batch = int(sys.argv[3]) if len(sys.argv) > 3 else 1
-model = build_synthetic(synthetic_args("qwen3-30b-a3b", layers), mix, progress=False)
-prompts = [[(7 * b + 13 * j) % 4096 + 1 for j in range(128)] for b in range(batch)]   # rows route apart
+model, prompts, label = profile_target(sys.argv[1:], "bf16", 8)
+layers = model.args.num_hidden_layers
 STEPS = 32
 
 
@@ -39,7 +36,7 @@ def run(graphs: bool) -> float:
     return (time.perf_counter() - t0) / (n - 2) * 1e3     # steps 2 .. n-1 ran after t0
 
 
-print(f"mix={mix} layers={layers} batch={batch}: ms/step graphs {run(True):.3f}, eager {run(False):.3f}")
+print(f"{label}: ms/step graphs {run(True):.3f}, eager {run(False):.3f}")
 gen = Generator(model, use_cuda_graphs=False)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
     for _ in gen.stream(prompts, SamplingParams(max_new_tokens=9)):
