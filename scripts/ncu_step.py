@@ -2,7 +2,7 @@
 after a warm-up, inside a profiled region, so that
 
     ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
-        python scripts/ncu_step.py MIX [LAYERS] [BATCH] > step.csv
+        python scripts/ncu_step.py MIX [LAYERS] [BATCH] [MODEL] > step.csv
     python scripts/ncu_step.py --summary step.csv
 
 times every kernel of the step on its own (serialised, caches flushed before each: no overlap from

@@ -194,12 +194,13 @@ def build_synthetic(args: ModelArgs, mix: str, device="cuda", dtype=torch.bfloat
 
 def profile_target(argv: list[str], mix: str, layers: int) -> tuple[Qwen3ForCausalLM, list[list[int]], str]:
     """What the profiling scripts time (scripts/profile_decode.py, ncu_step.py; argv `[MIX [LAYERS
-    [BATCH]]]`, defaults mix / layers / 1): a synthetic Qwen3-30B-A3B-shaped model of LAYERS layers,
-    BATCH 128-token prompts whose token ids differ per row (so the rows route apart), and the label
-    "mix=.. layers=.. batch=.."."""
+    [BATCH [MODEL]]]]`, defaults mix / layers / 1 / qwen3-30b-a3b): a synthetic MODEL-shaped model of
+    LAYERS layers, BATCH 128-token prompts whose token ids differ per row (so the rows route apart),
+    and the label "mix=.. layers=.. batch=.."."""
     mix = argv[0] if len(argv) > 0 else mix
     layers = int(argv[1]) if len(argv) > 1 else layers
     batch = int(argv[2]) if len(argv) > 2 else 1
-    model = build_synthetic(synthetic_args("qwen3-30b-a3b", layers), mix, progress=False)
+    name = argv[3] if len(argv) > 3 else "qwen3-30b-a3b"
+    model = build_synthetic(synthetic_args(name, layers), mix, progress=False)
     prompts = [[(7 * b + 13 * j) % 4096 + 1 for j in range(128)] for b in range(batch)]
-    return model, prompts, f"mix={mix} layers={layers} batch={batch}"
+    return model, prompts, f"{name} mix={mix} layers={layers} batch={batch}"
