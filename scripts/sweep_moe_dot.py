@@ -14,10 +14,12 @@ line per M with each candidate's µs and the winner. GPU only.
     python scripts/sweep_moe_dot.py --down --tokens 1,2 --configs int4,fp8,rt_mixed
     python scripts/sweep_moe_dot.py --f16 --grid "" --tokens 1,2,4 --configs fp8,rt_mixed   (pick vs pick + f16)
 
---grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]]" (BM 16, 128-wide K tiles
-unless given); --old-rows adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K
-tiles) with and without 128-wide K tiles. Layer mixes: moe_bench.CONFIGS (`rt_mixed`: the runtime's `mixed` preset:
-half the experts int4, a quarter fp8 with bf16 down, a quarter int8 W8A8 with fp8 down)."""
+--grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]][,KEY=VALUE...]" (BM 16, 128-wide K
+tiles unless given; KEY: another config key, e.g. BKQ=256, or maxnreg=96, the launch's register cap);
+--down-grid times the grid's candidates on the down side alone (the gate/up side as picked);
+--old-rows adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K tiles) with and
+without 128-wide K tiles. Layer mixes: moe_bench.CONFIGS (`rt_mixed`: the runtime's `mixed`
+preset: half the experts int4, a quarter fp8 with bf16 down, a quarter int8 W8A8 with fp8 down)."""
 import argparse
 import json
 import os
@@ -60,10 +62,14 @@ def candidates(grid: str, old_rows: bool, gemv: tuple[str, list[dict]] | None) -
         out.update({f"{prefix}#{i}": ("gemv", c) for i, c in enumerate(cands)})
         return out
     for item in filter(None, grid.split(";")):
-        bn, sp, st, nw, *rest = (int(v) for v in item.split(","))
+        fields = item.split(",")
+        named = dict(f.split("=") for f in fields if "=" in f)    # e.g. BKQ=256, maxnreg=96
+        bn, sp, st, nw, *rest = (int(v) for v in fields if "=" not in v)
         bm, bkd = (rest + [16, 128][len(rest):])[:2]
-        name = f"bn{bn}s{sp}st{st}w{nw}" + (f"bm{bm}" if bm != 16 else "") + (f"bkd{bkd}" if bkd != 128 else "")
-        out[name] = ("dot", dict(BASE, BM=bm, BN=bn, BKD=bkd, split=sp, num_stages=st, num_warps=nw))
+        name = (f"bn{bn}s{sp}st{st}w{nw}" + (f"bm{bm}" if bm != 16 else "") + (f"bkd{bkd}" if bkd != 128 else "")
+                + "".join(f"{k.lower()}{v}" for k, v in named.items()))
+        out[name] = ("dot", dict(BASE, BM=bm, BN=bn, BKD=bkd, split=sp, num_stages=st, num_warps=nw,
+                                 **{k: int(v) for k, v in named.items()}))
     if old_rows:
         old = dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=3)
         out["dot1"] = ("dot", old)
@@ -82,6 +88,7 @@ def main() -> None:
     ap.add_argument("--gemv", action="store_true", help="the GEMV candidates instead of the dot grid")
     ap.add_argument("--gemv-gu", action="store_true", help="only the GEMV candidates with gate and up in one loop")
     ap.add_argument("--down", action="store_true", help="the GEMV candidates on the down side only")
+    ap.add_argument("--down-grid", action="store_true", help="the --grid candidates on the down side only")
     ap.add_argument("--min-mb", type=float, default=256.0, help="cold bytes per timed replay")
     ap.add_argument("--rounds", type=int, default=2, help="timings per candidate (median), in alternating order")
     ap.add_argument("--f16", action="store_true",
@@ -120,7 +127,7 @@ def main() -> None:
                     elif cfg == "pick+f16":     # the pick, its GEMV sides with f16
                         conf = tuple(dict(c, f16=True) if isinstance(c, dict) and pick[i - 1] == "gemv" else c
                                      for i, c in enumerate(pick))
-                    elif a.down:      # the gate/up side as picked, the candidate on the down side
+                    elif a.down or a.down_grid:   # the gate/up side as picked, the candidate on the down side
                         conf = (*pick[:2], *cfg)
                     else:
                         conf = (cfg[0], cfg[1], cfg[1])
