@@ -173,6 +173,38 @@ def test_decode_attention_new_matches_reference(dtype, B, HQ, HK, D, S):
     assert decode_splits(B, HK, S)[0] > 1 or S < 100
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_table_rows_equal_per_token_rows(dtype):
+    """Rotary.table row p == forward(p) bit for bit, and both kernels give the same bits reading
+    cos / sin from the table by position as from per-token rows."""
+    from mixprec.errors import ShapeMismatch
+    B, T, HQ, HK, D, S = 3, 5, 8, 2, 64, 40
+    g = torch.Generator(device=DEV).manual_seed(3)
+    rotary = Rotary(D, 1e6, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}, 32).to(DEV)
+    cos_t, sin_t = rotary.table(S, dtype)
+    assert cos_t.shape[0] >= S and rotary.table(S - 7, dtype)[0] is cos_t      # built once
+    positions = torch.stack([torch.randperm(S, generator=g, device=DEV)[:T] for _ in range(B)])   # distinct slots
+    cos, sin = rotary(positions, dtype)
+    assert torch.equal(cos_t[positions], cos) and torch.equal(sin_t[positions], sin)
+    qkv = torch.randn(B, T, (HQ + 2 * HK) * D, generator=g, device=DEV).to(dtype) * 3
+    q, k, v = qkv.split([HQ * D, HK * D, HK * D], dim=-1)
+    qw, kw = ((1 + 0.2 * torch.randn(D, generator=g, device=DEV)).to(dtype) for _ in range(2))
+    kv = torch.randn(2, B, HK, S, D, generator=g, device=DEV).to(dtype)
+    outs = []
+    for table in (False, True):
+        kc, vc = kv[0].clone(), kv[1].clone()
+        c, s_ = (cos_t, sin_t) if table else (cos, sin)
+        qo = qk_norm_rope_store(q, k, v, c, s_, qw, kw, 1e-6, kc, vc, positions, rope_table=table)
+        c, s_ = (cos_t, sin_t) if table else (cos[:, -1], sin[:, -1])
+        o = decode_attention_new(q[:, -1], k[:, -1], v[:, -1], c, s_, qw, kw, 1e-6, kc, vc,
+                                 torch.zeros(B, dtype=torch.long, device=DEV), positions[:, -1], rope_table=table)
+        outs.append((qo, o, kc, vc))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    with pytest.raises(ShapeMismatch, match="RoPE table"):
+        qk_norm_rope_store(q, k, v, cos, sin, qw, kw, 1e-6, kv[0].clone(), kv[1].clone(), positions, rope_table=True)
+
+
 def test_attention_kernels_refuse_rows_with_a_strided_last_dim():
     from mixprec.errors import ShapeMismatch
     q = torch.randn(2, 64, 2)[..., 0]                                  # last-dim stride 2

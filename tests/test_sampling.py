@@ -1,5 +1,6 @@
 """Sampler: greedy rows, exact distribution of the exponential race, top-k / top-p masks,
 per-request determinism of the counter noise."""
+import pytest
 import torch
 
 from mixprec.runtime.generate import counter_noise
@@ -113,3 +114,34 @@ def test_params_that_do_not_fit_the_device_tensors_are_refused():
                        max_new_tokens=np.int64(3), seed=torch.tensor(4), stop_token_ids={1, 2}).plain().validate()
     assert (type(p.temperature), type(p.top_k), type(p.max_new_tokens), type(p.seed)) == (float, int, int, int)
     assert sorted(p.stop_token_ids) == [1, 2]
+
+
+# the one-launch greedy step (kernels/sampling.py): CPU runs it in Triton's interpreter (fp16 /
+# fp32: its bf16 is wrong), CUDA also in bf16
+_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32] + ([torch.bfloat16] if _DEV == "cuda" else []))
+@pytest.mark.parametrize("B, V", [(1, 151936), (3, 20000), (5, 1000), (64, 5000)])
+def test_greedy_advance_matches_torch(dtype, B, V):
+    from mixprec.kernels.sampling import greedy_advance
+    g = torch.Generator(device=_DEV).manual_seed(V + B)
+    logits = torch.randn(B, V, generator=g, device=_DEV).to(dtype)
+    # ties across chunks and inside one: the first index must win, as in torch.argmax
+    logits[0, V // 3] = logits[0, V - 1] = logits[0, V // 2] = 50.0
+    if B > 2:
+        logits[1] = float("-inf")                       # all -inf: index 0
+        logits[2, V // 4] = float("nan")                # NaN counts as the largest
+    tokens = torch.full((B, 1), -7, dtype=torch.long, device=_DEV)
+    pos = torch.arange(B, dtype=torch.long, device=_DEV)[:, None] + 10
+    step = torch.arange(B, dtype=torch.long, device=_DEV) + 3
+    live = (torch.arange(B, device=_DEV) % 2 == 0).long()
+    want = logits.float().argmax(-1)
+    for rep in range(2):                                # the counters are left at zero for the next launch
+        greedy_advance(logits, tokens[:, 0], pos[:, 0], step, live)
+        assert torch.equal(tokens[:, 0], want)
+        torch.testing.assert_close(pos[:, 0], torch.arange(B, device=_DEV) + 10 + (rep + 1) * live)
+        torch.testing.assert_close(step, torch.arange(B, device=_DEV) + 3 + (rep + 1) * live)
+    assert want[0] == V // 3 and (B <= 2 or (want[1] == 0 and want[2] == V // 4))
+    greedy_advance(logits, tokens[:, 0], pos[:, 0], step)          # no live mask: every row advances
+    torch.testing.assert_close(step, torch.arange(B, device=_DEV) + 3 + 2 * live + 1)

@@ -63,15 +63,18 @@ def _store_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, off, kw_ptr, cs, sn, rh, eps, HD
 def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
                          qo_ptr, kc_ptr, vc_ptr,
                          s_q, s_k, s_v, s_cb, s_ch, s_cs, T, eps,
-                         HQ: tl.constexpr, HK: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr = False):
+                         HQ: tl.constexpr, HK: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr = False,
+                         ROPE_POS: tl.constexpr = False):
     """Grid (tokens N = B*T, HQ + HK). Program (n, j): q head j -> qo[n, j]; or kv head j - HQ:
-    normed+roped k and plain v -> cache[b, j - HQ, slot[n]]."""
+    normed+roped k and plain v -> cache[b, j - HQ, slot[n]]. cos / sin rows: token n's, or
+    (ROPE_POS) row slot[n] of a table by position."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     n = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     rh = tl.arange(0, HD)
-    cs = cos_ptr + n * (2 * HD)
-    sn = sin_ptr + n * (2 * HD)
+    crow = tl.load(slot_ptr + n) if ROPE_POS else n
+    cs = cos_ptr + crow * (2 * HD)
+    sn = sin_ptr + crow * (2 * HD)
     r2 = tl.arange(0, HD)[None, :]
     if j < HQ:
         src = q_ptr + n * s_q + j * (2 * HD)
@@ -94,10 +97,11 @@ def _check_rows(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_w: Tensor, k_w: Tensor,
-                       eps: float, k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> Tensor:
+                       eps: float, k_cache: Tensor, v_cache: Tensor, slots: Tensor, rope_table: bool = False) -> Tensor:
     """q [B, T, HQ*D], k/v [B, T, HK*D] (rows may be strided views of one qkv output);
-    cos/sin [B, T, D]; k_cache/v_cache [B', HK, S, D] (one layer, B' >= B, any strides with a
-    contiguous last dim); slots [B, T] int64 cache slots (< S, not checked).
+    cos/sin [B, T, D], or (rope_table) [P, D] by position (P > every slot); k_cache/v_cache
+    [B', HK, S, D] (one layer, B' >= B, any strides with a contiguous last dim); slots [B, T] int64
+    cache slots = positions (< S, not checked).
     Writes k (normed, roped) and v at the slots; returns q normed and roped [B, T, HQ, D]."""
     B, T, _ = q.shape
     D = k_cache.shape[-1]
@@ -108,11 +112,22 @@ def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
     qo = torch.empty(B, T, HQ, D, dtype=q.dtype, device=q.device)
     if N:
         _qk_norm_rope_kernel[(N, HQ + HK)](
-            q2, k2, v2, cos.reshape(N, D).contiguous(), sin.reshape(N, D).contiguous(), q_w, k_w,
+            q2, k2, v2, *_rope_rows(cos, sin, N, D, rope_table), q_w, k_w,
             slots.reshape(N).contiguous(), qo, k_cache, v_cache,
             q2.stride(0), k2.stride(0), v2.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            T, eps, HQ=HQ, HK=HK, HD=D // 2, num_warps=1, **pdl.launch_kw(q2))
+            T, eps, HQ=HQ, HK=HK, HD=D // 2, ROPE_POS=rope_table, num_warps=1, **pdl.launch_kw(q2))
     return qo
+
+
+def _rope_rows(cos: Tensor, sin: Tensor, N: int, D: int, table: bool) -> tuple[Tensor, Tensor]:
+    # the kernels read row n (or, from a table, row position) at offset row * D
+    if table:
+        if (cos.dim() != 2 or cos.shape[1] != D or cos.stride() != (D, 1) or sin.shape != cos.shape
+                or sin.stride() != (D, 1)):
+            raise ShapeMismatch(f"attention kernels: a RoPE table must be contiguous [P, {D}], got cos "
+                                f"{tuple(cos.shape)} / sin {tuple(sin.shape)}")
+        return cos, sin
+    return cos.reshape(N, D).contiguous(), sin.reshape(N, D).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,14 +139,15 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
                         s_q, s_kn, s_vn, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, CHUNK, scale_log2, eps,
                         HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         BN: tl.constexpr, SPLIT: tl.constexpr, SC: tl.constexpr, NEW: tl.constexpr,
-                        PREC: tl.constexpr, PDL: tl.constexpr = False):
+                        PREC: tl.constexpr, PDL: tl.constexpr = False, ROPE_POS: tl.constexpr = False):
     """Grid (B, HK, splits). Program (b, kh, sp) reads cache slots [sp*CHUNK, (sp+1)*CHUNK) of kv
     head kh for the G query heads sharing it (padded to GP rows for tl.dot); visible slots are
     start[b]..pos[b], or only pos[b] when start > pos (a row of padding).
     NEW: q rows are the raw projection (row stride s_q): q/k RMSNorm + RoPE here, and the split
     holding slot pos[b] first writes the new token's k, v there (what _qk_norm_rope_kernel does).
     SPLIT > 1 (the partials' stride): each split stores its partial softmax sums; the last of a
-    (b, kh)'s splits to arrive (counter, reset after) merges them into o."""
+    (b, kh)'s splits to arrive (counter, reset after) merges them into o. cos / sin rows (NEW):
+    row b, or (ROPE_POS) row pos[b] of a table by position."""
     pdl.launch_dependents(PDL)   # o_proj may start now: it prefetches weights while this runs
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0).to(tl.int64)
@@ -150,7 +166,8 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
     if NEW:
         HD: tl.constexpr = D // 2
         rh = tl.arange(0, HD)
-        cs, sn = cos_ptr + b * D, sin_ptr + b * D
+        crow = pos if ROPE_POS else b
+        cs, sn = cos_ptr + crow * D, sin_ptr + crow * D
         q1 = tl.load(q_rows + rh[None, :], mask=gm[:, None], other=0.0)
         o1, o2 = _norm_rope(q1, tl.load(q_rows + HD + rh[None, :], mask=gm[:, None], other=0.0), qw_ptr, cs, sn,
                             rh, eps, HD)
@@ -269,19 +286,20 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor,
 
 def decode_attention_new(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_w: Tensor, k_w: Tensor,
                          eps: float, k_cache: Tensor, v_cache: Tensor, start: Tensor, pos: Tensor,
-                         scale: float | None = None) -> Tensor:
+                         scale: float | None = None, rope_table: bool = False) -> Tensor:
     """qk_norm_rope_store then decode_attention, in one launch, for one new token per sequence:
     q [B, HQ*D], k/v [B, HK*D] the raw projections (rows may be strided views of one qkv output);
-    cos/sin [B, D]; q_w/k_w [D] the q/k norm weights; k_cache/v_cache [B, HK, S, D]; start, pos
-    [B] int64 (pos = the new token's position and slot, < S, not checked).
+    cos/sin [B, D], or (rope_table) [P, D] by position (P > every pos); q_w/k_w [D] the q/k norm
+    weights; k_cache/v_cache [B, HK, S, D]; start, pos [B] int64 (pos = the new token's position
+    and slot, < S, not checked).
     Writes the new k (normed, roped) and v at slot pos; returns o [B, HQ, D] in q's dtype."""
     B, D = q.shape[0], k_cache.shape[-1]
     _check_rows(q, k, v)
-    new = (k, v, cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous(), q_w, k_w, eps)
-    return _decode(q, q.shape[1] // D, q.stride(0), k_cache, v_cache, start, pos, scale, new)
+    new = (k, v, *_rope_rows(cos, sin, B, D, rope_table), q_w, k_w, eps)
+    return _decode(q, q.shape[1] // D, q.stride(0), k_cache, v_cache, start, pos, scale, new, rope_table)
 
 
-def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new) -> Tensor:
+def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new, rope_table=False) -> Tensor:
     B, D = q.shape[0], k_cache.shape[-1]
     HK, S = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -303,6 +321,7 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new) -> Tensor:
         s_q, k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * 1.4426950408889634, eps,
         HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=block_n(S), SPLIT=p2, SC=max(1, min(p2, MERGE_ELEMS // (GP * D))),
-        NEW=new is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
+        NEW=new is not None, ROPE_POS=rope_table,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
         num_warps=DECODE_WARPS, num_stages=2, **pdl.launch_kw(q))
     return o

@@ -133,8 +133,8 @@ class Attention(nn.Module):
         """x [B, T, H], positions [B, T] int64 (RoPE positions = cache slots).
         attn_mask: None (no cache: plain causal; with cache: `cache.mask(positions)`), a padding
         mask [B, T] (no cache; 1 = real token), or a ready [B, 1, T, S] bool mask.
-        rope: (cos, sin) [B, T, D] for `positions` when the caller computed them once for all
-        layers; else computed here."""
+        rope: (cos, sin) [B, T, D] for `positions`, or tables [P, D] by position (Rotary.table),
+        when the caller computed them once for all layers; else computed here."""
         B, T, _ = x.shape
         D = self.head_dim
         if attn_mask is not None and attn_mask.dim() == 2:
@@ -148,6 +148,8 @@ class Attention(nn.Module):
         q = self.q_norm(q.view(B, T, self.heads, D))
         k = self.k_norm(k.view(B, T, self.kv_heads, D))
         cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
+        if cos.dim() == 2:                                              # a table by position
+            cos, sin = cos[positions], sin[positions]
         q = apply_rope(q, cos, sin).transpose(1, 2)                     # [B, h, T, D]
         k = apply_rope(k, cos, sin).transpose(1, 2)                     # [B, kvh, T, D]
         v = v.view(B, T, self.kv_heads, D).transpose(1, 2)
@@ -169,13 +171,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
+        table = cos.dim() == 2                                          # by position, not per token
         kc, vc = cache.k[layer_idx], cache.v[layer_idx]                  # [B', kvh, S, D]
         nw = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         if T == 1 and attn_mask is None:
             o = decode_attention_new(q.view(B, -1), k.view(B, -1), v.view(B, -1), cos, sin, *nw, kc[:B], vc[:B],
-                                     cache.start[:B], positions.reshape(B))
+                                     cache.start[:B], positions.reshape(B), rope_table=table)
         else:
-            q = qk_norm_rope_store(q, k, v, cos, sin, *nw, kc, vc, positions)   # [B, T, h, D]
+            q = qk_norm_rope_store(q, k, v, cos, sin, *nw, kc, vc, positions, rope_table=table)   # [B, T, h, D]
             mask = cache.mask(positions) if attn_mask is None else attn_mask
             o = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:B], vc[:B], attn_mask=mask,
                                                enable_gqa=self.heads != self.kv_heads).transpose(1, 2)

@@ -124,6 +124,25 @@ class Rotary(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
+    def table(self, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """cos, sin [P, head_dim] for positions 0..P-1 (P >= n, a power of two), row p bit-equal to
+        forward(p) (the same elementwise ops on the same values), built once and kept: a cached
+        decode step reads its rows by position instead of recomputing them (~7 small launches per
+        step). None while a CUDA graph is being captured and no table is long enough (building one
+        inside a capture would tie it to the graph's memory); the caller then takes forward()."""
+        have = self.__dict__.setdefault("_tables", [])
+        dev = self.inv_freq.device
+        for t in reversed(have):
+            if t[0].shape[0] >= n and t[0].dtype == dtype and t[0].device == dev:
+                return t
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        P = 1 << max(n - 1, 1).bit_length()
+        cos, sin = self(torch.arange(P, device=dev)[None], dtype)
+        # every table stays alive: captured graphs hold the address of the one they read
+        have.append((cos[0], sin[0]))
+        return have[-1]
+
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B, T, heads, D]; cos/sin [B, T, D]. Rotate-half convention (first half pairs with second)."""

@@ -219,8 +219,10 @@ class Qwen3ForCausalLM(nn.Module):
                        device or self.model.embed_tokens.weight.device)
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
-                attn_mask: Tensor | None = None, logits_index: Tensor | None = None) -> Tensor:
-        """input_ids [B, T] -> logits [B, T, V] float32.
+                attn_mask: Tensor | None = None, logits_index: Tensor | None = None,
+                float_logits: bool = True) -> Tensor:
+        """input_ids [B, T] -> logits [B, T, V] float32 (float_logits=False: the lm_head's dtype,
+        no cast: greedy decoding needs none).
 
         positions [B, T] int64: RoPE positions and KV-cache slots (default arange(T); required
         with a cache). attn_mask [B, T] (1 = real token): without a cache, a padding mask; with a
@@ -237,7 +239,9 @@ class Qwen3ForCausalLM(nn.Module):
                 raise MixprecError("forward with a KV cache needs explicit positions [B, T]")
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         h = self.model.embed_tokens(input_ids)                         # [B, T, H]
-        rope = self.model.rotary(positions, h.dtype)                   # cos, sin [B, T, D]
+        # cos, sin: a table [P, D] by position for a cached forward, else [B, T, D]
+        rope = self.model.rotary.table(cache.max_len, h.dtype) if cache is not None else None
+        rope = rope or self.model.rotary(positions, h.dtype)
         if cache is not None:
             if attn_mask is not None:
                 cache.set_start(positions, attn_mask)
@@ -251,7 +255,8 @@ class Qwen3ForCausalLM(nn.Module):
         if logits_index is not None:
             idx = logits_index if logits_index.dim() == 2 else logits_index[:, None]
             h, res = (t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1])) for t in (h, res))
-        return self.lm_head(self.model.norm(h, res)[0]).float()
+        logits = self.lm_head(self.model.norm(h, res)[0])
+        return logits.float() if float_logits else logits
 
     def linear_modules(self) -> dict[str, Packed]:
         """After finalize: every Packed the model runs, by name. Fused weights use SGLang names

@@ -44,6 +44,8 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ..formats.base import use_kernels
+from ..kernels.sampling import greedy_advance
 from .generate import counter_noise, to_host
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
 from .sampling import SamplingParams, sample
@@ -641,7 +643,7 @@ class Engine:
         if not sampled:
             return logits.argmax(-1)
         noise = counter_noise(R.seed[rows], R.step[rows], logits.shape[-1])
-        return sample(logits, R.temperature[rows], R.top_k[rows], R.top_p[rows], noise, filtered)
+        return sample(logits.float(), R.temperature[rows], R.top_k[rows], R.top_p[rows], noise, filtered)
 
     def _len_bucket(self, n: int) -> int:
         return next(b for b in self.len_buckets if b >= n)
@@ -650,10 +652,13 @@ class Engine:
         """One decode step over rows [:B] attending over slots [:L]; no host sync (captured as a
         CUDA graph on GPU)."""
         R, rows = self._rows, slice(0, B)
-        logits = self.model(R.tokens[rows], positions=R.pos[rows],
-                            cache=self.cache.rows(0, B, L))[:, -1]                         # [B, V]
-        nxt = self._sample(logits, rows, sampled, filtered)
+        logits = self.model(R.tokens[rows], positions=R.pos[rows], cache=self.cache.rows(0, B, L),
+                            float_logits=False)[:, -1]                                    # [B, V]
         live = R.live[rows]
+        if not sampled and use_kernels(logits):     # argmax, token copy and counters: one launch
+            greedy_advance(logits, R.tokens[rows, 0], R.pos[rows, 0], R.step[rows], live)
+            return
+        nxt = self._sample(logits, rows, sampled, filtered)
         R.tokens[rows].copy_(nxt[:, None])
         R.pos[rows].add_(live[:, None])      # idle rows stay at position 0
         R.step[rows].add_(live)

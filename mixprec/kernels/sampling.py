@@ -1,0 +1,83 @@
+"""Greedy decoding's last step in one launch: next token = argmax of each logits row, written
+into the caller's token buffer, and the row's position / step counters advanced.
+
+The torch version is a chain of small kernels after the lm_head (logits cast to fp32, argmax, the
+token copy, two adds): ~17 µs of a batch-1 decode step, ~50 µs at 64 rows (H100, 30B shapes,
+scripts/profile_decode.py). Here each row is cut into `splits` chunks, one program each; the last
+program of a row to finish (an arrival counter) merges the chunks' maxima in chunk order, so ties
+go to the lowest index, as torch.argmax breaks them, and the result does not depend on timing.
+Reference: runtime/engine.py's torch path (`logits.float().argmax(-1)`)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .ints import cdiv
+from .quant import split_counters
+
+# elements per program step; programs per row: about 2 per SM in all, at least 4096 elements each
+BLOCK = 2048
+MIN_CHUNK = 4096
+
+
+@triton.jit
+def _greedy_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, ws_ptr, wi_ptr, cnt_ptr,
+                   V, s_lg, s_tok, CHUNK, SPLITS: tl.constexpr, BLOCK: tl.constexpr, LIVE: tl.constexpr):
+    """Grid (B, SPLITS). Program (b, sp): max and its first index over logits[b, sp*CHUNK ..
+    (sp+1)*CHUNK) into ws / wi [B, SPLITS]; the row's last program writes tok[b] and advances
+    pos[b], step[b] by live[b] (LIVE) or 1. NaN counts as the largest value (as in torch.argmax)."""
+    b = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    row = lg_ptr + b * s_lg
+    lo = sp * CHUNK
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.full([BLOCK], 2147483647, tl.int32)
+    for k0 in range(lo, tl.minimum(lo + CHUNK, V), BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        v = tl.load(row + k, mask=(k < V) & (k < lo + CHUNK), other=float("-inf")).to(tl.float32)
+        v = tl.where(v != v, float("inf"), v)
+        take = v > best      # strict: a lane keeps its first (lowest) index on ties
+        best = tl.where(take, v, best)
+        best_i = tl.where(take, k, best_i)
+    m = tl.max(best, axis=0)
+    # lowest index among the lanes holding the maximum (a chunk of all -inf keeps index lo)
+    i = tl.where(m == float("-inf"), lo, tl.min(tl.where(best == m, best_i, 2147483647), axis=0))
+    tl.store(ws_ptr + b * SPLITS + sp, m)
+    tl.store(wi_ptr + b * SPLITS + sp, i)
+    tl.debug_barrier()
+    old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
+    if old == SPLITS - 1:
+        s = tl.arange(0, SPLITS)
+        ms = tl.load(ws_ptr + b * SPLITS + s, cache_modifier=".cg")
+        ids = tl.load(wi_ptr + b * SPLITS + s, cache_modifier=".cg")
+        top = tl.max(ms, axis=0)
+        nxt = tl.min(tl.where(ms == top, ids, 2147483647), axis=0)   # chunks in order: the first max
+        tl.store(tok_ptr + b * s_tok, nxt.to(tok_ptr.dtype.element_ty))
+        inc = tl.load(live_ptr + b).to(tl.int64) if LIVE else 1
+        tl.store(pos_ptr + b, tl.load(pos_ptr + b) + inc)
+        tl.store(step_ptr + b, tl.load(step_ptr + b) + inc)
+        tl.atomic_xchg(cnt_ptr + b, 0)    # ready for the next launch
+
+
+def greedy_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None = None) -> None:
+    """tokens[b] = argmax(logits[b]) (the first maximum; NaN is the largest), then pos[b] and
+    step[b] += live[b] (live None: += 1), in place, one launch, no host sync (CUDA-graph
+    capturable). logits [B, V] (any float dtype); tokens [B] (any stride, any int dtype); pos /
+    step [B] contiguous int64; live [B] bool or int. Callers take it where formats.base.use_kernels
+    says so (on CPU: the Triton interpreter, tests only)."""
+    B, V = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if B == 0:
+        return
+    sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 132
+    splits = max(1, min(cdiv(V, MIN_CHUNK), cdiv(2 * sms, B)))
+    splits = 1 << (splits.bit_length() - 1)     # a power of 2 (the merge's arange), <= the bound above
+    chunk = cdiv(cdiv(V, splits), BLOCK) * BLOCK
+    ws = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
+    wi = torch.empty(B, splits, dtype=torch.int32, device=logits.device)
+    _greedy_kernel[(B, splits)](logits, tokens, pos, step, pos if live is None else live, ws, wi,
+                                split_counters(logits.device, B), V, logits.stride(0), tokens.stride(0), chunk,
+                                SPLITS=splits, BLOCK=BLOCK, LIVE=live is not None, num_warps=4)
