@@ -217,6 +217,8 @@ def drive() -> None:
                 fp8_linear(x, w8, s8, (128, 128), act)
                 if M in (2, 4):     # the word loops at a few rows (TUNED rows and tuner candidates)
                     fp8_linear_cfg(x, w8, s8, (128, 128), act, cfg("gemv", 1, 8, 1024, 1, 4, 1))
+                    # the weight tile as the dot's A side (fp8 wgmma)
+                    fp8_linear_cfg(x, w8, s8, (128, 128), act, cfg("gemm", 16, 128, 128, 4, 4, 3, swap=True))
                     int8_linear_cfg(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None,
                                     "w8a8", cfg("gemv", 1, 8, 1024, 1, 4, 1, words=True))
                 int8_linear(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None, act)
@@ -243,10 +245,21 @@ def drive() -> None:
     decode_attention(q.view(B, HQ, D), kc, kc, torch.zeros(B, dtype=torch.long), torch.full((B,), 7))
     qkv = torch.randn(B, (HQ + 2 * HK) * D).to(torch.bfloat16)
     for kc in (kc, torch.zeros(B, HK, 2048, D).to(torch.bfloat16)):     # 64- and 128-slot tiles (block_n)
-        decode_attention_new(qkv[:, :HQ * D], qkv[:, HQ * D:(HQ + HK) * D], qkv[:, (HQ + HK) * D:],
-                             torch.randn(B, D).to(torch.bfloat16), torch.randn(B, D).to(torch.bfloat16),
-                             torch.ones(D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16), 1e-6, kc, kc.clone(),
-                             torch.zeros(B, dtype=torch.long), torch.full((B,), 7))
+        for table in (False, True):      # cos / sin rows per token, or a table by position (Rotary.table)
+            decode_attention_new(qkv[:, :HQ * D], qkv[:, HQ * D:(HQ + HK) * D], qkv[:, (HQ + HK) * D:],
+                                 torch.randn(S if table else B, D).to(torch.bfloat16),
+                                 torch.randn(S if table else B, D).to(torch.bfloat16),
+                                 torch.ones(D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16), 1e-6, kc,
+                                 kc.clone(), torch.zeros(B, dtype=torch.long), torch.full((B,), 7), rope_table=table)
+    qk_norm_rope_store(torch.randn(B, 1, HQ * D).to(torch.bfloat16), torch.randn(B, 1, HK * D).to(torch.bfloat16),
+                       torch.randn(B, 1, HK * D).to(torch.bfloat16), torch.randn(S, D).to(torch.bfloat16),
+                       torch.randn(S, D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16),
+                       torch.ones(D).to(torch.bfloat16), 1e-6, kc, kc.clone(), torch.full((B, 1), 7), rope_table=True)
+    from mixprec.kernels.sampling import greedy_advance
+    for B in (1, 64):
+        tok, pos = torch.zeros(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long)
+        greedy_advance(torch.randn(B, 151936).to(torch.bfloat16), tok[:, 0], pos[:, 0], torch.zeros(B, dtype=torch.long),
+                       torch.ones(B, dtype=torch.long))
 
 
 def main() -> int:
