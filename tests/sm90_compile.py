@@ -217,8 +217,6 @@ def drive() -> None:
                 fp8_linear(x, w8, s8, (128, 128), act)
                 if M in (2, 4):     # the word loops at a few rows (TUNED rows and tuner candidates)
                     fp8_linear_cfg(x, w8, s8, (128, 128), act, cfg("gemv", 1, 8, 1024, 1, 4, 1))
-                    # the weight tile as the dot's A side (fp8 wgmma)
-                    fp8_linear_cfg(x, w8, s8, (128, 128), act, cfg("gemm", 16, 128, 128, 4, 4, 3, swap=True))
                     int8_linear_cfg(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None,
                                     "w8a8", cfg("gemv", 1, 8, 1024, 1, 4, 1, words=True))
                 int8_linear(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None, act)

@@ -28,7 +28,6 @@ GEMV_WIDE = configs.cfg("gemv", 1, 32, 256, 2, 2, 1)   # fp8: K tiles of two 128
 GEMV_WHOLE_K = configs.cfg("gemv", 1, 8, 1024, 1, 4, 1)   # one K tile wider than K (30B down rows)
 GEMM = configs.cfg("gemm", 16, 32, 128, 1, 4, 2)
 GEMM_SPLIT = configs.cfg("gemm", 16, 64, 64, 2, 4, 2)
-GEMM_SWAP = configs.cfg("gemm", 16, 64, 128, 2, 4, 2, swap=True)   # fp8: out^T = W x^T (weights the A side)
 SWAP = configs.cfg("swap", 16, 64, 128, 1, 4, 2)         # int4, one group per K tile: transposed dots
 SWAP_SPLIT = configs.cfg("swap", 64, 64, 128, 2, 4, 2)
 DEQUANT = configs.cfg("dequant", 128, 128, 128, 1, 4, 1)   # dequantize, then torch.mm
@@ -244,8 +243,7 @@ def test_fp8_interpreter(case, act):
         w, s = make_fp8(N, K, block, seed=N + block[0])
         ref = fp8_linear_reference(x, w, s, block, act)
         gemv = [GEMV_SPLIT if block[0] == 128 else GEMV, GEMV_WIDE, GEMV_WHOLE_K] if M <= 3 else []
-        swap = [GEMM_SWAP] if M <= 16 else []
-        for c in gemv + swap + [GEMM if block[0] == 128 else GEMM_SPLIT]:
+        for c in gemv + [GEMM if block[0] == 128 else GEMM_SPLIT]:
             y = fp8_linear_cfg(x, w, s, block, act, c)
             assert y.dtype == x.dtype and sqnr(y, ref) >= 40, (block, c)
         # the GEMM multiplies exactly the reference's operands (w8a8: act_quant's codes and scales,
@@ -506,8 +504,7 @@ def test_gpu_tuned_configs_all_paths(monkeypatch):
     cases = [(op, ref, x, c) for op, ref in zip(ops, refs)
              for x, c in [(x1, configs.cfg("gemv", 1, 16, 512, 8, 8, 1)), (x1, configs.cfg("gemv", 1, 32, 128, 8, 4, 1)),
                           (x16, configs.cfg("gemm", 16, 64, 128, 8, 4, 3))]]
-    cases += [(ops[1], refs[1], xin(5, K, torch.bfloat16, 28), configs.cfg("gemm", 16, 128, 128, 4, 4, 3, swap=True)),
-              (ops[0], refs[0], xin(40, K, torch.bfloat16, 26), configs.cfg("swap", 64, 64, 128, 2, 4, 3)),
+    cases += [(ops[0], refs[0], xin(40, K, torch.bfloat16, 26), configs.cfg("swap", 64, 64, 128, 2, 4, 3)),
               (ops[0], refs[0], xin(200, K, torch.bfloat16, 27), configs.cfg("dequant", 200, 128, 128, 1, 4, 1))]
     for op, ref, x, c in cases:
         y = op(x, c)

@@ -258,11 +258,6 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
         for BN, w, st, t in ((32, 4, 4, 2), (32, 4, 4, 4), (64, 4, 3, 2), (64, 4, 3, 4), (64, 4, 5, 2),
                              (128, 4, 3, 2), (128, 8, 3, 2)):
             gemm(16, BN, w, st, target=t * S)
-        if kind.startswith("fp8"):
-            # the weight tile as the dot's A side (fp8._fp8_gemm_kernel SWAP): Hopper fp8 wgmma
-            for BN, w, st, t in ((64, 4, 3, 2), (64, 4, 4, 1), (64, 4, 3, 4), (64, 4, 4, 0.5), (128, 4, 3, 2),
-                                 (128, 4, 4, 1), (128, 4, 4, 0.5), (128, 8, 3, 2)):
-                out.append(C("gemm", 16, BN, 128, configs.auto_split(M, N, K, 16, BN, 128, t * S), w, st, swap=True))
     elif b <= 64:
         for BN, w, st, t in ((64, 4, 3, 1), (64, 4, 3, 2), (128, 4, 3, 1), (64, 4, 5, 2)):
             gemm(b, BN, w, st, target=t * S)
@@ -281,8 +276,7 @@ def _compile_key(variant: str, K: int, c: dict) -> tuple:
     tile = 128 if c["path"] == "gemm" or not variant.startswith("int4") else c["BK"]
     split, _ = split_plan(K, tile, c["split"])
     kb = cdiv(K, 128)
-    return (variant, c["path"], c["BM"], c["BN"], c["BK"], c["warps"], c["stages"], split > 1, kb % 16 == 0,
-            bool(c.get("swap")))
+    return (variant, c["path"], c["BM"], c["BN"], c["BK"], c["warps"], c["stages"], split > 1, kb % 16 == 0)
 
 
 def _warm_job(job) -> str:

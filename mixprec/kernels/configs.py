@@ -126,14 +126,16 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # M=2 9.13 -> 4.72, 235B down fp8 M=2 7.92 -> 4.98; benchmarks/linear_raw/session25_*). 16-layer 30B
 # decode at batch 2, two runs each, with the router change: fp8 +8.5%, int4 experts + fp8 attention
 # +10.5%, int8 +5.9% (benchmarks/runtime/session25_rows_router_ab_h100.log).
-# The fp8 rows of M = 2-16 in session 26 (same device and versions), with the GEMM's swap tiles (fp8
-# SWAP: the weight tile the dot's A side, fp8 wgmma) and, for w8a16 (not tuned at M = 2-8 before), the
-# batch-1 word loops among the candidates: `python -m mixprec bench-kernels --tune --ms 2,4,8,16
-# --variants "fp8 blk w8a8,fp8 blk w8a16" --baselines bf16 --budget-s 260`; the >= 5% rule, the
-# winner re-timed against the row's own config in that run (30 rows; w8a8 swap: 30B o_proj M=8 9.24
-# -> 8.18 µs, qkv M=4 9.42 -> 8.91, 235B qkv M=8 20.92 -> 19.70, lm_head M=2-16 -8%; w8a16 word loops
-# at M = 2-8: 30B qkv M=2 9.32 -> 6.11, down M=4 5.39 -> 3.09, 235B gate_up M=2 10.49 -> 7.19;
-# benchmarks/linear_raw/session26_tune_fp8_m2_16_h100.*).
+# The fp8 rows of M = 2-16 in session 26 (same device and versions): `python -m mixprec bench-kernels
+# --tune --ms 2,4,8,16 --variants "fp8 blk w8a8,fp8 blk w8a16" --baselines bf16 --budget-s 260`, the
+# >= 5% rule, the winner re-timed against the row's own config in that run (17 rows: w8a16, not tuned
+# at M = 2-8 before, now on the word loops: 30B qkv M=2 9.32 -> 6.11 µs, down M=4 5.39 -> 3.09, 235B
+# gate_up M=2 10.49 -> 7.19; w8a8 30B down M=8 5.55 -> 5.12, gate_up M=2 3.70 -> 3.51;
+# benchmarks/linear_raw/session26_tune_fp8_m2_16_h100.*). That tune also had GEMM "swap" tiles among
+# its candidates (out^T = W x^T, fp8 wgmma): they won 13 w8a8 points by 5-8% alone (30B o_proj M=8
+# 9.24 -> 8.18) but a 16-layer 30B decode at batch 8 / 16 ran 1.5-3% slower with them (their PDL
+# launch lost its overlap: without PDL the step equalled the old rows); removed (BENCHMARKS.md
+# session 26).
 TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a16", 1, 151936, 2048): cfg("gemv", 1, 8, 2048, 1, 4, 1),
     ("fp8_w8a16", 1, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
@@ -214,33 +216,29 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a8", 2, 5120, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 2, 9216, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 2, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
-    ("fp8_w8a8", 2, 151936, 2048): cfg("gemm", 16, 128, 128, 1, 8, 3, swap=True),
     ("fp8_w8a8", 4, 1536, 2048): cfg("gemv", 1, 8, 1024, 1, 4, 1),
     ("fp8_w8a8", 4, 2048, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 4, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 4, 3),
     ("fp8_w8a8", 4, 4096, 1536): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 4, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 8, 3),
-    ("fp8_w8a8", 4, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 8, 3, swap=True),
-    ("fp8_w8a8", 4, 9216, 4096): cfg("gemm", 16, 64, 128, 4, 4, 3, swap=True),
+    ("fp8_w8a8", 4, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 4, 3),
+    ("fp8_w8a8", 4, 9216, 4096): cfg("gemm", 16, 128, 128, 4, 4, 3),
     ("fp8_w8a8", 4, 2048, 768): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("fp8_w8a8", 4, 151936, 2048): cfg("gemm", 16, 128, 128, 1, 8, 3, swap=True),
     ("fp8_w8a8", 8, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("fp8_w8a8", 8, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3, swap=True),
+    ("fp8_w8a8", 8, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),
     ("fp8_w8a8", 8, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 4, 3),
-    ("fp8_w8a8", 8, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 3, swap=True),
+    ("fp8_w8a8", 8, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 3),
     ("fp8_w8a8", 8, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 4, 3),
     ("fp8_w8a8", 8, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 4, 3),
-    ("fp8_w8a8", 8, 9216, 4096): cfg("gemm", 16, 64, 128, 4, 4, 3, swap=True),
+    ("fp8_w8a8", 8, 9216, 4096): cfg("gemm", 16, 128, 128, 4, 4, 3),
     ("fp8_w8a8", 8, 2048, 768): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("fp8_w8a8", 8, 151936, 2048): cfg("gemm", 16, 128, 128, 1, 8, 3, swap=True),
     ("fp8_w8a8", 16, 1536, 2048): cfg("gemm", 16, 32, 128, 11, 4, 4),
-    ("fp8_w8a8", 16, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3, swap=True),
+    ("fp8_w8a8", 16, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),
     ("fp8_w8a8", 16, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 4, 3),
-    ("fp8_w8a8", 16, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 3, swap=True),
+    ("fp8_w8a8", 16, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 3),
     ("fp8_w8a8", 16, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 8, 3),
-    ("fp8_w8a8", 16, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 8, 3, swap=True),
-    ("fp8_w8a8", 16, 9216, 4096): cfg("gemm", 16, 64, 128, 4, 4, 3, swap=True),
-    ("fp8_w8a8", 16, 151936, 2048): cfg("gemm", 16, 128, 128, 1, 8, 3, swap=True),
+    ("fp8_w8a8", 16, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 4, 3),
+    ("fp8_w8a8", 16, 9216, 4096): cfg("gemm", 16, 128, 128, 4, 4, 3),
     ("fp8_w8a8", 32, 1536, 2048): cfg("gemm", 32, 64, 128, 6, 4, 3),
     ("fp8_w8a8", 32, 2048, 4096): cfg("gemm", 32, 64, 128, 4, 4, 3),
     ("fp8_w8a8", 32, 3072, 4096): cfg("gemm", 32, 64, 128, 6, 4, 3),

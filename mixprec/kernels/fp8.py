@@ -171,14 +171,9 @@ def _x_pairs16(x_row, kk, K, s_j, A8: tl.constexpr, SUB_K: tl.constexpr):
 def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, a_ptr,
                      M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split, stride_a,
                      A8: tl.constexpr, PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-                     SWAP: tl.constexpr = False):
+                     BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     # A8: a K tile is one 128-wide activation slice. PRE: x_ptr holds the rows' e4m3 codes and
     # a_ptr their slice scales (quant.act_quant); otherwise the tile's rows are quantized here.
-    # SWAP (a few rows): out^T = W x^T, the weight tile the dot's A operand (BLOCK_N rows, the
-    # wgmma M side) and the BLOCK_M activation rows its N side, so fp8 weights meet fp8 codes in
-    # Hopper's fp8 wgmma straight from shared memory (a 16-row A side takes mma.sync, where fp8
-    # operands are first widened to fp16)
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     pid, pid_k, offs_m, m_mask, offs_n, n_mask, offs_k, k_lo, k_hi = gemm_tile(M, N, K, k_per_split, BLOCK_M,
                                                                               BLOCK_N, BLOCK_K)
@@ -186,7 +181,7 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, a_ptr,
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
     s_rows = s_ptr + (offs_n // bn) * stride_s
     a_rows = a_ptr + offs_m * stride_a
-    acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
@@ -195,27 +190,16 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, a_ptr,
         s = tl.load(s_rows + k0 // bk, mask=n_mask, other=0.0)
         if PRE:
             a = tl.load(a_rows + k0 // BLOCK_K, mask=m_mask, other=0.0)                # [BM]
-            acc = _gemm_step(acc, x, w, s, a, SWAP)
+            acc += tl.dot(x, tl.trans(w)) * (a[:, None] * s[None, :])
         elif A8:
             xf = x.to(tl.float32)
             a = tl.maximum(tl.max(tl.abs(xf), axis=1), EPS_C) / FP8_MAX_C          # [BM]
-            acc = _gemm_step(acc, round_e4m3(xf / a[:, None]).to(tl.float8e4nv), w, s, a, SWAP)
-        elif SWAP:
-            acc += tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x)) * s[:, None]
+            xq = round_e4m3(xf / a[:, None]).to(tl.float8e4nv)
+            acc += tl.dot(xq, tl.trans(w)) * (a[:, None] * s[None, :])
         else:
             acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty))) * s[None, :]
-    splitk_store(tl.trans(acc) if SWAP else acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid,
-                 pid_k, split, USE_SPLIT)
-
-
-@triton.jit
-def _gemm_step(acc, x, w, s, a, SWAP: tl.constexpr):
-    # acc [BM, BN] (SWAP: [BN, BM]) += x [BM, BK] . w [BN, BK] over K, times a [BM] x s [BN]
-    if SWAP:
-        acc += tl.dot(w, tl.trans(x)) * (s[:, None] * a[None, :])
-    else:
-        acc += tl.dot(x, tl.trans(w)) * (a[:, None] * s[None, :])
-    return acc
+    splitk_store(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid, pid_k, split,
+                 USE_SPLIT)
 
 
 def fp8_linear_reference(x: Tensor, weight: Tensor, scale: Tensor, block, act: str) -> Tensor:
@@ -295,5 +279,5 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
             xg, weight, scale, out, ws, cnt, a, M, N, K, bn, bk, xg.stride(0), out.stride(0), weight.stride(0),
             scale.stride(0), per, split, s_a,
             A8=act == "w8a8", PRE=pre, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=tile, USE_SPLIT=split > 1,
-            SWAP=bool(c.get("swap")), num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
+            num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     return out.reshape(*lead, N)
