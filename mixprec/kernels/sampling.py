@@ -17,9 +17,11 @@ from torch import Tensor
 from .ints import cdiv
 from .quant import split_counters
 
-# elements per program step; programs per row: about 2 per SM in all, at least 4096 elements each
-BLOCK = 2048
-MIN_CHUNK = 4096
+# (MIN_CHUNK, BLOCK): elements per program at least, and per loop step; programs per row: about 2
+# per SM in all. H100, scripts/bench_greedy.py (µs per call at 1 / 8 / 64 rows; the torch chain
+# 13.3 / 18.7 / 62.8): (2048, 1024) 2.0 / 3.6 / 20.8, (4096, 4096) 2.2 / 3.5 / 13.7, (4096, 2048)
+# 4.1 / 3.7 / 20.7 (benchmarks/runtime/session26_bench_greedy_h100.log)
+SMALL_TILES, LARGE_TILES, LARGE_FROM = (2048, 1024), (4096, 4096), 16
 
 
 @triton.jit
@@ -61,23 +63,26 @@ def _greedy_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, ws_ptr, wi_ptr,
         tl.atomic_xchg(cnt_ptr + b, 0)    # ready for the next launch
 
 
-def greedy_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None = None) -> None:
+def greedy_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None = None,
+                   tiles: tuple[int, int] | None = None) -> None:
     """tokens[b] = argmax(logits[b]) (the first maximum; NaN is the largest), then pos[b] and
     step[b] += live[b] (live None: += 1), in place, one launch, no host sync (CUDA-graph
     capturable). logits [B, V] (any float dtype); tokens [B] (any stride, any int dtype); pos /
-    step [B] contiguous int64; live [B] bool or int. Callers take it where formats.base.use_kernels
-    says so (on CPU: the Triton interpreter, tests only)."""
+    step [B] contiguous int64; live [B] bool or int; tiles: (MIN_CHUNK, BLOCK), None: the rule
+    above. Callers take it where formats.base.use_kernels says so (on CPU: the Triton interpreter,
+    tests only)."""
     B, V = logits.shape
+    min_chunk, block = tiles or (LARGE_TILES if B >= LARGE_FROM else SMALL_TILES)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if B == 0:
         return
     sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 132
-    splits = max(1, min(cdiv(V, MIN_CHUNK), cdiv(2 * sms, B)))
+    splits = max(1, min(cdiv(V, min_chunk), cdiv(2 * sms, B)))
     splits = 1 << (splits.bit_length() - 1)     # a power of 2 (the merge's arange), <= the bound above
-    chunk = cdiv(cdiv(V, splits), BLOCK) * BLOCK
+    chunk = cdiv(cdiv(V, splits), block) * block
     ws = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
     wi = torch.empty(B, splits, dtype=torch.int32, device=logits.device)
     _greedy_kernel[(B, splits)](logits, tokens, pos, step, pos if live is None else live, ws, wi,
                                 split_counters(logits.device, B), V, logits.stride(0), tokens.stride(0), chunk,
-                                SPLITS=splits, BLOCK=BLOCK, LIVE=live is not None, num_warps=4)
+                                SPLITS=splits, BLOCK=block, LIVE=live is not None, num_warps=4)

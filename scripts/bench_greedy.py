@@ -1,0 +1,54 @@
+"""The greedy decode step's tail on its own: argmax over the vocabulary, the token copy and the
+position / step advance, as `kernels.sampling.greedy_advance` does it in one launch (columns:
+its MIN_CHUNK x BLOCK settings) against the torch chain the engine ran before (cast the logits to
+fp32, argmax, copy, two adds); "rule" is the library's pick. Qwen3 vocabulary (151936), bf16 logits,
+CUDA graphs, µs per call.
+The logits are written by a copy just before (as the lm_head writes them: in L2).
+
+    python scripts/bench_greedy.py [--batch 1,8,64] [--tiles 4096x2048,2048x2048,2048x1024]"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from mixprec.kernels import sampling, timing    # noqa: E402
+
+V = 151936
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--batch", default="1,8,64")
+p.add_argument("--tiles", default="4096x2048,2048x2048,2048x1024,8192x2048,4096x4096",
+               help="MIN_CHUNKxBLOCK settings of kernels/sampling.py")
+a = p.parse_args()
+
+print(f"{torch.cuda.get_device_name()}; µs per call (the logits copy that precedes each is subtracted)")
+for B in (int(b) for b in a.batch.split(",")):
+    src = torch.randn(B, V, device="cuda").to(torch.bfloat16)
+    logits = torch.empty_like(src)
+    tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    pos = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    step = torch.zeros(B, dtype=torch.long, device="cuda")
+    live = torch.ones(B, dtype=torch.long, device="cuda")
+    want = src.float().argmax(-1)
+
+    def torch_chain():
+        logits.copy_(src)
+        nxt = logits.float().argmax(-1)
+        tok.copy_(nxt[:, None])
+        pos.add_(live[:, None])
+        step.add_(live)
+
+    base = timing.graph_us([lambda: logits.copy_(src)])
+    row = [f"B={B:3d} torch {timing.graph_us([torch_chain]) - base:6.2f}"]
+    for t in ["rule"] + a.tiles.split(","):
+        tiles = None if t == "rule" else tuple(int(v) for v in t.split("x"))
+
+        def fused():
+            logits.copy_(src)
+            sampling.greedy_advance(logits, tok[:, 0], pos[:, 0], step, live, tiles)
+        fused()
+        assert torch.equal(tok[:, 0], want), t
+        row.append(f"{t} {timing.graph_us([fused]) - base:6.2f}")
+    print("  ".join(row), flush=True)
