@@ -1,7 +1,8 @@
 """Where a decode step's time goes: torch.profiler over eager (no CUDA graph) decode steps of a
-synthetic model of Qwen3-30B-A3B shapes (or MODEL's) with fewer layers. Prints the top kernels, their
-launches per step and the step time with and without CUDA graphs; then the same steps replayed as CUDA graphs:
-kernel time per step against the step's span (the gaps are launch / drain latency).
+synthetic model of Qwen3-30B-A3B shapes (or MODEL's) with fewer layers. Prints the top kernels,
+their launches per step and the step time with and without CUDA graphs; then the same steps
+replayed as CUDA graphs: kernel time per step against the step's span (the gaps are launch /
+drain latency).
 
     python scripts/profile_decode.py MIX [LAYERS] [BATCH] [MODEL]"""
 import os

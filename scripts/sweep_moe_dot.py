@@ -15,7 +15,7 @@ line per M with each candidate's µs and the winner. GPU only.
     python scripts/sweep_moe_dot.py --f16 --grid "" --tokens 1,2,4 --configs fp8,rt_mixed   (pick vs pick + f16)
 
 --grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]][,KEY=VALUE...]" (BM 16, 128-wide K
-tiles unless given; KEY: another config key, e.g. BKQ=256, or maxnreg=96, the launch's register cap);
+tiles unless given; KEY: another key of a moe_configs row, e.g. BKQ=256);
 --down-grid times the grid's candidates on the down side alone (the gate/up side as picked);
 --old-rows adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K tiles) with and
 without 128-wide K tiles. Layer mixes: moe_bench.CONFIGS (`rt_mixed`: the runtime's `mixed`
@@ -63,7 +63,7 @@ def candidates(grid: str, old_rows: bool, gemv: tuple[str, list[dict]] | None) -
         return out
     for item in filter(None, grid.split(";")):
         fields = item.split(",")
-        named = dict(f.split("=") for f in fields if "=" in f)    # e.g. BKQ=256, maxnreg=96
+        named = dict(f.split("=") for f in fields if "=" in f)    # e.g. BKQ=256
         bn, sp, st, nw, *rest = (int(v) for v in fields if "=" not in v)
         bm, bkd = (rest + [16, 128][len(rest):])[:2]
         name = (f"bn{bn}s{sp}st{st}w{nw}" + (f"bm{bm}" if bm != 16 else "") + (f"bkd{bkd}" if bkd != 128 else "")

@@ -582,8 +582,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, chunks_up, M)
         kern[(g0, cdiv(inter, cu["BN"]), nz)](
             xg, *q_up, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
-            SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"], **_regs(cu),
-            **pdl.launch_kw(x))
+            SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"], **pdl.launch_kw(x))
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     q_dn = act_quant(act, *_w8a8_kinds(down_side))
     for gi, grp in enumerate(down_groups):
@@ -591,13 +590,8 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         kern[(g0, nt_down, nz)](
             act, *q_dn, *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
             SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
-            num_warps=cd["num_warps"], num_stages=cd["num_stages"], **_regs(cd), **pdl.launch_kw(x))
+            num_warps=cd["num_warps"], num_stages=cd["num_stages"], **pdl.launch_kw(x))
     return out
-
-
-def _regs(cfg: dict) -> dict:
-    # a config's register cap per thread ("maxnreg"): more resident programs per SM, maybe spills
-    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
 
 
 def _zero_copy(buckets: list[dict], x: Tensor) -> bool:
