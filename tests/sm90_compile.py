@@ -253,11 +253,12 @@ def drive() -> None:
                        torch.randn(B, 1, HK * D).to(torch.bfloat16), torch.randn(S, D).to(torch.bfloat16),
                        torch.randn(S, D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16),
                        torch.ones(D).to(torch.bfloat16), 1e-6, kc, kc.clone(), torch.full((B, 1), 7), rope_table=True)
-    from mixprec.kernels.sampling import greedy_advance
+    from mixprec.kernels.sampling import next_token_advance
     for B in (1, 64):
         tok, pos = torch.zeros(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long)
-        greedy_advance(torch.randn(B, 151936).to(torch.bfloat16), tok[:, 0], pos[:, 0], torch.zeros(B, dtype=torch.long),
-                       torch.ones(B, dtype=torch.long))
+        for race in (None, (torch.rand(B), torch.arange(B), 1e-5)):     # greedy, sampled
+            next_token_advance(torch.randn(B, 151936).to(torch.bfloat16), tok[:, 0], pos[:, 0],
+                               torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long), race)
 
 
 def main() -> int:

@@ -123,8 +123,8 @@ _DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32] + ([torch.bfloat16] if _DEV == "cuda" else []))
 @pytest.mark.parametrize("B, V", [(1, 151936), (3, 20000), (5, 1000), (64, 5000)])
-def test_greedy_advance_matches_torch(dtype, B, V):
-    from mixprec.kernels.sampling import greedy_advance
+def test_next_token_advance_matches_torch(dtype, B, V):
+    from mixprec.kernels.sampling import next_token_advance
     g = torch.Generator(device=_DEV).manual_seed(V + B)
     logits = torch.randn(B, V, generator=g, device=_DEV).to(dtype)
     # ties across chunks and inside one: the first index must win, as in torch.argmax
@@ -138,10 +138,40 @@ def test_greedy_advance_matches_torch(dtype, B, V):
     live = (torch.arange(B, device=_DEV) % 2 == 0).long()
     want = logits.float().argmax(-1)
     for rep in range(2):                                # the counters are left at zero for the next launch
-        greedy_advance(logits, tokens[:, 0], pos[:, 0], step, live)
+        next_token_advance(logits, tokens[:, 0], pos[:, 0], step, live)
         assert torch.equal(tokens[:, 0], want)
         torch.testing.assert_close(pos[:, 0], torch.arange(B, device=_DEV) + 10 + (rep + 1) * live)
         torch.testing.assert_close(step, torch.arange(B, device=_DEV) + 3 + (rep + 1) * live)
     assert want[0] == V // 3 and (B <= 2 or (want[1] == 0 and want[2] == V // 4))
-    greedy_advance(logits, tokens[:, 0], pos[:, 0], step)          # no live mask: every row advances
+    next_token_advance(logits, tokens[:, 0], pos[:, 0], step)          # no live mask: every row advances
     torch.testing.assert_close(step, torch.arange(B, device=_DEV) + 3 + 2 * live + 1)
+
+
+@pytest.mark.parametrize("B, V", [(1, 151936), (5, 1000), (64, 5000)])
+def test_next_token_advance_samples_as_the_torch_race(B, V):
+    """With temperatures (some rows 0: greedy, one below MIN_TEMPERATURE) the one launch draws what
+    runtime.sampling.sample draws from counter_noise(seed, step) without top-k / top-p, step after
+    step; ties in the race are measure-zero, so the tokens must be equal."""
+    from mixprec.kernels.sampling import next_token_advance
+    from mixprec.runtime.sampling import MIN_TEMPERATURE
+    g = torch.Generator(device=_DEV).manual_seed(V)
+    logits = (torch.randn(B, V, generator=g, device=_DEV) * 3).to(torch.float16 if _DEV == "cpu" else torch.bfloat16)
+    temp = torch.rand(B, generator=g, device=_DEV) * 1.5 + 0.2
+    temp[::3] = 0.0
+    if B > 1:
+        temp[1] = 1e-7
+    seed = torch.randint(0, 2 ** 62, (B,), generator=g, device=_DEV)
+    tokens = torch.zeros(B, 1, dtype=torch.long, device=_DEV)
+    pos = torch.zeros(B, 1, dtype=torch.long, device=_DEV)
+    step = torch.randint(0, 100, (B,), generator=g, device=_DEV)
+    k, p = torch.zeros(B, dtype=torch.long, device=_DEV), torch.ones(B, device=_DEV)
+    drawn = []
+    for _ in range(3):
+        want = sample(logits.float(), temp, k, p, counter_noise(seed, step, V), filtered=False)
+        next_token_advance(logits, tokens[:, 0], pos[:, 0], step, sampling=(temp, seed, MIN_TEMPERATURE))
+        assert torch.equal(tokens[:, 0], want)
+        drawn.append(want.clone())
+    assert torch.equal(pos[:, 0], torch.full((B,), 3, device=_DEV))
+    if B > 2:     # sampled rows move between steps, greedy rows (temperature 0) stay
+        assert not torch.equal(drawn[0][2], drawn[1][2]) or not torch.equal(drawn[1][2], drawn[2][2])
+        assert torch.equal(drawn[0][0], drawn[2][0])

@@ -45,10 +45,10 @@ import torch
 from torch import Tensor
 
 from ..formats.base import use_kernels
-from ..kernels.sampling import greedy_advance
+from ..kernels.sampling import next_token_advance
 from .generate import counter_noise, to_host
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
-from .sampling import SamplingParams, sample
+from .sampling import MIN_TEMPERATURE, SamplingParams, sample
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
 MIN_LEN_BUCKET = 256      # smallest number of cache slots a step attends over
@@ -655,8 +655,9 @@ class Engine:
         logits = self.model(R.tokens[rows], positions=R.pos[rows], cache=self.cache.rows(0, B, L),
                             float_logits=False)[:, -1]                                    # [B, V]
         live = R.live[rows]
-        if not sampled and use_kernels(logits):     # argmax, token copy and counters: one launch
-            greedy_advance(logits, R.tokens[rows, 0], R.pos[rows, 0], R.step[rows], live)
+        if not filtered and use_kernels(logits):    # the token (greedy or sampled) and counters: one launch
+            race = (R.temperature[rows], R.seed[rows], MIN_TEMPERATURE) if sampled else None
+            next_token_advance(logits, R.tokens[rows, 0], R.pos[rows, 0], R.step[rows], live, race)
             return
         nxt = self._sample(logits, rows, sampled, filtered)
         R.tokens[rows].copy_(nxt[:, None])

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from ..formats.base import use_kernels
-from ..kernels.sampling import greedy_advance
+from ..kernels.sampling import next_token_advance
 from ..layers.attention import KVCache
 from .prefill import Prefill, bucket
-from .sampling import SamplingParams, sample
+from .sampling import MIN_TEMPERATURE, SamplingParams, sample
 
 
 def _u64(c: int) -> int:
@@ -104,12 +104,13 @@ class Generator:
     # -- one decode step: forward + sample, no host sync ---------------------------------------
     def _step(self, st: _Batch, cache: KVCache, filtered: bool, sampled: bool) -> Tensor:
         logits = self.model(st.tokens, positions=st.pos, cache=cache, float_logits=False)[:, -1]    # [B, V]
+        if not filtered and use_kernels(logits):    # the token (greedy or sampled) and counters: one launch
+            race = (st.temperature, st.seed, MIN_TEMPERATURE) if sampled else None
+            next_token_advance(logits, st.tokens[:, 0], st.pos[:, 0], st.step, sampling=race)
+            return st.tokens[:, 0]
         if sampled:
             noise = counter_noise(st.seed, st.step, logits.shape[-1])
             nxt = sample(logits.float(), st.temperature, st.top_k, st.top_p, noise, filtered)
-        elif use_kernels(logits):       # argmax, token copy and counters: one launch
-            greedy_advance(logits, st.tokens[:, 0], st.pos[:, 0], st.step)
-            return st.tokens[:, 0]
         else:
             nxt = logits.argmax(-1)
         st.tokens.copy_(nxt[:, None])
