@@ -221,8 +221,8 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
                 attn_mask: Tensor | None = None, logits_index: Tensor | None = None,
                 float_logits: bool = True) -> Tensor:
-        """input_ids [B, T] -> logits [B, T, V] float32 (float_logits=False: the lm_head's dtype,
-        no cast: greedy decoding needs none).
+        """input_ids [B, T] -> logits [B, T, V] float32 (float_logits=False: in the lm_head's
+        dtype, no cast: the decode step's next-token kernel reads them so).
 
         positions [B, T] int64: RoPE positions and KV-cache slots (default arange(T); required
         with a cache). attn_mask [B, T] (1 = real token): without a cache, a padding mask; with a
