@@ -93,6 +93,15 @@ def gemv_intq(xrow, qp, sp, zp, pp, col0, nw, K, n_lim, n0, qm, k_lo, k_hi,
 
 
 @triton.jit
+def _word_rows(qcol, rr, nw, KP, nm):
+    """The int4 / intq words of word rows rr [R] at the columns qcol [1, BN] (row stride nw; mask nm
+    [BN]; zeros from word row KP on): one step of the GEMV word tiles' prefetch, weights streamed
+    evict-first (quant.WEIGHT_EVICT)."""
+    return tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
+                   eviction_policy=WEIGHT_EVICT)
+
+
+@triton.jit
 def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
                    BITS: tl.constexpr, GS: tl.constexpr, HZ: tl.constexpr, HP: tl.constexpr,
                    BK: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr, F16: tl.constexpr):
@@ -112,8 +121,7 @@ def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
     qcol = qp + cols[None, :]
     # one tile of prefetch: the next words are in flight while this tile is dequantized
     rr = k_lo // PF + r
-    q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
-                    eviction_policy=WEIGHT_EVICT)
+    q_nxt = _word_rows(qcol, rr, nw, KP, nm)
     pdl.wait(PDL)   # (down side) the first tile is loaded; x comes from the kernel before
     acc = tl.zeros([R, BN], dtype=tl.float32)
     if F16 and BITS == 4 and xrow.dtype.element_ty != tl.float32:
@@ -124,8 +132,7 @@ def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
         for k0 in range(k_lo, k_hi, BK):
             q = q_nxt
             rr = k0 // PF + R + r
-            q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
-                            eviction_policy=WEIGHT_EVICT)
+            q_nxt = _word_rows(qcol, rr, nw, KP, nm)
             xp0, xp1, xp2, xp3, f_out = _x_row_pairs(xrow, pp, k0 + r * PF, K, HP, not EVK)
             s, z = intq_sz(sp, zp, k0, K, cols, nm, nw, r, HZ, BITS, GS, PF, BK)
             zc1, zc16 = zero_pairs16(z)
@@ -137,8 +144,7 @@ def gemv_intq_cols(xrow, qp, sp, zp, pp, cols, nm, nw, K, qm, k_lo, k_hi,
         for k0 in range(k_lo, k_hi, BK):
             q = q_nxt
             rr = k0 // PF + R + r
-            q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
-                            eviction_policy=WEIGHT_EVICT)
+            q_nxt = _word_rows(qcol, rr, nw, KP, nm)
             qh = q >> 16
             kr = k0 + r * PF
             # sum_k s (q - z) x = s * (sum_k q x) - z s * (sum_k x): within a word row s and z are
@@ -193,8 +199,7 @@ def gemv_int4_rows(x0, x1, x2, x3, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
     KP = k_hi // 8
     qcol = qp + cols[None, :]
     rr = k_lo // 8 + r
-    q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
-                    eviction_policy=WEIGHT_EVICT)
+    q_nxt = _word_rows(qcol, rr, nw, KP, nm)
     pdl.wait(PDL)   # the first tile is loaded; x comes from the kernel before
     acc0 = tl.zeros([R, cols.shape[0]], dtype=tl.float32)
     acc1 = tl.zeros_like(acc0)
@@ -204,8 +209,7 @@ def gemv_int4_rows(x0, x1, x2, x3, qp, sp, zp, pp, cols, nm, nw, K, k_lo, k_hi,
     for k0 in range(k_lo, k_hi, BK):
         q = q_nxt
         rr = k0 // 8 + R + r
-        q_nxt = tl.load(qcol + rr[:, None] * nw, mask=(rr < KP)[:, None] & nm[None, :], other=0,
-                        eviction_policy=WEIGHT_EVICT)
+        q_nxt = _word_rows(qcol, rr, nw, KP, nm)
         s, z = intq_sz(sp, zp, k0, K, cols, nm, nw, r, HZ, 4, GS, 8, BK)
         zc1, zc16 = zero_pairs16(z)
         t0, t1, t2, t3 = int4_word_codes(q, tl.broadcast_to(zc1, q.shape), tl.broadcast_to(zc16, q.shape))
