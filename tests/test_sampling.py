@@ -116,8 +116,8 @@ def test_params_that_do_not_fit_the_device_tensors_are_refused():
     assert sorted(p.stop_token_ids) == [1, 2]
 
 
-# the one-launch greedy step (kernels/sampling.py): CPU runs it in Triton's interpreter (fp16 /
-# fp32: its bf16 is wrong), CUDA also in bf16
+# the decode step's one-launch next token (kernels/sampling.py), greedy and sampled: CPU runs it in
+# Triton's interpreter (fp16 / fp32: its bf16 is wrong), CUDA also in bf16
 _DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

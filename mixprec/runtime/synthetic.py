@@ -196,7 +196,7 @@ def profile_target(argv: list[str], mix: str, layers: int) -> tuple[Qwen3ForCaus
     """What the profiling scripts time (scripts/profile_decode.py, ncu_step.py; argv `[MIX [LAYERS
     [BATCH [MODEL]]]]`, defaults mix / layers / 1 / qwen3-30b-a3b): a synthetic MODEL-shaped model of
     LAYERS layers, BATCH 128-token prompts whose token ids differ per row (so the rows route apart),
-    and the label "mix=.. layers=.. batch=.."."""
+    and the label "MODEL mix=.. layers=.. batch=.."."""
     mix = argv[0] if len(argv) > 0 else mix
     layers = int(argv[1]) if len(argv) > 1 else layers
     batch = int(argv[2]) if len(argv) > 2 else 1
