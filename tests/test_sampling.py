@@ -175,3 +175,87 @@ def test_next_token_advance_samples_as_the_torch_race(B, V):
     if B > 2:     # sampled rows move between steps, greedy rows (temperature 0) stay
         assert not torch.equal(drawn[0][2], drawn[1][2]) or not torch.equal(drawn[1][2], drawn[2][2])
         assert torch.equal(drawn[0][0], drawn[2][0])
+
+
+def _filtered_case(B, V, flat, g):
+    """Logits with the kept set's boundary inside ties: peaked (a few dozen candidates: the sorted
+    path on GPU) or flat (N(0, 0.3) under V / 3 tied top tokens: hundreds to thousands kept)."""
+    logits = torch.randn(B, V, generator=g, device=_DEV) * (0.3 if flat else 2.0)
+    if flat:
+        logits[:, ::3] = 1.0
+    else:
+        logits[:, 20:50] = 9.0                                  # 30 tied top tokens: top-k 5 keeps 20..24
+        logits[:, 60:80] = torch.linspace(8.5, 6.0, 20, device=_DEV)
+    return logits
+
+
+def _kept(scaled: torch.Tensor, top_k: int, top_p: float) -> int:
+    """How many tokens of a row top-k / top-p keep (the reference's rule, counted)."""
+    probs = torch.softmax(scaled, -1)[scaled.sort(descending=True, stable=True).indices]
+    n = int(((probs.cumsum(-1) - probs) < top_p).sum())
+    return min(n, top_k) if top_k > 0 else n
+
+
+def _edge_seeds(scaled: torch.Tensor, n: int, step: int) -> list[int]:
+    """Seeds whose race, among the first n + 1 tokens of the order, is won by token n + 1 (a
+    kernel keeping one token too many draws it), and among the first n by token n (one too few
+    misses it): an off-by-one kept set then draws another token, whatever the noise."""
+    V = scaled.shape[-1]
+    order = scaled.sort(descending=True, stable=True).indices
+    found = {}
+    for seed in range(4000):
+        sc = scaled[order] - counter_noise(torch.tensor([seed]), torch.tensor([step]), V)[0][order].log()
+        for m in (n + 1, n):
+            if m > 1 and m <= V and m not in found and int(sc[:m].argmax()) == m - 1:
+                found[m] = seed
+        if len(found) == 2 - (n == 1):
+            break
+    return list(found.values())
+
+
+@pytest.mark.parametrize("flat", [False, True])
+# CPU: V <= CAP puts every filtered row on the sorted path, CAP 16 nearly all on the bisection path
+@pytest.mark.parametrize("V, cap", [(120, 128), (120, 16)] + ([(151936, None)] if _DEV == "cuda" else []))
+def test_next_token_advance_filters_as_the_torch_sampler(V, cap, flat, monkeypatch):
+    """top-k / top-p rows (with greedy, unfiltered and tiny-temperature rows in the batch) draw in
+    one launch what runtime.sampling.sample draws: the kept set is the first tokens of the order
+    (scaled logit descending, token id ascending) in both, the race uses the same noise, and the
+    seeds are chosen so that a kept set one token too large or too small draws otherwise. Rounding
+    of the masses (the kernel sums in another order) could move a token sitting exactly at the
+    top-p boundary; the cases keep clear of that (ties are the same value, so they fall together).
+    On CPU (the interpreter) CAP is set to cover both paths at V = 120."""
+    from mixprec.kernels import sampling as ks
+    from mixprec.kernels.sampling import next_token_advance
+    if cap:
+        monkeypatch.setattr(ks, "CAP", cap)
+    from mixprec.runtime.sampling import MIN_TEMPERATURE
+    g = torch.Generator(device=_DEV).manual_seed(V + flat)
+    row = _filtered_case(1, V, flat, g).to(torch.float16 if _DEV == "cpu" else torch.bfloat16)
+    configs = [(0.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.9), (1.3, 20, 0.8), (1e-7, 3, 0.5), (0.9, 0, 1.0),
+               (1.0, 90 if cap else 1200, 1.0), (2.0, 0, 0.99), (1.0, 0, 0.3)]    # top-k above CAP (GPU): bisection
+    step0 = 7
+    rows = []       # (temperature, top_k, top_p, seed): every filtered config with its edge seeds
+    for t, k, p in configs:
+        if t > 0 and (k > 0 or p < 1):
+            scaled = row[0].float() / max(t, MIN_TEMPERATURE)
+            rows += [(t, k, p, sd) for sd in _edge_seeds(scaled, _kept(scaled, k, p), step0)]
+        else:
+            rows.append((t, k, p, 1))
+    B = len(rows)
+    logits = row.expand(B, V).contiguous()
+    temp, k, p, seed = (torch.tensor([r[i] for r in rows], device=_DEV) for i in range(4))
+    k = k.long()
+    step = torch.full((B,), step0, device=_DEV)
+    tokens = torch.zeros(B, 1, dtype=torch.long, device=_DEV)
+    pos = torch.zeros(B, 1, dtype=torch.long, device=_DEV)
+    live = torch.ones(B, dtype=torch.long, device=_DEV)
+    live[B // 2:] = 0
+    for _ in range(2):
+        before = step.clone()
+        want = sample(logits.float(), temp, k, p, counter_noise(seed, step, V), filtered=True)
+        next_token_advance(logits, tokens[:, 0], pos[:, 0], step, live, (temp, seed, MIN_TEMPERATURE), (k, p),
+                           tiles=(64, 64) if cap else None)     # CPU: two chunks per row, small blocks
+        assert torch.equal(tokens[:, 0], want)
+        assert torch.equal(step, before + live)
+    if not flat:      # the tied top tokens: top-k 5 keeps the first five ids
+        assert 20 <= int(want[1]) < 25

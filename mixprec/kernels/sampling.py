@@ -94,17 +94,228 @@ def _next_token_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed
         tl.atomic_xchg(cnt_ptr + b, 0)    # ready for the next launch
 
 
+# -- top-k / top-p: the race among a row's kept tokens -------------------------------------------
+# Kept tokens: the first N of the order (s descending, index ascending), s = logit / t, where N is
+# the smaller of top-k and the count of tokens whose mass before them (softmax of s) is < top-p
+# (runtime/sampling.sample, the reference). The kernel never sorts the vocabulary. Each chunk
+# program histograms its tokens by "level", LEVEL_W nats below the chunk's own max; the row's last
+# program merges the chunks' cumulative counts and lower bounds of their masses into a threshold
+# that surely keeps the whole kept set, gathers the tokens above it (usually a few dozen: chunks
+# whose max is below it are skipped), sorts at most CAP of them in one program and runs the race
+# there: the hash noise is computed for those tokens only. A row with more than CAP candidates (a
+# flat distribution with top-p near 1, or a top-k above CAP) finds the exact boundary by
+# bisection over the row instead: slower, but exact.
+LEVELS, LEVEL_W, CAP = 64, 0.25, 1024
+
+
+@triton.jit
+def _scaled(row, k, km, tt):
+    """s = logit / tt of tokens k (masked lanes and NaN: -inf, never kept)."""
+    s = tl.math.div_rn(tl.load(row + k, mask=km, other=float("-inf")).to(tl.float32), tt)
+    return tl.where(s != s, float("-inf"), s)
+
+
+@triton.jit
+def _ord(x):
+    """fp32 -> int32 with the same order (negative floats: the low 31 bits flipped); its own inverse
+    on the bits."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _unord(o):
+    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _above(row, wb_row, x, m, tt, V, CHUNK, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """(count, sum of exp(s - m)) of the row's tokens with s >= x (chunks whose max is below x
+    are skipped)."""
+    cnt = tl.zeros([BLOCK], tl.int32)
+    mass = tl.zeros([BLOCK], tl.float32)
+    for c in range(SPLITS):
+        if tl.load(wb_row + c, cache_modifier=".cg") >= x:
+            for k0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, V), BLOCK):
+                k = k0 + tl.arange(0, BLOCK)
+                s = _scaled(row, k, (k < V) & (k < c * CHUNK + CHUNK), tt)
+                sel = s >= x
+                cnt += sel.to(tl.int32)
+                mass += tl.where(sel, tl.exp(s - m), 0.0)
+    return tl.sum(cnt, axis=0), tl.sum(mass, axis=0)
+
+
+@triton.jit
+def _bisect_race(row, wb_row, lo_x, m, Z, tt, k_eff, pp, seed, stp, V, CHUNK,
+                 SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """The exact kept set of a row with many candidates, and its race: v = the largest value x
+    whose tokens s >= x cover the kept set (count >= k_eff or mass >= top-p * Z), by bisection on
+    the fp32 order between lo_x (known to cover) and the row max m; the tokens above v are kept,
+    and of those equal to v the first ones by index while they fit top-k / top-p."""
+    lo = _ord(lo_x).to(tl.int64)
+    hi = _ord(m).to(tl.int64) + 1                  # nothing lies at or above it: covers nothing
+    c_hi = tl.zeros([], tl.int32)
+    m_hi = tl.zeros([], tl.float32)
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        c, ms = _above(row, wb_row, _unord(mid.to(tl.int32)), m, tt, V, CHUNK, SPLITS, BLOCK)
+        cover = (c >= k_eff) | (ms >= pp * Z)
+        lo = tl.where(cover, mid, lo)
+        hi = tl.where(cover, hi, mid)
+        c_hi = tl.where(cover, c_hi, c)            # tokens s > v: count and mass
+        m_hi = tl.where(cover, m_hi, ms)
+    v = _unord(lo.to(tl.int32))
+    # ties at v take ranks c_hi, c_hi + 1, ...: kept while below top-k and their mass before < top-p
+    n_p = (pp * Z - m_hi) / tl.exp(v - m)
+    n_p = tl.where(n_p == n_p, tl.minimum(n_p, V * 1.0), V * 1.0)
+    n_eq = tl.maximum(tl.minimum(k_eff - c_hi, tl.ceil(n_p).to(tl.int64)), 1)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.full([BLOCK], 2147483647, tl.int32)
+    ties = tl.zeros([], tl.int32)
+    for c in range(SPLITS):
+        if tl.load(wb_row + c, cache_modifier=".cg") >= v:
+            for k0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, V), BLOCK):
+                k = k0 + tl.arange(0, BLOCK)
+                s = _scaled(row, k, (k < V) & (k < c * CHUNK + CHUNK), tt)
+                eq = s == v
+                rank = ties + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+                ties += tl.sum(eq.to(tl.int32), axis=0)
+                keep = (s > v) | (eq & (rank < n_eq))
+                sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, k)), float("-inf"))
+                take = sc > best
+                best = tl.where(take, sc, best)
+                best_i = tl.where(take, k, best_i)
+    top = tl.max(best, axis=0)
+    return tl.min(tl.where(best == top, best_i, 2147483647), axis=0)
+
+
+@triton.jit
+def _filtered_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_ptr, k_ptr, p_ptr,
+                     wb_ptr, wi_ptr, wz_ptr, wc_ptr, wm_ptr, buf_ptr, cnt_ptr,
+                     V, s_lg, s_tok, CHUNK, min_t, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                     LEVELS: tl.constexpr, LEVEL_W: tl.constexpr, CAP: tl.constexpr, LIVE: tl.constexpr):
+    """Grid (B, SPLITS), chunks as in _next_token_kernel. A row is greedy (t <= 0: the first
+    argmax), a race over all tokens (no top-k / top-p: _next_token_kernel's draw), or filtered.
+    Chunk program: its max (or race best) and first index into wb / wi; filtered rows also the sum
+    of exp(s - chunk max) into wz and per level (LEVEL_W nats each below the chunk max) the
+    cumulative count and lower bound of that mass into wc / wm [B, SPLITS, LEVELS]. The row's last
+    program picks the token (module comment above) and advances pos / step."""
+    b = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    row = lg_ptr + b * s_lg
+    lo = sp * CHUNK
+    hi = tl.minimum(lo + CHUNK, V)
+    t = tl.load(t_ptr + b)
+    tt = tl.where(t > 0, tl.maximum(t, min_t), 1.0)
+    kk = tl.load(k_ptr + b)
+    pp = tl.load(p_ptr + b)
+    k_eff = tl.where((kk > 0) & (kk < V), kk, V)
+    race = (t > 0) & (k_eff == V) & (pp >= 1.0)
+    filt = (t > 0) & ((k_eff < V) | (pp < 1.0))
+    seed = tl.load(seed_ptr + b)
+    stp = tl.load(step_ptr + b)       # the row's last program advances it after every program read it
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.full([BLOCK], 2147483647, tl.int32)
+    for k0 in range(lo, hi, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        s = tl.math.div_rn(tl.load(row + k, mask=k < hi, other=float("-inf")).to(tl.float32), tt)
+        if race:
+            s = s - tl.log(_exp_noise(seed, stp, k))
+        # NaN: the largest, as torch.argmax has it, except in filtered rows (their max must be a number)
+        s = tl.where(s != s, tl.where(filt, float("-inf"), float("inf")), s)
+        take = s > best
+        best = tl.where(take, s, best)
+        best_i = tl.where(take, k, best_i)
+    mc = tl.max(best, axis=0)
+    tl.store(wb_ptr + b * SPLITS + sp, mc)
+    tl.store(wi_ptr + b * SPLITS + sp, tl.where(mc == float("-inf"), lo, tl.min(tl.where(best == mc, best_i, 2147483647), axis=0)))
+    if filt:
+        z = tl.zeros([BLOCK], tl.float32)
+        h = tl.zeros([LEVELS], tl.int32)
+        for k0 in range(lo, hi, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            s = _scaled(row, k, k < hi, tt)
+            real = s > float("-inf")
+            z += tl.where(real, tl.exp(s - mc), 0.0)
+            lvl = tl.where(real, tl.minimum(tl.floor((mc - s) * (1.0 / LEVEL_W)), LEVELS - 1.0), LEVELS - 1.0)
+            h += tl.histogram(lvl.to(tl.int32), LEVELS, mask=k < hi)
+        tl.store(wz_ptr + b * SPLITS + sp, tl.sum(z, axis=0))
+        j = tl.arange(0, LEVELS)
+        # a token of level j has s > max - (j + 1) * LEVEL_W: its mass is at least exp(-(j + 1) * LEVEL_W)
+        at = (b * SPLITS + sp) * LEVELS + j
+        tl.store(wc_ptr + at, tl.cumsum(h, axis=0))
+        tl.store(wm_ptr + at, tl.cumsum(h.to(tl.float32) * tl.exp(-(j + 1.0) * LEVEL_W), axis=0))
+    tl.debug_barrier()
+    old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
+    if old == SPLITS - 1:
+        c = tl.arange(0, SPLITS)
+        ms = tl.load(wb_ptr + b * SPLITS + c, cache_modifier=".cg")
+        ids = tl.load(wi_ptr + b * SPLITS + c, cache_modifier=".cg")
+        m = tl.max(ms, axis=0)
+        nxt = tl.min(tl.where(ms == m, ids, 2147483647), axis=0)     # greedy and race rows: done
+        if filt & (m > float("-inf")):
+            real = ms > float("-inf")
+            scale = tl.where(real, tl.exp(ms - m), 0.0)
+            Z = tl.sum(tl.load(wz_ptr + b * SPLITS + c, cache_modifier=".cg") * scale, axis=0)
+            # chunk c's level j lies above the row's level j + d[c] (d: the chunk max's depth, rounded up)
+            d = tl.where(real, tl.ceil((m - ms) * (1.0 / LEVEL_W)), 2.0 * LEVELS).to(tl.int32)
+            g = tl.arange(0, LEVELS)
+            jj = g[:, None] - d[None, :]                                  # [LEVELS, SPLITS]
+            at = (b * SPLITS + c[None, :]) * LEVELS + tl.minimum(jj, LEVELS - 2)   # the last level: all deeper
+            cnt = tl.sum(tl.load(wc_ptr + at, mask=jj >= 0, other=0, cache_modifier=".cg"), axis=1)
+            mlb = tl.sum(tl.load(wm_ptr + at, mask=jj >= 0, other=0.0, cache_modifier=".cg") * scale[None, :], axis=1)
+            cover = (cnt >= k_eff) | (mlb >= pp * Z)
+            gs = tl.min(tl.where(cover, g, LEVELS), axis=0)
+            # one level more than needed: rounding of the levels cannot drop a counted token
+            thr = tl.where(gs < LEVELS, m - (gs + 2.0) * LEVEL_W, float("-inf"))
+            n = tl.zeros([], tl.int32)
+            for c2 in range(SPLITS):
+                if tl.load(wb_ptr + b * SPLITS + c2, cache_modifier=".cg") > thr:
+                    for k0 in range(c2 * CHUNK, tl.minimum(c2 * CHUNK + CHUNK, V), BLOCK):
+                        k = k0 + tl.arange(0, BLOCK)
+                        s = _scaled(row, k, (k < V) & (k < c2 * CHUNK + CHUNK), tt)
+                        sel = s > thr
+                        slot = n + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                        # sort key: s descending, then index ascending
+                        key = (_ord(s).to(tl.int64) << 32) | (2147483647 - k).to(tl.int64)
+                        tl.store(buf_ptr + b * CAP + slot, key, mask=sel & (slot < CAP))
+                        n += tl.sum(sel.to(tl.int32), axis=0)
+            if n <= CAP:
+                tl.debug_barrier()
+                r = tl.arange(0, CAP)
+                key = tl.sort(tl.load(buf_ptr + b * CAP + r, mask=r < n, other=-9223372036854775807,
+                                      cache_modifier=".cg"), descending=True)
+                s = _unord((key >> 32).to(tl.int32))
+                idx = 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
+                p = tl.where(r < n, tl.exp(s - m), 0.0)
+                keep = (r < n) & (r < k_eff) & (tl.cumsum(p, axis=0) - p < pp * Z)
+                sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, tl.where(keep, idx, 0))), float("-inf"))
+                top = tl.max(sc, axis=0)
+                nxt = tl.min(tl.where(sc == top, r, CAP), axis=0)        # the first in the order
+                nxt = tl.sum(tl.where(r == nxt, idx, 0), axis=0)
+            else:
+                nxt = _bisect_race(row, wb_ptr + b * SPLITS, thr, m, Z, tt, k_eff, pp, seed, stp, V, CHUNK,
+                                   SPLITS, BLOCK)
+        tl.store(tok_ptr + b * s_tok, nxt.to(tok_ptr.dtype.element_ty))
+        inc = tl.load(live_ptr + b).to(tl.int64) if LIVE else 1
+        tl.store(pos_ptr + b, tl.load(pos_ptr + b) + inc)
+        tl.store(step_ptr + b, tl.load(step_ptr + b) + inc)
+        tl.atomic_xchg(cnt_ptr + b, 0)    # ready for the next launch
+
+
 def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None = None,
                        sampling: tuple[Tensor, Tensor, float] | None = None,
+                       filters: tuple[Tensor, Tensor] | None = None,
                        tiles: tuple[int, int] | None = None) -> None:
     """tokens[b] = argmax(logits[b]) (the first maximum; NaN is the largest), or with `sampling`
     = (temperature [B] fp32, seed [B] int64, min_t) the exponential race for rows with
-    temperature > 0 (runtime/sampling.sample without top-k / top-p, its noise counter_noise(seed,
-    step)); then pos[b] and step[b] += live[b] (live None: += 1), in place, one launch, no host
-    sync (CUDA-graph capturable). logits [B, V] (any float dtype); tokens [B] (any stride, any int
-    dtype); pos / step [B] contiguous int64; live [B] bool or int; tiles: (MIN_CHUNK, BLOCK), None:
-    the rule above. Callers take it where formats.base.use_kernels says so (on CPU: the Triton
-    interpreter, tests only)."""
+    temperature > 0 (runtime/sampling.sample, its noise counter_noise(seed, step)), among the
+    tokens that `filters` = (top_k [B] int64, 0 = off; top_p [B] fp32, 1 = off) keep (None: all;
+    NaN logits of a filtered row are never kept); then pos[b] and step[b] += live[b] (live None:
+    += 1), in place, one launch, no host sync (CUDA-graph capturable). logits [B, V] (any float
+    dtype); tokens [B] (any stride, any int dtype); pos / step [B] contiguous int64; live [B] bool
+    or int; tiles: (MIN_CHUNK, BLOCK), None: the rule above. Callers take it where
+    formats.base.use_kernels says so (on CPU: the Triton interpreter, tests only)."""
     B, V = logits.shape
     min_chunk, block = tiles or (LARGE_TILES if B >= LARGE_FROM and sampling is None else SMALL_TILES)
     if logits.stride(1) != 1:
@@ -117,8 +328,22 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
     chunk = cdiv(cdiv(V, splits), block) * block
     ws = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
     wi = torch.empty(B, splits, dtype=torch.int32, device=logits.device)
+    counters = split_counters(logits.device, B)
+    live_arg = pos if live is None else live
+    if filters is not None:
+        temp, seed, min_t = sampling
+        top_k, top_p = filters
+        wz = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
+        wc = torch.empty(B, splits, LEVELS, dtype=torch.int32, device=logits.device)
+        wm = torch.empty(B, splits, LEVELS, dtype=torch.float32, device=logits.device)
+        buf = torch.empty(B, CAP, dtype=torch.int64, device=logits.device)
+        _filtered_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, top_k, top_p,
+                                      ws, wi, wz, wc, wm, buf, counters, V, logits.stride(0), tokens.stride(0),
+                                      chunk, min_t, SPLITS=splits, BLOCK=block, LEVELS=LEVELS, LEVEL_W=LEVEL_W,
+                                      CAP=CAP, LIVE=live is not None, num_warps=4)
+        return
     temp, seed, min_t = sampling if sampling is not None else (ws, pos, 0.0)
-    _next_token_kernel[(B, splits)](logits, tokens, pos, step, pos if live is None else live, temp, seed, ws, wi,
-                                    split_counters(logits.device, B), V, logits.stride(0), tokens.stride(0), chunk,
+    _next_token_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, ws, wi,
+                                    counters, V, logits.stride(0), tokens.stride(0), chunk,
                                     min_t, SPLITS=splits, BLOCK=block, LIVE=live is not None,
                                     SAMPLE=sampling is not None, num_warps=4)

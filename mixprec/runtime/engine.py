@@ -44,11 +44,9 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..formats.base import use_kernels
-from ..kernels.sampling import next_token_advance
-from .generate import counter_noise, to_host
+from .generate import counter_noise, next_token, to_host
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
-from .sampling import MIN_TEMPERATURE, SamplingParams, sample
+from .sampling import SamplingParams, sample
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
 MIN_LEN_BUCKET = 256      # smallest number of cache slots a step attends over
@@ -206,6 +204,10 @@ class _Rows:
     top_p: Tensor         # [N] float32
     seed: Tensor          # [N] int64
     step: Tensor          # [N] int64: tokens the row's request has sampled so far
+
+    def view(self, rows: slice) -> "_Rows":
+        """The state of rows `rows` (views: writes go to this state)."""
+        return _Rows(**{k: v[rows] for k, v in vars(self).items()})
 
 
 def _params(d: dict) -> SamplingParams:
@@ -654,15 +656,8 @@ class Engine:
         R, rows = self._rows, slice(0, B)
         logits = self.model(R.tokens[rows], positions=R.pos[rows], cache=self.cache.rows(0, B, L),
                             float_logits=False)[:, -1]                                    # [B, V]
-        live = R.live[rows]
-        if not filtered and use_kernels(logits):    # the token (greedy or sampled) and counters: one launch
-            race = (R.temperature[rows], R.seed[rows], MIN_TEMPERATURE) if sampled else None
-            next_token_advance(logits, R.tokens[rows, 0], R.pos[rows, 0], R.step[rows], live, race)
-            return
-        nxt = self._sample(logits, rows, sampled, filtered)
-        R.tokens[rows].copy_(nxt[:, None])
-        R.pos[rows].add_(live[:, None])      # idle rows stay at position 0
-        R.step[rows].add_(live)
+        # idle rows (live 0) stay at position 0
+        next_token(logits, R.tokens[rows, 0], R.pos[rows, 0], R.step[rows], R.live[rows], R.view(rows), sampled, filtered)
 
     def _launch_step(self) -> bool:
         """Launch one decode step over the requests that still need tokens; False if none do."""

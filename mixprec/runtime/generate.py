@@ -49,6 +49,27 @@ def counter_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
     return (-torch.log(u)).to(torch.float32)
 
 
+def next_token(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None, params,
+               sampled: bool, filtered: bool) -> None:
+    """A decode step's tail, no host sync: each row's next token into tokens [B] (greedy; with
+    `sampled`, rows with a temperature draw; with `filtered`, among the tokens their top-k / top-p
+    keep), then pos / step [B] += live (None: 1). `params` has the rows' temperature, top_k, top_p
+    and seed tensors [B]. One kernel launch where use_kernels says so, else the torch chain."""
+    if use_kernels(logits):
+        race = (params.temperature, params.seed, MIN_TEMPERATURE) if sampled else None
+        next_token_advance(logits, tokens, pos, step, live, race, (params.top_k, params.top_p) if filtered else None)
+        return
+    if sampled:
+        noise = counter_noise(params.seed, step, logits.shape[-1])
+        nxt = sample(logits.float(), params.temperature, params.top_k, params.top_p, noise, filtered)
+    else:
+        nxt = logits.argmax(-1)
+    tokens.copy_(nxt)
+    inc = 1 if live is None else live
+    pos.add_(inc)
+    step.add_(inc)
+
+
 @dataclass
 class _Batch:
     """Per-row state of a running batch; every field is a device tensor."""
@@ -104,19 +125,8 @@ class Generator:
     # -- one decode step: forward + sample, no host sync ---------------------------------------
     def _step(self, st: _Batch, cache: KVCache, filtered: bool, sampled: bool) -> Tensor:
         logits = self.model(st.tokens, positions=st.pos, cache=cache, float_logits=False)[:, -1]    # [B, V]
-        if not filtered and use_kernels(logits):    # the token (greedy or sampled) and counters: one launch
-            race = (st.temperature, st.seed, MIN_TEMPERATURE) if sampled else None
-            next_token_advance(logits, st.tokens[:, 0], st.pos[:, 0], st.step, sampling=race)
-            return st.tokens[:, 0]
-        if sampled:
-            noise = counter_noise(st.seed, st.step, logits.shape[-1])
-            nxt = sample(logits.float(), st.temperature, st.top_k, st.top_p, noise, filtered)
-        else:
-            nxt = logits.argmax(-1)
-        st.tokens.copy_(nxt[:, None])
-        st.pos.add_(1)
-        st.step.add_(1)
-        return nxt
+        next_token(logits, st.tokens[:, 0], st.pos[:, 0], st.step, None, st, sampled, filtered)
+        return st.tokens[:, 0]
 
     def _decode_fn(self, st: _Batch, cache: KVCache, filtered: bool, sampled: bool) -> Callable[[], Tensor]:
         if not self.use_graphs:

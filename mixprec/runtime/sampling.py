@@ -79,11 +79,14 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, no
     greedy = logits.argmax(-1)
     # a tiny positive temperature is greedy in effect, but logits / t would overflow to inf (NaN probs)
     t = torch.where(temperature > 0, temperature.clamp_min(MIN_TEMPERATURE), torch.ones_like(temperature))
-    probs = torch.softmax(logits / t[:, None], dim=-1)
+    scaled = logits / t[:, None]
+    probs = torch.softmax(scaled, dim=-1)
     if not filtered:
         drawn = (probs / noise).argmax(-1)
     else:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # the order: scaled logits descending, ties by token id (what kernels/sampling.py keeps)
+        order = scaled.sort(dim=-1, descending=True, stable=True).indices
+        sorted_p = probs.gather(-1, order)
         rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, probs.shape[-1]))
         # keep a token while the mass before it is < top_p (so the first token always stays)
