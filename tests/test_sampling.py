@@ -202,9 +202,10 @@ def _edge_seeds(scaled: torch.Tensor, n: int, step: int) -> list[int]:
     misses it): an off-by-one kept set then draws another token, whatever the noise."""
     V = scaled.shape[-1]
     order = scaled.sort(descending=True, stable=True).indices
-    found = {}
+    ranked, found = scaled[order], {}
     for seed in range(4000):
-        sc = scaled[order] - counter_noise(torch.tensor([seed]), torch.tensor([step]), V)[0][order].log()
+        sc = ranked - counter_noise(torch.tensor([seed], device=scaled.device),
+                                    torch.tensor([step], device=scaled.device), V)[0][order].log()
         for m in (n + 1, n):
             if m > 1 and m <= V and m not in found and int(sc[:m].argmax()) == m - 1:
                 found[m] = seed

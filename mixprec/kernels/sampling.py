@@ -106,6 +106,7 @@ def _next_token_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed
 # flat distribution with top-p near 1, or a top-k above CAP) finds the exact boundary by
 # bisection over the row instead: slower, but exact.
 LEVELS, LEVEL_W, CAP = 64, 0.25, 1024
+SCAN = 4096         # elements per loop step of the last program's passes over a row (bytes in flight)
 
 
 @triton.jit
@@ -190,10 +191,27 @@ def _bisect_race(row, wb_row, lo_x, m, Z, tt, k_eff, pp, seed, stp, V, CHUNK,
 
 
 @triton.jit
+def _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, SIZE: tl.constexpr):
+    """The race among the kept of the n candidate keys in buf (n <= SIZE): sorted, the first
+    k_eff whose mass before them is < top-p * Z."""
+    r = tl.arange(0, SIZE)
+    key = tl.sort(tl.load(buf + r, mask=r < n, other=-9223372036854775807, cache_modifier=".cg"), descending=True)
+    s = _unord((key >> 32).to(tl.int32))
+    idx = 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
+    p = tl.where(r < n, tl.exp(s - m), 0.0)
+    keep = (r < n) & (r < k_eff) & (tl.cumsum(p, axis=0) - p < pp * Z)
+    sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, tl.where(keep, idx, 0))), float("-inf"))
+    top = tl.max(sc, axis=0)
+    first = tl.min(tl.where(sc == top, r, SIZE), axis=0)        # the first in the order
+    return tl.sum(tl.where(r == first, idx, 0), axis=0)
+
+
+@triton.jit
 def _filtered_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_ptr, k_ptr, p_ptr,
                      wb_ptr, wi_ptr, wz_ptr, wc_ptr, wm_ptr, buf_ptr, cnt_ptr,
                      V, s_lg, s_tok, CHUNK, min_t, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-                     LEVELS: tl.constexpr, LEVEL_W: tl.constexpr, CAP: tl.constexpr, LIVE: tl.constexpr):
+                     LEVELS: tl.constexpr, LEVEL_W: tl.constexpr, CAP: tl.constexpr, SCAN: tl.constexpr,
+                     LIVE: tl.constexpr):
     """Grid (B, SPLITS), chunks as in _next_token_kernel. A row is greedy (t <= 0: the first
     argmax), a race over all tokens (no top-k / top-p: _next_token_kernel's draw), or filtered.
     Chunk program: its max (or race best) and first index into wb / wi; filtered rows also the sum
@@ -241,10 +259,12 @@ def _filtered_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_p
             h += tl.histogram(lvl.to(tl.int32), LEVELS, mask=k < hi)
         tl.store(wz_ptr + b * SPLITS + sp, tl.sum(z, axis=0))
         j = tl.arange(0, LEVELS)
-        # a token of level j has s > max - (j + 1) * LEVEL_W: its mass is at least exp(-(j + 1) * LEVEL_W)
+        # a token of level j has max - (j + 1) * LEVEL_W < s <= max - j * LEVEL_W: counts of the levels
+        # <= j, and a bound on the mass of those >= j (at most exp(-j * LEVEL_W) each)
         at = (b * SPLITS + sp) * LEVELS + j
         tl.store(wc_ptr + at, tl.cumsum(h, axis=0))
-        tl.store(wm_ptr + at, tl.cumsum(h.to(tl.float32) * tl.exp(-(j + 1.0) * LEVEL_W), axis=0))
+        ub = h.to(tl.float32) * tl.exp(-j * LEVEL_W)
+        tl.store(wm_ptr + at, tl.sum(ub, axis=0) - tl.cumsum(ub, axis=0) + ub)
     tl.debug_barrier()
     old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
     if old == SPLITS - 1:
@@ -260,19 +280,20 @@ def _filtered_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_p
             # chunk c's level j lies above the row's level j + d[c] (d: the chunk max's depth, rounded up)
             d = tl.where(real, tl.ceil((m - ms) * (1.0 / LEVEL_W)), 2.0 * LEVELS).to(tl.int32)
             g = tl.arange(0, LEVELS)
-            jj = g[:, None] - d[None, :]                                  # [LEVELS, SPLITS]
-            at = (b * SPLITS + c[None, :]) * LEVELS + tl.minimum(jj, LEVELS - 2)   # the last level: all deeper
-            cnt = tl.sum(tl.load(wc_ptr + at, mask=jj >= 0, other=0, cache_modifier=".cg"), axis=1)
-            mlb = tl.sum(tl.load(wm_ptr + at, mask=jj >= 0, other=0.0, cache_modifier=".cg") * scale[None, :], axis=1)
-            cover = (cnt >= k_eff) | (mlb >= pp * Z)
+            jj = tl.minimum(g[:, None] - d[None, :], LEVELS - 2)          # [LEVELS, SPLITS]; the last: all deeper
+            base = (b * SPLITS + c[None, :]) * LEVELS
+            # row level g counts chunk levels <= jj; the rest weigh at most the bound of levels >= jj + 1
+            cnt = tl.sum(tl.load(wc_ptr + base + jj, mask=jj >= 0, other=0, cache_modifier=".cg"), axis=1)
+            rest = tl.sum(tl.load(wm_ptr + base + tl.maximum(jj + 1, 0), cache_modifier=".cg") * scale[None, :], axis=1)
+            cover = (cnt >= k_eff) | (Z - rest >= pp * Z)
             gs = tl.min(tl.where(cover, g, LEVELS), axis=0)
             # one level more than needed: rounding of the levels cannot drop a counted token
             thr = tl.where(gs < LEVELS, m - (gs + 2.0) * LEVEL_W, float("-inf"))
             n = tl.zeros([], tl.int32)
             for c2 in range(SPLITS):
                 if tl.load(wb_ptr + b * SPLITS + c2, cache_modifier=".cg") > thr:
-                    for k0 in range(c2 * CHUNK, tl.minimum(c2 * CHUNK + CHUNK, V), BLOCK):
-                        k = k0 + tl.arange(0, BLOCK)
+                    for k0 in range(c2 * CHUNK, tl.minimum(c2 * CHUNK + CHUNK, V), SCAN):
+                        k = k0 + tl.arange(0, SCAN)
                         s = _scaled(row, k, (k < V) & (k < c2 * CHUNK + CHUNK), tt)
                         sel = s > thr
                         slot = n + tl.cumsum(sel.to(tl.int32), axis=0) - 1
@@ -280,22 +301,16 @@ def _filtered_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_p
                         key = (_ord(s).to(tl.int64) << 32) | (2147483647 - k).to(tl.int64)
                         tl.store(buf_ptr + b * CAP + slot, key, mask=sel & (slot < CAP))
                         n += tl.sum(sel.to(tl.int32), axis=0)
-            if n <= CAP:
-                tl.debug_barrier()
-                r = tl.arange(0, CAP)
-                key = tl.sort(tl.load(buf_ptr + b * CAP + r, mask=r < n, other=-9223372036854775807,
-                                      cache_modifier=".cg"), descending=True)
-                s = _unord((key >> 32).to(tl.int32))
-                idx = 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
-                p = tl.where(r < n, tl.exp(s - m), 0.0)
-                keep = (r < n) & (r < k_eff) & (tl.cumsum(p, axis=0) - p < pp * Z)
-                sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, tl.where(keep, idx, 0))), float("-inf"))
-                top = tl.max(sc, axis=0)
-                nxt = tl.min(tl.where(sc == top, r, CAP), axis=0)        # the first in the order
-                nxt = tl.sum(tl.where(r == nxt, idx, 0), axis=0)
+            tl.debug_barrier()
+            if (n <= 64) & (n <= CAP):       # the sort's cost grows with its size: the smallest that holds them
+                nxt = _race_sorted(buf_ptr + b * CAP, n, m, Z, k_eff, pp, seed, stp, 64)
+            elif (n <= 256) & (n <= CAP):
+                nxt = _race_sorted(buf_ptr + b * CAP, n, m, Z, k_eff, pp, seed, stp, 256)
+            elif n <= CAP:
+                nxt = _race_sorted(buf_ptr + b * CAP, n, m, Z, k_eff, pp, seed, stp, CAP)
             else:
                 nxt = _bisect_race(row, wb_ptr + b * SPLITS, thr, m, Z, tt, k_eff, pp, seed, stp, V, CHUNK,
-                                   SPLITS, BLOCK)
+                                   SPLITS, SCAN)
         tl.store(tok_ptr + b * s_tok, nxt.to(tok_ptr.dtype.element_ty))
         inc = tl.load(live_ptr + b).to(tl.int64) if LIVE else 1
         tl.store(pos_ptr + b, tl.load(pos_ptr + b) + inc)
@@ -340,7 +355,7 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
         _filtered_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, top_k, top_p,
                                       ws, wi, wz, wc, wm, buf, counters, V, logits.stride(0), tokens.stride(0),
                                       chunk, min_t, SPLITS=splits, BLOCK=block, LEVELS=LEVELS, LEVEL_W=LEVEL_W,
-                                      CAP=CAP, LIVE=live is not None, num_warps=4)
+                                      CAP=CAP, SCAN=SCAN, LIVE=live is not None, num_warps=8)
         return
     temp, seed, min_t = sampling if sampling is not None else (ws, pos, 0.0)
     _next_token_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, ws, wi,

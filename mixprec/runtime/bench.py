@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -49,14 +50,14 @@ def step_bytes(model, batch: int) -> float:
     return total
 
 
-def bench_model(model, batches, prompt_len, gen_len, bw, warm_steps=8):
+def bench_model(model, batches, prompt_len, gen_len, bw, warm_steps=8, sampling: SamplingParams = SamplingParams()):
     gen = Generator(model)
     V = model.args.vocab_size
     rows = []
     for B in batches:
         g = torch.Generator().manual_seed(B)
         prompts = torch.randint(0, V, (B, prompt_len), generator=g).tolist()
-        params = SamplingParams(max_new_tokens=gen_len)   # greedy; no stop tokens: fixed length
+        params = replace(sampling, max_new_tokens=gen_len)   # no stop tokens: fixed length
         # warm-up (compiles kernels, captures the decode graph) on the cache the timed run uses:
         # the cache size follows prompt + max_new_tokens, and a new cache means a new capture
         for i, _ in enumerate(gen.stream(prompts, params)):
@@ -118,8 +119,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=list_of(1), default=[1, 8, 32, 64], help="batch sizes, e.g. 1,8,32,64")
     p.add_argument("--prompt-len", type=at_least(1), default=128)
     p.add_argument("--gen-len", type=at_least(2), default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling (default greedy); with --top-k / --top-p")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--json", default=None, help="write all rows here")
     a = p.parse_args(argv)
+    try:
+        sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p).validate()
+    except ValueError as err:
+        p.error(str(err))
     if a.synthetic:
         from .synthetic import split_mixes, synthetic_args, synthetic_linears
         args = synthetic_args(a.synthetic, a.layers)
@@ -133,7 +141,8 @@ def main(argv=None) -> int:
         print("bench needs a CUDA GPU")
         return 2
     bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)  "
+          f"sampling: {'greedy' if not a.temperature else f'temperature {a.temperature} top_k {a.top_k} top_p {a.top_p}'}")
     results = {}
     if a.synthetic:
         from .synthetic import build_synthetic
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
             model = build_synthetic(args, mix, progress=False)
             print(f"built {a.synthetic} ({args.num_hidden_layers} layers) mix={mix} in "
                   f"{time.perf_counter() - t0:.0f}s: {sum(w.nbytes() for w in model.linear_modules().values()) / 2**30:.2f} GiB of linears")
-            rows = bench_model(model, a.batch, a.prompt_len, a.gen_len, bw)
+            rows = bench_model(model, a.batch, a.prompt_len, a.gen_len, bw, sampling=sampling)
             print_rows(f"{a.synthetic} layers={args.num_hidden_layers} mix={mix}", rows)
             results[mix] = rows
             del model
@@ -151,7 +160,7 @@ def main(argv=None) -> int:
         from ..api import load
         model = load(a.config, device="cuda")
         print(model.stats)
-        rows = bench_model(model, a.batch, a.prompt_len, a.gen_len, bw)
+        rows = bench_model(model, a.batch, a.prompt_len, a.gen_len, bw, sampling=sampling)
         print_rows(a.config, rows)
         results[a.config] = rows
     if a.json:
