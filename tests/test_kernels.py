@@ -182,7 +182,7 @@ def test_intq_gemv_fp16_word_loop(G, asym, act):
     two tile shapes, and rows of very large and very small activations (the per-row
     power-of-two scaling that keeps the fp16 products finite and precise)."""
     from mixprec.kernels.intq import F16_MIN_K
-    M, N, K = 3, 72, F16_MIN_K
+    M, N, K = 3, 40, F16_MIN_K     # N 40: a partial last 16-row tile, as 72 had, in fewer programs
     qw, sc, z, perm = make_intq(N, K, G, 4, asym, act, seed=G + N)
     gs = -1 if G == K else G
     dtypes = (torch.bfloat16, torch.float16) if CUDA else (torch.float16,)
@@ -205,9 +205,10 @@ def test_int4_gemv_several_rows_per_program(G, asym, act):
     """int4 GEMV configs with BM 2 / 4 (gemv_tiles.gemv_int4_rows: each word unpacked once for
     BM activation rows, a packed fp16 dot per row): equal to the reference for groups 128 / -1 /
     32, sym / asym, act-order, N and K not multiples of the tile (K = 384 against 256-input
-    tiles), M = 2, 3 (a program with a row past M) and 8, split K and not, rows of very large
-    and very small activations; fp32 activations keep one row per program; BM 8 is refused."""
-    N, K = 72, 384
+    tiles), M = 3 (a program with a row past M) and 8, split K and not, rows of very large
+    and very small activations; fp32 activations keep one row per program; BM 8 is refused.
+    (N 40: against BN 16 / 8 / 32 the same partial / whole / partial last tiles as 72, fewer programs.)"""
+    N, K = 40, 384
     qw, sc, z, perm = make_intq(N, K, G, 4, asym, act, seed=G + 3)
     gs = -1 if G == K else G
     for dtype in (torch.bfloat16, torch.float16) if CUDA else (torch.float16,):
@@ -219,7 +220,7 @@ def test_int4_gemv_several_rows_per_program(G, asym, act):
         ref = intq_linear_reference(x, qw, sc, z, perm, 4, gs)
         for c in (configs.cfg("gemv", 2, 16, 256, 1, 4, 1), configs.cfg("gemv", 4, 8, 256, 2, 4, 1),
                   configs.cfg("gemv", 4, 32, 128, 1, 4, 1)):
-            for m in (2, 3, 8):
+            for m in (3, 8):     # (M = 2 left out: a whole BM-2 program as at 8, a BM-4 one with rows past M as at 3)
                 y = intq_linear_cfg(x[:m], qw, sc, z, perm, 4, gs, c)
                 for row in range(m):
                     assert sqnr(y[row], ref[row]) >= 40, (c, dtype, m, row)

@@ -597,14 +597,48 @@ def _distinct_gemv_m1():
     return out
 
 
-@pytest.mark.parametrize("ci", range(len(_distinct_gemv_m1())))
-def test_batch1_configs(ci):
-    """Every distinct batch-1 GEMV config (moe_configs.GEMV_M1, GEMV_M1_DOWN) on a mixed layer at M=1."""
+def _same_launch(a: dict, b: dict) -> bool:
+    """Configs that launch the same kernel here (the interpreter ignores num_warps / num_stages)."""
+    if CUDA:
+        return a == b
+    drop = ("num_warps", "num_stages")
+    return {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+def _batch1_pairs():
+    """The (gate/up, down) configs pick pairs at M=1 (a GEMV_M1 row on gate/up, its GEMV_M1_DOWN
+    row or itself on down), each pair once, so every distinct config runs on the side(s) it serves
+    (the gate/up-only rows of BN 4 on the down side had cost the most and are never launched). A
+    pair both of whose sides other pairs launch is left out: in the interpreter, which ignores
+    num_warps, the mixed 2048 pair (fp8's gate/up row; intq 4096's down row but for num_warps)."""
     from mixprec.kernels import moe_configs as mc
-    cfgs = _distinct_gemv_m1()
-    h, i = 640, 128        # up: a full and a partial 512 K step; down: K below one step
-    b = _layer(mt.split(["fp16", "fp8", "int4", "int8"], E), h=h, i=i)
-    _check(b, *_inputs(1, h=h, seed=60 + ci), inter=i, config=("gemv", cfgs[ci], cfgs[ci]))
+    pairs = []
+    for key, up in mc.GEMV_M1.items():
+        p = (up, mc.GEMV_M1_DOWN.get(key, up))
+        if p not in pairs:
+            pairs.append(p)
+    for p in list(pairs):
+        rest = [q for q in pairs if q is not p]
+        if any(_same_launch(q[0], p[0]) for q in rest) and any(_same_launch(q[1], p[1]) for q in rest):
+            pairs.remove(p)
+    return pairs
+
+
+@pytest.mark.parametrize("ci", range(len(_batch1_pairs())))
+def test_batch1_configs(ci):
+    """Every distinct batch-1 GEMV config (moe_configs.GEMV_M1, GEMV_M1_DOWN) on a mixed layer at
+    M=1, on the side(s) pick gives it (_batch1_pairs)."""
+    from mixprec.kernels import moe_configs as mc
+    pairs = _batch1_pairs()
+    assert all(any(_same_launch(c, side) for p in pairs for side in p) for c in _distinct_gemv_m1())
+    h, i = 640, 64         # up: a full and a partial 512 K step; down: K below one step
+    specs = mt.split(["fp16", "fp8", "int4", "int8"], E)
+    b = _layer(specs, h=h, i=i)
+    x, w, _ = _inputs(1, e=E, k=4, h=h, seed=60 + ci)
+    # the token's top 4: one expert of each layout, so every config sees all four tile loops
+    ids = torch.tensor([[specs.index((s,) * 3) for s in ("fp16", "fp8", "int4", "int8")]], dtype=torch.int32,
+                       device=DEV).roll(ci, 1)
+    _check(b, x, w, ids, inter=i, config=("gemv",) + pairs[ci])
     assert mc.pick(10 ** 6, {"dense"}, {"dense"})[0::2] == ("dot", "dot")
 
 
@@ -660,15 +694,17 @@ def test_gate_up_in_one_k_loop(path, specs, monkeypatch):
     for bit in the interpreter; the GPU may reduce in another order)."""
     cfg = (dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2) if path == "dot" else
            dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, gu=True))
-    b = _layer(mt.split(specs, E), h=384, i=128)
-    inputs = _inputs(3 if path == "gemv" or specs[0] == "fp8" else 9, h=384, seed=52)
+    b = _layer(mt.split(specs, E), h=256, i=128)
+    inputs = _inputs(3 if path == "gemv" or specs[0] == "fp8" else 9, h=256, seed=52)
     picked = []
     fused = moe._gate_up_fused
     monkeypatch.setattr(moe, "_gate_up_fused", lambda *a: picked.append(fused(*a)) or picked[-1])
-    one = _check(b, *inputs, inter=128, config=(path, cfg, cfg))
+    # the down launch (run alike twice) on tiles of 128 rows: 2 programs per pair instead of 8
+    config = (path, cfg, dict(cfg, BN=128))
+    one = _check(b, *inputs, inter=128, config=config)
     assert picked == [True, False]          # gate/up launch fused; down is not gate_up
     monkeypatch.setattr(moe, "_gate_up_fused", lambda *a: False)
-    two = _check(b, *inputs, inter=128, config=(path, cfg, cfg))
+    two = _check(b, *inputs, inter=128, config=config)
     assert mt.sqnr_db(two.float(), one.float()) >= 60 if CUDA else torch.equal(one, two)
 
 
@@ -678,12 +714,12 @@ def test_int4_gemv_fp16_word_loop(gu, split):
     group 32, act-order and an int8 slot beside them (which keeps its own loop), gate and up in
     one K loop or split in K; equal to the reference at 1 and 3 tokens, in bf16 on the GPU too."""
     cfg = dict(BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, gu=gu, split=split, f16=True)
-    b = _layer(mt.split(["int4", "int4_asym", "int4_g32", "int4_perm", "int8q"], E), h=384, i=128)
+    b = _layer(mt.split(["int4", "int4_asym", "int4_g32", "int4_perm", "int8q"], E), h=256, i=128)
     for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
         for m in (1, 3):
-            x, w, ids = _inputs(m, h=384, seed=58 + m, dtype=dtype)
+            x, w, ids = _inputs(m, h=256, seed=58 + m, dtype=dtype)
             _check(b if dtype == torch.float16 else _layer(mt.split(["int4", "int4_asym", "int4_g32", "int4_perm",
-                                                                    "int8q"], E), h=384, i=128, dtype=dtype),
+                                                                    "int8q"], E), h=256, i=128, dtype=dtype),
                    x, w, ids, inter=128, config=("gemv", cfg, cfg))
 
 
@@ -696,10 +732,13 @@ def test_fp8_gemv_fp16_word_loop(gu, split, bkf):
     reference. (Checked to fail when two activation pairs of the word loop are swapped.)"""
     cfg = dict(BN=32, BKD=64, BKF=bkf, BKQ=128, BKI=64, num_warps=4, num_stages=1, gu=gu, split=split, f16=True)
     specs = mt.split(["fp8", "fp8_w8a16", "fp8_ch_w8a8", "int4"], E)
+    # 384: a partial last 256-wide tile (EVK off); 256: two 128 tiles (EVK on, as at 384), fewer
+    # programs; its seeds route the 3 tokens to all four formats, the 1 token to both fp8 blocked ones
+    h, seed = (384, 60) if bkf == 256 else (256, 65)
     for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
-        b = _layer(specs, h=384, i=128, dtype=dtype, seed=3)
+        b = _layer(specs, h=h, i=128, dtype=dtype, seed=3)
         for m in (1, 3):
-            _check(b, *_inputs(m, h=384, seed=60 + m, dtype=dtype), inter=128, config=("gemv", cfg, cfg))
+            _check(b, *_inputs(m, h=h, seed=seed + m, dtype=dtype), inter=128, config=("gemv", cfg, cfg))
 
 
 @pytest.mark.parametrize("gu,split", [(True, 1), (False, 2)])
@@ -711,9 +750,9 @@ def test_int8_gemv_dp4a_word_loop(gu, split):
     cfg = dict(BN=32, BKD=64, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=1, gu=gu, split=split, f16=True)
     specs = mt.split(["int8", ("int8", {"act": "w8a8", "zero": True}), "int8_w8a16", "fp8"], E)
     for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
-        b = _layer(specs, h=384, i=128, dtype=dtype, seed=4)
+        b = _layer(specs, h=256, i=128, dtype=dtype, seed=4)
         for m in (1, 3):
-            _check(b, *_inputs(m, h=384, seed=70 + m, dtype=dtype), inter=128, config=("gemv", cfg, cfg))
+            _check(b, *_inputs(m, h=256, seed=70 + m, dtype=dtype), inter=128, config=("gemv", cfg, cfg))
 
 
 def test_int4_layer_past_128_tokens_on_the_field_row():
@@ -776,6 +815,14 @@ def test_grouped_path_dispatch(monkeypatch):
     monkeypatch.setattr(moe, "grouped_moe", lambda *a: calls.append(1) or moe.moe_reference(*a).to(a[0].dtype))
     monkeypatch.setattr(mc, "GROUPED_MIN_M", 4)
     monkeypatch.setattr(mc, "GROUPED_DEQUANT_MIN_M", 5)
+    launches = []
+    if not CUDA:    # the fused kernels' results are not looked at here (other tests check them): the
+        # interpreter records their launches instead of running them
+        class _Record:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: launches.append(grid)
+        monkeypatch.setattr(moe, "_moe_gemv_kernel", _Record())
+        monkeypatch.setattr(moe, "_moe_dot_kernel", _Record())
     x, w, ids = _inputs(5, seed=72)
     runs = [(mt.uniform("fp16", E), 5, {}, 1), (mt.uniform("fp16", E), 3, {}, 0),
             (mt.uniform("fp16", E), 5, {"config": DOT}, 0), (mt.split(["fp16", "int4"], E), 5, {}, 1),
@@ -783,12 +830,15 @@ def test_grouped_path_dispatch(monkeypatch):
             (mt.split(["int4", "fp8"], E), 5, {}, 0), (mt.uniform("int8", E), 5, {}, 0)]
     for specs, m, kw, want in runs:
         calls.clear()
+        launches.clear()
         moe.fused_moe(x[:m], ids[:m], w[:m], _layer(specs), I, **kw)
         assert len(calls) == (0 if CUDA else want), (specs[0], m, kw)    # CUDA: fp16 is not _grouped_mm's
+        assert CUDA or (len(launches) == 2) == (want == 0), (specs[0], m, kw, launches)  # gate/up + down
     monkeypatch.setattr(mc, "GROUPED_STACK_MAX_BYTES", 1024)
     calls.clear()
+    launches.clear()
     moe.fused_moe(x, ids, w, _layer(mt.split(["fp16", "int4"], E)), I)
-    assert calls == []
+    assert calls == [] and (CUDA or len(launches) == 2)
 
 
 @GPU
@@ -809,7 +859,7 @@ def test_batch1_rows_at_the_30b_hidden_size(name):
     of that hidden size, against the reference (small I, 8 experts)."""
     from mixprec.kernels import moe_bench as mb
     from mixprec.kernels import moe_configs as mc
-    h, i = 2048, 64
+    h, i = 2048, 16     # I 16: 4 gate/up tiles of the BN-4 row; the cost is the 2048-wide K and N
     b = _layer(mb.CONFIGS[name](E), h=h, i=i)
     up, dn = moe.side_layouts(b)
     path_up, cu, path_dn, cd = mc.pick(1, up, dn, hidden=h)
