@@ -7,8 +7,9 @@ and filtered: counter_noise, runtime.sampling.sample, copy, two adds). Qwen3 voc
 bf16 logits, CUDA graphs, µs per call. The logits are written by a copy just before (as the
 lm_head writes them: in L2). Modes: greedy; sampled (temperature 0.7); top_p (0.9) and top_kp
 (top-k 20, top-p 0.8: Qwen3's recommended settings) on peaked logits (50 tokens 6-16 nats above a
-N(0, 1) background: a few dozen candidates); top_p_flat (0.9 on N(0, 1) logits: tens of thousands
-of tokens kept, the kernel's bisection path).
+N(0, 1) background: a few dozen candidates); top_p_wide (0.9 on N(0, 9) logits: thousands of
+candidates, the kernel's bisection over them); top_p_flat (0.9 on N(0, 1) logits: tens of
+thousands kept, the kernel's bisection over the row).
 
     python scripts/bench_greedy.py [--batch 1,8,64] [--modes greedy,top_p] [--tiles 4096x2048,2048x1024]"""
 import argparse
@@ -26,7 +27,7 @@ from mixprec.runtime.sampling import MIN_TEMPERATURE, sample    # noqa: E402
 V = 151936
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--batch", default="1,8,64")
-p.add_argument("--modes", default="greedy,sampled,top_p,top_kp,top_p_flat")
+p.add_argument("--modes", default="greedy,sampled,top_p,top_kp,top_p_wide,top_p_flat")
 p.add_argument("--tiles", default="4096x2048,2048x2048,2048x1024,8192x2048,4096x4096",
                help="MIN_CHUNKxBLOCK settings of kernels/sampling.py")
 a = p.parse_args()
@@ -34,7 +35,7 @@ a = p.parse_args()
 print(f"{torch.cuda.get_device_name()}; µs per call (the logits copy that precedes each is subtracted)")
 for mode in a.modes.split(","):
     for B in (int(b) for b in a.batch.split(",")):
-        src = torch.randn(B, V, device="cuda")
+        src = torch.randn(B, V, device="cuda") * (3 if mode == "top_p_wide" else 1)
         if mode in ("top_p", "top_kp"):           # peaked: 50 tokens well above the background
             src[:, torch.randperm(V, device="cuda")[:50]] = torch.linspace(16, 6, 50, device="cuda")
         src = src.to(torch.bfloat16)
@@ -47,7 +48,7 @@ for mode in a.modes.split(","):
         seed = torch.arange(B, device="cuda") + 11
         off, ones = torch.zeros(B, dtype=torch.long, device="cuda"), torch.ones(B, device="cuda")
         top_k = off + 20 if mode == "top_kp" else off
-        top_p = ones * {"top_p": 0.9, "top_kp": 0.8, "top_p_flat": 0.9}.get(mode, 1.0)
+        top_p = ones * {"top_p": 0.9, "top_kp": 0.8, "top_p_wide": 0.9, "top_p_flat": 0.9}.get(mode, 1.0)
         filtered = mode.startswith("top")
         filters = (top_k, top_p) if filtered else None
         race = (temp, seed, MIN_TEMPERATURE) if mode != "greedy" else None

@@ -214,21 +214,24 @@ def _edge_seeds(scaled: torch.Tensor, n: int, step: int) -> list[int]:
     return list(found.values())
 
 
-@pytest.mark.parametrize("flat", [False, True])
-# CPU: V <= CAP puts every filtered row on the sorted path, CAP 16 nearly all on the bisection path
-@pytest.mark.parametrize("V, cap", [(120, 128), (120, 16)] + ([(151936, None)] if _DEV == "cuda" else []))
-def test_next_token_advance_filters_as_the_torch_sampler(V, cap, flat, monkeypatch):
+# CPU: V <= CAP puts every filtered row on the sorted path; CAP 16 puts the flat rows on the
+# bisection over the candidates, BIG 40 the larger of them on the bisection over the row
+@pytest.mark.parametrize("V, cap, big, flat", [(120, 128, 128, False), (120, 128, 128, True), (120, 16, 16384, True),
+                                               (120, 16, 40, True)]
+                         + ([(151936, None, None, False), (151936, None, None, True)] if _DEV == "cuda" else []))
+def test_next_token_advance_filters_as_the_torch_sampler(V, cap, big, flat, monkeypatch):
     """top-k / top-p rows (with greedy, unfiltered and tiny-temperature rows in the batch) draw in
     one launch what runtime.sampling.sample draws: the kept set is the first tokens of the order
     (scaled logit descending, token id ascending) in both, the race uses the same noise, and the
     seeds are chosen so that a kept set one token too large or too small draws otherwise. Rounding
     of the masses (the kernel sums in another order) could move a token sitting exactly at the
     top-p boundary; the cases keep clear of that (ties are the same value, so they fall together).
-    On CPU (the interpreter) CAP is set to cover both paths at V = 120."""
+    On CPU (the interpreter) CAP and BIG are set to cover the three paths at V = 120."""
     from mixprec.kernels import sampling as ks
     from mixprec.kernels.sampling import next_token_advance
     if cap:
         monkeypatch.setattr(ks, "CAP", cap)
+        monkeypatch.setattr(ks, "BIG", big)
     from mixprec.runtime.sampling import MIN_TEMPERATURE
     g = torch.Generator(device=_DEV).manual_seed(V + flat)
     row = _filtered_case(1, V, flat, g).to(torch.float16 if _DEV == "cpu" else torch.bfloat16)

@@ -105,8 +105,8 @@ def _next_token_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed
 # there: the hash noise is computed for those tokens only. A row with more than CAP candidates (a
 # flat distribution with top-p near 1, or a top-k above CAP) finds the exact boundary by
 # bisection over the row instead: slower, but exact.
-LEVELS, LEVEL_W, CAP = 64, 0.25, 1024
-SCAN = 4096         # elements per loop step of the last program's passes over a row (bytes in flight)
+LEVELS, LEVEL_W, CAP, BIG = 64, 0.25, 4096, 16384
+SCAN = 4096         # elements per loop step of the passes over a row in the second launch (bytes in flight)
 
 
 @triton.jit
@@ -130,25 +130,23 @@ def _unord(o):
 
 
 @triton.jit
-def _above(row, wb_row, x, m, tt, V, CHUNK, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-    """(count, sum of exp(s - m)) of the row's tokens with s >= x (chunks whose max is below x
-    are skipped)."""
+def _above(row, x, m, tt, V, BLOCK: tl.constexpr):
+    """(count, sum of exp(s - m)) of the row's tokens with s >= x. One program streams the row:
+    loads pipelined (a pass waiting on each load in turn, or on each chunk's max to skip it,
+    took ~130 µs for Qwen3's vocabulary on an H100)."""
     cnt = tl.zeros([BLOCK], tl.int32)
     mass = tl.zeros([BLOCK], tl.float32)
-    for c in range(SPLITS):
-        if tl.load(wb_row + c, cache_modifier=".cg") >= x:
-            for k0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, V), BLOCK):
-                k = k0 + tl.arange(0, BLOCK)
-                s = _scaled(row, k, (k < V) & (k < c * CHUNK + CHUNK), tt)
-                sel = s >= x
-                cnt += sel.to(tl.int32)
-                mass += tl.where(sel, tl.exp(s - m), 0.0)
+    for k0 in tl.range(0, V, BLOCK, num_stages=3):
+        k = k0 + tl.arange(0, BLOCK)
+        s = _scaled(row, k, k < V, tt)
+        sel = s >= x
+        cnt += sel.to(tl.int32)
+        mass += tl.where(sel, tl.exp(s - m), 0.0)
     return tl.sum(cnt, axis=0), tl.sum(mass, axis=0)
 
 
 @triton.jit
-def _bisect_race(row, wb_row, lo_x, m, Z, tt, k_eff, pp, seed, stp, V, CHUNK,
-                 SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def _bisect_race(row, lo_x, m, Z, tt, k_eff, pp, seed, stp, V, BLOCK: tl.constexpr):
     """The exact kept set of a row with many candidates, and its race: v = the largest value x
     whose tokens s >= x cover the kept set (count >= k_eff or mass >= top-p * Z), by bisection on
     the fp32 order between lo_x (known to cover) and the row max m; the tokens above v are kept,
@@ -159,7 +157,7 @@ def _bisect_race(row, wb_row, lo_x, m, Z, tt, k_eff, pp, seed, stp, V, CHUNK,
     m_hi = tl.zeros([], tl.float32)
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
-        c, ms = _above(row, wb_row, _unord(mid.to(tl.int32)), m, tt, V, CHUNK, SPLITS, BLOCK)
+        c, ms = _above(row, _unord(mid.to(tl.int32)), m, tt, V, BLOCK)
         cover = (c >= k_eff) | (ms >= pp * Z)
         lo = tl.where(cover, mid, lo)
         hi = tl.where(cover, hi, mid)
@@ -173,19 +171,55 @@ def _bisect_race(row, wb_row, lo_x, m, Z, tt, k_eff, pp, seed, stp, V, CHUNK,
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_i = tl.full([BLOCK], 2147483647, tl.int32)
     ties = tl.zeros([], tl.int32)
-    for c in range(SPLITS):
-        if tl.load(wb_row + c, cache_modifier=".cg") >= v:
-            for k0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, V), BLOCK):
-                k = k0 + tl.arange(0, BLOCK)
-                s = _scaled(row, k, (k < V) & (k < c * CHUNK + CHUNK), tt)
-                eq = s == v
-                rank = ties + tl.cumsum(eq.to(tl.int32), axis=0) - 1
-                ties += tl.sum(eq.to(tl.int32), axis=0)
-                keep = (s > v) | (eq & (rank < n_eq))
-                sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, k)), float("-inf"))
-                take = sc > best
-                best = tl.where(take, sc, best)
-                best_i = tl.where(take, k, best_i)
+    for k0 in tl.range(0, V, BLOCK, num_stages=3):
+        k = k0 + tl.arange(0, BLOCK)
+        s = _scaled(row, k, k < V, tt)
+        eq = s == v
+        rank = ties + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+        ties += tl.sum(eq.to(tl.int32), axis=0)
+        keep = (s > v) | (eq & (rank < n_eq))
+        sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, k)), float("-inf"))
+        take = sc > best
+        best = tl.where(take, sc, best)
+        best_i = tl.where(take, k, best_i)
+    top = tl.max(best, axis=0)
+    return tl.min(tl.where(best == top, best_i, 2147483647), axis=0)
+
+
+@triton.jit
+def _bisect_buffer(buf, n, lo_x, m, Z, k_eff, pp, seed, stp, V, SCAN: tl.constexpr):
+    """The race among the kept of n (CAP < n <= BIG) candidate keys in buf, unsorted: each token
+    ranks by the dense key ord(s) * V + V - 1 - id (distinct, in the kernel's order); the last
+    kept key is the largest x whose keys >= x cover the kept set (count >= k_eff or mass >=
+    top-p * Z), found by bisection between lo_x's (known to cover) and the row max's."""
+    lo = _ord(lo_x).to(tl.int64) * V
+    hi = (_ord(m).to(tl.int64) + 1) * V            # no key reaches it: covers nothing
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        cnt = tl.zeros([SCAN], tl.int32)
+        mass = tl.zeros([SCAN], tl.float32)
+        for i0 in range(0, n, SCAN):
+            r = i0 + tl.arange(0, SCAN)
+            key = tl.load(buf + r, mask=r < n, other=-9223372036854775807, cache_modifier=".cg")
+            s = _unord((key >> 32).to(tl.int32))
+            sel = (r < n) & ((key >> 32) * V + V - 1 - (2147483647 - (key & 0xFFFFFFFF)) >= mid)
+            cnt += sel.to(tl.int32)
+            mass += tl.where(sel, tl.exp(s - m), 0.0)
+        cover = (tl.sum(cnt, axis=0) >= k_eff) | (tl.sum(mass, axis=0) >= pp * Z)
+        lo = tl.where(cover, mid, lo)
+        hi = tl.where(cover, hi, mid)
+    best = tl.full([SCAN], float("-inf"), tl.float32)
+    best_i = tl.full([SCAN], 2147483647, tl.int32)
+    for i0 in range(0, n, SCAN):
+        r = i0 + tl.arange(0, SCAN)
+        key = tl.load(buf + r, mask=r < n, other=-9223372036854775807, cache_modifier=".cg")
+        idx = 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
+        keep = (r < n) & ((key >> 32) * V + V - 1 - idx >= lo)
+        sc = tl.where(keep, _unord((key >> 32).to(tl.int32)) - tl.log(_exp_noise(seed, stp, tl.where(keep, idx, 0))),
+                      float("-inf"))
+        take = (sc > best) | ((sc == best) & (idx < best_i))
+        best = tl.where(take, sc, best)
+        best_i = tl.where(take, idx, best_i)
     top = tl.max(best, axis=0)
     return tl.min(tl.where(best == top, best_i, 2147483647), axis=0)
 
@@ -207,31 +241,35 @@ def _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, SIZE: tl.constexpr):
 
 
 @triton.jit
-def _filtered_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_ptr, k_ptr, p_ptr,
-                     wb_ptr, wi_ptr, wz_ptr, wc_ptr, wm_ptr, buf_ptr, cnt_ptr,
-                     V, s_lg, s_tok, CHUNK, min_t, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-                     LEVELS: tl.constexpr, LEVEL_W: tl.constexpr, CAP: tl.constexpr, SCAN: tl.constexpr,
-                     LIVE: tl.constexpr):
-    """Grid (B, SPLITS), chunks as in _next_token_kernel. A row is greedy (t <= 0: the first
-    argmax), a race over all tokens (no top-k / top-p: _next_token_kernel's draw), or filtered.
-    Chunk program: its max (or race best) and first index into wb / wi; filtered rows also the sum
-    of exp(s - chunk max) into wz and per level (LEVEL_W nats each below the chunk max) the
-    cumulative count and lower bound of that mass into wc / wm [B, SPLITS, LEVELS]. The row's last
-    program picks the token (module comment above) and advances pos / step."""
+def _row_kind(t_ptr, k_ptr, p_ptr, b, V, min_t):
+    """(tt, k_eff, top_p, race, filt) of row b: the divisor of its logits (1 for greedy rows), its
+    top-k (V when off), top-p, whether it races over all tokens (a temperature, no filter) or over
+    the kept (a temperature and a filter)."""
+    t = tl.load(t_ptr + b)
+    kk = tl.load(k_ptr + b)
+    pp = tl.load(p_ptr + b)
+    k_eff = tl.where((kk > 0) & (kk < V), kk, V)
+    return (tl.where(t > 0, tl.maximum(t, min_t), 1.0), k_eff, pp, (t > 0) & (k_eff == V) & (pp >= 1.0),
+            (t > 0) & ((k_eff < V) | (pp < 1.0)))
+
+
+@triton.jit
+def _filter_stats_kernel(lg_ptr, step_ptr, t_ptr, seed_ptr, k_ptr, p_ptr, wb_ptr, wi_ptr, wz_ptr, wc_ptr, wm_ptr,
+                         wr_ptr, cnt_ptr, V, s_lg, CHUNK, min_t, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                         LEVELS: tl.constexpr, LEVEL_W: tl.constexpr):
+    """First launch, grid (B, SPLITS), chunks as in _next_token_kernel. Chunk program: its max (or
+    race best) and first index into wb / wi; filtered rows also the sum of exp(s - chunk max) into
+    wz and per level (LEVEL_W nats each below the chunk max) the cumulative count and a bound of
+    the mass of the deeper levels into wc / wm [B, SPLITS, LEVELS]. The row's last program of a
+    filtered row merges them into (row max, Z, threshold) in wr [B, 3]."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     row = lg_ptr + b * s_lg
     lo = sp * CHUNK
     hi = tl.minimum(lo + CHUNK, V)
-    t = tl.load(t_ptr + b)
-    tt = tl.where(t > 0, tl.maximum(t, min_t), 1.0)
-    kk = tl.load(k_ptr + b)
-    pp = tl.load(p_ptr + b)
-    k_eff = tl.where((kk > 0) & (kk < V), kk, V)
-    race = (t > 0) & (k_eff == V) & (pp >= 1.0)
-    filt = (t > 0) & ((k_eff < V) | (pp < 1.0))
+    tt, k_eff, pp, race, filt = _row_kind(t_ptr, k_ptr, p_ptr, b, V, min_t)
     seed = tl.load(seed_ptr + b)
-    stp = tl.load(step_ptr + b)       # the row's last program advances it after every program read it
+    stp = tl.load(step_ptr + b)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_i = tl.full([BLOCK], 2147483647, tl.int32)
     for k0 in range(lo, hi, BLOCK):
@@ -265,15 +303,12 @@ def _filtered_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_p
         tl.store(wc_ptr + at, tl.cumsum(h, axis=0))
         ub = h.to(tl.float32) * tl.exp(-j * LEVEL_W)
         tl.store(wm_ptr + at, tl.sum(ub, axis=0) - tl.cumsum(ub, axis=0) + ub)
-    tl.debug_barrier()
-    old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
-    if old == SPLITS - 1:
-        c = tl.arange(0, SPLITS)
-        ms = tl.load(wb_ptr + b * SPLITS + c, cache_modifier=".cg")
-        ids = tl.load(wi_ptr + b * SPLITS + c, cache_modifier=".cg")
-        m = tl.max(ms, axis=0)
-        nxt = tl.min(tl.where(ms == m, ids, 2147483647), axis=0)     # greedy and race rows: done
-        if filt & (m > float("-inf")):
+        tl.debug_barrier()
+        old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
+        if old == SPLITS - 1:
+            c = tl.arange(0, SPLITS)
+            ms = tl.load(wb_ptr + b * SPLITS + c, cache_modifier=".cg")
+            m = tl.max(ms, axis=0)
             real = ms > float("-inf")
             scale = tl.where(real, tl.exp(ms - m), 0.0)
             Z = tl.sum(tl.load(wz_ptr + b * SPLITS + c, cache_modifier=".cg") * scale, axis=0)
@@ -288,29 +323,62 @@ def _filtered_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_p
             cover = (cnt >= k_eff) | (Z - rest >= pp * Z)
             gs = tl.min(tl.where(cover, g, LEVELS), axis=0)
             # one level more than needed: rounding of the levels cannot drop a counted token
-            thr = tl.where(gs < LEVELS, m - (gs + 2.0) * LEVEL_W, float("-inf"))
-            n = tl.zeros([], tl.int32)
-            for c2 in range(SPLITS):
-                if tl.load(wb_ptr + b * SPLITS + c2, cache_modifier=".cg") > thr:
-                    for k0 in range(c2 * CHUNK, tl.minimum(c2 * CHUNK + CHUNK, V), SCAN):
-                        k = k0 + tl.arange(0, SCAN)
-                        s = _scaled(row, k, (k < V) & (k < c2 * CHUNK + CHUNK), tt)
-                        sel = s > thr
-                        slot = n + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-                        # sort key: s descending, then index ascending
-                        key = (_ord(s).to(tl.int64) << 32) | (2147483647 - k).to(tl.int64)
-                        tl.store(buf_ptr + b * CAP + slot, key, mask=sel & (slot < CAP))
-                        n += tl.sum(sel.to(tl.int32), axis=0)
-            tl.debug_barrier()
+            tl.store(wr_ptr + b * 3, m)
+            tl.store(wr_ptr + b * 3 + 1, Z)
+            tl.store(wr_ptr + b * 3 + 2, tl.where(gs < LEVELS, m - (gs + 2.0) * LEVEL_W, float("-inf")))
+            tl.atomic_xchg(cnt_ptr + b, 0)    # ready for the next launch
+
+
+@triton.jit
+def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_ptr, k_ptr, p_ptr,
+                        wb_ptr, wi_ptr, wr_ptr, buf_ptr, cnt_ptr, V, s_lg, s_tok, CHUNK, min_t,
+                        SPLITS: tl.constexpr, CAP: tl.constexpr, BIG: tl.constexpr, SCAN: tl.constexpr,
+                        LIVE: tl.constexpr):
+    """Second launch, same grid. Filtered rows: each chunk whose max is above the row's threshold
+    appends its tokens above it to buf [B, CAP] (keys ordering s descending, index ascending;
+    slots by an atomic count in cnt[B + b]); the row's last program races among the kept of them
+    (sorted), or over the whole row by bisection when there are more than CAP. Other rows: the
+    first maximum of the chunks' bests. Then the token, pos / step advanced."""
+    b = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    row = lg_ptr + b * s_lg
+    tt, k_eff, pp, race, filt = _row_kind(t_ptr, k_ptr, p_ptr, b, V, min_t)
+    m = tl.load(wr_ptr + b * 3)
+    thr = tl.load(wr_ptr + b * 3 + 2)
+    if filt & (tl.load(wb_ptr + b * SPLITS + sp) > thr):
+        lo = sp * CHUNK
+        for k0 in range(lo, tl.minimum(lo + CHUNK, V), SCAN):
+            k = k0 + tl.arange(0, SCAN)
+            s = _scaled(row, k, (k < V) & (k < lo + CHUNK), tt)
+            sel = s > thr
+            n = tl.sum(sel.to(tl.int32), axis=0)
+            if n > 0:
+                slot = tl.atomic_add(cnt_ptr + tl.num_programs(0) + b, n) + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                key = (_ord(s).to(tl.int64) << 32) | (2147483647 - k).to(tl.int64)
+                tl.store(buf_ptr + b * BIG + slot, key, mask=sel & (slot < BIG))
+    tl.debug_barrier()
+    old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
+    if old == SPLITS - 1:
+        c = tl.arange(0, SPLITS)
+        ms = tl.load(wb_ptr + b * SPLITS + c, cache_modifier=".cg")
+        ids = tl.load(wi_ptr + b * SPLITS + c, cache_modifier=".cg")
+        nxt = tl.min(tl.where(ms == tl.max(ms, axis=0), ids, 2147483647), axis=0)   # greedy and race rows
+        if filt & (m > float("-inf")):
+            seed = tl.load(seed_ptr + b)
+            stp = tl.load(step_ptr + b)
+            Z = tl.load(wr_ptr + b * 3 + 1)
+            n = tl.atomic_xchg(cnt_ptr + tl.num_programs(0) + b, 0)      # read, and ready for the next launch
+            buf = buf_ptr + b * BIG
             if (n <= 64) & (n <= CAP):       # the sort's cost grows with its size: the smallest that holds them
-                nxt = _race_sorted(buf_ptr + b * CAP, n, m, Z, k_eff, pp, seed, stp, 64)
-            elif (n <= 256) & (n <= CAP):
-                nxt = _race_sorted(buf_ptr + b * CAP, n, m, Z, k_eff, pp, seed, stp, 256)
+                nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, 64)
+            elif (n <= 512) & (n <= CAP):
+                nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, 512)
             elif n <= CAP:
-                nxt = _race_sorted(buf_ptr + b * CAP, n, m, Z, k_eff, pp, seed, stp, CAP)
+                nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, CAP)
+            elif n <= BIG:
+                nxt = _bisect_buffer(buf, n, thr, m, Z, k_eff, pp, seed, stp, V, SCAN)
             else:
-                nxt = _bisect_race(row, wb_ptr + b * SPLITS, thr, m, Z, tt, k_eff, pp, seed, stp, V, CHUNK,
-                                   SPLITS, SCAN)
+                nxt = _bisect_race(row, thr, m, Z, tt, k_eff, pp, seed, stp, V, SCAN)
         tl.store(tok_ptr + b * s_tok, nxt.to(tok_ptr.dtype.element_ty))
         inc = tl.load(live_ptr + b).to(tl.int64) if LIVE else 1
         tl.store(pos_ptr + b, tl.load(pos_ptr + b) + inc)
@@ -351,11 +419,16 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
         wz = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
         wc = torch.empty(B, splits, LEVELS, dtype=torch.int32, device=logits.device)
         wm = torch.empty(B, splits, LEVELS, dtype=torch.float32, device=logits.device)
-        buf = torch.empty(B, CAP, dtype=torch.int64, device=logits.device)
-        _filtered_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, top_k, top_p,
-                                      ws, wi, wz, wc, wm, buf, counters, V, logits.stride(0), tokens.stride(0),
-                                      chunk, min_t, SPLITS=splits, BLOCK=block, LEVELS=LEVELS, LEVEL_W=LEVEL_W,
-                                      CAP=CAP, SCAN=SCAN, LIVE=live is not None, num_warps=8)
+        wr = torch.empty(B, 3, dtype=torch.float32, device=logits.device)
+        buf = torch.empty(B, BIG, dtype=torch.int64, device=logits.device)
+        counters = split_counters(logits.device, 2 * B)     # arrivals [B], candidate counts [B]
+        _filter_stats_kernel[(B, splits)](logits, step, temp, seed, top_k, top_p, ws, wi, wz, wc, wm, wr, counters,
+                                          V, logits.stride(0), chunk, min_t, SPLITS=splits, BLOCK=block,
+                                          LEVELS=LEVELS, LEVEL_W=LEVEL_W, num_warps=4)
+        _filter_pick_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, top_k, top_p, ws, wi, wr,
+                                         buf, counters, V, logits.stride(0), tokens.stride(0), chunk, min_t,
+                                         SPLITS=splits, CAP=CAP, BIG=BIG, SCAN=SCAN, LIVE=live is not None,
+                                         num_warps=8)
         return
     temp, seed, min_t = sampling if sampling is not None else (ws, pos, 0.0)
     _next_token_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, ws, wi,
