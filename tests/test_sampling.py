@@ -216,10 +216,13 @@ def _edge_seeds(scaled: torch.Tensor, n: int, step: int) -> list[int]:
 
 # CPU: V <= CAP puts every filtered row on the sorted path; CAP 16 puts the flat rows on the
 # bisection over the candidates, BIG 40 the larger of them on the bisection over the row
-@pytest.mark.parametrize("V, cap, big, flat", [(120, 128, 128, False), (120, 128, 128, True), (120, 16, 16384, True),
-                                               (120, 16, 40, True)]
-                         + ([(151936, None, None, False), (151936, None, None, True)] if _DEV == "cuda" else []))
-def test_next_token_advance_filters_as_the_torch_sampler(V, cap, big, flat, monkeypatch):
+# bisection over the row in fp16 and fp32 (the logit keys drop 13 / no bits)
+@pytest.mark.parametrize("V, cap, big, flat, dtype", [(120, 128, 128, False, "f16"), (120, 128, 128, True, "f16"),
+                                                      (120, 16, 16384, True, "f16"), (120, 16, 40, True, "f16"),
+                                                      (120, 16, 40, True, "f32")]
+                         + ([(151936, None, None, False, "bf16"), (151936, None, None, True, "bf16")]
+                            if _DEV == "cuda" else []))
+def test_next_token_advance_filters_as_the_torch_sampler(V, cap, big, flat, dtype, monkeypatch):
     """top-k / top-p rows (with greedy, unfiltered and tiny-temperature rows in the batch) draw in
     one launch what runtime.sampling.sample draws: the kept set is the first tokens of the order
     (scaled logit descending, token id ascending) in both, the race uses the same noise, and the
@@ -234,7 +237,7 @@ def test_next_token_advance_filters_as_the_torch_sampler(V, cap, big, flat, monk
         monkeypatch.setattr(ks, "BIG", big)
     from mixprec.runtime.sampling import MIN_TEMPERATURE
     g = torch.Generator(device=_DEV).manual_seed(V + flat)
-    row = _filtered_case(1, V, flat, g).to(torch.float16 if _DEV == "cpu" else torch.bfloat16)
+    row = _filtered_case(1, V, flat, g).to({"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[dtype])
     configs = [(0.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.9), (1.3, 20, 0.8), (1e-7, 3, 0.5), (0.9, 0, 1.0),
                (1.0, 90 if cap else 1200, 1.0), (2.0, 0, 0.99), (1.0, 0, 0.3)]    # top-k above CAP (GPU): bisection
     step0 = 7

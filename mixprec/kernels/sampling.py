@@ -130,42 +130,57 @@ def _unord(o):
 
 
 @triton.jit
-def _above(row, x, m, tt, V, BLOCK: tl.constexpr):
-    """(count, sum of exp(s - m)) of the row's tokens with s >= x. One program streams the row:
-    loads pipelined (a pass waiting on each load in turn, or on each chunk's max to skip it,
-    took ~130 µs for Qwen3's vocabulary on an H100)."""
+def _key(row, k, km, LOW: tl.constexpr):
+    """(logit as fp32, its order key ord >> LOW): LOW drops the bits a bf16 (16) / fp16 (13)
+    logit never has, so a bisection over keys takes a pass per bit of the logit type only. NaN:
+    the lowest key (never kept)."""
+    v = tl.load(row + k, mask=km, other=float("-inf")).to(tl.float32)
+    return v, tl.where(v == v, _ord(v) >> LOW, -2147483648 >> LOW)
+
+
+@triton.jit
+def _above(row, u, m, tt, V, BLOCK: tl.constexpr, LOW: tl.constexpr):
+    """(count, sum of exp(s - m)) of the row's tokens of key >= u. One program streams the row,
+    loads pipelined (waiting on each chunk's max to skip it took ~130 µs a pass for Qwen3's
+    vocabulary on an H100); s as logit * (1 / t), not the exact division: the masses differ in
+    rounding only."""
     cnt = tl.zeros([BLOCK], tl.int32)
     mass = tl.zeros([BLOCK], tl.float32)
+    inv_t = 1.0 / tt
     for k0 in tl.range(0, V, BLOCK, num_stages=3):
         k = k0 + tl.arange(0, BLOCK)
-        s = _scaled(row, k, k < V, tt)
-        sel = s >= x
+        v, key = _key(row, k, k < V, LOW)
+        sel = key >= u
         cnt += sel.to(tl.int32)
-        mass += tl.where(sel, tl.exp(s - m), 0.0)
+        mass += tl.where(sel, tl.exp(v * inv_t - m), 0.0)
     return tl.sum(cnt, axis=0), tl.sum(mass, axis=0)
 
 
 @triton.jit
-def _bisect_race(row, lo_x, m, Z, tt, k_eff, pp, seed, stp, V, BLOCK: tl.constexpr):
-    """The exact kept set of a row with many candidates, and its race: v = the largest value x
-    whose tokens s >= x cover the kept set (count >= k_eff or mass >= top-p * Z), by bisection on
-    the fp32 order between lo_x (known to cover) and the row max m; the tokens above v are kept,
-    and of those equal to v the first ones by index while they fit top-k / top-p."""
-    lo = _ord(lo_x).to(tl.int64)
-    hi = _ord(m).to(tl.int64) + 1                  # nothing lies at or above it: covers nothing
+def _bisect_race(row, thr, m, Z, tt, k_eff, pp, seed, stp, V, BLOCK: tl.constexpr, LOW: tl.constexpr):
+    """The exact kept set of a row with many candidates, and its race: u = the largest logit key
+    whose tokens (key >= u) cover the kept set (count >= k_eff or mass >= top-p * Z), by bisection
+    between a key below every token of s >= thr (they cover) and one above the row max m (logit
+    order = s order: distinct bf16 / fp16 logits stay distinct divided by t in fp32); the tokens
+    above u are kept, and of those at u the first ones by index while they fit top-k / top-p."""
+    lt = thr * tt
+    lo = tl.where(thr > float("-inf"), (_ord(lt - tl.abs(lt) * 1e-5 - 1e-30) >> LOW) - 1, -2147483648 >> LOW).to(tl.int64)
+    mt = m * tt
+    hi = (_ord(mt + tl.abs(mt) * 1e-5 + 1e-30) >> LOW).to(tl.int64) + 2   # nothing at or above it: covers nothing
     c_hi = tl.zeros([], tl.int32)
     m_hi = tl.zeros([], tl.float32)
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
-        c, ms = _above(row, _unord(mid.to(tl.int32)), m, tt, V, BLOCK)
+        c, ms = _above(row, mid, m, tt, V, BLOCK, LOW)
         cover = (c >= k_eff) | (ms >= pp * Z)
         lo = tl.where(cover, mid, lo)
         hi = tl.where(cover, hi, mid)
-        c_hi = tl.where(cover, c_hi, c)            # tokens s > v: count and mass
+        c_hi = tl.where(cover, c_hi, c)            # tokens above u: count and mass
         m_hi = tl.where(cover, m_hi, ms)
-    v = _unord(lo.to(tl.int32))
-    # ties at v take ranks c_hi, c_hi + 1, ...: kept while below top-k and their mass before < top-p
-    n_p = (pp * Z - m_hi) / tl.exp(v - m)
+    # the logit at u: its key's dropped bits are 0 (ones for a negative value, whose low bits ord flips)
+    v = _unord(((lo << LOW) | tl.where(lo < 0, (1 << LOW) - 1, 0)).to(tl.int32))
+    # ties at u take ranks c_hi, c_hi + 1, ...: kept while below top-k and their mass before < top-p
+    n_p = (pp * Z - m_hi) / tl.exp(tl.math.div_rn(v, tt) - m)
     n_p = tl.where(n_p == n_p, tl.minimum(n_p, V * 1.0), V * 1.0)
     n_eq = tl.maximum(tl.minimum(k_eff - c_hi, tl.ceil(n_p).to(tl.int64)), 1)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -173,12 +188,12 @@ def _bisect_race(row, lo_x, m, Z, tt, k_eff, pp, seed, stp, V, BLOCK: tl.constex
     ties = tl.zeros([], tl.int32)
     for k0 in tl.range(0, V, BLOCK, num_stages=3):
         k = k0 + tl.arange(0, BLOCK)
-        s = _scaled(row, k, k < V, tt)
-        eq = s == v
+        x, key = _key(row, k, k < V, LOW)
+        eq = key == lo
         rank = ties + tl.cumsum(eq.to(tl.int32), axis=0) - 1
         ties += tl.sum(eq.to(tl.int32), axis=0)
-        keep = (s > v) | (eq & (rank < n_eq))
-        sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, k)), float("-inf"))
+        keep = (key > lo) | (eq & (rank < n_eq))
+        sc = tl.where(keep, tl.math.div_rn(x, tt) - tl.log(_exp_noise(seed, stp, k)), float("-inf"))
         take = sc > best
         best = tl.where(take, sc, best)
         best_i = tl.where(take, k, best_i)
@@ -333,7 +348,7 @@ def _filter_stats_kernel(lg_ptr, step_ptr, t_ptr, seed_ptr, k_ptr, p_ptr, wb_ptr
 def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_ptr, k_ptr, p_ptr,
                         wb_ptr, wi_ptr, wr_ptr, buf_ptr, cnt_ptr, V, s_lg, s_tok, CHUNK, min_t,
                         SPLITS: tl.constexpr, CAP: tl.constexpr, BIG: tl.constexpr, SCAN: tl.constexpr,
-                        LIVE: tl.constexpr):
+                        LOW: tl.constexpr, LIVE: tl.constexpr):
     """Second launch, same grid. Filtered rows: each chunk whose max is above the row's threshold
     appends its tokens above it to buf [B, CAP] (keys ordering s descending, index ascending;
     slots by an atomic count in cnt[B + b]); the row's last program races among the kept of them
@@ -378,7 +393,7 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
             elif n <= BIG:
                 nxt = _bisect_buffer(buf, n, thr, m, Z, k_eff, pp, seed, stp, V, SCAN)
             else:
-                nxt = _bisect_race(row, thr, m, Z, tt, k_eff, pp, seed, stp, V, SCAN)
+                nxt = _bisect_race(row, thr, m, Z, tt, k_eff, pp, seed, stp, V, SCAN, LOW)
         tl.store(tok_ptr + b * s_tok, nxt.to(tok_ptr.dtype.element_ty))
         inc = tl.load(live_ptr + b).to(tl.int64) if LIVE else 1
         tl.store(pos_ptr + b, tl.load(pos_ptr + b) + inc)
@@ -427,7 +442,8 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
                                           LEVELS=LEVELS, LEVEL_W=LEVEL_W, num_warps=4)
         _filter_pick_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, top_k, top_p, ws, wi, wr,
                                          buf, counters, V, logits.stride(0), tokens.stride(0), chunk, min_t,
-                                         SPLITS=splits, CAP=CAP, BIG=BIG, SCAN=SCAN, LIVE=live is not None,
+                                         SPLITS=splits, CAP=CAP, BIG=BIG, SCAN=SCAN,
+                                         LOW={torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0), LIVE=live is not None,
                                          num_warps=8)
         return
     temp, seed, min_t = sampling if sampling is not None else (ws, pos, 0.0)
