@@ -1,15 +1,17 @@
-"""A decode step's last part in one launch: each row's next token, greedy (argmax of its logits)
-or sampled without top-k / top-p (the exponential race of runtime/sampling.py: argmax of
-logits / t - log E, E the row's counter-hash Exp(1) draws, runtime/generate.counter_noise),
-written into the caller's token buffer, and the row's position / step counters advanced.
+"""A decode step's last part: each row's next token, greedy (argmax of its logits) or sampled
+(the exponential race of runtime/sampling.py: argmax of logits / t - log E, E the row's
+counter-hash Exp(1) draws, runtime/generate.counter_noise), among all tokens in one launch or
+among those top-k / top-p keep in two (below), written into the caller's token buffer, and the
+row's position / step counters advanced.
 
 The torch version is a chain of small kernels after the lm_head (greedy: logits cast to fp32,
 argmax, the token copy, two adds: 13 µs at 1 row, 63 µs at 64 rows of Qwen3's 151936 logits,
-H100, scripts/bench_greedy.py; sampled: ~15 more passes over [B, V] 64-bit hash values). Here each
-row is cut into `splits` chunks, one program each; the last program of a row to finish (an
-arrival counter) merges the chunks' maxima in chunk order, so ties go to the lowest index, as
-torch.argmax breaks them, and the result does not depend on timing. References: the torch paths
-of runtime/engine.py (`logits.float().argmax(-1)`, runtime/sampling.sample)."""
+H100, scripts/bench_greedy.py; sampled: ~15 more passes over [B, V] 64-bit hash values; filtered:
+a sort of the vocabulary, 211 µs at 1 row, 2.8 ms at 64). Here each row is cut into `splits`
+chunks, one program each; the last program of a row to finish (an arrival counter) merges the
+chunks' maxima in chunk order, so ties go to the lowest index, as torch.argmax breaks them, and
+the result does not depend on timing. References: the torch paths of runtime/generate.next_token
+(`logits.argmax(-1)`, runtime/sampling.sample)."""
 from __future__ import annotations
 
 import torch
@@ -97,14 +99,14 @@ def _next_token_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed
 # -- top-k / top-p: the race among a row's kept tokens -------------------------------------------
 # Kept tokens: the first N of the order (s descending, index ascending), s = logit / t, where N is
 # the smaller of top-k and the count of tokens whose mass before them (softmax of s) is < top-p
-# (runtime/sampling.sample, the reference). The kernel never sorts the vocabulary. Each chunk
+# (runtime/sampling.sample, the reference). The vocabulary is never sorted. Launch 1: each chunk
 # program histograms its tokens by "level", LEVEL_W nats below the chunk's own max; the row's last
-# program merges the chunks' cumulative counts and lower bounds of their masses into a threshold
-# that surely keeps the whole kept set, gathers the tokens above it (usually a few dozen: chunks
-# whose max is below it are skipped), sorts at most CAP of them in one program and runs the race
-# there: the hash noise is computed for those tokens only. A row with more than CAP candidates (a
-# flat distribution with top-p near 1, or a top-k above CAP) finds the exact boundary by
-# bisection over the row instead: slower, but exact.
+# program turns the chunks' counts and mass bounds per level into a threshold that surely holds
+# the whole kept set. Launch 2: the chunks whose max is above it append their tokens above it to
+# a buffer (usually a few dozen); the row's last program sorts up to CAP of them and races among
+# the kept (the hash noise for those tokens only), bisects over up to BIG of them, or, beyond
+# (near-flat logits with top-p near 1), bisects over the row's logit keys: exact, but one
+# program streams the row per pass (~0.7 ms a step on an H100, slower than the torch sort).
 LEVELS, LEVEL_W, CAP, BIG = 64, 0.25, 4096, 16384
 SCAN = 4096         # elements per loop step of the passes over a row in the second launch (bytes in flight)
 
