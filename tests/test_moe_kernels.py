@@ -380,11 +380,12 @@ def test_more_than_four_gate_up_buckets_take_several_launches(m):
     assert sorted(i for g in groups for i in g) == [i for i, bb in enumerate(b) if bb["proj"] != "down"]
     x, w, ids = _inputs(m, seed=m)
     _check(b, x, w, ids, up_groups=groups)
-    if m > 1:
+    if m == 40:   # (DOT at m = 7 left out: the pick's dot row runs at 7 as at 40, DOT's tiles at 40)
         _check(b, x, w, ids, config=DOT, up_groups=groups)
     if m == 7:   # several programs per tile: a launch leaves the act rows of other launches' experts alone
-        dot = dict(DOT[1], split=2)
-        gemv = dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, split=2)
+        # (BN 64: one whole tile of I and two of H, half the programs of BN 32)
+        dot = dict(DOT[1], BN=64, split=2)
+        gemv = dict(BN=64, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, split=2)
         _check(b, x, w, ids, config=("dot", dot, dot), up_groups=groups)
         _check(b, x, w, ids, config=("gemv", gemv, gemv), up_groups=groups)
 
@@ -646,9 +647,11 @@ def test_batch1_configs(ci):
 def test_gemv_split_programs(mix, split, calls):
     """GEMV with several programs per output tile: gate and up halves (and K chunks) in separate
     programs joined by the last to arrive; down K chunks summed with the token's TOPK rows.
-    Called twice once, so the self-resetting counters are seen reused."""
+    Called twice once, so the self-resetting counters are seen reused. (BN 128: two whole tiles
+    of H and of I, as 32 gave eight, in a quarter of the programs; fp8 slots still fold their
+    128-row scale blocks, and the K chunks are those of BN 32.)"""
     h = i = 256
-    gemv = dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, split=split)
+    gemv = dict(BN=128, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, split=split)
     b = _layer(mix if mix is PER_PROJ else mt.split(mix, E), h=h, i=i)
     for seed in range(41, 41 + calls):
         _check(b, *_inputs(2, h=h, seed=seed), inter=i, config=("gemv", gemv, gemv))
@@ -659,9 +662,10 @@ def test_dot_split_k(mix, split, m, calls):
     """Dot path with K in several chunks, one program each: gate / up partials joined by the last
     of a tile's programs to arrive, down chunks summed with the token's TOPK rows; the int4 chunk
     starts mid-K (the per-field dots' activation prefetch starts there too); split 3 of two 128
-    K tiles leaves one chunk empty. Called twice once, so the self-resetting counters are seen reused."""
+    K tiles leaves one chunk empty. Called twice once, so the self-resetting counters are seen reused.
+    (BN 128: two whole N tiles, as 32 gave eight, in a quarter of the programs; K chunks unchanged.)"""
     h = i = 256
-    dot = dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2, split=split)
+    dot = dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2, split=split)
     b = _layer(mix if mix is PER_PROJ else mt.split(mix, E), h=h, i=i)
     for seed in range(43, 43 + calls):
         _check(b, *_inputs(m, h=h, seed=seed), inter=i, config=("dot", dot, dot))
@@ -676,8 +680,9 @@ def test_int4_dot_lattice(specs, bm, split):
     16-row blocks (a group smaller than the tile scales each word row first); with 64-row blocks
     (the prefill row) the same dots transposed for tiles in one group (_dot_intq_t), codes
     reshuffled into K order for group 32; sym / asym / act-order, over three K tiles (H=384) and
-    one (I=128), with and without a K split."""
-    dot = dict(BM=bm, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2, split=split)
+    one (I=128), with and without a K split. (BN 128: whole N tiles, as 32 gave, in a quarter of
+    the programs; the lattice and group cases are all along K.)"""
+    dot = dict(BM=bm, BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2, split=split)
     b = _layer(mt.split(specs, E), h=384, i=128)
     _check(b, *_inputs(9, h=384, seed=51), inter=128, config=("dot", dot, dot))
 
@@ -757,11 +762,12 @@ def test_int8_gemv_dp4a_word_loop(gu, split):
 
 def test_int4_layer_past_128_tokens_on_the_field_row():
     """A uniform int4 layer of 129..DOT_INTQ_MAX_M tokens takes the BM-16 dot row (pick), with
-    groups of 128 and of 32; equal to the reference."""
+    groups of 128 and of 32; equal to the reference. (H 128: one K tile each side, half the down
+    programs of 256; test_int4_dot_lattice runs the field dots over several K tiles.)"""
     from mixprec.kernels import moe_configs as mc
-    b = _layer(mt.split(["int4", "int4_g32"], E), h=256, i=128)
+    b = _layer(mt.split(["int4", "int4_g32"], E), h=128, i=128)
     assert mc.pick(140, *moe.side_layouts(b))[1]["BM"] == 16
-    _check(b, *_inputs(140, h=256, seed=57), inter=128)
+    _check(b, *_inputs(140, h=128, seed=57), inter=128)
 
 
 def test_bench_goal_lines_say_not_measured_without_points():
