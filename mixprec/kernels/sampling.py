@@ -45,6 +45,27 @@ def _exp_noise(seed, step, k):
 
 
 @triton.jit
+def _first_max(ws_ptr, wi_ptr, b, SPLITS: tl.constexpr):
+    """The row's token from its chunks' maxima and first indices: the first maximum (chunks in
+    order), as torch.argmax has it."""
+    c = tl.arange(0, SPLITS)
+    ms = tl.load(ws_ptr + b * SPLITS + c, cache_modifier=".cg")
+    ids = tl.load(wi_ptr + b * SPLITS + c, cache_modifier=".cg")
+    return tl.min(tl.where(ms == tl.max(ms, axis=0), ids, 2147483647), axis=0)
+
+
+@triton.jit
+def _store_advance(tok_ptr, s_tok, pos_ptr, step_ptr, live_ptr, cnt_ptr, b, nxt, LIVE: tl.constexpr):
+    """The row's last program: its token, pos / step += live (or 1), its arrival counter zeroed
+    for the next launch."""
+    tl.store(tok_ptr + b * s_tok, nxt.to(tok_ptr.dtype.element_ty))
+    inc = tl.load(live_ptr + b).to(tl.int64) if LIVE else 1
+    tl.store(pos_ptr + b, tl.load(pos_ptr + b) + inc)
+    tl.store(step_ptr + b, tl.load(step_ptr + b) + inc)
+    tl.atomic_xchg(cnt_ptr + b, 0)
+
+
+@triton.jit
 def _next_token_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_ptr, ws_ptr, wi_ptr, cnt_ptr,
                        V, s_lg, s_tok, CHUNK, min_t, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
                        LIVE: tl.constexpr, SAMPLE: tl.constexpr):
@@ -84,16 +105,8 @@ def _next_token_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed
     tl.debug_barrier()
     old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
     if old == SPLITS - 1:
-        s = tl.arange(0, SPLITS)
-        ms = tl.load(ws_ptr + b * SPLITS + s, cache_modifier=".cg")
-        ids = tl.load(wi_ptr + b * SPLITS + s, cache_modifier=".cg")
-        top = tl.max(ms, axis=0)
-        nxt = tl.min(tl.where(ms == top, ids, 2147483647), axis=0)   # chunks in order: the first max
-        tl.store(tok_ptr + b * s_tok, nxt.to(tok_ptr.dtype.element_ty))
-        inc = tl.load(live_ptr + b).to(tl.int64) if LIVE else 1
-        tl.store(pos_ptr + b, tl.load(pos_ptr + b) + inc)
-        tl.store(step_ptr + b, tl.load(step_ptr + b) + inc)
-        tl.atomic_xchg(cnt_ptr + b, 0)    # ready for the next launch
+        _store_advance(tok_ptr, s_tok, pos_ptr, step_ptr, live_ptr, cnt_ptr, b, _first_max(ws_ptr, wi_ptr, b, SPLITS),
+                       LIVE)
 
 
 # -- top-k / top-p: the race among a row's kept tokens -------------------------------------------
@@ -376,10 +389,7 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
     tl.debug_barrier()
     old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
     if old == SPLITS - 1:
-        c = tl.arange(0, SPLITS)
-        ms = tl.load(wb_ptr + b * SPLITS + c, cache_modifier=".cg")
-        ids = tl.load(wi_ptr + b * SPLITS + c, cache_modifier=".cg")
-        nxt = tl.min(tl.where(ms == tl.max(ms, axis=0), ids, 2147483647), axis=0)   # greedy and race rows
+        nxt = _first_max(wb_ptr, wi_ptr, b, SPLITS)     # greedy and race rows
         if filt & (m > float("-inf")):
             seed = tl.load(seed_ptr + b)
             stp = tl.load(step_ptr + b)
@@ -396,11 +406,7 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
                 nxt = _bisect_buffer(buf, n, thr, m, Z, k_eff, pp, seed, stp, V, SCAN)
             else:
                 nxt = _bisect_race(row, thr, m, Z, tt, k_eff, pp, seed, stp, V, SCAN, LOW)
-        tl.store(tok_ptr + b * s_tok, nxt.to(tok_ptr.dtype.element_ty))
-        inc = tl.load(live_ptr + b).to(tl.int64) if LIVE else 1
-        tl.store(pos_ptr + b, tl.load(pos_ptr + b) + inc)
-        tl.store(step_ptr + b, tl.load(step_ptr + b) + inc)
-        tl.atomic_xchg(cnt_ptr + b, 0)    # ready for the next launch
+        _store_advance(tok_ptr, s_tok, pos_ptr, step_ptr, live_ptr, cnt_ptr, b, nxt, LIVE)
 
 
 def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None = None,
