@@ -245,12 +245,13 @@ def test_head_dim_not_a_power_of_two_takes_the_readable_path(tmp_path):
 
 
 @pytest.mark.skipif(CUDA, reason="tests/test_gpu.py covers this on CUDA")
-@pytest.mark.parametrize("n_prompts", [3, 2])
+@pytest.mark.parametrize("n_prompts", [3])
 def test_whole_model_with_kernels_equals_reference_on_cpu(tmp_path, n_prompts):
     """Generator through the norm/attention/MoE kernels (interpreter, fp16) == the readable path:
-    prefill of prompts of different lengths, then decode steps (2 prompts: the decode router takes
-    the residual add + norm into its launch). (3 new tokens: the prefill's and two decode steps, the
-    second reading the cache slots the first wrote; each step runs the same launches.)"""
+    prefill of prompts of different lengths, then decode steps (3 rows: the decode router takes the
+    residual add + norm into its launch, up to moe.ROUTER_FUSED_MAX_M = 4 rows; a 2-prompt case,
+    the same launches, was dropped for CI time). (3 new tokens: the prefill's and two decode steps,
+    the second reading the cache slots the first wrote; each step runs the same launches.)"""
     import mixprec
     from mixprec.runtime.generate import Generator
     from mixprec.runtime.sampling import SamplingParams

@@ -362,8 +362,9 @@ def _filter_stats_kernel(lg_ptr, step_ptr, t_ptr, seed_ptr, k_ptr, p_ptr, wb_ptr
 @triton.jit
 def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_ptr, k_ptr, p_ptr,
                         wb_ptr, wi_ptr, wr_ptr, buf_ptr, cnt_ptr, V, s_lg, s_tok, CHUNK, min_t,
-                        SPLITS: tl.constexpr, CAP: tl.constexpr, BIG: tl.constexpr, SCAN: tl.constexpr,
-                        LOW: tl.constexpr, LIVE: tl.constexpr):
+                        SPLITS: tl.constexpr, SMALL: tl.constexpr, MID: tl.constexpr, CAP: tl.constexpr,
+                        BIG: tl.constexpr,
+                        SCAN: tl.constexpr, LOW: tl.constexpr, LIVE: tl.constexpr):
     """Second launch, same grid. Filtered rows: each chunk whose max is above the row's threshold
     appends its tokens above it to buf [B, CAP] (keys ordering s descending, index ascending;
     slots by an atomic count in cnt[B + b]); the row's last program races among the kept of them
@@ -396,10 +397,10 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
             Z = tl.load(wr_ptr + b * 3 + 1)
             n = tl.atomic_xchg(cnt_ptr + tl.num_programs(0) + b, 0)      # read, and ready for the next launch
             buf = buf_ptr + b * BIG
-            if (n <= 64) & (n <= CAP):       # the sort's cost grows with its size: the smallest that holds them
-                nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, 64)
-            elif (n <= 512) & (n <= CAP):
-                nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, 512)
+            if n <= SMALL:       # the sort's cost grows with its size: the smallest that holds them
+                nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, SMALL)
+            elif n <= MID:
+                nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, MID)
             elif n <= CAP:
                 nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, CAP)
             elif n <= BIG:
@@ -450,7 +451,7 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
                                           LEVELS=LEVELS, LEVEL_W=LEVEL_W, num_warps=4)
         _filter_pick_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, top_k, top_p, ws, wi, wr,
                                          buf, counters, V, logits.stride(0), tokens.stride(0), chunk, min_t,
-                                         SPLITS=splits, CAP=CAP, BIG=BIG, SCAN=SCAN,
+                                         SPLITS=splits, SMALL=min(64, CAP), MID=min(512, CAP), CAP=CAP, BIG=BIG, SCAN=SCAN,
                                          LOW={torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0), LIVE=live is not None,
                                          num_warps=8)
         return
