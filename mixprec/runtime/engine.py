@@ -44,9 +44,9 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .generate import counter_noise, next_token, to_host
+from .generate import next_token, sample_tokens, to_host
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
 MIN_LEN_BUCKET = 256      # smallest number of cache slots a step attends over
@@ -629,8 +629,8 @@ class Engine:
             getattr(R, k)[rows].copy_(d[k])
         logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))             # [n, V]
         R.step[rows].zero_()
-        first = self._sample(logits, rows, sampled=any(q.temperature > 0 for q in p),
-                             filtered=any(q.temperature > 0 and (q.top_k > 0 or q.top_p < 1) for q in p))
+        first = sample_tokens(logits, R.view(rows), R.step[rows], sampled=any(q.temperature > 0 for q in p),
+                              filtered=any(q.temperature > 0 and (q.top_k > 0 or q.top_p < 1) for q in p))
         R.tokens[rows].copy_(first[:, None])
         R.pos[rows].copy_(d["last"][:, None] + 1)
         R.step[rows].fill_(1)
@@ -639,13 +639,6 @@ class Engine:
             r._launched = 1
             self._pos[r._slot], self._live[r._slot] = n_prompt, True
         self._pending.append((to_host(first), [(i, r) for i, r in enumerate(reqs)]))
-
-    def _sample(self, logits: Tensor, rows: slice, sampled: bool, filtered: bool) -> Tensor:
-        R = self._rows
-        if not sampled:
-            return logits.argmax(-1)
-        noise = counter_noise(R.seed[rows], R.step[rows], logits.shape[-1])
-        return sample(logits.float(), R.temperature[rows], R.top_k[rows], R.top_p[rows], noise, filtered)
 
     def _len_bucket(self, n: int) -> int:
         return next(b for b in self.len_buckets if b >= n)

@@ -49,6 +49,16 @@ def counter_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
     return (-torch.log(u)).to(torch.float32)
 
 
+def sample_tokens(logits: Tensor, params, step: Tensor, sampled: bool, filtered: bool) -> Tensor:
+    """Each row's next token [B] by the torch sampler (runtime.sampling.sample, noise
+    counter_noise(seed, step)); greedy argmax when no row is `sampled`. `params` has the rows'
+    temperature, top_k, top_p and seed tensors [B]."""
+    if not sampled:
+        return logits.argmax(-1)
+    noise = counter_noise(params.seed, step, logits.shape[-1])
+    return sample(logits.float(), params.temperature, params.top_k, params.top_p, noise, filtered)
+
+
 def next_token(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None, params,
                sampled: bool, filtered: bool) -> None:
     """A decode step's tail, no host sync: each row's next token into tokens [B] (greedy; with
@@ -59,12 +69,7 @@ def next_token(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: 
         race = (params.temperature, params.seed, MIN_TEMPERATURE) if sampled else None
         next_token_advance(logits, tokens, pos, step, live, race, (params.top_k, params.top_p) if filtered else None)
         return
-    if sampled:
-        noise = counter_noise(params.seed, step, logits.shape[-1])
-        nxt = sample(logits.float(), params.temperature, params.top_k, params.top_p, noise, filtered)
-    else:
-        nxt = logits.argmax(-1)
-    tokens.copy_(nxt)
+    tokens.copy_(sample_tokens(logits, params, step, sampled, filtered))
     inc = 1 if live is None else live
     pos.add_(inc)
     step.add_(inc)
@@ -211,11 +216,7 @@ class Generator:
         )
         sampled = any(p.temperature > 0 for p in plist)
         filtered = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in plist)
-        if sampled:
-            first = sample(logits, st.temperature, st.top_k, st.top_p,
-                           counter_noise(st.seed, st.step, logits.shape[-1]), filtered)
-        else:
-            first = logits.argmax(-1)
+        first = sample_tokens(logits, st, st.step, sampled, filtered)
         st.tokens.copy_(first[:, None])
         st.step.add_(1)
 
