@@ -145,6 +145,24 @@ def _unord(o):
 
 
 @triton.jit
+def _cand_key(s, k):
+    """A candidate's sort key: s descending, then token id k ascending, as one int64."""
+    return (_ord(s).to(tl.int64) << 32) | (2147483647 - k).to(tl.int64)
+
+
+@triton.jit
+def _uncand(key):
+    """(s, token id) of candidate keys."""
+    return _unord((key >> 32).to(tl.int32)), 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _load_cands(buf, r, n):
+    """The keys of candidate slots r; slots >= n: the lowest key."""
+    return tl.load(buf + r, mask=r < n, other=-9223372036854775807, cache_modifier=".cg")
+
+
+@triton.jit
 def _key(row, k, km, LOW: tl.constexpr):
     """(logit as fp32, its order key ord >> LOW): LOW drops the bits a bf16 (16) / fp16 (13)
     logit never has, so a bisection over keys takes a pass per bit of the logit type only. NaN:
@@ -230,9 +248,9 @@ def _bisect_buffer(buf, n, lo_x, m, Z, k_eff, pp, seed, stp, V, SCAN: tl.constex
         mass = tl.zeros([SCAN], tl.float32)
         for i0 in range(0, n, SCAN):
             r = i0 + tl.arange(0, SCAN)
-            key = tl.load(buf + r, mask=r < n, other=-9223372036854775807, cache_modifier=".cg")
-            s = _unord((key >> 32).to(tl.int32))
-            sel = (r < n) & ((key >> 32) * V + V - 1 - (2147483647 - (key & 0xFFFFFFFF)) >= mid)
+            key = _load_cands(buf, r, n)
+            s, idx = _uncand(key)
+            sel = (r < n) & ((key >> 32) * V + V - 1 - idx >= mid)
             cnt += sel.to(tl.int32)
             mass += tl.where(sel, tl.exp(s - m), 0.0)
         cover = (tl.sum(cnt, axis=0) >= k_eff) | (tl.sum(mass, axis=0) >= pp * Z)
@@ -242,11 +260,10 @@ def _bisect_buffer(buf, n, lo_x, m, Z, k_eff, pp, seed, stp, V, SCAN: tl.constex
     best_i = tl.full([SCAN], 2147483647, tl.int32)
     for i0 in range(0, n, SCAN):
         r = i0 + tl.arange(0, SCAN)
-        key = tl.load(buf + r, mask=r < n, other=-9223372036854775807, cache_modifier=".cg")
-        idx = 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
+        key = _load_cands(buf, r, n)
+        s, idx = _uncand(key)
         keep = (r < n) & ((key >> 32) * V + V - 1 - idx >= lo)
-        sc = tl.where(keep, _unord((key >> 32).to(tl.int32)) - tl.log(_exp_noise(seed, stp, tl.where(keep, idx, 0))),
-                      float("-inf"))
+        sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, tl.where(keep, idx, 0))), float("-inf"))
         take = (sc > best) | ((sc == best) & (idx < best_i))
         best = tl.where(take, sc, best)
         best_i = tl.where(take, idx, best_i)
@@ -259,9 +276,7 @@ def _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, SIZE: tl.constexpr):
     """The race among the kept of the n candidate keys in buf (n <= SIZE): sorted, the first
     k_eff whose mass before them is < top-p * Z."""
     r = tl.arange(0, SIZE)
-    key = tl.sort(tl.load(buf + r, mask=r < n, other=-9223372036854775807, cache_modifier=".cg"), descending=True)
-    s = _unord((key >> 32).to(tl.int32))
-    idx = 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
+    s, idx = _uncand(tl.sort(_load_cands(buf, r, n), descending=True))
     p = tl.where(r < n, tl.exp(s - m), 0.0)
     keep = (r < n) & (r < k_eff) & (tl.cumsum(p, axis=0) - p < pp * Z)
     sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, tl.where(keep, idx, 0))), float("-inf"))
@@ -366,10 +381,11 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
                         BIG: tl.constexpr,
                         SCAN: tl.constexpr, LOW: tl.constexpr, LIVE: tl.constexpr):
     """Second launch, same grid. Filtered rows: each chunk whose max is above the row's threshold
-    appends its tokens above it to buf [B, CAP] (keys ordering s descending, index ascending;
-    slots by an atomic count in cnt[B + b]); the row's last program races among the kept of them
-    (sorted), or over the whole row by bisection when there are more than CAP. Other rows: the
-    first maximum of the chunks' bests. Then the token, pos / step advanced."""
+    appends its tokens above it to buf [B, BIG] (_cand_key; slots by an atomic count in
+    cnt[B + b]); the row's last program races among the kept of them: sorted (up to CAP, in the
+    smallest of SMALL / MID / CAP that holds them), by bisection over them (up to BIG), or by
+    bisection over the whole row (more). Other rows: the first maximum of the chunks' bests.
+    Then the token, pos / step advanced."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     row = lg_ptr + b * s_lg
@@ -385,8 +401,7 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
             n = tl.sum(sel.to(tl.int32), axis=0)
             if n > 0:
                 slot = tl.atomic_add(cnt_ptr + tl.num_programs(0) + b, n) + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-                key = (_ord(s).to(tl.int64) << 32) | (2147483647 - k).to(tl.int64)
-                tl.store(buf_ptr + b * BIG + slot, key, mask=sel & (slot < BIG))
+                tl.store(buf_ptr + b * BIG + slot, _cand_key(s, k), mask=sel & (slot < BIG))
     tl.debug_barrier()
     old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
     if old == SPLITS - 1:
@@ -435,7 +450,7 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
     chunk = cdiv(cdiv(V, splits), block) * block
     ws = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
     wi = torch.empty(B, splits, dtype=torch.int32, device=logits.device)
-    counters = split_counters(logits.device, B)
+    counters = split_counters(logits.device, B if filters is None else 2 * B)   # filters: arrivals, candidate counts
     live_arg = pos if live is None else live
     if filters is not None:
         temp, seed, min_t = sampling
@@ -445,7 +460,6 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
         wm = torch.empty(B, splits, LEVELS, dtype=torch.float32, device=logits.device)
         wr = torch.empty(B, 3, dtype=torch.float32, device=logits.device)
         buf = torch.empty(B, BIG, dtype=torch.int64, device=logits.device)
-        counters = split_counters(logits.device, 2 * B)     # arrivals [B], candidate counts [B]
         _filter_stats_kernel[(B, splits)](logits, step, temp, seed, top_k, top_p, ws, wi, wz, wc, wm, wr, counters,
                                           V, logits.stride(0), chunk, min_t, SPLITS=splits, BLOCK=block,
                                           LEVELS=LEVELS, LEVEL_W=LEVEL_W, num_warps=4)
