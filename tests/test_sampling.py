@@ -177,12 +177,15 @@ def test_next_token_advance_samples_as_the_torch_race(B, V):
         assert torch.equal(drawn[0][0], drawn[2][0])
 
 
-def _filtered_case(B, V, flat, g):
-    """Logits with the kept set's boundary inside ties: peaked (a few dozen candidates: the sorted
-    path on GPU) or flat (N(0, 0.3) under V / 3 tied top tokens: hundreds to thousands kept)."""
-    logits = torch.randn(B, V, generator=g, device=_DEV) * (0.3 if flat else 2.0)
-    if flat:
+def _filtered_case(B, V, kind, g):
+    """Logits with the kept set's boundary inside ties: "peaked" (a few dozen candidates: the sorted
+    path on GPU), "flat" (N(0, 0.3) under V / 3 tied top tokens: hundreds to thousands kept) or
+    "mid" (N(0, 1) with V / 3 tied at 0: the cut inside the ties, after sure tokens above them)."""
+    logits = torch.randn(B, V, generator=g, device=_DEV) * {"peaked": 2.0, "flat": 0.3, "mid": 1.0}[kind]
+    if kind == "flat":
         logits[:, ::3] = 1.0
+    elif kind == "mid":
+        logits[:, 1::3] = 0.0
     else:
         logits[:, 20:50] = 9.0                                  # 30 tied top tokens: top-k 5 keeps 20..24
         logits[:, 60:80] = torch.linspace(8.5, 6.0, 20, device=_DEV)
@@ -198,8 +201,9 @@ def _kept(scaled: torch.Tensor, top_k: int, top_p: float) -> int:
 
 def _edge_seeds(scaled: torch.Tensor, n: int, step: int) -> list[int]:
     """Seeds whose race, among the first n + 1 tokens of the order, is won by token n + 1 (a
-    kernel keeping one token too many draws it), and among the first n by token n (one too few
-    misses it): an off-by-one kept set then draws another token, whatever the noise."""
+    kernel keeping one token too many draws it), among the first n by token n (one too few misses
+    it), and among all tokens by one after the first n (a kept set far too large may draw it): a
+    wrong kept set then draws another token, whatever the noise."""
     V = scaled.shape[-1]
     order = scaled.sort(descending=True, stable=True).indices
     ranked, found = scaled[order], {}
@@ -209,37 +213,42 @@ def _edge_seeds(scaled: torch.Tensor, n: int, step: int) -> list[int]:
         for m in (n + 1, n):
             if m > 1 and m <= V and m not in found and int(sc[:m].argmax()) == m - 1:
                 found[m] = seed
-        if len(found) == 2 - (n == 1):
+        if "all" not in found and int(sc.argmax()) > n and seed not in found.values():
+            found["all"] = seed
+        if len(found) == 3 - (n == 1):
             break
     return list(found.values())
 
 
-# CPU: V <= CAP puts every filtered row on the sorted path; CAP 16 puts the flat rows on the
-# bisection over the candidates, BIG 40 the larger of them on the bisection over the row
-# bisection over the row in fp16 and fp32 (the logit keys drop 13 / no bits)
-@pytest.mark.parametrize("V, cap, big, flat, dtype", [(120, 128, 128, False, "f16"), (120, 128, 128, True, "f16"),
-                                                      (120, 16, 16384, True, "f16"), (120, 16, 40, True, "f16"),
-                                                      (120, 16, 40, True, "f32")]
-                         + ([(151936, None, None, False, "bf16"), (151936, None, None, True, "bf16")]
+# CPU: V <= CAP puts every filtered row on the sorted path (after the sure tokens, if any); CAP
+# 16 sends the flat rows through the refining launch, their ties at the cut (no bin splits them)
+# to the bisection over the candidates, and BIG 39 to the bisection over the row, in fp16 and
+# fp32 (the logit keys drop 13 / no bits)
+@pytest.mark.parametrize("V, cap, big, kind, dtype", [(120, 128, 128, "peaked", "f16"), (120, 128, 128, "flat", "f16"),
+                                                      (120, 16, 16384, "flat", "f16"), (120, 16, 16384, "mid", "f16"),
+                                                      (120, 16, 39, "flat", "f16"), (120, 16, 39, "mid", "f32")]
+                         + ([(151936, None, None, kind, "bf16") for kind in ("peaked", "flat", "mid")]
                             if _DEV == "cuda" else []))
-def test_next_token_advance_filters_as_the_torch_sampler(V, cap, big, flat, dtype, monkeypatch):
+def test_next_token_advance_filters_as_the_torch_sampler(V, cap, big, kind, dtype, monkeypatch):
     """top-k / top-p rows (with greedy, unfiltered and tiny-temperature rows in the batch) draw in
-    one launch what runtime.sampling.sample draws: the kept set is the first tokens of the order
+    one call what runtime.sampling.sample draws: the kept set is the first tokens of the order
     (scaled logit descending, token id ascending) in both, the race uses the same noise, and the
     seeds are chosen so that a kept set one token too large or too small draws otherwise. Rounding
     of the masses (the kernel sums in another order) could move a token sitting exactly at the
     top-p boundary; the cases keep clear of that (ties are the same value, so they fall together).
-    On CPU (the interpreter) CAP and BIG are set to cover the three paths at V = 120."""
+    On CPU (the interpreter) CAP and BIG are set to cover every path at V = 120."""
     from mixprec.kernels import sampling as ks
     from mixprec.kernels.sampling import next_token_advance
     if cap:
         monkeypatch.setattr(ks, "CAP", cap)
         monkeypatch.setattr(ks, "BIG", big)
     from mixprec.runtime.sampling import MIN_TEMPERATURE
-    g = torch.Generator(device=_DEV).manual_seed(V + flat)
-    row = _filtered_case(1, V, flat, g).to({"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    configs = [(0.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.9), (1.3, 20, 0.8), (1e-7, 3, 0.5), (0.9, 0, 1.0),
-               (1.0, 90 if cap else 1200, 1.0), (2.0, 0, 0.99), (1.0, 0, 0.3)]    # top-k above CAP (GPU): bisection
+    g = torch.Generator(device=_DEV).manual_seed(V + len(kind))
+    row = _filtered_case(1, V, kind, g).to({"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    configs = [(0.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8 if kind == "mid" else 0.9),     # mid: the cut inside its ties
+               (1.3, 20, 0.8), (1e-7, 3, 0.5), (0.9, 0, 1.0),
+               (1.0, 60 if kind == "mid" else 90 if cap else 1200, 1.0),    # mid: in its ties; GPU: above CAP
+               (2.0, 0, 0.99), (1.0, 0, 0.3)]
     step0 = 7
     rows = []       # (temperature, top_k, top_p, seed): every filtered config with its edge seeds
     for t, k, p in configs:
@@ -264,5 +273,5 @@ def test_next_token_advance_filters_as_the_torch_sampler(V, cap, big, flat, dtyp
                            tiles=(64, 64) if cap else None)     # CPU: two chunks per row, small blocks
         assert torch.equal(tokens[:, 0], want)
         assert torch.equal(step, before + live)
-    if not flat:      # the tied top tokens: top-k 5 keeps the first five ids
+    if kind == "peaked":      # the tied top tokens: top-k 5 keeps the first five ids
         assert 20 <= int(want[1]) < 25

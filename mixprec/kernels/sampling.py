@@ -46,12 +46,13 @@ def _exp_noise(seed, step, k):
 
 @triton.jit
 def _first_max(ws_ptr, wi_ptr, b, SPLITS: tl.constexpr):
-    """The row's token from its chunks' maxima and first indices: the first maximum (chunks in
-    order), as torch.argmax has it."""
+    """(max, index) of the row's token from its chunks' maxima and first indices: the first
+    maximum (chunks in order), as torch.argmax has it."""
     c = tl.arange(0, SPLITS)
     ms = tl.load(ws_ptr + b * SPLITS + c, cache_modifier=".cg")
     ids = tl.load(wi_ptr + b * SPLITS + c, cache_modifier=".cg")
-    return tl.min(tl.where(ms == tl.max(ms, axis=0), ids, 2147483647), axis=0)
+    top = tl.max(ms, axis=0)
+    return top, tl.min(tl.where(ms == top, ids, 2147483647), axis=0)
 
 
 @triton.jit
@@ -105,23 +106,28 @@ def _next_token_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed
     tl.debug_barrier()
     old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
     if old == SPLITS - 1:
-        _store_advance(tok_ptr, s_tok, pos_ptr, step_ptr, live_ptr, cnt_ptr, b, _first_max(ws_ptr, wi_ptr, b, SPLITS),
+        _store_advance(tok_ptr, s_tok, pos_ptr, step_ptr, live_ptr, cnt_ptr, b, _first_max(ws_ptr, wi_ptr, b, SPLITS)[1],
                        LIVE)
 
 
 # -- top-k / top-p: the race among a row's kept tokens -------------------------------------------
 # Kept tokens: the first N of the order (s descending, index ascending), s = logit / t, where N is
 # the smaller of top-k and the count of tokens whose mass before them (softmax of s) is < top-p
-# (runtime/sampling.sample, the reference). The vocabulary is never sorted. Launch 1: each chunk
-# program histograms its tokens by "level", LEVEL_W nats below the chunk's own max; the row's last
-# program turns the chunks' counts and mass bounds per level into a threshold that surely holds
-# the whole kept set. Launch 2: the chunks whose max is above it append their tokens above it to
-# a buffer (usually a few dozen); the row's last program sorts up to CAP of them and races among
-# the kept (the hash noise for those tokens only), bisects over up to BIG of them, or, beyond
-# (near-flat logits with top-p near 1), bisects over the row's logit keys: exact, but one
-# program streams the row per pass (~0.7 ms a step on an H100, slower than the torch sort).
-LEVELS, LEVEL_W, CAP, BIG = 64, 0.25, 4096, 16384
-SCAN = 4096         # elements per loop step of the passes over a row in the second launch (bytes in flight)
+# (runtime/sampling.sample, the reference). The vocabulary is never sorted: two thresholds a < b
+# cut each row, every token above b surely kept ("sure"), none at or below a, and only the band
+# (a, b] is put in order. Launch 1: each chunk program histograms its tokens by "level", LEVEL_W
+# nats below the chunk's own max; the row's last program turns the chunks' count and mass bounds
+# per level into a and b. Launch 2, rows whose band may hold more than CAP tokens (near-flat
+# logits with top-p near 1, a large top-k): the chunks histogram their band tokens in FINE bins
+# and sum their sure ones exactly; the last program narrows the band to a few bins. Launch 3:
+# the chunks race among their sure tokens (count, mass and best score kept) and append their band
+# tokens to a buffer; the row's last program sorts up to CAP of them and races among the kept
+# (rank and mass counted after the sure tokens), bisects over up to BIG, or, beyond (ties at the
+# cut wider than BIG: no bin splits equal values), bisects over the row's logit keys in one
+# program (exact, but ~0.7 ms a step on an H100).
+LEVELS, LEVEL_W, FINE, CAP, BIG = 64, 0.25, 256, 4096, 16384
+SCAN = 4096         # elements per loop step of the passes over a row in the last launch (bytes in flight)
+SLACK = 1e-4        # relative margin of the mass bounds against top-p * Z (float rounding of the sums)
 
 
 @triton.jit
@@ -235,13 +241,14 @@ def _bisect_race(row, thr, m, Z, tt, k_eff, pp, seed, stp, V, BLOCK: tl.constexp
 
 
 @triton.jit
-def _bisect_buffer(buf, n, lo_x, m, Z, k_eff, pp, seed, stp, V, SCAN: tl.constexpr):
-    """The race among the kept of n (CAP < n <= BIG) candidate keys in buf, unsorted: each token
-    ranks by the dense key ord(s) * V + V - 1 - id (distinct, in the kernel's order); the last
-    kept key is the largest x whose keys >= x cover the kept set (count >= k_eff or mass >=
-    top-p * Z), found by bisection between lo_x's (known to cover) and the row max's."""
+def _bisect_buffer(buf, n, lo_x, hi_x, m, Z, n0, z0, k_eff, pp, seed, stp, V, SCAN: tl.constexpr):
+    """(score, token) of the race among the kept of n (CAP < n <= BIG) band keys in buf, unsorted,
+    after n0 sure tokens of mass z0: each token ranks by the dense key ord(s) * V + V - 1 - id
+    (distinct, in the kernel's order); the last kept key is the largest x whose keys >= x cover
+    the kept set with the sure ones (count >= k_eff or mass >= top-p * Z), found by bisection
+    between lo_x's (the band's floor: covers) and one above every key (s <= hi_x)."""
     lo = _ord(lo_x).to(tl.int64) * V
-    hi = (_ord(m).to(tl.int64) + 1) * V            # no key reaches it: covers nothing
+    hi = (_ord(hi_x).to(tl.int64) + 1) * V + 1     # lo may reach hi - 1, above every key: the sure cover alone
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
         cnt = tl.zeros([SCAN], tl.int32)
@@ -253,7 +260,7 @@ def _bisect_buffer(buf, n, lo_x, m, Z, k_eff, pp, seed, stp, V, SCAN: tl.constex
             sel = (r < n) & ((key >> 32) * V + V - 1 - idx >= mid)
             cnt += sel.to(tl.int32)
             mass += tl.where(sel, tl.exp(s - m), 0.0)
-        cover = (tl.sum(cnt, axis=0) >= k_eff) | (tl.sum(mass, axis=0) >= pp * Z)
+        cover = (n0 + tl.sum(cnt, axis=0) >= k_eff) | (z0 + tl.sum(mass, axis=0) >= pp * Z)
         lo = tl.where(cover, mid, lo)
         hi = tl.where(cover, hi, mid)
     best = tl.full([SCAN], float("-inf"), tl.float32)
@@ -268,21 +275,22 @@ def _bisect_buffer(buf, n, lo_x, m, Z, k_eff, pp, seed, stp, V, SCAN: tl.constex
         best = tl.where(take, sc, best)
         best_i = tl.where(take, idx, best_i)
     top = tl.max(best, axis=0)
-    return tl.min(tl.where(best == top, best_i, 2147483647), axis=0)
+    return top, tl.min(tl.where(best == top, best_i, 2147483647), axis=0)
 
 
 @triton.jit
-def _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, SIZE: tl.constexpr):
-    """The race among the kept of the n candidate keys in buf (n <= SIZE): sorted, the first
-    k_eff whose mass before them is < top-p * Z."""
+def _race_sorted(buf, n, m, Z, n0, z0, k_eff, pp, seed, stp, SIZE: tl.constexpr):
+    """(score, token) of the race among the kept of the n band keys in buf (n <= SIZE), after n0
+    sure tokens of mass z0: sorted, kept while their rank is below k_eff and their mass before
+    them below top-p * Z."""
     r = tl.arange(0, SIZE)
     s, idx = _uncand(tl.sort(_load_cands(buf, r, n), descending=True))
     p = tl.where(r < n, tl.exp(s - m), 0.0)
-    keep = (r < n) & (r < k_eff) & (tl.cumsum(p, axis=0) - p < pp * Z)
+    keep = (r < n) & (n0 + r < k_eff) & (z0 + tl.cumsum(p, axis=0) - p < pp * Z)
     sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, tl.where(keep, idx, 0))), float("-inf"))
     top = tl.max(sc, axis=0)
     first = tl.min(tl.where(sc == top, r, SIZE), axis=0)        # the first in the order
-    return tl.sum(tl.where(r == first, idx, 0), axis=0)
+    return top, tl.sum(tl.where(r == first, idx, 0), axis=0)
 
 
 @triton.jit
@@ -301,12 +309,14 @@ def _row_kind(t_ptr, k_ptr, p_ptr, b, V, min_t):
 @triton.jit
 def _filter_stats_kernel(lg_ptr, step_ptr, t_ptr, seed_ptr, k_ptr, p_ptr, wb_ptr, wi_ptr, wz_ptr, wc_ptr, wm_ptr,
                          wr_ptr, cnt_ptr, V, s_lg, CHUNK, min_t, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-                         LEVELS: tl.constexpr, LEVEL_W: tl.constexpr):
+                         LEVELS: tl.constexpr, LEVEL_W: tl.constexpr, FINE: tl.constexpr, CAP: tl.constexpr,
+                         SLACK: tl.constexpr):
     """First launch, grid (B, SPLITS), chunks as in _next_token_kernel. Chunk program: its max (or
     race best) and first index into wb / wi; filtered rows also the sum of exp(s - chunk max) into
-    wz and per level (LEVEL_W nats each below the chunk max) the cumulative count and a bound of
-    the mass of the deeper levels into wc / wm [B, SPLITS, LEVELS]. The row's last program of a
-    filtered row merges them into (row max, Z, threshold) in wr [B, 3]."""
+    wz and per level (LEVEL_W nats each below the chunk max) the cumulative count and the mass
+    bound of the deeper levels into wc / wm [B, SPLITS, LEVELS]. The row's last program of a
+    filtered row merges them into wr [B, 5]: row max, Z, the band (a, b], and whether the band may
+    hold more than CAP tokens (1.0: the refining launch narrows it)."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     row = lg_ptr + b * s_lg
@@ -357,71 +367,186 @@ def _filter_stats_kernel(lg_ptr, step_ptr, t_ptr, seed_ptr, k_ptr, p_ptr, wb_ptr
             real = ms > float("-inf")
             scale = tl.where(real, tl.exp(ms - m), 0.0)
             Z = tl.sum(tl.load(wz_ptr + b * SPLITS + c, cache_modifier=".cg") * scale, axis=0)
-            # chunk c's level j lies above the row's level j + d[c] (d: the chunk max's depth, rounded up)
-            d = tl.where(real, tl.ceil((m - ms) * (1.0 / LEVEL_W)), 2.0 * LEVELS).to(tl.int32)
             g = tl.arange(0, LEVELS)
-            jj = tl.minimum(g[:, None] - d[None, :], LEVELS - 2)          # [LEVELS, SPLITS]; the last: all deeper
             base = (b * SPLITS + c[None, :]) * LEVELS
-            # row level g counts chunk levels <= jj; the rest weigh at most the bound of levels >= jj + 1
+            # a: row level g (s > m - (g + 1) * LEVEL_W) holds chunk c's levels <= g - d[c] (d: the
+            # chunk max's depth in levels, rounded up); the others weigh at most the bound of the
+            # levels after them. The first g whose lower bounds reach top-k or top-p covers the kept set.
+            d = tl.where(real, tl.ceil((m - ms) * (1.0 / LEVEL_W)), 2.0 * LEVELS).to(tl.int32)
+            jj = tl.minimum(g[:, None] - d[None, :], LEVELS - 2)          # [LEVELS, SPLITS]; the last: all deeper
             cnt = tl.sum(tl.load(wc_ptr + base + jj, mask=jj >= 0, other=0, cache_modifier=".cg"), axis=1)
             rest = tl.sum(tl.load(wm_ptr + base + tl.maximum(jj + 1, 0), cache_modifier=".cg") * scale[None, :], axis=1)
             cover = (cnt >= k_eff) | (Z - rest >= pp * Z)
             gs = tl.min(tl.where(cover, g, LEVELS), axis=0)
-            # one level more than needed: rounding of the levels cannot drop a counted token
-            tl.store(wr_ptr + b * 3, m)
-            tl.store(wr_ptr + b * 3 + 1, Z)
-            tl.store(wr_ptr + b * 3 + 2, tl.where(gs < LEVELS, m - (gs + 2.0) * LEVEL_W, float("-inf")))
+            # one level more than needed: rounding of the levels cannot drop a counted token; and a
+            # few ulps of m lower (s = logit / a tiny t reaches 1e7, where an ulp is a whole nat)
+            ulps = tl.abs(m) * (1.0 / (1 << 20))
+            a = tl.where(gs < LEVELS, m - (gs + 2.0) * LEVEL_W - ulps, float("-inf"))
+            # b: the tokens above m - g * LEVEL_W lie in chunk c's levels <= g - e[c] (e: rounded
+            # down, one level more than they reach); all kept while upper bounds of their count and
+            # mass stay within top-k and under top-p
+            e = tl.where(real, tl.floor((m - ms) * (1.0 / LEVEL_W)), 2.0 * LEVELS).to(tl.int32)
+            ju = g[:, None] - e[None, :]
+            cnt_u = tl.sum(tl.load(wc_ptr + base + tl.minimum(ju, LEVELS - 1), mask=ju >= 0, other=0,
+                                   cache_modifier=".cg"), axis=1)
+            deeper = tl.load(wm_ptr + base + ju + 1, mask=(ju >= 0) & (ju < LEVELS - 1), other=0.0, cache_modifier=".cg")
+            mass_u = tl.sum(tl.where(ju >= 0, tl.load(wm_ptr + base, cache_modifier=".cg") - deeper, 0.0)
+                            * scale[None, :], axis=1)
+            sure = (cnt_u <= k_eff) & (mass_u <= pp * Z * (1.0 - SLACK))
+            gh = tl.maximum(tl.min(tl.where(sure, LEVELS, g), axis=0) - 1, 0)     # m itself: nothing above
+            hb = tl.maximum(tl.minimum(m - gh * LEVEL_W + ulps, m), a)
+            # wide: the band may hold more than CAP tokens (the refining launch narrows it) and its
+            # bins would be wide against an ulp (the refining bounds allow one bin of rounding)
+            wide = ((gs < LEVELS) & (hb > a)
+                    & ((gs + 2 >= LEVELS) | (tl.sum(tl.where(g == gs + 2, cnt_u, 0), axis=0) > CAP))
+                    & ((hb - a) * (1.0 / FINE) > tl.maximum(tl.abs(a), tl.abs(hb)) * (1.0 / (1 << 14))))
+            tl.store(wr_ptr + b * 5, m)
+            tl.store(wr_ptr + b * 5 + 1, Z)
+            tl.store(wr_ptr + b * 5 + 2, a)
+            # narrow bands: no sure tokens (b = m), all in the buffer (the hash for a few candidates
+            # only, not for the chunk blocks holding the sure ones)
+            tl.store(wr_ptr + b * 5 + 3, tl.where(wide, hb, m))
+            tl.store(wr_ptr + b * 5 + 4, wide.to(tl.float32))
             tl.atomic_xchg(cnt_ptr + b, 0)    # ready for the next launch
 
 
 @triton.jit
+def _filter_refine_kernel(lg_ptr, t_ptr, k_ptr, p_ptr, wb_ptr, wr_ptr, wh_ptr, wn_ptr, wy_ptr, cnt_ptr, V, s_lg,
+                          CHUNK, min_t, SPLITS: tl.constexpr, BLOCK: tl.constexpr, FINE: tl.constexpr,
+                          SLACK: tl.constexpr):
+    """Second launch, same grid; rows that launch 1 marked wide only. Chunk program: its band
+    tokens (a, b] histogrammed in FINE bins of equal width into wh [B, SPLITS, FINE], the count and
+    exact mass of its tokens above b into wn / wy [B, SPLITS]. The row's last program bounds the
+    count and mass above each bin edge and writes the narrowest band that still holds the cut back
+    into wr (a, b)."""
+    b = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    if tl.load(wr_ptr + b * 5 + 4) > 0:
+        row = lg_ptr + b * s_lg
+        tt, k_eff, pp, race, filt = _row_kind(t_ptr, k_ptr, p_ptr, b, V, min_t)
+        m = tl.load(wr_ptr + b * 5)
+        Z = tl.load(wr_ptr + b * 5 + 1)
+        a = tl.load(wr_ptr + b * 5 + 2)
+        hb = tl.load(wr_ptr + b * 5 + 3)
+        per_nat = FINE / (hb - a)
+        lo = sp * CHUNK
+        hi = tl.minimum(lo + CHUNK, V)
+        h = tl.zeros([FINE], tl.int32)
+        ns = tl.zeros([BLOCK], tl.int32)
+        ys = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(lo, tl.where(tl.load(wb_ptr + b * SPLITS + sp) > a, hi, lo), BLOCK):   # chunks below a: none
+            k = k0 + tl.arange(0, BLOCK)
+            s = _scaled(row, k, k < hi, tt)
+            sure = s > hb
+            ns += sure.to(tl.int32)
+            ys += tl.where(sure, tl.exp(s - m), 0.0)
+            # bin i: b - (i + 1) * w < s <= b - i * w (up to rounding: the bounds below allow a bin)
+            i = tl.minimum(tl.maximum(tl.floor((hb - s) * per_nat), 0.0), FINE - 1.0)
+            h += tl.histogram(i.to(tl.int32), FINE, mask=(s > a) & (s <= hb))
+        f = tl.arange(0, FINE)
+        tl.store(wh_ptr + (b * SPLITS + sp) * FINE + f, h)
+        tl.store(wn_ptr + b * SPLITS + sp, tl.sum(ns, axis=0))
+        tl.store(wy_ptr + b * SPLITS + sp, tl.sum(ys, axis=0))
+        tl.debug_barrier()
+        old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
+        if old == SPLITS - 1:
+            c = tl.arange(0, SPLITS)
+            n = tl.sum(tl.load(wh_ptr + (b * SPLITS + c[:, None]) * FINE + f[None, :], cache_modifier=".cg"), axis=0)
+            n0 = tl.sum(tl.load(wn_ptr + b * SPLITS + c, cache_modifier=".cg"), axis=0)
+            y0 = tl.sum(tl.load(wy_ptr + b * SPLITS + c, cache_modifier=".cg"), axis=0)
+            w = (hb - a) / FINE
+            top = hb - f * w                 # bin f's upper edge
+            cum = tl.cumsum(n, axis=0)
+            # above b - g * w: at most bins <= g, at least bins <= g - 2 (their tokens are a bin above)
+            ub = n0 + cum
+            ub_y = y0 + tl.cumsum(n.to(tl.float32) * tl.exp(top - m), axis=0)
+            sure = (ub <= k_eff) & (ub_y <= pp * Z * (1.0 - SLACK))
+            gh = tl.maximum(tl.min(tl.where(sure, FINE, f), axis=0) - 1, 0)
+            lb_y = y0 + tl.cumsum(n.to(tl.float32) * tl.exp(top - w - m), axis=0)
+            cover = (ub >= k_eff) | (lb_y >= pp * Z * (1.0 + SLACK))      # bins <= f: b - (f + 2) * w covers
+            gl = tl.min(tl.where(cover, f, FINE), axis=0) + 2
+            a2 = tl.where(gl < FINE, hb - gl * w, a)
+            tl.store(wr_ptr + b * 5 + 2, a2)
+            tl.store(wr_ptr + b * 5 + 3, tl.maximum(hb - gh * w, a2))
+            tl.atomic_xchg(cnt_ptr + b, 0)
+
+
+@triton.jit
 def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_ptr, k_ptr, p_ptr,
-                        wb_ptr, wi_ptr, wr_ptr, buf_ptr, cnt_ptr, V, s_lg, s_tok, CHUNK, min_t,
-                        SPLITS: tl.constexpr, SMALL: tl.constexpr, MID: tl.constexpr, CAP: tl.constexpr,
-                        BIG: tl.constexpr,
-                        SCAN: tl.constexpr, LOW: tl.constexpr, LIVE: tl.constexpr):
-    """Second launch, same grid. Filtered rows: each chunk whose max is above the row's threshold
-    appends its tokens above it to buf [B, BIG] (_cand_key; slots by an atomic count in
-    cnt[B + b]); the row's last program races among the kept of them: sorted (up to CAP, in the
+                        wb_ptr, wi_ptr, wr_ptr, wn_ptr, wy_ptr, ws_ptr, wt_ptr, buf_ptr, cnt_ptr, V, s_lg, s_tok,
+                        CHUNK, min_t, SPLITS: tl.constexpr, SMALL: tl.constexpr, MID: tl.constexpr,
+                        CAP: tl.constexpr, BIG: tl.constexpr, SCAN: tl.constexpr, LOW: tl.constexpr,
+                        LIVE: tl.constexpr):
+    """Last launch, same grid. Filtered rows, chunk program: the count, mass and race best (score,
+    first token) of its sure tokens (s > b) into wn / wy / ws / wt [B, SPLITS]; its band tokens
+    (a, b] appended to buf [B, BIG] (_cand_key; slots by an atomic count in cnt[B + b]). The row's
+    last program races among the kept band tokens, after the sure ones: sorted (up to CAP, in the
     smallest of SMALL / MID / CAP that holds them), by bisection over them (up to BIG), or by
-    bisection over the whole row (more). Other rows: the first maximum of the chunks' bests.
-    Then the token, pos / step advanced."""
+    bisection over the whole row (more); the better of that and the sure best wins. Other rows:
+    the first maximum of the chunks' bests. Then the token, pos / step advanced."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     row = lg_ptr + b * s_lg
     tt, k_eff, pp, race, filt = _row_kind(t_ptr, k_ptr, p_ptr, b, V, min_t)
-    m = tl.load(wr_ptr + b * 3)
-    thr = tl.load(wr_ptr + b * 3 + 2)
-    if filt & (tl.load(wb_ptr + b * SPLITS + sp) > thr):
+    m = tl.load(wr_ptr + b * 5)
+    a = tl.load(wr_ptr + b * 5 + 2)
+    hb = tl.load(wr_ptr + b * 5 + 3)
+    seed = tl.load(seed_ptr + b)
+    stp = tl.load(step_ptr + b)
+    if filt:
         lo = sp * CHUNK
-        for k0 in range(lo, tl.minimum(lo + CHUNK, V), SCAN):
+        hi = tl.minimum(lo + CHUNK, V)
+        n0 = tl.zeros([], tl.int32)
+        y0 = tl.zeros([], tl.float32)
+        best = tl.full([], float("-inf"), tl.float32)
+        best_i = tl.full([], 2147483647, tl.int32)
+        for k0 in range(lo, tl.where(tl.load(wb_ptr + b * SPLITS + sp) > a, hi, lo), SCAN):   # chunks below a: none
             k = k0 + tl.arange(0, SCAN)
-            s = _scaled(row, k, (k < V) & (k < lo + CHUNK), tt)
-            sel = s > thr
+            s = _scaled(row, k, k < hi, tt)
+            sel = (s > a) & (s <= hb)
             n = tl.sum(sel.to(tl.int32), axis=0)
             if n > 0:
                 slot = tl.atomic_add(cnt_ptr + tl.num_programs(0) + b, n) + tl.cumsum(sel.to(tl.int32), axis=0) - 1
                 tl.store(buf_ptr + b * BIG + slot, _cand_key(s, k), mask=sel & (slot < BIG))
+            sure = s > hb
+            ns = tl.sum(sure.to(tl.int32), axis=0)
+            if ns > 0:       # the hash only where a block has sure tokens
+                n0 += ns
+                y0 += tl.sum(tl.where(sure, tl.exp(s - m), 0.0), axis=0)
+                sc = tl.where(sure, s - tl.log(_exp_noise(seed, stp, k)), float("-inf"))
+                top = tl.max(sc, axis=0)
+                best_i = tl.where(top > best, tl.min(tl.where(sc == top, k, 2147483647), axis=0), best_i)
+                best = tl.maximum(best, top)      # strict above: an earlier block keeps ties
+        tl.store(wn_ptr + b * SPLITS + sp, n0)
+        tl.store(wy_ptr + b * SPLITS + sp, y0)
+        tl.store(ws_ptr + b * SPLITS + sp, best)
+        tl.store(wt_ptr + b * SPLITS + sp, best_i)
     tl.debug_barrier()
     old = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
     if old == SPLITS - 1:
-        nxt = _first_max(wb_ptr, wi_ptr, b, SPLITS)     # greedy and race rows
+        nxt = _first_max(wb_ptr, wi_ptr, b, SPLITS)[1]     # greedy and race rows
         if filt & (m > float("-inf")):
-            seed = tl.load(seed_ptr + b)
-            stp = tl.load(step_ptr + b)
-            Z = tl.load(wr_ptr + b * 3 + 1)
+            Z = tl.load(wr_ptr + b * 5 + 1)
+            c = tl.arange(0, SPLITS)
+            n0 = tl.sum(tl.load(wn_ptr + b * SPLITS + c, cache_modifier=".cg"), axis=0)
+            y0 = tl.sum(tl.load(wy_ptr + b * SPLITS + c, cache_modifier=".cg"), axis=0)
+            sure_sc, sure_i = _first_max(ws_ptr, wt_ptr, b, SPLITS)
             n = tl.atomic_xchg(cnt_ptr + tl.num_programs(0) + b, 0)      # read, and ready for the next launch
             buf = buf_ptr + b * BIG
+            band_sc = float("-inf")
+            band_i = 0
             if n <= SMALL:       # the sort's cost grows with its size: the smallest that holds them
-                nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, SMALL)
+                band_sc, band_i = _race_sorted(buf, n, m, Z, n0, y0, k_eff, pp, seed, stp, SMALL)
             elif n <= MID:
-                nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, MID)
+                band_sc, band_i = _race_sorted(buf, n, m, Z, n0, y0, k_eff, pp, seed, stp, MID)
             elif n <= CAP:
-                nxt = _race_sorted(buf, n, m, Z, k_eff, pp, seed, stp, CAP)
+                band_sc, band_i = _race_sorted(buf, n, m, Z, n0, y0, k_eff, pp, seed, stp, CAP)
             elif n <= BIG:
-                nxt = _bisect_buffer(buf, n, thr, m, Z, k_eff, pp, seed, stp, V, SCAN)
+                band_sc, band_i = _bisect_buffer(buf, n, a, hb, m, Z, n0, y0, k_eff, pp, seed, stp, V, SCAN)
+            if n <= BIG:     # ties of the race (a measure-zero event): the lower token id, as argmax
+                nxt = tl.where((band_sc > sure_sc) | ((band_sc == sure_sc) & (band_i < sure_i)), band_i, sure_i)
             else:
-                nxt = _bisect_race(row, thr, m, Z, tt, k_eff, pp, seed, stp, V, SCAN, LOW)
+                nxt = _bisect_race(row, a, m, Z, tt, k_eff, pp, seed, stp, V, SCAN, LOW)
         _store_advance(tok_ptr, s_tok, pos_ptr, step_ptr, live_ptr, cnt_ptr, b, nxt, LIVE)
 
 
@@ -455,19 +580,27 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
     if filters is not None:
         temp, seed, min_t = sampling
         top_k, top_p = filters
-        wz = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
-        wc = torch.empty(B, splits, LEVELS, dtype=torch.int32, device=logits.device)
-        wm = torch.empty(B, splits, LEVELS, dtype=torch.float32, device=logits.device)
-        wr = torch.empty(B, 3, dtype=torch.float32, device=logits.device)
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        i32 = dict(dtype=torch.int32, device=logits.device)
+        wz, wy, wsc = (torch.empty(B, splits, **f32) for _ in range(3))
+        wn, wt = (torch.empty(B, splits, **i32) for _ in range(2))
+        wc = torch.empty(B, splits, LEVELS, **i32)
+        wm = torch.empty(B, splits, LEVELS, **f32)
+        wh = torch.empty(B, splits, FINE, **i32)
+        wr = torch.empty(B, 5, **f32)
         buf = torch.empty(B, BIG, dtype=torch.int64, device=logits.device)
         _filter_stats_kernel[(B, splits)](logits, step, temp, seed, top_k, top_p, ws, wi, wz, wc, wm, wr, counters,
                                           V, logits.stride(0), chunk, min_t, SPLITS=splits, BLOCK=block,
-                                          LEVELS=LEVELS, LEVEL_W=LEVEL_W, num_warps=4)
+                                          LEVELS=LEVELS, LEVEL_W=LEVEL_W, FINE=FINE, CAP=CAP, SLACK=SLACK,
+                                          num_warps=4)
+        _filter_refine_kernel[(B, splits)](logits, temp, top_k, top_p, ws, wr, wh, wn, wy, counters, V,
+                                           logits.stride(0), chunk, min_t, SPLITS=splits, BLOCK=block, FINE=FINE,
+                                           SLACK=SLACK, num_warps=4)
         _filter_pick_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, top_k, top_p, ws, wi, wr,
-                                         buf, counters, V, logits.stride(0), tokens.stride(0), chunk, min_t,
-                                         SPLITS=splits, SMALL=min(64, CAP), MID=min(512, CAP), CAP=CAP, BIG=BIG, SCAN=SCAN,
-                                         LOW={torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0), LIVE=live is not None,
-                                         num_warps=8)
+                                         wn, wy, wsc, wt, buf, counters, V, logits.stride(0), tokens.stride(0), chunk,
+                                         min_t, SPLITS=splits, SMALL=min(64, CAP), MID=min(512, CAP), CAP=CAP, BIG=BIG,
+                                         SCAN=SCAN, LOW={torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0),
+                                         LIVE=live is not None, num_warps=8)
         return
     temp, seed, min_t = sampling if sampling is not None else (ws, pos, 0.0)
     _next_token_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, ws, wi,
