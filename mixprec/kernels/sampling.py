@@ -126,6 +126,7 @@ def _next_token_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed
 # cut wider than BIG: no bin splits equal values), bisects over the row's logit keys in one
 # program (exact, but ~0.7 ms a step on an H100).
 LEVELS, LEVEL_W, FINE, CAP, BIG = 64, 0.25, 256, 4096, 16384
+SMALL, MID = 64, 512    # sort sizes below CAP (a sort's cost grows with its size)
 SCAN = 4096         # elements per loop step of the passes over a row in the last launch (bytes in flight)
 SLACK = 1e-4        # relative margin of the mass bounds against top-p * Z (float rounding of the sums)
 
@@ -294,6 +295,42 @@ def _race_sorted(buf, n, m, Z, n0, z0, k_eff, pp, seed, stp, SIZE: tl.constexpr)
 
 
 @triton.jit
+def _race_band(buf, tmp, n, a, hb, m, Z, n0, z0, k_eff, pp, seed, stp, SIZE: tl.constexpr, SMALL: tl.constexpr,
+               MID: tl.constexpr, FINE: tl.constexpr, SLACK: tl.constexpr):
+    """(score, token) of the race among the kept of n (SMALL < n <= SIZE) band keys (a, hb] in buf,
+    after n0 sure tokens of mass z0, without sorting them all: binned (FINE) and narrowed as the
+    refining launch does (_narrow); the tokens above the narrowed band race here, those in it
+    (usually a few dozen) are compacted into tmp and sorted."""
+    r = tl.arange(0, SIZE)
+    key = _load_cands(buf, r, n)
+    s, idx = _uncand(key)
+    real = r < n
+    a2 = a
+    b2 = hb
+    if _fine_enough(a, hb, FINE):
+        a2, b2 = _narrow(tl.histogram(_bin(s, a, hb, FINE), FINE, mask=real), a, hb, n0, z0, m, Z, k_eff, pp,
+                         FINE, SLACK)
+    above = real & (s > b2)
+    sc = tl.where(above, s - tl.log(_exp_noise(seed, stp, tl.where(above, idx, 0))), float("-inf"))
+    top = tl.max(sc, axis=0)
+    top_i = tl.min(tl.where(sc == top, idx, 2147483647), axis=0)
+    n1 = n0 + tl.sum(above.to(tl.int32), axis=0)
+    z1 = z0 + tl.sum(tl.where(above, tl.exp(s - m), 0.0), axis=0)
+    sub = real & (s > a2) & (s <= b2)
+    tl.store(tmp + tl.cumsum(sub.to(tl.int32), axis=0) - 1, key, mask=sub)
+    tl.debug_barrier()       # the program's own stores, read back by other threads
+    ns = tl.sum(sub.to(tl.int32), axis=0)
+    if ns <= SMALL:
+        sub_sc, sub_i = _race_sorted(tmp, ns, m, Z, n1, z1, k_eff, pp, seed, stp, SMALL)
+    elif ns <= MID:
+        sub_sc, sub_i = _race_sorted(tmp, ns, m, Z, n1, z1, k_eff, pp, seed, stp, MID)
+    else:                    # ties wider than the bins
+        sub_sc, sub_i = _race_sorted(tmp, ns, m, Z, n1, z1, k_eff, pp, seed, stp, SIZE)
+    take = (sub_sc > top) | ((sub_sc == top) & (sub_i < top_i))
+    return tl.where(take, sub_sc, top), tl.where(take, sub_i, top_i)
+
+
+@triton.jit
 def _row_kind(t_ptr, k_ptr, p_ptr, b, V, min_t):
     """(tt, k_eff, top_p, race, filt) of row b: the divisor of its logits (1 for greedy rows), its
     top-k (V when off), top-p, whether it races over all tokens (a temperature, no filter) or over
@@ -304,6 +341,38 @@ def _row_kind(t_ptr, k_ptr, p_ptr, b, V, min_t):
     k_eff = tl.where((kk > 0) & (kk < V), kk, V)
     return (tl.where(t > 0, tl.maximum(t, min_t), 1.0), k_eff, pp, (t > 0) & (k_eff == V) & (pp >= 1.0),
             (t > 0) & ((k_eff < V) | (pp < 1.0)))
+
+
+@triton.jit
+def _bin(s, a, hb, FINE: tl.constexpr):
+    """Bin of s in FINE equal bins over the band (a, hb]: bin f holds hb - (f + 1) * w < s <= hb - f * w
+    (up to rounding: _narrow allows a bin)."""
+    return tl.minimum(tl.maximum(tl.floor((hb - s) * (FINE / (hb - a))), 0.0), FINE - 1.0).to(tl.int32)
+
+
+@triton.jit
+def _narrow(n, a, hb, n0, y0, m, Z, k_eff, pp, FINE: tl.constexpr, SLACK: tl.constexpr):
+    """(a2, b2): the narrowest band of bin edges known to hold the cut, from the band's bin counts n
+    [FINE] and the count n0 / mass y0 (exp(s - m), exact) of the tokens above hb. Above hb - g * w:
+    at most the tokens of bins <= g, at least those of bins <= g - 2 (one bin of rounding each way)."""
+    f = tl.arange(0, FINE)
+    w = (hb - a) / FINE
+    top = hb - f * w                 # bin f's upper edge
+    cum = n0 + tl.cumsum(n, axis=0)
+    ub_y = y0 + tl.cumsum(n.to(tl.float32) * tl.exp(top - m), axis=0)
+    sure = (cum <= k_eff) & (ub_y <= pp * Z * (1.0 - SLACK))     # everything above hb - f * w kept
+    gh = tl.maximum(tl.min(tl.where(sure, FINE, f), axis=0) - 1, 0)
+    lb_y = y0 + tl.cumsum(n.to(tl.float32) * tl.exp(top - w - m), axis=0)
+    cover = (cum >= k_eff) | (lb_y >= pp * Z * (1.0 + SLACK))    # hb - (f + 2) * w covers the kept set
+    gl = tl.min(tl.where(cover, f, FINE), axis=0) + 2
+    a2 = tl.where(gl < FINE, hb - gl * w, a)
+    return a2, tl.maximum(hb - gh * w, a2)
+
+
+@triton.jit
+def _fine_enough(a, hb, FINE: tl.constexpr):
+    """Whether FINE bins over (a, hb] are wide against an ulp (_narrow's bounds allow one bin of rounding)."""
+    return (hb - a) * (1.0 / FINE) > tl.maximum(tl.abs(a), tl.abs(hb)) * (1.0 / (1 << 14))
 
 
 @triton.jit
@@ -383,29 +452,33 @@ def _filter_stats_kernel(lg_ptr, step_ptr, t_ptr, seed_ptr, k_ptr, p_ptr, wb_ptr
             ulps = tl.abs(m) * (1.0 / (1 << 20))
             a = tl.where(gs < LEVELS, m - (gs + 2.0) * LEVEL_W - ulps, float("-inf"))
             # b: the tokens above m - g * LEVEL_W lie in chunk c's levels <= g - e[c] (e: rounded
-            # down, one level more than they reach); all kept while upper bounds of their count and
-            # mass stay within top-k and under top-p
+            # down, one level more than they reach): upper bounds of their count and mass. Wide
+            # bands (more than CAP tokens may lie above a): b is the lowest such edge whose tokens
+            # are surely all kept, and the refining launch narrows (a, b]; other rows: b = m (the
+            # buffer takes every candidate, the hash runs for a few of them only)
             e = tl.where(real, tl.floor((m - ms) * (1.0 / LEVEL_W)), 2.0 * LEVELS).to(tl.int32)
-            ju = g[:, None] - e[None, :]
-            cnt_u = tl.sum(tl.load(wc_ptr + base + tl.minimum(ju, LEVELS - 1), mask=ju >= 0, other=0,
-                                   cache_modifier=".cg"), axis=1)
-            deeper = tl.load(wm_ptr + base + ju + 1, mask=(ju >= 0) & (ju < LEVELS - 1), other=0.0, cache_modifier=".cg")
-            mass_u = tl.sum(tl.where(ju >= 0, tl.load(wm_ptr + base, cache_modifier=".cg") - deeper, 0.0)
-                            * scale[None, :], axis=1)
-            sure = (cnt_u <= k_eff) & (mass_u <= pp * Z * (1.0 - SLACK))
-            gh = tl.maximum(tl.min(tl.where(sure, LEVELS, g), axis=0) - 1, 0)     # m itself: nothing above
-            hb = tl.maximum(tl.minimum(m - gh * LEVEL_W + ulps, m), a)
-            # wide: the band may hold more than CAP tokens (the refining launch narrows it) and its
-            # bins would be wide against an ulp (the refining bounds allow one bin of rounding)
-            wide = ((gs < LEVELS) & (hb > a)
-                    & ((gs + 2 >= LEVELS) | (tl.sum(tl.where(g == gs + 2, cnt_u, 0), axis=0) > CAP))
-                    & ((hb - a) * (1.0 / FINE) > tl.maximum(tl.abs(a), tl.abs(hb)) * (1.0 / (1 << 14))))
+            ja = gs + 2 - e
+            n_a = tl.sum(tl.load(wc_ptr + b * SPLITS * LEVELS + c * LEVELS + tl.minimum(ja, LEVELS - 1), mask=ja >= 0,
+                                 other=0, cache_modifier=".cg"), axis=0)
+            wide = (gs < LEVELS) & ((gs + 2 >= LEVELS) | (n_a > CAP))
+            hb = m
+            if wide:
+                ju = g[:, None] - e[None, :]
+                cnt_u = tl.sum(tl.load(wc_ptr + base + tl.minimum(ju, LEVELS - 1), mask=ju >= 0, other=0,
+                                       cache_modifier=".cg"), axis=1)
+                deeper = tl.load(wm_ptr + base + ju + 1, mask=(ju >= 0) & (ju < LEVELS - 1), other=0.0,
+                                 cache_modifier=".cg")
+                mass_u = tl.sum(tl.where(ju >= 0, tl.load(wm_ptr + base, cache_modifier=".cg") - deeper, 0.0)
+                                * scale[None, :], axis=1)
+                sure = (cnt_u <= k_eff) & (mass_u <= pp * Z * (1.0 - SLACK))
+                gh = tl.maximum(tl.min(tl.where(sure, LEVELS, g), axis=0) - 1, 0)     # m itself: nothing above
+                hb = tl.maximum(tl.minimum(m - gh * LEVEL_W + ulps, m), a)
+                wide = (hb > a) & _fine_enough(a, hb, FINE)
+                hb = tl.where(wide, hb, m)
             tl.store(wr_ptr + b * 5, m)
             tl.store(wr_ptr + b * 5 + 1, Z)
             tl.store(wr_ptr + b * 5 + 2, a)
-            # narrow bands: no sure tokens (b = m), all in the buffer (the hash for a few candidates
-            # only, not for the chunk blocks holding the sure ones)
-            tl.store(wr_ptr + b * 5 + 3, tl.where(wide, hb, m))
+            tl.store(wr_ptr + b * 5 + 3, hb)
             tl.store(wr_ptr + b * 5 + 4, wide.to(tl.float32))
             tl.atomic_xchg(cnt_ptr + b, 0)    # ready for the next launch
 
@@ -428,7 +501,6 @@ def _filter_refine_kernel(lg_ptr, t_ptr, k_ptr, p_ptr, wb_ptr, wr_ptr, wh_ptr, w
         Z = tl.load(wr_ptr + b * 5 + 1)
         a = tl.load(wr_ptr + b * 5 + 2)
         hb = tl.load(wr_ptr + b * 5 + 3)
-        per_nat = FINE / (hb - a)
         lo = sp * CHUNK
         hi = tl.minimum(lo + CHUNK, V)
         h = tl.zeros([FINE], tl.int32)
@@ -440,9 +512,7 @@ def _filter_refine_kernel(lg_ptr, t_ptr, k_ptr, p_ptr, wb_ptr, wr_ptr, wh_ptr, w
             sure = s > hb
             ns += sure.to(tl.int32)
             ys += tl.where(sure, tl.exp(s - m), 0.0)
-            # bin i: b - (i + 1) * w < s <= b - i * w (up to rounding: the bounds below allow a bin)
-            i = tl.minimum(tl.maximum(tl.floor((hb - s) * per_nat), 0.0), FINE - 1.0)
-            h += tl.histogram(i.to(tl.int32), FINE, mask=(s > a) & (s <= hb))
+            h += tl.histogram(_bin(s, a, hb, FINE), FINE, mask=(s > a) & (s <= hb))
         f = tl.arange(0, FINE)
         tl.store(wh_ptr + (b * SPLITS + sp) * FINE + f, h)
         tl.store(wn_ptr + b * SPLITS + sp, tl.sum(ns, axis=0))
@@ -454,20 +524,9 @@ def _filter_refine_kernel(lg_ptr, t_ptr, k_ptr, p_ptr, wb_ptr, wr_ptr, wh_ptr, w
             n = tl.sum(tl.load(wh_ptr + (b * SPLITS + c[:, None]) * FINE + f[None, :], cache_modifier=".cg"), axis=0)
             n0 = tl.sum(tl.load(wn_ptr + b * SPLITS + c, cache_modifier=".cg"), axis=0)
             y0 = tl.sum(tl.load(wy_ptr + b * SPLITS + c, cache_modifier=".cg"), axis=0)
-            w = (hb - a) / FINE
-            top = hb - f * w                 # bin f's upper edge
-            cum = tl.cumsum(n, axis=0)
-            # above b - g * w: at most bins <= g, at least bins <= g - 2 (their tokens are a bin above)
-            ub = n0 + cum
-            ub_y = y0 + tl.cumsum(n.to(tl.float32) * tl.exp(top - m), axis=0)
-            sure = (ub <= k_eff) & (ub_y <= pp * Z * (1.0 - SLACK))
-            gh = tl.maximum(tl.min(tl.where(sure, FINE, f), axis=0) - 1, 0)
-            lb_y = y0 + tl.cumsum(n.to(tl.float32) * tl.exp(top - w - m), axis=0)
-            cover = (ub >= k_eff) | (lb_y >= pp * Z * (1.0 + SLACK))      # bins <= f: b - (f + 2) * w covers
-            gl = tl.min(tl.where(cover, f, FINE), axis=0) + 2
-            a2 = tl.where(gl < FINE, hb - gl * w, a)
+            a2, b2 = _narrow(n, a, hb, n0, y0, m, Z, k_eff, pp, FINE, SLACK)
             tl.store(wr_ptr + b * 5 + 2, a2)
-            tl.store(wr_ptr + b * 5 + 3, tl.maximum(hb - gh * w, a2))
+            tl.store(wr_ptr + b * 5 + 3, b2)
             tl.atomic_xchg(cnt_ptr + b, 0)
 
 
@@ -475,15 +534,16 @@ def _filter_refine_kernel(lg_ptr, t_ptr, k_ptr, p_ptr, wb_ptr, wr_ptr, wh_ptr, w
 def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed_ptr, k_ptr, p_ptr,
                         wb_ptr, wi_ptr, wr_ptr, wn_ptr, wy_ptr, ws_ptr, wt_ptr, buf_ptr, cnt_ptr, V, s_lg, s_tok,
                         CHUNK, min_t, SPLITS: tl.constexpr, SMALL: tl.constexpr, MID: tl.constexpr,
-                        CAP: tl.constexpr, BIG: tl.constexpr, SCAN: tl.constexpr, LOW: tl.constexpr,
-                        LIVE: tl.constexpr):
+                        CAP: tl.constexpr, BIG: tl.constexpr, FINE: tl.constexpr, SLACK: tl.constexpr,
+                        SCAN: tl.constexpr, LOW: tl.constexpr, LIVE: tl.constexpr):
     """Last launch, same grid. Filtered rows, chunk program: the count, mass and race best (score,
     first token) of its sure tokens (s > b) into wn / wy / ws / wt [B, SPLITS]; its band tokens
     (a, b] appended to buf [B, BIG] (_cand_key; slots by an atomic count in cnt[B + b]). The row's
-    last program races among the kept band tokens, after the sure ones: sorted (up to CAP, in the
-    smallest of SMALL / MID / CAP that holds them), by bisection over them (up to BIG), or by
-    bisection over the whole row (more); the better of that and the sure best wins. Other rows:
-    the first maximum of the chunks' bests. Then the token, pos / step advanced."""
+    last program races among the kept band tokens, after the sure ones: sorted (up to SMALL),
+    narrowed by bins then sorted (up to CAP; buf's tail [B, CAP] its scratch), by bisection over
+    them (up to BIG), or by bisection over the whole row (more); the better of that and the sure
+    best wins. Other rows: the first maximum of the chunks' bests. Then the token, pos / step
+    advanced."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     row = lg_ptr + b * s_lg
@@ -500,6 +560,7 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
         y0 = tl.zeros([], tl.float32)
         best = tl.full([], float("-inf"), tl.float32)
         best_i = tl.full([], 2147483647, tl.int32)
+        wide = tl.load(wr_ptr + b * 5 + 4) > 0
         for k0 in range(lo, tl.where(tl.load(wb_ptr + b * SPLITS + sp) > a, hi, lo), SCAN):   # chunks below a: none
             k = k0 + tl.arange(0, SCAN)
             s = _scaled(row, k, k < hi, tt)
@@ -508,15 +569,16 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
             if n > 0:
                 slot = tl.atomic_add(cnt_ptr + tl.num_programs(0) + b, n) + tl.cumsum(sel.to(tl.int32), axis=0) - 1
                 tl.store(buf_ptr + b * BIG + slot, _cand_key(s, k), mask=sel & (slot < BIG))
-            sure = s > hb
-            ns = tl.sum(sure.to(tl.int32), axis=0)
-            if ns > 0:       # the hash only where a block has sure tokens
-                n0 += ns
-                y0 += tl.sum(tl.where(sure, tl.exp(s - m), 0.0), axis=0)
-                sc = tl.where(sure, s - tl.log(_exp_noise(seed, stp, k)), float("-inf"))
-                top = tl.max(sc, axis=0)
-                best_i = tl.where(top > best, tl.min(tl.where(sc == top, k, 2147483647), axis=0), best_i)
-                best = tl.maximum(best, top)      # strict above: an earlier block keeps ties
+            if wide:         # narrow rows: b = m, no sure tokens
+                sure = s > hb
+                ns = tl.sum(sure.to(tl.int32), axis=0)
+                if ns > 0:       # the hash only where a block has sure tokens
+                    n0 += ns
+                    y0 += tl.sum(tl.where(sure, tl.exp(s - m), 0.0), axis=0)
+                    sc = tl.where(sure, s - tl.log(_exp_noise(seed, stp, k)), float("-inf"))
+                    top = tl.max(sc, axis=0)
+                    best_i = tl.where(top > best, tl.min(tl.where(sc == top, k, 2147483647), axis=0), best_i)
+                    best = tl.maximum(best, top)      # strict above: an earlier block keeps ties
         tl.store(wn_ptr + b * SPLITS + sp, n0)
         tl.store(wy_ptr + b * SPLITS + sp, y0)
         tl.store(ws_ptr + b * SPLITS + sp, best)
@@ -535,12 +597,11 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
             buf = buf_ptr + b * BIG
             band_sc = float("-inf")
             band_i = 0
-            if n <= SMALL:       # the sort's cost grows with its size: the smallest that holds them
+            if n <= SMALL:
                 band_sc, band_i = _race_sorted(buf, n, m, Z, n0, y0, k_eff, pp, seed, stp, SMALL)
-            elif n <= MID:
-                band_sc, band_i = _race_sorted(buf, n, m, Z, n0, y0, k_eff, pp, seed, stp, MID)
             elif n <= CAP:
-                band_sc, band_i = _race_sorted(buf, n, m, Z, n0, y0, k_eff, pp, seed, stp, CAP)
+                band_sc, band_i = _race_band(buf, buf_ptr + tl.num_programs(0) * BIG + b * CAP, n, a, hb, m, Z, n0, y0,
+                                             k_eff, pp, seed, stp, CAP, SMALL, MID, FINE, SLACK)
             elif n <= BIG:
                 band_sc, band_i = _bisect_buffer(buf, n, a, hb, m, Z, n0, y0, k_eff, pp, seed, stp, V, SCAN)
             if n <= BIG:     # ties of the race (a measure-zero event): the lower token id, as argmax
@@ -588,7 +649,7 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
         wm = torch.empty(B, splits, LEVELS, **f32)
         wh = torch.empty(B, splits, FINE, **i32)
         wr = torch.empty(B, 5, **f32)
-        buf = torch.empty(B, BIG, dtype=torch.int64, device=logits.device)
+        buf = torch.empty(B * (BIG + CAP), dtype=torch.int64, device=logits.device)     # [B, BIG], then [B, CAP]
         _filter_stats_kernel[(B, splits)](logits, step, temp, seed, top_k, top_p, ws, wi, wz, wc, wm, wr, counters,
                                           V, logits.stride(0), chunk, min_t, SPLITS=splits, BLOCK=block,
                                           LEVELS=LEVELS, LEVEL_W=LEVEL_W, FINE=FINE, CAP=CAP, SLACK=SLACK,
@@ -598,7 +659,8 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
                                            SLACK=SLACK, num_warps=4)
         _filter_pick_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, top_k, top_p, ws, wi, wr,
                                          wn, wy, wsc, wt, buf, counters, V, logits.stride(0), tokens.stride(0), chunk,
-                                         min_t, SPLITS=splits, SMALL=min(64, CAP), MID=min(512, CAP), CAP=CAP, BIG=BIG,
+                                         min_t, SPLITS=splits, SMALL=min(SMALL, CAP), MID=min(MID, CAP), CAP=CAP, BIG=BIG,
+                                         FINE=FINE, SLACK=SLACK,
                                          SCAN=SCAN, LOW={torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0),
                                          LIVE=live is not None, num_warps=8)
         return
