@@ -220,8 +220,8 @@ def _edge_seeds(scaled: torch.Tensor, n: int, step: int) -> list[int]:
     return list(found.values())
 
 
-# CPU: V <= CAP keeps every filtered row's candidates in the buffer (SMALL 8: most of them
-# narrowed by bins before the sort); CAP 16 sends the flat rows through the refining launch
+# CPU: V <= CAP keeps every filtered row's candidates in the buffer (SMALL 8, MID 16: most of
+# them narrowed by bins before the sort); CAP 16 sends the flat rows through the refining launch
 # (sure tokens, then the band), their ties at the cut (no bin splits them) to the bisection over
 # the candidates, and BIG 39 to the bisection over the row, in fp16 and fp32 (the logit keys drop
 # 13 / no bits)
@@ -244,6 +244,7 @@ def test_next_token_advance_filters_as_the_torch_sampler(V, cap, big, kind, dtyp
         monkeypatch.setattr(ks, "CAP", cap)
         monkeypatch.setattr(ks, "BIG", big)
         monkeypatch.setattr(ks, "SMALL", 8)
+        monkeypatch.setattr(ks, "MID", 16)
     from mixprec.runtime.sampling import MIN_TEMPERATURE
     g = torch.Generator(device=_DEV).manual_seed(V + len(kind))
     row = _filtered_case(1, V, kind, g).to({"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[dtype])

@@ -297,7 +297,7 @@ def _race_sorted(buf, n, m, Z, n0, z0, k_eff, pp, seed, stp, SIZE: tl.constexpr)
 @triton.jit
 def _race_band(buf, tmp, n, a, hb, m, Z, n0, z0, k_eff, pp, seed, stp, SIZE: tl.constexpr, SMALL: tl.constexpr,
                MID: tl.constexpr, FINE: tl.constexpr, SLACK: tl.constexpr):
-    """(score, token) of the race among the kept of n (SMALL < n <= SIZE) band keys (a, hb] in buf,
+    """(score, token) of the race among the kept of n (MID < n <= SIZE) band keys (a, hb] in buf,
     after n0 sure tokens of mass z0, without sorting them all: binned (FINE) and narrowed as the
     refining launch does (_narrow); the tokens above the narrowed band race here, those in it
     (usually a few dozen) are compacted into tmp and sorted."""
@@ -539,8 +539,8 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
     """Last launch, same grid. Filtered rows, chunk program: the count, mass and race best (score,
     first token) of its sure tokens (s > b) into wn / wy / ws / wt [B, SPLITS]; its band tokens
     (a, b] appended to buf [B, BIG] (_cand_key; slots by an atomic count in cnt[B + b]). The row's
-    last program races among the kept band tokens, after the sure ones: sorted (up to SMALL),
-    narrowed by bins then sorted (up to CAP; buf's tail [B, CAP] its scratch), by bisection over
+    last program races among the kept band tokens, after the sure ones: sorted (up to SMALL or
+    MID), narrowed by bins then sorted (up to CAP; buf's tail [B, CAP] its scratch), by bisection over
     them (up to BIG), or by bisection over the whole row (more); the better of that and the sure
     best wins. Other rows: the first maximum of the chunks' bests. Then the token, pos / step
     advanced."""
@@ -597,9 +597,11 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
             buf = buf_ptr + b * BIG
             band_sc = float("-inf")
             band_i = 0
-            if n <= SMALL:
+            if n <= SMALL:       # a sort's cost grows with its size: the smallest that holds them
                 band_sc, band_i = _race_sorted(buf, n, m, Z, n0, y0, k_eff, pp, seed, stp, SMALL)
-            elif n <= CAP:
+            elif n <= MID:
+                band_sc, band_i = _race_sorted(buf, n, m, Z, n0, y0, k_eff, pp, seed, stp, MID)
+            elif n <= CAP:       # binning them costs less than their sort
                 band_sc, band_i = _race_band(buf, buf_ptr + tl.num_programs(0) * BIG + b * CAP, n, a, hb, m, Z, n0, y0,
                                              k_eff, pp, seed, stp, CAP, SMALL, MID, FINE, SLACK)
             elif n <= BIG:
