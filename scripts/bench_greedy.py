@@ -7,9 +7,9 @@ and filtered: counter_noise, runtime.sampling.sample, copy, two adds). Qwen3 voc
 bf16 logits, CUDA graphs, µs per call. The logits are written by a copy just before (as the
 lm_head writes them: in L2). Modes: greedy; sampled (temperature 0.7); top_p (0.9) and top_kp
 (top-k 20, top-p 0.8: Qwen3's recommended settings) on peaked logits (50 tokens 6-16 nats above a
-N(0, 1) background: a few dozen candidates); top_p_wide (0.9 on N(0, 9) logits: thousands of
-candidates, the kernel's bisection over them); top_p_flat (0.9 on N(0, 1) logits: tens of
-thousands kept, the kernel's bisection over the row).
+N(0, 1) background: a few dozen candidates); top_p_wide (0.9 on N(0, 9) logits: ~1000
+candidates, binned and narrowed by the last program); top_p_flat (0.9 on N(0, 1) logits: tens of
+thousands kept, the refining launch, then ~1400 candidates binned).
 
     python scripts/bench_greedy.py [--batch 1,8,64] [--modes greedy,top_p] [--tiles 4096x2048,2048x1024]"""
 import argparse

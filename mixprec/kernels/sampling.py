@@ -1,7 +1,7 @@
 """A decode step's last part: each row's next token, greedy (argmax of its logits) or sampled
 (the exponential race of runtime/sampling.py: argmax of logits / t - log E, E the row's
 counter-hash Exp(1) draws, runtime/generate.counter_noise), among all tokens in one launch or
-among those top-k / top-p keep in two (below), written into the caller's token buffer, and the
+among those top-k / top-p keep in three (below), written into the caller's token buffer, and the
 row's position / step counters advanced.
 
 The torch version is a chain of small kernels after the lm_head (greedy: logits cast to fp32,
