@@ -121,10 +121,10 @@ def _next_token_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, seed
 # logits with top-p near 1, a large top-k): the chunks histogram their band tokens in FINE bins
 # and sum their sure ones exactly; the last program narrows the band to a few bins. Launch 3:
 # the chunks race among their sure tokens (count, mass and best score kept) and append their band
-# tokens to a buffer; the row's last program sorts up to CAP of them and races among the kept
-# (rank and mass counted after the sure tokens), bisects over up to BIG, or, beyond (ties at the
-# cut wider than BIG: no bin splits equal values), bisects over the row's logit keys in one
-# program (exact, but ~0.7 ms a step on an H100).
+# tokens to a buffer; the row's last program races among the kept of them (rank and mass counted
+# after the sure tokens): sorted up to MID, binned and narrowed again up to CAP, by bisection up to
+# BIG, or, beyond (ties at the cut wider than BIG: no bin splits equal values), by bisection over
+# the row's logit keys in one program (exact, but ~0.7 ms a step on an H100).
 LEVELS, LEVEL_W, FINE, CAP, BIG = 64, 0.25, 256, 4096, 16384
 SMALL, MID = 64, 512    # sort sizes below CAP (a sort's cost grows with its size)
 SCAN = 4096         # elements per loop step of the passes over a row in the last launch (bytes in flight)
