@@ -278,3 +278,29 @@ def test_next_token_advance_filters_as_the_torch_sampler(V, cap, big, kind, dtyp
         assert torch.equal(step, before + live)
     if kind == "peaked":      # the tied top tokens: top-k 5 keeps the first five ids
         assert 20 <= int(want[1]) < 25
+
+
+def test_next_token_advance_filters_at_a_tiny_temperature_and_large_logits():
+    """s = logit / max(t, MIN_TEMPERATURE) reaches 1e7 with logits near 100, where an fp32 ulp is a
+    whole nat: the kernel's thresholds (a level or two below the row max) must not round up onto
+    the max and leave the kept set empty. Two rows keep only their top token (as the torch sampler),
+    one keeps 3 of 6 exact ties at the max (all equal after the division: the first three ids)."""
+    from mixprec.kernels.sampling import next_token_advance
+    from mixprec.runtime.sampling import MIN_TEMPERATURE
+    V = 120
+    g = torch.Generator(device=_DEV).manual_seed(5)
+    logits = torch.randn(3, V, generator=g, device=_DEV) + 90.0
+    logits[0, 17] = 100.0
+    logits[1, 70] = 99.5
+    logits[2, 30:36] = 100.0
+    temp = torch.full((3,), 1e-7, device=_DEV)
+    k = torch.tensor([3, 0, 3], device=_DEV)
+    p = torch.tensor([0.9, 0.5, 1.0], device=_DEV)
+    seed = torch.arange(3, device=_DEV) + 1
+    step = torch.zeros(3, dtype=torch.long, device=_DEV)
+    tokens = torch.zeros(3, dtype=torch.long, device=_DEV)
+    pos = torch.zeros(3, dtype=torch.long, device=_DEV)
+    want = sample(logits, temp, k, p, counter_noise(seed, step, V), filtered=True)
+    next_token_advance(logits, tokens, pos, step, None, (temp, seed, MIN_TEMPERATURE), (k, p), tiles=(64, 64))
+    assert torch.equal(tokens, want)
+    assert int(want[0]) == 17 and int(want[1]) == 70 and 30 <= int(want[2]) < 33
