@@ -622,10 +622,10 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
     temperature > 0 (runtime/sampling.sample, its noise counter_noise(seed, step)), among the
     tokens that `filters` = (top_k [B] int64, 0 = off; top_p [B] fp32, 1 = off) keep (None: all;
     NaN logits of a filtered row are never kept); then pos[b] and step[b] += live[b] (live None:
-    += 1), in place, one launch, no host sync (CUDA-graph capturable). logits [B, V] (any float
-    dtype); tokens [B] (any stride, any int dtype); pos / step [B] contiguous int64; live [B] bool
-    or int; tiles: (MIN_CHUNK, BLOCK), None: the rule above. Callers take it where
-    formats.base.use_kernels says so (on CPU: the Triton interpreter, tests only)."""
+    += 1), in place, one launch (three with filters), no host sync (CUDA-graph capturable). logits
+    [B, V] (any float dtype); tokens [B] (any stride, any int dtype); pos / step [B] contiguous
+    int64; live [B] bool or int; tiles: (MIN_CHUNK, BLOCK), None: the rule above. Callers take it
+    where formats.base.use_kernels says so (on CPU: the Triton interpreter, tests only)."""
     B, V = logits.shape
     min_chunk, block = tiles or (LARGE_TILES if B >= LARGE_FROM and sampling is None else SMALL_TILES)
     if logits.stride(1) != 1:
@@ -661,9 +661,8 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
                                            SLACK=SLACK, num_warps=4)
         _filter_pick_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, top_k, top_p, ws, wi, wr,
                                          wn, wy, wsc, wt, buf, counters, V, logits.stride(0), tokens.stride(0), chunk,
-                                         min_t, SPLITS=splits, SMALL=min(SMALL, CAP), MID=min(MID, CAP), CAP=CAP, BIG=BIG,
-                                         FINE=FINE, SLACK=SLACK,
-                                         SCAN=SCAN, LOW={torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0),
+                                         min_t, SPLITS=splits, SMALL=min(SMALL, CAP), MID=min(MID, CAP), CAP=CAP,
+                                         BIG=BIG, FINE=FINE, SLACK=SLACK, SCAN=SCAN, LOW={torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0),
                                          LIVE=live is not None, num_warps=8)
         return
     temp, seed, min_t = sampling if sampling is not None else (ws, pos, 0.0)
