@@ -662,7 +662,8 @@ def next_token_advance(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor
         _filter_pick_kernel[(B, splits)](logits, tokens, pos, step, live_arg, temp, seed, top_k, top_p, ws, wi, wr,
                                          wn, wy, wsc, wt, buf, counters, V, logits.stride(0), tokens.stride(0), chunk,
                                          min_t, SPLITS=splits, SMALL=min(SMALL, CAP), MID=min(MID, CAP), CAP=CAP,
-                                         BIG=BIG, FINE=FINE, SLACK=SLACK, SCAN=SCAN, LOW={torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0),
+                                         BIG=BIG, FINE=FINE, SLACK=SLACK, SCAN=SCAN,
+                                         LOW={torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0),
                                          LIVE=live is not None, num_warps=8)
         return
     temp, seed, min_t = sampling if sampling is not None else (ws, pos, 0.0)
