@@ -481,6 +481,8 @@ def _filter_stats_kernel(lg_ptr, step_ptr, t_ptr, seed_ptr, k_ptr, p_ptr, wb_ptr
             tl.store(wr_ptr + b * 5 + 3, hb)
             tl.store(wr_ptr + b * 5 + 4, wide.to(tl.float32))
             tl.atomic_xchg(cnt_ptr + b, 0)    # ready for the next launch
+    elif sp == 0:        # other rows: never wide (wr is not zeroed; the refining launch reads this flag)
+        tl.store(wr_ptr + b * 5 + 4, 0.0)
 
 
 @triton.jit
