@@ -170,6 +170,14 @@ def _load_cands(buf, r, n):
 
 
 @triton.jit
+def _better(sa, ia, sb, ib):
+    """The winner of two race entries (score, token): the higher score, on ties the lower token id
+    (as argmax over the vocabulary has it)."""
+    take = (sa > sb) | ((sa == sb) & (ia < ib))
+    return tl.where(take, sa, sb), tl.where(take, ia, ib)
+
+
+@triton.jit
 def _key(row, k, km, LOW: tl.constexpr):
     """(logit as fp32, its order key ord >> LOW): LOW drops the bits a bf16 (16) / fp16 (13)
     logit never has, so a bisection over keys takes a pass per bit of the logit type only. NaN:
@@ -272,9 +280,7 @@ def _bisect_buffer(buf, n, lo_x, hi_x, m, Z, n0, z0, k_eff, pp, seed, stp, V, SC
         s, idx = _uncand(key)
         keep = (r < n) & ((key >> 32) * V + V - 1 - idx >= lo)
         sc = tl.where(keep, s - tl.log(_exp_noise(seed, stp, tl.where(keep, idx, 0))), float("-inf"))
-        take = (sc > best) | ((sc == best) & (idx < best_i))
-        best = tl.where(take, sc, best)
-        best_i = tl.where(take, idx, best_i)
+        best, best_i = _better(sc, idx, best, best_i)
     top = tl.max(best, axis=0)
     return top, tl.min(tl.where(best == top, best_i, 2147483647), axis=0)
 
@@ -326,8 +332,7 @@ def _race_band(buf, tmp, n, a, hb, m, Z, n0, z0, k_eff, pp, seed, stp, SIZE: tl.
         sub_sc, sub_i = _race_sorted(tmp, ns, m, Z, n1, z1, k_eff, pp, seed, stp, MID)
     else:                    # ties wider than the bins
         sub_sc, sub_i = _race_sorted(tmp, ns, m, Z, n1, z1, k_eff, pp, seed, stp, SIZE)
-    take = (sub_sc > top) | ((sub_sc == top) & (sub_i < top_i))
-    return tl.where(take, sub_sc, top), tl.where(take, sub_i, top_i)
+    return _better(sub_sc, sub_i, top, top_i)
 
 
 @triton.jit
@@ -608,8 +613,8 @@ def _filter_pick_kernel(lg_ptr, tok_ptr, pos_ptr, step_ptr, live_ptr, t_ptr, see
                                              k_eff, pp, seed, stp, CAP, SMALL, MID, FINE, SLACK)
             elif n <= BIG:
                 band_sc, band_i = _bisect_buffer(buf, n, a, hb, m, Z, n0, y0, k_eff, pp, seed, stp, V, SCAN)
-            if n <= BIG:     # ties of the race (a measure-zero event): the lower token id, as argmax
-                nxt = tl.where((band_sc > sure_sc) | ((band_sc == sure_sc) & (band_i < sure_i)), band_i, sure_i)
+            if n <= BIG:
+                nxt = _better(band_sc, band_i, sure_sc, sure_i)[1]
             else:
                 nxt = _bisect_race(row, a, m, Z, tt, k_eff, pp, seed, stp, V, SCAN, LOW)
         _store_advance(tok_ptr, s_tok, pos_ptr, step_ptr, live_ptr, cnt_ptr, b, nxt, LIVE)
