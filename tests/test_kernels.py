@@ -30,6 +30,7 @@ GEMM = configs.cfg("gemm", 16, 32, 128, 1, 4, 2)
 GEMM_SPLIT = configs.cfg("gemm", 16, 64, 64, 2, 4, 2)
 SWAP = configs.cfg("swap", 16, 64, 128, 1, 4, 2)         # int4, one group per K tile: transposed dots
 SWAP_SPLIT = configs.cfg("swap", 64, 64, 128, 2, 4, 2)
+SWAP_PAIRED = configs.cfg("swap", 128, 64, 128, 2, 4, 2)   # from quant.PAIRED_MIN_BM rows: fields paired in one dot
 DEQUANT = configs.cfg("dequant", 128, 128, 128, 1, 4, 1)   # dequantize, then torch.mm
 
 
@@ -150,6 +151,7 @@ INTQ_CASES = [  # M, N, K, G, asym, act_order
     (9, 80, 384, 32, True, True),       # per-field dots, groups smaller than the tile: rows scaled first
     (16, 72, 256, 64, False, False),
     (40, 72, 384, 128, True, True),     # swap tiles (BM 64, M and N not multiples of the tile)
+    (40, 72, 384, 128, False, False),   # swap tiles without act-order: BM 128 pairs fields (SWAP_PAIRED)
 ]
 
 
@@ -161,7 +163,7 @@ def test_intq_interpreter(bits, case):
     qw, sc, z, perm = make_intq(N, K, G, bits, asym, act, seed=M + N + bits)
     gs = -1 if G == K else G
     cfgs = [GEMM, GEMM_SPLIT] + ([GEMV, GEMV_SPLIT, GEMV_WHOLE_K] if M <= 3 else [])
-    swap = [SWAP, SWAP_SPLIT] if bits == 4 and (G == K or G % 128 == 0) else []
+    swap = [SWAP, SWAP_SPLIT, SWAP_PAIRED] if bits == 4 and (G == K or G % 128 == 0) else []
     for dtype, cs in ((torch.float16, cfgs + swap + [DEQUANT]), (torch.float32, cfgs[1::2] + [DEQUANT])):
         x = xin(M, K, dtype, seed=K + M)
         ref = intq_linear_reference(x, qw, sc, z, perm, bits, gs)
@@ -446,7 +448,8 @@ def test_intq_gpu(dtype, bits, G, asym, act):
     N, K = 2200, 2048
     qw, sc, z, perm = make_intq(N, K, K if G == -1 else G, bits, asym, act, seed=bits + (G % 7),
                                 sdtype=BF if dtype == BF else HF)
-    for M in GPU_M + [64, 129]:        # 17-256: swap tiles for int4 in one group per K tile (intq_config)
+    for M in GPU_M + [64, 96, 129]:    # 17-127: swap tiles for int4 in one group per K tile (intq_config;
+        # 96: BM 128, the paired fields of quant._field_dots_t)
         x = xin(M, K, dtype, seed=M)
         y = intq_linear(x, qw, sc, z, perm, bits, G)
         assert y.dtype == dtype and sqnr(y, intq_linear_reference(x, qw, sc, z, perm, bits, G)) >= 40, M

@@ -427,6 +427,23 @@ def x_tile(a_ptrs, a_mask, perm_ptr, k0, K, BK: tl.constexpr, HAS_PERM: tl.const
     return tl.load(a_ptrs + kk[None, :], mask=a_mask & km[None, :], other=0.0)
 
 
+# the transposed int4 tiles (swap tiles) of at least this many rows take _field_dots_t. H100, session
+# 29, scripts/bench_int4_gemm.py (dense swap tiles, BM = rows rounded up to a power of two), µs,
+# per-field -> paired, same call, alternated twice: M=96 (BM 128) 235B qkv 90.3 / 90.4 -> 64.4 /
+# 64.5, o_proj 48.5 / 49.0 -> 42.1 / 42.1, gate_up 26.7 / 26.8 -> 22.3 / 22.3, down 16.9 / 16.9 ->
+# 14.6 / 14.7, 30B qkv 23.8 / 23.5 -> 21.1 / 20.8, o_proj 21.9 / 21.9 -> 18.8 / 18.9, lm_head 325.4
+# / 324.7 -> 330.8 / 331.1 (M = 65 and 127 alike: the head 0-2.5% slower, the rest 10-29% faster;
+# linear_raw/session29_int4_swap_paired_bm128_ab_h100.log). At BM 64 the paired tile lost (235B qkv
+# M=64 35.6 -> 43.1, 30B lm_head 188.9 -> 205.1: ptxas 153 -> 176 registers, 3 -> 2 programs per
+# SM), at BM 32 it was within 3% but for the head (141 -> 125), and the fused MoE's BM-64 prefill
+# row lost too (bench-moe 30B int4 at 512 / 1024 tokens 398.9 / 583.8 -> 413.5 / 620.2;
+# linear_raw/session29_int4_swap_paired_all_bm_*, moe_diag/session29_moe_prefill_paired_bm64_*).
+# Act-order tiles (HAS_PERM) keep the per-field dots: their x tile is a gather either way, and
+# gathered in the paired order it took more instructions (sm_90 SASS, BM 128: 1122 -> 1325 per K
+# step; the register permute of a gathered tile crashed Triton 3.6's TritonGPUOptimizeDotOperands).
+PAIRED_MIN_BM = tl.constexpr(128)
+
+
 @triton.jit
 def _field_pair_dots(part, q, zb, s2, xlo, xhi, J: tl.constexpr, ROW_SCALE: tl.constexpr, TRANS: tl.constexpr):
     lo, hi = int4_pair(q >> (4 * J), zb)
@@ -458,6 +475,27 @@ def _field_dots(part, q, zb, s2, a, ROW_SCALE: tl.constexpr, TRANS: tl.constexpr
 
 
 @triton.jit
+def _field_dots_t(part_t, q, zb, a):
+    """part_t [BN, BM] += (codes - z)^T a^T for q [BN, R] words, a [BM, 8R] in K order, as one dot
+    whose A operand (the codes, from registers on wgmma) takes the K order k' = 2 (R J + r) + h,
+    h = 0 / 1 for field J / J + 4 of word row r: int4_pair's LOP3 leaves fields J and J + 4 of a
+    word in the two halves of one 32-bit register, and as (k', k' + 1) they are the pair an MMA
+    operand holds in one register, so no byte permutes repack the codes (the per-field dots above
+    pair rows r, r + 1 of one field instead). The activation tile takes the same order by a
+    reshape / permute, once per tile. Taken by int4_swap_tiles (see PAIRED_MIN_BM)."""
+    R: tl.constexpr = q.shape[1]
+    f0, f4 = int4_pair(q, zb)
+    f1, f5 = int4_pair(q >> 4, zb)
+    f2, f6 = int4_pair(q >> 8, zb)
+    f3, f7 = int4_pair(q >> 12, zb)
+    w = tl.join(tl.join(tl.join(f0, f4), tl.join(f1, f5)), tl.join(tl.join(f2, f6), tl.join(f3, f7)))
+    # w[n, r, h, j0, j1] = field 2 j1 + j0 + 4 h of word (r, n); a5[m, r, h, j1, j0] = a[m, 8 r + 4 h + 2 j1 + j0]
+    wt = tl.reshape(tl.permute(w, (0, 4, 3, 1, 2)), (q.shape[0], 8 * R))                          # [BN, k']
+    x = tl.reshape(tl.permute(tl.reshape(a, (a.shape[0], R, 2, 2, 2)), (0, 3, 4, 1, 2)), (a.shape[0], 8 * R))
+    return tl.dot(wt, tl.trans(x), part_t)
+
+
+@triton.jit
 def _zero_base(z, dt, HAS_ZERO: tl.constexpr):
     """16-bit float 2^m + z (m = 7 bf16, 10 fp16) of the zeros z (uint8; symmetric: z = 8)."""
     base = 128.0 if dt == tl.bfloat16 else 1024.0
@@ -467,20 +505,26 @@ def _zero_base(z, dt, HAS_ZERO: tl.constexpr):
 
 
 @triton.jit
-def int4_field_dots(part, q, z_row, n_mask, a, HAS_ZERO: tl.constexpr, TRANS: tl.constexpr = False):
+def int4_field_dots(part, q, z_row, n_mask, a, HAS_ZERO: tl.constexpr, TRANS: tl.constexpr = False,
+                    PAIRED: tl.constexpr = False):
     """part [BM, BN] fp32 += a @ (codes - z) for one K tile of 8R inputs in one group: q [R, BN]
     int4 words, a [BM, 8R] the activations of the tile in K order (x_tile). Field j of the R words
     is the K sub-lattice 8 r + j: one dot per field against the matching columns of a, which a
     reshape and three splits take apart in registers (one contiguous load of a per tile, instead
     of one strided gather per field), so the codes are never reshuffled into K order.
     z_row: [BN] pointers to the group's uint8 zeros (HAS_ZERO).
-    TRANS: the transposed problem, part [BN, BM] += (codes - z)^T a^T with q [BN, R]."""
+    TRANS: the transposed problem, part [BN, BM] += (codes - z)^T a^T with q [BN, R]; with PAIRED
+    as one dot over a K order that pairs fields j and j + 4 (_field_dots_t)."""
     if HAS_ZERO:
         z = tl.load(z_row, mask=n_mask, other=0)
         z = z[:, None] if TRANS else z[None, :]
     else:
         z = tl.zeros([q.shape[0], 1] if TRANS else [1, q.shape[1]], tl.uint8)
-    return _field_dots(part, q, _zero_base(z, a.dtype, HAS_ZERO), part, a, False, TRANS)
+    if TRANS and PAIRED:
+        part = _field_dots_t(part, q, _zero_base(z, a.dtype, HAS_ZERO), a)
+    else:
+        part = _field_dots(part, q, _zero_base(z, a.dtype, HAS_ZERO), part, a, False, TRANS)
+    return part
 
 
 @triton.jit
@@ -494,6 +538,7 @@ def int4_swap_tiles(acc_t, qw_ptr, stride_q, s_ptr, stride_s, z_ptr, stride_z, c
     z_ptr: scales / uint8 zeros [ceil(K/G), *]; cols [BN] the columns; x_rows [BM, 1] row pointers
     of x [*, K] with x_mask [BM, 1] (HAS_PERM: x columns gathered through perm_ptr, x_tile)."""
     rows = tl.arange(0, BK // 8)
+    PAIRED: tl.constexpr = acc_t.shape[1] >= PAIRED_MIN_BM and not HAS_PERM
     for k0 in range(k_lo, k_end, BK):
         rw = k0 // 8 + rows
         w = tl.load(qw_ptr + rw[None, :] * stride_q + cols[:, None],
@@ -501,7 +546,7 @@ def int4_swap_tiles(acc_t, qw_ptr, stride_q, s_ptr, stride_s, z_ptr, stride_z, c
         g = k0 // G
         s_row = tl.load(s_ptr + g * stride_s + cols, mask=n_mask, other=0.0).to(tl.float32)
         a = x_tile(x_rows, x_mask, perm_ptr, k0, K, BK, HAS_PERM)
-        part = int4_field_dots(tl.zeros_like(acc_t), w, z_ptr + g * stride_z + cols, n_mask, a, HAS_ZERO, True)
+        part = int4_field_dots(tl.zeros_like(acc_t), w, z_ptr + g * stride_z + cols, n_mask, a, HAS_ZERO, True, PAIRED)
         acc_t += part * s_row[:, None]
     return acc_t
 
