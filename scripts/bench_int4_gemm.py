@@ -4,7 +4,7 @@ rows until session 13), the tuned group-128 row (configs.get) and the defaults (
 µs per call on the bench-kernels shapes (cold weights rotated over >= 256 MB, CUDA-graph replay). A
 config that cannot launch prints FAIL (e.g. out of shared memory; the per-field tiles are int4 only).
 
-    python scripts/bench_int4_gemm.py [--ms 17,32,64,128,256,512] [--groups 128,32] [--bits 4,8]"""
+    python scripts/bench_int4_gemm.py [--ms 17,32,64,128,256,512] [--groups 128,32] [--bits 4,8] [--act-order]"""
 import argparse
 import os
 import sys
@@ -21,6 +21,7 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--ms", default="17,32,64,128,256,512")
 p.add_argument("--groups", default="128,32")
 p.add_argument("--bits", default="4")
+p.add_argument("--act-order", action="store_true", help="weights with a random act-order permutation")
 a = p.parse_args()
 ms, groups = [int(m) for m in a.ms.split(",")], [int(g) for g in a.groups.split(",")]
 bitss = [int(b) for b in a.bits.split(",")]
@@ -30,11 +31,14 @@ def weights(bits: int, G: int, N: int, K: int):
     """(tensors, reference(x, tensors)) of a random asymmetric `bits`-bit weight, group G."""
     if bits == 4:
         ts, _, ref = B.make_variant(f"int4 g{G} asym", N, K, "cuda")
-        return ts, ref
+        if a.act_order:
+            perm = torch.randperm(K, device="cuda").to(torch.int32)
+            return ts + [perm], lambda x, t: intq_linear_reference(x, t[0], t[1], t[2], t[3], 4, G)
+        return ts + [None], ref
     qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (K * bits // 32, N), dtype=torch.int32, device="cuda")
     sc = (torch.rand(K // G, N, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
     z = torch.randint(0, 1 << bits, (K // G, N), dtype=torch.uint8, device="cuda")
-    return [qw, sc, z], lambda x, t: intq_linear_reference(x, t[0], t[1], t[2], None, bits, G)
+    return [qw, sc, z, None], lambda x, t: intq_linear_reference(x, t[0], t[1], t[2], None, bits, G)
 
 print(f"{torch.cuda.get_device_name()}, copy bandwidth {timing.copy_bandwidth_gbps():.0f} GB/s; "
       "µs library [path] / per-field BM 16 / tuned / default")
@@ -51,7 +55,7 @@ for model, sname, N, K in B.SHAPES:
             field = field_tiles_config(M, N, K)
             for c in (lib, field, configs.get(f"intq{bits}", M, N, K), configs.default(f"intq{bits}", M, N, K)):
                 def f(t, c=c):
-                    return intq_linear_cfg(x, t[0], t[1], t[2], None, bits, G, c)
+                    return intq_linear_cfg(x, t[0], t[1], t[2], t[3], bits, G, c)
                 try:
                     q = B.sqnr(f(ts).float(), y0.float())
                     us = timing.graph_us([lambda t=t: f(t) for t in sets])

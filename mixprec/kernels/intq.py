@@ -319,6 +319,10 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
             BLOCK_K=tile, EVK=K % tile == 0, USE_SPLIT=split > 1, F16=per >= F16_MIN_K, MR=mr,
             num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     else:
+        if perm is not None and (c["path"] == "swap" or M * N * K >= PERMUTE_X_MIN_MNK):
+            # act-order: the activations in the weight's row order once per call (as the dequant
+            # path does), instead of every N tile program gathering its x tile through perm
+            x2, perm, pp = x2.index_select(1, perm), None, qweight
         tile = _gemm_tile(c, pf)
         scale_after = _scale_after(G, K, tile)
         field_dots = _field_dots(bits, c, pf, x2.dtype)
@@ -390,6 +394,16 @@ SWAP_MIN_M = 17
 SWAP_MIN_NK = 1 << 22
 DEQUANT_MIN_M = 128
 DEQUANT_CHUNK = 1 << 25      # elements of the transient dequantized weight (64 MB in bf16)
+# act-order GEMMs (not the GEMVs) permute x once per call (x.index_select, one more launch of ~3-5
+# µs) on the swap tiles and from this many M * N * K, else gather x through perm in every program.
+# H100, session 29, `scripts/bench_int4_gemm.py --act-order --ms 2,4,8,16,17,32,64,96 --groups 128`,
+# gather -> permuted once, µs, two runs each (linear_raw/session29_int4_act_order_permute_x_ab_h100.log):
+# swap tiles 235B qkv M=64 309.8 -> 42.6, M=96 547.4 -> 69.2, 30B qkv M=17 28.0 -> 16.9, lm_head M=64
+# 2260 -> 194, 235B down M=17 16.3 -> 13.6 (faster at every swap point); BM-16 tiles 235B qkv M=4
+# 29.0 -> 24.9 (1.5e8), 30B qkv M=16 17.5 -> 15.4 (1.7e8), lm_head M=4 137 -> 101; below the bound
+# slower: 30B qkv M=4 10.4 -> 15.8 (4e7), 235B o_proj M=4 20.3 -> 22.6 (1.3e8), 30B down M=16 7.1 ->
+# 10.5; above it one loss, 30B gate_up M=64 15.5 -> 17.7 (2e8)
+PERMUTE_X_MIN_MNK = 150_000_000
 
 
 def swap_fits(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -> bool:
