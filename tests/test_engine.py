@@ -463,7 +463,7 @@ def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
     params = [SamplingParams(max_new_tokens=8 + i) for i in range(12)]
     params[3] = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=10)
     # sampled without top-k / top-p: alone (Generator) the one-launch race (kernels/sampling.py); in
-    # an engine batch beside request 3, the torch sampler: the draws must agree
+    # an engine batch beside request 3, the filtered launches (first tokens too): the draws must agree
     params[5] = SamplingParams(temperature=0.7, seed=5, max_new_tokens=9)
     gen = Generator(m)
     ref = [gen.generate([p], sp)[0] for p, sp in zip(ps, params)]

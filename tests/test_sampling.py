@@ -304,3 +304,33 @@ def test_next_token_advance_filters_at_a_tiny_temperature_and_large_logits():
     next_token_advance(logits, tokens, pos, step, None, (temp, seed, MIN_TEMPERATURE), (k, p), tiles=(64, 64))
     assert torch.equal(tokens, want)
     assert int(want[0]) == 17 and int(want[1]) == 70 and 30 <= int(want[2]) < 33
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_first_token_takes_the_kernels_and_draws_as_the_torch_sampler(filtered):
+    """The prefill's token (runtime.generate.first_token, Engine and Generator) comes from the
+    decode step's kernels where use_kernels says so (here: CUDA, or the interpreter on CPU), equal
+    to the torch sampler's draw row by row (greedy, sampled, top-k / top-p rows), and leaves step
+    unchanged (the noise counter of the first token is the caller's step)."""
+    from types import SimpleNamespace
+
+    from mixprec.formats.base import interpreter_kernels
+    from mixprec.runtime import generate
+    g = torch.Generator(device=_DEV).manual_seed(11)
+    logits = (torch.randn(5, 120, generator=g, device=_DEV) * 2).to(torch.float16 if _DEV == "cpu" else torch.bfloat16)
+    temp = torch.tensor([0.0, 0.8, 1.0, 0.7, 1.2], device=_DEV)
+    top_k = torch.tensor([0, 0, 5, 0, 40] if filtered else [0] * 5, device=_DEV)
+    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.95] if filtered else [1.0] * 5, device=_DEV)
+    params = SimpleNamespace(temperature=temp, top_k=top_k, top_p=top_p, seed=torch.arange(5, device=_DEV) + 3)
+    step = torch.tensor([0, 0, 3, 5, 9], device=_DEV)
+    want = generate.sample_tokens(logits, params, step, True, filtered)
+    calls = []
+    real = generate.next_token_advance
+    generate.next_token_advance = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
+    try:
+        with interpreter_kernels():
+            got = generate.first_token(logits, params, step, True, filtered)
+    finally:
+        generate.next_token_advance = real
+    assert calls == [1] and torch.equal(got, want)
+    assert torch.equal(step, torch.tensor([0, 0, 3, 5, 9], device=_DEV))

@@ -59,6 +59,15 @@ def sample_tokens(logits: Tensor, params, step: Tensor, sampled: bool, filtered:
     return sample(logits.float(), params.temperature, params.top_k, params.top_p, noise, filtered)
 
 
+def first_token(logits: Tensor, params, step: Tensor, sampled: bool, filtered: bool) -> Tensor:
+    """A prefill's token per row [B]: next_token's draw (the kernels where use_kernels says so, so
+    a top-k / top-p request's first token no longer sorts the vocabulary) without its advance (live
+    0: step [B] is read for the noise, not changed)."""
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    next_token(logits, tokens, torch.zeros_like(tokens), step, torch.zeros_like(tokens), params, sampled, filtered)
+    return tokens
+
+
 def next_token(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None, params,
                sampled: bool, filtered: bool) -> None:
     """A decode step's tail, no host sync: each row's next token into tokens [B] (greedy; with
@@ -216,7 +225,7 @@ class Generator:
         )
         sampled = any(p.temperature > 0 for p in plist)
         filtered = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in plist)
-        first = sample_tokens(logits, st, st.step, sampled, filtered)
+        first = first_token(logits, st, st.step, sampled, filtered)
         st.tokens.copy_(first[:, None])
         st.step.add_(1)
 
