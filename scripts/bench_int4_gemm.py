@@ -4,7 +4,8 @@ rows until session 13), the tuned group-128 row (configs.get) and the defaults (
 µs per call on the bench-kernels shapes (cold weights rotated over >= 256 MB, CUDA-graph replay). A
 config that cannot launch prints FAIL (e.g. out of shared memory; the per-field tiles are int4 only).
 
-    python scripts/bench_int4_gemm.py [--ms 17,32,64,128,256,512] [--groups 128,32] [--bits 4,8] [--act-order]"""
+    python scripts/bench_int4_gemm.py [--ms 17,32,64,128,256,512] [--groups 128,32] [--bits 4,8] [--act-order]
+                                      [--swap-tiles] [--paired-min-bm N]"""
 import argparse
 import os
 import sys
@@ -15,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mixprec.kernels import bench as B
 from mixprec.kernels import configs, timing
+from mixprec.kernels.ints import next_power_of_2
 from mixprec.kernels.intq import field_tiles_config, intq_config, intq_linear_cfg, intq_linear_reference
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,7 +24,17 @@ p.add_argument("--ms", default="17,32,64,128,256,512")
 p.add_argument("--groups", default="128,32")
 p.add_argument("--bits", default="4")
 p.add_argument("--act-order", action="store_true", help="weights with a random act-order permutation")
+p.add_argument("--swap-tiles", action="store_true",
+               help="also time swap tiles of BN 64 / 4 warps and BN 128 / 8 warps (BM: the rows rounded up to a "
+                    "power of two, 16-128; auto K split; 3 stages)")
+p.add_argument("--paired-min-bm", type=int, default=None,
+               help="set quant.PAIRED_MIN_BM in this process (swap tiles of at least this many rows pair fields)")
 a = p.parse_args()
+if a.paired_min_bm is not None:      # before any kernel compiles: a constexpr global of the tile loop
+    import triton.language as tl
+
+    from mixprec.kernels import quant
+    quant.PAIRED_MIN_BM = tl.constexpr(a.paired_min_bm)
 ms, groups = [int(m) for m in a.ms.split(",")], [int(g) for g in a.groups.split(",")]
 bitss = [int(b) for b in a.bits.split(",")]
 
@@ -41,7 +53,8 @@ def weights(bits: int, G: int, N: int, K: int):
     return [qw, sc, z, None], lambda x, t: intq_linear_reference(x, t[0], t[1], t[2], None, bits, G)
 
 print(f"{torch.cuda.get_device_name()}, copy bandwidth {timing.copy_bandwidth_gbps():.0f} GB/s; "
-      "µs library [path] / per-field BM 16 / tuned / default")
+      "µs library [path] / per-field BM 16 / tuned / default" + (" / swap BN 64 4 warps / swap BN 128 8 warps"
+                                                                  if a.swap_tiles else ""))
 for model, sname, N, K in B.SHAPES:
     for bits, G in ((b, g) for b in bitss for g in groups):
         ts, ref = weights(bits, G, N, K)
@@ -53,7 +66,12 @@ for model, sname, N, K in B.SHAPES:
             res = []
             lib = intq_config(bits, M, N, K, G, torch.bfloat16)
             field = field_tiles_config(M, N, K)
-            for c in (lib, field, configs.get(f"intq{bits}", M, N, K), configs.default(f"intq{bits}", M, N, K)):
+            cands = [lib, field, configs.get(f"intq{bits}", M, N, K), configs.default(f"intq{bits}", M, N, K)]
+            if a.swap_tiles:
+                bm = min(128, max(16, next_power_of_2(M)))
+                cands += [configs.cfg("swap", bm, bn, 128, configs.auto_split(M, N, K, bm, bn, 128), w, 3)
+                          for bn, w in ((64, 4), (128, 8))]
+            for c in cands:
                 def f(t, c=c):
                     return intq_linear_cfg(x, t[0], t[1], t[2], t[3], bits, G, c)
                 try:
