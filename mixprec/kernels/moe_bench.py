@@ -35,12 +35,14 @@ CONFIGS = {  # name -> per-expert (gate, up, down) specs, given E
     "perproj": lambda E: [("int4", "int4", "fp8")] * E,
     # not in the default run (--configs names them):
     "int4_g32": lambda E: mt.uniform("int4_g32", E),
+    # GPTQ act-order experts (desc_act): every GEMV / dot program gathers x through its expert's perm
+    "int4_act": lambda E: mt.uniform("int4_perm", E),
     # the runtime's "mixed" preset (runtime/synthetic.py): experts 0-63 int4, then fp8 gate/up +
     # bf16 down, then int8 + fp8 down
     "rt_mixed": lambda E: ([("int4",) * 3] * (E // 2) + [("fp8", "fp8", "bf16")] * (E // 4)
                            + [("int8", "int8", "fp8")] * (E - E // 2 - E // 4)),
 }
-DEFAULT_CONFIGS = [c for c in CONFIGS if c not in ("int4_g32", "rt_mixed")]
+DEFAULT_CONFIGS = [c for c in CONFIGS if c not in ("int4_g32", "int4_act", "rt_mixed")]
 UNIFORM_OF = {"dense": "bf16", "fp8": "fp8", "intq": "int4", "int8": "int8"}
 
 # candidates for --sweep
