@@ -211,14 +211,13 @@ def intq_dequant_tile(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, n0, stride_q, stride
                  mask=m2)
 
 
-def _dequant_matmul(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm: Tensor | None,
-                    bits: int, G: int, out: Tensor) -> None:
-    """Many rows: out = x[:, perm] @ W, W dequantized into x.dtype chunk by chunk of columns (a
-    transient buffer of at most DEQUANT_CHUNK elements) and multiplied by cuBLAS; the weights stay
-    packed in memory. Same rounding as the unfused path: each weight rounded once to x.dtype."""
+def _dequant_matmul(x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, G: int,
+                    out: Tensor) -> None:
+    """Many rows: out = x @ W (act-order: x already in the stored row order), W dequantized into
+    x.dtype chunk by chunk of columns (a transient buffer of at most DEQUANT_CHUNK elements) and
+    multiplied by cuBLAS; the weights stay packed in memory. Same rounding as the unfused path:
+    each weight rounded once to x.dtype."""
     K, N = x2.shape[1], out.shape[1]
-    if perm is not None:
-        x2 = x2.index_select(1, perm)
     nc = min(N, max(128, DEQUANT_CHUNK // K // 128 * 128))
     w = torch.empty(K, nc, dtype=x2.dtype, device=x2.device)
     zp = zeros if zeros is not None else scales
@@ -294,10 +293,15 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     if M == 0 or N == 0:
         return out.reshape(*lead, N)
     c = cfg if cfg is not None else intq_config(bits, M, N, K, G, x2.dtype)
+    if perm is not None and (c["path"] in ("dequant", "swap")
+                             or (c["path"] == "gemm" and M * N * K >= PERMUTE_X_MIN_MNK)):
+        # act-order: the activations in the weight's row order once per call, instead of every N
+        # tile program gathering its x tile through perm (the GEMV keeps its gather)
+        x2, perm = x2.index_select(1, perm), None
     zp = zeros if zeros is not None else scales      # dummy pointers, never read
     pp = perm if perm is not None else qweight
     if c["path"] == "dequant":
-        _dequant_matmul(x2, qweight, scales, zeros, perm, bits, G, out)
+        _dequant_matmul(x2, qweight, scales, zeros, bits, G, out)
     elif c["path"] == "gemv":
         for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
             if t is not None and t.stride(0) != N:
@@ -319,10 +323,6 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
             BLOCK_K=tile, EVK=K % tile == 0, USE_SPLIT=split > 1, F16=per >= F16_MIN_K, MR=mr,
             num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     else:
-        if perm is not None and (c["path"] == "swap" or M * N * K >= PERMUTE_X_MIN_MNK):
-            # act-order: the activations in the weight's row order once per call (as the dequant
-            # path does), instead of every N tile program gathering its x tile through perm
-            x2, perm, pp = x2.index_select(1, perm), None, qweight
         tile = _gemm_tile(c, pf)
         scale_after = _scale_after(G, K, tile)
         field_dots = _field_dots(bits, c, pf, x2.dtype)
@@ -395,7 +395,8 @@ SWAP_MIN_NK = 1 << 22
 DEQUANT_MIN_M = 128
 DEQUANT_CHUNK = 1 << 25      # elements of the transient dequantized weight (64 MB in bf16)
 # act-order GEMMs (not the GEMVs) permute x once per call (x.index_select, one more launch of ~3-5
-# µs) on the swap tiles and from this many M * N * K, else gather x through perm in every program.
+# µs) on the dequantize path, the swap tiles and from this many M * N * K on the other tiles, else
+# gather x through perm in every program.
 # H100, session 29, `scripts/bench_int4_gemm.py --act-order --ms 2,4,8,16,17,32,64,96 --groups 128`,
 # gather -> permuted once, µs, two runs each (linear_raw/session29_int4_act_order_permute_x_ab_h100.log):
 # swap tiles 235B qkv M=64 309.8 -> 42.6, M=96 547.4 -> 69.2, 30B qkv M=17 28.0 -> 16.9, lm_head M=64
