@@ -307,7 +307,7 @@ def test_next_token_advance_filters_at_a_tiny_temperature_and_large_logits():
 
 
 @pytest.mark.parametrize("filtered", [False, True])
-def test_first_token_takes_the_kernels_and_draws_as_the_torch_sampler(filtered):
+def test_first_token_takes_the_kernels_and_draws_as_the_torch_sampler(filtered, monkeypatch):
     """The prefill's token (runtime.generate.first_token, Engine and Generator) comes from the
     decode step's kernels where use_kernels says so (here: CUDA, or the interpreter on CPU), equal
     to the torch sampler's draw row by row (greedy, sampled, top-k / top-p rows), and leaves step
@@ -326,11 +326,8 @@ def test_first_token_takes_the_kernels_and_draws_as_the_torch_sampler(filtered):
     want = generate.sample_tokens(logits, params, step, True, filtered)
     calls = []
     real = generate.next_token_advance
-    generate.next_token_advance = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
-    try:
-        with interpreter_kernels():
-            got = generate.first_token(logits, params, step, True, filtered)
-    finally:
-        generate.next_token_advance = real
+    monkeypatch.setattr(generate, "next_token_advance", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    with interpreter_kernels():
+        got = generate.first_token(logits, params, step, True, filtered)
     assert calls == [1] and torch.equal(got, want)
     assert torch.equal(step, torch.tensor([0, 0, 3, 5, 9], device=_DEV))
