@@ -713,6 +713,31 @@ def test_gate_up_in_one_k_loop(path, specs, monkeypatch):
     assert mt.sqnr_db(two.float(), one.float()) >= 60 if CUDA else torch.equal(one, two)
 
 
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+@pytest.mark.parametrize("per_projection", [False, True])
+def test_act_order_input_permuted_per_pair_or_gathered(path, per_projection, monkeypatch):
+    """Act-order launches read their input permuted per (token, expert) pair by one launch before
+    (moe._permute_pairs, from PERMUTE_PAIRS_MIN_M tokens) or gather x through perm in every
+    program; both equal the reference, beside slots without perm. A gate or up bucket of its own
+    with a perm (per-projection mix) keeps the gather on its side (gate and up may differ there)."""
+    specs = (mt.split(["int4_perm", "fp8_w8a16", "int4_asym"], E) if not per_projection else
+             [("int4_perm", "fp16", "int4_perm") if e % 2 else ("int4", "int4", "fp16") for e in range(E)])
+    b = _layer(specs, h=256, i=128)
+    cfg = (dict(BM=16, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=2) if path == "dot" else
+           dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1))
+    inputs = _inputs(3 if path == "gemv" else 9, h=256, seed=53)
+    monkeypatch.setattr(moe, "PERMUTE_PAIRS_MIN_M", 1)     # the GEMV case runs 3 tokens
+    calls = []
+    permute = moe._permute_pairs
+    monkeypatch.setattr(moe, "_permute_pairs", lambda *a: calls.append(a[3]) or permute(*a))
+    permuted = _check(b, *inputs, inter=128, config=(path, cfg, cfg))
+    assert calls == ([1] if per_projection else [K_TOP, 1])     # (down only) / gate_up and down
+    monkeypatch.setattr(moe, "PERMUTE_PAIRS_MIN_M", 1 << 30)
+    gathered = _check(b, *inputs, inter=128, config=(path, cfg, cfg))
+    assert len(calls) == 2 - per_projection
+    assert mt.sqnr_db(gathered.float(), permuted.float()) >= 60 if CUDA else torch.equal(gathered, permuted)
+
+
 @pytest.mark.parametrize("gu,split", [(True, 1), (False, 2)])
 def test_int4_gemv_fp16_word_loop(gu, split):
     """GEMV configs with "f16" run their int4 slots in packed fp16 math (gemv_tiles): sym, asym,

@@ -36,8 +36,8 @@ from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
 from .ints import cdiv, next_power_of_2
 from .moe_triton import (_align_count_kernel, _align_scan_kernel, _align_scatter_kernel, _align_sort_kernel,
-                         _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel, _route_kernel, _router_route_kernel,
-                         _silu_mul_kernel, _token_sum_kernel)
+                         _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel, _permute_pairs_kernel, _route_kernel,
+                         _router_route_kernel, _silu_mul_kernel, _token_sum_kernel)
 from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_reference,
                     split_counters)
 
@@ -410,13 +410,16 @@ def _chunk(rows: int, chunks: int, ks: dict) -> int:
 
 
 def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, inter: int, split: int,
-                 chunks: int, tokens: int):
+                 chunks: int, tokens: int, xpair: bool = False):
     """One launch over the buckets `grp` (K: its input width): flat pointer args, constexpr kwargs
     (slot descriptions, K tiles, SPLIT; on the GEMV path fold bits and EVK), (K rows per chunk,)
-    and the programs per output tile."""
+    and the programs per output tile. xpair: the input comes from _permute_pairs (the slots' perm
+    bits are cleared: their rows are read in K order)."""
     flat, consts, descs, q_rows = _slot_args(grp, hidden, inter, cfg["BN"] if gemv else 0)
+    if xpair:
+        consts = {n: v & ~CODE_PERM if n[0] == "C" else v for n, v in consts.items()}
     ks = _tile_ks(cfg, descs, gemv, K)
-    kw = {**consts, **ks, "SPLIT": split}
+    kw = {**consts, **ks, "SPLIT": split, "XPAIR": xpair}
     if gemv:
         kw["EVK"] = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
         # int4 slots, fp8 W8A8 slots with folded scales, int8 W8A8 slots: the packed word loops (moe_configs)
@@ -473,6 +476,42 @@ def _w8a8_kinds(side: list[dict]) -> tuple[bool, bool]:
 
 # ----------------------------------------------------------------------------------------------
 # the fused MoE
+
+# An act-order launch (intq buckets with perm) from this many tokens reads its input permuted per
+# (token, expert) pair by one launch before it (_permute_pairs) instead of gathering x through perm
+# in every program. H100, session 30, `bench-moe --configs int4_act` (GPTQ act-order experts), µs,
+# gather -> permuted first, two runs each: 235B M=8 227.7 -> 211.3, M=16 513.7 -> 356.2, M=64 866.5
+# -> 550.8, M=512 4507.5 -> 1449.9 (plain int4: 203.6 / 351.9 / 535.7 / 1364.6); 30B M=16 165.3 ->
+# 120.4, M=512 1185.9 -> 432.1; 30B M=8 73.1 -> 72.6; below 8 the extra launch loses (30B M=1 21.5
+# -> 25.9; 235B M=4 gains 130.4 -> 126.6). moe_diag/session30_moe_act_order_permute_*_h100.log.
+PERMUTE_PAIRS_MIN_M = 8
+
+
+def _pair_perms(grp: list[dict], K: int) -> list[tuple[Tensor, Tensor]] | None:
+    """(perm, expert_map) of the act-order buckets of one launch, if its input may be permuted per
+    pair first: each such bucket holds whole projections (gate_up or down: one perm per expert
+    and side) and K stored rows (a padded TP shard keeps the gather). None: no act-order bucket,
+    or one that cannot."""
+    perms = [b for b in grp if b["layout"] == "intq" and "perm" in b["tensors"]]
+    if not perms or any(b["proj"] not in ("gate_up", "down") or b["tensors"]["perm"].shape[-1] != K for b in perms):
+        return None
+    return [(b["tensors"]["perm"], b["expert_map"]) for b in perms]
+
+
+def _permute_pairs(src: Tensor, ids: Tensor, perms: list[tuple[Tensor, Tensor]], div: int) -> Tensor:
+    """[P, K]: row p is src[p // div] in the act-order of pair p's expert (ids [P]) where one of
+    `perms` holds it, else in K order."""
+    P, K = ids.numel(), src.shape[1]
+    dst = torch.empty(P, K, dtype=src.dtype, device=src.device)
+    args, has = [], {}
+    for i in range(MAX_SLOTS):
+        pm, mp = perms[i] if i < len(perms) else perms[0]
+        args += [pm, mp, K]
+        has[f"H{i}"] = i < len(perms)
+    BK = min(1024, next_power_of_2(K))
+    _permute_pairs_kernel[(P, cdiv(K, BK))](src, dst, ids, K, *args, **has, DIV=div, BK=BK, num_warps=4)
+    return dst
+
 
 def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int,
               *, one_launch: bool = True, config: tuple[str, dict, dict] | None = None,
@@ -579,16 +618,23 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         q_ups = [act_quant(xg, *_w8a8_kinds(grp)) for grp, xg in zip(groups, xs)]
     kern, g0, lead_up, shape_kw = side(path_up, 0)
     for grp, xg, q_up in zip(groups, xs, q_ups):
-        flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, chunks_up, M)
+        perms = _pair_perms(grp, H) if M >= PERMUTE_PAIRS_MIN_M else None
+        if perms is not None:
+            xg = _permute_pairs(xg, ids, perms, k)
+        flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, chunks_up, M,
+                                           perms is not None)
         kern[(g0, cdiv(inter, cu["BN"]), nz)](
             xg, *q_up, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
             SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"], **pdl.launch_kw(x))
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     q_dn = act_quant(act, *_w8a8_kinds(down_side))
     for gi, grp in enumerate(down_groups):
-        flat, kw, k_per, nz = _launch_args(grp, cd, path_dn == "gemv", inter, H, inter, split_dn, split_dn, M)
+        perms = _pair_perms(grp, inter) if M >= PERMUTE_PAIRS_MIN_M else None
+        a_in = act if perms is None else _permute_pairs(act, ids, perms, 1)
+        flat, kw, k_per, nz = _launch_args(grp, cd, path_dn == "gemv", inter, H, inter, split_dn, split_dn, M,
+                                           perms is not None)
         kern[(g0, nt_down, nz)](
-            act, *q_dn, *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
+            a_in, *q_dn, *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
             SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
             num_warps=cd["num_warps"], num_stages=cd["num_stages"], **pdl.launch_kw(x))
     return out

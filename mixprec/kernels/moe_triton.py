@@ -377,7 +377,8 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
                      NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr,
                      BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
                      SUM: tl.constexpr, ZMISS: tl.constexpr, EVK: tl.constexpr, SPLIT: tl.constexpr,
-                     GU: tl.constexpr = False, PDL: tl.constexpr = False, F16: tl.constexpr = False):
+                     GU: tl.constexpr = False, PDL: tl.constexpr = False, F16: tl.constexpr = False,
+                     XPAIR: tl.constexpr = False):
     """Grid (P pairs, N tiles, SPLIT). UP: act[p, n] = silu(x W_gate^T) * (x W_up^T) for the expert
     of pair p (x = x[p // TOPK]); DOWN: buf[p, n] = w_p * act[p] W_down^T, and the last of a token's
     TOPK pairs to finish a tile writes out[token, tile] = sum of its rows (deterministic order).
@@ -386,7 +387,8 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
     of the SPLIT to arrive (counter ucnt, left zero) applies silu * mul; DOWN program z computes
     K chunk z into buf row p * SPLIT + z, and the token's sum takes TOPK * SPLIT rows. GU (SPLIT 1,
     moe._gate_up_fused): gate and up in one K loop (_gemv_half's HALF 3). F16 (a config's "f16"):
-    int4 slots in packed fp16 math (gemv_tiles.gemv_intq_cols)."""
+    int4 slots in packed fp16 math (gemv_tiles.gemv_intq_cols). XPAIR: UP reads x row p (x [P, K]:
+    _permute_pairs_kernel's rows in the pair's act-order), not row p // TOPK."""
     p = tl.program_id(0)
     t = tl.program_id(1)
     z = tl.program_id(2)
@@ -403,7 +405,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
         if t == 0 and z == 0:
             _zero_counters(cnt_ptr, n_cnt, p, tl.num_programs(0), 256)
         xr = (p // TOPK).to(tl.int64)
-        xrow = x_ptr + xr * K
+        xrow = x_ptr + (p.to(tl.int64) if XPAIR else xr) * K
         qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of row xr (_act_quant_kernel)
         srow = qs_ptr + xr * NQS
         if SPLIT == 1:
@@ -800,14 +802,14 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                     NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
                     SUM: tl.constexpr, ZMISS: tl.constexpr, SPLIT: tl.constexpr = 1, GU: tl.constexpr = False,
-                    PDL: tl.constexpr = False):
+                    PDL: tl.constexpr = False, XPAIR: tl.constexpr = False):
     """Grid (blocks of BM sorted pairs, N tiles, SPLIT); block b holds pairs of expert blk[b] (-1:
     padding, exits at once). Same outputs as _moe_gemv_kernel. SPLIT > 1 (decode: few pairs per
     expert, so few blocks) splits K into chunks of k_per rows, one program each: UP programs store
     their gate and up partials in ws [P, SPLIT, 2, INTER] fp32 and the last of a tile's SPLIT to
     arrive (counter ucnt, left zero) applies silu * mul; DOWN programs write buf row p * SPLIT + z
     and the token's sum takes TOPK * SPLIT rows, as on the GEMV path. GU: the UP programs run gate
-    and up in one K loop (_dot_gate_up)."""
+    and up in one K loop (_dot_gate_up). XPAIR: as in _moe_gemv_kernel."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -826,7 +828,7 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
         pr = tl.where(rm, pr, 0).to(tl.int64)
         if MODE == _MODE_UP:
             xr = pr // TOPK
-            arow = x_ptr + xr * K
+            arow = x_ptr + (pr if XPAIR else xr) * K
             qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of the rows (_act_quant_kernel)
             srow = qs_ptr + xr * NQS
             if GU:
@@ -886,6 +888,35 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                                    mask=last[:, None] & nm[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
                 tl.store(fin_ptr + tok[:, None] * HID + rn[None, :], tot.to(fin_ptr.dtype.element_ty),
                          mask=last[:, None] & nm[None, :])
+
+
+@triton.jit
+def _perm_index(idx, e, kk, km, pm, mp, rs, HP: tl.constexpr):
+    # kk's input positions in the act-order of expert e's slot (pm, mp, rs), if it has one
+    if HP:
+        loc = tl.load(mp + e)
+        if loc >= 0:
+            idx = tl.load(pm + loc.to(tl.int64) * rs + kk, mask=km, other=0)
+    return idx
+
+
+@triton.jit
+def _permute_pairs_kernel(src_ptr, dst_ptr, ids_ptr, K, p0, m0, r0, p1, m1, r1, p2, m2, r2, p3, m3, r3,
+                          H0: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, H3: tl.constexpr,
+                          DIV: tl.constexpr, BK: tl.constexpr):
+    """Grid (P pairs, K tiles): dst[p, k] = src[p // DIV, perm_e[k]] (e = ids[p]; perm_e of the
+    slot among 0-3 with Hs that holds e, else the identity), so an act-order launch reads its
+    pairs' rows in K order (XPAIR) instead of gathering x through perm in every program."""
+    p = tl.program_id(0)
+    kk = tl.program_id(1) * BK + tl.arange(0, BK)
+    km = kk < K
+    e = tl.load(ids_ptr + p)
+    idx = _perm_index(kk, e, kk, km, p0, m0, r0, H0)
+    idx = _perm_index(idx, e, kk, km, p1, m1, r1, H1)
+    idx = _perm_index(idx, e, kk, km, p2, m2, r2, H2)
+    idx = _perm_index(idx, e, kk, km, p3, m3, r3, H3)
+    v = tl.load(src_ptr + (p // DIV).to(tl.int64) * K + idx, mask=km, other=0.0)
+    tl.store(dst_ptr + p.to(tl.int64) * K + kk, v, mask=km)
 
 
 # ----------------------------------------------------------------------------------------------
