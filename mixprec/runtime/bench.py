@@ -77,21 +77,22 @@ def bench_model(model, batches, prompt_len, gen_len, bw, warm_steps=8, sampling:
         step = (t2 - t1) / max(n - 1, 1)
         peak = torch.cuda.max_memory_allocated() / 2**30
         sb = step_bytes(model, B)
-        ttft = prefill_seconds(gen, prompts, t1 - t0)
+        ttft = prefill_seconds(gen, prompts, replace(params, max_new_tokens=1), t1 - t0)
         rows.append(dict(batch=B, ttft_ms=ttft * 1e3, prefill_tok_s=B * prompt_len / ttft,
                          decode_tok_s=B / step, ms_per_step=step * 1e3, weight_GBps=sb / step / 1e9,
                          roofline_pct=100 * (sb / bw) / step, roofline_tok_s=B / (sb / bw), peak_mem_GiB=peak))
     return rows
 
 
-def prefill_seconds(gen: Generator, prompts, first: float, reps: int = PREFILL_REPS) -> float:
+def prefill_seconds(gen: Generator, prompts, params: SamplingParams, first: float, reps: int = PREFILL_REPS) -> float:
     """Median time of a prefill + first token over `first` (the timed run's) and `reps` more
-    (one timed call varied up to 2x between runs). The cache of the decode run is reused."""
+    (one timed call varied up to 2x between runs), drawn with the timed run's sampling `params`
+    (max_new_tokens 1). The cache of the decode run is reused."""
     ts = [first]
     for _ in range(reps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in gen.stream(prompts, SamplingParams(max_new_tokens=1)):
+        for _ in gen.stream(prompts, params):
             pass
         torch.cuda.synchronize()
         ts.append(time.perf_counter() - t)
