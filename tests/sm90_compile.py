@@ -232,6 +232,10 @@ def drive() -> None:
                 intq_linear(x, qw, sc, z, p, 4, G)
                 if M in (2, 4):     # several rows per GEMV program (the tuner's BM > 1 candidates)
                     intq_linear_cfg(x, qw, sc, z, p, 4, G, cfg("gemv", M, 16, 512, 1, 4, 1))
+    # the swap tiles of wide outputs (a vocabulary head: intq.SWAP_WIDE_MIN_N), BN 128 / 8 warps
+    intq_linear(torch.randn(40, 256, generator=g).to(torch.bfloat16),
+                torch.randint(-2 ** 31, 2 ** 31 - 1, (32, 1 << 16), dtype=torch.int32),
+                torch.rand(2, 1 << 16).to(torch.bfloat16), None, None, 4, 128)
 
     B, HQ, HK, D, S = 2, 32, 4, 128, 256
     rms_norm(torch.randn(B, H).to(torch.bfloat16), torch.ones(H).to(torch.bfloat16), 1e-6,

@@ -31,6 +31,7 @@ GEMM_SPLIT = configs.cfg("gemm", 16, 64, 64, 2, 4, 2)
 SWAP = configs.cfg("swap", 16, 64, 128, 1, 4, 2)         # int4, one group per K tile: transposed dots
 SWAP_SPLIT = configs.cfg("swap", 64, 64, 128, 2, 4, 2)
 SWAP_PAIRED = configs.cfg("swap", 128, 64, 128, 2, 4, 2)   # from quant.PAIRED_MIN_BM rows: fields paired in one dot
+SWAP_WIDE = configs.cfg("swap", 32, 128, 128, 1, 8, 2)    # wide outputs (intq.SWAP_WIDE_MIN_N)
 DEQUANT = configs.cfg("dequant", 128, 128, 128, 1, 4, 1)   # dequantize, then torch.mm
 
 
@@ -163,7 +164,7 @@ def test_intq_interpreter(bits, case):
     qw, sc, z, perm = make_intq(N, K, G, bits, asym, act, seed=M + N + bits)
     gs = -1 if G == K else G
     cfgs = [GEMM, GEMM_SPLIT] + ([GEMV, GEMV_SPLIT, GEMV_WHOLE_K] if M <= 3 else [])
-    swap = [SWAP, SWAP_SPLIT, SWAP_PAIRED] if bits == 4 and (G == K or G % 128 == 0) else []
+    swap = [SWAP, SWAP_SPLIT, SWAP_PAIRED, SWAP_WIDE] if bits == 4 and (G == K or G % 128 == 0) else []
     for dtype, cs in ((torch.float16, cfgs + swap + [DEQUANT]), (torch.float32, cfgs[1::2] + [DEQUANT])):
         x = xin(M, K, dtype, seed=K + M)
         ref = intq_linear_reference(x, qw, sc, z, perm, bits, gs)
@@ -558,7 +559,7 @@ def test_intq_config_paths():
     weights of >= SWAP_MIN_NK elements with one group per K tile, else BM-16 per-field tiles (also
     for groups smaller than the tile); M <= 16 keeps the tuned rows (per-field already); fp32
     activations never take the swap or per-field tiles; 8-bit keeps configs.get below DEQUANT_MIN_M."""
-    from mixprec.kernels.intq import DEQUANT_MIN_M, SWAP_MIN_NK, intq_config
+    from mixprec.kernels.intq import DEQUANT_MIN_M, SWAP_MIN_NK, SWAP_WIDE_MIN_N, intq_config
     bf = torch.bfloat16
     assert 5120 * 2048 >= SWAP_MIN_NK > 2048 * 768
     for M in (17, 64, DEQUANT_MIN_M - 1):
@@ -573,6 +574,9 @@ def test_intq_config_paths():
         assert intq_config(4, 1, 5120, 2048, G, bf)["path"] == "gemv"
         for M in (DEQUANT_MIN_M, 2048):
             assert intq_config(4, M, 5120, 2048, G, bf)["path"] == "dequant"
+    for N, bn, warps in ((5120, 64, 4), (SWAP_WIDE_MIN_N, 128, 8)):    # wide outputs: wider tiles
+        c = intq_config(4, 64, N, 2048, 128, bf)
+        assert (c["path"], c["BN"], c["warps"]) == ("swap", bn, warps), (N, c)
     # a weight bigger than one dequantization chunk (the 151936 x 2048 head) from twice the rows
     assert intq_config(4, DEQUANT_MIN_M, 151936, 2048, 128, bf)["path"] == "swap"
     assert intq_config(4, 2 * DEQUANT_MIN_M, 151936, 2048, 128, bf)["path"] == "dequant"

@@ -367,7 +367,8 @@ def intq_config(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -
         return c
     if swap_fits(bits, M, N, K, G, dtype):
         BM = min(128, next_power_of_2(M))
-        return configs.cfg("swap", BM, 64, 128, configs.auto_split(M, N, K, BM, 64, 128), 4, 3)
+        BN, warps = (128, 8) if N >= SWAP_WIDE_MIN_N else (64, 4)
+        return configs.cfg("swap", BM, BN, 128, configs.auto_split(M, N, K, BM, BN, 128), warps, 3)
     small = not _scale_after(G, K, _gemm_tile(c, pf))
     field = field_tiles_config(M, N, K)
     if _field_dots(bits, field, pf, dtype) and (M <= FIELD_MAX_M or small):
@@ -392,6 +393,14 @@ def field_tiles_config(M: int, N: int, K: int) -> dict:
 # SWAP_MIN_NK (30B expert shapes) measured no faster with swap tiles at 64-128 rows.
 SWAP_MIN_M = 17
 SWAP_MIN_NK = 1 << 22
+# Swap tiles of BN 128 / 8 warps (one program per SM at ~178 registers) instead of BN 64 / 4 for
+# outputs this wide (a vocabulary head). H100, session 30, `scripts/bench_int4_gemm.py --swap-tiles
+# --ms 32,64,96 --groups 128`, µs BN 64 / 128: 30B lm_head M=32 142.3 / 117.9, M=64 184.2 / 145.0,
+# M=96 329.4 / 281.1; the attention / expert shapes (N <= 9216) mostly lost (235B o_proj M=64 28.8 /
+# 31.5, 30B qkv M=96 21.2 / 28.7; won only 235B o_proj M=32 21.0 / 19.1, qkv M=96 65.3 / 61.2).
+# The library then (same script, next call): lm_head M=32 143.7 -> 117.7, M=64 190.5 -> 145.5, M=96
+# 342.2 -> 280.9. linear_raw/session30_int4_swap_tiles_h100.log, session30_int4_swap_tiles_wide_lib_h100.log.
+SWAP_WIDE_MIN_N = 1 << 16
 DEQUANT_MIN_M = 128
 DEQUANT_CHUNK = 1 << 25      # elements of the transient dequantized weight (64 MB in bf16)
 # act-order GEMMs (not the GEMVs) permute x once per call (x.index_select, one more launch of ~3-5
