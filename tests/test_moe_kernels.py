@@ -809,15 +809,15 @@ def test_bench_goal_lines_say_not_measured_without_points():
 
 
 GROUPED_CASES = [(mt.uniform("fp16", E), torch.bfloat16), (mt.uniform("fp16", E), torch.float32),
-                 (mt.split(["fp16", "int4", "int4_asym", "int4_g32"], E), torch.float16),
-                 ([("int4", "fp16", "int4_asym")] * E, torch.float16)]
+                 (mt.split(["fp16", "int4", "int4_asym", "int4_g32", "int4_perm"], E), torch.float16),
+                 ([("int4_perm", "fp16", "int4_asym")] * E, torch.float16)]
 
 
 @pytest.mark.parametrize("specs,dtype", GROUPED_CASES if not CUDA else [(c[0], torch.bfloat16) for c in GROUPED_CASES[::2]])
 def test_grouped_moe_matches_reference(specs, dtype):
     """The torch._grouped_mm path (moe.grouped_moe): all-dense layers with their weights in place,
-    mixed dense / int4 layers (sym, asym, group 32; gate and up in two buckets) through the
-    dequantized stacks; equal to the reference, with an expert that receives no token and experts
+    mixed dense / int4 layers (sym, asym, group 32, act-order: rows back in input order; gate and
+    up in two buckets) through the dequantized stacks; equal to the reference, with an expert that receives no token and experts
     absent from the buckets (expert parallel: their pairs add zero)."""
     b = _layer(specs, dtype=dtype)
     x, w, ids = _inputs(37, seed=71, dtype=dtype)
@@ -839,8 +839,9 @@ def test_grouped_moe_matches_reference(specs, dtype):
 
 def test_grouped_path_dispatch(monkeypatch):
     """fused_moe takes grouped_moe from GROUPED_MIN_M tokens for all-dense layers, from
-    GROUPED_DEQUANT_MIN_M for dense / intq mixes whose stacks fit, never for act-order, fp8 or
-    int8 buckets, an explicit launch config, or (CUDA) other activations than bf16."""
+    GROUPED_DEQUANT_MIN_M for dense / intq mixes whose stacks fit (act-order too), never for padded
+    act-order shards, fp8 or int8 buckets, an explicit launch config, or (CUDA) other activations
+    than bf16."""
     from mixprec.kernels import moe_configs as mc
     calls = []
     monkeypatch.setattr(moe, "grouped_moe", lambda *a: calls.append(1) or moe.moe_reference(*a).to(a[0].dtype))
@@ -857,12 +858,16 @@ def test_grouped_path_dispatch(monkeypatch):
     x, w, ids = _inputs(5, seed=72)
     runs = [(mt.uniform("fp16", E), 5, {}, 1), (mt.uniform("fp16", E), 3, {}, 0),
             (mt.uniform("fp16", E), 5, {"config": DOT}, 0), (mt.split(["fp16", "int4"], E), 5, {}, 1),
-            (mt.split(["fp16", "int4"], E), 4, {}, 0), (mt.uniform("int4_perm", E), 5, {}, 0),
+            (mt.split(["fp16", "int4"], E), 4, {}, 0), (mt.uniform("int4_perm", E), 5, {}, 1), ("padded", 5, {}, 0),
             (mt.split(["int4", "fp8"], E), 5, {}, 0), (mt.uniform("int8", E), 5, {}, 0)]
     for specs, m, kw, want in runs:
         calls.clear()
         launches.clear()
-        moe.fused_moe(x[:m], ids[:m], w[:m], _layer(specs), I, **kw)
+        b = _layer(mt.uniform("int4_perm", E) if specs == "padded" else specs)
+        if specs == "padded":
+            for bb in b:
+                _pad_act_order(bb, 32)
+        moe.fused_moe(x[:m], ids[:m], w[:m], b, I, **kw)
         assert len(calls) == (0 if CUDA else want), (specs[0], m, kw)    # CUDA: fp16 is not _grouped_mm's
         assert CUDA or (len(launches) == 2) == (want == 0), (specs[0], m, kw, launches)  # gate/up + down
     monkeypatch.setattr(mc, "GROUPED_STACK_MAX_BYTES", 1024)

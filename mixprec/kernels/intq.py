@@ -191,8 +191,10 @@ def _intq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, n0, stride_q, str
 
 @triton.jit
 def intq_dequant_tile(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, n0, stride_q, stride_s, stride_z, stride_w,
-                      BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    # program (i, j): word rows i*BLOCK_R.., columns n0 + j*BLOCK_N..
+                      BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                      perm_ptr=None, HAS_PERM: tl.constexpr = False):
+    # program (i, j): word rows i*BLOCK_R.., columns n0 + j*BLOCK_N..; HAS_PERM: stored row k is
+    # written to row perm[k] (act-order back to input order; perm a bijection of the K rows)
     PF: tl.constexpr = 32 // BITS
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = n0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -207,6 +209,8 @@ def intq_dequant_tile(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, n0, stride_q, stride
         else:
             z = 2.0 ** (BITS - 1)
         v = (((q >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.float32) - z) * sc
+        if HAS_PERM:
+            kk = tl.load(perm_ptr + kk, mask=r < K // PF, other=0)
         tl.store(w_ptr + kk[:, None].to(tl.int64) * stride_w + (cols - n0)[None, :], v.to(w_ptr.dtype.element_ty),
                  mask=m2)
 

@@ -332,6 +332,11 @@ def _stored_rows(t: dict, K: int) -> int:
     return t["perm"].shape[-1] if "perm" in t else K
 
 
+def _padded(b: dict, K: int) -> bool:
+    """An act-order TP shard with padding rows (more stored rows than its input width K)."""
+    return _stored_rows(b["tensors"], K) != K
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     d = 1
     while d * 2 <= cap and n % (d * 2) == 0:
@@ -493,7 +498,7 @@ def _pair_perms(grp: list[dict], K: int) -> list[tuple[Tensor, Tensor]] | None:
     and side) and K stored rows (a padded TP shard keeps the gather). None: no act-order bucket,
     or one that cannot."""
     perms = [b for b in grp if b["layout"] == "intq" and "perm" in b["tensors"]]
-    if not perms or any(b["proj"] not in ("gate_up", "down") or b["tensors"]["perm"].shape[-1] != K for b in perms):
+    if not perms or any(b["proj"] not in ("gate_up", "down") or _padded(b, K) for b in perms):
         return None
     return [(b["tensors"]["perm"], b["expert_map"]) for b in perms]
 
@@ -660,8 +665,8 @@ def grouped_fits(buckets: list[dict], x: Tensor, inter: int, M: int) -> bool:
     """Whether fused_moe runs M tokens of this layer as grouped_moe: bf16 activations on CUDA
     (torch._grouped_mm's), and either the layer's experts are all dense in x's dtype (from
     moe_configs.GROUPED_MIN_M tokens, weights used in place) or every bucket is dense or intq
-    without act-order and the layer's dequantized stacks fit moe_configs.GROUPED_STACK_MAX_BYTES
-    (from GROUPED_DEQUANT_MIN_M tokens)."""
+    (act-order: not a padded TP shard) and the layer's dequantized stacks fit
+    moe_configs.GROUPED_STACK_MAX_BYTES (from GROUPED_DEQUANT_MIN_M tokens)."""
     if x.is_cuda and x.dtype != torch.bfloat16:
         return False
     if _zero_copy(buckets, x):
@@ -669,7 +674,8 @@ def grouped_fits(buckets: list[dict], x: Tensor, inter: int, M: int) -> bool:
     E = buckets[0]["expert_map"].shape[0]
     stack = 3 * E * x.shape[1] * inter * x.element_size()
     return (M >= moe_configs.GROUPED_DEQUANT_MIN_M and stack <= moe_configs.GROUPED_STACK_MAX_BYTES
-            and all(b["layout"] == "dense" or (b["layout"] == "intq" and "perm" not in b["tensors"])
+            and all(b["layout"] == "dense"
+                    or (b["layout"] == "intq" and not _padded(b, _bucket_dims(b, x.shape[1], inter)[1]))
                     for b in buckets))
 
 
@@ -697,9 +703,9 @@ def _expert_stacks(buckets: list[dict], E: int, H: int, inter: int, dtype: torch
             bits, G = _intq_params(b.get("params", {}), K, "")
             s = t["scales"]
             _intq_stack_kernel[(cdiv(K // (32 // bits), 16), cdiv(N, 128), nb)](
-                t["qweight"], s, t.get("zeros", s), dst, inv, N, K, G, t["qweight"].stride(0), s.stride(0),
-                dst.stride(0), dst.stride(1), BITS=bits, HAS_ZERO="zeros" in t, BLOCK_R=16, BLOCK_N=128,
-                num_warps=4)
+                t["qweight"], s, t.get("zeros", s), t.get("perm", inv), dst, inv, N, K, G, t["qweight"].stride(0),
+                s.stride(0), dst.stride(0), dst.stride(1), BITS=bits, HAS_ZERO="zeros" in t, HAS_PERM="perm" in t,
+                BLOCK_R=16, BLOCK_N=128, num_warps=4)
         if b["proj"] == "down":
             held |= emap >= 0
     return w13, w2, torch.where(held, every, -1).to(torch.int32)

@@ -935,16 +935,18 @@ def _silu_mul_kernel(h_ptr, a_ptr, n_ptr, INTER, BI: tl.constexpr):
 
 
 @triton.jit
-def _intq_stack_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, dst_ptr, N, K, G, stride_qe, stride_se, stride_we, stride_w,
-                       BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _intq_stack_kernel(qw_ptr, s_ptr, z_ptr, p_ptr, w_ptr, dst_ptr, N, K, G, stride_qe, stride_se, stride_we, stride_w,
+                       BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
     """Expert slot e = program_id(2) of an intq bucket (qweight [E_b, K/pf, N], scales and zeros
-    [E_b, ceil(K/G), N]) dequantized, as intq.py's dequant path does, into w[dst[e]]: [K, N]
-    with row stride stride_w (a column slice of a [E, K, *] stack that grouped_moe multiplies)."""
+    [E_b, ceil(K/G), N], act-order perm [E_b, K]) dequantized, as intq.py's dequant path does, into
+    w[dst[e]]: [K, N] in input order, with row stride stride_w (a column slice of a [E, K, *] stack
+    that grouped_moe multiplies)."""
     e = tl.program_id(2)
     d = tl.load(dst_ptr + e).to(tl.int64)
     intq_dequant_tile(qw_ptr + e.to(tl.int64) * stride_qe, s_ptr + e.to(tl.int64) * stride_se,
                       z_ptr + e.to(tl.int64) * stride_se, w_ptr + d * stride_we, N, K, G, 0, N, N, N, stride_w,
-                      BITS, HAS_ZERO, BLOCK_R, BLOCK_N)
+                      BITS, HAS_ZERO, BLOCK_R, BLOCK_N, p_ptr + e.to(tl.int64) * K, HAS_PERM)
 
 
 @triton.jit
