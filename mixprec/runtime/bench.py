@@ -4,7 +4,7 @@
     python -m mixprec bench --synthetic qwen3-30b-a3b --mix int4 --batch 1,8,32,64
 
 TTFT is the time from the call to the first token of every prompt (prefill + one sample), the
-median of five; prefill tok/s = batch x prompt length / TTFT.
+median of nine; prefill tok/s = batch x prompt length / TTFT.
 
 The roofline of a decode step is the weight bytes it must read (attention, dense MLP, lm_head,
 and the experts the batch actually routes to: E * (1 - (1 - k/E)^B) per layer on average for
@@ -24,7 +24,7 @@ from ..argtypes import at_least, list_of
 from .generate import Generator
 from .sampling import SamplingParams
 
-PREFILL_REPS = 4   # extra timed prefills per row (the median of 5 is reported)
+PREFILL_REPS = 8   # extra timed prefills per row (the median of 9 is reported; 5 varied up to 14% between runs)
 
 
 def copy_bandwidth() -> float:
