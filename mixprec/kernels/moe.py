@@ -415,16 +415,16 @@ def _chunk(rows: int, chunks: int, ks: dict) -> int:
 
 
 def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, inter: int, split: int,
-                 chunks: int, tokens: int, xpair: bool = False):
+                 chunks: int, tokens: int, permuted: bool = False):
     """One launch over the buckets `grp` (K: its input width): flat pointer args, constexpr kwargs
     (slot descriptions, K tiles, SPLIT; on the GEMV path fold bits and EVK), (K rows per chunk,)
-    and the programs per output tile. xpair: the input comes from _permute_pairs (the slots' perm
-    bits are cleared: their rows are read in K order)."""
+    and the programs per output tile. permuted: the input comes from _permute_pairs (the slots'
+    perm bits are cleared: their rows are read in K order)."""
     flat, consts, descs, q_rows = _slot_args(grp, hidden, inter, cfg["BN"] if gemv else 0)
-    if xpair:
+    if permuted:
         consts = {n: v & ~CODE_PERM if n[0] == "C" else v for n, v in consts.items()}
     ks = _tile_ks(cfg, descs, gemv, K)
-    kw = {**consts, **ks, "SPLIT": split, "XPAIR": xpair}
+    kw = {**consts, **ks, "SPLIT": split}
     if gemv:
         kw["EVK"] = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
         # int4 slots, fp8 W8A8 slots with folded scales, int8 W8A8 slots: the packed word loops (moe_configs)
@@ -630,7 +630,8 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
                                            perms is not None)
         kern[(g0, cdiv(inter, cu["BN"]), nz)](
             xg, *q_up, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
-            SUM=False, ZMISS=False, num_warps=cu["num_warps"], num_stages=cu["num_stages"], **pdl.launch_kw(x))
+            SUM=False, ZMISS=False, XPAIR=perms is not None, num_warps=cu["num_warps"], num_stages=cu["num_stages"],
+            **pdl.launch_kw(x))
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     q_dn = act_quant(act, *_w8a8_kinds(down_side))
     for gi, grp in enumerate(down_groups):
