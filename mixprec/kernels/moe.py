@@ -15,7 +15,9 @@ bucket each (`validate_buckets` checks this once at load time; the kernels never
 fused_moe runs, for any mix of formats, three launches on CUDA: the gate/up kernel (up to 4 gate_up,
 gate and up buckets per launch, more take several; silu(gate)*up fused), the down kernel (every down bucket in one
 launch, routing weight applied, the sum over the k experts of a token fused via per-tile arrival
-counters), plus the alignment kernel on the prefill path. Each side picks its path (GEMV for few
+counters), plus the alignment kernel on the prefill path, and for GPTQ act-order experts from
+PERMUTE_PAIRS_MIN_M tokens one launch per side that lays each (token, expert) pair's input out in
+its expert's K order (_permute_pairs). Each side picks its path (GEMV for few
 tokens, tensor-core dot tiles otherwise) and launch config from the layouts of its buckets
 (moe_configs.pick): a per-projection mix may run gate/up on the GEMV path and down on the dot path.
 Many tokens (prefill) of a layer of bf16 and intq buckets take grouped_moe instead: two cuBLAS
