@@ -212,7 +212,9 @@ class Generator:
             ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         ids = ids.to(dev)
         last = torch.tensor([len(r) - 1 for r in rows], device=dev)
-        logits = self._prefill(ids, last, cache)                                 # [Bp, V] fp32
+        # the rows' sampling state before the prefill is queued: torch.tensor(..., device=cuda)
+        # synchronizes with the stream, so after it the host would wait for the whole prefill
+        # before queuing the first token's launches
         prow = plist + [plist[-1]] * (Bp - B)
         st = _Batch(
             tokens=torch.zeros(Bp, 1, dtype=torch.long, device=dev),
@@ -223,6 +225,7 @@ class Generator:
             seed=self._seeds(prow, dev),
             step=torch.zeros(Bp, dtype=torch.long, device=dev),
         )
+        logits = self._prefill(ids, last, cache)                                 # [Bp, V] fp32
         sampled = any(p.temperature > 0 for p in plist)
         filtered = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in plist)
         first = first_token(logits, st, st.step, sampled, filtered)
