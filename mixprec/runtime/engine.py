@@ -44,7 +44,7 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .generate import first_token, next_token, to_host
+from .generate import first_token, next_token, sampling_modes, to_host
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
 from .sampling import SamplingParams
 
@@ -629,8 +629,7 @@ class Engine:
             getattr(R, k)[rows].copy_(d[k])
         logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))             # [n, V]
         R.step[rows].zero_()
-        first = first_token(logits, R.view(rows), R.step[rows], sampled=any(q.temperature > 0 for q in p),
-                            filtered=any(q.temperature > 0 and (q.top_k > 0 or q.top_p < 1) for q in p))
+        first = first_token(logits, R.view(rows), R.step[rows], *sampling_modes(p))
         R.tokens[rows].copy_(first[:, None])
         R.pos[rows].copy_(d["last"][:, None] + 1)
         R.step[rows].fill_(1)
@@ -663,9 +662,7 @@ class Engine:
         L = self._len_bucket(max(self._pos[:B]) + 1)
         for s in range(B):
             self._pos[s] += self._live[s]
-        ps = [r.params for _, r in rows]
-        sampled = any(q.temperature > 0 for q in ps)
-        filtered = any(q.temperature > 0 and (q.top_k > 0 or q.top_p < 1) for q in ps)
+        sampled, filtered = sampling_modes([r.params for _, r in rows])
         if self.use_graphs:
             self._graph(B, L, sampled, filtered).replay()
         else:

@@ -59,6 +59,14 @@ def sample_tokens(logits: Tensor, params, step: Tensor, sampled: bool, filtered:
     return sample(logits.float(), params.temperature, params.top_k, params.top_p, noise, filtered)
 
 
+def sampling_modes(params: Sequence[SamplingParams]) -> tuple[bool, bool]:
+    """(sampled, filtered) of a batch's rows, as next_token takes them: some row draws with a
+    temperature; some such row also has top-k / top-p."""
+    sampled = any(p.temperature > 0 for p in params)
+    filtered = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
+    return sampled, filtered
+
+
 def first_token(logits: Tensor, params, step: Tensor, sampled: bool, filtered: bool) -> Tensor:
     """A prefill's token per row [B]: next_token's draw (the kernels where use_kernels says so, so
     a top-k / top-p request's first token no longer sorts the vocabulary) without its advance (live
@@ -226,8 +234,7 @@ class Generator:
             step=torch.zeros(Bp, dtype=torch.long, device=dev),
         )
         logits = self._prefill(ids, last, cache)                                 # [Bp, V] fp32
-        sampled = any(p.temperature > 0 for p in plist)
-        filtered = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in plist)
+        sampled, filtered = sampling_modes(plist)
         first = first_token(logits, st, st.step, sampled, filtered)
         st.tokens.copy_(first[:, None])
         st.step.add_(1)
