@@ -980,15 +980,22 @@ def _topk_softmax(lg, emask, ev, TOPK: tl.constexpr, RENORM: tl.constexpr, BT: t
     # picks valid experts (NaN -> -1, ties to the lowest id), and gets NaN weights, not ids >= E
     nan_row = tl.max((emask[None, :] & (pr != pr)).to(tl.int32), axis=1) > 0
     pr = tl.where(emask[None, :] & (pr == pr), pr, -1.0)
+    # one max per pick (the pick is a chain of TOPK reductions): a key with the probability's bits
+    # above the inverted expert id, so the largest key is the largest probability, ties to the
+    # lowest id. Bits of a float >= 0 order as the float; the -1 entries become int -1, below them.
+    bits = tl.where(pr >= 0, pr.to(tl.int32, bitcast=True), -1)
+    key = (bits.to(tl.int64) << 32) | (EB - 1 - ev)[None, :].to(tl.int64)
     kv = tl.arange(0, KB)
     wv = tl.zeros([BT, KB], dtype=tl.float32)
     iv = tl.zeros([BT, KB], dtype=tl.int32)
     for j in tl.static_range(TOPK):
-        v = tl.max(pr, axis=1)
-        i = tl.min(tl.where(pr == v[:, None], ev[None, :], EB), axis=1)
+        kmax = tl.max(key, axis=1)
+        b = (kmax >> 32).to(tl.int32)
+        v = tl.where(b >= 0, b.to(tl.float32, bitcast=True), -1.0)
+        i = EB - 1 - (kmax & 0xFFFFFFFF).to(tl.int32)
         wv = tl.where(kv[None, :] == j, v[:, None], wv)
         iv = tl.where(kv[None, :] == j, i[:, None], iv)
-        pr = tl.where(ev[None, :] == i[:, None], -2.0, pr)
+        key = tl.where(key == kmax[:, None], -(1 << 62), key)    # picked: below every other key
     if RENORM:
         wv = wv / tl.sum(wv, axis=1)[:, None]
     return tl.where(nan_row[:, None], float("nan"), wv), iv
