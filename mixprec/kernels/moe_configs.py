@@ -137,8 +137,10 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # f16 (GEMV_LAYOUT's "f16"), 235B shapes only: session 22 (H100), bench-moe route + layer
     # 48.5 -> 44.0 µs (moe_diag/session22_x_planes_moe_h100.log, with the down row below); decode of
     # a 16-layer 235B int4 model, batch 1, two runs each: 488.3 / 488.3 -> 507.0 / 506.7 tok/s
-    # (runtime/session22_235b_m1f16_ab_h100.log). The 30B rows stay on the fp32 loop (20.7 -> 21.6 µs)
-    ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, f16=True),
+    # (runtime/session22_235b_m1f16_ab_h100.log). The 30B rows stay on the fp32 loop (20.7 -> 21.6 µs).
+    # gu with f16: session 31 (H100, route + layer, µs, 3 rounds alternated; `python scripts/sweep_moe_m1.py`,
+    # moe_diag/session31_sweep_m1_h100.log): 42.01 -> 40.42 (BN 32 tiles, with or without gu, 43.4-47.4)
+    ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
     ("dense", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
 }
 
@@ -153,7 +155,9 @@ GEMV_M1: dict[tuple[str, int], dict] = {
 # tiles (32-64 rows, 4-8 warps) than the gate/up side's 4-16
 _DOWN32 = dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1)
 GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
-    ("intq", 2048): _DOWN32,
+    # f16: session 31 (same sweep as GEMV_M1's ("intq", 4096)): 30B 20.22 -> 19.86 µs; BN 16 / 64
+    # tiles 23.4-23.8
+    ("intq", 2048): dict(_DOWN32, f16=True),
     ("intq", 4096): dict(_DOWN32, f16=True),   # session 22: see GEMV_M1's ("intq", 4096)
     ("fp8", 2048): dict(_DOWN32, BN=64, num_warps=8, f16=True),   # f16: session 24, see GEMV_M1
     ("mixed", 2048): dict(_DOWN32, num_warps=8, f16=True),

@@ -1,0 +1,71 @@
+"""Batch-1 (M = 1) GEMV configs of uniform int4 MoE layers, each side on its own: the gate/up
+candidates of UP with the picked down side, the down candidates of DOWN with the picked gate/up
+side, against the pick (moe_configs.pick). Route + fused_moe per layer in CUDA graphs over cold
+weight copies (as `bench-moe`), every candidate checked against the default (SQNR >= 40 dB),
+ROUNDS timings in alternating order (median). GPU only. Session 31's sweep:
+benchmarks/moe_diag/session31_sweep_m1_h100.log.
+
+    python scripts/sweep_moe_m1.py"""
+import os, statistics, sys
+import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mixprec.kernels import moe, moe_configs
+from mixprec.kernels import moe_bench as mb
+from mixprec.kernels import moe_testing as mt
+
+B = dict(BKD=128, BKF=128, BKI=128, num_stages=1)
+def c(bn, bkq, w, **kw):
+    return dict(B, BN=bn, BKQ=bkq, num_warps=w, **kw)
+
+UP = {
+    "235b": {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4": c(32, 512, 4, f16=True),
+             "32/512/4gu": c(32, 512, 4, gu=True, f16=True), "32/256/4gu": c(32, 256, 4, gu=True, f16=True),
+             "32/256/4": c(32, 256, 4, f16=True), "64/256/8": c(64, 256, 8, f16=True), "8/512/2gu": c(8, 512, 2, gu=True, f16=True)},
+    "30b": {"cur": None, "16/512/4gu-f16": c(16, 512, 4, gu=True, f16=True), "8/512/2gu": c(8, 512, 2, gu=True),
+            "8/512/2gu-f16": c(8, 512, 2, gu=True, f16=True), "16/256/4gu": c(16, 256, 4, gu=True),
+            "32/256/4gu": c(32, 256, 4, gu=True)},
+}
+DOWN = {
+    "235b": {"cur": None, "32/512/4": c(32, 512, 4, f16=True), "16/512/4": c(16, 512, 4, f16=True),
+             "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True)},
+    "30b": {"cur": None, "32/256/4-f16": c(32, 256, 4, f16=True), "16/256/2": c(16, 256, 2), "16/256/4": c(16, 256, 4),
+            "64/256/8": c(64, 256, 8)},
+}
+ROUNDS = 3
+bw = mb.copy_bandwidth()
+print(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s", flush=True)
+for shape in ("235b", "30b"):
+    sh = mb.SHAPES[shape]
+    k, I = sh["k"], sh["I"]
+    layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, mb.CONFIGS["int4"], [1], 256e6)
+    b0, cn, xm, lg = layers[0], copies[1], x[:1].contiguous(), lgs[1]
+    touched = sum(touched_fmt[1].values())
+    w, ids = moe.route(lg, k, True)
+    y0 = moe.fused_moe(xm, ids, w, b0, I)
+    pick = moe_configs.pick(1, *moe.side_layouts(b0), hidden=sh["H"])
+    print(shape, "pick", pick, flush=True)
+    cands = {}
+    for side, table in (("up", UP[shape]), ("down", DOWN[shape])):
+        for name, cfg in table.items():
+            if cfg is None:
+                if "cur" in cands:
+                    continue
+                conf, name = None, "cur"
+            else:
+                conf = ("gemv", cfg, *pick[2:]) if side == "up" else (*pick[:2], "gemv", cfg)
+                name = f"{side}:{name}"
+            db = mt.sqnr_db(y0.float(), moe.fused_moe(xm, ids, w, b0, I, config=conf).float())
+            if db < 40:
+                print("  BAD", name, db); continue
+            cands[name] = [(lambda L=L, conf=conf: moe.fused_moe(xm, *moe.route(lg, k, True)[::-1], L, I, config=conf))
+                           for L in layers[:cn]]
+    times = {n: [] for n in cands}
+    for r in range(ROUNDS):
+        for n in (list(cands) if r % 2 == 0 else list(cands)[::-1]):
+            times[n].append(mb.time_graph(cands[n]))
+    for n, ts in times.items():
+        us = statistics.median(ts)
+        print(f"  {shape} {n:22s} {us:7.2f} us  {100 * touched / us / 1e3 / bw:5.1f}%  rounds {' '.join(f'{t:.2f}' for t in ts)}",
+              flush=True)
+    del layers, b0, cands
+    torch.cuda.empty_cache()
