@@ -5,7 +5,9 @@ weight copies (as `bench-moe`), every candidate checked against the default (SQN
 ROUNDS timings in alternating order (median). GPU only. Session 31's sweep:
 benchmarks/moe_diag/session31_sweep_m1_h100.log.
 
-    python scripts/sweep_moe_m1.py"""
+    python scripts/sweep_moe_m1.py                      # M = 1: UP / DOWN
+    python scripts/sweep_moe_m1.py --tokens 2,4,8       # the GEMV rows of 2-8 tokens: UP_M / DOWN_M"""
+import argparse
 import os, statistics, sys
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -31,21 +33,32 @@ DOWN = {
     "30b": {"cur": None, "32/256/4-f16": c(32, 256, 4, f16=True), "16/256/2": c(16, 256, 2), "16/256/4": c(16, 256, 4),
             "64/256/8": c(64, 256, 8)},
 }
+# 2-8 tokens (moe_configs.GEMV_LAYOUT's intq row, both sides: BN 32, BKQ 256, 4 warps, gu, f16)
+UP_M = {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4gu": c(32, 512, 4, gu=True, f16=True),
+        "16/256/4gu": c(16, 256, 4, gu=True, f16=True), "64/256/8gu": c(64, 256, 8, gu=True, f16=True),
+        "32/256/4": c(32, 256, 4, f16=True)}
+DOWN_M = {"cur": None, "16/512/4": c(16, 512, 4, f16=True), "32/512/4": c(32, 512, 4, f16=True),
+          "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True), "32/256/4-f32": c(32, 256, 4)}
+ap = argparse.ArgumentParser()
+ap.add_argument("--tokens", default="1")
+ap.add_argument("--shapes", default="235b,30b")
+args = ap.parse_args()
+TOKENS = [int(t) for t in args.tokens.split(",")]
 ROUNDS = 3
 bw = mb.copy_bandwidth()
 print(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s", flush=True)
-for shape in ("235b", "30b"):
+for shape, M in ((s, m) for s in args.shapes.split(",") for m in TOKENS):
     sh = mb.SHAPES[shape]
     k, I = sh["k"], sh["I"]
-    layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, mb.CONFIGS["int4"], [1], 256e6)
-    b0, cn, xm, lg = layers[0], copies[1], x[:1].contiguous(), lgs[1]
-    touched = sum(touched_fmt[1].values())
+    layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, mb.CONFIGS["int4"], [M], 256e6)
+    b0, cn, xm, lg = layers[0], copies[M], x[:M].contiguous(), lgs[M]
+    touched = sum(touched_fmt[M].values())
     w, ids = moe.route(lg, k, True)
     y0 = moe.fused_moe(xm, ids, w, b0, I)
-    pick = moe_configs.pick(1, *moe.side_layouts(b0), hidden=sh["H"])
-    print(shape, "pick", pick, flush=True)
+    pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
+    print(shape, f"M={M}", "pick", pick, flush=True)
     cands = {}
-    for side, table in (("up", UP[shape]), ("down", DOWN[shape])):
+    for side, table in (("up", UP[shape] if M == 1 else UP_M), ("down", DOWN[shape] if M == 1 else DOWN_M)):
         for name, cfg in table.items():
             if cfg is None:
                 if "cur" in cands:
@@ -65,7 +78,7 @@ for shape in ("235b", "30b"):
             times[n].append(mb.time_graph(cands[n]))
     for n, ts in times.items():
         us = statistics.median(ts)
-        print(f"  {shape} {n:22s} {us:7.2f} us  {100 * touched / us / 1e3 / bw:5.1f}%  rounds {' '.join(f'{t:.2f}' for t in ts)}",
+        print(f"  {shape} M={M} {n:22s} {us:7.2f} us  {100 * touched / us / 1e3 / bw:5.1f}%  rounds {' '.join(f'{t:.2f}' for t in ts)}",
               flush=True)
     del layers, b0, cands
     torch.cuda.empty_cache()

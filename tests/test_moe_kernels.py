@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixprec.errors import FormatError, ShapeMismatch
-from mixprec.kernels import moe
+from mixprec.kernels import moe, moe_configs
 from mixprec.kernels import moe_testing as mt
 from mixprec.kernels.quant import act_quant, div_exact
 
@@ -579,7 +579,11 @@ def test_pick_per_side_layouts():
     for (lay, h), c in mc.GEMV_M1.items():     # batch 1 of a listed shape: its own config(s)
         layouts = {"intq", "fp8"} if lay == "mixed" else {lay}
         assert mc.pick(1, layouts, layouts, hidden=h) == ("gemv", c, "gemv", mc.GEMV_M1_DOWN.get((lay, h), c))
-        assert mc.pick(2, layouts, layouts, hidden=h) == mc.pick(2, layouts, layouts)
+        if (lay, h) not in mc.GEMV_M2_UP:
+            assert mc.pick(2, layouts, layouts, hidden=h) == mc.pick(2, layouts, layouts)
+    for (lay, h), c in mc.GEMV_M2_UP.items():  # 2 tokens of a listed shape: its gate/up config
+        assert mc.pick(2, {lay}, {lay}, hidden=h) == ("gemv", c, *mc.pick(2, {lay}, {lay})[2:])
+        assert mc.pick(3, {lay}, {lay}, hidden=h) == mc.pick(3, {lay}, {lay})
     # uniform int4 sides keep the BM-16 (per-field) dot row up to DOT_INTQ_MAX_M tokens, others
     # and larger M the prefill row; each side by its own layouts
     m = mc.DOT_INTQ_MAX_M
@@ -641,6 +645,18 @@ def test_batch1_configs(ci):
                        device=DEV).roll(ci, 1)
     _check(b, x, w, ids, inter=i, config=("gemv",) + pairs[ci])
     assert mc.pick(10 ** 6, {"dense"}, {"dense"})[0::2] == ("dot", "dot")
+
+
+@pytest.mark.parametrize("key", sorted(moe_configs.GEMV_M2_UP))
+def test_m2_gate_up_configs(key):
+    """Each 2-token gate/up row (moe_configs.GEMV_M2_UP) with the down side pick gives it, on a
+    layer of its layout, at 2 tokens (two full and one partial 256-wide K step on gate/up)."""
+    from mixprec.kernels import moe_configs as mc
+    lay, _ = key
+    spec = {"intq": "int4_asym"}[lay]
+    h, i = 640, 64
+    b = _layer([(spec,) * 3] * E, h=h, i=i)
+    _check(b, *_inputs(2, h=h, seed=71), inter=i, config=("gemv", mc.GEMV_M2_UP[key], *mc.pick(2, {lay}, {lay})[2:]))
 
 
 @pytest.mark.parametrize("mix,split,calls", [(MIX_B, 4, 1), (PER_PROJ, 2, 2)])

@@ -163,6 +163,15 @@ GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
     ("mixed", 2048): dict(_DOWN32, num_warps=8, f16=True),
 }
 
+# 2 tokens, the gate/up side: (layout, hidden size) -> GEMV config, before GEMV_LAYOUT (whose row
+# keeps the down side). Session 31 (H100, `python scripts/sweep_moe_m1.py --tokens 2,4,8`, route +
+# layer, µs, 3 rounds; moe_diag/session31_sweep_m2_8_h100.log): 30B M=2 28.53 -> 25.66 (BN 16 /
+# BKQ 512 26.36); at 4 / 8 tokens and on the 235B no candidate beat the GEMV_LAYOUT row beyond the
+# rounds' spread (235B M=4 BN 64 / 8 warps 118.4 vs 121.6, M=8 within 5% of the row's own rounds)
+GEMV_M2_UP: dict[tuple[str, int], dict] = {
+    ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
+}
+
 # batch-1 decode on the dot path with K in 2 chunks (twice the programs of the unsplit dot row):
 # (layout, hidden size) -> config, before GEMV_M1. Session 10 (H200, one run, route + fused_moe,
 # µs, this vs the GEMV config used before): 235B fp8 74.5 vs 89.5, int4+fp8 74.1 vs 97.8, the
@@ -217,7 +226,8 @@ def dot_config(m: int, layout: str | None = None) -> dict:
 def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> tuple[str, dict, str, dict]:
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
-    hidden size (M=1 takes DOT_M1 / GEMV_M1_DOWN / GEMV_M1 where they have the shape)."""
+    hidden size (M=1 takes DOT_M1 / GEMV_M1_DOWN / GEMV_M1 where they have the shape, the gate/up
+    side of M=2 GEMV_M2_UP)."""
     out = []
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
         layout = next(iter(layouts)) if len(layouts) == 1 else "mixed"
@@ -229,6 +239,9 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
             m1 = (key == "down" and GEMV_M1_DOWN.get((layout, hidden))) or GEMV_M1.get((layout, hidden))
         if m1 is not None:
             out += ["gemv", m1]
+            continue
+        if m == 2 and key == "up" and (layout, hidden) in GEMV_M2_UP:
+            out += ["gemv", GEMV_M2_UP[(layout, hidden)]]
             continue
         max_m, cfg = GEMV_LAYOUT.get(layout) or (GEMV_MAX_M, GEMV[key])
         out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m, layout)]
