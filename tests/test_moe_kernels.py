@@ -651,12 +651,12 @@ def test_batch1_configs(ci):
 def test_m2_gate_up_configs(key):
     """Each 2-token gate/up row (moe_configs.GEMV_M2_UP) with the down side pick gives it, on a
     layer of its layout, at 2 tokens (two full and one partial 256-wide K step on gate/up)."""
-    from mixprec.kernels import moe_configs as mc
     lay, _ = key
     spec = {"intq": "int4_asym"}[lay]
     h, i = 640, 64
     b = _layer([(spec,) * 3] * E, h=h, i=i)
-    _check(b, *_inputs(2, h=h, seed=71), inter=i, config=("gemv", mc.GEMV_M2_UP[key], *mc.pick(2, {lay}, {lay})[2:]))
+    down = moe_configs.pick(2, {lay}, {lay})[2:]
+    _check(b, *_inputs(2, h=h, seed=71), inter=i, config=("gemv", moe_configs.GEMV_M2_UP[key], *down))
 
 
 @pytest.mark.parametrize("mix,split,calls", [(MIX_B, 4, 1), (PER_PROJ, 2, 2)])
