@@ -1,12 +1,13 @@
-"""Batch-1 (M = 1) GEMV configs of uniform int4 MoE layers, each side on its own: the gate/up
-candidates of UP with the picked down side, the down candidates of DOWN with the picked gate/up
-side, against the pick (moe_configs.pick). Route + fused_moe per layer in CUDA graphs over cold
-weight copies (as `bench-moe`), every candidate checked against the default (SQNR >= 40 dB),
-ROUNDS timings in alternating order (median). GPU only. Session 31's sweep:
-benchmarks/moe_diag/session31_sweep_m1_h100.log.
+"""GEMV configs of MoE layers (uniform int4 unless --config) at decode sizes, against the pick
+(moe_configs.pick): each side on its own (the gate/up candidates of UP / UP_M with the picked down
+side, the down candidates of DOWN / DOWN_M with the picked gate/up side), or --pairs on both. Route
++ fused_moe per layer in CUDA graphs over cold weight copies (as `bench-moe`), every candidate
+checked against the default (SQNR >= 40 dB), ROUNDS timings in alternating order (median). GPU only.
+Session 31's sweep: benchmarks/moe_diag/session31_sweep_m1_h100.log.
 
     python scripts/sweep_moe_m1.py                      # M = 1: UP / DOWN
-    python scripts/sweep_moe_m1.py --tokens 2,4,8       # the GEMV rows of 2-8 tokens: UP_M / DOWN_M"""
+    python scripts/sweep_moe_m1.py --tokens 2,4,8       # the GEMV rows of 2-8 tokens: UP_M / DOWN_M
+    python scripts/sweep_moe_m1.py --tokens 2,4,8 --config int4+fp8 --pairs   # GEMV pairs, mixed layers"""
 import argparse
 import os, statistics, sys
 import torch
@@ -39,9 +40,19 @@ UP_M = {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4gu
         "32/256/4": c(32, 256, 4, f16=True)}
 DOWN_M = {"cur": None, "16/512/4": c(16, 512, 4, f16=True), "32/512/4": c(32, 512, 4, f16=True),
           "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True), "32/256/4-f32": c(32, 256, 4)}
+# --pairs: (gate/up, down) GEMV configs for both sides (down None: the pick's down side), for
+# layers whose launches mix layouts (their pick: the dot path from 2 tokens, moe_configs.GEMV_MAX_M)
+PAIRS = {"cur": None,
+         "joint": (moe_configs.GEMV["up"], moe_configs.GEMV["down"]),
+         "intq-row": (moe_configs.GEMV_LAYOUT["intq"][1],) * 2,
+         "intq-row-f16down": (moe_configs.GEMV_LAYOUT["intq"][1], c(32, 256, 4, f16=True, BKF=256)),
+         "16/512/4gu+32/8": (c(16, 512, 4, gu=True, f16=True, BKF=256), c(32, 256, 8, f16=True, BKF=256)),
+         "intq-row-up-only": (moe_configs.GEMV_LAYOUT["intq"][1], None)}
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", default="1")
 ap.add_argument("--shapes", default="235b,30b")
+ap.add_argument("--config", default="int4", help="a layer mix of moe_bench.CONFIGS")
+ap.add_argument("--pairs", action="store_true", help="PAIRS on both sides instead of UP / DOWN per side")
 args = ap.parse_args()
 TOKENS = [int(t) for t in args.tokens.split(",")]
 ROUNDS = 3
@@ -50,7 +61,7 @@ print(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s", flush=True)
 for shape, M in ((s, m) for s in args.shapes.split(",") for m in TOKENS):
     sh = mb.SHAPES[shape]
     k, I = sh["k"], sh["I"]
-    layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, mb.CONFIGS["int4"], [M], 256e6)
+    layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, mb.CONFIGS[args.config], [M], 256e6)
     b0, cn, xm, lg = layers[0], copies[M], x[:M].contiguous(), lgs[M]
     touched = sum(touched_fmt[M].values())
     w, ids = moe.route(lg, k, True)
@@ -58,12 +69,16 @@ for shape, M in ((s, m) for s in args.shapes.split(",") for m in TOKENS):
     pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
     print(shape, f"M={M}", "pick", pick, flush=True)
     cands = {}
-    for side, table in (("up", UP[shape] if M == 1 else UP_M), ("down", DOWN[shape] if M == 1 else DOWN_M)):
+    tables = ((("both", PAIRS),) if args.pairs else
+              (("up", UP[shape] if M == 1 else UP_M), ("down", DOWN[shape] if M == 1 else DOWN_M)))
+    for side, table in tables:
         for name, cfg in table.items():
             if cfg is None:
                 if "cur" in cands:
                     continue
                 conf, name = None, "cur"
+            elif side == "both":
+                conf = ("gemv", cfg[0], *(pick[2:] if cfg[1] is None else ("gemv", cfg[1])))
             else:
                 conf = ("gemv", cfg, *pick[2:]) if side == "up" else (*pick[:2], "gemv", cfg)
                 name = f"{side}:{name}"

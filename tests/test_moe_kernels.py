@@ -584,6 +584,10 @@ def test_pick_per_side_layouts():
     for (lay, h), c in mc.GEMV_M2_UP.items():  # 2 tokens of a listed shape: its gate/up config
         assert mc.pick(2, {lay}, {lay}, hidden=h) == ("gemv", c, *mc.pick(2, {lay}, {lay})[2:])
         assert mc.pick(3, {lay}, {lay}, hidden=h) == mc.pick(3, {lay}, {lay})
+    for lays, (mx, c) in mc.GEMV_MIXED.items():   # sides mixing these layouts: their GEMV row from 2 tokens
+        assert mc.pick(2, set(lays), set(lays)) == mc.pick(mx, set(lays), set(lays)) == ("gemv", c, "gemv", c)
+        assert mc.pick(mx + 1, set(lays), set(lays))[0::2] == ("dot", "dot")
+        assert mc.pick(1, set(lays), set(lays)) == ("gemv", mc.GEMV["up"], "gemv", mc.GEMV["down"])
     # uniform int4 sides keep the BM-16 (per-field) dot row up to DOT_INTQ_MAX_M tokens, others
     # and larger M the prefill row; each side by its own layouts
     m = mc.DOT_INTQ_MAX_M
@@ -657,6 +661,15 @@ def test_m2_gate_up_configs(key):
     b = _layer([(spec,) * 3] * E, h=h, i=i)
     down = moe_configs.pick(2, {lay}, {lay})[2:]
     _check(b, *_inputs(2, h=h, seed=71), inter=i, config=("gemv", moe_configs.GEMV_M2_UP[key], *down))
+
+
+@pytest.mark.parametrize("m", [2, 5])
+def test_int4_fp8_layer_on_gemv_rows(m):
+    """A layer of int4 and fp8 experts at 2-8 tokens as pick gives it (moe_configs.GEMV_MIXED: the
+    GEMV path with the intq row on both sides, fp8 slots in the same launches)."""
+    b = _layer(mt.split(["int4_asym", "fp8"], E), h=640, i=64)
+    assert moe_configs.pick(m, *moe.side_layouts(b))[0::2] == ("gemv", "gemv")
+    _check(b, *_inputs(m, h=640, seed=80 + m), inter=64)
 
 
 @pytest.mark.parametrize("mix,split,calls", [(MIX_B, 4, 1), (PER_PROJ, 2, 2)])

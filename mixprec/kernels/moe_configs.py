@@ -144,6 +144,17 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     ("dense", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
 }
 
+# sides whose buckets mix exactly these layouts, from 2 tokens: (largest M for the GEMV path, GEMV
+# config), before GEMV_MAX_M / GEMV. Session 31 (H100, `python scripts/sweep_moe_m1.py --tokens
+# 2,4,8 --config int4+fp8 --pairs`, route + layer, µs, 3 rounds; moe_diag/session31_sweep_mixed_pairs_h100.log):
+# 50/50 int4 / fp8 W8A8 experts, dot rows -> the intq GEMV row on both sides: 30B M=2 49.2 -> 37.1,
+# M=4 65.4 -> 52.6, M=8 102.4 -> 83.5; 235B 114.9 -> 101.6, 202.2 -> 163.4, 299.0 -> 275.5 (the
+# GEMV row above: 57.0-414.9, slower than the dot rows). Mixes with bf16 / int8 experts: not
+# measured, they keep GEMV_MAX_M
+GEMV_MIXED: dict[frozenset, tuple[int, dict]] = {
+    frozenset({"intq", "fp8"}): GEMV_LAYOUT["intq"],
+}
+
 # batch-1 decode, the down side: (layout, hidden size) -> GEMV config, before GEMV_M1 (whose rows
 # were swept with one config for both sides). Session 18 (H100, route + layer, µs, the GEMV_M1 row
 # vs this on the down side, the gate/up side unchanged; `scripts/sweep_moe_dot.py --down --tokens
@@ -227,7 +238,7 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
     hidden size (M=1 takes DOT_M1 / GEMV_M1_DOWN / GEMV_M1 where they have the shape, the gate/up
-    side of M=2 GEMV_M2_UP)."""
+    side of M=2 GEMV_M2_UP); a side mixing layouts takes GEMV_MIXED's row for them from 2 tokens."""
     out = []
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
         layout = next(iter(layouts)) if len(layouts) == 1 else "mixed"
@@ -243,7 +254,8 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
         if m == 2 and key == "up" and (layout, hidden) in GEMV_M2_UP:
             out += ["gemv", GEMV_M2_UP[(layout, hidden)]]
             continue
-        max_m, cfg = GEMV_LAYOUT.get(layout) or (GEMV_MAX_M, GEMV[key])
+        mixed = GEMV_MIXED.get(frozenset(layouts)) if m > 1 else None
+        max_m, cfg = GEMV_LAYOUT.get(layout) or mixed or (GEMV_MAX_M, GEMV[key])
         out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m, layout)]
     return tuple(out)
 
