@@ -188,9 +188,10 @@ def drive() -> None:
     H, I, E, k = 2048, 768, 8, 8
     for specs in (mt.uniform("int4", E), mt.uniform("fp8", E), mt.uniform("bf16", E), mt.uniform("int8", E),
                   mt.split(["int4", "fp8", "bf16", "int8"], E), [("int4", "int4", "fp8")] * E,
-                  mt.split(["int4_perm", "fp8"], E), mt.uniform("int4_perm", E)):   # act-order
+                  mt.split(["int4_perm", "fp8"], E), mt.uniform("int4_perm", E),   # act-order
+                  mt.split(["int4", "fp8"], E)):     # moe_configs.GEMV_MIXED's row at 2-8 tokens
         b = mt.build_buckets(specs, H, I, dtype=torch.bfloat16, device="cpu", seed=0)
-        for M in (1, 3, 40, 200):     # GEMV, mixed dot, the M <= 128 and the prefill dot rows
+        for M in (1, 2, 3, 40, 200):  # GEMV (2: GEMV_M2_UP), mixed dot, the M <= 128 and prefill dot rows
             x = torch.randn(M, H, generator=g).to(torch.bfloat16)
             w, _ = moe.route(torch.randn(M, E, generator=g), k, True)    # compiles the top-k kernel
             ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(M)]).to(torch.int32)
