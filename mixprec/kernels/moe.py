@@ -494,11 +494,13 @@ def _w8a8_kinds(side: list[dict]) -> tuple[bool, bool]:
 PERMUTE_PAIRS_MIN_M = 8
 
 
-def _pair_perms(grp: list[dict], K: int) -> list[tuple[Tensor, Tensor]] | None:
-    """(perm, expert_map) of the act-order buckets of one launch, if its input may be permuted per
-    pair first: each such bucket holds whole projections (gate_up or down: one perm per expert
-    and side) and K stored rows (a padded TP shard keeps the gather). None: no act-order bucket,
-    or one that cannot."""
+def _pair_perms(grp: list[dict], K: int, M: int) -> list[tuple[Tensor, Tensor]] | None:
+    """(perm, expert_map) of the act-order buckets of one launch of M tokens, if its input is to be
+    permuted per pair first: from PERMUTE_PAIRS_MIN_M tokens, when each such bucket holds whole
+    projections (gate_up or down: one perm per expert and side) and K stored rows (a padded TP
+    shard keeps the gather). None: fewer tokens, no act-order bucket, or one that cannot."""
+    if M < PERMUTE_PAIRS_MIN_M:
+        return None
     perms = [b for b in grp if b["layout"] == "intq" and "perm" in b["tensors"]]
     if not perms or any(b["proj"] not in ("gate_up", "down") or _padded(b, K) for b in perms):
         return None
@@ -625,7 +627,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         q_ups = [act_quant(xg, *_w8a8_kinds(grp)) for grp, xg in zip(groups, xs)]
     kern, g0, lead_up, shape_kw = side(path_up, 0)
     for grp, xg, q_up in zip(groups, xs, q_ups):
-        perms = _pair_perms(grp, H) if M >= PERMUTE_PAIRS_MIN_M else None
+        perms = _pair_perms(grp, H, M)
         if perms is not None:
             xg = _permute_pairs(xg, ids, perms, k)
         flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, chunks_up, M,
@@ -637,7 +639,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     q_dn = act_quant(act, *_w8a8_kinds(down_side))
     for gi, grp in enumerate(down_groups):
-        perms = _pair_perms(grp, inter) if M >= PERMUTE_PAIRS_MIN_M else None
+        perms = _pair_perms(grp, inter, M)
         a_in = act if perms is None else _permute_pairs(act, ids, perms, 1)
         flat, kw, k_per, nz = _launch_args(grp, cd, path_dn == "gemv", inter, H, inter, split_dn, split_dn, M,
                                            perms is not None)
