@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mixprec.kernels import moe  # noqa: E402
 from mixprec.kernels import moe_configs  # noqa: E402
 from mixprec.kernels import moe_bench as mb  # noqa: E402
-from mixprec.kernels import moe_testing as mt  # noqa: E402
 
 BASE = dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3)
 
@@ -117,10 +116,8 @@ def main() -> None:
             for M in tokens:
                 c = copies[M]
                 xm, lg = x[:M].contiguous(), lgs[M]
-                w, ids = moe.route(lg, k, True)
-                y0 = moe.fused_moe(xm, ids, w, b0, I)
                 pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
-                fns_of, sqnr_of = {}, {}
+                confs = {}
                 for cn, cfg in cands.items():
                     if cfg is None:
                         conf = None
@@ -131,26 +128,10 @@ def main() -> None:
                         conf = (*pick[:2], *cfg)
                     else:
                         conf = (cfg[0], cfg[1], cfg[1])
-                    try:
-                        db = mt.sqnr_db(y0.float(), moe.fused_moe(xm, ids, w, b0, I, config=conf).float())
-                    except Exception as err:  # noqa: BLE001 - a failing candidate is reported, not fatal
-                        db = float("nan")
-                        print(f"  FAILED {shape} {name} M={M} {cn}: {str(err)[:200]}", flush=True)
-                    sqnr_of[cn] = db
-                    if db >= 40:
-                        fns_of[cn] = [(lambda L=L, conf=conf: moe.fused_moe(xm, *moe.route(lg, k, True)[::-1], L, I,
-                                                                            config=conf)) for L in layers[:c]]
+                    confs[cn] = conf
                 # rounds in alternating order: a drift of the GPU's speed over the sweep reaches
                 # every candidate alike (one pass: twins differed by ~5%, moe_diag/session18_sweep_down_*)
-                times = {cn: [] for cn in cands}
-                for r in range(a.rounds):
-                    for cn in (list(cands) if r % 2 == 0 else list(cands)[::-1]):
-                        if cn in fns_of:
-                            try:
-                                times[cn].append(mb.time_graph(fns_of[cn]))
-                            except Exception as err:  # noqa: BLE001 - e.g. a capture that fails: dropped
-                                del fns_of[cn]
-                                print(f"  FAILED {shape} {name} M={M} {cn}: {str(err)[:200]}", flush=True)
+                times, sqnr_of = mb.time_configs(layers[:c], xm, lg, k, I, confs, a.rounds, f"{shape} {name} M={M}")
                 line = []
                 for cn in cands:
                     us = statistics.median(times[cn]) if times[cn] else float("inf")

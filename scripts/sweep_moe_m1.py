@@ -14,7 +14,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mixprec.kernels import moe, moe_configs
 from mixprec.kernels import moe_bench as mb
-from mixprec.kernels import moe_testing as mt
 
 B = dict(BKD=128, BKF=128, BKI=128, num_stages=1)
 def c(bn, bkq, w, **kw):
@@ -64,36 +63,27 @@ for shape, M in ((s, m) for s in args.shapes.split(",") for m in TOKENS):
     layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, mb.CONFIGS[args.config], [M], 256e6)
     b0, cn, xm, lg = layers[0], copies[M], x[:M].contiguous(), lgs[M]
     touched = sum(touched_fmt[M].values())
-    w, ids = moe.route(lg, k, True)
-    y0 = moe.fused_moe(xm, ids, w, b0, I)
     pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
     print(shape, f"M={M}", "pick", pick, flush=True)
-    cands = {}
+    confs = {}
     tables = ((("both", PAIRS),) if args.pairs else
               (("up", UP[shape] if M == 1 else UP_M), ("down", DOWN[shape] if M == 1 else DOWN_M)))
     for side, table in tables:
         for name, cfg in table.items():
             if cfg is None:
-                if "cur" in cands:
-                    continue
                 conf, name = None, "cur"
             elif side == "both":
                 conf = ("gemv", cfg[0], *(pick[2:] if cfg[1] is None else ("gemv", cfg[1])))
             else:
                 conf = ("gemv", cfg, *pick[2:]) if side == "up" else (*pick[:2], "gemv", cfg)
                 name = f"{side}:{name}"
-            db = mt.sqnr_db(y0.float(), moe.fused_moe(xm, ids, w, b0, I, config=conf).float())
-            if db < 40:
-                print("  BAD", name, db); continue
-            cands[name] = [(lambda L=L, conf=conf: moe.fused_moe(xm, *moe.route(lg, k, True)[::-1], L, I, config=conf))
-                           for L in layers[:cn]]
-    times = {n: [] for n in cands}
-    for r in range(ROUNDS):
-        for n in (list(cands) if r % 2 == 0 else list(cands)[::-1]):
-            times[n].append(mb.time_graph(cands[n]))
+            confs[name] = conf
+    times, _ = mb.time_configs(layers[:cn], xm, lg, k, I, confs, ROUNDS, f"{shape} M={M}")
     for n, ts in times.items():
+        if not ts:
+            continue
         us = statistics.median(ts)
         print(f"  {shape} M={M} {n:22s} {us:7.2f} us  {100 * touched / us / 1e3 / bw:5.1f}%  rounds {' '.join(f'{t:.2f}' for t in ts)}",
               flush=True)
-    del layers, b0, cands
+    del layers, b0
     torch.cuda.empty_cache()

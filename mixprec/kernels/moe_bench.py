@@ -131,6 +131,39 @@ def copy_bandwidth() -> float:
 time_graph = timing.graph_us
 
 
+def time_configs(layers, x, logits, k: int, inter: int, confs: dict, rounds: int, label: str = ""):
+    """route + fused_moe over `layers` (cold copies of one layer; x [M, H], router logits [M, E])
+    under each named launch config of `confs` (None: moe_configs.pick's): the output is checked
+    against the pick's first (below 40 dB, NaN or an error: reported, not timed), then each
+    config's CUDA graph is timed `rounds` times in alternating order, so a drift of the GPU's speed
+    reaches every config alike. -> ({name: [µs per round]}, {name: SQNR dB vs the pick})."""
+    w, ids = moe.route(logits, k, True)
+    y0 = moe.fused_moe(x, ids, w, layers[0], inter)
+    fns, sqnr = {}, {}
+    for name, conf in confs.items():
+        try:
+            db = mt.sqnr_db(y0.float(), moe.fused_moe(x, ids, w, layers[0], inter, config=conf).float())
+        except Exception as err:  # noqa: BLE001 - a failing config is reported, not fatal
+            db = float("nan")
+            log(f"  FAILED {label} {name}: {str(err)[:200]}")
+        sqnr[name] = db
+        if db >= 40:
+            fns[name] = [(lambda L=L, conf=conf: moe.fused_moe(x, *moe.route(logits, k, True)[::-1], L, inter,
+                                                               config=conf)) for L in layers]
+        elif db == db:
+            log(f"  {label} {name}: {db:.1f} dB against the pick, not timed")
+    times = {name: [] for name in confs}
+    for r in range(rounds):
+        for name in (list(confs) if r % 2 == 0 else list(confs)[::-1]):
+            if name in fns:
+                try:
+                    times[name].append(time_graph(fns[name]))
+                except Exception as err:  # noqa: BLE001 - e.g. a capture that fails: dropped
+                    del fns[name]
+                    log(f"  FAILED {label} {name}: {str(err)[:200]}")
+    return times, sqnr
+
+
 def clone_buckets(buckets: list[dict]) -> list[dict]:
     return [{**b, "tensors": {k: v.clone() for k, v in b["tensors"].items()}} for b in buckets]
 
