@@ -11,6 +11,7 @@ import sys, os
 import torch, triton, triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mixprec.kernels.gemv_tiles import gemv_intq_cols, _word_rows, _x_row_pairs, intq_sz
+from mixprec.kernels import timing
 from mixprec.kernels.quant import int4_word_dot, zero_pairs16
 
 
@@ -87,39 +88,14 @@ def _read(q_ptr, ids_ptr, y_ptr, WORDS, BLK: tl.constexpr):
     tl.store(y_ptr + p * 1024 * tl.num_programs(1) + c * 1024 + tl.arange(0, 1024), acc)
 
 
-def graph_time(fn, sets, reps=5):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for ids in sets:
-            fn(ids)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for ids in sets:
-            fn(ids)
-    g.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record(); g.replay(); b.record(); torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / len(sets))
-    return sorted(ts)[len(ts) // 2]
-
-
-def copy_bw():
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda"); b = torch.empty_like(a)
-    for _ in range(3): b.copy_(a)
-    e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
-    e0.record()
-    for _ in range(10): b.copy_(a)
-    e1.record(); torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (e0.elapsed_time(e1) * 1e-3)
+def graph_time(fn, sets):
+    """µs per launch of fn over the expert sets, one CUDA graph (mixprec's timing.graph_us)."""
+    return timing.graph_us([lambda ids=ids: fn(ids) for ids in sets])
 
 
 def main():
     torch.manual_seed(0)
-    bw = copy_bw()
+    bw = timing.copy_bandwidth_gbps() * 1e9    # bytes/s, read + write
     print(f"{torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s")
     E, TOP = 128, 8
     shapes = [("235b gate_up", 4096, 3072), ("235b down", 1536, 4096), ("30b gate_up", 2048, 1536), ("30b down", 768, 2048)]
