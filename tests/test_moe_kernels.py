@@ -584,10 +584,17 @@ def test_pick_per_side_layouts():
     for (lay, h), c in mc.GEMV_M2_UP.items():  # 2 tokens of a listed shape: its gate/up config
         assert mc.pick(2, {lay}, {lay}, hidden=h) == ("gemv", c, *mc.pick(2, {lay}, {lay})[2:])
         assert mc.pick(3, {lay}, {lay}, hidden=h) == mc.pick(3, {lay}, {lay})
-    for lays, (mx, c) in mc.GEMV_MIXED.items():   # sides mixing these layouts: their GEMV row from 2 tokens
-        assert mc.pick(2, set(lays), set(lays)) == mc.pick(mx, set(lays), set(lays)) == ("gemv", c, "gemv", c)
+    for lays, (mx, cu, cd) in mc.GEMV_MIXED.items():   # layers of these layouts: their GEMV rows from 2 tokens
+        assert mc.pick(2, set(lays), set(lays)) == mc.pick(mx, set(lays), set(lays)) == ("gemv", cu, "gemv", cd)
         assert mc.pick(mx + 1, set(lays), set(lays))[0::2] == ("dot", "dot")
         assert mc.pick(1, set(lays), set(lays)) == ("gemv", mc.GEMV["up"], "gemv", mc.GEMV["down"])
+    # keyed by the layer's layouts: the runtime's mixed preset splits them over its two sides; a
+    # side of one layout keeps that layout's row; int4 + fp8 + bf16 is not listed
+    rt_up, rt_down = {"intq", "fp8", "int8"}, {"intq", "dense", "fp8"}
+    _, cu, cd = mc.GEMV_MIXED[frozenset(rt_up | rt_down)]
+    assert mc.pick(3, rt_up, rt_down) == ("gemv", cu, "gemv", cd)
+    assert mc.pick(3, {"intq"}, rt_down | {"int8"})[:2] == ("gemv", mc.GEMV_LAYOUT["intq"][1])
+    assert mc.pick(2, rt_down, rt_down)[0::2] == ("dot", "dot")
     # uniform int4 sides keep the BM-16 (per-field) dot row up to DOT_INTQ_MAX_M tokens, others
     # and larger M the prefill row; each side by its own layouts
     m = mc.DOT_INTQ_MAX_M
@@ -932,3 +939,4 @@ def test_batch1_rows_at_the_30b_hidden_size(name):
     lay = next(iter(dn)) if len(dn) == 1 else "mixed"
     assert path_up == path_dn == "gemv" and cu["gu"] and cu["BN"] == 4 and cd == mc.GEMV_M1_DOWN[(lay, h)]
     _check(b, *_inputs(1, h=h, seed=61), inter=i)
+

@@ -144,15 +144,25 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     ("dense", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
 }
 
-# sides whose buckets mix exactly these layouts, from 2 tokens: (largest M for the GEMV path, GEMV
-# config), before GEMV_MAX_M / GEMV. Session 31 (H100, `python scripts/sweep_moe_m1.py --tokens
-# 2,4,8 --config int4+fp8 --pairs`, route + layer, µs, 3 rounds; moe_diag/session31_sweep_mixed_pairs_h100.log):
-# 50/50 int4 / fp8 W8A8 experts, dot rows -> the intq GEMV row on both sides: 30B M=2 49.2 -> 37.1,
-# M=4 65.4 -> 52.6, M=8 102.4 -> 83.5; 235B 114.9 -> 101.6, 202.2 -> 163.4, 299.0 -> 275.5 (the
-# GEMV row above: 57.0-414.9, slower than the dot rows). Mixes with bf16 / int8 experts: not
-# measured, they keep GEMV_MAX_M
-GEMV_MIXED: dict[frozenset, tuple[int, dict]] = {
-    frozenset({"intq", "fp8"}): GEMV_LAYOUT["intq"],
+# layers whose buckets hold exactly these layouts (both sides together), from 2 tokens: (largest M
+# for the GEMV path, gate/up config, down config) for a side that mixes layouts (a side of one layout
+# keeps its GEMV_LAYOUT row), before GEMV_MAX_M / GEMV. Measured with `python scripts/sweep_moe_m1.py
+# --tokens 2,4,8 --config C --pairs` (route + layer, µs, 3 rounds alternated), dot rows -> GEMV:
+# - int4 + fp8 (50/50 experts, W8A8), the intq GEMV row on both sides. Session 31 (H100,
+#   moe_diag/session31_sweep_mixed_pairs_h100.log): 30B M=2 49.2 -> 37.1, M=4 65.4 -> 52.6, M=8 102.4
+#   -> 83.5; 235B 114.9 -> 101.6, 202.2 -> 163.4, 299.0 -> 275.5.
+# - the runtime's mixed preset (moe_bench "rt_mixed": int4 experts, fp8 gate/up + bf16 down, int8 +
+#   fp8 down), BN 16 gate/up and BN 32 / 8-warp down tiles. Session 32 (H200,
+#   moe_diag/session32_sweep_rt_mixed_pairs_h200.log): 30B M=2 47.7 -> 38.3, M=4 66.8 -> 58.5 (M=8
+#   96.7 -> 91.4); 235B 107.9 -> 94.3, 172.0 -> 162.8 (M=8 247.8 -> 275.0: dot kept from 5 tokens).
+# int4 + fp8 + bf16 (a third each) stays on the dot rows: the same pairs were 4-17% slower on the
+# 235B at 2-8 tokens, within 5% either way on the 30B (moe_diag/session32_sweep_3fmt_pairs_h200.log).
+# Other mixes keep GEMV_MAX_M.
+GEMV_MIXED: dict[frozenset, tuple[int, dict, dict]] = {
+    frozenset({"intq", "fp8"}): (GEMV_LAYOUT["intq"][0], GEMV_LAYOUT["intq"][1], GEMV_LAYOUT["intq"][1]),
+    frozenset({"intq", "fp8", "int8", "dense"}): (
+        4, dict(BN=16, BKD=128, BKF=256, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
+        dict(BN=32, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=8, num_stages=1, f16=True)),
 }
 
 # batch-1 decode, the down side: (layout, hidden size) -> GEMV config, before GEMV_M1 (whose rows
@@ -171,7 +181,10 @@ GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
     ("intq", 2048): dict(_DOWN32, f16=True),
     ("intq", 4096): dict(_DOWN32, f16=True),   # session 22: see GEMV_M1's ("intq", 4096)
     ("fp8", 2048): dict(_DOWN32, BN=64, num_warps=8, f16=True),   # f16: session 24, see GEMV_M1
-    ("mixed", 2048): dict(_DOWN32, num_warps=8, f16=True),
+    # session 32 (H200, `python scripts/sweep_moe_m1.py --config C`, route + layer, µs, 3 rounds;
+    # moe_diag/session32_sweep_m1_*_h200.log): BKD 128 / 4 warps (was BKD 64 / 8 warps), the
+    # runtime's mixed preset 31.06 -> 29.04, int4 + fp8 + bf16 32.44 -> 29.86, int4 + fp8: see BENCHMARKS.md
+    ("mixed", 2048): dict(_DOWN32, BKD=128, f16=True),
 }
 
 # 2 tokens, the gate/up side: (layout, hidden size) -> GEMV config, before GEMV_LAYOUT (whose row
@@ -238,8 +251,10 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
     hidden size (M=1 takes DOT_M1 / GEMV_M1_DOWN / GEMV_M1 where they have the shape, the gate/up
-    side of M=2 GEMV_M2_UP); a side mixing layouts takes GEMV_MIXED's row for them from 2 tokens."""
+    side of M=2 GEMV_M2_UP); a side mixing layouts takes GEMV_MIXED's row for the layer's
+    layouts from 2 tokens."""
     out = []
+    mixed = GEMV_MIXED.get(frozenset(up_layouts) | frozenset(down_layouts)) if m > 1 else None
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
         layout = next(iter(layouts)) if len(layouts) == 1 else "mixed"
         if m == 1 and (layout, hidden) in DOT_M1:
@@ -254,8 +269,8 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
         if m == 2 and key == "up" and (layout, hidden) in GEMV_M2_UP:
             out += ["gemv", GEMV_M2_UP[(layout, hidden)]]
             continue
-        mixed = GEMV_MIXED.get(frozenset(layouts)) if m > 1 else None
-        max_m, cfg = GEMV_LAYOUT.get(layout) or mixed or (GEMV_MAX_M, GEMV[key])
+        max_m, cfg = GEMV_LAYOUT.get(layout) or (mixed and (mixed[0], mixed[1 if key == "up" else 2])) or \
+            (GEMV_MAX_M, GEMV[key])
         out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m, layout)]
     return tuple(out)
 
