@@ -7,7 +7,8 @@ Session 31's sweep: benchmarks/moe_diag/session31_sweep_m1_h100.log.
 
     python scripts/sweep_moe_m1.py                      # M = 1: UP / DOWN
     python scripts/sweep_moe_m1.py --tokens 2,4,8       # the GEMV rows of 2-8 tokens: UP_M / DOWN_M
-    python scripts/sweep_moe_m1.py --tokens 2,4,8 --config int4+fp8 --pairs   # GEMV pairs, mixed layers"""
+    python scripts/sweep_moe_m1.py --tokens 2,4,8 --config int4+fp8 --pairs   # GEMV pairs, mixed layers
+    python scripts/sweep_moe_m1.py --config rt_mixed --shapes 30b --mixed-m1  # M=1 K tiles of mixed layers"""
 import argparse
 import os, statistics, sys
 import torch
@@ -27,6 +28,14 @@ UP = {
             "8/512/2gu-f16": c(8, 512, 2, gu=True, f16=True), "16/256/4gu": c(16, 256, 4, gu=True),
             "32/256/4gu": c(32, 256, 4, gu=True)},
 }
+# layers mixing layouts at M=1 (GEMV_M1's "mixed" row: BN 4, one warp, K tiles BKQ 512 / BKF 256 /
+# BKD 256 / BKI 256): the other layouts' K tiles as long as the int4 one's in loop steps
+UP_MIXED = {"cur": None, "4/512/1gu-f16-K512": c(4, 512, 1, gu=True, f16=True, BKD=512, BKF=512, BKI=512),
+            "4/512/1gu-f16-F512": c(4, 512, 1, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+            "8/512/2gu-f16-K512": c(8, 512, 2, gu=True, f16=True, BKD=512, BKF=512, BKI=512)}
+DOWN_MIXED = {"cur": None, "32/256/4-f16-K256": c(32, 256, 4, f16=True, BKD=256, BKF=256, BKI=256),
+              "32/256/4-f16-F256": c(32, 256, 4, f16=True, BKF=256),
+              "32/256/8-f16-K256": c(32, 256, 8, f16=True, BKD=256, BKF=256, BKI=256)}
 DOWN = {
     "235b": {"cur": None, "32/512/4": c(32, 512, 4, f16=True), "16/512/4": c(16, 512, 4, f16=True),
              "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True)},
@@ -52,6 +61,7 @@ ap.add_argument("--tokens", default="1")
 ap.add_argument("--shapes", default="235b,30b")
 ap.add_argument("--config", default="int4", help="a layer mix of moe_bench.CONFIGS")
 ap.add_argument("--pairs", action="store_true", help="PAIRS on both sides instead of UP / DOWN per side")
+ap.add_argument("--mixed-m1", action="store_true", help="M=1 of a layer mixing layouts: UP_MIXED / DOWN_MIXED")
 args = ap.parse_args()
 TOKENS = [int(t) for t in args.tokens.split(",")]
 ROUNDS = 3
@@ -66,8 +76,10 @@ for shape, M in ((s, m) for s in args.shapes.split(",") for m in TOKENS):
     pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
     print(shape, f"M={M}", "pick", pick, flush=True)
     confs = {}
+    mixed = len(set().union(*moe.side_layouts(b0))) > 1
+    up_m1, down_m1 = (UP_MIXED, DOWN_MIXED) if mixed and args.mixed_m1 else (UP[shape], DOWN[shape])
     tables = ((("both", PAIRS),) if args.pairs else
-              (("up", UP[shape] if M == 1 else UP_M), ("down", DOWN[shape] if M == 1 else DOWN_M)))
+              (("up", up_m1 if M == 1 else UP_M), ("down", down_m1 if M == 1 else DOWN_M)))
     for side, table in tables:
         for name, cfg in table.items():
             if cfg is None:

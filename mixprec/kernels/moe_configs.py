@@ -133,7 +133,8 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # take DOT_M1; a mixed launch's int4 slots then run the fp16 loop too, as measured)
     ("fp8", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
     ("dense", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
-    ("mixed", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
+    # BKF 512 and the down row's BKF 256: session 32, see GEMV_M1_DOWN's ("mixed", 2048)
+    ("mixed", 2048): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
     # f16 (GEMV_LAYOUT's "f16"), 235B shapes only: session 22 (H100), bench-moe route + layer
     # 48.5 -> 44.0 µs (moe_diag/session22_x_planes_moe_h100.log, with the down row below); decode of
     # a 16-layer 235B int4 model, batch 1, two runs each: 488.3 / 488.3 -> 507.0 / 506.7 tok/s
@@ -183,8 +184,15 @@ GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
     ("fp8", 2048): dict(_DOWN32, BN=64, num_warps=8, f16=True),   # f16: session 24, see GEMV_M1
     # session 32 (H200, `python scripts/sweep_moe_m1.py --config C`, route + layer, µs, 3 rounds;
     # moe_diag/session32_sweep_m1_*_h200.log): BKD 128 / 4 warps (was BKD 64 / 8 warps), the
-    # runtime's mixed preset 31.06 -> 29.04, int4 + fp8 + bf16 32.44 -> 29.86, int4 + fp8: see BENCHMARKS.md
-    ("mixed", 2048): dict(_DOWN32, BKD=128, f16=True),
+    # runtime's mixed preset 31.06 -> 29.04, int4 + fp8 + bf16 32.44 -> 29.86, int4 + fp8 25.76 -> 25.61.
+    # Then the fp8 K tiles as long in loop steps as the int4 ones (BKF 256 here, 512 in GEMV_M1's row:
+    # a one-wave launch ends with its slowest programs, the fp8 ones had twice the steps), same sweep
+    # with --mixed-m1 (moe_diag/session32_sweep_m1_ktiles_*_h200.log): int4 + fp8 up 25.69 -> 24.98, down ->
+    # 24.78; mixed preset 29.20 -> 29.55 / 28.78; int4 + fp8 + bf16 29.83 -> 29.83 / 30.18 (longer
+    # bf16 / int8 tiles lost 3-10%). 16-layer 30B decode, batch 1, two runs each
+    # (runtime/session32_m1_fp8_ktiles_*): int4 + fp8 per expert 1085.4 / 1084.5 -> 1124.8 / 1123.9
+    # tok/s, mixed preset 1042.0 / 1042.9 -> 1044.2 / 1044.4
+    ("mixed", 2048): dict(_DOWN32, BKD=128, BKF=256, f16=True),
 }
 
 # 2 tokens, the gate/up side: (layout, hidden size) -> GEMV config, before GEMV_LAYOUT (whose row
