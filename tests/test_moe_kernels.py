@@ -939,4 +939,3 @@ def test_batch1_rows_at_the_30b_hidden_size(name):
     lay = next(iter(dn)) if len(dn) == 1 else "mixed"
     assert path_up == path_dn == "gemv" and cu["gu"] and cu["BN"] == 4 and cd == mc.GEMV_M1_DOWN[(lay, h)]
     _check(b, *_inputs(1, h=h, seed=61), inter=i)
-
