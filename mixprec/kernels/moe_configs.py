@@ -6,7 +6,8 @@ moe_bench.GEMV_CANDIDATES / DOT_CANDIDATES timed on uniform int4, fp8 and bf16 l
 Qwen3 shapes (cold weights, CUDA graphs). Joint winners (GEMV, GEMV_MAX_M, DOT) minimise the sum
 of times relative to the best candidate over the three formats and serve launches that mix
 layouts; GEMV_LAYOUT holds each layout's own GEMV winner and GEMV/dot crossover, used by a side
-(gate/up or down) whose buckets all share that layout.
+(gate/up or down) whose buckets all share that layout. Rows set later name their session, device
+(H100 or H200), command and log beside them.
 
 GEMV path (one (token, expert) pair per program, fp32 FMA): decode, M <= the crossover.
 Dot path (BM sorted pairs of one expert per program, tensor cores): everything larger, and the
