@@ -8,7 +8,8 @@ Session 31's sweep: benchmarks/moe_diag/session31_sweep_m1_h100.log.
     python scripts/sweep_moe_m1.py                      # M = 1: UP / DOWN
     python scripts/sweep_moe_m1.py --tokens 2,4,8       # the GEMV rows of 2-8 tokens: UP_M / DOWN_M
     python scripts/sweep_moe_m1.py --tokens 2,4,8 --config int4+fp8 --pairs   # GEMV pairs, mixed layers
-    python scripts/sweep_moe_m1.py --config rt_mixed --shapes 30b --mixed-m1  # M=1 K tiles of mixed layers"""
+    python scripts/sweep_moe_m1.py --config rt_mixed --shapes 30b --mixed-m1  # M=1 K tiles of mixed layers
+The candidate tables are importable (scripts/diag_mixed_m1_regs.py compiles UP_MIXED / DOWN_MIXED)."""
 import argparse
 import os, statistics, sys
 import torch
@@ -59,46 +60,53 @@ PAIRS = {"cur": None,
          # fp8 K tiles as long in loop steps as the int4 ones (what won at M=1, session 32): not run yet
          "intq-row-F256": (dict(moe_configs.GEMV_LAYOUT["intq"][1], BKF=256),) * 2,
          "16/512/4gu-F512+32/8": (c(16, 512, 4, gu=True, f16=True, BKF=512), c(32, 256, 8, f16=True, BKF=256))}
-ap = argparse.ArgumentParser()
-ap.add_argument("--tokens", default="1")
-ap.add_argument("--shapes", default="235b,30b")
-ap.add_argument("--config", default="int4", help="a layer mix of moe_bench.CONFIGS")
-ap.add_argument("--pairs", action="store_true", help="PAIRS on both sides instead of UP / DOWN per side")
-ap.add_argument("--mixed-m1", action="store_true", help="M=1 of a layer mixing layouts: UP_MIXED / DOWN_MIXED")
-args = ap.parse_args()
-TOKENS = [int(t) for t in args.tokens.split(",")]
-ROUNDS = 3
-bw = mb.copy_bandwidth()
-print(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s", flush=True)
-for shape, M in ((s, m) for s in args.shapes.split(",") for m in TOKENS):
-    sh = mb.SHAPES[shape]
-    k, I = sh["k"], sh["I"]
-    layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, mb.CONFIGS[args.config], [M], 256e6)
-    b0, cn, xm, lg = layers[0], copies[M], x[:M].contiguous(), lgs[M]
-    touched = sum(touched_fmt[M].values())
-    pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
-    print(shape, f"M={M}", "pick", pick, flush=True)
-    confs = {}
-    mixed = len(set().union(*moe.side_layouts(b0))) > 1
-    up_m1, down_m1 = (UP_MIXED, DOWN_MIXED) if mixed and args.mixed_m1 else (UP[shape], DOWN[shape])
-    tables = ((("both", PAIRS),) if args.pairs else
-              (("up", up_m1 if M == 1 else UP_M), ("down", down_m1 if M == 1 else DOWN_M)))
-    for side, table in tables:
-        for name, cfg in table.items():
-            if cfg is None:
-                conf, name = None, "cur"
-            elif side == "both":
-                conf = ("gemv", cfg[0], *(pick[2:] if cfg[1] is None else ("gemv", cfg[1])))
-            else:
-                conf = ("gemv", cfg, *pick[2:]) if side == "up" else (*pick[:2], "gemv", cfg)
-                name = f"{side}:{name}"
-            confs[name] = conf
-    times, _ = mb.time_configs(layers[:cn], xm, lg, k, I, confs, ROUNDS, f"{shape} M={M}")
-    for n, ts in times.items():
-        if not ts:
-            continue
-        us = statistics.median(ts)
-        print(f"  {shape} M={M} {n:22s} {us:7.2f} us  {100 * touched / us / 1e3 / bw:5.1f}%  rounds {' '.join(f'{t:.2f}' for t in ts)}",
-              flush=True)
-    del layers, b0
-    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="1")
+    ap.add_argument("--shapes", default="235b,30b")
+    ap.add_argument("--config", default="int4", help="a layer mix of moe_bench.CONFIGS")
+    ap.add_argument("--pairs", action="store_true", help="PAIRS on both sides instead of UP / DOWN per side")
+    ap.add_argument("--mixed-m1", action="store_true", help="M=1 of a layer mixing layouts: UP_MIXED / DOWN_MIXED")
+    args = ap.parse_args()
+    TOKENS = [int(t) for t in args.tokens.split(",")]
+    ROUNDS = 3
+    bw = mb.copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s", flush=True)
+    for shape, M in ((s, m) for s in args.shapes.split(",") for m in TOKENS):
+        sh = mb.SHAPES[shape]
+        k, I = sh["k"], sh["I"]
+        layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, mb.CONFIGS[args.config], [M], 256e6)
+        b0, cn, xm, lg = layers[0], copies[M], x[:M].contiguous(), lgs[M]
+        touched = sum(touched_fmt[M].values())
+        pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
+        print(shape, f"M={M}", "pick", pick, flush=True)
+        confs = {}
+        mixed = len(set().union(*moe.side_layouts(b0))) > 1
+        up_m1, down_m1 = (UP_MIXED, DOWN_MIXED) if mixed and args.mixed_m1 else (UP[shape], DOWN[shape])
+        tables = ((("both", PAIRS),) if args.pairs else
+                  (("up", up_m1 if M == 1 else UP_M), ("down", down_m1 if M == 1 else DOWN_M)))
+        for side, table in tables:
+            for name, cfg in table.items():
+                if cfg is None:
+                    conf, name = None, "cur"
+                elif side == "both":
+                    conf = ("gemv", cfg[0], *(pick[2:] if cfg[1] is None else ("gemv", cfg[1])))
+                else:
+                    conf = ("gemv", cfg, *pick[2:]) if side == "up" else (*pick[:2], "gemv", cfg)
+                    name = f"{side}:{name}"
+                confs[name] = conf
+        times, _ = mb.time_configs(layers[:cn], xm, lg, k, I, confs, ROUNDS, f"{shape} M={M}")
+        for n, ts in times.items():
+            if not ts:
+                continue
+            us = statistics.median(ts)
+            print(f"  {shape} M={M} {n:22s} {us:7.2f} us  {100 * touched / us / 1e3 / bw:5.1f}%  rounds {' '.join(f'{t:.2f}' for t in ts)}",
+                  flush=True)
+        del layers, b0
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
