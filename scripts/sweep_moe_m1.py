@@ -51,15 +51,22 @@ DOWN_M = {"cur": None, "16/512/4": c(16, 512, 4, f16=True), "32/512/4": c(32, 51
           "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True), "32/256/4-f32": c(32, 256, 4)}
 # --pairs: (gate/up, down) GEMV configs for both sides (down None: the pick's down side), for
 # layers whose launches mix layouts (their pick: the dot path from 2 tokens, moe_configs.GEMV_MAX_M)
+_RT = moe_configs.GEMV_MIXED[frozenset({"intq", "fp8", "int8", "dense"})][0]
 PAIRS = {"cur": None,
          "joint": (moe_configs.GEMV["up"], moe_configs.GEMV["down"]),
          "intq-row": (moe_configs.GEMV_LAYOUT["intq"][1],) * 2,
          "intq-row-f16down": (moe_configs.GEMV_LAYOUT["intq"][1], c(32, 256, 4, f16=True, BKF=256)),
          "16/512/4gu+32/8": (c(16, 512, 4, gu=True, f16=True, BKF=256), c(32, 256, 8, f16=True, BKF=256)),
          "intq-row-up-only": (moe_configs.GEMV_LAYOUT["intq"][1], None),
-         # fp8 K tiles as long in loop steps as the int4 ones (what won at M=1, session 32): not run yet
+         # fp8 K tiles as long in loop steps as the int4 ones (what won at M=1, session 32): session 33
          "intq-row-F256": (dict(moe_configs.GEMV_LAYOUT["intq"][1], BKF=256),) * 2,
-         "16/512/4gu-F512+32/8": (c(16, 512, 4, gu=True, f16=True, BKF=512), c(32, 256, 8, f16=True, BKF=256))}
+         "16/512/4gu-F512+32/8": (c(16, 512, 4, gu=True, f16=True, BKF=512), c(32, 256, 8, f16=True, BKF=256)),
+         "intq-row-F256up": (dict(moe_configs.GEMV_LAYOUT["intq"][1], BKF=256), moe_configs.GEMV_LAYOUT["intq"][1]),
+         # GEMV_MIXED's row of the runtime's mixed preset, and its fp8 / bf16 tiles lengthened
+         "rt-row": (_RT["up"], _RT["down"]),
+         "rt-row-F512up": (dict(_RT["up"], BKF=512), _RT["down"]),
+         "rt-row-D256down": (_RT["up"], dict(_RT["down"], BKD=256)),
+         "rt-row-D256": (dict(_RT["up"], BKD=256), dict(_RT["down"], BKD=256))}
 
 
 def main() -> None:

@@ -179,7 +179,7 @@ def test_align_groups_pairs_by_expert(ids_kind, m, k, e, bm, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the fused MoE vs the reference (CPU interpreter in fp16; GPU too when present)
 
-@pytest.mark.parametrize("mix,m", [(MIX_A, 3), (MIX_B, 1)])
+@pytest.mark.parametrize("mix,m", [(MIX_A, 3), (MIX_A, 6), (MIX_B, 1)])   # MIX_A: GEMV_MIXED rows
 def test_mixed_formats_decode(mix, m):
     _check(_layer(mt.split(mix, E)), *_inputs(m))
 
@@ -584,15 +584,20 @@ def test_pick_per_side_layouts():
     for (lay, h), c in mc.GEMV_M2_UP.items():  # 2 tokens of a listed shape: its gate/up config
         assert mc.pick(2, {lay}, {lay}, hidden=h) == ("gemv", c, *mc.pick(2, {lay}, {lay})[2:])
         assert mc.pick(3, {lay}, {lay}, hidden=h) == mc.pick(3, {lay}, {lay})
-    for lays, (mx, cu, cd) in mc.GEMV_MIXED.items():   # layers of these layouts: their GEMV rows from 2 tokens
-        assert mc.pick(2, set(lays), set(lays)) == mc.pick(mx, set(lays), set(lays)) == ("gemv", cu, "gemv", cd)
-        assert mc.pick(mx + 1, set(lays), set(lays))[0::2] == ("dot", "dot")
+    for lays, rows in mc.GEMV_MIXED.items():   # layers of these layouts: their GEMV rows from 2 tokens
+        lo = 2
+        for row in rows:     # each row from the token after the row before, up to its max_m
+            want = ("gemv", row["up"], "gemv", row["down"])
+            assert mc.pick(lo, set(lays), set(lays)) == mc.pick(row["max_m"], set(lays), set(lays)) == want
+            lo = row["max_m"] + 1
+        assert mc.pick(lo, set(lays), set(lays))[0::2] == ("dot", "dot")
         assert mc.pick(1, set(lays), set(lays)) == ("gemv", mc.GEMV["up"], "gemv", mc.GEMV["down"])
     # keyed by the layer's layouts: the runtime's mixed preset splits them over its two sides; a
     # side of one layout keeps that layout's row; int4 + fp8 + bf16 is not listed
     rt_up, rt_down = {"intq", "fp8", "int8"}, {"intq", "dense", "fp8"}
-    _, cu, cd = mc.GEMV_MIXED[frozenset(rt_up | rt_down)]
-    assert mc.pick(3, rt_up, rt_down) == ("gemv", cu, "gemv", cd)
+    rt = mc.GEMV_MIXED[frozenset(rt_up | rt_down)]
+    assert mc.pick(3, rt_up, rt_down) == ("gemv", rt[0]["up"], "gemv", rt[0]["down"])
+    assert mc.pick(8, rt_up, rt_down) == ("gemv", rt[1]["up"], "gemv", rt[1]["down"])
     assert mc.pick(3, {"intq"}, rt_down | {"int8"})[:2] == ("gemv", mc.GEMV_LAYOUT["intq"][1])
     assert mc.pick(2, rt_down, rt_down)[0::2] == ("dot", "dot")
     # uniform int4 sides keep the BM-16 (per-field) dot row up to DOT_INTQ_MAX_M tokens, others

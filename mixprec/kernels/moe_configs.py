@@ -146,25 +146,32 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     ("dense", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
 }
 
-# layers whose buckets hold exactly these layouts (both sides together), from 2 tokens: (largest M
-# for the GEMV path, gate/up config, down config) for a side that mixes layouts (a side of one layout
-# keeps its GEMV_LAYOUT row), before GEMV_MAX_M / GEMV. Measured with `python scripts/sweep_moe_m1.py
-# --tokens 2,4,8 --config C --pairs` (route + layer, µs, 3 rounds alternated), dot rows -> GEMV:
+# layers whose buckets hold exactly these layouts (both sides together), from 2 tokens: rows in
+# order of max_m, the first row with m <= max_m gives the GEMV configs of a side that mixes layouts
+# (a side of one layout keeps its GEMV_LAYOUT row); past the last row, the dot path. Measured with
+# `python scripts/sweep_moe_m1.py --tokens 2,4,8 --config C --pairs` (route + layer, µs, 3 rounds
+# alternated), dot rows -> GEMV:
 # - int4 + fp8 (50/50 experts, W8A8), the intq GEMV row on both sides. Session 31 (H100,
 #   moe_diag/session31_sweep_mixed_pairs_h100.log): 30B M=2 49.2 -> 37.1, M=4 65.4 -> 52.6, M=8 102.4
-#   -> 83.5; 235B 114.9 -> 101.6, 202.2 -> 163.4, 299.0 -> 275.5.
+#   -> 83.5; 235B 114.9 -> 101.6, 202.2 -> 163.4, 299.0 -> 275.5. Session 33 (H200,
+#   moe_diag/session33_pairs_int4fp8_h200.log): the fp8 K tile as long in loop steps as the int4
+#   one (BKF 256) is no better: 30B 33.9 -> 32.9, 45.4 -> 50.1, 73.0 -> 74.0; 235B 79.4 -> 86.6,
+#   131.9 -> 131.3, 228.1 -> 218.9.
 # - the runtime's mixed preset (moe_bench "rt_mixed": int4 experts, fp8 gate/up + bf16 down, int8 +
-#   fp8 down), BN 16 gate/up and BN 32 / 8-warp down tiles. Session 32 (H200,
-#   moe_diag/session32_sweep_rt_mixed_pairs_h200.log): 30B M=2 47.7 -> 38.3, M=4 66.8 -> 58.5 (M=8
-#   96.7 -> 91.4); 235B 107.9 -> 94.3, 172.0 -> 162.8 (M=8 247.8 -> 275.0: dot kept from 5 tokens).
+#   fp8 down). 2-4 tokens, BN 16 gate/up and BN 32 / 8-warp down tiles: session 32 (H200,
+#   moe_diag/session32_sweep_rt_mixed_pairs_h200.log), 30B M=2 47.7 -> 38.3, M=4 66.8 -> 58.5; 235B
+#   107.9 -> 94.3, 172.0 -> 162.8. 5-8 tokens, the intq row with BKF 256 on both sides: session 33
+#   (H200, moe_diag/session33_pairs_rtmixed_h200.log), M=8 30B 96.4 -> 84.4, 235B 250.1 -> 253.1
+#   (the 2-4 token row there: 91.4 / 276.3).
 # int4 + fp8 + bf16 (a third each) stays on the dot rows: the same pairs were 4-17% slower on the
 # 235B at 2-8 tokens, within 5% either way on the 30B (moe_diag/session32_sweep_3fmt_pairs_h200.log).
 # Other mixes keep GEMV_MAX_M.
-GEMV_MIXED: dict[frozenset, tuple[int, dict, dict]] = {
-    frozenset({"intq", "fp8"}): (GEMV_LAYOUT["intq"][0], GEMV_LAYOUT["intq"][1], GEMV_LAYOUT["intq"][1]),
+GEMV_MIXED: dict[frozenset, tuple[dict, ...]] = {
+    frozenset({"intq", "fp8"}): (dict(max_m=GEMV_LAYOUT["intq"][0], up=GEMV_LAYOUT["intq"][1], down=GEMV_LAYOUT["intq"][1]),),
     frozenset({"intq", "fp8", "int8", "dense"}): (
-        4, dict(BN=16, BKD=128, BKF=256, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
-        dict(BN=32, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=8, num_stages=1, f16=True)),
+        dict(max_m=4, up=dict(BN=16, BKD=128, BKF=256, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
+             down=dict(BN=32, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=8, num_stages=1, f16=True)),
+        dict(max_m=8, up=dict(GEMV_LAYOUT["intq"][1], BKF=256), down=dict(GEMV_LAYOUT["intq"][1], BKF=256))),
 }
 
 # batch-1 decode, the down side: (layout, hidden size) -> GEMV config, before GEMV_M1 (whose rows
@@ -263,7 +270,8 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
     side of M=2 GEMV_M2_UP); a side mixing layouts takes GEMV_MIXED's row for the layer's
     layouts from 2 tokens."""
     out = []
-    mixed = GEMV_MIXED.get(frozenset(up_layouts) | frozenset(down_layouts)) if m > 1 else None
+    rows = GEMV_MIXED.get(frozenset(up_layouts) | frozenset(down_layouts), ()) if m > 1 else ()
+    mixed = next((row for row in rows if m <= row["max_m"]), None)
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
         layout = next(iter(layouts)) if len(layouts) == 1 else "mixed"
         if m == 1 and (layout, hidden) in DOT_M1:
@@ -278,7 +286,7 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
         if m == 2 and key == "up" and (layout, hidden) in GEMV_M2_UP:
             out += ["gemv", GEMV_M2_UP[(layout, hidden)]]
             continue
-        max_m, cfg = GEMV_LAYOUT.get(layout) or (mixed and (mixed[0], mixed[1 if key == "up" else 2])) or \
+        max_m, cfg = GEMV_LAYOUT.get(layout) or (mixed and (mixed["max_m"], mixed[key])) or \
             (GEMV_MAX_M, GEMV[key])
         out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m, layout)]
     return tuple(out)
