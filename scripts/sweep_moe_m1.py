@@ -9,6 +9,7 @@ Session 31's sweep: benchmarks/moe_diag/session31_sweep_m1_h100.log.
     python scripts/sweep_moe_m1.py --tokens 2,4,8       # the GEMV rows of 2-8 tokens: UP_M / DOWN_M
     python scripts/sweep_moe_m1.py --tokens 2,4,8 --config int4+fp8 --pairs   # GEMV pairs, mixed layers
     python scripts/sweep_moe_m1.py --config rt_mixed --shapes 30b --mixed-m1  # M=1 K tiles of mixed layers
+    python scripts/sweep_moe_m1.py --config fp8 --shapes 235b                 # M=1, 235B fp8 layers
 The candidate tables are importable (scripts/diag_mixed_m1_regs.py compiles UP_MIXED / DOWN_MIXED)."""
 import argparse
 import os, statistics, sys
@@ -24,7 +25,13 @@ def c(bn, bkq, w, **kw):
 UP = {
     "235b": {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4": c(32, 512, 4, f16=True),
              "32/512/4gu": c(32, 512, 4, gu=True, f16=True), "32/256/4gu": c(32, 256, 4, gu=True, f16=True),
-             "32/256/4": c(32, 256, 4, f16=True), "64/256/8": c(64, 256, 8, f16=True), "8/512/2gu": c(8, 512, 2, gu=True, f16=True)},
+             "32/256/4": c(32, 256, 4, f16=True), "64/256/8": c(64, 256, 8, f16=True), "8/512/2gu": c(8, 512, 2, gu=True, f16=True),
+             # fp8 / mixed layers (on a dot row before session 33): longer fp8 K tiles on the word loops
+             "4/512/1gu-F512": c(4, 512, 1, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+             "4/512/2gu-F512": c(4, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+             "8/512/2gu-F512": c(8, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+             "16/512/4gu-F512": c(16, 512, 4, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+             "8/512/4gu-F1024": c(8, 512, 4, gu=True, f16=True, BKD=256, BKF=1024, BKI=512)},
     "30b": {"cur": None, "16/512/4gu-f16": c(16, 512, 4, gu=True, f16=True), "8/512/2gu": c(8, 512, 2, gu=True),
             "8/512/2gu-f16": c(8, 512, 2, gu=True, f16=True), "16/256/4gu": c(16, 256, 4, gu=True),
             "32/256/4gu": c(32, 256, 4, gu=True)},
@@ -39,7 +46,9 @@ DOWN_MIXED = {"cur": None, "32/256/4-f16-K256": c(32, 256, 4, f16=True, BKD=256,
               "32/256/8-f16-K256": c(32, 256, 8, f16=True, BKD=256, BKF=256, BKI=256)}
 DOWN = {
     "235b": {"cur": None, "32/512/4": c(32, 512, 4, f16=True), "16/512/4": c(16, 512, 4, f16=True),
-             "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True)},
+             "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True),
+             "32/256/4-F256": c(32, 256, 4, f16=True, BKD=128, BKF=256), "64/256/8-F256": c(64, 256, 8, f16=True, BKD=128, BKF=256),
+             "16/512/4-F512": c(16, 512, 4, f16=True, BKD=256, BKF=512), "32/512/8-F512": c(32, 512, 8, f16=True, BKD=256, BKF=512)},
     "30b": {"cur": None, "32/256/4-f16": c(32, 256, 4, f16=True), "16/256/2": c(16, 256, 2), "16/256/4": c(16, 256, 4),
             "64/256/8": c(64, 256, 8)},
 }
@@ -91,7 +100,8 @@ def main() -> None:
         print(shape, f"M={M}", "pick", pick, flush=True)
         confs = {}
         mixed = len(set().union(*moe.side_layouts(b0))) > 1
-        up_m1, down_m1 = (UP_MIXED, DOWN_MIXED) if mixed and args.mixed_m1 else (UP[shape], DOWN[shape])
+        # UP_MIXED / DOWN_MIXED: the 30B's one-warp rows; the 235B's mixed layers take UP / DOWN
+        up_m1, down_m1 = (UP_MIXED, DOWN_MIXED) if mixed and args.mixed_m1 and shape == "30b" else (UP[shape], DOWN[shape])
         tables = ((("both", PAIRS),) if args.pairs else
                   (("up", up_m1 if M == 1 else UP_M), ("down", down_m1 if M == 1 else DOWN_M)))
         for side, table in tables:

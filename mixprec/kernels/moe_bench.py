@@ -355,7 +355,7 @@ def sweep(tokens_gemv, tokens_dot, min_bytes, copy_bw, results, on_done=lambda: 
         dot_by_m = {}
     if "gemv" in paths:
         # the joint config serves launches that mix layouts: M = 2..GEMV_MAX_M (none since session 10)
-        # and M=1 for shapes GEMV_M1 / DOT_M1 do not list; with no such M it is chosen over all
+        # and M=1 for shapes GEMV_M1 does not list; with no such M it is chosen over all
         joint_ms = [M for M in tokens_gemv if 1 < M <= moe_configs.GEMV_MAX_M] or tokens_gemv
         g = min(range(len(GEMV_CANDIDATES)), key=lambda ci: score("gemv", ci, joint_ms))
         win.update(gemv=g, gemv_cfg=GEMV_CANDIDATES[g], gemv_layout={}, gemv_m1=m1_winners(scores))

@@ -10,10 +10,10 @@ layouts; GEMV_LAYOUT holds each layout's own GEMV winner and GEMV/dot crossover,
 (H100 or H200), command and log beside them.
 
 GEMV path (one (token, expert) pair per program, fp32 FMA): decode, M <= the crossover.
-Dot path (BM sorted pairs of one expert per program, tensor cores): everything larger, and the
-batch-1 shapes of DOT_M1 with K split over 2 programs per tile. Session 10 re-chose the dot rows,
-the crossovers and DOT_M1 on real mixed layers as well as uniform ones (scripts/sweep_moe_dot.py,
-benchmarks/moe.md).
+Dot path (BM sorted pairs of one expert per program, tensor cores): everything larger. Session 10
+re-chose the dot rows and the crossovers on real mixed layers as well as uniform ones
+(scripts/sweep_moe_dot.py, benchmarks/moe.md); its batch-1 dot rows (DOT_M1, K split over 2
+programs per tile) gave way to GEMV rows in session 33.
 BK* are the K tiles per layout (D dense, F fp8, Q intq, I int8); BK is lowered automatically
 where a format's block needs it (an fp8 GEMV tile spans blocks only when its rows share a scale
 row; the W8A8 dot path uses 128). `split`: programs per output tile (K chunks; on the GEMV path
@@ -35,7 +35,7 @@ from __future__ import annotations
 GEMV_MAX_M = 1
 
 # side -> config; "up" computes gate and up tiles of BN columns each (fused silu*mul), "down" BN rows of H.
-# Serves launches that mix layouts at M=1 for shapes GEMV_M1 / DOT_M1 do not list. Session 6
+# Serves launches that mix layouts at M=1 for shapes GEMV_M1 does not list. Session 6
 # sweep at M=4 (H100, both shapes, int4 / fp8 / bf16): this config has the least summed relative
 # time (30B int4 50.9, fp8 76.5 µs vs 55.6 / 97.0 with the session-4 joint winner)
 GEMV = {
@@ -108,8 +108,8 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
 # 39.3 vs 41.9; 235B int4 48.1 vs 50.7. A second run, table vs table (with a scale / x prefetch
 # in the tile loops that changed nothing and was dropped): 30B fp8 43.3 -> 35.5, int4 24.9 ->
 # 22.5, bf16 42.3 -> 39.1, int4+fp8 44.2 -> 40.8; 235B int4 50.8 -> 48.2. Winners within run-to-run
-# noise (235B fp8 / bf16, < 4%) are not listed; what is not listed uses the tables above. 235B
-# "mixed" is on the dot path (DOT_M1).
+# noise (235B fp8 / bf16, < 4%) are not listed; what is not listed uses the tables above.
+# 235B fp8 and mixed: session 33, see GEMV_M1_DOWN's ("fp8", 4096).
 GEMV_M1: dict[tuple[str, int], dict] = {
     # gu (see GEMV_LAYOUT): session 16, 30B M=1 23.7 -> 22.4 µs; 235B 50.1 -> 53.0 (kept off)
     ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
@@ -130,8 +130,8 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # 342.4. Decode of a 16-layer 30B model, two runs each (runtime/session24_f16_words_ab_h100.log),
     # tok/s: fp8 batch 1 884.6 / 886.4 -> 919.2 / 919.8, mixed preset 861.8 / 859.2 -> 878.4 / 876.9,
     # int8 batch 2 1237.6 / 1239.0 -> 1338.3 / 1339.0, batch 4 1889.9 / 1891.3 -> 2080.5 / 2071.2.
-    # Set on these rows, their GEMV_M1_DOWN rows and GEMV_LAYOUT's int8 row (235B fp8 / mixed M=1
-    # take DOT_M1; a mixed launch's int4 slots then run the fp16 loop too, as measured)
+    # Set on these rows, their GEMV_M1_DOWN rows and GEMV_LAYOUT's int8 row (a mixed launch's int4
+    # slots then run the fp16 loop too, as measured)
     ("fp8", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
     ("dense", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
     # BKF 512 and the down row's BKF 256: session 32, see GEMV_M1_DOWN's ("mixed", 2048)
@@ -144,6 +144,8 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # moe_diag/session31_sweep_m1_h100.log): 42.01 -> 40.42 (BN 32 tiles, with or without gu, 43.4-47.4)
     ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
     ("dense", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
+    ("fp8", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
+    ("mixed", 4096): dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1, gu=True, f16=True),
 }
 
 # layers whose buckets hold exactly these layouts (both sides together), from 2 tokens: rows in
@@ -201,6 +203,17 @@ GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
     # (runtime/session32_m1_fp8_ktiles_*): int4 + fp8 per expert 1085.4 / 1084.5 -> 1124.8 / 1123.9
     # tok/s, mixed preset 1042.0 / 1042.9 -> 1044.2 / 1044.4
     ("mixed", 2048): dict(_DOWN32, BKD=128, BKF=256, f16=True),
+    # 235B fp8 and mixed layers took the dot path at M=1 (DOT_M1: BM 16 tiles, K in 2 chunks; set
+    # in session 10, before the fp8 GEMV word loops of session 24). Session 33 (H200, `python
+    # scripts/sweep_moe_m1.py --shapes 235b --config C`, route + layer, µs, 3 rounds, each side
+    # against the dot row with the other side on it; moe_diag/session33_m1_235b_*_h200.log): fp8 67.2
+    # -> 61.4 (gate/up) / 61.6 (down); int4 + fp8 66.8 -> 61.3 / 61.5; the runtime's mixed preset
+    # 75.9 -> 72.1 / 74.2; int4 + fp8 + bf16 75.9 -> 80.7 (gate/up: the one loss) / 75.7. Both sides
+    # together, decode of a 16-layer 235B model, batch 1, old/new alternated (runtime/
+    # session33_235b_m1_gemv_*), tok/s: fp8 526.1 / 526.1 -> 604.5 / 604.5, the mixed preset
+    # 511.9 / 511.5 -> 546.3 / 546.1, int4 + fp8 per expert 523.9 -> 595.7; bench-moe fp8 68.3 -> 50.1 µs
+    ("fp8", 4096): dict(_DOWN32, BKD=128, BKF=256, f16=True),
+    ("mixed", 4096): dict(_DOWN32, BN=64, num_warps=8, BKD=128, BKF=256, f16=True),
 }
 
 # 2 tokens, the gate/up side: (layout, hidden size) -> GEMV config, before GEMV_LAYOUT (whose row
@@ -211,17 +224,6 @@ GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
 GEMV_M2_UP: dict[tuple[str, int], dict] = {
     ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
 }
-
-# batch-1 decode on the dot path with K in 2 chunks (twice the programs of the unsplit dot row):
-# (layout, hidden size) -> config, before GEMV_M1. Session 10 (H200, one run, route + fused_moe,
-# µs, this vs the GEMV config used before): 235B fp8 74.5 vs 89.5, int4+fp8 74.1 vs 97.8, the
-# runtime's mixed preset 83.5 vs 98.4; uniform int4 keeps its GEMV (48.2 vs 68.8) and the 30B
-# shapes theirs (fp8 34.9 vs 43.7, int4+fp8 39.3 vs 44.1). Splits of 4-16 were slower.
-DOT_M1: dict[tuple[str, int], dict] = {
-    ("fp8", 4096): dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3, split=2),
-    ("mixed", 4096): dict(BM=16, BN=64, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=4, num_stages=3, split=2),
-}
-
 
 # fp8 gate/up dot launches run gate and up in one K loop up to this many tokens (moe._gate_up_fused).
 # Session 16 (H100, route + layer, µs, two loops vs one; moe_diag/session16_fp8_gate_up_h100.log):
@@ -266,7 +268,7 @@ def dot_config(m: int, layout: str | None = None) -> dict:
 def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> tuple[str, dict, str, dict]:
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
-    hidden size (M=1 takes DOT_M1 / GEMV_M1_DOWN / GEMV_M1 where they have the shape, the gate/up
+    hidden size (M=1 takes GEMV_M1_DOWN / GEMV_M1 where they have the shape, the gate/up
     side of M=2 GEMV_M2_UP); a side mixing layouts takes GEMV_MIXED's row for the layer's
     layouts from 2 tokens."""
     out = []
@@ -274,9 +276,6 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
     mixed = next((row for row in rows if m <= row["max_m"]), None)
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
         layout = next(iter(layouts)) if len(layouts) == 1 else "mixed"
-        if m == 1 and (layout, hidden) in DOT_M1:
-            out += ["dot", DOT_M1[(layout, hidden)]]
-            continue
         m1 = None
         if m == 1:
             m1 = (key == "down" and GEMV_M1_DOWN.get((layout, hidden))) or GEMV_M1.get((layout, hidden))
