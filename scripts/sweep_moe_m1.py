@@ -55,9 +55,16 @@ DOWN = {
 # 2-8 tokens (moe_configs.GEMV_LAYOUT's intq row, both sides: BN 32, BKQ 256, 4 warps, gu, f16)
 UP_M = {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4gu": c(32, 512, 4, gu=True, f16=True),
         "16/256/4gu": c(16, 256, 4, gu=True, f16=True), "64/256/8gu": c(64, 256, 8, gu=True, f16=True),
-        "32/256/4": c(32, 256, 4, f16=True)}
+        "32/256/4": c(32, 256, 4, f16=True),
+        # fp8 layers (a dot row from 2 tokens): the word loops with longer fp8 K tiles
+        "4/512/1gu-F512": c(4, 512, 1, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+        "8/512/2gu-F512": c(8, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+        "16/512/4gu-F512": c(16, 512, 4, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+        "32/256/4gu-F256": c(32, 256, 4, gu=True, f16=True, BKF=256)}
 DOWN_M = {"cur": None, "16/512/4": c(16, 512, 4, f16=True), "32/512/4": c(32, 512, 4, f16=True),
-          "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True), "32/256/4-f32": c(32, 256, 4)}
+          "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True), "32/256/4-f32": c(32, 256, 4),
+          "32/256/4-F256": c(32, 256, 4, f16=True, BKD=128, BKF=256), "64/256/8-F256": c(64, 256, 8, f16=True, BKD=128, BKF=256),
+          "16/512/4-F512": c(16, 512, 4, f16=True, BKD=256, BKF=512)}
 # --pairs: (gate/up, down) GEMV configs for both sides (down None: the pick's down side), for
 # layers whose launches mix layouts (their pick: the dot path from 2 tokens, moe_configs.GEMV_MAX_M)
 _RT = moe_configs.GEMV_MIXED[frozenset({"intq", "fp8", "int8", "dense"})][0]

@@ -86,7 +86,17 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
     # 80.4 -> 73.4, M=8 234.2 -> 207.3; 30B M=2 30.3 -> 31.9 (the one loss), M=8 73.5 -> 70.6. Off at
     # M=1 (GEMV_M1): a first version lost on the 30B (20.7 -> 21.5) and gained 4% on the 235B
     "intq": (8, dict(BN=32, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True)),
-    "fp8": (1, dict(BN=16, BKD=64, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1)),
+    # fp8, session 33 (H200, `python scripts/sweep_moe_m1.py --tokens 2,4 --config fp8`, route +
+    # layer, µs, each side against the dot row with the other side on it; moe_diag/
+    # session33_m24_fp8_h200.log): the word loops (f16) with BKF 256 on the GEMV path up to 4 tokens
+    # (was 1: dot from 2, set before the word loops), gate/up 30B M=2 41.5 -> 38.0, M=4 58.0 -> 55.2,
+    # 235B 96.8 -> 95.2, 155.6 -> 154.1; down 39.7 / 55.4 / 91.3 / 150.3. Decode of a 16-layer model,
+    # old/new alternated twice (runtime/session33_fp8_gemv24_ab_h200.log), tok/s: 30B batch 2 1692.5 /
+    # 1692.1 -> 1888.9 / 1889.6, batch 4 2515.0 / 2515.4 -> 2770.9 / 2772.8; 235B 739.8 / 739.6 ->
+    # 795.1 / 795.3, 1072.5 / 1072.9 -> 1139.3 / 1139.6. At 8 tokens the dot row stays (same sweep,
+    # --tokens 8, in runtime/session33_int8_m1_235b_ab_h200.log: 235B every GEMV side 0-8% slower,
+    # 30B 1-5% faster)
+    "fp8": (4, dict(BN=32, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True)),
     # dense "gu": session 17 (H100, route + layer, µs, two loops vs one; moe_diag/
     # session17_gate_up_all_h100.log): 30B M=2 63.7 vs 66.5, M=4 110.1 vs 106.8, M=8 171.8 vs 171.4;
     # 235B 216.6 vs 207.9, 369.1 vs 367.6, 631.0 vs 622.0; runtime bf16 batch 4 537.7 -> 549.7 tok/s
@@ -145,6 +155,12 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
     ("dense", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
     ("fp8", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
+    # int8, 235B: session 33 (H200, `python scripts/sweep_moe_m1.py --shapes 235b --config int8`,
+    # gate/up against GEMV_LAYOUT's int8 row; moe_diag/session33_m1_235b_int8_h200.log): 56.3 ->
+    # 51.8 µs (BKI 256); the down side keeps that row (GEMV_M1_DOWN), no candidate beat it. Decode,
+    # 16-layer 235B int8, batch 1, old/new twice (runtime/session33_int8_m1_235b_ab_h200.log): 533.8 /
+    # 533.6 -> 555.2 / 555.5 tok/s
+    ("int8", 4096): dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True, f16=True),
     ("mixed", 4096): dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1, gu=True, f16=True),
 }
 
@@ -213,6 +229,7 @@ GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
     # session33_235b_m1_gemv_*), tok/s: fp8 526.1 / 526.1 -> 604.5 / 604.5, the mixed preset
     # 511.9 / 511.5 -> 546.3 / 546.1, int4 + fp8 per expert 523.9 -> 595.7; bench-moe fp8 68.3 -> 50.1 µs
     ("fp8", 4096): dict(_DOWN32, BKD=128, BKF=256, f16=True),
+    ("int8", 4096): GEMV_LAYOUT["int8"][1],    # see GEMV_M1's ("int8", 4096)
     ("mixed", 4096): dict(_DOWN32, BN=64, num_warps=8, BKD=128, BKF=256, f16=True),
 }
 
