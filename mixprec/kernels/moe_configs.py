@@ -94,8 +94,8 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
     # old/new alternated twice (runtime/session33_fp8_gemv24_ab_h200.log), tok/s: 30B batch 2 1692.5 /
     # 1692.1 -> 1888.9 / 1889.6, batch 4 2515.0 / 2515.4 -> 2770.9 / 2772.8; 235B 739.8 / 739.6 ->
     # 795.1 / 795.3, 1072.5 / 1072.9 -> 1139.3 / 1139.6. At 8 tokens the dot row stays (same sweep,
-    # --tokens 8, in runtime/session33_int8_m1_235b_ab_h200.log: 235B every GEMV side 0-8% slower,
-    # 30B 1-5% faster)
+    # --tokens 8, moe_diag/session33_m8_fp8_h200.log: 235B every GEMV side 0-8% slower, 30B 1-5%
+    # faster)
     "fp8": (4, dict(BN=32, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True)),
     # dense "gu": session 17 (H100, route + layer, µs, two loops vs one; moe_diag/
     # session17_gate_up_all_h100.log): 30B M=2 63.7 vs 66.5, M=4 110.1 vs 106.8, M=8 171.8 vs 171.4;
