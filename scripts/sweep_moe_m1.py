@@ -34,7 +34,9 @@ UP = {
              "8/512/4gu-F1024": c(8, 512, 4, gu=True, f16=True, BKD=256, BKF=1024, BKI=512)},
     "30b": {"cur": None, "16/512/4gu-f16": c(16, 512, 4, gu=True, f16=True), "8/512/2gu": c(8, 512, 2, gu=True),
             "8/512/2gu-f16": c(8, 512, 2, gu=True, f16=True), "16/256/4gu": c(16, 256, 4, gu=True),
-            "32/256/4gu": c(32, 256, 4, gu=True)},
+            "32/256/4gu": c(32, 256, 4, gu=True),
+            # int8 layers (GEMV_LAYOUT's int8 row at M=1 on the 30B; BKI 256 won on the 235B, session 33)
+            "8/512/2gu-I256": c(8, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256)},
 }
 # layers mixing layouts at M=1 (GEMV_M1's "mixed" row: BN 4, one warp, K tiles BKQ 512 / BKF 256 /
 # BKD 256 / BKI 256): the other layouts' K tiles as long as the int4 one's in loop steps
