@@ -685,6 +685,16 @@ def test_int4_fp8_layer_on_gemv_rows():
     _check(b, *_inputs(m, h=384, seed=83), inter=64)
 
 
+@pytest.mark.parametrize("spec", ["fp8", "fp8_w8a16"])
+def test_fp8_layer_on_gemv_rows(spec):
+    """Uniform fp8 experts (W8A8 on the word loops, W8A16 on the row loops) at 2-4 tokens as pick
+    gives them (moe_configs.GEMV_LAYOUT["fp8"]: the GEMV path since session 33), 3 tokens; gate/up
+    over one 256-wide fp8 K tile, down over a partial one."""
+    b = _layer(mt.uniform(spec, E), h=256, i=128)
+    assert moe_configs.pick(3, *moe.side_layouts(b))[0::2] == ("gemv", "gemv")
+    _check(b, *_inputs(3, h=256, seed=93), inter=128)
+
+
 @pytest.mark.parametrize("mix,split,calls", [(MIX_B, 4, 1), (PER_PROJ, 2, 2)])
 def test_gemv_split_programs(mix, split, calls):
     """GEMV with several programs per output tile: gate and up halves (and K chunks) in separate
