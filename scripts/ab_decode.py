@@ -1,0 +1,76 @@
+"""Same-call decode A/B of two source trees: `python -m mixprec bench --synthetic MODEL` run from
+each tree in turn (old, new, old, new, ...), REPS times per (model, mix), and a summary of decode
+tok/s per batch with the change in %. Every run's full output goes to one log (--log), so a device
+call returns one file. GPU only (bench needs CUDA).
+
+    mkdir -p tmpdiag/old && git archive HEAD~1 mixprec scripts | tar -x -C tmpdiag/old
+    python scripts/ab_decode.py --old tmpdiag/old --model qwen3-30b-a3b,qwen3-235b-a22b --mix fp8 \\
+        --mix mixed --batch 2,4 --layers 16 --reps 2 --log $OUT/ab.log
+(Session 33's A/Bs, e.g. benchmarks/runtime/session33_fp8_gemv24_ab_h200.log, were run by hand.)
+"""
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+
+ROW = re.compile(r"^\| (\d+) \|")
+
+
+def decode_tok_s(out: str) -> dict[int, float]:
+    """bench's table rows -> {batch: decode tok/s} (the 4th column)."""
+    rows = {}
+    for line in out.splitlines():
+        if ROW.match(line):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[int(cells[0])] = float(cells[3])
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old", required=True, help="tree of the old code (a git archive)")
+    ap.add_argument("--new", default=".", help="tree of the new code")
+    ap.add_argument("--model", default="qwen3-30b-a3b", help="comma-separated synthetic models")
+    ap.add_argument("--mix", action="append", help="one mix per flag, no commas (bench reads a comma list as "
+                    "several mixes); rule mixes use ';' (`bench --help`)")
+    ap.add_argument("--batch", default="1")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--log", default="ab_decode.log")
+    a = ap.parse_args()
+    if any("," in m for m in a.mix or []):
+        ap.error("--mix: one mix per flag, without commas")
+    results = {}     # (model, mix, tree) -> [{batch: tok/s}, ...]
+    with open(a.log, "w") as log:
+        for rep in range(a.reps):
+            for model in a.model.split(","):
+                for mix in a.mix or ["int4"]:
+                    for tree in ("old", "new"):
+                        cmd = [sys.executable, "-m", "mixprec", "bench", "--synthetic", model, "--layers", str(a.layers),
+                               "--mix", mix, "--batch", a.batch, "--prompt-len", str(a.prompt_len),
+                               "--gen-len", str(a.gen_len)]
+                        p = subprocess.run(cmd, cwd=getattr(a, tree), capture_output=True, text=True)
+                        print(f"== {tree} rep {rep + 1}: {' '.join(cmd[1:])} (rc {p.returncode})\n{p.stdout}{p.stderr}",
+                              file=log, flush=True)
+                        got = decode_tok_s(p.stdout)
+                        results.setdefault((model, mix, tree), []).append(got)
+                        print(f"{model} {mix} {tree} rep {rep + 1}: " + (", ".join(
+                            f"b{b} {t:.1f}" for b, t in got.items()) or f"no table (rc {p.returncode})"), flush=True)
+    print("\ndecode tok/s, old -> new (each rep), change of the medians")
+    for model in a.model.split(","):
+        for mix in a.mix or ["int4"]:
+            old, new = results[(model, mix, "old")], results[(model, mix, "new")]
+            for b in sorted(set().union(*old, *new)):
+                o = [r[b] for r in old if b in r]
+                n = [r[b] for r in new if b in r]
+                d = f"{100 * (statistics.median(n) / statistics.median(o) - 1):+.1f}%" if o and n else "n/a"
+                print(f"{model} {mix!r} batch {b}: {' / '.join(f'{t:.1f}' for t in o)} -> "
+                      f"{' / '.join(f'{t:.1f}' for t in n)} ({d})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
