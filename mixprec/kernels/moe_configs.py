@@ -120,6 +120,8 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
 # 22.5, bf16 42.3 -> 39.1, int4+fp8 44.2 -> 40.8; 235B int4 50.8 -> 48.2. Winners within run-to-run
 # noise (235B fp8 / bf16, < 4%) are not listed; what is not listed uses the tables above.
 # 235B fp8 and mixed: session 33, see GEMV_M1_DOWN's ("fp8", 4096).
+# the long-K gate/up tile most M=1 rows share (gate and up in one loop); rows differ in BN / warps
+_GU512 = dict(BKD=256, BKF=512, BKQ=512, BKI=256, num_stages=1, gu=True)
 GEMV_M1: dict[tuple[str, int], dict] = {
     # gu (see GEMV_LAYOUT): session 16, 30B M=1 23.7 -> 22.4 µs; 235B 50.1 -> 53.0 (kept off)
     ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
@@ -142,10 +144,10 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # int8 batch 2 1237.6 / 1239.0 -> 1338.3 / 1339.0, batch 4 1889.9 / 1891.3 -> 2080.5 / 2071.2.
     # Set on these rows, their GEMV_M1_DOWN rows and GEMV_LAYOUT's int8 row (a mixed launch's int4
     # slots then run the fp16 loop too, as measured)
-    ("fp8", 2048): dict(BN=4, BKD=256, BKF=256, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
+    ("fp8", 2048): dict(_GU512, BN=4, BKF=256, num_warps=1, f16=True),
     ("dense", 2048): dict(BN=8, BKD=128, BKF=256, BKQ=256, BKI=128, num_warps=2, num_stages=1, gu=True),
     # BKF 512 and the down row's BKF 256: session 32, see GEMV_M1_DOWN's ("mixed", 2048)
-    ("mixed", 2048): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
+    ("mixed", 2048): dict(_GU512, BN=4, num_warps=1, f16=True),
     # f16 (GEMV_LAYOUT's "f16"), 235B shapes only: session 22 (H100), bench-moe route + layer
     # 48.5 -> 44.0 µs (moe_diag/session22_x_planes_moe_h100.log, with the down row below); decode of
     # a 16-layer 235B int4 model, batch 1, two runs each: 488.3 / 488.3 -> 507.0 / 506.7 tok/s
@@ -153,15 +155,15 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # gu with f16: session 31 (H100, route + layer, µs, 3 rounds alternated; `python scripts/sweep_moe_m1.py`,
     # moe_diag/session31_sweep_m1_h100.log): 42.01 -> 40.42 (BN 32 tiles, with or without gu, 43.4-47.4)
     ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
-    ("dense", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True),
-    ("fp8", 4096): dict(BN=4, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=1, num_stages=1, gu=True, f16=True),
+    ("dense", 4096): dict(_GU512, BN=4, num_warps=2),
+    ("fp8", 4096): dict(_GU512, BN=4, num_warps=1, f16=True),
     # int8, 235B: session 33 (H200, `python scripts/sweep_moe_m1.py --shapes 235b --config int8`,
     # gate/up against GEMV_LAYOUT's int8 row; moe_diag/session33_m1_235b_int8_h200.log): 56.3 ->
     # 51.8 µs (BKI 256); the down side keeps that row (GEMV_M1_DOWN), no candidate beat it. Decode,
     # 16-layer 235B int8, batch 1, old/new twice (runtime/session33_int8_m1_235b_ab_h200.log): 533.8 /
     # 533.6 -> 555.2 / 555.5 tok/s
-    ("int8", 4096): dict(BN=8, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=2, num_stages=1, gu=True, f16=True),
-    ("mixed", 4096): dict(BN=16, BKD=256, BKF=512, BKQ=512, BKI=256, num_warps=4, num_stages=1, gu=True, f16=True),
+    ("int8", 4096): dict(_GU512, BN=8, num_warps=2, f16=True),
+    ("mixed", 4096): dict(_GU512, BN=16, num_warps=4, f16=True),
 }
 
 # layers whose buckets hold exactly these layouts (both sides together), from 2 tokens: rows in
