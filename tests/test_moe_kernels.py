@@ -948,11 +948,10 @@ def test_batch1_rows_at_listed_hidden_sizes(name, h):
     that hidden size, against the reference (small I, 8 experts)."""
     from mixprec.kernels import moe_bench as mb
     from mixprec.kernels import moe_configs as mc
-    i = 16     # 4 gate/up tiles of the BN-4 rows; the cost is the wide K and N
+    i = 16     # 1-4 gate/up tiles of the BN 4-16 rows; the cost is the wide K and N
     b = _layer(mb.CONFIGS[name](E), h=h, i=i)
     up, dn = moe.side_layouts(b)
     path_up, cu, path_dn, cd = mc.pick(1, up, dn, hidden=h)
-    lay_up, lay_dn = (next(iter(s)) if len(s) == 1 else "mixed" for s in (up, dn))
     assert path_up == path_dn == "gemv" and cu["gu"]
-    assert cu == mc.GEMV_M1[(lay_up, h)] and cd == mc.GEMV_M1_DOWN[(lay_dn, h)]
+    assert cu == mc.GEMV_M1[(mc.side_key(up), h)] and cd == mc.GEMV_M1_DOWN[(mc.side_key(dn), h)]
     _check(b, *_inputs(1, h=h, seed=61), inter=i)

@@ -284,6 +284,11 @@ def dot_config(m: int, layout: str | None = None) -> dict:
     return DOT[-1][1]
 
 
+def side_key(layouts) -> str:
+    """A side's key in the (layout, hidden) tables: its one layout, or "mixed"."""
+    return next(iter(layouts)) if len(layouts) == 1 else "mixed"
+
+
 def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> tuple[str, dict, str, dict]:
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
@@ -294,7 +299,7 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
     rows = GEMV_MIXED.get(frozenset(up_layouts) | frozenset(down_layouts), ()) if m > 1 else ()
     mixed = next((row for row in rows if m <= row["max_m"]), None)
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
-        layout = next(iter(layouts)) if len(layouts) == 1 else "mixed"
+        layout = side_key(layouts)
         m1 = None
         if m == 1:
             m1 = (key == "down" and GEMV_M1_DOWN.get((layout, hidden))) or GEMV_M1.get((layout, hidden))
