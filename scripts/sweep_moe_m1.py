@@ -22,15 +22,20 @@ B = dict(BKD=128, BKF=128, BKI=128, num_stages=1)
 def c(bn, bkq, w, **kw):
     return dict(B, BN=bn, BKQ=bkq, num_warps=w, **kw)
 
+# fp8 layers (dot rows before session 33, at 1 token on the 235B and at 2-4 tokens): the word loops
+# with longer fp8 K tiles, in UP["235b"] / UP_M and DOWN["235b"] / DOWN_M
+FP8_UP = {"4/512/1gu-F512": c(4, 512, 1, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+          "8/512/2gu-F512": c(8, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+          "16/512/4gu-F512": c(16, 512, 4, gu=True, f16=True, BKD=256, BKF=512, BKI=256)}
+FP8_DOWN = {"32/256/4-F256": c(32, 256, 4, f16=True, BKD=128, BKF=256),
+            "64/256/8-F256": c(64, 256, 8, f16=True, BKD=128, BKF=256),
+            "16/512/4-F512": c(16, 512, 4, f16=True, BKD=256, BKF=512)}
 UP = {
     "235b": {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4": c(32, 512, 4, f16=True),
              "32/512/4gu": c(32, 512, 4, gu=True, f16=True), "32/256/4gu": c(32, 256, 4, gu=True, f16=True),
              "32/256/4": c(32, 256, 4, f16=True), "64/256/8": c(64, 256, 8, f16=True), "8/512/2gu": c(8, 512, 2, gu=True, f16=True),
-             # fp8 / mixed layers (on a dot row before session 33): longer fp8 K tiles on the word loops
-             "4/512/1gu-F512": c(4, 512, 1, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
-             "4/512/2gu-F512": c(4, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
-             "8/512/2gu-F512": c(8, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
-             "16/512/4gu-F512": c(16, 512, 4, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+             # fp8 / mixed layers
+             **FP8_UP, "4/512/2gu-F512": c(4, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
              "8/512/4gu-F1024": c(8, 512, 4, gu=True, f16=True, BKD=256, BKF=1024, BKI=512)},
     "30b": {"cur": None, "16/512/4gu-f16": c(16, 512, 4, gu=True, f16=True), "8/512/2gu": c(8, 512, 2, gu=True),
             "8/512/2gu-f16": c(8, 512, 2, gu=True, f16=True), "16/256/4gu": c(16, 256, 4, gu=True),
@@ -49,8 +54,7 @@ DOWN_MIXED = {"cur": None, "32/256/4-f16-K256": c(32, 256, 4, f16=True, BKD=256,
 DOWN = {
     "235b": {"cur": None, "32/512/4": c(32, 512, 4, f16=True), "16/512/4": c(16, 512, 4, f16=True),
              "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True),
-             "32/256/4-F256": c(32, 256, 4, f16=True, BKD=128, BKF=256), "64/256/8-F256": c(64, 256, 8, f16=True, BKD=128, BKF=256),
-             "16/512/4-F512": c(16, 512, 4, f16=True, BKD=256, BKF=512), "32/512/8-F512": c(32, 512, 8, f16=True, BKD=256, BKF=512)},
+             **FP8_DOWN, "32/512/8-F512": c(32, 512, 8, f16=True, BKD=256, BKF=512)},
     "30b": {"cur": None, "32/256/4-f16": c(32, 256, 4, f16=True), "16/256/2": c(16, 256, 2), "16/256/4": c(16, 256, 4),
             "64/256/8": c(64, 256, 8)},
 }
@@ -58,15 +62,10 @@ DOWN = {
 UP_M = {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4gu": c(32, 512, 4, gu=True, f16=True),
         "16/256/4gu": c(16, 256, 4, gu=True, f16=True), "64/256/8gu": c(64, 256, 8, gu=True, f16=True),
         "32/256/4": c(32, 256, 4, f16=True),
-        # fp8 layers (a dot row from 2 tokens): the word loops with longer fp8 K tiles
-        "4/512/1gu-F512": c(4, 512, 1, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
-        "8/512/2gu-F512": c(8, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
-        "16/512/4gu-F512": c(16, 512, 4, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
-        "32/256/4gu-F256": c(32, 256, 4, gu=True, f16=True, BKF=256)}
+        **FP8_UP, "32/256/4gu-F256": c(32, 256, 4, gu=True, f16=True, BKF=256)}
 DOWN_M = {"cur": None, "16/512/4": c(16, 512, 4, f16=True), "32/512/4": c(32, 512, 4, f16=True),
           "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True), "32/256/4-f32": c(32, 256, 4),
-          "32/256/4-F256": c(32, 256, 4, f16=True, BKD=128, BKF=256), "64/256/8-F256": c(64, 256, 8, f16=True, BKD=128, BKF=256),
-          "16/512/4-F512": c(16, 512, 4, f16=True, BKD=256, BKF=512)}
+          **FP8_DOWN}
 # --pairs: (gate/up, down) GEMV configs for both sides (down None: the pick's down side), for
 # layers whose launches mix layouts (their pick: the dot path from 2 tokens, moe_configs.GEMV_MAX_M)
 _RT = moe_configs.GEMV_MIXED[frozenset({"intq", "fp8", "int8", "dense"})][0]
@@ -105,10 +104,11 @@ def main() -> None:
         layers, x, lgs, touched_fmt, copies = mb.cold_layers(shape, mb.CONFIGS[args.config], [M], 256e6)
         b0, cn, xm, lg = layers[0], copies[M], x[:M].contiguous(), lgs[M]
         touched = sum(touched_fmt[M].values())
-        pick = moe_configs.pick(M, *moe.side_layouts(b0), hidden=sh["H"])
+        up_l, down_l = moe.side_layouts(b0)
+        pick = moe_configs.pick(M, up_l, down_l, hidden=sh["H"])
         print(shape, f"M={M}", "pick", pick, flush=True)
         confs = {}
-        mixed = len(set().union(*moe.side_layouts(b0))) > 1
+        mixed = len(up_l | down_l) > 1
         # UP_MIXED / DOWN_MIXED: the 30B's one-warp rows; the 235B's mixed layers take UP / DOWN
         up_m1, down_m1 = (UP_MIXED, DOWN_MIXED) if mixed and args.mixed_m1 and shape == "30b" else (UP[shape], DOWN[shape])
         tables = ((("both", PAIRS),) if args.pairs else
