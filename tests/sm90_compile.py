@@ -191,7 +191,7 @@ def drive() -> None:
                   mt.split(["int4_perm", "fp8"], E), mt.uniform("int4_perm", E),   # act-order
                   mt.split(["int4", "fp8"], E)):     # moe_configs.GEMV_MIXED's row at 2-8 tokens
         b = mt.build_buckets(specs, H, I, dtype=torch.bfloat16, device="cpu", seed=0)
-        # GEMV (2: GEMV_M2_UP; 6: GEMV_MIXED's 5-8 token row), mixed dot, the M <= 128 and prefill dot rows
+        # GEMV (2: GEMV_UP; 6: GEMV_MIXED's 5-8 token row), mixed dot, the M <= 128 and prefill dot rows
         for M in (1, 2, 3, 6, 40, 200):
             x = torch.randn(M, H, generator=g).to(torch.bfloat16)
             w, _ = moe.route(torch.randn(M, E, generator=g), k, True)    # compiles the top-k kernel

@@ -579,11 +579,15 @@ def test_pick_per_side_layouts():
     for (lay, h), c in mc.GEMV_M1.items():     # batch 1 of a listed shape: its own config(s)
         layouts = {"intq", "fp8"} if lay == "mixed" else {lay}
         assert mc.pick(1, layouts, layouts, hidden=h) == ("gemv", c, "gemv", mc.GEMV_M1_DOWN.get((lay, h), c))
-        if (lay, h) not in mc.GEMV_M2_UP:
+        if (lay, h) not in mc.GEMV_UP:
             assert mc.pick(2, layouts, layouts, hidden=h) == mc.pick(2, layouts, layouts)
-    for (lay, h), c in mc.GEMV_M2_UP.items():  # 2 tokens of a listed shape: its gate/up config
-        assert mc.pick(2, {lay}, {lay}, hidden=h) == ("gemv", c, *mc.pick(2, {lay}, {lay})[2:])
-        assert mc.pick(3, {lay}, {lay}, hidden=h) == mc.pick(3, {lay}, {lay})
+    for (lay, h), rows in mc.GEMV_UP.items():  # a listed shape from 2 tokens: its gate/up rows in order
+        lo = 2
+        for bound, c in rows:
+            for m in (lo, bound):
+                assert mc.pick(m, {lay}, {lay}, hidden=h) == ("gemv", c, *mc.pick(m, {lay}, {lay})[2:])
+            lo = bound + 1
+        assert mc.pick(lo, {lay}, {lay}, hidden=h) == mc.pick(lo, {lay}, {lay})
     for lays, rows in mc.GEMV_MIXED.items():   # layers of these layouts: their GEMV rows from 2 tokens
         lo = 2
         for row in rows:     # each row from the token after the row before, up to its max_m
@@ -663,16 +667,20 @@ def test_batch1_configs(ci):
     assert mc.pick(10 ** 6, {"dense"}, {"dense"})[0::2] == ("dot", "dot")
 
 
-@pytest.mark.parametrize("key", sorted(moe_configs.GEMV_M2_UP))
-def test_m2_gate_up_configs(key):
-    """Each 2-token gate/up row (moe_configs.GEMV_M2_UP) with the down side pick gives it, on a
-    layer of its layout, at 2 tokens (one full and one partial 256-wide K step on gate/up)."""
-    lay, _ = key
-    spec = {"intq": "int4_asym"}[lay]
-    h, i = 384, 64
+_UP_ROWS = {(lay, bound, str(cfg)): (lay, bound, cfg) for (lay, _), rows in moe_configs.GEMV_UP.items()
+            for bound, cfg in rows}   # each distinct row once
+
+
+@pytest.mark.parametrize("row", list(_UP_ROWS.values()), ids=[f"{k[0]}-{k[1]}" for k in _UP_ROWS])
+def test_gate_up_rows_from_2_tokens(row):
+    """Each gate/up row of moe_configs.GEMV_UP with the down side pick gives it, on a layer of its
+    layout, at 2-3 tokens (one full and one partial K step on gate/up)."""
+    lay, bound, cfg = row
+    spec = {"intq": "int4_asym", "dense": "fp16"}[lay]
+    h, i, m = 384, 64, min(bound, 3)
     b = _layer([(spec,) * 3] * E, h=h, i=i)
-    down = moe_configs.pick(2, {lay}, {lay})[2:]
-    _check(b, *_inputs(2, h=h, seed=71), inter=i, config=("gemv", moe_configs.GEMV_M2_UP[key], *down))
+    down = moe_configs.pick(m, {lay}, {lay})[2:]
+    _check(b, *_inputs(m, h=h, seed=71), inter=i, config=("gemv", cfg, *down))
 
 
 def test_int4_fp8_layer_on_gemv_rows():

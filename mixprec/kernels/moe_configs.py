@@ -161,7 +161,9 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # gate/up against GEMV_LAYOUT's int8 row; moe_diag/session33_m1_235b_int8_h200.log): 56.3 ->
     # 51.8 µs (BKI 256); the down side keeps that row (GEMV_M1_DOWN), no candidate beat it. Decode,
     # 16-layer 235B int8, batch 1, old/new twice (runtime/session33_int8_m1_235b_ab_h200.log): 533.8 /
-    # 533.6 -> 555.2 / 555.5 tok/s
+    # 533.6 -> 555.2 / 555.5 tok/s. 30B: session 34, same sweep with --shapes 30b
+    # (moe_diag/session34_sweeps_h200.log): 28.68 -> 25.38 µs; decode: BENCHMARKS.md session 34
+    ("int8", 2048): dict(_GU512, BN=8, num_warps=2, f16=True),
     ("int8", 4096): dict(_GU512, BN=8, num_warps=2, f16=True),
     ("mixed", 4096): dict(_GU512, BN=16, num_warps=4, f16=True),
 }
@@ -231,17 +233,29 @@ GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
     # session33_235b_m1_gemv_*), tok/s: fp8 526.1 / 526.1 -> 604.5 / 604.5, the mixed preset
     # 511.9 / 511.5 -> 546.3 / 546.1, int4 + fp8 per expert 523.9 -> 595.7; bench-moe fp8 68.3 -> 50.1 µs
     ("fp8", 4096): dict(_DOWN32, BKD=128, BKF=256, f16=True),
-    ("int8", 4096): GEMV_LAYOUT["int8"][1],    # see GEMV_M1's ("int8", 4096)
+    ("int8", 2048): GEMV_LAYOUT["int8"][1],    # see GEMV_M1's ("int8", 2048 / 4096)
+    ("int8", 4096): GEMV_LAYOUT["int8"][1],
     ("mixed", 4096): dict(_DOWN32, BN=64, num_warps=8, BKD=128, BKF=256, f16=True),
 }
 
-# 2 tokens, the gate/up side: (layout, hidden size) -> GEMV config, before GEMV_LAYOUT (whose row
-# keeps the down side). Session 31 (H100, `python scripts/sweep_moe_m1.py --tokens 2,4,8`, route +
-# layer, µs, 3 rounds; moe_diag/session31_sweep_m2_8_h100.log): 30B M=2 28.53 -> 25.66 (BN 16 /
-# BKQ 512 26.36); at 4 / 8 tokens and on the 235B no candidate beat the GEMV_LAYOUT row beyond the
-# rounds' spread (235B M=4 BN 64 / 8 warps 118.4 vs 121.6, M=8 within 5% of the row's own rounds)
-GEMV_M2_UP: dict[tuple[str, int], dict] = {
-    ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
+# the gate/up side from 2 tokens: (layout, hidden size) -> rows (max tokens, GEMV config), the
+# first row with m <= its bound, before GEMV_LAYOUT (whose row keeps the down side; past the last
+# row, GEMV_LAYOUT's crossover and row as before).
+# int4, 30B, 2 tokens: session 31 (H100, `python scripts/sweep_moe_m1.py --tokens 2,4,8`, route +
+# layer, µs, 3 rounds; moe_diag/session31_sweep_m2_8_h100.log): 28.53 -> 25.66 (BN 16 / BKQ 512
+# 26.36); at 4 / 8 tokens and on the 235B no candidate beat the GEMV_LAYOUT row beyond the rounds'
+# spread (235B M=4 BN 64 / 8 warps 118.4 vs 121.6, M=8 within 5% of the row's own rounds).
+# bf16, 2-8 tokens: 32-column tiles (GEMV_LAYOUT's dense row has 16, set in session 4 before the
+# fused gate/up loop). Session 34 (H200, `python scripts/sweep_moe_m1.py --tokens 2,4,8 --config
+# bf16`, each side's candidates with the other on the pick; moe_diag/session34_sweeps_h200.log), µs:
+# 30B M=2 / 4 / 8 52.79 -> 46.39 / 83.64 -> 79.58 / 133.85 -> 132.39; 235B 155.07 -> 147.47 /
+# 265.87 -> 264.34 / 470.36 -> 465.13. The down side's 32-column tile lost 1-2.5% at every point:
+# it keeps the row. Decode: BENCHMARKS.md session 34
+_DENSE_UP32 = dict(GEMV_LAYOUT["dense"][1], BN=32)
+GEMV_UP: dict[tuple[str, int], tuple[tuple[int, dict], ...]] = {
+    ("intq", 2048): ((2, dict(BN=16, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True)),),
+    ("dense", 2048): ((GEMV_LAYOUT["dense"][0], _DENSE_UP32),),
+    ("dense", 4096): ((GEMV_LAYOUT["dense"][0], _DENSE_UP32),),
 }
 
 # fp8 gate/up dot launches run gate and up in one K loop up to this many tokens (moe._gate_up_fused).
@@ -293,21 +307,20 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
     hidden size (M=1 takes GEMV_M1_DOWN / GEMV_M1 where they have the shape, the gate/up
-    side of M=2 GEMV_M2_UP); a side mixing layouts takes GEMV_MIXED's row for the layer's
+    side from 2 tokens GEMV_UP's rows); a side mixing layouts takes GEMV_MIXED's row for the layer's
     layouts from 2 tokens."""
     out = []
     rows = GEMV_MIXED.get(frozenset(up_layouts) | frozenset(down_layouts), ()) if m > 1 else ()
     mixed = next((row for row in rows if m <= row["max_m"]), None)
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
         layout = side_key(layouts)
-        m1 = None
         if m == 1:
-            m1 = (key == "down" and GEMV_M1_DOWN.get((layout, hidden))) or GEMV_M1.get((layout, hidden))
-        if m1 is not None:
-            out += ["gemv", m1]
-            continue
-        if m == 2 and key == "up" and (layout, hidden) in GEMV_M2_UP:
-            out += ["gemv", GEMV_M2_UP[(layout, hidden)]]
+            own = (key == "down" and GEMV_M1_DOWN.get((layout, hidden))) or GEMV_M1.get((layout, hidden))
+        else:
+            own = next((cfg for bound, cfg in GEMV_UP.get((layout, hidden), ()) if m <= bound), None) \
+                if key == "up" else None
+        if own is not None:
+            out += ["gemv", own]
             continue
         max_m, cfg = GEMV_LAYOUT.get(layout) or (mixed and (mixed["max_m"], mixed[key])) or \
             (GEMV_MAX_M, GEMV[key])
