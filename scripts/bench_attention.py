@@ -1,5 +1,5 @@
 """Decode attention (one new query per sequence over its KV cache) against torch SDPA, on the
-Qwen3-30B-A3B attention shapes (32 query heads, 4 kv heads, head dim 128, bf16): CUDA graphs over
+Qwen3-30B-A3B attention shapes (32 query heads, or --heads 64 for the 235B; 4 kv heads, head dim 128, bf16): CUDA graphs over
 cold cache copies (a decode step reads each layer's cache once, after 47 other layers' weights
 went through L2), µs per call, GB/s of K/V read and % of the measured copy bandwidth. Also the
 split of the cache length over programs (kernels/attention.py TARGET_PROGRAMS, block_n), which is
@@ -36,18 +36,21 @@ VARIANTS = {   # name -> kernels/attention.py attributes replaced for the call
     "8 warps": dict(DECODE_WARPS=8),
     "at most 4 splits": dict(MAX_SPLITS=4),
     "at most 2 splits": dict(MAX_SPLITS=2),
+    "tile loop only": dict(ONE_TILE=False),
 }
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--batch", default="1,8,32,64")
 p.add_argument("--lens", default="256,2048,8192,32768")
 p.add_argument("--variants", default=None, help="comma-separated names of VARIANTS (default: all)")
+p.add_argument("--heads", type=int, default=HQ, help="query heads (32: Qwen3-30B-A3B, 64: Qwen3-235B-A22B)")
 p.add_argument("--max-cache-gb", type=float, default=4.0, help="skip (batch, length) whose one cache is larger")
 p.add_argument("--new", action="store_true",
                help="time the decoder's step: raw q / k / v projections, q/k RMSNorm + RoPE and the new token's "
                     "k / v stored in the same launch (decode_attention_new); its first column is the same work "
                     "in two launches (qk_norm_rope_store, then decode_attention), the variants' reference")
 a = p.parse_args()
+HQ = a.heads
 if a.variants:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in a.variants.split(",")}
 bw = timing.copy_bandwidth_gbps()

@@ -30,13 +30,21 @@ FP8_UP = {"4/512/1gu-F512": c(4, 512, 1, gu=True, f16=True, BKD=256, BKF=512, BK
 FP8_DOWN = {"32/256/4-F256": c(32, 256, 4, f16=True, BKD=128, BKF=256),
             "64/256/8-F256": c(64, 256, 8, f16=True, BKD=128, BKF=256),
             "16/512/4-F512": c(16, 512, 4, f16=True, BKD=256, BKF=512)}
+# int4 at batch 1 on the 235B: more programs per output tile (moe_triton's SPLIT: K chunks, fp32
+# partials, the last program of a tile finishes it), last swept in session 6 before the f16 loops
+SPLIT_UP = {"s2-16/512/4": c(16, 512, 4, f16=True, split=2), "s2-32/512/4": c(32, 512, 4, f16=True, split=2),
+            "s4-32/256/4": c(32, 256, 4, f16=True, split=4), "s4-16/512/2": c(16, 512, 2, f16=True, split=4)}
+SPLIT_DOWN = {"s2-32/256/4": c(32, 256, 4, f16=True, split=2), "s2-64/256/8": c(64, 256, 8, f16=True, split=2),
+              "s2-16/256/2": c(16, 256, 2, f16=True, split=2)}
 UP = {
     "235b": {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4": c(32, 512, 4, f16=True),
              "32/512/4gu": c(32, 512, 4, gu=True, f16=True), "32/256/4gu": c(32, 256, 4, gu=True, f16=True),
              "32/256/4": c(32, 256, 4, f16=True), "64/256/8": c(64, 256, 8, f16=True), "8/512/2gu": c(8, 512, 2, gu=True, f16=True),
              # fp8 / mixed layers
              **FP8_UP, "4/512/2gu-F512": c(4, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
-             "8/512/4gu-F1024": c(8, 512, 4, gu=True, f16=True, BKD=256, BKF=1024, BKI=512)},
+             "8/512/4gu-F1024": c(8, 512, 4, gu=True, f16=True, BKD=256, BKF=1024, BKI=512),
+             # K split over 2-4 programs per tile (gate and up in separate programs: no gu), session 34
+             **SPLIT_UP},
     "30b": {"cur": None, "16/512/4gu-f16": c(16, 512, 4, gu=True, f16=True), "8/512/2gu": c(8, 512, 2, gu=True),
             "8/512/2gu-f16": c(8, 512, 2, gu=True, f16=True), "16/256/4gu": c(16, 256, 4, gu=True),
             "32/256/4gu": c(32, 256, 4, gu=True),
@@ -54,7 +62,7 @@ DOWN_MIXED = {"cur": None, "32/256/4-f16-K256": c(32, 256, 4, f16=True, BKD=256,
 DOWN = {
     "235b": {"cur": None, "32/512/4": c(32, 512, 4, f16=True), "16/512/4": c(16, 512, 4, f16=True),
              "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True),
-             **FP8_DOWN, "32/512/8-F512": c(32, 512, 8, f16=True, BKD=256, BKF=512)},
+             **FP8_DOWN, "32/512/8-F512": c(32, 512, 8, f16=True, BKD=256, BKF=512), **SPLIT_DOWN},
     "30b": {"cur": None, "32/256/4-f16": c(32, 256, 4, f16=True), "16/256/2": c(16, 256, 2), "16/256/4": c(16, 256, 4),
             "64/256/8": c(64, 256, 8)},
 }

@@ -249,7 +249,8 @@ def drive() -> None:
                            torch.ones(D).to(torch.bfloat16), 1e-6, kc, kc.clone(), torch.full((B, 1), 7))
     decode_attention(q.view(B, HQ, D), kc, kc, torch.zeros(B, dtype=torch.long), torch.full((B,), 7))
     qkv = torch.randn(B, (HQ + 2 * HK) * D).to(torch.bfloat16)
-    for kc in (kc, torch.zeros(B, HK, 2048, D).to(torch.bfloat16)):     # 64- and 128-slot tiles (block_n)
+    # 32- and 128-slot tiles (block_n), splits of one tile (attention.ONE_TILE) and, at 8192 slots, of two
+    for kc in (kc, torch.zeros(B, HK, 2048, D).to(torch.bfloat16), torch.zeros(B, HK, 8192, D).to(torch.bfloat16)):
         for table in (False, True):      # cos / sin rows per token, or a table by position (Rotary.table)
             decode_attention_new(qkv[:, :HQ * D], qkv[:, HQ * D:(HQ + HK) * D], qkv[:, (HQ + HK) * D:],
                                  torch.randn(S if table else B, D).to(torch.bfloat16),

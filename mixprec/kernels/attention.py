@@ -48,15 +48,24 @@ def _norm_rope(x1, x2, w_ptr, cos_ptr, sin_ptr, rh, eps, HD: tl.constexpr):
 
 
 @triton.jit
+def _halves(o1, o2):
+    """Halves [R, HD] -> rows [R, 2*HD] (o1 then o2)."""
+    return tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), (o1.shape[0], 2 * o1.shape[1]))
+
+
+@triton.jit
 def _store_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, off, kw_ptr, cs, sn, rh, eps, HD: tl.constexpr):
     """The new token's kv head: k (normed, roped) and v [2*HD] from k_ptr / v_ptr to the cache
-    slot at kc_ptr + off / vc_ptr + off."""
+    slot at kc_ptr + off / vc_ptr + off. -> (k, v) as stored, rows [1, 2*HD]."""
     r2 = rh[None, :]
     o1, o2 = _norm_rope(tl.load(k_ptr + r2), tl.load(k_ptr + HD + r2), kw_ptr, cs, sn, rh, eps, HD)
-    tl.store(kc_ptr + off + r2, o1.to(kc_ptr.dtype.element_ty))
-    tl.store(kc_ptr + off + HD + r2, o2.to(kc_ptr.dtype.element_ty))
-    tl.store(vc_ptr + off + r2, tl.load(v_ptr + r2).to(vc_ptr.dtype.element_ty))
-    tl.store(vc_ptr + off + HD + r2, tl.load(v_ptr + HD + r2).to(vc_ptr.dtype.element_ty))
+    k1, k2 = o1.to(kc_ptr.dtype.element_ty), o2.to(kc_ptr.dtype.element_ty)
+    v1, v2 = tl.load(v_ptr + r2).to(vc_ptr.dtype.element_ty), tl.load(v_ptr + HD + r2).to(vc_ptr.dtype.element_ty)
+    tl.store(kc_ptr + off + r2, k1)
+    tl.store(kc_ptr + off + HD + r2, k2)
+    tl.store(vc_ptr + off + r2, v1)
+    tl.store(vc_ptr + off + HD + r2, v2)
+    return _halves(k1, k2), _halves(v1, v2)
 
 
 @triton.jit
@@ -139,29 +148,42 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
                         s_q, s_kn, s_vn, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, CHUNK, scale_log2, eps,
                         HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         BN: tl.constexpr, SPLIT: tl.constexpr, SC: tl.constexpr, NEW: tl.constexpr,
-                        PREC: tl.constexpr, PDL: tl.constexpr = False, ROPE_POS: tl.constexpr = False):
+                        PREC: tl.constexpr, PDL: tl.constexpr = False, ROPE_POS: tl.constexpr = False,
+                        ONE_TILE: tl.constexpr = False):
     """Grid (B, HK, splits). Program (b, kh, sp) reads cache slots [sp*CHUNK, (sp+1)*CHUNK) of kv
     head kh for the G query heads sharing it (padded to GP rows for tl.dot); visible slots are
     start[b]..pos[b], or only pos[b] when start > pos (a row of padding).
     NEW: q rows are the raw projection (row stride s_q): q/k RMSNorm + RoPE here, and the split
     holding slot pos[b] first writes the new token's k, v there (what _qk_norm_rope_kernel does).
+    ONE_TILE (CHUNK == BN: batch-1 decode up to 4096 slots): a split is one K / V tile, loaded
+    first; with NEW before the wait for the qkv projection (slots < pos are older than it; the row
+    at pos is replaced by the new k, v in registers), so the tile's memory latency overlaps that
+    wait and the q norm / RoPE instead of following them.
     SPLIT > 1 (the partials' stride): each split stores its partial softmax sums; the last of a
     (b, kh)'s splits to arrive (counter, reset after) merges them into o. cos / sin rows (NEW):
     row b, or (ROPE_POS) row pos[b] of a table by position."""
     pdl.launch_dependents(PDL)   # o_proj may start now: it prefetches weights while this runs
-    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
-    pos = tl.load(pos_ptr + b)
-    lo = tl.maximum(tl.minimum(tl.load(start_ptr + b), pos), sp * CHUNK)
-    hi = tl.minimum(pos + 1, (sp + 1) * CHUNK)
-    rg = tl.arange(0, GP)
-    gm = rg < G
-    rd = tl.arange(0, D)
-    heads = kh * G + rg
     kb = k_ptr + b * s_kb + kh * s_kh
     vb = v_ptr + b * s_vb + kh * s_vh
+    rd = tl.arange(0, D)
+    if ONE_TILE and NEW:   # pos / start and the cached slots are older than the qkv projection
+        pos = tl.load(pos_ptr + b)
+        lo = tl.maximum(tl.minimum(tl.load(start_ptr + b), pos), sp * CHUNK)
+        hi = tl.minimum(pos + 1, (sp + 1) * CHUNK)
+        k, v, j, jm = _kv_tile(kb, vb, sp * CHUNK, lo, hi, s_ks, s_vs, rd, BN)
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
+    if not (ONE_TILE and NEW):
+        pos = tl.load(pos_ptr + b)
+        lo = tl.maximum(tl.minimum(tl.load(start_ptr + b), pos), sp * CHUNK)
+        hi = tl.minimum(pos + 1, (sp + 1) * CHUNK)
+        if ONE_TILE:
+            k, v, j, jm = _kv_tile(kb, vb, sp * CHUNK, lo, hi, s_ks, s_vs, rd, BN)
+    rg = tl.arange(0, GP)
+    gm = rg < G
+    heads = kh * G + rg
     q_rows = q_ptr + b * s_q + heads[:, None] * D
     if NEW:
         HD: tl.constexpr = D // 2
@@ -171,29 +193,32 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
         q1 = tl.load(q_rows + rh[None, :], mask=gm[:, None], other=0.0)
         o1, o2 = _norm_rope(q1, tl.load(q_rows + HD + rh[None, :], mask=gm[:, None], other=0.0), qw_ptr, cs, sn,
                             rh, eps, HD)
-        q = tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), (GP, D)).to(q1.dtype)
+        q = _halves(o1, o2).to(q1.dtype)
         if sp == pos // CHUNK:      # this split reads slot pos: put the new token there first
-            _store_new_kv(kn_ptr + b * s_kn + kh * D, vn_ptr + b * s_vn + kh * D, kb, vb, pos * s_ks, kw_ptr,
-                          cs, sn, rh, eps, HD)
-            tl.debug_barrier()      # every thread's k / v stores precede the loads below
+            k_new, v_new = _store_new_kv(kn_ptr + b * s_kn + kh * D, vn_ptr + b * s_vn + kh * D, kb, vb, pos * s_ks,
+                                         kw_ptr, cs, sn, rh, eps, HD)
+            if ONE_TILE:            # the tile was loaded before the store: its row pos from registers
+                k = tl.where((j == pos)[:, None], k_new, k)
+                v = tl.where((j == pos)[:, None], v_new, v)
+            else:
+                tl.debug_barrier()  # every thread's k / v stores precede the loads below
     else:
         q = tl.load(q_rows + rd[None, :], mask=gm[:, None], other=0.0)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    for j0 in range(lo - lo % BN, hi, BN):
-        j = j0 + tl.arange(0, BN)
-        jm = (j >= lo) & (j < hi)
-        k = tl.load(kb + j[:, None] * s_ks + rd[None, :], mask=jm[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2                          # [GP, BN], log2 units
-        s = tl.where(jm[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        v = tl.load(vb + j[:, None] * s_vs + rd[None, :], mask=jm[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+    if ONE_TILE:
+        if lo < hi:     # an empty split keeps m = -inf, l = 0 (a masked tile would make NaNs)
+            p, alpha, m_i = _scores(q, k, jm, m_i, scale_log2, PREC)
+            acc, l_i = _accumulate(acc, l_i, p, alpha, v, PREC)
+    else:
+        for j0 in range(lo - lo % BN, hi, BN):
+            j = j0 + tl.arange(0, BN)
+            jm = (j >= lo) & (j < hi)
+            k = tl.load(kb + j[:, None] * s_ks + rd[None, :], mask=jm[:, None], other=0.0)
+            p, alpha, m_i = _scores(q, k, jm, m_i, scale_log2, PREC)
+            v = tl.load(vb + j[:, None] * s_vs + rd[None, :], mask=jm[:, None], other=0.0)
+            acc, l_i = _accumulate(acc, l_i, p, alpha, v, PREC)
     o_rows = o_ptr + (b * HQ + heads)[:, None] * D + rd[None, :]
     if SPLIT == 1:
         tl.store(o_rows, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
@@ -207,6 +232,31 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
         if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
             _merge_splits(part_ptr, ml_ptr, o_rows, base, gm, rd, tl.num_programs(2), GP, D, SPLIT, SC)
             tl.atomic_xchg(cnt, 0)  # ready for the next launch / graph replay
+
+
+@triton.jit
+def _kv_tile(kb, vb, j0, lo, hi, s_ks, s_vs, rd, BN: tl.constexpr):
+    """K and V of cache slots j0 .. j0+BN-1 [BN, D] (zeros outside lo..hi-1), the slots and the mask."""
+    j = j0 + tl.arange(0, BN)
+    jm = (j >= lo) & (j < hi)
+    k = tl.load(kb + j[:, None] * s_ks + rd[None, :], mask=jm[:, None], other=0.0)
+    v = tl.load(vb + j[:, None] * s_vs + rd[None, :], mask=jm[:, None], other=0.0)
+    return k, v, j, jm
+
+
+@triton.jit
+def _scores(q, k, jm, m_i, scale_log2, PREC: tl.constexpr):
+    """Online softmax over one tile: q [GP, D] against k [BN, D] (mask jm [BN], at least one set)
+    -> (p [GP, BN], the old sums' factor alpha [GP], the new row max [GP])."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2                          # [GP, BN], log2 units
+    s = tl.where(jm[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    return tl.exp2(s - m_new[:, None]), tl.exp2(m_i - m_new), m_new
+
+
+@triton.jit
+def _accumulate(acc, l_i, p, alpha, v, PREC: tl.constexpr):
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC), l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -248,6 +298,8 @@ MERGE_ELEMS = 32768
 # 8 warps measured slower in decode (session 25, 16-layer 30B int4 experts: batch 8 -2.2%, 32 / 64
 # -0.7 / -0.8%; the kernel alone +-4% either way; runtime/session25_attention_8warps_ab_h100.log)
 DECODE_WARPS = 4
+# a split of one tile loads it first (the kernel's ONE_TILE); False: the tile loop for every split
+ONE_TILE = True
 
 
 def block_n(length: int) -> int:
@@ -321,7 +373,7 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new, rope_table=Fal
         s_q, k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * 1.4426950408889634, eps,
         HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=block_n(S), SPLIT=p2, SC=max(1, min(p2, MERGE_ELEMS // (GP * D))),
-        NEW=new is not None, ROPE_POS=rope_table,
+        NEW=new is not None, ROPE_POS=rope_table, ONE_TILE=ONE_TILE and chunk == block_n(S),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
         num_warps=DECODE_WARPS, num_stages=2, **pdl.launch_kw(q))
     return o
