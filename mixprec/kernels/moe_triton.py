@@ -1044,6 +1044,8 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, r_ptr, nw
     rh = tl.arange(0, BH)
     g_rows = g_ptr + re[:, None].to(tl.int64) * H
     g_nxt = tl.load(g_rows + rh[None, :], mask=(re < E)[:, None] & (rh < H)[None, :], other=0.0)
+    if NORM:    # and the norm weight's: it would be a memory round trip after the norm's sum
+        w_nxt = tl.load(nw_ptr + rh, mask=rh < H, other=0.0)
     pdl.wait(PDL)     # the first router tile is loaded; x comes from the kernel before
     x_rows = rows[:, None] * stride_xm
     if NORM:
@@ -1060,9 +1062,11 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, r_ptr, nw
         g_nxt = tl.load(g_rows + (hh + BH)[None, :], mask=(re < E)[:, None] & (hh + BH < H)[None, :], other=0.0)
         xm = rmask[:, None] & hm[None, :]
         if NORM:
+            w = w_nxt
+            w_nxt = tl.load(nw_ptr + hh + BH, mask=hh + BH < H, other=0.0)
             hv = _residual_sum(x_ptr, r_ptr, x_rows + hh[None, :], xm)
             n = (hv * rs).to(x_ptr.dtype.element_ty).to(tl.float32)
-            x = (tl.load(nw_ptr + hh, mask=hm, other=0.0).to(tl.float32)[None, :] * n).to(x_ptr.dtype.element_ty)
+            x = (w.to(tl.float32)[None, :] * n).to(x_ptr.dtype.element_ty)
             if tl.program_id(0) == 0:
                 tl.store(h_ptr + x_rows + hh[None, :], hv.to(h_ptr.dtype.element_ty), mask=xm)
                 tl.store(y_ptr + x_rows + hh[None, :], x, mask=xm)
