@@ -49,7 +49,11 @@ UP = {
             "8/512/2gu-f16": c(8, 512, 2, gu=True, f16=True), "16/256/4gu": c(16, 256, 4, gu=True),
             "32/256/4gu": c(32, 256, 4, gu=True),
             # int8 layers (GEMV_LAYOUT's int8 row at M=1 on the 30B; BKI 256 won on the 235B, session 33)
-            "8/512/2gu-I256": c(8, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256)},
+            "8/512/2gu-I256": c(8, 512, 2, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
+            # int4: K = 2048 in 1-2 tiles (fewer dependent loads per program), session 34
+            "16/1024/4gu": c(16, 1024, 4, gu=True), "16/1024/4gu-f16": c(16, 1024, 4, gu=True, f16=True),
+            "8/1024/2gu": c(8, 1024, 2, gu=True), "32/1024/8gu": c(32, 1024, 8, gu=True),
+            "16/2048/8gu": c(16, 2048, 8, gu=True)},
 }
 # layers mixing layouts at M=1 (GEMV_M1's "mixed" row: BN 4, one warp, K tiles BKQ 512 / BKF 256 /
 # BKD 256 / BKI 256): the other layouts' K tiles as long as the int4 one's in loop steps
@@ -64,7 +68,10 @@ DOWN = {
              "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True),
              **FP8_DOWN, "32/512/8-F512": c(32, 512, 8, f16=True, BKD=256, BKF=512), **SPLIT_DOWN},
     "30b": {"cur": None, "32/256/4-f16": c(32, 256, 4, f16=True), "16/256/2": c(16, 256, 2), "16/256/4": c(16, 256, 4),
-            "64/256/8": c(64, 256, 8)},
+            "64/256/8": c(64, 256, 8),
+            # int4: K = 768 in one tile, session 34
+            "32/1024/4-f16": c(32, 1024, 4, f16=True), "16/1024/4-f16": c(16, 1024, 4, f16=True),
+            "32/1024/8": c(32, 1024, 8), "64/1024/8-f16": c(64, 1024, 8, f16=True)},
 }
 # 2-8 tokens (moe_configs.GEMV_LAYOUT's intq row, both sides: BN 32, BKQ 256, 4 warps, gu, f16)
 UP_M = {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4gu": c(32, 512, 4, gu=True, f16=True),
