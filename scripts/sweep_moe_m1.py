@@ -53,7 +53,10 @@ UP = {
             # int4: K = 2048 in 1-2 tiles (fewer dependent loads per program), session 34
             "16/1024/4gu": c(16, 1024, 4, gu=True), "16/1024/4gu-f16": c(16, 1024, 4, gu=True, f16=True),
             "8/1024/2gu": c(8, 1024, 2, gu=True), "32/1024/8gu": c(32, 1024, 8, gu=True),
-            "16/2048/8gu": c(16, 2048, 8, gu=True)},
+            "16/2048/8gu": c(16, 2048, 8, gu=True),
+            # more warps per launch (ncu, session 34: 2.8 warps per scheduler, an instruction every 2.1 cycles)
+            "8/512/4gu": c(8, 512, 4, gu=True), "16/512/8gu": c(16, 512, 8, gu=True), "8/256/4gu": c(8, 256, 4, gu=True),
+            "16/256/8gu": c(16, 256, 8, gu=True), "4/512/4gu": c(4, 512, 4, gu=True)},
 }
 # layers mixing layouts at M=1 (GEMV_M1's "mixed" row: BN 4, one warp, K tiles BKQ 512 / BKF 256 /
 # BKD 256 / BKI 256): the other layouts' K tiles as long as the int4 one's in loop steps
@@ -71,7 +74,9 @@ DOWN = {
             "64/256/8": c(64, 256, 8),
             # int4: K = 768 in one tile, session 34
             "32/1024/4-f16": c(32, 1024, 4, f16=True), "16/1024/4-f16": c(16, 1024, 4, f16=True),
-            "32/1024/8": c(32, 1024, 8), "64/1024/8-f16": c(64, 1024, 8, f16=True)},
+            "32/1024/8": c(32, 1024, 8), "64/1024/8-f16": c(64, 1024, 8, f16=True),
+            "32/256/8-f16": c(32, 256, 8, f16=True), "16/256/4-f16": c(16, 256, 4, f16=True),
+            "16/256/8-f16": c(16, 256, 8, f16=True), "8/256/4-f16": c(8, 256, 4, f16=True)},
 }
 # 2-8 tokens (moe_configs.GEMV_LAYOUT's intq row, both sides: BN 32, BKQ 256, 4 warps, gu, f16)
 UP_M = {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4gu": c(32, 512, 4, gu=True, f16=True),
