@@ -169,16 +169,13 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
     kb = k_ptr + b * s_kb + kh * s_kh
     vb = v_ptr + b * s_vb + kh * s_vh
     rd = tl.arange(0, D)
-    if ONE_TILE and NEW:   # pos / start and the cached slots are older than the qkv projection
-        pos = tl.load(pos_ptr + b)
-        lo = tl.maximum(tl.minimum(tl.load(start_ptr + b), pos), sp * CHUNK)
-        hi = tl.minimum(pos + 1, (sp + 1) * CHUNK)
+    EARLY: tl.constexpr = ONE_TILE and NEW   # pos / start and the cached slots are older than the qkv projection
+    if EARLY:
+        pos, lo, hi = _visible(pos_ptr, start_ptr, b, sp, CHUNK)
         k, v, j, jm = _kv_tile(kb, vb, sp * CHUNK, lo, hi, s_ks, s_vs, rd, BN)
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
-    if not (ONE_TILE and NEW):
-        pos = tl.load(pos_ptr + b)
-        lo = tl.maximum(tl.minimum(tl.load(start_ptr + b), pos), sp * CHUNK)
-        hi = tl.minimum(pos + 1, (sp + 1) * CHUNK)
+    if not EARLY:
+        pos, lo, hi = _visible(pos_ptr, start_ptr, b, sp, CHUNK)
         if ONE_TILE:
             k, v, j, jm = _kv_tile(kb, vb, sp * CHUNK, lo, hi, s_ks, s_vs, rd, BN)
     rg = tl.arange(0, GP)
@@ -235,6 +232,13 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
 
 
 @triton.jit
+def _visible(pos_ptr, start_ptr, b, sp, CHUNK):
+    """(pos, lo, hi): the new token's slot and split sp's visible slots lo .. hi-1 of row b."""
+    pos = tl.load(pos_ptr + b)
+    return pos, tl.maximum(tl.minimum(tl.load(start_ptr + b), pos), sp * CHUNK), tl.minimum(pos + 1, (sp + 1) * CHUNK)
+
+
+@triton.jit
 def _kv_tile(kb, vb, j0, lo, hi, s_ks, s_vs, rd, BN: tl.constexpr):
     """K and V of cache slots j0 .. j0+BN-1 [BN, D] (zeros outside lo..hi-1), the slots and the mask."""
     j = j0 + tl.arange(0, BN)
@@ -256,6 +260,7 @@ def _scores(q, k, jm, m_i, scale_log2, PREC: tl.constexpr):
 
 @triton.jit
 def _accumulate(acc, l_i, p, alpha, v, PREC: tl.constexpr):
+    """The running sums after one tile: acc [GP, D] += p V, l_i [GP] += row sums of p (both scaled by alpha)."""
     return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC), l_i * alpha + tl.sum(p, axis=1)
 
 
