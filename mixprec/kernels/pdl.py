@@ -11,7 +11,9 @@ Kernels launched without PDL (cuBLAS, torch ops) order as usual.
 
 An early trigger (`launch_dependents`, griddepcontrol.launch_dependents) lets the next kernel
 start while this one still runs, which breaks the rule above for that next kernel: before its
-`wait` it may read weights only. So only kernels whose successors are dense linears trigger
+`wait` it may read weights only. The decode attention kernel relies on the rule (ONE_TILE: the
+positions and the cached K / V tile are read before its wait), so the qkv linears before it must
+not trigger early. So only kernels whose successors are dense linears trigger
 (decode attention -> o_proj, rms_norm -> qkv / router / lm_head): their weight prefetch then
 overlaps the small kernel instead of following it (H100, 30B 16 layers, batch 1: int4 962 -> 1009
 tok/s, fp8 818 -> 858). Triggering in every kernel at its start measured slower (322 tok/s
