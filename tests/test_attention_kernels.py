@@ -273,3 +273,20 @@ def test_whole_model_with_kernels_equals_reference_on_cpu(tmp_path, n_prompts):
     with interpreter_kernels():
         got = Generator(model, use_cuda_graphs=False).generate(prompts, sp)
     assert got == ref
+
+
+def test_early_triggers_only_where_pdl_allows():
+    """kernels/pdl.py: only the RMSNorm, the MoE gate/up GEMV (after its own wait) and the decode
+    attention let their successor start early. The decode attention reads the KV cache and the
+    positions before its wait (ONE_TILE), which is safe only while the qkv linears before it do
+    not trigger: a launch_dependents added to any other kernel or shared tile function fails here."""
+    import importlib
+    import inspect
+    from triton.runtime.jit import KernelInterface    # JITFunction, or the interpreter's stand-in
+    found = set()
+    for name in ("attention", "fp8", "gemv_tiles", "int8", "intq", "moe_triton", "norm", "quant", "sampling"):
+        mod = importlib.import_module(f"mixprec.kernels.{name}")
+        for attr, fn in vars(mod).items():
+            if isinstance(fn, KernelInterface) and "launch_dependents(" in inspect.getsource(fn.fn):
+                found.add(attr)
+    assert found == {"_rms_norm_kernel", "_moe_gemv_kernel", "_decode_attn_kernel"}
