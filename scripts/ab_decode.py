@@ -6,7 +6,7 @@ call returns one file. GPU only (bench needs CUDA).
     mkdir -p tmpdiag/old && git archive HEAD~1 mixprec scripts | tar -x -C tmpdiag/old
     python scripts/ab_decode.py --old tmpdiag/old --model qwen3-30b-a3b,qwen3-235b-a22b --mix fp8 \\
         --mix mixed --batch 2,4 --layers 16 --reps 2 --log $OUT/ab.log
-(Session 33's A/Bs, e.g. benchmarks/runtime/session33_fp8_gemv24_ab_h200.log, were run by hand.)
+Session 34's decode A/Bs (benchmarks/runtime/session34_*_ab_h200.log) are its logs.
 """
 import argparse
 import re
