@@ -251,7 +251,8 @@ def drive() -> None:
     qkv = torch.randn(B, (HQ + 2 * HK) * D).to(torch.bfloat16)
     # 32- and 128-slot tiles (block_n), splits of one tile (attention.ONE_TILE) and, at 8192 slots, of two
     for kc in (kc, torch.zeros(B, HK, 2048, D).to(torch.bfloat16), torch.zeros(B, HK, 8192, D).to(torch.bfloat16)):
-        for table in (False, True):      # cos / sin rows per token, or a table by position (Rotary.table)
+        # cos / sin rows per token, or a table by position (Rotary.table; not again for the loop path)
+        for table in (False, True) if kc.shape[2] < 8192 else (False,):
             decode_attention_new(qkv[:, :HQ * D], qkv[:, HQ * D:(HQ + HK) * D], qkv[:, (HQ + HK) * D:],
                                  torch.randn(S if table else B, D).to(torch.bfloat16),
                                  torch.randn(S if table else B, D).to(torch.bfloat16),

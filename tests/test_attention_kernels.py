@@ -79,13 +79,14 @@ def test_qk_norm_rope_store_matches_reference(dtype, T):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,HQ,HK,D,S", [(1, 8, 2, 64, 40), (3, 16, 1, 128, 200), (2, 4, 4, 64, 1000),
-                                          (5, 32, 4, 128, 130), (1, 8, 2, 64, 2100)])
-@pytest.mark.parametrize("one_tile", [True, False])
+@pytest.mark.parametrize("B,HQ,HK,D,S,one_tile", [(1, 8, 2, 64, 40, True), (3, 16, 1, 128, 200, True),
+                                                   (2, 4, 4, 64, 1000, True), (5, 32, 4, 128, 130, True),
+                                                   (1, 8, 2, 64, 2100, True), (3, 16, 1, 128, 200, False),
+                                                   (1, 8, 2, 64, 2100, False)])
 def test_decode_attention_matches_sdpa(dtype, B, HQ, HK, D, S, one_tile, monkeypatch):
     """Splits merged by the last to arrive, padding rows, strided cache views; 32-, 64- and (from
     2048 slots) 128-slot tiles; splits of one tile (kernels/attention.py ONE_TILE: every case here)
-    and the tile loop (one_tile False)."""
+    and, for two of the cases, the tile loop (one_tile False)."""
     import mixprec.kernels.attention as attn
     monkeypatch.setattr(attn, "ONE_TILE", one_tile)
     g = torch.Generator(device=DEV).manual_seed(S)
@@ -140,14 +141,14 @@ def test_decode_attention_new_takes_expanded_positions():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,HQ,HK,D,S", [(1, 8, 2, 64, 40), (3, 16, 4, 128, 1000), (2, 4, 4, 64, 130),
-                                          (1, 8, 2, 64, 1300)])
-@pytest.mark.parametrize("one_tile", [True, False])
+@pytest.mark.parametrize("B,HQ,HK,D,S,one_tile", [(1, 8, 2, 64, 40, True), (3, 16, 4, 128, 1000, True),
+                                                   (2, 4, 4, 64, 130, True), (1, 8, 2, 64, 1300, True),
+                                                   (2, 4, 4, 64, 130, False), (1, 8, 2, 64, 1300, False)])
 def test_decode_attention_new_matches_reference(dtype, B, HQ, HK, D, S, one_tile, monkeypatch):
     """q/k norm + RoPE + cache write + attention in one launch == the readable path (norm, RoPE,
     scatter into the cache, SDPA over it), with a padding-only row and splits that merge; splits of
-    one tile loaded before the new token's k / v are stored (ONE_TILE: every case here) and the
-    tile loop (one_tile False)."""
+    one tile loaded before the new token's k / v are stored (ONE_TILE: every case here) and, for
+    two of the cases, the tile loop (one_tile False)."""
     import mixprec.kernels.attention as attn
     monkeypatch.setattr(attn, "ONE_TILE", one_tile)
     g = torch.Generator(device=DEV).manual_seed(S + B)
