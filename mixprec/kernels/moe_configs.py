@@ -122,6 +122,7 @@ GEMV_LAYOUT: dict[str, tuple[int, dict]] = {
 # 235B fp8 and mixed: session 33, see GEMV_M1_DOWN's ("fp8", 4096).
 # the long-K gate/up tile most M=1 rows share (gate and up in one loop); rows differ in BN / warps
 _GU512 = dict(BKD=256, BKF=512, BKQ=512, BKI=256, num_stages=1, gu=True)
+_INT8_GU = dict(_GU512, BN=8, num_warps=2, f16=True)     # int8 layers at M=1, both shapes (below)
 GEMV_M1: dict[tuple[str, int], dict] = {
     # gu (see GEMV_LAYOUT): session 16, 30B M=1 23.7 -> 22.4 µs; 235B 50.1 -> 53.0 (kept off)
     ("intq", 2048): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True),
@@ -162,9 +163,10 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # 51.8 µs (BKI 256); the down side keeps that row (GEMV_M1_DOWN), no candidate beat it. Decode,
     # 16-layer 235B int8, batch 1, old/new twice (runtime/session33_int8_m1_235b_ab_h200.log): 533.8 /
     # 533.6 -> 555.2 / 555.5 tok/s. 30B: session 34, same sweep with --shapes 30b
-    # (moe_diag/session34_sweeps_h200.log): 28.68 -> 25.38 µs; decode: BENCHMARKS.md session 34
-    ("int8", 2048): dict(_GU512, BN=8, num_warps=2, f16=True),
-    ("int8", 4096): dict(_GU512, BN=8, num_warps=2, f16=True),
+    # (moe_diag/session34_sweeps_h200.log): 28.68 -> 25.38 µs with the 235B's row; decode:
+    # BENCHMARKS.md session 34
+    ("int8", 2048): _INT8_GU,
+    ("int8", 4096): _INT8_GU,
     ("mixed", 4096): dict(_GU512, BN=16, num_warps=4, f16=True),
 }
 
