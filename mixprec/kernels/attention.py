@@ -210,12 +210,9 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
             acc, l_i = _accumulate(acc, l_i, p, alpha, v, PREC)
     else:
         for j0 in range(lo - lo % BN, hi, BN):
-            j = j0 + tl.arange(0, BN)
-            jm = (j >= lo) & (j < hi)
-            k = tl.load(kb + j[:, None] * s_ks + rd[None, :], mask=jm[:, None], other=0.0)
-            p, alpha, m_i = _scores(q, k, jm, m_i, scale_log2, PREC)
-            v = tl.load(vb + j[:, None] * s_vs + rd[None, :], mask=jm[:, None], other=0.0)
-            acc, l_i = _accumulate(acc, l_i, p, alpha, v, PREC)
+            j, jm = _slots(j0, lo, hi, BN)
+            p, alpha, m_i = _scores(q, _cache_rows(kb, j, jm, s_ks, rd), jm, m_i, scale_log2, PREC)
+            acc, l_i = _accumulate(acc, l_i, p, alpha, _cache_rows(vb, j, jm, s_vs, rd), PREC)
     o_rows = o_ptr + (b * HQ + heads)[:, None] * D + rd[None, :]
     if SPLIT == 1:
         tl.store(o_rows, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
@@ -239,13 +236,23 @@ def _visible(pos_ptr, start_ptr, b, sp, CHUNK):
 
 
 @triton.jit
+def _slots(j0, lo, hi, BN: tl.constexpr):
+    """Cache slots j0 .. j0+BN-1 [BN] and which of them are visible (lo .. hi-1)."""
+    j = j0 + tl.arange(0, BN)
+    return j, (j >= lo) & (j < hi)
+
+
+@triton.jit
+def _cache_rows(base, j, jm, stride, rd):
+    """Rows j [BN] of one head's K or V cache [BN, D], zeros where jm is off."""
+    return tl.load(base + j[:, None] * stride + rd[None, :], mask=jm[:, None], other=0.0)
+
+
+@triton.jit
 def _kv_tile(kb, vb, j0, lo, hi, s_ks, s_vs, rd, BN: tl.constexpr):
     """K and V of cache slots j0 .. j0+BN-1 [BN, D] (zeros outside lo..hi-1), the slots and the mask."""
-    j = j0 + tl.arange(0, BN)
-    jm = (j >= lo) & (j < hi)
-    k = tl.load(kb + j[:, None] * s_ks + rd[None, :], mask=jm[:, None], other=0.0)
-    v = tl.load(vb + j[:, None] * s_vs + rd[None, :], mask=jm[:, None], other=0.0)
-    return k, v, j, jm
+    j, jm = _slots(j0, lo, hi, BN)
+    return _cache_rows(kb, j, jm, s_ks, rd), _cache_rows(vb, j, jm, s_vs, rd), j, jm
 
 
 @triton.jit
@@ -361,6 +368,7 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new, rope_table=Fal
     HK, S = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     split, chunk = decode_splits(B, HK, S)
+    bn = block_n(S)
     o = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
     p2 = next_power_of_2(split) if split > 1 else 1    # partials' stride, a power of two
     if split > 1:
@@ -377,8 +385,8 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new, rope_table=Fal
         q, k_cache, v_cache, start, pos, o, part, ml, cnt, k, v, cos, sin, q_w, k_w,
         s_q, k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * 1.4426950408889634, eps,
-        HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=block_n(S), SPLIT=p2, SC=max(1, min(p2, MERGE_ELEMS // (GP * D))),
-        NEW=new is not None, ROPE_POS=rope_table, ONE_TILE=ONE_TILE and chunk == block_n(S),
+        HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=bn, SPLIT=p2, SC=max(1, min(p2, MERGE_ELEMS // (GP * D))),
+        NEW=new is not None, ROPE_POS=rope_table, ONE_TILE=ONE_TILE and chunk == bn,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
         num_warps=DECODE_WARPS, num_stages=2, **pdl.launch_kw(q))
     return o
