@@ -36,8 +36,13 @@ SPLIT_UP = {"s2-16/512/4": c(16, 512, 4, f16=True, split=2), "s2-32/512/4": c(32
             "s4-32/256/4": c(32, 256, 4, f16=True, split=4), "s4-16/512/2": c(16, 512, 2, f16=True, split=4)}
 SPLIT_DOWN = {"s2-32/256/4": c(32, 256, 4, f16=True, split=2), "s2-64/256/8": c(64, 256, 8, f16=True, split=2),
               "s2-16/256/2": c(16, 256, 2, f16=True, split=2)}
+# int4 on the tensor cores (gemv_mma, session 35): gate / up of 32 or 16 rows, 64 or 32 down rows
+# (4 or 2 column tiles per lane), 2-8 warps. Session 35 also timed these with the loads in Triton's
+# cp.async pipeline and with register caps (maxnreg 80 / 88): all slower (moe_diag/session35_int4_mma_*)
+MMA_UP = {f"mma{bn}/{w}": c(bn, 512, w, gu=True, f16=True, mma=True) for bn, w in ((32, 4), (32, 8), (16, 4), (16, 2))}
+MMA_DOWN = {f"dmma{bn}/{w}": c(bn, 256, w, f16=True, mma=True) for bn, w in ((64, 4), (64, 8), (32, 4), (32, 2))}
 UP = {
-    "235b": {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4": c(32, 512, 4, f16=True),
+    "235b": {"cur": None, **MMA_UP, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4": c(32, 512, 4, f16=True),
              "32/512/4gu": c(32, 512, 4, gu=True, f16=True), "32/256/4gu": c(32, 256, 4, gu=True, f16=True),
              "32/256/4": c(32, 256, 4, f16=True), "64/256/8": c(64, 256, 8, f16=True), "8/512/2gu": c(8, 512, 2, gu=True, f16=True),
              # fp8 / mixed layers
@@ -45,7 +50,7 @@ UP = {
              "8/512/4gu-F1024": c(8, 512, 4, gu=True, f16=True, BKD=256, BKF=1024, BKI=512),
              # K split over 2-4 programs per tile (gate and up in separate programs: no gu), session 34
              **SPLIT_UP},
-    "30b": {"cur": None, "16/512/4gu-f16": c(16, 512, 4, gu=True, f16=True), "8/512/2gu": c(8, 512, 2, gu=True),
+    "30b": {"cur": None, **MMA_UP, "16/512/4gu-f16": c(16, 512, 4, gu=True, f16=True), "8/512/2gu": c(8, 512, 2, gu=True),
             "8/512/2gu-f16": c(8, 512, 2, gu=True, f16=True), "16/256/4gu": c(16, 256, 4, gu=True),
             "32/256/4gu": c(32, 256, 4, gu=True),
             # int8 layers (GEMV_LAYOUT's int8 row at M=1 on the 30B; BKI 256 won on the 235B, session 33)
@@ -67,10 +72,10 @@ DOWN_MIXED = {"cur": None, "32/256/4-f16-K256": c(32, 256, 4, f16=True, BKD=256,
               "32/256/4-f16-F256": c(32, 256, 4, f16=True, BKF=256),
               "32/256/8-f16-K256": c(32, 256, 8, f16=True, BKD=256, BKF=256, BKI=256)}
 DOWN = {
-    "235b": {"cur": None, "32/512/4": c(32, 512, 4, f16=True), "16/512/4": c(16, 512, 4, f16=True),
+    "235b": {"cur": None, **MMA_DOWN, "32/512/4": c(32, 512, 4, f16=True), "16/512/4": c(16, 512, 4, f16=True),
              "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True),
              **FP8_DOWN, "32/512/8-F512": c(32, 512, 8, f16=True, BKD=256, BKF=512), **SPLIT_DOWN},
-    "30b": {"cur": None, "32/256/4-f16": c(32, 256, 4, f16=True), "16/256/2": c(16, 256, 2), "16/256/4": c(16, 256, 4),
+    "30b": {"cur": None, **MMA_DOWN, "32/256/4-f16": c(32, 256, 4, f16=True), "16/256/2": c(16, 256, 2), "16/256/4": c(16, 256, 4),
             "64/256/8": c(64, 256, 8),
             # int4: K = 768 in one tile, session 34
             "32/1024/4-f16": c(32, 1024, 4, f16=True), "16/1024/4-f16": c(16, 1024, 4, f16=True),
@@ -79,11 +84,11 @@ DOWN = {
             "16/256/8-f16": c(16, 256, 8, f16=True), "8/256/4-f16": c(8, 256, 4, f16=True)},
 }
 # 2-8 tokens (moe_configs.GEMV_LAYOUT's intq row, both sides: BN 32, BKQ 256, 4 warps, gu, f16)
-UP_M = {"cur": None, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4gu": c(32, 512, 4, gu=True, f16=True),
+UP_M = {"cur": None, **MMA_UP, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4gu": c(32, 512, 4, gu=True, f16=True),
         "16/256/4gu": c(16, 256, 4, gu=True, f16=True), "64/256/8gu": c(64, 256, 8, gu=True, f16=True),
         "32/256/4": c(32, 256, 4, f16=True),
         **FP8_UP, "32/256/4gu-F256": c(32, 256, 4, gu=True, f16=True, BKF=256)}
-DOWN_M = {"cur": None, "16/512/4": c(16, 512, 4, f16=True), "32/512/4": c(32, 512, 4, f16=True),
+DOWN_M = {"cur": None, **MMA_DOWN, "16/512/4": c(16, 512, 4, f16=True), "32/512/4": c(32, 512, 4, f16=True),
           "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True), "32/256/4-f32": c(32, 256, 4),
           **FP8_DOWN}
 # --pairs: (gate/up, down) GEMV configs for both sides (down None: the pick's down side), for
@@ -113,6 +118,7 @@ def main() -> None:
     ap.add_argument("--config", default="int4", help="a layer mix of moe_bench.CONFIGS")
     ap.add_argument("--pairs", action="store_true", help="PAIRS on both sides instead of UP / DOWN per side")
     ap.add_argument("--mixed-m1", action="store_true", help="M=1 of a layer mixing layouts: UP_MIXED / DOWN_MIXED")
+    ap.add_argument("--only", default="", help="comma-separated candidate names to time (with cur), e.g. mma32/4,dmma64/4")
     args = ap.parse_args()
     TOKENS = [int(t) for t in args.tokens.split(",")]
     ROUNDS = 3
@@ -143,6 +149,9 @@ def main() -> None:
                     conf = ("gemv", cfg, *pick[2:]) if side == "up" else (*pick[:2], "gemv", cfg)
                     name = f"{side}:{name}"
                 confs[name] = conf
+        if args.only:
+            keep = set(args.only.split(","))
+            confs = {n: v for n, v in confs.items() if n == "cur" or n.split(":", 1)[-1] in keep}
         times, _ = mb.time_configs(layers[:cn], xm, lg, k, I, confs, ROUNDS, f"{shape} M={M}")
         for n, ts in times.items():
             if not ts:

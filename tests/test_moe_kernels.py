@@ -813,6 +813,22 @@ def test_int4_gemv_fp16_word_loop(gu, split):
                    x, w, ids, inter=128, config=("gemv", cfg, cfg))
 
 
+@pytest.mark.parametrize("h,i,bn", [(256, 128, 32), (384, 96, 32), (384, 96, 16)])
+def test_int4_gemv_mma_tiles(h, i, bn):
+    """GEMV configs with "mma" run int4 slots of 128-input groups on the tensor cores (gemv_mma:
+    gate and up of 32 rows, 64 down rows): sym and asym beside a group-32 and an act-order slot
+    (which keep the word loop) and an int8 slot; K not a multiple of 128 (384 -> 3 groups over 4
+    warps, 96 -> one partial group), column tiles past the end, 4 or 2 column tiles per lane
+    (BN 32 / 16 gate and up rows); equal to the reference at 1 and 3 tokens, in bf16 on the GPU too."""
+    up = dict(BN=bn, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, gu=True, f16=True, mma=True)
+    down = dict(up, BN=2 * bn, gu=False)
+    specs = mt.split(["int4", "int4_asym", "int4_g32", "int4_perm", "int8q"], E)
+    for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
+        b = _layer(specs, h=h, i=i, dtype=dtype, seed=5)
+        for m in (1, 3):
+            _check(b, *_inputs(m, h=h, seed=70 + m, dtype=dtype), inter=i, config=("gemv", up, "gemv", down))
+
+
 @pytest.mark.parametrize("gu,split,bkf", [(True, 1, 128), (False, 2, 256)])
 def test_fp8_gemv_fp16_word_loop(gu, split, bkf):
     """GEMV configs with "f16" also run fp8 W8A8 slots whose tile rows share a scale row in packed

@@ -431,6 +431,8 @@ def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, in
         kw["EVK"] = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
         # int4 slots, fp8 W8A8 slots with folded scales, int8 W8A8 slots: the packed word loops (moe_configs)
         kw["F16"] = cfg.get("f16", False) and K % 4 == 0
+        # int4 slots on the tensor cores (gemv_mma; its tiles need the kernel's warp count)
+        kw["MMA"] = cfg["num_warps"] if cfg.get("mma") else 0
     kw["GU"] = split == 1 and _gate_up_fused(descs, cfg, ks["BKQ"], gemv, tokens)
     return flat, kw, (_chunk(max([K] + q_rows), chunks, ks),), split
 
@@ -648,6 +650,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
             SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
             num_warps=cd["num_warps"], num_stages=cd["num_stages"], **pdl.launch_kw(x))
     return out
+
 
 
 def _zero_copy(buckets: list[dict], x: Tensor) -> bool:

@@ -23,7 +23,9 @@ configs): the packed word loops: int4 slots in fp16 math (gemv_tiles); fp8 W8A8 
 rows share a scale row likewise (moe_triton._gemv_fp8_words) and int8 W8A8 slots as dp4a
 (_gemv_int8_words). Offline SASS of the 30B batch-1 launches, instructions per loop step (session
 23): fp8 gate/up 423 -> 173, down 239 -> 102; int8 gate/up 173 -> 45, down 98 -> 36; the rows that
-set it were timed in session 24 (GEMV_M1's note).
+set it were timed in session 24 (GEMV_M1's note). `mma` (GEMV configs, BN 16 / 32 gate/up rows or
+32 / 64 down rows): int4 slots of 128-input groups on the tensor cores (gemv_mma; ~19 instructions
+per int4 word against the fp16 loop's ~27, fp32 accumulation).
 """
 from __future__ import annotations
 
@@ -155,7 +157,13 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # (runtime/session22_235b_m1f16_ab_h100.log). The 30B rows stay on the fp32 loop (20.7 -> 21.6 µs).
     # gu with f16: session 31 (H100, route + layer, µs, 3 rounds alternated; `python scripts/sweep_moe_m1.py`,
     # moe_diag/session31_sweep_m1_h100.log): 42.01 -> 40.42 (BN 32 tiles, with or without gu, 43.4-47.4)
-    ("intq", 4096): dict(BN=16, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True),
+    # mma (gemv_mma: int4 slots of 128-input groups on the tensor cores, gate and up of 32 rows):
+    # session 35 (H200, `python scripts/sweep_moe_m1.py --only mma32/4,...`, route + layer, µs,
+    # 3 rounds; moe_diag/session35_int4_mma_*_h200.log): 37.66 -> 36.13 (this row: BN 16 word loop
+    # -> BN 32 mma tiles); its 64-row down tiles lost (39.7-41.2 against 37.6), the 30B rows too
+    # (gate/up 18.7 -> 18.6-21.1, down -> 20.1-22.8). Decode: BENCHMARKS.md session 35
+    ("intq", 4096): dict(BN=32, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True,
+                         mma=True),
     ("dense", 4096): dict(_GU512, BN=4, num_warps=2),
     ("fp8", 4096): dict(_GU512, BN=4, num_warps=1, f16=True),
     # int8, 235B: session 33 (H200, `python scripts/sweep_moe_m1.py --shapes 235b --config int8`,
@@ -253,9 +261,14 @@ GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
 # 30B M=2 / 4 / 8 52.79 -> 46.39 / 83.64 -> 79.58 / 133.85 -> 132.39; 235B 155.07 -> 147.47 /
 # 265.87 -> 264.34 / 470.36 -> 465.13. The down side's 32-column tile lost 1-2.5% at every point:
 # it keeps the row. Decode: BENCHMARKS.md session 34
+# int4, 235B, 2-8 tokens: GEMV_LAYOUT's row (BN 32) with its int4 slots on the tensor cores
+# (gemv_mma). Session 35 (H200, `python scripts/sweep_moe_m1.py --tokens 2,4,8 --shapes 235b`,
+# moe_diag/session35_int4_mma_m248_h200.log), µs: M=2 61.81 -> 59.19, M=4 109.02 -> 103.06, M=8
+# 198.07 -> 187.42; its 64-row down tiles lost at every point (67.7 / 120.3 / 219.8)
 _DENSE_UP32 = dict(GEMV_LAYOUT["dense"][1], BN=32)
 GEMV_UP: dict[tuple[str, int], tuple[tuple[int, dict], ...]] = {
     ("intq", 2048): ((2, dict(BN=16, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True)),),
+    ("intq", 4096): ((GEMV_LAYOUT["intq"][0], dict(GEMV_LAYOUT["intq"][1], mma=True)),),
     ("dense", 2048): ((GEMV_LAYOUT["dense"][0], _DENSE_UP32),),
     ("dense", 4096): ((GEMV_LAYOUT["dense"][0], _DENSE_UP32),),
 }

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .gemv_mma import gemv_int4_mma
 from .gemv_tiles import gemv_intq_cols, intq_scale
 from .intq import intq_dequant_tile
 from .quant import (dp4a, e4m3_f16x2, fp8_tile_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles,
@@ -260,11 +261,20 @@ def _slot_rows(PROJ: tl.constexpr, HALF: tl.constexpr, INTER, HID):
 
 
 @triton.jit
+def _mma_fits(BITS: tl.constexpr, HP: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, xrow):
+    """Whether an int4 slot runs gemv_mma's tile (a config's "mma"): 4-bit codes in K order, groups
+    of 128 inputs or a multiple, 16-bit x, gate and up of BN = 16 or 32 rows in one loop or BN = 32 or
+    64 down rows (2 or 4 column tiles per lane)."""
+    return (BITS == 4 and HP == 0 and G % 128 == 0 and xrow.dtype.element_ty != tl.float32
+            and ((HALF == 3 and (BN == 16 or BN == 32)) or (HALF == 2 and (BN == 32 or BN == 64))))
+
+
+@triton.jit
 def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
                HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
                BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr,
-               F16: tl.constexpr):
+               F16: tl.constexpr, MMA: tl.constexpr):
     LAY: tl.constexpr = C % 4
     ACT: tl.constexpr = (C // 4) % 2
     HZ: tl.constexpr = (C // 8) % 2
@@ -289,8 +299,16 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
                 qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, PF)   # x is read via perm
-                res = gemv_intq_cols(xrow, qe, se, ze, pe, rows, nm, nw, rs,
-                                     qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, PDL, F16)
+                if MMA > 0 and _mma_fits(BITS, HP, G, HALF, BN, xrow):
+                    # gate / up of 32 rows (HALF 3) or 64 down rows on the tensor cores (gemv_mma)
+                    T: tl.constexpr = BN // 8 if HALF == 3 else BN // 16    # tiles per lane
+                    y_lo, y_hi = gemv_int4_mma(xrow, qe, se, ze, row0 + n0, (INTER if HALF == 3 else row0 + 8 * T) + n0,
+                                               row0 + n_lim, (2 * INTER) if HALF == 3 else n_lim, nw, rs,
+                                               k_lo, k_hi, G, HZ, MMA, T, PDL)
+                    res = tl.reshape(tl.permute(tl.join(y_lo, y_hi), (1, 0)), (16 * T,))
+                else:
+                    res = gemv_intq_cols(xrow, qe, se, ze, pe, rows, nm, nw, rs,
+                                         qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, PDL, F16)
             elif LAY == _FP8:
                 we, se = _fp8_expert(w, s, loc, nw, K, G, B)
                 if F16 and ACT == 1 and FOLD == 1:
@@ -321,21 +339,21 @@ def _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi,
                C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
                NS: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
                BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, EVK: tl.constexpr, PDL: tl.constexpr,
-               F16: tl.constexpr):
+               F16: tl.constexpr, MMA: tl.constexpr):
     RB: tl.constexpr = 2 * BN if HALF == 3 else BN   # HALF 3: gate then up columns
     res = tl.zeros([RB], dtype=tl.float32)
     found = e * 0  # int32 0/1: some slot holds this expert
     res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, B0,
-                            HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16)
+                            HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16, MMA)
     if NS > 1:
         res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, B1,
-                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16)
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16, MMA)
     if NS > 2:
         res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, B2,
-                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16)
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16, MMA)
     if NS > 3:
         res, found = _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, B3,
-                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16)
+                                HALF, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16, MMA)
     return res, found
 
 
@@ -378,7 +396,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
                      BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
                      SUM: tl.constexpr, ZMISS: tl.constexpr, EVK: tl.constexpr, SPLIT: tl.constexpr,
                      GU: tl.constexpr = False, PDL: tl.constexpr = False, F16: tl.constexpr = False,
-                     XPAIR: tl.constexpr = False):
+                     XPAIR: tl.constexpr = False, MMA: tl.constexpr = 0):
     """Grid (P pairs, N tiles, SPLIT). UP: act[p, n] = silu(x W_gate^T) * (x W_up^T) for the expert
     of pair p (x = x[p // TOPK]); DOWN: buf[p, n] = w_p * act[p] W_down^T, and the last of a token's
     TOPK pairs to finish a tile writes out[token, tile] = sum of its rows (deterministic order).
@@ -412,16 +430,16 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
             if GU:
                 gu, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                     w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                    C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 3, BN, BKD, BKF, BKQ, BKI, EVK, False, F16)
+                                    C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 3, BN, BKD, BKF, BKQ, BKI, EVK, False, F16, MMA)
                 g, u = tl.split(tl.permute(tl.reshape(gu, (2, BN)), (1, 0)))
                 fu = fg
             else:
                 g, fg = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                    w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                   C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False, F16)
+                                   C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False, F16, MMA)
                 u, fu = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, 0, k_per,
                                    w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                   C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False, F16)
+                                   C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False, F16, MMA)
             tl.store(out_ptr + p.to(tl.int64) * INTER + rn, _silu_mul(g, u).to(out_ptr.dtype.element_ty),
                      mask=rn < INTER * fg * fu)  # fg, fu: 0/1
         else:
@@ -429,11 +447,11 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
             if z % 2 == 0:
                 part, fnd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False, F16)
+                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BN, BKD, BKF, BKQ, BKI, EVK, False, F16, MMA)
             else:
                 part, fnd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                                      w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False, F16)
+                                     C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BN, BKD, BKF, BKQ, BKI, EVK, False, F16, MMA)
             # a pair whose expert is in none of this launch's buckets (another gate/up launch's, or no
             # rank's: expert parallel) computes zero partials and leaves its act row alone; the gate
             # and up of one expert are in the same launch (up_launches), so either half's flag says
@@ -455,7 +473,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
         k_lo = z * k_per
         d, fd = _gemv_half(xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_lo + k_per,
                            w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16)
+                           C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16, MMA)
         pdl.wait(PDL)     # a pair in no bucket (expert parallel) has not waited in a tile loop yet
         nm = rn < HID
         val = d * tl.load(rw_ptr + p)

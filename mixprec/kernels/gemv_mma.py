@@ -1,0 +1,222 @@
+"""int4 GEMV tiles of one activation row on the tensor cores (mma.sync m16n8k16), canonical layout.
+
+The fp16 word loop of gemv_tiles spends ~27 instructions per int4 word at batch 1 (its packed FMAs,
+a scale per word, the activations' packing), so it issues rather than waits for memory. Here the
+tensor cores take the products: per word 3 shifts and 4 LOP3 make the 8 codes 16-bit floats (the
+exponent of 2^7 or 2^10 OR-ed onto each code, exact), 4 packed subtracts remove the zero, and half
+of each of two mmas consumes them; the scale is applied once per 128 inputs to the fp32
+accumulators. ~17 instructions per word, products accumulated in fp32 (no activation scaling).
+
+Fragment layout (PTX ISA, mma.m16n8k16 .row.col): lane l = 4 g + c of a warp holds A rows g and
+g+8 at k (2c, 2c+1 | 2c+8, 2c+9), B column g at the same k, C rows g / g+8 at columns 2c, 2c+1.
+A program owns 32 "lo" and 32 "hi" columns (the caller's: gate and up of 32 intermediate rows,
+or 64 consecutive rows): lane (g, c) of every warp loads the words of columns lo0 + 4g + t and
+hi0 + 4g + t (t = 0..3, one 16-byte load each) in word row 4b + c of each 32-input block b, so
+tile t's A rows g / g+8 are its lo / hi column. The k order inside an mma is free as long as A and
+B agree: logical k (2c, 2c+1) and (2c+8, 2c+9) of lane c are the code pairs (j, j+4), j = 0, 1
+of its word (the second mma: j = 2, 3), i.e. inputs 32b + 8c + (j, j+4). B column 0 holds that
+x (lanes g = 0 load it, the others pass zeros), so C column 0 (lanes c = 0: c0 = lo, c2 = hi)
+is the result and the other columns stay zero. The warps split K by 128-input groups; the sum
+over warps goes through shared memory once, at the end.
+
+The Triton interpreter runs no PTX: there each lane's dot is computed directly (the same words,
+columns, groups and scales) and summed over the 4 lanes of its group, which is what the two mmas
+do with B column 0.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import pdl
+from .quant import _PTX, WEIGHT_EVICT
+
+
+def _mma_asm(magic: int, kind: str) -> str:
+    # $0-$3 C out, $4-$7 C in, $8 lo word, $9 hi word, $10 / $11 zero pairs (magic + z), $12-$15
+    # the x pairs (j, j+4) for j = 0..3. Early-clobber outputs: the second mma reads $8-$15.
+    lop = f"0x000F000F, {hex(magic * 0x10001)}, 0xea"
+    sub = f"sub.rn.{kind}x2"
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32"
+    return ("{ .reg .b32 a0, a1, a2, a3, t, u; "
+            f"lop3.b32 a0, $8, {lop}; lop3.b32 a1, $9, {lop}; shr.u32 t, $8, 4; shr.u32 u, $9, 4; "
+            f"lop3.b32 a2, t, {lop}; lop3.b32 a3, u, {lop}; "
+            f"{sub} a0, a0, $10; {sub} a1, a1, $11; {sub} a2, a2, $10; {sub} a3, a3, $11; "
+            f"{mma} {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{$12, $13}}, {{$4, $5, $6, $7}}; "
+            f"shr.u32 t, $8, 8; shr.u32 u, $9, 8; lop3.b32 a0, t, {lop}; lop3.b32 a1, u, {lop}; "
+            f"shr.u32 t, $8, 12; shr.u32 u, $9, 12; lop3.b32 a2, t, {lop}; lop3.b32 a3, u, {lop}; "
+            f"{sub} a0, a0, $10; {sub} a1, a1, $11; {sub} a2, a2, $10; {sub} a3, a3, $11; "
+            f"{mma} {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{$14, $15}}, {{$0, $1, $2, $3}}; }}")
+
+
+# 16-bit float of 2^7 (bf16) / 2^10 (fp16) with a 4-bit code OR-ed into its mantissa = magic + code
+MAGIC_BF16 = tl.constexpr(0x4300)
+MAGIC_F16 = tl.constexpr(0x6400)
+_MMA_BF16 = tl.constexpr(_mma_asm(0x4300, "bf16"))
+_MMA_F16 = tl.constexpr(_mma_asm(0x6400, "f16"))
+# x words (x_2m, x_2m+1), m = 0..3, of one lane's 8 inputs -> the pairs (x_j, x_j+4), j = 0..3
+_PAIRS = tl.constexpr("{ prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632; "
+                      "prmt.b32 $2, $5, $7, 0x5410; prmt.b32 $3, $5, $7, 0x7632; }")
+
+
+@triton.jit
+def _f16_half(v, shift: tl.constexpr, BF16: tl.constexpr):
+    # (interpreter) the 16-bit float in bits shift.. of the int32 v, as fp32
+    h = ((v >> shift) & 0xFFFF).to(tl.uint16)
+    if BF16:
+        return h.to(tl.bfloat16, bitcast=True).to(tl.float32)
+    return h.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _lane_dots(lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW: tl.constexpr, BF16: tl.constexpr):
+    """(interpreter) -> (lo, hi) [L, T]: each lane's 8 codes (minus zero) of its lo / hi word against
+    its 8 inputs, summed over the 4 lanes c of each g, in every lane (the mmas' C column 0)."""
+    MAGIC: tl.constexpr = 0x4300 if BF16 else 0x6400
+    L: tl.constexpr = 32 * NW
+    T: tl.constexpr = lo.shape[1]
+    slo = tl.zeros(lo.shape, tl.float32)
+    shi = tl.zeros(lo.shape, tl.float32)
+    for m in tl.static_range(4):
+        xw = xw0 if m == 0 else (xw1 if m == 1 else (xw2 if m == 2 else xw3))
+        for h in tl.static_range(2):
+            j: tl.constexpr = 2 * m + h
+            xv = _f16_half(xw, 16 * h, BF16)[:, None]
+            slo += (((lo >> (4 * j)) & 15) - ((zlo & 0xFFFF) - MAGIC)).to(tl.float32) * xv
+            shi += (((hi >> (4 * j)) & 15) - ((zhi & 0xFFFF) - MAGIC)).to(tl.float32) * xv
+    slo = tl.broadcast_to(tl.sum(tl.reshape(slo, [NW, 8, 4, T]), axis=2)[:, :, None, :], [NW, 8, 4, T])
+    shi = tl.broadcast_to(tl.sum(tl.reshape(shi, [NW, 8, 4, T]), axis=2)[:, :, None, :], [NW, 8, 4, T])
+    return tl.reshape(slo, [L, T]), tl.reshape(shi, [L, T])
+
+
+@triton.jit
+def _block(a0, a1, a2, a3, lo, hi, zlo, zhi, xw, NW: tl.constexpr, BF16: tl.constexpr):
+    # one 32-input block into the accumulators a0..a3 (C registers per lane and tile) [L, T]
+    L: tl.constexpr = 32 * NW
+    T: tl.constexpr = lo.shape[1]
+    xw0, xw1, xw2, xw3 = xw
+    if _PTX:
+        p0, p1, p2, p3 = tl.inline_asm_elementwise(_PAIRS, "=r,=r,=r,=r,r,r,r,r", [xw0, xw1, xw2, xw3],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            _MMA_BF16 if BF16 else _MMA_F16, "=&f,=&f,=&f,=&f,f,f,f,f,r,r,r,r,r,r,r,r",
+            [a0, a1, a2, a3, lo, hi, zlo, zhi, tl.broadcast_to(p0[:, None], [L, T]),
+             tl.broadcast_to(p1[:, None], [L, T]), tl.broadcast_to(p2[:, None], [L, T]),
+             tl.broadcast_to(p3[:, None], [L, T])],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        dlo, dhi = _lane_dots(lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW, BF16)
+        return a0 + dlo, a1, a2 + dhi, a3
+
+
+@triton.jit
+def _group_words(qp, grp, c, nw, KP, clo, chi, mlo, mhi):
+    # the lo / hi words of the 4 blocks of 128-input group grp [L] (word rows 16 grp + 4 j + c,
+    # those below KP [L])
+    kr = (grp * 16 + c)[:, None]
+    KP = KP[:, None]
+    m = kr < KP
+    return (tl.load(qp + kr * nw + clo, mask=m & mlo, other=0, eviction_policy=WEIGHT_EVICT),
+            tl.load(qp + kr * nw + chi, mask=m & mhi, other=0, eviction_policy=WEIGHT_EVICT),
+            tl.load(qp + (kr + 4) * nw + clo, mask=(kr + 4 < KP) & mlo, other=0, eviction_policy=WEIGHT_EVICT),
+            tl.load(qp + (kr + 4) * nw + chi, mask=(kr + 4 < KP) & mhi, other=0, eviction_policy=WEIGHT_EVICT),
+            tl.load(qp + (kr + 8) * nw + clo, mask=(kr + 8 < KP) & mlo, other=0, eviction_policy=WEIGHT_EVICT),
+            tl.load(qp + (kr + 8) * nw + chi, mask=(kr + 8 < KP) & mhi, other=0, eviction_policy=WEIGHT_EVICT),
+            tl.load(qp + (kr + 12) * nw + clo, mask=(kr + 12 < KP) & mlo, other=0, eviction_policy=WEIGHT_EVICT),
+            tl.load(qp + (kr + 12) * nw + chi, mask=(kr + 12 < KP) & mhi, other=0, eviction_policy=WEIGHT_EVICT))
+
+
+@triton.jit
+def _xwords(xw, kr, xm):
+    # the 4 words (2 inputs each) of x at inputs 8 kr .. 8 kr + 7, [L]
+    base = xw + kr * 4
+    return (tl.load(base, mask=xm, other=0), tl.load(base + 1, mask=xm, other=0),
+            tl.load(base + 2, mask=xm, other=0), tl.load(base + 3, mask=xm, other=0))
+
+
+@triton.jit
+def _group_x(xw, grp, c, KP, xm):
+    kr = grp * 16 + c
+    return (_xwords(xw, kr, xm & (kr < KP)), _xwords(xw, kr + 4, xm & (kr + 4 < KP)),
+            _xwords(xw, kr + 8, xm & (kr + 8 < KP)), _xwords(xw, kr + 12, xm & (kr + 12 < KP)))
+
+
+@triton.jit
+def _group_sz(sp, zp, grp, nw, clo, chi, mlo, mhi, ok, HZ: tl.constexpr, GS: tl.constexpr, MAGIC: tl.constexpr):
+    # scales (fp32) and zero pairs (magic + z, both halves) of group grp's lo / hi columns [L, T]
+    srow = ((grp * 128) // GS)[:, None] * nw
+    m = ok[:, None]
+    slo = tl.load(sp + srow + clo, mask=m & mlo, other=0.0).to(tl.float32)
+    shi = tl.load(sp + srow + chi, mask=m & mhi, other=0.0).to(tl.float32)
+    if HZ:
+        zlo = (tl.load(zp + srow + clo, mask=m & mlo, other=0).to(tl.int32) | MAGIC) * 0x10001
+        zhi = (tl.load(zp + srow + chi, mask=m & mhi, other=0).to(tl.int32) | MAGIC) * 0x10001
+    else:
+        zlo = tl.full(slo.shape, (MAGIC | 8) * 0x10001, tl.int32)
+        zhi = zlo
+    return slo, shi, zlo, zhi
+
+
+@triton.jit
+def _lane_cols(v, NW: tl.constexpr):
+    # [L, T] per lane -> [8 T]: summed over the warps, lanes c = 0 kept, element T g + t
+    T: tl.constexpr = v.shape[1]
+    s = tl.sum(tl.reshape(v, [NW, 8, 4, T]), axis=0)                      # [g, c, t]
+    c = tl.arange(0, 4)[None, :, None]
+    return tl.reshape(tl.sum(tl.where(c == 0, s, 0.0), axis=1), [8 * T])
+
+
+@triton.jit
+def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
+                  GS: tl.constexpr, HZ: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, PDL: tl.constexpr):
+    """y (fp32) of one activation row (xrow: K contiguous bf16 / fp16) at the int4 columns lo0 ..
+    lo0 + 8 T - 1 and hi0 .. hi0 + 8 T - 1 (T = 2 or 4 tiles per lane; valid below lo_lim / hi_lim) over the inputs [k_lo, k_hi),
+    k_lo a multiple of 128. Weights: qweight qp [K/8, nw], scales sp / zeros zp [K/GS, nw]
+    (GS a multiple of 128). The kernel runs NW warps. -> (y_lo [8 T], y_hi [8 T])."""
+    BF16: tl.constexpr = xrow.dtype.element_ty == tl.bfloat16
+    MAGIC: tl.constexpr = 0x4300 if BF16 else 0x6400
+    L: tl.constexpr = 32 * NW
+    i = tl.arange(0, L)
+    w = i // 32
+    g = (i % 32) // 4
+    c = i % 4
+    t = tl.arange(0, T)[None, :]
+    clo = (lo0 + T * g)[:, None] + t                     # [L, T]
+    chi = (hi0 + T * g)[:, None] + t
+    mlo = clo < lo_lim
+    mhi = chi < hi_lim
+    k_hi = tl.minimum(k_hi, K)
+    KP = k_hi // 8                                       # word rows of the range
+    xw = xrow.to(tl.pointer_type(tl.int32), bitcast=True)
+    xm = (g == 0) if _PTX else (g >= 0)                  # B column 0: the lanes g = 0
+    ng = tl.cdiv(k_hi - k_lo, 128)
+    gpw = tl.cdiv(ng, NW)                                # groups per warp
+    grp0 = k_lo // 128 + w * gpw
+    gend = k_lo // 128 + tl.minimum((w + 1) * gpw, ng)   # [L]: this warp's groups [grp0, gend)
+    # the first group's words and scales before the wait (down side: x comes from the kernel before)
+    q = _group_words(qp, grp0, c, nw, tl.where(grp0 < gend, KP, 0), clo, chi, mlo, mhi)
+    sz = _group_sz(sp, zp, grp0, nw, clo, chi, mlo, mhi, grp0 < gend, HZ, GS, MAGIC)
+    pdl.wait(PDL)
+    tot_lo = tl.zeros([L, T], tl.float32)
+    tot_hi = tl.zeros([L, T], tl.float32)
+    for gi in range(0, gpw):
+        cq, csz = q, sz
+        # x of this group (few bytes, in L2; not prefetched: registers), then the next group's
+        # weights and scales in flight while this one is multiplied
+        cx = _group_x(xw, grp0 + gi, c, KP, xm)
+        grp = grp0 + gi + 1
+        nxt = grp < gend
+        q = _group_words(qp, grp, c, nw, tl.where(nxt, KP, 0), clo, chi, mlo, mhi)
+        sz = _group_sz(sp, zp, grp, nw, clo, chi, mlo, mhi, nxt, HZ, GS, MAGIC)
+        slo, shi, zlo, zhi = csz
+        a0 = tl.zeros([L, T], tl.float32)
+        a1 = tl.zeros([L, T], tl.float32)
+        a2 = tl.zeros([L, T], tl.float32)
+        a3 = tl.zeros([L, T], tl.float32)
+        a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[0], cq[1], zlo, zhi, cx[0], NW, BF16)
+        a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[2], cq[3], zlo, zhi, cx[1], NW, BF16)
+        a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[4], cq[5], zlo, zhi, cx[2], NW, BF16)
+        a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[6], cq[7], zlo, zhi, cx[3], NW, BF16)
+        tot_lo += a0 * slo
+        tot_hi += a2 * shi
+    return _lane_cols(tot_lo, NW), _lane_cols(tot_hi, NW)
