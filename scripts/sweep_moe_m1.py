@@ -38,7 +38,8 @@ SPLIT_DOWN = {"s2-32/256/4": c(32, 256, 4, f16=True, split=2), "s2-64/256/8": c(
               "s2-16/256/2": c(16, 256, 2, f16=True, split=2)}
 # int4 on the tensor cores (gemv_mma, session 35): gate / up of 32 or 16 rows, 64 or 32 down rows
 # (4 or 2 column tiles per lane), 2-8 warps. Session 35 also timed these with the loads in Triton's
-# cp.async pipeline and with register caps (maxnreg 80 / 88): all slower (moe_diag/session35_int4_mma_*)
+# cp.async pipeline, with register caps (maxnreg 80 / 88) and with the group after next asked of L2
+# (prefetch.global.L2): all slower (moe_diag/session35_int4_mma_*)
 MMA_UP = {f"mma{bn}/{w}": c(bn, 512, w, gu=True, f16=True, mma=True) for bn, w in ((32, 4), (32, 8), (16, 4), (16, 2))}
 MMA_DOWN = {f"dmma{bn}/{w}": c(bn, 256, w, f16=True, mma=True) for bn, w in ((64, 4), (64, 8), (32, 4), (32, 2))}
 UP = {

@@ -1,23 +1,30 @@
 """int4 GEMV tiles of one activation row on the tensor cores (mma.sync m16n8k16), canonical layout.
 
-The fp16 word loop of gemv_tiles spends ~27 instructions per int4 word at batch 1 (its packed FMAs,
-a scale per word, the activations' packing), so it issues rather than waits for memory. Here the
-tensor cores take the products: per word 3 shifts and 4 LOP3 make the 8 codes 16-bit floats (the
-exponent of 2^7 or 2^10 OR-ed onto each code, exact), 4 packed subtracts remove the zero, and half
-of each of two mmas consumes them; the scale is applied once per 128 inputs to the fp32
-accumulators. ~17 instructions per word, products accumulated in fp32 (no activation scaling).
+The fp16 word loop of gemv_tiles spends ~27 instructions per int4 word at batch 1 (packed FMAs, a
+scale per word, the activations' packing). Here the tensor cores take the products: per word 3
+shifts and 4 LOP3 make the 8 codes 16-bit floats (the exponent of 2^7 or 2^10 OR-ed onto each
+code, exact), 4 packed subtracts remove the zero, and half of each of two mmas consumes them; the
+scale is applied once per 128 inputs to the fp32 accumulators. Offline SASS of the 235B gate/up
+launch: ~19 instructions per word; the products are summed in fp32 (no activation scaling: a
+prototype measured 134 dB against the fp32 reference where the fp16 word loop has 55). Measured
+(session 35, H200): 4% faster on the 235B gate/up launch at 1-8 tokens, slower on its down launch
+and on the 30B shapes, so fewer instructions alone did not make these launches memory-bound.
 
 Fragment layout (PTX ISA, mma.m16n8k16 .row.col): lane l = 4 g + c of a warp holds A rows g and
 g+8 at k (2c, 2c+1 | 2c+8, 2c+9), B column g at the same k, C rows g / g+8 at columns 2c, 2c+1.
-A program owns 32 "lo" and 32 "hi" columns (the caller's: gate and up of 32 intermediate rows,
-or 64 consecutive rows): lane (g, c) of every warp loads the words of columns lo0 + 4g + t and
-hi0 + 4g + t (t = 0..3, one 16-byte load each) in word row 4b + c of each 32-input block b, so
-tile t's A rows g / g+8 are its lo / hi column. The k order inside an mma is free as long as A and
+A program owns 8T "lo" and 8T "hi" columns (T = 2 or 4; the caller's: gate and up of 8T
+intermediate rows, or 16T consecutive rows): lane (g, c) of every warp loads the words of columns
+lo0 + Tg + t and hi0 + Tg + t (t < T, one 8- or 16-byte load each) in word row 4b + c of each
+32-input block b, so tile t's A rows g / g+8 are its lo / hi column. The k order inside an mma is free as long as A and
 B agree: logical k (2c, 2c+1) and (2c+8, 2c+9) of lane c are the code pairs (j, j+4), j = 0, 1
 of its word (the second mma: j = 2, 3), i.e. inputs 32b + 8c + (j, j+4). B column 0 holds that
 x (lanes g = 0 load it, the others pass zeros), so C column 0 (lanes c = 0: c0 = lo, c2 = hi)
 is the result and the other columns stay zero. The warps split K by 128-input groups; the sum
 over warps goes through shared memory once, at the end.
+
+The asm relies on Triton giving the [32 NW, T] tiles the layout of their loads (sizePerThread
+[1, T], threadsPerWarp [32, 1]: row i in lane i % 32 of warp i // 32), as the TTGIR of triton 3.6
+shows for sm_90; another layout would move the fragments between lanes and fail the GPU tests.
 
 The Triton interpreter runs no PTX: there each lane's dot is computed directly (the same words,
 columns, groups and scales) and summed over the 4 lanes of its group, which is what the two mmas
@@ -110,20 +117,21 @@ def _block(a0, a1, a2, a3, lo, hi, zlo, zhi, xw, NW: tl.constexpr, BF16: tl.cons
 
 
 @triton.jit
+def _words(qp, kr, nw, KP, cols, cm):
+    # words of word rows kr [L, 1] (those below KP [L, 1]) at the columns cols [L, T] (mask cm)
+    return tl.load(qp + kr * nw + cols, mask=(kr < KP) & cm, other=0, eviction_policy=WEIGHT_EVICT)
+
+
+@triton.jit
 def _group_words(qp, grp, c, nw, KP, clo, chi, mlo, mhi):
-    # the lo / hi words of the 4 blocks of 128-input group grp [L] (word rows 16 grp + 4 j + c,
-    # those below KP [L])
+    # the lo / hi words of the 4 blocks of 128-input group grp [L]: word rows 16 grp + 4 j + c,
+    # those below KP [L]
     kr = (grp * 16 + c)[:, None]
     KP = KP[:, None]
-    m = kr < KP
-    return (tl.load(qp + kr * nw + clo, mask=m & mlo, other=0, eviction_policy=WEIGHT_EVICT),
-            tl.load(qp + kr * nw + chi, mask=m & mhi, other=0, eviction_policy=WEIGHT_EVICT),
-            tl.load(qp + (kr + 4) * nw + clo, mask=(kr + 4 < KP) & mlo, other=0, eviction_policy=WEIGHT_EVICT),
-            tl.load(qp + (kr + 4) * nw + chi, mask=(kr + 4 < KP) & mhi, other=0, eviction_policy=WEIGHT_EVICT),
-            tl.load(qp + (kr + 8) * nw + clo, mask=(kr + 8 < KP) & mlo, other=0, eviction_policy=WEIGHT_EVICT),
-            tl.load(qp + (kr + 8) * nw + chi, mask=(kr + 8 < KP) & mhi, other=0, eviction_policy=WEIGHT_EVICT),
-            tl.load(qp + (kr + 12) * nw + clo, mask=(kr + 12 < KP) & mlo, other=0, eviction_policy=WEIGHT_EVICT),
-            tl.load(qp + (kr + 12) * nw + chi, mask=(kr + 12 < KP) & mhi, other=0, eviction_policy=WEIGHT_EVICT))
+    return (_words(qp, kr, nw, KP, clo, mlo), _words(qp, kr, nw, KP, chi, mhi),
+            _words(qp, kr + 4, nw, KP, clo, mlo), _words(qp, kr + 4, nw, KP, chi, mhi),
+            _words(qp, kr + 8, nw, KP, clo, mlo), _words(qp, kr + 8, nw, KP, chi, mhi),
+            _words(qp, kr + 12, nw, KP, clo, mlo), _words(qp, kr + 12, nw, KP, chi, mhi))
 
 
 @triton.jit
@@ -170,9 +178,11 @@ def _lane_cols(v, NW: tl.constexpr):
 def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
                   GS: tl.constexpr, HZ: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, PDL: tl.constexpr):
     """y (fp32) of one activation row (xrow: K contiguous bf16 / fp16) at the int4 columns lo0 ..
-    lo0 + 8 T - 1 and hi0 .. hi0 + 8 T - 1 (T = 2 or 4 tiles per lane; valid below lo_lim / hi_lim) over the inputs [k_lo, k_hi),
-    k_lo a multiple of 128. Weights: qweight qp [K/8, nw], scales sp / zeros zp [K/GS, nw]
-    (GS a multiple of 128). The kernel runs NW warps. -> (y_lo [8 T], y_hi [8 T])."""
+    lo0 + 8T - 1 and hi0 .. hi0 + 8T - 1 (T = 2 or 4 tiles per lane; valid below lo_lim / hi_lim)
+    over the inputs [k_lo, k_hi), k_lo a multiple of 128. Weights: qweight qp [K/8, nw], scales
+    sp / zeros zp [K/GS, nw] (GS a multiple of 128). The kernel runs NW warps. PDL: wait for the
+    kernel before (which writes x) after the first weights are requested.
+    -> (y_lo [8T], y_hi [8T])."""
     BF16: tl.constexpr = xrow.dtype.element_ty == tl.bfloat16
     MAGIC: tl.constexpr = 0x4300 if BF16 else 0x6400
     L: tl.constexpr = 32 * NW

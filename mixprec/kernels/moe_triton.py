@@ -300,11 +300,12 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
                 PF: tl.constexpr = 32 // BITS
                 qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, PF)   # x is read via perm
                 if MMA > 0 and _mma_fits(BITS, HP, G, HALF, BN, xrow):
-                    # gate / up of 32 rows (HALF 3) or 64 down rows on the tensor cores (gemv_mma)
+                    # on the tensor cores (gemv_mma): "lo" / "hi" columns = the gate / up rows n0 ..
+                    # n0 + BN - 1 (HALF 3), or the two halves of BN down rows
                     T: tl.constexpr = BN // 8 if HALF == 3 else BN // 16    # tiles per lane
-                    y_lo, y_hi = gemv_int4_mma(xrow, qe, se, ze, row0 + n0, (INTER if HALF == 3 else row0 + 8 * T) + n0,
-                                               row0 + n_lim, (2 * INTER) if HALF == 3 else n_lim, nw, rs,
-                                               k_lo, k_hi, G, HZ, MMA, T, PDL)
+                    hi0 = INTER + n0 if HALF == 3 else n0 + 8 * T
+                    y_lo, y_hi = gemv_int4_mma(xrow, qe, se, ze, n0, hi0, n_lim, (2 * INTER) if HALF == 3 else n_lim,
+                                               nw, rs, k_lo, k_hi, G, HZ, MMA, T, PDL)
                     res = tl.reshape(tl.permute(tl.join(y_lo, y_hi), (1, 0)), (16 * T,))
                 else:
                     res = gemv_intq_cols(xrow, qe, se, ze, pe, rows, nm, nw, rs,
