@@ -652,7 +652,6 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     return out
 
 
-
 def _zero_copy(buckets: list[dict], x: Tensor) -> bool:
     # one gate_up and one dense down bucket in x's dtype sharing one expert map object (layers/moe.py
     # shares equal maps; comparing values here would sync with the host): multiplied in place

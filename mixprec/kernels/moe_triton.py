@@ -407,7 +407,9 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
     K chunk z into buf row p * SPLIT + z, and the token's sum takes TOPK * SPLIT rows. GU (SPLIT 1,
     moe._gate_up_fused): gate and up in one K loop (_gemv_half's HALF 3). F16 (a config's "f16"):
     int4 slots in packed fp16 math (gemv_tiles.gemv_intq_cols). XPAIR: UP reads x row p (x [P, K]:
-    _permute_pairs_kernel's rows in the pair's act-order), not row p // TOPK."""
+    _permute_pairs_kernel's rows in the pair's act-order), not row p // TOPK. MMA (a config's
+    "mma", SPLIT 1; the kernel's warp count, 0: off): int4 slots that _mma_fits run gemv_mma's
+    tensor-core tiles."""
     p = tl.program_id(0)
     t = tl.program_id(1)
     z = tl.program_id(2)
