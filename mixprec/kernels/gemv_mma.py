@@ -59,8 +59,8 @@ def _mma_asm(magic: int, kind: str) -> str:
 # 16-bit float of 2^7 (bf16) / 2^10 (fp16) with a 4-bit code OR-ed into its mantissa = magic + code
 MAGIC_BF16 = tl.constexpr(0x4300)
 MAGIC_F16 = tl.constexpr(0x6400)
-_MMA_BF16 = tl.constexpr(_mma_asm(0x4300, "bf16"))
-_MMA_F16 = tl.constexpr(_mma_asm(0x6400, "f16"))
+_MMA_BF16 = tl.constexpr(_mma_asm(MAGIC_BF16.value, "bf16"))
+_MMA_F16 = tl.constexpr(_mma_asm(MAGIC_F16.value, "f16"))
 # x words (x_2m, x_2m+1), m = 0..3, of one lane's 8 inputs -> the pairs (x_j, x_j+4), j = 0..3
 _PAIRS = tl.constexpr("{ prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632; "
                       "prmt.b32 $2, $5, $7, 0x5410; prmt.b32 $3, $5, $7, 0x7632; }")
@@ -79,7 +79,7 @@ def _f16_half(v, shift: tl.constexpr, BF16: tl.constexpr):
 def _lane_dots(lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW: tl.constexpr, BF16: tl.constexpr):
     """(interpreter) -> (lo, hi) [L, T]: each lane's 8 codes (minus zero) of its lo / hi word against
     its 8 inputs, summed over the 4 lanes c of each g, in every lane (the mmas' C column 0)."""
-    MAGIC: tl.constexpr = 0x4300 if BF16 else 0x6400
+    MAGIC: tl.constexpr = MAGIC_BF16 if BF16 else MAGIC_F16
     L: tl.constexpr = 32 * NW
     T: tl.constexpr = lo.shape[1]
     slo = tl.zeros(lo.shape, tl.float32)
@@ -184,7 +184,7 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
     kernel before (which writes x) after the first weights are requested.
     -> (y_lo [8T], y_hi [8T])."""
     BF16: tl.constexpr = xrow.dtype.element_ty == tl.bfloat16
-    MAGIC: tl.constexpr = 0x4300 if BF16 else 0x6400
+    MAGIC: tl.constexpr = MAGIC_BF16 if BF16 else MAGIC_F16
     L: tl.constexpr = 32 * NW
     i = tl.arange(0, L)
     w = i // 32
