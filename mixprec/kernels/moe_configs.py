@@ -160,8 +160,8 @@ GEMV_M1: dict[tuple[str, int], dict] = {
     # mma (gemv_mma: int4 slots of 128-input groups on the tensor cores, gate and up of 32 rows):
     # session 35 (H200, `python scripts/sweep_moe_m1.py --only mma32/4,...`, route + layer, µs,
     # 3 rounds; moe_diag/session35_int4_mma_*_h200.log): 37.66 -> 36.13 (this row: BN 16 word loop
-    # -> BN 32 mma tiles); its 64-row down tiles lost (39.7-41.2 against 37.6), the 30B rows too
-    # (gate/up 18.7 -> 18.6-21.1, down -> 20.1-22.8). Decode: BENCHMARKS.md session 35
+    # -> BN 32 mma tiles); its down tiles lost (38.9-47.9 against 37.6), the 30B rows too
+    # (gate/up 18.7 -> 18.6-26.5, down -> 20.1-22.8). Decode: BENCHMARKS.md session 35
     ("intq", 4096): dict(BN=32, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True,
                          mma=True),
     ("dense", 4096): dict(_GU512, BN=4, num_warps=2),
