@@ -819,7 +819,9 @@ def test_int4_gemv_mma_tiles(h, i, bn):
     gate and up of 32 rows, 64 down rows): sym and asym beside a group-32 and an act-order slot
     (which keep the word loop) and an int8 slot; K not a multiple of 128 (384 -> 3 groups over 4
     warps, 96 -> one partial group), column tiles past the end, 4 or 2 column tiles per lane
-    (BN 32 / 16 gate and up rows); equal to the reference at 1 and 3 tokens, in bf16 on the GPU too."""
+    (BN 32 / 16 gate and up rows); equal to the reference at 1 and 3 tokens, in bf16 on the GPU too.
+    (Checked to fail, in the interpreter, with the lo / hi column sets swapped and with the scale
+    rows shifted by one group.)"""
     up = dict(BN=bn, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, gu=True, f16=True, mma=True)
     down = dict(up, BN=2 * bn, gu=False)
     specs = mt.split(["int4", "int4_asym", "int4_g32", "int4_perm", "int8q"], E)
