@@ -209,12 +209,10 @@ def drive() -> None:
         b = mt.build_buckets(mt.uniform(fmt, E), H, I, dtype=torch.bfloat16, device="cpu", seed=0)
         up_path, up, down_path, down = mc.pick(1, [fmt], [fmt], hidden=H)
         moe.fused_moe(x, ids, w, b, I, config=(up_path, dict(up, f16=True), down_path, dict(down, f16=True)))
-    # int4 slots on the tensor cores (a config's "mma": the 235B's gate/up rows at 1 and 2 tokens), sym and asym
-    for spec, M in (("int4", 1), ("int4_asym", 2)):
-        b = mt.build_buckets(mt.uniform(spec, E), H, I, dtype=torch.bfloat16, device="cpu", seed=0)
-        xm = torch.randn(M, H, generator=g).to(torch.bfloat16)
-        wm, idm = moe.route(torch.randn(M, E, generator=g), k, True)
-        moe.fused_moe(xm, idm, wm, b, I, config=mc.pick(M, ["intq"], ["intq"], hidden=4096))
+    # int4 slots on the tensor cores (a config's "mma": the 235B's batch-1 gate/up row; one launch keeps
+    # CI short, the asym and 2-8 token rows compile the same asm)
+    b = mt.build_buckets(mt.uniform("int4", E), H, I, dtype=torch.bfloat16, device="cpu", seed=0)
+    moe.fused_moe(x, ids, w, b, I, config=mc.pick(1, ["intq"], ["intq"], hidden=4096))
 
     for N, K in ((5120, 2048), (2048, 768)):
         for M in (1, 2, 4, 40, 200):   # 4: the tuned BN-128 8-warp row, with group 32 on per-field dots;

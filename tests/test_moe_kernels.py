@@ -813,8 +813,8 @@ def test_int4_gemv_fp16_word_loop(gu, split):
                    x, w, ids, inter=128, config=("gemv", cfg, cfg))
 
 
-@pytest.mark.parametrize("h,i,bn", [(256, 128, 32), (384, 96, 32), (384, 96, 16)])
-def test_int4_gemv_mma_tiles(h, i, bn):
+@pytest.mark.parametrize("h,i,bn,ms", [(256, 128, 32, (1, 3)), (384, 96, 32, (3,)), (384, 96, 16, (1,))])
+def test_int4_gemv_mma_tiles(h, i, bn, ms):
     """GEMV configs with "mma" run int4 slots of 128-input groups on the tensor cores (gemv_mma:
     gate and up of 32 rows, 64 down rows): sym and asym beside a group-32 and an act-order slot
     (which keep the word loop) and an int8 slot; K not a multiple of 128 (384 -> 3 groups over 4
@@ -827,7 +827,7 @@ def test_int4_gemv_mma_tiles(h, i, bn):
     specs = mt.split(["int4", "int4_asym", "int4_g32", "int4_perm", "int8q"], E)
     for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
         b = _layer(specs, h=h, i=i, dtype=dtype, seed=5)
-        for m in (1, 3):
+        for m in ms:
             _check(b, *_inputs(m, h=h, seed=70 + m, dtype=dtype), inter=i, config=("gemv", up, "gemv", down))
 
 
