@@ -15,8 +15,10 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mixprec.formats.intq import pack_int32  # noqa: E402
 from mixprec.kernels import intq, timing  # noqa: E402
 from mixprec.kernels.gemv_mma import gemv_int4_mma  # noqa: E402
+from mixprec.kernels.moe_testing import sqnr_db  # noqa: E402
 
 
 @triton.jit
@@ -27,18 +29,6 @@ def _dense_mma_kernel(x_ptr, qw_ptr, s_ptr, y_ptr, N, K, GS: tl.constexpr, NW: t
     c = n0 + tl.arange(0, 32)
     tl.store(y_ptr + c, y_lo, mask=c < N)
     tl.store(y_ptr + c + 32, y_hi, mask=c + 32 < N)
-
-
-def pack(codes: torch.Tensor) -> torch.Tensor:
-    """[K, N] codes 0..15 -> canonical qweight [K/8, N] int32 (code of input 8 r + j at bits 4 j)."""
-    K, N = codes.shape
-    c = codes.view(K // 8, 8, N).to(torch.int64)
-    w = sum(c[:, j] << (4 * j) for j in range(8))
-    return (w - (w >= 2 ** 31).to(torch.int64) * 2 ** 32).to(torch.int32)
-
-
-def sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
-    return (10 * torch.log10(ref.pow(2).sum() / (y.float() - ref).pow(2).sum())).item()
 
 
 def main() -> None:
@@ -52,7 +42,7 @@ def main() -> None:
         N, K = (int(v) for v in shape.split("x"))
         g = torch.Generator().manual_seed(0)
         codes = torch.randint(0, 16, (K, N), generator=g)
-        q = pack(codes).cuda()
+        q = pack_int32(codes, 4, dim=0).cuda()     # canonical qweight [K/8, N]
         s = (torch.rand(K // 128, N, generator=g) * 0.02 + 0.005).to(torch.bfloat16).cuda()
         x = torch.randn(1, K, generator=g).to(torch.bfloat16).cuda()
         w_ref = (codes.float() - 8) * s.float().cpu().repeat_interleave(128, 0)      # [K, N]
@@ -70,13 +60,13 @@ def main() -> None:
                 _dense_mma_kernel[(triton.cdiv(N, 64),)](x, qs[i], ss[i], y, N, K, GS=128, NW=nw, num_warps=nw)
             run(0)
             torch.cuda.synchronize()
-            res[f"mma/{nw}w"] = (timing.graph_us([lambda i=i: run(i) for i in range(copies)]), sqnr(ref, y[None]), nbytes)
+            res[f"mma/{nw}w"] = (timing.graph_us([lambda i=i: run(i) for i in range(copies)]), sqnr_db(ref, y[None]), nbytes)
         y = intq.intq_linear(x, qs[0], ss[0], None, None, 4, 128)
         res["intq"] = (timing.graph_us([lambda i=i: intq.intq_linear(x, qs[i], ss[i], None, None, 4, 128)
-                                        for i in range(copies)]), sqnr(ref, y), nbytes)
+                                        for i in range(copies)]), sqnr_db(ref, y), nbytes)
         y = torch.nn.functional.linear(x, wbs[0])
         res["bf16"] = (timing.graph_us([lambda i=i: torch.nn.functional.linear(x, wbs[i]) for i in range(len(wbs))]),
-                       sqnr(ref, y), wb.numel() * 2)
+                       sqnr_db(ref, y), wb.numel() * 2)
         print(f"N={N} K={K} ({nbytes / 1e6:.1f} MB int4): " + "  ".join(
             f"{k} {us:.2f} µs {b / us / 1e3 / bw * 100:.1f}% ({db:.0f} dB)" for k, (us, db, b) in res.items()), flush=True)
 
