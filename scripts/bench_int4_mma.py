@@ -1,5 +1,6 @@
-"""The int4 mma GEMV tile (kernels/gemv_mma.py) as a dense one-token GEMV, against the library's int4
-GEMV (intq_linear) and bf16 F.linear on the same weights: µs (CUDA graphs over cold weight copies),
+"""The int4 mma GEMV tile (kernels/gemv_mma.py) as a dense one-token GEMV over whole K (intq_linear_cfg
+with an "mma" config, one program per 64 columns), against the library's int4 GEMV (intq_linear,
+its tuned row) and bf16 F.linear on the same weights: µs (CUDA graphs over cold weight copies),
 % of the measured copy bandwidth over the int4 bytes, SQNR against the fp32 dequant reference.
 The default shapes are the 235B / 30B batch-1 MoE launches as one matrix (8 experts' gate_up side
 by side, 8 experts' down) and one expert of each. GPU only.
@@ -11,24 +12,11 @@ import os
 import sys
 
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mixprec.formats.intq import pack_int32  # noqa: E402
-from mixprec.kernels import intq, timing  # noqa: E402
-from mixprec.kernels.gemv_mma import gemv_int4_mma  # noqa: E402
+from mixprec.kernels import configs, intq, timing  # noqa: E402
 from mixprec.kernels.moe_testing import sqnr_db  # noqa: E402
-
-
-@triton.jit
-def _dense_mma_kernel(x_ptr, qw_ptr, s_ptr, y_ptr, N, K, GS: tl.constexpr, NW: tl.constexpr):
-    # one program per 64 columns: lo = n0 .. n0 + 31, hi = n0 + 32 .. n0 + 63
-    n0 = tl.program_id(0) * 64
-    y_lo, y_hi = gemv_int4_mma(x_ptr, qw_ptr, s_ptr, s_ptr, n0, n0 + 32, N, N, N, K, 0, K, GS, False, NW, 4, False)
-    c = n0 + tl.arange(0, 32)
-    tl.store(y_ptr + c, y_lo, mask=c < N)
-    tl.store(y_ptr + c + 32, y_hi, mask=c + 32 < N)
 
 
 def main() -> None:
@@ -54,13 +42,11 @@ def main() -> None:
         nbytes = q.numel() * 4 + s.numel() * 2
         res = {}
         for nw in (int(v) for v in args.warps.split(",")):
-            y = torch.empty(N, device="cuda", dtype=torch.float32)
-
-            def run(i, y=y, nw=nw):
-                _dense_mma_kernel[(triton.cdiv(N, 64),)](x, qs[i], ss[i], y, N, K, GS=128, NW=nw, num_warps=nw)
-            run(0)
-            torch.cuda.synchronize()
-            res[f"mma/{nw}w"] = (timing.graph_us([lambda i=i: run(i) for i in range(copies)]), sqnr_db(ref, y[None]), nbytes)
+            # the library's tensor-core GEMV (intq "mma" rows): 64 columns per program, whole K
+            c = configs.cfg("gemv", 1, 64, 128, 1, nw, 1, mma=True)
+            y = intq.intq_linear_cfg(x, qs[0], ss[0], None, None, 4, 128, c)
+            res[f"mma/{nw}w"] = (timing.graph_us([lambda i=i, c=c: intq.intq_linear_cfg(x, qs[i], ss[i], None, None, 4, 128, c)
+                                                  for i in range(copies)]), sqnr_db(ref, y), nbytes)
         y = intq.intq_linear(x, qs[0], ss[0], None, None, 4, 128)
         res["intq"] = (timing.graph_us([lambda i=i: intq.intq_linear(x, qs[i], ss[i], None, None, 4, 128)
                                         for i in range(copies)]), sqnr_db(ref, y), nbytes)

@@ -19,6 +19,7 @@ latter) with its launch key, so a kernel change can be compared instruction by i
 and instruction counts differ between Triton versions: compile with the version the GPU machine
 runs (session 14: 3.9's SASS promised a win that 3.6, the device's, turned into a 30% loss)."""
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,25 @@ def _dump(folder: str, name: str, key, c) -> None:
         f.write(repr(key) + "\n")
 
 
+def _mma_layout_problem(ttgir: str) -> str:
+    """gemv_mma's asm (warp-level mma.sync in tl.inline_asm_elementwise) is right only when its
+    [32 NW, T] operands have the layout of their loads: row i in lane i % 32 of warp i // 32, T
+    consecutive columns per thread (gemv_mma's docstring). Triton picks layouts itself; this reads
+    the one it picked. -> "" when right (or no such asm), else what is wrong."""
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.\w+<.*>)$", ttgir, flags=re.M))
+    for line in ttgir.splitlines():
+        if "tt.elementwise_inline_asm" not in line or "mma.sync" not in line:
+            continue
+        m = re.search(r"-> tensor<(\d+)x(\d+)xf32, (#\w+)>", line)
+        if not m:
+            return f"mma asm without a [L, T] fp32 result: {line[-200:]}"
+        rows, T, name = int(m.group(1)), int(m.group(2)), m.group(3)
+        want = (f"sizePerThread = [1, {T}], threadsPerWarp = [32, 1], warpsPerCTA = [{rows // 32}, 1]")
+        if want not in layouts.get(name, ""):
+            return f"mma asm on layout {layouts.get(name, name)}, needs {want}"
+    return ""
+
+
 SM90_SHARED = 232448      # bytes of shared memory one block may use on an H100 / H200 (227 KB)
 
 
@@ -145,6 +165,9 @@ def _compile(self, args, kwargs, opts):
             _dump(os.environ["MIXPREC_SM90_DUMP"], self.__name__, key, c)
         if os.environ.get("MIXPREC_SM90_REGS"):
             print(_regs_report(f"{self.__name__} {opts}", c.asm["ptx"]), flush=True)
+        bad = _mma_layout_problem(c.asm["ttgir"])
+        if bad:
+            failures.append(f"{self.__name__} {consts} {opts}: {bad}")
         if c.metadata.shared > SM90_SHARED:   # compiles, but the launch would fail: OutOfResources
             failures.append(f"{self.__name__} {consts} {opts}: {c.metadata.shared} B of shared memory, "
                             f"an H100 block has {SM90_SHARED}")
@@ -238,6 +261,12 @@ def drive() -> None:
                 intq_linear(x, qw, sc, z, p, 4, G)
                 if M in (2, 4):     # several rows per GEMV program (the tuner's BM > 1 candidates)
                     intq_linear_cfg(x, qw, sc, z, p, 4, G, cfg("gemv", M, 16, 512, 1, 4, 1))
+                if M in (1, 4) and G == 128 and K == 2048:   # the tensor-core GEMV (one row; 8 B columns)
+                    intq_linear_cfg(x, qw, sc, z, p, 4, G, cfg("gemv", 1, 64, 128, 2, 4, 1, mma=True))
+    # the tensor-core GEMV on a width Triton does not know to be a multiple of 16 (its layout check)
+    intq_linear_cfg(torch.randn(1, 384, generator=g).to(torch.float16),
+                    torch.randint(-2 ** 31, 2 ** 31 - 1, (48, 72), dtype=torch.int32),
+                    torch.rand(3, 72).to(torch.float16), None, None, 4, 128, cfg("gemv", 1, 32, 128, 1, 4, 1, mma=True))
     # the swap tiles of wide outputs (a vocabulary head: intq.SWAP_WIDE_MIN_N), BN 128 / 8 warps
     intq_linear(torch.randn(40, 256, generator=g).to(torch.bfloat16),
                 torch.randint(-2 ** 31, 2 ** 31 - 1, (32, 1 << 16), dtype=torch.int32),

@@ -68,3 +68,37 @@ def test_batch_mixing_prompt_lengths_equals_single(fx):
     for p, b in zip(PROMPTS, batch):
         single = gen.generate([p], SamplingParams(max_new_tokens=NEW))[0]
         _check_tie_tolerant(model, [b], [single], prompts=[p])
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_int4_tensor_core_gemv_matches_reference_greedy(tmp_path, monkeypatch, sym):
+    """The int4 linears on the tensor-core GEMV (intq's "mma" rows: one activation row per program
+    at batch 1, the batch's rows as the mmas' B columns at 2-8) give the reference's greedy
+    tokens: a GPTQ checkpoint of group 128 (the fixtures' group 32 cannot take the tiles), sym and
+    asym, with every int4 GEMV of 1-8 rows forced onto an mma config, batch 3 and batch 1."""
+    from mixprec.kernels import configs, intq
+    from mixprec.testing.fixtures import random_weights, round_to, tiny_config, write_checkpoint
+    cfg = tiny_config()
+    ckpt = write_checkpoint(tmp_path / "g128", cfg, round_to(random_weights(cfg, 3), torch.bfloat16), "gptq",
+                            dict(bits=4, group_size=128, sym=sym, desc_act=False, checkpoint_format="gptq"))
+    model = mixprec.load(ckpt, device="cuda", dtype=torch.bfloat16, progress=False)
+    get, fits = configs.get, intq.mma_fits
+    taken = []
+
+    def mma_rows(kind, M, N, K):
+        if kind == "intq4" and M <= 8:
+            return configs.cfg("gemv", 1 if M == 1 else 8, 32, 128, 2, 4, 1, mma=True)
+        return get(kind, M, N, K)
+
+    def counted(*a):
+        taken.append(fits(*a))
+        return taken[-1]
+
+    monkeypatch.setattr(configs, "get", mma_rows)
+    monkeypatch.setattr(intq, "mma_fits", counted)
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        fast = Generator(model, use_cuda_graphs=True).generate(prompts, SamplingParams(max_new_tokens=NEW))
+        with reference_path():
+            ref = Generator(model, use_cuda_graphs=False).generate(prompts, SamplingParams(max_new_tokens=NEW))
+        _check_tie_tolerant(model, fast, ref, prompts=prompts)
+    assert taken and all(taken), "the int4 linears did not take the tensor-core GEMV"

@@ -234,6 +234,51 @@ def test_int4_gemv_several_rows_per_program(G, asym, act):
         intq_linear_cfg(xin(8, K, torch.float16, seed=13), qw, sc, z, perm, 4, gs, configs.cfg("gemv", 8, 16, 256, 1, 4, 1))
 
 
+@pytest.mark.parametrize("G,asym,K", [(128, True, 384), (256, False, 512), (-1, False, 256)])
+def test_int4_gemv_mma(G, asym, K):
+    """int4 GEMV configs with "mma" (gemv_mma: the activation rows are the B columns of
+    mma.sync; the interpreter computes the mmas from what each lane loaded): equal to the
+    reference for groups 128 / 256 / -1, sym / asym, N = 72 against 32 / 64 columns per program
+    (partial last tiles), M = 1 (one row per program), 3 (rows past M), 8 and 11 (a second
+    program of rows), split K and not, rows of very large and very small activations. Where the
+    tiles cannot run (act-order, group 32, fp32 x, rows not 4-byte aligned, N not a multiple of
+    4) the config runs the word loops, still equal to the reference. (On the GPU a 72-column
+    weight once ran the mmas in the wrong layout: tests/sm90_compile.py now checks it.)"""
+    from mixprec.kernels.intq import mma_fits
+    N = 72
+    gs = K if G == -1 else G
+    qw, sc, z, perm = make_intq(N, K, gs, 4, asym, False, seed=gs + 5)
+    cfgs = (configs.cfg("gemv", 1, 32, 128, 1, 4, 1, mma=True), configs.cfg("gemv", 8, 64, 128, 2, 2, 1, mma=True))
+    for dtype in (torch.bfloat16, torch.float16) if CUDA else (torch.float16,):
+        x = xin(11, K, torch.float32, seed=21)
+        x[1] *= 2000.0 if dtype == torch.bfloat16 else 20.0
+        x[2] *= 1e-3
+        x = x.to(dtype)
+        ref = intq_linear_reference(x, qw, sc, z, None, 4, G)
+        assert mma_fits(4, gs, None, x, qw, 32) and mma_fits(4, gs, None, x, qw, 64)
+        for c in cfgs:
+            for m in (1, 3, 8, 11):
+                y = intq_linear_cfg(x[:m], qw, sc, z, None, 4, G, c)
+                for row in range(m):
+                    assert sqnr(y[row], ref[row]) >= 40, (c, dtype, m, row)
+    # the fallbacks: act-order, group 32, fp32 x, an odd row stride, N not a multiple of 4
+    qw32, sc32, z32, _ = make_intq(N, K, 32, 4, asym, False, seed=gs + 6)
+    qw70, sc70, z70, _ = make_intq(70, K, gs, 4, asym, False, seed=gs + 7)
+    x = xin(3, K, torch.float16, seed=22)
+    wide = xin(3, K + 1, torch.float16, seed=23)
+    for xx, w, g in ((x, (qw, sc, z, perm_of(K)), G), (x, (qw32, sc32, z32, None), 32),
+                     (x.float(), (qw, sc, z, None), G), (wide[:, :K], (qw, sc, z, None), G),
+                     (x, (qw70, sc70, z70, None), G)):
+        assert not mma_fits(4, K if g == -1 else g, w[3], xx, w[0], 32)
+        for c in cfgs:    # (BM 8: word-loop programs of 4 rows)
+            y = intq_linear_cfg(xx, *w, 4, g, c)
+            assert sqnr(y, intq_linear_reference(xx, *w, 4, g)) >= 40
+
+
+def perm_of(K):
+    return torch.randperm(K, generator=gen(K)).to(torch.int32).to(DEV)
+
+
 # M >= 32: act_quant codes. (N 136 at M = 1: against BN 128 / 64 / 32 a partial last tile, whole
 # 8-row tiles and a partial second 128-row scale block, as 200 had, in fewer programs.)
 FP8_CASES = [(1, 136, 384), (3, 96, 256), (17, 64, 200), (33, 64, 200)]
@@ -497,8 +542,8 @@ def test_gpu_default_configs_untuned_shapes(m):
 
 @gpu
 def test_gpu_tuned_configs_all_paths(monkeypatch):
-    """Every gemv/gemm path with split-K on a real shape (int4 also the swap tiles and the
-    dequantize + cuBLAS path, over several column chunks), then CUDA-graph capture + replay,
+    """Every gemv/gemm path with split-K on a real shape (int4 also the tensor-core GEMV, the swap
+    tiles and the dequantize + cuBLAS path, over several column chunks), then CUDA-graph capture + replay,
     deterministic (bitwise equal) results across calls."""
     from mixprec.kernels import intq
     monkeypatch.setattr(intq, "DEQUANT_CHUNK", 1 << 22)         # 1024 columns per chunk: 4 chunks
@@ -517,6 +562,7 @@ def test_gpu_tuned_configs_all_paths(monkeypatch):
     cases = [(op, ref, x, c) for op, ref in zip(ops, refs)
              for x, c in [(x1, configs.cfg("gemv", 1, 16, 512, 8, 8, 1)), (x1, configs.cfg("gemv", 1, 32, 128, 8, 4, 1)),
                           (x16, configs.cfg("gemm", 16, 64, 128, 8, 4, 3))]]
+    cases += [(ops[0], refs[0], x, configs.cfg("gemv", 8, 32, 128, 4, 4, 1, mma=True)) for x in (x1, x16[:5])]
     cases += [(ops[0], refs[0], xin(40, K, torch.bfloat16, 26), configs.cfg("swap", 64, 64, 128, 2, 4, 3)),
               (ops[0], refs[0], xin(200, K, torch.bfloat16, 27), configs.cfg("dequant", 200, 128, 128, 1, 4, 1))]
     for op, ref, x, c in cases:
@@ -569,8 +615,12 @@ def test_intq_config_paths():
         for N, K, G in ((2048, 768, 128), (5120, 2048, 32)):
             c = intq_config(4, M, N, K, G, bf)
             assert c["path"] == "gemm" and c["BM"] == 16 and c["BK"] == 128, (M, N, K, G, c)
+    # a row on the tensor-core GEMV ("mma") where the tiles take the call, else the row it replaced
+    row = configs.get("intq4", 4, 5120, 2048)
+    assert row["mma"] and intq_config(4, 4, 5120, 2048, 128, bf) == row
+    for G, act, dt in ((32, False, bf), (128, True, bf), (128, False, torch.float32)):
+        assert intq_config(4, 4, 5120, 2048, G, dt, act_order=act) == row["alt"], (G, act, dt)
     for G in (32, 128):
-        assert intq_config(4, 4, 5120, 2048, G, bf) == configs.get("intq4", 4, 5120, 2048)
         assert intq_config(4, 1, 5120, 2048, G, bf)["path"] == "gemv"
         for M in (DEQUANT_MIN_M, 2048):
             assert intq_config(4, M, 5120, 2048, G, bf)["path"] == "dequant"

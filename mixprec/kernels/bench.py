@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import datetime
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -205,6 +206,13 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
 
     intq = kind.startswith("intq")
     S = configs.SMS
+
+    def mma_gemv(BM):
+        # int4 on the tensor cores (intq.mma_fits; BM: its rows per program, 1 at M = 1, else 8),
+        # K split in whole 128-input groups
+        if kind == "intq4":
+            for BN, w, t in itertools.product((32, 64), (4, 8), (1, 2, 4)):
+                out.append(C("gemv", BM, BN, 128, configs.auto_split(M, N, K, BM, BN, 128, t * S), w, 1, mma=True))
     # gemv programs have little memory parallelism each (no pipelining): many K splits in flight;
     # int4 gemv: the MoE's small-tile loop, its batch-1 winners (BN 8-64, K tiles 256-512)
     if b == 1:
@@ -217,6 +225,7 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
                     gemv(BN, w, BK, target=t * S)
             for BN, w, BK in ((8, 4, 1024), (8, 8, 2048)):   # whole-K 8-row programs (session 20, fp8)
                 gemv(BN, w, BK, target=1)
+            mma_gemv(1)
         else:
             for BN, w in ((16, 4), (32, 4), (64, 8)):
                 for t in (4, 8, 16):
@@ -248,6 +257,7 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
             for BN, w, BK, t in ((16, 4, 512, 1), (16, 4, 512, 2), (8, 4, 1024, 1), (32, 4, 256, 1),
                                  (32, 4, 256, 2), (8, 8, 2048, 1), (16, 8, 1024, 1)):
                 gemv(BN, w, BK, target=t * S, BM=min(b, 4))
+            mma_gemv(8)
         if (kind.startswith("fp8") or kind == "int8_w8a8") and b <= 8:
             # the batch-1 word loops, one program per row (session 25: 30B qkv fp8 w8a8 M=2 6.1 µs
             # against the GEMM's 9.3; programs of 2 / 4 rows won 1 of 54 points, by < 5%: gone)
@@ -276,7 +286,8 @@ def _compile_key(variant: str, K: int, c: dict) -> tuple:
     tile = 128 if c["path"] == "gemm" or not variant.startswith("int4") else c["BK"]
     split, _ = split_plan(K, tile, c["split"])
     kb = cdiv(K, 128)
-    return (variant, c["path"], c["BM"], c["BN"], c["BK"], c["warps"], c["stages"], split > 1, kb % 16 == 0)
+    return (variant, c["path"], c["BM"], c["BN"], c["BK"], c["warps"], c["stages"], split > 1, kb % 16 == 0,
+            c.get("mma", False))
 
 
 def _warm_job(job) -> str:
@@ -387,12 +398,14 @@ def main(argv=None) -> int:
                     continue
                 tuning = a.tune and v in TUNE_VARIANTS and time.monotonic() - t_start < a.budget_s
                 key = (kind, configs.m_bucket(M), N, K)
-                if tuning:
+                lib = library_config(v, kind, M, N, K)
+                if tuning:   # the library's own row among them: the log compares it in the same run
                     cands = candidates(kind, M, N, K)
+                    cands += [lib] if lib not in cands else []
                 elif key in tuned and variant_group(v) in (None, 128):   # tuned with group 128
                     cands = [tuned[key]]
                 else:
-                    cands = [library_config(v, kind, M, N, K)]
+                    cands = [lib]
                 best = None
                 for c in cands:
                     try:
@@ -404,7 +417,8 @@ def main(argv=None) -> int:
                     except BENCH_ERRORS as e:
                         print(f"FAIL {v} {sname} M={M} {c}: {type(e).__name__} {str(e)[:200]}", file=log, flush=True)
                         continue
-                    print(f"{v:15s} {model} {sname:8s} M={M:<4d} {us:9.2f} us  sqnr {q:5.1f}  {c}", file=log, flush=True)
+                    print(f"{v:15s} {model} {sname:8s} M={M:<4d} {us:9.2f} us  sqnr {q:5.1f}  {c}"
+                          f"{'  (library)' if c == lib else ''}", file=log, flush=True)
                     if best is None or us < best[0]:
                         best = (us, c, q)
                 if best is None:

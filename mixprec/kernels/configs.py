@@ -136,6 +136,17 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # 9.24 -> 8.18) but a 16-layer 30B decode at batch 8 / 16 ran 1.5-3% slower with them (their PDL
 # launch lost its overlap: without PDL the step equalled the old rows); removed (BENCHMARKS.md
 # session 26).
+# The int4 rows with "mma" (the tensor-core GEMV, intq.mma_takes; "alt": the row they replaced, which
+# act-order, groups under 128 and fp32 x keep) in session 36 on one H200 (torch 2.11.0+cu130, triton
+# 3.6.0, 2026-11-28): `python -m mixprec bench-kernels --tune --ms 1,2,4,8 --variants "int4 g128
+# asym" --baselines bf16 --budget-s 230` with the mma candidates and the library's own row in the
+# same run; an mma winner >= 5% faster than the library row replaced it: 18 rows, all of 2-8
+# activation rows (benchmarks/linear_raw/session36_tune_int4_mma_h200.*). At one row the word
+# loops won but on 235B o_proj (asym 12.74 -> 10.55 µs), left out: sym (GPTQ's) 9.8 -> 10.4 in
+# the library A/B below.
+# The library before / after, both variants, twice alternated (session36_int4_mma_rows_ab_h200.log):
+# asym 235B qkv M=4 17.5 -> 12.6, o_proj M=2 16.4 -> 11.1, down M=8 7.0 -> 5.1, 30B lm_head M=4
+# 94.2 -> 66.9; sym the same or better but 30B qkv M=8 7.8 -> 8.1 and lm_head M=8 75.8 -> 76.9.
 TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a16", 1, 151936, 2048): cfg("gemv", 1, 8, 2048, 1, 4, 1),
     ("fp8_w8a16", 1, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
@@ -395,27 +406,45 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("intq4", 2, 2048, 4096): cfg("gemv", 2, 8, 2048, 1, 8, 1),
     ("intq4", 2, 3072, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("intq4", 2, 4096, 1536): cfg("gemv", 2, 16, 1024, 1, 8, 1),
-    ("intq4", 2, 4096, 8192): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("intq4", 2, 4096, 8192): cfg("gemv", 8, 32, 128, 4, 4, 1, mma=True,
+        alt=cfg("gemv", 1, 16, 512, 1, 4, 1)),
     ("intq4", 2, 5120, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 9216, 4096): cfg("gemv", 2, 16, 512, 1, 4, 1),
-    ("intq4", 2, 151936, 2048): cfg("gemv", 2, 32, 256, 1, 4, 1),
+    ("intq4", 2, 9216, 4096): cfg("gemv", 8, 32, 128, 2, 4, 1, mma=True,
+        alt=cfg("gemv", 2, 16, 512, 1, 4, 1)),
+    ("intq4", 2, 151936, 2048): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+        alt=cfg("gemv", 2, 32, 256, 1, 4, 1)),
     ("intq4", 4, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("intq4", 4, 2048, 768): cfg("gemv", 4, 16, 1024, 1, 8, 1),
-    ("intq4", 4, 2048, 4096): cfg("gemm", 16, 128, 128, 16, 8, 3),
-    ("intq4", 4, 3072, 4096): cfg("gemm", 16, 128, 128, 11, 8, 3),
-    ("intq4", 4, 4096, 1536): cfg("gemv", 4, 16, 512, 1, 4, 1),
-    ("intq4", 4, 4096, 8192): cfg("gemm", 16, 128, 128, 8, 8, 3),
-    ("intq4", 4, 5120, 2048): cfg("gemm", 16, 128, 128, 7, 8, 3),
-    ("intq4", 4, 9216, 4096): cfg("gemm", 16, 64, 128, 4, 4, 3),
-    ("intq4", 4, 151936, 2048): cfg("gemm", 16, 64, 128, 1, 4, 3),
-    ("intq4", 8, 1536, 2048): cfg("gemm", 16, 32, 128, 11, 4, 4),
-    ("intq4", 8, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),
-    ("intq4", 8, 3072, 4096): cfg("gemm", 16, 64, 128, 6, 4, 3),
+    ("intq4", 4, 2048, 4096): cfg("gemv", 8, 32, 128, 4, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 128, 128, 16, 8, 3)),
+    ("intq4", 4, 3072, 4096): cfg("gemv", 8, 32, 128, 1, 8, 1, mma=True,
+        alt=cfg("gemm", 16, 128, 128, 11, 8, 3)),
+    ("intq4", 4, 4096, 1536): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+        alt=cfg("gemv", 4, 16, 512, 1, 4, 1)),
+    ("intq4", 4, 4096, 8192): cfg("gemv", 8, 32, 128, 4, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 128, 128, 8, 8, 3)),
+    ("intq4", 4, 5120, 2048): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 128, 128, 7, 8, 3)),
+    ("intq4", 4, 9216, 4096): cfg("gemv", 8, 32, 128, 2, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 64, 128, 4, 4, 3)),
+    ("intq4", 4, 151936, 2048): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 64, 128, 1, 4, 3)),
+    ("intq4", 8, 1536, 2048): cfg("gemv", 8, 32, 128, 3, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 32, 128, 11, 4, 4)),
+    ("intq4", 8, 2048, 4096): cfg("gemv", 8, 32, 128, 4, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 64, 128, 8, 4, 3)),
+    ("intq4", 8, 3072, 4096): cfg("gemv", 8, 32, 128, 1, 8, 1, mma=True,
+        alt=cfg("gemm", 16, 64, 128, 6, 4, 3)),
     ("intq4", 8, 2048, 768): cfg("gemv", 4, 32, 256, 1, 4, 1),
-    ("intq4", 8, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 5),
-    ("intq4", 8, 4096, 8192): cfg("gemm", 16, 64, 128, 8, 4, 3),
-    ("intq4", 8, 5120, 2048): cfg("gemm", 16, 64, 128, 7, 4, 3),
-    ("intq4", 8, 9216, 4096): cfg("gemm", 16, 64, 128, 4, 4, 3),
+    ("intq4", 8, 4096, 1536): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 64, 128, 4, 4, 5)),
+    ("intq4", 8, 4096, 8192): cfg("gemv", 8, 32, 128, 4, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 64, 128, 8, 4, 3)),
+    ("intq4", 8, 5120, 2048): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 64, 128, 7, 4, 3)),
+    ("intq4", 8, 9216, 4096): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 64, 128, 4, 4, 3)),
+    ("intq4", 8, 151936, 2048): cfg("gemv", 8, 64, 128, 1, 4, 1, mma=True),
     ("intq4", 16, 1536, 2048): cfg("gemm", 16, 32, 128, 11, 4, 4),
     ("intq4", 16, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),
     ("intq4", 16, 3072, 4096): cfg("gemm", 16, 64, 128, 6, 4, 3),

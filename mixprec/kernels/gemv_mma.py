@@ -1,4 +1,4 @@
-"""int4 GEMV tiles of one activation row on the tensor cores (mma.sync m16n8k16), canonical layout.
+"""int4 GEMV tiles of 1-8 activation rows on the tensor cores (mma.sync m16n8k16), canonical layout.
 
 The fp16 word loop of gemv_tiles spends ~27 instructions per int4 word at batch 1 (packed FMAs, a
 scale per word, the activations' packing). Here the tensor cores take the products: per word 3
@@ -17,18 +17,19 @@ intermediate rows, or 16T consecutive rows): lane (g, c) of every warp loads the
 lo0 + Tg + t and hi0 + Tg + t (t < T, one 8- or 16-byte load each) in word row 4b + c of each
 32-input block b, so tile t's A rows g / g+8 are its lo / hi column. The k order inside an mma is free as long as A and
 B agree: logical k (2c, 2c+1) and (2c+8, 2c+9) of lane c are the code pairs (j, j+4), j = 0, 1
-of its word (the second mma: j = 2, 3), i.e. inputs 32b + 8c + (j, j+4). B column 0 holds that
-x (lanes g = 0 load it, the others pass zeros), so C column 0 (lanes c = 0: c0 = lo, c2 = hi)
-is the result and the other columns stay zero. The warps split K by 128-input groups; the sum
-over warps goes through shared memory once, at the end.
+of its word (the second mma: j = 2, 3), i.e. inputs 32b + 8c + (j, j+4). B column r holds x row r at
+those inputs (lanes g = r load it; rows past the last pass zeros), so C column r is row r's
+result: lanes (g, c) hold rows 2c and 2c + 1 (c0, c1 lo; c2, c3 hi). One row (the MoE's pairs)
+keeps C column 0 only (lanes c = 0, c0 and c2); up to 8 rows (dense decode) cost the same mmas
+and word loads, plus their x loads and two more accumulators. The warps split K by 128-input
+groups; the sum over warps goes through shared memory once, at the end.
 
 The asm relies on Triton giving the [32 NW, T] tiles the layout of their loads (sizePerThread
 [1, T], threadsPerWarp [32, 1]: row i in lane i % 32 of warp i // 32), as the TTGIR of triton 3.6
 shows for sm_90; another layout would move the fragments between lanes and fail the GPU tests.
 
-The Triton interpreter runs no PTX: there each lane's dot is computed directly (the same words,
-columns, groups and scales) and summed over the 4 lanes of its group, which is what the two mmas
-do with B column 0.
+The Triton interpreter runs no PTX: there the two mmas are computed from what each lane loaded
+(the same words, columns, groups, scales and x rows) and handed back in the C fragment layout.
 """
 from __future__ import annotations
 
@@ -76,24 +77,36 @@ def _f16_half(v, shift: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
-def _lane_dots(lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW: tl.constexpr, BF16: tl.constexpr):
-    """(interpreter) -> (lo, hi) [L, T]: each lane's 8 codes (minus zero) of its lo / hi word against
-    its 8 inputs, summed over the 4 lanes c of each g, in every lane (the mmas' C column 0)."""
+def _lane_c(cc, NW: tl.constexpr):
+    # (interpreter) C [NW, 8 (A row g), 8 (B column r), T] -> the values lane (g, c) holds at
+    # columns r = 2c and 2c + 1, each [L, T]
+    T: tl.constexpr = cc.shape[3]
+    h0, h1 = tl.split(tl.permute(tl.reshape(cc, [NW, 8, 4, 2, T]), (0, 1, 2, 4, 3)))
+    return tl.reshape(h0, [32 * NW, T]), tl.reshape(h1, [32 * NW, T])
+
+
+@triton.jit
+def _emulated_mmas(a0, a1, a2, a3, lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW: tl.constexpr, BF16: tl.constexpr):
+    """(interpreter) the two mmas of one block, lane by lane: A row g (lo) / g + 8 (hi) is the
+    codes (minus zero) of the words the 4 lanes (g, c) loaded, B column r the x the 4 lanes (r, c)
+    loaded, each lane c holding 8 inputs; C[i, r] = sum over c of their dots, and lane (g, c) adds
+    C[g, 2c], C[g, 2c + 1], C[g + 8, 2c], C[g + 8, 2c + 1] to a0..a3 [L, T]."""
     MAGIC: tl.constexpr = MAGIC_BF16 if BF16 else MAGIC_F16
-    L: tl.constexpr = 32 * NW
     T: tl.constexpr = lo.shape[1]
-    slo = tl.zeros(lo.shape, tl.float32)
-    shi = tl.zeros(lo.shape, tl.float32)
+    clo = tl.zeros([NW, 8, 8, T], tl.float32)                                   # [w, g, r, t]
+    chi = tl.zeros([NW, 8, 8, T], tl.float32)
     for m in tl.static_range(4):
         xw = xw0 if m == 0 else (xw1 if m == 1 else (xw2 if m == 2 else xw3))
         for h in tl.static_range(2):
             j: tl.constexpr = 2 * m + h
-            xv = _f16_half(xw, 16 * h, BF16)[:, None]
-            slo += (((lo >> (4 * j)) & 15) - ((zlo & 0xFFFF) - MAGIC)).to(tl.float32) * xv
-            shi += (((hi >> (4 * j)) & 15) - ((zhi & 0xFFFF) - MAGIC)).to(tl.float32) * xv
-    slo = tl.broadcast_to(tl.sum(tl.reshape(slo, [NW, 8, 4, T]), axis=2)[:, :, None, :], [NW, 8, 4, T])
-    shi = tl.broadcast_to(tl.sum(tl.reshape(shi, [NW, 8, 4, T]), axis=2)[:, :, None, :], [NW, 8, 4, T])
-    return tl.reshape(slo, [L, T]), tl.reshape(shi, [L, T])
+            xv = tl.reshape(_f16_half(xw, 16 * h, BF16), [NW, 1, 8, 4, 1])     # [w, -, r, c, -]
+            qlo = (((lo >> (4 * j)) & 15) - ((zlo & 0xFFFF) - MAGIC)).to(tl.float32)
+            qhi = (((hi >> (4 * j)) & 15) - ((zhi & 0xFFFF) - MAGIC)).to(tl.float32)
+            clo += tl.sum(tl.reshape(qlo, [NW, 8, 1, 4, T]) * xv, axis=3)
+            chi += tl.sum(tl.reshape(qhi, [NW, 8, 1, 4, T]) * xv, axis=3)
+    d0, d1 = _lane_c(clo, NW)
+    d2, d3 = _lane_c(chi, NW)
+    return a0 + d0, a1 + d1, a2 + d2, a3 + d3
 
 
 @triton.jit
@@ -112,14 +125,18 @@ def _block(a0, a1, a2, a3, lo, hi, zlo, zhi, xw, NW: tl.constexpr, BF16: tl.cons
              tl.broadcast_to(p3[:, None], [L, T])],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
     else:
-        dlo, dhi = _lane_dots(lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW, BF16)
-        return a0 + dlo, a1, a2 + dhi, a3
+        return _emulated_mmas(a0, a1, a2, a3, lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW, BF16)
 
 
 @triton.jit
 def _words(qp, kr, nw, KP, cols, cm):
-    # words of word rows kr [L, 1] (those below KP [L, 1]) at the columns cols [L, T] (mask cm)
-    return tl.load(qp + kr * nw + cols, mask=(kr < KP) & cm, other=0, eviction_policy=WEIGHT_EVICT)
+    # words of word rows kr [L, 1] (those below KP [L, 1]) at the columns cols [L, T] (mask cm).
+    # The T columns of a lane are one aligned vector (nw, lo0, hi0 multiples of T): said
+    # explicitly, so that the load, and with it the mmas, get the layout the asm needs whatever
+    # Triton knows of nw's divisibility (without it a 72-column weight got threadsPerWarp [16, 2])
+    T: tl.constexpr = cols.shape[1]
+    off = tl.max_contiguous(tl.multiple_of(kr * nw + cols, [1, T]), [1, T])
+    return tl.load(qp + off, mask=(kr < KP) & cm, other=0, eviction_policy=WEIGHT_EVICT)
 
 
 @triton.jit
@@ -175,14 +192,27 @@ def _lane_cols(v, NW: tl.constexpr):
 
 
 @triton.jit
+def _lane_rows(v0, v1, NW: tl.constexpr):
+    # C columns 2c (v0) and 2c + 1 (v1) per lane, [L, T] -> [8, 8 T] summed over the warps:
+    # row r = x row r (lanes c = r // 2), element T g + t
+    T: tl.constexpr = v0.shape[1]
+    s0 = tl.reshape(tl.permute(tl.sum(tl.reshape(v0, [NW, 8, 4, T]), axis=0), (1, 0, 2)), [4, 8 * T])
+    s1 = tl.reshape(tl.permute(tl.sum(tl.reshape(v1, [NW, 8, 4, T]), axis=0), (1, 0, 2)), [4, 8 * T])
+    return tl.reshape(tl.permute(tl.join(s0, s1), (0, 2, 1)), [8, 8 * T])
+
+
+@triton.jit
 def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
-                  GS: tl.constexpr, HZ: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, PDL: tl.constexpr):
-    """y (fp32) of one activation row (xrow: K contiguous bf16 / fp16) at the int4 columns lo0 ..
-    lo0 + 8T - 1 and hi0 .. hi0 + 8T - 1 (T = 2 or 4 tiles per lane; valid below lo_lim / hi_lim)
-    over the inputs [k_lo, k_hi), k_lo a multiple of 128. Weights: qweight qp [K/8, nw], scales
-    sp / zeros zp [K/GS, nw] (GS a multiple of 128). The kernel runs NW warps. PDL: wait for the
-    kernel before (which writes x) after the first weights are requested.
-    -> (y_lo [8T], y_hi [8T])."""
+                  GS: tl.constexpr, HZ: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, PDL: tl.constexpr,
+                  XR: tl.constexpr, x_stride, x_rows):
+    """y (fp32) of XR = 1 or 8 activation rows (xrow: the first, K contiguous bf16 / fp16, rows
+    x_stride elements apart, x_rows < 8 of them valid) at the int4 columns lo0 .. lo0 + 8T - 1 and
+    hi0 .. hi0 + 8T - 1 (T = 2 or 4 tiles per lane; valid below lo_lim / hi_lim) over the inputs
+    [k_lo, k_hi), k_lo a multiple of 128. Weights: qweight qp [K/8, nw], scales sp / zeros zp
+    [K/GS, nw] (GS a multiple of 128). The kernel runs NW warps. PDL: wait for the kernel before
+    (which writes x) after the first weights are requested. Row r of x is B column r of the mmas
+    (lanes g = r load it): 8 rows cost what one does but for their x loads and accumulators.
+    -> XR 1: (y_lo [8T], y_hi [8T]); XR 8: (y_lo [8, 8T], y_hi [8, 8T])."""
     BF16: tl.constexpr = xrow.dtype.element_ty == tl.bfloat16
     MAGIC: tl.constexpr = MAGIC_BF16 if BF16 else MAGIC_F16
     L: tl.constexpr = 32 * NW
@@ -197,8 +227,9 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
     mhi = chi < hi_lim
     k_hi = tl.minimum(k_hi, K)
     KP = k_hi // 8                                       # word rows of the range
-    xw = xrow.to(tl.pointer_type(tl.int32), bitcast=True)
-    xm = (g == 0) if _PTX else (g >= 0)                  # B column 0: the lanes g = 0
+    # lane (g, c) loads x row g (B column g); x_stride is even (intq_linear), rows stay 4-byte aligned
+    xw = xrow.to(tl.pointer_type(tl.int32), bitcast=True) + (g * (x_stride // 2) if XR > 1 else 0)
+    xm = g < (x_rows if XR > 1 else 1)
     ng = tl.cdiv(k_hi - k_lo, 128)
     gpw = tl.cdiv(ng, NW)                                # groups per warp
     grp0 = k_lo // 128 + w * gpw
@@ -207,8 +238,10 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
     q = _group_words(qp, grp0, c, nw, tl.where(grp0 < gend, KP, 0), clo, chi, mlo, mhi)
     sz = _group_sz(sp, zp, grp0, nw, clo, chi, mlo, mhi, grp0 < gend, HZ, GS, MAGIC)
     pdl.wait(PDL)
-    tot_lo = tl.zeros([L, T], tl.float32)
-    tot_hi = tl.zeros([L, T], tl.float32)
+    tot0 = tl.zeros([L, T], tl.float32)                  # C column 2c of the lo rows
+    tot1 = tl.zeros([L, T], tl.float32)                  # 2c + 1 (XR 8 only)
+    tot2 = tl.zeros([L, T], tl.float32)                  # hi rows
+    tot3 = tl.zeros([L, T], tl.float32)
     for gi in range(0, gpw):
         cq, csz = q, sz
         # x of this group (few bytes, in L2; not prefetched: registers), then the next group's
@@ -227,6 +260,13 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
         a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[2], cq[3], zlo, zhi, cx[1], NW, BF16)
         a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[4], cq[5], zlo, zhi, cx[2], NW, BF16)
         a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[6], cq[7], zlo, zhi, cx[3], NW, BF16)
-        tot_lo += a0 * slo
-        tot_hi += a2 * shi
-    return _lane_cols(tot_lo, NW), _lane_cols(tot_hi, NW)
+        tot0 += a0 * slo
+        tot2 += a2 * shi
+        if XR > 1:
+            tot1 += a1 * slo
+            tot3 += a3 * shi
+    if XR > 1:
+        y_lo, y_hi = _lane_rows(tot0, tot1, NW), _lane_rows(tot2, tot3, NW)
+    else:
+        y_lo, y_hi = _lane_cols(tot0, NW), _lane_cols(tot2, NW)
+    return y_lo, y_hi

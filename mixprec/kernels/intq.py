@@ -49,7 +49,8 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
-from .gemv_tiles import gemv_int4_rows, gemv_intq, row_ptrs4
+from .gemv_mma import gemv_int4_mma
+from .gemv_tiles import gemv_int4_rows, gemv_intq, row_ptrs4, rows2
 from .ints import cdiv, next_power_of_2
 from .quant import (check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles,
                     split_plan, split_workspace, splitk_store, x_tile)
@@ -73,16 +74,29 @@ def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
                       BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVK: tl.constexpr,
                       USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False, F16: tl.constexpr = False,
-                      MR: tl.constexpr = 1):
+                      MR: tl.constexpr = 1, MMA: tl.constexpr = 0):
     # qweight / scales / zeros contiguous (row stride N); qm: the 4-bit code mask at run time.
     # MR > 1 (int4, 16-bit x): program pid_m computes rows pid_m * MR .. (gemv_int4_rows)
+    # MMA (the warp count; int4, groups of 128 or a multiple, no perm, 16-bit x, BLOCK_N 32 / 64,
+    # MR 1 or 8): on the tensor cores (gemv_mma), columns n0 .. + BLOCK_N / 2 as its "lo" set,
+    # the rest as "hi", the MR rows as the mmas' B columns
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     k_lo = pid_k * k_per_split
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tile_id = pid_m * tl.num_programs(1) + pid_n
-    if MR > 1:
+    if MMA > 0:
+        n0 = pid_n * BLOCK_N
+        y_lo, y_hi = gemv_int4_mma(x_ptr + (pid_m * MR).to(tl.int64) * stride_xm, qw_ptr, s_ptr, z_ptr,
+                                   n0, n0 + BLOCK_N // 2, N, N, N, K, k_lo, k_lo + k_per_split, G, HAS_ZERO,
+                                   MMA, BLOCK_N // 16, PDL, MR, stride_xm, M - pid_m * MR)
+        if MR > 1:     # [MR, BN / 2] each -> [MR, BN]
+            acc = tl.reshape(tl.permute(tl.join(y_lo, y_hi), (0, 2, 1)), (MR, BLOCK_N))
+        else:
+            acc = tl.reshape(rows2(y_lo, y_hi), (BLOCK_N,))[None, :]
+        offs_m = pid_m * MR + tl.arange(0, MR)
+    elif MR > 1:
         offs_m = pid_m * MR + tl.arange(0, MR)
         x0, x1, x2, x3 = row_ptrs4(x_ptr, pid_m * MR, M, stride_xm)
         acc = gemv_int4_rows(x0, x1, x2, x3, qw_ptr, s_ptr, z_ptr, perm_ptr, offs_n, offs_n < N, N, K, k_lo,
@@ -296,7 +310,10 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out.reshape(*lead, N)
-    c = cfg if cfg is not None else intq_config(bits, M, N, K, G, x2.dtype)
+    c = cfg if cfg is not None else intq_config(bits, M, N, K, G, x2.dtype, act_order=perm is not None)
+    if c.get("mma") and not mma_fits(bits, G, perm, x2, qweight, c["BN"]):
+        # the row the tiles replaced (TUNED), else the word loops of the same shape
+        c = c.get("alt") or dict(c, mma=False, BM=min(c["BM"], 4))
     if perm is not None and (c["path"] in ("dequant", "swap")
                              or (c["path"] == "gemm" and M * N * K >= PERMUTE_X_MIN_MNK)):
         # act-order: the activations in the weight's row order once per call, instead of every N
@@ -312,12 +329,17 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
                 raise FormatError(f"intq_linear {name}: the gemv kernel needs rows of stride N={N}, got "
                                   f"strides {t.stride()} (pass a contiguous tensor)")
         tile = max(_pow2_floor(c["BK"]), 16 * pf)      # >= 16 word rows per tile
+        mma = c.get("mma", False)
+        if mma:
+            # K splits of whole 128-input groups; 1 row per program at M = 1, else 8 (B columns)
+            tile, mr = 128, (1 if M == 1 else 8)
         split, per = split_plan(K, tile, c["split"])
         nb = cdiv(N, c["BN"])
-        # BM (1, 2 or 4) rows per program: int4 with 16-bit activations only (gemv_int4_rows)
-        mr = min(c["BM"], next_power_of_2(M)) if bits == 4 and x2.dtype != torch.float32 else 1
-        if mr not in (1, 2, 4):
-            raise FormatError(f"intq_linear: gemv config BM={c['BM']}; its programs take 1, 2 or 4 rows")
+        if not mma:
+            # BM (1, 2 or 4) rows per program: int4 with 16-bit activations only (gemv_int4_rows)
+            mr = min(c["BM"], next_power_of_2(M)) if bits == 4 and x2.dtype != torch.float32 else 1
+            if mr not in (1, 2, 4):
+                raise FormatError(f"intq_linear: gemv config BM={c['BM']}; its programs take 1, 2 or 4 rows")
         nm = cdiv(M, mr)
         ws, cnt = split_workspace(split, M, N, nm * nb, x2.device)
         # 15: the 4-bit code mask as a run-time value (it stays in a register; see gemv_intq)
@@ -325,7 +347,7 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
             x2, qweight, scales, zp, pp, out, ws, cnt, M, N, K, x2.stride(0), out.stride(0), 15, per, split,
             BITS=bits, G=G, HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, BLOCK_N=c["BN"],
             BLOCK_K=tile, EVK=K % tile == 0, USE_SPLIT=split > 1, F16=per >= F16_MIN_K, MR=mr,
-            num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
+            MMA=c["warps"] if mma else 0, num_warps=c["warps"], num_stages=c["stages"], **pdl.launch_kw(x2))
     else:
         tile = _gemm_tile(c, pf)
         scale_after = _scale_after(G, K, tile)
@@ -355,18 +377,22 @@ def intq_linear_cfg(x, qweight, scales, zeros, perm, bits, group_size, cfg: dict
 FIELD_MAX_M = 128
 
 
-def intq_config(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -> dict:
+def intq_config(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype, act_order: bool = False) -> dict:
     """The launch config intq_linear takes: configs.get (tuned with group 128), except the
     "dequant" path (dequantize + cuBLAS) where dequant_fits, and for int4 from 17 rows the "swap" tiles
     where swap_fits, else BM-16 per-field tiles (to FIELD_MAX_M rows, and at any
     M for groups smaller than a tuned row's K tile, which would otherwise stage [BK, BN] scales
     and zeros too: 2-4x slower, and past the 227 KB of shared memory with the tuned rows; session
     12, group 32, 235B qkv M=32 138.0 -> 36.3 µs). fp32 activations have no per-field dots: small
-    groups take the defaults, sized for staged scales."""
+    groups take the defaults, sized for staged scales. A row on the tensor-core GEMV ("mma") that
+    this call cannot take (mma_takes: act-order, groups under 128, fp32 x) goes back to the row it
+    replaced ("alt"), or to the default."""
     if dequant_fits(bits, M, N, K):
         return configs.cfg("dequant", M, 128, 128, 1, 4, 1)
     pf = 32 // bits
     c = configs.get(f"intq{bits}", M, N, K)
+    if c.get("mma") and not mma_takes(bits, G, act_order, dtype, N, c["BN"]):
+        c = dict(c["alt"]) if "alt" in c else configs.default(f"intq{bits}", M, N, K)
     if c["path"] != "gemm" or (M <= 16 and _field_dots(bits, c, pf, dtype)):
         return c
     if swap_fits(bits, M, N, K, G, dtype):
@@ -418,6 +444,22 @@ DEQUANT_CHUNK = 1 << 25      # elements of the transient dequantized weight (64 
 # slower: 30B qkv M=4 10.4 -> 15.8 (4e7), 235B o_proj M=4 20.3 -> 22.6 (1.3e8), 30B down M=16 7.1 ->
 # 10.5; above it one loss, 30B gate_up M=64 15.5 -> 17.7 (2e8)
 PERMUTE_X_MIN_MNK = 150_000_000
+
+
+def mma_takes(bits: int, G: int, act_order: bool, dtype: torch.dtype, N: int, BN: int) -> bool:
+    """Whether a gemv config's "mma" can run on the tensor cores (gemv_mma) for such a linear: int4
+    codes in K order (no act-order perm), groups of 128 inputs or a multiple, 16-bit activations,
+    32 or 64 columns per program, N a multiple of 4 (each lane's 2-4 words one aligned vector:
+    gemv_mma._words)."""
+    return (bits == 4 and not act_order and G % 128 == 0 and dtype != torch.float32 and BN in (32, 64)
+            and N % 4 == 0)
+
+
+def mma_fits(bits: int, G: int, perm: Tensor | None, x2: Tensor, qweight: Tensor, BN: int) -> bool:
+    """mma_takes for these tensors, with the alignments the tiles assume: activation rows 4-byte
+    aligned, qweight 16-byte aligned."""
+    return (mma_takes(bits, G, perm is not None, x2.dtype, qweight.shape[1], BN)
+            and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0 and qweight.data_ptr() % 16 == 0)
 
 
 def swap_fits(bits: int, M: int, N: int, K: int, G: int, dtype: torch.dtype) -> bool:

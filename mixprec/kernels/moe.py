@@ -431,8 +431,9 @@ def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, in
         kw["EVK"] = all(K % v == 0 for v in ks.values()) and all(r % ks["BKQ"] == 0 for r in q_rows)
         # int4 slots, fp8 W8A8 slots with folded scales, int8 W8A8 slots: the packed word loops (moe_configs)
         kw["F16"] = cfg.get("f16", False) and K % 4 == 0
-        # int4 slots on the tensor cores (gemv_mma: unsplit launches; its tiles need the warp count)
-        kw["MMA"] = cfg["num_warps"] if cfg.get("mma") and split == 1 else 0
+        # int4 slots on the tensor cores (gemv_mma: unsplit launches; its tiles need the warp count,
+        # and a lane's 2-4 columns one aligned vector: widths a multiple of 4)
+        kw["MMA"] = cfg["num_warps"] if cfg.get("mma") and split == 1 and hidden % 4 == 0 and inter % 4 == 0 else 0
     kw["GU"] = split == 1 and _gate_up_fused(descs, cfg, ks["BKQ"], gemv, tokens)
     return flat, kw, (_chunk(max([K] + q_rows), chunks, ks),), split
 

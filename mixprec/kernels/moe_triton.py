@@ -305,7 +305,7 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
                     T: tl.constexpr = BN // 8 if HALF == 3 else BN // 16    # tiles per lane
                     hi0 = INTER + n0 if HALF == 3 else n0 + 8 * T
                     y_lo, y_hi = gemv_int4_mma(xrow, qe, se, ze, n0, hi0, n_lim, (2 * INTER) if HALF == 3 else n_lim,
-                                               nw, rs, k_lo, k_hi, G, HZ, MMA, T, PDL)
+                                               nw, rs, k_lo, k_hi, G, HZ, MMA, T, PDL, 1, 0, 1)
                     res = tl.reshape(rows2(y_lo, y_hi), (16 * T,))
                 else:
                     res = gemv_intq_cols(xrow, qe, se, ze, pe, rows, nm, nw, rs,
