@@ -141,9 +141,9 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # 3.6.0, 2026-11-28): `python -m mixprec bench-kernels --tune --ms 1,2,4,8 --variants "int4 g128
 # asym" --baselines bf16 --budget-s 230` with the mma candidates and the library's own row in the
 # same run; an mma winner >= 5% faster than the library row replaced it: 18 rows, all of 2-8
-# activation rows (benchmarks/linear_raw/session36_tune_int4_mma_h200.*). At one row the word
-# loops won but on 235B o_proj (asym 12.74 -> 10.55 µs), left out: sym (GPTQ's) 9.8 -> 10.4 in
-# the library A/B below.
+# activation rows (benchmarks/linear_raw/session36_tune_int4_mma_h200.*). At one row the mma tiles
+# won only on the 235B o_proj (asym 12.74 -> 10.55 µs; left out: sym, GPTQ's, 9.8 -> 10.4 in the
+# library A/B below) and the 30B head (by 4%).
 # The library before / after, both variants, twice alternated (session36_int4_mma_rows_ab_h200.log):
 # asym 235B qkv M=4 17.5 -> 12.6, o_proj M=2 16.4 -> 11.1, down M=8 7.0 -> 5.1, 30B lm_head M=4
 # 94.2 -> 66.9; sym the same or better but 30B qkv M=8 7.8 -> 8.1 and lm_head M=8 75.8 -> 76.9.

@@ -206,7 +206,7 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
                   GS: tl.constexpr, HZ: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, PDL: tl.constexpr,
                   XR: tl.constexpr, x_stride, x_rows):
     """y (fp32) of XR = 1 or 8 activation rows (xrow: the first, K contiguous bf16 / fp16, rows
-    x_stride elements apart, x_rows < 8 of them valid) at the int4 columns lo0 .. lo0 + 8T - 1 and
+    x_stride elements apart, the first min(x_rows, 8) of them valid; XR 1 reads one row) at the int4 columns lo0 .. lo0 + 8T - 1 and
     hi0 .. hi0 + 8T - 1 (T = 2 or 4 tiles per lane; valid below lo_lim / hi_lim) over the inputs
     [k_lo, k_hi), k_lo a multiple of 128. Weights: qweight qp [K/8, nw], scales sp / zeros zp
     [K/GS, nw] (GS a multiple of 128). The kernel runs NW warps. PDL: wait for the kernel before
