@@ -242,7 +242,7 @@ def test_int4_gemv_mma(G, asym, K):
     (partial last tiles), M = 1 (one row per program), 3 (rows past M), 8 and 11 (a second
     program of rows), split K and not, rows of very large and very small activations. Where the
     tiles cannot run (act-order, group 32, fp32 x, rows not 4-byte aligned, N not a multiple of
-    4) the config runs the word loops, still equal to the reference. (On the GPU a 72-column
+    4, qweight not 16-byte aligned) the config runs the word loops, still equal to the reference. (On the GPU a 72-column
     weight once ran the mmas in the wrong layout: tests/sm90_compile.py now checks it.)"""
     from mixprec.kernels.intq import mma_fits
     N = 72
@@ -266,9 +266,11 @@ def test_int4_gemv_mma(G, asym, K):
     qw70, sc70, z70, _ = make_intq(70, K, gs, 4, asym, False, seed=gs + 7)
     x = xin(3, K, torch.float16, seed=22)
     wide = xin(3, K + 1, torch.float16, seed=23)
+    qw_off = torch.empty(qw.numel() + 1, dtype=qw.dtype, device=qw.device)[1:].view(qw.shape)   # 4-byte aligned only
+    qw_off.copy_(qw)
     for xx, w, g in ((x, (qw, sc, z, perm_of(K)), G), (x, (qw32, sc32, z32, None), 32),
                      (x.float(), (qw, sc, z, None), G), (wide[:, :K], (qw, sc, z, None), G),
-                     (x, (qw70, sc70, z70, None), G)):
+                     (x, (qw70, sc70, z70, None), G), (x, (qw_off, sc, z, None), G)):
         assert not mma_fits(4, K if g == -1 else g, w[3], xx, w[0], 32)
         for c in cfgs:    # (BM 8: word-loop programs of 4 rows)
             y = intq_linear_cfg(xx, *w, 4, g, c)
