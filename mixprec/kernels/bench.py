@@ -257,7 +257,8 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
             for BN, w, BK, t in ((16, 4, 512, 1), (16, 4, 512, 2), (8, 4, 1024, 1), (32, 4, 256, 1),
                                  (32, 4, 256, 2), (8, 8, 2048, 1), (16, 8, 1024, 1)):
                 gemv(BN, w, BK, target=t * S, BM=min(b, 4))
-            mma_gemv(8)
+        if intq and b <= 16:
+            mma_gemv(8)     # 9-16 rows: two programs of 8 rows per column tile (the second reads L2)
         if (kind.startswith("fp8") or kind == "int8_w8a8") and b <= 8:
             # the batch-1 word loops, one program per row (session 25: 30B qkv fp8 w8a8 M=2 6.1 µs
             # against the GEMM's 9.3; programs of 2 / 4 rows won 1 of 54 points, by < 5%: gone)

@@ -143,7 +143,10 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # same run; an mma winner >= 5% faster than the library row replaced it: 18 rows, all of 2-8
 # activation rows (benchmarks/linear_raw/session36_tune_int4_mma_h200.*). At one row the mma tiles
 # won only on the 235B o_proj (asym 12.74 -> 10.55 µs; left out: sym, GPTQ's, 9.8 -> 10.4 in the
-# library A/B below) and the 30B head (by 4%).
+# library A/B below) and the 30B head (by 4%). At 16 rows (two programs of 8 per column tile, the
+# same day, `--tune --ms 16`, linear_raw/session36_tune_int4_mma_m16_h200.log) the mma tiles won on
+# the 30B expert shapes as dense (asym / sym: gate_up 6.29 / 6.1 -> 5.63 / 5.31 µs, down 5.38 / 5.2 ->
+# 3.87 / 4.02), taken, and on the 235B down for asym only (7.16 -> 5.84; sym 6.4 -> 6.7), not taken.
 # The library before / after, both variants, twice alternated (session36_int4_mma_rows_ab_h200.log):
 # asym 235B qkv M=4 17.5 -> 12.6, o_proj M=2 16.4 -> 11.1, down M=8 7.0 -> 5.1, 30B lm_head M=4
 # 94.2 -> 66.9; sym the same or better but 30B qkv M=8 7.8 -> 8.1 and lm_head M=8 75.8 -> 76.9.
@@ -445,7 +448,9 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("intq4", 8, 9216, 4096): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
         alt=cfg("gemm", 16, 64, 128, 4, 4, 3)),
     ("intq4", 8, 151936, 2048): cfg("gemv", 8, 64, 128, 1, 4, 1, mma=True),
-    ("intq4", 16, 1536, 2048): cfg("gemm", 16, 32, 128, 11, 4, 4),
+    ("intq4", 16, 1536, 2048): cfg("gemv", 8, 32, 128, 1, 8, 1, mma=True,
+        alt=cfg("gemm", 16, 32, 128, 11, 4, 4)),
+    ("intq4", 16, 2048, 768): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True),
     ("intq4", 16, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),
     ("intq4", 16, 3072, 4096): cfg("gemm", 16, 64, 128, 6, 4, 3),
     ("intq4", 16, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 3),
