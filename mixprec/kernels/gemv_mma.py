@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .gemv_tiles import rows2
 from .quant import _PTX, WEIGHT_EVICT
 
 
@@ -212,7 +213,7 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
     [K/GS, nw] (GS a multiple of 128). The kernel runs NW warps. PDL: wait for the kernel before
     (which writes x) after the first weights are requested. Row r of x is B column r of the mmas
     (lanes g = r load it): 8 rows cost what one does but for their x loads and accumulators.
-    -> XR 1: (y_lo [8T], y_hi [8T]); XR 8: (y_lo [8, 8T], y_hi [8, 8T])."""
+    -> XR 1: y [16T], XR 8: y [8, 16T]; columns: the 8T lo ones, then the 8T hi ones."""
     BF16: tl.constexpr = xrow.dtype.element_ty == tl.bfloat16
     MAGIC: tl.constexpr = MAGIC_BF16 if BF16 else MAGIC_F16
     L: tl.constexpr = 32 * NW
@@ -265,8 +266,9 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
         if XR > 1:
             tot1 += a1 * slo
             tot3 += a3 * shi
-    if XR > 1:
-        y_lo, y_hi = _lane_rows(tot0, tot1, NW), _lane_rows(tot2, tot3, NW)
+    if XR > 1:     # [8, 8T] each -> [8, 16T]
+        y = tl.reshape(tl.permute(tl.join(_lane_rows(tot0, tot1, NW), _lane_rows(tot2, tot3, NW)), (0, 2, 1)),
+                       (8, 16 * T))
     else:
-        y_lo, y_hi = _lane_cols(tot0, NW), _lane_cols(tot2, NW)
-    return y_lo, y_hi
+        y = tl.reshape(rows2(_lane_cols(tot0, NW), _lane_cols(tot2, NW)), (16 * T,))
+    return y

@@ -50,7 +50,7 @@ from torch import Tensor
 from ..errors import FormatError, ShapeMismatch
 from . import configs, pdl
 from .gemv_mma import gemv_int4_mma
-from .gemv_tiles import gemv_int4_rows, gemv_intq, row_ptrs4, rows2
+from .gemv_tiles import gemv_int4_rows, gemv_intq, row_ptrs4
 from .ints import cdiv, next_power_of_2
 from .quant import (check_tensor, check_x, gemm_tile, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles,
                     split_plan, split_workspace, splitk_store, x_tile)
@@ -88,13 +88,11 @@ def _intq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cn
     tile_id = pid_m * tl.num_programs(1) + pid_n
     if MMA > 0:
         n0 = pid_n * BLOCK_N
-        y_lo, y_hi = gemv_int4_mma(x_ptr + (pid_m * MR).to(tl.int64) * stride_xm, qw_ptr, s_ptr, z_ptr,
-                                   n0, n0 + BLOCK_N // 2, N, N, N, K, k_lo, k_lo + k_per_split, G, HAS_ZERO,
-                                   MMA, BLOCK_N // 16, PDL, MR, stride_xm, M - pid_m * MR)
-        if MR > 1:     # [MR, BN / 2] each -> [MR, BN]
-            acc = tl.reshape(tl.permute(tl.join(y_lo, y_hi), (0, 2, 1)), (MR, BLOCK_N))
-        else:
-            acc = tl.reshape(rows2(y_lo, y_hi), (BLOCK_N,))[None, :]
+        acc = gemv_int4_mma(x_ptr + (pid_m * MR).to(tl.int64) * stride_xm, qw_ptr, s_ptr, z_ptr,
+                            n0, n0 + BLOCK_N // 2, N, N, N, K, k_lo, k_lo + k_per_split, G, HAS_ZERO,
+                            MMA, BLOCK_N // 16, PDL, MR, stride_xm, M - pid_m * MR)
+        if MR == 1:
+            acc = acc[None, :]
         offs_m = pid_m * MR + tl.arange(0, MR)
     elif MR > 1:
         offs_m = pid_m * MR + tl.arange(0, MR)

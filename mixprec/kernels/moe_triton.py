@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import pdl
 from .gemv_mma import gemv_int4_mma
-from .gemv_tiles import gemv_intq_cols, intq_scale, rows2
+from .gemv_tiles import gemv_intq_cols, intq_scale
 from .intq import intq_dequant_tile
 from .quant import (dp4a, e4m3_f16x2, fp8_tile_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles,
                     words_at, x_tile)
@@ -304,9 +304,8 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
                     # n0 + BN - 1 (HALF 3), or the two halves of BN down rows
                     T: tl.constexpr = BN // 8 if HALF == 3 else BN // 16    # tiles per lane
                     hi0 = INTER + n0 if HALF == 3 else n0 + 8 * T
-                    y_lo, y_hi = gemv_int4_mma(xrow, qe, se, ze, n0, hi0, n_lim, (2 * INTER) if HALF == 3 else n_lim,
-                                               nw, rs, k_lo, k_hi, G, HZ, MMA, T, PDL, 1, 0, 1)
-                    res = tl.reshape(rows2(y_lo, y_hi), (16 * T,))
+                    res = gemv_int4_mma(xrow, qe, se, ze, n0, hi0, n_lim, (2 * INTER) if HALF == 3 else n_lim,
+                                        nw, rs, k_lo, k_hi, G, HZ, MMA, T, PDL, 1, 0, 1)
                 else:
                     res = gemv_intq_cols(xrow, qe, se, ze, pe, rows, nm, nw, rs,
                                          qm if BITS == 4 else (qm << 4) | qm, k_lo, k_hi, BITS, G, HZ, HP, BKQ, EVK, PDL, F16)
