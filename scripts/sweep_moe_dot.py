@@ -15,7 +15,8 @@ line per M with each candidate's µs and the winner. GPU only.
     python scripts/sweep_moe_dot.py --f16 --grid "" --tokens 1,2,4 --configs fp8,rt_mixed   (pick vs pick + f16)
 
 --grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]][,KEY=VALUE...]" (BM 16, 128-wide K
-tiles unless given; KEY: another key of a moe_configs row, e.g. BKQ=256);
+tiles unless given; KEY: another key of a moe_configs row, e.g. BKQ=256 or mma=1; DBN / DW: the
+down side's BN / warps where they differ from the gate/up side's);
 --down-grid times the grid's candidates on the down side alone (the gate/up side as picked);
 --old-rows adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K tiles) with and
 without 128-wide K tiles. Layer mixes: moe_bench.CONFIGS (`rt_mixed`: the runtime's `mixed`
@@ -58,7 +59,7 @@ def candidates(grid: str, old_rows: bool, gemv: tuple[str, list[dict]] | None) -
     out = {"default": None}
     if gemv:
         prefix, cands = gemv
-        out.update({f"{prefix}#{i}": ("gemv", c) for i, c in enumerate(cands)})
+        out.update({f"{prefix}#{i}": ("gemv", c, c) for i, c in enumerate(cands)})
         return out
     for item in filter(None, grid.split(";")):
         fields = item.split(",")
@@ -67,12 +68,14 @@ def candidates(grid: str, old_rows: bool, gemv: tuple[str, list[dict]] | None) -
         bm, bkd = (rest + [16, 128][len(rest):])[:2]
         name = (f"bn{bn}s{sp}st{st}w{nw}" + (f"bm{bm}" if bm != 16 else "") + (f"bkd{bkd}" if bkd != 128 else "")
                 + "".join(f"{k.lower()}{v}" for k, v in named.items()))
-        out[name] = ("dot", dict(BASE, BM=bm, BN=bn, BKD=bkd, split=sp, num_stages=st, num_warps=nw,
-                                 **{k: int(v) for k, v in named.items()}))
+        dbn, dw = int(named.pop("DBN", bn)), int(named.pop("DW", nw))
+        up = dict(BASE, BM=bm, BN=bn, BKD=bkd, split=sp, num_stages=st, num_warps=nw,
+                  **{k: int(v) for k, v in named.items()})
+        out[name] = ("dot", up, dict(up, BN=dbn, num_warps=dw))
     if old_rows:
         old = dict(BM=16, BN=128, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=3)
-        out["dot1"] = ("dot", old)
-        out["dot1k128"] = ("dot", dict(old, BKD=128, BKI=128))
+        out["dot1"] = ("dot", old, old)
+        out["dot1k128"] = ("dot", dict(old, BKD=128, BKI=128), dict(old, BKD=128, BKI=128))
     return out
 
 
@@ -99,7 +102,7 @@ def main() -> None:
             ("down", down_candidates()) if a.down else ("gemv", mb.GEMV_CANDIDATES) if a.gemv else None)
     cands = candidates(a.grid, a.old_rows, gemv)
     if a.f16:
-        cands.update({f"{cn}f16": (c[0], dict(c[1], f16=True)) for cn, c in list(cands.items())
+        cands.update({f"{cn}f16": (c[0], dict(c[1], f16=True), dict(c[2], f16=True)) for cn, c in list(cands.items())
                       if c is not None and c[0] == "gemv"})
         cands["default+f16"] = "pick+f16"
     tokens = [int(t) for t in a.tokens.split(",")]
@@ -125,9 +128,9 @@ def main() -> None:
                         conf = tuple(dict(c, f16=True) if isinstance(c, dict) and pick[i - 1] == "gemv" else c
                                      for i, c in enumerate(pick))
                     elif a.down or a.down_grid:   # the gate/up side as picked, the candidate on the down side
-                        conf = (*pick[:2], *cfg)
+                        conf = (*pick[:2], cfg[0], cfg[-1])
                     else:
-                        conf = (cfg[0], cfg[1], cfg[1])
+                        conf = (cfg[0], cfg[1], cfg[-1])
                     confs[cn] = conf
                 # rounds in alternating order: a drift of the GPU's speed over the sweep reaches
                 # every candidate alike (one pass: twins differed by ~5%, moe_diag/session18_sweep_down_*)

@@ -236,6 +236,13 @@ def drive() -> None:
     # CI short, the asym and 2-8 token rows compile the same asm)
     b = mt.build_buckets(mt.uniform("int4", E), H, I, dtype=torch.bfloat16, device="cpu", seed=0)
     moe.fused_moe(x, ids, w, b, I, config=mc.pick(1, ["intq"], ["intq"], hidden=4096))
+    # the dot path's 8-row blocks on the same tiles (a dot row's "mma"), 4 and 2 column tiles per lane
+    xs = torch.randn(40, H, generator=g).to(torch.bfloat16)
+    w, _ = moe.route(torch.randn(40, E, generator=g), k, True)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(40)]).to(torch.int32)
+    for bn, dbn in ((32, 64), (16, 32)):
+        up = dict(mc.DOT[0][1], BM=8, BN=bn, num_stages=1, mma=True)
+        moe.fused_moe(xs, ids, w, b, I, config=("dot", up, dict(up, BN=dbn)))
 
     for N, K in ((5120, 2048), (2048, 768)):
         for M in (1, 2, 4, 40, 200):   # 4: the tuned BN-128 8-warp row, with group 32 on per-field dots;

@@ -587,7 +587,17 @@ def test_pick_per_side_layouts():
             for m in (lo, bound):
                 assert mc.pick(m, {lay}, {lay}, hidden=h) == ("gemv", c, *mc.pick(m, {lay}, {lay})[2:])
             lo = bound + 1
-        assert mc.pick(lo, {lay}, {lay}, hidden=h) == mc.pick(lo, {lay}, {lay})
+        if not (lay == "intq" and h in mc.DOT_INTQ_MMA):
+            assert mc.pick(lo, {lay}, {lay}, hidden=h) == mc.pick(lo, {lay}, {lay})
+    for h, rows in mc.DOT_INTQ_MMA.items():    # int4 layers past the GEMV rows: the 8-pair mma blocks
+        lo = mc.GEMV_LAYOUT["intq"][0] + 1
+        for row in rows:
+            for m in (lo, row["max_m"]):
+                assert mc.pick(m, {"intq"}, {"intq"}, hidden=h) == ("dot", row["up"], "dot", row["down"])
+            lo = row["max_m"] + 1
+        assert mc.pick(lo, {"intq"}, {"intq"}, hidden=h) == ("dot", mc.DOT[0][1], "dot", mc.DOT[0][1])
+        # not where the other side has another layout (its BM-16 blocks: one alignment for both)
+        assert mc.pick(rows[0]["max_m"], {"intq"}, {"fp8"}, hidden=h)[:2] == ("dot", mc.DOT[0][1])
     for lays, rows in mc.GEMV_MIXED.items():   # layers of these layouts: their GEMV rows from 2 tokens
         lo = 2
         for row in rows:     # each row from the token after the row before, up to its max_m
@@ -829,6 +839,44 @@ def test_int4_gemv_mma_tiles(h, i, bn, ms):
         b = _layer(specs, h=h, i=i, dtype=dtype, seed=5)
         for m in ms:
             _check(b, *_inputs(m, h=h, seed=70 + m, dtype=dtype), inter=i, config=("gemv", up, "gemv", down))
+
+
+@pytest.mark.parametrize("specs,h,i,bn,dbn,split,m", [
+    (["int4", "int4_asym"], 256, 128, 32, 64, 1, 9),          # 4 column tiles per lane, gate and up in one loop
+    (["int4_asym", "int4_perm", "int4"], 384, 96, 16, 32, 1, 11),   # 2 per lane; act-order, permuted per pair
+    (["int4", "int4_asym"], 256, 128, 32, 32, 2, 9)])        # K split: gate and up in their own programs
+def test_int4_dot_mma_blocks(specs, h, i, bn, dbn, split, m):
+    """Dot rows with "mma" (BM 8) run every int4 slot on gemv_mma's tiles, the block's 8 pairs as
+    the mma's B columns gathered by each lane (moe_triton._moe_dot_kernel): sym / asym, act-order
+    (its input permuted per pair from PERMUTE_PAIRS_MIN_M tokens), K = 384 over 4 warps (3 groups)
+    and 96 (one partial group), partial column tiles, partial blocks (padding pairs), experts with
+    more than 8 pairs (several blocks); equal to the reference, in bf16 on the GPU too. (Checked to
+    fail, in the interpreter, with each lane loading the next lane's pair.)"""
+    up = dict(BM=8, BN=bn, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, mma=True, split=split)
+    down = dict(up, BN=dbn)
+    for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
+        b = _layer(mt.split(specs, E), h=h, i=i, dtype=dtype, seed=6)
+        _check(b, *_inputs(m, h=h, seed=80, dtype=dtype), inter=i, config=("dot", up, "dot", down))
+
+
+def test_int4_dot_mma_rows_fall_back_where_the_tiles_do_not_fit(monkeypatch):
+    """A BM-8 mma dot row on a side the tiles cannot run (group 32, an int8 or fp8 bucket, fp32 x,
+    act-order read through perm below PERMUTE_PAIRS_MIN_M tokens, BN not 2 or 4 tiles per lane)
+    takes the BM-16 dot row; the result still equals the reference."""
+    up = dict(BM=8, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, mma=True)
+    x = torch.zeros(3, 256, dtype=torch.float16)
+    for specs, bn, dtype, fits in ((["int4", "int4_asym"], 32, torch.float16, True),
+                                   (["int4", "int4_g32"], 32, torch.float16, False),
+                                   (["int4", "int8q"], 32, torch.float16, False),
+                                   (["int4", "fp8"], 32, torch.float16, False),
+                                   (["int4"], 32, torch.float32, False),
+                                   (["int4", "int4_perm"], 32, torch.float16, False),
+                                   (["int4"], 64, torch.float16, False)):
+        b = mt.build_buckets(mt.split(specs, E), 256, 128, dtype=torch.float16, device="cpu", seed=1)
+        ups = [bk for bk in b if bk["proj"] != "down"]
+        assert moe._mma_dot_fits(ups, dict(up, BN=bn), 256, 3, x.to(dtype), 256, 128, True) == fits, specs
+    b = _layer(mt.split(["int4", "int4_g32"], E), h=256, i=128)
+    _check(b, *_inputs(9, h=256, seed=81), inter=128, config=("dot", up, "dot", dict(up, BN=64)))
 
 
 @pytest.mark.parametrize("gu,split,bkf", [(True, 1, 128), (False, 2, 256)])

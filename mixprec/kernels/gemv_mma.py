@@ -203,11 +203,19 @@ def _lane_rows(v0, v1, NW: tl.constexpr):
 
 
 @triton.jit
+def lane_rows(NW: tl.constexpr):
+    """The x row each lane of an NW-warp tile loads (its B column), [32 NW]: lane (g, c), row g.
+    A caller gathering its 8 rows (XL) gives each lane that row's pointer."""
+    return (tl.arange(0, 32 * NW) % 32) // 4
+
+
+@triton.jit
 def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
                   GS: tl.constexpr, HZ: tl.constexpr, NW: tl.constexpr, T: tl.constexpr, PDL: tl.constexpr,
-                  XR: tl.constexpr, x_stride, x_rows):
+                  XR: tl.constexpr, x_stride, x_rows, XL: tl.constexpr = False):
     """y (fp32) of XR = 1 or 8 activation rows (xrow: the first, K contiguous bf16 / fp16, rows
-    x_stride elements apart, the first min(x_rows, 8) of them valid; XR 1 reads one row) at the int4 columns lo0 .. lo0 + 8T - 1 and
+    x_stride elements apart, the first min(x_rows, 8) of them valid; XR 1 reads one row; XL, with
+    XR 8: xrow is one pointer per lane [32 NW], the row lane_rows(NW) names) at the int4 columns lo0 .. lo0 + 8T - 1 and
     hi0 .. hi0 + 8T - 1 (T = 2 or 4 tiles per lane; valid below lo_lim / hi_lim) over the inputs
     [k_lo, k_hi), k_lo a multiple of 128. Weights: qweight qp [K/8, nw], scales sp / zeros zp
     [K/GS, nw] (GS a multiple of 128). The kernel runs NW warps. PDL: wait for the kernel before
@@ -228,8 +236,11 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
     mhi = chi < hi_lim
     k_hi = tl.minimum(k_hi, K)
     KP = k_hi // 8                                       # word rows of the range
-    # lane (g, c) loads x row g (B column g); x_stride is even (intq_linear), rows stay 4-byte aligned
-    xw = xrow.to(tl.pointer_type(tl.int32), bitcast=True) + (g * (x_stride // 2) if XR > 1 else 0)
+    # lane (g, c) loads x row g (B column g); x_stride (or K, XL) is even, rows stay 4-byte aligned
+    if XL:
+        xw = xrow.to(tl.pointer_type(tl.int32), bitcast=True)
+    else:
+        xw = xrow.to(tl.pointer_type(tl.int32), bitcast=True) + (g * (x_stride // 2) if XR > 1 else 0)
     xm = g < (x_rows if XR > 1 else 1)
     ng = tl.cdiv(k_hi - k_lo, 128)
     gpw = tl.cdiv(ng, NW)                                # groups per warp

@@ -434,6 +434,8 @@ def _launch_args(grp: list[dict], cfg: dict, gemv: bool, K: int, hidden: int, in
         # int4 slots on the tensor cores (gemv_mma: unsplit launches; its tiles need the warp count,
         # and a lane's 2-4 columns one aligned vector: widths a multiple of 4)
         kw["MMA"] = cfg["num_warps"] if cfg.get("mma") and split == 1 and hidden % 4 == 0 and inter % 4 == 0 else 0
+    else:   # dot rows with "mma" (BM 8) run every slot on gemv_mma's tiles: fused_moe checked _mma_dot_fits
+        kw["MMA"] = cfg["num_warps"] if cfg.get("mma") else 0
     kw["GU"] = split == 1 and _gate_up_fused(descs, cfg, ks["BKQ"], gemv, tokens)
     return flat, kw, (_chunk(max([K] + q_rows), chunks, ks),), split
 
@@ -453,12 +455,34 @@ def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv:
         return False
     if gemv:
         return cfg.get("gu", False)
+    if cfg.get("mma"):      # 8-row mma tiles (int4 slots only: _mma_dot_fits)
+        return True
     if cfg.get("BM") != 16:
         return False
     layouts = {_layout_of(c) for c, _, _ in descs}
     if layouts == {_INTQ}:     # 4-bit codes (bit 7 clear), every tile inside one group
         return bkq >= 128 and all(not c & CODE_INT8 and G % bkq == 0 for c, G, _ in descs)
     return layouts == {_FP8} and tokens <= moe_configs.DOT_GATE_UP_FP8_MAX_M
+
+
+def _mma_dot_fits(side: list[dict], cfg: dict, K: int, M: int, x: Tensor, hidden: int, inter: int, up: bool) -> bool:
+    """Whether a dot row with "mma" (BM 8: every slot on gemv_mma's tiles, the block's pairs as
+    the mma's 8 B columns) can run this side's buckets of input width K: all int4 of 128-input
+    groups (act-order only where the input is permuted per pair), 16-bit x, widths a multiple of
+    4, and BN 2 or 4 column tiles per lane (8T gate and 8T up rows where they run in one loop,
+    else 16T rows). Else fused_moe takes the BM-16 dot row."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or hidden % 4 or inter % 4:
+        return False
+    for b in side:
+        if b["layout"] != "intq":
+            return False
+        bits, G = _intq_params(b.get("params", {}), K, "")
+        if bits != 4 or G % 128:
+            return False
+    if any("perm" in b["tensors"] for b in side) and _pair_perms(side, K, M) is None:
+        return False
+    per = 8 if up and cfg.get("split", 1) == 1 and all(b["proj"] == "gate_up" for b in side) else 16
+    return cfg["BN"] in (2 * per, 4 * per)
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
@@ -573,6 +597,10 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         return out
     path_up, cu, path_dn, cd = (moe_configs.sides(config) if config else
                                 moe_configs.pick(M, *side_layouts(buckets), hidden=H))
+    if path_up == "dot" and cu.get("mma") and not _mma_dot_fits(up_side, cu, H, M, x, H, inter, True):
+        cu = moe_configs.DOT[0][1]
+    if path_dn == "dot" and cd.get("mma") and not _mma_dot_fits(down_side, cd, inter, M, x, H, inter, False):
+        cd = moe_configs.DOT[0][1]
     act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
     nt_down = cdiv(H, cd["BN"])
     cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)

@@ -285,6 +285,21 @@ DOT_GATE_UP_FP8_MAX_M = 8
 # M=512 within -2..+9%, M=2048 12-48% slower (the BM-16 row re-reads each expert per 16 pairs)
 DOT_INTQ_MAX_M = 256
 
+# int4 sides past the GEMV rows, by hidden size: rows (max tokens, gate/up and down configs) of
+# 8-pair blocks on gemv_mma's tensor-core tiles ("mma", BM 8: the block's pairs are the mma's 8 B
+# columns, the weights read and dequantized once per block); a side the tiles cannot run (group
+# 32, fp32 x, ...: moe._mma_dot_fits) takes DOT[0]. Session 37 (H200, `python
+# scripts/sweep_moe_dot.py --configs int4 --tokens 8,16,32,64,128 --grid "..."`, route + layer,
+# µs, 3 rounds, the BM-16 per-field row -> this; moe_diag/session37_sweep_mma_dot_h200.log): 235B
+# M=16 344.2 -> 317.5, M=32 486.5 -> 453.9, M=64 523.7 -> 518.3 (M=128 712.1 against 544.6, M=8
+# 193.5 against the GEMV row's 187.1); 30B M=16 110.8 -> 107.4, M=32 148.8 -> 143.1 (M=64 161.1 vs
+# 160.7, M=128 221.2 vs 168.0); 8-warp programs ~2x slower everywhere
+_MMA_DOT = dict(BM=8, BKD=128, BKF=128, BKQ=128, BKI=128, num_stages=1, mma=True)
+DOT_INTQ_MMA: dict[int, tuple[dict, ...]] = {
+    4096: (dict(max_m=64, up=dict(_MMA_DOT, BN=32, num_warps=4), down=dict(_MMA_DOT, BN=64, num_warps=4)),),
+    2048: (dict(max_m=32, up=dict(_MMA_DOT, BN=16, num_warps=2), down=dict(_MMA_DOT, BN=32, num_warps=2)),),
+}
+
 
 # prefill of many tokens as torch._grouped_mm (cuBLAS grouped GEMMs, moe.grouped_moe, grouped_fits):
 # a layer whose experts are all bf16 from GROUPED_MIN_M tokens (weights used in place); one whose
@@ -303,8 +318,12 @@ GROUPED_DEQUANT_MIN_M = 4096
 GROUPED_STACK_MAX_BYTES = 2 << 30
 
 
-def dot_config(m: int, layout: str | None = None) -> dict:
-    """The DOT row for m tokens (`layout`: the side's one layout, None when it mixes layouts)."""
+def dot_config(m: int, layout: str | None = None, hidden: int | None = None, side: str = "up") -> dict:
+    """The DOT row for m tokens (`layout`: the side's one layout, None when it mixes layouts;
+    hidden, side ("up" / "down"): DOT_INTQ_MMA's rows of int4 sides)."""
+    mma = next((row[side] for row in DOT_INTQ_MMA.get(hidden, ()) if m <= row["max_m"]), None)
+    if layout == "intq" and mma is not None and hidden is not None:
+        return mma
     if layout == "intq" and m <= DOT_INTQ_MAX_M:
         return DOT[0][1]
     for bound, cfg in DOT:
@@ -339,7 +358,9 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
             continue
         max_m, cfg = GEMV_LAYOUT.get(layout) or (mixed and (mixed["max_m"], mixed[key])) or \
             (GEMV_MAX_M, GEMV[key])
-        out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m, layout)]
+        # DOT_INTQ_MMA's 8-pair blocks where both sides are int4 (one alignment for both)
+        both = set(up_layouts) == set(down_layouts) == {"intq"}
+        out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m, layout, hidden if both else None, key)]
     return tuple(out)
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .gemv_mma import gemv_int4_mma
+from .gemv_mma import gemv_int4_mma, lane_rows
 from .gemv_tiles import gemv_intq_cols, intq_scale
 from .intq import intq_dequant_tile
 from .quant import (dp4a, e4m3_f16x2, fp8_tile_dot16, int4_field_dots, int4_field_dots_grouped, int4_swap_tiles,
@@ -695,10 +695,10 @@ def _dot_nk(acc, arow, qrow, srow, rm, wp, sp, zp, row0, nw, K, n_lim, n0, k_lo,
 
 
 @triton.jit
-def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+def _dot_slot(acc, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
               w, s, z, pm, mp, rs, C: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
               HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr,
-              BKQ: tl.constexpr, BKI: tl.constexpr):
+              BKQ: tl.constexpr, BKI: tl.constexpr, MMA: tl.constexpr):
     LAY: tl.constexpr = C % 4
     ACT: tl.constexpr = (C // 4) % 2
     HZ: tl.constexpr = (C // 8) % 2
@@ -713,7 +713,12 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi
             if LAY == _INTQ:
                 PF: tl.constexpr = 32 // BITS
                 qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, PF)
-                if BITS == 4 and BKQ >= 128 and BM >= 32 and G % BKQ == 0:
+                if MMA > 0:     # 8 pairs on gemv_mma's tiles: the two halves of BN rows are lo / hi
+                    T: tl.constexpr = BN // 16
+                    c0 = row0 + n0
+                    acc += gemv_int4_mma(alane, qe, se, ze, c0, c0 + 8 * T, row0 + n_lim, row0 + n_lim, nw, rs,
+                                         k_lo, k_hi, G, HZ, MMA, T, False, 8, 0, 8, True)
+                elif BITS == 4 and BKQ >= 128 and BM >= 32 and G % BKQ == 0:
                     acc = _dot_intq_t(acc, arow, rm, qe, se, ze, pe, row0, nw, rs, n_lim, n0, k_lo, k_hi,
                                       G, HZ, HP, BN, BKQ)
                 else:
@@ -734,9 +739,9 @@ def _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi
 
 
 @triton.jit
-def _dot_slot_gu(accg, accu, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi, w, s, z, pm, mp, rs,
+def _dot_slot_gu(accg, accu, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi, w, s, z, pm, mp, rs,
                  C: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, BKF: tl.constexpr,
-                 BKQ: tl.constexpr):
+                 BKQ: tl.constexpr, MMA: tl.constexpr):
     """Gate and up tiles of one gate_up slot (int4 on the per-field tiles, or fp8) in one K loop;
     found: 0/1, some slot holds the expert (then both halves)."""
     LAY: tl.constexpr = C % 4
@@ -749,8 +754,15 @@ def _dot_slot_gu(accg, accu, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo,
         nw = 2 * INTER
         if LAY == _INTQ:
             qe, se, ze, pe = _intq_expert(w, s, z, pm, loc, rs, nw, G, 8)
-            accg, accu = _dot_intq_gu(accg, accu, arow, rm, qe, se, ze, pe, nw, rs, INTER, n0, k_lo, k_hi,
-                                      G, HZ, HP, BN, BKQ)
+            if MMA > 0:     # 8 pairs on gemv_mma's tiles: lo / hi columns = gate / up rows n0 ..
+                y = gemv_int4_mma(alane, qe, se, ze, n0, INTER + n0, INTER, 2 * INTER, nw, rs, k_lo, k_hi,
+                                  G, HZ, MMA, BN // 8, False, 8, 0, 8, True)                       # [8, 2 BN]
+                g, u = tl.split(tl.permute(tl.reshape(y, (8, 2, BN)), (0, 2, 1)))
+                accg += g
+                accu += u
+            else:
+                accg, accu = _dot_intq_gu(accg, accu, arow, rm, qe, se, ze, pe, nw, rs, INTER, n0, k_lo, k_hi,
+                                          G, HZ, HP, BN, BKQ)
         else:
             we, se = _fp8_expert(w, s, loc, nw, K, G, B)
             accg, accu = _dot_fp8_gu(accg, accu, arow, qrow, srow, rm, we, se, K, INTER, n0, k_lo, k_hi,
@@ -759,55 +771,56 @@ def _dot_slot_gu(accg, accu, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo,
 
 
 @triton.jit
-def _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+def _dot_gate_up(arow, alane, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
                  w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
                  C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
                  C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
                  C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
                  C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
-                 NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr):
+                 NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr,
+                 MMA: tl.constexpr):
     """(gate, up, found) as _dot_half(HALF 0) and _dot_half(HALF 1) give them, for a launch
     whose slots are all int4 gate_up weights on the per-field tiles, or all fp8 gate_up weights
     (GU, moe._gate_up_fused)."""
     g = tl.zeros([BM, BN], dtype=tl.float32)
     u = tl.zeros([BM, BN], dtype=tl.float32)
     found = e * 0
-    g, u, found = _dot_slot_gu(g, u, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
-                                w0, s0, z0, p0, m0, r0, C0, G0, B0, BN, BKF, BKQ)
+    g, u, found = _dot_slot_gu(g, u, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+                                w0, s0, z0, p0, m0, r0, C0, G0, B0, BN, BKF, BKQ, MMA)
     if NS > 1:
-        g, u, found = _dot_slot_gu(g, u, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
-                                    w1, s1, z1, p1, m1, r1, C1, G1, B1, BN, BKF, BKQ)
+        g, u, found = _dot_slot_gu(g, u, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+                                    w1, s1, z1, p1, m1, r1, C1, G1, B1, BN, BKF, BKQ, MMA)
     if NS > 2:
-        g, u, found = _dot_slot_gu(g, u, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
-                                    w2, s2, z2, p2, m2, r2, C2, G2, B2, BN, BKF, BKQ)
+        g, u, found = _dot_slot_gu(g, u, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+                                    w2, s2, z2, p2, m2, r2, C2, G2, B2, BN, BKF, BKQ, MMA)
     if NS > 3:
-        g, u, found = _dot_slot_gu(g, u, found, arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
-                                    w3, s3, z3, p3, m3, r3, C3, G3, B3, BN, BKF, BKQ)
+        g, u, found = _dot_slot_gu(g, u, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+                                    w3, s3, z3, p3, m3, r3, C3, G3, B3, BN, BKF, BKQ, MMA)
     return g, u, found
 
 
 @triton.jit
-def _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+def _dot_half(arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
               C0: tl.constexpr, G0: tl.constexpr, B0: tl.constexpr,
               C1: tl.constexpr, G1: tl.constexpr, B1: tl.constexpr,
               C2: tl.constexpr, G2: tl.constexpr, B2: tl.constexpr,
               C3: tl.constexpr, G3: tl.constexpr, B3: tl.constexpr,
               NS: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
-              BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr):
+              BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr, MMA: tl.constexpr):
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     found = e * 0
-    acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, B0,
-                           HALF, BM, BN, BKD, BKF, BKQ, BKI)
+    acc, found = _dot_slot(acc, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w0, s0, z0, p0, m0, r0, C0, G0, B0,
+                           HALF, BM, BN, BKD, BKF, BKQ, BKI, MMA)
     if NS > 1:
-        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, B1,
-                               HALF, BM, BN, BKD, BKF, BKQ, BKI)
+        acc, found = _dot_slot(acc, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w1, s1, z1, p1, m1, r1, C1, G1, B1,
+                               HALF, BM, BN, BKD, BKF, BKQ, BKI, MMA)
     if NS > 2:
-        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, B2,
-                               HALF, BM, BN, BKD, BKF, BKQ, BKI)
+        acc, found = _dot_slot(acc, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w2, s2, z2, p2, m2, r2, C2, G2, B2,
+                               HALF, BM, BN, BKD, BKF, BKQ, BKI, MMA)
     if NS > 3:
-        acc, found = _dot_slot(acc, found, arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, B3,
-                               HALF, BM, BN, BKD, BKF, BKQ, BKI)
+        acc, found = _dot_slot(acc, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi, w3, s3, z3, p3, m3, r3, C3, G3, B3,
+                               HALF, BM, BN, BKD, BKF, BKQ, BKI, MMA)
     return acc, found
 
 
@@ -822,14 +835,17 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                     NS: tl.constexpr, MODE: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BKD: tl.constexpr, BKF: tl.constexpr, BKQ: tl.constexpr, BKI: tl.constexpr,
                     SUM: tl.constexpr, ZMISS: tl.constexpr, SPLIT: tl.constexpr = 1, GU: tl.constexpr = False,
-                    PDL: tl.constexpr = False, XPAIR: tl.constexpr = False):
+                    PDL: tl.constexpr = False, XPAIR: tl.constexpr = False, MMA: tl.constexpr = 0):
     """Grid (blocks of BM sorted pairs, N tiles, SPLIT); block b holds pairs of expert blk[b] (-1:
     padding, exits at once). Same outputs as _moe_gemv_kernel. SPLIT > 1 (decode: few pairs per
     expert, so few blocks) splits K into chunks of k_per rows, one program each: UP programs store
     their gate and up partials in ws [P, SPLIT, 2, INTER] fp32 and the last of a tile's SPLIT to
     arrive (counter ucnt, left zero) applies silu * mul; DOWN programs write buf row p * SPLIT + z
     and the token's sum takes TOPK * SPLIT rows, as on the GEMV path. GU: the UP programs run gate
-    and up in one K loop (_dot_gate_up). XPAIR: as in _moe_gemv_kernel."""
+    and up in one K loop (_dot_gate_up). XPAIR: as in _moe_gemv_kernel. MMA (a dot config's "mma",
+    BM 8; the kernel's warp count, 0: off): every slot is int4 of 128-input groups (moe._mma_dot_fits)
+    and runs gemv_mma's tiles, the block's 8 pairs as the mma's 8 B columns: a lane loads the x
+    row of the pair lane_rows names, so the weights are read and dequantized once per block."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -846,24 +862,31 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
         pr = tl.load(sorted_ptr + b * BM + tl.arange(0, BM))
         rm = pr < P
         pr = tl.where(rm, pr, 0).to(tl.int64)
+        if MMA > 0:
+            tl.static_assert(BM == 8, "the mma tiles take 8 pairs per block")
+            pl = tl.load(sorted_ptr + b * BM + lane_rows(MMA))      # each lane's pair; padding: row 0
+            pl = tl.where(pl < P, pl, 0).to(tl.int64)
+            alane = x_ptr + (pl if XPAIR or MODE == _MODE_DOWN else pl // TOPK) * K
         if MODE == _MODE_UP:
             xr = pr // TOPK
             arow = x_ptr + (pr if XPAIR else xr) * K
+            if MMA == 0:
+                alane = arow
             qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of the rows (_act_quant_kernel)
             srow = qs_ptr + xr * NQS
             if GU:
-                g, u, fg = _dot_gate_up(arow, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
+                g, u, fg = _dot_gate_up(arow, alane, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi,
                                         w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2,
                                         w3, s3, z3, p3, m3, r3, C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3,
-                                        NS, BM, BN, BKF, BKQ)
+                                        NS, BM, BN, BKF, BKQ, MMA)
                 fu = fg
             else:
-                g, fg = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                g, fg = _dot_half(arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
                                   w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                  C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BM, BN, BKD, BKF, BKQ, BKI)
-                u, fu = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+                                  C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 0, BM, BN, BKD, BKF, BKQ, BKI, MMA)
+                u, fu = _dot_half(arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
                                   w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                                  C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BM, BN, BKD, BKF, BKQ, BKI)
+                                  C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 1, BM, BN, BKD, BKF, BKQ, BKI, MMA)
             keep = fg * fu       # 0/1: this launch holds the expert (else its act row is left alone)
             if SPLIT > 1:
                 wsp = ws_ptr + (pr * SPLIT * 2 * INTER)[:, None] + rn[None, :]
@@ -882,11 +905,13 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
                      mask=rm[:, None] & (rn < INTER * keep)[None, :])
         else:
             arow = x_ptr + pr * K
+            if MMA == 0:
+                alane = arow
             qrow = q_ptr + pr * 2 * K
             srow = qs_ptr + pr * NQS
-            d, fd = _dot_half(arow, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
+            d, fd = _dot_half(arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
                               w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
-                              C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BM, BN, BKD, BKF, BKQ, BKI)
+                              C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BM, BN, BKD, BKF, BKQ, BKI, MMA)
             nm = rn < HID
             rwv = tl.load(rw_ptr + pr, mask=rm, other=0.0)
             val = d * rwv[:, None]
