@@ -40,8 +40,11 @@ SPLIT_DOWN = {"s2-32/256/4": c(32, 256, 4, f16=True, split=2), "s2-64/256/8": c(
 # (4 or 2 column tiles per lane), 2-8 warps. Session 35 also timed these with the loads in Triton's
 # cp.async pipeline, with register caps (maxnreg 80 / 88) and with the group after next asked of L2
 # (prefetch.global.L2): all slower (moe_diag/session35_int4_mma_*)
-MMA_UP = {f"mma{bn}/{w}": c(bn, 512, w, gu=True, f16=True, mma=True) for bn, w in ((32, 4), (32, 8), (16, 4), (16, 2))}
-MMA_DOWN = {f"dmma{bn}/{w}": c(bn, 256, w, f16=True, mma=True) for bn, w in ((64, 4), (64, 8), (32, 4), (32, 2))}
+# (session 37: one-warp programs won on the dot path's 8-pair blocks, hence the /1 candidates)
+MMA_UP = {f"mma{bn}/{w}": c(bn, 512, w, gu=True, f16=True, mma=True)
+          for bn, w in ((32, 4), (32, 8), (16, 4), (16, 2), (32, 1), (16, 1), (32, 2))}
+MMA_DOWN = {f"dmma{bn}/{w}": c(bn, 256, w, f16=True, mma=True)
+            for bn, w in ((64, 4), (64, 8), (32, 4), (32, 2), (64, 1), (32, 1), (64, 2))}
 UP = {
     "235b": {"cur": None, **MMA_UP, "16/512/4gu": c(16, 512, 4, gu=True, f16=True), "32/512/4": c(32, 512, 4, f16=True),
              "32/512/4gu": c(32, 512, 4, gu=True, f16=True), "32/256/4gu": c(32, 256, 4, gu=True, f16=True),

@@ -289,16 +289,16 @@ DOT_INTQ_MAX_M = 256
 # 8-pair blocks on gemv_mma's tensor-core tiles ("mma", BM 8: the block's pairs are the mma's 8 B
 # columns, the weights read and dequantized once per block); a side the tiles cannot run (group
 # 32, fp32 x, ...: moe._mma_dot_fits) takes DOT[0]. Session 37 (H200, `python
-# scripts/sweep_moe_dot.py --configs int4 --tokens 8,16,32,64,128 --grid "..."`, route + layer,
-# µs, 3 rounds, the BM-16 per-field row -> this; moe_diag/session37_sweep_mma_dot_h200.log): 235B
-# M=16 344.2 -> 317.5, M=32 486.5 -> 453.9, M=64 523.7 -> 518.3 (M=128 712.1 against 544.6, M=8
-# 193.5 against the GEMV row's 187.1); 30B M=16 110.8 -> 107.4, M=32 148.8 -> 143.1 (M=64 161.1 vs
-# 160.7, M=128 221.2 vs 168.0); 8-warp programs ~2x slower everywhere
-_MMA_DOT = dict(BM=8, BKD=128, BKF=128, BKQ=128, BKI=128, num_stages=1, mma=True)
-DOT_INTQ_MMA: dict[int, tuple[dict, ...]] = {
-    4096: (dict(max_m=64, up=dict(_MMA_DOT, BN=32, num_warps=4), down=dict(_MMA_DOT, BN=64, num_warps=4)),),
-    2048: (dict(max_m=32, up=dict(_MMA_DOT, BN=16, num_warps=2), down=dict(_MMA_DOT, BN=32, num_warps=2)),),
-}
+# scripts/sweep_moe_dot.py --configs int4 --tokens 16,32,64,128 --grid "..."`, route + layer, µs,
+# 3 rounds, the BM-16 per-field row -> this row; moe_diag/session37_sweep_mma_dot_*_h200.log):
+# one-warp programs (each warp its own 32 gate + 32 up or 64 down rows over all of K, no
+# cross-warp sum) beat 2, 4 and 8 warps (8: ~2x slower, 131 registers leave one program per SM):
+# 235B M=16 317.9 -> 276.2, M=32 456.3 -> 367.8, M=64 519.3 -> 425.2 (M=128 556.5 against 545.2);
+# 30B 107.6 -> 99.0, 143.3 -> 120.7, 162.0 -> 135.1 (M=128 170.7 against 168.5). The GEMV rows
+# stay below 9 tokens (at 8 the 4-warp blocks lost: 235B 193.5 vs 187.1, 30B 80.4 vs 63.7)
+_MMA_DOT = dict(BM=8, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=1, num_stages=1, mma=True)
+_MMA_DOT_ROW = dict(max_m=64, up=dict(_MMA_DOT, BN=32), down=dict(_MMA_DOT, BN=64))
+DOT_INTQ_MMA: dict[int, tuple[dict, ...]] = {4096: (_MMA_DOT_ROW,), 2048: (_MMA_DOT_ROW,)}
 
 
 # prefill of many tokens as torch._grouped_mm (cuBLAS grouped GEMMs, moe.grouped_moe, grouped_fits):
