@@ -585,19 +585,20 @@ def test_pick_per_side_layouts():
         lo = 2
         for bound, c in rows:
             for m in (lo, bound):
+                if lay == "intq" and any(r["min_m"] <= m <= r["max_m"] for r in mc.DOT_INTQ_MMA.get(h, ())):
+                    continue    # DOT_INTQ_MMA's rows first (below)
                 assert mc.pick(m, {lay}, {lay}, hidden=h) == ("gemv", c, *mc.pick(m, {lay}, {lay})[2:])
             lo = bound + 1
         if not (lay == "intq" and h in mc.DOT_INTQ_MMA):
             assert mc.pick(lo, {lay}, {lay}, hidden=h) == mc.pick(lo, {lay}, {lay})
-    for h, rows in mc.DOT_INTQ_MMA.items():    # int4 layers past the GEMV rows: the 8-pair mma blocks
-        lo = mc.GEMV_LAYOUT["intq"][0] + 1
+    for h, rows in mc.DOT_INTQ_MMA.items():    # int4 layers: the 8-pair mma blocks, rows in order
         for row in rows:
-            for m in (lo, row["max_m"]):
+            for m in (row["min_m"], row["max_m"]):
                 assert mc.pick(m, {"intq"}, {"intq"}, hidden=h) == ("dot", row["up"], "dot", row["down"])
-            lo = row["max_m"] + 1
-        assert mc.pick(lo, {"intq"}, {"intq"}, hidden=h) == ("dot", mc.DOT[0][1], "dot", mc.DOT[0][1])
-        # not where the other side has another layout (its BM-16 blocks: one alignment for both)
-        assert mc.pick(rows[0]["max_m"], {"intq"}, {"fp8"}, hidden=h)[:2] == ("dot", mc.DOT[0][1])
+                # not where the other side has another layout (its BM-16 blocks: one alignment for both)
+                assert mc.pick(m, {"intq"}, {"fp8"}, hidden=h)[1] is not row["up"]
+        assert mc.pick(rows[-1]["max_m"] + 1, {"intq"}, {"intq"}, hidden=h) == ("dot", mc.DOT[0][1], "dot", mc.DOT[0][1])
+        assert mc.pick(rows[0]["min_m"] - 1, {"intq"}, {"intq"}, hidden=h)[0::2] == ("gemv", "gemv")
     for lays, rows in mc.GEMV_MIXED.items():   # layers of these layouts: their GEMV rows from 2 tokens
         lo = 2
         for row in rows:     # each row from the token after the row before, up to its max_m

@@ -285,7 +285,7 @@ DOT_GATE_UP_FP8_MAX_M = 8
 # M=512 within -2..+9%, M=2048 12-48% slower (the BM-16 row re-reads each expert per 16 pairs)
 DOT_INTQ_MAX_M = 256
 
-# int4 sides past the GEMV rows, by hidden size: rows (max tokens, gate/up and down configs) of
+# int4 layers by hidden size: rows (tokens min_m..max_m, gate/up and down configs) of
 # 8-pair blocks on gemv_mma's tensor-core tiles ("mma", BM 8: the block's pairs are the mma's 8 B
 # columns, the weights read and dequantized once per block); a side the tiles cannot run (group
 # 32, fp32 x, ...: moe._mma_dot_fits) takes DOT[0]. Session 37 (H200, `python
@@ -294,11 +294,16 @@ DOT_INTQ_MAX_M = 256
 # one-warp programs (each warp its own 32 gate + 32 up or 64 down rows over all of K, no
 # cross-warp sum) beat 2, 4 and 8 warps (8: ~2x slower, 131 registers leave one program per SM):
 # 235B M=16 317.9 -> 276.2, M=32 456.3 -> 367.8, M=64 519.3 -> 425.2 (M=128 556.5 against 545.2);
-# 30B 107.6 -> 99.0, 143.3 -> 120.7, 162.0 -> 135.1 (M=128 170.7 against 168.5). The GEMV rows
-# stay below 9 tokens (at 8 the 4-warp blocks lost: 235B 193.5 vs 187.1, 30B 80.4 vs 63.7)
+# 30B 107.6 -> 99.0, 143.3 -> 120.7, 162.0 -> 135.1 (M=128 170.7 against 168.5). Against the GEMV
+# rows below 9 tokens (same sweep, --tokens 2,4,8; moe_diag/session37_sweep_mma_dot_m248_h200.log):
+# at 8 tokens 235B 186.5 -> 168.5 (4-warp gate/up programs; one warp 184.1), 30B 64.1 -> 60.4; at 4
+# 235B 103.5 vs 102.4 (not taken), 30B 38.4 vs 41.6+, at 2 both lose (63.0 vs 66.8+, 24.7 vs 33.9+)
 _MMA_DOT = dict(BM=8, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=1, num_stages=1, mma=True)
-_MMA_DOT_ROW = dict(max_m=64, up=dict(_MMA_DOT, BN=32), down=dict(_MMA_DOT, BN=64))
-DOT_INTQ_MMA: dict[int, tuple[dict, ...]] = {4096: (_MMA_DOT_ROW,), 2048: (_MMA_DOT_ROW,)}
+_MMA_DOT_ROW = dict(min_m=9, max_m=64, up=dict(_MMA_DOT, BN=32), down=dict(_MMA_DOT, BN=64))
+DOT_INTQ_MMA: dict[int, tuple[dict, ...]] = {
+    4096: (dict(_MMA_DOT_ROW, min_m=8, max_m=8, up=dict(_MMA_DOT, BN=32, num_warps=4)), _MMA_DOT_ROW),
+    2048: (dict(_MMA_DOT_ROW, min_m=8),),
+}
 
 
 # prefill of many tokens as torch._grouped_mm (cuBLAS grouped GEMMs, moe.grouped_moe, grouped_fits):
@@ -318,12 +323,8 @@ GROUPED_DEQUANT_MIN_M = 4096
 GROUPED_STACK_MAX_BYTES = 2 << 30
 
 
-def dot_config(m: int, layout: str | None = None, hidden: int | None = None, side: str = "up") -> dict:
-    """The DOT row for m tokens (`layout`: the side's one layout, None when it mixes layouts;
-    hidden, side ("up" / "down"): DOT_INTQ_MMA's rows of int4 sides)."""
-    mma = next((row[side] for row in DOT_INTQ_MMA.get(hidden, ()) if m <= row["max_m"]), None)
-    if layout == "intq" and mma is not None and hidden is not None:
-        return mma
+def dot_config(m: int, layout: str | None = None) -> dict:
+    """The DOT row for m tokens (`layout`: the side's one layout, None when it mixes layouts)."""
     if layout == "intq" and m <= DOT_INTQ_MAX_M:
         return DOT[0][1]
     for bound, cfg in DOT:
@@ -346,6 +347,12 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
     out = []
     rows = GEMV_MIXED.get(frozenset(up_layouts) | frozenset(down_layouts), ()) if m > 1 else ()
     mixed = next((row for row in rows if m <= row["max_m"]), None)
+    # int4 layers (both sides: one alignment for both): DOT_INTQ_MMA's 8-pair blocks before the GEMV rows
+    both = set(up_layouts) == set(down_layouts) == {"intq"}
+    mma = next((row for row in DOT_INTQ_MMA.get(hidden, ()) if row["min_m"] <= m <= row["max_m"]), None) \
+        if both else None
+    if mma is not None:
+        return ("dot", mma["up"], "dot", mma["down"])
     for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
         layout = side_key(layouts)
         if m == 1:
@@ -358,9 +365,7 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> t
             continue
         max_m, cfg = GEMV_LAYOUT.get(layout) or (mixed and (mixed["max_m"], mixed[key])) or \
             (GEMV_MAX_M, GEMV[key])
-        # DOT_INTQ_MMA's 8-pair blocks where both sides are int4 (one alignment for both)
-        both = set(up_layouts) == set(down_layouts) == {"intq"}
-        out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m, layout, hidden if both else None, key)]
+        out += ["gemv", cfg] if m <= max_m else ["dot", dot_config(m, layout)]
     return tuple(out)
 
 
