@@ -102,3 +102,29 @@ def test_int4_tensor_core_gemv_matches_reference_greedy(tmp_path, monkeypatch, s
             ref = Generator(model, use_cuda_graphs=False).generate(prompts, SamplingParams(max_new_tokens=NEW))
         _check_tie_tolerant(model, fast, ref, prompts=prompts)
     assert taken and all(taken), "the int4 linears did not take the tensor-core GEMV"
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_moe_int4_mma_blocks_match_reference_greedy(tmp_path, monkeypatch, sym):
+    """MoE layers on the dot path's 8-pair tensor-core blocks (moe_configs.DOT_INTQ_MMA, forced for
+    every token count at the fixture's hidden size: the prefill of three prompts of different
+    lengths, then decode at batch 3 and 1) give the reference's greedy tokens: a GPTQ checkpoint of
+    group 128, sym and asym. (Session 37 ran it once on the CPU in the interpreter, fp16, two prompts
+    of 3 tokens: equal tokens.)"""
+    from mixprec.kernels import moe, moe_configs
+    from mixprec.testing.fixtures import random_weights, round_to, tiny_config, write_checkpoint
+    cfg = tiny_config()
+    ckpt = write_checkpoint(tmp_path / "g128", cfg, round_to(random_weights(cfg, 3), torch.bfloat16), "gptq",
+                            dict(bits=4, group_size=128, sym=sym, desc_act=False, checkpoint_format="gptq"))
+    model = mixprec.load(ckpt, device="cuda", dtype=torch.bfloat16, progress=False)
+    mma = dict(BM=8, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=1, num_stages=1, mma=True)
+    monkeypatch.setattr(moe_configs, "DOT_INTQ_MMA", {cfg["hidden_size"]: (
+        dict(min_m=1, max_m=1 << 30, up=dict(mma, BN=32), down=dict(mma, BN=64)),)})
+    fits, taken = moe._mma_dot_fits, []
+    monkeypatch.setattr(moe, "_mma_dot_fits", lambda *a: taken.append(fits(*a)) or taken[-1])
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        fast = Generator(model, use_cuda_graphs=True).generate(prompts, SamplingParams(max_new_tokens=NEW))
+        with reference_path():
+            ref = Generator(model, use_cuda_graphs=False).generate(prompts, SamplingParams(max_new_tokens=NEW))
+        _check_tie_tolerant(model, fast, ref, prompts=prompts)
+    assert taken and all(taken), "the MoE layers did not take the mma blocks"
