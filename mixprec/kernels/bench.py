@@ -209,9 +209,10 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
 
     def mma_gemv(BM):
         # int4 on the tensor cores (intq.mma_fits; BM: its rows per program, 1 at M = 1, else 8),
-        # K split in whole 128-input groups
+        # K split in whole 128-input groups; 1-2 warps per program (more programs, each warp its own
+        # columns over its K chunk) won on the MoE's 8-pair blocks (session 37), untried here before
         if kind == "intq4":
-            for BN, w, t in itertools.product((32, 64), (4, 8), (1, 2, 4)):
+            for BN, w, t in itertools.product((32, 64), (1, 2, 4, 8), (1, 2, 4)):
                 out.append(C("gemv", BM, BN, 128, configs.auto_split(M, N, K, BM, BN, 128, t * S), w, 1, mma=True))
     # gemv programs have little memory parallelism each (no pipelining): many K splits in flight;
     # int4 gemv: the MoE's small-tile loop, its batch-1 winners (BN 8-64, K tiles 256-512)
