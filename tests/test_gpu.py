@@ -70,61 +70,63 @@ def test_batch_mixing_prompt_lengths_equals_single(fx):
         _check_tie_tolerant(model, [b], [single], prompts=[p])
 
 
-@pytest.mark.parametrize("sym", [True, False])
-def test_int4_tensor_core_gemv_matches_reference_greedy(tmp_path, monkeypatch, sym):
-    """The int4 linears on the tensor-core GEMV (intq's "mma" rows: one activation row per program
-    at batch 1, the batch's rows as the mmas' B columns at 2-8) give the reference's greedy
-    tokens: a GPTQ checkpoint of group 128 (the fixtures' group 32 cannot take the tiles), sym and
-    asym, with every int4 GEMV of 1-8 rows forced onto an mma config, batch 3 and batch 1."""
-    from mixprec.kernels import configs, intq
+def _gptq_g128(tmp_path, sym: bool):
+    """(model on the GPU, its config): a tiny GPTQ checkpoint of group 128 (the fixtures' group 32
+    cannot take the tensor-core tiles)."""
     from mixprec.testing.fixtures import random_weights, round_to, tiny_config, write_checkpoint
     cfg = tiny_config()
     ckpt = write_checkpoint(tmp_path / "g128", cfg, round_to(random_weights(cfg, 3), torch.bfloat16), "gptq",
                             dict(bits=4, group_size=128, sym=sym, desc_act=False, checkpoint_format="gptq"))
-    model = mixprec.load(ckpt, device="cuda", dtype=torch.bfloat16, progress=False)
-    get, fits = configs.get, intq.mma_fits
-    taken = []
+    return mixprec.load(ckpt, device="cuda", dtype=torch.bfloat16, progress=False), cfg
+
+
+def _recorded(monkeypatch, module, name: str) -> list:
+    """Replace module.name (a predicate) by itself recording each answer; -> the answers."""
+    fn, seen = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *a: seen.append(fn(*a)) or seen[-1])
+    return seen
+
+
+def _greedy_matches_reference_at_batch_3_and_1(model) -> None:
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        fast = Generator(model, use_cuda_graphs=True).generate(prompts, SamplingParams(max_new_tokens=NEW))
+        with reference_path():
+            ref = Generator(model, use_cuda_graphs=False).generate(prompts, SamplingParams(max_new_tokens=NEW))
+        _check_tie_tolerant(model, fast, ref, prompts=prompts)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_int4_tensor_core_gemv_matches_reference_greedy(tmp_path, monkeypatch, sym):
+    """The int4 linears on the tensor-core GEMV (intq's "mma" rows: one activation row per program
+    at batch 1, the batch's rows as the mmas' B columns at 2-8) give the reference's greedy
+    tokens: a GPTQ checkpoint of group 128, sym and asym, with every int4 GEMV of 1-8 rows forced
+    onto an mma config, batch 3 and batch 1."""
+    from mixprec.kernels import configs, intq
+    model, _ = _gptq_g128(tmp_path, sym)
+    get = configs.get
 
     def mma_rows(kind, M, N, K):
         if kind == "intq4" and M <= 8:
             return configs.cfg("gemv", 1 if M == 1 else 8, 32, 128, 2, 4, 1, mma=True)
         return get(kind, M, N, K)
 
-    def counted(*a):
-        taken.append(fits(*a))
-        return taken[-1]
-
     monkeypatch.setattr(configs, "get", mma_rows)
-    monkeypatch.setattr(intq, "mma_fits", counted)
-    for prompts in (PROMPTS, PROMPTS[:1]):
-        fast = Generator(model, use_cuda_graphs=True).generate(prompts, SamplingParams(max_new_tokens=NEW))
-        with reference_path():
-            ref = Generator(model, use_cuda_graphs=False).generate(prompts, SamplingParams(max_new_tokens=NEW))
-        _check_tie_tolerant(model, fast, ref, prompts=prompts)
+    taken = _recorded(monkeypatch, intq, "mma_fits")
+    _greedy_matches_reference_at_batch_3_and_1(model)
     assert taken and all(taken), "the int4 linears did not take the tensor-core GEMV"
 
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_moe_int4_mma_blocks_match_reference_greedy(tmp_path, monkeypatch, sym):
-    """MoE layers on the dot path's 8-pair tensor-core blocks (moe_configs.DOT_INTQ_MMA, forced for
-    every token count at the fixture's hidden size: the prefill of three prompts of different
-    lengths, then decode at batch 3 and 1) give the reference's greedy tokens: a GPTQ checkpoint of
-    group 128, sym and asym. (Session 37 ran it once on the CPU in the interpreter, fp16, two prompts
-    of 3 tokens: equal tokens.)"""
+    """MoE layers on the dot path's 8-pair tensor-core blocks (the 9-64 token row of
+    moe_configs.DOT_INTQ_MMA, forced for every token count at the fixture's hidden size: the
+    prefill of three prompts of different lengths, then decode at batch 3 and 1) give the
+    reference's greedy tokens: a GPTQ checkpoint of group 128, sym and asym. (Session 37 ran it
+    once on the CPU in the interpreter, fp16, two prompts of 3 tokens: equal tokens.)"""
     from mixprec.kernels import moe, moe_configs
-    from mixprec.testing.fixtures import random_weights, round_to, tiny_config, write_checkpoint
-    cfg = tiny_config()
-    ckpt = write_checkpoint(tmp_path / "g128", cfg, round_to(random_weights(cfg, 3), torch.bfloat16), "gptq",
-                            dict(bits=4, group_size=128, sym=sym, desc_act=False, checkpoint_format="gptq"))
-    model = mixprec.load(ckpt, device="cuda", dtype=torch.bfloat16, progress=False)
-    mma = dict(BM=8, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=1, num_stages=1, mma=True)
-    monkeypatch.setattr(moe_configs, "DOT_INTQ_MMA", {cfg["hidden_size"]: (
-        dict(min_m=1, max_m=1 << 30, up=dict(mma, BN=32), down=dict(mma, BN=64)),)})
-    fits, taken = moe._mma_dot_fits, []
-    monkeypatch.setattr(moe, "_mma_dot_fits", lambda *a: taken.append(fits(*a)) or taken[-1])
-    for prompts in (PROMPTS, PROMPTS[:1]):
-        fast = Generator(model, use_cuda_graphs=True).generate(prompts, SamplingParams(max_new_tokens=NEW))
-        with reference_path():
-            ref = Generator(model, use_cuda_graphs=False).generate(prompts, SamplingParams(max_new_tokens=NEW))
-        _check_tie_tolerant(model, fast, ref, prompts=prompts)
+    model, cfg = _gptq_g128(tmp_path, sym)
+    row = moe_configs.DOT_INTQ_MMA[2048][-1]
+    monkeypatch.setattr(moe_configs, "DOT_INTQ_MMA", {cfg["hidden_size"]: (dict(row, min_m=1, max_m=1 << 30),)})
+    taken = _recorded(monkeypatch, moe, "_mma_dot_fits")
+    _greedy_matches_reference_at_batch_3_and_1(model)
     assert taken and all(taken), "the MoE layers did not take the mma blocks"
