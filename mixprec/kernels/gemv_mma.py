@@ -237,10 +237,9 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
     k_hi = tl.minimum(k_hi, K)
     KP = k_hi // 8                                       # word rows of the range
     # lane (g, c) loads x row g (B column g); x_stride (or K, XL) is even, rows stay 4-byte aligned
-    if XL:
-        xw = xrow.to(tl.pointer_type(tl.int32), bitcast=True)
-    else:
-        xw = xrow.to(tl.pointer_type(tl.int32), bitcast=True) + (g * (x_stride // 2) if XR > 1 else 0)
+    xw = xrow.to(tl.pointer_type(tl.int32), bitcast=True)
+    if XR > 1 and not XL:
+        xw += g * (x_stride // 2)
     xm = g < (x_rows if XR > 1 else 1)
     ng = tl.cdiv(k_hi - k_lo, 128)
     gpw = tl.cdiv(ng, NW)                                # groups per warp

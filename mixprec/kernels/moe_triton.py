@@ -825,6 +825,13 @@ def _dot_half(arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
 
 
 @triton.jit
+def _x_rows(x_ptr, p, K, MODE: tl.constexpr, TOPK: tl.constexpr, XPAIR: tl.constexpr):
+    """The input row of each pair p: x row p // TOPK on the gate/up side (XPAIR: row p, x
+    permuted per pair), act row p on the down side."""
+    return x_ptr + (p if XPAIR or MODE == _MODE_DOWN else p // TOPK) * K
+
+
+@triton.jit
 def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_ptr, fin_ptr, cnt_ptr, ws_ptr, ucnt_ptr,
                     P, K, INTER, HID, n_cnt, k_per,
                     w0, s0, z0, p0, m0, r0, w1, s1, z1, p1, m1, r1, w2, s2, z2, p2, m2, r2, w3, s3, z3, p3, m3, r3,
@@ -862,16 +869,15 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
         pr = tl.load(sorted_ptr + b * BM + tl.arange(0, BM))
         rm = pr < P
         pr = tl.where(rm, pr, 0).to(tl.int64)
+        arow = _x_rows(x_ptr, pr, K, MODE, TOPK, XPAIR)
         if MMA > 0:
             tl.static_assert(BM == 8, "the mma tiles take 8 pairs per block")
             pl = tl.load(sorted_ptr + b * BM + lane_rows(MMA))      # each lane's pair; padding: row 0
-            pl = tl.where(pl < P, pl, 0).to(tl.int64)
-            alane = x_ptr + (pl if XPAIR or MODE == _MODE_DOWN else pl // TOPK) * K
+            alane = _x_rows(x_ptr, tl.where(pl < P, pl, 0).to(tl.int64), K, MODE, TOPK, XPAIR)
+        else:
+            alane = arow
         if MODE == _MODE_UP:
             xr = pr // TOPK
-            arow = x_ptr + (pr if XPAIR else xr) * K
-            if MMA == 0:
-                alane = arow
             qrow = q_ptr + xr * 2 * K     # W8A8 codes / scales of the rows (_act_quant_kernel)
             srow = qs_ptr + xr * NQS
             if GU:
@@ -904,9 +910,6 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
             tl.store(out_ptr + pr[:, None] * INTER + rn[None, :], _silu_mul(g, u).to(out_ptr.dtype.element_ty),
                      mask=rm[:, None] & (rn < INTER * keep)[None, :])
         else:
-            arow = x_ptr + pr * K
-            if MMA == 0:
-                alane = arow
             qrow = q_ptr + pr * 2 * K
             srow = qs_ptr + pr * NQS
             d, fd = _dot_half(arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_lo, k_hi,
