@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..errors import FormatError, ShapeMismatch
 from . import moe_configs, pdl
+from .intq import mma_takes
 from .ints import cdiv, next_power_of_2
 from .moe_triton import (_align_count_kernel, _align_scan_kernel, _align_scatter_kernel, _align_sort_kernel,
                          _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel, _permute_pairs_kernel, _route_kernel,
@@ -467,22 +468,22 @@ def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv:
 
 def _mma_dot_fits(side: list[dict], cfg: dict, K: int, M: int, x: Tensor, hidden: int, inter: int, up: bool) -> bool:
     """Whether a dot row with "mma" (BM 8: every slot on gemv_mma's tiles, the block's pairs as
-    the mma's 8 B columns) can run this side's buckets of input width K: all int4 of 128-input
-    groups (act-order only where the input is permuted per pair), 16-bit x, widths a multiple of
-    4, and BN 2 or 4 column tiles per lane (8T gate and 8T up rows where they run in one loop,
-    else 16T rows). Else fused_moe takes the BM-16 dot row."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or hidden % 4 or inter % 4:
+    the mma's 8 B columns) can run this side's buckets of input width K: each one int4 as
+    intq.mma_takes has it for the tile's 16T columns (8T gate and 8T up rows where they run in one
+    loop), act-order only where the input is permuted per pair, and widths a multiple of 4. Else
+    fused_moe takes the BM-16 dot row."""
+    if hidden % 4 or inter % 4:
         return False
+    gu = up and cfg.get("split", 1) == 1 and all(b["proj"] == "gate_up" for b in side)
+    width = 2 * cfg["BN"] if gu else cfg["BN"]
+    permuted = _pair_perms(side, K, M) is not None     # then the codes are read in K order
     for b in side:
         if b["layout"] != "intq":
             return False
         bits, G = _intq_params(b.get("params", {}), K, "")
-        if bits != 4 or G % 128:
+        if not mma_takes(bits, G, "perm" in b["tensors"] and not permuted, x.dtype, inter, width):
             return False
-    if any("perm" in b["tensors"] for b in side) and _pair_perms(side, K, M) is None:
-        return False
-    per = 8 if up and cfg.get("split", 1) == 1 and all(b["proj"] == "gate_up" for b in side) else 16
-    return cfg["BN"] in (2 * per, 4 * per)
+    return True
 
 
 def _slot_args(side: list[dict], hidden: int, inter: int, gemv_bn: int = 0):
