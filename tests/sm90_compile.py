@@ -119,12 +119,27 @@ def _mma_layout_problem(ttgir: str) -> str:
         if "tt.elementwise_inline_asm" not in line or "mma.sync" not in line:
             continue
         m = re.search(r"-> tensor<(\d+)x(\d+)xf32, (#\w+)>", line)
+        if m:
+            rows, T, name = int(m.group(1)), int(m.group(2)), m.group(3)
+            want = f"sizePerThread = [1, {T}], threadsPerWarp = [32, 1], warpsPerCTA = [{rows // 32}, 1]"
+            if want not in layouts.get(name, ""):
+                return f"mma asm on layout {layouts.get(name, name)}, needs {want}"
+            continue
+        # the x-sum mmas: [L] per lane, row i in lane i % 32 of warp i // 32 (a blocked layout of
+        # its own, or the T columns of a [L, T] one sliced away)
+        m = re.search(r"-> tensor<(\d+)xf32, (#\w+)>", line)
         if not m:
-            return f"mma asm without a [L, T] fp32 result: {line[-200:]}"
-        rows, T, name = int(m.group(1)), int(m.group(2)), m.group(3)
-        want = (f"sizePerThread = [1, {T}], threadsPerWarp = [32, 1], warpsPerCTA = [{rows // 32}, 1]")
-        if want not in layouts.get(name, ""):
-            return f"mma asm on layout {layouts.get(name, name)}, needs {want}"
+            return f"mma asm without a [L, T] or [L] fp32 result: {line[-200:]}"
+        rows, lay = int(m.group(1)), layouts.get(m.group(2), m.group(2))
+        nw = rows // 32
+        par = re.search(r"#ttg\.slice<\{dim = 1, parent = (#\w+)\}>", lay)
+        if par:
+            ok = re.search(rf"sizePerThread = \[1, \d+\], threadsPerWarp = \[32, 1\], warpsPerCTA = \[{nw}, 1\]",
+                           layouts.get(par.group(1), ""))
+        else:
+            ok = f"sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [{nw}]" in lay
+        if not ok:
+            return f"mma asm on [L] layout {lay}, needs row i in lane i % 32 of warp i // 32"
     return ""
 
 

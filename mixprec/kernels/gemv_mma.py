@@ -2,13 +2,15 @@
 
 The fp16 word loop of gemv_tiles spends ~27 instructions per int4 word at batch 1 (packed FMAs, a
 scale per word, the activations' packing). Here the tensor cores take the products: per word 3
-shifts and 4 LOP3 make the 8 codes 16-bit floats (the exponent of 2^7 or 2^10 OR-ed onto each
-code, exact), 4 packed subtracts remove the zero, and half of each of two mmas consumes them; the
-scale is applied once per 128 inputs to the fp32 accumulators. Offline SASS of the 235B gate/up
-launch: ~19 instructions per word; the products are summed in fp32 (no activation scaling: a
-prototype measured 134 dB against the fp32 reference where the fp16 word loop has 55). Measured
-(session 35, H200): 4% faster on the 235B gate/up launch at 1-8 tokens, slower on its down launch
-and on the 30B shapes, so fewer instructions alone did not make these launches memory-bound.
+shifts and 4 LOP3 make the 8 codes 16-bit floats m + q (the exponent of m = 2^7 or 2^10 OR-ed onto
+each code, exact), and half of each of two mmas consumes them. The zero is not subtracted per code:
+sum_k (q_k - z) x_k = sum_k (m + q_k) x_k - (m + z) sum_k x_k, and the sums of x (per group and
+row) come from two more mmas per 32 inputs with all-ones A, shared by the T tiles; the correction
+and the scale are applied once per 128 inputs to the fp32 accumulators. The products are summed in
+fp32 (no activation scaling: a prototype measured 134 dB against the fp32 reference where the
+fp16 word loop has 55); the m sum_k x_k term cancels in fp32, which costs log2(m / |q - z|) bits
+there (~4 in bf16, ~7 in fp16). Measured (session 35, H200, with per-code subtracts): 4% faster on
+the 235B gate/up launch at 1-8 tokens, slower on its down launch and on the 30B shapes.
 
 Fragment layout (PTX ISA, mma.m16n8k16 .row.col): lane l = 4 g + c of a warp holds A rows g and
 g+8 at k (2c, 2c+1 | 2c+8, 2c+9), B column g at the same k, C rows g / g+8 at columns 2c, 2c+1.
@@ -42,20 +44,29 @@ from .quant import _PTX, WEIGHT_EVICT
 
 
 def _mma_asm(magic: int, kind: str) -> str:
-    # $0-$3 C out, $4-$7 C in, $8 lo word, $9 hi word, $10 / $11 zero pairs (magic + z), $12-$15
-    # the x pairs (j, j+4) for j = 0..3. Early-clobber outputs: the second mma reads $8-$15.
+    # $0-$3 C out, $4-$7 C in, $8 lo word, $9 hi word, $10-$13 the x pairs (j, j+4) for j = 0..3.
+    # A = magic + code (the zero is taken off per group). Early-clobber outputs: the second mma
+    # reads $8-$13.
     lop = f"0x000F000F, {hex(magic * 0x10001)}, 0xea"
-    sub = f"sub.rn.{kind}x2"
     mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32"
     return ("{ .reg .b32 a0, a1, a2, a3, t, u; "
             f"lop3.b32 a0, $8, {lop}; lop3.b32 a1, $9, {lop}; shr.u32 t, $8, 4; shr.u32 u, $9, 4; "
             f"lop3.b32 a2, t, {lop}; lop3.b32 a3, u, {lop}; "
-            f"{sub} a0, a0, $10; {sub} a1, a1, $11; {sub} a2, a2, $10; {sub} a3, a3, $11; "
-            f"{mma} {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{$12, $13}}, {{$4, $5, $6, $7}}; "
+            f"{mma} {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{$10, $11}}, {{$4, $5, $6, $7}}; "
             f"shr.u32 t, $8, 8; shr.u32 u, $9, 8; lop3.b32 a0, t, {lop}; lop3.b32 a1, u, {lop}; "
             f"shr.u32 t, $8, 12; shr.u32 u, $9, 12; lop3.b32 a2, t, {lop}; lop3.b32 a3, u, {lop}; "
-            f"{sub} a0, a0, $10; {sub} a1, a1, $11; {sub} a2, a2, $10; {sub} a3, a3, $11; "
-            f"{mma} {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{$14, $15}}, {{$0, $1, $2, $3}}; }}")
+            f"{mma} {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{$12, $13}}, {{$0, $1, $2, $3}}; }}")
+
+
+def _xsum_asm(one: int, kind: str) -> str:
+    # $0 / $1: C columns 2c / 2c + 1 of the all-ones mmas (every A row the same: x row sums over the
+    # block's 32 inputs, added to $2 / $3), $4-$7 the x pairs as in _mma_asm
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32"
+    o = hex(one * 0x10001)
+    return ("{ .reg .b32 a; .reg .f32 d2, d3; "
+            f"mov.b32 a, {o}; "
+            f"{mma} {{$0, $1, d2, d3}}, {{a, a, a, a}}, {{$4, $5}}, {{$2, $3, $2, $3}}; "
+            f"{mma} {{$0, $1, d2, d3}}, {{a, a, a, a}}, {{$6, $7}}, {{$0, $1, d2, d3}}; }}")
 
 
 # 16-bit float of 2^7 (bf16) / 2^10 (fp16) with a 4-bit code OR-ed into its mantissa = magic + code
@@ -63,6 +74,8 @@ MAGIC_BF16 = tl.constexpr(0x4300)
 MAGIC_F16 = tl.constexpr(0x6400)
 _MMA_BF16 = tl.constexpr(_mma_asm(MAGIC_BF16.value, "bf16"))
 _MMA_F16 = tl.constexpr(_mma_asm(MAGIC_F16.value, "f16"))
+_XSUM_BF16 = tl.constexpr(_xsum_asm(0x3F80, "bf16"))     # 1.0
+_XSUM_F16 = tl.constexpr(_xsum_asm(0x3C00, "f16"))
 # x words (x_2m, x_2m+1), m = 0..3, of one lane's 8 inputs -> the pairs (x_j, x_j+4), j = 0..3
 _PAIRS = tl.constexpr("{ prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632; "
                       "prmt.b32 $2, $5, $7, 0x5410; prmt.b32 $3, $5, $7, 0x7632; }")
@@ -87,12 +100,12 @@ def _lane_c(cc, NW: tl.constexpr):
 
 
 @triton.jit
-def _emulated_mmas(a0, a1, a2, a3, lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW: tl.constexpr, BF16: tl.constexpr):
-    """(interpreter) the two mmas of one block, lane by lane: A row g (lo) / g + 8 (hi) is the
-    codes (minus zero) of the words the 4 lanes (g, c) loaded, B column r the x the 4 lanes (r, c)
+def _emulated_mmas(a0, a1, a2, a3, lo, hi, xw0, xw1, xw2, xw3, NW: tl.constexpr, BF16: tl.constexpr):
+    """(interpreter) the two mmas of one block, lane by lane: A row g (lo) / g + 8 (hi) is
+    magic + the codes of the words the 4 lanes (g, c) loaded, B column r the x the 4 lanes (r, c)
     loaded, each lane c holding 8 inputs; C[i, r] = sum over c of their dots, and lane (g, c) adds
     C[g, 2c], C[g, 2c + 1], C[g + 8, 2c], C[g + 8, 2c + 1] to a0..a3 [L, T]."""
-    MAGIC: tl.constexpr = MAGIC_BF16 if BF16 else MAGIC_F16
+    MF: tl.constexpr = 128.0 if BF16 else 1024.0
     T: tl.constexpr = lo.shape[1]
     clo = tl.zeros([NW, 8, 8, T], tl.float32)                                   # [w, g, r, t]
     chi = tl.zeros([NW, 8, 8, T], tl.float32)
@@ -101,8 +114,8 @@ def _emulated_mmas(a0, a1, a2, a3, lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW: tl.
         for h in tl.static_range(2):
             j: tl.constexpr = 2 * m + h
             xv = tl.reshape(_f16_half(xw, 16 * h, BF16), [NW, 1, 8, 4, 1])     # [w, -, r, c, -]
-            qlo = (((lo >> (4 * j)) & 15) - ((zlo & 0xFFFF) - MAGIC)).to(tl.float32)
-            qhi = (((hi >> (4 * j)) & 15) - ((zhi & 0xFFFF) - MAGIC)).to(tl.float32)
+            qlo = ((lo >> (4 * j)) & 15).to(tl.float32) + MF
+            qhi = ((hi >> (4 * j)) & 15).to(tl.float32) + MF
             clo += tl.sum(tl.reshape(qlo, [NW, 8, 1, 4, T]) * xv, axis=3)
             chi += tl.sum(tl.reshape(qhi, [NW, 8, 1, 4, T]) * xv, axis=3)
     d0, d1 = _lane_c(clo, NW)
@@ -111,22 +124,41 @@ def _emulated_mmas(a0, a1, a2, a3, lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW: tl.
 
 
 @triton.jit
-def _block(a0, a1, a2, a3, lo, hi, zlo, zhi, xw, NW: tl.constexpr, BF16: tl.constexpr):
-    # one 32-input block into the accumulators a0..a3 (C registers per lane and tile) [L, T]
+def _emulated_xsum(s0, s1, xw0, xw1, xw2, xw3, NW: tl.constexpr, BF16: tl.constexpr):
+    # (interpreter) the all-ones mmas: lane (g, c) adds the sums of x rows 2c / 2c + 1 over the
+    # block (what lanes (r, 0..3) loaded) to s0 / s1 [L]
+    xs = tl.zeros([NW, 8, 4], tl.float32)                                       # [w, r, c]
+    for m in tl.static_range(4):
+        xw = xw0 if m == 0 else (xw1 if m == 1 else (xw2 if m == 2 else xw3))
+        xs += tl.reshape(_f16_half(xw, 0, BF16) + _f16_half(xw, 16, BF16), [NW, 8, 4])
+    rs = tl.broadcast_to(tl.reshape(tl.sum(xs, axis=2), [NW, 1, 8, 1]), [NW, 8, 8, 1])
+    d0, d1 = _lane_c(rs, NW)
+    return s0 + tl.reshape(d0, [32 * NW]), s1 + tl.reshape(d1, [32 * NW])
+
+
+@triton.jit
+def _block(a0, a1, a2, a3, s0, s1, lo, hi, xw, NW: tl.constexpr, BF16: tl.constexpr):
+    # one 32-input block into the accumulators a0..a3 (C registers per lane and tile) [L, T], and
+    # the x row sums of its inputs into s0 / s1 (C columns 2c / 2c + 1) [L]
     L: tl.constexpr = 32 * NW
     T: tl.constexpr = lo.shape[1]
     xw0, xw1, xw2, xw3 = xw
     if _PTX:
         p0, p1, p2, p3 = tl.inline_asm_elementwise(_PAIRS, "=r,=r,=r,=r,r,r,r,r", [xw0, xw1, xw2, xw3],
                                                    dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(
-            _MMA_BF16 if BF16 else _MMA_F16, "=&f,=&f,=&f,=&f,f,f,f,f,r,r,r,r,r,r,r,r",
-            [a0, a1, a2, a3, lo, hi, zlo, zhi, tl.broadcast_to(p0[:, None], [L, T]),
+        s0, s1 = tl.inline_asm_elementwise(_XSUM_BF16 if BF16 else _XSUM_F16, "=&f,=&f,f,f,r,r,r,r",
+                                           [s0, s1, p0, p1, p2, p3], dtype=(tl.float32, tl.float32),
+                                           is_pure=True, pack=1)
+        a0, a1, a2, a3 = tl.inline_asm_elementwise(
+            _MMA_BF16 if BF16 else _MMA_F16, "=&f,=&f,=&f,=&f,f,f,f,f,r,r,r,r,r,r",
+            [a0, a1, a2, a3, lo, hi, tl.broadcast_to(p0[:, None], [L, T]),
              tl.broadcast_to(p1[:, None], [L, T]), tl.broadcast_to(p2[:, None], [L, T]),
              tl.broadcast_to(p3[:, None], [L, T])],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
     else:
-        return _emulated_mmas(a0, a1, a2, a3, lo, hi, zlo, zhi, xw0, xw1, xw2, xw3, NW, BF16)
+        a0, a1, a2, a3 = _emulated_mmas(a0, a1, a2, a3, lo, hi, xw0, xw1, xw2, xw3, NW, BF16)
+        s0, s1 = _emulated_xsum(s0, s1, xw0, xw1, xw2, xw3, NW, BF16)
+    return a0, a1, a2, a3, s0, s1
 
 
 @triton.jit
@@ -168,17 +200,17 @@ def _group_x(xw, grp, c, KP, xm):
 
 
 @triton.jit
-def _group_sz(sp, zp, grp, nw, clo, chi, mlo, mhi, ok, HZ: tl.constexpr, GS: tl.constexpr, MAGIC: tl.constexpr):
-    # scales (fp32) and zero pairs (magic + z, both halves) of group grp's lo / hi columns [L, T]
+def _group_sz(sp, zp, grp, nw, clo, chi, mlo, mhi, ok, HZ: tl.constexpr, GS: tl.constexpr, MF: tl.constexpr):
+    # scales and m + z (fp32; m = MF, the magic's value) of group grp's lo / hi columns [L, T]
     srow = ((grp * 128) // GS)[:, None] * nw
     m = ok[:, None]
     slo = tl.load(sp + srow + clo, mask=m & mlo, other=0.0).to(tl.float32)
     shi = tl.load(sp + srow + chi, mask=m & mhi, other=0.0).to(tl.float32)
     if HZ:
-        zlo = (tl.load(zp + srow + clo, mask=m & mlo, other=0).to(tl.int32) | MAGIC) * 0x10001
-        zhi = (tl.load(zp + srow + chi, mask=m & mhi, other=0).to(tl.int32) | MAGIC) * 0x10001
+        zlo = tl.load(zp + srow + clo, mask=m & mlo, other=0).to(tl.float32) + MF
+        zhi = tl.load(zp + srow + chi, mask=m & mhi, other=0).to(tl.float32) + MF
     else:
-        zlo = tl.full(slo.shape, (MAGIC | 8) * 0x10001, tl.int32)
+        zlo = tl.full(slo.shape, MF + 8.0, tl.float32)
         zhi = zlo
     return slo, shi, zlo, zhi
 
@@ -223,7 +255,7 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
     (lanes g = r load it): 8 rows cost what one does but for their x loads and accumulators.
     -> XR 1: y [16T], XR 8: y [8, 16T]; columns: the 8T lo ones, then the 8T hi ones."""
     BF16: tl.constexpr = xrow.dtype.element_ty == tl.bfloat16
-    MAGIC: tl.constexpr = MAGIC_BF16 if BF16 else MAGIC_F16
+    MF: tl.constexpr = 128.0 if BF16 else 1024.0          # the magic's value (MAGIC_BF16 / _F16)
     L: tl.constexpr = 32 * NW
     i = tl.arange(0, L)
     w = i // 32
@@ -247,7 +279,7 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
     gend = k_lo // 128 + tl.minimum((w + 1) * gpw, ng)   # [L]: this warp's groups [grp0, gend)
     # the first group's words and scales before the wait (down side: x comes from the kernel before)
     q = _group_words(qp, grp0, c, nw, tl.where(grp0 < gend, KP, 0), clo, chi, mlo, mhi)
-    sz = _group_sz(sp, zp, grp0, nw, clo, chi, mlo, mhi, grp0 < gend, HZ, GS, MAGIC)
+    sz = _group_sz(sp, zp, grp0, nw, clo, chi, mlo, mhi, grp0 < gend, HZ, GS, MF)
     pdl.wait(PDL)
     tot0 = tl.zeros([L, T], tl.float32)                  # C column 2c of the lo rows
     tot1 = tl.zeros([L, T], tl.float32)                  # 2c + 1 (XR 8 only)
@@ -261,21 +293,24 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
         grp = grp0 + gi + 1
         nxt = grp < gend
         q = _group_words(qp, grp, c, nw, tl.where(nxt, KP, 0), clo, chi, mlo, mhi)
-        sz = _group_sz(sp, zp, grp, nw, clo, chi, mlo, mhi, nxt, HZ, GS, MAGIC)
+        sz = _group_sz(sp, zp, grp, nw, clo, chi, mlo, mhi, nxt, HZ, GS, MF)
         slo, shi, zlo, zhi = csz
         a0 = tl.zeros([L, T], tl.float32)
         a1 = tl.zeros([L, T], tl.float32)
         a2 = tl.zeros([L, T], tl.float32)
         a3 = tl.zeros([L, T], tl.float32)
-        a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[0], cq[1], zlo, zhi, cx[0], NW, BF16)
-        a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[2], cq[3], zlo, zhi, cx[1], NW, BF16)
-        a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[4], cq[5], zlo, zhi, cx[2], NW, BF16)
-        a0, a1, a2, a3 = _block(a0, a1, a2, a3, cq[6], cq[7], zlo, zhi, cx[3], NW, BF16)
-        tot0 += a0 * slo
-        tot2 += a2 * shi
+        s0 = tl.zeros([L], tl.float32)                   # sums of x rows 2c / 2c + 1 over the group
+        s1 = tl.zeros([L], tl.float32)
+        a0, a1, a2, a3, s0, s1 = _block(a0, a1, a2, a3, s0, s1, cq[0], cq[1], cx[0], NW, BF16)
+        a0, a1, a2, a3, s0, s1 = _block(a0, a1, a2, a3, s0, s1, cq[2], cq[3], cx[1], NW, BF16)
+        a0, a1, a2, a3, s0, s1 = _block(a0, a1, a2, a3, s0, s1, cq[4], cq[5], cx[2], NW, BF16)
+        a0, a1, a2, a3, s0, s1 = _block(a0, a1, a2, a3, s0, s1, cq[6], cq[7], cx[3], NW, BF16)
+        # (m + q) x summed -> (q - z) x: minus (m + z) sum x, per row and group
+        tot0 += (a0 - zlo * s0[:, None]) * slo
+        tot2 += (a2 - zhi * s0[:, None]) * shi
         if XR > 1:
-            tot1 += a1 * slo
-            tot3 += a3 * shi
+            tot1 += (a1 - zlo * s1[:, None]) * slo
+            tot3 += (a3 - zhi * s1[:, None]) * shi
     if XR > 1:     # [8, 8T] each -> [8, 16T]
         y = tl.reshape(tl.permute(tl.join(_lane_rows(tot0, tot1, NW), _lane_rows(tot2, tot3, NW)), (0, 2, 1)),
                        (8, 16 * T))
