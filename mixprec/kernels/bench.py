@@ -274,6 +274,10 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
         for BN, w, st, t in ((64, 4, 3, 1), (64, 4, 3, 2), (128, 4, 3, 1), (64, 4, 5, 2)):
             gemm(b, BN, w, st, target=t * S)
         gemm(b // 2, 64, 4, 4)
+        # narrower tiles, more of them in flight (the decode steps of batch 32-64 spend 2x the fp8
+        # attention weights' copy time in these GEMMs, session 38): BN 32, deeper pipelines, 2 warps
+        for BN, w, st, t in ((32, 4, 4, 2), (32, 4, 4, 4), (32, 2, 4, 4), (64, 4, 4, 4), (64, 8, 4, 2)):
+            gemm(b, BN, w, st, target=t * S)
     else:
         for BM, BN, w, st in ((64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 4, 3)):
             gemm(BM, BN, w, st, target=S)
