@@ -15,8 +15,9 @@ line per M with each candidate's µs and the winner. GPU only.
     python scripts/sweep_moe_dot.py --f16 --grid "" --tokens 1,2,4 --configs fp8,rt_mixed   (pick vs pick + f16)
 
 --grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]][,KEY=VALUE...]" (BM 16, 128-wide K
-tiles unless given; KEY: another key of a moe_configs row, e.g. BKQ=256 or mma=1; DBN / DW: the
-down side's BN / warps where they differ from the gate/up side's);
+tiles unless given; KEY: another key of a moe_configs row, e.g. BKQ=256 or mma=1, or maxnreg=96
+(ptxas's register cap, both sides); DBN / DW: the down side's BN / warps where they differ from the
+gate/up side's);
 --down-grid times the grid's candidates on the down side alone (the gate/up side as picked);
 --old-rows adds the session-4 M <= 128 dot row (BN 128, 64-wide dense / int8 K tiles) with and
 without 128-wide K tiles. Layer mixes: moe_bench.CONFIGS (`rt_mixed`: the runtime's `mixed`

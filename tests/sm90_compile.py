@@ -150,7 +150,7 @@ pdl_compiled: set = set()   # kernels also compiled with PDL=True (once each: th
 
 
 def compile_only(self, *args, grid, warmup, **kwargs):
-    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     kwargs.pop("launch_pdl", None)
     _compile(self, args, kwargs, opts)
     # the programmatic-dependent-launch code (griddepcontrol wait / launch_dependents) is only

@@ -667,7 +667,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         kern[(g0, cdiv(inter, cu["BN"]), nz)](
             xg, *q_up, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
             SUM=False, ZMISS=False, XPAIR=perms is not None, num_warps=cu["num_warps"], num_stages=cu["num_stages"],
-            **pdl.launch_kw(x))
+            **_reg_cap(cu), **pdl.launch_kw(x))
     kern, g0, lead_dn, shape_kw = side(path_dn, 1)
     q_dn = act_quant(act, *_w8a8_kinds(down_side))
     for gi, grp in enumerate(down_groups):
@@ -678,8 +678,15 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         kern[(g0, nt_down, nz)](
             a_in, *q_dn, *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
             SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
-            num_warps=cd["num_warps"], num_stages=cd["num_stages"], **pdl.launch_kw(x))
+            num_warps=cd["num_warps"], num_stages=cd["num_stages"], **_reg_cap(cd), **pdl.launch_kw(x))
     return out
+
+
+def _reg_cap(c: dict) -> dict:
+    # a config's optional "maxnreg" (ptxas's register limit per thread): more programs resident per
+    # SM at the price of spills; the 30B's 64-token int4 launches are latency-bound at 128
+    # registers, 16 one-warp programs per SM (session 38, ncu). No library row sets it: for sweeps.
+    return {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
 
 
 def _zero_copy(buckets: list[dict], x: Tensor) -> bool:
