@@ -240,7 +240,8 @@ def test_int4_gemv_mma(G, asym, K):
     mma.sync; the interpreter computes the mmas from what each lane loaded): equal to the
     reference for groups 128 / 256 / -1, sym / asym, N = 72 against 32 / 64 columns per program
     (partial last tiles), M = 1 (one row per program), 3 (rows past M), 8 and 11 (a second
-    program of rows), split K and not, rows of very large, very small and all-positive activations. Where the
+    program of rows), split K and not, rows of very large, very small and all-positive activations
+    (the last: the tile's (m + z) * sum(x) correction cancels most of its sums' bits). Where the
     tiles cannot run (act-order, group 32, fp32 x, rows not 4-byte aligned, N not a multiple of
     4, qweight not 16-byte aligned) the config runs the word loops, still equal to the reference. (On the GPU a 72-column
     weight once ran the mmas in the wrong layout: tests/sm90_compile.py now checks it.)"""
@@ -253,7 +254,7 @@ def test_int4_gemv_mma(G, asym, K):
         x = xin(11, K, torch.float32, seed=21)
         x[1] *= 2000.0 if dtype == torch.bfloat16 else 20.0
         x[2] *= 1e-3
-        x[4] = x[4].abs() + 3.0      # all positive: the tile's (m + z) * sum(x) term cancels most bits
+        x[4] = x[4].abs() + 3.0
         x = x.to(dtype)
         ref = intq_linear_reference(x, qw, sc, z, None, 4, G)
         assert mma_fits(4, gs, None, x, qw, 32) and mma_fits(4, gs, None, x, qw, 64)

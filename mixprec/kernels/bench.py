@@ -274,8 +274,8 @@ def candidates(kind: str, M: int, N: int, K: int) -> list[dict]:
         for BN, w, st, t in ((64, 4, 3, 1), (64, 4, 3, 2), (128, 4, 3, 1), (64, 4, 5, 2)):
             gemm(b, BN, w, st, target=t * S)
         gemm(b // 2, 64, 4, 4)
-        # narrower tiles, more of them in flight (the decode steps of batch 32-64 spend 2x the fp8
-        # attention weights' copy time in these GEMMs, session 38): BN 32, deeper pipelines, 2 warps
+        # narrower tiles, more of them in flight (the fp8 GEMMs of batch 32-64 decode steps ran at
+        # 18-27% of copy bandwidth on the 30B shapes, session 38): BN 32, deeper pipelines, 2 warps
         for BN, w, st, t in ((32, 4, 4, 2), (32, 4, 4, 4), (32, 2, 4, 4), (64, 4, 4, 4), (64, 8, 4, 2)):
             gemm(b, BN, w, st, target=t * S)
     else:

@@ -72,6 +72,8 @@ def _xsum_asm(one: int, kind: str) -> str:
 # 16-bit float of 2^7 (bf16) / 2^10 (fp16) with a 4-bit code OR-ed into its mantissa = magic + code
 MAGIC_BF16 = tl.constexpr(0x4300)
 MAGIC_F16 = tl.constexpr(0x6400)
+MF_BF16 = tl.constexpr(128.0)      # their values, m
+MF_F16 = tl.constexpr(1024.0)
 _MMA_BF16 = tl.constexpr(_mma_asm(MAGIC_BF16.value, "bf16"))
 _MMA_F16 = tl.constexpr(_mma_asm(MAGIC_F16.value, "f16"))
 _XSUM_BF16 = tl.constexpr(_xsum_asm(0x3F80, "bf16"))     # 1.0
@@ -105,7 +107,7 @@ def _emulated_mmas(a0, a1, a2, a3, lo, hi, xw0, xw1, xw2, xw3, NW: tl.constexpr,
     magic + the codes of the words the 4 lanes (g, c) loaded, B column r the x the 4 lanes (r, c)
     loaded, each lane c holding 8 inputs; C[i, r] = sum over c of their dots, and lane (g, c) adds
     C[g, 2c], C[g, 2c + 1], C[g + 8, 2c], C[g + 8, 2c + 1] to a0..a3 [L, T]."""
-    MF: tl.constexpr = 128.0 if BF16 else 1024.0
+    MF: tl.constexpr = MF_BF16 if BF16 else MF_F16
     T: tl.constexpr = lo.shape[1]
     clo = tl.zeros([NW, 8, 8, T], tl.float32)                                   # [w, g, r, t]
     chi = tl.zeros([NW, 8, 8, T], tl.float32)
@@ -255,7 +257,7 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
     (lanes g = r load it): 8 rows cost what one does but for their x loads and accumulators.
     -> XR 1: y [16T], XR 8: y [8, 16T]; columns: the 8T lo ones, then the 8T hi ones."""
     BF16: tl.constexpr = xrow.dtype.element_ty == tl.bfloat16
-    MF: tl.constexpr = 128.0 if BF16 else 1024.0          # the magic's value (MAGIC_BF16 / _F16)
+    MF: tl.constexpr = MF_BF16 if BF16 else MF_F16
     L: tl.constexpr = 32 * NW
     i = tl.arange(0, L)
     w = i // 32
