@@ -258,6 +258,11 @@ def drive() -> None:
     for bn, dbn in ((32, 64), (16, 32)):
         up = dict(mc.DOT[0][1], BM=8, BN=bn, num_stages=1, mma=True)
         moe.fused_moe(xs, ids, w, b, I, config=("dot", up, dict(up, BN=dbn)))
+    # and beside fp8 / int8 / bf16 slots (their dots on 16 rows; no library row yet), one warp
+    up = dict(mc.DOT[0][1], BM=8, BN=32, num_stages=1, mma=True, num_warps=1)
+    for specs in (mt.split(["int4", "fp8"], E), [("int4", "fp8", "bf16"), ("int4",) * 3, ("int8",) * 3] * 3):
+        bm = mt.build_buckets(specs[:E], H, I, dtype=torch.bfloat16, device="cpu", seed=0)
+        moe.fused_moe(xs, ids, w, bm, I, config=("dot", up, dict(up, BN=64)))
 
     for N, K in ((5120, 2048), (2048, 768)):
         for M in (1, 2, 4, 40, 200):   # 4: the tuned BN-128 8-warp row, with group 32 on per-field dots;

@@ -860,16 +860,39 @@ def test_int4_dot_mma_blocks(specs, h, i, bn, dbn, split, m):
         _check(b, *_inputs(m, h=h, seed=80, dtype=dtype), inter=i, config=("dot", up, "dot", down))
 
 
+@pytest.mark.parametrize("specs,bn,dbn,split,m", [
+    (["int4", "fp8", "fp8_w8a16"], 32, 64, 1, 9),          # gate and up in one loop (int4 + fp8)
+    ([("int4", "fp8", "bf16"), ("int4",) * 3, "int8", "int8_w8a16"], 32, 64, 1, 11),  # per projection; halves
+    (["int4_asym", "fp8", "bf16"], 32, 64, 2, 9)])         # K split
+def test_mixed_dot_mma_blocks(specs, bn, dbn, split, m):
+    """A dot row with "mma" (BM 8) on a layer mixing int4 with fp8 (W8A8, W8A16), int8 and bf16
+    experts, or projections of one expert in different formats: int4 slots on the mma tiles, the
+    others' dots on 16 rows of which the block's 8 count (moe_triton._rows16); equal to the
+    reference, in bf16 on the GPU too. (Checked to fail, in the interpreter, with the second 8
+    rows left unmasked.)"""
+    up = dict(BM=8, BN=bn, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=1, num_stages=1, mma=True, split=split)
+    down = dict(up, BN=dbn)
+    specs = [s if isinstance(s, tuple) else (s, s, s) for s in specs]
+    for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
+        b = _layer([specs[e % len(specs)] for e in range(E)], h=256, i=128, dtype=dtype, seed=7)
+        x = _inputs(m, h=256, seed=90, dtype=dtype)
+        assert moe._mma_dot_fits([bk for bk in b if bk["proj"] != "down"], up, 256, m, x[0], 256, 128, True)
+        assert moe._mma_dot_fits([bk for bk in b if bk["proj"] == "down"], down, 128, m, x[0], 256, 128, False)
+        _check(b, *x, inter=128, config=("dot", up, "dot", down))
+
+
 def test_int4_dot_mma_rows_fall_back_where_the_tiles_do_not_fit(monkeypatch):
-    """A BM-8 mma dot row on a side the tiles cannot run (group 32, an int8 or fp8 bucket, fp32 x,
-    act-order read through perm below PERMUTE_PAIRS_MIN_M tokens, BN not 2 or 4 tiles per lane)
-    takes the BM-16 dot row; the result still equals the reference."""
+    """A BM-8 mma dot row on a side the tiles cannot run (int4 of group 32, 8-bit intq codes, fp32
+    x, act-order read through perm below PERMUTE_PAIRS_MIN_M tokens, BN not 2 or 4 tiles per
+    lane) takes the BM-16 dot row; the result still equals the reference. fp8 / int8 buckets
+    beside int4 fit (test_mixed_dot_mma_blocks)."""
     up = dict(BM=8, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, mma=True)
     x = torch.zeros(3, 256, dtype=torch.float16)
     for specs, bn, dtype, fits in ((["int4", "int4_asym"], 32, torch.float16, True),
                                    (["int4", "int4_g32"], 32, torch.float16, False),
                                    (["int4", "int8q"], 32, torch.float16, False),
-                                   (["int4", "fp8"], 32, torch.float16, False),
+                                   (["int4", "fp8"], 32, torch.float16, True),
+                                   (["int4", "int8", "bf16"], 32, torch.float16, True),
                                    (["int4"], 32, torch.float32, False),
                                    (["int4", "int4_perm"], 32, torch.float16, False),
                                    (["int4"], 64, torch.float16, False)):

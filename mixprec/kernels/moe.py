@@ -456,30 +456,31 @@ def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv:
         return False
     if gemv:
         return cfg.get("gu", False)
-    if cfg.get("mma"):      # 8-row mma tiles (int4 slots only: _mma_dot_fits)
-        return True
+    layouts = {_layout_of(c) for c, _, _ in descs}
+    if cfg.get("mma"):      # 8-pair blocks: int4 on the mma tiles, fp8 on 16-row dots (_dot_slot_gu)
+        return layouts <= {_INTQ, _FP8}
     if cfg.get("BM") != 16:
         return False
-    layouts = {_layout_of(c) for c, _, _ in descs}
     if layouts == {_INTQ}:     # 4-bit codes (bit 7 clear), every tile inside one group
         return bkq >= 128 and all(not c & CODE_INT8 and G % bkq == 0 for c, G, _ in descs)
     return layouts == {_FP8} and tokens <= moe_configs.DOT_GATE_UP_FP8_MAX_M
 
 
 def _mma_dot_fits(side: list[dict], cfg: dict, K: int, M: int, x: Tensor, hidden: int, inter: int, up: bool) -> bool:
-    """Whether a dot row with "mma" (BM 8: every slot on gemv_mma's tiles, the block's pairs as
-    the mma's 8 B columns) can run this side's buckets of input width K: each one int4 as
-    intq.mma_takes has it for the tile's 16T columns (8T gate and 8T up rows where they run in one
-    loop), act-order only where the input is permuted per pair, and widths a multiple of 4. Else
-    fused_moe takes the BM-16 dot row."""
+    """Whether a dot row with "mma" (BM 8: int4 slots on gemv_mma's tiles, the block's pairs as
+    the mma's 8 B columns; other layouts on 16-row dots, 8 rows masked off) can run this side's
+    buckets of input width K: every int4 one as intq.mma_takes has it for the tile's 16T columns
+    (8T gate and 8T up rows where they run in one loop), act-order only where the input is
+    permuted per pair, and widths a multiple of 4. Else fused_moe takes the BM-16 dot row."""
     if hidden % 4 or inter % 4:
         return False
-    gu = up and cfg.get("split", 1) == 1 and all(b["proj"] == "gate_up" for b in side)
+    gu = (up and cfg.get("split", 1) == 1 and all(b["proj"] == "gate_up" for b in side)
+          and {b["layout"] for b in side} <= {"intq", "fp8"})     # as _gate_up_fused
     width = 2 * cfg["BN"] if gu else cfg["BN"]
     permuted = _pair_perms(side, K, M) is not None     # then the codes are read in K order
     for b in side:
         if b["layout"] != "intq":
-            return False
+            continue
         bits, G = _intq_params(b.get("params", {}), K, "")
         if not mma_takes(bits, G, "perm" in b["tensors"] and not permuted, x.dtype, inter, width):
             return False

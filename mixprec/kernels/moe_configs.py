@@ -25,9 +25,10 @@ rows share a scale row likewise (moe_triton._gemv_fp8_words) and int8 W8A8 slots
 23): fp8 gate/up 423 -> 173, down 239 -> 102; int8 gate/up 173 -> 45, down 98 -> 36; the rows that
 set it were timed in session 24 (GEMV_M1's note). `mma` (GEMV configs, BN 16 / 32 gate/up rows or
 32 / 64 down rows): int4 slots of 128-input groups on the tensor cores (gemv_mma; ~16 instructions
-per int4 word against the fp16 loop's ~27, fp32 accumulation). `mma` on a dot row (BM 8, int4
-layers only: DOT_INTQ_MMA): each block of 8 pairs on the same tiles, the pairs as the mma's 8
-columns.
+per int4 word against the fp16 loop's ~27, fp32 accumulation). `mma` on a dot row (BM 8; rows for
+int4 layers only: DOT_INTQ_MMA): each block of 8 pairs on the same tiles, the pairs as the mma's 8
+columns; in a layer that mixes int4 with fp8 / int8 / bf16 the other slots run their dots on 16
+rows, 8 of them masked off (no row takes that yet: untimed, session 38).
 """
 from __future__ import annotations
 

@@ -724,25 +724,60 @@ def _dot_slot(acc, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_l
                 else:
                     acc = _dot_intq(acc, arow, rm, qe, se, ze, pe, row0, nw, rs, n_lim, n0, k_lo, k_hi,
                                     BITS, G, HZ, HP, BN, BKQ)
-            elif LAY == _FP8:
-                we, se = _fp8_expert(w, s, loc, nw, K, G, B)
-                acc = _dot_nk(acc, arow, qrow, srow, rm, we, se, z,
-                              row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, BM, BN, BKF)
-            elif LAY == _INT8:
-                acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s + loc * nw, z + loc * nw,
-                              row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BM, BN, BKI)
+            elif MMA > 0:   # another layout in an 8-pair block: its dot on 16 rows, 8 masked off
+                a16, q16, s16, m16 = _rows16(arow, qrow, srow, rm)
+                acc += _fold16(_dot_other(tl.zeros([16, BN], dtype=tl.float32), a16, q16, s16, m16, w, s, z, loc,
+                                          row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, G, B, 16, BN,
+                                          BKD, BKF, BKI))
             else:
-                acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s, z,
-                              row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, 0, 0, 1, 1, BM, BN, BKD)
+                acc = _dot_other(acc, arow, qrow, srow, rm, w, s, z, loc, row0, nw, K, n_lim, n0, k_lo, k_hi,
+                                 LAY, ACT, HZ, G, B, BM, BN, BKD, BKF, BKI)
         found = tl.maximum(found, (loc32 >= 0).to(tl.int32))
     return acc, found
+
+
+@triton.jit
+def _dot_other(acc, arow, qrow, srow, rm, w, s, z, loc, row0, nw, K, n_lim, n0, k_lo, k_hi,
+               LAY: tl.constexpr, ACT: tl.constexpr, HZ: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr, BKF: tl.constexpr, BKI: tl.constexpr):
+    # an fp8 / int8 / dense slot's rows of expert slot loc into acc [BM, BN]
+    if LAY == _FP8:
+        we, se = _fp8_expert(w, s, loc, nw, K, G, B)
+        acc = _dot_nk(acc, arow, qrow, srow, rm, we, se, z, row0, nw, K, n_lim, n0, k_lo, k_hi,
+                      LAY, ACT, HZ, G, B, BM, BN, BKF)
+    elif LAY == _INT8:
+        acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s + loc * nw, z + loc * nw,
+                      row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, ACT, HZ, 1, 1, BM, BN, BKI)
+    else:
+        acc = _dot_nk(acc, arow, qrow, srow, rm, w + loc * (nw * K), s, z,
+                      row0, nw, K, n_lim, n0, k_lo, k_hi, LAY, 0, 0, 1, 1, BM, BN, BKD)
+    return acc
+
+
+@triton.jit
+def _rows16(arow, qrow, srow, rm):
+    """An 8-pair block's rows (x, W8A8 codes, scales, mask; [8] each) as 16 for tl.dot, which takes
+    16 rows at least: the 8 twice, the second copy masked off (its loads give zeros)."""
+    first = tl.reshape(tl.broadcast_to((tl.arange(0, 2) == 0)[:, None], (2, 8)), (16,))
+    return _twice(arow), _twice(qrow), _twice(srow), _twice(rm) & first
+
+
+@triton.jit
+def _twice(v):
+    return tl.reshape(tl.broadcast_to(v[None, :], (2, 8)), (16,))
+
+
+@triton.jit
+def _fold16(acc16):
+    # [16, BN] of _rows16's rows (the second 8 zero) -> [8, BN]
+    return tl.sum(tl.reshape(acc16, (2, 8, acc16.shape[1])), axis=0)
 
 
 @triton.jit
 def _dot_slot_gu(accg, accu, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, k_lo, k_hi, w, s, z, pm, mp, rs,
                  C: tl.constexpr, G: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, BKF: tl.constexpr,
                  BKQ: tl.constexpr, MMA: tl.constexpr):
-    """Gate and up tiles of one gate_up slot (int4 on the per-field tiles, or fp8) in one K loop;
+    """Gate and up tiles of one gate_up slot (int4 on the per-field or mma tiles, or fp8) in one K loop;
     found: 0/1, some slot holds the expert (then both halves)."""
     LAY: tl.constexpr = C % 4
     ACT: tl.constexpr = (C // 4) % 2
@@ -765,8 +800,15 @@ def _dot_slot_gu(accg, accu, found, arow, alane, qrow, srow, rm, e, n0, K, INTER
                                           G, HZ, HP, BN, BKQ)
         else:
             we, se = _fp8_expert(w, s, loc, nw, K, G, B)
-            accg, accu = _dot_fp8_gu(accg, accu, arow, qrow, srow, rm, we, se, K, INTER, n0, k_lo, k_hi,
-                                     ACT, G, B, BN, BKF)
+            if MMA > 0:     # fp8 in an 8-pair block: its dots on 16 rows, 8 masked off (_rows16)
+                a16, q16, s16, m16 = _rows16(arow, qrow, srow, rm)
+                g16, u16 = _dot_fp8_gu(tl.zeros([16, BN], dtype=tl.float32), tl.zeros([16, BN], dtype=tl.float32),
+                                       a16, q16, s16, m16, we, se, K, INTER, n0, k_lo, k_hi, ACT, G, B, BN, BKF)
+                accg += _fold16(g16)
+                accu += _fold16(u16)
+            else:
+                accg, accu = _dot_fp8_gu(accg, accu, arow, qrow, srow, rm, we, se, K, INTER, n0, k_lo, k_hi,
+                                         ACT, G, B, BN, BKF)
     return accg, accu, tl.maximum(found, (loc32 >= 0).to(tl.int32))
 
 
@@ -850,9 +892,10 @@ def _moe_dot_kernel(x_ptr, q_ptr, qs_ptr, NQS, sorted_ptr, blk_ptr, rw_ptr, out_
     arrive (counter ucnt, left zero) applies silu * mul; DOWN programs write buf row p * SPLIT + z
     and the token's sum takes TOPK * SPLIT rows, as on the GEMV path. GU: the UP programs run gate
     and up in one K loop (_dot_gate_up). XPAIR: as in _moe_gemv_kernel. MMA (a dot config's "mma",
-    BM 8; the kernel's warp count, 0: off): every slot is int4 of 128-input groups (moe._mma_dot_fits)
-    and runs gemv_mma's tiles, the block's 8 pairs as the mma's 8 B columns: a lane loads the x
-    row of the pair lane_rows names, so the weights are read and dequantized once per block."""
+    BM 8; the kernel's warp count, 0: off): int4 slots (of 128-input groups: moe._mma_dot_fits) run
+    gemv_mma's tiles, the block's 8 pairs as the mma's 8 B columns: a lane loads the x row of the
+    pair lane_rows names, so the weights are read and dequantized once per block; fp8 / int8 /
+    dense slots run their dots on 16 rows, the block's 8 and 8 masked off (_rows16)."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     b = tl.program_id(0)
     t = tl.program_id(1)
