@@ -121,9 +121,8 @@ def _mma_layout_problem(ttgir: str) -> str:
         m = re.search(r"-> tensor<(\d+)x(\d+)xf32, (#\w+)>", line)
         if m:
             rows, T, name = int(m.group(1)), int(m.group(2)), m.group(3)
-            want = f"sizePerThread = [1, {T}], threadsPerWarp = [32, 1], warpsPerCTA = [{rows // 32}, 1]"
-            if want not in layouts.get(name, ""):
-                return f"mma asm on layout {layouts.get(name, name)}, needs {want}"
+            if not _lane_rows_layout(layouts.get(name, ""), rows // 32, T):
+                return f"mma asm on layout {layouts.get(name, name)}, needs {_lane_rows_want(rows // 32, T)}"
             continue
         # the x-sum mmas: [L] per lane, row i in lane i % 32 of warp i // 32 (a blocked layout of
         # its own, or the T columns of a [L, T] one sliced away)
@@ -134,13 +133,24 @@ def _mma_layout_problem(ttgir: str) -> str:
         nw = rows // 32
         par = re.search(r"#ttg\.slice<\{dim = 1, parent = (#\w+)\}>", lay)
         if par:
-            ok = re.search(rf"sizePerThread = \[1, \d+\], threadsPerWarp = \[32, 1\], warpsPerCTA = \[{nw}, 1\]",
-                           layouts.get(par.group(1), ""))
+            ok = _lane_rows_layout(layouts.get(par.group(1), ""), nw)
         else:
             ok = f"sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [{nw}]" in lay
         if not ok:
             return f"mma asm on [L] layout {lay}, needs row i in lane i % 32 of warp i // 32"
     return ""
+
+
+def _lane_rows_want(nw: int, T) -> str:
+    return f"sizePerThread = [1, {T}], threadsPerWarp = [32, 1], warpsPerCTA = [{nw}, 1]"
+
+
+def _lane_rows_layout(layout: str, nw: int, T: int | None = None) -> bool:
+    """Whether a [32 nw, T] layout puts row i in lane i % 32 of warp i // 32, T consecutive
+    columns per thread (T None: any T)."""
+    if T is not None:
+        return _lane_rows_want(nw, T) in layout
+    return re.search(re.escape(_lane_rows_want(nw, "@")).replace("@", r"\d+"), layout) is not None
 
 
 SM90_SHARED = 232448      # bytes of shared memory one block may use on an H100 / H200 (227 KB)

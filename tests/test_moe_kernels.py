@@ -1053,4 +1053,3 @@ def test_batch1_rows_at_listed_hidden_sizes(name, h):
     assert path_up == path_dn == "gemv" and cu["gu"]
     assert cu == mc.GEMV_M1[(mc.side_key(up), h)] and cd == mc.GEMV_M1_DOWN[(mc.side_key(dn), h)]
     _check(b, *_inputs(1, h=h, seed=61), inter=i)
-

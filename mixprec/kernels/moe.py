@@ -47,6 +47,9 @@ from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_
 PROJ_CODE = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
 LAYOUT_CODE = {"dense": 0, "fp8": 1, "intq": 2, "int8": 3}
 _FP8, _INTQ = LAYOUT_CODE["fp8"], LAYOUT_CODE["intq"]
+# 8-pair (mma) blocks run gate and up in one K loop where every slot is one of these layouts
+# (int4 on the mma tiles, fp8 on 16-row dots: moe_triton._dot_slot_gu)
+_MMA_GU_LAYOUTS = frozenset({_INTQ, _FP8})
 # the other fields of a slot description (moe_triton's module docstring; its kernels decode C)
 CODE_A8, CODE_ZERO, CODE_PERM, CODE_INT8, CODE_FOLD = 1 << 2, 1 << 3, 1 << 4, 1 << 7, 1 << 8
 PROJ_SHIFT = 5      # bits 5-6
@@ -457,8 +460,8 @@ def _gate_up_fused(descs: list[tuple[int, int, int]], cfg: dict, bkq: int, gemv:
     if gemv:
         return cfg.get("gu", False)
     layouts = {_layout_of(c) for c, _, _ in descs}
-    if cfg.get("mma"):      # 8-pair blocks: int4 on the mma tiles, fp8 on 16-row dots (_dot_slot_gu)
-        return layouts <= {_INTQ, _FP8}
+    if cfg.get("mma"):
+        return layouts <= _MMA_GU_LAYOUTS
     if cfg.get("BM") != 16:
         return False
     if layouts == {_INTQ}:     # 4-bit codes (bit 7 clear), every tile inside one group
@@ -475,7 +478,7 @@ def _mma_dot_fits(side: list[dict], cfg: dict, K: int, M: int, x: Tensor, hidden
     if hidden % 4 or inter % 4:
         return False
     gu = (up and cfg.get("split", 1) == 1 and all(b["proj"] == "gate_up" for b in side)
-          and {b["layout"] for b in side} <= {"intq", "fp8"})     # as _gate_up_fused
+          and {LAYOUT_CODE[b["layout"]] for b in side} <= _MMA_GU_LAYOUTS)     # as _gate_up_fused
     width = 2 * cfg["BN"] if gu else cfg["BN"]
     permuted = _pair_perms(side, K, M) is not None     # then the codes are read in K order
     for b in side:
