@@ -12,7 +12,8 @@ tests/test_sm90_compile.py in a fresh process (kernels must not be in interprete
 compiled; 1: a kernel failed (listed); 77: the toolchain cannot compile a trivial kernel here (skip).
 
 `MIXPREC_SM90_REGS=1 python tests/sm90_compile.py` also prints, per compiled kernel, ptxas's
-registers and spills: an occupancy check for kernel work without a GPU. `MIXPREC_SM90_DUMP=DIR`
+registers and spills: an occupancy check for kernel work without a GPU. `MIXPREC_SM90_PDL_ALL=1`
+compiles every specialization a second time with PDL on (else the first of each kernel only). `MIXPREC_SM90_DUMP=DIR`
 writes each specialization's TTGIR, PTX and cubin (`cuobjdump -sass` from Triton's bin folder reads the
 latter) with its launch key, so a kernel change can be compared instruction by instruction
 (shared-memory round trips, PRMT, MMA counts) on the real launches before any device run. Layouts
@@ -165,7 +166,7 @@ def compile_only(self, *args, grid, warmup, **kwargs):
     _compile(self, args, kwargs, opts)
     # the programmatic-dependent-launch code (griddepcontrol wait / launch_dependents) is only
     # compiled for CUDA tensors: once per kernel, its first launch again with PDL on
-    if "PDL" in self.arg_names and self.__name__ not in pdl_compiled:
+    if "PDL" in self.arg_names and (self.__name__ not in pdl_compiled or os.environ.get("MIXPREC_SM90_PDL_ALL")):
         pdl_compiled.add(self.__name__)
         c = _compile(self, args, dict(kwargs, PDL=True), opts)
         if c is not None and "griddepcontrol.wait" not in c.asm["ptx"]:
