@@ -277,13 +277,17 @@ def test_whole_model_with_kernels_equals_reference_on_cpu(tmp_path, n_prompts):
 
 
 def test_early_triggers_only_where_pdl_allows():
-    """kernels/pdl.py: only the RMSNorm, the MoE gate/up GEMV (after its own wait) and the decode
-    attention let their successor start early. The decode attention reads the KV cache and the
+    """kernels/pdl.py: only the RMSNorm, the MoE gate/up GEMV (after its own wait), the decode
+    attention and, inside pdl.early_trigger() (the decode o_proj), the fp8 GEMV let their successor
+    start early. The decode attention reads the KV cache and the
     positions before its wait (ONE_TILE), which is safe only while the qkv linears before it do
     not trigger: a launch_dependents added to any other kernel or shared tile function fails here."""
     import importlib
     import inspect
+    import pathlib
     import pkgutil
+
+    import mixprec
     import mixprec.kernels
     from triton.runtime.jit import KernelInterface    # JITFunction, or the interpreter's stand-in
     found = set()
@@ -293,4 +297,36 @@ def test_early_triggers_only_where_pdl_allows():
         for attr, fn in vars(mod).items():
             if isinstance(fn, KernelInterface) and "launch_dependents(" in inspect.getsource(fn.fn):
                 found.add(attr)
-    assert found == {"_rms_norm_kernel", "_moe_gemv_kernel", "_decode_attn_kernel"}
+    # the fp8 GEMV's tiles trigger only under EARLY: inside pdl.early_trigger(), which only the
+    # decode o_proj takes (test_decode_o_proj_alone_triggers_early)
+    assert found == {"_rms_norm_kernel", "_moe_gemv_kernel", "_decode_attn_kernel", "_gemv_f32", "_gemv_f16_words"}
+    from mixprec.kernels import fp8
+    for fn in (fp8._gemv_f32, fp8._gemv_f16_words):
+        assert "if EARLY:\n        pdl.launch_dependents(PDL)" in inspect.getsource(fn.fn)
+    root = pathlib.Path(mixprec.__file__).parent
+    users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "early_trigger()" in p.read_text())
+    assert users == ["kernels/pdl.py", "layers/attention.py"]
+
+
+def test_decode_o_proj_alone_triggers_early(tmp_path):
+    """pdl.early_trigger() holds while the decode o_proj launches (its successor, the norm / router,
+    reads only weights before its wait), not during prefill, and not after an exception."""
+    import contextlib
+
+    import mixprec
+    from mixprec.kernels import pdl
+    from mixprec.testing.fixtures import make_fixture
+    path = make_fixture(tmp_path, formats=["bf16"], layers=1, mlp_only_layers=())["bf16"]
+    model = mixprec.load(path, device=DEV, dtype="float16" if not CUDA else "bfloat16", progress=False)
+    seen = []
+    model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape[1], pdl.early())))
+    ids = torch.tensor([[11, 42, 7, 300, 5]], device=DEV)
+    pos = torch.arange(5, device=DEV)[None]
+    with torch.inference_mode(), (contextlib.nullcontext() if CUDA else interpreter_kernels()):
+        cache = model.make_cache(1, 16)
+        model(ids[:, :4], positions=pos[:, :4], cache=cache)
+        model(ids[:, 4:], positions=pos[:, 4:], cache=cache)
+    assert seen == [(4, False), (1, True)] and not pdl.early()
+    with pytest.raises(RuntimeError), pdl.early_trigger():
+        raise RuntimeError
+    assert not pdl.early()

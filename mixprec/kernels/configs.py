@@ -162,7 +162,12 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # That int4 tune ran before the tile's zero folding (gemv_mma, the same session), which both sides of
 # the two mma-against-mma rows take. Left out: winners that move a row onto the mma tiles where GPTQ's
 # sym was not timed (235B o_proj M=1 +21%, down M=16 +21%, 30B qkv M=16 +7%; session 36 saw sym lose
-# at the first two). Not timed in decode (no device time left that session).
+# at the first two). In decode (session 39, 16-layer 30B int4 experts + fp8 attention, batch 32 / 64,
+# old / new alternated twice; runtime/session39_tuned_rows_ab_h200.log): -0.0% / +0.5%.
+# Session 39 (same H200 kind and versions, 2026-11-29): `--tune --ms 1 --shapes 235B,30B --variants
+# "fp8 blk w8a8" --baselines bf16 --budget-s 140` (linear_raw/session39_tune_fp8_w8a8_m1_deep_h200.*):
+# one row, 30B qkv M=1 5.38 -> 5.02 µs (BN 8 over 1024-wide K tiles); in decode only together with
+# the o_proj's early trigger (pdl.early_trigger; 30B batch 1 +2.4% for both).
 TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a16", 1, 151936, 2048): cfg("gemv", 1, 8, 2048, 1, 4, 1),
     ("fp8_w8a16", 1, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
@@ -233,7 +238,7 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a8", 1, 3072, 4096): cfg("gemv", 1, 8, 1024, 1, 8, 1),
     ("fp8_w8a8", 1, 4096, 1536): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 1, 4096, 8192): cfg("gemv", 1, 8, 2048, 1, 4, 1),
-    ("fp8_w8a8", 1, 5120, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
+    ("fp8_w8a8", 1, 5120, 2048): cfg("gemv", 1, 8, 1024, 1, 4, 1),
     ("fp8_w8a8", 1, 9216, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("fp8_w8a8", 2, 1536, 2048): cfg("gemv", 1, 8, 1024, 1, 4, 1),
     ("fp8_w8a8", 2, 2048, 4096): cfg("gemv", 1, 8, 1024, 1, 4, 1),

@@ -50,7 +50,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, bn, bk, stride_xm, stride_om, stride_w, stride_s, k_per_split, split,
                      A8: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-                     F16: tl.constexpr = False):
+                     F16: tl.constexpr = False, EARLY: tl.constexpr = False):
     # FOLD: the BLOCK_N rows share one scale-block row, so a scale depends on k only and is folded
     # (with the activation scale) into x: one multiply per input instead of one per weight, and
     # the K tile can span several 128-wide slices (SUB_K each): more bytes in flight per step.
@@ -59,16 +59,17 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
     # codes (w8a8) or x scaled by a power of two (w8a16) in packed fp16 math (_gemv_f16_words).
     if F16:
         _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
-                        stride_s, k_per_split, split, A8, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
+                        stride_s, k_per_split, split, A8, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL, EARLY)
     else:
         _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
-                  stride_s, k_per_split, split, A8, FOLD, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL)
+                  stride_s, k_per_split, split, A8, FOLD, BLOCK_N, BLOCK_K, SUB_K, USE_SPLIT, PDL, EARLY)
 
 
 @triton.jit
 def _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
               stride_s, k_per_split, split, A8: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
+              BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr,
+              EARLY: tl.constexpr):
     # every weight widened to fp32 and multiplied with the (quantized, FOLD: scaled) activation
     U: tl.constexpr = BLOCK_K // SUB_K
     pid_m, pid_n, pid_k, offs_n, n_mask, offs_k, k_lo, k_hi = gemv_tile(N, K, k_per_split, BLOCK_N, BLOCK_K)
@@ -81,6 +82,8 @@ def _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, st
     kn = k_lo + offs_k
     w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_hi)[None, :], other=0.0)
     pdl.wait(PDL)     # the first weight tile is on its way; x and the counters come from earlier kernels
+    if EARLY:
+        pdl.launch_dependents(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
@@ -108,7 +111,7 @@ def _gemv_f32(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, st
 @triton.jit
 def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, bk, stride_xm, stride_om, stride_w,
                     stride_s, k_per_split, split, A8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
+                    SUB_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     # The BLOCK_N rows sharing one scale row: per SUB_K-wide slice j the activations become fp16
     # pairs (_x_pairs16) and meet the weight codes in packed fp16 (quant.fp8_words_dot16: decode
     # and 16 products per call, each thread's 16-byte load); a_j * s_j scales the fp32 sums.
@@ -126,6 +129,8 @@ def _gemv_f16_words(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, bn, 
     kw = k_lo // 4 + offs_w
     w_next = words_at(w_rows, kw, n_mask, k_hi)
     pdl.wait(PDL)     # the first weight tile is on its way; x comes from the kernel before
+    if EARLY:
+        pdl.launch_dependents(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = w_next
         kw = (k0 + BLOCK_K) // 4 + offs_w
@@ -269,7 +274,7 @@ def fp8_linear_cfg(x, weight, scale, block, act, cfg: dict | None) -> Tensor:
             x2, wk, scale, out, ws, cnt, M, N, K, bn, bk, x2.stride(0), out.stride(0), wk.stride(0),
             scale.stride(0), per, split, A8=act == "w8a8", FOLD=fold, BLOCK_N=c["BN"],
             BLOCK_K=tile_k, SUB_K=tile, USE_SPLIT=split > 1, num_warps=c["warps"], num_stages=c["stages"],
-            F16=f16, **pdl.launch_kw(x2))
+            F16=f16, EARLY=pdl.early(), **pdl.launch_kw(x2))
     else:
         nt = cdiv(M, c["BM"]) * cdiv(N, c["BN"])
         ws, cnt = split_workspace(split, M, N, nt, x2.device)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import MixprecError
 from ..formats.base import use_kernels
+from ..kernels import pdl
 from ..kernels.attention import decode_attention_new, qk_norm_rope_store
 from .linear import FusedLinear, Linear
 from .norm import RMSNorm, Rotary, apply_rope
@@ -182,4 +183,7 @@ class Attention(nn.Module):
             mask = cache.mask(positions) if attn_mask is None else attn_mask
             o = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:B], vc[:B], attn_mask=mask,
                                                enable_gqa=self.heads != self.kv_heads).transpose(1, 2)
-        return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
+        if T > 1:
+            return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
+        with pdl.early_trigger():   # the norm / router after it reads only weights before its wait
+            return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
