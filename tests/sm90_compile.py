@@ -166,11 +166,14 @@ def compile_only(self, *args, grid, warmup, **kwargs):
     _compile(self, args, kwargs, opts)
     # the programmatic-dependent-launch code (griddepcontrol wait / launch_dependents) is only
     # compiled for CUDA tensors: once per kernel, its first launch again with PDL on
-    if "PDL" in self.arg_names and (self.__name__ not in pdl_compiled or os.environ.get("MIXPREC_SM90_PDL_ALL")):
-        pdl_compiled.add(self.__name__)
+    name = self.__name__ + ("/early" if kwargs.get("EARLY") else "")    # the early trigger's variant too
+    if "PDL" in self.arg_names and (name not in pdl_compiled or os.environ.get("MIXPREC_SM90_PDL_ALL")):
+        pdl_compiled.add(name)
         c = _compile(self, args, dict(kwargs, PDL=True), opts)
         if c is not None and "griddepcontrol.wait" not in c.asm["ptx"]:
             failures.append(f"{self.__name__}: PDL=True compiled without griddepcontrol.wait")
+        if c is not None and kwargs.get("EARLY") and "griddepcontrol.launch_dependents" not in c.asm["ptx"]:
+            failures.append(f"{self.__name__}: EARLY and PDL=True compiled without griddepcontrol.launch_dependents")
     return None
 
 
@@ -223,7 +226,7 @@ def toolchain_ok() -> bool:
 
 
 def drive() -> None:
-    from mixprec.kernels import moe
+    from mixprec.kernels import moe, pdl
     from mixprec.kernels import moe_testing as mt
     from mixprec.kernels.attention import decode_attention, decode_attention_new, qk_norm_rope_store
     from mixprec.kernels.fp8 import fp8_linear, fp8_linear_cfg
@@ -283,6 +286,9 @@ def drive() -> None:
             s8 = torch.rand(N // 128, K // 128, generator=g)
             for act in ("w8a8", "w8a16"):
                 fp8_linear(x, w8, s8, (128, 128), act)
+                if M == 1:      # the decode o_proj's GEMV, which triggers its successor early
+                    with pdl.early_trigger():
+                        fp8_linear(x, w8, s8, (128, 128), act)
                 if M in (2, 4):     # the word loops at a few rows (TUNED rows and tuner candidates)
                     fp8_linear_cfg(x, w8, s8, (128, 128), act, cfg("gemv", 1, 8, 1024, 1, 4, 1))
                     int8_linear_cfg(x, torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, 1), None,
