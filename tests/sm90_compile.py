@@ -13,12 +13,13 @@ compiled; 1: a kernel failed (listed); 77: the toolchain cannot compile a trivia
 
 `MIXPREC_SM90_REGS=1 python tests/sm90_compile.py` also prints, per compiled kernel, ptxas's
 registers and spills: an occupancy check for kernel work without a GPU. `MIXPREC_SM90_PDL_ALL=1`
-compiles every specialization a second time with PDL on (else the first of each kernel only). `MIXPREC_SM90_DUMP=DIR`
-writes each specialization's TTGIR, PTX and cubin (`cuobjdump -sass` from Triton's bin folder reads the
-latter) with its launch key, so a kernel change can be compared instruction by instruction
-(shared-memory round trips, PRMT, MMA counts) on the real launches before any device run. Layouts
-and instruction counts differ between Triton versions: compile with the version the GPU machine
-runs (session 14: 3.9's SASS promised a win that 3.6, the device's, turned into a 30% loss)."""
+compiles every specialization a second time with PDL on (else the first of each kernel only).
+`MIXPREC_SM90_DUMP=DIR` writes each specialization's TTGIR, PTX and cubin (`cuobjdump -sass` from
+Triton's bin folder reads the latter) with its launch key, so a kernel change can be compared
+instruction by instruction (shared-memory round trips, PRMT, MMA counts) on the real launches before
+any device run. Layouts and instruction counts differ between Triton versions: compile with the
+version the GPU machine runs (session 14: 3.9's SASS promised a win that 3.6, the device's, turned
+into a 30% loss)."""
 import os
 import re
 import subprocess

@@ -304,7 +304,7 @@ def test_early_triggers_only_where_pdl_allows():
     for fn in (fp8._gemv_f32, fp8._gemv_f16_words):
         assert "if EARLY:\n        pdl.launch_dependents(PDL)" in inspect.getsource(fn.fn)
     root = pathlib.Path(mixprec.__file__).parent
-    users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "early_trigger()" in p.read_text())
+    users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "early_trigger(" in p.read_text())
     assert users == ["kernels/pdl.py", "layers/attention.py"]
 
 
@@ -319,7 +319,8 @@ def test_decode_o_proj_alone_triggers_early(tmp_path):
     path = make_fixture(tmp_path, formats=["bf16"], layers=1, mlp_only_layers=())["bf16"]
     model = mixprec.load(path, device=DEV, dtype="float16" if not CUDA else "bfloat16", progress=False)
     seen = []
-    model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape[1], pdl.early())))
+    o_proj = model.model.layers[0].self_attn.o_proj
+    o_proj.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape[1], pdl.early())))
     ids = torch.tensor([[11, 42, 7, 300, 5]], device=DEV)
     pos = torch.arange(5, device=DEV)[None]
     with torch.inference_mode(), (contextlib.nullcontext() if CUDA else interpreter_kernels()):

@@ -65,11 +65,11 @@ _early = False
 
 
 @contextlib.contextmanager
-def early_trigger():
+def early_trigger(on: bool = True):
     """Kernels that honour it (the fp8 GEMV) and launch inside let the next kernel start once they
     have waited. Only for a call whose successor reads nothing but weights before its wait."""
     global _early
-    prev, _early = _early, True
+    prev, _early = _early, on
     try:
         yield
     finally:

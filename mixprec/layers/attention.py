@@ -183,7 +183,5 @@ class Attention(nn.Module):
             mask = cache.mask(positions) if attn_mask is None else attn_mask
             o = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:B], vc[:B], attn_mask=mask,
                                                enable_gqa=self.heads != self.kv_heads).transpose(1, 2)
-        if T > 1:
-            return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
-        with pdl.early_trigger():   # the norm / router after it reads only weights before its wait
+        with pdl.early_trigger(T == 1):   # decode: the norm / router after it reads only weights before its wait
             return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
