@@ -116,10 +116,12 @@ def test_router_route_matches_linear_then_route(m, e, k, h, dtype):
         torch.testing.assert_close(w, rw, rtol=2e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 4096), (4, 128, 8, 1024)])
+@pytest.mark.parametrize("m,e,k,h", [(1, 128, 8, 2048), (2, 60, 4, 200), (2, 16, 2, 4096), (4, 128, 8, 1024),
+                                     (1, 16, 4, 4096)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_norm_router_route_matches_norm_then_route(m, e, k, h, dtype):
-    """Residual add + RMSNorm inside the router launch == the norm kernel, then F.linear + route()."""
+    """Residual add + RMSNorm inside the router launch == the norm kernel, then F.linear + route().
+    (1, 16, 4, 4096): one token on two warps, whose top-k runs on a second, repeated row."""
     from mixprec.kernels.norm import rms_norm
     g = torch.Generator().manual_seed(m + e + h)
     x, r = (torch.randn(m, h, generator=g).to(DEV, dtype) for _ in range(2))

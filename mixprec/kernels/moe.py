@@ -173,12 +173,12 @@ def _router_launch(x, gate_weight, top_k, renorm, norm):
         y, h = torch.empty_like(x), torch.empty_like(x)
     MB, BE = next_power_of_2(M), ROUTER_BE      # E/BE programs of H/BH steps (1-2 at H=2048)
     BH = min(next_power_of_2(H), max(16, ROUTER_TILE // (MB * BE)))
+    warps = ROUTER_WARPS or max(MB, 1 if H <= 2048 else 2)
     _router_route_kernel[(cdiv(E, BE),)](
         x, gate_weight, lg, w, ids, split_counters(x.device, 1), r, nw, x if y is None else y, x if h is None else h,
         M, E, H, x.stride(0), eps, TOPK=top_k, RENORM=bool(renorm), MB=MB, BE=BE, BH=BH,
-        EB=next_power_of_2(E), KB=next_power_of_2(top_k), NORM=norm is not None,
-        num_warps=ROUTER_WARPS or max(MB, 1 if H <= 2048 else 2),
-        **pdl.launch_kw(x))
+        EB=next_power_of_2(E), KB=next_power_of_2(top_k), NORM=norm is not None, TB=max(MB, warps),
+        num_warps=warps, **pdl.launch_kw(x))
     return w, ids, y, h
 
 

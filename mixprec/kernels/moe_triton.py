@@ -1122,7 +1122,7 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, r_ptr, nw
                          M, E, H, stride_xm, eps,
                          TOPK: tl.constexpr, RENORM: tl.constexpr, MB: tl.constexpr, BE: tl.constexpr,
                          BH: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr, NORM: tl.constexpr,
-                         PDL: tl.constexpr = False):
+                         TB: tl.constexpr, PDL: tl.constexpr = False):
     """Decode routing in one launch: program p computes the logits of experts p*BE.. for all M
     (<= MB) tokens, rounded to x's dtype as the router linear's output is, into lg [M, E]; the
     last program to arrive (arrival counter, reset after) runs softmax / top-k over all E.
@@ -1135,8 +1135,8 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, r_ptr, nw
     rh = tl.arange(0, BH)
     g_rows = g_ptr + re[:, None].to(tl.int64) * H
     g_nxt = tl.load(g_rows + rh[None, :], mask=(re < E)[:, None] & (rh < H)[None, :], other=0.0)
-    if NORM:    # and the norm weight's: it would be a memory round trip after the norm's sum
-        w_nxt = tl.load(nw_ptr + rh, mask=rh < H, other=0.0)
+    if NORM:    # and the norm weight's (as a row: x's layout): it would be a memory round trip after the norm's sum
+        w_nxt = tl.load(nw_ptr + rh[None, :], mask=(rh < H)[None, :], other=0.0)
     pdl.wait(PDL)     # the first router tile is loaded; x comes from the kernel before
     x_rows = rows[:, None] * stride_xm
     if NORM:
@@ -1154,27 +1154,33 @@ def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, r_ptr, nw
         xm = rmask[:, None] & hm[None, :]
         if NORM:
             w = w_nxt
-            w_nxt = tl.load(nw_ptr + hh + BH, mask=hh + BH < H, other=0.0)
+            w_nxt = tl.load(nw_ptr + (hh + BH)[None, :], mask=(hh + BH < H)[None, :], other=0.0)
             hv = _residual_sum(x_ptr, r_ptr, x_rows + hh[None, :], xm)
             n = (hv * rs).to(x_ptr.dtype.element_ty).to(tl.float32)
-            x = (w.to(tl.float32)[None, :] * n).to(x_ptr.dtype.element_ty)
+            x = (w.to(tl.float32) * n).to(x_ptr.dtype.element_ty)
             if tl.program_id(0) == 0:
                 tl.store(h_ptr + x_rows + hh[None, :], hv.to(h_ptr.dtype.element_ty), mask=xm)
                 tl.store(y_ptr + x_rows + hh[None, :], x, mask=xm)
         else:
             x = tl.load(x_ptr + x_rows + hh[None, :], mask=xm, other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * g.to(tl.float32)[None, :, :], axis=2)
+        if BE == 1:     # x and the router row share one layout: no shared-memory shuffle of either
+            acc += tl.sum(x.to(tl.float32) * g.to(tl.float32), axis=1)[:, None]
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * g.to(tl.float32)[None, :, :], axis=2)
     acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(lg_ptr + rows[:, None] * E + re[None, :], acc, mask=rmask[:, None] & (re < E)[None, :])
     tl.debug_barrier()  # all threads' logit stores precede the release below
     prev = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
     if prev == tl.num_programs(0) - 1:
+        # TB >= MB rows, at least one per warp (rows past M repeat row M - 1, not stored): each
+        # warp then holds whole rows, so the top-k's reductions stay inside a warp (no barriers)
+        tr = tl.arange(0, TB)
         ev = tl.arange(0, EB)
         emask = ev < E
-        lg = tl.load(lg_ptr + rows[:, None] * E + ev[None, :], mask=rmask[:, None] & emask[None, :], other=0.0,
+        lg = tl.load(lg_ptr + tl.minimum(tr, M - 1)[:, None] * E + ev[None, :], mask=emask[None, :], other=0.0,
                      cache_modifier=".cg")
-        wv, iv = _topk_softmax(lg, emask, ev, TOPK, RENORM, MB, EB, KB)
-        _store_topk(w_ptr, id_ptr, wv, iv, rows, rmask, TOPK, KB)
+        wv, iv = _topk_softmax(lg, emask, ev, TOPK, RENORM, TB, EB, KB)
+        _store_topk(w_ptr, id_ptr, wv, iv, tr, tr < M, TOPK, KB)
         tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch / graph replay
 
 
