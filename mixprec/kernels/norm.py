@@ -16,10 +16,11 @@ from .ints import next_power_of_2
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps,
                      ADD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     pdl.launch_dependents(PDL)   # the linear after a norm may start now and prefetch its weights
-    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     row = tl.program_id(0).to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
     m = cols < D
+    w = tl.load(w_ptr + cols, mask=m, other=0.0)   # a weight: read before the wait, off the x -> y path
+    pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     x = tl.load(x_ptr + row + cols, mask=m, other=0.0)
     if ADD:
         # rounded to the activation dtype, as the torch add is, before the norm reads it
@@ -27,7 +28,6 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps,
         tl.store(h_ptr + row + cols, x, mask=m)
     xf = x.to(tl.float32)
     n = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=m, other=0.0)
     tl.store(y_ptr + row + cols, (w.to(tl.float32) * n.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=m)
 
 
