@@ -31,17 +31,20 @@ def _rnd(v, like):
 
 
 @triton.jit
-def _norm_rope(x1, x2, w_ptr, cos_ptr, sin_ptr, rh, eps, HD: tl.constexpr):
+def _row_halves(ptr, rh, HD: tl.constexpr):
+    """ptr[0:HD] and ptr[HD:2*HD] (a norm weight, a cos / sin row) as fp32 rows [1, HD]: loaded
+    apart from _norm_rope, so that decode attention reads them before its wait."""
+    return tl.load(ptr + rh).to(tl.float32)[None, :], tl.load(ptr + HD + rh).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _norm_rope(x1, x2, w1, w2, c1, c2, s1, s2, eps, HD: tl.constexpr):
     """RMSNorm then rotate-half RoPE of R heads given as halves x1, x2 [R, HD] (activation dtype),
-    at the token whose cos / sin rows cos_ptr / sin_ptr point at. -> fp32 halves, rounded."""
+    with the norm weight's (w), cos' (c) and sin's (s) halves (_row_halves). -> fp32 halves, rounded."""
     a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
     r = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HD) + eps)[:, None]
-    n1 = _rnd(tl.load(w_ptr + rh).to(tl.float32)[None, :] * _rnd(a1 * r, x1), x1)
-    n2 = _rnd(tl.load(w_ptr + HD + rh).to(tl.float32)[None, :] * _rnd(a2 * r, x1), x1)
-    c1 = tl.load(cos_ptr + rh).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + HD + rh).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + rh).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + HD + rh).to(tl.float32)[None, :]
+    n1 = _rnd(w1 * _rnd(a1 * r, x1), x1)
+    n2 = _rnd(w2 * _rnd(a2 * r, x1), x1)
     o1 = _rnd(_rnd(n1 * c1, x1) + _rnd(-n2 * s1, x1), x1)
     o2 = _rnd(_rnd(n2 * c2, x1) + _rnd(n1 * s2, x1), x1)
     return o1, o2
@@ -54,13 +57,21 @@ def _halves(o1, o2):
 
 
 @triton.jit
-def _store_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, off, kw_ptr, cs, sn, rh, eps, HD: tl.constexpr):
-    """The new token's kv head: k (normed, roped) and v [2*HD] from k_ptr / v_ptr to the cache
-    slot at kc_ptr + off / vc_ptr + off. -> (k, v) as stored, rows [1, 2*HD]."""
+def _new_kv(k_ptr, v_ptr, rh, HD: tl.constexpr):
+    """The new token's k and v halves of one kv head [1, HD] each, as the projection wrote them."""
     r2 = rh[None, :]
-    o1, o2 = _norm_rope(tl.load(k_ptr + r2), tl.load(k_ptr + HD + r2), kw_ptr, cs, sn, rh, eps, HD)
+    return tl.load(k_ptr + r2), tl.load(k_ptr + HD + r2), tl.load(v_ptr + r2), tl.load(v_ptr + HD + r2)
+
+
+@triton.jit
+def _store_new_kv(kx1, kx2, vx1, vx2, kc_ptr, vc_ptr, off, w1, w2, c1, c2, s1, s2, rh, eps, HD: tl.constexpr):
+    """The new token's kv head (_new_kv's halves): k (normed with k_norm's weight and roped:
+    _row_halves' rows) and v [2*HD] to the cache slot at kc_ptr + off / vc_ptr + off. -> (k, v)
+    as stored, rows [1, 2*HD]."""
+    r2 = rh[None, :]
+    o1, o2 = _norm_rope(kx1, kx2, w1, w2, c1, c2, s1, s2, eps, HD)
     k1, k2 = o1.to(kc_ptr.dtype.element_ty), o2.to(kc_ptr.dtype.element_ty)
-    v1, v2 = tl.load(v_ptr + r2).to(vc_ptr.dtype.element_ty), tl.load(v_ptr + HD + r2).to(vc_ptr.dtype.element_ty)
+    v1, v2 = vx1.to(vc_ptr.dtype.element_ty), vx2.to(vc_ptr.dtype.element_ty)
     tl.store(kc_ptr + off + r2, k1)
     tl.store(kc_ptr + off + HD + r2, k2)
     tl.store(vc_ptr + off + r2, v1)
@@ -87,15 +98,21 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
     r2 = tl.arange(0, HD)[None, :]
     if j < HQ:
         src = q_ptr + n * s_q + j * (2 * HD)
-        o1, o2 = _norm_rope(tl.load(src + r2), tl.load(src + HD + r2), qw_ptr, cs, sn, rh, eps, HD)
+        w1, w2 = _row_halves(qw_ptr, rh, HD)
+        c1, c2 = _row_halves(cs, rh, HD)
+        s1, s2 = _row_halves(sn, rh, HD)
+        o1, o2 = _norm_rope(tl.load(src + r2), tl.load(src + HD + r2), w1, w2, c1, c2, s1, s2, eps, HD)
         dst = qo_ptr + (n * HQ + j) * (2 * HD)
         tl.store(dst + r2, o1.to(qo_ptr.dtype.element_ty))
         tl.store(dst + HD + r2, o2.to(qo_ptr.dtype.element_ty))
     else:
         h = j - HQ
         off = (n // T) * s_cb + h * s_ch + tl.load(slot_ptr + n) * s_cs
-        _store_new_kv(k_ptr + n * s_k + h * (2 * HD), v_ptr + n * s_v + h * (2 * HD), kc_ptr, vc_ptr, off,
-                      kw_ptr, cs, sn, rh, eps, HD)
+        w1, w2 = _row_halves(kw_ptr, rh, HD)
+        c1, c2 = _row_halves(cs, rh, HD)
+        s1, s2 = _row_halves(sn, rh, HD)
+        kx1, kx2, vx1, vx2 = _new_kv(k_ptr + n * s_k + h * (2 * HD), v_ptr + n * s_v + h * (2 * HD), rh, HD)
+        _store_new_kv(kx1, kx2, vx1, vx2, kc_ptr, vc_ptr, off, w1, w2, c1, c2, s1, s2, rh, eps, HD)
 
 
 def _check_rows(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -170,30 +187,41 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
     vb = v_ptr + b * s_vb + kh * s_vh
     rd = tl.arange(0, D)
     EARLY: tl.constexpr = ONE_TILE and NEW   # pos / start and the cached slots are older than the qkv projection
+    HD: tl.constexpr = D // 2
+    rh = tl.arange(0, HD)
+    if NEW:     # weights: off the path from the projection's output to the scores
+        qw1, qw2 = _row_halves(qw_ptr, rh, HD)
+        kw1, kw2 = _row_halves(kw_ptr, rh, HD)
     if EARLY:
         pos, lo, hi = _visible(pos_ptr, start_ptr, b, sp, CHUNK)
         k, v, j, jm = _kv_tile(kb, vb, sp * CHUNK, lo, hi, s_ks, s_vs, rd, BN)
+        if ROPE_POS:    # a RoPE table is as old as the weights
+            c1, c2 = _row_halves(cos_ptr + pos * D, rh, HD)
+            s1, s2 = _row_halves(sin_ptr + pos * D, rh, HD)
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     if not EARLY:
         pos, lo, hi = _visible(pos_ptr, start_ptr, b, sp, CHUNK)
         if ONE_TILE:
             k, v, j, jm = _kv_tile(kb, vb, sp * CHUNK, lo, hi, s_ks, s_vs, rd, BN)
+    LATE_ROPE: tl.constexpr = NEW and not (EARLY and ROPE_POS)
+    if LATE_ROPE:     # cos / sin rows per token may come from the kernel just before
+        crow = pos if ROPE_POS else b
+        c1, c2 = _row_halves(cos_ptr + crow * D, rh, HD)
+        s1, s2 = _row_halves(sin_ptr + crow * D, rh, HD)
     rg = tl.arange(0, GP)
     gm = rg < G
     heads = kh * G + rg
     q_rows = q_ptr + b * s_q + heads[:, None] * D
     if NEW:
-        HD: tl.constexpr = D // 2
-        rh = tl.arange(0, HD)
-        crow = pos if ROPE_POS else b
-        cs, sn = cos_ptr + crow * D, sin_ptr + crow * D
         q1 = tl.load(q_rows + rh[None, :], mask=gm[:, None], other=0.0)
-        o1, o2 = _norm_rope(q1, tl.load(q_rows + HD + rh[None, :], mask=gm[:, None], other=0.0), qw_ptr, cs, sn,
-                            rh, eps, HD)
+        q2 = tl.load(q_rows + HD + rh[None, :], mask=gm[:, None], other=0.0)
+        # every split loads the new k / v with q (4 rows of 64): for the split that stores them
+        # they are then in registers when q's norm / RoPE is done
+        kx1, kx2, vx1, vx2 = _new_kv(kn_ptr + b * s_kn + kh * D, vn_ptr + b * s_vn + kh * D, rh, HD)
+        o1, o2 = _norm_rope(q1, q2, qw1, qw2, c1, c2, s1, s2, eps, HD)
         q = _halves(o1, o2).to(q1.dtype)
         if sp == pos // CHUNK:      # this split reads slot pos: put the new token there first
-            k_new, v_new = _store_new_kv(kn_ptr + b * s_kn + kh * D, vn_ptr + b * s_vn + kh * D, kb, vb, pos * s_ks,
-                                         kw_ptr, cs, sn, rh, eps, HD)
+            k_new, v_new = _store_new_kv(kx1, kx2, vx1, vx2, kb, vb, pos * s_ks, kw1, kw2, c1, c2, s1, s2, rh, eps, HD)
             if ONE_TILE:            # the tile was loaded before the store: its row pos from registers
                 k = tl.where((j == pos)[:, None], k_new, k)
                 v = tl.where((j == pos)[:, None], v_new, v)
