@@ -96,11 +96,11 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
     cs = cos_ptr + crow * (2 * HD)
     sn = sin_ptr + crow * (2 * HD)
     r2 = tl.arange(0, HD)[None, :]
+    c1, c2 = _row_halves(cs, rh, HD)
+    s1, s2 = _row_halves(sn, rh, HD)
     if j < HQ:
         src = q_ptr + n * s_q + j * (2 * HD)
         w1, w2 = _row_halves(qw_ptr, rh, HD)
-        c1, c2 = _row_halves(cs, rh, HD)
-        s1, s2 = _row_halves(sn, rh, HD)
         o1, o2 = _norm_rope(tl.load(src + r2), tl.load(src + HD + r2), w1, w2, c1, c2, s1, s2, eps, HD)
         dst = qo_ptr + (n * HQ + j) * (2 * HD)
         tl.store(dst + r2, o1.to(qo_ptr.dtype.element_ty))
@@ -109,8 +109,6 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
         h = j - HQ
         off = (n // T) * s_cb + h * s_ch + tl.load(slot_ptr + n) * s_cs
         w1, w2 = _row_halves(kw_ptr, rh, HD)
-        c1, c2 = _row_halves(cs, rh, HD)
-        s1, s2 = _row_halves(sn, rh, HD)
         kx1, kx2, vx1, vx2 = _new_kv(k_ptr + n * s_k + h * (2 * HD), v_ptr + n * s_v + h * (2 * HD), rh, HD)
         _store_new_kv(kx1, kx2, vx1, vx2, kc_ptr, vc_ptr, off, w1, w2, c1, c2, s1, s2, rh, eps, HD)
 
