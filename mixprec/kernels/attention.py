@@ -38,6 +38,14 @@ def _row_halves(ptr, rh, HD: tl.constexpr):
 
 
 @triton.jit
+def _cos_sin_halves(cos_ptr, sin_ptr, row, rh, HD: tl.constexpr):
+    """(c1, c2, s1, s2): the halves of cos / sin row `row` (rows of 2*HD) as _row_halves gives them."""
+    c1, c2 = _row_halves(cos_ptr + row * (2 * HD), rh, HD)
+    s1, s2 = _row_halves(sin_ptr + row * (2 * HD), rh, HD)
+    return c1, c2, s1, s2
+
+
+@triton.jit
 def _norm_rope(x1, x2, w1, w2, c1, c2, s1, s2, eps, HD: tl.constexpr):
     """RMSNorm then rotate-half RoPE of R heads given as halves x1, x2 [R, HD] (activation dtype),
     with the norm weight's (w), cos' (c) and sin's (s) halves (_row_halves). -> fp32 halves, rounded."""
@@ -93,11 +101,8 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
     j = tl.program_id(1)
     rh = tl.arange(0, HD)
     crow = tl.load(slot_ptr + n) if ROPE_POS else n
-    cs = cos_ptr + crow * (2 * HD)
-    sn = sin_ptr + crow * (2 * HD)
     r2 = tl.arange(0, HD)[None, :]
-    c1, c2 = _row_halves(cs, rh, HD)
-    s1, s2 = _row_halves(sn, rh, HD)
+    c1, c2, s1, s2 = _cos_sin_halves(cos_ptr, sin_ptr, crow, rh, HD)
     if j < HQ:
         src = q_ptr + n * s_q + j * (2 * HD)
         w1, w2 = _row_halves(qw_ptr, rh, HD)
@@ -194,8 +199,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
         pos, lo, hi = _visible(pos_ptr, start_ptr, b, sp, CHUNK)
         k, v, j, jm = _kv_tile(kb, vb, sp * CHUNK, lo, hi, s_ks, s_vs, rd, BN)
         if ROPE_POS:    # a RoPE table is as old as the weights
-            c1, c2 = _row_halves(cos_ptr + pos * D, rh, HD)
-            s1, s2 = _row_halves(sin_ptr + pos * D, rh, HD)
+            c1, c2, s1, s2 = _cos_sin_halves(cos_ptr, sin_ptr, pos, rh, HD)
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     if not EARLY:
         pos, lo, hi = _visible(pos_ptr, start_ptr, b, sp, CHUNK)
@@ -203,9 +207,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
             k, v, j, jm = _kv_tile(kb, vb, sp * CHUNK, lo, hi, s_ks, s_vs, rd, BN)
     LATE_ROPE: tl.constexpr = NEW and not (EARLY and ROPE_POS)
     if LATE_ROPE:     # cos / sin rows per token may come from the kernel just before
-        crow = pos if ROPE_POS else b
-        c1, c2 = _row_halves(cos_ptr + crow * D, rh, HD)
-        s1, s2 = _row_halves(sin_ptr + crow * D, rh, HD)
+        c1, c2, s1, s2 = _cos_sin_halves(cos_ptr, sin_ptr, pos if ROPE_POS else b, rh, HD)
     rg = tl.arange(0, GP)
     gm = rg < G
     heads = kh * G + rg
