@@ -689,7 +689,8 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
 def _reg_cap(c: dict) -> dict:
     # a config's optional "maxnreg" (ptxas's register limit per thread): more programs resident per
     # SM at the price of spills; the 30B's 64-token int4 launches are latency-bound at 128
-    # registers, 16 one-warp programs per SM (session 38, ncu). No library row sets it: for sweeps.
+    # registers, 16 one-warp programs per SM (session 38, ncu). No library row sets it: 96 on the
+    # one-warp int4 blocks spills and measured slower at all 8 points (H200, session 39).
     return {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
 
 
