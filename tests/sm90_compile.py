@@ -336,6 +336,13 @@ def drive() -> None:
                                  torch.randn(S if table else B, D).to(torch.bfloat16),
                                  torch.ones(D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16), 1e-6, kc,
                                  kc.clone(), torch.zeros(B, dtype=torch.long), torch.full((B,), 7), rope_table=table)
+    # the 235B's 64 query heads at batch 1 over 2048 slots: decode_warps' wide (8-warp) programs
+    q1 = torch.randn(1, (64 + 2 * HK) * D).to(torch.bfloat16)
+    k1 = torch.zeros(1, HK, 2048, D).to(torch.bfloat16)
+    decode_attention_new(q1[:, :64 * D], q1[:, 64 * D:(64 + HK) * D], q1[:, (64 + HK) * D:],
+                         torch.randn(2048, D).to(torch.bfloat16), torch.randn(2048, D).to(torch.bfloat16),
+                         torch.ones(D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16), 1e-6, k1, k1.clone(),
+                         torch.zeros(1, dtype=torch.long), torch.full((1,), 7), rope_table=True)
     qk_norm_rope_store(torch.randn(B, 1, HQ * D).to(torch.bfloat16), torch.randn(B, 1, HK * D).to(torch.bfloat16),
                        torch.randn(B, 1, HK * D).to(torch.bfloat16), torch.randn(S, D).to(torch.bfloat16),
                        torch.randn(S, D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16),

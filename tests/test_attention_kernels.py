@@ -82,11 +82,12 @@ def test_qk_norm_rope_store_matches_reference(dtype, T):
 @pytest.mark.parametrize("B,HQ,HK,D,S,one_tile", [(1, 8, 2, 64, 40, True), (3, 16, 1, 128, 200, True),
                                                    (2, 4, 4, 64, 1000, True), (5, 32, 4, 128, 130, True),
                                                    (1, 8, 2, 64, 2100, True), (3, 16, 1, 128, 200, False),
-                                                   (1, 8, 2, 64, 2100, False)])
+                                                   (1, 8, 2, 64, 2100, False), (1, 64, 4, 128, 1100, True)])
 def test_decode_attention_matches_sdpa(dtype, B, HQ, HK, D, S, one_tile, monkeypatch):
     """Splits merged by the last to arrive, padding rows, strided cache views; 32-, 64- and (from
     2048 slots) 128-slot tiles; splits of one tile (kernels/attention.py ONE_TILE: every case here)
-    and, for two of the cases, the tile loop (one_tile False)."""
+    and, for two of the cases, the tile loop (one_tile False); the 235B's 64 query heads on 8-warp
+    programs (decode_warps)."""
     import mixprec.kernels.attention as attn
     monkeypatch.setattr(attn, "ONE_TILE", one_tile)
     g = torch.Generator(device=DEV).manual_seed(S)
@@ -223,6 +224,17 @@ def test_attention_kernels_refuse_rows_with_a_strided_last_dim():
     with pytest.raises(ShapeMismatch, match="q .* contiguous last dim"):
         decode_attention_new(q, kv, kv, kv, kv, kv[0], kv[0], 1e-6, cache, cache, torch.zeros(2, dtype=torch.long),
                              torch.zeros(2, dtype=torch.long))
+
+
+def test_decode_warps_wide_only_where_measured_faster():
+    """decode_warps: 8 warps for 16 query heads per kv head in at most ~one program per SM from
+    1024 slots (the 235B at batch 1-2, session 40's table), 4 elsewhere."""
+    from mixprec.kernels.attention import DECODE_WARPS, WIDE_WARPS, decode_warps
+    assert WIDE_WARPS != DECODE_WARPS
+    for B, S in [(1, 1024), (1, 4096), (1, 32768), (2, 1024), (2, 2048)]:
+        assert decode_warps(B, 4, 16, S) == WIDE_WARPS, (B, S)
+    for B, G, S in [(1, 16, 256), (2, 16, 4096), (4, 16, 1024), (8, 16, 8192), (1, 8, 2048), (1, 8, 32768)]:
+        assert decode_warps(B, 4, G, S) == DECODE_WARPS, (B, G, S)
 
 
 def test_decode_splits_cover_the_cache():

@@ -338,6 +338,8 @@ MERGE_ELEMS = 32768
 # 8 warps measured slower in decode (session 25, 16-layer 30B int4 experts: batch 8 -2.2%, 32 / 64
 # -0.7 / -0.8%; the kernel alone +-4% either way; runtime/session25_attention_8warps_ab_h100.log)
 DECODE_WARPS = 4
+# ... but faster where few programs each carry 16 query heads (decode_warps)
+WIDE_WARPS = 8
 # a split of one tile loads it first (the kernel's ONE_TILE); False: the tile loop for every split
 ONE_TILE = True
 
@@ -365,6 +367,20 @@ def decode_splits(batch: int, kv_heads: int, length: int) -> tuple[int, int]:
     split = min(split, MAX_SPLITS)
     chunk = cdiv(blocks, split) * bn
     return cdiv(length, chunk), chunk
+
+
+def decode_warps(batch: int, kv_heads: int, group: int, length: int) -> int:
+    """Warps per program: WIDE_WARPS when at most one program per SM (TARGET_PROGRAMS / 2) carries
+    16 or more query heads over tiles of 64 or 128 slots. H200, scripts/bench_attention.py --new
+    --variants "ours,8 warps" (session 40, runtime/session40_attention_warps_h200.log), µs, 4 -> 8
+    warps: 64 query / 4 kv heads (235B) at batch 1 (64-128 programs), 1024 / 4096 / 32768 slots
+    7.5 -> 6.4 / 14.0 -> 10.1 / 38.0 -> 31.9, batch 2 at 2048 (128 programs) 12.3 -> 8.7; slower
+    from 256 programs (batch 2 at 4096 15.3 -> 15.9, batch 4 at 1024 10.1 -> 11.6) and at 256 slots
+    (batch 1 5.1 -> 6.2); with 8 query heads per kv head (30B) within +-5% either way."""
+    split, _ = decode_splits(batch, kv_heads, length)
+    if group >= 16 and length >= 1024 and batch * kv_heads * split <= TARGET_PROGRAMS // 2:
+        return WIDE_WARPS
+    return DECODE_WARPS
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, pos: Tensor,
@@ -416,5 +432,5 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new, rope_table=Fal
         HQ=HQ, G=HQ // HK, GP=GP, D=D, BN=bn, SPLIT=p2, SC=max(1, min(p2, MERGE_ELEMS // (GP * D))),
         NEW=new is not None, ROPE_POS=rope_table, ONE_TILE=ONE_TILE and chunk == bn,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
-        num_warps=DECODE_WARPS, num_stages=2, **pdl.launch_kw(q))
+        num_warps=decode_warps(B, HK, HQ // HK, S), num_stages=2, **pdl.launch_kw(q))
     return o
