@@ -18,7 +18,8 @@ not trigger early. So only kernels whose successors are dense linears trigger
 overlaps the small kernel instead of following it (H100, 30B 16 layers, batch 1: int4 962 -> 1009
 tok/s, fp8 818 -> 858). Triggering in every kernel at its start measured slower (322 tok/s
 against 350 without, session 5); also triggering after the wait in the fp8 / int8 GEMVs, the
-router and the MoE down side gained nothing more (int4 batch 1: 982 against 1009). An MoE down
+router and the MoE down side gained nothing more (int4 batch 1: 982 against 1009; the experts'
+launches at 1-4 tokens again on an H200, session 40: 235B -0.4% / -0.6% at batch 1 / 4). An MoE down
 launch reads routing ids before its wait, so the MoE up launch triggers only after its own wait
 (the router has then completed): batch 1 int4 1006 -> 1012 tok/s, batch 8 3966 -> 4001.
 
