@@ -371,12 +371,12 @@ def decode_splits(batch: int, kv_heads: int, length: int) -> tuple[int, int]:
 
 def decode_warps(batch: int, kv_heads: int, group: int, length: int) -> int:
     """Warps per program: WIDE_WARPS when at most one program per SM (TARGET_PROGRAMS / 2) carries
-    16 or more query heads over tiles of 64 or 128 slots. H200, scripts/bench_attention.py --new
+    16 or more query heads, on caches of 1024 slots or more. H200, scripts/bench_attention.py --new
     --variants "ours,8 warps" (session 40, runtime/session40_attention_warps_h200.log), µs, 4 -> 8
     warps: 64 query / 4 kv heads (235B) at batch 1 (64-128 programs), 1024 / 4096 / 32768 slots
     7.5 -> 6.4 / 14.0 -> 10.1 / 38.0 -> 31.9, batch 2 at 2048 (128 programs) 12.3 -> 8.7; slower
     from 256 programs (batch 2 at 4096 15.3 -> 15.9, batch 4 at 1024 10.1 -> 11.6) and at 256 slots
-    (batch 1 5.1 -> 6.2); with 8 query heads per kv head (30B) within +-5% either way."""
+    (batch 1 5.1 -> 6.2); with 8 query heads per kv head (30B) -4% to +6% of the time."""
     split, _ = decode_splits(batch, kv_heads, length)
     if group >= 16 and length >= 1024 and batch * kv_heads * split <= TARGET_PROGRAMS // 2:
         return WIDE_WARPS
