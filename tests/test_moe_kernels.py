@@ -231,6 +231,7 @@ def test_expert_absent_from_all_buckets_adds_zero(path, split):
     for bb in b:
         bb["expert_map"] = bb["expert_map"].clone()
         bb["expert_map"][6:] = -1
+        bb["identity"] = False       # the map is read again
     x, w, ids = _inputs(3, seed=10)
     ids[0, 1] = 7
     cfg = (dict(BN=32, BKD=64, BKF=128, BKQ=64, BKI=64, num_warps=4, num_stages=1, split=split) if path == "gemv"
@@ -405,6 +406,27 @@ def test_validate_buckets():
     dup[gu] = {**dup[gu], "expert_map": emap}
     with pytest.raises(FormatError, match="gate rows of experts"):
         moe.validate_buckets(dup, E, H, I)
+
+
+@pytest.mark.parametrize("m,config", [(1, None), (3, None), (5, DOT)])
+def test_identity_buckets_skip_the_map_with_the_same_result(m, config):
+    """A bucket of every expert in order ("identity", as layers/moe.py marks uniform layers) runs
+    without reading its expert map and gives bitwise the same output as through the map (GEMV and
+    dot paths); validate_buckets refuses the mark on a map that is not 0..E-1."""
+    b = _layer(mt.uniform("int4", E), seed=4)
+    assert all(bb["identity"] for bb in b)
+    x, w, ids = _inputs(m, seed=8)
+    kw = {} if config is None else {"config": config}
+    fast = _check(b, x, w, ids, **kw)
+    # the same tensors through the map (read), a map sending every expert to row 0 (read: other
+    # outputs), and that map under the mark (not read: the same outputs)
+    assert torch.equal(moe.fused_moe(x, ids, w, [dict(bb, identity=False) for bb in b], I, **kw), fast)
+    row0 = [dict(bb, expert_map=torch.zeros_like(bb["expert_map"]), identity=False) for bb in b]
+    assert not torch.equal(moe.fused_moe(x, ids, w, row0, I, **kw), fast)
+    ignored = [dict(bb, identity=True) for bb in row0]      # the kernels never read the map
+    assert torch.equal(moe.fused_moe(x, ids, w, ignored, I, **kw), fast)
+    with pytest.raises(FormatError, match="marked identity"):
+        moe.validate_buckets([dict(bb, expert_map=bb["expert_map"].flip(0)) for bb in b], E, H, I)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -983,7 +1005,7 @@ def test_grouped_moe_matches_reference(specs, dtype):
     for t in b:
         emap = t["expert_map"].clone()
         emap[[0, 5]] = -1
-        part.append(dict(t, expert_map=emap))
+        part.append(dict(t, expert_map=emap, identity=False))
     keep = ~((ids == 0) | (ids == 5))
     want = moe.moe_reference(x, torch.where(keep, ids, 1), torch.where(keep, w, 0.0), b, I)
     assert mt.sqnr_db(want, moe.grouped_moe(x, ids, w, part, I).float()) >= 40.0

@@ -6,7 +6,8 @@ A layer's experts live in *buckets*, one per (projection, layout, params) key, p
      "layout": "dense" | "fp8" | "intq" | "int8",
      "params": {...},                     # fp8: block=(bn, bk), act; intq: bits, group_size; int8: act
      "tensors": {name: Tensor},           # the layout's tensors (formats/base.py) with a leading [E_b]
-     "expert_map": int32 [E]}             # global expert id -> index in this bucket, -1 if absent
+     "expert_map": int32 [E],             # global expert id -> index in this bucket, -1 if absent
+     "identity": bool}                    # optional: expert_map is 0..E-1 (the kernels skip reading it)
 
 gate_up stacks gate rows 0..I-1 then up rows I..2I-1 along N. Every expert must have its gate and
 up rows (in one gate_up bucket or in a gate and an up bucket) and its down rows in exactly one
@@ -52,6 +53,7 @@ _FP8, _INTQ = LAYOUT_CODE["fp8"], LAYOUT_CODE["intq"]
 _MMA_GU_LAYOUTS = frozenset({_INTQ, _FP8})
 # the other fields of a slot description (moe_triton's module docstring; its kernels decode C)
 CODE_A8, CODE_ZERO, CODE_PERM, CODE_INT8, CODE_FOLD = 1 << 2, 1 << 3, 1 << 4, 1 << 7, 1 << 8
+CODE_IDENT = 1 << 9   # a bucket of every expert in order: index = expert id, no map load
 PROJ_SHIFT = 5      # bits 5-6
 LAYOUT_TENSORS = {  # required, optional
     "dense": (("weight",), ()),
@@ -356,7 +358,7 @@ def _slot(b: dict, hidden: int, inter: int) -> tuple[tuple, tuple[int, int, int]
     t, p, layout = b["tensors"], b.get("params", {}), b["layout"]
     _, K = _bucket_dims(b, hidden, inter)
     emap = b["expert_map"]
-    code = LAYOUT_CODE[layout] | PROJ_CODE[b["proj"]] << PROJ_SHIFT
+    code = LAYOUT_CODE[layout] | PROJ_CODE[b["proj"]] << PROJ_SHIFT | CODE_IDENT * bool(b.get("identity"))
     G = B = 1
     rows = K
     if layout == "dense":
@@ -890,6 +892,8 @@ def validate_buckets(buckets: list[dict], num_experts: int, hidden: int, inter: 
         if sorted(loc) != list(range(Eb)):
             raise FormatError(f"{where}: expert_map's local indices {sorted(loc)[:8]}... must be a "
                               f"permutation of 0..{Eb - 1} (the stacked experts)")
+        if b.get("identity") and emap.tolist() != list(range(num_experts)):
+            raise FormatError(f"{where}: marked identity but its expert_map is not 0..{num_experts - 1}")
     for half in HALF_PROJS:
         cover = half_cover(buckets, half, num_experts)
         bad = [e for e, c in enumerate(cover.tolist()) if c != 1]

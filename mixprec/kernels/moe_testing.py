@@ -109,7 +109,7 @@ def build_buckets(specs: list[tuple], hidden: int, inter: int, *, dtype=torch.bf
             emap[torch.tensor(experts)] = torch.arange(len(experts), dtype=torch.int32)
             maps[tuple(experts)] = emap.to(device)
         buckets.append({"proj": proj, "layout": layout, "params": p, "tensors": t,
-                        "expert_map": maps[tuple(experts)]})
+                        "expert_map": maps[tuple(experts)], "identity": experts == list(range(E))})
     return buckets
 
 

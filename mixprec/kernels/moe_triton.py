@@ -261,6 +261,16 @@ def _slot_rows(PROJ: tl.constexpr, HALF: tl.constexpr, INTER, HID):
 
 
 @triton.jit
+def _slot_index(mp, e, C: tl.constexpr):
+    """Expert e's index in a slot's bucket (-1: not there): its expert map, or e itself in a bucket
+    of every expert in order (CODE_IDENT; one dependent load fewer before the weight loads)."""
+    loc = e
+    if (C // 512) % 2 == 0:
+        loc = tl.load(mp + e)
+    return loc
+
+
+@triton.jit
 def _mma_fits(BITS: tl.constexpr, HP: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, xrow):
     """Whether an int4 slot runs gemv_mma's tile (a config's "mma"): 4-bit codes in K order, groups
     of 128 inputs or a multiple, 16-bit x, gate and up of BN = 16 or 32 rows in one loop or BN = 32 or
@@ -283,7 +293,7 @@ def _gemv_slot(res, found, xrow, qrow, srow, e, n0, K, INTER, HID, qm, k_lo, k_h
     BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
     FOLD: tl.constexpr = (C // 256) % 2
     if _covers(PROJ, HALF):
-        loc32 = tl.load(mp + e)
+        loc32 = _slot_index(mp, e, C)
         if loc32 >= 0:
             loc = loc32.to(tl.int64)
             nw, n_lim, row0 = _slot_rows(PROJ, HALF, INTER, HID)
@@ -707,7 +717,7 @@ def _dot_slot(acc, found, arow, alane, qrow, srow, rm, e, n0, K, INTER, HID, k_l
     PROJ: tl.constexpr = (C // 32) % 4
     BITS: tl.constexpr = 8 if (C // 128) % 2 == 1 else 4
     if _covers(PROJ, HALF):
-        loc32 = tl.load(mp + e)
+        loc32 = _slot_index(mp, e, C)
         if loc32 >= 0:
             loc = loc32.to(tl.int64)
             nw, n_lim, row0 = _slot_rows(PROJ, HALF, INTER, HID)
@@ -784,7 +794,7 @@ def _dot_slot_gu(accg, accu, found, arow, alane, qrow, srow, rm, e, n0, K, INTER
     ACT: tl.constexpr = (C // 4) % 2
     HZ: tl.constexpr = (C // 8) % 2
     HP: tl.constexpr = (C // 16) % 2
-    loc32 = tl.load(mp + e)
+    loc32 = _slot_index(mp, e, C)
     if loc32 >= 0:
         loc = loc32.to(tl.int64)
         nw = 2 * INTER

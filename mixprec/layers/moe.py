@@ -105,6 +105,7 @@ class ExpertBucket(nn.Module):
         emap = torch.full((num_experts,), -1, dtype=torch.int32)
         emap[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts), dtype=torch.int32)
         self.register_buffer("expert_map", emap.to(dev), persistent=False)
+        self.identity = experts == list(range(num_experts))    # the kernels then skip the map
         self.w = w
         self.register_buffer("input_scale", input_scale, persistent=False)
 
@@ -241,7 +242,8 @@ class MoE(nn.Module):
                 return m if same is None else same
 
             self._kb = [{"proj": b.proj, "layout": b.w.layout, "params": _kernel_params(b.w),
-                         "tensors": b.w.tensors(), "expert_map": shared(b.expert_map)} for b in self.buckets]
+                         "tensors": b.w.tensors(), "expert_map": shared(b.expert_map),
+                         "identity": b.identity} for b in self.buckets]
             launches = self._scaled_launches()
             if launches is None:
                 warnings.warn(f"{self.name}: experts whose folded-scale (AWQ) input corrections differ within "
