@@ -10,11 +10,13 @@ the block scheduling and such prologue loads (a GEMV's first weight tile): at ba
 Kernels launched without PDL (cuBLAS, torch ops) order as usual.
 
 An early trigger (`launch_dependents`, griddepcontrol.launch_dependents) lets the next kernel
-start while this one still runs, which breaks the rule above for that next kernel: before its
-`wait` it may read weights only. The decode attention kernel relies on the rule (ONE_TILE: the
-positions and the cached K / V tile are read before its wait), so the qkv linears before it must
-not trigger early. So only kernels whose successors are dense linears trigger
-(decode attention -> o_proj, rms_norm -> qkv / router / lm_head): their weight prefetch then
+start while this one still runs. Placed before this kernel's own wait it breaks the rule above
+for that next kernel (before its `wait` it may then read weights only); placed after it, the rule
+holds (this kernel has waited, so the one before it has completed). The decode attention kernel
+relies on the rule (ONE_TILE: the positions and the cached K / V tile are read before its wait),
+so the qkv linears before it must not trigger before their wait. So only kernels whose
+successors are dense linears trigger early (decode attention -> o_proj, rms_norm -> qkv / router /
+lm_head): their weight prefetch then
 overlaps the small kernel instead of following it (H100, 30B 16 layers, batch 1: int4 962 -> 1009
 tok/s, fp8 818 -> 858). Triggering in every kernel at its start measured slower (322 tok/s
 against 350 without, session 5); also triggering after the wait in the fp8 / int8 GEMVs, the
@@ -23,11 +25,11 @@ launches at 1-4 tokens again on an H200, session 40: 235B -0.4% / -0.6% at batch
 launch reads routing ids before its wait, so the MoE up launch triggers only after its own wait
 (the router has then completed): batch 1 int4 1006 -> 1012 tok/s, batch 8 3966 -> 4001.
 
-`early_trigger()` marks a call whose successor reads only weights before its wait (the o_proj
-before the post-attention norm / router): the fp8 GEMV launched inside triggers right after its
-own wait, so the router's programs are resident and load their weights while it runs (H200,
-16-layer decode at batch 1, int4 experts + fp8 attention: 235B 704 -> 710 tok/s, +0.8%; 30B +2.4%
-with a re-tuned qkv row; session 39). The int4 / int8 GEMVs ignore it (not timed).
+`early_trigger()` marks a call whose successor should start early (the o_proj before the
+post-attention norm / router): the fp8 GEMV launched inside triggers right after its own wait, so
+the router's programs are resident and load their weights while it runs (H200, 16-layer decode at
+batch 1, int4 experts + fp8 attention: 235B 704 -> 710 tok/s, +0.8%; 30B +2.4% with a re-tuned qkv
+row; session 39). The int4 / int8 GEMVs ignore it (not timed).
 
 Off on CPU and under the Triton interpreter, before sm_90, with a Triton that lacks the
 `launch_pdl` option, or with MIXPREC_PDL=0.
@@ -68,7 +70,7 @@ _early = False
 @contextlib.contextmanager
 def early_trigger(on: bool = True):
     """Kernels that honour it (the fp8 GEMV) and launch inside let the next kernel start once they
-    have waited. Only for a call whose successor reads nothing but weights before its wait."""
+    have waited (which keeps the rule in the module docstring for that next kernel)."""
     global _early
     prev, _early = _early, on
     try:
