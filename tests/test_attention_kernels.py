@@ -293,7 +293,8 @@ def test_early_triggers_only_where_pdl_allows():
     attention and, inside pdl.early_trigger() (the decode o_proj), the fp8 GEMV let their successor
     start early. The decode attention reads the KV cache and the
     positions before its wait (ONE_TILE), which is safe only while the qkv linears before it do
-    not trigger: a launch_dependents added to any other kernel or shared tile function fails here."""
+    not trigger before their own wait: a launch_dependents added to any other kernel or shared tile
+    function fails here."""
     import importlib
     import inspect
     import pathlib
