@@ -479,7 +479,6 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
                          mask=rn < INTER * fnd)
                 tl.atomic_xchg(ucnt_ptr + p * tl.num_programs(1) + t, 0)   # ready for the next launch
     else:
-        rw = tl.load(rw_ptr + p)   # the routing weight, as old as the ids: read before the wait too
         xrow = x_ptr + p.to(tl.int64) * K
         qrow = q_ptr + p.to(tl.int64) * 2 * K
         srow = qs_ptr + p.to(tl.int64) * NQS
@@ -489,7 +488,7 @@ def _moe_gemv_kernel(x_ptr, q_ptr, qs_ptr, NQS, ids_ptr, rw_ptr, out_ptr, fin_pt
                            C0, G0, B0, C1, G1, B1, C2, G2, B2, C3, G3, B3, NS, 2, BN, BKD, BKF, BKQ, BKI, EVK, PDL, F16, MMA)
         pdl.wait(PDL)     # a pair in no bucket (expert parallel) has not waited in a tile loop yet
         nm = rn < HID
-        val = d * rw
+        val = d * tl.load(rw_ptr + p)
         orow = out_ptr + (p * SPLIT + z).to(tl.int64) * HID + rn
         if ZMISS:
             # single down launch: a pair whose expert is in no bucket (expert parallel) adds zero
