@@ -2,7 +2,8 @@
 synthetic model of Qwen3-30B-A3B shapes (or MODEL's) with fewer layers. Prints the top kernels,
 their launches per step and the step time with and without CUDA graphs; then the same steps
 replayed as CUDA graphs: kernel time per step against the step's span (the gaps are launch /
-drain latency).
+drain latency), and kernels launched several times per layer split by their order in the layer
+(#0 / #1: the MoE's gate/up / down launches, the qkv / o_proj GEMVs).
 
     python scripts/profile_decode.py MIX [LAYERS] [BATCH] [MODEL]"""
 import os
@@ -87,3 +88,19 @@ for e in kern:
     per.setdefault(e.name, []).append(e.time_range.elapsed_us())
 for name, ds in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:20]:
     print(f"{sum(ds) / n_graphs:8.1f} us/step {len(ds) / n_graphs:6.1f}x {sum(ds) / len(ds):8.2f} us  {name[:110]}")
+
+# A kernel launched c times per layer (the MoE's gate/up and down launches, qkv and o_proj) is
+# split by its launch order inside the layer: "#i" is the i-th of the c (in the step's order).
+per_launch: dict[tuple, list] = {}
+seen: dict[str, int] = {}
+for e in kern:
+    k = seen.get(e.name, 0)
+    seen[e.name] = k + 1
+    per_layer, rem = divmod(len(per[e.name]), n_graphs * layers)
+    idx = k % per_layer if per_layer > 1 and rem == 0 else None
+    per_launch.setdefault((e.name, idx), []).append(e.time_range.elapsed_us())
+print("per launch inside a layer (kernels launched several times per layer):")
+for (name, idx), ds in sorted(per_launch.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    if idx is not None:
+        print(f"{sum(ds) / n_graphs:8.1f} us/step {len(ds) / n_graphs:6.1f}x {sum(ds) / len(ds):8.2f} us  "
+              f"{name[:100]} #{idx}")
