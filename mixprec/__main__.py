@@ -45,7 +45,8 @@ def _generate(a) -> int:
         return 2
     try:    # bad input (config, checkpoint, sampling values) is a message, not a traceback
         params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-                                max_new_tokens=a.max_new_tokens).validate()
+                                max_new_tokens=a.max_new_tokens, presence_penalty=a.presence_penalty,
+                                frequency_penalty=a.frequency_penalty).validate()
         model = load(a.config, device=a.device, dtype=a.dtype, progress=not a.quiet, tp=a.tp, ep=a.ep)
     except (MixprecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -119,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="lowers the logit of every token generated so far (OpenAI's; Qwen3's quantized "
+                        "checkpoints suggest up to 1.5 against repetition)")
+    s.add_argument("--frequency-penalty", type=float, default=0.0, help="lowers it per occurrence")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     s.add_argument("--device", default=None)

@@ -21,14 +21,13 @@ from .argtypes import at_least
 from .errors import MixprecError
 from .runtime.engine import Engine, EngineStopped, QueueFull
 from .runtime.prefill import GRAPH_TOKENS
-from .runtime.sampling import SamplingParams
+from .runtime.sampling import MAX_PENALTY, SamplingParams
 
 MAX_STOP = 16                  # stop strings per request
 MAX_STOP_CHARS = 1024          # per stop string: the engine thread checks them after every token
 _UNSUPPORTED = {               # field -> value that means "off" (anything else is rejected)
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "tool_choice": (None, "none"),
+    "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"),
 }
 
@@ -101,6 +100,11 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
     top_k = _field(body, "top_k", "integer", 0)
     if not -1 <= top_k < 2**63:
         raise APIError(400, f"'top_k' must be in [0, 2**63) (0 or -1: off), got {top_k}", "top_k", "invalid_value")
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = penalties[name] = float(_field(body, name, "number", 0.0))
+        if not -MAX_PENALTY <= v <= MAX_PENALTY:
+            raise APIError(400, f"'{name}' must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {v}", name, "invalid_value")
     seed = _field(body, "seed", "integer")
     if seed is not None and not -2**63 <= seed < 2**63:
         raise APIError(400, f"'seed' must fit in 64 bits, got {seed}", "seed", "invalid_value")
@@ -115,7 +119,7 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
     opts = _field(body, "stream_options", "object", {})
     _field(opts, "include_usage", "boolean")
     return SamplingParams(temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p), seed=seed,
-                          max_new_tokens=max_tokens, stop_token_ids=eos, stop=tuple(stop))
+                          max_new_tokens=max_tokens, stop_token_ids=eos, stop=tuple(stop), **penalties)
 
 
 def _completion_prompt(body: dict, tokenizer) -> list[int]:

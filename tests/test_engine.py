@@ -225,6 +225,57 @@ def test_seeded_sampling_independent_of_batch(model, top_k, top_p):
     assert len(set(ref)) > 3
 
 
+def penalized_reference(model, prompt, n, presence, frequency):
+    """Greedy decoding by full forwards, with OpenAI's penalties on the tokens generated so far."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        with torch.inference_mode():
+            logits = model(torch.tensor([seq]))[0, -1].float()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).float()
+        tok = int((logits - frequency * counts - presence * (counts > 0).float()).argmax())
+        seq.append(tok)
+        out.append(tok)
+    return out
+
+
+def test_presence_and_frequency_penalties(model):
+    """Greedy with penalties equals a full-forward loop that applies them (Generator alone and the
+    engine beside unpenalized, sampled and later-admitted requests, in reused rows); the penalties
+    change the tokens (this model repeats itself without them); a sampled penalized request draws
+    the same tokens alone and batched."""
+    ps = prompts(4, lo=6, hi=20, seed=7)
+    n = 12
+    plain = [alone(model, p, SamplingParams(max_new_tokens=n)) for p in ps]
+    assert [len(set(o)) < n for o in plain[:3]] == [True] * 3        # repeats to penalize
+    cases = [(2.0, 0.0), (0.0, 1.5), (0.7, 0.4), (-0.5, 0.0)]
+    ref = [penalized_reference(model, p, n, pr, fr) for p, (pr, fr) in zip(ps, cases)]
+    assert all(r != o and len(set(r)) == n for r, o in zip(ref[:3], plain))   # no token twice now
+    params = [SamplingParams(max_new_tokens=n, presence_penalty=pr, frequency_penalty=fr) for pr, fr in cases]
+    assert [alone(model, p, sp) for p, sp in zip(ps, params)] == ref
+    sampled = SamplingParams(max_new_tokens=n, temperature=0.8, seed=5, presence_penalty=1.0)
+    sampled_ref = alone(model, ps[1], sampled)
+    with Engine(model, max_batch=4, max_len=64) as eng:
+        # rows used first by unpenalized requests: their counts must not leak into the reuse
+        for r in [eng.submit(q, SamplingParams(temperature=1.0, max_new_tokens=6)) for q in ps]:
+            r.result(T_OUT)
+        first = [eng.submit(p, sp) for p, sp in zip(ps[:2], params[:2])]
+        other = eng.submit(ps[3], SamplingParams(max_new_tokens=n))
+        next(iter(first[0]))
+        late = [eng.submit(p, sp) for p, sp in zip(ps[2:], params[2:])] + [eng.submit(ps[1], sampled)]
+        got = [r.result(T_OUT).output_ids for r in first + late]
+        assert got[:4] == ref and got[4] == sampled_ref
+        assert other.result(T_OUT).output_ids == plain[3]
+
+
+def test_penalty_values_are_checked():
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(presence_penalty=float("nan"))):
+        with pytest.raises(ValueError, match="penalty"):
+            SamplingParams(**bad).validate()
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty="1").plain()
+    assert SamplingParams(presence_penalty=1.5).penalized and not SamplingParams().penalized
+
+
 def test_many_concurrent_requests_from_threads(model):
     ps = prompts(24, lo=1, hi=30, seed=4)
     params = [SamplingParams(max_new_tokens=1 + (7 * i) % 13) for i in range(24)]
@@ -465,8 +516,12 @@ def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
     # sampled without top-k / top-p: alone (Generator) the one-launch race (kernels/sampling.py); in
     # an engine batch beside request 3, the filtered launches (first tokens too): the draws must agree
     params[5] = SamplingParams(temperature=0.7, seed=5, max_new_tokens=9)
+    # penalized (greedy and sampled): the penalized graphs, float32 logits into the sampling kernels
+    params[7] = SamplingParams(presence_penalty=1.5, max_new_tokens=11)
+    params[9] = SamplingParams(temperature=0.9, seed=9, frequency_penalty=0.8, max_new_tokens=12)
     gen = Generator(m)
     ref = [gen.generate([p], sp)[0] for p, sp in zip(ps, params)]
+    assert ref[7] != gen.generate([ps[7]], SamplingParams(max_new_tokens=11))[0]
     with Engine(m, max_batch=8, max_len=128) as eng:
         assert eng.use_graphs
         reqs = [eng.submit(p, sp) for p, sp in zip(ps, params)]
@@ -481,7 +536,7 @@ def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_warmup_captures_every_graph_up_front(tmp_path):
     """Engine(warmup=True): before the first request every decode graph (3 batch x 2 length
-    buckets x 3 sampling modes) and every prefill bucket graph is captured; requests of every
+    buckets x 4 sampling modes) and every prefill bucket graph is captured; requests of every
     kind then capture nothing new and get the Generator's tokens."""
     path = make_fixture(tmp_path, formats=["bf16"], experts=8)["bf16"]
     m = mixprec.load(path, device="cuda", progress=False)
@@ -489,12 +544,13 @@ def test_gpu_warmup_captures_every_graph_up_front(tmp_path):
     params = [SamplingParams(max_new_tokens=6 + i) for i in range(6)]
     params[2] = SamplingParams(temperature=0.8, top_k=5, seed=2, max_new_tokens=9)
     params[4] = SamplingParams(temperature=0.7, seed=4, max_new_tokens=12)
+    params[5] = SamplingParams(presence_penalty=1.0, max_new_tokens=7)
     gen = Generator(m)
     ref = [gen.generate([p], sp)[0] for p, sp in zip(ps, params)]
     with Engine(m, max_batch=4, max_len=512, warmup=True) as eng:
         assert eng.ready.wait(T_OUT) and eng.healthy and eng.warmup_s > 0
         n = eng.metrics()["cuda_graphs"]
-        assert len(eng._graphs) == 3 * 2 * 3 and eng._prefill_fwd.graphs == n - 18 > 0
+        assert len(eng._graphs) == 3 * 2 * 4 and eng._prefill_fwd.graphs == n - 24 > 0
         got = [r.result(T_OUT).output_ids for r in [eng.submit(p, sp) for p, sp in zip(ps, params)]]
         assert eng.metrics()["cuda_graphs"] == n
     assert got == ref

@@ -182,7 +182,7 @@ ENGINE_REQUESTS = [([5, 9, 2], dict(max_new_tokens=6)),
                    ([7] * 20, dict(max_new_tokens=9, temperature=0.8, seed=7)),
                    ([1, 2, 3, 4, 5, 6, 7, 8], dict(max_new_tokens=5)),
                    ([300, 200, 100], dict(max_new_tokens=7, temperature=1.0, top_k=20, seed=3)),
-                   ([11] * 13, dict(max_new_tokens=8)),
+                   ([11] * 13, dict(max_new_tokens=8, presence_penalty=1.5, frequency_penalty=0.5)),
                    ([42, 43], dict(max_new_tokens=4))]
 
 

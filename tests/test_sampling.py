@@ -331,3 +331,21 @@ def test_first_token_takes_the_kernels_and_draws_as_the_torch_sampler(filtered, 
         got = generate.first_token(logits, params, step, True, filtered)
     assert calls == [1] and torch.equal(got, want)
     assert torch.equal(step, torch.tensor([0, 0, 3, 5, 9], device=_DEV))
+
+
+def test_penalize_and_count_tokens():
+    """OpenAI's penalties: logit - frequency * count - presence * (count > 0), per row; counting
+    adds the new token of live rows only."""
+    from mixprec.runtime.sampling import count_tokens, penalize
+    counts = torch.zeros(3, 6, dtype=torch.int32)
+    count_tokens(counts, torch.tensor([2, 2, 5]))
+    count_tokens(counts, torch.tensor([2, 4, 5]), live=torch.tensor([1, 1, 0]))
+    assert counts.tolist() == [[0, 0, 2, 0, 0, 0], [0, 0, 1, 0, 1, 0], [0, 0, 0, 0, 0, 1]]
+    logits = torch.arange(18, dtype=torch.bfloat16).reshape(3, 6)
+    out = penalize(logits, counts, torch.tensor([1.0, 0.0, -0.5]), torch.tensor([0.25, 2.0, 0.0]))
+    want = logits.float().clone()
+    want[0, 2] -= 2 * 0.25 + 1.0
+    want[1, 2] -= 2.0
+    want[1, 4] -= 2.0
+    want[2, 5] += 0.5
+    assert out.dtype == torch.float32 and torch.equal(out, want)

@@ -116,6 +116,11 @@ def test_greedy_text_matches_generate(server, model):
     stop = ref[5:8]
     r = c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0, stop=[stop])
     assert r.choices[0].text == ref[:ref.find(stop)] and r.choices[0].finish_reason == "stop"
+    # penalties as mixprec.generate applies them (and they change this greedy text)
+    ref_pen = mixprec.generate(model, prompt, max_new_tokens=20, presence_penalty=1.5, frequency_penalty=0.5)
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0, presence_penalty=1.5,
+                             frequency_penalty=0.5)
+    assert r.choices[0].text == ref_pen != ref
 
 
 def test_64_concurrent_streams(server, model):
@@ -240,6 +245,8 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "a \ud800"}, 400, "prompt"),     # lone surrogate
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "frequency_penalty": "1"}, 400, "frequency_penalty"),
     ("/v1/completions", {"model": NAME, "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": [1, 10**6]}, 400, "prompt"),     # token id beyond vocab
     ("/v1/completions", {"model": NAME, "prompt": [7] * MAX_LEN}, 400, "prompt"),  # longer than the context

@@ -123,10 +123,13 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling (default greedy); with --top-k / --top-p")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="time the decode step with penalties")
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--json", default=None, help="write all rows here")
     a = p.parse_args(argv)
     try:
-        sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p).validate()
+        sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                  presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty).validate()
     except ValueError as err:
         p.error(str(err))
     if a.synthetic:
@@ -143,7 +146,8 @@ def main(argv=None) -> int:
         return 2
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read+write)  "
-          f"sampling: {'greedy' if not a.temperature else f'temperature {a.temperature} top_k {a.top_k} top_p {a.top_p}'}")
+          f"sampling: {'greedy' if not a.temperature else f'temperature {a.temperature} top_k {a.top_k} top_p {a.top_p}'}"
+          + (f", presence {a.presence_penalty} frequency {a.frequency_penalty}" if sampling.penalized else ""))
     results = {}
     if a.synthetic:
         from .synthetic import build_synthetic

@@ -44,7 +44,8 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .generate import first_token, next_token, sampling_modes, to_host
+from .generate import decode_tail, first_token, sampling_modes, to_host
+from .sampling import count_tokens
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
 from .sampling import SamplingParams
 
@@ -195,7 +196,8 @@ class Request:
 
 @dataclass
 class _Rows:
-    """Per-slot device state of the decode step (every field [max_batch] or [max_batch, 1])."""
+    """Per-slot device state of the decode step (every field [max_batch], [max_batch, 1] or, counts,
+    [max_batch, vocab])."""
     tokens: Tensor        # [N, 1] int64: last sampled token = next decode input
     pos: Tensor           # [N, 1] int64: its position (= the cache slot it is written to)
     live: Tensor          # [N] int64: 1 while a request holds the row, 0 for idle padding
@@ -204,6 +206,9 @@ class _Rows:
     top_p: Tensor         # [N] float32
     seed: Tensor          # [N] int64
     step: Tensor          # [N] int64: tokens the row's request has sampled so far
+    presence: Tensor      # [N] float32: presence / frequency penalties
+    frequency: Tensor     # [N] float32
+    counts: Tensor        # [N, V] int32: the tokens a penalized request has generated so far
 
     def view(self, rows: slice) -> "_Rows":
         """The state of rows `rows` (views: writes go to this state)."""
@@ -302,9 +307,12 @@ class Engine:
         self.cache = model.make_cache(N, max_len, dev)
         self.cache.reset()
         z = lambda *s, dt=torch.long: torch.zeros(s, dtype=dt, device=dev)   # noqa: E731
-        self._rows = _Rows(tokens=z(N, 1), pos=z(N, 1), live=z(N), temperature=z(N, dt=torch.float32),
-                           top_k=z(N), top_p=torch.ones(N, dtype=torch.float32, device=dev), seed=z(N), step=z(N))
-        self._graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}
+        f32 = torch.float32
+        self._rows = _Rows(tokens=z(N, 1), pos=z(N, 1), live=z(N), temperature=z(N, dt=f32),
+                           top_k=z(N), top_p=torch.ones(N, dtype=f32, device=dev), seed=z(N), step=z(N),
+                           presence=z(N, dt=f32), frequency=z(N, dt=f32), counts=z(N, self.vocab, dt=torch.int32))
+        # (batch bucket, length bucket, sampling_modes) -> graph
+        self._graphs: dict[tuple[int, int, tuple[bool, bool, bool]], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._prefill_fwd = Prefill(model, self.use_graphs, prefill_graph_tokens)
         self.warmup = warmup
@@ -493,8 +501,8 @@ class Engine:
         t0 = time.monotonic()
         for B in self.buckets:
             for L in self.len_buckets:
-                for sampled, filtered in ((False, False), (True, False), (True, True)):
-                    self._graph(B, L, sampled, filtered)
+                for modes in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+                    self._graph(B, L, modes)
         self._prefill_fwd.warm_up(self.max_batch, self.max_len)
         # prefills above the graph buckets run eagerly: compile their kernels now too (into cache
         # rows that every admission's prefill rewrites)
@@ -619,17 +627,23 @@ class Engine:
             "temperature": torch.tensor([q.temperature for q in p], dtype=torch.float32),
             "top_k": torch.tensor([q.top_k for q in p], dtype=torch.long),
             "top_p": torch.tensor([q.top_p for q in p], dtype=torch.float32),
+            "presence": torch.tensor([q.presence_penalty for q in p], dtype=torch.float32),
+            "frequency": torch.tensor([q.frequency_penalty for q in p], dtype=torch.float32),
             "seed": torch.tensor([r.seed for r in reqs], dtype=torch.long),
             "last": torch.tensor(lens, dtype=torch.long) - 1,
         }
         d = {k: self._to_device(v) for k, v in host.items()}
         ids = self._to_device(ids)
         rows = slice(s0, s0 + n)
-        for k in ("temperature", "top_k", "top_p", "seed"):
+        for k in ("temperature", "top_k", "top_p", "seed", "presence", "frequency"):
             getattr(R, k)[rows].copy_(d[k])
         logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))             # [n, V]
         R.step[rows].zero_()
-        first = first_token(logits, R.view(rows), R.step[rows], *sampling_modes(p))
+        sampled, filtered, penalized = sampling_modes(p)
+        first = first_token(logits, R.view(rows), R.step[rows], sampled, filtered)   # no penalty yet
+        if penalized:     # a row's counts start here; decode steps keep them while it is penalized
+            R.counts[rows].zero_()
+            count_tokens(R.counts[rows], first)
         R.tokens[rows].copy_(first[:, None])
         R.pos[rows].copy_(d["last"][:, None] + 1)
         R.step[rows].fill_(1)
@@ -642,14 +656,15 @@ class Engine:
     def _len_bucket(self, n: int) -> int:
         return next(b for b in self.len_buckets if b >= n)
 
-    def _step(self, B: int, L: int, sampled: bool, filtered: bool) -> None:
+    def _step(self, B: int, L: int, modes: tuple[bool, bool, bool]) -> None:
         """One decode step over rows [:B] attending over slots [:L]; no host sync (captured as a
-        CUDA graph on GPU)."""
+        CUDA graph on GPU). modes: sampling_modes of the batch (a penalized batch's step also
+        counts every live row's new token: a penalized request is in every step it runs)."""
         R, rows = self._rows, slice(0, B)
         logits = self.model(R.tokens[rows], positions=R.pos[rows], cache=self.cache.rows(0, B, L),
                             float_logits=False)[:, -1]                                    # [B, V]
         # idle rows (live 0) stay at position 0
-        next_token(logits, R.tokens[rows, 0], R.pos[rows, 0], R.step[rows], R.live[rows], R.view(rows), sampled, filtered)
+        decode_tail(logits, R.tokens[rows, 0], R.pos[rows, 0], R.step[rows], R.live[rows], R.view(rows), modes)
 
     def _launch_step(self) -> bool:
         """Launch one decode step over the requests that still need tokens; False if none do."""
@@ -662,23 +677,23 @@ class Engine:
         L = self._len_bucket(max(self._pos[:B]) + 1)
         for s in range(B):
             self._pos[s] += self._live[s]
-        sampled, filtered = sampling_modes([r.params for _, r in rows])
+        modes = sampling_modes([r.params for _, r in rows])
         if self.use_graphs:
-            self._graph(B, L, sampled, filtered).replay()
+            self._graph(B, L, modes).replay()
         else:
-            self._step(B, L, sampled, filtered)
+            self._step(B, L, modes)
         for _, r in rows:
             r._launched += 1
         self._pending.append((to_host(self._rows.tokens[:B, 0]), rows))
         self._n_steps += 1
         return True
 
-    def _graph(self, B: int, L: int, sampled: bool, filtered: bool) -> "torch.cuda.CUDAGraph":
+    def _graph(self, B: int, L: int, modes: tuple[bool, bool, bool]) -> "torch.cuda.CUDAGraph":
         """The captured step for (batch bucket, length bucket, sampling mode). The graph reads
         and writes the persistent row state directly; warm-up runs (Triton compiles) restore
         that state after, and write only K/V the real step rewrites identically. The graphs
         share one memory pool: nothing they allocate outlives a replay (outputs go to `_rows`)."""
-        key = (B, L, sampled, filtered)
+        key = (B, L, modes)
         if key not in self._graphs:
             R = self._rows
             snap = {k: v.clone() for k, v in vars(R).items()}
@@ -686,7 +701,7 @@ class Engine:
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
-                    self._step(B, L, sampled, filtered)
+                    self._step(B, L, modes)
                     for k, v in snap.items():
                         getattr(R, k).copy_(v)
             torch.cuda.current_stream().wait_stream(s)
@@ -694,7 +709,7 @@ class Engine:
                 self._pool = torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self._pool):
-                self._step(B, L, sampled, filtered)
+                self._step(B, L, modes)
             self._graphs[key] = g
         return self._graphs[key]
 

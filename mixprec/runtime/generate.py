@@ -21,7 +21,7 @@ from ..formats.base import use_kernels
 from ..kernels.sampling import next_token_advance
 from ..layers.attention import KVCache
 from .prefill import Prefill, bucket
-from .sampling import MIN_TEMPERATURE, SamplingParams, sample
+from .sampling import MIN_TEMPERATURE, SamplingParams, count_tokens, penalize, sample
 
 
 def _u64(c: int) -> int:
@@ -59,12 +59,29 @@ def sample_tokens(logits: Tensor, params, step: Tensor, sampled: bool, filtered:
     return sample(logits.float(), params.temperature, params.top_k, params.top_p, noise, filtered)
 
 
-def sampling_modes(params: Sequence[SamplingParams]) -> tuple[bool, bool]:
-    """(sampled, filtered) of a batch's rows, as next_token takes them: some row draws with a
-    temperature; some such row also has top-k / top-p."""
+def sampling_modes(params: Sequence[SamplingParams]) -> tuple[bool, bool, bool]:
+    """(sampled, filtered, penalized) of a batch's rows: some row draws with a temperature; some
+    such row also has top-k / top-p (next_token takes these two); some row has a presence /
+    frequency penalty. A batch with a penalized row takes the most general draw (sampled and
+    filtered: greedy rows and rows without top-k / top-p draw the same tokens there), so penalties
+    add one decode graph per bucket, not three."""
+    if any(p.penalized for p in params):
+        return True, True, True
     sampled = any(p.temperature > 0 for p in params)
     filtered = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
-    return sampled, filtered
+    return sampled, filtered, False
+
+
+def decode_tail(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None, rows,
+                modes: tuple[bool, bool, bool]) -> None:
+    """next_token with the rows' penalties (modes[2]: `rows` also has presence / frequency [B]
+    and counts [B, V], the tokens each row generated so far, which then count the new token)."""
+    sampled, filtered, penalized = modes
+    if penalized:
+        logits = penalize(logits, rows.counts, rows.presence, rows.frequency)
+    next_token(logits, tokens, pos, step, live, rows, sampled, filtered)
+    if penalized:
+        count_tokens(rows.counts, tokens, live)
 
 
 def first_token(logits: Tensor, params, step: Tensor, sampled: bool, filtered: bool) -> Tensor:
@@ -102,6 +119,9 @@ class _Batch:
     top_p: Tensor         # [B]
     seed: Tensor          # [B]
     step: Tensor          # [B]
+    presence: Tensor      # [B] float32
+    frequency: Tensor     # [B] float32
+    counts: Tensor        # [B, V] int32: tokens generated so far ([B, 0] when no row is penalized)
 
 
 def to_host(t: Tensor) -> tuple[Tensor, "torch.cuda.Event | None"]:
@@ -145,15 +165,15 @@ class Generator:
         return c
 
     # -- one decode step: forward + sample, no host sync ---------------------------------------
-    def _step(self, st: _Batch, cache: KVCache, filtered: bool, sampled: bool) -> Tensor:
+    def _step(self, st: _Batch, cache: KVCache, modes: tuple[bool, bool, bool]) -> Tensor:
         logits = self.model(st.tokens, positions=st.pos, cache=cache, float_logits=False)[:, -1]    # [B, V]
-        next_token(logits, st.tokens[:, 0], st.pos[:, 0], st.step, None, st, sampled, filtered)
+        decode_tail(logits, st.tokens[:, 0], st.pos[:, 0], st.step, None, st, modes)
         return st.tokens[:, 0]
 
-    def _decode_fn(self, st: _Batch, cache: KVCache, filtered: bool, sampled: bool) -> Callable[[], Tensor]:
+    def _decode_fn(self, st: _Batch, cache: KVCache, modes: tuple[bool, bool, bool]) -> Callable[[], Tensor]:
         if not self.use_graphs:
-            return lambda: self._step(st, cache, filtered, sampled)
-        key = (st.tokens.shape[0], filtered, sampled, id(cache))
+            return lambda: self._step(st, cache, modes)
+        key = (st.tokens.shape[0], modes, id(cache))
         if key not in self._graphs:
             # static copies the graph reads and writes; the caller copies state in/out
             static = _Batch(**{k: v.clone() for k, v in vars(st).items()})
@@ -162,13 +182,13 @@ class Generator:
             with torch.cuda.stream(s):          # warm up (Triton compiles) outside the capture
                 for _ in range(2):
                     snapshot = {k: v.clone() for k, v in vars(static).items()}
-                    self._step(static, cache, filtered, sampled)
+                    self._step(static, cache, modes)
                     for k, v in snapshot.items():
                         getattr(static, k).copy_(v)
             torch.cuda.current_stream().wait_stream(s)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                out = self._step(static, cache, filtered, sampled)
+                out = self._step(static, cache, modes)
             self._graphs[key] = (g, static, out)
         g, static, out = self._graphs[key]
         for k, v in vars(st).items():
@@ -224,6 +244,7 @@ class Generator:
         # synchronizes with the stream, so after it the host would wait for the whole prefill
         # before queuing the first token's launches
         prow = plist + [plist[-1]] * (Bp - B)
+        modes = sampling_modes(plist)
         st = _Batch(
             tokens=torch.zeros(Bp, 1, dtype=torch.long, device=dev),
             pos=(last + 1)[:, None].clone(),
@@ -232,17 +253,21 @@ class Generator:
             top_p=torch.tensor([p.top_p for p in prow], dtype=torch.float32, device=dev),
             seed=self._seeds(prow, dev),
             step=torch.zeros(Bp, dtype=torch.long, device=dev),
+            presence=torch.tensor([p.presence_penalty for p in prow], dtype=torch.float32, device=dev),
+            frequency=torch.tensor([p.frequency_penalty for p in prow], dtype=torch.float32, device=dev),
+            counts=torch.zeros(Bp, self.args.vocab_size if modes[2] else 0, dtype=torch.int32, device=dev),
         )
         logits = self._prefill(ids, last, cache)                                 # [Bp, V] fp32
-        sampled, filtered = sampling_modes(plist)
-        first = first_token(logits, st, st.step, sampled, filtered)
+        first = first_token(logits, st, st.step, *modes[:2])     # nothing generated yet: no penalty
         st.tokens.copy_(first[:, None])
         st.step.add_(1)
+        if modes[2]:
+            count_tokens(st.counts, first)
 
         stops = [set(p.stop_token_ids) for p in plist]
         done = [p.max_new_tokens == 0 for p in plist]     # beside longer requests: no token at all
         produced = [0] * B
-        step_fn = self._decode_fn(st, cache, filtered, sampled) if max_new > 1 else None
+        step_fn = self._decode_fn(st, cache, modes) if max_new > 1 else None
         inflight = [to_host(first)]
         for t in range(max_new):
             if t + 1 < max_new:          # queue step t+1 before reading step t's tokens

@@ -3,6 +3,11 @@
 Sampling uses the exponential-race form of the Gumbel-max trick: argmax(p / E) with E ~ Exp(1)
 draws from p exactly, needs no cumulative sums over the whole vocabulary and no torch.multinomial.
 Per-row parameters are tensors, so one captured graph serves any mix of requests.
+
+Presence / frequency penalties are OpenAI's: before sampling (greedy too), each token the request
+has generated so far (its prompt not counted, as in OpenAI's API and vLLM) has its logit lowered
+by frequency_penalty * count + presence_penalty. Qwen3's quantized checkpoints recommend a
+presence penalty (up to 1.5) against endless repetition.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from torch import Tensor
 
 
 MIN_TEMPERATURE = 1e-5     # smaller positive temperatures sample as this one (greedy in effect)
+MAX_PENALTY = 2.0          # |presence_penalty|, |frequency_penalty| <= this (OpenAI's range)
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,12 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()        # stop strings (checked on the host, on decoded text)
+    presence_penalty: float = 0.0     # subtracted once from each generated token's logit
+    frequency_penalty: float = 0.0    # subtracted per occurrence of a generated token
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def plain(self) -> "SamplingParams":
         """A copy with plain Python numbers (numpy / torch scalars converted; ValueError for values
@@ -36,6 +48,8 @@ class SamplingParams:
             return float(v)                   # numpy / torch scalars too
         try:
             return replace(self, temperature=real(self.temperature), top_p=real(self.top_p),
+                           presence_penalty=real(self.presence_penalty),
+                           frequency_penalty=real(self.frequency_penalty),
                            top_k=operator.index(self.top_k), max_new_tokens=operator.index(self.max_new_tokens),
                            seed=None if self.seed is None else operator.index(self.seed),
                            stop_token_ids=tuple(operator.index(t) for t in self.stop_token_ids),   # sets too
@@ -51,6 +65,8 @@ class SamplingParams:
         checks = [("temperature", lambda t: math.isfinite(t) and t >= 0, "finite, >= 0"),
                   ("top_k", lambda k: is_int(k) and 0 <= k < 2**63, "an int in [0, 2**63)"),
                   ("top_p", lambda p: 0 < p <= 1, "in (0, 1]"),
+                  ("presence_penalty", lambda v: -MAX_PENALTY <= v <= MAX_PENALTY, f"in [-{MAX_PENALTY}, {MAX_PENALTY}]"),
+                  ("frequency_penalty", lambda v: -MAX_PENALTY <= v <= MAX_PENALTY, f"in [-{MAX_PENALTY}, {MAX_PENALTY}]"),
                   ("max_new_tokens", lambda n: is_int(n) and n >= 0, "an int >= 0"),
                   ("seed", lambda s: s is None or is_int(s) and -2**63 <= s < 2**63, "None or a 64-bit int"),
                   ("stop", lambda st: isinstance(st, (tuple, list)) and all(isinstance(x, str) and x for x in st),
@@ -96,3 +112,17 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, no
         pick = (sorted_p * keep / noise.gather(-1, order)).argmax(-1, keepdim=True)
         drawn = order.gather(-1, pick).squeeze(-1)
     return torch.where(temperature > 0, drawn, greedy)
+
+
+def penalize(logits: Tensor, counts: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
+    """logits [B, V] minus each row's penalties on the tokens it has generated: counts [B, V]
+    int32 (occurrences so far), presence / frequency [B] float32 -> [B, V] float32. No host sync."""
+    c = counts.to(torch.float32)
+    return logits.float() - c * frequency[:, None] - (counts > 0).to(torch.float32) * presence[:, None]
+
+
+def count_tokens(counts: Tensor, tokens: Tensor, live: Tensor | None = None) -> None:
+    """counts[b, tokens[b]] += live[b] (None: 1), in place: the token each row just generated (idle
+    rows, live 0, count nothing). counts [B, V] int32, tokens [B] int64. No host sync."""
+    inc = torch.ones_like(tokens, dtype=counts.dtype) if live is None else live.to(counts.dtype)
+    counts.scatter_add_(1, tokens[:, None], inc[:, None])
