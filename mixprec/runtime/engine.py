@@ -45,9 +45,8 @@ import torch
 from torch import Tensor
 
 from .generate import decode_tail, first_token, sampling_modes, to_host
-from .sampling import count_tokens
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
-from .sampling import SamplingParams
+from .sampling import SamplingParams, count_tokens
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
 MIN_LEN_BUCKET = 256      # smallest number of cache slots a step attends over
