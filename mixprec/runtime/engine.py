@@ -14,8 +14,9 @@ admission to finish. A background thread loops, one decode step per iteration:
   4. read the previous step's tokens on the host while this one runs (lag by one): deliver,
      detokenize, stop on eos / stop ids, stop strings, max_tokens or a full context.
 
-Sampling is per row (temperature, top-k, top-p on device tensors) with `counter_noise` keyed by
-the request's seed and its own step count, so a request's tokens do not depend on what else is
+Sampling is per row (temperature, top-k, top-p, presence / frequency penalties on device
+tensors; a row's generated-token counts for the penalties) with `counter_noise` keyed by the
+request's seed and its own step count, so a request's tokens do not depend on what else is
 batched with it (up to the batch-invariance of the kernels; exact on CPU).
 
 Tensor / expert parallel models (`model.parallel`, one process per rank): every rank runs an
