@@ -43,6 +43,9 @@ def _generate(a) -> int:
     if not a.prompt:
         print("error: --prompt is empty", file=sys.stderr)
         return 2
+    if a.no_thinking and not a.chat:
+        print("error: --no-thinking sets a chat template variable: it needs --chat", file=sys.stderr)
+        return 2
     try:    # bad input (config, checkpoint, sampling values) is a message, not a traceback
         params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                                 max_new_tokens=a.max_new_tokens, presence_penalty=a.presence_penalty,
@@ -63,7 +66,7 @@ def _stream(a, model, params) -> int:
     if tok is None:
         print(f"error: the base checkpoint {a.config} has no tokenizer.json", file=sys.stderr)
         return 2
-    ids = tok.encode_prompt(a.prompt, chat=a.chat)
+    ids = tok.encode_prompt(a.prompt, chat=a.chat, **({"enable_thinking": False} if a.no_thinking else {}))
     params = replace(params, stop_token_ids=tuple(tok.eos_token_ids))
     gen = Generator(model, use_cuda_graphs=None if not a.no_cuda_graphs else False)
     out: list[int] = []
@@ -126,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frequency-penalty", type=float, default=0.0, help="lowers it per occurrence")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    s.add_argument("--no-thinking", action="store_true",
+                   help="with --chat: the template's enable_thinking=False (Qwen3's non-thinking mode)")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", default=None)
     s.add_argument("--no-cuda-graphs", action="store_true")

@@ -60,17 +60,20 @@ def load_tokenizer(ckpt_dir: str | Path):
 
 def generate(model, prompts: Sequence[str] | Sequence[Sequence[int]] | str, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             chat: bool = False, presence_penalty: float = 0.0,
-             frequency_penalty: float = 0.0) -> list[str] | list[list[int]]:
+             chat: bool = False, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             chat_template_kwargs: dict | None = None) -> list[str] | list[list[int]]:
     """Generate for a batch. Strings in -> strings out (model.tokenizer); token-id lists in -> ids out.
-    Penalties as OpenAI's (runtime/sampling.py): on the tokens generated so far, not the prompt."""
+    Penalties as OpenAI's (runtime/sampling.py): on the tokens generated so far, not the prompt.
+    chat: each string is a user message in the checkpoint's chat template, rendered with
+    chat_template_kwargs (Qwen3: {"enable_thinking": False} for its non-thinking mode)."""
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
     texts = bool(prompts) and isinstance(prompts[0], str)
     tok = getattr(model, "tokenizer", None)
     if texts and tok is None:
         raise ValueError("string prompts need the base checkpoint's tokenizer.json; pass token ids instead")
-    ids = [tok.encode_prompt(p, chat=chat) for p in prompts] if texts else [list(p) for p in prompts]
+    ids = ([tok.encode_prompt(p, chat=chat, **(chat_template_kwargs or {})) for p in prompts] if texts
+           else [list(p) for p in prompts])
     stop = tuple(tok.eos_token_ids) if tok is not None else ()
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             max_new_tokens=max_new_tokens, stop_token_ids=stop, presence_penalty=presence_penalty,

@@ -171,10 +171,18 @@ def _chat_prompt(body: dict, tokenizer) -> list[int]:
         out.append({"role": "system" if role == "developer" else role, "content": content})
     if tokenizer is None or not tokenizer.chat_template:
         raise APIError(400, "this model has no chat template (tokenizer_config.json): use /v1/completions")
+    # the template's own variables, as vLLM / SGLang take them (Qwen3: {"enable_thinking": false})
+    kw = _field(body, "chat_template_kwargs", "object", {})
+    if {"messages", "add_generation_prompt"} & set(kw):
+        raise APIError(400, "'chat_template_kwargs' may not set messages or add_generation_prompt",
+                       "chat_template_kwargs", "invalid_value")
+    from jinja2 import TemplateError
     try:
-        text = tokenizer.apply_chat_template(out, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(out, add_generation_prompt=True, **kw)
     except ValueError as e:                             # the template's raise_exception()
         raise APIError(400, f"chat template: {e}", "messages") from None
+    except (TypeError, TemplateError) as e:             # e.g. kwargs of a type the template cannot use
+        raise APIError(400, f"chat template: {e}", "chat_template_kwargs" if kw else "messages") from None
     return _encode(tokenizer, text, "messages")
 
 

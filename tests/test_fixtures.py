@@ -279,6 +279,13 @@ def test_tokenizer_in_transformers(fixture_dirs, tmp_path):
     assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                     "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
                     "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # our renderer (runtime/text.py) gives transformers' text: the template's default (Qwen3:
+    # thinking on) and its non-thinking mode
+    from mixprec.runtime.text import Tokenizer
+    ours = Tokenizer.from_dir(d)
+    assert ours.apply_chat_template(msgs, enable_thinking=False) == text
+    default = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(msgs) == default != text and default.endswith("<|im_start|>assistant\n")
     gen = json.loads((d / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [ids["<|im_end|>"], ids["<|endoftext|>"]]
     # deterministic: a fresh build is byte-identical; other sizes keep the specials on top

@@ -110,6 +110,12 @@ def test_greedy_text_matches_generate(server, model):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ref_chat
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
     assert chunks[-2].choices[0].finish_reason == "length"
+    # the template's own variables (Qwen3's non-thinking mode), as mixprec.generate renders them
+    no_think = mixprec.generate(model, "Hello there", max_new_tokens=16, chat=True,
+                                chat_template_kwargs={"enable_thinking": False})
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0,
+                                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.choices[0].message.content == no_think != ref_chat
     # a seeded sampled request is reproducible; a stop string cuts the text
     kw = dict(model=NAME, prompt=prompt, max_tokens=12, temperature=0.9, top_p=0.95, seed=7)
     assert c.completions.create(**kw).choices[0].text == c.completions.create(**kw).choices[0].text
@@ -252,6 +258,10 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": [7] * MAX_LEN}, 400, "prompt"),  # longer than the context
     ("/v1/completions", {"model": NAME, "prompt": [7] * 200, "max_tokens": 100}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": NAME, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                              "chat_template_kwargs": "no thinking"}, 400, "chat_template_kwargs"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                              "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs"),
     ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400,
      "messages[0].role"),

@@ -41,7 +41,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The checkpoint's chat template rendered as transformers renders it; kwargs are the
+        template's own variables (Qwen3: enable_thinking=False for its non-thinking mode), and the
+        ones not given stay undefined, so the template's defaults hold (Qwen3: thinking on)."""
         if not self.chat_template:
             raise ValueError("this checkpoint has no chat_template in tokenizer_config.json")
         try:
@@ -57,12 +60,12 @@ class Tokenizer:
             raise ValueError(msg)
         env.globals["raise_exception"] = raise_exception
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-            enable_thinking=False, bos_token="", eos_token="")
+            **{"tools": None, "bos_token": "", "eos_token": "", **kwargs,
+               "messages": messages, "add_generation_prompt": add_generation_prompt})
 
-    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+    def encode_prompt(self, prompt: str, chat: bool = False, **template_kwargs) -> list[int]:
         if chat:
-            prompt = self.apply_chat_template([{"role": "user", "content": prompt}])
+            prompt = self.apply_chat_template([{"role": "user", "content": prompt}], **template_kwargs)
         return self.encode(prompt)
 
 
