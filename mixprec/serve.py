@@ -71,7 +71,11 @@ def _field(body: dict, name: str, kind: str, default=None, required: bool = Fals
     return v
 
 
-def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], chat: bool) -> SamplingParams:
+def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], chat: bool,
+              defaults: dict | None = None) -> SamplingParams:
+    """The request's SamplingParams; fields it leaves out take `defaults` (the checkpoint's
+    generation_config.json under --generation-config auto), else OpenAI's."""
+    defaults = defaults or {}
     for name, off in _UNSUPPORTED.items():
         if name in body and not any(body[name] == o and type(body[name]) is type(o) for o in off):
             raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
@@ -91,18 +95,18 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
                             f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, "
                             f"{max_tokens} in the completion). Please reduce the prompt or '{name}'.",
                        name, "context_length_exceeded")
-    temperature = _field(body, "temperature", "number", 1.0)
+    temperature = _field(body, "temperature", "number", defaults.get("temperature", 1.0))
     if not 0 <= temperature <= 2:
         raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature", "invalid_value")
-    top_p = _field(body, "top_p", "number", 1.0)
+    top_p = _field(body, "top_p", "number", defaults.get("top_p", 1.0))
     if not 0 < top_p <= 1:
         raise APIError(400, f"'top_p' must be in (0, 1], got {top_p}", "top_p", "invalid_value")
-    top_k = _field(body, "top_k", "integer", 0)
+    top_k = _field(body, "top_k", "integer", defaults.get("top_k", 0))
     if not -1 <= top_k < 2**63:
         raise APIError(400, f"'top_k' must be in [0, 2**63) (0 or -1: off), got {top_k}", "top_k", "invalid_value")
     penalties = {}
     for name in ("presence_penalty", "frequency_penalty"):
-        v = penalties[name] = float(_field(body, name, "number", 0.0))
+        v = penalties[name] = float(_field(body, name, "number", defaults.get(name, 0.0)))
         if not -MAX_PENALTY <= v <= MAX_PENALTY:
             raise APIError(400, f"'{name}' must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {v}", name, "invalid_value")
     seed = _field(body, "seed", "integer")
@@ -195,8 +199,9 @@ def _encode(tokenizer, text: str, param: str) -> list[int]:
 
 
 # -- the app ---------------------------------------------------------------------------------
-def create_app(engine: Engine, tokenizer, model_name: str):
-    """The FastAPI app serving `engine` as `model_name` (the engine's lifetime is the caller's).
+def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None = None):
+    """The FastAPI app serving `engine` as `model_name` (the engine's lifetime is the caller's);
+    `defaults`: sampling values for fields a request leaves out (else OpenAI's defaults).
     (No `from __future__ import annotations` in this file: FastAPI must see the real `Request`
     class in the handlers' annotations, and it is imported lazily here.)"""
     _require()
@@ -256,7 +261,7 @@ def create_app(engine: Engine, tokenizer, model_name: str):
     async def run(request: Request, chat: bool):
         body = await parse(request)
         ids = _chat_prompt(body, tokenizer) if chat else _completion_prompt(body, tokenizer)
-        params = _sampling(body, len(ids), engine.max_len, eos, chat)
+        params = _sampling(body, len(ids), engine.max_len, eos, chat, defaults)
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         req = submit(ids, params)
@@ -378,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "capture; takes longer to start)")
     p.add_argument("--tp", type=at_least(1), default=None, help="tensor parallel size (under torchrun; default: config)")
     p.add_argument("--ep", type=at_least(1), default=None, help="expert parallel size (under torchrun; default: config)")
+    p.add_argument("--generation-config", choices=["auto", "openai"], default="auto",
+                   help="defaults of the sampling fields a request leaves out: auto, the base checkpoint's "
+                        "generation_config.json (temperature, top_k, top_p, penalties; as vLLM), else "
+                        "OpenAI's; openai: OpenAI's (temperature 1, no top-k / top-p)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -390,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     from .api import load
     try:    # bad config / checkpoint / engine sizes: a message, not a traceback
         model = load(a.config, device=a.device, dtype=a.dtype, tp=a.tp, ep=a.ep)
+        tok = model.tokenizer
+        defaults = tok.generation_defaults if a.generation_config == "auto" and tok is not None else {}
+        try:
+            SamplingParams(**defaults).validate()
+        except ValueError as e:
+            raise ValueError(f"the base checkpoint's generation_config.json: {e} (fix it, or serve with "
+                             f"--generation-config openai)") from None
         engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
                         use_cuda_graphs=False if a.no_cuda_graphs else None,
                         prefill_graph_tokens=a.prefill_graph_tokens, warmup=a.warmup)
@@ -408,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"warm-up: {engine.metrics()['cuda_graphs']} CUDA graphs in {engine.warmup_s:.1f} s", file=sys.stderr)
     print(f"serving {name!r} on http://{a.host}:{a.port}/v1 (max_batch={engine.max_batch}, "
-          f"max_len={engine.max_len}, device={engine.device})", file=sys.stderr)
+          f"max_len={engine.max_len}, device={engine.device}; sampling defaults: "
+          f"{defaults or 'OpenAI'}{' from generation_config.json' if defaults else ''})", file=sys.stderr)
     try:
-        uvicorn.run(create_app(engine, model.tokenizer, name), host=a.host, port=a.port, log_level=a.log_level)
+        uvicorn.run(create_app(engine, tok, name, defaults), host=a.host, port=a.port, log_level=a.log_level)
     finally:
         engine.shutdown()
     return 0

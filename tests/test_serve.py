@@ -325,3 +325,24 @@ def test_queue_full_is_429_and_health_follows_engine(model):
             r = await h.post("/v1/completions", json=body)
             assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
     asyncio.run(asyncio.wait_for(main(), T_OUT))
+
+
+def test_checkpoint_sampling_defaults(model, tmp_path, capsys):
+    """--generation-config auto (the default): fields a request leaves out take the base
+    checkpoint's generation_config.json values (Qwen3's temperature 0.6, top_k 20, top_p 0.95, as
+    vLLM serves them); fields it sets win; a bad file stops the server before it loads an engine."""
+    from mixprec.serve import _sampling, main
+    from mixprec.testing.fixtures import make_fixture
+    d = model.tokenizer.generation_defaults
+    assert d == {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    p = _sampling({"prompt": "a", "seed": 3}, 2, 64, (7,), False, d)
+    assert (p.temperature, p.top_k, p.top_p, p.seed, p.stop_token_ids) == (0.6, 20, 0.95, 3, (7,))
+    p = _sampling({"prompt": "a", "temperature": 0, "top_p": 0.5, "presence_penalty": 1.0}, 2, 64, (), False, d)
+    assert (p.temperature, p.top_k, p.top_p, p.presence_penalty) == (0.0, 20, 0.5, 1.0)
+    p = _sampling({"prompt": "a"}, 2, 64, (), False, {})       # --generation-config openai
+    assert (p.temperature, p.top_k, p.top_p) == (1.0, 0, 1.0)
+    ck = make_fixture(tmp_path, formats=["bf16"])["bf16"]
+    (ck / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "top_p": 0}))
+    assert main([str(ck), "--device", "cpu", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "generation_config.json" in err and "top_p=0" in err and "--generation-config openai" in err

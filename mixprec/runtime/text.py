@@ -5,14 +5,21 @@ import json
 from pathlib import Path
 
 
+# generation_config.json keys that are sampling defaults (SamplingParams' names), as vLLM reads them
+SAMPLING_DEFAULTS = ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty")
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus what generation needs from tokenizer_config.json /
-    generation_config.json: the chat template and the eos token ids."""
+    generation_config.json: the chat template, the eos token ids and the checkpoint's sampling
+    defaults (`generation_defaults`, e.g. Qwen3's temperature 0.6, top_k 20, top_p 0.95)."""
 
-    def __init__(self, tok, chat_template: str | None, eos_token_ids: list[int]):
+    def __init__(self, tok, chat_template: str | None, eos_token_ids: list[int],
+                 generation_defaults: dict | None = None):
         self.tok = tok
         self.chat_template = chat_template
         self.eos_token_ids = eos_token_ids
+        self.generation_defaults = dict(generation_defaults or {})
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer | None":
@@ -33,7 +40,8 @@ class Tokenizer:
         eos_tok = eos_tok.get("content") if isinstance(eos_tok, dict) else eos_tok
         if isinstance(eos_tok, str) and tok.token_to_id(eos_tok) is not None and tok.token_to_id(eos_tok) not in eos:
             eos.append(tok.token_to_id(eos_tok))
-        return cls(tok, tcfg.get("chat_template"), eos)
+        defaults = {k: gcfg[k] for k in SAMPLING_DEFAULTS if gcfg.get(k) is not None}
+        return cls(tok, tcfg.get("chat_template"), eos, defaults)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
