@@ -119,6 +119,9 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
                             f"strings", "stop", "invalid_type")
     if any(len(s) > MAX_STOP_CHARS for s in stop):
         raise APIError(400, f"'stop' strings may have at most {MAX_STOP_CHARS} characters", "stop", "invalid_value")
+    # vLLM's extension for benchmarks: generate to max_tokens even past the end-of-text token
+    if _field(body, "ignore_eos", "boolean", False):
+        eos = ()
     _field(body, "stream", "boolean")
     opts = _field(body, "stream_options", "object", {})
     _field(opts, "include_usage", "boolean")

@@ -252,6 +252,7 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 3}, 400, "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "ignore_eos": 1}, 400, "ignore_eos"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "frequency_penalty": "1"}, 400, "frequency_penalty"),
     ("/v1/completions", {"model": NAME, "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": [1, 10**6]}, 400, "prompt"),     # token id beyond vocab
@@ -341,6 +342,7 @@ def test_checkpoint_sampling_defaults(model, tmp_path, capsys):
     assert (p.temperature, p.top_k, p.top_p, p.presence_penalty) == (0.0, 20, 0.5, 1.0)
     p = _sampling({"prompt": "a"}, 2, 64, (), False, {})       # --generation-config openai
     assert (p.temperature, p.top_k, p.top_p) == (1.0, 0, 1.0)
+    assert _sampling({"prompt": "a", "ignore_eos": True}, 2, 64, (7, 8), False).stop_token_ids == ()
     ck = make_fixture(tmp_path, formats=["bf16"])["bf16"]
     (ck / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "top_p": 0}))
     assert main([str(ck), "--device", "cpu", "--port", "1"]) == 2
