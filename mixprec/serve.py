@@ -21,12 +21,12 @@ from .argtypes import at_least
 from .errors import MixprecError
 from .runtime.engine import Engine, EngineStopped, QueueFull
 from .runtime.prefill import GRAPH_TOKENS
-from .runtime.sampling import MAX_PENALTY, SamplingParams
+from .runtime.sampling import MAX_LOGPROBS, MAX_PENALTY, SamplingParams
 
 MAX_STOP = 16                  # stop strings per request
 MAX_STOP_CHARS = 1024          # per stop string: the engine thread checks them after every token
 _UNSUPPORTED = {               # field -> value that means "off" (anything else is rejected)
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "echo": (None, False), "best_of": (None, 1),
     "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"),
 }
@@ -122,11 +122,59 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
     # vLLM's extension for benchmarks: generate to max_tokens even past the end-of-text token
     if _field(body, "ignore_eos", "boolean", False):
         eos = ()
+    logprobs = _logprobs(body, chat)
     _field(body, "stream", "boolean")
     opts = _field(body, "stream_options", "object", {})
     _field(opts, "include_usage", "boolean")
     return SamplingParams(temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p), seed=seed,
-                          max_new_tokens=max_tokens, stop_token_ids=eos, stop=tuple(stop), **penalties)
+                          max_new_tokens=max_tokens, stop_token_ids=eos, stop=tuple(stop), logprobs=logprobs,
+                          **penalties)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """SamplingParams.logprobs from the request: chat `logprobs` (bool) + `top_logprobs`;
+    completions `logprobs` (the number of top tokens; 0: the chosen token's only)."""
+    if chat:
+        on = _field(body, "logprobs", "boolean", False)
+        top = _field(body, "top_logprobs", "integer")
+        if top is not None and not on:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+        n, name = (top or 0) if on else None, "top_logprobs"
+    else:
+        v = body.get("logprobs")
+        n = None if v is None or v is False else _field(body, "logprobs", "integer")
+        name = "logprobs"
+    if n is not None and not 0 <= n <= MAX_LOGPROBS:
+        raise APIError(400, f"'{name}' must be in [0, {MAX_LOGPROBS}], got {n}", name, "invalid_value")
+    return n
+
+
+def _logprob_entries(logprobs, tokenizer, chat: bool) -> dict | None:
+    """OpenAI's logprobs object for a run of tokens: Delta.logprobs entries -> chat's
+    {"content": [...]} or completions' {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    (offsets from the run's first token)."""
+    if not logprobs:
+        return None
+    def tok(i: int) -> tuple[str, bytes]:
+        b = tokenizer.token_bytes(i)
+        return b.decode("utf-8", errors="replace"), b
+    if chat:
+        content = []
+        for (lp, top), i in logprobs:
+            t, b = tok(i)
+            content.append({"token": t, "logprob": lp, "bytes": list(b), "top_logprobs": [
+                {"token": tok(j)[0], "logprob": v, "bytes": list(tok(j)[1])} for j, v in top]})
+        return {"content": content, "refusal": None}
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for (lp, top), i in logprobs:
+        t = tok(i)[0]
+        out["tokens"].append(t)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append({tok(j)[0]: v for j, v in top})
+        out["text_offset"].append(offset)
+        offset += len(t)
+    return out
 
 
 def _completion_prompt(body: dict, tokenizer) -> list[int]:
@@ -279,12 +327,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         err = failed(req)
         if err is not None:
             raise err
+        lps = _logprob_entries([x for d in req.deltas() if d.logprobs for x in zip(d.logprobs, d.token_ids)],
+                               tokenizer, chat)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": req.text},
-                      "logprobs": None, "finish_reason": req.finish_reason}
+                      "logprobs": lps, "finish_reason": req.finish_reason}
             head["object"] = "chat.completion"
         else:
-            choice = {"index": 0, "text": req.text, "logprobs": None, "finish_reason": req.finish_reason}
+            choice = {"index": 0, "text": req.text, "logprobs": lps, "finish_reason": req.finish_reason}
         return {**head, "choices": [choice], "usage": usage(req)}
 
     async def _wait_or_cancel(request: Request, req) -> bool:
@@ -300,18 +350,26 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         return False
 
     async def _events(req, head: dict, chat: bool, include_usage: bool):
+        pending: list = []      # log-probabilities of tokens whose text has not been sent yet
+
         def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+            lps = None
+            if not role:
+                lps = _logprob_entries(pending, tokenizer, chat)
+                pending.clear()
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text or "", "logprobs": lps, "finish_reason": finish}
             return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
 
         try:
             if chat:
                 yield chunk(None, None, role=True)
             async for d in req.stream():
+                if d.logprobs:
+                    pending.extend(zip(d.logprobs, d.token_ids))
                 if d.finish_reason is not None:
                     err = failed(req)
                     if err is not None:

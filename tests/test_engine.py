@@ -267,6 +267,38 @@ def test_presence_and_frequency_penalties(model):
         assert other.result(T_OUT).output_ids == plain[3]
 
 
+def test_logprobs_are_the_models(model):
+    """Delta.logprobs: each token's log-probability and the top ones are the model's own
+    (log_softmax of a full forward's logits: before penalties and temperature), for greedy,
+    penalized and sampled requests beside requests without them (whose deltas carry none); the
+    first token's (from the prefill) too. The Generator refuses them."""
+    p = prompts(4, lo=6, hi=20, seed=7)[0]          # greedy repeats a token within 12 (above)
+    n = 12
+    with Engine(model, max_batch=4, max_len=64) as eng:
+        plain = eng.submit(p, SamplingParams(max_new_tokens=n))
+        pen = eng.submit(p, SamplingParams(max_new_tokens=n, logprobs=4, presence_penalty=2.0))
+        hot = eng.submit(p, SamplingParams(max_new_tokens=n, temperature=0.9, seed=3, logprobs=0))
+        reqs = [r.result(T_OUT) for r in (plain, pen, hot)]
+    assert all(d.logprobs is None for d in reqs[0].deltas())
+    for r, k in zip(reqs[1:], (4, 0)):
+        lps = [d.logprobs for d in r.deltas() if d.token_ids]
+        assert len(lps) == len(r.output_ids) == n and all(len(x) == 1 for x in lps)
+        seq = list(p)
+        for (lp, top), tok in zip((x[0] for x in lps), r.output_ids):
+            with torch.inference_mode():
+                ref = torch.log_softmax(model(torch.tensor([seq]))[0, -1].float(), -1)
+            assert abs(lp - float(ref[tok])) < 1e-4
+            want = ref.topk(k)
+            assert [i for i, _ in top] == want.indices.tolist()
+            assert max((abs(v - w) for (_, v), w in zip(top, want.values.tolist())), default=0) < 1e-4
+            seq.append(tok)
+    assert reqs[1].output_ids != reqs[0].output_ids           # the penalty acted; logprobs stay raw
+    with pytest.raises(ValueError, match="Engine"):
+        Generator(model).generate([p], SamplingParams(max_new_tokens=2, logprobs=1))
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21).validate()
+
+
 def test_penalty_values_are_checked():
     for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(presence_penalty=float("nan"))):
         with pytest.raises(ValueError, match="penalty"):
@@ -526,6 +558,11 @@ def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
         assert eng.use_graphs
         reqs = [eng.submit(p, sp) for p, sp in zip(ps, params)]
         got = [r.result(T_OUT).output_ids for r in reqs]
+        # log-probabilities on the GPU graphs: same tokens as without, greedy's the most likely
+        lp = eng.submit(ps[0], SamplingParams(max_new_tokens=8, logprobs=5)).result(T_OUT)
+        entries = [e for d in lp.deltas() if d.logprobs for e in d.logprobs]
+        assert lp.output_ids == ref[0] and len(entries) == 8
+        assert all(v <= 0 and len(top) == 5 and top[0][1] == v for v, top in entries)
         t0 = time.perf_counter()
         eng.submit(ps[0], SamplingParams(max_new_tokens=64)).result(T_OUT)
         assert eng.metrics()["gpu_memory_allocated_bytes"] > 0

@@ -129,6 +129,33 @@ def test_greedy_text_matches_generate(server, model):
     assert r.choices[0].text == ref_pen != ref
 
 
+def test_logprobs(server):
+    """logprobs on both endpoints, streamed and not: one entry per generated token, the top ones
+    asked for, greedy's token the most likely one; the stream's entries are the same tokens."""
+    c = client(server)
+    prompt = "The morning train left the station"
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert v <= 0 and len(top) == 2 and max(top.values()) == v and top[t] == v
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert r.choices[0].text.startswith("".join(lp.tokens)[:len(r.choices[0].text)])
+    msgs = [{"role": "user", "content": "Hello there"}]
+    kw = dict(model=NAME, messages=msgs, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+    r = c.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.top_logprobs[0].logprob == e.logprob <= 0 and bytes(e.bytes).decode(errors="replace") == e.token
+    streamed = [e for ch in c.chat.completions.create(**kw, stream=True)
+                if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0)
+    assert r.choices[0].logprobs is None
+
+
 def test_64_concurrent_streams(server, model):
     prompts = texts(64, seed=1)
     max_tokens = [2 + (5 * i) % 9 for i in range(64)]
@@ -250,7 +277,10 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "top_k": 2**63}, 400, "top_k"),
     ("/v1/completions", {"model": NAME, "prompt": "a \ud800"}, 400, "prompt"),     # lone surrogate
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 2}, 400, "n"),
-    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2, "echo": True}, 400, "echo"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     400, "top_logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "ignore_eos": 1}, 400, "ignore_eos"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "frequency_penalty": "1"}, 400, "frequency_penalty"),

@@ -15,7 +15,8 @@ admission to finish. A background thread loops, one decode step per iteration:
      detokenize, stop on eos / stop ids, stop strings, max_tokens or a full context.
 
 Sampling is per row (temperature, top-k, top-p, presence / frequency penalties on device
-tensors; a row's generated-token counts for the penalties) with `counter_noise` keyed by the
+tensors; a row's generated-token counts for the penalties; log-probabilities on request, copied
+to the host with the tokens) with `counter_noise` keyed by the
 request's seed and its own step count, so a request's tokens do not depend on what else is
 batched with it (up to the batch-invariance of the kernels; exact on CPU).
 
@@ -47,7 +48,7 @@ from torch import Tensor
 
 from .generate import decode_tail, first_token, sampling_modes, to_host
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
-from .sampling import SamplingParams, count_tokens
+from .sampling import MAX_LOGPROBS, SamplingParams, count_tokens, logprob_stats
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
 MIN_LEN_BUCKET = 256      # smallest number of cache slots a step attends over
@@ -71,6 +72,9 @@ class Delta:
     token_ids: tuple[int, ...]
     text: str
     finish_reason: str | None = None
+    # per token, with SamplingParams.logprobs: (its log-probability, ((id, log-probability), ...)
+    # of the `logprobs` most likely tokens)
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
 
 def _stop_prefix_tail(text: str, stops: Sequence[str]) -> int:
@@ -209,6 +213,8 @@ class _Rows:
     presence: Tensor      # [N] float32: presence / frequency penalties
     frequency: Tensor     # [N] float32
     counts: Tensor        # [N, V] int32: the tokens a penalized request has generated so far
+    lp: Tensor            # [N, 1 + MAX_LOGPROBS] float32: the last token's log-probability, the top ones'
+    lp_ids: Tensor        # [N, MAX_LOGPROBS] int64: the top tokens
 
     def view(self, rows: slice) -> "_Rows":
         """The state of rows `rows` (views: writes go to this state)."""
@@ -310,7 +316,8 @@ class Engine:
         f32 = torch.float32
         self._rows = _Rows(tokens=z(N, 1), pos=z(N, 1), live=z(N), temperature=z(N, dt=f32),
                            top_k=z(N), top_p=torch.ones(N, dtype=f32, device=dev), seed=z(N), step=z(N),
-                           presence=z(N, dt=f32), frequency=z(N, dt=f32), counts=z(N, self.vocab, dt=torch.int32))
+                           presence=z(N, dt=f32), frequency=z(N, dt=f32), counts=z(N, self.vocab, dt=torch.int32),
+                           lp=z(N, 1 + min(MAX_LOGPROBS, self.vocab), dt=f32), lp_ids=z(N, min(MAX_LOGPROBS, self.vocab)))
         # (batch bucket, length bucket, sampling_modes) -> graph
         self._graphs: dict[tuple[int, int, tuple[bool, bool, bool]], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -639,11 +646,14 @@ class Engine:
             getattr(R, k)[rows].copy_(d[k])
         logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))             # [n, V]
         R.step[rows].zero_()
-        sampled, filtered, penalized = sampling_modes(p)
+        sampled, filtered, extras = sampling_modes(p)
         first = first_token(logits, R.view(rows), R.step[rows], sampled, filtered)   # no penalty yet
-        if penalized:     # a row's counts start here; decode steps keep them while it is penalized
+        lps = None
+        if extras:        # a row's counts start here; decode steps keep them while it has extras
             R.counts[rows].zero_()
             count_tokens(R.counts[rows], first)
+            logprob_stats(logits, first, R.lp[rows], R.lp_ids[rows])
+            lps = (to_host(R.lp[rows]), to_host(R.lp_ids[rows]))
         R.tokens[rows].copy_(first[:, None])
         R.pos[rows].copy_(d["last"][:, None] + 1)
         R.step[rows].fill_(1)
@@ -651,7 +661,7 @@ class Engine:
         for r, n_prompt in zip(reqs, lens):
             r._launched = 1
             self._pos[r._slot], self._live[r._slot] = n_prompt, True
-        self._pending.append((to_host(first), [(i, r) for i, r in enumerate(reqs)]))
+        self._pending.append((to_host(first), [(i, r) for i, r in enumerate(reqs)], lps))
 
     def _len_bucket(self, n: int) -> int:
         return next(b for b in self.len_buckets if b >= n)
@@ -684,7 +694,8 @@ class Engine:
             self._step(B, L, modes)
         for _, r in rows:
             r._launched += 1
-        self._pending.append((to_host(self._rows.tokens[:B, 0]), rows))
+        lps = (to_host(self._rows.lp[:B]), to_host(self._rows.lp_ids[:B])) if modes[2] else None
+        self._pending.append((to_host(self._rows.tokens[:B, 0]), rows, lps))
         self._n_steps += 1
         return True
 
@@ -721,10 +732,15 @@ class Engine:
 
     # -- host side of a finished launch ----------------------------------------------------------
     def _process(self, item) -> None:
-        (buf, ev), rows = item
+        (buf, ev), rows, lps = item
         if ev is not None:
             ev.synchronize()
         toks = buf.tolist()
+        if lps is not None:       # the log-probabilities' own copies
+            for _, e in lps:
+                if e is not None:
+                    e.synchronize()
+            lp, ids = lps[0][0].tolist(), lps[1][0].tolist()
         now = time.monotonic()
         rows = [(i, r) for i, r in rows if not r.done]   # not finished / cancelled since the launch
         with self._lock:
@@ -732,9 +748,10 @@ class Engine:
             self._recent.append((now, len(rows)))
             self._prune_recent(now)
         for i, r in rows:
-            self._deliver(r, toks[i], now)
+            k = r.params.logprobs
+            self._deliver(r, toks[i], now, None if k is None else (lp[i][0], tuple(zip(ids[i][:k], lp[i][1:1 + k]))))
 
-    def _deliver(self, r: Request, tok: int, now: float) -> None:
+    def _deliver(self, r: Request, tok: int, now: float, logprob=None) -> None:
         if r.first_token_at is None:
             r.first_token_at = now
         produced = len(r.output_ids) + 1
@@ -749,11 +766,12 @@ class Engine:
             text, stop_hit = self._detokenize(r, tok, final=reason is not None)
             if stop_hit:
                 reason = "stop"
+        lps = None if logprob is None else (logprob,)
         if reason is None:
-            r._push(Delta((tok,), text))
+            r._push(Delta((tok,), text, None, lps))
         else:
             with self._lock:
-                self._finish(r, reason, Delta((tok,), text, reason))
+                self._finish(r, reason, Delta((tok,), text, reason, lps))
 
     def _detokenize(self, r: Request, tok: int, final: bool) -> tuple[str, bool]:
         """New text for `tok` (incremental: decode a few trailing ids, hold back an incomplete

@@ -21,7 +21,7 @@ from ..formats.base import use_kernels
 from ..kernels.sampling import next_token_advance
 from ..layers.attention import KVCache
 from .prefill import Prefill, bucket
-from .sampling import MIN_TEMPERATURE, SamplingParams, count_tokens, penalize, sample
+from .sampling import MIN_TEMPERATURE, SamplingParams, count_tokens, logprob_stats, penalize, sample
 
 
 def _u64(c: int) -> int:
@@ -60,12 +60,12 @@ def sample_tokens(logits: Tensor, params, step: Tensor, sampled: bool, filtered:
 
 
 def sampling_modes(params: Sequence[SamplingParams]) -> tuple[bool, bool, bool]:
-    """(sampled, filtered, penalized) of a batch's rows: some row draws with a temperature; some
-    such row also has top-k / top-p (next_token takes these two); some row has a presence /
-    frequency penalty. A batch with a penalized row takes the most general draw (sampled and
-    filtered: greedy rows and rows without top-k / top-p draw the same tokens there), so penalties
-    add one decode graph per bucket, not three."""
-    if any(p.penalized for p in params):
+    """(sampled, filtered, extras) of a batch's rows: some row draws with a temperature; some such
+    row also has top-k / top-p (next_token takes these two); some row has a presence / frequency
+    penalty or wants log-probabilities. A batch with extras takes the most general draw (sampled
+    and filtered: greedy rows and rows without top-k / top-p draw the same tokens there), so the
+    extras add one decode graph per bucket, not three."""
+    if any(p.extras for p in params):
         return True, True, True
     sampled = any(p.temperature > 0 for p in params)
     filtered = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
@@ -74,14 +74,19 @@ def sampling_modes(params: Sequence[SamplingParams]) -> tuple[bool, bool, bool]:
 
 def decode_tail(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None, rows,
                 modes: tuple[bool, bool, bool]) -> None:
-    """next_token with the rows' penalties (modes[2]: `rows` also has presence / frequency [B]
-    and counts [B, V], the tokens each row generated so far, which then count the new token)."""
-    sampled, filtered, penalized = modes
-    if penalized:
+    """next_token with the rows' extras (modes[2]): `rows` then also has presence / frequency [B]
+    and counts [B, V] (the tokens each row generated so far, which then count the new token), and
+    lp [B, 1 + K] / lp_ids [B, K] that get the new tokens' log-probabilities (sampling.logprob_stats;
+    none where lp has no columns)."""
+    sampled, filtered, extras = modes
+    raw = logits
+    if extras:
         logits = penalize(logits, rows.counts, rows.presence, rows.frequency)
     next_token(logits, tokens, pos, step, live, rows, sampled, filtered)
-    if penalized:
+    if extras:
         count_tokens(rows.counts, tokens, live)
+        if rows.lp.shape[1]:
+            logprob_stats(raw, tokens, rows.lp, rows.lp_ids)
 
 
 def first_token(logits: Tensor, params, step: Tensor, sampled: bool, filtered: bool) -> Tensor:
@@ -121,7 +126,9 @@ class _Batch:
     step: Tensor          # [B]
     presence: Tensor      # [B] float32
     frequency: Tensor     # [B] float32
-    counts: Tensor        # [B, V] int32: tokens generated so far ([B, 0] when no row is penalized)
+    counts: Tensor        # [B, V] int32: tokens generated so far ([B, 0] without extras)
+    lp: Tensor            # [B, 0]: the Generator returns no log-probabilities (decode_tail skips them)
+    lp_ids: Tensor        # [B, 0]
 
 
 def to_host(t: Tensor) -> tuple[Tensor, "torch.cuda.Event | None"]:
@@ -214,6 +221,9 @@ class Generator:
         if len(plist) != B:
             raise ValueError(f"{len(plist)} sampling parameter sets for {B} prompts")
         plist = [p.plain().validate() for p in plist]     # numpy scalars as the engine takes them
+        if any(p.logprobs is not None for p in plist):
+            raise ValueError("the Generator returns token ids only: log-probabilities come from the Engine "
+                             "(mixprec.Engine, Delta.logprobs)")
         lens = [len(p) for p in prompts]
         if min(lens) == 0:
             raise ValueError("empty prompt")
@@ -256,6 +266,7 @@ class Generator:
             presence=torch.tensor([p.presence_penalty for p in prow], dtype=torch.float32, device=dev),
             frequency=torch.tensor([p.frequency_penalty for p in prow], dtype=torch.float32, device=dev),
             counts=torch.zeros(Bp, self.args.vocab_size if modes[2] else 0, dtype=torch.int32, device=dev),
+            lp=torch.zeros(Bp, 0, device=dev), lp_ids=torch.zeros(Bp, 0, dtype=torch.long, device=dev),
         )
         logits = self._prefill(ids, last, cache)                                 # [Bp, V] fp32
         first = first_token(logits, st, st.step, *modes[:2])     # nothing generated yet: no penalty

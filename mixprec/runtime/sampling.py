@@ -4,6 +4,10 @@ Sampling uses the exponential-race form of the Gumbel-max trick: argmax(p / E) w
 draws from p exactly, needs no cumulative sums over the whole vocabulary and no torch.multinomial.
 Per-row parameters are tensors, so one captured graph serves any mix of requests.
 
+Log-probabilities (`logprobs`) are the model's own (log_softmax of its logits, before penalties,
+temperature and top-k / top-p, as vLLM reports them by default): the chosen token's and the top
+`logprobs` tokens'.
+
 Presence / frequency penalties are OpenAI's: before sampling (greedy too), each token the request
 has generated so far (its prompt not counted, as in OpenAI's API and vLLM) has its logit lowered
 by frequency_penalty * count + presence_penalty. Qwen3's quantized checkpoints recommend a
@@ -21,6 +25,7 @@ from torch import Tensor
 
 MIN_TEMPERATURE = 1e-5     # smaller positive temperatures sample as this one (greedy in effect)
 MAX_PENALTY = 2.0          # |presence_penalty|, |frequency_penalty| <= this (OpenAI's range)
+MAX_LOGPROBS = 20          # top log-probabilities per token (OpenAI's chat API's bound)
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()        # stop strings (checked on the host, on decoded text)
     presence_penalty: float = 0.0     # subtracted once from each generated token's logit
     frequency_penalty: float = 0.0    # subtracted per occurrence of a generated token
+    logprobs: int | None = None       # each token's log-probability and this many top ones (None: off)
 
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def extras(self) -> bool:
+        """Penalties or log-probabilities: the decode step's extra work (runtime.generate.decode_tail)."""
+        return self.penalized or self.logprobs is not None
 
     def plain(self) -> "SamplingParams":
         """A copy with plain Python numbers (numpy / torch scalars converted; ValueError for values
@@ -52,6 +63,7 @@ class SamplingParams:
                            frequency_penalty=real(self.frequency_penalty),
                            top_k=operator.index(self.top_k), max_new_tokens=operator.index(self.max_new_tokens),
                            seed=None if self.seed is None else operator.index(self.seed),
+                           logprobs=None if self.logprobs is None else operator.index(self.logprobs),
                            stop_token_ids=tuple(operator.index(t) for t in self.stop_token_ids),   # sets too
                            stop=tuple(self.stop) if isinstance(self.stop, (tuple, list)) else self.stop)
         except (TypeError, ValueError) as e:
@@ -69,6 +81,8 @@ class SamplingParams:
                   ("frequency_penalty", lambda v: -MAX_PENALTY <= v <= MAX_PENALTY, f"in [-{MAX_PENALTY}, {MAX_PENALTY}]"),
                   ("max_new_tokens", lambda n: is_int(n) and n >= 0, "an int >= 0"),
                   ("seed", lambda s: s is None or is_int(s) and -2**63 <= s < 2**63, "None or a 64-bit int"),
+                  ("logprobs", lambda n: n is None or is_int(n) and 0 <= n <= MAX_LOGPROBS,
+                   f"None or an int in [0, {MAX_LOGPROBS}]"),
                   ("stop", lambda st: isinstance(st, (tuple, list)) and all(isinstance(x, str) and x for x in st),
                    "a tuple of non-empty strings"),
                   ("stop_token_ids", lambda st: isinstance(st, (tuple, list)) and all(map(is_int, st)),
@@ -126,3 +140,14 @@ def count_tokens(counts: Tensor, tokens: Tensor, live: Tensor | None = None) -> 
     rows, live 0, count nothing). counts [B, V] int32, tokens [B] int64. No host sync."""
     inc = torch.ones_like(tokens, dtype=counts.dtype) if live is None else live.to(counts.dtype)
     counts.scatter_add_(1, tokens[:, None], inc[:, None])
+
+
+def logprob_stats(logits: Tensor, tokens: Tensor, lp: Tensor, lp_ids: Tensor) -> None:
+    """Into lp [B, 1 + K] float32 / lp_ids [B, K] int64 (in place): each row's log-probability of
+    tokens[b] and its K most likely tokens' (log_softmax of logits [B, V]). No host sync."""
+    x = logits.float()
+    lse = torch.logsumexp(x, -1, keepdim=True)
+    lp[:, :1] = x.gather(1, tokens[:, None]) - lse
+    top = x.topk(lp_ids.shape[1], dim=-1)
+    lp[:, 1:] = top.values - lse
+    lp_ids.copy_(top.indices)

@@ -9,6 +9,21 @@ from pathlib import Path
 SAMPLING_DEFAULTS = ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty")
 
 
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's characters -> bytes (GPT-2's bytes_to_unicode, inverted): printable bytes
+    stand for themselves, the others for 256 + n."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = {b: b for b in keep}
+    n = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], n = 256 + n, n + 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+BYTE_DECODER = _byte_decoder()
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus what generation needs from tokenizer_config.json /
     generation_config.json: the chat template, the eos token ids and the checkpoint's sampling
@@ -48,6 +63,16 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, i: int) -> bytes:
+        """Token i's own bytes (a byte-level BPE token may hold part of a UTF-8 character), as
+        OpenAI's logprobs report them; other tokenizers: its decoded text."""
+        t = self.tok.id_to_token(i)
+        if t is None:
+            return b""
+        if all(c in BYTE_DECODER for c in t):
+            return bytes(BYTE_DECODER[c] for c in t)
+        return self.tok.decode([i], skip_special_tokens=False).encode()
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The checkpoint's chat template rendered as transformers renders it; kwargs are the
