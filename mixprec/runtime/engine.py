@@ -653,7 +653,8 @@ class Engine:
             R.counts[rows].zero_()
             count_tokens(R.counts[rows], first)
             logprob_stats(logits, first, R.lp[rows], R.lp_ids[rows])
-            lps = (to_host(R.lp[rows]), to_host(R.lp_ids[rows]))
+            if any(q.logprobs is not None for q in p):
+                lps = (to_host(R.lp[rows]), to_host(R.lp_ids[rows]))
         R.tokens[rows].copy_(first[:, None])
         R.pos[rows].copy_(d["last"][:, None] + 1)
         R.step[rows].fill_(1)
@@ -694,7 +695,9 @@ class Engine:
             self._step(B, L, modes)
         for _, r in rows:
             r._launched += 1
-        lps = (to_host(self._rows.lp[:B]), to_host(self._rows.lp_ids[:B])) if modes[2] else None
+        lps = None      # the step computed them with the extras; copied only where a request reads them
+        if any(r.params.logprobs is not None for _, r in rows):
+            lps = (to_host(self._rows.lp[:B]), to_host(self._rows.lp_ids[:B]))
         self._pending.append((to_host(self._rows.tokens[:B, 0]), rows, lps))
         self._n_steps += 1
         return True
