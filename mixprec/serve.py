@@ -137,7 +137,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     if chat:
         on = _field(body, "logprobs", "boolean", False)
         top = _field(body, "top_logprobs", "integer")
-        if top is not None and not on:
+        if top and not on:      # 0 / null without logprobs: off, as before
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         n, name = (top or 0) if on else None, "top_logprobs"
     else:
