@@ -26,7 +26,7 @@ from .runtime.sampling import MAX_LOGPROBS, MAX_PENALTY, SamplingParams
 MAX_STOP = 16                  # stop strings per request
 MAX_STOP_CHARS = 1024          # per stop string: the engine thread checks them after every token
 _UNSUPPORTED = {               # field -> value that means "off" (anything else is rejected)
-    "echo": (None, False), "best_of": (None, 1),
+    "best_of": (None, 1),
     "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"),
 }
@@ -123,12 +123,16 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
     if _field(body, "ignore_eos", "boolean", False):
         eos = ()
     logprobs = _logprobs(body, chat)
+    # completions' echo: the prompt before the completion, with logprobs its tokens' too
+    echo = _field(body, "echo", "boolean", False)
+    if echo and chat:
+        raise APIError(400, "'echo' is a /v1/completions parameter", "echo", "unsupported_parameter")
     _field(body, "stream", "boolean")
     opts = _field(body, "stream_options", "object", {})
     _field(opts, "include_usage", "boolean")
     return SamplingParams(temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p), seed=seed,
                           max_new_tokens=max_tokens, stop_token_ids=eos, stop=tuple(stop), logprobs=logprobs,
-                          **penalties)
+                          prompt_logprobs=logprobs if echo else None, **penalties)
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:
@@ -149,10 +153,10 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return n
 
 
-def _logprob_entries(logprobs, tokenizer, chat: bool) -> dict | None:
-    """OpenAI's logprobs object for a run of tokens: Delta.logprobs entries -> chat's
-    {"content": [...]} or completions' {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
-    (offsets from the run's first token)."""
+def _logprob_entries(logprobs, tokenizer, chat: bool, offset: int = 0) -> dict | None:
+    """OpenAI's logprobs object for a run of tokens: (Delta.logprobs entry, token id) pairs ->
+    chat's {"content": [...]} or completions' {"tokens", "token_logprobs", "top_logprobs",
+    "text_offset"} (offsets from `offset`; an entry None, an echoed prompt's first token: nulls)."""
     if not logprobs:
         return None
     def tok(i: int) -> tuple[str, bytes]:
@@ -166,12 +170,11 @@ def _logprob_entries(logprobs, tokenizer, chat: bool) -> dict | None:
                 {"token": tok(j)[0], "logprob": v, "bytes": list(tok(j)[1])} for j, v in top]})
         return {"content": content, "refusal": None}
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
-    for (lp, top), i in logprobs:
+    for e, i in logprobs:
         t = tok(i)[0]
         out["tokens"].append(t)
-        out["token_logprobs"].append(lp)
-        out["top_logprobs"].append({tok(j)[0]: v for j, v in top})
+        out["token_logprobs"].append(None if e is None else e[0])
+        out["top_logprobs"].append(None if e is None else {tok(j)[0]: v for j, v in e[1]})
         out["text_offset"].append(offset)
         offset += len(t)
     return out
@@ -315,27 +318,40 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         params = _sampling(body, len(ids), engine.max_len, eos, chat, defaults)
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        echo = _echo_text(body, ids) if body.get("echo") else None
         req = submit(ids, params)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
         if stream:
-            return StreamingResponse(_events(req, head, chat, include_usage), media_type="text/event-stream",
+            return StreamingResponse(_events(req, head, chat, include_usage, echo), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         if not await _wait_or_cancel(request, req):
             return JSONResponse({}, status_code=499)          # nobody is listening any more
         err = failed(req)
         if err is not None:
             raise err
-        lps = _logprob_entries([x for d in req.deltas() if d.logprobs for x in zip(d.logprobs, d.token_ids)],
-                               tokenizer, chat)
+        entries = [x for d in req.deltas() if d.logprobs for x in zip(d.logprobs, d.token_ids)]
+        text = req.text
+        if echo is not None:
+            entries = _prompt_entries(req) + entries if params.logprobs is not None else entries
+            text = echo + text
+        lps = _logprob_entries(entries, tokenizer, chat)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": req.text},
                       "logprobs": lps, "finish_reason": req.finish_reason}
             head["object"] = "chat.completion"
         else:
-            choice = {"index": 0, "text": req.text, "logprobs": lps, "finish_reason": req.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": lps, "finish_reason": req.finish_reason}
         return {**head, "choices": [choice], "usage": usage(req)}
+
+    def _echo_text(body: dict, ids: list[int]) -> str:
+        p = body.get("prompt")
+        p = p[0] if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)) else p
+        return p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _prompt_entries(req) -> list:
+        return list(zip(req.prompt_logprobs, req.prompt_ids)) if req.prompt_logprobs is not None else []
 
     async def _wait_or_cancel(request: Request, req) -> bool:
         """Wait for req; if the client disconnects first, cancel it (False)."""
@@ -349,13 +365,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         done.cancel()
         return False
 
-    async def _events(req, head: dict, chat: bool, include_usage: bool):
+    async def _events(req, head: dict, chat: bool, include_usage: bool, echo: str | None = None):
         pending: list = []      # log-probabilities of tokens whose text has not been sent yet
+        sent = 0                # completions' text_offset of the next chunk's first token
 
         def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+            nonlocal sent
             lps = None
             if not role:
-                lps = _logprob_entries(pending, tokenizer, chat)
+                lps = _logprob_entries(pending, tokenizer, chat, sent)
+                sent += len(text or "")
                 pending.clear()
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
@@ -368,6 +387,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
             if chat:
                 yield chunk(None, None, role=True)
             async for d in req.stream():
+                if echo is not None:          # the prompt first (its logprobs are set by now)
+                    if req.params.logprobs is not None:
+                        pending.extend(_prompt_entries(req))
+                    yield chunk(echo, None)
+                    echo = None
                 if d.logprobs:
                     pending.extend(zip(d.logprobs, d.token_ids))
                 if d.finish_reason is not None:

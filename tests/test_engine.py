@@ -293,6 +293,15 @@ def test_logprobs_are_the_models(model):
             assert max((abs(v - w) for (_, v), w in zip(top, want.values.tolist())), default=0) < 1e-4
             seq.append(tok)
     assert reqs[1].output_ids != reqs[0].output_ids           # the penalty acted; logprobs stay raw
+    # the prompt's: each token's given the ones before it (one full forward), the first has none
+    with Engine(model, max_batch=4, max_len=64) as eng:
+        r = eng.submit(p, SamplingParams(max_new_tokens=2, prompt_logprobs=3)).result(T_OUT)
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(torch.tensor([p]))[0, :-1].float(), -1)
+    assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(p)
+    for (lp, top), row, tok in zip(r.prompt_logprobs[1:], ref, p[1:]):
+        assert abs(lp - float(row[tok])) < 1e-4 and [i for i, _ in top] == row.topk(3).indices.tolist()
+    assert reqs[0].prompt_logprobs is None
     with pytest.raises(ValueError, match="Engine"):
         Generator(model).generate([p], SamplingParams(max_new_tokens=2, logprobs=1))
     with pytest.raises(ValueError, match="logprobs"):

@@ -156,6 +156,34 @@ def test_logprobs(server):
     assert r.choices[0].logprobs is None
 
 
+def test_echo_logprobs_score_a_prompt(server, model):
+    """What lm-eval's loglikelihood requests send (echo, logprobs 1, max_tokens 1, greedy): the
+    prompt's text before the completion's, every prompt token's log-probability given the ones
+    before it (the model's own; the first null), then the generated token's; streamed alike."""
+    c = client(server)
+    ids = [5, 9, 13, 2, 7, 300, 41, 8]
+    r = c.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    ch = r.choices[0]
+    lp = ch.logprobs
+    prompt_text = model.tokenizer.decode(ids, skip_special_tokens=False)
+    assert ch.text.startswith(prompt_text) and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - float(ref[i - 1, ids[i]])) < 1e-4
+        assert len(lp.top_logprobs[i]) == 1
+    assert abs(lp.token_logprobs[-1] - float(ref[-1].max())) < 1e-4       # greedy: the top token
+    assert "".join(lp.tokens[:len(ids)]) == prompt_text
+    chunks = list(c.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True,
+                                       stream=True))
+    assert "".join(x.choices[0].text for x in chunks) == ch.text
+    streamed = [v for x in chunks if x.choices[0].logprobs for v in x.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    r = c.completions.create(model=NAME, prompt="The morning", max_tokens=3, temperature=0, echo=True)
+    assert r.choices[0].text.startswith("The morning") and r.choices[0].logprobs is None
+
+
 def test_64_concurrent_streams(server, model):
     prompts = texts(64, seed=1)
     max_tokens = [2 + (5 * i) % 9 for i in range(64)]
@@ -278,7 +306,9 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "a \ud800"}, 400, "prompt"),     # lone surrogate
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 21}, 400, "logprobs"),
-    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2, "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2, "echo": "yes"}, 400, "echo"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "echo": True},
+     400, "echo"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      400, "top_logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),

@@ -98,7 +98,9 @@ class Request:
 
     After it finished: `output_ids` (generated ids, the eos / stop id included when that ended
     it), `text` (decoded output with special tokens skipped and a matched stop string cut off),
-    `finish_reason`, `error` (set with finish_reason "error")."""
+    `finish_reason`, `error` (set with finish_reason "error"). With SamplingParams.prompt_logprobs,
+    `prompt_logprobs` is set before the first delta: per prompt token, None for the first, then
+    (log-probability, top tokens) as in Delta.logprobs."""
 
     def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, seed: int):
         self.id = rid
@@ -109,6 +111,7 @@ class Request:
         self.text = ""
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
+        self.prompt_logprobs: list | None = None
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -659,10 +662,31 @@ class Engine:
         R.pos[rows].copy_(d["last"][:, None] + 1)
         R.step[rows].fill_(1)
         R.live[rows].fill_(1)
+        for r in reqs:
+            if r.params.prompt_logprobs is not None:
+                r.prompt_logprobs = self._prompt_logprobs(r.prompt_ids, r.params.prompt_logprobs)
         for r, n_prompt in zip(reqs, lens):
             r._launched = 1
             self._pos[r._slot], self._live[r._slot] = n_prompt, True
         self._pending.append((to_host(first), [(i, r) for i, r in enumerate(reqs)], lps))
+
+    def _prompt_logprobs(self, ids: list[int], k: int, chunk: int = 512) -> list:
+        """Each prompt token's log-probability given the ones before it, and the k most likely
+        tokens there (None for the first): one more forward of the whole prompt, without the
+        cache (every rank of a parallel model runs it: the lockstep admits on all). Reads the
+        result on the host, so it waits for the GPU: a request that asks for it costs the batch
+        one pipeline drain at its admission."""
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.model(x, float_logits=False)[0, :-1]                                 # [T-1, V]
+        out: list = [None]
+        for c0 in range(0, logits.shape[0], chunk):
+            lp = torch.log_softmax(logits[c0:c0 + chunk].float(), -1)
+            nxt = x[0, c0 + 1:c0 + 1 + lp.shape[0]]
+            chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+            top = lp.topk(min(k, lp.shape[1]), dim=-1)
+            for c, ti, tv in zip(chosen, top.indices.tolist(), top.values.tolist()):
+                out.append((c, tuple(zip(ti, tv))))
+        return out
 
     def _len_bucket(self, n: int) -> int:
         return next(b for b in self.len_buckets if b >= n)

@@ -221,7 +221,7 @@ class Generator:
         if len(plist) != B:
             raise ValueError(f"{len(plist)} sampling parameter sets for {B} prompts")
         plist = [p.plain().validate() for p in plist]     # numpy scalars as the engine takes them
-        if any(p.logprobs is not None for p in plist):
+        if any(p.logprobs is not None or p.prompt_logprobs is not None for p in plist):
             raise ValueError("the Generator returns token ids only: log-probabilities come from the Engine "
                              "(mixprec.Engine, Delta.logprobs)")
         lens = [len(p) for p in prompts]

@@ -40,6 +40,7 @@ class SamplingParams:
     presence_penalty: float = 0.0     # subtracted once from each generated token's logit
     frequency_penalty: float = 0.0    # subtracted per occurrence of a generated token
     logprobs: int | None = None       # each token's log-probability and this many top ones (None: off)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (Engine only; one more forward)
 
     @property
     def penalized(self) -> bool:
@@ -64,6 +65,7 @@ class SamplingParams:
                            top_k=operator.index(self.top_k), max_new_tokens=operator.index(self.max_new_tokens),
                            seed=None if self.seed is None else operator.index(self.seed),
                            logprobs=None if self.logprobs is None else operator.index(self.logprobs),
+                           prompt_logprobs=None if self.prompt_logprobs is None else operator.index(self.prompt_logprobs),
                            stop_token_ids=tuple(operator.index(t) for t in self.stop_token_ids),   # sets too
                            stop=tuple(self.stop) if isinstance(self.stop, (tuple, list)) else self.stop)
         except (TypeError, ValueError) as e:
@@ -82,6 +84,8 @@ class SamplingParams:
                   ("max_new_tokens", lambda n: is_int(n) and n >= 0, "an int >= 0"),
                   ("seed", lambda s: s is None or is_int(s) and -2**63 <= s < 2**63, "None or a 64-bit int"),
                   ("logprobs", lambda n: n is None or is_int(n) and 0 <= n <= MAX_LOGPROBS,
+                   f"None or an int in [0, {MAX_LOGPROBS}]"),
+                  ("prompt_logprobs", lambda n: n is None or is_int(n) and 0 <= n <= MAX_LOGPROBS,
                    f"None or an int in [0, {MAX_LOGPROBS}]"),
                   ("stop", lambda st: isinstance(st, (tuple, list)) and all(isinstance(x, str) and x for x in st),
                    "a tuple of non-empty strings"),
