@@ -15,6 +15,7 @@ import json
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from .argtypes import at_least
@@ -24,6 +25,7 @@ from .runtime.prefill import GRAPH_TOKENS
 from .runtime.sampling import MAX_LOGPROBS, MAX_PENALTY, SamplingParams
 
 MAX_STOP = 16                  # stop strings per request
+MAX_CHOICES = 64               # prompts x n of one request (each is an engine request)
 MAX_STOP_CHARS = 1024          # per stop string: the engine thread checks them after every token
 _UNSUPPORTED = {               # field -> value that means "off" (anything else is rejected)
     "best_of": (None, 1),
@@ -79,9 +81,6 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
     for name, off in _UNSUPPORTED.items():
         if name in body and not any(body[name] == o and type(body[name]) is type(o) for o in off):
             raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
-    n = _field(body, "n", "integer", 1)
-    if n != 1:
-        raise APIError(400, f"n={n}: only n=1 is supported (send separate requests; they are batched)", "n")
     if n_prompt >= max_len:
         raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, your "
                             f"prompt has {n_prompt} tokens.", "messages" if chat else "prompt",
@@ -180,27 +179,40 @@ def _logprob_entries(logprobs, tokenizer, chat: bool, offset: int = 0) -> dict |
     return out
 
 
-def _completion_prompt(body: dict, tokenizer) -> list[int]:
+def _completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+    """The prompts of a completions request: a string, a list of token ids, or a list of those
+    (a batch: one choice each, `index` in order)."""
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]                                        # a batch of one
-    if isinstance(p, str):
-        if tokenizer is None:
-            raise APIError(400, "text prompts need the checkpoint's tokenizer.json; send token ids", "prompt")
-        ids = _encode(tokenizer, p, "prompt")
-    elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        ids = p
-    elif p is None:
+    if p is None:
         raise APIError(400, "'prompt' is a required property", "prompt", "missing_required_parameter")
-    elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
-        raise APIError(400, f"{len(p)} prompts in one request: only one is supported (send one request "
-                            f"per prompt; concurrent requests are batched)", "prompt")
-    else:
-        raise APIError(400, "'prompt' must be a string, a list of token ids, or a list of one of those",
-                       "prompt", "invalid_type")
-    if not ids:
-        raise APIError(400, "'prompt' is empty", "prompt", "invalid_value")
-    return ids
+    batch = p if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p) else [p]
+    out = []
+    for x in batch:
+        if isinstance(x, str):
+            if tokenizer is None:
+                raise APIError(400, "text prompts need the checkpoint's tokenizer.json; send token ids", "prompt")
+            ids = _encode(tokenizer, x, "prompt")
+        elif isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+            ids = x
+        else:
+            raise APIError(400, "'prompt' must be a string, a list of token ids, or a list of those",
+                           "prompt", "invalid_type")
+        if not ids:
+            raise APIError(400, "'prompt' is empty", "prompt", "invalid_value")
+        out.append(ids)
+    return out
+
+
+def _choices(body: dict, n_prompts: int) -> int:
+    """n (choices per prompt), checked against the request's prompts and streaming."""
+    n = _field(body, "n", "integer", 1)
+    if not 1 <= n or n * n_prompts > MAX_CHOICES:
+        raise APIError(400, f"n={n} with {n_prompts} prompt(s): expected n >= 1 and at most {MAX_CHOICES} "
+                            f"choices in all", "n", "invalid_value")
+    if body.get("stream") and n * n_prompts > 1:
+        raise APIError(400, "streaming takes one prompt and n=1 (send one request per stream; concurrent "
+                            "requests are batched)", "n" if n > 1 else "prompt", "invalid_value")
+    return n
 
 
 def _chat_prompt(body: dict, tokenizer) -> list[int]:
@@ -314,54 +326,77 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
 
     async def run(request: Request, chat: bool):
         body = await parse(request)
-        ids = _chat_prompt(body, tokenizer) if chat else _completion_prompt(body, tokenizer)
-        params = _sampling(body, len(ids), engine.max_len, eos, chat, defaults)
+        prompts = [_chat_prompt(body, tokenizer)] if chat else _completion_prompts(body, tokenizer)
+        n = _choices(body, len(prompts))
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        echo = _echo_text(body, ids) if body.get("echo") else None
-        req = submit(ids, params)
+        # one engine request per (prompt, choice); n > 1 with a seed: seed, seed + 1, ... per prompt
+        jobs = []
+        for ids in prompts:
+            params = _sampling(body, len(ids), engine.max_len, eos, chat, defaults)
+            for j in range(n):
+                jobs.append((ids, params if j == 0 or params.seed is None else replace(params, seed=params.seed + j)))
+        reqs = []
+        try:
+            for ids, params in jobs:
+                reqs.append(submit(ids, params))
+        except APIError:
+            for r in reqs:          # all or nothing
+                engine.cancel(r)
+            raise
+        echo = [_echo_text(body, ids, k) for k, ids in enumerate(prompts)] if body.get("echo") else None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
-        if stream:
-            return StreamingResponse(_events(req, head, chat, include_usage, echo), media_type="text/event-stream",
+        if stream:      # one prompt, n = 1 (_choices)
+            return StreamingResponse(_events(reqs[0], head, chat, include_usage, echo[0] if echo else None),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        if not await _wait_or_cancel(request, req):
+        if not await _wait_or_cancel(request, reqs):
             return JSONResponse({}, status_code=499)          # nobody is listening any more
-        err = failed(req)
-        if err is not None:
-            raise err
-        entries = [x for d in req.deltas() if d.logprobs for x in zip(d.logprobs, d.token_ids)]
-        text = req.text
-        if echo is not None:
-            entries = _prompt_entries(req) + entries if params.logprobs is not None else entries
-            text = echo + text
-        lps = _logprob_entries(entries, tokenizer, chat)
+        for req in reqs:
+            err = failed(req)
+            if err is not None:
+                raise err
+        choices = []
+        for index, req in enumerate(reqs):
+            entries = [x for d in req.deltas() if d.logprobs for x in zip(d.logprobs, d.token_ids)]
+            text = req.text
+            if echo is not None:
+                if req.params.logprobs is not None:
+                    entries = _prompt_entries(req) + entries
+                text = echo[index // n] + text
+            lps = _logprob_entries(entries, tokenizer, chat)
+            if chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": req.text},
+                                "logprobs": lps, "finish_reason": req.finish_reason})
+            else:
+                choices.append({"index": index, "text": text, "logprobs": lps, "finish_reason": req.finish_reason})
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": req.text},
-                      "logprobs": lps, "finish_reason": req.finish_reason}
             head["object"] = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": lps, "finish_reason": req.finish_reason}
-        return {**head, "choices": [choice], "usage": usage(req)}
+        n_prompt = sum(map(len, prompts))
+        n_out = sum(len(r.output_ids) for r in reqs)
+        use = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+        return {**head, "choices": choices, "usage": use}
 
-    def _echo_text(body: dict, ids: list[int]) -> str:
+    def _echo_text(body: dict, ids: list[int], k: int) -> str:
         p = body.get("prompt")
-        p = p[0] if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)) else p
+        p = p[k] if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p) else p
         return p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
 
     def _prompt_entries(req) -> list:
         return list(zip(req.prompt_logprobs, req.prompt_ids)) if req.prompt_logprobs is not None else []
 
-    async def _wait_or_cancel(request: Request, req) -> bool:
-        """Wait for req; if the client disconnects first, cancel it (False)."""
-        done = asyncio.ensure_future(req.wait())
+    async def _wait_or_cancel(request: Request, reqs: list) -> bool:
+        """Wait for reqs; if the client disconnects first, cancel them (False)."""
+        done = asyncio.ensure_future(asyncio.gather(*(r.wait() for r in reqs)))
         gone = asyncio.ensure_future(_disconnected(request))
         await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
         if done.done():
             return True
-        engine.cancel(req)
+        for r in reqs:
+            engine.cancel(r)
         done.cancel()
         return False
 

@@ -156,6 +156,25 @@ def test_logprobs(server):
     assert r.choices[0].logprobs is None
 
 
+def test_several_prompts_and_n(server, model):
+    """A batch of prompts and n choices each: one choice per (prompt, n), `index` in that order,
+    each what its request alone gives (greedy: mixprec.generate's; sampled with a seed: seed + j
+    for choice j); usage counts each prompt once."""
+    c = client(server)
+    prompts = ["The morning train", [5, 9, 13, 2], "a few minutes after six"]
+    r = c.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [ch.index for ch in r.choices] == list(range(6))
+    ids = [model.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    for k, p in enumerate(ids):
+        ref = model.tokenizer.decode(mixprec.generate(model, [p], max_new_tokens=6)[0])
+        assert r.choices[2 * k].text == r.choices[2 * k + 1].text == ref
+    assert r.usage.prompt_tokens == sum(map(len, ids)) and r.usage.completion_tokens == 36
+    kw = dict(model=NAME, max_tokens=8, temperature=1.0)
+    r = c.completions.create(prompt=prompts[0], n=2, seed=11, **kw)
+    alone = [c.completions.create(prompt=prompts[0], seed=s, **kw).choices[0].text for s in (11, 12)]
+    assert [ch.text for ch in r.choices] == alone and alone[0] != alone[1]
+
+
 def test_echo_logprobs_score_a_prompt(server, model):
     """What lm-eval's loglikelihood requests send (echo, logprobs 1, max_tokens 1, greedy): the
     prompt's text before the completion's, every prompt token's log-probability given the ones
@@ -304,7 +323,10 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "stop": "x" * 1025}, 400, "stop"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "top_k": 2**63}, 400, "top_k"),
     ("/v1/completions", {"model": NAME, "prompt": "a \ud800"}, 400, "prompt"),     # lone surrogate
-    ("/v1/completions", {"model": NAME, "prompt": "a", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": ["a"] * 33, "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "n": 2, "stream": True}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": ["a", "b"], "stream": True}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2, "echo": "yes"}, 400, "echo"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "echo": True},
@@ -314,7 +336,7 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "ignore_eos": 1}, 400, "ignore_eos"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "frequency_penalty": "1"}, 400, "frequency_penalty"),
-    ("/v1/completions", {"model": NAME, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": ["a", 5]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": [1, 10**6]}, 400, "prompt"),     # token id beyond vocab
     ("/v1/completions", {"model": NAME, "prompt": [7] * MAX_LEN}, 400, "prompt"),  # longer than the context
     ("/v1/completions", {"model": NAME, "prompt": [7] * 200, "max_tokens": 100}, 400, "max_tokens"),
