@@ -22,14 +22,15 @@ from .argtypes import at_least
 from .errors import MixprecError
 from .runtime.engine import Engine, EngineStopped, QueueFull
 from .runtime.prefill import GRAPH_TOKENS
-from .runtime.sampling import MAX_LOGPROBS, MAX_PENALTY, SamplingParams
+from .runtime.sampling import MAX_BIAS, MAX_LOGPROBS, MAX_PENALTY, SamplingParams
 
 MAX_STOP = 16                  # stop strings per request
 MAX_CHOICES = 64               # prompts x n of one request (each is an engine request)
+MAX_BIAS_TOKENS = 300          # logit_bias entries per request (OpenAI's bound)
 MAX_STOP_CHARS = 1024          # per stop string: the engine thread checks them after every token
 _UNSUPPORTED = {               # field -> value that means "off" (anything else is rejected)
     "best_of": (None, 1),
-    "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"),
 }
 
@@ -122,6 +123,14 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
     if _field(body, "ignore_eos", "boolean", False):
         eos = ()
     logprobs = _logprobs(body, chat)
+    bias = _field(body, "logit_bias", "object", {})
+    try:        # OpenAI's: token ids as JSON object keys (strings), values in [-100, 100]
+        bias = tuple((int(t), float(v)) for t, v in bias.items())
+    except (TypeError, ValueError):
+        raise APIError(400, "'logit_bias' maps token ids to numbers", "logit_bias", "invalid_type") from None
+    if any(t < 0 or not -MAX_BIAS <= v <= MAX_BIAS for t, v in bias) or len(bias) > MAX_BIAS_TOKENS:
+        raise APIError(400, f"'logit_bias': at most {MAX_BIAS_TOKENS} token ids >= 0, values in "
+                            f"[-{MAX_BIAS:g}, {MAX_BIAS:g}]", "logit_bias", "invalid_value")
     # completions' echo: the prompt before the completion, with logprobs its tokens' too
     echo = _field(body, "echo", "boolean", False)
     if echo and chat:
@@ -131,7 +140,7 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
     _field(opts, "include_usage", "boolean")
     return SamplingParams(temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p), seed=seed,
                           max_new_tokens=max_tokens, stop_token_ids=eos, stop=tuple(stop), logprobs=logprobs,
-                          prompt_logprobs=logprobs if echo else None, **penalties)
+                          prompt_logprobs=logprobs if echo else None, logit_bias=bias, **penalties)
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:
@@ -310,7 +319,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         except EngineStopped as e:
             raise APIError(503, str(e), None, "engine_stopped", "server_error") from None
         except ValueError as e:
-            raise APIError(400, str(e), "prompt") from None
+            raise APIError(400, str(e), "logit_bias" if "logit_bias" in str(e) else "prompt") from None
 
     def usage(req) -> dict:
         n, m = len(req.prompt_ids), len(req.output_ids)

@@ -308,6 +308,32 @@ def test_logprobs_are_the_models(model):
         SamplingParams(logprobs=21).validate()
 
 
+def test_logit_bias(model):
+    """OpenAI's logit_bias: +100 on a token makes greedy pick it every step, -100 on greedy's
+    first token moves it (the prefill's token too), alike in the Generator and the Engine beside
+    other requests; log-probabilities stay the model's own; ids outside the vocab are refused."""
+    p = prompts(1, lo=7, hi=7, seed=12)[0]
+    plain = alone(model, p, SamplingParams(max_new_tokens=6))
+    force = SamplingParams(max_new_tokens=6, logit_bias=((42, 100.0),))
+    ban = SamplingParams(max_new_tokens=6, logit_bias={plain[0]: -100.0})
+    assert alone(model, p, force) == [42] * 6
+    banned = alone(model, p, ban)
+    assert banned[0] != plain[0] and plain[0] not in banned
+    with Engine(model, max_batch=4, max_len=64) as eng:
+        reqs = [eng.submit(p, sp) for sp in (SamplingParams(max_new_tokens=6), ban,
+                                             SamplingParams(max_new_tokens=6, logit_bias=((42, 100.0),), logprobs=1))]
+        got = [r.result(T_OUT) for r in reqs]
+        with pytest.raises(ValueError, match="logit_bias"):
+            eng.submit(p, SamplingParams(logit_bias=((10**6, 1.0),)))
+    assert [r.output_ids for r in got] == [plain, banned, [42] * 6]
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(torch.tensor([p]))[0, -1].float(), -1)
+    first = next(d for d in got[2].deltas() if d.token_ids).logprobs[0]
+    assert abs(first[0] - float(ref[42])) < 1e-4 and first[1][0][0] == int(ref.argmax())
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=((3, 101.0),)).validate()
+
+
 def test_penalty_values_are_checked():
     for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(presence_penalty=float("nan"))):
         with pytest.raises(ValueError, match="penalty"):

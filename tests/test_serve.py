@@ -154,6 +154,10 @@ def test_logprobs(server):
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
     r = c.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0)
     assert r.choices[0].logprobs is None
+    # logit_bias: +100 forces a token (OpenAI's keys are strings)
+    r = c.completions.create(model=NAME, prompt=[5, 9], max_tokens=3, temperature=0, logit_bias={"300": 100},
+                             logprobs=0)
+    assert r.choices[0].text == server.engine.tokenizer.decode([300] * 3)
 
 
 def test_several_prompts_and_n(server, model):
@@ -335,6 +339,9 @@ BAD = [
      400, "top_logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "ignore_eos": 1}, 400, "ignore_eos"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"1000000": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "frequency_penalty": "1"}, 400, "frequency_penalty"),
     ("/v1/completions", {"model": NAME, "prompt": ["a", 5]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": [1, 10**6]}, 400, "prompt"),     # token id beyond vocab

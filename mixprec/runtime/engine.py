@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .generate import decode_tail, first_token, sampling_modes, to_host
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
-from .sampling import MAX_LOGPROBS, SamplingParams, count_tokens, logprob_stats
+from .sampling import MAX_LOGPROBS, SamplingParams, bias_rows, count_tokens, logprob_stats
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
 MIN_LEN_BUCKET = 256      # smallest number of cache slots a step attends over
@@ -218,6 +218,7 @@ class _Rows:
     counts: Tensor        # [N, V] int32: the tokens a penalized request has generated so far
     lp: Tensor            # [N, 1 + MAX_LOGPROBS] float32: the last token's log-probability, the top ones'
     lp_ids: Tensor        # [N, MAX_LOGPROBS] int64: the top tokens
+    bias: Tensor          # [N, V] float32: each row's logit bias (zeros without one)
 
     def view(self, rows: slice) -> "_Rows":
         """The state of rows `rows` (views: writes go to this state)."""
@@ -320,7 +321,8 @@ class Engine:
         self._rows = _Rows(tokens=z(N, 1), pos=z(N, 1), live=z(N), temperature=z(N, dt=f32),
                            top_k=z(N), top_p=torch.ones(N, dtype=f32, device=dev), seed=z(N), step=z(N),
                            presence=z(N, dt=f32), frequency=z(N, dt=f32), counts=z(N, self.vocab, dt=torch.int32),
-                           lp=z(N, 1 + min(MAX_LOGPROBS, self.vocab), dt=f32), lp_ids=z(N, min(MAX_LOGPROBS, self.vocab)))
+                           lp=z(N, 1 + min(MAX_LOGPROBS, self.vocab), dt=f32), lp_ids=z(N, min(MAX_LOGPROBS, self.vocab)),
+                           bias=z(N, self.vocab, dt=f32))
         # (batch bucket, length bucket, sampling_modes) -> graph
         self._graphs: dict[tuple[int, int, tuple[bool, bool, bool]], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -372,6 +374,9 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < self.vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})")
+        bad = [t for t, _ in params.logit_bias if t >= self.vocab]
+        if bad:
+            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})")
         if len(ids) + params.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) = "
                              f"{len(ids) + params.max_new_tokens} exceeds this engine's context of "
@@ -650,12 +655,16 @@ class Engine:
         logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))             # [n, V]
         R.step[rows].zero_()
         sampled, filtered, extras = sampling_modes(p)
+        raw = logits      # log-probabilities are the model's own
+        if extras:        # the rows' bias (zeros without one) applies to the first token too
+            bias_rows(R.bias[rows], p)
+            logits = logits + R.bias[rows]
         first = first_token(logits, R.view(rows), R.step[rows], sampled, filtered)   # no penalty yet
         lps = None
         if extras:        # a row's counts start here; decode steps keep them while it has extras
             R.counts[rows].zero_()
             count_tokens(R.counts[rows], first)
-            logprob_stats(logits, first, R.lp[rows], R.lp_ids[rows])
+            logprob_stats(raw, first, R.lp[rows], R.lp_ids[rows])
             if any(q.logprobs is not None for q in p):
                 lps = (to_host(R.lp[rows]), to_host(R.lp_ids[rows]))
         R.tokens[rows].copy_(first[:, None])

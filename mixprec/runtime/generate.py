@@ -21,7 +21,7 @@ from ..formats.base import use_kernels
 from ..kernels.sampling import next_token_advance
 from ..layers.attention import KVCache
 from .prefill import Prefill, bucket
-from .sampling import MIN_TEMPERATURE, SamplingParams, count_tokens, logprob_stats, penalize, sample
+from .sampling import MIN_TEMPERATURE, SamplingParams, bias_rows, count_tokens, logprob_stats, penalize, sample
 
 
 def _u64(c: int) -> int:
@@ -74,14 +74,15 @@ def sampling_modes(params: Sequence[SamplingParams]) -> tuple[bool, bool, bool]:
 
 def decode_tail(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None, rows,
                 modes: tuple[bool, bool, bool]) -> None:
-    """next_token with the rows' extras (modes[2]): `rows` then also has presence / frequency [B]
-    and counts [B, V] (the tokens each row generated so far, which then count the new token), and
+    """next_token with the rows' extras (modes[2]): `rows` then also has presence / frequency [B],
+    counts [B, V] (the tokens each row generated so far, which then count the new token), the logit
+    bias [B, V], and
     lp [B, 1 + K] / lp_ids [B, K] that get the new tokens' log-probabilities (sampling.logprob_stats;
     none where lp has no columns)."""
     sampled, filtered, extras = modes
     raw = logits
     if extras:
-        logits = penalize(logits, rows.counts, rows.presence, rows.frequency)
+        logits = penalize(logits, rows.counts, rows.presence, rows.frequency) + rows.bias
     next_token(logits, tokens, pos, step, live, rows, sampled, filtered)
     if extras:
         count_tokens(rows.counts, tokens, live)
@@ -127,6 +128,7 @@ class _Batch:
     presence: Tensor      # [B] float32
     frequency: Tensor     # [B] float32
     counts: Tensor        # [B, V] int32: tokens generated so far ([B, 0] without extras)
+    bias: Tensor          # [B, V] float32: logit bias ([B, 0] without extras)
     lp: Tensor            # [B, 0]: the Generator returns no log-probabilities (decode_tail skips them)
     lp_ids: Tensor        # [B, 0]
 
@@ -230,6 +232,9 @@ class Generator:
         bad = [t for p in prompts for t in p if not 0 <= t < self.args.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.args.vocab_size})")
+        bad = [t for p in plist for t, _ in p.logit_bias if t >= self.args.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.args.vocab_size})")
         max_new = max(p.max_new_tokens for p in plist)
         if max_new == 0:
             return
@@ -266,9 +271,13 @@ class Generator:
             presence=torch.tensor([p.presence_penalty for p in prow], dtype=torch.float32, device=dev),
             frequency=torch.tensor([p.frequency_penalty for p in prow], dtype=torch.float32, device=dev),
             counts=torch.zeros(Bp, self.args.vocab_size if modes[2] else 0, dtype=torch.int32, device=dev),
+            bias=torch.zeros(Bp, self.args.vocab_size if modes[2] else 0, device=dev),
             lp=torch.zeros(Bp, 0, device=dev), lp_ids=torch.zeros(Bp, 0, dtype=torch.long, device=dev),
         )
         logits = self._prefill(ids, last, cache)                                 # [Bp, V] fp32
+        if modes[2]:
+            bias_rows(st.bias, prow)
+            logits = logits + st.bias
         first = first_token(logits, st, st.step, *modes[:2])     # nothing generated yet: no penalty
         st.tokens.copy_(first[:, None])
         st.step.add_(1)

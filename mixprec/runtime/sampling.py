@@ -8,6 +8,9 @@ Log-probabilities (`logprobs`) are the model's own (log_softmax of its logits, b
 temperature and top-k / top-p, as vLLM reports them by default): the chosen token's and the top
 `logprobs` tokens'.
 
+A logit bias (OpenAI's `logit_bias`) is added to the logits before sampling, penalties and
+filters, the first token's too.
+
 Presence / frequency penalties are OpenAI's: before sampling (greedy too), each token the request
 has generated so far (its prompt not counted, as in OpenAI's API and vLLM) has its logit lowered
 by frequency_penalty * count + presence_penalty. Qwen3's quantized checkpoints recommend a
@@ -26,6 +29,7 @@ from torch import Tensor
 MIN_TEMPERATURE = 1e-5     # smaller positive temperatures sample as this one (greedy in effect)
 MAX_PENALTY = 2.0          # |presence_penalty|, |frequency_penalty| <= this (OpenAI's range)
 MAX_LOGPROBS = 20          # top log-probabilities per token (OpenAI's chat API's bound)
+MAX_BIAS = 100.0           # |logit_bias| values <= this (OpenAI's range)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # subtracted per occurrence of a generated token
     logprobs: int | None = None       # each token's log-probability and this many top ones (None: off)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (Engine only; one more forward)
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit) pairs
 
     @property
     def penalized(self) -> bool:
@@ -48,8 +53,9 @@ class SamplingParams:
 
     @property
     def extras(self) -> bool:
-        """Penalties or log-probabilities: the decode step's extra work (runtime.generate.decode_tail)."""
-        return self.penalized or self.logprobs is not None
+        """Penalties, a logit bias or log-probabilities: the decode step's extra work
+        (runtime.generate.decode_tail)."""
+        return self.penalized or bool(self.logit_bias) or self.logprobs is not None
 
     def plain(self) -> "SamplingParams":
         """A copy with plain Python numbers (numpy / torch scalars converted; ValueError for values
@@ -67,7 +73,10 @@ class SamplingParams:
                            logprobs=None if self.logprobs is None else operator.index(self.logprobs),
                            prompt_logprobs=None if self.prompt_logprobs is None else operator.index(self.prompt_logprobs),
                            stop_token_ids=tuple(operator.index(t) for t in self.stop_token_ids),   # sets too
-                           stop=tuple(self.stop) if isinstance(self.stop, (tuple, list)) else self.stop)
+                           stop=tuple(self.stop) if isinstance(self.stop, (tuple, list)) else self.stop,
+                           logit_bias=tuple((operator.index(t), real(b)) for t, b in
+                                            (self.logit_bias.items() if isinstance(self.logit_bias, dict)
+                                             else self.logit_bias)))
         except (TypeError, ValueError) as e:
             raise ValueError(f"invalid sampling parameters: {self} ({e})") from None
 
@@ -90,7 +99,9 @@ class SamplingParams:
                   ("stop", lambda st: isinstance(st, (tuple, list)) and all(isinstance(x, str) and x for x in st),
                    "a tuple of non-empty strings"),
                   ("stop_token_ids", lambda st: isinstance(st, (tuple, list)) and all(map(is_int, st)),
-                   "a tuple of token ids")]
+                   "a tuple of token ids"),
+                  ("logit_bias", lambda lb: all(is_int(t) and t >= 0 and -MAX_BIAS <= b <= MAX_BIAS for t, b in lb),
+                   f"(token id, bias in [-{MAX_BIAS:g}, {MAX_BIAS:g}]) pairs")]
 
         def ok(check, v) -> bool:
             try:
@@ -155,3 +166,13 @@ def logprob_stats(logits: Tensor, tokens: Tensor, lp: Tensor, lp_ids: Tensor) ->
     top = x.topk(lp_ids.shape[1], dim=-1)
     lp[:, 1:] = top.values - lse
     lp_ids.copy_(top.indices)
+
+
+def bias_rows(bias: Tensor, params: list) -> None:
+    """bias [n, V] (in place): row i = params[i].logit_bias as a dense row (zeros elsewhere)."""
+    bias.zero_()
+    pairs = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
+    if pairs:
+        rows, toks, vals = zip(*pairs)
+        idx = torch.tensor(rows, dtype=torch.long), torch.tensor(toks, dtype=torch.long)
+        bias.index_put_(tuple(x.to(bias.device) for x in idx), torch.tensor(vals, dtype=bias.dtype).to(bias.device))
