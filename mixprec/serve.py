@@ -88,8 +88,14 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
                        "context_length_exceeded")
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _field(body, name, "integer", max_len - n_prompt)
-    if max_tokens < 1:
-        raise APIError(400, f"'{name}' must be at least 1, got {max_tokens}", name, "invalid_value")
+    # echo with max_tokens 0 scores the prompt only: the engine generates one token, which run() drops
+    score_only = max_tokens == 0 and body.get("echo") is True and not chat
+    if max_tokens < 1 and not score_only:
+        raise APIError(400, f"'{name}' must be at least 1 (0 only with echo), got {max_tokens}", name,
+                       "invalid_value")
+    if score_only and body.get("stream"):
+        raise APIError(400, "max_tokens 0 (scoring an echoed prompt) is not streamed", "stream", "invalid_value")
+    max_tokens = max(max_tokens, 1)
     if n_prompt + max_tokens > max_len:
         raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you "
                             f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, "
@@ -368,9 +374,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
             if err is not None:
                 raise err
         choices = []
+        score_only = body.get("max_tokens") == 0        # echo only (_sampling): drop the one token made
         for index, req in enumerate(reqs):
             entries = [x for d in req.deltas() if d.logprobs for x in zip(d.logprobs, d.token_ids)]
             text = req.text
+            if score_only:
+                entries, text = [], ""
             if echo is not None:
                 if req.params.logprobs is not None:
                     entries = _prompt_entries(req) + entries
@@ -380,11 +389,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                 choices.append({"index": index, "message": {"role": "assistant", "content": req.text},
                                 "logprobs": lps, "finish_reason": req.finish_reason})
             else:
-                choices.append({"index": index, "text": text, "logprobs": lps, "finish_reason": req.finish_reason})
+                choices.append({"index": index, "text": text, "logprobs": lps,
+                                "finish_reason": "length" if score_only else req.finish_reason})
         if chat:
             head["object"] = "chat.completion"
         n_prompt = sum(map(len, prompts))
-        n_out = sum(len(r.output_ids) for r in reqs)
+        n_out = 0 if score_only else sum(len(r.output_ids) for r in reqs)
         use = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
         return {**head, "choices": choices, "usage": use}
 

@@ -205,6 +205,10 @@ def test_echo_logprobs_score_a_prompt(server, model):
     assert streamed == lp.token_logprobs
     r = c.completions.create(model=NAME, prompt="The morning", max_tokens=3, temperature=0, echo=True)
     assert r.choices[0].text.startswith("The morning") and r.choices[0].logprobs is None
+    # max_tokens 0 with echo: the prompt scored, nothing generated
+    r = c.completions.create(model=NAME, prompt=ids, max_tokens=0, temperature=0, logprobs=1, echo=True)
+    assert r.choices[0].text == prompt_text and r.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-1]
+    assert r.usage.completion_tokens == 0 and r.choices[0].finish_reason == "length"
 
 
 def test_64_concurrent_streams(server, model):
@@ -316,6 +320,7 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 0, "echo": True, "stream": True}, 400, "stream"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 10**12}, 400, "max_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": "10"}, 400, "max_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2.5}, 400, "max_tokens"),
