@@ -62,9 +62,9 @@ def sample_tokens(logits: Tensor, params, step: Tensor, sampled: bool, filtered:
 def sampling_modes(params: Sequence[SamplingParams]) -> tuple[bool, bool, bool]:
     """(sampled, filtered, extras) of a batch's rows: some row draws with a temperature; some such
     row also has top-k / top-p (next_token takes these two); some row has a presence / frequency
-    penalty or wants log-probabilities. A batch with extras takes the most general draw (sampled
-    and filtered: greedy rows and rows without top-k / top-p draw the same tokens there), so the
-    extras add one decode graph per bucket, not three."""
+    penalty, a logit bias or wants log-probabilities. A batch with extras takes the most general
+    draw (sampled and filtered: greedy rows and rows without top-k / top-p draw the same tokens
+    there), so the extras add one decode graph per bucket, not three."""
     if any(p.extras for p in params):
         return True, True, True
     sampled = any(p.temperature > 0 for p in params)
@@ -76,9 +76,8 @@ def decode_tail(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live:
                 modes: tuple[bool, bool, bool]) -> None:
     """next_token with the rows' extras (modes[2]): `rows` then also has presence / frequency [B],
     counts [B, V] (the tokens each row generated so far, which then count the new token), the logit
-    bias [B, V], and
-    lp [B, 1 + K] / lp_ids [B, K] that get the new tokens' log-probabilities (sampling.logprob_stats;
-    none where lp has no columns)."""
+    bias [B, V], and lp [B, 1 + K] / lp_ids [B, K] that get the new tokens' log-probabilities of the
+    raw logits (sampling.logprob_stats; none where lp has no columns)."""
     sampled, filtered, extras = modes
     raw = logits
     if extras:
