@@ -12,6 +12,7 @@ Needs the `serve` extra: pip install 'mixprec[serve]' (fastapi, uvicorn, jinja2)
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 import uuid
@@ -30,8 +31,9 @@ MAX_BIAS_TOKENS = 300          # logit_bias entries per request (OpenAI's bound)
 MAX_STOP_CHARS = 1024          # per stop string: the engine thread checks them after every token
 _UNSUPPORTED = {               # field -> value that means "off" (anything else is rejected)
     "best_of": (None, 1),
-    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+    "suffix": (None, ""),
     "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),      # JSON modes need constrained decoding
 }
 
 
@@ -253,14 +255,26 @@ def _chat_prompt(body: dict, tokenizer) -> list[int]:
         elif not isinstance(content, str):
             raise APIError(400, f"{where}.content must be a string or a list of text parts",
                            f"{where}.content", "invalid_type")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        if role == "assistant" and m.get("tool_calls"):     # earlier calls, as the template renders them
+            calls = m["tool_calls"]
+            if not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in calls):
+                raise APIError(400, f"{where}.tool_calls must be a list of {{function: {{name, arguments}}}}",
+                               f"{where}.tool_calls", "invalid_type")
+            msg["tool_calls"] = calls
+        out.append(msg)
     if tokenizer is None or not tokenizer.chat_template:
         raise APIError(400, "this model has no chat template (tokenizer_config.json): use /v1/completions")
     # the template's own variables, as vLLM / SGLang take them (Qwen3: {"enable_thinking": false})
     kw = _field(body, "chat_template_kwargs", "object", {})
-    if {"messages", "add_generation_prompt"} & set(kw):
-        raise APIError(400, "'chat_template_kwargs' may not set messages or add_generation_prompt",
+    if {"messages", "add_generation_prompt", "tools"} & set(kw):
+        raise APIError(400, "'chat_template_kwargs' may not set messages, add_generation_prompt or tools",
                        "chat_template_kwargs", "invalid_value")
+    tools = _tools(body)
+    if tools:
+        kw = {**kw, "tools": tools}
     from jinja2 import TemplateError
     try:
         text = tokenizer.apply_chat_template(out, add_generation_prompt=True, **kw)
@@ -269,6 +283,54 @@ def _chat_prompt(body: dict, tokenizer) -> list[int]:
     except (TypeError, TemplateError) as e:             # e.g. kwargs of a type the template cannot use
         raise APIError(400, f"chat template: {e}", "chat_template_kwargs" if kw else "messages") from None
     return _encode(tokenizer, text, "messages")
+
+
+def _tools(body: dict) -> list | None:
+    """The request's `tools` for the chat template, or None (none given, or tool_choice "none").
+    The model's calls are parsed from its text afterwards (_tool_calls), so a call cannot be
+    forced: tool_choice "required" or a named function is refused."""
+    tools = _field(body, "tools", "array")
+    choice = body.get("tool_choice", "auto")
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, "'tool_choice' needs 'tools'", "tool_choice", "invalid_value")
+        return None
+    if not all(isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+               and isinstance(t["function"].get("name"), str) for t in tools):
+        raise APIError(400, "'tools' must be a list of {type: function, function: {name, ...}}", "tools",
+                       "invalid_type")
+    if choice not in (None, "auto", "none"):
+        raise APIError(400, "tool_choice: only 'auto' and 'none' (this server cannot force a call)",
+                       "tool_choice", "unsupported_parameter")
+    if body.get("stream"):
+        raise APIError(400, "streaming with tools is not supported: send stream false", "stream",
+                       "unsupported_parameter")
+    return None if choice == "none" else tools
+
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def _tool_calls(text: str) -> tuple[str | None, list]:
+    """Qwen3's (Hermes-style) calls in a completion: each <tool_call>{"name", "arguments"}</tool_call>
+    block that parses becomes an OpenAI tool call (arguments as a JSON string) and leaves the
+    content; blocks that do not parse stay in it. -> (content or None, tool calls)."""
+    calls, keep, last = [], [], 0
+    for m in _TOOL_CALL.finditer(text):
+        try:
+            call = json.loads(m.group(1))
+            name, args = call["name"], call.get("arguments", {})
+            if not isinstance(name, str):
+                raise TypeError(name)
+        except (ValueError, KeyError, TypeError):
+            continue
+        keep.append(text[last:m.start()])
+        last = m.end()
+        calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                      "function": {"name": name, "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    keep.append(text[last:])
+    content = "".join(keep).strip()
+    return (content or None) if calls else text, calls
 
 
 def _encode(tokenizer, text: str, param: str) -> list[int]:
@@ -375,6 +437,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                 raise err
         choices = []
         score_only = body.get("max_tokens") == 0        # echo only (_sampling): drop the one token made
+        tools_on = chat and bool(_tools(body))
         for index, req in enumerate(reqs):
             entries = [x for d in req.deltas() if d.logprobs for x in zip(d.logprobs, d.token_ids)]
             text = req.text
@@ -386,8 +449,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                 text = echo[index // n] + text
             lps = _logprob_entries(entries, tokenizer, chat)
             if chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": req.text},
-                                "logprobs": lps, "finish_reason": req.finish_reason})
+                msg, finish = {"role": "assistant", "content": req.text}, req.finish_reason
+                if tools_on:
+                    msg["content"], calls = _tool_calls(req.text)
+                    if calls:
+                        msg["tool_calls"] = calls
+                        finish = "tool_calls" if finish == "stop" else finish
+                choices.append({"index": index, "message": msg, "logprobs": lps, "finish_reason": finish})
             else:
                 choices.append({"index": index, "text": text, "logprobs": lps,
                                 "finish_reason": "length" if score_only else req.finish_reason})

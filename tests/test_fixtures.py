@@ -286,6 +286,14 @@ def test_tokenizer_in_transformers(fixture_dirs, tmp_path):
     assert ours.apply_chat_template(msgs, enable_thinking=False) == text
     default = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert ours.apply_chat_template(msgs) == default != text and default.endswith("<|im_start|>assistant\n")
+    # tools, an earlier call and its result (serve's tool calling renders through this)
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    turns = [{"role": "user", "content": "Weather?"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "tool", "content": "sunny"}]
+    assert ours.apply_chat_template(turns, tools=tools) == tok.apply_chat_template(
+        turns, tools=tools, tokenize=False, add_generation_prompt=True)
     gen = json.loads((d / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [ids["<|im_end|>"], ids["<|endoftext|>"]]
     # deterministic: a fresh build is byte-identical; other sizes keep the specials on top

@@ -344,6 +344,8 @@ BAD = [
      400, "top_logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "ignore_eos": 1}, 400, "ignore_eos"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"1000000": 1}}, 400, "logit_bias"),
@@ -442,3 +444,60 @@ def test_checkpoint_sampling_defaults(model, tmp_path, capsys):
     assert main([str(ck), "--device", "cpu", "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert "generation_config.json" in err and "top_p=0" in err and "--generation-config openai" in err
+
+
+def test_tool_calls_parsed_from_qwen3_text():
+    """Hermes-style <tool_call> blocks -> OpenAI tool calls (arguments as JSON text); text around
+    them stays content; a block that does not parse stays in the content; no calls: the text."""
+    from mixprec.serve import _tool_calls
+    text = ('Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>')
+    content, calls = _tool_calls(text)
+    assert content == "Let me check."
+    assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("function", "weather", {"city": "Paris"}), ("function", "time", {"tz": "CET"})]
+    assert len({c["id"] for c in calls}) == 2
+    assert _tool_calls("<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>")[0] is None
+    bad = "<tool_call>\nnot json\n</tool_call> rest"
+    assert _tool_calls(bad) == (bad, []) and _tool_calls("plain") == ("plain", [])
+
+
+def test_tools_in_the_chat_template(server, model, monkeypatch):
+    """tools, earlier assistant tool_calls and tool results render as transformers renders the
+    checkpoint's template; a request with tools is served (this random model calls none); what
+    cannot be honoured (forced calls, streaming with tools, malformed tools) is a 400."""
+    from mixprec.serve import _chat_prompt
+    tools = [{"type": "function", "function": {"name": "weather"}}]
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    ids = _chat_prompt({"messages": msgs, "tools": tools}, model.tokenizer)
+    text = model.tokenizer.apply_chat_template([dict(m, content=m["content"] or "") for m in msgs], tools=tools)
+    assert ids == model.tokenizer.encode(text) and "<tools>" in text and "<tool_response>\nsunny" in text
+    assert '"name": "weather", "arguments": {"city": "Paris"}' in text       # the earlier call
+    assert _chat_prompt({"messages": msgs, "tools": tools, "tool_choice": "none"}, model.tokenizer) != ids
+    # the tools preamble is ~290 tokens in this fixture's small vocabulary: a longer context
+    eng = Engine(model, max_batch=2, max_len=512)
+    long = Server(eng, model.tokenizer)
+    try:
+        r = client(long).chat.completions.create(model=NAME, messages=msgs[:1], tools=tools, max_tokens=5,
+                                                 temperature=0)
+        assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None
+        # a completion that holds a call (this model writes none: the parser stands in)
+        import mixprec.serve as serve_mod
+        call = {"id": "call_x", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+        monkeypatch.setattr(serve_mod, "_tool_calls", lambda text: (None, [call]))
+        m = client(long).chat.completions.create(model=NAME, messages=msgs[:1], tools=tools, max_tokens=5,
+                                                 temperature=0).choices[0].message
+        assert m.content is None and [c.function.name for c in m.tool_calls] == ["weather"]
+        monkeypatch.undo()
+        with httpx.Client(timeout=T_OUT) as h:
+            for extra, param in (({"tool_choice": "required"}, "tool_choice"), ({"stream": True}, "stream"),
+                                 ({"tools": [{"type": "function"}]}, "tools")):
+                body = {"model": NAME, "messages": msgs[:1], "tools": tools, **extra}
+                r = h.post(long.url + "/v1/chat/completions", json=body)
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    finally:
+        long.stop()
+        eng.shutdown()
