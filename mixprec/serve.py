@@ -333,6 +333,60 @@ def _tool_calls(text: str) -> tuple[str | None, list]:
     return (content or None) if calls else text, calls
 
 
+THINK, END_THINK = "<think>", "</think>"
+
+
+def _split_reasoning(text: str) -> tuple[str | None, str]:
+    """Qwen3's reasoning split off a completion (vLLM's qwen3 reasoning parser): a completion
+    that opens with <think> has its text up to </think> as the reasoning and the rest as content
+    (all reasoning if it ran out before </think>); any other is content only. (A prompt that ends
+    in <think>, as newer thinking templates write it, has THINK put before the completion.)"""
+    s = text.lstrip()
+    if not s.startswith(THINK):
+        return None, text
+    head, sep, tail = s[len(THINK):].partition(END_THINK)
+    return head.strip("\n"), (tail.lstrip("\n") if sep else "")
+
+
+class _ReasoningStream:
+    """_split_reasoning over a stream of text pieces: feed(piece) -> (reasoning, content) to send
+    now. A completion that starts with <think> is reasoning up to </think>; otherwise it is all
+    content. Newlines next to the tags and a tail that could start </think> wait for the next
+    piece, so the pieces add up to _split_reasoning's result."""
+
+    def __init__(self):
+        self.state, self.buf, self.strip = "start", "", False
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
+        self.buf += piece
+        if self.state == "start":
+            s = self.buf.lstrip()
+            if s.startswith(THINK):
+                self.state, self.buf, self.strip = "think", s[len(THINK):], True
+            elif THINK.startswith(s) and not final:
+                return "", ""                   # may still become <think>
+            else:
+                self.state = "content"
+        if self.strip:                          # newlines after a tag
+            self.buf = self.buf.lstrip("\n")
+            self.strip = not self.buf
+        if self.state == "think":
+            i = self.buf.find(END_THINK)
+            if i >= 0:
+                reasoning, self.buf = self.buf[:i].rstrip("\n"), self.buf[i + len(END_THINK):]
+                self.state, self.strip = "content", True
+                return reasoning, self.feed("", final)[1]
+            keep = len(self.buf)
+            if not final:
+                keep -= next((k for k in range(min(len(self.buf), len(END_THINK) - 1), 0, -1)
+                              if END_THINK.startswith(self.buf[-k:])), 0)
+                keep = len(self.buf[:keep].rstrip("\n"))      # newlines before a possible </think>
+            out, self.buf = self.buf[:keep], self.buf[keep:]
+            return (out.rstrip("\n") if final else out), ""
+        out, self.buf = self.buf, ""
+        return "", out
+
+
 def _encode(tokenizer, text: str, param: str) -> list[int]:
     try:
         text.encode("utf-8")           # a lone surrogate ("\ud800") is valid JSON but no text
@@ -342,9 +396,10 @@ def _encode(tokenizer, text: str, param: str) -> list[int]:
 
 
 # -- the app ---------------------------------------------------------------------------------
-def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None = None):
+def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None = None, reasoning: bool = False):
     """The FastAPI app serving `engine` as `model_name` (the engine's lifetime is the caller's);
-    `defaults`: sampling values for fields a request leaves out (else OpenAI's defaults).
+    `defaults`: sampling values for fields a request leaves out (else OpenAI's defaults);
+    `reasoning`: chat completions' <think> part goes to `reasoning_content` (_split_reasoning).
     (No `from __future__ import annotations` in this file: FastAPI must see the real `Request`
     class in the handlers' annotations, and it is imported lazily here.)"""
     _require()
@@ -426,7 +481,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
         if stream:      # one prompt, n = 1 (_choices)
-            return StreamingResponse(_events(reqs[0], head, chat, include_usage, echo[0] if echo else None),
+            split = _ReasoningStream() if reasoning and chat else None
+            if split is not None and _opens_think(prompts[0]):
+                split.feed(THINK)
+            return StreamingResponse(_events(reqs[0], head, chat, include_usage, echo[0] if echo else None, split),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         if not await _wait_or_cancel(request, reqs):
@@ -438,6 +496,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         choices = []
         score_only = body.get("max_tokens") == 0        # echo only (_sampling): drop the one token made
         tools_on = chat and bool(_tools(body))
+        thinks = reasoning and chat and _opens_think(prompts[0])
         for index, req in enumerate(reqs):
             entries = [x for d in req.deltas() if d.logprobs for x in zip(d.logprobs, d.token_ids)]
             text = req.text
@@ -450,6 +509,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
             lps = _logprob_entries(entries, tokenizer, chat)
             if chat:
                 msg, finish = {"role": "assistant", "content": req.text}, req.finish_reason
+                if reasoning:
+                    think, msg["content"] = _split_reasoning(THINK + req.text if thinks else req.text)
+                    msg["reasoning_content"] = think
                 if tools_on:
                     msg["content"], calls = _tool_calls(req.text)
                     if calls:
@@ -471,6 +533,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         p = p[k] if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p) else p
         return p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
 
+    def _opens_think(ids: list[int]) -> bool:
+        """The prompt ends in <think> (newer thinking templates): the completion is reasoning first."""
+        return tokenizer.decode(ids[-16:], skip_special_tokens=False).rstrip().endswith(THINK)
+
     def _prompt_entries(req) -> list:
         return list(zip(req.prompt_logprobs, req.prompt_ids)) if req.prompt_logprobs is not None else []
 
@@ -487,11 +553,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         done.cancel()
         return False
 
-    async def _events(req, head: dict, chat: bool, include_usage: bool, echo: str | None = None):
+    async def _events(req, head: dict, chat: bool, include_usage: bool, echo: str | None = None,
+                      split: "_ReasoningStream | None" = None):
         pending: list = []      # log-probabilities of tokens whose text has not been sent yet
         sent = 0                # completions' text_offset of the next chunk's first token
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, role: bool = False, think: str | None = None) -> str:
             nonlocal sent
             lps = None
             if not role:
@@ -500,6 +567,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                 pending.clear()
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                if think:
+                    delta = {"reasoning_content": think, **({"content": text} if text else {})}
                 choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": lps, "finish_reason": finish}
@@ -521,7 +590,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                     if err is not None:
                         yield _sse(err.body())
                         break
-                if d.text:
+                if split is not None:         # reasoning_content first (_ReasoningStream)
+                    think, text = split.feed(d.text, final=d.finish_reason is not None)
+                    if think or text:
+                        yield chunk(text or None, None, think=think or None)
+                elif d.text:
                     yield chunk(d.text, None)
                 if d.finish_reason is not None:
                     yield chunk(None, d.finish_reason)
@@ -594,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="defaults of the sampling fields a request leaves out: auto, the base checkpoint's "
                         "generation_config.json (temperature, top_k, top_p, penalties; as vLLM), else "
                         "OpenAI's; openai: OpenAI's (temperature 1, no top-k / top-p)")
+    p.add_argument("--reasoning-parser", choices=["none", "qwen3"], default="none",
+                   help="qwen3: a chat completion's <think>...</think> part goes to message.reasoning_content "
+                        "(delta.reasoning_content when streamed), as vLLM's --reasoning-parser qwen3")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -634,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
           f"max_len={engine.max_len}, device={engine.device}; sampling defaults: "
           f"{defaults or 'OpenAI'}{' from generation_config.json' if defaults else ''})", file=sys.stderr)
     try:
-        uvicorn.run(create_app(engine, tok, name, defaults), host=a.host, port=a.port, log_level=a.log_level)
+        uvicorn.run(create_app(engine, tok, name, defaults, reasoning=a.reasoning_parser == "qwen3"), host=a.host,
+                    port=a.port, log_level=a.log_level)
     finally:
         engine.shutdown()
     return 0

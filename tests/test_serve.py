@@ -34,11 +34,11 @@ def model(tiny_f32_model):
 class Server:
     """uvicorn serving create_app(engine) on a free loopback port, in a thread."""
 
-    def __init__(self, engine, tokenizer):
+    def __init__(self, engine, tokenizer, **app_kw):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        cfg = uvicorn.Config(create_app(engine, tokenizer, NAME), host="127.0.0.1", port=self.port,
+        cfg = uvicorn.Config(create_app(engine, tokenizer, NAME, **app_kw), host="127.0.0.1", port=self.port,
                              log_level="warning")
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -500,4 +500,60 @@ def test_tools_in_the_chat_template(server, model, monkeypatch):
                 assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     finally:
         long.stop()
+        eng.shutdown()
+
+
+def test_reasoning_split():
+    """--reasoning-parser qwen3: <think>...</think> at a completion's start is the reasoning, the
+    rest the content; streamed pieces, cut anywhere, add up to the same split."""
+    import random
+    from mixprec.serve import _ReasoningStream, _split_reasoning
+    assert _split_reasoning("<think>\nhmm\n</think>\n\nFour.") == ("hmm", "Four.")
+    assert _split_reasoning("  plain") == (None, "  plain") and _split_reasoning("<think>\nrunning") == ("running", "")
+    assert _split_reasoning("no</think>tag") == (None, "no</think>tag")
+    rng = random.Random(0)
+    for t in ("<think>\nhmm, let me see\n\nmore\n</think>\n\nThe answer is 4.", "  plain answer",
+              "<think>\nstill thinking\n", "<think>\n</think>\n\nans", "  <think>a</thi", "<thx"):
+        want = _split_reasoning(t)
+        for _ in range(100):
+            cuts = sorted(rng.sample(range(1, len(t)), min(len(t) - 1, rng.randint(0, 6))))
+            pieces = [t[a:b] for a, b in zip([0] + cuts, cuts + [len(t)])]
+            st, got = _ReasoningStream(), ["", ""]
+            for i, piece in enumerate(pieces):
+                for k, x in enumerate(st.feed(piece, final=i == len(pieces) - 1)):
+                    got[k] += x
+            assert (got[0], got[1]) == (want[0] or "", want[1]), (t, pieces)
+
+
+def test_reasoning_content_served(model):
+    """With reasoning on, a prompt that ends in <think> (a newer thinking template) makes the
+    completion reasoning until </think>: this random model never closes it, so everything is
+    reasoning_content, alike streamed; a prompt without it gives plain content."""
+    from mixprec.runtime.text import Tokenizer
+    tok = model.tokenizer
+    thinking = Tokenizer(tok.tok, tok.chat_template + "{%- if add_generation_prompt %}{{- '<think>\\n' }}{%- endif %}",
+                         tok.eos_token_ids)
+    eng = Engine(model, max_batch=2, max_len=MAX_LEN)
+    srv = Server(eng, thinking, reasoning=True)
+    try:
+        c = client(srv)
+        msgs = [{"role": "user", "content": "Hello there"}]
+        r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0)
+        m = r.choices[0].message
+        assert m.content == "" and m.reasoning_content
+        parts = [ch.choices[0].delta for ch in c.chat.completions.create(model=NAME, messages=msgs, max_tokens=12,
+                                                                         temperature=0, stream=True) if ch.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in parts) == m.reasoning_content
+        assert not "".join(d.content or "" for d in parts)
+    finally:
+        srv.stop()
+        eng.shutdown()
+    eng = Engine(model, max_batch=2, max_len=MAX_LEN)
+    srv = Server(eng, tok, reasoning=True)
+    try:
+        m = client(srv).chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0).choices[0].message
+        assert m.content == mixprec.generate(model, "Hello there", max_new_tokens=12, chat=True)
+        assert getattr(m, "reasoning_content", None) is None
+    finally:
+        srv.stop()
         eng.shutdown()
