@@ -513,7 +513,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                     think, msg["content"] = _split_reasoning(THINK + req.text if thinks else req.text)
                     msg["reasoning_content"] = think
                 if tools_on:
-                    msg["content"], calls = _tool_calls(req.text)
+                    msg["content"], calls = _tool_calls(msg["content"])
                     if calls:
                         msg["tool_calls"] = calls
                         finish = "tool_calls" if finish == "stop" else finish

@@ -487,10 +487,11 @@ def test_tools_in_the_chat_template(server, model, monkeypatch):
         # a completion that holds a call (this model writes none: the parser stands in)
         import mixprec.serve as serve_mod
         call = {"id": "call_x", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
-        monkeypatch.setattr(serve_mod, "_tool_calls", lambda text: (None, [call]))
+        seen = []
+        monkeypatch.setattr(serve_mod, "_tool_calls", lambda text: (seen.append(text), (None, [call]))[1])
         m = client(long).chat.completions.create(model=NAME, messages=msgs[:1], tools=tools, max_tokens=5,
                                                  temperature=0).choices[0].message
-        assert m.content is None and [c.function.name for c in m.tool_calls] == ["weather"]
+        assert m.content is None and [c.function.name for c in m.tool_calls] == ["weather"] and len(seen) == 1
         monkeypatch.undo()
         with httpx.Client(timeout=T_OUT) as h:
             for extra, param in (({"tool_choice": "required"}, "tool_choice"), ({"stream": True}, "stream"),
