@@ -332,6 +332,15 @@ def test_logit_bias(model):
     assert abs(first[0] - float(ref[42])) < 1e-4 and first[1][0][0] == int(ref.argmax())
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias=((3, 101.0),)).validate()
+    # a row a biased request left: the next occupant (no bias) keeps none while another request's
+    # extras run beside it
+    with Engine(model, max_batch=2, max_len=64) as eng:
+        other = eng.submit([3, 4, 5], SamplingParams(max_new_tokens=40, presence_penalty=1.0))
+        eng.submit(p, SamplingParams(max_new_tokens=2, logit_bias=((42, 100.0),))).result(T_OUT)
+        after = eng.submit(p, SamplingParams(max_new_tokens=6)).result(T_OUT)
+        assert not other.done                    # the extras ran beside it all along
+        other.result(T_OUT)
+    assert after.output_ids == plain
 
 
 def test_penalty_values_are_checked():

@@ -655,14 +655,16 @@ class Engine:
         logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))             # [n, V]
         R.step[rows].zero_()
         sampled, filtered, extras = sampling_modes(p)
+        # every admission writes its rows' bias and counts: a later step with extras (another
+        # request's) applies them to every row, so a previous occupant's must not stay
+        bias_rows(R.bias[rows], p)
+        R.counts[rows].zero_()
         raw = logits      # log-probabilities are the model's own
         if extras:        # the rows' bias (zeros without one) applies to the first token too
-            bias_rows(R.bias[rows], p)
             logits = logits + R.bias[rows]
         first = first_token(logits, R.view(rows), R.step[rows], sampled, filtered)   # no penalty yet
         lps = None
         if extras:        # a row's counts start here; decode steps keep them while it has extras
-            R.counts[rows].zero_()
             count_tokens(R.counts[rows], first)
             logprob_stats(raw, first, R.lp[rows], R.lp_ids[rows])
             if any(q.logprobs is not None for q in p):
