@@ -175,22 +175,19 @@ def _logprob_entries(logprobs, tokenizer, chat: bool, offset: int = 0) -> dict |
     "text_offset"} (offsets from `offset`; an entry None, an echoed prompt's first token: nulls)."""
     if not logprobs:
         return None
-    def tok(i: int) -> tuple[str, bytes]:
+
+    def entry(i: int, lp: float | None) -> dict:      # chat's shape; completions keep token / logprob
         b = tokenizer.token_bytes(i)
-        return b.decode("utf-8", errors="replace"), b
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
     if chat:
-        content = []
-        for (lp, top), i in logprobs:
-            t, b = tok(i)
-            content.append({"token": t, "logprob": lp, "bytes": list(b), "top_logprobs": [
-                {"token": tok(j)[0], "logprob": v, "bytes": list(tok(j)[1])} for j, v in top]})
-        return {"content": content, "refusal": None}
+        return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, v) for j, v in top]}
+                            for (lp, top), i in logprobs], "refusal": None}
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for e, i in logprobs:
-        t = tok(i)[0]
+        t = entry(i, None)["token"]
         out["tokens"].append(t)
         out["token_logprobs"].append(None if e is None else e[0])
-        out["top_logprobs"].append(None if e is None else {tok(j)[0]: v for j, v in e[1]})
+        out["top_logprobs"].append(None if e is None else {entry(j, v)["token"]: v for j, v in e[1]})
         out["text_offset"].append(offset)
         offset += len(t)
     return out
@@ -199,12 +196,10 @@ def _logprob_entries(logprobs, tokenizer, chat: bool, offset: int = 0) -> dict |
 def _completion_prompts(body: dict, tokenizer) -> list[list[int]]:
     """The prompts of a completions request: a string, a list of token ids, or a list of those
     (a batch: one choice each, `index` in order)."""
-    p = body.get("prompt")
-    if p is None:
+    if body.get("prompt") is None:
         raise APIError(400, "'prompt' is a required property", "prompt", "missing_required_parameter")
-    batch = p if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p) else [p]
     out = []
-    for x in batch:
+    for x in _prompt_batch(body):
         if isinstance(x, str):
             if tokenizer is None:
                 raise APIError(400, "text prompts need the checkpoint's tokenizer.json; send token ids", "prompt")
@@ -218,6 +213,12 @@ def _completion_prompts(body: dict, tokenizer) -> list[list[int]]:
             raise APIError(400, "'prompt' is empty", "prompt", "invalid_value")
         out.append(ids)
     return out
+
+
+def _prompt_batch(body: dict) -> list:
+    """A completions request's prompts as sent: a list of strings / token-id lists, or one of those."""
+    p = body.get("prompt")
+    return p if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p) else [p]
 
 
 def _choices(body: dict, n_prompts: int) -> int:
@@ -529,8 +530,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         return {**head, "choices": choices, "usage": use}
 
     def _echo_text(body: dict, ids: list[int], k: int) -> str:
-        p = body.get("prompt")
-        p = p[k] if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p) else p
+        p = _prompt_batch(body)[k]
         return p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
 
     def _opens_think(ids: list[int]) -> bool:
