@@ -46,7 +46,7 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .generate import decode_tail, first_token, sampling_modes, to_host
+from .generate import check_vocab, decode_tail, first_token, sampling_modes, to_host
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
 from .sampling import MAX_LOGPROBS, SamplingParams, bias_rows, count_tokens, logprob_stats
 
@@ -371,12 +371,7 @@ class Engine:
         ids = [operator.index(t) for t in prompt_ids]
         if not ids:
             raise ValueError("empty prompt: at least one token is needed")
-        bad = [t for t in ids if not 0 <= t < self.vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})")
-        bad = [t for t, _ in params.logit_bias if t >= self.vocab]
-        if bad:
-            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})")
+        check_vocab(ids, [params], self.vocab)
         if len(ids) + params.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) = "
                              f"{len(ids) + params.max_new_tokens} exceeds this engine's context of "

@@ -72,6 +72,14 @@ def sampling_modes(params: Sequence[SamplingParams]) -> tuple[bool, bool, bool]:
     return sampled, filtered, False
 
 
+def check_vocab(ids: Sequence[int], params: Sequence[SamplingParams], vocab: int) -> None:
+    """ValueError naming prompt token ids or logit_bias ids outside the vocabulary [0, vocab)."""
+    for what, bad in (("prompt", [t for t in ids if not 0 <= t < vocab]),
+                      ("logit_bias", [t for p in params for t, _ in p.logit_bias if t >= vocab])):
+        if bad:
+            raise ValueError(f"{what} token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+
 def decode_tail(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None, rows,
                 modes: tuple[bool, bool, bool]) -> None:
     """next_token with the rows' extras (modes[2]): `rows` then also has presence / frequency [B],
@@ -228,12 +236,7 @@ class Generator:
         lens = [len(p) for p in prompts]
         if min(lens) == 0:
             raise ValueError("empty prompt")
-        bad = [t for p in prompts for t in p if not 0 <= t < self.args.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.args.vocab_size})")
-        bad = [t for p in plist for t, _ in p.logit_bias if t >= self.args.vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.args.vocab_size})")
+        check_vocab([t for p in prompts for t in p], plist, self.args.vocab_size)
         max_new = max(p.max_new_tokens for p in plist)
         if max_new == 0:
             return
