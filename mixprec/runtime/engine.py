@@ -203,8 +203,8 @@ class Request:
 
 @dataclass
 class _Rows:
-    """Per-slot device state of the decode step (every field [max_batch], [max_batch, 1] or, counts,
-    [max_batch, vocab])."""
+    """Per-slot device state of the decode step (every field [max_batch, ...]: [N], [N, 1], or the
+    extras' [N, V] counts / bias and [N, K] log-probabilities)."""
     tokens: Tensor        # [N, 1] int64: last sampled token = next decode input
     pos: Tensor           # [N, 1] int64: its position (= the cache slot it is written to)
     live: Tensor          # [N] int64: 1 while a request holds the row, 0 for idle padding
