@@ -1,5 +1,5 @@
-"""Same-call decode A/B of two (or more) source trees: `python -m mixprec bench --synthetic MODEL` run from
-each tree in turn (old, new, old, new, ...), REPS times per (model, mix), and a summary of decode
+"""Same-call decode A/B of two (or more) source trees: `python -m mixprec bench --synthetic MODEL`
+run from each tree in turn (old, new, old, new, ...), REPS times per (model, mix), and a summary of decode
 tok/s per batch with the change in %. Every run's full output goes to one log (--log), so a device
 call returns one file. GPU only (bench needs CUDA).
 
