@@ -445,9 +445,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         except ValueError as e:
             raise APIError(400, str(e), "logit_bias" if "logit_bias" in str(e) else "prompt") from None
 
-    def usage(req) -> dict:
-        n, m = len(req.prompt_ids), len(req.output_ids)
-        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+    def usage(n: int, m: int, cached: int) -> dict:
+        """cached: prompt tokens whose K/V were reused, not computed (Engine prefix_reuse)."""
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def failed(req) -> APIError | None:
         if req.finish_reason == "error":
@@ -526,8 +527,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
             head["object"] = "chat.completion"
         n_prompt = sum(map(len, prompts))
         n_out = 0 if score_only else sum(len(r.output_ids) for r in reqs)
-        use = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-        return {**head, "choices": choices, "usage": use}
+        cached = sum(reqs[k * n].cached_tokens for k in range(len(prompts)))    # each prompt's first choice
+        return {**head, "choices": choices, "usage": usage(n_prompt, n_out, cached)}
 
     def _echo_text(body: dict, ids: list[int], k: int) -> str:
         p = _prompt_batch(body)[k]
@@ -599,7 +600,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                 if d.finish_reason is not None:
                     yield chunk(None, d.finish_reason)
             if include_usage and not failed(req):
-                yield _sse({**head, "choices": [], "usage": usage(req)})
+                yield _sse({**head, "choices": [], "usage": usage(len(req.prompt_ids), len(req.output_ids),
+                                                                  req.cached_tokens)})
             yield "data: [DONE]\n\n"
         finally:                                    # client gone (task cancelled) or done
             if not req.done:
@@ -661,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", action="store_true",
                    help="capture every decode and prefill CUDA graph before serving (no request waits on a "
                         "capture; takes longer to start)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="prefill every prompt whole (default: a prompt longer than the prefill graphs that starts "
+                        "with tokens a KV cache row holds, e.g. a chat's history, takes their K/V)")
     p.add_argument("--tp", type=at_least(1), default=None, help="tensor parallel size (under torchrun; default: config)")
     p.add_argument("--ep", type=at_least(1), default=None, help="expert parallel size (under torchrun; default: config)")
     p.add_argument("--generation-config", choices=["auto", "openai"], default="auto",
@@ -691,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"--generation-config openai)") from None
         engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
                         use_cuda_graphs=False if a.no_cuda_graphs else None,
-                        prefill_graph_tokens=a.prefill_graph_tokens, warmup=a.warmup)
+                        prefill_graph_tokens=a.prefill_graph_tokens, warmup=a.warmup,
+                        prefix_reuse=not a.no_prefix_reuse)
     except (MixprecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mixprec
-from mixprec.runtime.engine import Engine, EngineStopped, QueueFull
+from mixprec.runtime.engine import _common_prefix, Engine, EngineStopped, QueueFull
 from mixprec.runtime.generate import Generator
 from mixprec.runtime.prefill import Prefill, bucket
 from mixprec.runtime.sampling import SamplingParams
@@ -352,6 +352,56 @@ def test_penalty_values_are_checked():
     assert SamplingParams(presence_penalty=1.5).penalized and not SamplingParams().penalized
 
 
+def test_common_prefix():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        a = torch.randint(0, 3, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist()
+        b = a[:int(torch.randint(0, len(a) + 1, (1,), generator=g))] + torch.randint(0, 3, (4,), generator=g).tolist()
+        brute = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert _common_prefix(a, b) == brute
+
+
+def test_prefix_reuse_equals_whole_prefill(model):
+    """A prompt that starts with tokens a row's K/V hold prefills only the rest: from the free row
+    its earlier turn finished in (idle in the decode steps meanwhile, so its slot 0 was rewritten),
+    copied from a running request's row, and from a row that was itself reused; the tokens equal
+    a whole prefill's (Generator), cached_tokens counts the taken ones, and prefix_reuse=False
+    takes none."""
+    g = torch.Generator().manual_seed(11)
+    sysp = torch.randint(0, 500, (40,), generator=g).tolist()          # a shared "system prompt"
+    turn = [torch.randint(0, 500, (k,), generator=g).tolist() for k in (5, 9, 3)]
+    sp = SamplingParams(max_new_tokens=12)
+    for reuse in (True, False):
+        with Engine(model, max_batch=4, max_len=160, prefix_reuse=reuse) as eng:
+            first = eng.submit(sysp + turn[0], sp)
+            keep = eng.submit(turn[1] + turn[2], SamplingParams(max_new_tokens=60))  # row 1 decodes on
+            out1 = first.result(T_OUT).output_ids
+            next(iter(keep))
+            # a second turn: the first's prompt, its reply and a new message (row 0, idle till now)
+            p2 = sysp + turn[0] + out1 + turn[2]
+            second = eng.submit(p2, sp).result(T_OUT)
+            # while the second turn's prompt runs again (row 0, the second's K/V) and row 1 does:
+            # a prompt sharing only the system prompt copies it from row 0 into a free row
+            busy = eng.submit(p2, SamplingParams(max_new_tokens=40))
+            next(iter(busy))
+            third = eng.submit(sysp + turn[1], sp).result(T_OUT)
+            busy.result(T_OUT)
+            # a later turn of the second conversation: from the row that took it (itself reused)
+            p4 = p2 + second.output_ids + turn[1]
+            fourth = eng.submit(p4, sp).result(T_OUT)
+            keep.result(T_OUT)
+            got = [second.output_ids, busy.output_ids, third.output_ids, fourth.output_ids]
+            cached = [r.cached_tokens for r in (first, second, busy, third, fourth)]
+            assert eng.metrics()["prompt_tokens_cached"] == sum(cached)
+        assert got == [alone(model, p, q) for p, q in ((p2, sp), (p2, busy.params), (sysp + turn[1], sp), (p4, sp))]
+        if reuse:   # the reply's last token was never fed (slot 0 is recomputed, not taken)
+            n4 = min(_common_prefix(p2 + busy.output_ids[:-1], p4), len(p4) - 1)
+            assert cached == [0, len(sysp + turn[0] + out1) - 2, len(p2) - 2, len(sysp) - 1, n4 - 1]
+            assert n4 > len(p2)
+        else:
+            assert cached == [0] * 5
+
+
 def test_many_concurrent_requests_from_threads(model):
     ps = prompts(24, lo=1, hi=30, seed=4)
     params = [SamplingParams(max_new_tokens=1 + (7 * i) % 13) for i in range(24)]
@@ -592,12 +642,16 @@ def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
     # sampled without top-k / top-p: alone (Generator) the one-launch race (kernels/sampling.py); in
     # an engine batch beside request 3, the filtered launches (first tokens too): the draws must agree
     params[5] = SamplingParams(temperature=0.7, seed=5, max_new_tokens=9)
-    # penalized (greedy and sampled): the penalized graphs, float32 logits into the sampling kernels
-    params[7] = SamplingParams(presence_penalty=1.5, max_new_tokens=11)
-    params[9] = SamplingParams(temperature=0.9, seed=9, frequency_penalty=0.8, max_new_tokens=12)
     gen = Generator(m)
+    # penalized (greedy and sampled): the penalized graphs, float32 logits into the sampling kernels;
+    # the greedy one on a prompt whose output the penalty changes (a random model need not repeat)
+    pen, plain = SamplingParams(presence_penalty=2.0, max_new_tokens=11), SamplingParams(max_new_tokens=11)
+    i = next((i for i in (0, 1, 2, 4, 6, 7, 8, 10, 11) if gen.generate([ps[i]], pen) != gen.generate([ps[i]], plain)),
+             None)
+    assert i is not None, "presence_penalty=2 changed no prompt's greedy output"
+    params[i] = pen
+    params[9] = SamplingParams(temperature=0.9, seed=9, frequency_penalty=0.8, max_new_tokens=12)
     ref = [gen.generate([p], sp)[0] for p, sp in zip(ps, params)]
-    assert ref[7] != gen.generate([ps[7]], SamplingParams(max_new_tokens=11))[0]
     with Engine(m, max_batch=8, max_len=128) as eng:
         assert eng.use_graphs
         reqs = [eng.submit(p, sp) for p, sp in zip(ps, params)]
@@ -612,6 +666,28 @@ def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
         assert eng.metrics()["gpu_memory_allocated_bytes"] > 0
         print(f"\n64 tokens alone: {64 / (time.perf_counter() - t0):.0f} tok/s")
     assert got == ref
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_prefix_reuse(tmp_path):
+    """Prefix reuse on the GPU (bf16 kernels, decode graphs; prefill graphs of up to 64 tokens, so
+    prompts above take the eager rest-of-prompt forward): a second turn, in place and copied
+    from a running row, gets the Generator's tokens."""
+    path = make_fixture(tmp_path, formats=["bf16"], experts=8)["bf16"]
+    m = mixprec.load(path, device="cuda", progress=False)
+    first, other = prompts(2, lo=70, hi=90, seed=12)
+    sp = SamplingParams(max_new_tokens=10)
+    gen = Generator(m)
+    with Engine(m, max_batch=4, max_len=256, prefill_graph_tokens=64) as eng:
+        out = eng.submit(first, sp).result(T_OUT).output_ids
+        assert out == gen.generate([first], sp)[0]
+        second = first + out + other[:7]
+        busy = eng.submit(second, SamplingParams(max_new_tokens=60))
+        next(iter(busy))
+        third = eng.submit(first + other[:5], sp).result(T_OUT)
+        got = [busy.result(T_OUT), third]
+    assert [r.output_ids for r in got] == [gen.generate([p], r.params)[0] for p, r in zip((second, first + other[:5]), got)]
+    assert [r.cached_tokens for r in got] == [len(first + out) - 2, len(first) - 1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -151,13 +151,31 @@ def test_logprobs(server):
         assert e.top_logprobs[0].logprob == e.logprob <= 0 and bytes(e.bytes).decode(errors="replace") == e.token
     streamed = [e for ch in c.chat.completions.create(**kw, stream=True)
                 if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # the streamed request takes the first's prompt K/V (prefix reuse): equal up to float rounding
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
     r = c.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0)
     assert r.choices[0].logprobs is None
     # logit_bias: +100 forces a token (OpenAI's keys are strings)
     r = c.completions.create(model=NAME, prompt=[5, 9], max_tokens=3, temperature=0, logit_bias={"300": 100},
                              logprobs=0)
     assert r.choices[0].text == server.engine.tokenizer.decode([300] * 3)
+
+
+def test_usage_counts_cached_prompt_tokens(server, model):
+    """A prompt that continues an earlier one and its reply takes their K/V from the row the
+    earlier request finished in: usage.prompt_tokens_details.cached_tokens says how many; the text
+    is the whole prefill's."""
+    c = client(server)
+    prompt = "the morning train left the station a few minutes after six and most of the passengers"
+    r1 = c.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0)
+    assert r1.usage.prompt_tokens > 16 and r1.usage.prompt_tokens_details.cached_tokens == 0
+    p2 = prompt + r1.choices[0].text + " were still"
+    r2 = c.completions.create(model=NAME, prompt=p2, max_tokens=6, temperature=0)
+    assert r2.choices[0].text == mixprec.generate(model, p2, max_new_tokens=6)
+    # at least the first prompt (but its first token: recomputed), at most all but the last two
+    # (the last runs through the model for its logits; the first again)
+    assert r1.usage.prompt_tokens - 1 <= r2.usage.prompt_tokens_details.cached_tokens <= r2.usage.prompt_tokens - 2
 
 
 def test_several_prompts_and_n(server, model):

@@ -14,6 +14,15 @@ admission to finish. A background thread loops, one decode step per iteration:
   4. read the previous step's tokens on the host while this one runs (lag by one): deliver,
      detokenize, stop on eos / stop ids, stop strings, max_tokens or a full context.
 
+Prefix reuse: a row keeps its K/V after its request finished, and the engine remembers which
+tokens they belong to (prompt and fed output; a running request's row: its prompt). A new request
+whose prompt starts with 16 or more of those tokens (a multi-turn chat's history, a shared system
+prompt) takes them: into that row if it is free, else copied into a free row (a device copy, a
+small fraction of the prefill it saves), and only the rest of the prompt runs through the model.
+With prefill graphs that rest is an eager forward, so only prompts longer than the graphs'
+tokens take it (shorter ones prefill whole faster as a graph). `Request.cached_tokens` says how
+many prompt tokens were taken.
+
 Sampling is per row (temperature, top-k, top-p, presence / frequency penalties on device
 tensors; a row's generated-token counts for the penalties; log-probabilities on request, copied
 to the host with the tokens) with `counter_noise` keyed by the
@@ -51,8 +60,21 @@ from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
 from .sampling import MAX_LOGPROBS, SamplingParams, bias_rows, count_tokens, logprob_stats
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
+PREFIX_MIN = 16           # shortest prompt prefix whose K/V an admission takes from a cache row
 MIN_LEN_BUCKET = 256      # smallest number of cache slots a step attends over
 HEARTBEAT_S = 10.0        # an idle rank 0 tells the other ranks it is alive this often
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix (binary search over slice compares: C speed)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class QueueFull(RuntimeError):
@@ -112,6 +134,7 @@ class Request:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.prompt_logprobs: list | None = None
+        self.cached_tokens = 0                # prompt tokens whose K/V came from a cache row (not computed)
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -283,6 +306,8 @@ class Engine:
     (a decode graph runs two eager warm-up steps first, a prefill graph one forward; Triton
     compiles on a cold cache). `ready` is set when that is done (at once without warmup);
     requests submitted before wait in the queue.
+    prefix_reuse: take a new prompt's leading tokens' K/V from a row that holds them (see the
+    module docstring); False: every prompt is prefilled whole.
 
     With a parallel model, make one Engine (same arguments) in every rank's process: rank 0's
     takes requests, the others follow it (`join()` until rank 0 shuts down).
@@ -290,7 +315,7 @@ class Engine:
 
     def __init__(self, model, max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
                  tokenizer=None, use_cuda_graphs: bool | None = None, prefill_tokens: int = 4096,
-                 prefill_graph_tokens: int = GRAPH_TOKENS, warmup: bool = False):
+                 prefill_graph_tokens: int = GRAPH_TOKENS, warmup: bool = False, prefix_reuse: bool = True):
         args = model.args
         if max_len is None:
             max_len = min(args.max_position_embeddings, 4096)
@@ -307,6 +332,7 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.prefill_tokens = prefill_tokens
+        self.prefix_reuse = prefix_reuse
         self.vocab = args.vocab_size
         self.device = next(model.buffers()).device
         self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
@@ -339,6 +365,9 @@ class Engine:
         # update is issued by this thread), so the slots a step may touch are known without a sync
         self._pos = [0] * N
         self._live = [False] * N
+        # the tokens whose K/V row s holds at slots 1 .. len - 1 (slot 0 too, except where an idle
+        # row's decode rewrote it: a reused prefix always recomputes it); [] while being prefilled
+        self._kv: list[list[int]] = [[] for _ in range(N)]
         self._pending: collections.deque = collections.deque()   # launched, not yet read on the host
         self._stop = False
         self._cancels = False                 # some request was cancelled since the last scan
@@ -348,7 +377,7 @@ class Engine:
         # metrics
         self._started = time.monotonic()
         self._n_requests = self._n_finished = self._n_cancelled = 0
-        self._n_prompt_tokens = self._n_generated = self._n_steps = 0
+        self._n_prompt_tokens = self._n_generated = self._n_steps = self._n_cached = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         ctx = getattr(model, "parallel", None)
         self._lockstep = _Lockstep(ctx.rank) if ctx is not None and ctx.world > 1 else None
@@ -356,6 +385,7 @@ class Engine:
         if self._lockstep is not None:
             self._lockstep.agree({"max_batch": max_batch, "max_len": max_len, "prefill_tokens": prefill_tokens,
                                   "prefill_graph_tokens": prefill_graph_tokens, "warmup": warmup,
+                                  "prefix_reuse": prefix_reuse,
                                   "graphs": self.use_graphs, "stop_strings": self.tokenizer is not None})
         self._thread = threading.Thread(target=self._run, name="mixprec-engine", daemon=True)
         self._thread.start()
@@ -416,6 +446,7 @@ class Engine:
                 "requests_finished": self._n_finished,
                 "requests_cancelled": self._n_cancelled,
                 "prompt_tokens_total": self._n_prompt_tokens,
+                "prompt_tokens_cached": self._n_cached,
                 "tokens_generated": self._n_generated,
                 "tokens_per_s": recent / span if span > 0 else 0.0,
                 "decode_steps": self._n_steps,
@@ -591,16 +622,35 @@ class Engine:
         return out
 
     def _admit(self, reqs: list[Request]) -> None:
-        """Give each request the lowest free slot (longest prompts first), then prefill runs of
-        contiguous slots together while padding wastes at most half of the forward."""
+        """Requests that reuse a row's prefix take that row (or, where it is busy, a free one to
+        copy it into) and prefill alone; the others take the lowest free slots (longest prompts
+        first), and runs of contiguous slots prefill together while padding wastes at most half
+        of the forward."""
         reqs = sorted(reqs, key=lambda r: -len(r.prompt_ids))
         free = [i for i, r in enumerate(self._slots) if r is None]
+        # rows this admission writes or copies from: no later pick may take them as source or slot
+        taken: set[int] = set()
+        reuse: dict[str, tuple[int, int]] = {}        # request id -> (source row, tokens taken)
+        slot: dict[str, int] = {}
+        for r in reqs:
+            src, n = self._prefix_source(r.prompt_ids, taken) if self.prefix_reuse else (-1, 0)
+            if n:
+                dest = src if src in free else next((f for f in free if f not in taken), None)
+                if dest is not None:
+                    reuse[r.id], slot[r.id] = (src, n), dest
+                    taken.update((src, dest))
+        rest = iter(f for f in free if f not in taken)
         with self._lock:
-            for r, s in zip(reqs, free):
+            for r in reqs:
+                s = slot[r.id] if r.id in slot else next(rest)
                 r._slot = s
                 self._slots[s] = r
-        group: list[Request] = []
+                self._kv[s] = []
         for r in reqs:
+            if r.id in reuse:
+                self._prefill_or_fail([r], reuse[r.id])
+        group: list[Request] = []
+        for r in (r for r in reqs if r.id not in reuse):
             if group:
                 n, T = len(group) + 1, len(group[0].prompt_ids)      # group[0] is the longest
                 contiguous = r._slot == group[-1]._slot + 1
@@ -610,11 +660,29 @@ class Engine:
                     self._prefill_or_fail(group)
                     group = []
             group.append(r)
-        self._prefill_or_fail(group)
+        if group:
+            self._prefill_or_fail(group)
 
-    def _prefill_or_fail(self, reqs: list[Request]) -> None:
+    def _prefix_source(self, ids: list[int], taken: set[int]) -> tuple[int, int]:
+        """(row, n): the row outside `taken` whose K/V hold the longest prefix of ids, and how many
+        of its tokens a prefill would take (at most len(ids) - 1: the last one must run through
+        the model for its logits); n = 0 when none holds PREFIX_MIN or it would not pay (with
+        prefill graphs only prompts above their tokens reuse: the rest runs eagerly)."""
+        pf = self._prefill_fwd
+        if len(ids) <= PREFIX_MIN or (pf.use_graphs and len(ids) <= pf.graph_tokens):
+            return -1, 0
+        best, row = 0, -1
+        for s, kv in enumerate(self._kv):
+            if s not in taken and kv[:PREFIX_MIN] == ids[:PREFIX_MIN]:
+                n = _common_prefix(kv, ids)
+                if n > best or (n == best and self._slots[s] is None and self._slots[row] is not None):
+                    best, row = n, s
+        n = min(best, len(ids) - 1)
+        return (row, n) if n >= PREFIX_MIN else (-1, 0)
+
+    def _prefill_or_fail(self, reqs: list[Request], reuse: tuple[int, int] | None = None) -> None:
         try:
-            self._prefill(reqs)
+            self._prefill(reqs, reuse)
         except torch.OutOfMemoryError as e:   # these prompts are too big now; the others go on
             if self._lockstep is not None:    # ...unless other ranks wait in this prefill's collectives
                 raise
@@ -622,9 +690,10 @@ class Engine:
                 for r in reqs:
                     self._finish(r, "error", error=e)
 
-    def _prefill(self, reqs: list[Request]) -> None:
+    def _prefill(self, reqs: list[Request], reuse: tuple[int, int] | None = None) -> None:
         """Right-padded prefill of reqs into cache rows [s0, s0 + n) (their slots, contiguous),
-        then the first token of each, sampled on the device with step 0."""
+        then the first token of each, sampled on the device with step 0. reuse (one request):
+        (row, n): its first n prompt tokens' K/V are taken from that row (_prefill_rest)."""
         R = self._rows
         n, s0 = len(reqs), reqs[0]._slot
         lens = [len(r.prompt_ids) for r in reqs]
@@ -647,7 +716,10 @@ class Engine:
         rows = slice(s0, s0 + n)
         for k in ("temperature", "top_k", "top_p", "seed", "presence", "frequency"):
             getattr(R, k)[rows].copy_(d[k])
-        logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))             # [n, V]
+        if reuse is None:
+            logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))         # [n, V]
+        else:
+            logits = self._prefill_rest(reqs[0], *reuse)                                       # [1, V]
         R.step[rows].zero_()
         sampled, filtered, extras = sampling_modes(p)
         # every admission writes its rows' bias and counts: a later step with extras (another
@@ -674,7 +746,30 @@ class Engine:
         for r, n_prompt in zip(reqs, lens):
             r._launched = 1
             self._pos[r._slot], self._live[r._slot] = n_prompt, True
+            self._kv[r._slot] = r.prompt_ids
         self._pending.append((to_host(first), [(i, r) for i, r in enumerate(reqs)], lps))
+
+    def _prefill_rest(self, r: Request, src: int, n: int) -> Tensor:
+        """Prefill r's prompt past its first n tokens, whose K/V row src holds (copied into r's row
+        first when that is another): an eager forward of the prompt's first token (slot 0, which
+        an idle row's decode rewrites) and its tokens n.., padded to a multiple of 16 tokens (the
+        kernels' shapes then repeat) where max_len allows. -> logits [1, V] of the last token."""
+        s, ids = r._slot, r.prompt_ids
+        c = self.cache
+        if src != s:
+            c.k[:, s, :, 1:n].copy_(c.k[:, src, :, 1:n])
+            c.v[:, s, :, 1:n].copy_(c.v[:, src, :, 1:n])
+        T = 1 + len(ids) - n
+        Tp = min(-(-T // 16) * 16, self.max_len - n + 1)
+        toks = torch.zeros(1, Tp, dtype=torch.long)
+        toks[0, :T] = torch.tensor(ids[:1] + ids[n:], dtype=torch.long)
+        pos = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(n, n + Tp - 1)])[None]
+        last = torch.tensor([T - 1])
+        toks, pos, last = (self._to_device(t) for t in (toks, pos, last))
+        r.cached_tokens = n - 1
+        with self._lock:
+            self._n_cached += n - 1
+        return self.model(toks, positions=pos, cache=c.rows(s, s + 1, n + Tp - 1), logits_index=last)[:, -1]
 
     def _prompt_logprobs(self, ids: list[int], k: int, chunk: int = 512) -> list:
         """Each prompt token's log-probability given the ones before it, and the k most likely
@@ -843,6 +938,9 @@ class Engine:
         if r._slot is not None:
             s, r._slot = r._slot, None
             self._slots[s] = None
+            # the K/V of the prompt and of every output token but the last (fed by the steps that
+            # made the next one) stay in the row for a later prompt that starts with them
+            self._kv[s] = r.prompt_ids + r.output_ids[:-1] if r._launched else []
             if idle_row:
                 self._rows.live[s] = 0
                 self._rows.pos[s] = 0
