@@ -139,7 +139,8 @@ def test_eager_prefill_shapes_for_the_warm_up(rows, max_len, tokens, graph):
             self.register_buffer("b", torch.zeros(1))
             self.seen = []
 
-        def forward(self, ids, positions, cache, logits_index):
+        def forward(self, ids, positions, cache, logits_index, fresh):
+            assert fresh
             self.seen.append((tuple(ids.shape), tuple(cache.k.shape[1:4:2])))
             return torch.zeros(ids.shape[0], 1, 8)
 
@@ -644,11 +645,12 @@ def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
     params[5] = SamplingParams(temperature=0.7, seed=5, max_new_tokens=9)
     gen = Generator(m)
     # penalized (greedy and sampled): the penalized graphs, float32 logits into the sampling kernels;
-    # the greedy one on a prompt whose output the penalty changes (a random model need not repeat)
-    pen, plain = SamplingParams(presence_penalty=2.0, max_new_tokens=11), SamplingParams(max_new_tokens=11)
+    # the greedy one on a prompt whose output the penalty changes: a random model seldom repeats a
+    # token in 11 (which a positive penalty would need), a negative one makes it repeat
+    pen, plain = SamplingParams(presence_penalty=-2.0, max_new_tokens=11), SamplingParams(max_new_tokens=11)
     i = next((i for i in (0, 1, 2, 4, 6, 7, 8, 10, 11) if gen.generate([ps[i]], pen) != gen.generate([ps[i]], plain)),
              None)
-    assert i is not None, "presence_penalty=2 changed no prompt's greedy output"
+    assert i is not None, "presence_penalty=-2 changed no prompt's greedy output"
     params[i] = pen
     params[9] = SamplingParams(temperature=0.9, seed=9, frequency_penalty=0.8, max_new_tokens=12)
     ref = [gen.generate([p], sp)[0] for p, sp in zip(ps, params)]
