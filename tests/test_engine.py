@@ -139,8 +139,8 @@ def test_eager_prefill_shapes_for_the_warm_up(rows, max_len, tokens, graph):
             self.register_buffer("b", torch.zeros(1))
             self.seen = []
 
-        def forward(self, ids, positions, cache, logits_index, fresh):
-            assert fresh
+        def forward(self, ids, positions, cache, logits_index, tail):
+            assert tail
             self.seen.append((tuple(ids.shape), tuple(cache.k.shape[1:4:2])))
             return torch.zeros(ids.shape[0], 1, 8)
 
@@ -364,7 +364,7 @@ def test_common_prefix():
 
 def test_prefix_reuse_equals_whole_prefill(model):
     """A prompt that starts with tokens a row's K/V hold prefills only the rest: from the free row
-    its earlier turn finished in (idle in the decode steps meanwhile, so its slot 0 was rewritten),
+    its earlier turn finished in (idle in the decode steps meanwhile, which rewrite its slot 0),
     copied from a running request's row, and from a row that was itself reused; the tokens equal
     a whole prefill's (Generator), cached_tokens counts the taken ones, and prefix_reuse=False
     takes none."""
@@ -372,6 +372,7 @@ def test_prefix_reuse_equals_whole_prefill(model):
     sysp = torch.randint(0, 500, (40,), generator=g).tolist()          # a shared "system prompt"
     turn = [torch.randint(0, 500, (k,), generator=g).tolist() for k in (5, 9, 3)]
     sp = SamplingParams(max_new_tokens=12)
+    lps = {}
     for reuse in (True, False):
         with Engine(model, max_batch=4, max_len=160, prefix_reuse=reuse) as eng:
             first = eng.submit(sysp + turn[0], sp)
@@ -380,7 +381,8 @@ def test_prefix_reuse_equals_whole_prefill(model):
             next(iter(keep))
             # a second turn: the first's prompt, its reply and a new message (row 0, idle till now)
             p2 = sysp + turn[0] + out1 + turn[2]
-            second = eng.submit(p2, sp).result(T_OUT)
+            second = eng.submit(p2, SamplingParams(max_new_tokens=12, logprobs=1)).result(T_OUT)
+            lps[reuse] = [e[0] for d in second.deltas() if d.logprobs for e in d.logprobs]
             # while the second turn's prompt runs again (row 0, the second's K/V) and row 1 does:
             # a prompt sharing only the system prompt copies it from row 0 into a free row
             busy = eng.submit(p2, SamplingParams(max_new_tokens=40))
@@ -395,12 +397,14 @@ def test_prefix_reuse_equals_whole_prefill(model):
             cached = [r.cached_tokens for r in (first, second, busy, third, fourth)]
             assert eng.metrics()["prompt_tokens_cached"] == sum(cached)
         assert got == [alone(model, p, q) for p, q in ((p2, sp), (p2, busy.params), (sysp + turn[1], sp), (p4, sp))]
-        if reuse:   # the reply's last token was never fed (slot 0 is recomputed, not taken)
+        if reuse:   # a reply's last token was never fed; a prompt's last one always runs
             n4 = min(_common_prefix(p2 + busy.output_ids[:-1], p4), len(p4) - 1)
-            assert cached == [0, len(sysp + turn[0] + out1) - 2, len(p2) - 2, len(sysp) - 1, n4 - 1]
+            assert cached == [0, len(sysp + turn[0] + out1) - 1, len(p2) - 1, len(sysp), n4]
             assert n4 > len(p2)
         else:
             assert cached == [0] * 5
+    # the reused K/V are the ones a whole prefill computes (fp32: up to rounding), slot 0 included
+    assert lps[True] == pytest.approx(lps[False], abs=1e-4)
 
 
 def test_many_concurrent_requests_from_threads(model):
@@ -648,7 +652,7 @@ def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
     # the greedy one on a prompt whose output the penalty changes: a random model seldom repeats a
     # token in 11 (which a positive penalty would need), a negative one makes it repeat
     pen, plain = SamplingParams(presence_penalty=-2.0, max_new_tokens=11), SamplingParams(max_new_tokens=11)
-    i = next((i for i in (0, 1, 2, 4, 6, 7, 8, 10, 11) if gen.generate([ps[i]], pen) != gen.generate([ps[i]], plain)),
+    i = next((i for i in (1, 2, 4, 6, 7, 8, 10, 11) if gen.generate([ps[i]], pen) != gen.generate([ps[i]], plain)),
              None)
     assert i is not None, "presence_penalty=-2 changed no prompt's greedy output"
     params[i] = pen
@@ -689,7 +693,7 @@ def test_gpu_prefix_reuse(tmp_path):
         third = eng.submit(first + other[:5], sp).result(T_OUT)
         got = [busy.result(T_OUT), third]
     assert [r.output_ids for r in got] == [gen.generate([p], r.params)[0] for p, r in zip((second, first + other[:5]), got)]
-    assert [r.cached_tokens for r in got] == [len(first + out) - 2, len(first) - 1]
+    assert [r.cached_tokens for r in got] == [len(first + out) - 1, len(first)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -217,11 +217,11 @@ def test_kv_cache_prefill_then_decode_left_padded():
     _decode_vs_full(ours_yarn, ids, mask, steps=3, seed=8)
 
 
-@pytest.mark.parametrize("fresh", [False, True])
-def test_kv_cache_right_padded_like_generate(fresh):
+@pytest.mark.parametrize("tail", [False, True])
+def test_kv_cache_right_padded_like_generate(tail):
     """runtime/generate.py's convention: right-padded prefill without a mask, per-row decode
-    positions; each row must match the unpadded single-sequence forward. fresh: the prefill's
-    attention is plain causal over its slots (no mask tensor), as runtime/prefill.py runs it."""
+    positions; each row must match the unpadded single-sequence forward. tail: the prefill's
+    attention is causal without a mask tensor, as runtime/prefill.py runs it."""
     ours = ours_from_hf(hf_model("moe", seed=9))
     g = torch.Generator().manual_seed(10)
     seqs = [torch.randint(0, V, (n,), generator=g) for n in (5, 2)]
@@ -234,11 +234,13 @@ def test_kv_cache_right_padded_like_generate(fresh):
     cache.reset()
     lens = torch.tensor([5, 2])
     with torch.no_grad():
-        last = ours(ids, positions=torch.arange(5).expand(2, 5), cache=cache, logits_index=lens - 1, fresh=fresh)
+        # tail: the view's last 5 slots are the tokens' (the first 5 of the cache's rows)
+        view = cache.rows(0, 2, 5) if tail else cache
+        last = ours(ids, positions=torch.arange(5).expand(2, 5), cache=view, logits_index=lens - 1, tail=tail)
         assert last.shape == (2, 1, V)
-        if fresh:
+        if tail:
             with pytest.raises(MixprecError, match="no padding mask"):
-                ours(ids, positions=torch.arange(5).expand(2, 5), cache=cache, attn_mask=torch.ones(2, 5), fresh=True)
+                ours(ids, positions=torch.arange(5).expand(2, 5), cache=cache, attn_mask=torch.ones(2, 5), tail=True)
         steps = [ours(nxt[:, s:s + 1], positions=(lens + s)[:, None], cache=cache)[:, 0] for s in range(3)]
         for b, s in enumerate(seqs):
             full = ours(torch.cat([s, nxt[b]])[None])[0]          # [n+3, V]

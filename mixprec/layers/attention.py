@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from ..errors import MixprecError
 from ..formats.base import use_kernels
@@ -22,10 +24,25 @@ from .linear import FusedLinear, Linear
 from .norm import RMSNorm, Rotary, apply_rope
 
 
-# attn_mask of a cached prefill into fresh rows (every row's positions are 0..T-1 and its cache
-# starts at slot 0): plain causal attention over the T new slots, no [T, S] mask tensor (SDPA then
-# takes its flash kernels: 4x faster than with the mask at 16K tokens on an H200)
-FRESH = "fresh"
+# attn_mask of a cached forward whose T tokens are the last T slots of the cache view in every row
+# (positions S-T .. S-1, the view's S slots valid from slot 0: a right-padded prefill, or the rest
+# of a prompt after a reused prefix): causal attention needs no [T, S] mask tensor. SDPA then runs
+# flash kernels; eagerly not cuDNN's, which builds a plan for every new shape (40-95 ms, once 1.1 s,
+# H200; every prompt length is one), only inside a CUDA graph capture (a fixed shape, planned once).
+# H200, 30B heads, ms per layer (scripts/bench_sdpa_prefill.py, BENCHMARKS.md session 42): the mask
+# 3.36 / 14.39 at 8K / 16K tokens; without: cuDNN 0.98 / 3.38 (+ the plan), flash 1.78 / 6.15
+TAIL = "tail"
+_EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def tail_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
+    """SDPA of q [B, h, T, D] as the last T of k / v's S positions [B, kvh, S, D], causal."""
+    T, S = q.shape[2], k.shape[2]
+    kw = dict(is_causal=True) if S == T else dict(attn_mask=causal_lower_right(T, S))
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kw)
+    with sdpa_kernel(_EAGER_SDPA):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kw)
 
 
 class KVCache(nn.Module):
@@ -139,16 +156,16 @@ class Attention(nn.Module):
                 attn_mask: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """x [B, T, H], positions [B, T] int64 (RoPE positions = cache slots).
         attn_mask: None (no cache: plain causal; with cache: `cache.mask(positions)`), a padding
-        mask [B, T] (no cache; 1 = real token), a ready [B, 1, T, S] bool mask, or FRESH (with
-        cache: causal over slots 0..T-1, positions must be 0..T-1 in every row).
+        mask [B, T] (no cache; 1 = real token), a ready [B, 1, T, S] bool mask, or TAIL (with a
+        cache view of S slots: the tokens are at positions S-T .. S-1 in every row).
         rope: (cos, sin) [B, T, D] for `positions`, or tables [P, D] by position (Rotary.table),
         when the caller computed them once for all layers; else computed here."""
         B, T, _ = x.shape
         D = self.head_dim
-        fresh = attn_mask is FRESH
-        if fresh and cache is None:
-            raise MixprecError("attn_mask=FRESH is a cached prefill's (positions 0..T-1 into fresh cache rows)")
-        if not fresh and attn_mask is not None and attn_mask.dim() == 2:
+        tail = attn_mask is TAIL
+        if tail and cache is None:
+            raise MixprecError("attn_mask=TAIL needs a KV cache (the tokens are its view's last T slots)")
+        if not tail and attn_mask is not None and attn_mask.dim() == 2:
             if cache is not None:
                 raise MixprecError("a [B, T] padding mask with a KV cache: call cache.set_start(positions, "
                                    "mask) and pass attn_mask=None")
@@ -166,12 +183,12 @@ class Attention(nn.Module):
         v = v.view(B, T, self.kv_heads, D).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer_idx, positions, k, v)             # [B, kvh, S, D]
-            if fresh:
-                k, v, attn_mask = k[:, :, :T], v[:, :, :T], None
-            elif attn_mask is None:
+            if attn_mask is None:
                 attn_mask = cache.mask(positions)
         gqa = self.heads != self.kv_heads
-        if attn_mask is None:
+        if tail:
+            o = tail_attention(q, k, v, gqa)
+        elif attn_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
@@ -193,9 +210,8 @@ class Attention(nn.Module):
         else:
             q = qk_norm_rope_store(q, k, v, cos, sin, *nw, kc, vc, positions, rope_table=table)   # [B, T, h, D]
             gqa = self.heads != self.kv_heads
-            if attn_mask is FRESH:
-                o = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:B, :, :T], vc[:B, :, :T], is_causal=True,
-                                                   enable_gqa=gqa)
+            if attn_mask is TAIL:
+                o = tail_attention(q.transpose(1, 2), kc[:B], vc[:B], gqa)
             else:
                 mask = cache.mask(positions) if attn_mask is None else attn_mask
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:B], vc[:B], attn_mask=mask, enable_gqa=gqa)

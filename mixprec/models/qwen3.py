@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError, MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed
-from ..layers.attention import FRESH, Attention, KVCache, causal_mask, decode_kernel
+from ..layers.attention import TAIL, Attention, KVCache, causal_mask, decode_kernel
 from ..layers.linear import FusedLinear, Linear
 from ..layers.moe import MoE
 from ..layers.norm import RMSNorm, Rotary
@@ -220,7 +220,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
                 attn_mask: Tensor | None = None, logits_index: Tensor | None = None,
-                float_logits: bool = True, fresh: bool = False) -> Tensor:
+                float_logits: bool = True, tail: bool = False) -> Tensor:
         """input_ids [B, T] -> logits [B, T, V] float32 (float_logits=False: in the lm_head's
         dtype, no cast: the decode step's next-token kernel reads them so).
 
@@ -228,9 +228,10 @@ class Qwen3ForCausalLM(nn.Module):
         with a cache). attn_mask [B, T] (1 = real token): without a cache, a padding mask; with a
         cache, the prefill's padding mask, which sets `cache.start` (first valid slot of each row,
         kept for the following decode steps, which pass None). logits_index [B] or [B, n]: only
-        the logits of those token indices are computed -> [B, 1, V] or [B, n, V]. fresh (with a
-        cache): a prefill into fresh rows, positions 0..T-1 in every row and each row's cache from
-        slot 0 (right padding): causal attention without a mask tensor (the fast SDPA kernels).
+        the logits of those token indices are computed -> [B, 1, V] or [B, n, V]. tail (with a
+        cache view of S slots): every row's tokens are at positions S-T .. S-1, after valid slots
+        0 .. S-T-1 (a right-padded prefill: S = T; the rest of a prompt after a reused prefix):
+        causal attention without a mask tensor (flash kernels).
         No host syncs: the decode step can be captured in a CUDA graph (given a fused MoE kernel).
         """
         if not self.finalized:
@@ -246,11 +247,11 @@ class Qwen3ForCausalLM(nn.Module):
         rope = rope or self.model.rotary(positions, h.dtype)
         if cache is not None:
             if attn_mask is not None:
-                if fresh:
-                    raise MixprecError("forward(fresh=True) is a right-padded prefill: no padding mask")
+                if tail:
+                    raise MixprecError("forward(tail=True): the tokens follow the view's valid slots, no padding mask")
                 cache.set_start(positions, attn_mask)
             # the decode kernel reads cache.start and positions itself
-            mask = None if decode_kernel(h, cache) else FRESH if fresh else cache.mask(positions)   # [B, 1, T, S]
+            mask = None if decode_kernel(h, cache) else TAIL if tail else cache.mask(positions)   # [B, 1, T, S]
         else:
             mask = causal_mask(attn_mask, B, T, h.device)              # [B, 1, T, T] or None
         res = None

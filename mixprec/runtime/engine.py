@@ -365,9 +365,12 @@ class Engine:
         # update is issued by this thread), so the slots a step may touch are known without a sync
         self._pos = [0] * N
         self._live = [False] * N
-        # the tokens whose K/V row s holds at slots 1 .. len - 1 (slot 0 too, except where an idle
-        # row's decode rewrote it: a reused prefix always recomputes it); [] while being prefilled
+        # the tokens whose K/V row s holds at slots 0 .. len - 1 ([] while being prefilled); a free
+        # row's slot 0 is in _slot0 (an idle row's decode step rewrites it, see _launch_step)
         self._kv: list[list[int]] = [[] for _ in range(N)]
+        a = model.args
+        self._slot0 = torch.zeros(N, 2, a.num_hidden_layers, self.cache.k.shape[2], a.head_dim,
+                                  dtype=self.cache.k.dtype, device=dev)    # [rows, k / v, L, kvh, D]
         self._pending: collections.deque = collections.deque()   # launched, not yet read on the host
         self._stop = False
         self._cancels = False                 # some request was cancelled since the last scan
@@ -750,26 +753,28 @@ class Engine:
         self._pending.append((to_host(first), [(i, r) for i, r in enumerate(reqs)], lps))
 
     def _prefill_rest(self, r: Request, src: int, n: int) -> Tensor:
-        """Prefill r's prompt past its first n tokens, whose K/V row src holds (copied into r's row
-        first when that is another): an eager forward of the prompt's first token (slot 0, which
-        an idle row's decode rewrites) and its tokens n.., padded to a multiple of 16 tokens (the
-        kernels' shapes then repeat) where max_len allows. -> logits [1, V] of the last token."""
+        """Prefill r's prompt past its first n tokens, whose K/V row src holds: in r's row when
+        that is src (a free row: its slot 0 back from _slot0), else copied from the busy row src.
+        An eager forward of tokens n.., right-padded to a multiple of 16 (the kernels' shapes
+        then repeat) where max_len allows. -> logits [1, V] of the last token."""
         s, ids = r._slot, r.prompt_ids
         c = self.cache
-        if src != s:
-            c.k[:, s, :, 1:n].copy_(c.k[:, src, :, 1:n])
-            c.v[:, s, :, 1:n].copy_(c.v[:, src, :, 1:n])
-        T = 1 + len(ids) - n
-        Tp = min(-(-T // 16) * 16, self.max_len - n + 1)
+        if src == s:
+            c.k[:, s, :, 0].copy_(self._slot0[s, 0])
+            c.v[:, s, :, 0].copy_(self._slot0[s, 1])
+        else:
+            c.k[:, s, :, :n].copy_(c.k[:, src, :, :n])
+            c.v[:, s, :, :n].copy_(c.v[:, src, :, :n])
+        T = len(ids) - n
+        Tp = min(-(-T // 16) * 16, self.max_len - n)
         toks = torch.zeros(1, Tp, dtype=torch.long)
-        toks[0, :T] = torch.tensor(ids[:1] + ids[n:], dtype=torch.long)
-        pos = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(n, n + Tp - 1)])[None]
-        last = torch.tensor([T - 1])
-        toks, pos, last = (self._to_device(t) for t in (toks, pos, last))
-        r.cached_tokens = n - 1
+        toks[0, :T] = torch.tensor(ids[n:], dtype=torch.long)
+        pos = torch.arange(n, n + Tp)[None]
+        toks, pos, last = (self._to_device(t) for t in (toks, pos, torch.tensor([T - 1])))
+        r.cached_tokens = n
         with self._lock:
-            self._n_cached += n - 1
-        return self.model(toks, positions=pos, cache=c.rows(s, s + 1, n + Tp - 1), logits_index=last)[:, -1]
+            self._n_cached += n
+        return self.model(toks, positions=pos, cache=c.rows(s, s + 1, n + Tp), logits_index=last, tail=True)[:, -1]
 
     def _prompt_logprobs(self, ids: list[int], k: int, chunk: int = 512) -> list:
         """Each prompt token's log-probability given the ones before it, and the k most likely
@@ -939,8 +944,12 @@ class Engine:
             s, r._slot = r._slot, None
             self._slots[s] = None
             # the K/V of the prompt and of every output token but the last (fed by the steps that
-            # made the next one) stay in the row for a later prompt that starts with them
+            # made the next one) stay in the row for a later prompt that starts with them; slot 0
+            # aside (a device copy after the row's launched steps, before its idle ones)
             self._kv[s] = r.prompt_ids + r.output_ids[:-1] if r._launched else []
+            if self._kv[s] and idle_row:
+                self._slot0[s, 0].copy_(self.cache.k[:, s, :, 0])
+                self._slot0[s, 1].copy_(self.cache.v[:, s, :, 0])
             if idle_row:
                 self._rows.live[s] = 0
                 self._rows.pos[s] = 0

@@ -91,7 +91,9 @@ class Prefill:
         nb, Tb = bucket(n), bucket(T, MIN_LENGTH)
         if not self.use_graphs or nb * Tb > self.graph_tokens:
             positions = torch.arange(T, device=ids.device)[None, :].expand(n, T)
-            return self.model(ids, positions=positions, cache=cache, logits_index=last, fresh=True)[:, -1]
+            # the view of exactly T slots: the tokens are its tail (model.forward's `tail`)
+            return self.model(ids, positions=positions, cache=cache.rows(0, n, T), logits_index=last,
+                              tail=True)[:, -1]
         s = self._shape(nb, Tb)
         s.ids.zero_()
         s.ids[:n, :T].copy_(ids)
@@ -126,7 +128,7 @@ class Prefill:
     def _forward(self, s: _Shape) -> None:
         nb, Tb = s.ids.shape
         positions = torch.arange(Tb, device=self.device)[None, :].expand(nb, Tb)
-        s.out = self.model(s.ids, positions=positions, cache=s.cache, logits_index=s.last, fresh=True)
+        s.out = self.model(s.ids, positions=positions, cache=s.cache, logits_index=s.last, tail=True)
 
     def _shape(self, nb: int, Tb: int) -> _Shape:
         s = self._shapes.get((nb, Tb))
