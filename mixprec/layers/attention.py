@@ -27,21 +27,20 @@ from .norm import RMSNorm, Rotary, apply_rope
 # attn_mask of a cached forward whose T tokens are the last T slots of the cache view in every row
 # (positions S-T .. S-1, the view's S slots valid from slot 0: a right-padded prefill, or the rest
 # of a prompt after a reused prefix): causal attention needs no [T, S] mask tensor. SDPA then runs
-# flash kernels; eagerly not cuDNN's, which builds a plan for every new shape (40-95 ms, once 1.1 s,
-# H200; every prompt length is one), only inside a CUDA graph capture (a fixed shape, planned once).
-# H200, 30B heads, ms per layer (scripts/bench_sdpa_prefill.py, BENCHMARKS.md session 42): the mask
-# 3.36 / 14.39 at 8K / 16K tokens; without: cuDNN 0.98 / 3.38 (+ the plan), flash 1.78 / 6.15
+# flash kernels, not cuDNN's: cuDNN builds a plan for every new shape (40-95 ms, once 1.1 s, H200;
+# every prompt length is one), and inside a graph capture it fails unless an eager call at that
+# shape came first. H200, 30B heads, ms per layer (scripts/bench_sdpa_prefill.py, BENCHMARKS.md
+# session 42): with the mask 3.36 / 14.39 at 8K / 16K tokens; without: flash 1.78 / 6.15 (cuDNN
+# 0.98 / 3.38 plus the plan)
 TAIL = "tail"
-_EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def tail_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
     """SDPA of q [B, h, T, D] as the last T of k / v's S positions [B, kvh, S, D], causal."""
     T, S = q.shape[2], k.shape[2]
     kw = dict(is_causal=True) if S == T else dict(attn_mask=causal_lower_right(T, S))
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kw)
-    with sdpa_kernel(_EAGER_SDPA):
+    with sdpa_kernel(_SDPA):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kw)
 
 
