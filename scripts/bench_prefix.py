@@ -51,8 +51,8 @@ top = max(contexts) + 8 + 64 + 1
 engines = {flag: Engine(model, max_batch=2, max_len=top, prefix_reuse=flag) for flag in (False, True)}
 for eng in engines.values():        # compile / capture outside the timings
     run(eng, min(contexts), -1)
-print("| context | whole prefill TTFT ms | with reuse ms | speed-up | cached tokens | same first token |")
-print("|---:|---:|---:|---:|---:|---:|")
+print("| context | whole prefill TTFT ms | with reuse ms | speed-up | cached tokens | same first token | each rep, whole / reuse |")
+print("|---:|---:|---:|---:|---:|---:|---|")
 for ctx in contexts:
     times = {False: [], True: []}
     same, cached = 0, 0
@@ -63,6 +63,7 @@ for ctx in contexts:
         same += res[False][1] == res[True][1]
         cached = res[True][2]
     off, on = statistics.median(times[False]), statistics.median(times[True])
-    print(f"| {ctx} | {off:.1f} | {on:.1f} | {off / on:.2f}x | {cached} | {same}/{a.reps} |", flush=True)
+    each = " ".join(f"{w:.0f}/{r:.0f}" for w, r in zip(times[False], times[True]))
+    print(f"| {ctx} | {off:.1f} | {on:.1f} | {off / on:.2f}x | {cached} | {same}/{a.reps} | {each} |", flush=True)
 for eng in engines.values():
     eng.shutdown()

@@ -1,5 +1,9 @@
-"""Prefill SDPA on the 30B / 235B attention shapes: explicit bool mask [1,1,T,S] (what the cached
-prefill passes) vs is_causal (no mask) vs the mask materialised per call; ms per layer + kernel names."""
+"""Prefill attention on the 30B / 235B heads (32 / 64 query heads, 4 kv heads, D 128, bf16), T = S
+tokens: SDPA with the explicit bool mask [1, 1, T, S] (what the cached prefill passed before session
+42) against is_causal (no mask); ms per layer, the first kernels each launches, max difference.
+GPU only (default backend choice: cuDNN on an H200).
+
+    python scripts/bench_sdpa_prefill.py"""
 import torch, torch.nn.functional as F
 from torch.profiler import profile, ProfilerActivity
 torch.manual_seed(0)
