@@ -37,7 +37,8 @@ _SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.
 
 
 def tail_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
-    """SDPA of q [B, h, T, D] as the last T of k / v's S positions [B, kvh, S, D], causal."""
+    """SDPA of q [B, h, T, D] as the last T of k / v's S positions [B, kvh, S, D], causal (also a
+    forward without cache: S = T; a prompt's log-probabilities are one, of any length)."""
     T, S = q.shape[2], k.shape[2]
     kw = dict(is_causal=True) if S == T else dict(attn_mask=causal_lower_right(T, S))
     with sdpa_kernel(_SDPA):
@@ -185,10 +186,8 @@ class Attention(nn.Module):
             if attn_mask is None:
                 attn_mask = cache.mask(positions)
         gqa = self.heads != self.kv_heads
-        if tail:
+        if tail or attn_mask is None:     # no cache, no mask: causal over the T tokens (S = T)
             o = tail_attention(q, k, v, gqa)
-        elif attn_mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * D))
