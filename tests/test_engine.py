@@ -362,6 +362,11 @@ def test_common_prefix():
         assert _common_prefix(a, b) == brute
 
 
+def taken(prompt, shared):
+    """Prompt tokens an engine takes from a row holding `shared` of them: the rest a multiple of 16."""
+    return len(prompt) - -(-(len(prompt) - shared) // 16) * 16
+
+
 def test_prefix_reuse_equals_whole_prefill(model):
     """A prompt that starts with tokens a row's K/V hold prefills only the rest: from the free row
     its earlier turn finished in (idle in the decode steps meanwhile, which rewrite its slot 0),
@@ -399,8 +404,9 @@ def test_prefix_reuse_equals_whole_prefill(model):
         assert got == [alone(model, p, q) for p, q in ((p2, sp), (p2, busy.params), (sysp + turn[1], sp), (p4, sp))]
         if reuse:   # a reply's last token was never fed; a prompt's last one always runs
             n4 = min(_common_prefix(p2 + busy.output_ids[:-1], p4), len(p4) - 1)
-            assert cached == [0, len(sysp + turn[0] + out1) - 1, len(p2) - 1, len(sysp), n4]
-            assert n4 > len(p2)
+            shared = [len(sysp + turn[0] + out1) - 1, len(p2) - 1, len(sysp), n4]
+            assert cached == [0] + [taken(p, n) for p, n in zip((p2, p2, sysp + turn[1], p4), shared)]
+            assert cached[4] > len(p2) - 16
         else:
             assert cached == [0] * 5
     # the reused K/V are the ones a whole prefill computes (fp32: up to rounding), slot 0 included
@@ -693,7 +699,8 @@ def test_gpu_prefix_reuse(tmp_path):
         third = eng.submit(first + other[:5], sp).result(T_OUT)
         got = [busy.result(T_OUT), third]
     assert [r.output_ids for r in got] == [gen.generate([p], r.params)[0] for p, r in zip((second, first + other[:5]), got)]
-    assert [r.cached_tokens for r in got] == [len(first + out) - 1, len(first)]
+    assert [r.cached_tokens for r in got] == [taken(second, len(first + out) - 1),
+                                              taken(first + other[:5], len(first))]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -668,9 +668,12 @@ class Engine:
 
     def _prefix_source(self, ids: list[int], taken: set[int]) -> tuple[int, int]:
         """(row, n): the row outside `taken` whose K/V hold the longest prefix of ids, and how many
-        of its tokens a prefill would take (at most len(ids) - 1: the last one must run through
-        the model for its logits); n = 0 when none holds PREFIX_MIN or it would not pay (with
-        prefill graphs only prompts above their tokens reuse: the rest runs eagerly)."""
+        of its tokens a prefill takes: at most len(ids) - 1 (the last token must run through the
+        model for its logits), and so many that the rest is a multiple of 16 tokens (the kernels
+        compile per class of token counts: 1, multiples of 16, others; this keeps the rest in one
+        class that prefill graphs compile too); n = 0 when that leaves fewer than PREFIX_MIN or it
+        would not pay (with prefill graphs only prompts above their tokens reuse: the rest runs
+        eagerly)."""
         pf = self._prefill_fwd
         if len(ids) <= PREFIX_MIN or (pf.use_graphs and len(ids) <= pf.graph_tokens):
             return -1, 0
@@ -680,7 +683,7 @@ class Engine:
                 n = _common_prefix(kv, ids)
                 if n > best or (n == best and self._slots[s] is None and self._slots[row] is not None):
                     best, row = n, s
-        n = min(best, len(ids) - 1)
+        n = len(ids) - -(-(len(ids) - min(best, len(ids) - 1)) // 16) * 16
         return (row, n) if n >= PREFIX_MIN else (-1, 0)
 
     def _prefill_or_fail(self, reqs: list[Request], reuse: tuple[int, int] | None = None) -> None:
@@ -755,8 +758,8 @@ class Engine:
     def _prefill_rest(self, r: Request, src: int, n: int) -> Tensor:
         """Prefill r's prompt past its first n tokens, whose K/V row src holds: in r's row when
         that is src (a free row: its slot 0 back from _slot0), else copied from the busy row src.
-        An eager forward of tokens n.., right-padded to a multiple of 16 (the kernels' shapes
-        then repeat) where max_len allows. -> logits [1, V] of the last token."""
+        An eager forward of tokens n.. (a multiple of 16) as the tail of the row's first
+        len(prompt) slots. -> logits [1, V] of the last token."""
         s, ids = r._slot, r.prompt_ids
         c = self.cache
         if src == s:
@@ -765,16 +768,13 @@ class Engine:
         else:
             c.k[:, s, :, :n].copy_(c.k[:, src, :, :n])
             c.v[:, s, :, :n].copy_(c.v[:, src, :, :n])
-        T = len(ids) - n
-        Tp = min(-(-T // 16) * 16, self.max_len - n)
-        toks = torch.zeros(1, Tp, dtype=torch.long)
-        toks[0, :T] = torch.tensor(ids[n:], dtype=torch.long)
-        pos = torch.arange(n, n + Tp)[None]
-        toks, pos, last = (self._to_device(t) for t in (toks, pos, torch.tensor([T - 1])))
+        L = len(ids)
+        toks, pos, last = (self._to_device(t) for t in (torch.tensor([ids[n:]]), torch.arange(n, L)[None],
+                                                        torch.tensor([L - n - 1])))
         r.cached_tokens = n
         with self._lock:
             self._n_cached += n
-        return self.model(toks, positions=pos, cache=c.rows(s, s + 1, n + Tp), logits_index=last, tail=True)[:, -1]
+        return self.model(toks, positions=pos, cache=c.rows(s, s + 1, L), logits_index=last, tail=True)[:, -1]
 
     def _prompt_logprobs(self, ids: list[int], k: int, chunk: int = 512) -> list:
         """Each prompt token's log-probability given the ones before it, and the k most likely
