@@ -413,6 +413,25 @@ def test_prefix_reuse_equals_whole_prefill(model):
     assert lps[True] == pytest.approx(lps[False], abs=1e-4)
 
 
+def test_rows_holding_a_prefix_are_taken_last(model):
+    """A request that reuses nothing takes a row without a reusable prefix before one with (the
+    least recently freed of those first), so a chat's next turn still finds its history."""
+    g = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randint(0, 500, (k,), generator=g).tolist() for k in (40, 30, 35))
+    sp = SamplingParams(max_new_tokens=6)
+    with Engine(model, max_batch=3, max_len=128) as eng:
+        first = eng.submit(a, sp).result(T_OUT)                    # row 0 keeps a's K/V
+        other = eng.submit(b, sp).result(T_OUT)                    # row 1, not row 0
+        third = eng.submit(c, sp).result(T_OUT)                    # row 2, then the oldest: row 0
+        again = eng.submit(b + other.output_ids + a[:5], sp).result(T_OUT)
+        assert other.cached_tokens == third.cached_tokens == 0
+        assert again.cached_tokens == taken(b + other.output_ids + a[:5], len(b) + 5) > 0
+        fourth = eng.submit(c[::-1], sp).result(T_OUT)             # every row holds a prefix: row 0 (a's)
+        assert eng.submit(c + third.output_ids, sp).result(T_OUT).cached_tokens > 0      # row 2 kept
+        assert eng.submit(a + first.output_ids, sp).result(T_OUT).cached_tokens == 0     # row 0 was not
+        assert fourth.cached_tokens == 0
+
+
 def test_many_concurrent_requests_from_threads(model):
     ps = prompts(24, lo=1, hi=30, seed=4)
     params = [SamplingParams(max_new_tokens=1 + (7 * i) % 13) for i in range(24)]

@@ -368,6 +368,7 @@ class Engine:
         # the tokens whose K/V row s holds at slots 0 .. len - 1 ([] while being prefilled); a free
         # row's slot 0 is in _slot0 (an idle row's decode step rewrites it, see _launch_step)
         self._kv: list[list[int]] = [[] for _ in range(N)]
+        self._freed = [0] * N                 # when each row's request finished (a counter of finishes)
         a = model.args
         self._slot0 = torch.zeros(N, 2, a.num_hidden_layers, self.cache.k.shape[2], a.head_dim,
                                   dtype=self.cache.k.dtype, device=dev)    # [rows, k / v, L, kvh, D]
@@ -627,22 +628,29 @@ class Engine:
     def _admit(self, reqs: list[Request]) -> None:
         """Requests that reuse a row's prefix take that row (or, where it is busy, a free one to
         copy it into) and prefill alone; the others take the lowest free slots (longest prompts
-        first), and runs of contiguous slots prefill together while padding wastes at most half
-        of the forward."""
+        first; rows holding a reusable prefix last), and runs of contiguous slots prefill together
+        while padding wastes at most half of the forward."""
         reqs = sorted(reqs, key=lambda r: -len(r.prompt_ids))
         free = [i for i, r in enumerate(self._slots) if r is None]
         # rows this admission writes or copies from: no later pick may take them as source or slot
         taken: set[int] = set()
         reuse: dict[str, tuple[int, int]] = {}        # request id -> (source row, tokens taken)
         slot: dict[str, int] = {}
+
+        def order(f: int) -> tuple[bool, int]:
+            # rows in index order (contiguous rows prefill together), except rows whose K/V could
+            # serve a later prompt: those last, the longest unused first
+            keep = self.prefix_reuse and self._reusable(len(self._kv[f]))
+            return (True, self._freed[f]) if keep else (False, f)
+
         for r in reqs:
             src, n = self._prefix_source(r.prompt_ids, taken) if self.prefix_reuse else (-1, 0)
             if n:
-                dest = src if src in free else next((f for f in free if f not in taken), None)
+                dest = src if src in free else min((f for f in free if f not in taken), key=order, default=None)
                 if dest is not None:
                     reuse[r.id], slot[r.id] = (src, n), dest
                     taken.update((src, dest))
-        rest = iter(f for f in free if f not in taken)
+        rest = iter(sorted((f for f in free if f not in taken), key=order))
         with self._lock:
             for r in reqs:
                 s = slot[r.id] if r.id in slot else next(rest)
@@ -674,8 +682,7 @@ class Engine:
         class that prefill graphs compile too); n = 0 when that leaves fewer than PREFIX_MIN or it
         would not pay (with prefill graphs only prompts above their tokens reuse: the rest runs
         eagerly)."""
-        pf = self._prefill_fwd
-        if len(ids) <= PREFIX_MIN or (pf.use_graphs and len(ids) <= pf.graph_tokens):
+        if not self._reusable(len(ids)):
             return -1, 0
         best, row = 0, -1
         for s, kv in enumerate(self._kv):
@@ -685,6 +692,11 @@ class Engine:
                     best, row = n, s
         n = len(ids) - -(-(len(ids) - min(best, len(ids) - 1)) // 16) * 16
         return (row, n) if n >= PREFIX_MIN else (-1, 0)
+
+    def _reusable(self, n: int) -> bool:
+        """Whether a prompt of n tokens may take a prefix (with prefill graphs, only above them)."""
+        pf = self._prefill_fwd
+        return n > PREFIX_MIN and not (pf.use_graphs and n <= pf.graph_tokens)
 
     def _prefill_or_fail(self, reqs: list[Request], reuse: tuple[int, int] | None = None) -> None:
         try:
@@ -947,6 +959,7 @@ class Engine:
             # made the next one) stay in the row for a later prompt that starts with them; slot 0
             # aside (a device copy after the row's launched steps, before its idle ones)
             self._kv[s] = r.prompt_ids + r.output_ids[:-1] if r._launched else []
+            self._freed[s] = self._n_finished + self._n_cancelled
             if self._kv[s] and idle_row:
                 self._slot0[s, 0].copy_(self.cache.k[:, s, :, 0])
                 self._slot0[s, 1].copy_(self.cache.v[:, s, :, 0])
