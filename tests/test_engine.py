@@ -362,6 +362,14 @@ def test_common_prefix():
         assert _common_prefix(a, b) == brute
 
 
+def steps_after(req, k):
+    """Wait until `req` got k more tokens than it has now (decode steps ran meanwhile)."""
+    n, t0 = len(req.output_ids), time.monotonic()
+    while len(req.output_ids) < n + k:
+        assert time.monotonic() - t0 < T_OUT and not req.done
+        time.sleep(0.001)
+
+
 def taken(prompt, shared):
     """Prompt tokens an engine takes from a row holding `shared` of them: the rest a multiple of 16."""
     return len(prompt) - -(-(len(prompt) - shared) // 16) * 16
@@ -383,7 +391,7 @@ def test_prefix_reuse_equals_whole_prefill(model):
             first = eng.submit(sysp + turn[0], sp)
             keep = eng.submit(turn[1] + turn[2], SamplingParams(max_new_tokens=60))  # row 1 decodes on
             out1 = first.result(T_OUT).output_ids
-            next(iter(keep))
+            steps_after(keep, 3)                                    # row 0 idle in those steps
             # a second turn: the first's prompt, its reply and a new message (row 0, idle till now)
             p2 = sysp + turn[0] + out1 + turn[2]
             second = eng.submit(p2, SamplingParams(max_new_tokens=12, logprobs=1)).result(T_OUT)
@@ -430,6 +438,57 @@ def test_rows_holding_a_prefix_are_taken_last(model):
         assert eng.submit(c + third.output_ids, sp).result(T_OUT).cached_tokens > 0      # row 2 kept
         assert eng.submit(a + first.output_ids, sp).result(T_OUT).cached_tokens == 0     # row 0 was not
         assert fourth.cached_tokens == 0
+
+
+def test_long_prompts_prefill_in_chunks_between_decode_steps(model, monkeypatch):
+    """A prompt longer than prefill_tokens is prefilled a chunk per loop step (as the tail of its
+    row so far) while running requests decode between the chunks; its tokens equal a whole
+    prefill's, also after a reused prefix and beside a request cancelled mid-chunks."""
+    g = torch.Generator().manual_seed(21)
+    long_a, long_b, short = (torch.randint(0, 500, (k,), generator=g).tolist() for k in (100, 90, 8))
+    sp = SamplingParams(max_new_tokens=8)
+    calls = []
+    forward = type(model).forward
+
+    def logged(self, ids, *a, **kw):
+        calls.append((ids.shape[1], bool(kw.get("tail"))))
+        return forward(self, ids, *a, **kw)
+
+    monkeypatch.setattr(type(model), "forward", logged)
+    with Engine(model, max_batch=4, max_len=256, prefill_tokens=32) as eng:
+        # a decoding request in row 1 and row 0 free (a short record: not kept), so the long prompt
+        # takes row 0, idle in the decode steps between its chunks (they rewrite its slot 0)
+        first = eng.submit(short[:3], SamplingParams(max_new_tokens=40))
+        next(iter(first))
+        run = eng.submit(short, SamplingParams(max_new_tokens=40))
+        next(iter(run))
+        eng.cancel(first)
+        first.result(T_OUT)
+        calls.clear()
+        a = eng.submit(long_a, SamplingParams(max_new_tokens=8, logprobs=1)).result(T_OUT)
+        assert run._slot == 1 and not run.done
+        # 100 tokens: chunks of 32 at 0, 32, 64 with decode steps (1 token) between, the last 4 a prefill
+        tails = [i for i, (T, tail) in enumerate(calls) if tail]
+        assert [calls[i][0] for i in tails[:4]] == [32, 32, 32, 4]
+        assert all(any(calls[j][0] == 1 for j in range(i + 1, k)) for i, k in zip(tails, tails[1:4]))
+        # its next turn reuses its 100 + 7 tokens but for the rest's rounding (91 -> 96: 3 chunks)
+        p2 = long_a + a.output_ids + long_b
+        gone = eng.submit(long_b + long_a, sp)                     # cancelled during its chunks
+        b = eng.submit(p2, sp)
+        t0 = time.monotonic()
+        while gone not in eng._chunking:
+            assert time.monotonic() - t0 < T_OUT
+            time.sleep(0.001)
+        eng.cancel(gone)
+        assert b.result(T_OUT).output_ids == alone(model, p2, sp)
+        assert gone.result(T_OUT).finish_reason == "cancelled" and run.result(T_OUT).output_ids == alone(
+            model, short, run.params)
+        assert b.cached_tokens == taken(p2, len(long_a) + 7)
+    assert a.output_ids == alone(model, long_a, sp)
+    with Engine(model, max_batch=1, max_len=256) as eng:           # one whole prefill: the same model outputs
+        whole = eng.submit(long_a, SamplingParams(max_new_tokens=8, logprobs=1)).result(T_OUT)
+    lp = [[e[0] for d in r.deltas() if d.logprobs for e in d.logprobs] for r in (a, whole)]
+    assert lp[0] == pytest.approx(lp[1], abs=1e-4)
 
 
 def test_many_concurrent_requests_from_threads(model):

@@ -145,6 +145,7 @@ class Request:
         # engine-thread state
         self._slot: int | None = None
         self._launched = 0                    # tokens that launched device work will produce
+        self._chunk_at = 0                    # a long prompt: tokens whose K/V its row holds so far
         self._read = (0, 0)                   # incremental detokenizer offsets (prefix, read)
         self._full_text = ""                  # everything decoded so far (before stop trimming)
 
@@ -298,7 +299,9 @@ class Engine:
 
     tokenizer (default `model.tokenizer`) gives the text deltas and is needed for stop strings.
     prefill_tokens caps the padded tokens (requests x longest prompt) of one prefill forward and
-    the prompt tokens admitted between two decode steps (one longer prompt still goes alone).
+    the prompt tokens admitted between two decode steps; a longer prompt (its part past a reused
+    prefix) is prefilled in chunks of that many tokens, one between two decode steps, so running
+    requests keep getting tokens meanwhile.
     prefill_graph_tokens: prefills of up to this many padded tokens replay CUDA graphs (with
     use_cuda_graphs; their staging KV cache holds this many tokens, prefill.py); 0: none.
     warmup: before the first request, capture every decode graph (batch bucket x length bucket x
@@ -369,6 +372,7 @@ class Engine:
         # row's slot 0 is in _slot0 (an idle row's decode step rewrites it, see _launch_step)
         self._kv: list[list[int]] = [[] for _ in range(N)]
         self._freed = [0] * N                 # when each row's request finished (a counter of finishes)
+        self._chunking: collections.deque[Request] = collections.deque()   # long prompts being prefilled
         a = model.args
         self._slot0 = torch.zeros(N, 2, a.num_hidden_layers, self.cache.k.shape[2], a.head_dim,
                                   dtype=self.cache.k.dtype, device=dev)    # [rows, k / v, L, kvh, D]
@@ -534,6 +538,8 @@ class Engine:
             if admit:
                 self._admit(admit)
                 del admit                     # the loop's frame must not keep requests alive while idle
+            if self._chunking:
+                self._prefill_chunk()
             launched = self._launch_step()
             # lag by one: read everything but the step just launched, which runs meanwhile
             while len(self._pending) > (1 if launched else 0):
@@ -657,11 +663,19 @@ class Engine:
                 r._slot = s
                 self._slots[s] = r
                 self._kv[s] = []
+        alone = set(reuse)
         for r in reqs:
+            n = 0
             if r.id in reuse:
-                self._prefill_or_fail([r], reuse[r.id])
+                n = self._take_prefix(r, *reuse[r.id])
+            if len(r.prompt_ids) - n > self.prefill_tokens:         # chunks, from the next loop step on
+                r._chunk_at = n
+                self._chunking.append(r)
+                alone.add(r.id)
+            elif r.id in reuse:
+                self._prefill_or_fail([r], n)
         group: list[Request] = []
-        for r in (r for r in reqs if r.id not in reuse):
+        for r in (r for r in reqs if r.id not in alone):
             if group:
                 n, T = len(group) + 1, len(group[0].prompt_ids)      # group[0] is the longest
                 contiguous = r._slot == group[-1]._slot + 1
@@ -698,9 +712,28 @@ class Engine:
         pf = self._prefill_fwd
         return n > PREFIX_MIN and not (pf.use_graphs and n <= pf.graph_tokens)
 
-    def _prefill_or_fail(self, reqs: list[Request], reuse: tuple[int, int] | None = None) -> None:
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the oldest long prompt being prefilled (prefill_tokens of it, as the
+        tail of its row's slots so far); its last chunk is a prefill that samples the first token."""
+        while self._chunking and self._chunking[0].done:           # cancelled meanwhile
+            self._chunking.popleft()
+        if not self._chunking:
+            return
+        r = self._chunking[0]
+        n = r._chunk_at
+        if len(r.prompt_ids) - n <= self.prefill_tokens:
+            self._chunking.popleft()
+            self._prefill_or_fail([r], n)
+            return
+        r._chunk_at = n + self.prefill_tokens
+        self._or_fail([r], lambda: self._tail_forward(r, n, r._chunk_at))
+
+    def _prefill_or_fail(self, reqs: list[Request], start: int | None = None) -> None:
+        self._or_fail(reqs, lambda: self._prefill(reqs, start))
+
+    def _or_fail(self, reqs: list[Request], prefill) -> None:
         try:
-            self._prefill(reqs, reuse)
+            prefill()
         except torch.OutOfMemoryError as e:   # these prompts are too big now; the others go on
             if self._lockstep is not None:    # ...unless other ranks wait in this prefill's collectives
                 raise
@@ -708,10 +741,11 @@ class Engine:
                 for r in reqs:
                     self._finish(r, "error", error=e)
 
-    def _prefill(self, reqs: list[Request], reuse: tuple[int, int] | None = None) -> None:
+    def _prefill(self, reqs: list[Request], start: int | None = None) -> None:
         """Right-padded prefill of reqs into cache rows [s0, s0 + n) (their slots, contiguous),
-        then the first token of each, sampled on the device with step 0. reuse (one request):
-        (row, n): its first n prompt tokens' K/V are taken from that row (_prefill_rest)."""
+        then the first token of each, sampled on the device with step 0. start (one request):
+        its row holds the K/V of its first `start` prompt tokens (a reused prefix, earlier
+        chunks): only the rest runs (_tail_forward)."""
         R = self._rows
         n, s0 = len(reqs), reqs[0]._slot
         lens = [len(r.prompt_ids) for r in reqs]
@@ -734,10 +768,10 @@ class Engine:
         rows = slice(s0, s0 + n)
         for k in ("temperature", "top_k", "top_p", "seed", "presence", "frequency"):
             getattr(R, k)[rows].copy_(d[k])
-        if reuse is None:
+        if start is None:
             logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))         # [n, V]
         else:
-            logits = self._prefill_rest(reqs[0], *reuse)                                       # [1, V]
+            logits = self._tail_forward(reqs[0], start, T)                                     # [1, V]
         R.step[rows].zero_()
         sampled, filtered, extras = sampling_modes(p)
         # every admission writes its rows' bias and counts: a later step with extras (another
@@ -767,26 +801,38 @@ class Engine:
             self._kv[r._slot] = r.prompt_ids
         self._pending.append((to_host(first), [(i, r) for i, r in enumerate(reqs)], lps))
 
-    def _prefill_rest(self, r: Request, src: int, n: int) -> Tensor:
-        """Prefill r's prompt past its first n tokens, whose K/V row src holds: in r's row when
-        that is src (a free row: its slot 0 back from _slot0), else copied from the busy row src.
-        An eager forward of tokens n.. (a multiple of 16) as the tail of the row's first
-        len(prompt) slots. -> logits [1, V] of the last token."""
-        s, ids = r._slot, r.prompt_ids
-        c = self.cache
-        if src == s:
-            c.k[:, s, :, 0].copy_(self._slot0[s, 0])
-            c.v[:, s, :, 0].copy_(self._slot0[s, 1])
-        else:
+    def _take_prefix(self, r: Request, src: int, n: int) -> int:
+        """r's row gets the K/V of its first n prompt tokens from row src: there already when src
+        is r's row (a free row; its slot 0 in _slot0), else copied from the busy row src. -> n"""
+        s, c = r._slot, self.cache
+        if src != s:
             c.k[:, s, :, :n].copy_(c.k[:, src, :, :n])
             c.v[:, s, :, :n].copy_(c.v[:, src, :, :n])
-        L = len(ids)
-        toks, pos, last = (self._to_device(t) for t in (torch.tensor([ids[n:]]), torch.arange(n, L)[None],
-                                                        torch.tensor([L - n - 1])))
+            self._save_slot0(s)
         r.cached_tokens = n
         with self._lock:
             self._n_cached += n
-        return self.model(toks, positions=pos, cache=c.rows(s, s + 1, L), logits_index=last, tail=True)[:, -1]
+        return n
+
+    def _tail_forward(self, r: Request, n: int, end: int) -> Tensor:
+        """An eager forward of r's prompt tokens n .. end - 1 as the tail of its row's first `end`
+        slots, whose first n hold K/V already. Slot 0 comes back from _slot0 first where n > 0 (an
+        idle row's decode step rewrites it), and is set aside after where n == 0.
+        -> logits [1, V] of token end - 1."""
+        s, c = r._slot, self.cache
+        if n:
+            c.k[:, s, :, 0].copy_(self._slot0[s, 0])
+            c.v[:, s, :, 0].copy_(self._slot0[s, 1])
+        toks, pos, last = (self._to_device(t) for t in (torch.tensor([r.prompt_ids[n:end]]),
+                                                        torch.arange(n, end)[None], torch.tensor([end - n - 1])))
+        out = self.model(toks, positions=pos, cache=c.rows(s, s + 1, end), logits_index=last, tail=True)[:, -1]
+        if not n:
+            self._save_slot0(s)
+        return out
+
+    def _save_slot0(self, s: int) -> None:
+        self._slot0[s, 0].copy_(self.cache.k[:, s, :, 0])
+        self._slot0[s, 1].copy_(self.cache.v[:, s, :, 0])
 
     def _prompt_logprobs(self, ids: list[int], k: int, chunk: int = 512) -> list:
         """Each prompt token's log-probability given the ones before it, and the k most likely
@@ -821,8 +867,8 @@ class Engine:
 
     def _launch_step(self) -> bool:
         """Launch one decode step over the requests that still need tokens; False if none do."""
-        rows = [(s, r) for s, r in enumerate(self._slots)
-                if r is not None and not r.done and r._launched < r.params.max_new_tokens]
+        rows = [(s, r) for s, r in enumerate(self._slots)    # (_launched 0: a long prompt's chunks still run)
+                if r is not None and not r.done and 0 < r._launched < r.params.max_new_tokens]
         if not rows:
             return False
         B = next(b for b in self.buckets if b > rows[-1][0])
@@ -961,8 +1007,7 @@ class Engine:
             self._kv[s] = r.prompt_ids + r.output_ids[:-1] if r._launched else []
             self._freed[s] = self._n_finished + self._n_cancelled
             if self._kv[s] and idle_row:
-                self._slot0[s, 0].copy_(self.cache.k[:, s, :, 0])
-                self._slot0[s, 1].copy_(self.cache.v[:, s, :, 0])
+                self._save_slot0(s)
             if idle_row:
                 self._rows.live[s] = 0
                 self._rows.pos[s] = 0
