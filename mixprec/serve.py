@@ -657,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--prefill-tokens", type=at_least(16), default=4096,
+                   help="prompt tokens prefilled between two decode steps; a longer prompt is prefilled in "
+                        "chunks of this many, so running requests keep getting tokens meanwhile")
     p.add_argument("--prefill-graph-tokens", type=at_least(0), default=GRAPH_TOKENS,
                    help="prefills up to this many padded tokens replay CUDA graphs (their staging KV "
                         "cache holds this many tokens); 0: eager prefill")
@@ -696,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"--generation-config openai)") from None
         engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
                         use_cuda_graphs=False if a.no_cuda_graphs else None,
-                        prefill_graph_tokens=a.prefill_graph_tokens, warmup=a.warmup,
+                        prefill_tokens=a.prefill_tokens, prefill_graph_tokens=a.prefill_graph_tokens, warmup=a.warmup,
                         prefix_reuse=not a.no_prefix_reuse)
     except (MixprecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
