@@ -288,8 +288,8 @@ def _chat_prompt(body: dict, tokenizer) -> list[int]:
 
 def _tools(body: dict) -> list | None:
     """The request's `tools` for the chat template, or None (none given, or tool_choice "none").
-    The model's calls are parsed from its text afterwards (_tool_calls), so a call cannot be
-    forced: tool_choice "required" or a named function is refused."""
+    The model's calls are parsed from its text afterwards (_tool_calls, _ToolStream when
+    streamed), so a call cannot be forced: tool_choice "required" or a named function is refused."""
     tools = _field(body, "tools", "array")
     choice = body.get("tool_choice", "auto")
     if not tools:
@@ -303,9 +303,6 @@ def _tools(body: dict) -> list | None:
     if choice not in (None, "auto", "none"):
         raise APIError(400, "tool_choice: only 'auto' and 'none' (this server cannot force a call)",
                        "tool_choice", "unsupported_parameter")
-    if body.get("stream"):
-        raise APIError(400, "streaming with tools is not supported: send stream false", "stream",
-                       "unsupported_parameter")
     return None if choice == "none" else tools
 
 
@@ -332,6 +329,45 @@ def _tool_calls(text: str) -> tuple[str | None, list]:
     keep.append(text[last:])
     content = "".join(keep).strip()
     return (content or None) if calls else text, calls
+
+
+class _ToolStream:
+    """_tool_calls over a stream of content pieces: feed(piece) -> (content to send, calls to send).
+    Text outside <tool_call> blocks passes through (a tail that could open a block waits); a block
+    waits for its </tool_call> and goes out as a call when it parses, else as content (as the
+    non-streamed parse keeps it); an unfinished block at the end is content. Trailing whitespace
+    waits for more content and is dropped at the end once calls went out (the non-streamed
+    content is stripped then; leading whitespace before a call is the one difference)."""
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self):
+        self.buf, self.blank, self.calls = "", "", 0
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, list]:
+        self.buf += piece
+        out, calls = [], []
+        while (i := self.buf.find(self.OPEN)) >= 0:
+            j = self.buf.find(self.CLOSE, i)
+            if j < 0:
+                break
+            block, rest = self.buf[i:j + len(self.CLOSE)], self.buf[j + len(self.CLOSE):]
+            found = _tool_calls(block)[1]
+            out += [self.buf[:i]] + ([] if found else [block])
+            calls += found
+            self.buf = rest
+        i = self.buf.find(self.OPEN)
+        if i < 0 and not final:    # hold a tail that may grow into <tool_call>
+            i = len(self.buf) - next((k for k in range(min(len(self.buf), len(self.OPEN) - 1), 0, -1)
+                                      if self.OPEN.startswith(self.buf[-k:])), 0)
+        if final or i < 0:
+            i = len(self.buf)
+        out.append(self.buf[:i])
+        self.buf = self.buf[i:]
+        self.calls += len(calls)
+        text = self.blank + "".join(out)
+        body = text.rstrip()
+        self.blank = "" if final else text[len(body):]     # trailing blanks wait for more content
+        return (text if final and not self.calls else body), calls
 
 
 THINK, END_THINK = "<think>", "</think>"
@@ -486,7 +522,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
             split = _ReasoningStream() if reasoning and chat else None
             if split is not None and _opens_think(prompts[0]):
                 split.feed(THINK)
-            return StreamingResponse(_events(reqs[0], head, chat, include_usage, echo[0] if echo else None, split),
+            tools = _ToolStream() if chat and _tools(body) else None
+            return StreamingResponse(_events(reqs[0], head, chat, include_usage, echo[0] if echo else None, split,
+                                             tools),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         if not await _wait_or_cancel(request, reqs):
@@ -555,11 +593,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         return False
 
     async def _events(req, head: dict, chat: bool, include_usage: bool, echo: str | None = None,
-                      split: "_ReasoningStream | None" = None):
+                      split: "_ReasoningStream | None" = None, tools: "_ToolStream | None" = None):
         pending: list = []      # log-probabilities of tokens whose text has not been sent yet
         sent = 0                # completions' text_offset of the next chunk's first token
 
-        def chunk(text: str | None, finish: str | None, role: bool = False, think: str | None = None) -> str:
+        def chunk(text: str | None, finish: str | None, role: bool = False, think: str | None = None,
+                  calls: list | None = None) -> str:
             nonlocal sent
             lps = None
             if not role:
@@ -570,6 +609,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
                 if think:
                     delta = {"reasoning_content": think, **({"content": text} if text else {})}
+                if calls:       # numbered across the stream, as OpenAI's deltas are
+                    first = tools.calls - len(calls)
+                    delta = {"tool_calls": [{"index": first + k, **c} for k, c in enumerate(calls)]}
                 choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": lps, "finish_reason": finish}
@@ -591,14 +633,18 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                     if err is not None:
                         yield _sse(err.body())
                         break
-                if split is not None:         # reasoning_content first (_ReasoningStream)
-                    think, text = split.feed(d.text, final=d.finish_reason is not None)
-                    if think or text:
-                        yield chunk(text or None, None, think=think or None)
-                elif d.text:
-                    yield chunk(d.text, None)
-                if d.finish_reason is not None:
-                    yield chunk(None, d.finish_reason)
+                final = d.finish_reason is not None
+                think, text = split.feed(d.text, final) if split is not None else ("", d.text)   # _ReasoningStream
+                calls = []
+                if tools is not None:         # <tool_call> blocks out of the content (_ToolStream)
+                    text, calls = tools.feed(text, final)
+                if think or text:
+                    yield chunk(text or None, None, think=think or None)
+                if calls:
+                    yield chunk(None, None, calls=calls)
+                if final:
+                    called = tools is not None and tools.calls and d.finish_reason == "stop"
+                    yield chunk(None, "tool_calls" if called else d.finish_reason)
             if include_usage and not failed(req):
                 yield _sse({**head, "choices": [], "usage": usage(len(req.prompt_ids), len(req.output_ids),
                                                                   req.cached_tokens)})

@@ -480,10 +480,35 @@ def test_tool_calls_parsed_from_qwen3_text():
     assert _tool_calls(bad) == (bad, []) and _tool_calls("plain") == ("plain", [])
 
 
+def test_tool_calls_streamed():
+    """_ToolStream over random splits of a completion: the content pieces add up to the
+    non-streamed content (stripped where calls were made), the calls come out the same and in
+    order; no calls: the text exactly (a tail like "<tool" waits, then goes out)."""
+    from mixprec.serve import _tool_calls, _ToolStream
+    texts = ['Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "time", "arguments": {}}\n</tool_call>',
+             "plain text with < and <tool and <tool_cal at the end  \n", "unfinished <tool_call>{\"name\": \"a\"",
+             '<tool_call>\nnot json\n</tool_call> rest <tool_call>{"name": "a", "arguments": {}}</tool_call>', " \n\n"]
+    g = torch.Generator().manual_seed(4)
+    for text in texts:
+        content, calls = _tool_calls(text)
+        for _ in range(100):
+            cuts = sorted(set(torch.randint(1, len(text), (int(torch.randint(0, 7, (1,), generator=g)),),
+                                            generator=g).tolist()))
+            parts = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+            ts, got, made = _ToolStream(), [], []
+            for k, p in enumerate(parts):
+                c, cl = ts.feed(p, final=k == len(parts) - 1)
+                got.append(c)
+                made += cl
+            assert ("".join(got).strip() or None) == content if calls else "".join(got) == text, parts
+            assert [c["function"] for c in made] == [c["function"] for c in calls] and ts.calls == len(calls)
+
+
 def test_tools_in_the_chat_template(server, model, monkeypatch):
     """tools, earlier assistant tool_calls and tool results render as transformers renders the
-    checkpoint's template; a request with tools is served (this random model calls none); what
-    cannot be honoured (forced calls, streaming with tools, malformed tools) is a 400."""
+    checkpoint's template; a request with tools is served, streamed too (this random model calls
+    none); what cannot be honoured (forced calls, malformed tools) is a 400."""
     from mixprec.serve import _chat_prompt
     tools = [{"type": "function", "function": {"name": "weather"}}]
     msgs = [{"role": "user", "content": "Weather in Paris?"},
@@ -511,9 +536,30 @@ def test_tools_in_the_chat_template(server, model, monkeypatch):
                                                  temperature=0).choices[0].message
         assert m.content is None and [c.function.name for c in m.tool_calls] == ["weather"] and len(seen) == 1
         monkeypatch.undo()
+        # streamed with tools: the same content (no calls from this model: _ToolStream's own test)
+        kw = dict(model=NAME, messages=msgs[:1], tools=tools, max_tokens=12, temperature=0)
+        whole = client(long).chat.completions.create(**kw).choices[0]
+        chunks = list(client(long).chat.completions.create(**kw, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.message.content
+        assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+        # a call in the stream (a stand-in parser again): one tool_calls delta, numbered, as the client reads it
+
+        class OneCall(serve_mod._ToolStream):
+            def feed(self, piece, final=False):
+                text, calls = super().feed(piece, final)
+                if final:
+                    self.calls += 1
+                    calls = calls + [call]
+                return text, calls
+
+        monkeypatch.setattr(serve_mod, "_ToolStream", OneCall)
+        deltas = [c.choices[0].delta for c in client(long).chat.completions.create(**kw, stream=True)
+                  if c.choices and c.choices[0].delta.tool_calls]
+        monkeypatch.undo()
+        assert [(t.index, t.id, t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls] == [
+            (0, "call_x", "weather", "{}")]
         with httpx.Client(timeout=T_OUT) as h:
-            for extra, param in (({"tool_choice": "required"}, "tool_choice"), ({"stream": True}, "stream"),
-                                 ({"tools": [{"type": "function"}]}, "tools")):
+            for extra, param in (({"tool_choice": "required"}, "tool_choice"), ({"tools": [{"type": "function"}]}, "tools")):
                 body = {"model": NAME, "messages": msgs[:1], "tools": tools, **extra}
                 r = h.post(long.url + "/v1/chat/completions", json=body)
                 assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
