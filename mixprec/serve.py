@@ -222,14 +222,11 @@ def _prompt_batch(body: dict) -> list:
 
 
 def _choices(body: dict, n_prompts: int) -> int:
-    """n (choices per prompt), checked against the request's prompts and streaming."""
+    """n (choices per prompt), checked against the request's prompts."""
     n = _field(body, "n", "integer", 1)
     if not 1 <= n or n * n_prompts > MAX_CHOICES:
         raise APIError(400, f"n={n} with {n_prompts} prompt(s): expected n >= 1 and at most {MAX_CHOICES} "
                             f"choices in all", "n", "invalid_value")
-    if body.get("stream") and n * n_prompts > 1:
-        raise APIError(400, "streaming takes one prompt and n=1 (send one request per stream; concurrent "
-                            "requests are batched)", "n" if n > 1 else "prompt", "invalid_value")
     return n
 
 
@@ -518,13 +515,17 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
-        if stream:      # one prompt, n = 1 (_choices)
-            split = _ReasoningStream() if reasoning and chat else None
-            if split is not None and _opens_think(prompts[0]):
-                split.feed(THINK)
-            tools = _ToolStream() if chat and _tools(body) else None
-            return StreamingResponse(_events(reqs[0], head, chat, include_usage, echo[0] if echo else None, split,
-                                             tools),
+        if stream:      # every choice's chunks as they come, each with its index
+            streams = []
+            for i, req in enumerate(reqs):
+                split = _ReasoningStream() if reasoning and chat else None
+                if split is not None and _opens_think(prompts[i // n]):
+                    split.feed(THINK)
+                tools = _ToolStream() if chat and _tools(body) else None
+                streams.append(_choice_events(req, i, head, chat, include_usage, echo[i // n] if echo else None,
+                                              split, tools))
+            use = (sum(map(len, prompts)), reqs, n)
+            return StreamingResponse(_events(streams, reqs, head, use if include_usage else None),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         if not await _wait_or_cancel(request, reqs):
@@ -592,8 +593,27 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         done.cancel()
         return False
 
-    async def _events(req, head: dict, chat: bool, include_usage: bool, echo: str | None = None,
-                      split: "_ReasoningStream | None" = None, tools: "_ToolStream | None" = None):
+    async def _events(streams: list, reqs: list, head: dict, use: tuple | None):
+        """A request's SSE stream: its choices' chunks as they come, then the usage (use: prompt
+        tokens, the engine requests, n; None: not asked for) and [DONE]."""
+        try:
+            async for event in (streams[0] if len(streams) == 1 else _merged(streams)):
+                yield event
+            if use is not None and not any(failed(r) for r in reqs):
+                n_prompt, rs, n = use
+                cached = sum(rs[k].cached_tokens for k in range(0, len(rs), n))   # each prompt's first choice
+                yield _sse({**head, "choices": [], "usage": usage(n_prompt, sum(len(r.output_ids) for r in rs),
+                                                                  cached)})
+            yield "data: [DONE]\n\n"
+        finally:                                    # client gone (task cancelled) or done
+            for r in reqs:
+                if not r.done:
+                    engine.cancel(r)
+
+    async def _choice_events(req, index: int, head: dict, chat: bool, include_usage: bool, echo: str | None,
+                             split: "_ReasoningStream | None", tools: "_ToolStream | None"):
+        """One choice's chunks: role, echo, text (reasoning and tool calls split off), finish; an
+        error body instead where its request failed."""
         pending: list = []      # log-probabilities of tokens whose text has not been sent yet
         sent = 0                # completions' text_offset of the next chunk's first token
 
@@ -612,46 +632,38 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                 if calls:       # numbered across the stream, as OpenAI's deltas are
                     first = tools.calls - len(calls)
                     delta = {"tool_calls": [{"index": first + k, **c} for k, c in enumerate(calls)]}
-                choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}
+                choice = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": lps, "finish_reason": finish}
+                choice = {"index": index, "text": text or "", "logprobs": lps, "finish_reason": finish}
             return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
 
-        try:
-            if chat:
-                yield chunk(None, None, role=True)
-            async for d in req.stream():
-                if echo is not None:          # the prompt first (its logprobs are set by now)
-                    if req.params.logprobs is not None:
-                        pending.extend(_prompt_entries(req))
-                    yield chunk(echo, None)
-                    echo = None
-                if d.logprobs:
-                    pending.extend(zip(d.logprobs, d.token_ids))
-                if d.finish_reason is not None:
-                    err = failed(req)
-                    if err is not None:
-                        yield _sse(err.body())
-                        break
-                final = d.finish_reason is not None
-                think, text = split.feed(d.text, final) if split is not None else ("", d.text)   # _ReasoningStream
-                calls = []
-                if tools is not None:         # <tool_call> blocks out of the content (_ToolStream)
-                    text, calls = tools.feed(text, final)
-                if think or text:
-                    yield chunk(text or None, None, think=think or None)
-                if calls:
-                    yield chunk(None, None, calls=calls)
-                if final:
-                    called = tools is not None and tools.calls and d.finish_reason == "stop"
-                    yield chunk(None, "tool_calls" if called else d.finish_reason)
-            if include_usage and not failed(req):
-                yield _sse({**head, "choices": [], "usage": usage(len(req.prompt_ids), len(req.output_ids),
-                                                                  req.cached_tokens)})
-            yield "data: [DONE]\n\n"
-        finally:                                    # client gone (task cancelled) or done
-            if not req.done:
-                engine.cancel(req)
+        if chat:
+            yield chunk(None, None, role=True)
+        async for d in req.stream():
+            if echo is not None:          # the prompt first (its logprobs are set by now)
+                if req.params.logprobs is not None:
+                    pending.extend(_prompt_entries(req))
+                yield chunk(echo, None)
+                echo = None
+            if d.logprobs:
+                pending.extend(zip(d.logprobs, d.token_ids))
+            if d.finish_reason is not None:
+                err = failed(req)
+                if err is not None:
+                    yield _sse(err.body())
+                    break
+            final = d.finish_reason is not None
+            think, text = split.feed(d.text, final) if split is not None else ("", d.text)   # _ReasoningStream
+            calls = []
+            if tools is not None:         # <tool_call> blocks out of the content (_ToolStream)
+                text, calls = tools.feed(text, final)
+            if think or text:
+                yield chunk(text or None, None, think=think or None)
+            if calls:
+                yield chunk(None, None, calls=calls)
+            if final:
+                called = tools is not None and tools.calls and d.finish_reason == "stop"
+                yield chunk(None, "tool_calls" if called else d.finish_reason)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -687,6 +699,32 @@ async def _disconnected(request) -> None:
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _merged(gens: list):
+    """Items of several async generators, in the order they come (each one's own order kept)."""
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(g):
+        try:
+            async for x in g:
+                await q.put(x)
+        finally:
+            await q.put(done)
+
+    tasks = [asyncio.create_task(pump(g)) for g in gens]
+    try:
+        left = len(tasks)
+        while left:
+            x = await q.get()
+            if x is done:
+                left -= 1
+            else:
+                yield x
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_usage_counts_cached_prompt_tokens(server, model):
 def test_several_prompts_and_n(server, model):
     """A batch of prompts and n choices each: one choice per (prompt, n), `index` in that order,
     each what its request alone gives (greedy: mixprec.generate's; sampled with a seed: seed + j
-    for choice j); usage counts each prompt once."""
+    for choice j); usage counts each prompt once; streamed the same, chunks tagged by index."""
     c = client(server)
     prompts = ["The morning train", [5, 9, 13, 2], "a few minutes after six"]
     r = c.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0, n=2)
@@ -195,6 +195,19 @@ def test_several_prompts_and_n(server, model):
     r = c.completions.create(prompt=prompts[0], n=2, seed=11, **kw)
     alone = [c.completions.create(prompt=prompts[0], seed=s, **kw).choices[0].text for s in (11, 12)]
     assert [ch.text for ch in r.choices] == alone and alone[0] != alone[1]
+    # streamed: each choice's pieces (by index, interleaved as they come) add up to its text
+    chunks = list(c.completions.create(prompt=prompts, n=2, seed=11, stream=True,
+                                       stream_options={"include_usage": True}, **kw))
+    whole = c.completions.create(prompt=prompts, n=2, seed=11, **kw)
+    got = ["".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == i) for i in range(6)]
+    assert got == [ch.text for ch in whole.choices]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    finish = {ch.choices[0].index: ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason}
+    assert finish == {i: ch.finish_reason for i, ch in enumerate(whole.choices)}
+    chat = list(c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], n=3, seed=2,
+                                          max_tokens=6, temperature=1.0, stream=True))
+    assert sorted({ch.choices[0].index for ch in chat if ch.choices}) == [0, 1, 2]
+    assert sum(ch.choices[0].delta.role == "assistant" for ch in chat if ch.choices) == 3
 
 
 def test_echo_logprobs_score_a_prompt(server, model):
@@ -352,8 +365,6 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": "a \ud800"}, 400, "prompt"),     # lone surrogate
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 0}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": ["a"] * 33, "n": 2}, 400, "n"),
-    ("/v1/completions", {"model": NAME, "prompt": "a", "n": 2, "stream": True}, 400, "n"),
-    ("/v1/completions", {"model": NAME, "prompt": ["a", "b"], "stream": True}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2, "echo": "yes"}, 400, "echo"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "echo": True},
