@@ -187,7 +187,9 @@ ENGINE_REQUESTS = [([5, 9, 2], dict(max_new_tokens=6)),
 
 
 def _engine_outputs(engine) -> dict:
-    """Submit ENGINE_REQUESTS and one request cancelled after its first token; -> outputs."""
+    """Submit ENGINE_REQUESTS and one request cancelled after its first token, one more after a
+    pause, a next turn that reuses a row's prefix; -> outputs. (The engines prefill 16 tokens per
+    step: the longer prompts go in chunks.)"""
     from mixprec.runtime.sampling import SamplingParams
     reqs = [engine.submit(ids, SamplingParams(**p)) for ids, p in ENGINE_REQUESTS]
     victim = engine.submit([9] * 10, SamplingParams(max_new_tokens=40))
@@ -198,6 +200,9 @@ def _engine_outputs(engine) -> dict:
     time.sleep(2.5)                   # idle: rank 0 sends heartbeats (HEARTBEAT_S is 0.05 s there)
     more = engine.submit([3, 1, 4], SamplingParams(max_new_tokens=5))
     out["after"] = more.result(timeout=DEADLINE_S).output_ids
+    # a next turn of request 1 (20 + 9 tokens): its row's 28 fed tokens are reused, the rest is 16
+    turn = engine.submit(ENGINE_REQUESTS[1][0] + out["outputs"][1] + [3] * 15, SamplingParams(max_new_tokens=4))
+    out["turn"] = [turn.result(timeout=DEADLINE_S).output_ids, turn.cached_tokens]
     return out
 
 
@@ -207,7 +212,7 @@ def _engine_worker(rank: int, world: int, port: int, cfg: str, out: str) -> None
     engine_module.HEARTBEAT_S = 0.05  # the followers time out after 30 heartbeats: 1.5 s
     _join_group("gloo", rank, world, port)
     model = mixprec.load(cfg, device="cpu", progress=False, tp=world // 2, ep=2)
-    engine = engine_module.Engine(model, max_batch=4, max_len=64)
+    engine = engine_module.Engine(model, max_batch=4, max_len=64, prefill_tokens=16)
     if rank == 0:
         Path(f"{out}/engine.json").write_text(json.dumps(_engine_outputs(engine)))
         engine.shutdown()
@@ -231,14 +236,16 @@ def _engine_worker(rank: int, world: int, port: int, cfg: str, out: str) -> None
 def test_engine_lockstep(world, mix, tmp_path):
     """Continuous batching on a parallel model (EP2 / TP2 x EP2): rank 0 takes the requests, the
     other ranks follow its admissions and cancellations step by step; outputs equal a single-process
-    engine's, a cancellation mid-decode frees the row on every rank, heartbeats carry 2.5 idle
+    engine's (prompt chunks and a reused prefix included), a cancellation mid-decode frees the row
+    on every rank, heartbeats carry 2.5 idle
     seconds (30 missed heartbeats, 1.5 s, time a follower out) and rank 0's shutdown ends the followers."""
     from mixprec.runtime.engine import Engine
     _spawn(world, mix, tmp_path, _engine_worker)
     got = json.loads((tmp_path / "engine.json").read_text())
-    with Engine(mixprec.load(mix, device="cpu", progress=False), max_batch=4, max_len=64) as engine:
+    with Engine(mixprec.load(mix, device="cpu", progress=False), max_batch=4, max_len=64, prefill_tokens=16) as engine:
         ref = _engine_outputs(engine)
     assert got["outputs"] == ref["outputs"] and got["after"] == ref["after"]
+    assert got["turn"] == ref["turn"] and got["turn"][1] == 28
     assert got["victim"][0] == "cancelled" and 1 <= got["victim"][1] < 40
 
 
