@@ -368,8 +368,8 @@ class Engine:
         # update is issued by this thread), so the slots a step may touch are known without a sync
         self._pos = [0] * N
         self._live = [False] * N
-        # the tokens whose K/V row s holds at slots 0 .. len - 1 ([] while being prefilled); a free
-        # row's slot 0 is in _slot0 (an idle row's decode step rewrites it, see _launch_step)
+        # the tokens whose K/V row s holds at slots 0 .. len - 1 ([] while being prefilled; a free row's
+        # stays [] without prefix_reuse); a free row's slot 0 is in _slot0 (idle decode steps rewrite it)
         self._kv: list[list[int]] = [[] for _ in range(N)]
         self._freed = [0] * N                 # when each row's request finished (a counter of finishes)
         self._chunking: collections.deque[Request] = collections.deque()   # long prompts being prefilled
@@ -646,8 +646,7 @@ class Engine:
         def order(f: int) -> tuple[bool, int]:
             # rows in index order (contiguous rows prefill together), except rows whose K/V could
             # serve a later prompt: those last, the longest unused first
-            keep = self.prefix_reuse and self._reusable(len(self._kv[f]))
-            return (True, self._freed[f]) if keep else (False, f)
+            return (True, self._freed[f]) if self._reusable(len(self._kv[f])) else (False, f)
 
         for r in reqs:
             src, n = self._prefix_source(r.prompt_ids, taken) if self.prefix_reuse else (-1, 0)
@@ -698,12 +697,11 @@ class Engine:
         eagerly)."""
         if not self._reusable(len(ids)):
             return -1, 0
-        best, row = 0, -1
-        for s, kv in enumerate(self._kv):
-            if s not in taken and kv[:PREFIX_MIN] == ids[:PREFIX_MIN]:
-                n = _common_prefix(kv, ids)
-                if n > best or (n == best and self._slots[s] is None and self._slots[row] is not None):
-                    best, row = n, s
+        shared = {s: _common_prefix(kv, ids) for s, kv in enumerate(self._kv)
+                  if s not in taken and kv[:PREFIX_MIN] == ids[:PREFIX_MIN]}
+        # the longest shared prefix; among equals a free row (no copy), then the lowest
+        row = max(shared, key=lambda s: (shared[s], self._slots[s] is None, -s), default=-1)
+        best = shared.get(row, 0)
         n = len(ids) - -(-(len(ids) - min(best, len(ids) - 1)) // 16) * 16
         return (row, n) if n >= PREFIX_MIN else (-1, 0)
 
@@ -750,9 +748,6 @@ class Engine:
         n, s0 = len(reqs), reqs[0]._slot
         lens = [len(r.prompt_ids) for r in reqs]
         T = max(lens)
-        ids = torch.zeros(n, T, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, : lens[i]] = torch.tensor(r.prompt_ids, dtype=torch.long)
         p = [r.params for r in reqs]
         host = {
             "temperature": torch.tensor([q.temperature for q in p], dtype=torch.float32),
@@ -764,12 +759,14 @@ class Engine:
             "last": torch.tensor(lens, dtype=torch.long) - 1,
         }
         d = {k: self._to_device(v) for k, v in host.items()}
-        ids = self._to_device(ids)
         rows = slice(s0, s0 + n)
         for k in ("temperature", "top_k", "top_p", "seed", "presence", "frequency"):
             getattr(R, k)[rows].copy_(d[k])
         if start is None:
-            logits = self._prefill_fwd(ids, d["last"], self.cache.rows(s0, s0 + n, T))         # [n, V]
+            ids = torch.zeros(n, T, dtype=torch.long)
+            for i, r in enumerate(reqs):
+                ids[i, : lens[i]] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            logits = self._prefill_fwd(self._to_device(ids), d["last"], self.cache.rows(s0, s0 + n, T))   # [n, V]
         else:
             logits = self._tail_forward(reqs[0], start, T)                                     # [1, V]
         R.step[rows].zero_()
@@ -1004,9 +1001,9 @@ class Engine:
             # the K/V of the prompt and of every output token but the last (fed by the steps that
             # made the next one) stay in the row for a later prompt that starts with them; slot 0
             # aside (a device copy after the row's launched steps, before its idle ones)
-            self._kv[s] = r.prompt_ids + r.output_ids[:-1] if r._launched else []
+            self._kv[s] = r.prompt_ids + r.output_ids[:-1] if r._launched and self.prefix_reuse else []
             self._freed[s] = self._n_finished + self._n_cancelled
-            if self._kv[s] and idle_row:
+            if len(self._kv[s]) >= PREFIX_MIN and idle_row:      # shorter: never a source
                 self._save_slot0(s)
             if idle_row:
                 self._rows.live[s] = 0
