@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .argtypes import at_least
 from .errors import MixprecError
-from .runtime.engine import Engine, EngineStopped, QueueFull
+from .runtime.engine import Engine, EngineStopped, QueueFull, stop_prefix_tail
 from .runtime.prefill import GRAPH_TOKENS
 from .runtime.sampling import MAX_BIAS, MAX_LOGPROBS, MAX_PENALTY, SamplingParams
 
@@ -354,8 +354,7 @@ class _ToolStream:
             self.buf = rest
         i = self.buf.find(self.OPEN)
         if i < 0 and not final:    # hold a tail that may grow into <tool_call>
-            i = len(self.buf) - next((k for k in range(min(len(self.buf), len(self.OPEN) - 1), 0, -1)
-                                      if self.OPEN.startswith(self.buf[-k:])), 0)
+            i = len(self.buf) - stop_prefix_tail(self.buf, (self.OPEN,))
         if final or i < 0:
             i = len(self.buf)
         out.append(self.buf[:i])
@@ -412,8 +411,7 @@ class _ReasoningStream:
                 return reasoning, self.feed("", final)[1]
             keep = len(self.buf)
             if not final:
-                keep -= next((k for k in range(min(len(self.buf), len(END_THINK) - 1), 0, -1)
-                              if END_THINK.startswith(self.buf[-k:])), 0)
+                keep -= stop_prefix_tail(self.buf, (END_THINK,))
                 keep = len(self.buf[:keep].rstrip("\n"))      # newlines before a possible </think>
             out, self.buf = self.buf[:keep], self.buf[keep:]
             return (out.rstrip("\n") if final else out), ""
@@ -478,9 +476,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         except ValueError as e:
             raise APIError(400, str(e), "logit_bias" if "logit_bias" in str(e) else "prompt") from None
 
-    def usage(n: int, m: int, cached: int) -> dict:
-        """cached: prompt tokens whose K/V were reused, not computed (Engine prefix_reuse)."""
-        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m,
+    def usage(prompts: list, reqs: list, n: int, score_only: bool = False) -> dict:
+        """Each prompt counted once (its first choice's cached tokens: K/V reused, not computed,
+        Engine prefix_reuse), every choice's output (none when only scoring an echoed prompt)."""
+        p = sum(map(len, prompts))
+        m = 0 if score_only else sum(len(r.output_ids) for r in reqs)
+        cached = sum(reqs[k].cached_tokens for k in range(0, len(reqs), n))
+        return {"prompt_tokens": p, "completion_tokens": m, "total_tokens": p + m,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
     def failed(req) -> APIError | None:
@@ -512,6 +514,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                 engine.cancel(r)
             raise
         echo = [_echo_text(body, ids, k) for k, ids in enumerate(prompts)] if body.get("echo") else None
+        tools_on = chat and bool(_tools(body))
+        thinks = reasoning and chat and _opens_think(prompts[0])     # chat: one prompt
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
@@ -519,13 +523,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
             streams = []
             for i, req in enumerate(reqs):
                 split = _ReasoningStream() if reasoning and chat else None
-                if split is not None and _opens_think(prompts[i // n]):
+                if thinks:
                     split.feed(THINK)
-                tools = _ToolStream() if chat and _tools(body) else None
+                tools = _ToolStream() if tools_on else None
                 streams.append(_choice_events(req, i, head, chat, include_usage, echo[i // n] if echo else None,
                                               split, tools))
-            use = (sum(map(len, prompts)), reqs, n)
-            return StreamingResponse(_events(streams, reqs, head, use if include_usage else None),
+            use = (lambda: usage(prompts, reqs, n)) if include_usage else None
+            return StreamingResponse(_events(streams, reqs, head, use),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         if not await _wait_or_cancel(request, reqs):
@@ -536,8 +540,6 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                 raise err
         choices = []
         score_only = body.get("max_tokens") == 0        # echo only (_sampling): drop the one token made
-        tools_on = chat and bool(_tools(body))
-        thinks = reasoning and chat and _opens_think(prompts[0])
         for index, req in enumerate(reqs):
             entries = [x for d in req.deltas() if d.logprobs for x in zip(d.logprobs, d.token_ids)]
             text = req.text
@@ -564,10 +566,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
                                 "finish_reason": "length" if score_only else req.finish_reason})
         if chat:
             head["object"] = "chat.completion"
-        n_prompt = sum(map(len, prompts))
-        n_out = 0 if score_only else sum(len(r.output_ids) for r in reqs)
-        cached = sum(reqs[k * n].cached_tokens for k in range(len(prompts)))    # each prompt's first choice
-        return {**head, "choices": choices, "usage": usage(n_prompt, n_out, cached)}
+        return {**head, "choices": choices, "usage": usage(prompts, reqs, n, score_only)}
 
     def _echo_text(body: dict, ids: list[int], k: int) -> str:
         p = _prompt_batch(body)[k]
@@ -593,17 +592,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         done.cancel()
         return False
 
-    async def _events(streams: list, reqs: list, head: dict, use: tuple | None):
-        """A request's SSE stream: its choices' chunks as they come, then the usage (use: prompt
-        tokens, the engine requests, n; None: not asked for) and [DONE]."""
+    async def _events(streams: list, reqs: list, head: dict, use):
+        """A request's SSE stream: its choices' chunks as they come, then the usage (use: makes it
+        once they finished; None: not asked for) and [DONE]."""
         try:
             async for event in (streams[0] if len(streams) == 1 else _merged(streams)):
                 yield event
             if use is not None and not any(failed(r) for r in reqs):
-                n_prompt, rs, n = use
-                cached = sum(rs[k].cached_tokens for k in range(0, len(rs), n))   # each prompt's first choice
-                yield _sse({**head, "choices": [], "usage": usage(n_prompt, sum(len(r.output_ids) for r in rs),
-                                                                  cached)})
+                yield _sse({**head, "choices": [], "usage": use()})
             yield "data: [DONE]\n\n"
         finally:                                    # client gone (task cancelled) or done
             for r in reqs:

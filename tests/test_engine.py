@@ -577,13 +577,13 @@ def test_stop_prefix_tail_equals_brute_force():
     # stop string, checked against every (stop, length) pair
     import random
 
-    from mixprec.runtime.engine import _stop_prefix_tail
+    from mixprec.runtime.engine import stop_prefix_tail
     rng = random.Random(0)
     for _ in range(3000):
         text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
         stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 3))]
         want = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        assert _stop_prefix_tail(text, stops) == want, (text, stops)
+        assert stop_prefix_tail(text, stops) == want, (text, stops)
 
 
 def test_generator_zero_token_rows_and_unseeded_rows(model):

@@ -99,7 +99,7 @@ class Delta:
     logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
 
-def _stop_prefix_tail(text: str, stops: Sequence[str]) -> int:
+def stop_prefix_tail(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of `text` that is a proper prefix of a stop string (text that
     may still grow into one). Only prefixes ending in text's last character are tried, longest
     first: a few checks per stop string and token instead of len(stop) slices."""
@@ -983,7 +983,7 @@ class Engine:
             if hits:
                 return full[emitted:max(min(hits), emitted)], True
             if not final:                     # hold back a tail that may grow into a stop string
-                hold = _stop_prefix_tail(full, stops)
+                hold = stop_prefix_tail(full, stops)
                 return full[emitted:max(len(full) - hold, emitted)], False
         return full[emitted:], False
 
