@@ -782,6 +782,31 @@ def test_gpu_prefix_reuse(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_chunked_prefill(tmp_path):
+    """Chunked prefill on the GPU: a 150-token prompt goes in as 32-token eager chunks while a
+    request decodes on the graphs between them; both get the Generator's tokens, and so does the
+    long prompt's next turn (a reused prefix, then chunks of its rest)."""
+    path = make_fixture(tmp_path, formats=["bf16"], experts=8)["bf16"]
+    m = mixprec.load(path, device="cuda", progress=False)
+    short, long_a, more = prompts(3, lo=150, hi=151, seed=13)
+    short, more = short[:9], more[:70]
+    sp, run_sp = SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=80)
+    gen = Generator(m)
+    with Engine(m, max_batch=4, max_len=512, prefill_tokens=32, prefill_graph_tokens=16) as eng:
+        run = eng.submit(short, run_sp)
+        next(iter(run))
+        n_run = len(run.output_ids)
+        a = eng.submit(long_a, sp)
+        a.result(T_OUT)
+        assert not run.done and len(run.output_ids) > n_run + 3      # decoded between the chunks
+        b = eng.submit(long_a + a.output_ids + more, sp).result(T_OUT)
+        run.result(T_OUT)
+    assert b.cached_tokens == taken(b.prompt_ids, len(long_a) + 7)
+    for r, p in ((run, short), (a, long_a), (b, long_a + a.output_ids + more)):
+        assert r.output_ids == gen.generate([p], r.params)[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_warmup_captures_every_graph_up_front(tmp_path):
     """Engine(warmup=True): before the first request every decode graph (3 batch x 2 length
     buckets x 4 sampling modes) and every prefill bucket graph is captured; requests of every
