@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mixprec.formats.base import interpreter_kernels, reference_path
-from mixprec.kernels.attention import decode_attention, decode_attention_new, block_n, decode_splits, qk_norm_rope_store
+from mixprec.kernels.attention import (block_n, decode_attention, decode_attention_new, decode_splits, prefill_attention,
+                                       qk_norm_rope_store)
 from mixprec.kernels.norm import rms_norm as rms_norm_kernel
 from mixprec.layers.attention import KVCache
 from mixprec.layers.norm import Rotary, apply_rope, rms_norm
@@ -76,6 +77,55 @@ def test_qk_norm_rope_store_matches_reference(dtype, T):
     _assert_roundings_apart(kc, rk, dtype, n=4)
     assert torch.equal(vc, rv)
     assert big[:, 0].abs().sum() == 0 and big[:, :, :, S:].abs().sum() == 0   # nothing outside the view
+
+
+def test_qk_norm_rope_store_writes_the_rows_given():
+    """rows [B]: sequence b's k / v land in cache row rows[b] (any row, any order), the rest untouched."""
+    B, T, HQ, HK, D, S = 2, 3, 4, 2, 32, 16
+    g = torch.Generator(device=DEV).manual_seed(2)
+    q, k, v = (torch.randn(B, T, h * D, generator=g, device=DEV).half() for h in (HQ, HK, HK))
+    positions = torch.tensor([[5, 6, 7], [0, 1, 2]], device=DEV)
+    rotary = Rotary(D, 1e4, None, 32).to(DEV)
+    qw, kw = torch.ones(D, dtype=torch.half, device=DEV), torch.ones(D, dtype=torch.half, device=DEV)
+    cos, sin = rotary(positions, torch.half)
+    kc, vc = (torch.zeros(4, HK, S, D, dtype=torch.half, device=DEV) for _ in range(2))
+    rk, rv = (torch.zeros(B, HK, S, D, dtype=torch.half, device=DEV) for _ in range(2))
+    rows = torch.tensor([3, 1], device=DEV)
+    qo = qk_norm_rope_store(q, k, v, cos, sin, qw, kw, 1e-6, kc, vc, positions, rows=rows)
+    ref = _ref_qk(q, k, v, positions, rotary, qw, kw, 1e-6, rk, rv)
+    _assert_roundings_apart(qo, ref, torch.half, n=4)
+    _assert_roundings_apart(kc[rows], rk, torch.half, n=4)
+    assert torch.equal(vc[rows], rv) and kc[[0, 2]].abs().sum() == 0 and vc[[0, 2]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,HQ,HK,D,S", [(1, 16, 8, 2, 64, 300), (2, 7, 5, 1, 32, 90), (3, 40, 4, 4, 64, 140),
+                                            (1, 33, 64, 4, 128, 200), (2, 1, 8, 2, 64, 70)])
+def test_prefill_attention_matches_sdpa_over_the_rows(dtype, B, T, HQ, HK, D, S):
+    """T queries per sequence over cache row rows[b] (rows out of order, in a bigger strided cache),
+    query t at pos[b, t] (prefixes of any length, a padded tail clamped to the last slot: repeated
+    positions), against SDPA with KVCache.mask over the gathered rows; head groups of 1, 4, 5 (not a
+    power of two: padded program rows), 16 (the 235B's 64 / 4: token blocks of 8)."""
+    g = torch.Generator(device=DEV).manual_seed(T * S + HQ)
+    cache = KVCache(2, B + 2, HK, S + 5, D, dtype, DEV)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g, device=DEV).to(dtype))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g, device=DEV).to(dtype))
+    kc, vc = cache.k[1, :, :, :S], cache.v[1, :, :, :S]                 # strided [B + 2, HK, S, D]
+    rows = torch.randperm(B + 2, generator=torch.Generator().manual_seed(T))[:B].to(DEV)
+    first = torch.randint(0, S - T, (B,), generator=g, device=DEV)
+    first[0] = 0
+    pos = (first[:, None] + torch.arange(T, device=DEV)).clamp(max=S - 1)
+    if T > 4:
+        pos[-1, -3:] = S - 1                                              # a padded tail: repeated positions
+    q = torch.randn(B, T, HQ, D, generator=g, device=DEV).to(dtype)
+    o = prefill_attention(q, kc, vc, rows, pos)
+    view = KVCache.over(kc[rows][None], vc[rows][None], torch.zeros(B, dtype=torch.long, device=DEV),
+                        torch.arange(S, device=DEV))
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2).float(), view.k[0].float(), view.v[0].float(),
+                                         attn_mask=view.mask(pos), enable_gqa=HQ != HK).transpose(1, 2)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert o.shape == q.shape and o.dtype == dtype
+    torch.testing.assert_close(o.float(), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -5,6 +5,7 @@ cancellation), plus queue bounds, stop strings and the thread / asyncio interfac
 The fixture model runs in float32 on CPU (bf16 matmuls are very slow there; batching logic does
 not depend on the dtype). GPU tests (bf16, CUDA graphs) run when CUDA is present."""
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -90,6 +91,37 @@ def test_staged_prefill_equals_plain_prefill(model, n, T):
     small = Prefill(model, use_graphs=True, graph_tokens=bucket(n) * bucket(T, 16) - 1)
     torch.testing.assert_close(small(ids, last, staged.rows(2, 2 + n, 48)), want, rtol=1e-5, atol=1e-5)
     assert not small._shapes
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_tail_graph_path_equals_eager_tail(model, kernels, tmp_path):
+    """Prefill.tail's graph path (run eagerly on the CPU: the bucket's padded forward through the
+    cache mapped to a row given as a tensor) gives the eager tail's logits and K/V for any row and
+    prefix length with one bucket, and writes nothing but its row's slots from the prefix on (the
+    padding's clamped to the last slot). kernels: the norm / RoPE / cache-write and prefill
+    attention kernels in the interpreter (fp16 model), else the readable path."""
+    from mixprec.formats.base import interpreter_kernels
+    m = model if not kernels else mixprec.load(make_fixture(tmp_path, formats=["bf16"])["bf16"], device="cpu",
+                                                dtype="float16", progress=False)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 500, (2, 60), generator=g)
+    tol = dict(rtol=1e-5, atol=1e-5) if not kernels else dict(rtol=1e-2, atol=1e-2)   # fp16: SDPA vs the kernel
+    with interpreter_kernels() if kernels else contextlib.nullcontext():
+        plain, mapped = (m.make_cache(4, 64) for _ in range(2))
+        eager, graph = Prefill(m, use_graphs=False), Prefill(m, use_graphs=True)
+        for c in (plain, mapped):
+            c.k.fill_(7.0)
+            c.v.fill_(7.0)
+        for (row, first, R) in ((2, 0, 24), (2, 24, 20), (0, 0, 30), (0, 30, 18)):   # a prefix, then its rest
+            seq = ids[0 if row == 2 else 1]
+            want = eager.tail(seq[None, first:first + R], first, row, plain)
+            got = graph.tail(seq[None, first:first + R], first, row, mapped)
+            torch.testing.assert_close(got, want, **tol)
+        assert sorted(graph._tails) == [32]
+        for c, want in ((mapped.k, plain.k), (mapped.v, plain.v)):
+            torch.testing.assert_close(c[:, 2, :, :44], want[:, 2, :, :44], **tol)
+            torch.testing.assert_close(c[:, 0, :, :48], want[:, 0, :, :48], **tol)
+            assert (c[:, [1, 3]] == 7.0).all()                       # other rows untouched
 
 
 def test_engine_with_staged_prefill_matches_generator(model):
@@ -375,12 +407,14 @@ def taken(prompt, shared):
     return len(prompt) - -(-(len(prompt) - shared) // 16) * 16
 
 
-def test_prefix_reuse_equals_whole_prefill(model):
+@pytest.mark.parametrize("staged", [False, True])
+def test_prefix_reuse_equals_whole_prefill(model, staged):
     """A prompt that starts with tokens a row's K/V hold prefills only the rest: from the free row
     its earlier turn finished in (idle in the decode steps meanwhile, which rewrite its slot 0),
     copied from a running request's row, and from a row that was itself reused; the tokens equal
     a whole prefill's (Generator), cached_tokens counts the taken ones, and prefix_reuse=False
-    takes none."""
+    takes none. staged: Prefill's graph paths (run eagerly on the CPU), the rests through the
+    tail path (the cache mapped to the row)."""
     g = torch.Generator().manual_seed(11)
     sysp = torch.randint(0, 500, (40,), generator=g).tolist()          # a shared "system prompt"
     turn = [torch.randint(0, 500, (k,), generator=g).tolist() for k in (5, 9, 3)]
@@ -388,6 +422,8 @@ def test_prefix_reuse_equals_whole_prefill(model):
     lps = {}
     for reuse in (True, False):
         with Engine(model, max_batch=4, max_len=160, prefix_reuse=reuse) as eng:
+            if staged:
+                eng._prefill_fwd = Prefill(model, use_graphs=True)
             first = eng.submit(sysp + turn[0], sp)
             keep = eng.submit(turn[1] + turn[2], SamplingParams(max_new_tokens=60))  # row 1 decodes on
             out1 = first.result(T_OUT).output_ids
@@ -409,6 +445,7 @@ def test_prefix_reuse_equals_whole_prefill(model):
             got = [second.output_ids, busy.output_ids, third.output_ids, fourth.output_ids]
             cached = [r.cached_tokens for r in (first, second, busy, third, fourth)]
             assert eng.metrics()["prompt_tokens_cached"] == sum(cached)
+            assert bool(eng._prefill_fwd._tails) == (staged and reuse)
         assert got == [alone(model, p, q) for p, q in ((p2, sp), (p2, busy.params), (sysp + turn[1], sp), (p4, sp))]
         if reuse:   # a reply's last token was never fed; a prompt's last one always runs
             n4 = min(_common_prefix(p2 + busy.output_ids[:-1], p4), len(p4) - 1)
@@ -760,9 +797,9 @@ def test_gpu_cuda_graphs_match_generator(tmp_path, experts):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_prefix_reuse(tmp_path):
-    """Prefix reuse on the GPU (bf16 kernels, decode graphs; prefill graphs of up to 64 tokens, so
-    prompts above take the eager rest-of-prompt forward): a second turn, in place and copied
-    from a running row, gets the Generator's tokens."""
+    """Prefix reuse on the GPU (bf16 kernels, decode graphs; prefill graphs of up to 64 tokens:
+    the rests of up to 64 tokens are tail graphs over the cache row): a second turn, in place and
+    copied from a running row, gets the Generator's tokens."""
     path = make_fixture(tmp_path, formats=["bf16"], experts=8)["bf16"]
     m = mixprec.load(path, device="cuda", progress=False)
     first, other = prompts(2, lo=70, hi=90, seed=12)
@@ -779,12 +816,13 @@ def test_gpu_prefix_reuse(tmp_path):
     assert [r.output_ids for r in got] == [gen.generate([p], r.params)[0] for p, r in zip((second, first + other[:5]), got)]
     assert [r.cached_tokens for r in got] == [taken(second, len(first + out) - 1),
                                               taken(first + other[:5], len(first))]
+    assert eng._prefill_fwd._tails and all(s.graph is not None for s in eng._prefill_fwd._tails.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_chunked_prefill(tmp_path):
-    """Chunked prefill on the GPU: a 150-token prompt goes in as 32-token eager chunks while a
-    request decodes on the graphs between them; both get the Generator's tokens, and so does the
+    """Chunked prefill on the GPU: a 150-token prompt goes in as 32-token chunks (tail graphs) while
+    a request decodes on the graphs between them; both get the Generator's tokens, and so does the
     long prompt's next turn (a reused prefix, then chunks of its rest)."""
     path = make_fixture(tmp_path, formats=["bf16"], experts=8)["bf16"]
     m = mixprec.load(path, device="cuda", progress=False)
@@ -792,7 +830,7 @@ def test_gpu_chunked_prefill(tmp_path):
     short, more = short[:9], more[:70]
     sp, run_sp = SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=80)
     gen = Generator(m)
-    with Engine(m, max_batch=4, max_len=512, prefill_tokens=32, prefill_graph_tokens=16) as eng:
+    with Engine(m, max_batch=4, max_len=512, prefill_tokens=32, prefill_graph_tokens=32) as eng:
         run = eng.submit(short, run_sp)
         next(iter(run))
         n_run = len(run.output_ids)

@@ -88,14 +88,15 @@ def _store_new_kv(kx1, kx2, vx1, vx2, kc_ptr, vc_ptr, off, w1, w2, c1, c2, s1, s
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
+def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, row_ptr,
                          qo_ptr, kc_ptr, vc_ptr,
                          s_q, s_k, s_v, s_cb, s_ch, s_cs, T, eps,
                          HQ: tl.constexpr, HK: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr = False,
-                         ROPE_POS: tl.constexpr = False):
+                         ROPE_POS: tl.constexpr = False, ROWS: tl.constexpr = False):
     """Grid (tokens N = B*T, HQ + HK). Program (n, j): q head j -> qo[n, j]; or kv head j - HQ:
-    normed+roped k and plain v -> cache[b, j - HQ, slot[n]]. cos / sin rows: token n's, or
-    (ROPE_POS) row slot[n] of a table by position."""
+    normed+roped k and plain v -> cache[b, j - HQ, slot[n]] for token n's sequence b = n // T,
+    or (ROWS) cache[rows[b], ...]. cos / sin rows: token n's, or (ROPE_POS) row slot[n] of a
+    table by position."""
     pdl.wait(PDL)     # from here on, what earlier kernels wrote is visible
     n = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
@@ -112,7 +113,8 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
         tl.store(dst + HD + r2, o2.to(qo_ptr.dtype.element_ty))
     else:
         h = j - HQ
-        off = (n // T) * s_cb + h * s_ch + tl.load(slot_ptr + n) * s_cs
+        cb = tl.load(row_ptr + n // T) if ROWS else n // T
+        off = cb * s_cb + h * s_ch + tl.load(slot_ptr + n) * s_cs
         w1, w2 = _row_halves(kw_ptr, rh, HD)
         kx1, kx2, vx1, vx2 = _new_kv(k_ptr + n * s_k + h * (2 * HD), v_ptr + n * s_v + h * (2 * HD), rh, HD)
         _store_new_kv(kx1, kx2, vx1, vx2, kc_ptr, vc_ptr, off, w1, w2, c1, c2, s1, s2, rh, eps, HD)
@@ -126,11 +128,12 @@ def _check_rows(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_w: Tensor, k_w: Tensor,
-                       eps: float, k_cache: Tensor, v_cache: Tensor, slots: Tensor, rope_table: bool = False) -> Tensor:
+                       eps: float, k_cache: Tensor, v_cache: Tensor, slots: Tensor, rope_table: bool = False,
+                       rows: Tensor | None = None) -> Tensor:
     """q [B, T, HQ*D], k/v [B, T, HK*D] (rows may be strided views of one qkv output);
     cos/sin [B, T, D], or (rope_table) [P, D] by position (P > every slot); k_cache/v_cache
-    [B', HK, S, D] (one layer, B' >= B, any strides with a contiguous last dim); slots [B, T] int64
-    cache slots = positions (< S, not checked).
+    [B', HK, S, D] (one layer, any strides with a contiguous last dim); slots [B, T] int64
+    cache slots = positions (< S, not checked); rows [B] int64: sequence b's cache row (default b).
     Writes k (normed, roped) and v at the slots; returns q normed and roped [B, T, HQ, D]."""
     B, T, _ = q.shape
     D = k_cache.shape[-1]
@@ -142,9 +145,10 @@ def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
     if N:
         _qk_norm_rope_kernel[(N, HQ + HK)](
             q2, k2, v2, *_rope_rows(cos, sin, N, D, rope_table), q_w, k_w,
-            slots.reshape(N).contiguous(), qo, k_cache, v_cache,
+            slots.reshape(N).contiguous(), slots if rows is None else rows, qo, k_cache, v_cache,
             q2.stride(0), k2.stride(0), v2.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            T, eps, HQ=HQ, HK=HK, HD=D // 2, ROPE_POS=rope_table, num_warps=1, **pdl.launch_kw(q2))
+            T, eps, HQ=HQ, HK=HK, HD=D // 2, ROPE_POS=rope_table, ROWS=rows is not None, num_warps=1,
+            **pdl.launch_kw(q2))
     return qo
 
 
@@ -234,12 +238,12 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
     acc = tl.zeros([GP, D], tl.float32)
     if ONE_TILE:
         if lo < hi:     # an empty split keeps m = -inf, l = 0 (a masked tile would make NaNs)
-            p, alpha, m_i = _scores(q, k, jm, m_i, scale_log2, PREC)
+            p, alpha, m_i = _scores(q, k, jm[None, :], m_i, scale_log2, PREC)
             acc, l_i = _accumulate(acc, l_i, p, alpha, v, PREC)
     else:
         for j0 in range(lo - lo % BN, hi, BN):
             j, jm = _slots(j0, lo, hi, BN)
-            p, alpha, m_i = _scores(q, _cache_rows(kb, j, jm, s_ks, rd), jm, m_i, scale_log2, PREC)
+            p, alpha, m_i = _scores(q, _cache_rows(kb, j, jm, s_ks, rd), jm[None, :], m_i, scale_log2, PREC)
             acc, l_i = _accumulate(acc, l_i, p, alpha, _cache_rows(vb, j, jm, s_vs, rd), PREC)
     o_rows = o_ptr + (b * HQ + heads)[:, None] * D + rd[None, :]
     if SPLIT == 1:
@@ -284,11 +288,12 @@ def _kv_tile(kb, vb, j0, lo, hi, s_ks, s_vs, rd, BN: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, jm, m_i, scale_log2, PREC: tl.constexpr):
-    """Online softmax over one tile: q [GP, D] against k [BN, D] (mask jm [BN], at least one set)
+def _scores(q, k, vis, m_i, scale_log2, PREC: tl.constexpr):
+    """Online softmax over one tile: q [GP, D] against k [BN, D] (vis: which scores count, [1, BN]
+    or [GP, BN]; every row has one set so far, in this tile or an earlier one)
     -> (p [GP, BN], the old sums' factor alpha [GP], the new row max [GP])."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2                          # [GP, BN], log2 units
-    s = tl.where(jm[None, :], s, float("-inf"))
+    s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     return tl.exp2(s - m_new[:, None]), tl.exp2(m_i - m_new), m_new
 
@@ -433,4 +438,75 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new, rope_table=Fal
         NEW=new is not None, ROPE_POS=rope_table, ONE_TILE=ONE_TILE and chunk == bn,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
         num_warps=decode_warps(B, HK, HQ // HK, S), num_stages=2, **pdl.launch_kw(q))
+    return o
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill attention over cache rows chosen on the device
+
+PREFILL_ROWS = 128     # query rows (tokens x heads of one kv head) per program
+PREFILL_BN = 64        # cache slots per tile
+
+
+@triton.jit
+def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, row_ptr, pos_ptr, o_ptr,
+                         s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, T, scale_log2,
+                         HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr,
+                         D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(T, BT), HK, B). Program (tb, kh, b): tokens tb*BT .. tb*BT+BT-1 of sequence b
+    with the G query heads of kv head kh, as RP >= BT*G rows (row r: token r // G, head
+    kh*G + r % G), so a K / V tile loaded once serves them all. Query (b, t) sees slots
+    0 .. pos[b, t] of cache row rows[b]; slot 0 is visible to every row, so the first tile
+    makes every row max finite (no NaN from an all-masked row)."""
+    tb = tl.program_id(0)
+    kh = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    r = tl.arange(0, RP)
+    t = tb * BT + r // G
+    rm = (r < BT * G) & (t < T)
+    head = kh * G + r % G
+    rd = tl.arange(0, D)
+    pos = tl.load(pos_ptr + b * T + t, mask=rm, other=0)                                   # [RP]
+    q_rows = (b * T + t) * HQ + head
+    q = tl.load(q_ptr + q_rows[:, None] * D + rd[None, :], mask=rm[:, None], other=0.0)    # [RP, D]
+    row = tl.load(row_ptr + b)
+    kb = k_ptr + row * s_kb + kh * s_kh
+    vb = v_ptr + row * s_vb + kh * s_vh
+    hi = tl.max(pos, axis=0) + 1
+    m_i = tl.full([RP], float("-inf"), tl.float32)
+    l_i = tl.zeros([RP], tl.float32)
+    acc = tl.zeros([RP, D], tl.float32)
+    for j0 in range(0, hi, BN):
+        j, jm = _slots(j0, 0, hi, BN)
+        p, alpha, m_i = _scores(q, _cache_rows(kb, j, jm, s_ks, rd), j[None, :] <= pos[:, None], m_i,
+                                scale_log2, PREC)
+        acc, l_i = _accumulate(acc, l_i, p, alpha, _cache_rows(vb, j, jm, s_vs, rd), PREC)
+    tl.store(o_ptr + q_rows[:, None] * D + rd[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
+             mask=rm[:, None])
+
+
+def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, pos: Tensor,
+                      scale: float | None = None) -> Tensor:
+    """Causal attention of T queries per sequence over its cache row, the row and the positions
+    read on the device (so one CUDA graph serves any row and any prefix length): q [B, T, HQ, D]
+    contiguous (qk_norm_rope_store's output); k_cache/v_cache [B', HK, S, D] (one layer, any
+    strides with a contiguous last dim); rows [B] int64: sequence b's cache row; pos [B, T] int64:
+    query (b, t) sees slots 0 .. pos[b, t] (< S, not checked), its own K / V already written.
+    Returns o [B, T, HQ, D] in q's dtype. scale: 1/sqrt(D) default.
+    Reference: SDPA of q over the rows' K / V with KVCache.mask (layers/attention.py)."""
+    B, T, HQ, D = q.shape
+    HK = k_cache.shape[1]
+    if not q.is_contiguous() or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ShapeMismatch(f"prefill_attention: q {tuple(q.shape)} must be contiguous and the caches' last "
+                            f"dim too (strides {k_cache.stride()}, {v_cache.stride()})")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    G = HQ // HK
+    bt = max(1, PREFILL_ROWS // G)
+    o = torch.empty_like(q)
+    _prefill_attn_kernel[(cdiv(T, bt), HK, B)](
+        q, k_cache, v_cache, rows.contiguous(), pos.contiguous(), o,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), T, scale * 1.4426950408889634,
+        HQ=HQ, G=G, BT=bt, RP=max(16, next_power_of_2(bt * G)), D=D, BN=PREFILL_BN,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if q.is_cuda else 4)
     return o

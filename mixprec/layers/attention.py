@@ -19,7 +19,7 @@ from torch.nn.attention.bias import causal_lower_right
 from ..errors import MixprecError
 from ..formats.base import use_kernels
 from ..kernels import pdl
-from ..kernels.attention import decode_attention_new, qk_norm_rope_store
+from ..kernels.attention import decode_attention_new, prefill_attention, qk_norm_rope_store
 from .linear import FusedLinear, Linear
 from .norm import RMSNorm, Rotary, apply_rope
 
@@ -49,7 +49,10 @@ class KVCache(nn.Module):
     """k, v: [L, B, kv_heads, S, D]; start: [B] int64, first valid slot of each sequence.
 
     A forward may use the first B' <= B rows (a smaller batch in a bigger cache). `start` persists
-    across forwards: a new batch either passes its padding mask at prefill or calls `reset()`."""
+    across forwards: a new batch either passes its padding mask at prefill or calls `reset()`.
+    row_ids (a `mapped` view): sequence b is row row_ids[b], not row b."""
+
+    row_ids: Tensor | None = None
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device):
@@ -76,6 +79,11 @@ class KVCache(nn.Module):
         """Write k, v [B, kv_heads, T, D] at slots `positions` [B, T]; return the layer's full
         cache k, v [B, kv_heads, S, D]. Positions must be < max_len (not checked: no host sync)."""
         B, Hk, T, D = k.shape
+        if self.row_ids is not None:
+            b, h, p = self.row_ids[:, None, None], torch.arange(Hk, device=k.device)[None, :, None], positions[:, None]
+            self.k[layer][b, h, p] = k.to(self.k.dtype)                # [B, Hk, T] index -> [B, Hk, T, D]
+            self.v[layer][b, h, p] = v.to(self.v.dtype)
+            return self.k[layer][self.row_ids], self.v[layer][self.row_ids]
         idx = positions[:, None, :, None].expand(B, Hk, T, D)
         ck, cv = self.k[layer, :B], self.v[layer, :B]
         ck.scatter_(2, idx, k.to(ck.dtype))
@@ -97,6 +105,15 @@ class KVCache(nn.Module):
         L = self.max_len if length is None else length
         return KVCache.over(self.k[:, first:end, :, :L], self.v[:, first:end, :, :L], self.start[first:end],
                             self.slots[:L])
+
+    def mapped(self, row_ids: Tensor) -> "KVCache":
+        """A view of all rows in which sequence b is row row_ids[b] ([B] int64 on the device), every
+        slot valid from 0: a forward through it is the same launches whichever rows (one CUDA graph
+        serves any row: Prefill's tail graphs). The attention then reads slots 0 .. position of
+        each query, never more (no view of exactly the slots in use needed)."""
+        view = KVCache.over(self.k, self.v, torch.zeros_like(row_ids), self.slots)
+        view.row_ids = row_ids
+        return view
 
     @staticmethod
     def over(k: Tensor, v: Tensor, start: Tensor, slots: Tensor) -> "KVCache":
@@ -202,7 +219,10 @@ class Attention(nn.Module):
         table = cos.dim() == 2                                          # by position, not per token
         kc, vc = cache.k[layer_idx], cache.v[layer_idx]                  # [B', kvh, S, D]
         nw = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        if T == 1 and attn_mask is None:
+        if cache.row_ids is not None:       # a mapped view: rows and prefix lengths read on the device
+            q = qk_norm_rope_store(q, k, v, cos, sin, *nw, kc, vc, positions, rope_table=table, rows=cache.row_ids)
+            o = prefill_attention(q, kc, vc, cache.row_ids, positions)
+        elif T == 1 and attn_mask is None:
             o = decode_attention_new(q.view(B, -1), k.view(B, -1), v.view(B, -1), cos, sin, *nw, kc[:B], vc[:B],
                                      cache.start[:B], positions.reshape(B), rope_table=table)
         else:

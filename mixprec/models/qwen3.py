@@ -231,7 +231,9 @@ class Qwen3ForCausalLM(nn.Module):
         the logits of those token indices are computed -> [B, 1, V] or [B, n, V]. tail (with a
         cache view of S slots): every row's tokens are at positions S-T .. S-1, after valid slots
         0 .. S-T-1 (a right-padded prefill: S = T; the rest of a prompt after a reused prefix):
-        causal attention without a mask tensor (flash kernels).
+        causal attention without a mask tensor (flash kernels). A mapped cache view
+        (`cache.mapped(row_ids)`): sequence b's tokens go to row row_ids[b] at its positions and
+        attend over slots 0 .. position.
         No host syncs: the decode step can be captured in a CUDA graph (given a fused MoE kernel).
         """
         if not self.finalized:
@@ -246,12 +248,14 @@ class Qwen3ForCausalLM(nn.Module):
         rope = self.model.rotary.table(cache.max_len, h.dtype) if cache is not None else None
         rope = rope or self.model.rotary(positions, h.dtype)
         if cache is not None:
+            mapped = cache.row_ids is not None
+            if (attn_mask is not None) + tail + mapped > 1:
+                raise MixprecError("forward: a padding mask, tail=True and a mapped cache view exclude each other "
+                                   "(tail: the tokens follow the view's valid slots, no padding mask)")
             if attn_mask is not None:
-                if tail:
-                    raise MixprecError("forward(tail=True): the tokens follow the view's valid slots, no padding mask")
                 cache.set_start(positions, attn_mask)
-            # the decode kernel reads cache.start and positions itself
-            mask = None if decode_kernel(h, cache) else TAIL if tail else cache.mask(positions)   # [B, 1, T, S]
+            # the decode kernel reads cache.start and positions itself; a mapped view's attention, positions
+            mask = None if mapped or decode_kernel(h, cache) else TAIL if tail else cache.mask(positions)   # [B, 1, T, S]
         else:
             mask = causal_mask(attn_mask, B, T, h.device)              # [B, 1, T, T] or None
         res = None

@@ -19,8 +19,8 @@ tokens they belong to (prompt and fed output; a running request's row: its promp
 whose prompt starts with 16 or more of those tokens (a multi-turn chat's history, a shared system
 prompt) takes them: into that row if it is free, else copied into a free row (a device copy, a
 small fraction of the prefill it saves), and only the rest of the prompt runs through the model.
-With prefill graphs that rest is an eager forward, so only prompts longer than the graphs'
-tokens take it (shorter ones prefill whole faster as a graph). `Request.cached_tokens` says how
+The rest is a CUDA graph of its length bucket up to the prefill graphs' tokens (Prefill.tail:
+one graph serves any row and prefix), an eager forward above. `Request.cached_tokens` says how
 many prompt tokens were taken.
 
 Sampling is per row (temperature, top-k, top-p, presence / frequency penalties on device
@@ -555,6 +555,7 @@ class Engine:
                 for modes in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
                     self._graph(B, L, modes)
         self._prefill_fwd.warm_up(self.max_batch, self.max_len)
+        self._prefill_fwd.warm_up_tails(self.cache, self.max_len)    # row 0: no request holds it yet
         # prefills above the graph buckets run eagerly: compile their kernels now too (into cache
         # rows that every admission's prefill rewrites)
         for n, T in eager_shapes(self.max_batch, self.max_len, self.prefill_tokens, self._prefill_fwd.graph_tokens):
@@ -646,7 +647,7 @@ class Engine:
         def order(f: int) -> tuple[bool, int]:
             # rows in index order (contiguous rows prefill together), except rows whose K/V could
             # serve a later prompt: those last, the longest unused first
-            return (True, self._freed[f]) if self._reusable(len(self._kv[f])) else (False, f)
+            return (True, self._freed[f]) if len(self._kv[f]) > PREFIX_MIN else (False, f)
 
         for r in reqs:
             src, n = self._prefix_source(r.prompt_ids, taken) if self.prefix_reuse else (-1, 0)
@@ -692,10 +693,8 @@ class Engine:
         of its tokens a prefill takes: at most len(ids) - 1 (the last token must run through the
         model for its logits), and so many that the rest is a multiple of 16 tokens (the kernels
         compile per class of token counts: 1, multiples of 16, others; this keeps the rest in one
-        class that prefill graphs compile too); n = 0 when that leaves fewer than PREFIX_MIN or it
-        would not pay (with prefill graphs only prompts above their tokens reuse: the rest runs
-        eagerly)."""
-        if not self._reusable(len(ids)):
+        class that prefill graphs compile too); n = 0 when that leaves fewer than PREFIX_MIN."""
+        if len(ids) <= PREFIX_MIN:
             return -1, 0
         shared = {s: _common_prefix(kv, ids) for s, kv in enumerate(self._kv)
                   if s not in taken and kv[:PREFIX_MIN] == ids[:PREFIX_MIN]}
@@ -704,11 +703,6 @@ class Engine:
         best = shared.get(row, 0)
         n = len(ids) - -(-(len(ids) - min(best, len(ids) - 1)) // 16) * 16
         return (row, n) if n >= PREFIX_MIN else (-1, 0)
-
-    def _reusable(self, n: int) -> bool:
-        """Whether a prompt of n tokens may take a prefix (with prefill graphs, only above them)."""
-        pf = self._prefill_fwd
-        return n > PREFIX_MIN and not (pf.use_graphs and n <= pf.graph_tokens)
 
     def _prefill_chunk(self) -> None:
         """The next chunk of the oldest long prompt being prefilled (prefill_tokens of it, as the
@@ -812,17 +806,15 @@ class Engine:
         return n
 
     def _tail_forward(self, r: Request, n: int, end: int) -> Tensor:
-        """An eager forward of r's prompt tokens n .. end - 1 as the tail of its row's first `end`
-        slots, whose first n hold K/V already. Slot 0 comes back from _slot0 first where n > 0 (an
+        """A forward of r's prompt tokens n .. end - 1 into its row, whose slots 0 .. n - 1 hold
+        K/V already (Prefill.tail: a graph up to its tokens, else eager). Slot 0 comes back from _slot0 first where n > 0 (an
         idle row's decode step rewrites it), and is set aside after where n == 0.
         -> logits [1, V] of token end - 1."""
         s, c = r._slot, self.cache
         if n:
             c.k[:, s, :, 0].copy_(self._slot0[s, 0])
             c.v[:, s, :, 0].copy_(self._slot0[s, 1])
-        toks, pos, last = (self._to_device(t) for t in (torch.tensor([r.prompt_ids[n:end]]),
-                                                        torch.arange(n, end)[None], torch.tensor([end - n - 1])))
-        out = self.model(toks, positions=pos, cache=c.rows(s, s + 1, end), logits_index=last, tail=True)[:, -1]
+        out = self._prefill_fwd.tail(self._to_device(torch.tensor([r.prompt_ids[n:end]])), n, s, c)
         if not n:
             self._save_slot0(s)
         return out

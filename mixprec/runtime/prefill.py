@@ -12,6 +12,13 @@ Padding changes nothing a real token sees: attention is causal, and the padded t
 slots are rewritten by the sequence's own decode steps before any query reads them. Only the
 tile shapes the kernels pick for the padded token count may round differently, as they do for
 any other batch composition.
+
+The rest of a prompt after a prefix its cache row holds already (a reused prefix, a chunk after
+earlier chunks: `tail`) is a graph per length bucket too, one that serves any row and any prefix
+length: it runs through the caller's cache mapped to a row given on the device
+(`KVCache.mapped`), whose attention kernel reads each query's slots 0 .. position of that row,
+so the prefix is never copied. An eager forward of the 30B costs ~60 ms of host time whatever
+its length (BENCHMARKS.md, session 42); the graph runs in the GPU time of the tokens.
 """
 from __future__ import annotations
 
@@ -67,6 +74,17 @@ class _Shape:
     graph: "torch.cuda.CUDAGraph | None" = None
 
 
+@dataclass
+class _Tail:
+    ids: Tensor                               # [1, Rb] static input, right-padded with token 0
+    first: Tensor                             # [1] position of token 0 (the row holds slots before it)
+    last: Tensor                              # [1] index of the last real token
+    row: Tensor                               # [1] the cache row
+    cache: KVCache                            # the caller's cache, mapped to `row`
+    out: Tensor | None = None                 # [1, 1, V] fp32 logits
+    graph: "torch.cuda.CUDAGraph | None" = None
+
+
 class Prefill:
     """`prefill(ids, last, cache)` -> logits [n, V] of each row's last prompt token.
 
@@ -75,7 +93,8 @@ class Prefill:
     T slots). Up to `graph_tokens` padded tokens, the forward is the graph of its (rows, length)
     bucket (captured on first use; on a CPU model the same staged forward runs eagerly, which is
     what the tests check); above, or with use_graphs=False, a plain forward into `cache`.
-    The returned logits are only valid until the next call."""
+    `prefill.tail(ids, first, row, cache)`: the same for the rest of one prompt whose first
+    tokens' K/V row `row` holds. The returned logits are only valid until the next call."""
 
     def __init__(self, model, use_graphs: bool, graph_tokens: int = GRAPH_TOKENS):
         self.model = model
@@ -83,6 +102,8 @@ class Prefill:
         self.graph_tokens = graph_tokens
         self.device = next(model.buffers()).device
         self._shapes: dict[tuple[int, int], _Shape] = {}
+        self._tails: dict[int, _Tail] = {}
+        self._tail_cache: KVCache | None = None   # the cache the tail graphs write (one per engine)
         self._stage: tuple[Tensor, Tensor] | None = None    # flat K / V storage of every staging cache
         self._pool = None
 
@@ -107,11 +128,35 @@ class Prefill:
         cache.v[:, :n, :, :T].copy_(s.cache.v[:, :n, :, :T])
         return s.out[:n, -1]
 
+    def tail(self, ids: Tensor, first: int, row: int, cache: KVCache) -> Tensor:
+        """logits [1, V] of the last of ids [1, R] (on the model's device): a prompt's tokens at
+        positions first .. first + R - 1, the K/V of those before in slots 0 .. first - 1 of cache
+        row `row`; theirs are written after. Up to `graph_tokens` (R padded to its bucket) the
+        graph of that bucket (the padding's positions clamped to the cache's last slot, which
+        only a decode step can fill); above, an eager forward through the row's first + R slots."""
+        R = ids.shape[1]
+        Rb = bucket(R, MIN_LENGTH)
+        if not self.use_graphs or Rb > self.graph_tokens:
+            positions = torch.arange(first, first + R, device=ids.device)[None]
+            last = torch.full((1,), R - 1, device=ids.device)
+            return self.model(ids, positions=positions, cache=cache.rows(row, row + 1, first + R), logits_index=last,
+                              tail=True)[:, -1]
+        if self._tail_cache is None:
+            self._tail_cache = cache
+        elif cache.k.data_ptr() != self._tail_cache.k.data_ptr():
+            raise ValueError("Prefill.tail: its graphs write one cache; this call passed another")
+        s = self._tails.get(Rb)
+        if s is None:
+            return self._tail_shape(Rb, ids, first, row)[:, -1]
+        self._tail_inputs(s, ids, first, row)
+        s.graph.replay() if s.graph is not None else self._tail_forward(s)
+        return s.out[:, -1]
+
     @property
     def graphs(self) -> int:
         """Number of captured bucket graphs (read from other threads: list() copies the values
         in one step, while the engine's thread may be adding shapes)."""
-        return sum(s.graph is not None for s in list(self._shapes.values()))
+        return sum(s.graph is not None for s in list(self._shapes.values()) + list(self._tails.values()))
 
     def warm_up(self, max_rows: int, max_len: int) -> int:
         """Capture now the graph of every bucket that a prefill of up to max_rows prompts of up to
@@ -124,6 +169,59 @@ class Prefill:
         for nb, Tb in shapes:
             self._shape(nb, Tb)
         return len(shapes)
+
+    def warm_up_tails(self, cache: KVCache, max_len: int) -> int:
+        """Capture now the tail graph of every bucket a prompt's rest of up to max_len tokens can
+        take (with row 0 of `cache`, which must hold nothing to keep); -> the number of buckets."""
+        if not self.use_graphs:
+            return 0
+        sizes = [Rb for Rb in buckets(bucket(max_len, MIN_LENGTH), MIN_LENGTH) if Rb <= self.graph_tokens]
+        for Rb in sizes:
+            if Rb not in self._tails:
+                self.tail(torch.zeros(1, Rb, dtype=torch.long, device=self.device), 0, 0, cache)
+        return len(sizes)
+
+    def _tail_inputs(self, s: _Tail, ids: Tensor, first: int, row: int) -> None:
+        s.ids.zero_()
+        s.ids[:, : ids.shape[1]].copy_(ids)
+        s.first.fill_(first)
+        s.last.fill_(ids.shape[1] - 1)
+        s.row.fill_(row)
+
+    def _tail_forward(self, s: _Tail) -> None:
+        Rb, S = s.ids.shape[1], s.cache.max_len
+        positions = (s.first[:, None] + torch.arange(Rb, device=self.device)).clamp_(max=S - 1)
+        s.out = self.model(s.ids, positions=positions, cache=s.cache, logits_index=s.last)
+
+    def _tail_shape(self, Rb: int, ids: Tensor, first: int, row: int) -> Tensor:
+        """The bucket's static inputs, set to this call's; its first forward runs eagerly on them
+        (Triton compiles; the row's K/V are this call's) and then the graph is captured (a capture
+        runs nothing): no forward writes a row the caller did not name. -> this call's logits."""
+        z = lambda n: torch.zeros(n, dtype=torch.long, device=self.device)   # noqa: E731
+        row_t = z(1)
+        s = _Tail(ids=z((1, Rb)), first=z(1), last=z(1), row=row_t, cache=self._tail_cache.mapped(row_t))
+        self._tail_inputs(s, ids, first, row)
+        self._tails[Rb] = s
+        return self._run_and_capture(s, self._tail_forward)
+
+    def _run_and_capture(self, s, forward) -> Tensor:
+        """forward(s) once eagerly (on a side stream, for the capture's sake), then, on CUDA, its
+        graph. -> the eager forward's logits (the graph's s.out holds nothing until a replay)."""
+        if self.device.type != "cuda":
+            forward(s)
+            return s.out
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):           # warm up (Triton compiles) outside the capture
+            forward(s)
+        torch.cuda.current_stream().wait_stream(side)
+        eager = s.out
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        s.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(s.graph, pool=self._pool):
+            forward(s)
+        return eager
 
     def _forward(self, s: _Shape) -> None:
         nb, Tb = s.ids.shape
@@ -145,15 +243,6 @@ class Prefill:
         s = _Shape(ids=torch.zeros(nb, Tb, dtype=torch.long, device=dev),
                    last=torch.zeros(nb, dtype=torch.long, device=dev), cache=cache)
         if dev.type == "cuda":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):           # warm up (Triton compiles) outside the capture
-                self._forward(s)
-            torch.cuda.current_stream().wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            s.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(s.graph, pool=self._pool):
-                self._forward(s)
+            self._run_and_capture(s, self._forward)
         self._shapes[(nb, Tb)] = s
         return s
