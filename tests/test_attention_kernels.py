@@ -101,11 +101,18 @@ def test_qk_norm_rope_store_writes_the_rows_given():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,HQ,HK,D,S", [(1, 16, 8, 2, 64, 300), (2, 7, 5, 1, 32, 90), (3, 40, 4, 4, 64, 140),
                                             (1, 33, 64, 4, 128, 200), (2, 1, 8, 2, 64, 70)])
-def test_prefill_attention_matches_sdpa_over_the_rows(dtype, B, T, HQ, HK, D, S):
+@pytest.mark.parametrize("min_split", [256, 16])
+def test_prefill_attention_matches_sdpa_over_the_rows(dtype, B, T, HQ, HK, D, S, min_split, monkeypatch):
     """T queries per sequence over cache row rows[b] (rows out of order, in a bigger strided cache),
     query t at pos[b, t] (prefixes of any length, a padded tail clamped to the last slot: repeated
     positions), against SDPA with KVCache.mask over the gathered rows; head groups of 1, 4, 5 (not a
-    power of two: padded program rows), 16 (the 235B's 64 / 4: token blocks of 8)."""
+    power of two: padded program rows), 16 (the 235B's 64 / 4: token blocks of 8). min_split 16:
+    the slots in up to 32 splits, merged after (splits past the visible slots, rows that see
+    nothing in a split)."""
+    import mixprec.kernels.attention as attn
+    monkeypatch.setattr(attn, "PREFILL_MIN_SPLIT", min_split)
+    if min_split < 256:
+        assert attn.prefill_splits(1, S) > 1
     g = torch.Generator(device=DEV).manual_seed(T * S + HQ)
     cache = KVCache(2, B + 2, HK, S + 5, D, dtype, DEV)
     cache.k.copy_(torch.randn(cache.k.shape, generator=g, device=DEV).to(dtype))

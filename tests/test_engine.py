@@ -402,6 +402,15 @@ def steps_after(req, k):
         time.sleep(0.001)
 
 
+def greedy_margins(model, prompt, out):
+    """Per generated token: how far its logit is below the best one of the reference (one uncached
+    forward over prompt + out): 0 where greedy decoding would pick it."""
+    ids = torch.tensor([prompt + out[:-1]], device=next(model.buffers()).device)
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1:]                          # [len(out), V]
+    return (logits.max(-1).values - logits[torch.arange(len(out)), torch.tensor(out)]).tolist()
+
+
 def taken(prompt, shared):
     """Prompt tokens an engine takes from a row holding `shared` of them: the rest a multiple of 16."""
     return len(prompt) - -(-(len(prompt) - shared) // 16) * 16
@@ -813,7 +822,12 @@ def test_gpu_prefix_reuse(tmp_path):
         next(iter(busy))
         third = eng.submit(first + other[:5], sp).result(T_OUT)
         got = [busy.result(T_OUT), third]
-    assert [r.output_ids for r in got] == [gen.generate([p], r.params)[0] for p, r in zip((second, first + other[:5]), got)]
+    # bf16: the Generator's whole prefill and the rest's attention kernel round apart; on a near-tie
+    # (a random model has gaps of 0.003) greedy picks may differ (session 43: token 3 of `busy`,
+    # where fp16 in the interpreter agreed with the engine), so every token must be the reference's
+    # argmax up to 0.1 (logits' std ~1: a wrong K/V row would miss that at once)
+    for p, r in zip((second, first + other[:5]), got):
+        assert max(greedy_margins(m, p, r.output_ids)) <= 0.1, (p, r.output_ids)
     assert [r.cached_tokens for r in got] == [taken(second, len(first + out) - 1),
                                               taken(first + other[:5], len(first))]
     assert eng._prefill_fwd._tails and all(s.graph is not None for s in eng._prefill_fwd._tails.values())

@@ -446,21 +446,26 @@ def _decode(q, HQ, s_q, k_cache, v_cache, start, pos, scale, new, rope_table=Fal
 
 PREFILL_ROWS = 128     # query rows (tokens x heads of one kv head) per program
 PREFILL_BN = 64        # cache slots per tile
+PREFILL_MAX_SPLITS = 32
+PREFILL_MIN_SPLIT = 256    # cache slots a split covers at least (of the whole cache: the used part is not known)
 
 
 @triton.jit
-def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, row_ptr, pos_ptr, o_ptr,
+def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, row_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
                          s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, T, scale_log2,
                          HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr,
-                         D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Grid (cdiv(T, BT), HK, B). Program (tb, kh, b): tokens tb*BT .. tb*BT+BT-1 of sequence b
-    with the G query heads of kv head kh, as RP >= BT*G rows (row r: token r // G, head
-    kh*G + r % G), so a K / V tile loaded once serves them all. Query (b, t) sees slots
-    0 .. pos[b, t] of cache row rows[b]; slot 0 is visible to every row, so the first tile
-    makes every row max finite (no NaN from an all-masked row)."""
+                         D: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(T, BT), HK, B * NS). Program (tb, kh, b * NS + sp): tokens tb*BT .. tb*BT+BT-1 of
+    sequence b with the G query heads of kv head kh, as RP >= BT*G rows (row r: token r // G,
+    head kh*G + r % G), so a K / V tile loaded once serves them all; over split sp of the slots
+    its rows see (0 .. the largest pos, in NS parts: a few tokens over a long prefix still fill
+    the GPU). Query (b, t) sees slots 0 .. pos[b, t] of cache row rows[b]. NS == 1: o directly;
+    else each split's partial sums (acc, row max m, row sum l) for _prefill_merge_kernel. A row
+    with nothing visible in a split keeps m = -inf, l = 0 (its max is taken as 0 there, no NaN)."""
     tb = tl.program_id(0)
     kh = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = (tl.program_id(2) // NS).to(tl.int64)
+    sp = tl.program_id(2) % NS
     r = tl.arange(0, RP)
     t = tb * BT + r // G
     rm = (r < BT * G) & (t < T)
@@ -473,16 +478,56 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, row_ptr, pos_ptr, o_ptr,
     kb = k_ptr + row * s_kb + kh * s_kh
     vb = v_ptr + row * s_vb + kh * s_vh
     hi = tl.max(pos, axis=0) + 1
+    chunk = tl.cdiv(tl.cdiv(hi, NS), BN) * BN
+    lo = sp * chunk
+    hi = tl.minimum(hi, lo + chunk)
     m_i = tl.full([RP], float("-inf"), tl.float32)
     l_i = tl.zeros([RP], tl.float32)
     acc = tl.zeros([RP, D], tl.float32)
-    for j0 in range(0, hi, BN):
-        j, jm = _slots(j0, 0, hi, BN)
-        p, alpha, m_i = _scores(q, _cache_rows(kb, j, jm, s_ks, rd), j[None, :] <= pos[:, None], m_i,
-                                scale_log2, PREC)
-        acc, l_i = _accumulate(acc, l_i, p, alpha, _cache_rows(vb, j, jm, s_vs, rd), PREC)
-    tl.store(o_ptr + q_rows[:, None] * D + rd[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
-             mask=rm[:, None])
+    for j0 in range(lo, hi, BN):
+        j, jm = _slots(j0, lo, hi, BN)
+        s = tl.dot(q, tl.trans(_cache_rows(kb, j, jm, s_ks, rd)), input_precision=PREC) * scale_log2   # [RP, BN]
+        s = tl.where((j[None, :] <= pos[:, None]) & jm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), _cache_rows(vb, j, jm, s_vs, rd), input_precision=PREC)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    if NS == 1:
+        tl.store(o_ptr + q_rows[:, None] * D + rd[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=rm[:, None])
+    else:
+        part = q_rows * NS + sp
+        tl.store(part_ptr + part[:, None] * D + rd[None, :], acc, mask=rm[:, None])
+        tl.store(ml_ptr + part * 2, m_i, mask=rm)
+        tl.store(ml_ptr + part * 2 + 1, l_i, mask=rm)
+
+
+@triton.jit
+def _prefill_merge_kernel(part_ptr, ml_ptr, o_ptr, N, NS: tl.constexpr, BR: tl.constexpr, D: tl.constexpr):
+    """Grid (cdiv(N, BR)): rows n (of B*T*HQ) -> o[n] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s."""
+    n = tl.program_id(0) * BR + tl.arange(0, BR)
+    nm = n < N
+    rd = tl.arange(0, D)
+    m = tl.full([BR], float("-inf"), tl.float32)
+    for sp in range(NS):
+        m = tl.maximum(m, tl.load(ml_ptr + (n * NS + sp) * 2, mask=nm, other=0.0))
+    acc = tl.zeros([BR, D], tl.float32)
+    l = tl.zeros([BR], tl.float32)
+    for sp in range(NS):
+        w = tl.exp2(tl.load(ml_ptr + (n * NS + sp) * 2, mask=nm, other=0.0) - m)       # 0 for an empty split
+        l += w * tl.load(ml_ptr + (n * NS + sp) * 2 + 1, mask=nm, other=0.0)
+        acc += w[:, None] * tl.load(part_ptr + (n * NS + sp)[:, None] * D + rd[None, :], mask=nm[:, None], other=0.0)
+    l = tl.where(nm, l, 1.0)        # rows past N: no 0 / 0
+    tl.store(o_ptr + n[:, None] * D + rd[None, :], (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=nm[:, None])
+
+
+def prefill_splits(programs: int, slots: int) -> int:
+    """Splits of the visible slots per program: enough for ~TARGET_PROGRAMS programs, each split
+    at least PREFILL_MIN_SPLIT of the cache's slots."""
+    return max(1, min(PREFILL_MAX_SPLITS, TARGET_PROGRAMS // programs, slots // PREFILL_MIN_SPLIT))
 
 
 def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, pos: Tensor,
@@ -495,7 +540,7 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
     Returns o [B, T, HQ, D] in q's dtype. scale: 1/sqrt(D) default.
     Reference: SDPA of q over the rows' K / V with KVCache.mask (layers/attention.py)."""
     B, T, HQ, D = q.shape
-    HK = k_cache.shape[1]
+    HK, S = k_cache.shape[1], k_cache.shape[2]
     if not q.is_contiguous() or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ShapeMismatch(f"prefill_attention: q {tuple(q.shape)} must be contiguous and the caches' last "
                             f"dim too (strides {k_cache.stride()}, {v_cache.stride()})")
@@ -503,10 +548,18 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
     G = HQ // HK
     bt = max(1, PREFILL_ROWS // G)
     o = torch.empty_like(q)
-    _prefill_attn_kernel[(cdiv(T, bt), HK, B)](
-        q, k_cache, v_cache, rows.contiguous(), pos.contiguous(), o,
+    if not o.numel():
+        return o
+    ns = prefill_splits(cdiv(T, bt) * HK * B, S)
+    N = B * T * HQ
+    part = torch.empty(N * ns, D, dtype=torch.float32, device=q.device) if ns > 1 else o
+    ml = torch.empty(N * ns, 2, dtype=torch.float32, device=q.device) if ns > 1 else o
+    _prefill_attn_kernel[(cdiv(T, bt), HK, B * ns)](
+        q, k_cache, v_cache, rows.contiguous(), pos.contiguous(), o, part, ml,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), T, scale * 1.4426950408889634,
-        HQ=HQ, G=G, BT=bt, RP=max(16, next_power_of_2(bt * G)), D=D, BN=PREFILL_BN,
+        HQ=HQ, G=G, BT=bt, RP=max(16, next_power_of_2(bt * G)), D=D, BN=PREFILL_BN, NS=ns,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if q.is_cuda else 4)
+    if ns > 1:
+        _prefill_merge_kernel[(cdiv(N, 16),)](part, ml, o, N, NS=ns, BR=16, D=D, num_warps=4)
     return o
