@@ -31,3 +31,12 @@ class ModelMismatch(ConfigError):
 
 class ParallelError(ConfigError):
     """A tensor/expert parallel layout cannot be realised for this model and world size."""
+
+
+class RequestError(MixprecError, ValueError):
+    """A generation request is invalid (Engine.submit); `param` names the request field at fault
+    (the `param` of an OpenAI-style 400: "prompt", "logit_bias", "max_tokens", "stop")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param

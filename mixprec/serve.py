@@ -473,8 +473,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
             raise APIError(429, f"server busy: {e}", None, "queue_full", "rate_limit_error") from None
         except EngineStopped as e:
             raise APIError(503, str(e), None, "engine_stopped", "server_error") from None
-        except ValueError as e:
-            raise APIError(400, str(e), "logit_bias" if "logit_bias" in str(e) else "prompt") from None
+        except ValueError as e:     # a RequestError names its field (_sampling checked the ranges before)
+            raise APIError(400, str(e), getattr(e, "param", None)) from None
 
     def usage(prompts: list, reqs: list, n: int, score_only: bool = False) -> dict:
         """Each prompt counted once (its first choice's cached tokens: K/V reused, not computed,

@@ -347,6 +347,17 @@ def drive() -> None:
                        torch.randn(B, 1, HK * D).to(torch.bfloat16), torch.randn(S, D).to(torch.bfloat16),
                        torch.randn(S, D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16),
                        torch.ones(D).to(torch.bfloat16), 1e-6, kc, kc.clone(), torch.full((B, 1), 7), rope_table=True)
+    # the rest-of-prompt graphs: the cache write into rows given on the device, and the prefill
+    # attention over them, in one program per token block (2048 tokens) and in split slots (16)
+    from mixprec.kernels.attention import prefill_attention
+    kt = torch.zeros(4, HK, 8192, D).to(torch.bfloat16)
+    for T in (16, 2048):
+        qt = qk_norm_rope_store(torch.randn(1, T, HQ * D).to(torch.bfloat16), torch.randn(1, T, HK * D).to(torch.bfloat16),
+                                torch.randn(1, T, HK * D).to(torch.bfloat16), torch.randn(8192, D).to(torch.bfloat16),
+                                torch.randn(8192, D).to(torch.bfloat16), torch.ones(D).to(torch.bfloat16),
+                                torch.ones(D).to(torch.bfloat16), 1e-6, kt, kt.clone(), torch.arange(T)[None],
+                                rope_table=True, rows=torch.tensor([2]))
+        prefill_attention(qt, kt, kt, torch.tensor([2]), torch.arange(T)[None])
     from mixprec.kernels.sampling import next_token_advance
     for B in (1, 64):
         tok, pos = torch.zeros(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long)

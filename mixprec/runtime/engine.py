@@ -55,6 +55,7 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import RequestError
 from .generate import check_vocab, decode_tail, first_token, sampling_modes, to_host
 from .prefill import GRAPH_TOKENS, Prefill, buckets, eager_shapes
 from .sampling import MAX_LOGPROBS, SamplingParams, bias_rows, count_tokens, logprob_stats
@@ -400,22 +401,23 @@ class Engine:
 
     # -- public ----------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
-        """Queue a request. ValueError for bad input (empty prompt, token id outside the vocab,
-        prompt + max_new_tokens > max_len, stop strings without a tokenizer); QueueFull when
+        """Queue a request. RequestError (a ValueError naming the field) for bad input (empty
+        prompt, token id outside the vocab, prompt + max_new_tokens > max_len, stop strings
+        without a tokenizer), ValueError for invalid sampling parameters; QueueFull when
         max_queue requests wait already; EngineStopped after shutdown() or a failure."""
         if self._lockstep is not None and not self._lockstep.leader:
             raise RuntimeError("this rank's engine follows rank 0: submit requests on rank 0")
         params = params.plain().validate()      # numpy scalars too: the lockstep sends them as JSON
         ids = [operator.index(t) for t in prompt_ids]
         if not ids:
-            raise ValueError("empty prompt: at least one token is needed")
+            raise RequestError("empty prompt: at least one token is needed", "prompt")
         check_vocab(ids, [params], self.vocab)
         if len(ids) + params.max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) = "
-                             f"{len(ids) + params.max_new_tokens} exceeds this engine's context of "
-                             f"{self.max_len} tokens")
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) = "
+                               f"{len(ids) + params.max_new_tokens} exceeds this engine's context of "
+                               f"{self.max_len} tokens", "max_tokens")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (the checkpoint has no tokenizer.json)")
+            raise RequestError("stop strings need a tokenizer (the checkpoint has no tokenizer.json)", "stop")
         with self._lock:
             if self._stop or self._failure is not None:
                 raise EngineStopped("the engine is shut down" if self._failure is None else

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import RequestError
 from ..formats.base import use_kernels
 from ..kernels.sampling import next_token_advance
 from ..layers.attention import KVCache
@@ -73,11 +74,11 @@ def sampling_modes(params: Sequence[SamplingParams]) -> tuple[bool, bool, bool]:
 
 
 def check_vocab(ids: Sequence[int], params: Sequence[SamplingParams], vocab: int) -> None:
-    """ValueError naming prompt token ids or logit_bias ids outside the vocabulary [0, vocab)."""
+    """RequestError (a ValueError) naming prompt token ids or logit_bias ids outside the vocabulary [0, vocab)."""
     for what, bad in (("prompt", [t for t in ids if not 0 <= t < vocab]),
                       ("logit_bias", [t for p in params for t, _ in p.logit_bias if t >= vocab])):
         if bad:
-            raise ValueError(f"{what} token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            raise RequestError(f"{what} token ids {bad[:5]} are outside the vocabulary [0, {vocab})", what)
 
 
 def decode_tail(logits: Tensor, tokens: Tensor, pos: Tensor, step: Tensor, live: Tensor | None, rows,

@@ -149,7 +149,10 @@ class Prefill:
         if s is None:
             return self._tail_shape(Rb, ids, first, row)[:, -1]
         self._tail_inputs(s, ids, first, row)
-        s.graph.replay() if s.graph is not None else self._tail_forward(s)
+        if s.graph is not None:
+            s.graph.replay()
+        else:
+            self._tail_forward(s)
         return s.out[:, -1]
 
     @property
