@@ -212,9 +212,14 @@ def _engine_worker(rank: int, world: int, port: int, cfg: str, out: str) -> None
     engine_module.HEARTBEAT_S = 0.05  # the followers time out after 30 heartbeats: 1.5 s
     _join_group("gloo", rank, world, port)
     model = mixprec.load(cfg, device="cpu", progress=False, tp=world // 2, ep=2)
+    # the prefill graphs' paths (run eagerly on the CPU): the chunks and the reused prefix's rest
+    # through the cache mapped to their row, over each rank's share of the heads
+    staged = engine_module.Prefill
+    engine_module.Prefill = lambda m, graphs, tokens: staged(m, True, tokens)
     engine = engine_module.Engine(model, max_batch=4, max_len=64, prefill_tokens=16)
     if rank == 0:
         Path(f"{out}/engine.json").write_text(json.dumps(_engine_outputs(engine)))
+        assert engine._prefill_fwd._tails
         engine.shutdown()
     else:
         with pytest.raises(RuntimeError, match="follows rank 0"):
