@@ -809,9 +809,9 @@ class Engine:
 
     def _tail_forward(self, r: Request, n: int, end: int) -> Tensor:
         """A forward of r's prompt tokens n .. end - 1 into its row, whose slots 0 .. n - 1 hold
-        K/V already (Prefill.tail: a graph up to its tokens, else eager). Slot 0 comes back from _slot0 first where n > 0 (an
-        idle row's decode step rewrites it), and is set aside after where n == 0.
-        -> logits [1, V] of token end - 1."""
+        K/V already (Prefill.tail: a graph up to its tokens, else eager). Slot 0 comes back from
+        _slot0 first where n > 0 (an idle row's decode step rewrites it), and is set aside after
+        where n == 0. -> logits [1, V] of token end - 1."""
         s, c = r._slot, self.cache
         if n:
             c.k[:, s, :, 0].copy_(self._slot0[s, 0])
