@@ -467,6 +467,43 @@ def test_prefix_reuse_equals_whole_prefill(model, staged):
     assert lps[True] == pytest.approx(lps[False], abs=1e-4)
 
 
+def test_a_burst_sharing_a_long_prefix_computes_it_once(model, monkeypatch):
+    """Requests queued together whose prompts share SHARE_WAIT or more tokens (a long system
+    prompt): the first is admitted, the others wait for the next step and then all copy its K/V
+    from its (busy) row in one admission; a request sharing less is admitted at once; outputs
+    equal the Generator's."""
+    from mixprec.runtime import engine as engine_module
+    monkeypatch.setattr(engine_module, "SHARE_WAIT", 32)
+    g = torch.Generator().manual_seed(31)
+    sysp = torch.randint(0, 500, (40,), generator=g).tolist()
+    tails = [torch.randint(0, 500, (k,), generator=g).tolist() for k in (9, 5, 7, 30)]
+    ps = [sysp + t for t in tails[:3]] + [sysp[:20] + tails[3]]
+    sp = SamplingParams(max_new_tokens=6)
+    with Engine(model, max_batch=5, max_len=128) as eng:
+        busy = eng.submit(tails[3][:4], SamplingParams(max_new_tokens=80))
+        next(iter(busy))
+        waiting, go, process = threading.Event(), threading.Event(), eng._process
+
+        def hold(item):               # the loop waits here once, while the burst is queued
+            if not waiting.is_set():
+                waiting.set()
+                go.wait(T_OUT)
+            process(item)
+        eng._process = hold
+        assert waiting.wait(T_OUT)
+        reqs = [eng.submit(p, sp) for p in ps]
+        admitted = []
+        admit = eng._admit
+        eng._admit = lambda rs: (admitted.append([ps.index(r.prompt_ids) for r in rs]), admit(rs))[1]
+        go.set()
+        got = [r.result(T_OUT) for r in reqs]
+        busy.result(T_OUT)
+    assert admitted[:2] == [[0, 3], [1, 2]]
+    assert [r.cached_tokens for r in got] == [0, taken(ps[1], _common_prefix(ps[0], ps[1])),
+                                              taken(ps[2], _common_prefix(ps[0], ps[2])), 0]
+    assert [r.output_ids for r in got] == [alone(model, p, sp) for p in ps]
+
+
 def test_rows_holding_a_prefix_are_taken_last(model):
     """A request that reuses nothing takes a row without a reusable prefix before one with (the
     least recently freed of those first), so a chat's next turn still finds its history."""

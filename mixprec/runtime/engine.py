@@ -20,8 +20,10 @@ whose prompt starts with 16 or more of those tokens (a multi-turn chat's history
 prompt) takes them: into that row if it is free, else copied into a free row (a device copy, a
 small fraction of the prefill it saves), and only the rest of the prompt runs through the model.
 The rest is a CUDA graph of its length bucket up to the prefill graphs' tokens (Prefill.tail:
-one graph serves any row and prefix), an eager forward above. `Request.cached_tokens` says how
-many prompt tokens were taken.
+one graph serves any row and prefix), an eager forward above. A queued prompt that shares
+SHARE_WAIT or more tokens with one being prefilled (more than with any row) waits until that
+prefill ran, then takes them from its row: a burst of requests with one long system prompt
+computes it once. `Request.cached_tokens` says how many prompt tokens were taken.
 
 Sampling is per row (temperature, top-k, top-p, presence / frequency penalties on device
 tensors; a row's generated-token counts for the penalties; log-probabilities on request, copied
@@ -62,6 +64,10 @@ from .sampling import MAX_LOGPROBS, SamplingParams, bias_rows, count_tokens, log
 
 RATE_WINDOW_S = 10.0      # tokens/s in metrics() is measured over this recent window
 PREFIX_MIN = 16           # shortest prompt prefix whose K/V an admission takes from a cache row
+# a queued prompt sharing this many more tokens with one being prefilled than with any row waits
+# for that prefill to take them (a rest as a graph costs ~10 ms on the 30B, ~34 µs per token of a
+# batched prefill: ~300 tokens; twice that, for the step it waits)
+SHARE_WAIT = 512
 MIN_LEN_BUCKET = 256      # smallest number of cache slots a step attends over
 HEARTBEAT_S = 10.0        # an idle rank 0 tells the other ranks it is alive this often
 
@@ -622,17 +628,30 @@ class Engine:
         return [Request(a["id"], a["ids"], _params(a["params"]), a["seed"]) for a in msg.get("admit", ())]
 
     def _take_admissions(self) -> list[Request]:
-        """Pop queued requests for the free slots, within the prefill token budget (lock held)."""
+        """Pop queued requests for the free slots, within the prefill token budget (lock held).
+        With prefix reuse, a request that shares SHARE_WAIT or more tokens more with a prompt being
+        admitted now, or being prefilled in chunks, than with any row's K/V stays queued (others
+        behind it go on): once that prompt's prefill ran, its row offers them, and the request
+        takes them instead of computing them beside it (a burst of requests with one long system
+        prompt computes it once)."""
         free = sum(r is None for r in self._slots)
         out: list[Request] = []
         budget = self.prefill_tokens
-        while self._queue and len(out) < free:
-            r = self._queue[0]
-            if out and len(r.prompt_ids) > budget:
+        coming = [r.prompt_ids for r in self._chunking]
+        for r in list(self._queue):
+            if len(out) >= free or (out and len(r.prompt_ids) > budget):
                 break
-            budget -= len(self._queue.popleft().prompt_ids)
+            if self.prefix_reuse and self._share_coming(r.prompt_ids, coming + [o.prompt_ids for o in out]):
+                continue
+            self._queue.remove(r)
+            budget -= len(r.prompt_ids)
             out.append(r)
         return out
+
+    def _share_coming(self, ids: list[int], coming: list[list[int]]) -> bool:
+        """Whether ids share SHARE_WAIT or more tokens more with a prompt in `coming` than with any row."""
+        best = max((_common_prefix(c, ids) for c in coming), default=0)
+        return best >= SHARE_WAIT and best >= max(_common_prefix(kv, ids) for kv in self._kv) + SHARE_WAIT
 
     def _admit(self, reqs: list[Request]) -> None:
         """Requests that reuse a row's prefix take that row (or, where it is busy, a free one to
@@ -641,7 +660,8 @@ class Engine:
         while padding wastes at most half of the forward."""
         reqs = sorted(reqs, key=lambda r: -len(r.prompt_ids))
         free = [i for i, r in enumerate(self._slots) if r is None]
-        # rows this admission writes or copies from: no later pick may take them as source or slot
+        # rows this admission writes: no later pick may take them as source or slot (a free source
+        # row is taken in place; a busy one is only read, by any number of copies)
         taken: set[int] = set()
         reuse: dict[str, tuple[int, int]] = {}        # request id -> (source row, tokens taken)
         slot: dict[str, int] = {}
@@ -657,7 +677,7 @@ class Engine:
                 dest = src if src in free else min((f for f in free if f not in taken), key=order, default=None)
                 if dest is not None:
                     reuse[r.id], slot[r.id] = (src, n), dest
-                    taken.update((src, dest))
+                    taken.add(dest)
         rest = iter(sorted((f for f in free if f not in taken), key=order))
         with self._lock:
             for r in reqs:
