@@ -559,7 +559,7 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), T, scale * 1.4426950408889634,
         HQ=HQ, G=G, BT=bt, RP=max(16, next_power_of_2(bt * G)), D=D, BN=PREFILL_BN, NS=ns,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if q.is_cuda else 4)
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8)   # 4: 255 registers and spills (sm_90)
     if ns > 1:
         _prefill_merge_kernel[(cdiv(N, 16),)](part, ml, o, N, NS=ns, BR=16, D=D, num_warps=4)
     return o
