@@ -467,6 +467,46 @@ def test_prefix_reuse_equals_whole_prefill(model, staged):
     assert lps[True] == pytest.approx(lps[False], abs=1e-4)
 
 
+def queued_together(eng, ps, sp):
+    """Submit prompts ps while the engine's loop waits (in its token reading: a request must be
+    running), so that its next admission sees them all queued. -> the requests."""
+    waiting, go, process = threading.Event(), threading.Event(), eng._process
+
+    def hold(item):
+        if not waiting.is_set():
+            waiting.set()
+            go.wait(T_OUT)
+        process(item)
+    eng._process = hold
+    assert waiting.wait(T_OUT)
+    reqs = [eng.submit(p, sp) for p in ps]
+    go.set()
+    return reqs
+
+
+def test_a_free_row_serves_requests_in_place_and_by_copies(model):
+    """Two requests admitted together take the prefix of one free row: the longer in place (38 of
+    its tokens), the other by a copy of 47, issued before the first's prefill rewrites slots 38 ..
+    (its slot 0 from the set-aside copy, since idle decode steps rewrite a free row's); both get
+    the Generator's tokens."""
+    g = torch.Generator().manual_seed(33)
+    sysp = torch.randint(0, 500, (40,), generator=g).tolist()
+    t0, t1, t2 = (torch.randint(0, 500, (k,), generator=g).tolist() for k in (6, 30, 12))
+    sp = SamplingParams(max_new_tokens=6)
+    with Engine(model, max_batch=4, max_len=128) as eng:
+        a = eng.submit(sysp + t0, sp).result(T_OUT)                   # row 0 keeps its K/V
+        record = a.prompt_ids + a.output_ids[:-1]                     # 51 tokens
+        busy = eng.submit(t1[:3], SamplingParams(max_new_tokens=80))  # row 1: rows with K/V go last
+        next(iter(busy))
+        steps_after(busy, 2)                                          # row 0 idle meanwhile
+        b, c = (r.result(T_OUT) for r in queued_together(eng, [sysp + t1, record + t2], sp))
+        busy.result(T_OUT)
+    assert [r.cached_tokens for r in (b, c)] == [38, 47]
+    assert [r.cached_tokens for r in (b, c)] == [taken(r.prompt_ids, _common_prefix(record, r.prompt_ids))
+                                                 for r in (b, c)]
+    assert [r.output_ids for r in (b, c)] == [alone(model, r.prompt_ids, sp) for r in (b, c)]
+
+
 def test_a_burst_sharing_a_long_prefix_computes_it_once(model, monkeypatch):
     """Requests queued together whose prompts share SHARE_WAIT or more tokens (a long system
     prompt): the first is admitted, the others wait for the next step and then all copy its K/V
@@ -482,21 +522,10 @@ def test_a_burst_sharing_a_long_prefix_computes_it_once(model, monkeypatch):
     with Engine(model, max_batch=5, max_len=128) as eng:
         busy = eng.submit(tails[3][:4], SamplingParams(max_new_tokens=80))
         next(iter(busy))
-        waiting, go, process = threading.Event(), threading.Event(), eng._process
-
-        def hold(item):               # the loop waits here once, while the burst is queued
-            if not waiting.is_set():
-                waiting.set()
-                go.wait(T_OUT)
-            process(item)
-        eng._process = hold
-        assert waiting.wait(T_OUT)
-        reqs = [eng.submit(p, sp) for p in ps]
         admitted = []
         admit = eng._admit
         eng._admit = lambda rs: (admitted.append([ps.index(r.prompt_ids) for r in rs]), admit(rs))[1]
-        go.set()
-        got = [r.result(T_OUT) for r in reqs]
+        got = [r.result(T_OUT) for r in queued_together(eng, ps, sp)]
         busy.result(T_OUT)
     assert admitted[:2] == [[0, 3], [1, 2]]
     assert [r.cached_tokens for r in got] == [0, taken(ps[1], _common_prefix(ps[0], ps[1])),

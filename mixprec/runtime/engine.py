@@ -654,16 +654,17 @@ class Engine:
         return best >= SHARE_WAIT and best >= max(_common_prefix(kv, ids) for kv in self._kv) + SHARE_WAIT
 
     def _admit(self, reqs: list[Request]) -> None:
-        """Requests that reuse a row's prefix take that row (or, where it is busy, a free one to
-        copy it into) and prefill alone; the others take the lowest free slots (longest prompts
-        first; rows holding a reusable prefix last), and runs of contiguous slots prefill together
-        while padding wastes at most half of the forward."""
+        """Requests that reuse a row's prefix take that row (when it is free and no other request
+        of this admission took it) or a free one to copy it into, and prefill alone; the others
+        take the lowest free slots (longest prompts first; rows holding a reusable prefix last),
+        and runs of contiguous slots prefill together while padding wastes at most half of the
+        forward. Every copy is issued before any prefill, so a row taken in place still serves
+        copies of its old K/V (a free row: many requests sharing one system prompt)."""
         reqs = sorted(reqs, key=lambda r: -len(r.prompt_ids))
         free = [i for i, r in enumerate(self._slots) if r is None]
-        # rows this admission writes: no later pick may take them as source or slot (a free source
-        # row is taken in place; a busy one is only read, by any number of copies)
-        taken: set[int] = set()
-        reuse: dict[str, tuple[int, int]] = {}        # request id -> (source row, tokens taken)
+        written: set[int] = set()                     # rows this admission fills: no one's slot again
+        copied: set[int] = set()                      # of those, the copy destinations: no one's source
+        reuse: dict[str, tuple[int, int, bool]] = {}  # request id -> (source row, tokens taken, source free)
         slot: dict[str, int] = {}
 
         def order(f: int) -> tuple[bool, int]:
@@ -672,13 +673,16 @@ class Engine:
             return (True, self._freed[f]) if len(self._kv[f]) > PREFIX_MIN else (False, f)
 
         for r in reqs:
-            src, n = self._prefix_source(r.prompt_ids, taken) if self.prefix_reuse else (-1, 0)
+            src, n = self._prefix_source(r.prompt_ids, copied) if self.prefix_reuse else (-1, 0)
             if n:
-                dest = src if src in free else min((f for f in free if f not in taken), key=order, default=None)
+                in_place = src in free and src not in written
+                dest = src if in_place else min((f for f in free if f not in written), key=order, default=None)
                 if dest is not None:
-                    reuse[r.id], slot[r.id] = (src, n), dest
-                    taken.add(dest)
-        rest = iter(sorted((f for f in free if f not in taken), key=order))
+                    reuse[r.id], slot[r.id] = (src, n, src in free), dest
+                    written.add(dest)
+                    if not in_place:
+                        copied.add(dest)
+        rest = iter(sorted((f for f in free if f not in written), key=order))
         with self._lock:
             for r in reqs:
                 s = slot[r.id] if r.id in slot else next(rest)
@@ -686,10 +690,9 @@ class Engine:
                 self._slots[s] = r
                 self._kv[s] = []
         alone = set(reuse)
+        taken = {r.id: self._take_prefix(r, *reuse[r.id]) for r in reqs if r.id in reuse}   # copies first
         for r in reqs:
-            n = 0
-            if r.id in reuse:
-                n = self._take_prefix(r, *reuse[r.id])
+            n = taken.get(r.id, 0)
             if len(r.prompt_ids) - n > self.prefill_tokens:         # chunks, from the next loop step on
                 r._chunk_at = n
                 self._chunking.append(r)
@@ -814,14 +817,18 @@ class Engine:
             self._kv[r._slot] = r.prompt_ids
         self._pending.append((to_host(first), [(i, r) for i, r in enumerate(reqs)], lps))
 
-    def _take_prefix(self, r: Request, src: int, n: int) -> int:
+    def _take_prefix(self, r: Request, src: int, n: int, idle: bool) -> int:
         """r's row gets the K/V of its first n prompt tokens from row src: there already when src
-        is r's row (a free row; its slot 0 in _slot0), else copied from the busy row src. -> n"""
+        is r's row (a free row; its slot 0 in _slot0), else copied from row src (idle: src was free,
+        its slot 0 is in _slot0, the cache's is an idle decode step's). -> n"""
         s, c = r._slot, self.cache
         if src != s:
             c.k[:, s, :, :n].copy_(c.k[:, src, :, :n])
             c.v[:, s, :, :n].copy_(c.v[:, src, :, :n])
-            self._save_slot0(s)
+            if idle:
+                self._slot0[s].copy_(self._slot0[src])
+            else:
+                self._save_slot0(s)
         r.cached_tokens = n
         with self._lock:
             self._n_cached += n
