@@ -18,14 +18,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from engine_model import add_model_args, build
 from mixprec.runtime.engine import Engine
 from mixprec.runtime.sampling import SamplingParams
-from mixprec.runtime.synthetic import build_synthetic, synthetic_args
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--model", default="qwen3-30b-a3b")
-ap.add_argument("--mix", default="int4")
-ap.add_argument("--layers", type=int, default=None)
+add_model_args(ap)
 ap.add_argument("--context", type=int, default=16000)
 ap.add_argument("--streams", type=int, default=8)
 ap.add_argument("--gen", type=int, default=1200, help="tokens each stream generates (must outlast the long prefill)")
@@ -33,11 +31,8 @@ ap.add_argument("--chunks", default="2048,4096,65536")
 ap.add_argument("--reps", type=int, default=3)
 a = ap.parse_args()
 chunks = [int(c) for c in a.chunks.split(",")]
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-model = build_synthetic(synthetic_args(a.model, a.layers), a.mix, device=dev, progress=False)
+model = build(a, f"; {a.streams} streams, a {a.context}-token prompt")
 V = model.args.vocab_size
-print(f"{a.model} mix={a.mix} layers={model.args.num_hidden_layers} on "
-      f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}; {a.streams} streams, a {a.context}-token prompt")
 
 
 def ids(n: int, seed: int) -> list[int]:

@@ -15,23 +15,18 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from engine_model import add_model_args, build
 from mixprec.runtime.engine import Engine
 from mixprec.runtime.sampling import SamplingParams
-from mixprec.runtime.synthetic import build_synthetic, synthetic_args
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--model", default="qwen3-30b-a3b")
-ap.add_argument("--mix", default="int4")
-ap.add_argument("--layers", type=int, default=None)
+add_model_args(ap)
 ap.add_argument("--contexts", default="3000,8000,16000")
 ap.add_argument("--reps", type=int, default=3)
 a = ap.parse_args()
 contexts = [int(c) for c in a.contexts.split(",")]
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-model = build_synthetic(synthetic_args(a.model, a.layers), a.mix, device=dev, progress=False)
+model = build(a)
 V = model.args.vocab_size
-print(f"{a.model} mix={a.mix} layers={model.args.num_hidden_layers} on "
-      f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}")
 
 
 def turns(ctx: int, rep: int) -> tuple[list[int], list[int]]:
