@@ -238,12 +238,12 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, part_ptr
     acc = tl.zeros([GP, D], tl.float32)
     if ONE_TILE:
         if lo < hi:     # an empty split keeps m = -inf, l = 0 (a masked tile would make NaNs)
-            p, alpha, m_i = _scores(q, k, jm[None, :], m_i, scale_log2, PREC)
+            p, alpha, m_i = _scores(q, k, jm, m_i, scale_log2, PREC)
             acc, l_i = _accumulate(acc, l_i, p, alpha, v, PREC)
     else:
         for j0 in range(lo - lo % BN, hi, BN):
             j, jm = _slots(j0, lo, hi, BN)
-            p, alpha, m_i = _scores(q, _cache_rows(kb, j, jm, s_ks, rd), jm[None, :], m_i, scale_log2, PREC)
+            p, alpha, m_i = _scores(q, _cache_rows(kb, j, jm, s_ks, rd), jm, m_i, scale_log2, PREC)
             acc, l_i = _accumulate(acc, l_i, p, alpha, _cache_rows(vb, j, jm, s_vs, rd), PREC)
     o_rows = o_ptr + (b * HQ + heads)[:, None] * D + rd[None, :]
     if SPLIT == 1:
@@ -288,12 +288,11 @@ def _kv_tile(kb, vb, j0, lo, hi, s_ks, s_vs, rd, BN: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, vis, m_i, scale_log2, PREC: tl.constexpr):
-    """Online softmax over one tile: q [GP, D] against k [BN, D] (vis: which scores count, [1, BN]
-    or [GP, BN]; every row has one set so far, in this tile or an earlier one)
+def _scores(q, k, jm, m_i, scale_log2, PREC: tl.constexpr):
+    """Online softmax over one tile: q [GP, D] against k [BN, D] (mask jm [BN], at least one set)
     -> (p [GP, BN], the old sums' factor alpha [GP], the new row max [GP])."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2                          # [GP, BN], log2 units
-    s = tl.where(vis, s, float("-inf"))
+    s = tl.where(jm[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     return tl.exp2(s - m_new[:, None]), tl.exp2(m_i - m_new), m_new
 
