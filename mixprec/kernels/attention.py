@@ -2,7 +2,9 @@
 qkv projection (one launch for all heads; prefill), and FlashDecoding-style attention of one new
 token per sequence over the cache (split over the cache length; the last split of a head to
 finish merges the partials), which at decode also does the q/k norm + RoPE + cache write itself:
-one launch between the qkv and o projections.
+one launch between the qkv and o projections. And causal attention of a prompt's rest over a
+cache row named on the device (prefill_attention: the rest-of-prompt CUDA graphs, which serve any
+row and prefix length).
 
 References: layers/attention.py (q_norm/k_norm, apply_rope, KVCache.update, SDPA with
 KVCache.mask). The norm + RoPE kernel rounds each step to the activation dtype where the
