@@ -742,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "chunks of this many, so running requests keep getting tokens meanwhile")
     p.add_argument("--prefill-graph-tokens", type=at_least(0), default=GRAPH_TOKENS,
                    help="prefills up to this many padded tokens replay CUDA graphs (their staging KV "
-                        "cache holds this many tokens); 0: eager prefill")
+                        "cache holds this many tokens), and so do the rests of prompts after a reused "
+                        "prefix and prefill chunks up to this many; 0: eager prefill")
     p.add_argument("--warmup", action="store_true",
                    help="capture every decode and prefill CUDA graph before serving (no request waits on a "
                         "capture; takes longer to start)")

@@ -310,7 +310,8 @@ class Engine:
     prefix) is prefilled in chunks of that many tokens, one between two decode steps, so running
     requests keep getting tokens meanwhile.
     prefill_graph_tokens: prefills of up to this many padded tokens replay CUDA graphs (with
-    use_cuda_graphs; their staging KV cache holds this many tokens, prefill.py); 0: none.
+    use_cuda_graphs; their staging KV cache holds this many tokens, prefill.py), and so do rests
+    of a prompt after a reused prefix and prefill chunks of up to this many; 0: none.
     warmup: before the first request, capture every decode graph (batch bucket x length bucket x
     sampling mode) and every prefill graph the engine can need, so no request waits on a capture
     (a decode graph runs two eager warm-up steps first, a prefill graph one forward; Triton
