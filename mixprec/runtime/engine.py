@@ -73,14 +73,24 @@ HEARTBEAT_S = 10.0        # an idle rank 0 tells the other ranks it is alive thi
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix (binary search over slice compares: C speed)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
+    """Length of the longest common prefix, by slice compares (C speed) of windows that double
+    until one differs, then halving that window: O(prefix) elements copied, not O(n log n) as a
+    bisection from the start (32000 tokens sharing 20000: 1.9 ms per pair that way)."""
+    n = min(len(a), len(b))
+    lo, size = 0, 64
+    while lo < n:
+        hi = min(n, lo + size)
+        if a[lo:hi] != b[lo:hi]:
+            break
+        lo, size = hi, 2 * size
+    else:
+        return n
+    while hi - lo > 1:                        # a[:lo] == b[:lo], a mismatch in [lo, hi)
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
             lo = mid
         else:
-            hi = mid - 1
+            hi = mid
     return lo
 
 
@@ -634,13 +644,13 @@ class Engine:
         admitted now, or being prefilled in chunks, than with any row's K/V stays queued (others
         behind it go on): once that prompt's prefill ran, its row offers them, and the request
         takes them instead of computing them beside it (a burst of requests with one long system
-        prompt computes it once)."""
+        prompt computes it once). At most 2 x the free rows are looked at per step (host time)."""
         free = sum(r is None for r in self._slots)
         out: list[Request] = []
         budget = self.prefill_tokens
         coming = [r.prompt_ids for r in self._chunking]
-        for r in list(self._queue):
-            if len(out) >= free or (out and len(r.prompt_ids) > budget):
+        for i, r in enumerate(list(self._queue)):
+            if len(out) >= free or i >= 2 * free or (out and len(r.prompt_ids) > budget):
                 break
             if self.prefix_reuse and self._share_coming(r.prompt_ids, coming + [o.prompt_ids for o in out]):
                 continue
@@ -650,9 +660,14 @@ class Engine:
         return out
 
     def _share_coming(self, ids: list[int], coming: list[list[int]]) -> bool:
-        """Whether ids share SHARE_WAIT or more tokens more with a prompt in `coming` than with any row."""
-        best = max((_common_prefix(c, ids) for c in coming), default=0)
-        return best >= SHARE_WAIT and best >= max(_common_prefix(kv, ids) for kv in self._kv) + SHARE_WAIT
+        """Whether ids share SHARE_WAIT or more tokens more with a prompt in `coming` than with any
+        row (rows not sharing its first SHARE_WAIT tokens count as sharing none: a cheap bound)."""
+        head = ids[:SHARE_WAIT]
+        best = max((_common_prefix(c, ids) for c in coming if c[:SHARE_WAIT] == head), default=0)
+        if best < SHARE_WAIT:
+            return False
+        return best >= max((_common_prefix(kv, ids) for kv in self._kv if kv[:SHARE_WAIT] == head),
+                           default=0) + SHARE_WAIT
 
     def _admit(self, reqs: list[Request]) -> None:
         """Requests that reuse a row's prefix take that row (when it is free and no other request
