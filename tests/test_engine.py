@@ -385,10 +385,12 @@ def test_penalty_values_are_checked():
     assert SamplingParams(presence_penalty=1.5).penalized and not SamplingParams().penalized
 
 
-def test_common_prefix():
+@pytest.mark.parametrize("top", [12, 700])
+def test_common_prefix(top):
+    """Against a brute-force scan; up to 700 tokens: the doubling windows (64, 128, 256...) too."""
     g = torch.Generator().manual_seed(3)
     for _ in range(200):
-        a = torch.randint(0, 3, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist()
+        a = torch.randint(0, 3, (int(torch.randint(0, top, (1,), generator=g)),), generator=g).tolist()
         b = a[:int(torch.randint(0, len(a) + 1, (1,), generator=g))] + torch.randint(0, 3, (4,), generator=g).tolist()
         brute = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         assert _common_prefix(a, b) == brute
