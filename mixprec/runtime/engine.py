@@ -664,10 +664,13 @@ class Engine:
         row (rows not sharing its first SHARE_WAIT tokens count as sharing none: a cheap bound)."""
         head = ids[:SHARE_WAIT]
         best = max((_common_prefix(c, ids) for c in coming if c[:SHARE_WAIT] == head), default=0)
-        if best < SHARE_WAIT:
-            return False
-        return best >= max((_common_prefix(kv, ids) for kv in self._kv if kv[:SHARE_WAIT] == head),
-                           default=0) + SHARE_WAIT
+        return best >= SHARE_WAIT and best >= max(self._shared(ids, SHARE_WAIT).values(), default=0) + SHARE_WAIT
+
+    def _shared(self, ids: list[int], head: int, skip: set[int] = frozenset()) -> dict[int, int]:
+        """Row -> how many leading tokens of ids its K/V hold, for the rows outside `skip` whose
+        record starts with ids' first `head` tokens (the others are not compared: host time)."""
+        h = ids[:head]
+        return {s: _common_prefix(kv, ids) for s, kv in enumerate(self._kv) if s not in skip and kv[:head] == h}
 
     def _admit(self, reqs: list[Request]) -> None:
         """Requests that reuse a row's prefix take that row (when it is free and no other request
@@ -737,8 +740,7 @@ class Engine:
         class that prefill graphs compile too); n = 0 when that leaves fewer than PREFIX_MIN."""
         if len(ids) <= PREFIX_MIN:
             return -1, 0
-        shared = {s: _common_prefix(kv, ids) for s, kv in enumerate(self._kv)
-                  if s not in taken and kv[:PREFIX_MIN] == ids[:PREFIX_MIN]}
+        shared = self._shared(ids, PREFIX_MIN, taken)
         # the longest shared prefix; among equals a free row (no copy), then the lowest
         row = max(shared, key=lambda s: (shared[s], self._slots[s] is None, -s), default=-1)
         best = shared.get(row, 0)
