@@ -1,12 +1,9 @@
 """moe_align alone (the dot path's sort of (token, expert) pairs by expert), E=128, top-8, CUDA
 graphs, µs per call, for each of its kernels: one program sorting the pairs in registers (up to
 1024 pairs here) and the count / scan / scatter launches over chunks; both must agree bit for
-bit. This is how moe.ALIGN_SORT_MAX_P is chosen. `--route`: instead, the decode dot path's routing
-+ alignment, route() then moe_align (two launches) against route_align (one), from router logits,
-at 5-64 tokens.
+bit. This is how moe.ALIGN_SORT_MAX_P is chosen.
 
-    python scripts/bench_align.py [--route]"""
-import argparse
+    python scripts/bench_align.py"""
 import os
 import sys
 
@@ -15,22 +12,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mixprec.kernels import moe, timing          # noqa: E402
-
-ap = argparse.ArgumentParser()
-ap.add_argument("--route", action="store_true")
-if ap.parse_args().route:
-    print(f"# {torch.cuda.get_device_name()}: E=128, top-8, µs per call (CUDA graph)", flush=True)
-    print("| BM | tokens | route + moe_align | route_align | equal |\n|---:|---:|---:|---:|---|")
-    for bm in (8, 16):
-        for M in (5, 8, 16, 32, 64):
-            lg = torch.randn(M, 128, device="cuda")
-            two = timing.graph_us([lambda: moe.moe_align(moe.route(lg, 8, True)[1], 128, bm)])
-            one = timing.graph_us([lambda: moe.route_align(lg, 8, True, bm)])
-            w, ids = moe.route(lg, 8, True)
-            w1, ids1, (_, s1, b1) = moe.route_align(lg, 8, True, bm)
-            same = all(torch.equal(a, b) for a, b in zip((w, ids, *moe.moe_align(ids, 128, bm)), (w1, ids1, s1, b1)))
-            print(f"| {bm} | {M} | {two:.2f} | {one:.2f} | {same} |", flush=True)
-    sys.exit(0)
 
 # ALIGN_SORT_MAX_P that sends moe_align to each kernel
 METHODS = {"sort": 1 << 30, "chunked": 0}

@@ -178,25 +178,6 @@ def test_align_groups_pairs_by_expert(ids_kind, m, k, e, bm, monkeypatch):
     assert used == sorted(used)                                  # blocks in expert order
 
 
-@pytest.mark.parametrize("m,e,k,bm,renorm", [(5, 8, 2, 16, True), (64, 128, 8, 8, True), (33, 128, 8, 16, False),
-                                            (13, 60, 6, 8, True), (17, 128, 8, 16, True)])
-def test_route_align_equals_route_then_align(m, e, k, bm, renorm):
-    """route_align's one launch (the alignment by a one-hot cumsum in the route launch's last
-    program) gives route()'s weights and ids and moe_align's slots and blocks bit for bit: 64
-    tokens x top-8 of 128 experts, its largest size; 60 experts and top-6 (no powers of two); one
-    row (17 x 8 pairs) past a 16-token program; a NaN logit row and a tie row ride along."""
-    g = torch.Generator(device=DEV).manual_seed(m * e + k)
-    logits = torch.randn(m, e, generator=g, device=DEV)
-    logits[1, 3] = float("nan")
-    logits[2] = 0.25
-    w, ids, (b, sorted_ids, blk) = moe.route_align(logits, k, renorm, bm)
-    w0, ids0 = moe.route(logits, k, renorm)
-    s0, blk0 = moe.moe_align(ids0, e, bm)
-    assert b == bm and torch.equal(ids, ids0)
-    assert torch.equal(w.nan_to_num(-7.0), w0.nan_to_num(-7.0)) and bool(w[1].isnan().all())
-    assert torch.equal(sorted_ids, s0) and torch.equal(blk, blk0)
-
-
 # ---------------------------------------------------------------------------------------------
 # the fused MoE vs the reference (CPU interpreter in fp16; GPU too when present)
 
@@ -544,37 +525,6 @@ def test_layer_with_folded_input_scales_runs_fused():
             with interpreter_kernels():
                 got = layer(x)
     assert layer._kernel_buckets() is not None and len(layer._up_groups) == 3
-    assert mt.sqnr_db(ref.float(), got.float()) >= 40
-
-
-@pytest.mark.parametrize("m", [5, 12])
-def test_layer_aligns_inside_the_routing_launch(m, monkeypatch):
-    """Above ROUTER_FUSED_MAX_M tokens, where the experts take the dot path, the layer routes with
-    route_align and hands its alignment to fused_moe (no second align launch): equal to the
-    readable path."""
-    import contextlib
-
-    import mixprec.layers.moe as lm
-    from mixprec.formats.base import Packed, interpreter_kernels, reference_path
-    g = torch.Generator().manual_seed(m)
-    Hm, Im, Em, dt = 64, 32, 8, torch.float16
-    layer = lm.MoE(Hm, Im, Em, top_k=2, renorm=True, dtype=dt, device=DEV)
-    layer.gate.weight = torch.randn(Em, Hm, generator=g).to(DEV, dt)
-    for e in range(Em):
-        for p in ("gate", "up", "down"):
-            n, k = (Hm, Im) if p == "down" else (Im, Hm)
-            layer.set_expert(e, p, Packed("dense", n, k, {"weight": (torch.randn(n, k, generator=g) / 4).to(DEV, dt)}))
-    layer.finalize()
-    x = torch.randn(m, Hm, generator=g).to(DEV, dt)
-    calls = []
-    monkeypatch.setattr(lm, "route_align", lambda *a: calls.append(a[-1]) or moe.route_align(*a))
-    monkeypatch.setattr(moe, "moe_align", lambda *a: pytest.fail("aligned twice"))
-    monkeypatch.setattr(moe_configs, "GEMV_LAYOUT", {})     # every side on the dot path from 2 tokens
-    with reference_path():
-        ref = layer(x)
-    with contextlib.nullcontext() if CUDA else interpreter_kernels():
-        got = layer(x)
-    assert calls == [moe_configs.DOT[0][1]["BM"]]
     assert mt.sqnr_db(ref.float(), got.float()) >= 40
 
 

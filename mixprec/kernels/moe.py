@@ -40,7 +40,7 @@ from . import moe_configs, pdl
 from .intq import mma_takes
 from .ints import cdiv, next_power_of_2
 from .moe_triton import (_align_count_kernel, _align_scan_kernel, _align_scatter_kernel, _align_sort_kernel,
-                         _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel, _permute_pairs_kernel, _route_align_kernel, _route_kernel,
+                         _intq_stack_kernel, _moe_dot_kernel, _moe_gemv_kernel, _permute_pairs_kernel, _route_kernel,
                          _router_route_kernel, _silu_mul_kernel, _token_sum_kernel)
 from .quant import (FP8_ACT_GROUP, act_quant, fp8_act_reference, int8_act_quant_reference,
                     split_counters)
@@ -235,39 +235,6 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
                              num_warps=8, **kw)
     _align_scatter_kernel[(nch,)](ids, cc, sorted_ids, P, EB=EB, CH=CH, num_warps=8, **kw)
     return sorted_ids, block_expert
-
-
-# route_align: the alignment inside the route launch while the [tokens, experts] one-hot of its
-# last program stays this small (E=128: up to 64 tokens)
-ROUTE_ALIGN_MAX_ELEMS = 8192
-
-
-def route_align(router_logits: Tensor, top_k: int, renorm: bool, block_m: int
-                ) -> tuple[Tensor, Tensor, tuple[int, Tensor, Tensor]]:
-    """route() and moe_align(ids, E, block_m) of its ids: -> (topk_w, topk_ids, (block_m,
-    sorted_ids, block_expert)), the last ready for fused_moe's `aligned`. One launch on a Triton
-    device for up to ROUTE_ALIGN_MAX_ELEMS // E tokens (the align launch of the dot path's decode
-    folded into the routing's), else the two calls."""
-    M, E = router_logits.shape if router_logits.dim() == 2 else (0, 0)
-    EB = next_power_of_2(E)
-    MB = max(16, next_power_of_2(M))
-    if not (_triton_ok(router_logits) and 0 < M and 1 <= top_k <= E and MB * EB <= ROUTE_ALIGN_MAX_ELEMS
-            and M * top_k <= ALIGN_SORT_MAX_P):
-        w, ids = route(router_logits, top_k, renorm)
-        return w, ids, (block_m, *moe_align(ids, E, block_m))
-    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
-    dev = logits.device
-    w = torch.empty(M, top_k, dtype=torch.float32, device=dev)
-    ids = torch.empty(M, top_k, dtype=torch.int32, device=dev)
-    nb, smax = align_bounds(M * top_k, E, block_m)
-    sorted_ids = torch.empty(smax, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
-    BT = max(1, min(16, 4096 // EB))
-    _route_align_kernel[(cdiv(M, BT),)](
-        logits, w, ids, split_counters(dev, 1), sorted_ids, block_expert, M, E, logits.stride(0), smax, nb,
-        TOPK=top_k, RENORM=bool(renorm), BT=BT, EB=EB, KB=next_power_of_2(top_k), MB=MB, BM=block_m,
-        CH=_align_ch(EB), num_warps=4 if MB * EB <= 2048 else 8, **pdl.launch_kw(logits))
-    return w, ids, (block_m, sorted_ids, block_expert)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,35 +556,9 @@ def _permute_pairs(src: Tensor, ids: Tensor, perms: list[tuple[Tensor, Tensor]],
     return dst
 
 
-def plan_sides(buckets: list[dict], x: Tensor, inter: int, config=None) -> tuple[str, dict, str, dict]:
-    """-> (up path, up config, down path, down config) of fused_moe on x [M, H]: `config` or
-    moe_configs.pick's, a dot row with "mma" replaced by the BM-16 one where _mma_dot_fits says no."""
-    M, H = x.shape
-    path_up, cu, path_dn, cd = (moe_configs.sides(config) if config else
-                                moe_configs.pick(M, *side_layouts(buckets), hidden=H))
-    if path_up == "dot" and cu.get("mma") and not _mma_dot_fits(
-            [b for b in buckets if b["proj"] != "down"], cu, H, M, x, H, inter, True):
-        cu = moe_configs.DOT[0][1]
-    if path_dn == "dot" and cd.get("mma") and not _mma_dot_fits(
-            [b for b in buckets if b["proj"] == "down"], cd, inter, M, x, H, inter, False):
-        cd = moe_configs.DOT[0][1]
-    return path_up, cu, path_dn, cd
-
-
-def align_block_m(buckets: list[dict], x: Tensor, inter: int) -> int | None:
-    """The block size of the first pair alignment fused_moe(x, ..., buckets, inter) computes (its
-    dot path's; route_align can do it inside the routing launch), None where it computes none (GEMV
-    sides, grouped_moe, no Triton device)."""
-    if not _triton_ok(x) or x.dim() != 2 or x.shape[0] == 0 or takes_grouped(buckets, x, inter, x.shape[0]):
-        return None
-    path_up, cu, path_dn, cd = plan_sides(buckets, x, inter)
-    return cu["BM"] if path_up == "dot" else (cd["BM"] if path_dn == "dot" else None)
-
-
 def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], inter: int,
               *, one_launch: bool = True, config: tuple[str, dict, dict] | None = None,
-              up_groups: list[list[int]] | None = None, up_x: list[Tensor] | None = None,
-              aligned: tuple[int, Tensor, Tensor] | None = None) -> Tensor:
+              up_groups: list[list[int]] | None = None, up_x: list[Tensor] | None = None) -> Tensor:
     """y[m] = sum_j topk_w[m, j] * down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_ids[m, j].
 
     x [M, H] bf16/fp16; topk_ids [M, k] int32; topk_w [M, k] fp32 (as route() returns them);
@@ -627,9 +568,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     overrides moe_configs.pick (benchmark sweeps). More than MAX_SLOTS gate/up
     buckets take several gate/up launches: pass `up_groups=up_launches(buckets)` (computed once;
     computing it here syncs with the host, which a CUDA graph capture refuses). `up_x`: per
-    gate/up launch, the input its experts read (x with a folded-norm correction applied; default x).
-    `aligned`: (block_m, sorted_ids, block_expert) of these topk_ids as route_align returns them
-    (what align_block_m says the dot path takes first), used instead of computing it again."""
+    gate/up launch, the input its experts read (x with a folded-norm correction applied; default x)."""
     if x.dim() != 2:
         raise ShapeMismatch(f"fused_moe: x must be [M, H], got {tuple(x.shape)}")
     M, H = x.shape
@@ -663,7 +602,12 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     out = torch.empty(M, H, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    path_up, cu, path_dn, cd = plan_sides(buckets, x, inter, config)
+    path_up, cu, path_dn, cd = (moe_configs.sides(config) if config else
+                                moe_configs.pick(M, *side_layouts(buckets), hidden=H))
+    if path_up == "dot" and cu.get("mma") and not _mma_dot_fits(up_side, cu, H, M, x, H, inter, True):
+        cu = moe_configs.DOT[0][1]
+    if path_dn == "dot" and cd.get("mma") and not _mma_dot_fits(down_side, cd, inter, M, x, H, inter, False):
+        cd = moe_configs.DOT[0][1]
     act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
     nt_down = cdiv(H, cd["BN"])
     cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)
@@ -695,7 +639,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     # (at most P + E blocks: moe_align)
     ucnt = (split_counters(x.device, (P + E) * cdiv(inter, cu["BN"])) if split_up > 1 else cnt)
 
-    aligned = {} if aligned is None else {aligned[0]: aligned[1:]}
+    aligned: dict[int, tuple[Tensor, Tensor]] = {}
 
     def side(path_s: str, mode: int):
         """-> (kernel, grid dim 0, leading args, shape kwargs) of one side on its path; the two

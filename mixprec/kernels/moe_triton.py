@@ -1128,46 +1128,6 @@ def _route_kernel(logit_ptr, w_ptr, id_ptr, M, E, stride_m,
 
 
 @triton.jit
-def _route_align_kernel(logit_ptr, w_ptr, id_ptr, cnt_ptr, sorted_ptr, blk_ptr, M, E, stride_m, S_MAX, NB_MAX,
-                        TOPK: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr,
-                        KB: tl.constexpr, MB: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr,
-                        PDL: tl.constexpr = False):
-    """_route_kernel, then the last of its programs to arrive (arrival counter, reset after) aligns
-    the M * TOPK pairs as _align_sort_kernel does, without a sort: a token's TOPK experts are
-    distinct, so a pair's rank inside its expert's run is the number of earlier tokens routed to
-    that expert, an exclusive cumsum over the [MB, EB] token x expert one-hot (M <= MB)."""
-    pdl.wait(PDL)
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    rmask = rows < M
-    ev = tl.arange(0, EB)
-    emask = ev < E
-    lg = tl.load(logit_ptr + rows[:, None].to(tl.int64) * stride_m + ev[None, :],
-                 mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)
-    wv, iv = _topk_softmax(lg, emask, ev, TOPK, RENORM, BT, EB, KB)
-    _store_topk(w_ptr, id_ptr, wv, iv, rows, rmask, TOPK, KB)
-    tl.debug_barrier()  # all threads' id stores precede the release below
-    prev = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    if prev == tl.num_programs(0) - 1:
-        P = M * TOPK
-        tm = tl.arange(0, MB)
-        kv = tl.arange(0, KB)
-        pm = (tm < M)[:, None] & (kv < TOPK)[None, :]
-        ids = tl.load(id_ptr + tm[:, None] * TOPK + kv[None, :], mask=pm, other=0, cache_modifier=".cg")
-        oh = tl.zeros([MB, EB], dtype=tl.int32)
-        for j in tl.static_range(TOPK):
-            e_j = tl.sum(tl.where(kv[None, :] == j, ids, 0), axis=1)        # [MB] column j
-            oh += ((e_j[:, None] == ev[None, :]) & (tm < M)[:, None]).to(tl.int32)
-        counts = tl.sum(oh, axis=0)
-        ends, starts, total = _expert_runs(counts, E, BM)
-        slot = tl.gather(tl.cumsum(oh, axis=0) - oh + starts[None, :], ids, 1)   # [MB, KB]
-        _fill_slots(sorted_ptr, 0, S_MAX, P, CH)
-        _store_blocks(blk_ptr, ends, total, NB_MAX, BM, CH)
-        tl.debug_barrier()
-        tl.store(sorted_ptr + slot, tm[:, None] * TOPK + kv[None, :], mask=pm)
-        tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch / graph replay
-
-
-@triton.jit
 def _router_route_kernel(x_ptr, g_ptr, lg_ptr, w_ptr, id_ptr, cnt_ptr, r_ptr, nw_ptr, y_ptr, h_ptr,
                          M, E, H, stride_xm, eps,
                          TOPK: tl.constexpr, RENORM: tl.constexpr, MB: tl.constexpr, BE: tl.constexpr,

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from ..errors import MissingWeight, MixprecError, ShapeMismatch
 from ..formats.base import Packed, apply, dequant, use_kernels
-from ..kernels.moe import (MOE_ACT_DTYPES, ROUTER_FUSED_MAX_M, align_block_m, fused_moe, half_cover, norm_router_route,
-                           route_align, router_route, topk_lowest_id, up_launches)
+from ..kernels.moe import (MOE_ACT_DTYPES, ROUTER_FUSED_MAX_M, fused_moe, half_cover, norm_router_route, router_route,
+                           topk_lowest_id, up_launches)
 from .linear import bucket_key, cat_n, same_scale
 
 PROJS = ("gate", "up", "down")
@@ -202,7 +202,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.H)
         if self._fast(x):
-            y = self._experts_fast(x, *self._route_fast(x))
+            y = self._experts_fast(x, *router_route(x, self.gate.weight, self.top_k, self.renorm))
         else:
             topk_w, topk_ids = route(x, self.gate.weight, self.top_k, self.renorm)
             y = self._forward_buckets(x, topk_ids, topk_w)
@@ -290,21 +290,12 @@ class MoE(nn.Module):
         """Whether the fused kernels run this layer on x (else the readable per-bucket path)."""
         return use_kernels(x) and x.dtype in MOE_ACT_DTYPES and self._kernel_buckets() is not None
 
-    def _route_fast(self, x: Tensor) -> tuple[Tensor, Tensor, tuple | None]:
-        """(topk_w, topk_ids, the pairs' alignment or None) of x [T, H] on the kernel path: the
-        router linear and routing in one launch up to ROUTER_FUSED_MAX_M tokens; above, where the
-        experts take the dot path, the alignment it needs inside the routing launch (route_align)."""
-        bm = align_block_m(self._kernel_buckets(), x, self.I) if x.shape[0] > ROUTER_FUSED_MAX_M else None
-        if bm is None:
-            return (*router_route(x, self.gate.weight, self.top_k, self.renorm), None)
-        return route_align(F.linear(x, self.gate.weight), self.top_k, self.renorm, bm)
-
-    def _experts_fast(self, x: Tensor, topk_w: Tensor, topk_ids: Tensor, aligned: tuple | None = None) -> Tensor:
+    def _experts_fast(self, x: Tensor, topk_w: Tensor, topk_ids: Tensor) -> Tensor:
         """The grouped expert kernels over all buckets (CUDA, no host sync) for x [T, H] routed to
-        topk_ids with weights topk_w [T, k] (aligned: fused_moe's)."""
+        topk_ids with weights topk_w [T, k]."""
         up_x = [x if s is None else x * s.to(x.dtype) for s in self._up_scales]
         return fused_moe(x, topk_ids, topk_w, self._kernel_buckets(), self.I, up_groups=self._up_groups,
-                         up_x=up_x, aligned=aligned)
+                         up_x=up_x)
 
     def _forward_buckets(self, x: Tensor, topk_ids: Tensor, topk_w: Tensor) -> Tensor:
         """Readable path (any device; host syncs): per bucket, per expert, gather its routed
