@@ -221,9 +221,11 @@ def _group_sz(sp, zp, grp, nw, clo, chi, mlo, mhi, ok, HZ: tl.constexpr, GS: tl.
 def _lane_cols(v, NW: tl.constexpr):
     # [L, T] per lane -> [8 T]: summed over the warps, lanes c = 0 kept, element T g + t
     T: tl.constexpr = v.shape[1]
-    s = tl.sum(tl.reshape(v, [NW, 8, 4, T]), axis=0)                      # [g, c, t]
-    c = tl.arange(0, 4)[None, :, None]
-    return tl.reshape(tl.sum(tl.where(c == 0, s, 0.0), axis=1), [8 * T])
+    # lane c = 0 first (shuffles inside the warp), then the warps' sum: a quarter of the values
+    # cross shared memory
+    c = tl.arange(0, 4)[None, None, :, None]
+    s = tl.sum(tl.where(c == 0, tl.reshape(v, [NW, 8, 4, T]), 0.0), axis=2)   # [w, g, t]
+    return tl.reshape(tl.sum(s, axis=0), [8 * T])
 
 
 @triton.jit
