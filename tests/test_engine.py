@@ -554,6 +554,20 @@ def test_rows_holding_a_prefix_are_taken_last(model):
         assert fourth.cached_tokens == 0
 
 
+def test_a_record_of_prefix_min_tokens_is_kept_like_longer_ones(model):
+    """A row whose record is exactly PREFIX_MIN tokens can serve a prefix, so it goes last like
+    longer records: the next unrelated request takes the other row and the record stays."""
+    from mixprec.runtime.engine import PREFIX_MIN
+    g = torch.Generator().manual_seed(9)
+    a, b, more = (torch.randint(0, 500, (k,), generator=g).tolist() for k in (PREFIX_MIN - 5, 20, 16))
+    with Engine(model, max_batch=2, max_len=128) as eng:
+        first = eng.submit(a, SamplingParams(max_new_tokens=6)).result(T_OUT)      # record: 11 + 5 tokens
+        assert len(first.output_ids) == 6
+        eng.submit(b, SamplingParams(max_new_tokens=2)).result(T_OUT)              # the other row
+        again = eng.submit(a + first.output_ids[:5] + more, SamplingParams(max_new_tokens=2)).result(T_OUT)
+        assert again.cached_tokens == PREFIX_MIN
+
+
 def test_long_prompts_prefill_in_chunks_between_decode_steps(model, monkeypatch):
     """A prompt longer than prefill_tokens is prefilled a chunk per loop step (as the tail of its
     row so far) while running requests decode between the chunks; its tokens equal a whole

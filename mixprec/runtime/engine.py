@@ -689,7 +689,7 @@ class Engine:
         def order(f: int) -> tuple[bool, int]:
             # rows in index order (contiguous rows prefill together), except rows whose K/V could
             # serve a later prompt: those last, the longest unused first
-            return (True, self._freed[f]) if len(self._kv[f]) > PREFIX_MIN else (False, f)
+            return (True, self._freed[f]) if len(self._kv[f]) >= PREFIX_MIN else (False, f)
 
         for r in reqs:
             src, n = self._prefix_source(r.prompt_ids, copied) if self.prefix_reuse else (-1, 0)
