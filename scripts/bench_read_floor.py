@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--pair", action="store_true")
     a = ap.parse_args()
     sizes = [float(v) for v in a.sizes.split(",")]
+    if a.pair and len(sizes) != 2:
+        ap.error("--pair times two sizes: give --sizes A,B")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bw = timing.copy_bandwidth_gbps()
     print(f"device {torch.cuda.get_device_name()} SMs {sms} copy {bw:.0f} GB/s", flush=True)
@@ -68,7 +70,7 @@ def main() -> None:
         us, per_sm, warps, U = rows[mb] = best
         print(f"{mb:6.1f} MB: best {us:6.2f} us = {mb / us * 1e3:7.0f} GB/s ({100 * mb / us * 1e3 / bw:4.1f}% "
               f"copy) at {per_sm}/SM warps {warps} U {U}; bytes / copy bandwidth {mb / bw * 1e3:5.2f} us", flush=True)
-    if a.pair and len(sizes) == 2:
+    if a.pair:
         (b0, f0), (b1, f1) = (_launch(mb, sms, *rows[mb][1:]) for mb in sizes)
         c = min(len(f0), len(f1))
         us = timing.graph_us([f for i in range(c) for f in (f0[i], f1[i])]) * 2
