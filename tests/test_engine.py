@@ -568,6 +568,47 @@ def test_a_record_of_prefix_min_tokens_is_kept_like_longer_ones(model):
         assert again.cached_tokens == PREFIX_MIN
 
 
+def test_random_requests_match_the_generator(model):
+    """A random mix (prompts sharing prefixes of 4 bases, lengths past prefill_tokens, greedy and
+    seeded sampling with top-k / top-p, penalties, logit bias, some cancelled at once) through 4
+    rows with prefix reuse and chunked prefill: each request not cancelled gets what the
+    Generator gives it alone, and rows were reused."""
+    import random
+    rng = random.Random(12)
+    bases = [[rng.randrange(500) for _ in range(rng.randrange(10, 150))] for _ in range(4)]
+
+    def prompt():
+        if rng.random() < 0.6:
+            b = rng.choice(bases)
+            return b[:rng.randrange(1, len(b) + 1)] + [rng.randrange(500) for _ in range(rng.randrange(0, 40))]
+        return [rng.randrange(500) for _ in range(rng.randrange(1, 160))]
+
+    def params():
+        kw = dict(max_new_tokens=rng.randrange(1, 12))
+        if rng.random() < 0.6:
+            kw.update(temperature=rng.choice([0.5, 1.0, 1.3]), seed=rng.randrange(1000),
+                      top_k=rng.choice([0, 1, 5, 50]), top_p=rng.choice([1.0, 0.3, 0.8, 0.95]))
+        if rng.random() < 0.3:
+            kw.update(presence_penalty=rng.choice([0.5, 1.5]), frequency_penalty=rng.choice([0.0, 0.7]))
+        if rng.random() < 0.2:
+            kw["logit_bias"] = ((rng.randrange(500), 5.0), (rng.randrange(500), -100.0))
+        return SamplingParams(**kw)
+
+    reqs = [(prompt(), params()) for _ in range(30)]
+    ref = [alone(model, p, sp) for p, sp in reqs]
+    with Engine(model, max_batch=4, max_len=256, prefill_tokens=48) as eng:
+        handles, cancelled = [], set()
+        for i, (p, sp) in enumerate(reqs):
+            handles.append(eng.submit(p, sp))
+            if rng.random() < 0.1:
+                eng.cancel(handles[-1])
+                cancelled.add(i)
+        got = [h.result(T_OUT) for h in handles]
+    assert [r.output_ids for i, r in enumerate(got) if i not in cancelled] == \
+        [o for i, o in enumerate(ref) if i not in cancelled]
+    assert sum(r.cached_tokens for r in got) > 0 and len(cancelled) > 0
+
+
 def test_long_prompts_prefill_in_chunks_between_decode_steps(model, monkeypatch):
     """A prompt longer than prefill_tokens is prefilled a chunk per loop step (as the tail of its
     row so far) while running requests decode between the chunks; its tokens equal a whole
