@@ -125,6 +125,33 @@ def test_mixed_five_formats_per_expert_and_projection(fx, tmp_path):
     _compare(model, _mixed_reference(fx, p), model.args.vocab_size)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_per_module_mixes_equal_transformers(fx, tmp_path, seed):
+    """Every linear from a random fixture (seeded), one exact rule each: experts of a layer and the
+    projections of one expert in different formats, act-order and asymmetric GPTQ, fp8 / int8
+    compressed-tensors beside the others. AWQ (folded scales) takes whole attention blocks or whole
+    experts / MLPs, as inner folds cannot be split; the rest is free."""
+    import random
+    rng = random.Random(seed)
+    model0 = mixprec.load(fx["bf16"], device="cpu", dtype=torch.float32, progress=False)
+    groups: dict[str, list[str]] = {}
+    for m in model0.args.linear_shapes():
+        groups.setdefault(m.rsplit(".", 1)[0], []).append(m)      # attention block, expert, dense MLP
+    free = [k for k in FIXTURES if k != "awq"]
+    rules = []
+    for members in groups.values():
+        awq = rng.random() < 0.15
+        for m in members:
+            rules.append({"match": "^" + re.escape(m) + "$", "use": "awq" if awq else rng.choice(free)})
+    cfg = tmp_path / "mix.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(fx["bf16"]), "sources": {k: str(fx[k]) for k in FIXTURES if k != "bf16"},
+                                   "weights": [dict(r, use="model" if r["use"] == "bf16" else r["use"]) for r in rules]}))
+    p = mixprec.plan(cfg)
+    assert len({e.fmt_name for e in p.entries.values()}) >= 5
+    model = mixprec.load(cfg, device="cpu", dtype=torch.float32, progress=False)
+    _compare(model, _mixed_reference(fx, p), model.args.vocab_size)
+
+
 def test_awq_rescale_is_needed_and_recovers_the_original_function(fx, tmp_path):
     """AWQ attention with the base's norm: with the recovered rescale the layer is close to the
     original bf16 model; the same weights without the rescale are far off."""
