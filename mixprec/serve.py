@@ -498,7 +498,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict | None
         prompts = [_chat_prompt(body, tokenizer)] if chat else _completion_prompts(body, tokenizer)
         n = _choices(body, len(prompts))
         stream = bool(body.get("stream"))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool(_field(_field(body, "stream_options", "object", {}), "include_usage", "boolean"))
         # one engine request per (prompt, choice); n > 1 with a seed: seed, seed + 1, ... per prompt
         jobs = []
         for ids in prompts:

@@ -348,6 +348,10 @@ BAD = [
     ("/v1/completions", {"model": "other", "prompt": "a"}, 404, "model"),
     ("/v1/completions", {"prompt": "a"}, 400, "model"),
     ("/v1/completions", {"model": NAME}, 400, "prompt"),
+    # stream_options was read before it was checked (a 500 found by a fuzz of request bodies)
+    ("/v1/completions", {"model": NAME, "prompt": "a", "stream_options": 1}, 400, "stream_options"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "a"}],
+                              "stream_options": ["include_usage"]}, 400, "stream_options"),
     ("/v1/completions", {"model": NAME, "prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
