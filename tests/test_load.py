@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import mixprec
 from mixprec.demo import DEMO_RULES, write_demo_config
-from mixprec.errors import ConfigError, MissingWeight, MixprecError, ModelMismatch
+from mixprec.errors import ConfigError, MissingWeight, MixprecError, ModelMismatch, ShapeMismatch
 from mixprec.testing.fixtures import FIXTURES, make_fixture
 
 transformers = pytest.importorskip("transformers")
@@ -264,6 +264,24 @@ def test_errors_name_the_problem(fx, tmp_path):
     cfg = {"model": str(fx["bf16"]), "sources": {"o": str(other["fp8"])}, "weights": [{"match": "q_proj", "use": "o"}]}
     with pytest.raises(ModelMismatch, match="hidden_size"):
         mixprec.load(cfg, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("name,tensor", [("gptq", "qweight"), ("ct_w4a16", "weight_packed"), ("awq", "qweight")])
+def test_packed_weight_of_another_rank_is_named(fx, tmp_path, name, tensor):
+    """A packed int4 weight with an extra leading dimension is a ShapeMismatch naming it and the
+    expected shape (the plan's check unpacked it as 2-D: a bare ValueError; found by a fuzz of
+    corrupted fixture checkpoints)."""
+    ck = tmp_path / name
+    shutil.copytree(fx[name], ck)
+    key = f"model.layers.1.mlp.experts.3.up_proj.{tensor}"
+    for f in sorted(ck.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            tensors, meta = {k: h.get_tensor(k) for k in h.keys()}, h.metadata()
+        if key in tensors:
+            tensors[key] = tensors[key][None]
+            save_file(tensors, str(f), metadata=meta)
+    with pytest.raises(ShapeMismatch, match=rf"experts\.3\.up_proj.*{tensor} \[1, \d+, \d+\], expected"):
+        mixprec.load(ck, device="cpu", progress=False)
 
 
 def test_generate_greedy_equals_full_forward_loop(fx):

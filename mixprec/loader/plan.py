@@ -175,17 +175,20 @@ def _light_check(fmt: str, meta: dict, n: int, k: int, scheme: dict | None) -> s
             group_size_of(scheme or {}, k)
         except FormatError as e:
             return str(e).removeprefix(": ")
+    def dims2(s):   # a 2-D tensor's (rows, columns); another rank matches no size
+        d = shp(s)
+        return (d[0], d[1]) if len(d) == 2 else (-1, -1)
     if fmt == "gptq":
-        r, c = shp("qweight")
+        r, c = dims2("qweight")
         if c != n or not any(r * 32 == k * b for b in (2, 3, 4, 8)):
-            return f"qweight {[r, c]}, expected [K*bits/32, N] = [{k}*bits/32, {n}]"
+            return f"qweight {shp('qweight')}, expected [K*bits/32, N] = [{k}*bits/32, {n}]"
     elif fmt == "awq":
         if shp("qweight") != [k, n // 8] or n % 8:
             return f"qweight {shp('qweight')}, expected [K, N/8] = [{k}, {n / 8:g}]"
     elif fmt == "ct_pack":
-        r, c = shp("weight_packed")
+        r, c = dims2("weight_packed")
         if r != n or not any(c == -(-k * b // 32) for b in (2, 4, 8)):
-            return f"weight_packed {[r, c]}, expected [N, ceil(K*bits/32)] with N={n}, K={k}"
+            return f"weight_packed {shp('weight_packed')}, expected [N, ceil(K*bits/32)] with N={n}, K={k}"
     elif "weight" in meta and shp("weight") != [n, k]:
         return f"weight {shp('weight')}, expected [N, K] = {[n, k]}"
     return None
