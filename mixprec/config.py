@@ -62,7 +62,7 @@ class ModelArgs:
         if not isinstance(cfg, dict) or not isinstance(text, (dict, type(None))):
             raise ConfigError(f"{where or 'config.json'}: expected a JSON object (and text_config one)")
         cfg = dict(text) if "hidden_size" not in cfg and text is not None else dict(cfg)
-        _check_ints(cfg, where or "config.json")
+        _check_types(cfg, where or "config.json")
         # defaults and precedence as transformers' Qwen3 / Qwen3-MoE configs: a rope_theta inside
         # rope_parameters / rope_scaling wins over the top-level one (which only fills it in), 1e4
         # without either; a top-level original_max_position_embeddings overrides the scaling's
@@ -322,10 +322,21 @@ _INT_KEYS = (("vocab_size", 1), ("hidden_size", 1), ("num_hidden_layers", 1), ("
              ("max_position_embeddings", 1), ("decoder_sparse_step", 1))
 
 
-def _check_ints(cfg: dict, where: str) -> None:
-    """One ConfigError naming every integer key of config.json that is not an integer >= its
-    minimum (a string or a negative layer count had surfaced as shape errors or a 0-layer plan);
-    integral floats (40960.0, as some exporters write) become ints, as transformers takes them."""
+_POSITIVE_KEYS = ("rms_norm_eps", "rope_theta")                  # numbers > 0
+_OBJECT_KEYS = ("rope_scaling", "rope_parameters")                  # JSON objects
+_BOOL_KEYS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias")
+
+
+def _check_types(cfg: dict, where: str) -> None:
+    """One ConfigError naming every key of config.json that this model reads and that has the
+    wrong JSON type: integers below their minimum (a string or a negative layer count had surfaced
+    as shape errors or a 0-layer plan), non-positive eps / rope_theta, non-object rope settings,
+    non-boolean flags (bool("false") is True), mlp_only_layers not a list of layer indices (each
+    had surfaced as a bare TypeError, some only in the first forward). Integral floats (40960.0,
+    as some exporters write) become ints, as transformers takes them."""
+    def positive(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
     bad = []
     for k, lo in _INT_KEYS:
         v = cfg.get(k)
@@ -333,6 +344,18 @@ def _check_ints(cfg: dict, where: str) -> None:
             v = cfg[k] = int(v)
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
             bad.append(f"{k}: {v!r} (expected an integer >= {lo})")
+    bad += [f"{k}: {cfg[k]!r} (expected a number > 0)" for k in _POSITIVE_KEYS
+            if cfg.get(k) is not None and not positive(cfg[k])]
+    bad += [f"{k}: {cfg[k]!r} (expected a JSON object)" for k in _OBJECT_KEYS
+            if cfg.get(k) is not None and not isinstance(cfg[k], dict)]
+    bad += [f"{k}.rope_theta: {cfg[k]['rope_theta']!r} (expected a number > 0)" for k in _OBJECT_KEYS
+            if isinstance(cfg.get(k), dict) and cfg[k].get("rope_theta") is not None and not positive(cfg[k]["rope_theta"])]
+    bad += [f"{k}: {cfg[k]!r} (expected true or false)" for k in _BOOL_KEYS
+            if cfg.get(k) is not None and not isinstance(cfg[k], bool)]
+    layers = cfg.get("mlp_only_layers")
+    if layers is not None and not (isinstance(layers, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers)):
+        bad.append(f"mlp_only_layers: {layers!r} (expected a list of layer indices)")
     if bad:
         raise ConfigError(f"{where}: " + "; ".join(bad))
 

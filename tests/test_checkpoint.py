@@ -243,6 +243,16 @@ def test_malformed_json_values_are_typed_errors(tmp_path, W):
     a = ModelArgs.from_hf({**CFG, "max_position_embeddings": 40960.0, "decoder_sparse_step": 1.0,
                            "text_config": None})
     assert a.max_position_embeddings == 40960 and a.decoder_sparse_step == 1
+    # the other keys the model reads, by JSON type (each had been a bare TypeError / ValueError /
+    # AttributeError, rms_norm_eps only in the first forward; found by a fuzz of config.json)
+    with pytest.raises(ConfigError, match=r"rms_norm_eps: \[0, 0\] \(expected a number > 0\).*"
+                                          r"rope_scaling: \[1\] \(expected a JSON object\).*"
+                                          r"tie_word_embeddings: 'false' \(expected true or false\).*"
+                                          r"mlp_only_layers: 3 \(expected a list of layer indices\)"):
+        ModelArgs.from_hf({**CFG, "rms_norm_eps": [0, 0], "rope_scaling": [1], "tie_word_embeddings": "false",
+                           "mlp_only_layers": 3})
+    with pytest.raises(ConfigError, match=r"rope_parameters\.rope_theta: 'x'"):
+        ModelArgs.from_hf({**CFG, "rope_parameters": {"rope_type": "default", "rope_theta": "x"}})
     with pytest.raises(FormatError, match="quantization_config: expected a JSON object"):
         resolve_scheme("gptq", "model.layers.0.mlp.experts.0.up_proj")
     d = write_ckpt(tmp_path / "m", W, shards=2)

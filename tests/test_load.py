@@ -382,14 +382,17 @@ def test_cli_generate_and_serve_bad_input_is_a_message(fx, tmp_path, capsys):
     assert "max_len" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change,needle", [({"bits": 3}, "bits=3"), ({"group_size": "x"}, "group_size 'x'")])
-def test_plan_refuses_what_load_would(fx, tmp_path, change, needle):
-    """plan (headers and config.json only) reports a GPTQ scheme that load() refuses (it printed a
-    normal table, and load raised later: a raw ValueError for group_size 'x')."""
+@pytest.mark.parametrize("name,change,needle", [("gptq", {"bits": 3}, "bits=3"),
+                                                 ("gptq", {"group_size": "x"}, "group_size 'x'"),
+                                                 ("fp8", {"weight_block_size": "int"}, "block size 'int'")])
+def test_plan_refuses_what_load_would(fx, tmp_path, name, change, needle):
+    """plan (headers and config.json only) reports a GPTQ / fp8 scheme that load() refuses (it
+    printed a normal table, and load raised later: a raw ValueError for group_size 'x'; an fp8
+    weight_block_size that is not two ints raised one in plan itself)."""
     import json
     import shutil
-    d = tmp_path / "gptq"
-    shutil.copytree(fx["gptq"], d)
+    d = tmp_path / name
+    shutil.copytree(fx[name], d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"].update(change)
     (d / "config.json").write_text(json.dumps(cfg))

@@ -19,6 +19,7 @@ from ..config import MixConfig, ModelArgs, format_experts
 from ..errors import (CheckpointError, ConfigError, FormatError, MissingWeight, MixprecError, ModelMismatch,
                       ShapeMismatch)
 from ..formats import detect, resolve_scheme
+from ..formats.fp8 import check_block
 from ..formats.gptq import check_bits, group_size_of
 from .checkpoint import Checkpoint
 
@@ -169,12 +170,14 @@ def _light_check(fmt: str, meta: dict, n: int, k: int, scheme: dict | None) -> s
     The format's load() does the full check later."""
     def shp(s):
         return list(meta[s][1])
-    if fmt in ("gptq", "awq"):
-        try:
+    try:
+        if fmt in ("gptq", "awq"):
             check_bits((scheme or {}).get("bits", 4), "")
             group_size_of(scheme or {}, k)
-        except FormatError as e:
-            return str(e).removeprefix(": ")
+        elif fmt == "fp8_block":
+            check_block((scheme or {}).get("weight_block_size") or [128, 128], "")
+    except FormatError as e:
+        return str(e).removeprefix(": ")
     def dims2(s):   # a 2-D tensor's (rows, columns); another rank matches no size
         d = shp(s)
         return (d[0], d[1]) if len(d) == 2 else (-1, -1)
