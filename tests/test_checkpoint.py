@@ -255,6 +255,10 @@ def test_malformed_json_values_are_typed_errors(tmp_path, W):
         ModelArgs.from_hf({**CFG, "rope_parameters": {"rope_type": "default", "rope_theta": "x"}})
     with pytest.raises(FormatError, match="quantization_config: expected a JSON object"):
         resolve_scheme("gptq", "model.layers.0.mlp.experts.0.up_proj")
+    with pytest.raises(FormatError, match="malformed where it describes model.layers.0.mlp.experts.0.up_proj"):
+        resolve_scheme({"quant_method": "compressed-tensors", "format": "float-quantized",   # a string: weights
+                        "config_groups": {"g": {"targets": ["Linear"], "weights": "gptq"}}},
+                       "model.layers.0.mlp.experts.0.up_proj")
     d = write_ckpt(tmp_path / "m", W, shards=2)
     idx = json.loads((d / "model.safetensors.index.json").read_text())
     idx["weight_map"]["model.norm.weight"] = ["model-00001-of-00002.safetensors"]
