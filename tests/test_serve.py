@@ -430,6 +430,48 @@ def test_bad_requests_get_openai_errors_and_server_goes_on(server):
     assert wait_idle(server)["requests_active"] == 0
 
 
+def test_random_bodies_get_answers_or_openai_errors(server):
+    """300 request bodies with 1-3 fields set to values of the wrong type, range or shape (and
+    malformed messages / prompts, truncated JSON): every answer is a 2xx or a 4xx with an OpenAI
+    error object, on one keep-alive connection (a 500 drops it), and the server goes on."""
+    import random
+    rng = random.Random(5)
+    weird = [None, True, False, 0, -1, 1, 2**40, -2**40, 1.5, -0.5, "", "x", "7", [], [1], [[1]], {}, {"a": 1},
+             ["a", 1], [None], "\u0000", "é" * 300, 1e308, [1] * 300]
+    fields = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stop", "seed",
+              "logprobs", "echo", "presence_penalty", "frequency_penalty", "logit_bias", "messages", "tools",
+              "tool_choice", "stream_options", "max_completion_tokens", "top_logprobs", "response_format", "user",
+              "suffix", "best_of"]
+    with httpx.Client(timeout=T_OUT) as h:
+        for _ in range(300):
+            chat = rng.random() < 0.5
+            body = {"model": NAME, "max_tokens": 3}
+            body.update({"messages": [{"role": "user", "content": "the morning train"}]} if chat else
+                        {"prompt": "the morning train"})
+            for _ in range(rng.randrange(1, 4)):
+                body[rng.choice(fields)] = rng.choice(weird)
+            if rng.random() < 0.3:
+                if chat:
+                    m = {"role": rng.choice(["user", "system", "assistant", "tool", "x", 1, None]),
+                         "content": rng.choice(["hi", "", None, 1, [], [{"type": "text", "text": "a"}],
+                                                [{"type": "image_url"}], {"a": 1}])}
+                    body["messages"] = rng.choice([[m], [m, m], [], "x", [1], [None]])
+                else:
+                    body["prompt"] = rng.choice([[1, 2, 3], [[1, 2], [3]], [], [[]], ["a", 1], [-1], [10**9], [1.5],
+                                                 "", None, {"a": 1}])
+            raw = json.dumps(body).encode()
+            if rng.random() < 0.05:
+                raw = raw[:rng.randrange(len(raw))]
+            r = h.post(server.url + ("/v1/chat/completions" if chat else "/v1/completions"), content=raw,
+                       headers={"Content-Type": "application/json"})
+            assert r.status_code < 500, (raw[:200], r.text[:200])
+            if r.status_code >= 400:
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["message"], (raw[:200], r.text[:200])
+        assert h.get(server.url + "/health").json() == {"status": "ok"}
+    assert wait_idle(server)["requests_active"] == 0
+
+
 def test_queue_full_is_429_and_health_follows_engine(model):
     """In-process (httpx's ASGI transport): a full queue is a 429, a stopped engine a 503."""
     eng = Engine(model, max_batch=1, max_len=64, max_queue=1)
