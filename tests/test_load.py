@@ -284,6 +284,46 @@ def test_packed_weight_of_another_rank_is_named(fx, tmp_path, name, tensor):
         mixprec.load(ck, device="cpu", progress=False)
 
 
+def test_random_config_json_damage_is_a_typed_error(fx, tmp_path):
+    """60 seeded mutations of the quantized fixtures' config.json (a value of another type or
+    range, a deleted key, inside quantization_config or at the top): loading either works or
+    raises a MixprecError, never a bare TypeError / ValueError / AttributeError from inside."""
+    import random
+    rng = random.Random(7)
+    weird = [None, True, False, 0, -1, 1, 3, 8, 128, 1.5, "", "x", "int", "gptq", [], [1], {}, {"a": 1}, "channel",
+             "group", "block", [128, 128], [0, 0], [-1], "compressed-tensors", "pack-quantized", 10**12]
+
+    def mutate(d, depth=0):
+        if isinstance(d, dict) and d:
+            k = rng.choice(list(d))
+            r = rng.random()
+            if r < 0.5 and depth < 5 and isinstance(d[k], (dict, list)) and d[k]:
+                mutate(d[k], depth + 1)
+            elif r < 0.8:
+                d[k] = rng.choice(weird)
+            else:
+                del d[k]
+        elif isinstance(d, list) and d:
+            i = rng.randrange(len(d))
+            if isinstance(d[i], (dict, list)) and rng.random() < 0.6:
+                mutate(d[i], depth + 1)
+            else:
+                d[i] = rng.choice(weird)
+
+    for i in range(60):
+        name = rng.choice([k for k in FIXTURES if k != "bf16"])
+        d = tmp_path / f"c{i}"
+        shutil.copytree(fx[name], d)
+        cfg = json.loads((d / "config.json").read_text())
+        for _ in range(rng.randrange(1, 3)):
+            mutate(cfg.get("quantization_config", cfg) if rng.random() < 0.8 else cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+        try:
+            mixprec.load(d, device="cpu", dtype=torch.float32, progress=False)(torch.tensor([[1, 2, 3]]))
+        except MixprecError:
+            pass
+
+
 def test_generate_greedy_equals_full_forward_loop(fx):
     model = mixprec.load(fx["bf16"], device="cpu", dtype=torch.float32, progress=False)
     prompts = [[5, 9, 13, 2, 7], [3, 4]]
