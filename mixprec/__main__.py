@@ -95,7 +95,11 @@ def _inspect(a) -> int:
 
 def _make_fixture(a) -> int:
     from .testing import fixtures
-    return fixtures.run(a) or 0
+    try:
+        return fixtures.run(a) or 0
+    except OSError as e:        # an unwritable or impossible directory: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _demo(a) -> int:
@@ -104,7 +108,7 @@ def _demo(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .argtypes import at_least
+    from .argtypes import at_least, device
     p = argparse.ArgumentParser(prog="mixprec", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     s.add_argument("--no-thinking", action="store_true",
                    help="with --chat: the template's enable_thinking=False (Qwen3's non-thinking mode)")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", type=device, default=None)
     s.add_argument("--dtype", default=None)
     s.add_argument("--no-cuda-graphs", action="store_true")
     s.add_argument("--quiet", action="store_true")
@@ -151,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="build fixtures, plan a per-expert mix, generate, compare with bf16")
     s.add_argument("--dir", default=None, help="where to write the fixtures (default: a temp dir)")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", type=device, default=None)
     s.set_defaults(fn=_demo)
 
     for name, (mod, help_) in DELEGATED.items():

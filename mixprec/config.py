@@ -378,6 +378,18 @@ def compute_dtype(d, what: str = "dtype") -> torch.dtype:
     return dt
 
 
+def compute_device(d, what: str = "device") -> torch.device:
+    """A device the weights go to: cpu, cuda or cuda:N (a string or a torch.device); ConfigError
+    naming `what` otherwise."""
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what} {d!r}: expected cpu, cuda or cuda:N")
+    return dev
+
+
 def read_yaml(p: Path):
     """The parsed YAML of a mix config file; ConfigError naming the file otherwise."""
     try:

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from .argtypes import at_least
+from .argtypes import at_least, device
 from .errors import MixprecError
 from .runtime.engine import Engine, EngineStopped, QueueFull, stop_prefix_tail
 from .runtime.prefill import GRAPH_TOKENS
@@ -728,13 +728,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixprec serve", description="OpenAI-compatible server for a mix")
     p.add_argument("config", help="mix YAML, or one checkpoint directory")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=at_least(0), default=8000)
+    p.add_argument("--port", type=at_least(0, hi=65535), default=8000)
     p.add_argument("--max-batch", type=at_least(1), default=16, help="requests decoded together (KV cache rows)")
     p.add_argument("--max-len", type=at_least(2), default=None,
                    help="context per request, prompt + completion (default: the model's, at most 4096)")
     p.add_argument("--max-queue", type=at_least(1), default=256, help="waiting requests before 429")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: config name)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=device, default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--prefill-tokens", type=at_least(16), default=4096,

@@ -407,14 +407,24 @@ def test_cli_generate_and_serve_bad_input_is_a_message(fx, tmp_path, capsys):
     assert main(base + ["--prompt", ""]) == 2 and "--prompt is empty" in capsys.readouterr().err
     assert main(base + ["--prompt", "hi", "--top-p", "0"]) == 2 and "top_p" in capsys.readouterr().err
     assert main(base + ["--prompt", "hi", "--dtype", "foo"]) == 2 and "dtype 'foo'" in capsys.readouterr().err
+    # (a CLI fuzz found these three as tracebacks)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(fx["bf16"]), "--prompt", "hi", "--device", "tpu"])
+    assert e.value.code == 2 and "'tpu': expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["make-fixture", str(blocker / "sub")]) == 2 and "error:" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model": str(fx["bf16"]), "weights": [{"match": "x", "use": "nowhere"}]}))
     assert main(["generate", str(bad), "--prompt", "hi"]) == 2 and "nowhere" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="expected one of"):
         mixprec.load(fx["bf16"], device="cpu", dtype="foo", progress=False)
+    with pytest.raises(ConfigError, match="device 'tpu': expected cpu, cuda or cuda:N"):
+        mixprec.load(fx["bf16"], device="tpu", progress=False)
     pytest.importorskip("fastapi")
     from mixprec.serve import main as serve_main
-    for argv in (["--max-batch", "0"], ["--max-len", "1"], ["--port", "-1"]):
+    for argv in (["--max-batch", "0"], ["--max-len", "1"], ["--port", "-1"], ["--port", "70000"],
+                 ["--device", "tpu"]):
         with pytest.raises(SystemExit) as e:
             serve_main([str(fx["bf16"])] + argv)
         assert e.value.code == 2 and argv[0] in capsys.readouterr().err

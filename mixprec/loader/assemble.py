@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from ..config import compute_device
 from ..errors import ConfigError
 from ..formats import load_module
 from ..layers.moe import MoE
@@ -169,7 +170,7 @@ def assemble(plan: Plan, device: str | torch.device = "cpu", dtype: torch.dtype 
              progress: bool = True, model: Qwen3ForCausalLM | None = None) -> tuple[Qwen3ForCausalLM, Stats]:
     """Materialise every weight of `plan` on `device` (into `model` if given, an unloaded
     Qwen3ForCausalLM of the plan's architecture). Returns the finalized model and its stats."""
-    device = torch.device(device)
+    device = compute_device(device)
     rescale = input_rescales(plan)
     model = model if model is not None else Qwen3ForCausalLM(plan.args, dtype=dtype, device="meta")
     base = plan.sources["model"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import at_least
+from ..argtypes import at_least, device as device_arg
 from ..config import MixConfig, compute_dtype, load_config
 from ..errors import MixprecError
 
@@ -77,7 +77,7 @@ def profile_main(argv: list[str] | None = None) -> int:
                                 "source of every unit (expert gate+up, expert down, attention/dense linear).")
     p.add_argument("config", help="mix YAML (its model and sources are the candidates) or a checkpoint directory")
     _token_args(p, 8192)
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", type=device_arg, default=None, help="default: cuda when available, else cpu")
     p.add_argument("-o", "--output", required=True, help="profile JSON to write")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -152,7 +152,7 @@ def plan_main(argv: list[str] | None = None) -> int:
     p.add_argument("--use", default=None, help="only these sources (comma-separated names)")
     p.add_argument("--mass-prior", type=at_least(1e-9, float), default=0.05, help="Laplace smoothing of expert routing mass")
     p.add_argument("--dtype", default=None, help="compute dtype written to the YAML (default: the base's bf16)")
-    p.add_argument("--device", default=None, help="device for profiling with --text")
+    p.add_argument("--device", type=device_arg, default=None, help="device for profiling with --text")
     p.add_argument("-o", "--output", help="YAML to write (default: print it to stdout)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -226,7 +226,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref", default=None, help="reference mix / checkpoint (default: the mix's base checkpoint)")
     _token_args(p, 2048, seed=1)     # synthetic eval tokens differ from profile's (seed 0) by default
     p.add_argument("--batch", type=at_least(1), default=4, help="sequences per forward")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=device_arg, default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
