@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .config import MixConfig, compute_dtype, load_config
+from .config import MixConfig, compute_device, compute_dtype, load_config
 from .formats import dequant, load_module, resolve_scheme
 from .loader.assemble import assemble
 from .loader.checkpoint import Checkpoint
@@ -30,6 +30,7 @@ def load(config: str | Path | dict | MixConfig, device: str | torch.device | Non
     processes (torchrun); each loads its shard (mixprec.parallel) and returns full logits."""
     cfg = load_config(config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compute_device(device)      # a bad device is a ConfigError before the plan reads any header
     dt = compute_dtype(dtype or cfg.dtype)
     p = make_plan(cfg)
     tp = cfg.parallel.tp if tp is None else tp
