@@ -349,7 +349,8 @@ def _check_types(cfg: dict, where: str) -> None:
     bad += [f"{k}: {cfg[k]!r} (expected a JSON object)" for k in _OBJECT_KEYS
             if cfg.get(k) is not None and not isinstance(cfg[k], dict)]
     bad += [f"{k}.rope_theta: {cfg[k]['rope_theta']!r} (expected a number > 0)" for k in _OBJECT_KEYS
-            if isinstance(cfg.get(k), dict) and cfg[k].get("rope_theta") is not None and not positive(cfg[k]["rope_theta"])]
+            if isinstance(cfg.get(k), dict) and cfg[k].get("rope_theta") is not None
+            and not positive(cfg[k]["rope_theta"])]
     bad += [f"{k}: {cfg[k]!r} (expected true or false)" for k in _BOOL_KEYS
             if cfg.get(k) is not None and not isinstance(cfg[k], bool)]
     layers = cfg.get("mlp_only_layers")

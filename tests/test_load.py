@@ -144,8 +144,9 @@ def test_random_per_module_mixes_equal_transformers(fx, tmp_path, seed):
         for m in members:
             rules.append({"match": "^" + re.escape(m) + "$", "use": "awq" if awq else rng.choice(free)})
     cfg = tmp_path / "mix.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(fx["bf16"]), "sources": {k: str(fx[k]) for k in FIXTURES if k != "bf16"},
-                                   "weights": [dict(r, use="model" if r["use"] == "bf16" else r["use"]) for r in rules]}))
+    sources = {k: str(fx[k]) for k in FIXTURES if k != "bf16"}
+    rules = [dict(r, use="model" if r["use"] == "bf16" else r["use"]) for r in rules]
+    cfg.write_text(yaml.safe_dump({"model": str(fx["bf16"]), "sources": sources, "weights": rules}))
     p = mixprec.plan(cfg)
     assert len({e.fmt_name for e in p.entries.values()}) >= 5
     model = mixprec.load(cfg, device="cpu", dtype=torch.float32, progress=False)

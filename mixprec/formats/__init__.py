@@ -128,7 +128,7 @@ def resolve_scheme(quant_config: dict | None, module: str) -> dict | None:
     method = str(qc.get("quant_method", "")).lower()
     try:
         return _resolve(qc, method, module)
-    except (KeyError, AttributeError, TypeError, ValueError) as e:   # a list / string where a mapping belongs, a missing key
+    except (KeyError, AttributeError, TypeError, ValueError) as e:   # a list / string for a mapping, a missing key
         raise FormatError(f"quantization_config (quant_method {method!r}) is malformed where it describes "
                           f"{module}: {type(e).__name__}: {e}") from None
 
