@@ -143,9 +143,7 @@ def _sampling(body: dict, n_prompt: int, max_len: int, eos: tuple[int, ...], cha
     echo = _field(body, "echo", "boolean", False)
     if echo and chat:
         raise APIError(400, "'echo' is a /v1/completions parameter", "echo", "unsupported_parameter")
-    _field(body, "stream", "boolean")
-    opts = _field(body, "stream_options", "object", {})
-    _field(opts, "include_usage", "boolean")
+    _field(body, "stream", "boolean")      # (stream_options: checked where run() reads it)
     return SamplingParams(temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p), seed=seed,
                           max_new_tokens=max_tokens, stop_token_ids=eos, stop=tuple(stop), logprobs=logprobs,
                           prompt_logprobs=logprobs if echo else None, logit_bias=bias, **penalties)
