@@ -189,9 +189,15 @@ def _group_words(qp, grp, c, nw, KP, clo, chi, mlo, mhi):
 @triton.jit
 def _xwords(xw, kr, xm):
     # the 4 words (2 inputs each) of x at inputs 8 kr .. 8 kr + 7, [L]
-    base = xw + kr * 4
-    return (tl.load(base, mask=xm, other=0), tl.load(base + 1, mask=xm, other=0),
-            tl.load(base + 2, mask=xm, other=0), tl.load(base + 3, mask=xm, other=0))
+    # one 16-byte load per lane where the row's alignment allows (a row's 4 lanes c then read 64
+    # contiguous bytes, 2 whole sectors, instead of 4 x 4 bytes each touching both); xw: [L, 1]
+    off = (kr * 4)[:, None] + tl.arange(0, 4)[None, :]
+    off = tl.max_contiguous(tl.multiple_of(off, [1, 4]), [1, 4])
+    v = tl.load(xw + off, mask=xm[:, None], other=0)     # [L, 4]
+    a, b = tl.split(tl.reshape(v, [v.shape[0], 2, 2]))     # words (0, 2), (1, 3)
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, b0, a1, b1
 
 
 @triton.jit
@@ -277,6 +283,7 @@ def gemv_int4_mma(xrow, qp, sp, zp, lo0, hi0, lo_lim, hi_lim, nw, K, k_lo, k_hi,
     if XR > 1 and not XL:
         xw += g * (x_stride // 2)
     xm = g < (x_rows if XR > 1 else 1)
+    xw = (xw + 0 * i)[:, None]          # [L, 1] (per lane: its x row)
     ng = tl.cdiv(k_hi - k_lo, 128)
     gpw = tl.cdiv(ng, NW)                                # groups per warp
     grp0 = k_lo // 128 + w * gpw
