@@ -602,19 +602,30 @@ def test_pick_per_side_layouts():
     assert mc.pick(1, {"intq", "fp8"}, {"fp8"})[:2] == ("gemv", mc.GEMV["up"])
     for (lay, h), c in mc.GEMV_M1.items():     # batch 1 of a listed shape: its own config(s)
         layouts = {"intq", "fp8"} if lay == "mixed" else {lay}
-        assert mc.pick(1, layouts, layouts, hidden=h) == ("gemv", c, "gemv", mc.GEMV_M1_DOWN.get((lay, h), c))
-        if (lay, h) not in mc.GEMV_UP:
+        down = mc.GEMV_M1_DOWN_MMA.get((lay, h)) or mc.GEMV_M1_DOWN.get((lay, h), c)
+        assert mc.pick(1, layouts, layouts, hidden=h) == ("gemv", c, "gemv", down)
+        if (lay, h) not in mc.GEMV_UP and (lay, h) not in mc.GEMV_DOWN:
             assert mc.pick(2, layouts, layouts, hidden=h) == mc.pick(2, layouts, layouts)
-    for (lay, h), rows in mc.GEMV_UP.items():  # a listed shape from 2 tokens: its gate/up rows in order
-        lo = 2
-        for bound, c in rows:
-            for m in (lo, bound):
-                if lay == "intq" and any(r["min_m"] <= m <= r["max_m"] for r in mc.DOT_INTQ_MMA.get(h, ())):
-                    continue    # DOT_INTQ_MMA's rows first (below)
-                assert mc.pick(m, {lay}, {lay}, hidden=h) == ("gemv", c, *mc.pick(m, {lay}, {lay})[2:])
-            lo = bound + 1
-        if not (lay == "intq" and h in mc.DOT_INTQ_MMA):
-            assert mc.pick(lo, {lay}, {lay}, hidden=h) == mc.pick(lo, {lay}, {lay})
+    # a listed shape from 2 tokens: its gate/up (GEMV_UP) and down (GEMV_DOWN) rows in order; where
+    # a side's int4 slots cannot run the tensor-core tiles, the rows without "mma"
+    for table, side in ((mc.GEMV_UP, slice(0, 2)), (mc.GEMV_DOWN, slice(2, 4))):
+        for (lay, h), rows in table.items():
+            for tiles in (True, False):
+                lo = 2
+                for bound, c in [(b, c) for b, c in rows if tiles or not c.get("mma")]:
+                    if bound < lo:
+                        continue    # a twin for sides without the tiles, after an "mma" row of its bound
+                    for m in (lo, bound):
+                        if lay == "intq" and any(r["min_m"] <= m <= r["max_m"] for r in mc.DOT_INTQ_MMA.get(h, ())):
+                            continue    # DOT_INTQ_MMA's rows first (below)
+                        assert mc.pick(m, {lay}, {lay}, hidden=h, mma=(tiles, tiles))[side] == ("gemv", c)
+                    lo = bound + 1
+                if not (lay == "intq" and h in mc.DOT_INTQ_MMA):
+                    assert mc.pick(lo, {lay}, {lay}, hidden=h)[side] == mc.pick(lo, {lay}, {lay})[side]
+    # M=1 down of an int4 layer that can run the tiles: GEMV_M1_DOWN_MMA's row, else GEMV_M1_DOWN's
+    for (lay, h), c in mc.GEMV_M1_DOWN_MMA.items():
+        assert mc.pick(1, {lay}, {lay}, hidden=h)[2:] == ("gemv", c)
+        assert mc.pick(1, {lay}, {lay}, hidden=h, mma=(True, False))[2:] == ("gemv", mc.GEMV_M1_DOWN[(lay, h)])
     for h, rows in mc.DOT_INTQ_MMA.items():    # int4 layers: the 8-pair mma blocks, rows in order
         for row in rows:
             for m in (row["min_m"], row["max_m"]):
@@ -651,7 +662,7 @@ def test_pick_per_side_layouts():
 def _distinct_gemv_m1():
     from mixprec.kernels import moe_configs as mc
     out = []
-    for c in [*mc.GEMV_M1.values(), *mc.GEMV_M1_DOWN.values()]:
+    for c in [*mc.GEMV_M1.values(), *mc.GEMV_M1_DOWN.values(), *mc.GEMV_M1_DOWN_MMA.values()]:
         if c not in out:
             out.append(c)
     return out
@@ -666,17 +677,17 @@ def _same_launch(a: dict, b: dict) -> bool:
 
 
 def _batch1_pairs():
-    """The (gate/up, down) configs pick pairs at M=1 (a GEMV_M1 row on gate/up, its GEMV_M1_DOWN
-    row or itself on down), each pair once, so every distinct config runs on the side(s) it serves
+    """The (gate/up, down) configs pick pairs at M=1 (a GEMV_M1 row on gate/up, its GEMV_M1_DOWN_MMA
+    row, its GEMV_M1_DOWN row or itself on down), each pair once, so every distinct config runs on the side(s) it serves
     (the gate/up-only rows of BN 4 on the down side had cost the most and are never launched). A
     pair both of whose sides other pairs launch is left out: in the interpreter, which ignores
     num_warps, the mixed 2048 pair (fp8's gate/up row; intq 4096's down row but for num_warps)."""
     from mixprec.kernels import moe_configs as mc
     pairs = []
     for key, up in mc.GEMV_M1.items():
-        p = (up, mc.GEMV_M1_DOWN.get(key, up))
-        if p not in pairs:
-            pairs.append(p)
+        for down in (mc.GEMV_M1_DOWN_MMA.get(key), mc.GEMV_M1_DOWN.get(key, up)):
+            if down is not None and (up, down) not in pairs:
+                pairs.append((up, down))
     for p in list(pairs):
         rest = [q for q in pairs if q is not p]
         if any(_same_launch(q[0], p[0]) for q in rest) and any(_same_launch(q[1], p[1]) for q in rest):
@@ -702,20 +713,23 @@ def test_batch1_configs(ci):
     assert mc.pick(10 ** 6, {"dense"}, {"dense"})[0::2] == ("dot", "dot")
 
 
-_UP_ROWS = {(lay, bound, str(cfg)): (lay, bound, cfg) for (lay, _), rows in moe_configs.GEMV_UP.items()
-            for bound, cfg in rows}   # each distinct row once
+_SIDE_ROWS = {(side, lay, bound, str(cfg)): (side, lay, bound, cfg)
+              for side, table in (("up", moe_configs.GEMV_UP), ("down", moe_configs.GEMV_DOWN))
+              for (lay, _), rows in table.items() for bound, cfg in rows}   # each distinct row once
 
 
-@pytest.mark.parametrize("row", list(_UP_ROWS.values()), ids=[f"{k[0]}-{k[1]}" for k in _UP_ROWS])
-def test_gate_up_rows_from_2_tokens(row):
-    """Each gate/up row of moe_configs.GEMV_UP with the down side pick gives it, on a layer of its
-    layout, at 2-3 tokens (one full and one partial K step on gate/up)."""
-    lay, bound, cfg = row
+@pytest.mark.parametrize("row", list(_SIDE_ROWS.values()), ids=[f"{k[0]}-{k[1]}-{k[2]}" for k in _SIDE_ROWS])
+def test_side_rows_from_2_tokens(row):
+    """Each gate/up row of moe_configs.GEMV_UP / down row of GEMV_DOWN with the other side as pick
+    gives it, on a layer of its layout, at 2-3 tokens (one full and one partial K step on gate/up;
+    down over two 128-input groups, so the int4 tensor-core tiles run)."""
+    side, lay, bound, cfg = row
     spec = {"intq": "int4_asym", "dense": "fp16"}[lay]
-    h, i, m = 384, 64, min(bound, 3)
+    h, i, m = 384, 256, min(bound, 3)
     b = _layer([(spec,) * 3] * E, h=h, i=i)
-    down = moe_configs.pick(m, {lay}, {lay})[2:]
-    _check(b, *_inputs(m, h=h, seed=71), inter=i, config=("gemv", cfg, *down))
+    other = moe_configs.pick(m, {lay}, {lay})
+    config = ("gemv", cfg, *other[2:]) if side == "up" else (*other[:2], "gemv", cfg)
+    _check(b, *_inputs(m, h=h, seed=71), inter=i, config=config)
 
 
 def test_int4_fp8_layer_on_gemv_rows():

@@ -481,7 +481,12 @@ def _mma_dot_fits(side: list[dict], cfg: dict, K: int, M: int, x: Tensor, hidden
         return False
     gu = (up and cfg.get("split", 1) == 1 and all(b["proj"] == "gate_up" for b in side)
           and {LAYOUT_CODE[b["layout"]] for b in side} <= _MMA_GU_LAYOUTS)     # as _gate_up_fused
-    width = 2 * cfg["BN"] if gu else cfg["BN"]
+    return _intq_mma_takes(side, K, M, x, inter, 2 * cfg["BN"] if gu else cfg["BN"])
+
+
+def _intq_mma_takes(side: list[dict], K: int, M: int, x: Tensor, inter: int, width: int) -> bool:
+    """Whether every int4 bucket of a side of input width K can run gemv_mma's tiles of `width`
+    columns (intq.mma_takes; act-order only where the input is permuted per pair)."""
     permuted = _pair_perms(side, K, M) is not None     # then the codes are read in K order
     for b in side:
         if b["layout"] != "intq":
@@ -602,8 +607,12 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
     out = torch.empty(M, H, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    path_up, cu, path_dn, cd = (moe_configs.sides(config) if config else
-                                moe_configs.pick(M, *side_layouts(buckets), hidden=H))
+    if config:
+        path_up, cu, path_dn, cd = moe_configs.sides(config)
+    else:   # can each side's int4 slots run GEMV tiles of 32 columns (what "mma" rows need: pick)
+        fits = H % 4 == 0 and inter % 4 == 0
+        mma = tuple(fits and _intq_mma_takes(s, K, M, x, inter, 32) for s, K in ((up_side, H), (down_side, inter)))
+        path_up, cu, path_dn, cd = moe_configs.pick(M, *side_layouts(buckets), hidden=H, mma=mma)
     if path_up == "dot" and cu.get("mma") and not _mma_dot_fits(up_side, cu, H, M, x, H, inter, True):
         cu = moe_configs.DOT[0][1]
     if path_dn == "dot" and cd.get("mma") and not _mma_dot_fits(down_side, cd, inter, M, x, H, inter, False):

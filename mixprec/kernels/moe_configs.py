@@ -252,6 +252,17 @@ GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
     ("mixed", 4096): dict(_DOWN32, BN=64, num_warps=8, BKD=128, BKF=256, f16=True),
 }
 
+# batch-1 decode, the down side of int4 layers whose slots can run the tensor-core tiles (pick's
+# `mma`), before GEMV_M1_DOWN (which keeps the others: act-order gathers, group 32). 235B: 64-row
+# tiles (gemv_mma), 4 warps. They lost to the fp16 word loop in sessions 35-37 (8-22%); re-swept
+# after session 44's one-row epilogue and session 45's 16-byte x loads (H200, `python
+# scripts/sweep_moe_m1.py --shapes 235b`, route + layer, µs, 3 rounds;
+# moe_diag/session45_sweep_m1_235b_h200.log): 34.80 -> 32.49 (the 30B's down rows still lose,
+# 18.63 against 18.70-32.62: session45_sweep_m1_30b_h200.log)
+GEMV_M1_DOWN_MMA: dict[tuple[str, int], dict] = {
+    ("intq", 4096): dict(_DOWN32, BN=64, BKD=128, f16=True, mma=True),
+}
+
 # the gate/up side from 2 tokens: (layout, hidden size) -> rows (max tokens, GEMV config), the
 # first row with m <= its bound, before GEMV_LAYOUT (whose row keeps the down side; past the last
 # row, GEMV_LAYOUT's crossover and row as before).
@@ -269,12 +280,32 @@ GEMV_M1_DOWN: dict[tuple[str, int], dict] = {
 # (gemv_mma). Session 35 (H200, `python scripts/sweep_moe_m1.py --tokens 2,4,8 --shapes 235b`,
 # moe_diag/session35_int4_mma_m248_h200.log), µs: M=2 61.81 -> 59.19, M=4 109.02 -> 103.06, M=8
 # 198.07 -> 187.42; its 64-row down tiles lost at every point (67.7 / 120.3 / 219.8)
+# int4, 30B, 2-4 tokens: the same tiles, 32 rows, 4 warps at 2 tokens and 2 at 4 (the 235B's rows
+# keep 4: 2 warps -1.8% at 2 tokens, +1.9% at 4). Session 45 (H200, after the 16-byte x loads,
+# `python scripts/sweep_moe_m1.py --shapes 235b,30b --tokens 2,4`, moe_diag/
+# session45_sweep_m24_h200.log), µs: M=2 24.11 -> 23.15, M=4 37.82 -> 35.49. A side whose int4
+# slots cannot run the tiles (act-order gathers, group 32: pick's `mma`) skips "mma" rows: at 2
+# tokens it keeps the BN 16 word-loop row set in session 31, at 3-4 GEMV_LAYOUT's row
 _DENSE_UP32 = dict(GEMV_LAYOUT["dense"][1], BN=32)
+_MMA_UP32 = dict(BN=32, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True, mma=True)
 GEMV_UP: dict[tuple[str, int], tuple[tuple[int, dict], ...]] = {
-    ("intq", 2048): ((2, dict(BN=16, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True)),),
+    ("intq", 2048): ((2, _MMA_UP32), (2, dict(_MMA_UP32, BN=16, BKQ=256, mma=False)),
+                     (4, dict(_MMA_UP32, num_warps=2))),
     ("intq", 4096): ((GEMV_LAYOUT["intq"][0], dict(GEMV_LAYOUT["intq"][1], mma=True)),),
     ("dense", 2048): ((GEMV_LAYOUT["dense"][0], _DENSE_UP32),),
     ("dense", 4096): ((GEMV_LAYOUT["dense"][0], _DENSE_UP32),),
+}
+
+# the down side from 2 tokens, as GEMV_UP (past the last row: GEMV_LAYOUT's row and crossover).
+# int4: 64-row tensor-core tiles on 2 warps (gemv_mma). Session 45 (H200, after the one-row
+# epilogue and the 16-byte x loads, `python scripts/sweep_moe_m1.py --shapes 235b,30b --tokens
+# 2,4`, route + layer, µs, 3 rounds; moe_diag/session45_sweep_m24_h200.log): 235B M=2 57.66 ->
+# 54.38, M=4 97.84 -> 92.82; 30B M=4 37.82 -> 35.05 (at 2 tokens the 30B's row stays: 24.11
+# against 24.29+)
+_MMA_DOWN64 = dict(BN=64, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1, f16=True, mma=True)
+GEMV_DOWN: dict[tuple[str, int], tuple[tuple[int, dict], ...]] = {
+    ("intq", 2048): ((2, GEMV_LAYOUT["intq"][1]), (4, _MMA_DOWN64)),
+    ("intq", 4096): ((4, _MMA_DOWN64),),
 }
 
 # fp8 gate/up dot launches run gate and up in one K loop up to this many tokens (moe._gate_up_fused).
@@ -342,28 +373,36 @@ def side_key(layouts) -> str:
     return next(iter(layouts)) if len(layouts) == 1 else "mixed"
 
 
-def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None) -> tuple[str, dict, str, dict]:
+def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None,
+         mma: tuple[bool, bool] = (True, True)) -> tuple[str, dict, str, dict]:
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
-    hidden size (M=1 takes GEMV_M1_DOWN / GEMV_M1 where they have the shape, the gate/up
-    side from 2 tokens GEMV_UP's rows); a side mixing layouts takes GEMV_MIXED's row for the layer's
-    layouts from 2 tokens."""
+    hidden size (M=1 takes GEMV_M1_DOWN_MMA / GEMV_M1_DOWN / GEMV_M1 where they have the shape,
+    from 2 tokens GEMV_UP's / GEMV_DOWN's rows); a side mixing layouts takes GEMV_MIXED's row for
+    the layer's layouts from 2 tokens. mma: whether each side's int4 slots can run the tensor-core
+    tiles (intq.mma_takes); where not, GEMV_M1_DOWN_MMA and the rows of GEMV_UP / GEMV_DOWN with
+    "mma" are passed over (their tiles would fall back to the word loops with a BN / warp count
+    chosen for the tiles; GEMV_M1's 235B int4 row, older, was measured so: kept). The dot path's
+    8-pair rows keep theirs: fused_moe falls back to DOT[0] there (_mma_dot_fits)."""
     out = []
     rows = GEMV_MIXED.get(frozenset(up_layouts) | frozenset(down_layouts), ()) if m > 1 else ()
     mixed = next((row for row in rows if m <= row["max_m"]), None)
     # int4 layers (both sides: one alignment for both): DOT_INTQ_MMA's 8-pair blocks before the GEMV rows
     both = set(up_layouts) == set(down_layouts) == {"intq"}
-    mma = next((row for row in DOT_INTQ_MMA.get(hidden, ()) if row["min_m"] <= m <= row["max_m"]), None) \
+    blocks = next((row for row in DOT_INTQ_MMA.get(hidden, ()) if row["min_m"] <= m <= row["max_m"]), None) \
         if both else None
-    if mma is not None:
-        return ("dot", mma["up"], "dot", mma["down"])
-    for layouts, key in ((set(up_layouts), "up"), (set(down_layouts), "down")):
+    if blocks is not None:
+        return ("dot", blocks["up"], "dot", blocks["down"])
+    for layouts, key, tiles in ((set(up_layouts), "up", mma[0]), (set(down_layouts), "down", mma[1])):
         layout = side_key(layouts)
         if m == 1:
-            own = (key == "down" and GEMV_M1_DOWN.get((layout, hidden))) or GEMV_M1.get((layout, hidden))
+            rows = [GEMV_M1_DOWN_MMA.get((layout, hidden)) if tiles else None,
+                    GEMV_M1_DOWN.get((layout, hidden))] if key == "down" else []
+            rows.append(GEMV_M1.get((layout, hidden)))
         else:
-            own = next((cfg for bound, cfg in GEMV_UP.get((layout, hidden), ()) if m <= bound), None) \
-                if key == "up" else None
+            rows = [cfg for bound, cfg in (GEMV_UP if key == "up" else GEMV_DOWN).get((layout, hidden), ())
+                    if m <= bound and (tiles or not cfg.get("mma"))]
+        own = next((cfg for cfg in rows if cfg is not None), None)
         if own is not None:
             out += ["gemv", own]
             continue
