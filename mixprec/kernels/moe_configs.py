@@ -289,7 +289,8 @@ GEMV_M1_DOWN_MMA: dict[tuple[str, int], dict] = {
 _DENSE_UP32 = dict(GEMV_LAYOUT["dense"][1], BN=32)
 _MMA_UP32 = dict(BN=32, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True, mma=True)
 GEMV_UP: dict[tuple[str, int], tuple[tuple[int, dict], ...]] = {
-    ("intq", 2048): ((2, _MMA_UP32), (2, dict(_MMA_UP32, BN=16, BKQ=256, mma=False)),
+    ("intq", 2048): ((2, _MMA_UP32),
+                     (2, dict(BN=16, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True)),
                      (4, dict(_MMA_UP32, num_warps=2))),
     ("intq", 4096): ((GEMV_LAYOUT["intq"][0], dict(GEMV_LAYOUT["intq"][1], mma=True)),),
     ("dense", 2048): ((GEMV_LAYOUT["dense"][0], _DENSE_UP32),),
@@ -396,13 +397,13 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None,
     for layouts, key, tiles in ((set(up_layouts), "up", mma[0]), (set(down_layouts), "down", mma[1])):
         layout = side_key(layouts)
         if m == 1:
-            rows = [GEMV_M1_DOWN_MMA.get((layout, hidden)) if tiles else None,
-                    GEMV_M1_DOWN.get((layout, hidden))] if key == "down" else []
-            rows.append(GEMV_M1.get((layout, hidden)))
+            cands = [GEMV_M1_DOWN_MMA.get((layout, hidden)) if tiles else None,
+                     GEMV_M1_DOWN.get((layout, hidden))] if key == "down" else []
+            cands.append(GEMV_M1.get((layout, hidden)))
         else:
-            rows = [cfg for bound, cfg in (GEMV_UP if key == "up" else GEMV_DOWN).get((layout, hidden), ())
-                    if m <= bound and (tiles or not cfg.get("mma"))]
-        own = next((cfg for cfg in rows if cfg is not None), None)
+            cands = [cfg for bound, cfg in (GEMV_UP if key == "up" else GEMV_DOWN).get((layout, hidden), ())
+                     if m <= bound and (tiles or not cfg.get("mma"))]
+        own = next((cfg for cfg in cands if cfg is not None), None)
         if own is not None:
             out += ["gemv", own]
             continue
