@@ -732,6 +732,19 @@ def test_side_rows_from_2_tokens(row):
     _check(b, *_inputs(m, h=h, seed=71), inter=i, config=config)
 
 
+@pytest.mark.parametrize("spec,tiles", [("int4_asym", True), ("int4_perm", False), ("int4_g32", False)])
+def test_pick_is_told_whether_the_tiles_run(monkeypatch, spec, tiles):
+    """fused_moe tells pick whether each side's int4 slots can run the tensor-core tiles: act-order
+    slots (x gathered through perm below PERMUTE_PAIRS_MIN_M tokens) and group-32 ones cannot, so
+    their layers keep the word-loop rows (moe_configs.GEMV_M1_DOWN_MMA / GEMV_UP / GEMV_DOWN)."""
+    seen, real = [], moe_configs.pick
+    monkeypatch.setattr(moe_configs, "pick", lambda *a, **kw: seen.append(kw["mma"]) or real(*a, **kw))
+    h, i, m = 256, 256, 2
+    b = _layer([(spec,) * 3] * E, h=h, i=i)
+    _check(b, *_inputs(m, h=h, seed=5), inter=i)
+    assert seen == [(tiles, tiles)]
+
+
 def test_int4_fp8_layer_on_gemv_rows():
     """A layer of int4 and fp8 experts at 2-8 tokens as pick gives it (moe_configs.GEMV_MIXED: the
     GEMV path with the intq row on both sides, fp8 slots in the same launches), 3 tokens; gate/up
