@@ -725,7 +725,7 @@ def test_side_rows_from_2_tokens(row):
     down over two 128-input groups, so the int4 tensor-core tiles run)."""
     side, lay, bound, cfg = row
     spec = {"intq": "int4_asym", "dense": "fp16"}[lay]
-    h, i, m = 384, 256, min(bound, 3)
+    h, i, m = 384, 256 if side == "down" else 64, min(bound, 3)
     b = _layer([(spec,) * 3] * E, h=h, i=i)
     other = moe_configs.pick(m, {lay}, {lay})
     config = ("gemv", cfg, *other[2:]) if side == "up" else (*other[:2], "gemv", cfg)
