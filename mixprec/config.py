@@ -334,15 +334,18 @@ def _check_types(cfg: dict, where: str) -> None:
     non-boolean flags (bool("false") is True), mlp_only_layers not a list of layer indices (each
     had surfaced as a bare TypeError, some only in the first forward). Integral floats (40960.0,
     as some exporters write) become ints, as transformers takes them."""
+    def integer(v):     # a JSON integer (Python's bool is an int)
+        return isinstance(v, int) and not isinstance(v, bool)
+
     def positive(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        return (integer(v) or isinstance(v, float)) and v > 0
 
     bad = []
     for k, lo in _INT_KEYS:
         v = cfg.get(k)
         if isinstance(v, float) and v.is_integer():
             v = cfg[k] = int(v)
-        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+        if v is not None and not (integer(v) and v >= lo):
             bad.append(f"{k}: {v!r} (expected an integer >= {lo})")
     bad += [f"{k}: {cfg[k]!r} (expected a number > 0)" for k in _POSITIVE_KEYS
             if cfg.get(k) is not None and not positive(cfg[k])]
@@ -354,8 +357,7 @@ def _check_types(cfg: dict, where: str) -> None:
     bad += [f"{k}: {cfg[k]!r} (expected true or false)" for k in _BOOL_KEYS
             if cfg.get(k) is not None and not isinstance(cfg[k], bool)]
     layers = cfg.get("mlp_only_layers")
-    if layers is not None and not (isinstance(layers, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers)):
+    if layers is not None and not (isinstance(layers, list) and all(integer(v) and v >= 0 for v in layers)):
         bad.append(f"mlp_only_layers: {layers!r} (expected a list of layer indices)")
     if bad:
         raise ConfigError(f"{where}: " + "; ".join(bad))
