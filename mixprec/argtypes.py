@@ -26,8 +26,8 @@ def device(v: str) -> str:
     from .errors import ConfigError
     try:
         compute_device(v)
-    except ConfigError:
-        raise argparse.ArgumentTypeError(f"{v!r}: expected cpu, cuda or cuda:N") from None
+    except ConfigError as e:     # its message names what is expected
+        raise argparse.ArgumentTypeError(str(e)) from None
     return v
 
 
