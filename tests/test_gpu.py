@@ -118,14 +118,15 @@ def test_int4_tensor_core_gemv_matches_reference_greedy(tmp_path, monkeypatch, s
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_moe_int4_mma_blocks_match_reference_greedy(tmp_path, monkeypatch, sym):
-    """MoE layers on the dot path's 8-pair tensor-core blocks (the 9-64 token row of
-    moe_configs.DOT_INTQ_MMA, forced for every token count at the fixture's hidden size: the
+    """MoE layers on the dot path's 8-pair tensor-core blocks (the 235B's row of
+    moe_configs.DOT_INTQ_MMA: two-warp gate/up, one-warp down programs; forced for every token
+    count at the fixture's hidden size: the
     prefill of three prompts of different lengths, then decode at batch 3 and 1) give the
     reference's greedy tokens: a GPTQ checkpoint of group 128, sym and asym. (Session 37 ran it
     once on the CPU in the interpreter, fp16, two prompts of 3 tokens: equal tokens.)"""
     from mixprec.kernels import moe, moe_configs
     model, cfg = _gptq_g128(tmp_path, sym)
-    row = moe_configs.DOT_INTQ_MMA[2048][-1]
+    row = moe_configs.DOT_INTQ_MMA[4096][0]
     monkeypatch.setattr(moe_configs, "DOT_INTQ_MMA", {cfg["hidden_size"]: (dict(row, min_m=1, max_m=1 << 30),)})
     taken = _recorded(monkeypatch, moe, "_mma_dot_fits")
     _greedy_matches_reference_at_batch_3_and_1(model)

@@ -612,7 +612,8 @@ def test_pick_per_side_layouts():
         for (lay, h), rows in table.items():
             for tiles in (True, False):
                 lo = 2
-                for bound, c in [(b, c) for b, c in rows if tiles or not c.get("mma")]:
+                for bound, c in [(b, c) for b, beside, c in rows if (tiles or not c.get("mma"))
+                                 and beside in (None, lay)]:
                     if bound < lo:
                         continue    # a twin for sides without the tiles, after an "mma" row of its bound
                     for m in (lo, bound):
@@ -623,6 +624,15 @@ def test_pick_per_side_layouts():
                 if not (lay == "intq" and h in mc.DOT_INTQ_MMA):
                     assert mc.pick(lo, {lay}, {lay}, hidden=h)[side] == mc.pick(lo, {lay}, {lay})[side]
     # M=1 down of an int4 layer that can run the tiles: GEMV_M1_DOWN_MMA's row, else GEMV_M1_DOWN's
+    # a row measured beside one layout of the other side holds only there (the 30B's 2-token int4
+    # gate/up tile beside int4 down launches; beside fp8 ones the word-loop row after it)
+    beside_rows = [(lay, h, bound, beside, c) for (lay, h), rows in mc.GEMV_UP.items()
+                   for bound, beside, c in rows if beside is not None]
+    assert beside_rows
+    for lay, h, bound, beside, c in beside_rows:
+        other = "fp8" if beside != "fp8" else "intq"
+        assert mc.pick(bound, {lay}, {beside}, hidden=h)[:2] == ("gemv", c)
+        assert mc.pick(bound, {lay}, {other}, hidden=h)[:2] != ("gemv", c)
     for (lay, h), c in mc.GEMV_M1_DOWN_MMA.items():
         assert mc.pick(1, {lay}, {lay}, hidden=h)[2:] == ("gemv", c)
         assert mc.pick(1, {lay}, {lay}, hidden=h, mma=(True, False))[2:] == ("gemv", mc.GEMV_M1_DOWN[(lay, h)])
@@ -715,7 +725,7 @@ def test_batch1_configs(ci):
 
 _SIDE_ROWS = {(side, lay, bound, str(cfg)): (side, lay, bound, cfg)
               for side, table in (("up", moe_configs.GEMV_UP), ("down", moe_configs.GEMV_DOWN))
-              for (lay, _), rows in table.items() for bound, cfg in rows}   # each distinct row once
+              for (lay, _), rows in table.items() for bound, _, cfg in rows}   # each distinct row once
 
 
 @pytest.mark.parametrize("row", list(_SIDE_ROWS.values()), ids=[f"{k[0]}-{k[1]}-{k[2]}" for k in _SIDE_ROWS])

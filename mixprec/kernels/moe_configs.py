@@ -263,9 +263,10 @@ GEMV_M1_DOWN_MMA: dict[tuple[str, int], dict] = {
     ("intq", 4096): dict(_DOWN32, BN=64, BKD=128, f16=True, mma=True),
 }
 
-# the gate/up side from 2 tokens: (layout, hidden size) -> rows (max tokens, GEMV config), the
-# first row with m <= its bound, before GEMV_LAYOUT (whose row keeps the down side; past the last
-# row, GEMV_LAYOUT's crossover and row as before).
+# the gate/up side from 2 tokens: (layout, hidden size) -> rows (max tokens, beside, GEMV config),
+# the first row with m <= its bound whose `beside` (the other side's layout key it was measured
+# beside; None: any) holds, before GEMV_LAYOUT (whose row keeps the down side; past the last row,
+# GEMV_LAYOUT's crossover and row as before).
 # int4, 30B, 2 tokens: session 31 (H100, `python scripts/sweep_moe_m1.py --tokens 2,4,8`, route +
 # layer, µs, 3 rounds; moe_diag/session31_sweep_m2_8_h100.log): 28.53 -> 25.66 (BN 16 / BKQ 512
 # 26.36); at 4 / 8 tokens and on the 235B no candidate beat the GEMV_LAYOUT row beyond the rounds'
@@ -285,16 +286,22 @@ GEMV_M1_DOWN_MMA: dict[tuple[str, int], dict] = {
 # `python scripts/sweep_moe_m1.py --shapes 235b,30b --tokens 2,4`, moe_diag/
 # session45_sweep_m24_h200.log), µs: M=2 24.11 -> 23.15, M=4 37.82 -> 35.49. A side whose int4
 # slots cannot run the tiles (act-order gathers, group 32: pick's `mma`) skips "mma" rows: at 2
-# tokens it keeps the BN 16 word-loop row set in session 31, at 3-4 GEMV_LAYOUT's row
+# tokens it keeps the BN 16 word-loop row set in session 31, at 3-4 GEMV_LAYOUT's row. The 2-token
+# tile holds only beside int4 down launches: beside fp8 ones (the per-projection mix: gate/up int4,
+# down fp8) the word-loop row wins. Session 46 (H200, `python scripts/sweep_moe_m1.py --shapes 30b
+# --tokens 2 --config perproj --only mma32/4,16/256/4gu,16/512/4gu`, moe_diag/
+# session46_perproj_m2_h200.log), µs: 28.65 (tile) vs 27.20 (the word-loop row); at 4 tokens the
+# tile gains there too (session 45: -6.8%)
 _DENSE_UP32 = dict(GEMV_LAYOUT["dense"][1], BN=32)
 _MMA_UP32 = dict(BN=32, BKD=128, BKF=128, BKQ=512, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True, mma=True)
-GEMV_UP: dict[tuple[str, int], tuple[tuple[int, dict], ...]] = {
-    ("intq", 2048): ((2, _MMA_UP32),
-                     (2, dict(BN=16, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True, f16=True)),
-                     (4, dict(_MMA_UP32, num_warps=2))),
-    ("intq", 4096): ((GEMV_LAYOUT["intq"][0], dict(GEMV_LAYOUT["intq"][1], mma=True)),),
-    ("dense", 2048): ((GEMV_LAYOUT["dense"][0], _DENSE_UP32),),
-    ("dense", 4096): ((GEMV_LAYOUT["dense"][0], _DENSE_UP32),),
+GEMV_UP: dict[tuple[str, int], tuple[tuple[int, str | None, dict], ...]] = {
+    ("intq", 2048): ((2, "intq", _MMA_UP32),
+                     (2, None, dict(BN=16, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=4, num_stages=1, gu=True,
+                                    f16=True)),
+                     (4, None, dict(_MMA_UP32, num_warps=2))),
+    ("intq", 4096): ((GEMV_LAYOUT["intq"][0], None, dict(GEMV_LAYOUT["intq"][1], mma=True)),),
+    ("dense", 2048): ((GEMV_LAYOUT["dense"][0], None, _DENSE_UP32),),
+    ("dense", 4096): ((GEMV_LAYOUT["dense"][0], None, _DENSE_UP32),),
 }
 
 # the down side from 2 tokens, as GEMV_UP (past the last row: GEMV_LAYOUT's row and crossover).
@@ -304,9 +311,9 @@ GEMV_UP: dict[tuple[str, int], tuple[tuple[int, dict], ...]] = {
 # 54.38, M=4 97.84 -> 92.82; 30B M=4 37.82 -> 35.05 (at 2 tokens the 30B's row stays: 24.11
 # against 24.29+)
 _MMA_DOWN64 = dict(BN=64, BKD=128, BKF=128, BKQ=256, BKI=128, num_warps=2, num_stages=1, f16=True, mma=True)
-GEMV_DOWN: dict[tuple[str, int], tuple[tuple[int, dict], ...]] = {
-    ("intq", 2048): ((2, GEMV_LAYOUT["intq"][1]), (4, _MMA_DOWN64)),
-    ("intq", 4096): ((4, _MMA_DOWN64),),
+GEMV_DOWN: dict[tuple[str, int], tuple[tuple[int, str | None, dict], ...]] = {
+    ("intq", 2048): ((2, None, GEMV_LAYOUT["intq"][1]), (4, None, _MMA_DOWN64)),
+    ("intq", 4096): ((4, None, _MMA_DOWN64),),
 }
 
 # fp8 gate/up dot launches run gate and up in one K loop up to this many tokens (moe._gate_up_fused).
@@ -333,12 +340,27 @@ DOT_INTQ_MAX_M = 256
 # 30B 107.6 -> 99.0, 143.3 -> 120.7, 162.0 -> 135.1 (M=128 170.7 against 168.5). Against the GEMV
 # rows below 9 tokens (same sweep, --tokens 2,4,8; moe_diag/session37_sweep_mma_dot_m248_h200.log):
 # at 8 tokens 235B 186.5 -> 168.5 (4-warp gate/up programs; one warp 184.1), 30B 64.1 -> 60.4; at 4
-# 235B 103.5 vs 102.4 (not taken), 30B 38.4 vs 41.6+, at 2 both lose (63.0 vs 66.8+, 24.7 vs 33.9+)
+# 235B 103.5 vs 102.4 (not taken), 30B 38.4 vs 41.6+, at 2 both lose (63.0 vs 66.8+, 24.7 vs 33.9+).
+# Re-swept after session 45's 16-byte x loads (H200, `python scripts/sweep_moe_dot.py --configs
+# int4 --shapes 235b,30b --tokens 8,16,32,64 --rounds 3 --grid "..."`, two calls; moe_diag/
+# session46_sweep_dot*_h200.log): gate/up on 2 warps (K split between them, one shared-memory sum at
+# the end) with the one-warp down programs, µs: 235B M=8 (against 4 warps) 165.1 -> 162.1 / 164.5 ->
+# 161.8, M=16 264.0 -> 250.2 / 268.5 -> 257.0, M=32 359.9 -> 352.4 / 364.3 -> 359.9, M=64 401.5 ->
+# 397.1 / 416.2 -> 406.3; 30B M=16 92.6 -> 83.4 / 92.1 -> 83.0, M=32 114.2 -> 110.3 / 113.8 -> 109.9;
+# the 30B at 8 and 64 tokens keeps one warp (58.5 vs 60.9 / 58.4 vs 60.5; 125.3 vs 125.3 / 124.2 vs
+# 125.2). 64-row gate/up, 16-row gate/up, 32- or 128-row down, 2-warp down, two stages and 256-wide
+# K tiles: slower or within 1%. Old / new alternated twice, bench-moe int4 (moe_diag/
+# session46_dot_w2_ab_h200.log): 235B M=8 / 16 -2.0 / -5.5%, M=32 +1.0%, M=64 -1.2%; 30B M=16 / 32
+# -9.8 / -2.7%; 16-layer decode (runtime/session46_dot_w2_ab_*_h200.log): 235B batch 8 / 16 +2.1 /
+# +2.8%, batch 32 / 64 -1.1 / -0.3%; 30B batch 16 / 32 +4.6 / +2.4%. So the 235B keeps one warp from
+# 17 tokens
 _MMA_DOT = dict(BM=8, BKD=128, BKF=128, BKQ=128, BKI=128, num_warps=1, num_stages=1, mma=True)
 _MMA_DOT_ROW = dict(min_m=9, max_m=64, up=dict(_MMA_DOT, BN=32), down=dict(_MMA_DOT, BN=64))
+_MMA_DOT_UP2 = dict(_MMA_DOT, BN=32, num_warps=2)
 DOT_INTQ_MMA: dict[int, tuple[dict, ...]] = {
-    4096: (dict(_MMA_DOT_ROW, min_m=8, max_m=8, up=dict(_MMA_DOT, BN=32, num_warps=4)), _MMA_DOT_ROW),
-    2048: (dict(_MMA_DOT_ROW, min_m=8),),
+    4096: (dict(_MMA_DOT_ROW, min_m=8, max_m=16, up=_MMA_DOT_UP2), dict(_MMA_DOT_ROW, min_m=17)),
+    2048: (dict(_MMA_DOT_ROW, min_m=8, max_m=8), dict(_MMA_DOT_ROW, max_m=32, up=_MMA_DOT_UP2),
+           dict(_MMA_DOT_ROW, min_m=33)),
 }
 
 
@@ -379,8 +401,8 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None,
     """-> (up path, up config, down path, down config) for M tokens; *_layouts: the bucket
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
     hidden size (M=1 takes GEMV_M1_DOWN_MMA / GEMV_M1_DOWN / GEMV_M1 where they have the shape,
-    from 2 tokens GEMV_UP's / GEMV_DOWN's rows); a side mixing layouts takes GEMV_MIXED's row for
-    the layer's layouts from 2 tokens. mma: whether each side's int4 slots can run the tensor-core
+    from 2 tokens GEMV_UP's / GEMV_DOWN's rows, those measured beside the other side's layout); a
+    side mixing layouts takes GEMV_MIXED's row for the layer's layouts from 2 tokens. mma: whether each side's int4 slots can run the tensor-core
     tiles (intq.mma_takes); where not, GEMV_M1_DOWN_MMA and the rows of GEMV_UP / GEMV_DOWN with
     "mma" are passed over (their tiles would fall back to the word loops with a BN / warp count
     chosen for the tiles; GEMV_M1's 235B int4 row, older, was measured so: kept). The dot path's
@@ -394,15 +416,16 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None,
         if both else None
     if blocks is not None:
         return ("dot", blocks["up"], "dot", blocks["down"])
-    for layouts, key, tiles in ((set(up_layouts), "up", mma[0]), (set(down_layouts), "down", mma[1])):
+    for layouts, other, key, tiles in ((set(up_layouts), set(down_layouts), "up", mma[0]),
+                                       (set(down_layouts), set(up_layouts), "down", mma[1])):
         layout = side_key(layouts)
         if m == 1:
             cands = [GEMV_M1_DOWN_MMA.get((layout, hidden)) if tiles else None,
                      GEMV_M1_DOWN.get((layout, hidden))] if key == "down" else []
             cands.append(GEMV_M1.get((layout, hidden)))
         else:
-            cands = [cfg for bound, cfg in (GEMV_UP if key == "up" else GEMV_DOWN).get((layout, hidden), ())
-                     if m <= bound and (tiles or not cfg.get("mma"))]
+            cands = [cfg for bound, beside, cfg in (GEMV_UP if key == "up" else GEMV_DOWN).get((layout, hidden), ())
+                     if m <= bound and beside in (None, side_key(other)) and (tiles or not cfg.get("mma"))]
         own = next((cfg for cfg in cands if cfg is not None), None)
         if own is not None:
             out += ["gemv", own]
