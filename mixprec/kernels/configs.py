@@ -168,6 +168,15 @@ def get(kind: str, M: int, N: int, K: int) -> dict:
 # "fp8 blk w8a8" --baselines bf16 --budget-s 140` (linear_raw/session39_tune_fp8_w8a8_m1_deep_h200.*):
 # one row, 30B qkv M=1 5.38 -> 5.02 µs (BN 8 over 1024-wide K tiles); in decode only together with
 # the o_proj's early trigger (pdl.early_trigger; 30B batch 1 +2.4% for both).
+# Session 46 (one H200, same versions, 2026-11-29), after the tensor-core tiles' 16-byte x loads
+# (gemv_mma._xwords, session 45): `--tune --ms 1,2,4,8,16 --variants "int4 g128 asym" --baselines
+# bf16 --budget-s 230` (linear_raw/session46_tune_int4_h200.*), the >= 5% rule against the library
+# row in the same run, then the library before / after for asym and GPTQ's sym, twice alternated
+# (linear_raw/session46_int4_rows_ab_h200.log), µs asym / sym: 235B o_proj M=1 12.8 -> 9.5 / 9.8 ->
+# 9.7 (now on the tiles, 8 K splits), qkv M=2 / 4 12.6 -> 11.7 / 13.3 -> 11.2 (one K split), down
+# M=16 7.2 -> 5.6 / 6.8 -> 5.4, 30B qkv M=16 8.9 -> 7.2 / 8.4 -> 7.0, down M=8 4.5 -> 4.4 / 4.8 -> 4.7,
+# lm_head M=1-8 56.5-62.5 -> 46.1-50.2 / 46.9-62.4 -> 45.0-49.9 (64-row tiles, 2 warps from 2 rows).
+# Left out: lm_head M=16 (asym 95.2 -> 80.6, sym 76.5 -> 78.8).
 TUNED: dict[tuple[str, int, int, int], dict] = {
     ("fp8_w8a16", 1, 151936, 2048): cfg("gemv", 1, 8, 2048, 1, 4, 1),
     ("fp8_w8a16", 1, 2048, 768): cfg("gemv", 1, 8, 1024, 1, 4, 1),
@@ -420,10 +429,12 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("intq4", 1, 2048, 4096): cfg("gemv", 1, 8, 2048, 1, 8, 1),
     ("intq4", 1, 3072, 4096): cfg("gemv", 1, 8, 2048, 1, 8, 1),
     ("intq4", 1, 4096, 1536): cfg("gemv", 1, 16, 512, 1, 8, 1),
-    ("intq4", 1, 4096, 8192): cfg("gemv", 1, 8, 2048, 1, 8, 1),
+    ("intq4", 1, 4096, 8192): cfg("gemv", 1, 64, 128, 8, 4, 1, mma=True,
+        alt=cfg("gemv", 1, 8, 2048, 1, 8, 1)),
     ("intq4", 1, 5120, 2048): cfg("gemv", 1, 8, 1024, 1, 4, 1),
     ("intq4", 1, 9216, 4096): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("intq4", 1, 151936, 2048): cfg("gemv", 1, 32, 256, 1, 4, 1),
+    ("intq4", 1, 151936, 2048): cfg("gemv", 1, 64, 128, 1, 4, 1, mma=True,
+        alt=cfg("gemv", 1, 32, 256, 1, 4, 1)),
     ("intq4", 2, 1536, 2048): cfg("gemv", 2, 8, 2048, 1, 8, 1),
     ("intq4", 2, 2048, 768): cfg("gemv", 2, 16, 1024, 1, 8, 1),
     ("intq4", 2, 2048, 4096): cfg("gemv", 2, 8, 2048, 1, 8, 1),
@@ -432,9 +443,9 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
     ("intq4", 2, 4096, 8192): cfg("gemv", 8, 32, 128, 4, 4, 1, mma=True,
         alt=cfg("gemv", 1, 16, 512, 1, 4, 1)),
     ("intq4", 2, 5120, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
-    ("intq4", 2, 9216, 4096): cfg("gemv", 8, 32, 128, 2, 4, 1, mma=True,
+    ("intq4", 2, 9216, 4096): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
         alt=cfg("gemv", 2, 16, 512, 1, 4, 1)),
-    ("intq4", 2, 151936, 2048): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+    ("intq4", 2, 151936, 2048): cfg("gemv", 8, 64, 128, 1, 2, 1, mma=True,
         alt=cfg("gemv", 2, 32, 256, 1, 4, 1)),
     ("intq4", 4, 1536, 2048): cfg("gemv", 1, 16, 512, 1, 4, 1),
     ("intq4", 4, 2048, 768): cfg("gemv", 4, 16, 1024, 1, 8, 1),
@@ -448,9 +459,9 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
         alt=cfg("gemm", 16, 128, 128, 8, 8, 3)),
     ("intq4", 4, 5120, 2048): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
         alt=cfg("gemm", 16, 128, 128, 7, 8, 3)),
-    ("intq4", 4, 9216, 4096): cfg("gemv", 8, 32, 128, 2, 4, 1, mma=True,
+    ("intq4", 4, 9216, 4096): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
         alt=cfg("gemm", 16, 64, 128, 4, 4, 3)),
-    ("intq4", 4, 151936, 2048): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+    ("intq4", 4, 151936, 2048): cfg("gemv", 8, 64, 128, 1, 2, 1, mma=True,
         alt=cfg("gemm", 16, 64, 128, 1, 4, 3)),
     ("intq4", 8, 1536, 2048): cfg("gemv", 8, 32, 128, 3, 4, 1, mma=True,
         alt=cfg("gemm", 16, 32, 128, 11, 4, 4)),
@@ -458,7 +469,8 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
         alt=cfg("gemm", 16, 64, 128, 8, 4, 3)),
     ("intq4", 8, 3072, 4096): cfg("gemv", 8, 32, 128, 6, 2, 1, mma=True,
         alt=cfg("gemm", 16, 64, 128, 6, 4, 3)),
-    ("intq4", 8, 2048, 768): cfg("gemv", 4, 32, 256, 1, 4, 1),
+    ("intq4", 8, 2048, 768): cfg("gemv", 8, 32, 128, 4, 2, 1, mma=True,
+        alt=cfg("gemv", 4, 32, 256, 1, 4, 1)),
     ("intq4", 8, 4096, 1536): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
         alt=cfg("gemm", 16, 64, 128, 4, 4, 5)),
     ("intq4", 8, 4096, 8192): cfg("gemv", 8, 32, 128, 4, 4, 1, mma=True,
@@ -467,15 +479,17 @@ TUNED: dict[tuple[str, int, int, int], dict] = {
         alt=cfg("gemm", 16, 64, 128, 7, 4, 3)),
     ("intq4", 8, 9216, 4096): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
         alt=cfg("gemm", 16, 64, 128, 4, 4, 3)),
-    ("intq4", 8, 151936, 2048): cfg("gemv", 8, 64, 128, 1, 4, 1, mma=True),
+    ("intq4", 8, 151936, 2048): cfg("gemv", 8, 64, 128, 1, 2, 1, mma=True),
     ("intq4", 16, 1536, 2048): cfg("gemv", 8, 32, 128, 1, 8, 1, mma=True,
         alt=cfg("gemm", 16, 32, 128, 11, 4, 4)),
     ("intq4", 16, 2048, 768): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True),
     ("intq4", 16, 2048, 4096): cfg("gemm", 16, 64, 128, 8, 4, 3),
     ("intq4", 16, 3072, 4096): cfg("gemm", 16, 64, 128, 11, 4, 3),
-    ("intq4", 16, 4096, 1536): cfg("gemm", 16, 64, 128, 4, 4, 3),
+    ("intq4", 16, 4096, 1536): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 64, 128, 4, 4, 3)),
     ("intq4", 16, 4096, 8192): cfg("gemm", 16, 64, 128, 8, 4, 3),
-    ("intq4", 16, 5120, 2048): cfg("gemm", 16, 64, 128, 3, 4, 3),
+    ("intq4", 16, 5120, 2048): cfg("gemv", 8, 32, 128, 1, 4, 1, mma=True,
+        alt=cfg("gemm", 16, 64, 128, 3, 4, 3)),
     ("intq4", 16, 9216, 4096): cfg("gemm", 16, 64, 128, 4, 4, 3),
     ("intq4", 32, 1536, 2048): cfg("gemm", 32, 64, 128, 6, 4, 3),
     ("intq4", 32, 2048, 4096): cfg("gemm", 32, 64, 128, 8, 4, 3),
