@@ -13,6 +13,12 @@ line per M with each candidate's µs and the winner. GPU only.
     python scripts/sweep_moe_dot.py --gemv-gu --tokens 1 --configs fp8,bf16,rt_mixed
     python scripts/sweep_moe_dot.py --down --tokens 1,2 --configs int4,fp8,rt_mixed
     python scripts/sweep_moe_dot.py --f16 --grid "" --tokens 1,2,4 --configs fp8,rt_mixed   (pick vs pick + f16)
+    python scripts/sweep_moe_dot.py --apart --grid "" --tokens 16,32,64 --configs int4+fp8,perproj
+
+--apart: the pick with the int4 buckets of each dot side that mixes layouts in a launch of their own
+on 8-pair tensor-core blocks (a config's "intq" row, moe._apart; "apart/w1", "apart/w2": one or two
+warps per gate/up program), and ("blocks/w1", "blocks/w2") a dot side of int4 buckets only beside a
+side of other layouts on those blocks itself (the pick keeps such a layer on one BM-16 alignment);
 
 --grid: ";"-separated candidates "BN,split,stages,warps[,BM[,BKD]][,KEY=VALUE...]" (BM 16, 128-wide K
 tiles unless given; KEY: another key of a moe_configs row, e.g. BKQ=256 or mma=1, or maxnreg=96
@@ -80,6 +86,23 @@ def candidates(grid: str, old_rows: bool, gemv: tuple[str, list[dict]] | None) -
     return out
 
 
+def with_blocks(pick: tuple, layouts: tuple[set, set], kind: str, warps: int) -> tuple:
+    """The pick with its dot sides' int4 buckets on 8-pair blocks (--apart): kind "apart" names
+    the blocks' row as the "intq" row of each dot side mixing int4 with other layouts; "blocks"
+    puts a dot side of int4 buckets only on the row itself. Other sides as picked."""
+    out = list(pick)
+    for i, lays in ((0, layouts[0]), (2, layouts[1])):
+        row = dict(BM=8, BN=32 if i == 0 else 64, BKD=128, BKF=128, BKQ=128, BKI=128, num_stages=1, mma=True,
+                   num_warps=warps if i == 0 else 1)
+        if pick[i] != "dot" or "intq" not in lays or pick[i + 1].get("mma"):
+            continue
+        if kind == "apart" and len(lays) > 1:
+            out[i + 1] = dict(pick[i + 1], intq=row)
+        elif kind == "blocks" and lays == {"intq"}:
+            out[i + 1] = row
+    return tuple(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="30b,235b")
@@ -88,6 +111,7 @@ def main() -> None:
     ap.add_argument("--grid", default="64,1,3,4;64,2,3,4;64,4,3,4;64,8,3,4;32,4,3,4;32,8,3,4;128,4,3,4;128,8,3,4;"
                                       "64,16,3,4;64,8,2,4")
     ap.add_argument("--old-rows", action="store_true")
+    ap.add_argument("--apart", action="store_true", help="int4 buckets on 8-pair blocks beside other layouts")
     ap.add_argument("--gemv", action="store_true", help="the GEMV candidates instead of the dot grid")
     ap.add_argument("--gemv-gu", action="store_true", help="only the GEMV candidates with gate and up in one loop")
     ap.add_argument("--down", action="store_true", help="the GEMV candidates on the down side only")
@@ -106,6 +130,8 @@ def main() -> None:
         cands.update({f"{cn}f16": (c[0], dict(c[1], f16=True), dict(c[2], f16=True)) for cn, c in list(cands.items())
                       if c is not None and c[0] == "gemv"})
         cands["default+f16"] = "pick+f16"
+    if a.apart:
+        cands.update({f"{kind}/w{w}": (kind, w) for kind in ("apart", "blocks") for w in (1, 2)})
     tokens = [int(t) for t in a.tokens.split(",")]
     bw = mb.copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s", flush=True)
@@ -125,6 +151,8 @@ def main() -> None:
                 for cn, cfg in cands.items():
                     if cfg is None:
                         conf = None
+                    elif isinstance(cfg, tuple) and cfg[0] in ("apart", "blocks"):
+                        conf = with_blocks(pick, moe.side_layouts(b0), *cfg)
                     elif cfg == "pick+f16":     # the pick, its GEMV sides with f16
                         conf = tuple(dict(c, f16=True) if isinstance(c, dict) and pick[i - 1] == "gemv" else c
                                      for i, c in enumerate(pick))

@@ -278,6 +278,11 @@ def drive() -> None:
     for specs in (mt.split(["int4", "fp8"], E), [("int4", "fp8", "bf16"), ("int4",) * 3, ("int8",) * 3] * 3):
         bm = mt.build_buckets(specs[:E], H, I, dtype=torch.bfloat16, device="cpu", seed=0)
         moe.fused_moe(xs, ids, w, bm, I, config=("dot", up, dict(up, BN=64)))
+    # a mixed layer's int4 buckets apart on the blocks (a dot config's "intq" row; sweep_moe_dot --apart)
+    bm = mt.build_buckets(mt.split(["int4", "fp8"], E), H, I, dtype=torch.bfloat16, device="cpu", seed=0)
+    dot = mc.DOT[0][1]
+    moe.fused_moe(xs, ids, w, bm, I, config=("dot", dict(dot, intq=dict(up, num_warps=2)), "dot",
+                                              dict(dot, intq=dict(up, BN=64))))
 
     for N, K in ((5120, 2048), (2048, 768)):
         for M in (1, 2, 4, 40, 200):   # 4: the tuned BN-128 8-warp row, with group 32 on per-field dots;

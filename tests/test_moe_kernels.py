@@ -591,6 +591,16 @@ def test_sides_on_different_paths(paths):
     _check(b, *_inputs(3, seed=31), config=(paths[0], cfg[paths[0]], paths[1], cfg[paths[1]]))
 
 
+def test_sides_on_two_alignments():
+    """gate/up on 8-pair blocks (BM 8, int4 on the tensor-core tiles) and down on BM-16 dots, as
+    `scripts/sweep_moe_dot.py --apart` times for the per-projection mix (int4 gate/up, fp8 down):
+    each side reads its own alignment of the pairs; equal to the reference."""
+    up = dict(BM=8, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=2, num_stages=1, mma=True)
+    down = dict(moe_configs.DOT[0][1], BKD=64, BKI=64)
+    b = _layer([("int4", "int4", "fp8")] * E, h=256, i=128)
+    _check(b, *_inputs(9, h=256, seed=33), inter=128, config=("dot", up, "dot", down))
+
+
 def test_pick_per_side_layouts():
     from mixprec.kernels import moe_configs as mc
     up_max = mc.GEMV_LAYOUT["intq"][0]
@@ -940,6 +950,38 @@ def test_mixed_dot_mma_blocks(specs, bn, dbn, split, m):
         assert moe._mma_dot_fits([bk for bk in b if bk["proj"] != "down"], up, 256, m, x[0], 256, 128, True)
         assert moe._mma_dot_fits([bk for bk in b if bk["proj"] == "down"], down, 128, m, x[0], 256, 128, False)
         _check(b, *x, inter=128, config=("dot", up, "dot", down))
+
+
+@pytest.mark.parametrize("specs,m", [
+    (["int4", "fp8", "bf16", "int4_asym"], 9),                                    # per expert
+    ([("int4", "fp8", "int4"), ("int4",) * 3, ("fp8",) * 3], 11)])                 # per projection
+def test_int4_buckets_apart(monkeypatch, specs, m):
+    """A dot config naming an "intq" row runs a side's int4 buckets in a launch of their own on
+    that row's 8-pair blocks (moe._apart) and the others on the config itself (BM 16), the down
+    launches summing in the last; on the gate/up side only gate_up buckets go apart (an expert
+    whose gate and up differ in format stays in one launch). Equal to the reference; a base config
+    that splits K keeps one launch per side."""
+    row_up = dict(BM=8, BN=32, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=2, num_stages=1, mma=True)
+    row_dn = dict(row_up, BN=64, num_warps=1)
+    base = dict(moe_configs.DOT[0][1], BKD=64, BKI=64)
+    runs, real = [], moe._apart
+    monkeypatch.setattr(moe, "_apart", lambda *a: runs.append(real(*a)) or runs[-1])
+    specs = [s if isinstance(s, tuple) else (s, s, s) for s in specs]
+    for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
+        runs.clear()
+        b = _layer([specs[e % len(specs)] for e in range(E)], h=256, i=128, dtype=dtype, seed=8)
+        x = _inputs(m, h=256, seed=91, dtype=dtype)
+        _check(b, *x, inter=128, config=("dot", dict(base, intq=row_up), "dot", dict(base, intq=row_dn)))
+        (up_runs, dn_runs), ups = runs, [bk for bk in b if bk["proj"] != "down"]
+        assert [c for _, _, c in up_runs] == [row_up, base] and [c for _, _, c in dn_runs] == [row_dn, base]
+        assert all(bk["layout"] == "intq" and bk["proj"] == "gate_up" for bk in up_runs[0][1])
+        assert all(bk["layout"] == "intq" for bk in dn_runs[0][1])
+        assert len(up_runs[0][1]) + len(up_runs[1][1]) == len(ups)
+        assert any(bk["layout"] == "intq" for bk in up_runs[1][1]) == any(bk["proj"] == "gate" for bk in ups)
+        runs.clear()
+        split = dict(base, split=2)
+        _check(b, *x, inter=128, config=("dot", dict(split, intq=row_up), "dot", dict(split, intq=row_dn)))
+        assert [len(r) for r in runs] == [1, 1]
 
 
 def test_int4_dot_mma_rows_fall_back_where_the_tiles_do_not_fit(monkeypatch):

@@ -20,7 +20,10 @@ counters), plus the alignment kernel on the prefill path, and for GPTQ act-order
 PERMUTE_PAIRS_MIN_M tokens one launch per side that lays each (token, expert) pair's input out in
 its expert's K order (_permute_pairs). Each side picks its path (GEMV for few
 tokens, tensor-core dot tiles otherwise) and launch config from the layouts of its buckets
-(moe_configs.pick): a per-projection mix may run gate/up on the GEMV path and down on the dot path.
+(moe_configs.pick): a per-projection mix may run gate/up on the GEMV path and down on the dot path,
+and a dot config may run a side's int4 buckets in a launch of their own on 8-pair tensor-core
+blocks beside the side's other layouts (_apart; `scripts/sweep_moe_dot.py --apart` times it, no
+library row uses it).
 Many tokens (prefill) of a layer of bf16 and intq buckets take grouped_moe instead: two cuBLAS
 grouped GEMMs (torch._grouped_mm) over the pairs sorted by expert, bf16 weights in place or the
 layer dequantized into transient bf16 stacks (grouped_fits says when).
@@ -484,6 +487,28 @@ def _mma_dot_fits(side: list[dict], cfg: dict, K: int, M: int, x: Tensor, hidden
     return _intq_mma_takes(side, K, M, x, inter, 2 * cfg["BN"] if gu else cfg["BN"])
 
 
+def _apart(groups: list[list[dict]], cfg: dict, path: str, K: int, M: int, x: Tensor, hidden: int, inter: int,
+           up: bool) -> list[tuple[int, list[dict], dict]]:
+    """A side's launches, (group index, buckets, config), in order. On the dot path a config that
+    names an "intq" row (moe_configs.pick: layers mixing int4 with other layouts) runs each
+    group's int4 buckets in a launch of their own on that row (8-pair blocks on the tensor-core
+    tiles) before the group's other buckets on the config itself, where the blocks can take
+    them (_mma_dot_fits) and neither launch splits K (the down launches share buf's rows). On the
+    gate/up side only gate_up buckets go apart: an expert's gate and up rows stay in one launch."""
+    row = cfg.get("intq") if path == "dot" else None
+    own = {n: v for n, v in cfg.items() if n != "intq"}
+    runs = []
+    for gi, grp in enumerate(groups):
+        q = [b for b in grp if b["layout"] == "intq" and (not up or b["proj"] == "gate_up")]
+        rest = [b for b in grp if not any(b is c for c in q)]
+        if (row is not None and q and rest and own.get("split", 1) == row.get("split", 1) == 1
+                and _mma_dot_fits(q, row, K, M, x, hidden, inter, up)):
+            runs += [(gi, q, row), (gi, rest, own)]
+        else:
+            runs.append((gi, grp, own))
+    return runs
+
+
 def _intq_mma_takes(side: list[dict], K: int, M: int, x: Tensor, inter: int, width: int) -> bool:
     """Whether every int4 bucket of a side of input width K can run gemv_mma's tiles of `width`
     columns (intq.mma_takes; act-order only where the input is permuted per pair)."""
@@ -617,9 +642,6 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         cu = moe_configs.DOT[0][1]
     if path_dn == "dot" and cd.get("mma") and not _mma_dot_fits(down_side, cd, inter, M, x, H, inter, False):
         cd = moe_configs.DOT[0][1]
-    act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
-    nt_down = cdiv(H, cd["BN"])
-    cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)
     if not one_launch:
         groups = [[b] for b in up_side]
     elif up_groups is not None:
@@ -633,6 +655,13 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         raise ShapeMismatch(f"fused_moe: up_x must hold {len(groups)} tensors like x {tuple(x.shape)}")
     down_groups = ([down_side[i:i + MAX_SLOTS] for i in range(0, len(down_side), MAX_SLOTS)]
                    if one_launch else [[b] for b in down_side])
+    # the launches of each side: (group, buckets, config); int4 buckets may run apart (_apart)
+    up_runs = _apart(groups, cu, path_up, H, M, x, H, inter, True)
+    dn_runs = _apart(down_groups, cd, path_dn, inter, M, x, H, inter, False)
+    cu, cd = up_runs[-1][2], dn_runs[-1][2]     # the side's own config (the "intq" row dropped)
+    act = torch.empty(P, inter, dtype=x.dtype, device=x.device)
+    nt_down = cdiv(H, cd["BN"])      # the last down launch sums each token's rows per tile of cd
+    cnt = torch.empty(M * nt_down, dtype=torch.int32, device=x.device)
     # split: programs per output tile, along (gate/up half, K chunk) on the GEMV path, along K
     # chunks on the dot path (moe_triton)
     split_up, split_dn = cu.get("split", 1), cd.get("split", 1)
@@ -640,7 +669,7 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         raise FormatError(f"fused_moe: gate/up GEMV split {split_up} must be 1 or even (two halves)")
     chunks_up = max(split_up // 2, 1) if path_up == "gemv" else split_up
     buf_dtype = torch.float32 if P * split_dn <= 1024 else x.dtype
-    alloc = torch.empty if len(down_groups) == 1 else torch.zeros
+    alloc = torch.empty if len(dn_runs) == 1 else torch.zeros
     buf = alloc(P * split_dn, H, dtype=buf_dtype, device=x.device)
     # gate and up partials of each K chunk (moe_triton._join_gate_up)
     ws_up = torch.empty(P, 2 * chunks_up, inter, dtype=torch.float32, device=x.device) if split_up > 1 else rw
@@ -650,15 +679,16 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
 
     aligned: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def side(path_s: str, mode: int):
-        """-> (kernel, grid dim 0, leading args, shape kwargs) of one side on its path; the two
-        paths read and write act / buf / counters by pair index, so the sides may differ."""
+    def side(path_s: str, mode: int, cfg: dict):
+        """-> (kernel, grid dim 0, leading args, shape kwargs) of one launch on its path; the two
+        paths read and write act / buf / counters by pair index, so the sides (and the launches
+        of a side) may differ."""
         n_cnt = cnt.numel()
         if path_s == "gemv":    # 15: the 4-bit code mask as a run-time value (see gemv_tiles.gemv_intq_cols)
             lead = ((ids, rw, act, out, cnt, ws_up, ucnt, H, inter, H, n_cnt, 15) if mode == 0 else
                     (ids, rw, buf, out, cnt, rw, cnt, inter, inter, H, n_cnt, 15))
             return _moe_gemv_kernel, P, lead, {}
-        BM = (cu if mode == 0 else cd)["BM"]
+        BM = cfg["BM"]
         if BM not in aligned:
             aligned[BM] = moe_align(ids, E, BM)
         sorted_ids, blk = aligned[BM]
@@ -672,28 +702,31 @@ def fused_moe(x: Tensor, topk_ids: Tensor, topk_w: Tensor, buckets: list[dict], 
         q_ups = [act_quant(x, *_w8a8_kinds(up_side))] * len(groups)
     else:
         q_ups = [act_quant(xg, *_w8a8_kinds(grp)) for grp, xg in zip(groups, xs)]
-    kern, g0, lead_up, shape_kw = side(path_up, 0)
-    for grp, xg, q_up in zip(groups, xs, q_ups):
+    for gi, grp, cfg in up_runs:
+        kern, g0, lead_up, shape_kw = side(path_up, 0, cfg)
+        xg = xs[gi]
         perms = _pair_perms(grp, H, M)
         if perms is not None:
             xg = _permute_pairs(xg, ids, perms, k)
-        flat, kw, k_per, nz = _launch_args(grp, cu, path_up == "gemv", H, H, inter, split_up, chunks_up, M,
-                                           perms is not None)
-        kern[(g0, cdiv(inter, cu["BN"]), nz)](
-            xg, *q_up, *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cu["BN"],
-            SUM=False, ZMISS=False, XPAIR=perms is not None, num_warps=cu["num_warps"], num_stages=cu["num_stages"],
-            **_reg_cap(cu), **pdl.launch_kw(x))
-    kern, g0, lead_dn, shape_kw = side(path_dn, 1)
+        split = cfg.get("split", 1)
+        flat, kw, k_per, nz = _launch_args(grp, cfg, path_up == "gemv", H, H, inter, split,
+                                           chunks_up if split > 1 else 1, M, perms is not None)
+        kern[(g0, cdiv(inter, cfg["BN"]), nz)](
+            xg, *q_ups[gi], *lead_up, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=0, TOPK=k, BN=cfg["BN"],
+            SUM=False, ZMISS=False, XPAIR=perms is not None, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], **_reg_cap(cfg), **pdl.launch_kw(x))
     q_dn = act_quant(act, *_w8a8_kinds(down_side))
-    for gi, grp in enumerate(down_groups):
+    for ri, (_, grp, cfg) in enumerate(dn_runs):
+        kern, g0, lead_dn, shape_kw = side(path_dn, 1, cfg)
         perms = _pair_perms(grp, inter, M)
         a_in = act if perms is None else _permute_pairs(act, ids, perms, 1)
-        flat, kw, k_per, nz = _launch_args(grp, cd, path_dn == "gemv", inter, H, inter, split_dn, split_dn, M,
+        split = cfg.get("split", 1)
+        flat, kw, k_per, nz = _launch_args(grp, cfg, path_dn == "gemv", inter, H, inter, split, split, M,
                                            perms is not None)
-        kern[(g0, nt_down, nz)](
-            a_in, *q_dn, *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cd["BN"],
-            SUM=gi == len(down_groups) - 1, ZMISS=len(down_groups) == 1,
-            num_warps=cd["num_warps"], num_stages=cd["num_stages"], **_reg_cap(cd), **pdl.launch_kw(x))
+        kern[(g0, cdiv(H, cfg["BN"]), nz)](
+            a_in, *q_dn, *lead_dn, *k_per, *flat, **kw, **shape_kw, NS=len(grp), MODE=1, TOPK=k, BN=cfg["BN"],
+            SUM=ri == len(dn_runs) - 1, ZMISS=len(dn_runs) == 1,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_reg_cap(cfg), **pdl.launch_kw(x))
     return out
 
 
