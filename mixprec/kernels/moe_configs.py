@@ -402,11 +402,12 @@ def pick(m: int, up_layouts=(), down_layouts=(), hidden: int | None = None,
     layouts of each side (one layout: its own GEMV config and crossover); hidden: the layer's
     hidden size (M=1 takes GEMV_M1_DOWN_MMA / GEMV_M1_DOWN / GEMV_M1 where they have the shape,
     from 2 tokens GEMV_UP's / GEMV_DOWN's rows, those measured beside the other side's layout); a
-    side mixing layouts takes GEMV_MIXED's row for the layer's layouts from 2 tokens. mma: whether each side's int4 slots can run the tensor-core
-    tiles (intq.mma_takes); where not, GEMV_M1_DOWN_MMA and the rows of GEMV_UP / GEMV_DOWN with
-    "mma" are passed over (their tiles would fall back to the word loops with a BN / warp count
-    chosen for the tiles; GEMV_M1's 235B int4 row, older, was measured so: kept). The dot path's
-    8-pair rows keep theirs: fused_moe falls back to DOT[0] there (_mma_dot_fits)."""
+    side mixing layouts takes GEMV_MIXED's row for the layer's layouts from 2 tokens. mma: whether
+    each side's int4 slots can run the tensor-core tiles (intq.mma_takes); where not,
+    GEMV_M1_DOWN_MMA and the rows of GEMV_UP / GEMV_DOWN with "mma" are passed over (their tiles
+    would fall back to the word loops with a BN / warp count chosen for the tiles; GEMV_M1's 235B
+    int4 row, older, was measured so: kept). The dot path's 8-pair rows keep theirs: fused_moe
+    falls back to DOT[0] there (_mma_dot_fits)."""
     out = []
     rows = GEMV_MIXED.get(frozenset(up_layouts) | frozenset(down_layouts), ()) if m > 1 else ()
     mixed = next((row for row in rows if m <= row["max_m"]), None)
