@@ -71,10 +71,15 @@ UP = {
 # BKD 256 / BKI 256): the other layouts' K tiles as long as the int4 one's in loop steps
 UP_MIXED = {"cur": None, "4/512/1gu-f16-K512": c(4, 512, 1, gu=True, f16=True, BKD=512, BKF=512, BKI=512),
             "4/512/1gu-f16-F512": c(4, 512, 1, gu=True, f16=True, BKD=256, BKF=512, BKI=256),
-            "8/512/2gu-f16-K512": c(8, 512, 2, gu=True, f16=True, BKD=512, BKF=512, BKI=512)}
+            "8/512/2gu-f16-K512": c(8, 512, 2, gu=True, f16=True, BKD=512, BKF=512, BKI=512),
+            # int4 slots on the tensor-core tiles (gemv_mma: BN 16 / 32 gate and up in one loop)
+            "16/512/4gu-mma": c(16, 512, 4, gu=True, f16=True, mma=True, BKF=512),
+            "32/512/4gu-mma": c(32, 512, 4, gu=True, f16=True, mma=True, BKF=512)}
 DOWN_MIXED = {"cur": None, "32/256/4-f16-K256": c(32, 256, 4, f16=True, BKD=256, BKF=256, BKI=256),
               "32/256/4-f16-F256": c(32, 256, 4, f16=True, BKF=256),
-              "32/256/8-f16-K256": c(32, 256, 8, f16=True, BKD=256, BKF=256, BKI=256)}
+              "32/256/8-f16-K256": c(32, 256, 8, f16=True, BKD=256, BKF=256, BKI=256),
+              "32/256/4-mma": c(32, 256, 4, f16=True, mma=True, BKF=256),
+              "64/256/4-mma": c(64, 256, 4, f16=True, mma=True, BKF=256)}
 DOWN = {
     "235b": {"cur": None, **MMA_DOWN, "32/512/4": c(32, 512, 4, f16=True), "16/512/4": c(16, 512, 4, f16=True),
              "64/256/8": c(64, 256, 8, f16=True), "16/256/2": c(16, 256, 2, f16=True),
@@ -112,7 +117,10 @@ PAIRS = {"cur": None,
          "rt-row": (_RT["up"], _RT["down"]),
          "rt-row-F512up": (dict(_RT["up"], BKF=512), _RT["down"]),
          "rt-row-D256down": (_RT["up"], dict(_RT["down"], BKD=256)),
-         "rt-row-D256": (dict(_RT["up"], BKD=256), dict(_RT["down"], BKD=256))}
+         "rt-row-D256": (dict(_RT["up"], BKD=256), dict(_RT["down"], BKD=256)),
+         # their int4 slots on the tensor-core tiles (gemv_mma; the mixed rows never had them)
+         "intq-row-mma": (dict(moe_configs.GEMV_LAYOUT["intq"][1], mma=True),) * 2,
+         "rt-row-mma": (dict(_RT["up"], mma=True), dict(_RT["down"], mma=True))}
 
 
 def main() -> None:

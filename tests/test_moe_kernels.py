@@ -913,6 +913,20 @@ def test_int4_gemv_mma_tiles(h, i, bn, ms):
             _check(b, *_inputs(m, h=h, seed=70 + m, dtype=dtype), inter=i, config=("gemv", up, "gemv", down))
 
 
+def test_int4_gemv_mma_tiles_beside_other_layouts():
+    """A GEMV config with "mma" on a layer mixing int4 with fp8 (W8A8, W8A16), int8 and bf16
+    experts (the mixed GEMV rows' candidates in scripts/sweep_moe_m1.py): the int4 slots on the
+    tensor-core tiles, the others on their own loops in the same launch; equal to the reference at
+    1 and 3 tokens, in bf16 on the GPU too."""
+    up = dict(BN=16, BKD=64, BKF=128, BKQ=128, BKI=64, num_warps=4, num_stages=1, gu=True, f16=True, mma=True)
+    down = dict(up, BN=32, gu=False)
+    specs = mt.split(["int4", "fp8", "int4_asym", "fp8_w8a16", "int8", "bf16"], E)
+    for dtype in (torch.float16, torch.bfloat16) if CUDA else (torch.float16,):
+        b = _layer(specs, h=256, i=128, dtype=dtype, seed=9)
+        for m in (1, 3):
+            _check(b, *_inputs(m, h=256, seed=75 + m, dtype=dtype), inter=128, config=("gemv", up, "gemv", down))
+
+
 @pytest.mark.parametrize("specs,h,i,bn,dbn,split,m", [
     (["int4", "int4_asym"], 256, 128, 32, 64, 1, 9),          # 4 column tiles per lane, gate and up in one loop
     (["int4_asym", "int4_perm", "int4"], 384, 96, 16, 32, 1, 11),   # 2 per lane; act-order, permuted per pair
