@@ -499,8 +499,9 @@ def _apart(groups: list[list[dict]], cfg: dict, path: str, K: int, M: int, x: Te
     own = {n: v for n, v in cfg.items() if n != "intq"}
     runs = []
     for gi, grp in enumerate(groups):
-        q = [b for b in grp if b["layout"] == "intq" and (not up or b["proj"] == "gate_up")]
-        rest = [b for b in grp if not any(b is c for c in q)]
+        q, rest = [], []
+        for b in grp:
+            (q if b["layout"] == "intq" and (not up or b["proj"] == "gate_up") else rest).append(b)
         if (row is not None and q and rest and own.get("split", 1) == row.get("split", 1) == 1
                 and _mma_dot_fits(q, row, K, M, x, hidden, inter, up)):
             runs += [(gi, q, row), (gi, rest, own)]
