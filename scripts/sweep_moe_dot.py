@@ -86,14 +86,16 @@ def candidates(grid: str, old_rows: bool, gemv: tuple[str, list[dict]] | None) -
     return out
 
 
-def with_blocks(pick: tuple, layouts: tuple[set, set], kind: str, warps: int) -> tuple:
-    """The pick with its dot sides' int4 buckets on 8-pair blocks (--apart): kind "apart" names
-    the blocks' row as the "intq" row of each dot side mixing int4 with other layouts; "blocks"
-    puts a dot side of int4 buckets only on the row itself. Other sides as picked."""
+def with_blocks(pick: tuple, layouts: tuple[set, set], hidden: int, kind: str, warps: int) -> tuple:
+    """The pick with its dot sides' int4 buckets on 8-pair blocks (--apart), those of the uniform
+    int4 layers' last moe_configs.DOT_INTQ_MMA row of this hidden size, `warps` per gate/up
+    program: kind "apart" names the block row as the "intq" row of each dot side mixing int4 with
+    other layouts; "blocks" puts a dot side of int4 buckets only on the row itself. Other sides as
+    picked."""
+    last = moe_configs.DOT_INTQ_MMA[hidden][-1]
     out = list(pick)
     for i, lays in ((0, layouts[0]), (2, layouts[1])):
-        row = dict(BM=8, BN=32 if i == 0 else 64, BKD=128, BKF=128, BKQ=128, BKI=128, num_stages=1, mma=True,
-                   num_warps=warps if i == 0 else 1)
+        row = dict(last["up"], num_warps=warps) if i == 0 else last["down"]
         if pick[i] != "dot" or "intq" not in lays or pick[i + 1].get("mma"):
             continue
         if kind == "apart" and len(lays) > 1:
@@ -152,7 +154,7 @@ def main() -> None:
                     if cfg is None:
                         conf = None
                     elif isinstance(cfg, tuple) and cfg[0] in ("apart", "blocks"):
-                        conf = with_blocks(pick, moe.side_layouts(b0), *cfg)
+                        conf = with_blocks(pick, moe.side_layouts(b0), sh["H"], *cfg)
                     elif cfg == "pick+f16":     # the pick, its GEMV sides with f16
                         conf = tuple(dict(c, f16=True) if isinstance(c, dict) and pick[i - 1] == "gemv" else c
                                      for i, c in enumerate(pick))
