@@ -120,8 +120,8 @@ def test_int4_tensor_core_gemv_matches_reference_greedy(tmp_path, monkeypatch, s
 def test_moe_int4_mma_blocks_match_reference_greedy(tmp_path, monkeypatch, sym):
     """MoE layers on the dot path's 8-pair tensor-core blocks (the 235B's row of
     moe_configs.DOT_INTQ_MMA: two-warp gate/up, one-warp down programs; forced for every token
-    count at the fixture's hidden size: the
-    prefill of three prompts of different lengths, then decode at batch 3 and 1) give the
+    count at the fixture's hidden size: the prefill of three prompts of different lengths, then
+    decode at batch 3 and 1) give the
     reference's greedy tokens: a GPTQ checkpoint of group 128, sym and asym. (Session 37 ran it
     once on the CPU in the interpreter, fp16, two prompts of 3 tokens: equal tokens.)"""
     from mixprec.kernels import moe, moe_configs
